@@ -1,0 +1,14 @@
+//! voxgate: a firewall-traversal gateway for voice over IP.
+//!
+//! Layers (see `README.md` for the picture):
+//! - [`wire`]: byte formats (RTP view, RFC 4571 framing, STUN, control messages). No IO.
+//! - [`control`]: sans-IO state machines driven by `(now, input)`. No IO.
+//! - [`store`]: subscriber directory and telephone routes behind one trait.
+//! - [`shard`]: the per-core data plane (io_uring, epoll fallback), session table, forwarding.
+//! - [`server`]: the control thread: sockets, timers, driving `control`, commanding shards.
+//! - [`client`]: the softphone library used by `voxgate phone`, tests and the load generator.
+//! - [`metrics`]: counters, histograms and interval-log dumps.
+
+pub mod metrics;
+pub mod shard;
+pub mod wire;

@@ -1,0 +1,1 @@
+//! RFC 4571 framing — being written.

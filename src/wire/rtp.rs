@@ -1,0 +1,1 @@
+//! RTP header view — being written.
