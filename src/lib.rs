@@ -9,6 +9,7 @@
 //! - [`client`]: the softphone library used by `voxgate phone`, tests and the load generator.
 //! - [`metrics`]: counters, histograms and interval-log dumps.
 
+pub mod client;
 pub mod metrics;
 pub mod shard;
 pub mod wire;

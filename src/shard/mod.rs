@@ -1,1 +1,502 @@
-//! The per-core data plane — being written.
+//! The data plane: one shard per core, each a pinned thread that owns one UDP socket and one TCP
+//! listener (`media_port_base + i`), its session table and its buffers. Nothing on the packet
+//! path is shared between shards: no locks, no cross-shard traffic. The control thread talks to a
+//! shard only through [`Command`]s on a channel plus an eventfd wake-up that is written once per
+//! command burst, never per packet.
+//!
+//! Each shard runs an io_uring loop (`uring`): multishot `RecvMsgMulti` over a provided buffer
+//! ring for UDP, multishot accept, buffer-selected multishot receives on TCP connections, many
+//! `SendMsg` entries per `io_uring_enter`, `SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN`. Where
+//! io_uring cannot be set up (`kernel.io_uring_disabled`, seccomp) the same forwarding core runs
+//! under epoll with `recvmmsg`/`sendmmsg` (`epoll`), said once in the log.
+
+pub mod pool;
+pub mod relay;
+pub mod sockets;
+
+mod epoll;
+mod uring;
+mod waker;
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::metrics::Counters;
+use pool::{Pool, PoolLayout};
+pub use relay::{
+    Delivery, InstallError, LegSnapshot, LegSpec, Outbox, Relay, RelayConfig, SessionId,
+    SessionSpec,
+};
+use waker::Waker;
+
+/// Which event loop a shard runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// io_uring where the kernel allows it, else epoll.
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Auto => "auto",
+            Backend::IoUring => "io_uring",
+            Backend::Epoll => "epoll",
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// Address the media sockets bind to; `::` is dual-stack (IPv4 and IPv6 on every socket).
+    pub listen: IpAddr,
+    /// Shard i binds UDP and TCP on `media_port_base + i`; 0 binds ephemeral ports (tests).
+    pub media_port_base: u16,
+    pub shards: usize,
+    pub backend: Backend,
+    /// Pin shard i to the i-th allowed core.
+    pub pin: bool,
+    pub buf_size: usize,
+    pub udp_bufs: usize,
+    pub tcp_bufs: usize,
+    pub spare_bufs: usize,
+    /// Submission queue entries of each shard's ring.
+    pub ring_entries: u32,
+    /// UDP sends that may be in flight per shard.
+    pub send_slots: usize,
+    /// Wake-up coalescing budget: a lightly loaded shard gathers packets for up to this long
+    /// before it wakes to forward them. Zero turns coalescing off.
+    pub coalesce: Duration,
+    pub udp_rcvbuf: usize,
+    pub udp_sndbuf: usize,
+    /// SO_SNDBUF of TCP media connections: small, because late voice is useless.
+    pub tcp_sndbuf: usize,
+    pub relay: RelayConfig,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig {
+            listen: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            media_port_base: 7401,
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            backend: Backend::Auto,
+            pin: true,
+            buf_size: 2048,
+            udp_bufs: 4096,
+            tcp_bufs: 1024,
+            spare_bufs: 256,
+            ring_entries: 4096,
+            send_slots: 4096,
+            coalesce: Duration::from_micros(1000),
+            udp_rcvbuf: 4 << 20,
+            udp_sndbuf: 4 << 20,
+            tcp_sndbuf: 64 << 10,
+            relay: RelayConfig::default(),
+        }
+    }
+}
+
+/// What the control thread asks of a shard.
+pub enum Command {
+    Install {
+        spec: SessionSpec,
+        reply: oneshot::Sender<Result<(), InstallError>>,
+    },
+    Remove {
+        session: SessionId,
+        reply: Option<oneshot::Sender<bool>>,
+    },
+    /// Counters, per-leg numbers, and the latency histogram since the last snapshot (the shard
+    /// resets its histogram when it answers).
+    Snapshot {
+        reply: oneshot::Sender<ShardSnapshot>,
+    },
+    Shutdown,
+}
+
+#[derive(Clone, Debug)]
+pub struct ShardSnapshot {
+    pub shard: usize,
+    pub backend: Backend,
+    pub counters: Counters,
+    pub latency: Histogram<u64>,
+    pub legs: Vec<LegSnapshot>,
+    pub sessions: usize,
+    pub tcp_conns: usize,
+    /// Frames waiting in TCP send queues (each pins a receive buffer).
+    pub tcp_queued: usize,
+    pub buffers_in_use: usize,
+    pub buffer_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("shard {0} has stopped")]
+    Gone(usize),
+    #[error("shard {shard}: cannot bind media sockets on {addr}: {source}")]
+    Bind {
+        shard: usize,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("shard {shard}: {what}: {source}")]
+    Setup {
+        shard: usize,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("shard configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Install(#[from] InstallError),
+}
+
+/// The control thread's end of one shard.
+#[derive(Clone)]
+pub struct ShardHandle {
+    pub index: usize,
+    pub udp_addr: SocketAddr,
+    pub tcp_addr: SocketAddr,
+    pub backend: Backend,
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+    sessions: Arc<AtomicUsize>,
+}
+
+impl ShardHandle {
+    pub fn send(&self, cmd: Command) -> Result<(), ShardError> {
+        self.tx
+            .send(cmd)
+            .map_err(|_| ShardError::Gone(self.index))?;
+        self.waker.wake();
+        Ok(())
+    }
+
+    /// Sessions installed on this shard (the control thread's load measure).
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    pub async fn install(&self, spec: SessionSpec) -> Result<(), ShardError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Install { spec, reply })?;
+        Ok(rx.await.map_err(|_| ShardError::Gone(self.index))??)
+    }
+
+    pub async fn remove(&self, session: SessionId) -> Result<bool, ShardError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Remove {
+            session,
+            reply: Some(reply),
+        })?;
+        rx.await.map_err(|_| ShardError::Gone(self.index))
+    }
+
+    pub async fn snapshot(&self) -> Result<ShardSnapshot, ShardError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Snapshot { reply })?;
+        rx.await.map_err(|_| ShardError::Gone(self.index))
+    }
+
+    /// Blocking forms, for threads outside an async runtime (tests, tools).
+    pub fn install_blocking(&self, spec: SessionSpec) -> Result<(), ShardError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Install { spec, reply })?;
+        Ok(rx
+            .blocking_recv()
+            .map_err(|_| ShardError::Gone(self.index))??)
+    }
+
+    pub fn remove_blocking(&self, session: SessionId) -> Result<bool, ShardError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Remove {
+            session,
+            reply: Some(reply),
+        })?;
+        rx.blocking_recv().map_err(|_| ShardError::Gone(self.index))
+    }
+
+    pub fn snapshot_blocking(&self) -> Result<ShardSnapshot, ShardError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Snapshot { reply })?;
+        rx.blocking_recv().map_err(|_| ShardError::Gone(self.index))
+    }
+}
+
+/// All shards of a gateway. Dropping it shuts them down and joins their threads.
+pub struct Shards {
+    pub handles: Vec<ShardHandle>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Shards {
+    /// Binds every shard's sockets and starts its thread; returns once every shard is running
+    /// (its ring, buffer rings and receives are armed), so that readiness can be reported.
+    pub fn spawn(cfg: &ShardConfig) -> Result<Shards, ShardError> {
+        if cfg.shards == 0 || cfg.shards > 1024 {
+            return Err(ShardError::Config(format!(
+                "shards must be 1..=1024, got {}",
+                cfg.shards
+            )));
+        }
+        let cores = if cfg.pin {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut shards = Shards {
+            handles: Vec::new(),
+            threads: Vec::new(),
+        };
+        for i in 0..cfg.shards {
+            let port = if cfg.media_port_base == 0 {
+                0
+            } else {
+                u16::try_from(usize::from(cfg.media_port_base) + i).map_err(|_| {
+                    ShardError::Config(format!(
+                        "media_port_base {} + {} shards passes port 65535",
+                        cfg.media_port_base, cfg.shards
+                    ))
+                })?
+            };
+            let sockets = sockets::bind_shard(
+                cfg.listen,
+                port,
+                sockets::SocketOptions {
+                    udp_rcvbuf: cfg.udp_rcvbuf,
+                    udp_sndbuf: cfg.udp_sndbuf,
+                    backlog: 1024,
+                },
+            )
+            .map_err(|source| ShardError::Bind {
+                shard: i,
+                addr: SocketAddr::new(cfg.listen, port),
+                source,
+            })?;
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let waker = Arc::new(Waker::new().map_err(|source| ShardError::Setup {
+                shard: i,
+                what: "eventfd",
+                source,
+            })?);
+            let sessions = Arc::new(AtomicUsize::new(0));
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let core = cores.get(i % cores.len().max(1)).copied();
+            let mut shard_cfg = cfg.clone();
+            shard_cfg.relay.ipv6 = sockets.ipv6;
+            let (udp_addr, tcp_addr) = (sockets.udp_addr, sockets.tcp_addr);
+            let ctx = ShardContext {
+                index: i,
+                rx,
+                waker: waker.clone(),
+                sessions: sessions.clone(),
+                cfg: shard_cfg,
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("voxgate-shard-{i}"))
+                .spawn(move || {
+                    if let Some(core) = core
+                        && !core_affinity::set_for_current(core)
+                    {
+                        tracing::warn!(shard = i, "could not pin to core {}", core.id);
+                    }
+                    run_shard(ctx, sockets, ready_tx);
+                })
+                .map_err(|source| ShardError::Setup {
+                    shard: i,
+                    what: "thread",
+                    source,
+                })?;
+            shards.threads.push(thread);
+            let backend =
+                ready_rx
+                    .recv()
+                    .map_err(|_| ShardError::Gone(i))?
+                    .map_err(|(what, source)| ShardError::Setup {
+                        shard: i,
+                        what,
+                        source,
+                    })?;
+            shards.handles.push(ShardHandle {
+                index: i,
+                udp_addr,
+                tcp_addr,
+                backend,
+                tx,
+                waker,
+                sessions,
+            });
+        }
+        Ok(shards)
+    }
+
+    /// The shard with the fewest sessions (ties: the lowest index).
+    pub fn least_loaded(&self) -> &ShardHandle {
+        self.handles
+            .iter()
+            .min_by_key(|h| (h.sessions(), h.index))
+            .expect("Shards always holds at least one shard")
+    }
+
+    pub fn shutdown(&mut self) {
+        for h in &self.handles {
+            let _ = h.send(Command::Shutdown);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Shards {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Everything a shard thread needs besides its sockets.
+pub(crate) struct ShardContext {
+    pub index: usize,
+    pub rx: Receiver<Command>,
+    pub waker: Arc<Waker>,
+    pub sessions: Arc<AtomicUsize>,
+    pub cfg: ShardConfig,
+}
+
+type Ready = std::sync::mpsc::Sender<Result<Backend, (&'static str, std::io::Error)>>;
+
+fn run_shard(ctx: ShardContext, sockets: sockets::ShardSockets, ready: Ready) {
+    let layout = PoolLayout {
+        buf_size: ctx.cfg.buf_size,
+        udp: ctx.cfg.udp_bufs,
+        tcp: ctx.cfg.tcp_bufs,
+        spare: ctx.cfg.spare_bufs,
+    };
+    let pool = match Pool::new(layout) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = ready.send(Err((
+                "packet buffers",
+                std::io::Error::other(e.to_string()),
+            )));
+            return;
+        }
+    };
+    let core = ShardCore {
+        relay: Relay::new(ctx.cfg.relay.clone()),
+        pool,
+        out: Outbox::default(),
+        ctx,
+    };
+    let backend = core.ctx.cfg.backend;
+    let index = core.ctx.index;
+    if backend != Backend::Epoll {
+        match uring::UringShard::prepare(&core) {
+            Ok(rings) => {
+                match uring::UringShard::new(core, rings, &sockets) {
+                    Ok(mut u) => {
+                        let _ = ready.send(Ok(Backend::IoUring));
+                        u.run();
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(("io_uring", e)));
+                    }
+                }
+                return;
+            }
+            Err(e) if backend == Backend::IoUring => {
+                let _ = ready.send(Err(("io_uring", e)));
+                return;
+            }
+            Err(e) => log_fallback_once(index, &e),
+        }
+    }
+    match epoll::EpollShard::new(core, &sockets) {
+        Ok(mut e) => {
+            let _ = ready.send(Ok(Backend::Epoll));
+            e.run();
+        }
+        Err(e) => {
+            let _ = ready.send(Err(("epoll", e)));
+        }
+    }
+}
+
+fn log_fallback_once(index: usize, e: &std::io::Error) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tracing::warn!(
+            shard = index,
+            "io_uring is not available ({e}); shards run on epoll with recvmmsg/sendmmsg"
+        );
+    });
+}
+
+/// State both event loops share: the forwarding core, its buffers and the command channel.
+pub(crate) struct ShardCore {
+    pub relay: Relay,
+    pub pool: Pool,
+    pub out: Outbox,
+    pub ctx: ShardContext,
+}
+
+impl ShardCore {
+    /// Runs queued commands; returns false when the shard must stop.
+    pub fn drain_commands(&mut self, backend: Backend) -> bool {
+        self.ctx.waker.clear_pending();
+        while let Ok(cmd) = self.ctx.rx.try_recv() {
+            match cmd {
+                Command::Install { spec, reply } => {
+                    let r = self.relay.install(spec);
+                    self.publish_load();
+                    let _ = reply.send(r);
+                }
+                Command::Remove { session, reply } => {
+                    let existed = self.relay.remove(session, &mut self.out);
+                    self.publish_load();
+                    if let Some(reply) = reply {
+                        let _ = reply.send(existed);
+                    }
+                }
+                Command::Snapshot { reply } => {
+                    let _ = reply.send(self.snapshot(backend));
+                }
+                Command::Shutdown => return false,
+            }
+        }
+        true
+    }
+
+    fn publish_load(&self) {
+        self.ctx
+            .sessions
+            .store(self.relay.session_count(), Ordering::Relaxed);
+    }
+
+    fn snapshot(&mut self, backend: Backend) -> ShardSnapshot {
+        ShardSnapshot {
+            shard: self.ctx.index,
+            backend,
+            counters: self.relay.counters,
+            latency: self.relay.take_latency(),
+            legs: self.relay.snapshot_legs(),
+            sessions: self.relay.session_count(),
+            tcp_conns: self.relay.conn_count(),
+            tcp_queued: self.relay.tcp_queued_total(),
+            buffers_in_use: self.pool.in_use(),
+            buffer_bytes: self.pool.mapped_bytes(),
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! The softphone library: used by `voxgate phone`, the tests and the load generator.
+
+pub mod binding;

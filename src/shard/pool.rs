@@ -1,0 +1,310 @@
+//! The shard's packet buffers: one page-aligned region cut into fixed-size buffers, each with a
+//! reference count. A received payload stays in the buffer where the kernel put it; every send
+//! that references it takes a reference, and the buffer goes back to the kernel (buffer ring) or
+//! to the spare list only when the last reference is released. This is how the gateway forwards
+//! without copying payloads.
+//!
+//! Buffers are grouped by id range: `[0, udp)` feed the UDP buffer ring, `[udp, udp+tcp)` the TCP
+//! buffer ring, and the rest are spares the shard hands out itself (STUN responses that do not fit
+//! in place, frames that must be reassembled). The driver decides what "give back" means; the
+//! pool only reports which buffers became free.
+
+use std::ptr::NonNull;
+
+pub type BufId = u16;
+
+/// A byte range inside one pool buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seg {
+    pub buf: BufId,
+    pub off: u16,
+    pub len: u16,
+}
+
+impl Seg {
+    pub fn new(buf: BufId, off: usize, len: usize) -> Seg {
+        debug_assert!(off <= u16::MAX as usize && len <= u16::MAX as usize);
+        Seg {
+            buf,
+            off: off as u16,
+            len: len as u16,
+        }
+    }
+}
+
+/// Which group a buffer belongs to; decides where it goes when freed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    Udp,
+    Tcp,
+    Spare,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolLayout {
+    pub buf_size: usize,
+    pub udp: usize,
+    pub tcp: usize,
+    pub spare: usize,
+}
+
+impl PoolLayout {
+    pub fn total(&self) -> usize {
+        self.udp + self.tcp + self.spare
+    }
+}
+
+pub struct Pool {
+    base: NonNull<u8>,
+    map_len: usize,
+    layout: PoolLayout,
+    refs: Box<[u16]>,
+    /// Buffers whose last reference was released since the driver last drained this list.
+    freed: Vec<BufId>,
+    spare_free: Vec<BufId>,
+    /// Buffers currently referenced by anything (received and not yet recycled).
+    in_use: usize,
+}
+
+// The region is owned by the pool and only touched from the shard's thread (and by the kernel
+// through the ring, which the pool outlives).
+unsafe impl Send for Pool {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("pool layout is invalid: {0}")]
+    Layout(&'static str),
+    #[error("cannot map {bytes} bytes of packet buffers: {source}")]
+    Map {
+        bytes: usize,
+        source: std::io::Error,
+    },
+}
+
+impl Pool {
+    pub fn new(layout: PoolLayout) -> Result<Pool, PoolError> {
+        if layout.buf_size < 512 || layout.buf_size > 65_536 || layout.buf_size % 64 != 0 {
+            return Err(PoolError::Layout(
+                "buffer size must be a multiple of 64 in 512..=65536",
+            ));
+        }
+        let total = layout.total();
+        if total == 0 || total > usize::from(u16::MAX) {
+            return Err(PoolError::Layout("total buffers must be in 1..=65535"));
+        }
+        let bytes = total * layout.buf_size;
+        // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(PoolError::Map {
+                bytes,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or(PoolError::Layout("null mapping"))?;
+        let first_spare = layout.udp + layout.tcp;
+        Ok(Pool {
+            base,
+            map_len: bytes,
+            layout,
+            refs: vec![0; total].into_boxed_slice(),
+            freed: Vec::with_capacity(total),
+            spare_free: (first_spare..total).rev().map(|i| i as BufId).collect(),
+            in_use: 0,
+        })
+    }
+
+    pub fn layout(&self) -> &PoolLayout {
+        &self.layout
+    }
+
+    pub fn buf_size(&self) -> usize {
+        self.layout.buf_size
+    }
+
+    pub fn group(&self, id: BufId) -> Group {
+        let i = usize::from(id);
+        if i < self.layout.udp {
+            Group::Udp
+        } else if i < self.layout.udp + self.layout.tcp {
+            Group::Tcp
+        } else {
+            Group::Spare
+        }
+    }
+
+    /// Address of buffer `id` (for buffer rings and iovecs).
+    pub fn addr(&self, id: BufId) -> *mut u8 {
+        debug_assert!(usize::from(id) < self.refs.len());
+        // SAFETY: id < total, so the offset is inside the mapping.
+        unsafe {
+            self.base
+                .as_ptr()
+                .add(usize::from(id) * self.layout.buf_size)
+        }
+    }
+
+    pub fn buf(&self, id: BufId) -> &[u8] {
+        // SAFETY: the buffer lies inside the mapping; the kernel writes into a buffer only while
+        // it is on a ring, and the shard reads it only after the kernel handed it back.
+        unsafe { std::slice::from_raw_parts(self.addr(id), self.layout.buf_size) }
+    }
+
+    pub fn buf_mut(&mut self, id: BufId) -> &mut [u8] {
+        // SAFETY: as `buf`; `&mut self` keeps this the only Rust view.
+        unsafe { std::slice::from_raw_parts_mut(self.addr(id), self.layout.buf_size) }
+    }
+
+    pub fn seg(&self, s: Seg) -> &[u8] {
+        let b = self.buf(s.buf);
+        let start = usize::from(s.off).min(b.len());
+        let end = (start + usize::from(s.len)).min(b.len());
+        &b[start..end]
+    }
+
+    /// The kernel handed us buffer `id` (a completion): it starts with one reference, owned by
+    /// whoever processes the completion.
+    pub fn received(&mut self, id: BufId) {
+        debug_assert_eq!(self.refs[usize::from(id)], 0, "buffer {id} received twice");
+        self.refs[usize::from(id)] = 1;
+        self.in_use += 1;
+    }
+
+    /// Take a spare buffer (one reference), if any is free.
+    pub fn take_spare(&mut self) -> Option<BufId> {
+        let id = self.spare_free.pop()?;
+        self.refs[usize::from(id)] = 1;
+        self.in_use += 1;
+        Some(id)
+    }
+
+    #[inline]
+    pub fn hold(&mut self, id: BufId) {
+        let r = &mut self.refs[usize::from(id)];
+        debug_assert!(*r > 0, "hold on free buffer {id}");
+        *r += 1;
+    }
+
+    #[inline]
+    pub fn release(&mut self, id: BufId) {
+        let r = &mut self.refs[usize::from(id)];
+        debug_assert!(*r > 0, "release of free buffer {id}");
+        *r = r.saturating_sub(1);
+        if *r == 0 {
+            self.in_use -= 1;
+            if self.group(id) == Group::Spare {
+                self.spare_free.push(id);
+            } else {
+                self.freed.push(id);
+            }
+        }
+    }
+
+    /// Ring buffers freed since the last call, swapped into `into` (which must be empty): the
+    /// driver gives them back to the kernel. Swapping keeps both vectors' capacity, so this
+    /// allocates nothing.
+    pub fn take_freed(&mut self, into: &mut Vec<BufId>) {
+        debug_assert!(into.is_empty());
+        std::mem::swap(&mut self.freed, into);
+    }
+
+    pub fn refs(&self, id: BufId) -> u16 {
+        self.refs[usize::from(id)]
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.in_use
+    }
+
+    pub fn spare_free(&self) -> usize {
+        self.spare_free.len()
+    }
+
+    /// Bytes of packet memory this pool maps.
+    pub fn mapped_bytes(&self) -> usize {
+        self.map_len
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped. The driver drops the ring (which may still
+        // reference these buffers) before the pool.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.map_len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> Pool {
+        Pool::new(PoolLayout {
+            buf_size: 2048,
+            udp: 4,
+            tcp: 2,
+            spare: 2,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn ring_buffers_are_reported_free_spares_go_back_to_the_spare_list() {
+        let mut p = pool();
+        p.received(1);
+        p.hold(1);
+        p.release(1);
+        let mut freed = Vec::new();
+        p.take_freed(&mut freed);
+        assert!(freed.is_empty(), "still referenced once");
+        p.release(1);
+        p.take_freed(&mut freed);
+        assert_eq!(freed, vec![1]);
+        freed.clear();
+        let s = p.take_spare().unwrap();
+        assert_eq!(p.group(s), Group::Spare);
+        assert_eq!(p.spare_free(), 1);
+        p.release(s);
+        assert_eq!(p.spare_free(), 2);
+        p.take_freed(&mut freed);
+        assert!(freed.is_empty());
+        assert_eq!(p.in_use(), 0);
+    }
+
+    #[test]
+    fn spares_run_out_without_panicking() {
+        let mut p = pool();
+        assert!(p.take_spare().is_some());
+        assert!(p.take_spare().is_some());
+        assert!(p.take_spare().is_none());
+    }
+
+    #[test]
+    fn layout_is_validated() {
+        let bad = PoolLayout {
+            buf_size: 100,
+            udp: 1,
+            tcp: 1,
+            spare: 1,
+        };
+        assert!(matches!(Pool::new(bad), Err(PoolError::Layout(_))));
+    }
+
+    #[test]
+    fn segments_never_read_past_their_buffer() {
+        let p = pool();
+        assert_eq!(p.seg(Seg::new(0, 2040, 100)).len(), 8);
+        assert_eq!(p.seg(Seg::new(0, 5000, 10)).len(), 0);
+    }
+}

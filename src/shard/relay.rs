@@ -1,0 +1,1189 @@
+//! The shard's forwarding core, with no IO of its own: the session table, the authenticated
+//! bindings, TCP media connections (deframing and bounded send queues) and the per-packet
+//! decision "forward to these destinations / drop (reason)". Both event loops (io_uring and the
+//! epoll fallback) feed it the same events and carry out what it puts in the [`Outbox`], so the
+//! two share every rule.
+//!
+//! Nothing here copies a payload, with one exception: a TCP frame that arrives spread over more
+//! than two receive buffers (or a first STUN frame split across two) is gathered into a spare
+//! buffer (`Counters::reassembly_copies`).
+//!
+//! Rules quoted from the design:
+//! - "Destinations come only from the control plane: the gateway is never an open relay." A leg's
+//!   media goes only to the legs of its own session, at the addresses the control plane gave or
+//!   at a source address that proved the leg key with a STUN Binding (RFC 8489 §9.1 short-term
+//!   credential: USERNAME = leg name, MESSAGE-INTEGRITY keyed by the leg key).
+//! - "Packets from unbound sources are dropped and counted, and never answered with anything
+//!   larger than what came in": an unauthenticated datagram gets no answer at all.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use hdrhistogram::Histogram;
+use rustc_hash::FxHashMap;
+
+use super::pool::{BufId, Pool, Seg};
+use crate::metrics::rtpstats::{RtpReport, RtpStats};
+use crate::metrics::{Counters, DropReason, Flow};
+use crate::wire::{framing, rtp, stun};
+
+pub type SessionId = u64;
+type LegIdx = u32;
+
+/// Longest leg name accepted (it travels as the STUN USERNAME).
+pub const MAX_LEG_NAME: usize = 128;
+/// Iovecs gathered into one TCP `sendmsg` (a frame takes two or three: length prefix + parts).
+pub const TCP_IOV: usize = 128;
+
+/// How the gateway delivers media *to* a leg's participant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The participant gets this leg's peers' media some other way (directly from its peer).
+    None,
+    /// UDP to the source address the participant bound with its STUN Binding (symmetric RTP:
+    /// the reply path its NAT or firewall opened).
+    UdpLatched,
+    /// UDP to an address the control plane set (a participant that can receive unsolicited UDP,
+    /// or an IP voice gateway).
+    Udp(SocketAddr),
+    /// RFC 4571 frames on the TCP media connection the participant bound.
+    Tcp,
+}
+
+#[derive(Clone, Debug)]
+pub struct LegSpec {
+    /// Leg id: the STUN USERNAME the participant binds with. Unique on the shard.
+    pub name: String,
+    /// Leg key: the STUN short-term password (MESSAGE-INTEGRITY key).
+    pub key: Vec<u8>,
+    pub delivery: Delivery,
+    /// A UDP source the control plane vouches for (an IP voice gateway), bound without STUN.
+    pub trusted_source: Option<SocketAddr>,
+    /// RTP clock rate, for interarrival jitter (8000 for G.711).
+    pub clock_rate: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionSpec {
+    pub id: SessionId,
+    /// Two legs for a call, more for a room: media from each leg goes to every other leg.
+    pub legs: Vec<LegSpec>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InstallError {
+    #[error("session {0} already exists on this shard")]
+    DuplicateSession(SessionId),
+    #[error("leg name {0:?} is already in use on this shard")]
+    DuplicateLeg(String),
+    #[error("leg name {0:?} must be 1..={MAX_LEG_NAME} printable ASCII characters")]
+    BadLegName(String),
+    #[error("leg {0:?} has an empty key")]
+    EmptyKey(String),
+    #[error("a session needs 1..={max} legs, got {got}")]
+    LegCount { got: usize, max: usize },
+    #[error("the shard holds its maximum of {0} sessions")]
+    Full(usize),
+    #[error("leg {leg:?}: address {addr} is IPv6 but the shard's socket is IPv4-only")]
+    AddressFamily { leg: String, addr: SocketAddr },
+}
+
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    pub max_frame: u16,
+    /// Frames a TCP connection may have queued; beyond, RTP for that leg is dropped.
+    pub tcp_queue_frames: usize,
+    /// Frames all TCP queues together may hold (they pin receive buffers).
+    pub tcp_queued_total: usize,
+    pub max_unbound_tcp: usize,
+    pub unbound_tcp_timeout_ns: u64,
+    pub max_sessions: usize,
+    pub max_legs_per_session: usize,
+    /// The UDP socket is dual-stack (IPv6 with v4-mapped addresses) rather than IPv4-only.
+    pub ipv6: bool,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            max_frame: 1500,
+            tcp_queue_frames: 256,
+            tcp_queued_total: 2048,
+            max_unbound_tcp: 256,
+            unbound_tcp_timeout_ns: 5_000_000_000,
+            max_sessions: 100_000,
+            max_legs_per_session: 64,
+            ipv6: true,
+        }
+    }
+}
+
+/// A datagram to send on the shard's UDP socket: up to two parts (a TCP frame may straddle two
+/// receive buffers), each holding one buffer reference until the send completes.
+#[derive(Clone, Copy, Debug)]
+pub struct UdpOut {
+    pub dst: SocketAddr,
+    pub segs: [Seg; 2],
+    pub nsegs: u8,
+}
+
+/// What the event loop must do after feeding events to the relay.
+#[derive(Default)]
+pub struct Outbox {
+    pub udp: Vec<UdpOut>,
+    /// Connections with frames queued that may need a send started.
+    pub tcp_dirty: Vec<ConnId>,
+    /// Connections to shut down (the loop then reaps them once no operation is in flight).
+    pub close: Vec<ConnId>,
+}
+
+impl Outbox {
+    pub fn is_empty(&self) -> bool {
+        self.udp.is_empty() && self.tcp_dirty.is_empty() && self.close.is_empty()
+    }
+}
+
+/// Identifies a TCP media connection; the generation makes late completions for a reused slot
+/// harmless.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub idx: u32,
+    pub generation: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct QFrame {
+    hdr: [u8; 2],
+    segs: [Seg; 2],
+    nsegs: u8,
+}
+
+impl QFrame {
+    fn len(&self) -> usize {
+        2 + self.segs[..usize::from(self.nsegs)]
+            .iter()
+            .map(|s| usize::from(s.len))
+            .sum::<usize>()
+    }
+}
+
+/// A fixed-capacity ring of frames; never reallocates, so iovecs pointing at `hdr` stay valid.
+struct FrameQueue {
+    slots: Box<[QFrame]>,
+    head: usize,
+    len: usize,
+    /// Bytes of the head frame already written to the socket.
+    head_sent: usize,
+}
+
+impl FrameQueue {
+    /// A queue of `cap` frames; an unbound connection's queue has room for one (its STUN
+    /// answer).
+    fn new(cap: usize) -> FrameQueue {
+        FrameQueue {
+            slots: vec![QFrame::default(); cap.max(1)].into_boxed_slice(),
+            head: 0,
+            len: 0,
+            head_sent: 0,
+        }
+    }
+    fn is_full(&self) -> bool {
+        self.len == self.slots.len()
+    }
+    fn push(&mut self, f: QFrame) {
+        debug_assert!(!self.is_full());
+        let i = (self.head + self.len) % self.slots.len();
+        self.slots[i] = f;
+        self.len += 1;
+    }
+    fn get(&self, i: usize) -> &QFrame {
+        &self.slots[(self.head + i) % self.slots.len()]
+    }
+    fn pop(&mut self) -> QFrame {
+        let f = self.slots[self.head];
+        self.head = (self.head + 1) % self.slots.len();
+        self.len -= 1;
+        self.head_sent = 0;
+        f
+    }
+}
+
+enum Partial {
+    None,
+    /// The first piece of a frame, still in its receive buffer (one reference held).
+    One(Seg),
+    /// A frame being gathered into a spare buffer (`got` bytes so far).
+    Copy {
+        buf: BufId,
+        got: u16,
+    },
+    /// The rest of a frame that could not be kept (no spare buffer): ignored.
+    Skip,
+}
+
+/// A TCP media connection. Queued frames (and their length prefixes, which live in the queue's
+/// fixed ring) may be read by the kernel while a send is in flight, so the connection is reaped
+/// only when no operation is in flight.
+pub struct Conn {
+    pub fd: OwnedFd,
+    pub peer: SocketAddr,
+    pub generation: u32,
+    leg: Option<LegIdx>,
+    accepted_ns: u64,
+    deframer: framing::Deframer,
+    partial: Partial,
+    queue: FrameQueue,
+    /// Driver state: a multishot receive is armed / a send is in flight / shutting down.
+    pub recv_armed: bool,
+    pub send_inflight: bool,
+    pub closing: bool,
+}
+
+impl Conn {
+    pub fn is_bound(&self) -> bool {
+        self.leg.is_some()
+    }
+    pub fn queued(&self) -> usize {
+        self.queue.len
+    }
+}
+
+struct Leg {
+    name: Box<[u8]>,
+    key: Box<[u8]>,
+    delivery: Delivery,
+    peers: Vec<LegIdx>,
+    udp_src: Option<SocketAddr>,
+    tcp: Option<ConnId>,
+    clock_rate: u32,
+    rx: Flow,
+    tx: Flow,
+    rtp: RtpStats,
+    last_rx_ns: u64,
+    backpressure_drops: u64,
+}
+
+/// What an operator (and the control thread) sees of one leg.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct LegSnapshot {
+    pub session: SessionId,
+    pub name: String,
+    pub udp_source: Option<SocketAddr>,
+    pub tcp_peer: Option<SocketAddr>,
+    pub rx: Flow,
+    pub tx: Flow,
+    pub rtp: RtpReport,
+    /// Wall-clock nanoseconds of the last media packet from this leg (0: none yet).
+    pub last_rx_ns: u64,
+    pub backpressure_drops: u64,
+}
+
+pub struct Relay {
+    cfg: RelayConfig,
+    sessions: FxHashMap<SessionId, Vec<LegIdx>>,
+    legs: Vec<Option<Leg>>,
+    free_legs: Vec<LegIdx>,
+    leg_by_name: FxHashMap<Box<[u8]>, LegIdx>,
+    udp_bindings: FxHashMap<SocketAddr, LegIdx>,
+    conns: Vec<Option<Conn>>,
+    conn_generation: Vec<u32>,
+    free_conns: Vec<u32>,
+    unbound_conns: usize,
+    tcp_queued: usize,
+    pub counters: Counters,
+    pub latency: Histogram<u64>,
+    batch_rx: Vec<u64>,
+}
+
+fn new_latency_histogram() -> Histogram<u64> {
+    // 1 ns .. 60 s at 3 significant figures; the bounds are constants, so this cannot fail.
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant histogram bounds")
+}
+
+impl Relay {
+    pub fn new(cfg: RelayConfig) -> Relay {
+        Relay {
+            cfg,
+            sessions: FxHashMap::default(),
+            legs: Vec::new(),
+            free_legs: Vec::new(),
+            leg_by_name: FxHashMap::default(),
+            udp_bindings: FxHashMap::default(),
+            conns: Vec::new(),
+            conn_generation: Vec::new(),
+            free_conns: Vec::new(),
+            unbound_conns: 0,
+            tcp_queued: 0,
+            counters: Counters::default(),
+            latency: new_latency_histogram(),
+            batch_rx: Vec::with_capacity(1024),
+        }
+    }
+
+    pub fn config(&self) -> &RelayConfig {
+        &self.cfg
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn conn_count(&self) -> usize {
+        self.conns.iter().filter(|c| c.is_some()).count()
+    }
+
+    pub fn tcp_queued_total(&self) -> usize {
+        self.tcp_queued
+    }
+
+    // ---------------------------------------------------------------- sessions
+
+    pub fn install(&mut self, spec: SessionSpec) -> Result<(), InstallError> {
+        if self.sessions.contains_key(&spec.id) {
+            return Err(InstallError::DuplicateSession(spec.id));
+        }
+        if self.sessions.len() >= self.cfg.max_sessions {
+            return Err(InstallError::Full(self.cfg.max_sessions));
+        }
+        if spec.legs.is_empty() || spec.legs.len() > self.cfg.max_legs_per_session {
+            return Err(InstallError::LegCount {
+                got: spec.legs.len(),
+                max: self.cfg.max_legs_per_session,
+            });
+        }
+        for (i, l) in spec.legs.iter().enumerate() {
+            let ok_name = !l.name.is_empty()
+                && l.name.len() <= MAX_LEG_NAME
+                && l.name.bytes().all(|b| b.is_ascii_graphic());
+            if !ok_name {
+                return Err(InstallError::BadLegName(l.name.clone()));
+            }
+            if self.leg_by_name.contains_key(l.name.as_bytes())
+                || spec.legs[..i].iter().any(|o| o.name == l.name)
+            {
+                return Err(InstallError::DuplicateLeg(l.name.clone()));
+            }
+            if l.key.is_empty() {
+                return Err(InstallError::EmptyKey(l.name.clone()));
+            }
+            if !self.cfg.ipv6 {
+                let v6 = |a: &SocketAddr| matches!(canonical(*a), SocketAddr::V6(_));
+                let bad = match l.delivery {
+                    Delivery::Udp(a) if v6(&a) => Some(a),
+                    _ => l.trusted_source.filter(v6),
+                };
+                if let Some(addr) = bad {
+                    return Err(InstallError::AddressFamily {
+                        leg: l.name.clone(),
+                        addr,
+                    });
+                }
+            }
+        }
+        let mut idxs = Vec::with_capacity(spec.legs.len());
+        for l in spec.legs {
+            let leg = Leg {
+                name: l.name.into_bytes().into_boxed_slice(),
+                key: l.key.into_boxed_slice(),
+                delivery: match l.delivery {
+                    Delivery::Udp(a) => Delivery::Udp(canonical(a)),
+                    d => d,
+                },
+                peers: Vec::new(),
+                udp_src: None,
+                tcp: None,
+                clock_rate: l.clock_rate.max(1),
+                rx: Flow::default(),
+                tx: Flow::default(),
+                rtp: RtpStats::default(),
+                last_rx_ns: 0,
+                backpressure_drops: 0,
+            };
+            let idx = match self.free_legs.pop() {
+                Some(i) => {
+                    self.legs[i as usize] = Some(leg);
+                    i
+                }
+                None => {
+                    self.legs.push(Some(leg));
+                    (self.legs.len() - 1) as LegIdx
+                }
+            };
+            if let Some(src) = l.trusted_source {
+                self.bind_udp(idx, canonical(src));
+            }
+            let name = self.leg(idx).name.clone();
+            self.leg_by_name.insert(name, idx);
+            idxs.push(idx);
+        }
+        for &i in &idxs {
+            let peers = idxs.iter().copied().filter(|&p| p != i).collect();
+            self.leg_mut(i).peers = peers;
+        }
+        self.sessions.insert(spec.id, idxs);
+        Ok(())
+    }
+
+    /// Removes a session; its TCP connections are put on `out.close`. Returns whether it existed.
+    pub fn remove(&mut self, id: SessionId, out: &mut Outbox) -> bool {
+        let Some(idxs) = self.sessions.remove(&id) else {
+            return false;
+        };
+        for i in idxs {
+            let Some(leg) = self.legs[i as usize].take() else {
+                continue;
+            };
+            self.leg_by_name.remove(&leg.name);
+            if let Some(src) = leg.udp_src
+                && self.udp_bindings.get(&src) == Some(&i)
+            {
+                self.udp_bindings.remove(&src);
+            }
+            if let Some(c) = leg.tcp
+                && let Some(conn) = self.conn_mut(c)
+            {
+                conn.leg = None;
+                out.close.push(c);
+            }
+            self.free_legs.push(i);
+        }
+        true
+    }
+
+    pub fn snapshot_legs(&self) -> Vec<LegSnapshot> {
+        let mut v = Vec::new();
+        for (id, idxs) in &self.sessions {
+            for &i in idxs {
+                let l = self.leg(i);
+                v.push(LegSnapshot {
+                    session: *id,
+                    name: String::from_utf8_lossy(&l.name).into_owned(),
+                    udp_source: l.udp_src,
+                    tcp_peer: l.tcp.and_then(|c| self.conn(c)).map(|c| c.peer),
+                    rx: l.rx,
+                    tx: l.tx,
+                    rtp: l.rtp.report(),
+                    last_rx_ns: l.last_rx_ns,
+                    backpressure_drops: l.backpressure_drops,
+                });
+            }
+        }
+        v.sort_by(|a, b| (a.session, &a.name).cmp(&(b.session, &b.name)));
+        v
+    }
+
+    fn leg(&self, i: LegIdx) -> &Leg {
+        self.legs[i as usize]
+            .as_ref()
+            .expect("leg indices held by the table point at live legs")
+    }
+
+    fn leg_mut(&mut self, i: LegIdx) -> &mut Leg {
+        self.legs[i as usize]
+            .as_mut()
+            .expect("leg indices held by the table point at live legs")
+    }
+
+    fn bind_udp(&mut self, i: LegIdx, src: SocketAddr) {
+        if let Some(old) = self.leg(i).udp_src
+            && old != src
+            && self.udp_bindings.get(&old) == Some(&i)
+        {
+            self.udp_bindings.remove(&old);
+        }
+        if let Some(prev) = self.udp_bindings.insert(src, i)
+            && prev != i
+            && let Some(l) = self.legs[prev as usize].as_mut()
+        {
+            // The newest authenticated binding of an address wins.
+            l.udp_src = None;
+        }
+        self.leg_mut(i).udp_src = Some(src);
+    }
+
+    // ---------------------------------------------------------------- UDP
+
+    /// A datagram arrived on the shard's UDP socket; `seg` is its payload in the pool, and the
+    /// caller holds one reference to the buffer (released by the caller after this returns).
+    pub fn on_udp(
+        &mut self,
+        pool: &mut Pool,
+        src: SocketAddr,
+        seg: Seg,
+        rx_ns: u64,
+        out: &mut Outbox,
+    ) {
+        let src = canonical(src);
+        let len = usize::from(seg.len);
+        self.counters.udp_in.add(len);
+        let bound = self.udp_bindings.get(&src).copied();
+        if stun::looks_like_stun(pool.seg(seg)) {
+            self.udp_stun(pool, src, seg, bound, out);
+            return;
+        }
+        match bound {
+            Some(leg) => self.forward(pool, leg, &[seg], rx_ns, out),
+            None => self.counters.drop(DropReason::Unbound),
+        }
+    }
+
+    fn udp_stun(
+        &mut self,
+        pool: &mut Pool,
+        src: SocketAddr,
+        seg: Seg,
+        bound: Option<LegIdx>,
+        out: &mut Outbox,
+    ) {
+        let Some((leg, txid)) = self.authenticate(pool.seg(seg), bound.is_some()) else {
+            return;
+        };
+        self.bind_udp(leg, src);
+        // Answer in place: the request's own buffer holds the response.
+        let key = &self.legs[leg as usize].as_ref().map(|l| &l.key);
+        let Some(key) = key else { return };
+        let start = usize::from(seg.off);
+        let n = match write_binding_success(&mut pool.buf_mut(seg.buf)[start..], &txid, src, key) {
+            Some(n) => n,
+            None => {
+                self.counters.drop(DropReason::BadStun);
+                return;
+            }
+        };
+        self.counters.bindings += 1;
+        pool.hold(seg.buf);
+        out.udp.push(UdpOut {
+            dst: src,
+            segs: [Seg::new(seg.buf, start, n), Seg::default()],
+            nsegs: 1,
+        });
+        self.counters.udp_out.add(n);
+    }
+
+    /// Checks a STUN message: a Binding request whose USERNAME names a leg on this shard and
+    /// whose MESSAGE-INTEGRITY verifies with that leg's key. Counts and returns None otherwise.
+    /// Binding indications (keep-alives) from bound sources are consumed quietly.
+    fn authenticate(&mut self, msg: &[u8], from_bound: bool) -> Option<(LegIdx, [u8; 12])> {
+        let m = match stun::Message::parse(msg) {
+            Ok(m) => m,
+            Err(_) => {
+                self.counters.drop(DropReason::BadStun);
+                return None;
+            }
+        };
+        if m.method() != stun::BINDING || m.class() != stun::Class::Request {
+            if !(from_bound && m.class() == stun::Class::Indication) {
+                self.counters.drop(DropReason::BadStun);
+            }
+            return None;
+        }
+        let leg = m.username().and_then(|u| self.leg_by_name.get(u).copied());
+        let Some(leg) = leg else {
+            self.counters.drop(DropReason::BadAuth);
+            return None;
+        };
+        if m.check_integrity(&self.leg(leg).key).is_err() || m.check_fingerprint().is_err() {
+            self.counters.drop(DropReason::BadAuth);
+            return None;
+        }
+        Some((leg, *m.transaction_id()))
+    }
+
+    // ---------------------------------------------------------------- forwarding
+
+    /// Media from `from`: one buffer reference per destination, the payload never copied.
+    fn forward(
+        &mut self,
+        pool: &mut Pool,
+        from: LegIdx,
+        segs: &[Seg],
+        rx_ns: u64,
+        out: &mut Outbox,
+    ) {
+        let len: usize = segs.iter().map(|s| usize::from(s.len)).sum();
+        {
+            let first = pool.seg(segs[0]);
+            let leg = self.legs[from as usize]
+                .as_mut()
+                .expect("bound legs are live");
+            leg.rx.add(len);
+            leg.last_rx_ns = rx_ns;
+            if !rtp::is_rtcp(first)
+                && let Ok(p) = rtp::RtpPacket::new_checked(first)
+            {
+                let arrival =
+                    (u128::from(rx_ns) * u128::from(leg.clock_rate) / 1_000_000_000) as u64;
+                leg.rtp
+                    .on_packet(p.ssrc(), p.sequence(), p.timestamp(), arrival);
+            }
+        }
+        // Whether any peer could take this packet at all (a full TCP queue still counts: that
+        // drop is counted as backpressure, not as a missing egress).
+        let mut delivered = false;
+        let mut had_egress = false;
+        let npeers = self.leg(from).peers.len();
+        for k in 0..npeers {
+            let peer = self.leg(from).peers[k];
+            let (delivery, udp_src, tcp) = {
+                let p = self.leg(peer);
+                (p.delivery, p.udp_src, p.tcp)
+            };
+            let dst = match delivery {
+                Delivery::None => continue,
+                Delivery::UdpLatched => udp_src,
+                Delivery::Udp(a) => Some(a),
+                Delivery::Tcp => {
+                    if let Some(c) = tcp {
+                        had_egress = true;
+                        delivered |= self.enqueue_frame(pool, peer, c, segs, out);
+                    }
+                    continue;
+                }
+            };
+            let Some(dst) = dst else { continue };
+            let mut o = UdpOut {
+                dst,
+                segs: [Seg::default(); 2],
+                nsegs: segs.len() as u8,
+            };
+            for (slot, s) in o.segs.iter_mut().zip(segs) {
+                *slot = *s;
+                pool.hold(s.buf);
+            }
+            out.udp.push(o);
+            self.counters.udp_out.add(len);
+            self.leg_mut(peer).tx.add(len);
+            delivered = true;
+        }
+        if delivered {
+            self.batch_rx.push(rx_ns);
+        } else if !had_egress {
+            self.counters.drop(DropReason::NoEgress);
+        }
+    }
+
+    fn enqueue_frame(
+        &mut self,
+        pool: &mut Pool,
+        peer: LegIdx,
+        c: ConnId,
+        segs: &[Seg],
+        out: &mut Outbox,
+    ) -> bool {
+        let len: usize = segs.iter().map(|s| usize::from(s.len)).sum();
+        let total_full = self.tcp_queued >= self.cfg.tcp_queued_total;
+        let Some(conn) = self.conn_mut(c) else {
+            return false;
+        };
+        if conn.closing || conn.queue.is_full() || total_full {
+            self.counters.drop(DropReason::TcpBackpressure);
+            self.leg_mut(peer).backpressure_drops += 1;
+            return false;
+        }
+        let Ok(hdr) = framing::header(len) else {
+            return false;
+        };
+        let mut f = QFrame {
+            hdr,
+            segs: [Seg::default(); 2],
+            nsegs: segs.len() as u8,
+        };
+        for (slot, s) in f.segs.iter_mut().zip(segs) {
+            *slot = *s;
+        }
+        conn.queue.push(f);
+        let was_idle = conn.queue.len == 1;
+        for s in segs {
+            pool.hold(s.buf);
+        }
+        self.tcp_queued += 1;
+        self.counters.tcp_out.add(len);
+        self.leg_mut(peer).tx.add(len);
+        if was_idle {
+            out.tcp_dirty.push(c);
+        }
+        true
+    }
+
+    /// Record relay latency for everything forwarded since the last call: `now_ns` is the time
+    /// the sends are submitted.
+    pub fn finish_batch(&mut self, now_ns: u64) {
+        for &rx in &self.batch_rx {
+            let _ = self.latency.record(now_ns.saturating_sub(rx).max(1));
+        }
+        self.batch_rx.clear();
+    }
+
+    pub fn take_latency(&mut self) -> Histogram<u64> {
+        std::mem::replace(&mut self.latency, new_latency_histogram())
+    }
+
+    // ---------------------------------------------------------------- TCP
+
+    /// A TCP media connection was accepted. Returns None (and counts it) when the shard already
+    /// holds its limit of connections that have not yet bound; the caller closes `fd`.
+    pub fn on_accept(&mut self, fd: OwnedFd, peer: SocketAddr, now_ns: u64) -> Option<ConnId> {
+        if self.unbound_conns >= self.cfg.max_unbound_tcp {
+            self.counters.drop(DropReason::TcpConnLimit);
+            return None;
+        }
+        self.counters.tcp_accepted += 1;
+        self.unbound_conns += 1;
+        let idx = match self.free_conns.pop() {
+            Some(i) => i,
+            None => {
+                self.conns.push(None);
+                self.conn_generation.push(0);
+                (self.conns.len() - 1) as u32
+            }
+        };
+        let generation = self.conn_generation[idx as usize].wrapping_add(1) & 0x00ff_ffff;
+        self.conn_generation[idx as usize] = generation;
+        self.conns[idx as usize] = Some(Conn {
+            fd,
+            peer: canonical(peer),
+            generation,
+            leg: None,
+            accepted_ns: now_ns,
+            deframer: framing::Deframer::new(self.cfg.max_frame),
+            partial: Partial::None,
+            queue: FrameQueue::new(0),
+            recv_armed: false,
+            send_inflight: false,
+            closing: false,
+        });
+        Some(ConnId { idx, generation })
+    }
+
+    pub fn conn(&self, c: ConnId) -> Option<&Conn> {
+        self.conns
+            .get(c.idx as usize)?
+            .as_ref()
+            .filter(|x| x.generation == c.generation)
+    }
+
+    pub fn conn_mut(&mut self, c: ConnId) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(c.idx as usize)?
+            .as_mut()
+            .filter(|x| x.generation == c.generation)
+    }
+
+    /// Look a connection up by slot alone (completions carry a truncated generation).
+    pub fn conn_id_at(&self, idx: u32, generation: u32) -> Option<ConnId> {
+        let c = self.conns.get(idx as usize)?.as_ref()?;
+        (c.generation == generation).then_some(ConnId { idx, generation })
+    }
+
+    /// Bytes arrived on a TCP connection: `seg` in the pool, one reference held by the caller.
+    pub fn on_tcp(&mut self, pool: &mut Pool, c: ConnId, seg: Seg, rx_ns: u64, out: &mut Outbox) {
+        self.counters.tcp_in.bytes += u64::from(seg.len);
+        let mut pos = 0usize;
+        loop {
+            let Some(conn) = self.conn_mut(c) else { return };
+            if conn.closing {
+                return;
+            }
+            let chunk = pool.seg(seg);
+            let piece = match conn.deframer.next_piece(chunk, &mut pos) {
+                Ok(Some(p)) => p,
+                Ok(None) => return,
+                Err(_) => {
+                    self.counters.drop(DropReason::BadFrame);
+                    self.close(pool, c, out);
+                    return;
+                }
+            };
+            let pseg = Seg::new(
+                seg.buf,
+                usize::from(seg.off) + piece.range.start,
+                piece.range.len(),
+            );
+            if piece.first && piece.last {
+                self.counters.tcp_in.packets += 1;
+                self.on_frame(pool, c, &[pseg], rx_ns, out);
+                continue;
+            }
+            let partial = std::mem::replace(&mut conn.partial, Partial::None);
+            match partial {
+                Partial::Skip => {
+                    if !piece.last {
+                        conn.partial = Partial::Skip;
+                    }
+                }
+                Partial::None => {
+                    // First piece of a frame that continues in the next read.
+                    pool.hold(pseg.buf);
+                    conn.partial = Partial::One(pseg);
+                }
+                Partial::One(first) if piece.last => {
+                    self.counters.tcp_in.packets += 1;
+                    self.on_frame(pool, c, &[first, pseg], rx_ns, out);
+                    pool.release(first.buf);
+                }
+                Partial::One(first) => {
+                    // A third piece is coming: gather the frame in a spare buffer.
+                    let next = match pool.take_spare() {
+                        Some(buf) => {
+                            self.counters.reassembly_copies += 1;
+                            let got = copy_into_at(pool, buf, 0, &[first, pseg]);
+                            Partial::Copy {
+                                buf,
+                                got: got as u16,
+                            }
+                        }
+                        None => {
+                            // The frame is dropped; the deframer keeps counting its bytes, so
+                            // the stream stays in sync.
+                            self.counters.drop(DropReason::NoReassemblyBuffer);
+                            Partial::Skip
+                        }
+                    };
+                    pool.release(first.buf);
+                    if let Some(conn) = self.conn_mut(c) {
+                        conn.partial = next;
+                    }
+                }
+                Partial::Copy { buf, got } => {
+                    let got = usize::from(got) + copy_into_at(pool, buf, usize::from(got), &[pseg]);
+                    if piece.last {
+                        self.counters.tcp_in.packets += 1;
+                        self.on_frame(pool, c, &[Seg::new(buf, 0, got)], rx_ns, out);
+                        pool.release(buf);
+                    } else if let Some(conn) = self.conn_mut(c) {
+                        conn.partial = Partial::Copy {
+                            buf,
+                            got: got as u16,
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_frame(&mut self, pool: &mut Pool, c: ConnId, segs: &[Seg], rx_ns: u64, out: &mut Outbox) {
+        let Some(conn) = self.conn(c) else { return };
+        let bound = conn.leg;
+        let first_byte = pool.seg(segs[0]).first().copied().unwrap_or(0);
+        // STUN (first byte 0..=3, RFC 7983) must be parsed from one piece of memory.
+        let is_stun_candidate = first_byte < 4;
+        if bound.is_none() || is_stun_candidate {
+            let (seg, spare) = match segs {
+                [one] => (*one, None),
+                _ => match pool.take_spare() {
+                    Some(buf) => {
+                        self.counters.reassembly_copies += 1;
+                        let n = copy_into_at(pool, buf, 0, segs);
+                        (Seg::new(buf, 0, n), Some(buf))
+                    }
+                    None => {
+                        self.counters.drop(DropReason::NoReassemblyBuffer);
+                        return;
+                    }
+                },
+            };
+            let is_stun = stun::looks_like_stun(pool.seg(seg));
+            if is_stun {
+                self.tcp_stun(pool, c, seg, bound, out);
+            } else if bound.is_none() {
+                // "On a TCP media connection, the first RFC 4571 frame is that same Binding
+                // request": anything else closes the connection.
+                self.counters.drop(DropReason::BadFrame);
+                self.close(pool, c, out);
+            } else if let Some(leg) = bound {
+                self.forward(pool, leg, &[seg], rx_ns, out);
+            }
+            if let Some(buf) = spare {
+                pool.release(buf);
+            }
+            return;
+        }
+        if let Some(leg) = bound {
+            self.forward(pool, leg, segs, rx_ns, out);
+        }
+    }
+
+    fn tcp_stun(
+        &mut self,
+        pool: &mut Pool,
+        c: ConnId,
+        seg: Seg,
+        bound: Option<LegIdx>,
+        out: &mut Outbox,
+    ) {
+        let Some((leg, txid)) = self.authenticate(pool.seg(seg), bound.is_some()) else {
+            if bound.is_none() {
+                self.close(pool, c, out);
+            }
+            return;
+        };
+        if bound.is_some_and(|b| b != leg) {
+            // A connection belongs to one leg for its whole life.
+            self.counters.drop(DropReason::BadAuth);
+            return;
+        }
+        let Some(peer) = self.conn(c).map(|x| x.peer) else {
+            return;
+        };
+        if bound.is_none() {
+            if let Some(old) = self.leg(leg).tcp
+                && old != c
+            {
+                if let Some(o) = self.conn_mut(old) {
+                    o.leg = None;
+                }
+                self.close(pool, old, out);
+            }
+            self.leg_mut(leg).tcp = Some(c);
+            self.unbound_conns = self.unbound_conns.saturating_sub(1);
+            let cap = self.cfg.tcp_queue_frames;
+            if let Some(conn) = self.conn_mut(c) {
+                conn.leg = Some(leg);
+                // Only bound connections carry media: their queue is allocated now.
+                conn.queue = FrameQueue::new(cap);
+            }
+        }
+        // The response goes into a spare buffer: the request's buffer may hold the next frames.
+        let Some(buf) = pool.take_spare() else {
+            self.counters.drop(DropReason::NoReassemblyBuffer);
+            return;
+        };
+        let n = {
+            let key = &self.leg(leg).key;
+            write_binding_success(pool.buf_mut(buf), &txid, peer, key)
+        };
+        if let Some(n) = n {
+            self.counters.bindings += 1;
+            let resp = Seg::new(buf, 0, n);
+            self.push_control_frame(pool, c, resp, out);
+        }
+        pool.release(buf);
+    }
+
+    /// Queue a frame that is not media (a STUN response): not subject to the RTP drop policy
+    /// unless the queue is completely full.
+    fn push_control_frame(&mut self, pool: &mut Pool, c: ConnId, seg: Seg, out: &mut Outbox) {
+        let Ok(hdr) = framing::header(usize::from(seg.len)) else {
+            return;
+        };
+        let Some(conn) = self.conn_mut(c) else { return };
+        if conn.queue.is_full() {
+            self.counters.drop(DropReason::TcpBackpressure);
+            return;
+        }
+        conn.queue.push(QFrame {
+            hdr,
+            segs: [seg, Seg::default()],
+            nsegs: 1,
+        });
+        let was_idle = conn.queue.len == 1;
+        pool.hold(seg.buf);
+        self.tcp_queued += 1;
+        if was_idle {
+            out.tcp_dirty.push(c);
+        }
+    }
+
+    /// Describe queued frames as iovecs in `iov` (as many as fit). Returns the number of
+    /// iovecs used (0: nothing to send, or a send is already in flight). The iovecs point into
+    /// pool buffers and the queue's length prefixes, which stay put until `tcp_sent`.
+    pub fn prepare_tcp_send(&mut self, pool: &Pool, c: ConnId, iov: &mut [libc::iovec]) -> usize {
+        let Some(conn) = self.conn_mut(c) else {
+            return 0;
+        };
+        if conn.send_inflight || conn.queue.len == 0 || conn.closing {
+            return 0;
+        }
+        let mut n = 0usize;
+        let mut skip = conn.queue.head_sent;
+        'frames: for i in 0..conn.queue.len {
+            let f = conn.queue.get(i);
+            let parts = std::iter::once((f.hdr.as_ptr().cast_mut(), 2usize)).chain(
+                f.segs[..usize::from(f.nsegs)].iter().map(|s| {
+                    (
+                        pool.addr(s.buf).wrapping_add(usize::from(s.off)),
+                        usize::from(s.len),
+                    )
+                }),
+            );
+            for (ptr, len) in parts {
+                if skip >= len {
+                    skip -= len;
+                    continue;
+                }
+                let Some(slot) = iov.get_mut(n) else {
+                    break 'frames;
+                };
+                *slot = libc::iovec {
+                    iov_base: ptr.wrapping_add(skip).cast(),
+                    iov_len: len - skip,
+                };
+                skip = 0;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// `sent` bytes of the prepared send were written: retire whole frames.
+    pub fn tcp_sent(&mut self, pool: &mut Pool, c: ConnId, mut sent: usize) {
+        let mut retired = 0;
+        if let Some(conn) = self.conn_mut(c) {
+            while conn.queue.len > 0 && sent > 0 {
+                let f = *conn.queue.get(0);
+                let left = f.len() - conn.queue.head_sent;
+                if sent >= left {
+                    sent -= left;
+                    let f = conn.queue.pop();
+                    for s in &f.segs[..usize::from(f.nsegs)] {
+                        pool.release(s.buf);
+                    }
+                    retired += 1;
+                } else {
+                    conn.queue.head_sent += sent;
+                    sent = 0;
+                }
+            }
+        }
+        self.tcp_queued -= retired;
+    }
+
+    pub fn tcp_has_queued(&self, c: ConnId) -> bool {
+        self.conn(c).is_some_and(|x| x.queue.len > 0 && !x.closing)
+    }
+
+    /// Start closing a connection: it no longer carries media; the loop shuts the socket down and
+    /// reaps it once nothing is in flight.
+    pub fn close(&mut self, pool: &mut Pool, c: ConnId, out: &mut Outbox) {
+        let Some(conn) = self.conn_mut(c) else { return };
+        if conn.closing {
+            return;
+        }
+        conn.closing = true;
+        let leg = conn.leg.take();
+        let partial = std::mem::replace(&mut conn.partial, Partial::None);
+        match partial {
+            Partial::None => {}
+            Partial::One(s) => pool.release(s.buf),
+            Partial::Copy { buf, .. } => pool.release(buf),
+            Partial::Skip => {}
+        }
+        match leg {
+            Some(l) => {
+                if let Some(leg) = self.legs[l as usize].as_mut()
+                    && leg.tcp == Some(c)
+                {
+                    leg.tcp = None;
+                }
+            }
+            None => self.unbound_conns = self.unbound_conns.saturating_sub(1),
+        }
+        out.close.push(c);
+    }
+
+    /// Frees a closed connection once no operation is in flight; returns the socket so the loop
+    /// can drop (close) it. Queued frames release their buffers here, never earlier, since an
+    /// in-flight send may still read them.
+    pub fn reap(&mut self, pool: &mut Pool, c: ConnId) -> Option<OwnedFd> {
+        let conn = self.conn(c)?;
+        if !conn.closing || conn.recv_armed || conn.send_inflight {
+            return None;
+        }
+        let mut conn = self.conns[c.idx as usize].take()?;
+        while conn.queue.len > 0 {
+            let f = conn.queue.pop();
+            for s in &f.segs[..usize::from(f.nsegs)] {
+                pool.release(s.buf);
+            }
+            self.tcp_queued -= 1;
+        }
+        self.free_conns.push(c.idx);
+        self.counters.tcp_closed += 1;
+        Some(conn.fd)
+    }
+
+    /// Time-based duties: unbound connections that have not bound in time are closed.
+    pub fn housekeeping(&mut self, pool: &mut Pool, now_ns: u64, out: &mut Outbox) {
+        let timeout = self.cfg.unbound_tcp_timeout_ns;
+        let stale: Vec<ConnId> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let c = c.as_ref()?;
+                (!c.closing && c.leg.is_none() && now_ns.saturating_sub(c.accepted_ns) > timeout)
+                    .then_some(ConnId {
+                        idx: i as u32,
+                        generation: c.generation,
+                    })
+            })
+            .collect();
+        for c in stale {
+            self.counters.drop(DropReason::TcpConnLimit);
+            self.close(pool, c, out);
+        }
+    }
+
+    /// All live connections (for shutdown).
+    pub fn conn_ids(&self) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                c.as_ref().map(|c| ConnId {
+                    idx: i as u32,
+                    generation: c.generation,
+                })
+            })
+            .collect()
+    }
+
+    pub fn raw_fd(&self, c: ConnId) -> Option<i32> {
+        self.conn(c).map(|x| x.fd.as_raw_fd())
+    }
+}
+
+/// Copy segments to `buf[at..]`, bounded by the buffer; returns bytes copied.
+fn copy_into_at(pool: &mut Pool, buf: BufId, mut at: usize, segs: &[Seg]) -> usize {
+    let start = at;
+    for s in segs {
+        let size = pool.buf_size();
+        let src_off = usize::from(s.off);
+        let n = usize::from(s.len).min(size.saturating_sub(at));
+        let src = pool.addr(s.buf).wrapping_add(src_off);
+        let dst = pool.addr(buf).wrapping_add(at);
+        // SAFETY: both ranges lie inside the pool mapping (bounded by buf_size above and by the
+        // segment having been cut from a received buffer); `buf` is a spare distinct from the
+        // receive buffers, so the ranges do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
+        at += n;
+    }
+    at - start
+}
+
+/// A Binding success response (RFC 8489 §7.3.1.1 + XOR-MAPPED-ADDRESS, MESSAGE-INTEGRITY with
+/// the leg key, FINGERPRINT). Returns its length, or None if it does not fit.
+fn write_binding_success(
+    buf: &mut [u8],
+    txid: &[u8; 12],
+    mapped: SocketAddr,
+    key: &[u8],
+) -> Option<usize> {
+    let mut w = stun::Writer::new(buf, stun::Class::Success, stun::BINDING, txid).ok()?;
+    w.xor_address(stun::attr::XOR_MAPPED_ADDRESS, mapped).ok()?;
+    w.message_integrity(key).ok()?;
+    w.fingerprint().ok()?;
+    Some(w.finish())
+}
+
+/// IPv4-mapped IPv6 addresses (from a dual-stack socket) as plain IPv4, so one client has one
+/// key in the binding table whatever socket family saw it.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}

@@ -1,0 +1,870 @@
+//! The io_uring event loop of one shard.
+//!
+//! - UDP: one multishot `RecvMsgMulti` over a provided buffer ring (group 0). Each completion
+//!   names a buffer holding `io_uring_recvmsg_out`, the source address, the `SO_TIMESTAMPNS`
+//!   control message and the datagram; the payload is forwarded from where it landed.
+//! - TCP: multishot accept on the listener; on each media connection a multishot receive with
+//!   buffer selection from a second ring (group 1).
+//! - Sends: `SendMsg` entries, as many as a batch produces, submitted together with the wait for
+//!   the next batch in one `io_uring_enter`.
+//! - The ring is `SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN`: completions run only when this
+//!   thread enters the kernel, which is when it wants them.
+//! - Wake-up coalescing: with a budget `B`, the loop asks the kernel to wait until about
+//!   `rate × B` completions are ready or `B` has passed (`min_wait`), so a lightly loaded shard
+//!   handles a millisecond's packets per wake-up instead of one; a busy shard finds its batch
+//!   already complete and never waits.
+//!
+//! When a multishot receive stops because its buffer ring ran dry (ENOBUFS) it is re-armed once
+//! buffers have come back, and `Counters::buf_ring_exhausted` counts it.
+
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+use super::pool::{BufId, Group, Pool, Seg};
+use super::relay::{ConnId, UdpOut};
+use super::sockets::{self, RawAddr, ShardSockets};
+use super::{Backend, ShardCore};
+
+const UDP_BGID: u16 = 0;
+const TCP_BGID: u16 = 1;
+
+/// Completions handled per turn of the loop.
+const MAX_CQES: usize = 256;
+/// TCP sends started per turn; each may gather up to `TCP_IOV` iovecs from a shared arena.
+const TCP_SENDS_PER_TURN: usize = 256;
+
+const K_UDP_RECV: u64 = 1;
+const K_ACCEPT: u64 = 2;
+const K_WAKE: u64 = 3;
+const K_TCP_RECV: u64 = 4;
+const K_TCP_SEND: u64 = 5;
+const K_UDP_SEND: u64 = 6;
+
+fn ud(kind: u64, generation: u32, idx: u32) -> u64 {
+    (kind << 56) | (u64::from(generation & 0x00ff_ffff) << 32) | u64::from(idx)
+}
+
+fn ud_split(u: u64) -> (u64, u32, u32) {
+    (u >> 56, ((u >> 32) & 0x00ff_ffff) as u32, u as u32)
+}
+
+/// A provided-buffer ring (IORING_REGISTER_PBUF_RING): entries in an mmap'd page-aligned area
+/// shared with the kernel; we publish buffers by writing entries and advancing the tail.
+struct BufRing {
+    base: *mut types::BufRingEntry,
+    map_len: usize,
+    entries: u16,
+    tail: u16,
+}
+
+impl BufRing {
+    fn new(ring: &IoUring, entries: usize, bgid: u16) -> io::Result<BufRing> {
+        let entries = entries.next_power_of_two().clamp(1, 32768);
+        let map_len = entries * size_of::<types::BufRingEntry>();
+        // SAFETY: anonymous mapping, checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let br = BufRing {
+            base: ptr.cast(),
+            map_len,
+            entries: entries as u16,
+            tail: 0,
+        };
+        // SAFETY: the mapping lives as long as `br`, which the shard drops after the ring.
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(ptr as u64, entries as u16, bgid, 0)?;
+        }
+        Ok(br)
+    }
+
+    /// Stage buffer `id` (not visible to the kernel until `commit`).
+    fn push(&mut self, pool: &Pool, id: BufId) {
+        let i = usize::from(self.tail & (self.entries - 1));
+        // SAFETY: i < entries, inside the mapping.
+        let e = unsafe { &mut *self.base.add(i) };
+        e.set_addr(pool.addr(id) as u64);
+        e.set_len(pool.buf_size() as u32);
+        e.set_bid(id);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    fn commit(&self) {
+        // SAFETY: the tail field overlays entry 0's reserved word (the kernel's layout); it is
+        // read by the kernel, so it is published with release ordering.
+        unsafe {
+            let tail = types::BufRingEntry::tail(self.base).cast_mut();
+            (*(tail as *const AtomicU16)).store(self.tail, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped; the ring (which referenced it) is gone by now.
+        unsafe { libc::munmap(self.base.cast(), self.map_len) };
+    }
+}
+
+/// A UDP send in flight: the kernel reads `msg`, `iov` and `addr` until it completes.
+#[repr(C)]
+struct SendSlot {
+    msg: libc::msghdr,
+    iov: [libc::iovec; 2],
+    addr: RawAddr,
+    segs: [Seg; 2],
+    nsegs: u8,
+}
+
+/// A ring set up for a shard, not yet running.
+pub(crate) struct Rings {
+    ring: IoUring,
+    udp_ring: BufRing,
+    tcp_ring: BufRing,
+    min_wait: bool,
+}
+
+pub(crate) struct UringShard {
+    // Field order is drop order: the ring goes first, then the memory it referenced.
+    ring: IoUring,
+    udp_ring: BufRing,
+    tcp_ring: BufRing,
+    core: ShardCore,
+    udp_fd: RawFd,
+    tcp_fd: RawFd,
+    ipv6: bool,
+    recv_msg: Box<libc::msghdr>,
+    slots: Box<[SendSlot]>,
+    free_slots: Vec<u32>,
+    udp_recv_armed: bool,
+    accept_armed: bool,
+    wake_armed: bool,
+    /// TCP connections whose multishot receive stopped for lack of buffers.
+    tcp_rearm: Vec<ConnId>,
+    cqes: Vec<(u64, i32, u32)>,
+    /// Completions were left in the queue last turn (at most `MAX_CQES` are handled per turn,
+    /// so that TCP queues drain between chunks of a burst).
+    cq_backlog: bool,
+    freed: Vec<BufId>,
+    /// msghdrs and iovecs of this turn's TCP sends. The kernel copies them when it consumes
+    /// the submission (IORING_FEAT_SUBMIT_STABLE), so they are reused after every submit;
+    /// only the frames they point at must stay until the send completes.
+    tcp_msgs: Box<[libc::msghdr]>,
+    tcp_msgs_used: usize,
+    tcp_iov: Box<[libc::iovec]>,
+    tcp_iov_used: usize,
+    /// Connections whose send did not fit in this turn's arena.
+    tcp_deferred: Vec<ConnId>,
+    tcp_sndbuf: i32,
+    coalesce: Duration,
+    min_wait: bool,
+    /// Estimated completions per second (EWMA), to size the batch a wake-up waits for.
+    rate: f64,
+    last_wake_ns: u64,
+    next_housekeeping_ns: u64,
+    // Keep the sockets open as long as the loop runs (the loop uses their raw fds).
+    _udp: socket2::Socket,
+    _tcp: socket2::Socket,
+}
+
+impl UringShard {
+    /// Sets up the ring and its buffer rings for `core`; on failure the caller still owns
+    /// `core` and can run the epoll loop instead.
+    pub fn prepare(core: &ShardCore) -> io::Result<Rings> {
+        let (ring, udp_ring, tcp_ring, min_wait) = Self::setup(core)?;
+        Ok(Rings {
+            ring,
+            udp_ring,
+            tcp_ring,
+            min_wait,
+        })
+    }
+
+    pub fn new(core: ShardCore, rings: Rings, sockets: &ShardSockets) -> io::Result<UringShard> {
+        let udp = sockets.udp.try_clone()?;
+        let tcp = sockets.tcp.try_clone()?;
+        Ok(Self::assemble(
+            core,
+            rings.ring,
+            rings.udp_ring,
+            rings.tcp_ring,
+            rings.min_wait,
+            udp,
+            tcp,
+        ))
+    }
+
+    fn setup(core: &ShardCore) -> io::Result<(IoUring, BufRing, BufRing, bool)> {
+        let cfg = &core.ctx.cfg;
+        let entries = cfg.ring_entries.clamp(64, 32768);
+        let ring: IoUring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_coop_taskrun()
+            .setup_cqsize(entries * 4)
+            .build(entries)?;
+        if !ring.params().is_feature_submit_stable() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring lacks IORING_FEAT_SUBMIT_STABLE",
+            ));
+        }
+        let min_wait = ring.params().is_feature_min_timeout();
+        let mut udp_ring = BufRing::new(&ring, cfg.udp_bufs, UDP_BGID)?;
+        let mut tcp_ring = BufRing::new(&ring, cfg.tcp_bufs.max(1), TCP_BGID)?;
+        let layout = *core.pool.layout();
+        for id in 0..layout.udp {
+            udp_ring.push(&core.pool, id as BufId);
+        }
+        for id in layout.udp..layout.udp + layout.tcp {
+            tcp_ring.push(&core.pool, id as BufId);
+        }
+        udp_ring.commit();
+        tcp_ring.commit();
+        Ok((ring, udp_ring, tcp_ring, min_wait))
+    }
+
+    fn assemble(
+        core: ShardCore,
+        ring: IoUring,
+        udp_ring: BufRing,
+        tcp_ring: BufRing,
+        min_wait: bool,
+        udp: socket2::Socket,
+        tcp: socket2::Socket,
+    ) -> UringShard {
+        let cfg = &core.ctx.cfg;
+        let ipv6 = cfg.relay.ipv6;
+        // SAFETY: all-zero msghdr is valid; only the lengths matter for multishot recvmsg.
+        let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        recv_msg.msg_namelen = if ipv6 {
+            size_of::<libc::sockaddr_in6>()
+        } else {
+            size_of::<libc::sockaddr_in>()
+        } as libc::socklen_t;
+        recv_msg.msg_controllen = sockets::CONTROL_LEN as _;
+        let nslots = cfg.send_slots.clamp(16, 1 << 20);
+        let slots: Box<[SendSlot]> = (0..nslots)
+            // SAFETY: SendSlot is plain C data; all-zero is valid.
+            .map(|_| unsafe { std::mem::zeroed() })
+            .collect();
+        UringShard {
+            udp_fd: udp.as_raw_fd(),
+            tcp_fd: tcp.as_raw_fd(),
+            ipv6,
+            recv_msg,
+            free_slots: (0..nslots as u32).rev().collect(),
+            slots,
+            udp_recv_armed: false,
+            accept_armed: false,
+            wake_armed: false,
+            tcp_rearm: Vec::new(),
+            cqes: Vec::with_capacity(MAX_CQES),
+            cq_backlog: false,
+            freed: Vec::with_capacity(4096),
+            // SAFETY (zeroed): plain C structs.
+            tcp_msgs: (0..TCP_SENDS_PER_TURN)
+                .map(|_| unsafe { std::mem::zeroed() })
+                .collect(),
+            tcp_msgs_used: 0,
+            tcp_iov: (0..TCP_SENDS_PER_TURN * 8)
+                .map(|_| unsafe { std::mem::zeroed() })
+                .collect(),
+            tcp_iov_used: 0,
+            tcp_deferred: Vec::new(),
+            tcp_sndbuf: i32::try_from(cfg.tcp_sndbuf).unwrap_or(i32::MAX),
+            coalesce: cfg.coalesce,
+            min_wait,
+            rate: 0.0,
+            last_wake_ns: sockets::realtime_ns(),
+            next_housekeeping_ns: 0,
+            ring,
+            udp_ring,
+            tcp_ring,
+            core,
+            _udp: udp,
+            _tcp: tcp,
+        }
+    }
+
+    fn push(&mut self, sqe: squeue::Entry) {
+        loop {
+            // SAFETY: every entry we push references memory that outlives the operation
+            // (buffers in the pool, msghdrs in boxes owned by self or a live connection).
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return;
+            }
+            // The submission queue is full: hand what is there to the kernel first.
+            if let Err(e) = self.ring.submit() {
+                tracing::error!(shard = self.core.ctx.index, "io_uring submit: {e}");
+                return;
+            }
+        }
+    }
+
+    fn arm_udp_recv(&mut self) {
+        let e = opcode::RecvMsgMulti::new(types::Fd(self.udp_fd), &*self.recv_msg, UDP_BGID)
+            .build()
+            .user_data(ud(K_UDP_RECV, 0, 0));
+        self.push(e);
+        self.udp_recv_armed = true;
+    }
+
+    fn arm_accept(&mut self) {
+        let e = opcode::AcceptMulti::new(types::Fd(self.tcp_fd))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(ud(K_ACCEPT, 0, 0));
+        self.push(e);
+        self.accept_armed = true;
+    }
+
+    fn arm_wake(&mut self) {
+        let e = opcode::PollAdd::new(types::Fd(self.core.ctx.waker.raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(ud(K_WAKE, 0, 0));
+        self.push(e);
+        self.wake_armed = true;
+    }
+
+    fn arm_tcp_recv(&mut self, c: ConnId) {
+        let Some(fd) = self.core.relay.raw_fd(c) else {
+            return;
+        };
+        let e = opcode::RecvMulti::new(types::Fd(fd), TCP_BGID)
+            .build()
+            .user_data(ud(K_TCP_RECV, c.generation, c.idx));
+        self.push(e);
+        if let Some(conn) = self.core.relay.conn_mut(c) {
+            conn.recv_armed = true;
+        }
+    }
+
+    pub fn run(&mut self) {
+        self.arm_udp_recv();
+        self.arm_accept();
+        self.arm_wake();
+        loop {
+            let now = sockets::realtime_ns();
+            self.reap_completions(now);
+            if !self.core.drain_commands(Backend::IoUring) {
+                break;
+            }
+            if now >= self.next_housekeeping_ns {
+                self.core
+                    .relay
+                    .housekeeping(&mut self.core.pool, now, &mut self.core.out);
+                self.next_housekeeping_ns = now + 100_000_000;
+            }
+            self.flush();
+            self.recycle_buffers();
+            self.core.relay.finish_batch(sockets::realtime_ns());
+            if let Err(e) = self.submit_and_wait() {
+                tracing::error!(shard = self.core.ctx.index, "io_uring_enter: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Everything pushed is submitted now: the send arena is free again.
+            self.tcp_msgs_used = 0;
+            self.tcp_iov_used = 0;
+            self.core.out.tcp_dirty.append(&mut self.tcp_deferred);
+        }
+        self.shutdown();
+    }
+
+    fn submit_and_wait(&mut self) -> io::Result<()> {
+        let budget_us = self.coalesce.as_micros() as u64;
+        let idle = types::Timespec::new().nsec(100_000_000);
+        let want = if budget_us == 0 {
+            1
+        } else {
+            ((self.rate * budget_us as f64 / 1e6) as usize).clamp(1, 256)
+        };
+        let want = if self.cq_backlog { 1 } else { want };
+        let r = if budget_us > 0 && want > 1 && self.min_wait {
+            let args = types::SubmitArgs::new()
+                .timespec(&idle)
+                .min_wait_usec(budget_us as u32);
+            self.ring.submitter().submit_with_args(want, &args)
+        } else if budget_us > 0 && want > 1 {
+            // Kernels without min_wait: wait for the batch, bounded by the budget.
+            let ts = types::Timespec::new().nsec(budget_us as u32 * 1000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            self.ring.submitter().submit_with_args(want, &args)
+        } else {
+            let args = types::SubmitArgs::new().timespec(&idle);
+            self.ring.submitter().submit_with_args(1, &args)
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn reap_completions(&mut self, now: u64) {
+        self.cqes.clear();
+        {
+            let mut cq = self.ring.completion();
+            cq.sync();
+            for c in cq.by_ref().take(MAX_CQES) {
+                self.cqes.push((c.user_data(), c.result(), c.flags()));
+            }
+            self.cq_backlog = !cq.is_empty();
+        }
+        let n = self.cqes.len();
+        if n > 0 {
+            self.core.relay.counters.wakeups += 1;
+            // Rate estimate for coalescing: completions per second, smoothed.
+            let dt = now.saturating_sub(self.last_wake_ns).max(1_000) as f64;
+            let inst = n as f64 * 1e9 / dt;
+            self.rate = 0.8 * self.rate + 0.2 * inst;
+            self.last_wake_ns = now;
+        } else {
+            self.rate *= 0.5;
+        }
+        let cqes = std::mem::take(&mut self.cqes);
+        for &(user_data, res, flags) in &cqes {
+            let (kind, generation, idx) = ud_split(user_data);
+            match kind {
+                K_UDP_RECV => self.on_udp_recv(res, flags, now),
+                K_ACCEPT => self.on_accept(res, flags, now),
+                K_WAKE if !cqueue::more(flags) => self.wake_armed = false,
+                K_TCP_RECV => self.on_tcp_recv(idx, generation, res, flags, now),
+                K_TCP_SEND => self.on_tcp_send(idx, generation, res),
+                K_UDP_SEND => self.on_udp_send(idx, res),
+                _ => {}
+            }
+        }
+        self.cqes = cqes;
+        if !self.wake_armed {
+            self.arm_wake();
+        }
+        if !self.accept_armed {
+            self.arm_accept();
+        }
+    }
+
+    fn on_udp_recv(&mut self, res: i32, flags: u32, now: u64) {
+        if !cqueue::more(flags) {
+            self.udp_recv_armed = false;
+        }
+        if res < 0 {
+            if -res == libc::ENOBUFS {
+                self.core.relay.counters.buf_ring_exhausted += 1;
+            } else {
+                tracing::debug!(
+                    shard = self.core.ctx.index,
+                    "udp recv: {}",
+                    io::Error::from_raw_os_error(-res)
+                );
+            }
+            return;
+        }
+        let Some(bid) = cqueue::buffer_select(flags) else {
+            return;
+        };
+        let pool = &mut self.core.pool;
+        pool.received(bid);
+        let parsed = {
+            let buf = pool.buf(bid);
+            let data = &buf[..(res as usize).min(buf.len())];
+            match types::RecvMsgOut::parse(data, &self.recv_msg) {
+                Ok(m) => {
+                    let src = sockets::decode(m.name_data());
+                    let ts = sockets::rx_timestamp_ns(m.control_data()).unwrap_or(now);
+                    let off = m.payload_data().as_ptr() as usize - buf.as_ptr() as usize;
+                    Some((
+                        src,
+                        ts,
+                        off,
+                        m.payload_data().len(),
+                        m.is_payload_truncated(),
+                    ))
+                }
+                Err(()) => None,
+            }
+        };
+        match parsed {
+            Some((Some(src), ts, off, len, false)) => {
+                self.core.relay.on_udp(
+                    &mut self.core.pool,
+                    src,
+                    Seg::new(bid, off, len),
+                    ts,
+                    &mut self.core.out,
+                );
+            }
+            Some((_, _, _, _, true)) => {
+                self.core.relay.counters.udp_in.add(0);
+                self.core
+                    .relay
+                    .counters
+                    .drop(crate::metrics::DropReason::Truncated);
+            }
+            _ => {}
+        }
+        self.core.pool.release(bid);
+    }
+
+    fn on_accept(&mut self, res: i32, flags: u32, now: u64) {
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+        }
+        if res < 0 {
+            return;
+        }
+        // SAFETY: a successful accept completion is a new descriptor that we now own.
+        let fd = unsafe { OwnedFd::from_raw_fd(res) };
+        let _ = sockets::set_int_opt(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+        let _ = sockets::set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_SNDBUF, self.tcp_sndbuf);
+        let Some(peer) = sockets::peer_of(fd.as_raw_fd()) else {
+            return;
+        };
+        if let Some(c) = self.core.relay.on_accept(fd, peer, now) {
+            self.arm_tcp_recv(c);
+        }
+    }
+
+    fn on_tcp_recv(&mut self, idx: u32, generation: u32, res: i32, flags: u32, now: u64) {
+        let bid = cqueue::buffer_select(flags);
+        let Some(c) = self.core.relay.conn_id_at(idx, generation) else {
+            // A late completion for a connection already reaped: only return its buffer.
+            if let Some(b) = bid {
+                self.core.pool.received(b);
+                self.core.pool.release(b);
+            }
+            return;
+        };
+        let more = cqueue::more(flags);
+        if !more && let Some(conn) = self.core.relay.conn_mut(c) {
+            conn.recv_armed = false;
+        }
+        if res > 0 {
+            if let Some(b) = bid {
+                self.core.pool.received(b);
+                let seg = Seg::new(b, 0, res as usize);
+                self.core
+                    .relay
+                    .on_tcp(&mut self.core.pool, c, seg, now, &mut self.core.out);
+                self.core.pool.release(b);
+            }
+            if !more {
+                self.tcp_rearm.push(c);
+            }
+        } else if res == -libc::ENOBUFS {
+            self.core.relay.counters.buf_ring_exhausted += 1;
+            self.tcp_rearm.push(c);
+        } else {
+            // EOF or an error: the connection is over.
+            self.core
+                .relay
+                .close(&mut self.core.pool, c, &mut self.core.out);
+        }
+        self.try_reap(c);
+    }
+
+    fn on_tcp_send(&mut self, idx: u32, generation: u32, res: i32) {
+        let Some(c) = self.core.relay.conn_id_at(idx, generation) else {
+            return;
+        };
+        if let Some(conn) = self.core.relay.conn_mut(c) {
+            conn.send_inflight = false;
+        }
+        if res >= 0 {
+            self.core
+                .relay
+                .tcp_sent(&mut self.core.pool, c, res as usize);
+            if self.core.relay.tcp_has_queued(c) {
+                self.core.out.tcp_dirty.push(c);
+            }
+        } else {
+            self.core
+                .relay
+                .counters
+                .drop(crate::metrics::DropReason::SendError);
+            self.core
+                .relay
+                .close(&mut self.core.pool, c, &mut self.core.out);
+        }
+        self.try_reap(c);
+    }
+
+    fn on_udp_send(&mut self, idx: u32, res: i32) {
+        let Some(slot) = self.slots.get(idx as usize) else {
+            return;
+        };
+        let (segs, n) = (slot.segs, usize::from(slot.nsegs));
+        for s in &segs[..n] {
+            self.core.pool.release(s.buf);
+        }
+        self.free_slots.push(idx);
+        if res < 0 {
+            self.core
+                .relay
+                .counters
+                .drop(crate::metrics::DropReason::SendError);
+        }
+    }
+
+    fn try_reap(&mut self, c: ConnId) {
+        if let Some(fd) = self.core.relay.reap(&mut self.core.pool, c) {
+            drop(fd);
+        }
+    }
+
+    /// Turn the outbox into submissions.
+    fn flush(&mut self) {
+        let mut out = std::mem::take(&mut self.core.out);
+        for o in out.udp.drain(..) {
+            self.submit_udp(o);
+        }
+        for c in out.close.drain(..) {
+            if let Some(fd) = self.core.relay.raw_fd(c) {
+                // SAFETY: shutting down a socket we own; wakes the armed receive and any send.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+            self.try_reap(c);
+        }
+        out.tcp_dirty
+            .sort_unstable_by_key(|c| (c.idx, c.generation));
+        out.tcp_dirty.dedup();
+        for c in out.tcp_dirty.drain(..) {
+            self.submit_tcp(c);
+        }
+        // Nothing above feeds the outbox; keep the vectors' capacity for the next batch.
+        debug_assert!(self.core.out.is_empty());
+        self.core.out = out;
+        for c in std::mem::take(&mut self.tcp_rearm) {
+            let ok = self
+                .core
+                .relay
+                .conn(c)
+                .is_some_and(|x| !x.closing && !x.recv_armed);
+            if ok {
+                self.arm_tcp_recv(c);
+            }
+        }
+    }
+
+    fn submit_udp(&mut self, o: UdpOut) {
+        let Some(idx) = self.free_slots.pop() else {
+            for s in &o.segs[..usize::from(o.nsegs)] {
+                self.core.pool.release(s.buf);
+            }
+            self.core
+                .relay
+                .counters
+                .drop(crate::metrics::DropReason::SendBacklog);
+            return;
+        };
+        let ipv6 = self.ipv6;
+        let pool = &self.core.pool;
+        let slot = &mut self.slots[idx as usize];
+        let namelen = sockets::encode(o.dst, ipv6, &mut slot.addr);
+        if namelen == 0 {
+            for s in &o.segs[..usize::from(o.nsegs)] {
+                self.core.pool.release(s.buf);
+            }
+            self.free_slots.push(idx);
+            self.core
+                .relay
+                .counters
+                .drop(crate::metrics::DropReason::SendError);
+            return;
+        }
+        let n = usize::from(o.nsegs);
+        for (i, s) in o.segs[..n].iter().enumerate() {
+            slot.iov[i] = libc::iovec {
+                iov_base: pool.addr(s.buf).wrapping_add(usize::from(s.off)).cast(),
+                iov_len: usize::from(s.len),
+            };
+        }
+        slot.segs = o.segs;
+        slot.nsegs = o.nsegs;
+        slot.msg.msg_name = (&mut slot.addr as *mut RawAddr).cast();
+        slot.msg.msg_namelen = namelen;
+        slot.msg.msg_iov = slot.iov.as_mut_ptr();
+        slot.msg.msg_iovlen = n as _;
+        slot.msg.msg_control = std::ptr::null_mut();
+        slot.msg.msg_controllen = 0;
+        slot.msg.msg_flags = 0;
+        let e = opcode::SendMsg::new(types::Fd(self.udp_fd), &slot.msg)
+            .build()
+            .user_data(ud(K_UDP_SEND, 0, idx));
+        self.push(e);
+    }
+
+    fn submit_tcp(&mut self, c: ConnId) {
+        let iov_free = self.tcp_iov.len() - self.tcp_iov_used;
+        if self.tcp_msgs_used == self.tcp_msgs.len() || iov_free < 3 {
+            self.tcp_deferred.push(c);
+            return;
+        }
+        let room = iov_free.min(super::relay::TCP_IOV);
+        let iov = &mut self.tcp_iov[self.tcp_iov_used..self.tcp_iov_used + room];
+        let n = self.core.relay.prepare_tcp_send(&self.core.pool, c, iov);
+        if n == 0 {
+            return;
+        }
+        let Some(conn) = self.core.relay.conn_mut(c) else {
+            return;
+        };
+        conn.send_inflight = true;
+        let fd = conn.fd.as_raw_fd();
+        let msg = &mut self.tcp_msgs[self.tcp_msgs_used];
+        // SAFETY: plain C struct.
+        *msg = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = n as _;
+        let e = opcode::SendMsg::new(types::Fd(fd), msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(ud(K_TCP_SEND, c.generation, c.idx));
+        self.tcp_msgs_used += 1;
+        self.tcp_iov_used += n;
+        self.push(e);
+    }
+
+    /// Give freed buffers back to their rings, and re-arm a UDP receive that stopped.
+    fn recycle_buffers(&mut self) {
+        let mut udp = false;
+        let mut tcp = false;
+        let mut freed = std::mem::take(&mut self.freed);
+        self.core.pool.take_freed(&mut freed);
+        for &id in &freed {
+            match self.core.pool.group(id) {
+                Group::Udp => {
+                    self.udp_ring.push(&self.core.pool, id);
+                    udp = true;
+                }
+                Group::Tcp => {
+                    self.tcp_ring.push(&self.core.pool, id);
+                    tcp = true;
+                }
+                Group::Spare => {}
+            }
+        }
+        freed.clear();
+        self.freed = freed;
+        if udp {
+            self.udp_ring.commit();
+        }
+        if tcp {
+            self.tcp_ring.commit();
+        }
+        if !self.udp_recv_armed {
+            self.arm_udp_recv();
+        }
+    }
+
+    fn shutdown(&mut self) {
+        for c in self.core.relay.conn_ids() {
+            self.core
+                .relay
+                .close(&mut self.core.pool, c, &mut self.core.out);
+        }
+        for c in std::mem::take(&mut self.core.out.close) {
+            if let Some(fd) = self.core.relay.raw_fd(c) {
+                // SAFETY: shutting down a socket we own.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+        }
+        // Cancel everything still armed and let the kernel finish with our memory before the
+        // buffers and msghdrs are freed.
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(0);
+        self.push(cancel);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < deadline {
+            let inflight = self.slots.len() - self.free_slots.len();
+            let conns_busy = self.core.relay.conn_ids().iter().any(|&c| {
+                self.core
+                    .relay
+                    .conn(c)
+                    .is_some_and(|x| x.recv_armed || x.send_inflight)
+            });
+            if inflight == 0 && !conns_busy && !self.udp_recv_armed && !self.accept_armed {
+                break;
+            }
+            let ts = types::Timespec::new().nsec(10_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            self.reap_completions_for_shutdown();
+        }
+    }
+
+    fn reap_completions_for_shutdown(&mut self) {
+        let now = sockets::realtime_ns();
+        let mut list = Vec::new();
+        {
+            let mut cq = self.ring.completion();
+            cq.sync();
+            for c in &mut cq {
+                list.push((c.user_data(), c.result(), c.flags()));
+            }
+        }
+        for (user_data, res, flags) in list {
+            let (kind, generation, idx) = ud_split(user_data);
+            match kind {
+                K_UDP_RECV => {
+                    self.udp_recv_armed &= cqueue::more(flags);
+                    if let Some(b) = cqueue::buffer_select(flags) {
+                        self.core.pool.received(b);
+                        self.core.pool.release(b);
+                    }
+                }
+                K_ACCEPT => {
+                    self.accept_armed &= cqueue::more(flags);
+                    if res >= 0 {
+                        // SAFETY: a new descriptor we own; closing it right away.
+                        drop(unsafe { OwnedFd::from_raw_fd(res) });
+                    }
+                }
+                K_TCP_RECV => {
+                    let _ = now;
+                    if let Some(c) = self.core.relay.conn_id_at(idx, generation) {
+                        if !cqueue::more(flags)
+                            && let Some(conn) = self.core.relay.conn_mut(c)
+                        {
+                            conn.recv_armed = false;
+                        }
+                        if let Some(b) = cqueue::buffer_select(flags) {
+                            self.core.pool.received(b);
+                            self.core.pool.release(b);
+                        }
+                        self.try_reap(c);
+                    }
+                }
+                K_TCP_SEND => {
+                    if let Some(c) = self.core.relay.conn_id_at(idx, generation) {
+                        if let Some(conn) = self.core.relay.conn_mut(c) {
+                            conn.send_inflight = false;
+                        }
+                        self.try_reap(c);
+                    }
+                }
+                K_UDP_SEND => self.on_udp_send(idx, res),
+                _ => {}
+            }
+        }
+    }
+}

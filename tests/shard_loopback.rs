@@ -1,0 +1,466 @@
+//! The shard data plane on real loopback sockets, for both event loops: sessions installed
+//! through the shard API, media bound with STUN, then every transport pair delivering every
+//! packet byte-exact and in order; unbound and wrongly keyed sources dropped; a TCP reader that
+//! stops reading costs counted drops, not memory; a malformed frame closes only its own
+//! connection.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use voxgate::client::binding;
+use voxgate::metrics::DropReason;
+use voxgate::shard::{Backend, Delivery, LegSpec, SessionSpec, ShardConfig, ShardHandle, Shards};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn spawn(backend: Backend) -> Shards {
+    let cfg = ShardConfig {
+        listen: "::".parse().unwrap(),
+        media_port_base: 0,
+        shards: 1,
+        backend,
+        pin: false,
+        udp_bufs: 512,
+        tcp_bufs: 256,
+        spare_bufs: 64,
+        ring_entries: 256,
+        send_slots: 512,
+        ..ShardConfig::default()
+    };
+    let shards = Shards::spawn(&cfg).expect("shards start");
+    assert_eq!(
+        shards.handles[0].backend, backend,
+        "the loop we asked for runs"
+    );
+    shards
+}
+
+fn leg(name: &str, delivery: Delivery) -> LegSpec {
+    LegSpec {
+        name: name.into(),
+        key: format!("key-of-{name}").into_bytes(),
+        delivery,
+        trusted_source: None,
+        clock_rate: 8000,
+    }
+}
+
+fn key(name: &str) -> Vec<u8> {
+    format!("key-of-{name}").into_bytes()
+}
+
+fn udp_client(v6: bool) -> UdpSocket {
+    let s = UdpSocket::bind(if v6 { "[::1]:0" } else { "127.0.0.1:0" }).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+fn gw_udp(h: &ShardHandle, v6: bool) -> SocketAddr {
+    let ip = if v6 { "::1" } else { "127.0.0.1" };
+    SocketAddr::new(ip.parse().unwrap(), h.udp_addr.port())
+}
+
+fn gw_tcp(h: &ShardHandle) -> SocketAddr {
+    SocketAddr::new("127.0.0.1".parse().unwrap(), h.tcp_addr.port())
+}
+
+/// STUN-binds a UDP socket to `leg`; returns the mapped address the gateway reports.
+fn bind_udp(s: &UdpSocket, gw: SocketAddr, leg: &str) -> SocketAddr {
+    let txid = binding::new_txid();
+    let mut buf = [0u8; 512];
+    let n = binding::request(&mut buf, leg, &key(leg), &txid).unwrap();
+    s.send_to(&buf[..n], gw).unwrap();
+    let mut resp = [0u8; 512];
+    let (m, from) = s.recv_from(&mut resp).expect("binding answered");
+    assert_eq!(from.port(), gw.port());
+    binding::check_response(&resp[..m], &key(leg), &txid).expect("a valid binding response")
+}
+
+fn write_frame(t: &mut TcpStream, payload: &[u8]) {
+    let mut f = (payload.len() as u16).to_be_bytes().to_vec();
+    f.extend_from_slice(payload);
+    t.write_all(&f).unwrap();
+}
+
+fn read_frame(t: &mut TcpStream) -> Vec<u8> {
+    let mut h = [0u8; 2];
+    if let Err(e) = t.read_exact(&mut h) {
+        panic!("frame header: {e}");
+    }
+    let mut p = vec![0u8; usize::from(u16::from_be_bytes(h))];
+    t.read_exact(&mut p).expect("frame body");
+    p
+}
+
+fn bind_tcp(h: &ShardHandle, leg: &str) -> TcpStream {
+    let mut t = TcpStream::connect(gw_tcp(h)).unwrap();
+    t.set_read_timeout(Some(WAIT)).unwrap();
+    t.set_nodelay(true).unwrap();
+    let txid = binding::new_txid();
+    let mut buf = [0u8; 512];
+    let n = binding::request(&mut buf, leg, &key(leg), &txid).unwrap();
+    write_frame(&mut t, &buf[..n]);
+    let resp = read_frame(&mut t);
+    let mapped = binding::check_response(&resp, &key(leg), &txid).expect("binding over TCP");
+    assert_eq!(
+        mapped,
+        t.local_addr().unwrap(),
+        "XOR-MAPPED-ADDRESS is our TCP source"
+    );
+    t
+}
+
+/// An RTP packet (PT 0, G.711-sized) whose payload encodes who sent it and its number.
+fn rtp(ssrc: u32, seq: u16, len: usize) -> Vec<u8> {
+    let mut p = vec![0x80, 0x00];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    p.extend_from_slice(&ssrc.to_be_bytes());
+    p.extend((0..len - 12).map(|i| (i as u32 ^ ssrc ^ u32::from(seq)) as u8));
+    p
+}
+
+fn wait_until(h: &ShardHandle, what: &str, f: impl Fn(&voxgate::shard::ShardSnapshot) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = h.snapshot_blocking().unwrap();
+        if f(&s) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {:?}",
+            s.counters
+        );
+        std::thread::yield_now();
+    }
+}
+
+fn udp_to_udp(backend: Backend) {
+    let shards = spawn(backend);
+    let h = &shards.handles[0];
+    h.install_blocking(SessionSpec {
+        id: 1,
+        legs: vec![
+            leg("a", Delivery::UdpLatched),
+            leg("b", Delivery::UdpLatched),
+        ],
+    })
+    .unwrap();
+    let (a, b) = (udp_client(false), udp_client(false));
+    assert_eq!(bind_udp(&a, gw_udp(h, false), "a"), a.local_addr().unwrap());
+    bind_udp(&b, gw_udp(h, false), "b");
+    for (tx, rx, ssrc) in [(&a, &b, 1u32), (&b, &a, 2)] {
+        let sent: Vec<Vec<u8>> = (0..300).map(|i| rtp(ssrc, i, 172)).collect();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        for p in &sent {
+            tx.send_to(p, gw_udp(h, false)).unwrap();
+            let (n, from) = rx.recv_from(&mut buf).expect("relayed");
+            assert_eq!(
+                from.port(),
+                h.udp_addr.port(),
+                "media comes from the gateway"
+            );
+            got.push(buf[..n].to_vec());
+        }
+        assert_eq!(got, sent, "every packet byte-exact and in order");
+    }
+    let s = h.snapshot_blocking().unwrap();
+    assert_eq!(
+        s.counters.udp_out.packets,
+        600 + 2,
+        "600 relayed + 2 binding answers"
+    );
+    let la = s.legs.iter().find(|l| l.name == "a").unwrap();
+    assert_eq!((la.rtp.received, la.rtp.lost), (300, 0));
+    assert!(s.latency.len() >= 600, "relay latency recorded per packet");
+}
+
+fn udp_to_tcp_and_back(backend: Backend) {
+    let shards = spawn(backend);
+    let h = &shards.handles[0];
+    h.install_blocking(SessionSpec {
+        id: 7,
+        legs: vec![leg("u", Delivery::UdpLatched), leg("t", Delivery::Tcp)],
+    })
+    .unwrap();
+    let u = udp_client(false);
+    bind_udp(&u, gw_udp(h, false), "u");
+    let mut t = bind_tcp(h, "t");
+    // UDP -> TCP, in bursts of 32 packets (0.64 s of 20 ms voice) as a jittery source sends.
+    let sent: Vec<Vec<u8>> = (0..512).map(|i| rtp(3, i, 172)).collect();
+    let mut got = Vec::new();
+    for burst in sent.chunks(32) {
+        for p in burst {
+            u.send_to(p, gw_udp(h, false)).unwrap();
+        }
+        got.extend(burst.iter().map(|_| read_frame(&mut t)));
+    }
+    assert_eq!(got, sent, "UDP->TCP: every frame byte-exact and in order");
+    // TCP -> UDP, written in awkward pieces: frames split across reads, headers split in two,
+    // single bytes, several frames in one write.
+    let sent: Vec<Vec<u8>> = (0..400)
+        .map(|i| rtp(4, i, 60 + (i as usize * 7) % 1200))
+        .collect();
+    let mut stream = Vec::new();
+    for p in &sent {
+        stream.extend_from_slice(&(p.len() as u16).to_be_bytes());
+        stream.extend_from_slice(p);
+    }
+    let cuts = [1usize, 2, 3, 1, 700, 5000, 13, 1, 1, 2900, 171, 2];
+    let reader = {
+        let u = u.try_clone().unwrap();
+        let count = sent.len();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            (0..count)
+                .map(|_| {
+                    let (n, _) = u.recv_from(&mut buf).expect("TCP->UDP relayed");
+                    buf[..n].to_vec()
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let mut at = 0;
+    let mut k = 0;
+    while at < stream.len() {
+        let n = cuts[k % cuts.len()].min(stream.len() - at);
+        t.write_all(&stream[at..at + n]).unwrap();
+        at += n;
+        k += 1;
+        if k % 4 == 0 {
+            // Let the gateway see the pieces as separate reads.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let got = reader.join().unwrap();
+    assert_eq!(
+        got, sent,
+        "TCP->UDP: every frame reassembled byte-exact and in order"
+    );
+}
+
+fn tcp_to_tcp(backend: Backend) {
+    let shards = spawn(backend);
+    let h = &shards.handles[0];
+    h.install_blocking(SessionSpec {
+        id: 9,
+        legs: vec![leg("x", Delivery::Tcp), leg("y", Delivery::Tcp)],
+    })
+    .unwrap();
+    let mut x = bind_tcp(h, "x");
+    let mut y = bind_tcp(h, "y");
+    let sent: Vec<Vec<u8>> = (0..320).map(|i| rtp(5, i, 172)).collect();
+    let mut got = Vec::new();
+    for burst in sent.chunks(32) {
+        for p in burst {
+            write_frame(&mut x, p);
+        }
+        got.extend(burst.iter().map(|_| read_frame(&mut y)));
+    }
+    assert_eq!(got, sent, "TCP->TCP: every frame byte-exact and in order");
+    let back = rtp(6, 1, 200);
+    write_frame(&mut y, &back);
+    assert_eq!(read_frame(&mut x), back);
+}
+
+fn fan_out_room(backend: Backend) {
+    let shards = spawn(backend);
+    let h = &shards.handles[0];
+    h.install_blocking(SessionSpec {
+        id: 11,
+        legs: vec![
+            leg("p1", Delivery::UdpLatched),
+            leg("p2", Delivery::UdpLatched),
+            leg("p3", Delivery::Tcp),
+        ],
+    })
+    .unwrap();
+    let p1 = udp_client(false);
+    let p2 = udp_client(true);
+    bind_udp(&p1, gw_udp(h, false), "p1");
+    bind_udp(&p2, gw_udp(h, true), "p2");
+    let mut p3 = bind_tcp(h, "p3");
+    let mut buf = [0u8; 2048];
+    for i in 0..100u16 {
+        let from1 = rtp(1, i, 172);
+        p1.send_to(&from1, gw_udp(h, false)).unwrap();
+        let (n, _) = p2.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &from1[..], "p1 -> p2 (IPv4 to IPv6)");
+        assert_eq!(read_frame(&mut p3), from1, "p1 -> p3 (UDP to TCP)");
+        let from3 = rtp(3, i, 100);
+        write_frame(&mut p3, &from3);
+        let (n, _) = p1.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &from3[..], "p3 -> p1");
+        let (n, _) = p2.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &from3[..], "p3 -> p2");
+    }
+}
+
+fn unbound_and_wrong_key_dropped(backend: Backend) {
+    let shards = spawn(backend);
+    let h = &shards.handles[0];
+    h.install_blocking(SessionSpec {
+        id: 2,
+        legs: vec![
+            leg("a", Delivery::UdpLatched),
+            leg("b", Delivery::UdpLatched),
+        ],
+    })
+    .unwrap();
+    let (a, b) = (udp_client(false), udp_client(false));
+    bind_udp(&b, gw_udp(h, false), "b");
+    // Unbound source: dropped, nothing comes back to it, nothing reaches b.
+    let stranger = udp_client(false);
+    stranger.send_to(&rtp(9, 1, 172), gw_udp(h, false)).unwrap();
+    wait_until(h, "an unbound drop", |s| {
+        s.counters.dropped(DropReason::Unbound) == 1
+    });
+    // Wrong key: no answer, counted.
+    let txid = binding::new_txid();
+    let mut req = [0u8; 512];
+    let n = binding::request(&mut req, "a", b"not-the-key", &txid).unwrap();
+    a.send_to(&req[..n], gw_udp(h, false)).unwrap();
+    wait_until(h, "a bad-auth drop", |s| {
+        s.counters.dropped(DropReason::BadAuth) == 1
+    });
+    // Unknown leg name: same.
+    let n = binding::request(&mut req, "nobody", b"k", &txid).unwrap();
+    a.send_to(&req[..n], gw_udp(h, false)).unwrap();
+    wait_until(h, "a second bad-auth drop", |s| {
+        s.counters.dropped(DropReason::BadAuth) == 2
+    });
+    // a's media is still unbound.
+    a.send_to(&rtp(1, 1, 172), gw_udp(h, false)).unwrap();
+    wait_until(h, "a second unbound drop", |s| {
+        s.counters.dropped(DropReason::Unbound) == 2
+    });
+    let s = h.snapshot_blocking().unwrap();
+    assert_eq!(
+        s.counters.udp_out.packets, 1,
+        "only b's binding was ever answered"
+    );
+    stranger
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    assert!(
+        stranger.recv_from(&mut req).is_err(),
+        "no answer to the stranger"
+    );
+    b.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    assert!(b.recv_from(&mut req).is_err(), "nothing reached b");
+}
+
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+fn slow_tcp_reader_is_bounded(backend: Backend) {
+    let shards = spawn(backend);
+    let h = &shards.handles[0];
+    h.install_blocking(SessionSpec {
+        id: 3,
+        legs: vec![leg("src", Delivery::UdpLatched), leg("sink", Delivery::Tcp)],
+    })
+    .unwrap();
+    let src = udp_client(false);
+    bind_udp(&src, gw_udp(h, false), "src");
+    let sink = bind_tcp(h, "sink"); // never read from again
+    let before = rss_bytes();
+    let pkt = rtp(8, 0, 1000);
+    let n = 30_000;
+    for _ in 0..n {
+        src.send_to(&pkt, gw_udp(h, false)).unwrap();
+    }
+    wait_until(h, "backpressure drops", |s| {
+        s.counters.dropped(DropReason::TcpBackpressure) > 0
+    });
+    let s = h.snapshot_blocking().unwrap();
+    let cap = voxgate::shard::RelayConfig::default().tcp_queue_frames;
+    assert!(
+        s.tcp_queued <= cap,
+        "queue bounded: {} > {cap}",
+        s.tcp_queued
+    );
+    assert!(
+        s.buffers_in_use <= cap + 4,
+        "buffers pinned: {}",
+        s.buffers_in_use
+    );
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(grown < 32 << 20, "memory grew by {grown} bytes");
+    let sink_leg = s.legs.iter().find(|l| l.name == "sink").unwrap();
+    assert!(sink_leg.backpressure_drops > 0);
+    drop(sink);
+}
+
+fn malformed_frame_closes_only_its_connection(backend: Backend) {
+    let shards = spawn(backend);
+    let h = &shards.handles[0];
+    h.install_blocking(SessionSpec {
+        id: 4,
+        legs: vec![leg("good", Delivery::Tcp), leg("peer", Delivery::Tcp)],
+    })
+    .unwrap();
+    let mut good = bind_tcp(h, "good");
+    let mut peer = bind_tcp(h, "peer");
+    // A connection whose first frame is garbage, and one that announces an oversize frame.
+    let mut garbage = TcpStream::connect(gw_tcp(h)).unwrap();
+    garbage.set_read_timeout(Some(WAIT)).unwrap();
+    write_frame(&mut garbage, &[0x80; 50]);
+    let mut oversize = TcpStream::connect(gw_tcp(h)).unwrap();
+    oversize.set_read_timeout(Some(WAIT)).unwrap();
+    oversize.write_all(&[0xff, 0xff, 1, 2, 3]).unwrap();
+    let mut one = [0u8; 1];
+    assert_eq!(
+        garbage.read(&mut one).unwrap_or(0),
+        0,
+        "garbage connection closed"
+    );
+    assert_eq!(
+        oversize.read(&mut one).unwrap_or(0),
+        0,
+        "oversize connection closed"
+    );
+    // A bound leg that sends an oversize frame loses its own connection only.
+    write_frame(&mut good, &rtp(1, 1, 100));
+    assert_eq!(read_frame(&mut peer), rtp(1, 1, 100));
+    peer.write_all(&[0x7f, 0xff]).unwrap();
+    assert_eq!(
+        peer.read(&mut one).unwrap_or(0),
+        0,
+        "peer closed after its bad frame"
+    );
+    wait_until(h, "bad frames counted", |s| {
+        s.counters.dropped(DropReason::BadFrame) == 3
+    });
+    // The good connection is still up: it can bind again... and still reads.
+    write_frame(&mut good, &rtp(1, 2, 100));
+    let s = h.snapshot_blocking().unwrap();
+    assert_eq!(s.tcp_conns, 1, "only the good connection remains");
+}
+
+macro_rules! both_backends {
+    ($($name:ident),*) => {
+        mod io_uring {
+            $( #[test] fn $name() { super::$name(voxgate::shard::Backend::IoUring) } )*
+        }
+        mod epoll {
+            $( #[test] fn $name() { super::$name(voxgate::shard::Backend::Epoll) } )*
+        }
+    };
+}
+
+both_backends!(
+    udp_to_udp,
+    udp_to_tcp_and_back,
+    tcp_to_tcp,
+    fan_out_room,
+    unbound_and_wrong_key_dropped,
+    slow_tcp_reader_is_bounded,
+    malformed_frame_closes_only_its_connection
+);
