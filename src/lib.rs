@@ -9,6 +9,8 @@
 //! - [`client`]: the softphone library used by `voxgate phone`, tests and the load generator.
 //! - [`metrics`]: counters, histograms and interval-log dumps.
 
+pub mod control;
 pub mod metrics;
 pub mod shard;
+pub mod store;
 pub mod wire;

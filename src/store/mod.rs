@@ -1,0 +1,1 @@
+//! Subscriber directory and telephone routes (being written).
