@@ -256,8 +256,10 @@ impl Exchange<'_> {
 }
 
 /// The per-log-in key derived from the exchange: `HMAC(StoredKey, label ||
-/// AuthMessage)`. Only someone who holds the verifier (the gateway) or the
-/// password (the client) can compute it, and it differs for every attempt.
+/// AuthMessage)`. Computing it takes the password (the client) or the
+/// verifier (the gateway); an eavesdropper without the verifier database
+/// cannot, one with it can (no forward secrecy: use TLS where that matters).
+/// It differs for every attempt, as the AuthMessage carries fresh nonces.
 fn session_key(stored_key: &[u8; 32], auth_message: &str) -> SessionKey {
     SessionKey(hmac(
         stored_key,

@@ -74,7 +74,7 @@ impl SqliteStore {
         Self::init(conn)
     }
 
-    /// A private database in memory (tests, `--data-dir` unset in a dry run).
+    /// A private database in memory (tests; nothing survives the process).
     pub fn open_in_memory() -> Result<Self, StoreError> {
         Self::init(Connection::open_in_memory()?)
     }
