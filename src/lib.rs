@@ -5,11 +5,13 @@
 //! - [`control`]: sans-IO state machines driven by `(now, input)`. No IO.
 //! - [`store`]: subscriber directory and telephone routes behind one trait.
 //! - [`shard`]: the per-core data plane (io_uring, epoll fallback), session table, forwarding.
-//! - [`server`]: the control thread: sockets, timers, driving `control`, commanding shards.
+//! - `server`: the control thread: sockets, timers, driving `control`, commanding shards.
 //! - [`client`]: the softphone library used by `voxgate phone`, tests and the load generator.
 //! - [`metrics`]: counters, histograms and interval-log dumps.
 
 pub mod client;
+pub mod control;
 pub mod metrics;
 pub mod shard;
+pub mod store;
 pub mod wire;

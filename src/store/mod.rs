@@ -1,0 +1,365 @@
+//! The subscriber directory and telephone routes, behind one trait.
+//!
+//! The seed's "database 82": registered users (user id, telephone number,
+//! log-in verifier) and, for destinations that are telephones, routes from a
+//! number prefix to the media address of an IP voice gateway.
+//!
+//! This module owns persistence and the validation of what is persisted. It
+//! does IO (disk), so `control/` never calls it: `server/` looks things up and
+//! hands the values to `control/`, and the CLI (`voxgate user …`, `voxgate
+//! route …`) edits through the same trait.
+//!
+//! It must not store passwords: a [`Subscriber`] carries only the SCRAM
+//! [`Verifier`] (salt, iteration count, StoredKey, ServerKey), whose `Debug`
+//! redacts the keys.
+//!
+//! Backends: [`SqliteStore`] (embedded default). Fleet backends (Redis,
+//! PostgreSQL) implement the same [`Store`] trait.
+
+use std::net::SocketAddr;
+
+use crate::control::auth::{self, Verifier};
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// Most digits after `+` in an E.164 number (ITU-T E.164 §6).
+pub const MAX_E164_DIGITS: usize = 15;
+/// Most digits in a local identifier (an extension or a short code).
+pub const MAX_LOCAL_DIGITS: usize = 20;
+/// Longest route description, in bytes.
+pub const MAX_DESCRIPTION_LEN: usize = 200;
+/// Longest salt a verifier may carry, in bytes.
+pub const MAX_SALT_LEN: usize = 128;
+
+/// A registered user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscriber {
+    /// The log-in name (see [`auth::validate_user`]).
+    pub user: String,
+    /// The number others dial: E.164 (`+4930123456`) or a local identifier of
+    /// digits (`4711`).
+    pub number: String,
+    pub verifier: Verifier,
+}
+
+/// Where calls to numbers starting with `prefix` go: the media address of an
+/// IP voice gateway that reaches telephones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// `+` alone (every E.164 number), `+` and up to 15 digits, or up to 20
+    /// digits (local identifiers).
+    pub prefix: String,
+    pub media_addr: SocketAddr,
+    pub description: String,
+}
+
+/// Errors of the store. The `Invalid*` variants say what is wrong with the
+/// input; user-supplied strings are quoted with escapes and clipped.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid user name {user:?}: {reason}")]
+    InvalidUser { user: String, reason: &'static str },
+    #[error("invalid number {number:?}: {reason}")]
+    InvalidNumber {
+        number: String,
+        reason: &'static str,
+    },
+    #[error("invalid route prefix {prefix:?}: {reason}")]
+    InvalidPrefix {
+        prefix: String,
+        reason: &'static str,
+    },
+    #[error("invalid media address {addr}: {reason}")]
+    InvalidMediaAddr {
+        addr: SocketAddr,
+        reason: &'static str,
+    },
+    #[error("invalid route description: {reason}")]
+    InvalidDescription { reason: &'static str },
+    #[error("invalid verifier: {reason}")]
+    InvalidVerifier { reason: &'static str },
+    #[error("user {user:?} already exists")]
+    DuplicateUser { user: String },
+    #[error("number {number:?} is already registered to another user")]
+    DuplicateNumber { number: String },
+    #[error("a route for prefix {prefix:?} already exists")]
+    DuplicateRoute { prefix: String },
+    #[error(
+        "the database has schema version {found}, newer than the {supported} this voxgate knows; upgrade voxgate"
+    )]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("the database is corrupt: {what}")]
+    Corrupt { what: String },
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// The directory. Every method validates its input first; lookups of names
+/// that could never have been stored are errors, not `None`.
+pub trait Store: Send {
+    /// Registers a subscriber. Fails with [`StoreError::DuplicateUser`] or
+    /// [`StoreError::DuplicateNumber`] if either is taken.
+    fn add_user(&mut self, subscriber: &Subscriber) -> Result<(), StoreError>;
+    /// Removes a subscriber; `false` if there was none.
+    fn del_user(&mut self, user: &str) -> Result<bool, StoreError>;
+    /// Replaces a subscriber's verifier (password change); `false` if there is
+    /// no such user.
+    fn set_verifier(&mut self, user: &str, verifier: &Verifier) -> Result<bool, StoreError>;
+    fn user(&self, user: &str) -> Result<Option<Subscriber>, StoreError>;
+    fn user_by_number(&self, number: &str) -> Result<Option<Subscriber>, StoreError>;
+    /// All subscribers, by user name.
+    fn list_users(&self) -> Result<Vec<Subscriber>, StoreError>;
+    /// Adds a route. Fails with [`StoreError::DuplicateRoute`] if the prefix
+    /// has one.
+    fn add_route(&mut self, route: &Route) -> Result<(), StoreError>;
+    /// Removes the route for exactly this prefix; `false` if there was none.
+    fn del_route(&mut self, prefix: &str) -> Result<bool, StoreError>;
+    /// All routes, by prefix.
+    fn list_routes(&self) -> Result<Vec<Route>, StoreError>;
+    /// The route with the longest prefix of `number`, if any.
+    fn route_for(&self, number: &str) -> Result<Option<Route>, StoreError>;
+}
+
+/// Keeps user-supplied text in error messages short.
+fn clip(s: &str) -> String {
+    const MAX: usize = 80;
+    match s.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &s[..end]),
+        None => s.to_owned(),
+    }
+}
+
+pub fn validate_user(user: &str) -> Result<(), StoreError> {
+    auth::validate_user(user).map_err(|e| StoreError::InvalidUser {
+        user: clip(user),
+        reason: e.reason,
+    })
+}
+
+/// What is wrong with `s` as a number (or, with `bare_plus`, as a prefix).
+fn number_problem(s: &str, bare_plus: bool) -> Option<&'static str> {
+    if s.is_empty() {
+        return Some("empty");
+    }
+    match s.strip_prefix('+') {
+        Some("") if bare_plus => None,
+        Some("") => Some("'+' must be followed by digits"),
+        Some(digits) => {
+            if !digits.bytes().all(|b| b.is_ascii_digit()) {
+                Some("only digits may follow '+' (no spaces or separators)")
+            } else if digits.starts_with('0') {
+                Some("an E.164 number starts with a country code, which never starts with 0")
+            } else if digits.len() > MAX_E164_DIGITS {
+                Some("an E.164 number has at most 15 digits")
+            } else {
+                None
+            }
+        }
+        None => {
+            if !s.bytes().all(|b| b.is_ascii_digit()) {
+                Some("expected '+' and digits (E.164) or digits only (local identifier)")
+            } else if s.len() > MAX_LOCAL_DIGITS {
+                Some("a local identifier has at most 20 digits")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// A number: E.164 (`+` and 1–15 digits, no leading 0) or a local identifier
+/// (1–20 digits).
+pub fn validate_number(number: &str) -> Result<(), StoreError> {
+    match number_problem(number, false) {
+        None => Ok(()),
+        Some(reason) => Err(StoreError::InvalidNumber {
+            number: clip(number),
+            reason,
+        }),
+    }
+}
+
+/// A route prefix: as a number, or `+` alone.
+pub fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
+    match number_problem(prefix, true) {
+        None => Ok(()),
+        Some(reason) => Err(StoreError::InvalidPrefix {
+            prefix: clip(prefix),
+            reason,
+        }),
+    }
+}
+
+fn validate_verifier(v: &Verifier) -> Result<(), StoreError> {
+    let reason = if v.salt.is_empty() {
+        "empty salt"
+    } else if v.salt.len() > MAX_SALT_LEN {
+        "salt longer than 128 bytes"
+    } else if v.iterations == 0 {
+        "zero iterations"
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::InvalidVerifier { reason })
+}
+
+fn validate_route(route: &Route) -> Result<(), StoreError> {
+    validate_prefix(&route.prefix)?;
+    let addr = route.media_addr;
+    let addr_problem = if addr.port() == 0 {
+        Some("port 0")
+    } else if addr.ip().is_unspecified() {
+        Some("unspecified address")
+    } else if addr.ip().is_multicast() {
+        Some("multicast address")
+    } else {
+        None
+    };
+    if let Some(reason) = addr_problem {
+        return Err(StoreError::InvalidMediaAddr { addr, reason });
+    }
+    if route.description.len() > MAX_DESCRIPTION_LEN {
+        return Err(StoreError::InvalidDescription {
+            reason: "longer than 200 bytes",
+        });
+    }
+    if route.description.chars().any(char::is_control) {
+        return Err(StoreError::InvalidDescription {
+            reason: "contains a control character",
+        });
+    }
+    Ok(())
+}
+
+fn validate_subscriber(s: &Subscriber) -> Result<(), StoreError> {
+    validate_user(&s.user)?;
+    validate_number(&s.number)?;
+    validate_verifier(&s.verifier)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn number_reason(n: &str) -> Option<&'static str> {
+        match validate_number(n) {
+            Err(StoreError::InvalidNumber { reason, .. }) => Some(reason),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn numbers() {
+        for ok in [
+            "+4930123456",
+            "+1",
+            "+123456789012345",
+            "4711",
+            "0",
+            "00491234",
+        ] {
+            assert!(validate_number(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(number_reason(""), Some("empty"));
+        assert_eq!(number_reason("+"), Some("'+' must be followed by digits"));
+        assert_eq!(
+            number_reason("+49 30 123"),
+            Some("only digits may follow '+' (no spaces or separators)")
+        );
+        assert_eq!(
+            number_reason("+0123"),
+            Some("an E.164 number starts with a country code, which never starts with 0")
+        );
+        assert_eq!(
+            number_reason("+1234567890123456"),
+            Some("an E.164 number has at most 15 digits")
+        );
+        assert_eq!(
+            number_reason("alice"),
+            Some("expected '+' and digits (E.164) or digits only (local identifier)")
+        );
+        assert_eq!(
+            number_reason(&"1".repeat(21)),
+            Some("a local identifier has at most 20 digits")
+        );
+        assert_eq!(
+            number_reason("٣"),
+            Some("expected '+' and digits (E.164) or digits only (local identifier)")
+        );
+    }
+
+    #[test]
+    fn prefixes_allow_a_bare_plus() {
+        assert!(validate_prefix("+").is_ok());
+        assert!(validate_prefix("+49").is_ok());
+        assert!(validate_prefix("47").is_ok());
+        assert!(matches!(
+            validate_prefix(""),
+            Err(StoreError::InvalidPrefix {
+                reason: "empty",
+                ..
+            })
+        ));
+        assert!(validate_prefix("++").is_err());
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong_and_clip_input() {
+        let long = "x".repeat(1000);
+        let msg = validate_number(&long)
+            .map_err(|e| e.to_string())
+            .err()
+            .unwrap_or_default();
+        assert!(msg.starts_with("invalid number \"xxxx"), "{msg}");
+        assert!(msg.len() < 250, "{msg}");
+        let msg = validate_user("a\nb")
+            .map_err(|e| e.to_string())
+            .err()
+            .unwrap_or_default();
+        assert_eq!(
+            msg,
+            "invalid user name \"a\\nb\": contains a control character or white space"
+        );
+    }
+
+    #[test]
+    fn routes_and_verifiers() {
+        let route = |addr: &str, description: &str| Route {
+            prefix: "+49".into(),
+            media_addr: addr
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            description: description.into(),
+        };
+        assert!(validate_route(&route("192.0.2.1:5004", "Berlin PSTN")).is_ok());
+        for (bad, reason) in [
+            ("192.0.2.1:0", "port 0"),
+            ("0.0.0.0:5004", "unspecified address"),
+            ("[ff02::1]:5004", "multicast address"),
+        ] {
+            assert!(matches!(
+                validate_route(&route(bad, "")),
+                Err(StoreError::InvalidMediaAddr { reason: r, .. }) if r == reason
+            ));
+        }
+        assert!(matches!(
+            validate_route(&route("192.0.2.1:5004", "a\u{7}")),
+            Err(StoreError::InvalidDescription { .. })
+        ));
+        assert!(matches!(
+            validate_route(&route("192.0.2.1:5004", &"d".repeat(201))),
+            Err(StoreError::InvalidDescription { .. })
+        ));
+        let mut v = Verifier::with_salt("pw", b"saltsalt", 1);
+        assert!(validate_verifier(&v).is_ok());
+        v.salt.clear();
+        assert!(validate_verifier(&v).is_err());
+        v.salt = vec![0; 129];
+        assert!(validate_verifier(&v).is_err());
+        v.salt = vec![0; 16];
+        v.iterations = 0;
+        assert!(validate_verifier(&v).is_err());
+    }
+}
