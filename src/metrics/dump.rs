@@ -420,6 +420,12 @@ fn hlog_header(base: Duration) -> String {
         h,
         "#[Tags: shard=<i> per shard, {TAG_ALL} = all shards merged; counters in the sibling {COUNTERS_SUFFIX}]"
     );
+    // Tools read untagged lines by default (the Java HistogramLogProcessor fails on a log with
+    // none): say how to pick a tag.
+    let _ = writeln!(
+        h,
+        "#[Every line is tagged: e.g. HistogramLogProcessor -i FILE -tag {TAG_ALL} -outputValueUnitRatio 1000 (µs)]"
+    );
     let _ = writeln!(h, "#[Logged with voxgate {}]", env!("CARGO_PKG_VERSION"));
     let _ = writeln!(h, "#[Histogram log format version 1.3]");
     let _ = writeln!(

@@ -1201,8 +1201,8 @@ pub fn plot_percentiles_svg(series: &[(String, Histogram<u64>)], title: &str) ->
     let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="28" text-anchor="middle" font-size="15">{}</text>"#,
-        LEFT + pw / 2.0,
+        r#"<text x="{}" y="28" text-anchor="middle" font-size="14">{}</text>"#,
+        W / 2.0,
         xml_escape(title)
     );
     // Grid and x labels at each decade: 0%, 90%, 99%, ...
@@ -1211,6 +1211,7 @@ pub fn plot_percentiles_svg(series: &[(String, Histogram<u64>)], title: &str) ->
         let label = match d {
             0 => "0%".to_owned(),
             1 => "90%".to_owned(),
+            2 => "99%".to_owned(),
             _ => format!("99.{}%", "9".repeat(d as usize - 2)),
         };
         let _ = writeln!(
@@ -1489,9 +1490,10 @@ mod tests {
         let (hlogs, jsonls) = list_dumps(dir.path()).unwrap();
         let text = fs::read_to_string(&hlogs[0]).unwrap();
         let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-        // Interval lines follow the 7 header lines: damage shard=1 of interval 0 (base64 body),
-        // and truncate the file in the middle of the last line ("all" of interval 2).
-        let victim = &mut lines[8];
+        // Damage shard=1 of interval 0 (base64 body), add a garbage line and truncate the file
+        // in the middle of the last line ("all" of interval 2).
+        let first = lines.iter().position(|l| l.starts_with("Tag=")).unwrap();
+        let victim = &mut lines[first + 1];
         assert!(victim.starts_with("Tag=shard=1,"), "{victim}");
         let cut = victim.len() - 20;
         victim.replace_range(cut.., "AAAAAAAAAAAAAAAAAAAA");
@@ -1508,9 +1510,17 @@ mod tests {
         let r = load(&StatsQuery::new(dir.path())).unwrap();
         assert_eq!(r.skipped_lines, 4, "{:#?}", r.problems);
         assert_eq!(r.problems.len(), 4);
-        assert!(r.problems[0].contains(":9: histogram"), "{}", r.problems[0]);
-        assert!(r.problems[1].contains(":16: not an interval-log line"));
-        assert!(r.problems[2].contains(":17: truncated line"));
+        let at = |n: usize, what: &str| format!(".hlog:{n}: {what}");
+        let garbage = first + 9; // 1-based number of the line after the 8 kept interval lines
+        assert!(
+            r.problems[0].contains(&at(first + 2, "histogram")),
+            "{}",
+            r.problems[0]
+        );
+        let bad = at(garbage, "not an interval-log line");
+        assert!(r.problems[1].contains(&bad), "{}", r.problems[1]);
+        let cut = at(garbage + 1, "truncated line");
+        assert!(r.problems[2].contains(&cut), "{}", r.problems[2]);
         assert!(r.problems[3].contains(".counters.jsonl:4: not a counters record"));
         assert_eq!(r.intervals, 3);
         let m1 = merged([&inputs[1][1], &inputs[2][1]]);
@@ -1587,7 +1597,8 @@ mod tests {
         assert!(svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 3);
         assert!(svg.contains("a &lt;&amp;&gt; b") && svg.contains("title &quot;x&quot;"));
-        assert!(svg.contains("99.999%") && svg.contains("latency (µs)"));
+        assert!(svg.contains(">99%<") && svg.contains(">99.999%<"));
+        assert!(svg.contains("latency (µs)"));
         // Tags balance (a rough well-formedness check without an XML parser).
         let opens = svg.matches('<').count();
         let closes = svg.matches('>').count();
