@@ -9,8 +9,10 @@
 //!   as written by the Java `HistogramLogWriter`: header comments, `#[StartTime: ..]`,
 //!   `#[BaseTime: ..]`, the CSV legend, then one line per histogram). Each interval has one
 //!   line per shard tagged `shard=<i>` and one merged line tagged `all`; histograms are
-//!   V2-deflate encoded and hold nanoseconds. Standard tools (`HistogramLogProcessor`,
-//!   HdrHistogram_c, `hdrhistogram::serialization::interval_log`) read it as is.
+//!   V2-deflate encoded and hold nanoseconds (so does the informational max column).
+//!   Standard readers take it as is (checked with the Java `HistogramLogProcessor`, which
+//!   needs `-tag all` or `-tag shard=<i>` since no line is untagged, the Python `hdrh`
+//!   reader, and `hdrhistogram::serialization::interval_log::IntervalLogIterator`).
 //! - `voxgate-20240601T120000.000Z.counters.jsonl`: one JSON object per interval with the
 //!   merged and per-shard counters (drops keyed by [`DropReason::name`]).
 //!
