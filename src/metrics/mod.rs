@@ -2,6 +2,8 @@
 //! histogram, and the interval-log dumps the control thread writes from them.
 
 pub mod counters;
+pub mod dump;
 pub mod rtpstats;
+pub mod stats;
 
 pub use counters::{Counters, DropReason, Flow, Transport};
