@@ -542,7 +542,7 @@ mod tests {
         assert_eq!(check(&long_pad), Err(RtpError::PaddingTooLong));
         long_pad[33] = 6;
         let p = RtpPacket::new_checked(&long_pad[..]).unwrap();
-        assert_eq!(p.payload(), []);
+        assert!(p.payload().is_empty());
         assert_eq!(p.padding_len(), 6);
     }
 
