@@ -2,6 +2,7 @@
 //! check no accessor can panic, and every error is a typed value. Nothing here does IO
 //! or allocates on the per-packet path.
 
+pub mod control;
 pub mod framing;
 pub mod rtp;
 pub mod stun;

@@ -1,0 +1,535 @@
+//! The control protocol between softphones and the gateway (documented in
+//! `docs/PROTOCOL.md`): on a TCP connection to the control port, each message is a 2-byte
+//! big-endian length followed by that many bytes of one UTF-8 JSON object whose `"type"` names
+//! the message. JSON keeps the protocol readable in a capture and easy to script; the length
+//! prefix bounds every message (at most [`MAX_MESSAGE`] bytes), so a peer can never make the
+//! other side buffer without limit.
+//!
+//! Versioning: the client's first message is `hello` with the highest `version` it speaks; the
+//! gateway answers with a `challenge` (it speaks that version) or a `refused` with code
+//! `version`. Fields added later are optional, and unknown fields are ignored, so minor
+//! additions do not need a new version.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::control::planner::{Capabilities, Path, Plan};
+pub use crate::metrics::Transport;
+
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Largest JSON body accepted or sent, in bytes.
+pub const MAX_MESSAGE: usize = 8192;
+/// The control port a gateway listens on by default.
+pub const DEFAULT_PORT: u16 = 7400;
+
+pub type CallId = u64;
+
+/// Messages a client sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// First message: SCRAM client-first (user name and client nonce).
+    Hello {
+        version: u16,
+        user: String,
+        nonce: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        software: Option<String>,
+    },
+    /// SCRAM client-final: channel binding (`biws`), the combined nonce, base64 proof.
+    Proof {
+        channel_binding: String,
+        nonce: String,
+        proof: String,
+    },
+    /// "I am still here" (also the answer to a `poll`).
+    Heartbeat {
+        seq: u64,
+    },
+    /// The local address of the socket the client probes from (NAT detection: the gateway
+    /// compares it with the source it observes).
+    ProbeLocal {
+        probe: u32,
+        local: SocketAddr,
+    },
+    /// Which of the gateway's probe datagrams arrived.
+    ProbeReport {
+        probe: u32,
+        got_a: bool,
+        got_b: bool,
+    },
+    /// Ask to be probed again (e.g. after a network change).
+    Reprobe,
+    /// Place a call by number. `tag` is the client's own reference, echoed in `calling`.
+    /// `media` is the local address of the UDP socket the client will use for this call.
+    Dial {
+        tag: u32,
+        number: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media: Option<SocketAddr>,
+    },
+    /// Start a conference room and invite these numbers; everyone hears everyone.
+    Conference {
+        tag: u32,
+        numbers: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media: Option<SocketAddr>,
+    },
+    Accept {
+        call: CallId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media: Option<SocketAddr>,
+    },
+    Reject {
+        call: CallId,
+    },
+    HangUp {
+        call: CallId,
+    },
+    /// The media path stopped working (nothing received for a while): ask the gateway to
+    /// re-probe and re-plan, or end the call with a reason.
+    MediaTrouble {
+        call: CallId,
+    },
+    /// Log out.
+    Bye,
+}
+
+/// Messages the gateway sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// SCRAM server-first: combined nonce, base64 salt, iteration count.
+    Challenge {
+        nonce: String,
+        salt: String,
+        iterations: u32,
+    },
+    /// Log-in succeeded: the gateway's SCRAM signature (base64) proves it holds the verifier.
+    Welcome {
+        session: u64,
+        signature: String,
+        user: String,
+        number: String,
+        heartbeat_ms: u32,
+        /// Heart-beats a client may miss before it is offline.
+        misses: u32,
+        /// The client's address as the gateway sees the control connection.
+        observed: SocketAddr,
+    },
+    /// Log-in failed, or the session is being closed; the connection closes after this.
+    Refused {
+        code: ErrorCode,
+        message: String,
+    },
+    HeartbeatAck {
+        seq: u64,
+    },
+    /// The gateway has not heard from the client for a heart-beat interval: answer with a
+    /// heartbeat.
+    Poll {
+        seq: u64,
+    },
+    /// Start probing: send a STUN Binding (USERNAME = token, MESSAGE-INTEGRITY keyed by the
+    /// token) from the probe socket to `port_a` on the gateway, and report the socket's local
+    /// address with `probe_local`.
+    ProbeBegin {
+        probe: u32,
+        port_a: u16,
+        port_b: u16,
+        token: String,
+        timeout_ms: u32,
+    },
+    /// The gateway has sent its probe datagrams (from `port_a` and `port_b`): report which
+    /// arrived, after waiting at most `grace_ms` for any still on the way.
+    ProbeCheck {
+        probe: u32,
+        grace_ms: u32,
+    },
+    ProbeResult {
+        probe: u32,
+        capabilities: Capabilities,
+        /// The client's UDP address as the probe port saw it (its mapped address).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mapped: Option<SocketAddr>,
+        /// The mapped address differs from the local one (address translation).
+        translated: bool,
+    },
+    /// The gateway took a `dial` / `conference`: this is its call id.
+    Calling {
+        tag: u32,
+        call: CallId,
+    },
+    /// The callee is being alerted.
+    Ringing {
+        call: CallId,
+    },
+    /// Someone is calling this client.
+    Incoming {
+        call: CallId,
+        from_number: String,
+        from_user: String,
+        conference: bool,
+    },
+    /// The call is up: how this client sends and receives media.
+    Media(MediaInstructions),
+    /// The call is over (or never started), and why.
+    HangUp {
+        call: CallId,
+        reason: HangupReason,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Where and how one client sends and receives media for one call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MediaInstructions {
+    pub call: CallId,
+    /// The planner's decision, caller→callee (`forward`) and callee→caller (`backward`).
+    /// Absent in conference rooms, where everything goes through the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Plan>,
+    /// Whether this client is the caller (`forward` is its sending direction).
+    pub caller: bool,
+    pub send: MediaSend,
+    pub recv: MediaRecv,
+    /// The leg this client binds at the gateway (STUN USERNAME; the key is derived from the
+    /// session key), when any of its media goes through the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leg: Option<String>,
+    /// The shard's UDP and TCP media addresses, as this client reaches the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_udp: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_tcp: Option<SocketAddr>,
+    /// RTP payload type and clock rate (0 / 8000: G.711 µ-law).
+    pub payload_type: u8,
+    pub clock_rate: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaSend {
+    pub transport: Transport,
+    /// Where to send: the peer (direct UDP), or the gateway's UDP or TCP media address.
+    /// Absent when this client has nobody to send to (a listener in a room of one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<SocketAddr>,
+    pub via_gateway: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaRecv {
+    pub transport: Transport,
+    pub via_gateway: bool,
+    /// The address media comes from, when known (the peer for direct UDP, the gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// A message that does not parse, or one that is not valid in this state.
+    BadMessage,
+    /// The protocol version is not supported.
+    Version,
+    /// Wrong user or password (the two are not told apart).
+    AuthFailed,
+    /// Too many failed log-ins from this address or for this user.
+    RateLimited,
+    /// The gateway is draining or at capacity.
+    Unavailable,
+    /// The call id is unknown to this client.
+    UnknownCall,
+    /// The same user logged in elsewhere; this session ends.
+    Replaced,
+    /// Missed heart-beats: the gateway considers the client offline.
+    Timeout,
+    Internal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HangupReason {
+    /// One side hung up.
+    Normal,
+    Rejected,
+    Busy,
+    NoAnswer,
+    /// No registered user or telephone route has that number.
+    NotFound,
+    /// The callee is registered but not logged in.
+    Offline,
+    /// The other side stopped heart-beating or its connection dropped.
+    PeerLost,
+    /// The media path stopped working and could not be re-planned.
+    MediaFailed,
+    /// The gateway is shutting down.
+    Shutdown,
+    /// The gateway could not set up media (no shard, bad address...).
+    Error,
+}
+
+impl HangupReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HangupReason::Normal => "normal",
+            HangupReason::Rejected => "rejected",
+            HangupReason::Busy => "busy",
+            HangupReason::NoAnswer => "no_answer",
+            HangupReason::NotFound => "not_found",
+            HangupReason::Offline => "offline",
+            HangupReason::PeerLost => "peer_lost",
+            HangupReason::MediaFailed => "media_failed",
+            HangupReason::Shutdown => "shutdown",
+            HangupReason::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    #[error("message of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("empty message")]
+    Empty,
+    #[error("message is not valid JSON for this protocol: {0}")]
+    Json(String),
+}
+
+/// Encodes `msg` as one frame (length prefix + JSON) appended to `out`.
+pub fn encode<M: Serialize>(msg: &M, out: &mut Vec<u8>) -> Result<(), ControlError> {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0]);
+    serde_json::to_writer(&mut *out, msg).map_err(|e| ControlError::Json(e.to_string()))?;
+    let len = out.len() - start - 2;
+    if len > MAX_MESSAGE {
+        out.truncate(start);
+        return Err(ControlError::TooLarge {
+            len,
+            max: MAX_MESSAGE,
+        });
+    }
+    out[start..start + 2].copy_from_slice(&(len as u16).to_be_bytes());
+    Ok(())
+}
+
+/// Decodes one message body (without the length prefix).
+pub fn decode<'de, M: Deserialize<'de>>(body: &'de [u8]) -> Result<M, ControlError> {
+    if body.is_empty() {
+        return Err(ControlError::Empty);
+    }
+    if body.len() > MAX_MESSAGE {
+        return Err(ControlError::TooLarge {
+            len: body.len(),
+            max: MAX_MESSAGE,
+        });
+    }
+    serde_json::from_slice(body).map_err(|e| ControlError::Json(short(&e.to_string())))
+}
+
+/// Reads the length prefix: the body length, or an error if it is over the limit.
+pub fn body_len(header: [u8; 2]) -> Result<usize, ControlError> {
+    let len = usize::from(u16::from_be_bytes(header));
+    if len == 0 {
+        return Err(ControlError::Empty);
+    }
+    if len > MAX_MESSAGE {
+        return Err(ControlError::TooLarge {
+            len,
+            max: MAX_MESSAGE,
+        });
+    }
+    Ok(len)
+}
+
+/// Splits complete frames off the front of a receive buffer: returns the body of the first
+/// complete frame and the bytes it spans, `Ok(None)` if more bytes are needed.
+pub fn split_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, ControlError> {
+    let Some(h) = buf.get(..2) else {
+        return Ok(None);
+    };
+    let len = body_len([h[0], h[1]])?;
+    Ok(buf.get(2..2 + len).map(|b| (b, 2 + len)))
+}
+
+fn short(s: &str) -> String {
+    let mut s: String = s.chars().take(200).collect();
+    s.retain(|c| !c.is_control());
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn frame<M: Serialize>(m: &M) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode(m, &mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn reference_bytes() {
+        let f = frame(&ClientMsg::Heartbeat { seq: 7 });
+        let body = br#"{"type":"heartbeat","seq":7}"#;
+        assert_eq!(&f[..2], &(body.len() as u16).to_be_bytes());
+        assert_eq!(&f[2..], body);
+        let m: ServerMsg = decode(br#"{"type":"hang_up","call":3,"reason":"no_answer"}"#).unwrap();
+        assert_eq!(
+            m,
+            ServerMsg::HangUp {
+                call: 3,
+                reason: HangupReason::NoAnswer
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_unknown_types_refused() {
+        let m: ClientMsg = decode(br#"{"type":"heartbeat","seq":1,"future_field":[1,2]}"#).unwrap();
+        assert_eq!(m, ClientMsg::Heartbeat { seq: 1 });
+        let e = decode::<ClientMsg>(br#"{"type":"teleport"}"#).unwrap_err();
+        assert!(
+            matches!(e, ControlError::Json(ref s) if s.contains("teleport")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let media = MediaInstructions {
+            call: 9,
+            plan: Some(Plan {
+                forward: Path::DirectUdp,
+                backward: Path::TcpBoth,
+            }),
+            caller: true,
+            send: MediaSend {
+                transport: Transport::Udp,
+                to: Some("192.0.2.1:4000".parse().unwrap()),
+                via_gateway: false,
+            },
+            recv: MediaRecv {
+                transport: Transport::Tcp,
+                via_gateway: true,
+                from: None,
+            },
+            leg: Some("l1".into()),
+            gateway_udp: Some("[2001:db8::1]:7401".parse().unwrap()),
+            gateway_tcp: Some("[2001:db8::1]:7401".parse().unwrap()),
+            payload_type: 0,
+            clock_rate: 8000,
+        };
+        let server = vec![
+            ServerMsg::Challenge {
+                nonce: "n".into(),
+                salt: "c2FsdA==".into(),
+                iterations: 4096,
+            },
+            ServerMsg::ProbeResult {
+                probe: 1,
+                capabilities: Capabilities::new(true, false).with_nat(true),
+                mapped: Some("198.51.100.2:5000".parse().unwrap()),
+                translated: true,
+            },
+            ServerMsg::Media(media),
+            ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                message: "x".into(),
+            },
+        ];
+        for m in server {
+            let f = frame(&m);
+            let (body, used) = split_frame(&f).unwrap().unwrap();
+            assert_eq!(used, f.len());
+            assert_eq!(decode::<ServerMsg>(body).unwrap(), m);
+        }
+        let client = vec![
+            ClientMsg::Hello {
+                version: VERSION,
+                user: "alice".into(),
+                nonce: "abc".into(),
+                software: None,
+            },
+            ClientMsg::Dial {
+                tag: 1,
+                number: "+15551234".into(),
+                media: Some("10.0.0.2:40000".parse().unwrap()),
+            },
+            ClientMsg::Reprobe,
+            ClientMsg::Bye,
+        ];
+        for m in client {
+            assert_eq!(decode::<ClientMsg>(&frame(&m)[2..]).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        assert_eq!(body_len([0, 0]), Err(ControlError::Empty));
+        assert!(matches!(
+            body_len([0xff, 0xff]),
+            Err(ControlError::TooLarge { len: 65535, .. })
+        ));
+        let big = ClientMsg::Dial {
+            tag: 1,
+            number: "9".repeat(MAX_MESSAGE),
+            media: None,
+        };
+        let mut out = vec![1, 2, 3];
+        assert!(matches!(
+            encode(&big, &mut out),
+            Err(ControlError::TooLarge { .. })
+        ));
+        assert_eq!(
+            out,
+            vec![1, 2, 3],
+            "a refused message leaves the buffer as it was"
+        );
+        assert_eq!(
+            split_frame(&[0, 5, b'{']).unwrap(),
+            None,
+            "needs more bytes"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(b in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = decode::<ClientMsg>(&b);
+            let _ = decode::<ServerMsg>(&b);
+            let _ = split_frame(&b);
+        }
+
+        #[test]
+        fn decoding_json_shaped_input_never_panics(
+            ty in prop_oneof![Just("hello"), Just("dial"), Just("probe_local"), Just("media"), Just("accept")],
+            fields in proptest::collection::vec(("[a-z_]{1,8}", prop_oneof![
+                Just("1".to_string()), Just("-1".to_string()), Just("\"x\"".to_string()),
+                Just("null".to_string()), Just("[]".to_string()), Just("{}".to_string()),
+                Just("\"1.2.3.4:5\"".to_string()), Just("18446744073709551616".to_string()),
+            ]), 0..6),
+        ) {
+            let mut s = format!("{{\"type\":\"{ty}\"");
+            for (k, v) in fields {
+                s.push_str(&format!(",\"{k}\":{v}"));
+            }
+            s.push('}');
+            let _ = decode::<ClientMsg>(s.as_bytes());
+            let _ = decode::<ServerMsg>(s.as_bytes());
+        }
+
+        #[test]
+        fn dial_round_trips(tag in any::<u32>(), number in "\\PC{0,40}", port in any::<u16>()) {
+            let m = ClientMsg::Dial { tag, number, media: Some(SocketAddr::from(([10, 1, 2, 3], port))) };
+            prop_assert_eq!(decode::<ClientMsg>(&frame(&m)[2..]).unwrap(), m);
+        }
+    }
+}
