@@ -22,3 +22,33 @@
 
 pub mod auth;
 pub mod planner;
+
+/// The STUN short-term password for a media leg: derived from the client's session key (the
+/// seed's "additional password"), so the gateway never sends it and nobody without the session
+/// key can bind a media source to the leg. Hex, so it is printable like an ICE password.
+pub fn leg_key(session: &auth::SessionKey, leg: &str) -> Vec<u8> {
+    let k = session.derive("leg key", leg.as_bytes());
+    k.as_bytes()
+        .iter()
+        .flat_map(|b| {
+            let hex = b"0123456789abcdef";
+            [hex[usize::from(b >> 4)], hex[usize::from(b & 15)]]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn leg_keys_differ_per_leg_and_per_session() {
+        use super::auth::SessionKey;
+        let a = SessionKey::from_bytes([1; 32]);
+        let b = SessionKey::from_bytes([2; 32]);
+        let k = super::leg_key(&a, "leg-1");
+        assert_eq!(k.len(), 64);
+        assert!(k.iter().all(u8::is_ascii_hexdigit));
+        assert_eq!(k, super::leg_key(&a, "leg-1"));
+        assert_ne!(k, super::leg_key(&a, "leg-2"));
+        assert_ne!(k, super::leg_key(&b, "leg-1"));
+    }
+}
