@@ -118,6 +118,18 @@ pub enum Command {
         session: SessionId,
         reply: Option<oneshot::Sender<bool>>,
     },
+    /// A participant joins a session (a conference room).
+    AddLeg {
+        session: SessionId,
+        leg: LegSpec,
+        reply: oneshot::Sender<Result<(), InstallError>>,
+    },
+    /// A participant leaves a session.
+    RemoveLeg {
+        session: SessionId,
+        leg: String,
+        reply: Option<oneshot::Sender<bool>>,
+    },
     /// Counters, per-leg numbers, and the latency histogram since the last snapshot (the shard
     /// resets its histogram when it answers).
     Snapshot {
@@ -199,6 +211,26 @@ impl ShardHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Remove {
             session,
+            reply: Some(reply),
+        })?;
+        rx.await.map_err(|_| ShardError::Gone(self.index))
+    }
+
+    pub async fn add_leg(&self, session: SessionId, leg: LegSpec) -> Result<(), ShardError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::AddLeg {
+            session,
+            leg,
+            reply,
+        })?;
+        Ok(rx.await.map_err(|_| ShardError::Gone(self.index))??)
+    }
+
+    pub async fn remove_leg(&self, session: SessionId, leg: String) -> Result<bool, ShardError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::RemoveLeg {
+            session,
+            leg,
             reply: Some(reply),
         })?;
         rx.await.map_err(|_| ShardError::Gone(self.index))
@@ -464,10 +496,29 @@ impl ShardCore {
                     let _ = reply.send(r);
                 }
                 Command::Remove { session, reply } => {
-                    let existed = self.relay.remove(session, &mut self.out);
+                    let existed = self.relay.remove(&mut self.pool, session, &mut self.out);
                     self.publish_load();
                     if let Some(reply) = reply {
                         let _ = reply.send(existed);
+                    }
+                }
+                Command::AddLeg {
+                    session,
+                    leg,
+                    reply,
+                } => {
+                    let _ = reply.send(self.relay.add_leg(session, leg));
+                }
+                Command::RemoveLeg {
+                    session,
+                    leg,
+                    reply,
+                } => {
+                    let gone = self
+                        .relay
+                        .remove_leg(&mut self.pool, session, &leg, &mut self.out);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(gone);
                     }
                 }
                 Command::Snapshot { reply } => {

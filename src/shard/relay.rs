@@ -82,6 +82,8 @@ pub enum InstallError {
     EmptyKey(String),
     #[error("a session needs 1..={max} legs, got {got}")]
     LegCount { got: usize, max: usize },
+    #[error("no session {0} on this shard")]
+    NoSession(SessionId),
     #[error("the shard holds its maximum of {0} sessions")]
     Full(usize),
     #[error("leg {leg:?}: address {addr} is IPv6 but the shard's socket is IPv4-only")]
@@ -352,70 +354,12 @@ impl Relay {
             });
         }
         for (i, l) in spec.legs.iter().enumerate() {
-            let ok_name = !l.name.is_empty()
-                && l.name.len() <= MAX_LEG_NAME
-                && l.name.bytes().all(|b| b.is_ascii_graphic());
-            if !ok_name {
-                return Err(InstallError::BadLegName(l.name.clone()));
-            }
-            if self.leg_by_name.contains_key(l.name.as_bytes())
-                || spec.legs[..i].iter().any(|o| o.name == l.name)
-            {
+            self.validate_leg(l)?;
+            if spec.legs[..i].iter().any(|o| o.name == l.name) {
                 return Err(InstallError::DuplicateLeg(l.name.clone()));
             }
-            if l.key.is_empty() {
-                return Err(InstallError::EmptyKey(l.name.clone()));
-            }
-            if !self.cfg.ipv6 {
-                let v6 = |a: &SocketAddr| matches!(canonical(*a), SocketAddr::V6(_));
-                let bad = match l.delivery {
-                    Delivery::Udp(a) if v6(&a) => Some(a),
-                    _ => l.trusted_source.filter(v6),
-                };
-                if let Some(addr) = bad {
-                    return Err(InstallError::AddressFamily {
-                        leg: l.name.clone(),
-                        addr,
-                    });
-                }
-            }
         }
-        let mut idxs = Vec::with_capacity(spec.legs.len());
-        for l in spec.legs {
-            let leg = Leg {
-                name: l.name.into_bytes().into_boxed_slice(),
-                key: l.key.into_boxed_slice(),
-                delivery: match l.delivery {
-                    Delivery::Udp(a) => Delivery::Udp(canonical(a)),
-                    d => d,
-                },
-                peers: Vec::new(),
-                udp_src: None,
-                tcp: None,
-                clock_rate: l.clock_rate.max(1),
-                rx: Flow::default(),
-                tx: Flow::default(),
-                rtp: RtpStats::default(),
-                last_rx_ns: 0,
-                backpressure_drops: 0,
-            };
-            let idx = match self.free_legs.pop() {
-                Some(i) => {
-                    self.legs[i as usize] = Some(leg);
-                    i
-                }
-                None => {
-                    self.legs.push(Some(leg));
-                    (self.legs.len() - 1) as LegIdx
-                }
-            };
-            if let Some(src) = l.trusted_source {
-                self.bind_udp(idx, canonical(src));
-            }
-            let name = self.leg(idx).name.clone();
-            self.leg_by_name.insert(name, idx);
-            idxs.push(idx);
-        }
+        let idxs: Vec<LegIdx> = spec.legs.into_iter().map(|l| self.create_leg(l)).collect();
         for &i in &idxs {
             let peers = idxs.iter().copied().filter(|&p| p != i).collect();
             self.leg_mut(i).peers = peers;
@@ -424,28 +368,146 @@ impl Relay {
         Ok(())
     }
 
+    fn validate_leg(&self, l: &LegSpec) -> Result<(), InstallError> {
+        let ok_name = !l.name.is_empty()
+            && l.name.len() <= MAX_LEG_NAME
+            && l.name.bytes().all(|b| b.is_ascii_graphic());
+        if !ok_name {
+            return Err(InstallError::BadLegName(l.name.clone()));
+        }
+        if self.leg_by_name.contains_key(l.name.as_bytes()) {
+            return Err(InstallError::DuplicateLeg(l.name.clone()));
+        }
+        if l.key.is_empty() {
+            return Err(InstallError::EmptyKey(l.name.clone()));
+        }
+        if !self.cfg.ipv6 {
+            let v6 = |a: &SocketAddr| matches!(canonical(*a), SocketAddr::V6(_));
+            let bad = match l.delivery {
+                Delivery::Udp(a) if v6(&a) => Some(a),
+                _ => l.trusted_source.filter(v6),
+            };
+            if let Some(addr) = bad {
+                return Err(InstallError::AddressFamily {
+                    leg: l.name.clone(),
+                    addr,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn create_leg(&mut self, l: LegSpec) -> LegIdx {
+        let leg = Leg {
+            name: l.name.into_bytes().into_boxed_slice(),
+            key: l.key.into_boxed_slice(),
+            delivery: match l.delivery {
+                Delivery::Udp(a) => Delivery::Udp(canonical(a)),
+                d => d,
+            },
+            peers: Vec::new(),
+            udp_src: None,
+            tcp: None,
+            clock_rate: l.clock_rate.max(1),
+            rx: Flow::default(),
+            tx: Flow::default(),
+            rtp: RtpStats::default(),
+            last_rx_ns: 0,
+            backpressure_drops: 0,
+        };
+        let idx = match self.free_legs.pop() {
+            Some(i) => {
+                self.legs[i as usize] = Some(leg);
+                i
+            }
+            None => {
+                self.legs.push(Some(leg));
+                (self.legs.len() - 1) as LegIdx
+            }
+        };
+        if let Some(src) = l.trusted_source {
+            self.bind_udp(idx, canonical(src));
+        }
+        let name = self.leg(idx).name.clone();
+        self.leg_by_name.insert(name, idx);
+        idx
+    }
+
+    /// A participant joins a session (a conference room): it hears every leg, and every leg
+    /// hears it.
+    pub fn add_leg(&mut self, id: SessionId, leg: LegSpec) -> Result<(), InstallError> {
+        let Some(members) = self.sessions.get(&id) else {
+            return Err(InstallError::NoSession(id));
+        };
+        if members.len() >= self.cfg.max_legs_per_session {
+            return Err(InstallError::LegCount {
+                got: members.len() + 1,
+                max: self.cfg.max_legs_per_session,
+            });
+        }
+        self.validate_leg(&leg)?;
+        let members = members.clone();
+        let idx = self.create_leg(leg);
+        for &m in &members {
+            self.leg_mut(m).peers.push(idx);
+        }
+        self.leg_mut(idx).peers = members;
+        if let Some(v) = self.sessions.get_mut(&id) {
+            v.push(idx);
+        }
+        Ok(())
+    }
+
+    /// A participant leaves a session; its TCP connection is closed. Returns whether it was
+    /// there.
+    pub fn remove_leg(
+        &mut self,
+        pool: &mut Pool,
+        id: SessionId,
+        name: &str,
+        out: &mut Outbox,
+    ) -> bool {
+        let Some(&idx) = self.leg_by_name.get(name.as_bytes()) else {
+            return false;
+        };
+        let Some(members) = self.sessions.get_mut(&id) else {
+            return false;
+        };
+        let Some(pos) = members.iter().position(|&m| m == idx) else {
+            return false;
+        };
+        members.swap_remove(pos);
+        let members = members.clone();
+        for m in members {
+            self.leg_mut(m).peers.retain(|&p| p != idx);
+        }
+        self.drop_leg(pool, idx, out);
+        true
+    }
+
+    fn drop_leg(&mut self, pool: &mut Pool, i: LegIdx, out: &mut Outbox) {
+        if let Some(c) = self.legs[i as usize].as_ref().and_then(|l| l.tcp) {
+            self.close(pool, c, out);
+        }
+        let Some(leg) = self.legs[i as usize].take() else {
+            return;
+        };
+        self.leg_by_name.remove(&leg.name);
+        if let Some(src) = leg.udp_src
+            && self.udp_bindings.get(&src) == Some(&i)
+        {
+            self.udp_bindings.remove(&src);
+        }
+        self.free_legs.push(i);
+    }
+
     /// Removes a session; its TCP connections are put on `out.close`. Returns whether it existed.
-    pub fn remove(&mut self, id: SessionId, out: &mut Outbox) -> bool {
+    pub fn remove(&mut self, pool: &mut Pool, id: SessionId, out: &mut Outbox) -> bool {
         let Some(idxs) = self.sessions.remove(&id) else {
             return false;
         };
         for i in idxs {
-            let Some(leg) = self.legs[i as usize].take() else {
-                continue;
-            };
-            self.leg_by_name.remove(&leg.name);
-            if let Some(src) = leg.udp_src
-                && self.udp_bindings.get(&src) == Some(&i)
-            {
-                self.udp_bindings.remove(&src);
-            }
-            if let Some(c) = leg.tcp
-                && let Some(conn) = self.conn_mut(c)
-            {
-                conn.leg = None;
-                out.close.push(c);
-            }
-            self.free_legs.push(i);
+            self.drop_leg(pool, i, out);
         }
         true
     }
