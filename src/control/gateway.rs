@@ -388,6 +388,11 @@ impl Timers {
     pub fn len(&self) -> usize {
         self.by_key.len()
     }
+
+    #[cfg(test)]
+    pub fn contains(&self, t: Timer) -> bool {
+        self.by_key.contains_key(&t)
+    }
 }
 
 /// `t + d`, saturating (the config is sanitized, so this never saturates in practice).
