@@ -529,6 +529,338 @@ mod tests {
         assert!(!o.translated);
     }
 
+    // ---- flows through the gateway (sim::World) ----
+
+    use crate::control::gateway::Input;
+    use crate::control::sim::{self, World};
+    use crate::wire::control::{ClientMsg, ErrorCode};
+    use std::time::Duration;
+
+    fn result(msgs: &[ServerMsg]) -> Option<(Capabilities, Option<SocketAddr>, bool)> {
+        msgs.iter().find_map(|m| match m {
+            ServerMsg::ProbeResult {
+                capabilities,
+                mapped,
+                translated,
+                ..
+            } => Some((*capabilities, *mapped, *translated)),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn firewall_classes_through_the_gateway() {
+        let cases = [
+            ("open", sim::OPEN, (true, true, false), false),
+            ("send only", sim::SEND_ONLY, (true, false, false), false),
+            ("receive only", sim::RECV_ONLY, (false, true, false), false),
+            ("blocked", sim::BLOCKED, (false, false, false), false),
+            ("port-restricted NAT", sim::NAT, (true, true, true), true),
+            ("full-cone NAT", sim::NAT_OPEN, (true, true, true), true),
+            (
+                "reply-only firewall",
+                sim::REPLY_ONLY,
+                (true, true, true),
+                false,
+            ),
+        ];
+        for (name, fw, want, translated) in cases {
+            let mut w = World::new();
+            let mut c = w.login_only("alice");
+            c.fw = fw;
+            let out = w.probe(&c);
+            assert_eq!(caps(out), want, "{name}");
+            assert_eq!(out.translated, translated, "{name}");
+            let mapped = fw.send_udp.then(|| c.mapped(sim::PROBE_PORT));
+            assert_eq!(out.mapped, mapped, "{name}");
+            assert_eq!(w.gw.stats().probes_running, 0);
+        }
+    }
+
+    #[test]
+    fn indications_go_from_both_ports_50ms_apart_after_the_binding() {
+        let mut w = World::new();
+        let mut c = w.login_only("alice");
+        c.fw = sim::NAT;
+        let (probe, token) = w.probe_begin(c.conn);
+        w.send_binding(&c, &token);
+        // The Binding came but not probe_local: nothing is sent yet.
+        w.advance_ms(700);
+        assert!(w.take_probe_out().is_empty());
+        w.send(
+            c.conn,
+            ClientMsg::ProbeLocal {
+                probe,
+                local: c.local(sim::PROBE_PORT),
+            },
+        );
+        let mut rounds = Vec::new();
+        for _ in 0..3 {
+            let out = w.take_probe_out();
+            rounds.push(out);
+            w.advance_ms(50);
+        }
+        for out in &rounds {
+            assert_eq!(out.len(), 2);
+            assert_eq!(out[0].0, ProbePort::A);
+            assert_eq!(out[1].0, ProbePort::B);
+            for (_, dst, data) in out {
+                assert_eq!(
+                    *dst,
+                    c.mapped(sim::PROBE_PORT),
+                    "aimed at the mapped address"
+                );
+                let m = stun::Message::parse(data).expect("STUN");
+                assert_eq!(m.class(), stun::Class::Indication);
+                assert_eq!(m.username(), Some(token.as_bytes()));
+                assert!(m.check_integrity(token.as_bytes()).is_ok());
+                assert!(m.check_fingerprint().is_ok());
+            }
+        }
+        assert!(w.take_probe_out().is_empty());
+        let msgs = w.take(c.conn);
+        assert!(
+            matches!(msgs.as_slice(), [ServerMsg::ProbeCheck { probe: p, grace_ms: 300 }] if *p == probe)
+        );
+    }
+
+    #[test]
+    fn without_a_binding_the_probe_waits_then_aims_at_the_observed_ip() {
+        let mut w = World::new();
+        let c = w.login_only("alice");
+        let (probe, _) = w.probe_begin(c.conn);
+        w.send(
+            c.conn,
+            ClientMsg::ProbeLocal {
+                probe,
+                local: c.local(sim::PROBE_PORT),
+            },
+        );
+        w.advance_ms(599);
+        assert!(w.take_probe_out().is_empty());
+        w.advance_ms(1);
+        let out = w.take_probe_out();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].1, SocketAddr::new(c.peer.ip(), sim::PROBE_PORT));
+        w.advance_ms(100);
+        assert_eq!(w.take_probe_out().len(), 4);
+        assert!(matches!(
+            w.take(c.conn).as_slice(),
+            [ServerMsg::ProbeCheck { .. }]
+        ));
+        w.send(
+            c.conn,
+            ClientMsg::ProbeReport {
+                probe,
+                got_a: true,
+                got_b: true,
+            },
+        );
+        let (caps, mapped, translated) = result(&w.take(c.conn)).expect("result");
+        assert_eq!(caps, Capabilities::new(false, true));
+        assert_eq!((mapped, translated), (None, false));
+    }
+
+    #[test]
+    fn timeouts() {
+        // No report: recv_udp false at the probe timeout.
+        let mut w = World::new();
+        let c = w.login_only("alice");
+        let (probe, token) = w.probe_begin(c.conn);
+        w.send_binding(&c, &token);
+        w.send(
+            c.conn,
+            ClientMsg::ProbeLocal {
+                probe,
+                local: c.local(sim::PROBE_PORT),
+            },
+        );
+        w.advance_ms(1999);
+        let msgs = w.take(c.conn);
+        assert!(result(&msgs).is_none());
+        w.advance_ms(1);
+        let (caps, ..) = result(&w.take(c.conn)).expect("result at the timeout");
+        assert_eq!(caps, Capabilities::new(true, false));
+        assert_eq!(w.gw.stats().probes_running, 0);
+        // A late report is out of order.
+        w.send(
+            c.conn,
+            ClientMsg::ProbeReport {
+                probe,
+                got_a: true,
+                got_b: true,
+            },
+        );
+        assert!(matches!(
+            w.take(c.conn).as_slice(),
+            [ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                ..
+            }]
+        ));
+        // Nothing at all from the client: nothing sent on the probe ports, result at 2 s.
+        let mut w = World::new();
+        let c = w.login_only("bob");
+        w.probe_begin(c.conn);
+        w.advance_ms(2000);
+        assert!(w.take_probe_out().is_empty());
+        let (caps, mapped, translated) = result(&w.take(c.conn)).expect("result");
+        assert_eq!(caps, Capabilities::new(false, false));
+        assert_eq!((mapped, translated), (None, false));
+    }
+
+    #[test]
+    fn report_before_check_and_wrong_ids_are_refused() {
+        let mut w = World::new();
+        let c = w.login_only("alice");
+        let (probe, _) = w.probe_begin(c.conn);
+        w.send(
+            c.conn,
+            ClientMsg::ProbeReport {
+                probe,
+                got_a: true,
+                got_b: true,
+            },
+        );
+        assert!(matches!(
+            w.take(c.conn).as_slice(),
+            [ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                ..
+            }]
+        ));
+        w.send(
+            c.conn,
+            ClientMsg::ProbeLocal {
+                probe: probe + 1,
+                local: c.local(1),
+            },
+        );
+        assert!(matches!(
+            w.take(c.conn).as_slice(),
+            [ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                ..
+            }]
+        ));
+        w.send(
+            c.conn,
+            ClientMsg::ProbeLocal {
+                probe,
+                local: c.local(1),
+            },
+        );
+        w.send(
+            c.conn,
+            ClientMsg::ProbeLocal {
+                probe,
+                local: c.local(2),
+            },
+        );
+        assert!(matches!(
+            w.take(c.conn).as_slice(),
+            [ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn reprobe_reuses_a_running_probe_and_retires_old_tokens() {
+        let mut w = World::new();
+        let mut c = w.login_only("alice");
+        c.fw = sim::SEND_ONLY;
+        w.send(c.conn, ClientMsg::Reprobe);
+        let msgs = w.take(c.conn);
+        let begins: Vec<ServerMsg> = msgs
+            .iter()
+            .filter(|m| matches!(m, ServerMsg::ProbeBegin { .. }))
+            .cloned()
+            .collect();
+        assert_eq!(begins.len(), 1, "{msgs:?}");
+        w.inbox.entry(c.conn).or_default().extend(msgs);
+        let first = w.probe(&c);
+        let ServerMsg::ProbeBegin { token: old, .. } = begins[0].clone() else {
+            unreachable!()
+        };
+        w.send(c.conn, ClientMsg::Reprobe);
+        let (probe, token) = w.probe_begin(c.conn);
+        assert_eq!(probe, first.probe + 1);
+        assert_ne!(token, old);
+        // The old token gets a plain answer (no MESSAGE-INTEGRITY) and marks nothing.
+        let mut buf = [0u8; 256];
+        let n =
+            crate::client::binding::request(&mut buf, &old, old.as_bytes(), &[3; 12]).unwrap_or(0);
+        w.input(Input::ProbeDatagram {
+            port: ProbePort::A,
+            src: c.mapped(sim::PROBE_PORT),
+            data: buf[..n].to_vec(),
+        });
+        let out = w.take_probe_out();
+        let m = stun::Message::parse(&out[0].2).expect("answered");
+        assert_eq!(
+            m.check_integrity(old.as_bytes()),
+            Err(stun::StunError::MissingIntegrity)
+        );
+        let p =
+            w.gw.session(c.conn)
+                .and_then(|s| s.probe.clone())
+                .expect("running");
+        assert_eq!(p.mapped, None);
+        w.advance(Duration::from_secs(2));
+    }
+
+    #[test]
+    fn any_stun_client_learns_its_address_and_garbage_costs_nothing() {
+        let mut w = World::new();
+        let src = "203.0.113.99:3478".parse().unwrap_or_else(|_| a(OBS));
+        // A bare Binding request (RFC 8489 client without credentials), on either port.
+        for port in [ProbePort::A, ProbePort::B] {
+            let mut buf = [0u8; 64];
+            let n = stun::Writer::new(&mut buf, stun::Class::Request, stun::BINDING, &[5; 12])
+                .map(|w| w.finish())
+                .unwrap_or(0);
+            w.input(Input::ProbeDatagram {
+                port,
+                src,
+                data: buf[..n].to_vec(),
+            });
+            let out = w.take_probe_out();
+            assert_eq!(out.len(), 1);
+            assert_eq!((out[0].0, out[0].1), (port, src));
+            let m = stun::Message::parse(&out[0].2).expect("STUN");
+            assert_eq!(m.class(), stun::Class::Success);
+            assert_eq!(m.transaction_id(), &[5; 12]);
+            assert_eq!(m.xor_address(stun::attr::XOR_MAPPED_ADDRESS), Ok(Some(src)));
+            assert!(m.check_fingerprint().is_ok());
+        }
+        // Garbage, indications, responses, bad fingerprints, other methods: no answer.
+        let mut bad = Vec::new();
+        bad.push(vec![0u8; 3]);
+        bad.push(b"GET / HTTP/1.1\r\n\r\n".to_vec());
+        bad.push(indication("tok", &[1; 12]).unwrap_or_default());
+        bad.push(binding_response(&[1; 12], src, None).unwrap_or_default());
+        let mut fp = binding_response(&[1; 12], src, None).unwrap_or_default();
+        fp[0] = 0x00; // make it a request, which breaks the fingerprint
+        bad.push(fp);
+        let mut buf = [0u8; 64];
+        let n = stun::Writer::new(&mut buf, stun::Class::Request, stun::ALLOCATE, &[5; 12])
+            .map(|w| w.finish())
+            .unwrap_or(0);
+        bad.push(buf[..n].to_vec());
+        bad.push(vec![0u8; 4000]);
+        for data in bad {
+            w.input(Input::ProbeDatagram {
+                port: ProbePort::A,
+                src,
+                data,
+            });
+            assert!(w.take_probe_out().is_empty());
+        }
+        assert_eq!(w.gw.stats().connections, 0);
+    }
+
     #[test]
     fn stun_messages_are_well_formed() {
         let txid = [7u8; 12];

@@ -478,7 +478,7 @@ impl World {
     }
 
     /// The `probe_begin` in the client's inbox: (probe id, token). Other messages stay.
-    fn probe_begin(&mut self, conn: ConnId) -> (u32, String) {
+    pub fn probe_begin(&mut self, conn: ConnId) -> (u32, String) {
         let q = self.inbox.entry(conn).or_default();
         let i = q
             .iter()
