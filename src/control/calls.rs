@@ -231,12 +231,12 @@ struct PairSetup {
     media: Vec<(ConnId, MediaInstructions)>,
 }
 
+/// What one client is told: `(out, inn)` are its sending and receiving paths.
 fn instructions(
     call: CallId,
     plan: Option<Plan>,
     caller: bool,
-    out: Path,
-    inn: Path,
+    (out, inn): (Path, Path),
     peer: Option<SocketAddr>,
     gw: Option<GatewayAddrs>,
     leg: Option<String>,
@@ -922,8 +922,7 @@ impl Gateway {
                     call,
                     Some(plan),
                     side.caller,
-                    side.out,
-                    side.inn,
+                    (side.out, side.inn),
                     side.peer,
                     gw,
                     leg,
@@ -1160,8 +1159,7 @@ impl Gateway {
             call,
             None,
             conn == organizer,
-            out,
-            inn,
+            (out, inn),
             None,
             gw,
             Some(name),
@@ -1396,5 +1394,1165 @@ impl Gateway {
             }
             self.detach(conn, call, Some(reason));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::control::gateway::{GatewayConfig, Input};
+    use crate::control::leg_key;
+    use crate::control::sim::{self, Client, World, addr, hangups, media_of};
+    use crate::metrics::Transport;
+    use crate::wire::control::{ClientMsg, MediaRecv, MediaSend};
+
+    const GW_UDP: &str = "192.0.2.1:7401";
+
+    fn caps(send_udp: bool, recv_udp: bool, nat: bool) -> Capabilities {
+        Capabilities {
+            send_udp,
+            recv_udp,
+            nat,
+        }
+    }
+
+    /// A public media address for a client, NAT or not (as if port-forwarded).
+    fn public_media(c: &Client) -> SocketAddr {
+        SocketAddr::new(c.peer.ip(), sim::MEDIA_PORT)
+    }
+
+    fn installs(cmds: &[Action]) -> Vec<(u64, usize, SessionSpec)> {
+        cmds.iter()
+            .filter_map(|a| match a {
+                Action::InstallSession { op, shard, spec } => Some((*op, *shard, spec.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn removes(cmds: &[Action]) -> Vec<(usize, u64)> {
+        cmds.iter()
+            .filter_map(|a| match a {
+                Action::RemoveSession { shard, session } => Some((*shard, *session)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The brief's table, written out independently of `media.rs`.
+    fn expected_send(out: Path, peer: SocketAddr) -> MediaSend {
+        let gw = addr(GW_UDP);
+        match out {
+            Path::DirectUdp => MediaSend {
+                transport: Transport::Udp,
+                to: Some(peer),
+                via_gateway: false,
+            },
+            Path::UdpViaGateway | Path::UdpInTcpOut => MediaSend {
+                transport: Transport::Udp,
+                to: Some(gw),
+                via_gateway: true,
+            },
+            Path::TcpInUdpOut | Path::TcpBoth => MediaSend {
+                transport: Transport::Tcp,
+                to: Some(gw),
+                via_gateway: true,
+            },
+        }
+    }
+
+    fn expected_recv(inn: Path, peer: SocketAddr) -> MediaRecv {
+        match inn {
+            Path::DirectUdp => MediaRecv {
+                transport: Transport::Udp,
+                via_gateway: false,
+                from: Some(peer),
+            },
+            Path::UdpViaGateway | Path::TcpInUdpOut => MediaRecv {
+                transport: Transport::Udp,
+                via_gateway: true,
+                from: Some(addr(GW_UDP)),
+            },
+            Path::UdpInTcpOut | Path::TcpBoth => MediaRecv {
+                transport: Transport::Tcp,
+                via_gateway: true,
+                from: None,
+            },
+        }
+    }
+
+    fn expected_delivery(inn: Path, me: Capabilities, media: SocketAddr) -> Delivery {
+        if inn == Path::DirectUdp {
+            Delivery::None
+        } else if inn.receiver_transport() == Transport::Tcp {
+            Delivery::Tcp
+        } else if me.send_udp {
+            Delivery::UdpLatched
+        } else {
+            Delivery::Udp(media)
+        }
+    }
+
+    /// Sets up a call alice → bob with these capabilities; returns the clients, the call, what
+    /// each was told, and the shard commands.
+    fn call_with(
+        ca: Capabilities,
+        cb: Capabilities,
+    ) -> (
+        World,
+        Client,
+        Client,
+        CallId,
+        Vec<MediaInstructions>,
+        Vec<MediaInstructions>,
+        Vec<Action>,
+    ) {
+        let mut w = World::new();
+        let a = w.login_with("alice", ca);
+        let b = w.login_with("bob", cb);
+        let call = w.dial(&a, b.number, Some(public_media(&a)));
+        assert_eq!(w.take(a.conn), [ServerMsg::Ringing { call }]);
+        assert_eq!(
+            w.take(b.conn),
+            [ServerMsg::Incoming {
+                call,
+                from_number: a.number.into(),
+                from_user: "alice".into(),
+                conference: false
+            }]
+        );
+        w.accept(&b, call, Some(public_media(&b)));
+        let (ma, mb) = (media_of(&w.take(a.conn)), media_of(&w.take(b.conn)));
+        let cmds = w.take_shard();
+        (w, a, b, call, ma, mb, cmds)
+    }
+
+    /// All 16 cases of Table 1, each with the four NAT combinations: the media instructions
+    /// and the legs' deliveries follow the plan, keys are derived from each client's own
+    /// session key, and nothing is installed when both directions are direct.
+    #[test]
+    fn table1_all_cases_and_nat() {
+        let mut direct_only = 0;
+        for case in 0..16u8 {
+            let (ia, ib) = (case / 4, case % 4);
+            // Table 1's per-client order: (UDP out, TCP in), (TCP out, UDP in), TCP both, UDP both.
+            let row = |i: u8| match i {
+                0 => (true, false),
+                1 => (false, true),
+                2 => (false, false),
+                _ => (true, true),
+            };
+            for nat in 0..4u8 {
+                let ca = caps(row(ia).0, row(ia).1, nat & 1 != 0);
+                let cb = caps(row(ib).0, row(ib).1, nat & 2 != 0);
+                let what = format!("case {} caller {ca:?} callee {cb:?}", case + 1);
+                assert_eq!(Plan::table1_case(ca, cb), Some(case + 1));
+                let plan = planner::plan(ca, cb);
+                let (w, a, b, call, ma, mb, cmds) = call_with(ca, cb);
+                let (ma, mb) = (&ma[..], &mb[..]);
+                assert_eq!((ma.len(), mb.len()), (1, 1), "{what}");
+                let specs = installs(&cmds);
+                let mut legs_seen = 0;
+                for (c, m, caller, my_caps, peer_media) in [
+                    (&a, &ma[0], true, ca, public_media(&b)),
+                    (&b, &mb[0], false, cb, public_media(&a)),
+                ] {
+                    let (out, inn) = if caller {
+                        (plan.forward, plan.backward)
+                    } else {
+                        (plan.backward, plan.forward)
+                    };
+                    assert_eq!(m.call, call);
+                    assert_eq!(m.plan, Some(plan), "{what}");
+                    assert_eq!(m.caller, caller);
+                    assert_eq!(m.send, expected_send(out, peer_media), "{what} send");
+                    assert_eq!(m.recv, expected_recv(inn, peer_media), "{what} recv");
+                    assert_eq!((m.payload_type, m.clock_rate), (0, 8000));
+                    let has_leg = out.uses_gateway() || inn.uses_gateway();
+                    assert_eq!(m.leg.is_some(), has_leg, "{what} leg");
+                    if let Some(leg) = &m.leg {
+                        legs_seen += 1;
+                        assert!(leg.len() >= 24 && leg.bytes().all(|b| b.is_ascii_graphic()));
+                        assert_eq!(m.gateway_udp, Some(addr(GW_UDP)));
+                        assert_eq!(m.gateway_tcp, Some(addr(GW_UDP)));
+                        let spec = &specs[0].2;
+                        let l = spec
+                            .legs
+                            .iter()
+                            .find(|l| &l.name == leg)
+                            .expect("the leg is installed");
+                        assert_eq!(
+                            l.key,
+                            leg_key(&c.key, leg),
+                            "{what}: key from the client's session key"
+                        );
+                        assert_eq!(
+                            l.delivery,
+                            expected_delivery(inn, my_caps, public_media(c)),
+                            "{what} delivery"
+                        );
+                        assert_eq!((l.trusted_source, l.clock_rate), (None, 8000));
+                    } else {
+                        assert_eq!((m.gateway_udp, m.gateway_tcp), (None, None));
+                    }
+                }
+                if plan.uses_gateway() {
+                    assert_eq!(specs.len(), 1, "{what}");
+                    assert_eq!((specs[0].1, specs[0].2.id), (0, call));
+                    assert_eq!(specs[0].2.legs.len(), legs_seen);
+                    assert_eq!(w.gw.stats().shard_sessions, [1, 0]);
+                } else {
+                    direct_only += 1;
+                    assert!(
+                        cmds.is_empty(),
+                        "{what}: nothing installed when both directions are direct"
+                    );
+                    assert_eq!(legs_seen, 0);
+                }
+                assert_eq!(w.gw.stats().calls_up, 1);
+            }
+        }
+        assert_eq!(direct_only, 1, "only case 16 without NAT");
+    }
+
+    #[test]
+    fn case16_without_nat_points_the_clients_at_each_other() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::OPEN);
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(b.media()));
+        let ma = media_of(&w.take(a.conn));
+        let mb = media_of(&w.take(b.conn));
+        assert_eq!(ma[0].send.to, Some(b.media()));
+        assert_eq!(ma[0].recv.from, Some(b.media()));
+        assert_eq!(mb[0].send.to, Some(a.media()));
+        assert!(w.take_shard().is_empty());
+        // Hang-up of a direct call removes nothing from the shards either.
+        w.send(b.conn, ClientMsg::HangUp { call });
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Normal)]);
+        assert!(w.take_shard().is_empty());
+    }
+
+    #[test]
+    fn probed_nat_client_is_reached_through_the_gateway_by_latching() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::NAT);
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(b.media()));
+        let mb = media_of(&w.take(b.conn));
+        let ma = media_of(&w.take(a.conn));
+        // Forward (to the NATed bob) via the gateway; backward direct to alice.
+        assert_eq!(
+            ma[0].plan,
+            Some(Plan {
+                forward: Path::UdpViaGateway,
+                backward: Path::DirectUdp
+            })
+        );
+        assert_eq!(mb[0].send.to, Some(a.media()));
+        assert_eq!(mb[0].recv.from, Some(addr(GW_UDP)));
+        let spec = &installs(&w.take_shard())[0].2;
+        let bob_leg = spec
+            .legs
+            .iter()
+            .find(|l| Some(&l.name) == mb[0].leg.as_ref())
+            .expect("bob's leg");
+        assert_eq!(bob_leg.delivery, Delivery::UdpLatched);
+        let alice_leg = spec
+            .legs
+            .iter()
+            .find(|l| Some(&l.name) == ma[0].leg.as_ref())
+            .expect("alice's leg");
+        assert_eq!(alice_leg.delivery, Delivery::None);
+    }
+
+    #[test]
+    fn reject_no_answer_busy_not_found_offline() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::OPEN);
+        let c = w.login("carol", sim::OPEN);
+        // Reject.
+        let call = w.dial(&a, b.number, None);
+        w.take(a.conn);
+        w.send(b.conn, ClientMsg::Reject { call });
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Rejected)]);
+        assert!(hangups(&w.take(b.conn)).is_empty());
+        // No answer.
+        let call = w.dial(&a, b.number, None);
+        w.take(a.conn);
+        w.take(b.conn);
+        w.advance(Duration::from_secs(29));
+        w.send(a.conn, ClientMsg::Heartbeat { seq: 1 });
+        w.send(b.conn, ClientMsg::Heartbeat { seq: 1 });
+        assert!(hangups(&w.take(a.conn)).is_empty());
+        w.advance(Duration::from_secs(1));
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::NoAnswer)]);
+        assert_eq!(hangups(&w.take(b.conn)), [(call, HangupReason::NoAnswer)]);
+        // Accepting after that: unknown call.
+        w.accept(&b, call, None);
+        assert!(matches!(
+            w.take(b.conn).as_slice(),
+            [ServerMsg::Error {
+                code: ErrorCode::UnknownCall,
+                ..
+            }]
+        ));
+        // Busy: bob is ringing for carol's call, then in it.
+        let call_cb = w.dial(&c, b.number, None);
+        let call = w.dial(&a, b.number, None);
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Busy)]);
+        w.accept(&b, call_cb, None);
+        let call = w.dial(&a, b.number, None);
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Busy)]);
+        // Not found, invalid numbers, offline, and oneself.
+        for (number, reason) in [
+            ("+15559999", HangupReason::NotFound),
+            ("not a number", HangupReason::NotFound),
+            ("", HangupReason::NotFound),
+            ("+15550004", HangupReason::Offline),
+            ("+15550001", HangupReason::Busy),
+        ] {
+            let call = w.dial(&a, number, None);
+            assert_eq!(hangups(&w.take(a.conn)), [(call, reason)], "{number:?}");
+        }
+        assert_eq!(w.gw.active_calls(), 1);
+    }
+
+    #[test]
+    fn hang_up_from_either_side() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::SEND_ONLY);
+        let b = w.login("bob", sim::SEND_ONLY);
+        for caller_hangs_up in [true, false] {
+            let call = w.dial(&a, b.number, Some(a.media()));
+            w.accept(&b, call, Some(b.media()));
+            w.take(a.conn);
+            w.take(b.conn);
+            let (op, shard, _) = installs(&w.take_shard())[0].clone();
+            let _ = op;
+            let (me, other) = if caller_hangs_up { (&a, &b) } else { (&b, &a) };
+            w.send(me.conn, ClientMsg::HangUp { call });
+            assert_eq!(hangups(&w.take(other.conn)), [(call, HangupReason::Normal)]);
+            assert!(w.take(me.conn).is_empty());
+            assert_eq!(removes(&w.take_shard()), [(shard, call)]);
+        }
+        // While ringing: the caller withdraws (callee told normal); the callee's hang-up is a
+        // rejection.
+        let call = w.dial(&a, b.number, None);
+        w.take(b.conn);
+        w.send(a.conn, ClientMsg::HangUp { call });
+        assert_eq!(hangups(&w.take(b.conn)), [(call, HangupReason::Normal)]);
+        let call = w.dial(&a, b.number, None);
+        w.take(a.conn);
+        w.send(b.conn, ClientMsg::HangUp { call });
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Rejected)]);
+        // Accept or reject when it is not ringing.
+        let call = w.dial(&a, b.number, None);
+        w.accept(&b, call, None);
+        w.take(b.conn);
+        w.accept(&b, call, None);
+        w.send(b.conn, ClientMsg::Reject { call });
+        let errs = w.take(b.conn);
+        assert_eq!(errs.len(), 2);
+        assert!(errs.iter().all(|m| matches!(
+            m,
+            ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                ..
+            }
+        )));
+        // The caller cannot accept its own call.
+        w.take(a.conn);
+        w.accept(&a, call, None);
+        assert!(matches!(
+            w.take(a.conn).as_slice(),
+            [ServerMsg::Error {
+                code: ErrorCode::UnknownCall,
+                ..
+            }]
+        ));
+        assert_eq!(w.gw.stats().shard_sessions, [1, 0]);
+    }
+
+    #[test]
+    fn telephone_route_is_answered_at_once_through_the_gateway() {
+        for (fw, forward, backward, delivery) in [
+            (
+                sim::OPEN,
+                Path::UdpViaGateway,
+                Path::UdpViaGateway,
+                Delivery::UdpLatched,
+            ),
+            (
+                sim::BLOCKED,
+                Path::TcpInUdpOut,
+                Path::UdpInTcpOut,
+                Delivery::Tcp,
+            ),
+            (
+                sim::SEND_ONLY,
+                Path::UdpViaGateway,
+                Path::UdpInTcpOut,
+                Delivery::Tcp,
+            ),
+        ] {
+            let mut w = World::new();
+            let a = w.login("alice", fw);
+            let call = w.dial(&a, "+4930123456", Some(a.media()));
+            let msgs = w.take(a.conn);
+            assert!(!msgs.iter().any(|m| matches!(m, ServerMsg::Ringing { .. })));
+            let m = &media_of(&msgs)[0];
+            assert_eq!(m.plan, Some(Plan { forward, backward }));
+            assert!(m.send.via_gateway && m.recv.via_gateway);
+            let spec = &installs(&w.take_shard())[0].2;
+            assert_eq!(spec.legs.len(), 2);
+            let mine = spec
+                .legs
+                .iter()
+                .find(|l| Some(&l.name) == m.leg.as_ref())
+                .expect("caller leg");
+            assert_eq!(mine.delivery, delivery, "{fw:?}");
+            let route = spec
+                .legs
+                .iter()
+                .find(|l| Some(&l.name) != m.leg.as_ref())
+                .expect("route leg");
+            assert_eq!(route.delivery, Delivery::Udp(addr(sim::ROUTE_MEDIA)));
+            assert_eq!(route.trusted_source, Some(addr(sim::ROUTE_MEDIA)));
+            assert!(!route.key.is_empty());
+            // The route's media address carries one call at a time.
+            let b = w.login("bob", sim::OPEN);
+            let call2 = w.dial(&b, "+4989000", Some(b.media()));
+            assert_eq!(hangups(&w.take(b.conn)), [(call2, HangupReason::Busy)]);
+            w.send(a.conn, ClientMsg::HangUp { call });
+            assert_eq!(removes(&w.take_shard()).len(), 1);
+            let call3 = w.dial(&b, "+4989000", Some(b.media()));
+            assert_eq!(media_of(&w.take(b.conn))[0].call, call3);
+        }
+    }
+
+    #[test]
+    fn telephone_route_waits_for_the_callers_probe() {
+        let mut w = World::new();
+        let mut a = w.login_only("alice");
+        a.fw = sim::SEND_ONLY;
+        let call = w.dial(&a, "+4930123456", Some(a.media()));
+        assert!(
+            media_of(
+                &w.inbox
+                    .get(&a.conn)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+            )
+            .is_empty()
+        );
+        assert!(w.take_shard().is_empty());
+        w.probe(&a);
+        let m = media_of(&w.take(a.conn));
+        assert_eq!(m[0].call, call);
+        assert_eq!(installs(&w.take_shard()).len(), 1);
+    }
+
+    #[test]
+    fn a_dial_before_the_probe_result_waits_for_it() {
+        let mut w = World::new();
+        let b = w.login("bob", sim::OPEN);
+        let mut a = w.login_only("alice");
+        a.fw = sim::NAT;
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(b.media()));
+        assert!(
+            media_of(&w.take(b.conn)).is_empty(),
+            "waits for alice's probe"
+        );
+        w.probe(&a);
+        let mb = media_of(&w.take(b.conn));
+        assert_eq!(
+            mb[0].plan,
+            Some(Plan {
+                forward: Path::DirectUdp,
+                backward: Path::UdpViaGateway
+            })
+        );
+        // Bounded: a client that never answers its probe is planned at the probe timeout.
+        let c = w.login_only("carol");
+        let d = w.login("dave", sim::OPEN);
+        let call = w.dial(&d, c.number, Some(d.media()));
+        w.accept(&c, call, Some(c.media()));
+        w.advance(Duration::from_secs(2));
+        let mc = media_of(&w.take(c.conn));
+        assert_eq!(mc.len(), 1);
+        assert_eq!(mc[0].recv.transport, Transport::Tcp, "unprobed: no UDP in");
+    }
+
+    #[test]
+    fn install_failure_and_hang_up_while_installing() {
+        let mut w = World::new();
+        w.auto_install = None;
+        let a = w.login("alice", sim::BLOCKED);
+        let b = w.login("bob", sim::BLOCKED);
+        let call = w.dial(&a, b.number, None);
+        w.accept(&b, call, None);
+        assert!(
+            media_of(&w.take(a.conn)).is_empty(),
+            "media waits for the shard"
+        );
+        let op = w.pending_installs.remove(0);
+        w.input(Input::ShardInstalled {
+            op,
+            result: Err("shard full".into()),
+        });
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Error)]);
+        assert_eq!(hangups(&w.take(b.conn)), [(call, HangupReason::Error)]);
+        assert!(
+            removes(&w.take_shard()).is_empty(),
+            "nothing to remove: it was never installed"
+        );
+        assert_eq!(w.gw.stats().shard_sessions, [0, 0]);
+        assert_eq!(w.gw.stats().calls_failed, 1);
+        // Hang up while installing: removed at once; the late confirmation is ignored.
+        let call = w.dial(&a, b.number, None);
+        w.accept(&b, call, None);
+        w.take(a.conn);
+        let op = w.pending_installs.remove(0);
+        w.send(a.conn, ClientMsg::HangUp { call });
+        assert_eq!(removes(&w.take_shard()), [(0, call)]);
+        w.input(Input::ShardInstalled { op, result: Ok(()) });
+        assert!(media_of(&w.take(b.conn)).is_empty());
+        assert!(w.gw.legs.is_empty());
+        // Results for ops never issued are ignored.
+        w.input(Input::ShardInstalled {
+            op: 9999,
+            result: Ok(()),
+        });
+    }
+
+    #[test]
+    fn private_media_destinations_are_refused_unless_allowed() {
+        for allow in [false, true] {
+            let mut w = World::with_config(GatewayConfig {
+                allow_private_peers: allow,
+                ..sim::config()
+            });
+            // Receive-only bob gets UDP from the gateway at his reported address: a private
+            // one. (Alice sends over TCP, so the direction goes through the gateway.)
+            let a = w.login_with("alice", caps(false, false, false));
+            let b = w.login_with("bob", caps(false, true, false));
+            let call = w.dial(&a, b.number, Some(a.media()));
+            w.accept(&b, call, Some(addr("10.0.0.5:41000")));
+            let hb = hangups(&w.take(b.conn));
+            if allow {
+                assert!(hb.is_empty());
+                let spec = &installs(&w.take_shard())[0].2;
+                assert!(
+                    spec.legs
+                        .iter()
+                        .any(|l| l.delivery == Delivery::Udp(addr("10.0.0.5:41000")))
+                );
+            } else {
+                assert_eq!(hb, [(call, HangupReason::Error)]);
+                assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Error)]);
+                assert!(w.take_shard().is_empty());
+            }
+            // A direct direction towards a private peer address.
+            let c = w.login_with("carol", caps(true, true, false));
+            let d = w.login_with("dave", caps(true, true, false));
+            let call = w.dial(&c, d.number, Some(c.media()));
+            w.accept(&d, call, Some(addr("192.168.1.9:41000")));
+            let hc = hangups(&w.take(c.conn));
+            assert_eq!(hc.is_empty(), allow, "allow={allow}");
+        }
+    }
+
+    #[test]
+    fn unspecified_and_missing_media_addresses() {
+        let mut w = World::new();
+        let a = w.login_with("alice", caps(false, false, false));
+        let b = w.login_with("bob", caps(false, true, false));
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(addr("0.0.0.0:41000")));
+        let spec = &installs(&w.take_shard())[0].2;
+        let want = Delivery::Udp(SocketAddr::new(b.peer.ip(), 41000));
+        assert!(spec.legs.iter().any(|l| l.delivery == want), "{spec:?}");
+        // No media address: TCP both ways for that client, whatever its firewall allows.
+        let c = w.login_with("carol", caps(true, true, false));
+        let d = w.login_with("dave", caps(true, true, false));
+        let call = w.dial(&c, d.number, None);
+        w.accept(&d, call, Some(d.media()));
+        let mc = media_of(&w.take(c.conn));
+        assert_eq!(
+            (mc[0].send.transport, mc[0].recv.transport),
+            (Transport::Tcp, Transport::Tcp)
+        );
+        let md = media_of(&w.take(d.conn));
+        assert_eq!(
+            md[0].plan,
+            Some(Plan {
+                forward: Path::TcpInUdpOut,
+                backward: Path::UdpInTcpOut
+            })
+        );
+    }
+
+    #[test]
+    fn shards_are_picked_by_load_then_index() {
+        let mut w = World::new();
+        let users = ["alice", "bob", "carol", "dave", "erin", "frank"];
+        let cs: Vec<Client> = users
+            .iter()
+            .map(|u| w.login_with(u, caps(false, false, false)))
+            .collect();
+        let mut calls = Vec::new();
+        for pair in cs.chunks(2) {
+            let call = w.dial(&pair[0], pair[1].number, None);
+            w.accept(&pair[1], call, None);
+            calls.push((call, installs(&w.take_shard())[0].1));
+        }
+        assert_eq!(calls.iter().map(|c| c.1).collect::<Vec<_>>(), [0, 1, 0]);
+        assert_eq!(w.gw.stats().shard_sessions, [2, 1]);
+        // Shard 0's first call ends: the next call goes to shard 0 again (1 vs 1: lowest index).
+        w.send(cs[0].conn, ClientMsg::HangUp { call: calls[0].0 });
+        let call = w.dial(&cs[0], cs[1].number, None);
+        w.accept(&cs[1], call, None);
+        assert_eq!(installs(&w.take_shard())[0].1, 0);
+        // Media addresses name the chosen shard's ports.
+        w.send(cs[2].conn, ClientMsg::HangUp { call: calls[1].0 });
+        w.take(cs[3].conn);
+        let call = w.dial(&cs[2], cs[3].number, None);
+        w.accept(&cs[2 + 1], call, None);
+        let m = media_of(&w.take(cs[3].conn));
+        assert_eq!(m[0].gateway_tcp, Some(addr("192.0.2.1:7402")));
+    }
+
+    #[test]
+    fn without_shards_calls_through_the_gateway_fail_cleanly() {
+        let mut w = World::build(sim::config(), Vec::new());
+        let a = w.login_with("alice", caps(false, false, false));
+        let b = w.login_with("bob", caps(false, false, false));
+        let call = w.dial(&a, b.number, None);
+        w.accept(&b, call, None);
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Error)]);
+        // Direct calls still work.
+        let c = w.login("carol", sim::OPEN);
+        let d = w.login("dave", sim::OPEN);
+        let call = w.dial(&c, d.number, Some(c.media()));
+        w.accept(&d, call, Some(d.media()));
+        assert_eq!(media_of(&w.take(c.conn)).len(), 1);
+    }
+
+    #[test]
+    fn several_calls_at_once_up_to_the_limit() {
+        let mut w = World::with_config(GatewayConfig {
+            max_calls_per_user: 2,
+            ..sim::config()
+        });
+        let a = w.login("alice", sim::SEND_ONLY);
+        let b = w.login("bob", sim::SEND_ONLY);
+        let c = w.login("carol", sim::SEND_ONLY);
+        let d = w.login("dave", sim::SEND_ONLY);
+        let c1 = w.dial(&a, b.number, Some(a.media()));
+        let c2 = w.dial(&a, c.number, Some(a.media()));
+        w.accept(&b, c1, Some(b.media()));
+        w.accept(&c, c2, Some(c.media()));
+        let ma = media_of(&w.take(a.conn));
+        assert_eq!(ma.iter().map(|m| m.call).collect::<Vec<_>>(), [c1, c2]);
+        assert_ne!(ma[0].leg, ma[1].leg, "each call has its own leg");
+        let c3 = w.dial(&a, d.number, Some(a.media()));
+        assert_eq!(hangups(&w.take(a.conn)), [(c3, HangupReason::Error)]);
+        // Alice is busy for incoming calls while in calls.
+        let c4 = w.dial(&d, a.number, None);
+        assert_eq!(hangups(&w.take(d.conn)), [(c4, HangupReason::Busy)]);
+        assert_eq!(w.gw.stats().calls_up, 2);
+    }
+
+    // ---- media trouble ----
+
+    fn trouble_setup(fa: sim::Firewall, fb: sim::Firewall) -> (World, Client, Client, CallId) {
+        let mut w = World::new();
+        let a = w.login("alice", fa);
+        let b = w.login("bob", fb);
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(b.media()));
+        w.take(a.conn);
+        w.take(b.conn);
+        (w, a, b, call)
+    }
+
+    #[test]
+    fn media_trouble_replans_when_the_path_changed() {
+        let (mut w, mut a, b, call) = trouble_setup(sim::SEND_ONLY, sim::SEND_ONLY);
+        let old = installs(&w.take_shard());
+        let old_legs: Vec<String> = old[0].2.legs.iter().map(|l| l.name.clone()).collect();
+        w.send(a.conn, ClientMsg::MediaTrouble { call });
+        // Twice is once.
+        w.send(b.conn, ClientMsg::MediaTrouble { call });
+        // Alice's firewall opened meanwhile.
+        a.fw = sim::OPEN;
+        w.probe(&a);
+        assert!(
+            media_of(&w.take(a.conn)).is_empty(),
+            "waits for bob's probe too"
+        );
+        w.probe(&b);
+        let cmds = w.take_shard();
+        assert_eq!(removes(&cmds), [(0, call)]);
+        let new = installs(&cmds);
+        assert_eq!(new.len(), 1);
+        assert!(
+            new[0].2.legs.iter().all(|l| !old_legs.contains(&l.name)),
+            "new legs"
+        );
+        let (ma, mb) = (media_of(&w.take(a.conn)), media_of(&w.take(b.conn)));
+        assert_eq!(
+            ma[0].plan,
+            Some(Plan {
+                forward: Path::UdpInTcpOut,
+                backward: Path::DirectUdp
+            })
+        );
+        assert_eq!(mb[0].plan, ma[0].plan);
+        assert_eq!(w.gw.stats().shard_sessions.iter().sum::<usize>(), 1);
+        assert!(w.gw.legs.iter().all(|l| !old_legs.contains(l)));
+    }
+
+    #[test]
+    fn media_trouble_with_the_same_plan_or_a_failed_probe_ends_the_call() {
+        // Same plan.
+        let (mut w, a, b, call) = trouble_setup(sim::SEND_ONLY, sim::NAT);
+        w.take_shard();
+        w.send(b.conn, ClientMsg::MediaTrouble { call });
+        w.probe(&a);
+        w.probe(&b);
+        assert_eq!(
+            hangups(&w.take(a.conn)),
+            [(call, HangupReason::MediaFailed)]
+        );
+        assert_eq!(
+            hangups(&w.take(b.conn)),
+            [(call, HangupReason::MediaFailed)]
+        );
+        assert_eq!(removes(&w.take_shard()), [(0, call)]);
+        // A probe that gets no report.
+        let (mut w, a, b, call) = trouble_setup(sim::OPEN, sim::OPEN);
+        w.send(a.conn, ClientMsg::MediaTrouble { call });
+        w.probe(&a);
+        w.advance(Duration::from_secs(2));
+        assert_eq!(
+            hangups(&w.take(a.conn)),
+            [(call, HangupReason::MediaFailed)]
+        );
+        assert_eq!(
+            hangups(&w.take(b.conn)),
+            [(call, HangupReason::MediaFailed)]
+        );
+        assert!(w.take_shard().is_empty(), "a direct call had no session");
+        assert_eq!(w.gw.stats().calls_failed, 1);
+    }
+
+    #[test]
+    fn media_trouble_before_media_is_refused() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::OPEN);
+        let call = w.dial(&a, b.number, None);
+        w.take(a.conn);
+        w.send(a.conn, ClientMsg::MediaTrouble { call });
+        assert!(matches!(
+            w.take(a.conn).as_slice(),
+            [ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn media_trouble_on_a_route_call_reprobes_the_caller_only() {
+        let mut w = World::new();
+        let mut a = w.login("alice", sim::SEND_ONLY);
+        let call = w.dial(&a, "+4930123", Some(a.media()));
+        w.take(a.conn);
+        w.take_shard();
+        w.send(a.conn, ClientMsg::MediaTrouble { call });
+        a.fw = sim::OPEN;
+        w.probe(&a);
+        let m = media_of(&w.take(a.conn));
+        assert_eq!(
+            m[0].plan,
+            Some(Plan {
+                forward: Path::UdpViaGateway,
+                backward: Path::UdpViaGateway
+            })
+        );
+        let cmds = w.take_shard();
+        assert_eq!(removes(&cmds).len(), 1);
+        assert_eq!(installs(&cmds)[0].2.legs.len(), 2);
+    }
+
+    // ---- rooms ----
+
+    fn incoming(msgs: &[ServerMsg]) -> Option<(CallId, bool)> {
+        msgs.iter().find_map(|m| match m {
+            ServerMsg::Incoming {
+                call, conference, ..
+            } => Some((*call, *conference)),
+            _ => None,
+        })
+    }
+
+    fn add_legs(cmds: &[Action]) -> Vec<LegSpec> {
+        cmds.iter()
+            .filter_map(|a| match a {
+                Action::AddLeg { leg, .. } => Some(leg.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn remove_legs(cmds: &[Action]) -> Vec<String> {
+        cmds.iter()
+            .filter_map(|a| match a {
+                Action::RemoveLeg { leg, .. } => Some(leg.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn room_join_and_leave() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::NAT);
+        let c = w.login("carol", sim::BLOCKED);
+        let d = w.login("dave", sim::RECV_ONLY);
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 5,
+                numbers: vec![
+                    b.number.into(),
+                    c.number.into(),
+                    d.number.into(),
+                    c.number.into(),
+                ],
+                media: Some(a.media()),
+            },
+        );
+        let msgs = w.take(a.conn);
+        let ServerMsg::Calling { tag: 5, call: room } = msgs[0] else {
+            panic!("{msgs:?}");
+        };
+        assert_eq!(msgs[1], ServerMsg::Ringing { call: room });
+        for x in [&b, &c, &d] {
+            assert_eq!(incoming(&w.take(x.conn)), Some((room, true)));
+        }
+        // Bob accepts: the session is installed with alice's and bob's legs.
+        w.accept(&b, room, Some(b.media()));
+        let cmds = w.take_shard();
+        let spec = &installs(&cmds)[0].2;
+        assert_eq!(spec.id, room);
+        assert_eq!(spec.legs.len(), 2);
+        let (ma, mb) = (media_of(&w.take(a.conn)), media_of(&w.take(b.conn)));
+        assert_eq!(ma[0].plan, None);
+        assert!(ma[0].caller && !mb[0].caller);
+        for m in [&ma[0], &mb[0]] {
+            assert_eq!(
+                m.send,
+                MediaSend {
+                    transport: Transport::Udp,
+                    to: Some(addr(GW_UDP)),
+                    via_gateway: true
+                }
+            );
+            assert_eq!(
+                m.recv,
+                MediaRecv {
+                    transport: Transport::Udp,
+                    via_gateway: true,
+                    from: Some(addr(GW_UDP))
+                }
+            );
+        }
+        assert!(spec.legs.iter().all(|l| l.delivery == Delivery::UdpLatched));
+        let bob_leg = mb[0].leg.clone().unwrap_or_default();
+        assert_eq!(
+            spec.legs
+                .iter()
+                .find(|l| l.name == bob_leg)
+                .map(|l| l.key.clone()),
+            Some(leg_key(&b.key, &bob_leg))
+        );
+        // Carol (TCP only) and dave (receive only) join with AddLeg.
+        w.accept(&c, room, Some(c.media()));
+        w.accept(&d, room, Some(d.media()));
+        let added = add_legs(&w.take_shard());
+        assert_eq!(added.len(), 2);
+        assert_eq!(added[0].delivery, Delivery::Tcp);
+        assert_eq!(added[1].delivery, Delivery::Udp(d.media()));
+        let mc = media_of(&w.take(c.conn));
+        assert_eq!(
+            (mc[0].send.transport, mc[0].recv.transport),
+            (Transport::Tcp, Transport::Tcp)
+        );
+        assert_eq!(mc[0].send.to, Some(addr(GW_UDP)));
+        let md = media_of(&w.take(d.conn));
+        assert_eq!(
+            (md[0].send.transport, md[0].recv.transport),
+            (Transport::Tcp, Transport::Udp)
+        );
+        assert!(
+            media_of(&w.take(a.conn)).is_empty(),
+            "existing members are not re-told"
+        );
+        let s = w.gw.stats();
+        assert_eq!((s.rooms, s.room_members, s.shard_sessions[0]), (1, 4, 1));
+        // Members are busy.
+        let e = w.login("erin", sim::OPEN);
+        let x = w.dial(&e, b.number, None);
+        assert_eq!(hangups(&w.take(e.conn)), [(x, HangupReason::Busy)]);
+        // The organizer leaves: the room goes on.
+        w.send(a.conn, ClientMsg::HangUp { call: room });
+        assert_eq!(
+            remove_legs(&w.take_shard()),
+            [ma[0].leg.clone().unwrap_or_default()]
+        );
+        assert!(hangups(&w.take(b.conn)).is_empty());
+        // Bob drops off; then carol hangs up: dave alone, the room ends.
+        w.input(Input::Disconnected { conn: b.conn });
+        assert_eq!(remove_legs(&w.take_shard()), [bob_leg]);
+        w.send(c.conn, ClientMsg::HangUp { call: room });
+        let cmds = w.take_shard();
+        assert_eq!(remove_legs(&cmds).len(), 1);
+        assert_eq!(removes(&cmds), [(0, room)]);
+        assert_eq!(hangups(&w.take(d.conn)), [(room, HangupReason::Normal)]);
+        assert_eq!(w.gw.stats().rooms, 0);
+    }
+
+    #[test]
+    fn room_invitations_reject_and_no_answer() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::OPEN);
+        let c = w.login("carol", sim::OPEN);
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 1,
+                numbers: vec![b.number.into(), c.number.into()],
+                media: Some(a.media()),
+            },
+        );
+        let room = match w.take(a.conn)[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        w.send(b.conn, ClientMsg::Reject { call: room });
+        assert!(
+            hangups(&w.take(a.conn)).is_empty(),
+            "alice and carol remain"
+        );
+        w.take(c.conn);
+        w.advance(Duration::from_secs(30));
+        assert_eq!(hangups(&w.take(c.conn)), [(room, HangupReason::NoAnswer)]);
+        assert_eq!(hangups(&w.take(a.conn)), [(room, HangupReason::NoAnswer)]);
+        assert!(w.take_shard().is_empty());
+        // Nobody invitable: the first failure's reason.
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 2,
+                numbers: vec!["+15550008".into(), "+15559999".into()],
+                media: None,
+            },
+        );
+        let msgs = w.take(a.conn);
+        let room = match msgs[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        assert_eq!(hangups(&msgs), [(room, HangupReason::Offline)]);
+        // Telephone numbers and too many numbers.
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 3,
+                numbers: vec!["+4930111".into()],
+                media: None,
+            },
+        );
+        assert_eq!(
+            hangups(&w.take(a.conn)).first().map(|h| h.1),
+            Some(HangupReason::NotFound)
+        );
+        let many: Vec<String> = (0..16).map(|i| format!("+1555010{i:02}")).collect();
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 4,
+                numbers: many,
+                media: None,
+            },
+        );
+        let msgs = w.take(a.conn);
+        assert!(msgs.iter().any(|m| matches!(
+            m,
+            ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                ..
+            }
+        )));
+        assert_eq!(
+            hangups(&msgs).first().map(|h| h.1),
+            Some(HangupReason::Error)
+        );
+        assert_eq!(w.gw.active_calls(), 0);
+    }
+
+    #[test]
+    fn room_install_waits_for_probes_and_failure_ends_it() {
+        let mut w = World::new();
+        w.auto_install = None;
+        let a = w.login("alice", sim::OPEN);
+        let mut b = w.login_only("bob");
+        b.fw = sim::SEND_ONLY;
+        let c = w.login("carol", sim::OPEN);
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 1,
+                numbers: vec![b.number.into(), c.number.into()],
+                media: Some(a.media()),
+            },
+        );
+        let room = match w.take(a.conn)[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        w.accept(&b, room, Some(b.media()));
+        assert!(w.take_shard().is_empty(), "bob's probe is still running");
+        w.probe(&b);
+        assert_eq!(installs(&w.take_shard()).len(), 1);
+        // Carol accepts while the install is pending: AddLeg now, media when it is confirmed.
+        w.accept(&c, room, Some(c.media()));
+        assert_eq!(add_legs(&w.take_shard()).len(), 1);
+        assert!(media_of(&w.take(c.conn)).is_empty());
+        let op = w.pending_installs.remove(0);
+        w.input(Input::ShardInstalled { op, result: Ok(()) });
+        for x in [&a, &b, &c] {
+            assert_eq!(media_of(&w.take(x.conn)).len(), 1);
+        }
+        // A second room whose install fails ends with an error for everyone in it.
+        let d = w.login("dave", sim::OPEN);
+        let e = w.login("erin", sim::OPEN);
+        w.send(
+            d.conn,
+            ClientMsg::Conference {
+                tag: 1,
+                numbers: vec![e.number.into()],
+                media: Some(d.media()),
+            },
+        );
+        let room2 = match w.take(d.conn)[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        w.accept(&e, room2, Some(e.media()));
+        let op = w.pending_installs.remove(0);
+        w.input(Input::ShardInstalled {
+            op,
+            result: Err("no".into()),
+        });
+        assert_eq!(hangups(&w.take(d.conn)), [(room2, HangupReason::Error)]);
+        assert_eq!(hangups(&w.take(e.conn)), [(room2, HangupReason::Error)]);
+        assert_eq!(w.gw.stats().shard_sessions, [1, 0]);
+    }
+
+    #[test]
+    fn room_media_trouble_rejoins_or_drops_the_member() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let mut b = w.login("bob", sim::SEND_ONLY);
+        let c = w.login("carol", sim::OPEN);
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 1,
+                numbers: vec![b.number.into(), c.number.into()],
+                media: Some(a.media()),
+            },
+        );
+        let room = match w.take(a.conn)[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        w.accept(&b, room, Some(b.media()));
+        w.accept(&c, room, Some(c.media()));
+        let old_b = media_of(&w.take(b.conn))[0].leg.clone().unwrap_or_default();
+        w.take_shard();
+        // Bob's path changed (now he receives UDP): new leg.
+        w.send(b.conn, ClientMsg::MediaTrouble { call: room });
+        b.fw = sim::OPEN;
+        w.probe(&b);
+        let cmds = w.take_shard();
+        assert_eq!(remove_legs(&cmds), [old_b]);
+        assert_eq!(add_legs(&cmds).len(), 1);
+        let mb = media_of(&w.take(b.conn));
+        assert_eq!(mb[0].recv.transport, Transport::Udp);
+        // Same again: nothing changed, bob leaves with media_failed; the room goes on.
+        w.send(b.conn, ClientMsg::MediaTrouble { call: room });
+        w.probe(&b);
+        assert_eq!(
+            hangups(&w.take(b.conn)),
+            [(room, HangupReason::MediaFailed)]
+        );
+        assert_eq!(remove_legs(&w.take_shard()).len(), 1);
+        assert!(hangups(&w.take(a.conn)).is_empty());
+        assert_eq!(w.gw.stats().room_members, 2);
+    }
+
+    #[test]
+    fn members_that_leave_empty_the_session_and_late_joiners_reinstall() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::OPEN);
+        let c = w.login("carol", sim::OPEN);
+        let d = w.login("dave", sim::OPEN);
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 1,
+                numbers: vec![b.number.into(), c.number.into(), d.number.into()],
+                media: Some(a.media()),
+            },
+        );
+        let room = match w.take(a.conn)[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        w.accept(&b, room, Some(b.media()));
+        assert_eq!(installs(&w.take_shard()).len(), 1);
+        // Alice and bob leave before carol and dave answer: the session goes, the room stays.
+        w.send(a.conn, ClientMsg::HangUp { call: room });
+        w.send(b.conn, ClientMsg::HangUp { call: room });
+        let cmds = w.take_shard();
+        assert_eq!(remove_legs(&cmds).len(), 2);
+        assert_eq!(removes(&cmds), [(0, room)]);
+        w.accept(&c, room, Some(c.media()));
+        assert!(
+            w.take_shard().is_empty(),
+            "carol alone: nothing to install yet"
+        );
+        w.accept(&d, room, Some(d.media()));
+        let spec = &installs(&w.take_shard())[0].2;
+        assert_eq!(spec.legs.len(), 2);
+        assert_eq!(media_of(&w.take(c.conn)).len(), 1);
     }
 }

@@ -836,11 +836,12 @@ mod tests {
             assert!(m.check_fingerprint().is_ok());
         }
         // Garbage, indications, responses, bad fingerprints, other methods: no answer.
-        let mut bad = Vec::new();
-        bad.push(vec![0u8; 3]);
-        bad.push(b"GET / HTTP/1.1\r\n\r\n".to_vec());
-        bad.push(indication("tok", &[1; 12]).unwrap_or_default());
-        bad.push(binding_response(&[1; 12], src, None).unwrap_or_default());
+        let mut bad = vec![
+            vec![0u8; 3],
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            indication("tok", &[1; 12]).unwrap_or_default(),
+            binding_response(&[1; 12], src, None).unwrap_or_default(),
+        ];
         let mut fp = binding_response(&[1; 12], src, None).unwrap_or_default();
         fp[0] = 0x00; // make it a request, which breaks the fingerprint
         bad.push(fp);

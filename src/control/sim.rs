@@ -139,7 +139,6 @@ pub const REPLY_ONLY: Firewall = Firewall {
 #[derive(Clone, Debug)]
 pub struct Client {
     pub conn: ConnId,
-    pub user: &'static str,
     pub number: &'static str,
     /// The control connection as the gateway sees it.
     pub peer: SocketAddr,
@@ -177,7 +176,6 @@ impl Client {
 
 pub struct World {
     pub gw: Gateway,
-    pub t0: Instant,
     pub now: Instant,
     pub rng: StdRng,
     next_conn: ConnId,
@@ -223,7 +221,6 @@ impl World {
         let t0 = Instant::now();
         World {
             gw: Gateway::new(cfg, Box::new(store), shards, StdRng::seed_from_u64(7)),
-            t0,
             now: t0,
             rng,
             next_conn: 1,
@@ -426,7 +423,6 @@ impl World {
         self.inbox.entry(conn).or_default().extend(rest);
         Client {
             conn,
-            user,
             number,
             peer,
             key,
