@@ -589,34 +589,45 @@ fn debug_output_has_no_secrets() {
 
 // ------------------------------------------------------------------ property
 
-/// One random step of the property test.
+/// One random step of the property test. Client indices pick among the clients logged in so
+/// far (large ones name connections that do not exist); call indices pick among live calls.
 #[derive(Clone, Debug)]
 enum Step {
     Connect(u8),
     Msg(u8, ClientMsg),
+    /// Accept / reject / hang up / media trouble of a live call.
+    CallMsg(u8, u8, u8, Option<SocketAddr>),
+    /// Dial (or open a room with) registered numbers.
+    Dial(u8, u8, Option<u8>, Option<SocketAddr>),
+    /// The client answers its running probe (probe_local, a Binding, and a report).
+    ProbeAnswer(u8, bool, bool, bool),
+    ForceCaps(u8, u8),
     Bad(u8),
     Disconnect(u8),
     Datagram(bool, Vec<u8>),
-    ValidBinding(u8),
     Installed(u8, bool),
+    /// Everybody heart-beats, then time passes (up to 3 s).
     Advance(u16),
+    /// Time passes with nobody heart-beating (up to 40 s).
+    Silence(u16),
     Login(u8),
     Drain,
 }
 
-fn client_msg() -> impl Strategy<Value = ClientMsg> {
-    let call = 0u64..12;
-    let media = prop_oneof![
+fn media_addr() -> impl Strategy<Value = Option<SocketAddr>> {
+    prop_oneof![
         Just(None),
         Just(Some(addr("192.0.2.77:4000"))),
         Just(Some(addr("0.0.0.0:4000"))),
         Just(Some(addr("10.0.0.1:4000"))),
         Just(Some(addr("[2001:db8::5]:4000"))),
-    ];
+    ]
+}
+
+fn client_msg() -> impl Strategy<Value = ClientMsg> {
+    let call = 0u64..12;
     let number = prop_oneof![
         Just("+15550001".to_string()),
-        Just("+15550002".to_string()),
-        Just("+15550003".to_string()),
         Just("+4930123".to_string()),
         Just("999".to_string()),
         "\\PC{0,12}",
@@ -646,19 +657,16 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
             }
         }),
         Just(ClientMsg::Reprobe),
-        (any::<u32>(), number.clone(), media.clone())
+        (any::<u32>(), number.clone(), media_addr())
             .prop_map(|(tag, number, media)| ClientMsg::Dial { tag, number, media }),
-        (
-            any::<u32>(),
-            proptest::collection::vec(number, 0..20),
-            media.clone()
-        )
-            .prop_map(|(tag, numbers, media)| ClientMsg::Conference {
+        (any::<u32>(), proptest::collection::vec(number, 0..20), media_addr()).prop_map(
+            |(tag, numbers, media)| ClientMsg::Conference {
                 tag,
                 numbers,
                 media
-            }),
-        (call.clone(), media).prop_map(|(call, media)| ClientMsg::Accept { call, media }),
+            }
+        ),
+        (call.clone(), media_addr()).prop_map(|(call, media)| ClientMsg::Accept { call, media }),
         call.clone().prop_map(|call| ClientMsg::Reject { call }),
         call.clone().prop_map(|call| ClientMsg::HangUp { call }),
         call.prop_map(|call| ClientMsg::MediaTrouble { call }),
@@ -667,32 +675,37 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
 }
 
 fn step() -> impl Strategy<Value = Step> {
-    let conn = 0u8..12;
+    let client = prop_oneof![9 => 0u8..16, 1 => 200u8..=255];
     prop_oneof![
-        2 => conn.clone().prop_map(Step::Connect),
-        12 => (conn.clone(), client_msg()).prop_map(|(c, m)| Step::Msg(c, m)),
-        1 => conn.clone().prop_map(Step::Bad),
-        1 => conn.clone().prop_map(Step::Disconnect),
-        2 => (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..80)).prop_map(|(a, d)| Step::Datagram(a, d)),
-        2 => conn.clone().prop_map(Step::ValidBinding),
-        3 => (any::<u8>(), any::<bool>()).prop_map(|(o, ok)| Step::Installed(o, ok)),
-        4 => any::<u16>().prop_map(Step::Advance),
-        3 => (0u8..8).prop_map(Step::Login),
+        1 => client.clone().prop_map(Step::Connect),
+        4 => (client.clone(), client_msg()).prop_map(|(c, m)| Step::Msg(c, m)),
+        10 => (client.clone(), 0u8..4, any::<u8>(), media_addr()).prop_map(|(c, k, i, m)| Step::CallMsg(c, k, i, m)),
+        5 => (client.clone(), 0u8..8, proptest::option::of(0u8..8), media_addr()).prop_map(|(c, t, u, m)| Step::Dial(c, t, u, m)),
+        3 => (client.clone(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(c, b, ga, gb)| Step::ProbeAnswer(c, b, ga, gb)),
+        2 => (client.clone(), 0u8..8).prop_map(|(c, k)| Step::ForceCaps(c, k)),
+        1 => client.clone().prop_map(Step::Bad),
+        1 => client.clone().prop_map(Step::Disconnect),
+        1 => (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..80)).prop_map(|(a, d)| Step::Datagram(a, d)),
+        4 => (any::<u8>(), prop_oneof![5 => Just(true), 1 => Just(false)]).prop_map(|(o, ok)| Step::Installed(o, ok)),
+        4 => (0u16..3000).prop_map(Step::Advance),
+        1 => (0u16..40_000).prop_map(Step::Silence),
+        2 => (0u8..8).prop_map(Step::Login),
         1 => Just(Step::Drain),
     ]
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// Random inputs from random connections, random datagrams, random install results and
     /// random time steps: no panic, the internal invariants hold after every step (checked
     /// by the World), and state stays bounded.
     #[test]
     fn random_inputs_never_panic_and_state_stays_bounded(
-        steps in proptest::collection::vec(step(), 1..120),
-        shutdown_at in proptest::option::of(0usize..120),
+        steps in proptest::collection::vec(step(), 1..150),
+        shutdown_at in proptest::option::of(0usize..300),
     ) {
+        use crate::control::planner::Capabilities;
         let mut w = World::with_config(GatewayConfig {
             max_connections: 10,
             max_calls_per_user: 3,
@@ -701,14 +714,17 @@ proptest! {
             ..sim::config()
         });
         w.auto_install = None;
-        // A few real log-ins so that calls and probes get deep.
         let mut clients = vec![
             w.login("alice", sim::OPEN),
             w.login("bob", sim::NAT),
-            w.login_with("carol", crate::control::planner::Capabilities::new(false, true)),
+            w.login_with("carol", Capabilities::new(false, true)),
         ];
         let conn_of = |clients: &[sim::Client], i: u8| -> ConnId {
-            clients.get(usize::from(i) % 16).map_or(u64::from(i) + 100, |c| c.conn)
+            if i >= 200 || clients.is_empty() {
+                u64::from(i) + 1000
+            } else {
+                clients[usize::from(i) % clients.len()].conn
+            }
         };
         for (i, s) in steps.into_iter().enumerate() {
             if shutdown_at == Some(i) {
@@ -716,11 +732,74 @@ proptest! {
             }
             match s {
                 Step::Connect(i) => {
-                    w.connect(peer(&format!("198.51.100.{}", 100 + i)));
+                    w.connect(peer(&format!("198.51.100.{}", 100 + i % 100)));
                 }
                 Step::Msg(i, m) => {
                     let conn = conn_of(&clients, i);
                     w.send(conn, m);
+                }
+                Step::CallMsg(i, kind, pick, media) => {
+                    let mut ids: Vec<u64> = w.gw.calls.keys().copied().collect();
+                    ids.sort_unstable();
+                    let call = ids.get(usize::from(pick) % ids.len().max(1)).copied().unwrap_or(u64::from(pick));
+                    // Mostly a party of the call; sometimes anybody.
+                    let parties: Vec<ConnId> = match w.gw.calls.get(&call) {
+                        Some(crate::control::calls::Call::Pair(p)) => {
+                            let mut v = vec![p.caller];
+                            if let crate::control::calls::Far::User(c) = p.callee {
+                                v.push(c);
+                            }
+                            v
+                        }
+                        Some(crate::control::calls::Call::Room(r)) => r.members.keys().copied().collect(),
+                        None => Vec::new(),
+                    };
+                    let conn = if i % 4 != 0 && !parties.is_empty() {
+                        parties[usize::from(i) % parties.len()]
+                    } else {
+                        conn_of(&clients, i)
+                    };
+                    let msg = match kind {
+                        0 => ClientMsg::Accept { call, media },
+                        1 => ClientMsg::Reject { call },
+                        2 => ClientMsg::HangUp { call },
+                        _ => ClientMsg::MediaTrouble { call },
+                    };
+                    w.send(conn, msg);
+                }
+                Step::Dial(i, to, also, media) => {
+                    let conn = conn_of(&clients, i);
+                    let number = |u: u8| sim::USERS[usize::from(u) % sim::USERS.len()].1.to_string();
+                    let msg = match also {
+                        None => ClientMsg::Dial { tag: 1, number: number(to), media },
+                        Some(u) => ClientMsg::Conference { tag: 2, numbers: vec![number(to), number(u)], media },
+                    };
+                    w.send(conn, msg);
+                }
+                Step::ProbeAnswer(i, binding, got_a, got_b) => {
+                    let conn = conn_of(&clients, i);
+                    let running = w.gw.session(conn).and_then(|s| s.probe.as_ref()).map(|p| (p.id, p.token.clone(), p.stage));
+                    if let Some((probe, token, stage)) = running {
+                        if binding {
+                            let mut buf = [0u8; 256];
+                            if let Ok(n) = crate::client::binding::request(&mut buf, &token, token.as_bytes(), &[1; 12]) {
+                                w.input(Input::ProbeDatagram {
+                                    port: ProbePort::A,
+                                    src: addr("198.51.100.1:40000"),
+                                    data: buf[..n].to_vec(),
+                                });
+                            }
+                        }
+                        if stage == crate::control::probe::Stage::Binding {
+                            w.send(conn, ClientMsg::ProbeLocal { probe, local: addr("10.1.1.1:40000") });
+                        }
+                        w.advance(Duration::from_millis(700));
+                        w.send(conn, ClientMsg::ProbeReport { probe, got_a, got_b });
+                    }
+                }
+                Step::ForceCaps(i, k) => {
+                    let conn = conn_of(&clients, i);
+                    w.force_caps(conn, Capabilities::new(k & 1 != 0, k & 2 != 0).with_nat(k & 4 != 0));
                 }
                 Step::Bad(i) => {
                     let conn = conn_of(&clients, i);
@@ -735,20 +814,6 @@ proptest! {
                     src: addr("203.0.113.9:1234"),
                     data,
                 }),
-                Step::ValidBinding(i) => {
-                    let conn = conn_of(&clients, i);
-                    let token = w.gw.session(conn).and_then(|s| s.probe.as_ref()).map(|p| p.token.clone());
-                    if let Some(token) = token {
-                        let mut buf = [0u8; 256];
-                        if let Ok(n) = crate::client::binding::request(&mut buf, &token, token.as_bytes(), &[1; 12]) {
-                            w.input(Input::ProbeDatagram {
-                                port: ProbePort::A,
-                                src: addr("198.51.100.1:40000"),
-                                data: buf[..n].to_vec(),
-                            });
-                        }
-                    }
-                }
                 Step::Installed(o, ok) => {
                     let op = if w.pending_installs.is_empty() {
                         u64::from(o)
@@ -758,15 +823,25 @@ proptest! {
                     let result = if ok { Ok(()) } else { Err("full".into()) };
                     w.input(Input::ShardInstalled { op, result });
                 }
-                Step::Advance(ms) => w.advance(Duration::from_millis(u64::from(ms) * 20)),
+                Step::Advance(ms) => {
+                    for c in clients.clone() {
+                        w.send(c.conn, ClientMsg::Heartbeat { seq: 0 });
+                    }
+                    w.advance(Duration::from_millis(u64::from(ms)));
+                }
+                Step::Silence(ms) => w.advance(Duration::from_millis(u64::from(ms))),
                 Step::Login(u) => {
                     let user = sim::USERS[usize::from(u) % sim::USERS.len()].0;
                     if !w.gw.is_draining() && w.gw.stats().connections < 10 {
                         let c = w.login_only(user);
+                        clients.retain(|x| x.number != c.number);
                         clients.push(c);
                     }
                 }
                 Step::Drain => w.input(Input::Drain),
+            }
+            for (_, q) in w.inbox.iter_mut() {
+                q.clear();
             }
             let s = w.gw.stats();
             prop_assert!(s.connections <= 10);
@@ -775,7 +850,7 @@ proptest! {
             prop_assert!(w.gw.timers.len() <= 2 * s.connections + s.calls + s.rooms);
             prop_assert!(w.gw.legs.len() <= 2 * (s.calls) + s.room_members);
         }
-        // Everything winds down once the clients go away.
+        // Everything winds down at shutdown.
         w.input(Input::Shutdown);
         let s = w.gw.stats();
         prop_assert_eq!((s.connections, s.calls, s.rooms, s.probes_running), (0, 0, 0, 0));
