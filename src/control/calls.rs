@@ -331,7 +331,7 @@ impl Gateway {
     /// Removes a relay session from its shard.
     fn drop_relay(&mut self, call: CallId, relay: Relay) {
         self.actions.push_back(Action::RemoveSession {
-            shard: relay.shard,
+            shard: self.shard_id(relay.shard),
             session: call,
         });
         self.forget_relay(relay);
@@ -360,7 +360,7 @@ impl Gateway {
         let names = legs.iter().map(|l| l.name.clone()).collect();
         self.actions.push_back(Action::InstallSession {
             op,
-            shard,
+            shard: self.shard_id(shard),
             spec: SessionSpec { id: call, legs },
         });
         Relay {
@@ -1206,7 +1206,7 @@ impl Gateway {
             Some((_, installing)) => {
                 for (_, (leg, ..)) in &built {
                     self.actions.push_back(Action::AddLeg {
-                        shard,
+                        shard: self.shard_id(shard),
                         session: call,
                         leg: leg.clone(),
                     });
@@ -1313,14 +1313,14 @@ impl Gateway {
         }
         if let Some(old_leg) = old_leg {
             self.actions.push_back(Action::RemoveLeg {
-                shard,
+                shard: self.shard_id(shard),
                 session: call,
                 leg: old_leg.clone(),
             });
             self.release_leg(&old_leg);
         }
         self.actions.push_back(Action::AddLeg {
-            shard,
+            shard: self.shard_id(shard),
             session: call,
             leg: leg.clone(),
         });
@@ -1356,7 +1356,7 @@ impl Gateway {
         if let Some(leg) = m.leg {
             if let Some(shard) = shard {
                 self.actions.push_back(Action::RemoveLeg {
-                    shard,
+                    shard: self.shard_id(shard),
                     session: call,
                     leg: leg.clone(),
                 });
@@ -2030,6 +2030,33 @@ mod tests {
         w.accept(&cs[2 + 1], call, None);
         let m = media_of(&w.take(cs[3].conn));
         assert_eq!(m[0].gateway_tcp, Some(addr("192.0.2.1:7402")));
+    }
+
+    #[test]
+    fn shard_commands_use_the_servers_shard_indexes() {
+        use crate::control::gateway::ShardInfo;
+        let shards = vec![
+            ShardInfo {
+                index: 5,
+                udp_port: 9005,
+                tcp_port: 9105,
+            },
+            ShardInfo {
+                index: 3,
+                udp_port: 9003,
+                tcp_port: 9103,
+            },
+        ];
+        let mut w = World::build(sim::config(), shards);
+        let a = w.login_with("alice", caps(false, false, false));
+        let b = w.login_with("bob", caps(false, false, false));
+        let call = w.dial(&a, b.number, None);
+        w.accept(&b, call, None);
+        assert_eq!(installs(&w.take_shard())[0].1, 3);
+        let m = media_of(&w.take(a.conn));
+        assert_eq!(m[0].gateway_tcp, Some(addr("192.0.2.1:9103")));
+        w.send(a.conn, ClientMsg::HangUp { call });
+        assert_eq!(removes(&w.take_shard()), [(3, call)]);
     }
 
     #[test]

@@ -463,10 +463,11 @@ impl Gateway {
     pub fn new(
         cfg: GatewayConfig,
         store: Box<dyn Store>,
-        shards: Vec<ShardInfo>,
+        mut shards: Vec<ShardInfo>,
         rng: StdRng,
     ) -> Self {
         let cfg = cfg.sanitized();
+        shards.sort_by_key(|s| s.index);
         if cfg.auth.secret() == &[0u8; 32] {
             tracing::warn!(
                 "the log-in decoy secret is all zeros: unknown users can be told from known ones; \
@@ -677,7 +678,12 @@ impl Gateway {
         op
     }
 
-    /// The least loaded shard (ties: lowest index).
+    /// The shard index the server knows a shard by (`ShardInfo::index`), from its position.
+    pub(crate) fn shard_id(&self, pos: usize) -> usize {
+        self.shards.get(pos).map_or(pos, |s| s.index)
+    }
+
+    /// The least loaded shard's position (ties: lowest index; `shards` is sorted by index).
     pub(crate) fn pick_shard(&self) -> Option<usize> {
         self.shard_load
             .iter()

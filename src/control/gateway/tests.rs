@@ -659,13 +659,16 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
         Just(ClientMsg::Reprobe),
         (any::<u32>(), number.clone(), media_addr())
             .prop_map(|(tag, number, media)| ClientMsg::Dial { tag, number, media }),
-        (any::<u32>(), proptest::collection::vec(number, 0..20), media_addr()).prop_map(
-            |(tag, numbers, media)| ClientMsg::Conference {
+        (
+            any::<u32>(),
+            proptest::collection::vec(number, 0..20),
+            media_addr()
+        )
+            .prop_map(|(tag, numbers, media)| ClientMsg::Conference {
                 tag,
                 numbers,
                 media
-            }
-        ),
+            }),
         (call.clone(), media_addr()).prop_map(|(call, media)| ClientMsg::Accept { call, media }),
         call.clone().prop_map(|call| ClientMsg::Reject { call }),
         call.clone().prop_map(|call| ClientMsg::HangUp { call }),
