@@ -25,6 +25,23 @@
 //!   is ignored. [`Input::Disconnected`] for a connection it already closed is harmless.
 //! - `ConnId`s are never reused.
 //!
+//! - Actions print with `{:?}`, and [`Input`] too: a `LegSpec` carries its key and a
+//!   `ClientMsg::Proof` its proof, so do not log them whole.
+//!
+//! # Decisions where the brief was silent (details in each module)
+//! - Log-in: `hello` is refused with `refused{unavailable}` while draining (the connection is
+//!   accepted so that the refusal is read, not lost to a reset); with `refused{bad_message}`
+//!   for a malformed user name or nonce; `refused{internal}` when the store fails. A
+//!   connection that has not logged in within [`GatewayConfig::login_timeout`] gets
+//!   `refused{timeout}`. `bye` ends the client's calls with `hang_up{normal}` to its peers.
+//! - Presence deadlines carry a jitter allowance ([`super::presence`]).
+//! - Probe verdicts, timeouts and the NAT reading: [`super::probe`].
+//! - Calls (busy rules, `calling` before any `hang_up`, new calls while draining get
+//!   `hang_up{shutdown}`, one call at a time per telephone route, no media address means TCP):
+//!   [`super::calls`]. Private-address refusal: [`super::media`].
+//! - `Shutdown` sends `hang_up{shutdown}` for every call, then `refused{unavailable}` and a
+//!   close to every connection, and refuses every later connection.
+//!
 //! Nothing here panics on any input sequence, and every table is bounded: connections by
 //! [`GatewayConfig::max_connections`], probes by one per logged-in client, calls by
 //! [`GatewayConfig::max_calls_per_user`] per client, rooms by
