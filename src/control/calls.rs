@@ -1052,17 +1052,20 @@ impl Gateway {
             tracing::info!(conn, user = %me, "conference refused: too many calls at once");
             return self.hang_up_msg(conn, id, HangupReason::Error);
         }
+        // A message may hold thousands of numbers: bound the work before de-duplicating.
         let mut unique: Vec<&str> = Vec::new();
-        for n in numbers {
-            if !unique.contains(&n.as_str()) {
-                unique.push(n);
+        if numbers.len() <= 4 * self.cfg.max_room_size {
+            for n in numbers {
+                if !unique.contains(&n.as_str()) {
+                    unique.push(n);
+                }
             }
         }
         if unique.is_empty() || unique.len() >= self.cfg.max_room_size {
             let msg = format!(
-                "a room takes 1 to {} numbers, got {}",
+                "a room takes 1 to {} different numbers, got {}",
                 self.cfg.max_room_size - 1,
-                unique.len()
+                numbers.len()
             );
             self.error(conn, ErrorCode::BadMessage, msg);
             return self.hang_up_msg(conn, id, HangupReason::Error);
