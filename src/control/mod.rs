@@ -21,7 +21,14 @@
 //! `conference`, `directory`.
 
 pub mod auth;
+pub mod calls;
+pub mod gateway;
+pub mod media;
 pub mod planner;
+pub mod presence;
+pub mod probe;
+#[cfg(test)]
+mod sim;
 
 /// The STUN short-term password for a media leg: derived from the client's session key (the
 /// seed's "additional password"), so the gateway never sends it and nobody without the session

@@ -1,0 +1,2588 @@
+//! Calls by number, telephone routes and conference rooms: the seed's "Initiating Telephony
+//! Connection" and "Conference Calls", with Table 1 made real through [`super::media`].
+//!
+//! # Two-party calls
+//!
+//! ```text
+//!  caller                 gateway                         callee
+//!  dial{tag,number,media} ──▶ calling{tag,call} ◀──
+//!                           incoming{call,from…} ──────────▶
+//!         ◀── ringing{call}
+//!                           ◀────────────────── accept{call,media}
+//!                   plan (both probe results) → InstallSession{op} → ShardInstalled{op,Ok}
+//!         ◀── media{…}      media{…} ──────────────────────▶
+//! ```
+//!
+//! - Every `dial` gets `calling{tag, call}` first, so that a `hang_up` that follows at once
+//!   (busy, offline, not found, draining…) names a call the client can match to its tag.
+//! - No call waiting: a client that takes part in any call (ringing, up, or a room) is busy to
+//!   new incoming calls. A client may itself place up to `max_calls_per_user` calls (the seed's
+//!   conference as "each connection from one client to another acts as a separate call").
+//!   Dialling one's own number is busy.
+//! - The callee is alerted at once; planning needs both parties' probe results and waits for
+//!   a probe that is still running (bounded by the probe timeout).
+//! - A plan that needs no gateway in either direction (case 16 without NAT) installs nothing:
+//!   both sides get `media` at once.
+//! - A callee's `hang_up` while ringing is a rejection (`hang_up{rejected}` to the caller); the
+//!   caller's `hang_up` while ringing withdraws the call (`hang_up{normal}` to the callee).
+//! - A client with no (usable) media address for a call has no UDP socket for it: it is planned
+//!   as TCP-only ([`super::media::effective_caps`]).
+//!
+//! # Telephone routes
+//!
+//! A number that is not a registered user's but has a route (longest prefix) is answered at
+//! once (no ringing). The caller's side always goes through the gateway
+//! ([`super::media::route_plan`]); the route's leg delivers UDP to the IP voice gateway's media
+//! address and trusts it as its source. Because the relay binds that address to one leg, a
+//! route media address carries **one call at a time**: a second call to it gets
+//! `hang_up{busy}` (an IP voice gateway that gives each call its own media port needs a richer
+//! route model).
+//!
+//! # Conference rooms
+//!
+//! `conference{tag, numbers, media}` opens a room: one call id, one relay session that fans
+//! each member's media out to all others. Invitees get `incoming{conference: true}`; the
+//! organizer gets `calling` and `ringing` (or `hang_up` with the first failure's reason when
+//! nobody could be invited: per-number failures are otherwise not reported, the protocol has no
+//! message for them). Numbers must be registered users; telephone numbers are not invited
+//! (dial them as separate calls). The session is installed once two members are ready (accepted
+//! and probed); later members join with [`Action::AddLeg`]. Everybody goes through the gateway
+//! ([`super::media::room_directions`]). A member's hang-up, rejection, disconnection or
+//! unanswered invitation removes it ([`Action::RemoveLeg`]); the room ends when fewer than two
+//! members (invited or joined) remain.
+//!
+//! # Media trouble
+//!
+//! `media_trouble{call}` re-probes the parties (both, or the one member in a room). When the
+//! results are in: a failed probe (no report) or an unchanged plan ends the call with
+//! `hang_up{media_failed}` to both, never leaving one side believing the call is up; a changed
+//! plan replaces the relay session (new legs) and sends fresh `media` to both.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use super::auth::SessionKey;
+use super::gateway::{Action, ConnId, Gateway, Phase, Timer, later};
+use super::media::{
+    self, GatewayAddrs, PeerRefused, check_peer, delivery_for, directions, effective_caps,
+    needs_leg, recv_for, resolve_media, room_directions, route_plan, send_for,
+};
+use super::planner::{self, Capabilities, Path, Plan};
+use super::probe::ProbeOutcome;
+use crate::shard::relay::canonical;
+use crate::shard::{Delivery, LegSpec, SessionSpec};
+use crate::store::{self, Route};
+use crate::wire::control::{CallId, ErrorCode, HangupReason, MediaInstructions, ServerMsg};
+
+/// Why a client's calls end when it goes away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lost {
+    /// Disconnected, timed out, replaced: the peers get `hang_up{peer_lost}`.
+    PeerLost,
+    /// Logged out (`bye`) or gateway shutdown: `hang_up{normal}`.
+    Normal,
+}
+
+impl Lost {
+    fn reason(self) -> HangupReason {
+        match self {
+            Lost::PeerLost => HangupReason::PeerLost,
+            Lost::Normal => HangupReason::Normal,
+        }
+    }
+}
+
+pub(crate) enum Call {
+    Pair(Pair),
+    Room(Room),
+}
+
+/// The far end of a two-party call.
+#[derive(Clone, Debug)]
+pub(crate) enum Far {
+    User(ConnId),
+    Route(Route),
+}
+
+/// A relay session on a shard.
+#[derive(Clone, Debug)]
+pub(crate) struct Relay {
+    pub shard: usize,
+    /// Leg names (two-party calls; a room keeps them per member).
+    pub legs: Vec<String>,
+    /// The install not yet confirmed.
+    pub op: Option<u64>,
+}
+
+pub(crate) enum PairState {
+    Ringing,
+    /// Answered; waiting for probe results.
+    Planning,
+    /// Waiting for the shard; this media goes out when it confirms.
+    Installing {
+        media: Vec<(ConnId, MediaInstructions)>,
+    },
+    Up,
+    /// After `media_trouble`: waiting for the (caller's, callee's) probe.
+    Replanning {
+        waiting: [bool; 2],
+    },
+}
+
+pub(crate) struct Pair {
+    pub caller: ConnId,
+    pub callee: Far,
+    /// Media addresses as reported (from `dial` and `accept`).
+    pub caller_media: Option<SocketAddr>,
+    pub callee_media: Option<SocketAddr>,
+    pub state: PairState,
+    pub relay: Option<Relay>,
+    /// The plan in force.
+    pub plan: Option<Plan>,
+}
+
+impl Pair {
+    pub fn is_up(&self) -> bool {
+        matches!(self.state, PairState::Up | PairState::Replanning { .. })
+    }
+
+    fn callee_conn(&self) -> Option<ConnId> {
+        match self.callee {
+            Far::User(c) => Some(c),
+            Far::Route(_) => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MemberState {
+    Invited,
+    /// Accepted (or the organizer): joins once probed and once there is someone to talk to.
+    Ready,
+    /// Its leg is being installed with the session; media goes out when the shard confirms.
+    Joining,
+    Joined,
+    /// After `media_trouble`: waiting for its probe.
+    Reprobing,
+}
+
+pub(crate) struct Member {
+    pub media: Option<SocketAddr>,
+    pub state: MemberState,
+    pub leg: Option<String>,
+    /// The media instructions sent (or to send) and the leg's delivery.
+    pub joined: Option<(MediaInstructions, Delivery)>,
+}
+
+pub(crate) struct Room {
+    pub organizer: ConnId,
+    pub members: BTreeMap<ConnId, Member>,
+    pub relay: Option<Relay>,
+}
+
+/// What planning needs about one client.
+struct PartyInfo {
+    caps: Capabilities,
+    reported: bool,
+    observed: IpAddr,
+    gateway_ip: IpAddr,
+    key: SessionKey,
+}
+
+/// Where a dialled number leads.
+enum Dest {
+    User(ConnId),
+    Route(Route),
+}
+
+/// One side of a two-party call, ready to be named and built.
+struct SidePlan {
+    conn: ConnId,
+    caller: bool,
+    out: Path,
+    inn: Path,
+    peer: Option<SocketAddr>,
+    gateway_ip: IpAddr,
+    key: SessionKey,
+    /// `Some` iff the side has a leg.
+    delivery: Option<Delivery>,
+}
+
+/// Why a call's media cannot be set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+enum SetupError {
+    #[error("{0}")]
+    Peer(#[from] PeerRefused),
+    #[error("no shard to relay media")]
+    NoShard,
+}
+
+struct PairInputs {
+    plan: Plan,
+    caller: (ConnId, PartyInfo, Option<SocketAddr>),
+    callee: Option<(ConnId, PartyInfo, Option<SocketAddr>)>,
+    far: Far,
+}
+
+struct PairSetup {
+    plan: Plan,
+    relay: Option<(usize, Vec<LegSpec>)>,
+    media: Vec<(ConnId, MediaInstructions)>,
+}
+
+/// What one client is told: `(out, inn)` are its sending and receiving paths.
+fn instructions(
+    call: CallId,
+    plan: Option<Plan>,
+    caller: bool,
+    (out, inn): (Path, Path),
+    peer: Option<SocketAddr>,
+    gw: Option<GatewayAddrs>,
+    leg: Option<String>,
+) -> MediaInstructions {
+    let gw = leg.as_ref().and(gw);
+    MediaInstructions {
+        call,
+        plan,
+        caller,
+        send: send_for(out, peer, gw),
+        recv: recv_for(inn, peer, gw),
+        leg,
+        gateway_udp: gw.map(|g| g.udp),
+        gateway_tcp: gw.map(|g| g.tcp),
+        payload_type: media::PAYLOAD_TYPE,
+        clock_rate: media::CLOCK_RATE,
+    }
+}
+
+impl Gateway {
+    // ------------------------------------------------------------------ lookups
+
+    /// A logged-in client's probe result, unless a probe is running (or none has finished).
+    fn party_info(&self, conn: ConnId) -> Option<PartyInfo> {
+        let c = self.conns.get(&conn)?;
+        let Phase::LoggedIn(s) = &c.phase else {
+            return None;
+        };
+        if s.probe.is_some() {
+            return None;
+        }
+        let r = s.result?;
+        Some(PartyInfo {
+            caps: r.capabilities,
+            reported: r.reported,
+            observed: c.peer.ip(),
+            gateway_ip: c.local.ip(),
+            key: s.key.clone(),
+        })
+    }
+
+    fn is_busy(&self, conn: ConnId) -> bool {
+        self.session(conn).is_none_or(|s| !s.calls.is_empty())
+    }
+
+    fn lookup(&self, me: &str, number: &str) -> Result<Dest, HangupReason> {
+        if store::validate_number(number).is_err() {
+            return Err(HangupReason::NotFound);
+        }
+        match self.store.user_by_number(number) {
+            Err(e) => {
+                tracing::error!(error = %e, "store lookup failed");
+                Err(HangupReason::Error)
+            }
+            Ok(Some(sub)) => {
+                if sub.user == me {
+                    return Err(HangupReason::Busy);
+                }
+                let Some(&conn) = self.users.get(&sub.user) else {
+                    return Err(HangupReason::Offline);
+                };
+                if self.is_busy(conn) {
+                    return Err(HangupReason::Busy);
+                }
+                Ok(Dest::User(conn))
+            }
+            Ok(None) => match self.store.route_for(number) {
+                Err(e) => {
+                    tracing::error!(error = %e, "store route lookup failed");
+                    Err(HangupReason::Error)
+                }
+                Ok(None) => Err(HangupReason::NotFound),
+                Ok(Some(route)) => Ok(Dest::Route(route)),
+            },
+        }
+    }
+
+    fn hang_up_msg(&mut self, conn: ConnId, call: CallId, reason: HangupReason) {
+        self.send(conn, ServerMsg::HangUp { call, reason });
+    }
+
+    /// Takes a call off a client's list and tells it why (when it is still logged in).
+    fn detach(&mut self, conn: ConnId, call: CallId, reason: Option<HangupReason>) {
+        if let Some(s) = self.session_mut(conn) {
+            s.calls.remove(&call);
+            if let Some(reason) = reason {
+                self.hang_up_msg(conn, call, reason);
+            }
+        }
+    }
+
+    /// Removes a relay session from its shard.
+    fn drop_relay(&mut self, call: CallId, relay: Relay) {
+        self.actions.push_back(Action::RemoveSession {
+            shard: self.shard_id(relay.shard),
+            session: call,
+        });
+        self.forget_relay(relay);
+    }
+
+    /// Forgets a relay session the shard does not hold (its install failed).
+    fn forget_relay(&mut self, relay: Relay) {
+        if let Some(op) = relay.op {
+            self.ops.remove(&op);
+        }
+        if let Some(load) = self.shard_load.get_mut(relay.shard) {
+            *load = load.saturating_sub(1);
+        }
+        for leg in &relay.legs {
+            self.release_leg(leg);
+        }
+    }
+
+    /// Registers an install: the op, the shard's load.
+    fn start_install(&mut self, call: CallId, shard: usize, legs: Vec<LegSpec>) -> Relay {
+        let op = self.new_op();
+        self.ops.insert(op, call);
+        if let Some(load) = self.shard_load.get_mut(shard) {
+            *load += 1;
+        }
+        let names = legs.iter().map(|l| l.name.clone()).collect();
+        self.actions.push_back(Action::InstallSession {
+            op,
+            shard: self.shard_id(shard),
+            spec: SessionSpec { id: call, legs },
+        });
+        Relay {
+            shard,
+            legs: names,
+            op: Some(op),
+        }
+    }
+
+    fn gateway_addrs(&self, shard: usize, ip: IpAddr) -> Option<GatewayAddrs> {
+        let s = self.shards.get(shard)?;
+        Some(GatewayAddrs::new(ip, s.udp_port, s.tcp_port))
+    }
+
+    // ---------------------------------------------------------------- messages
+
+    pub(crate) fn on_dial(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        tag: u32,
+        number: &str,
+        media: Option<SocketAddr>,
+    ) {
+        let Some(s) = self.session(conn) else {
+            return;
+        };
+        let (me, ncalls) = (s.user.clone(), s.calls.len());
+        let id = self.new_call_id();
+        self.send(conn, ServerMsg::Calling { tag, call: id });
+        if self.draining {
+            return self.hang_up_msg(conn, id, HangupReason::Shutdown);
+        }
+        if ncalls >= self.cfg.max_calls_per_user {
+            tracing::info!(conn, user = %me, "dial refused: too many calls at once");
+            return self.hang_up_msg(conn, id, HangupReason::Error);
+        }
+        let dest = match self.lookup(&me, number) {
+            Ok(d) => d,
+            Err(reason) => return self.hang_up_msg(conn, id, reason),
+        };
+        self.counters.calls_placed += 1;
+        match dest {
+            Dest::User(callee) => {
+                let (from_number, from_user) = match self.session(conn) {
+                    Some(s) => (s.number.clone(), s.user.clone()),
+                    None => return,
+                };
+                self.calls.insert(
+                    id,
+                    Call::Pair(Pair {
+                        caller: conn,
+                        callee: Far::User(callee),
+                        caller_media: media,
+                        callee_media: None,
+                        state: PairState::Ringing,
+                        relay: None,
+                        plan: None,
+                    }),
+                );
+                for c in [conn, callee] {
+                    if let Some(s) = self.session_mut(c) {
+                        s.calls.insert(id);
+                    }
+                }
+                self.timers
+                    .set(Timer::Call(id), later(now, self.cfg.ring_timeout));
+                self.send(
+                    callee,
+                    ServerMsg::Incoming {
+                        call: id,
+                        from_number,
+                        from_user,
+                        conference: false,
+                    },
+                );
+                self.send(conn, ServerMsg::Ringing { call: id });
+            }
+            Dest::Route(route) => {
+                let addr = canonical(route.media_addr);
+                if self.route_busy.contains_key(&addr) {
+                    return self.hang_up_msg(conn, id, HangupReason::Busy);
+                }
+                self.route_busy.insert(addr, id);
+                self.calls.insert(
+                    id,
+                    Call::Pair(Pair {
+                        caller: conn,
+                        callee: Far::Route(route),
+                        caller_media: media,
+                        callee_media: None,
+                        state: PairState::Planning,
+                        relay: None,
+                        plan: None,
+                    }),
+                );
+                if let Some(s) = self.session_mut(conn) {
+                    s.calls.insert(id);
+                }
+                self.try_plan(now, id);
+            }
+        }
+    }
+
+    pub(crate) fn on_accept(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        call: CallId,
+        media: Option<SocketAddr>,
+    ) {
+        match self.calls.get_mut(&call) {
+            Some(Call::Pair(p)) if p.callee_conn() == Some(conn) => {
+                if !matches!(p.state, PairState::Ringing) {
+                    let msg = format!("call {call} is not ringing");
+                    return self.error(conn, ErrorCode::BadMessage, msg);
+                }
+                p.callee_media = media;
+                p.state = PairState::Planning;
+                self.timers.cancel(Timer::Call(call));
+                self.try_plan(now, call);
+            }
+            Some(Call::Room(r)) if r.members.contains_key(&conn) => {
+                let Some(m) = r.members.get_mut(&conn) else {
+                    return;
+                };
+                if m.state != MemberState::Invited {
+                    let msg = format!("room {call} is not ringing for this client");
+                    return self.error(conn, ErrorCode::BadMessage, msg);
+                }
+                m.media = media;
+                m.state = MemberState::Ready;
+                if !r.members.values().any(|m| m.state == MemberState::Invited) {
+                    self.timers.cancel(Timer::Call(call));
+                }
+                self.room_progress(now, call);
+            }
+            _ => self.error(
+                conn,
+                ErrorCode::UnknownCall,
+                format!("no call {call} for this client"),
+            ),
+        }
+    }
+
+    pub(crate) fn on_reject(&mut self, now: Instant, conn: ConnId, call: CallId) {
+        match self.calls.get(&call) {
+            Some(Call::Pair(p)) if p.callee_conn() == Some(conn) => {
+                if matches!(p.state, PairState::Ringing) {
+                    self.end_pair(call, Some(HangupReason::Rejected), None);
+                } else {
+                    let msg = format!("call {call} is not ringing; hang up instead");
+                    self.error(conn, ErrorCode::BadMessage, msg);
+                }
+            }
+            Some(Call::Room(r))
+                if r.members
+                    .get(&conn)
+                    .is_some_and(|m| m.state == MemberState::Invited) =>
+            {
+                self.room_leave(now, call, conn, None, HangupReason::Rejected);
+            }
+            Some(Call::Room(r)) if r.members.contains_key(&conn) => {
+                let msg = format!("room {call} is not ringing for this client; hang up instead");
+                self.error(conn, ErrorCode::BadMessage, msg);
+            }
+            _ => self.error(
+                conn,
+                ErrorCode::UnknownCall,
+                format!("no call {call} for this client"),
+            ),
+        }
+    }
+
+    pub(crate) fn on_hang_up(&mut self, now: Instant, conn: ConnId, call: CallId) {
+        match self.calls.get(&call) {
+            Some(Call::Pair(p)) if p.caller == conn => {
+                self.end_pair(call, None, Some(HangupReason::Normal));
+            }
+            Some(Call::Pair(p)) if p.callee_conn() == Some(conn) => {
+                let reason = if matches!(p.state, PairState::Ringing) {
+                    HangupReason::Rejected
+                } else {
+                    HangupReason::Normal
+                };
+                self.end_pair(call, Some(reason), None);
+            }
+            Some(Call::Room(r)) if r.members.contains_key(&conn) => {
+                self.room_leave(now, call, conn, None, HangupReason::Normal);
+            }
+            _ => self.error(
+                conn,
+                ErrorCode::UnknownCall,
+                format!("no call {call} for this client"),
+            ),
+        }
+    }
+
+    pub(crate) fn on_media_trouble(&mut self, now: Instant, conn: ConnId, call: CallId) {
+        match self.calls.get(&call) {
+            Some(Call::Pair(p)) if p.caller == conn || p.callee_conn() == Some(conn) => {
+                match p.state {
+                    PairState::Up => {}
+                    PairState::Replanning { .. } => return,
+                    _ => {
+                        let msg = format!("call {call} has no media yet");
+                        return self.error(conn, ErrorCode::BadMessage, msg);
+                    }
+                }
+                let (caller, callee) = (p.caller, p.callee_conn());
+                tracing::info!(call, conn, "media trouble: re-probing");
+                let waiting = [
+                    self.ensure_probe(now, caller).is_some(),
+                    callee.is_some_and(|c| self.ensure_probe(now, c).is_some()),
+                ];
+                if let Some(Call::Pair(p)) = self.calls.get_mut(&call) {
+                    p.state = PairState::Replanning { waiting };
+                }
+                if waiting == [false, false] {
+                    self.replan(now, call);
+                }
+            }
+            Some(Call::Room(r)) if r.members.contains_key(&conn) => {
+                match r.members.get(&conn).map(|m| m.state) {
+                    Some(MemberState::Joined) => {}
+                    Some(MemberState::Reprobing) => return,
+                    _ => {
+                        let msg = format!("room {call} has no media for this client yet");
+                        return self.error(conn, ErrorCode::BadMessage, msg);
+                    }
+                }
+                tracing::info!(call, conn, "media trouble in a room: re-probing the member");
+                if let Some(Call::Room(r)) = self.calls.get_mut(&call)
+                    && let Some(m) = r.members.get_mut(&conn)
+                {
+                    m.state = MemberState::Reprobing;
+                }
+                if self.ensure_probe(now, conn).is_none() {
+                    self.room_leave(
+                        now,
+                        call,
+                        conn,
+                        Some(HangupReason::MediaFailed),
+                        HangupReason::Normal,
+                    );
+                }
+            }
+            _ => self.error(
+                conn,
+                ErrorCode::UnknownCall,
+                format!("no call {call} for this client"),
+            ),
+        }
+    }
+
+    // ------------------------------------------------------------------ events
+
+    pub(crate) fn on_call_timer(&mut self, now: Instant, call: CallId) {
+        match self.calls.get(&call) {
+            Some(Call::Pair(p)) if matches!(p.state, PairState::Ringing) => {
+                self.end_pair(
+                    call,
+                    Some(HangupReason::NoAnswer),
+                    Some(HangupReason::NoAnswer),
+                );
+            }
+            Some(Call::Room(r)) => {
+                let invited: Vec<ConnId> = r
+                    .members
+                    .iter()
+                    .filter(|(_, m)| m.state == MemberState::Invited)
+                    .map(|(c, _)| *c)
+                    .collect();
+                for conn in invited {
+                    self.room_leave(
+                        now,
+                        call,
+                        conn,
+                        Some(HangupReason::NoAnswer),
+                        HangupReason::NoAnswer,
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub(crate) fn on_shard_installed(&mut self, now: Instant, op: u64, result: Result<(), String>) {
+        let Some(call) = self.ops.remove(&op) else {
+            tracing::debug!(op, "install result for a session no longer wanted");
+            return;
+        };
+        let mut media = Vec::new();
+        let failed = match self.calls.get_mut(&call) {
+            Some(Call::Pair(p)) => {
+                let Some(relay) = p.relay.as_mut().filter(|r| r.op == Some(op)) else {
+                    return;
+                };
+                relay.op = None;
+                match &result {
+                    Ok(()) => {
+                        if let PairState::Installing { media: m } =
+                            std::mem::replace(&mut p.state, PairState::Up)
+                        {
+                            media = m;
+                        }
+                        None
+                    }
+                    Err(_) => p.relay.take().map(|r| (r, false)),
+                }
+            }
+            Some(Call::Room(r)) => {
+                let Some(relay) = r.relay.as_mut().filter(|r| r.op == Some(op)) else {
+                    return;
+                };
+                relay.op = None;
+                match &result {
+                    Ok(()) => {
+                        for (conn, m) in &mut r.members {
+                            if m.state == MemberState::Joining {
+                                m.state = MemberState::Joined;
+                                if let Some((instr, _)) = &m.joined {
+                                    media.push((*conn, instr.clone()));
+                                }
+                            }
+                        }
+                        None
+                    }
+                    Err(_) => r.relay.take().map(|r| (r, true)),
+                }
+            }
+            None => None,
+        };
+        for (conn, m) in media {
+            self.send(conn, ServerMsg::Media(m));
+        }
+        if let (Some((relay, room)), Err(e)) = (failed, result) {
+            tracing::warn!(call, op, error = %e, "shard refused the session: ending the call");
+            self.forget_relay(relay);
+            if room {
+                self.end_room(now, call, HangupReason::Error);
+            } else {
+                self.end_pair(call, Some(HangupReason::Error), Some(HangupReason::Error));
+            }
+        }
+    }
+
+    /// A client's probe finished: calls waiting for it move on.
+    pub(crate) fn on_probe_done(&mut self, now: Instant, conn: ConnId, _out: ProbeOutcome) {
+        let Some(ids) = self
+            .session(conn)
+            .map(|s| s.calls.iter().copied().collect::<Vec<_>>())
+        else {
+            return;
+        };
+        for id in ids {
+            match self.calls.get_mut(&id) {
+                Some(Call::Pair(p)) => {
+                    let callee = p.callee_conn();
+                    match &mut p.state {
+                        PairState::Planning => self.try_plan(now, id),
+                        PairState::Replanning { waiting } => {
+                            if p.caller == conn {
+                                waiting[0] = false;
+                            }
+                            if callee == Some(conn) {
+                                waiting[1] = false;
+                            }
+                            if *waiting == [false, false] {
+                                self.replan(now, id);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Some(Call::Room(r)) => match r.members.get(&conn).map(|m| m.state) {
+                    Some(MemberState::Ready) => self.room_progress(now, id),
+                    Some(MemberState::Reprobing) => self.room_replan(now, id, conn),
+                    _ => {}
+                },
+                None => {}
+            }
+        }
+    }
+
+    /// A client went away: its calls end (`lost` says what its peers are told).
+    pub(crate) fn party_lost(&mut self, now: Instant, conn: ConnId, lost: Lost) {
+        let Some(ids) = self
+            .session(conn)
+            .map(|s| s.calls.iter().copied().collect::<Vec<_>>())
+        else {
+            return;
+        };
+        let reason = lost.reason();
+        for id in ids {
+            match self.calls.get(&id) {
+                Some(Call::Pair(p)) if p.caller == conn => self.end_pair(id, None, Some(reason)),
+                Some(Call::Pair(_)) => self.end_pair(id, Some(reason), None),
+                Some(Call::Room(_)) => self.room_leave(now, id, conn, None, reason),
+                None => {}
+            }
+            self.detach(conn, id, None);
+        }
+    }
+
+    /// Ends any call, telling everyone in it `reason`.
+    pub(crate) fn end_call(&mut self, now: Instant, call: CallId, reason: HangupReason) {
+        match self.calls.get(&call) {
+            Some(Call::Pair(_)) => self.end_pair(call, Some(reason), Some(reason)),
+            Some(Call::Room(_)) => self.end_room(now, call, reason),
+            None => {}
+        }
+    }
+
+    // -------------------------------------------------------- two-party calls
+
+    /// Ends a two-party call; each side still logged in is told its reason (`None`: nothing).
+    fn end_pair(
+        &mut self,
+        call: CallId,
+        to_caller: Option<HangupReason>,
+        to_callee: Option<HangupReason>,
+    ) {
+        let Some(Call::Pair(p)) = self.calls.remove(&call) else {
+            return;
+        };
+        self.timers.cancel(Timer::Call(call));
+        if let Some(relay) = p.relay {
+            self.drop_relay(call, relay);
+        }
+        if let Far::Route(r) = &p.callee {
+            let addr = canonical(r.media_addr);
+            if self.route_busy.get(&addr) == Some(&call) {
+                self.route_busy.remove(&addr);
+            }
+        }
+        if [to_caller, to_callee]
+            .iter()
+            .any(|r| matches!(r, Some(HangupReason::MediaFailed | HangupReason::Error)))
+        {
+            self.counters.calls_failed += 1;
+        }
+        self.detach(p.caller, call, to_caller);
+        if let Far::User(c) = p.callee {
+            self.detach(c, call, to_callee);
+        }
+    }
+
+    /// The plan of a two-party call from the parties' current results; `None` while a probe
+    /// is pending.
+    fn pair_inputs(&self, call: CallId) -> Option<PairInputs> {
+        let Some(Call::Pair(p)) = self.calls.get(&call) else {
+            return None;
+        };
+        let a = self.party_info(p.caller)?;
+        let a_media = resolve_media(p.caller_media, a.observed);
+        let a = PartyInfo {
+            caps: effective_caps(a.caps, a_media),
+            ..a
+        };
+        match &p.callee {
+            Far::User(c) => {
+                let b = self.party_info(*c)?;
+                let b_media = resolve_media(p.callee_media, b.observed);
+                let b = PartyInfo {
+                    caps: effective_caps(b.caps, b_media),
+                    ..b
+                };
+                Some(PairInputs {
+                    plan: planner::plan(a.caps, b.caps),
+                    caller: (p.caller, a, a_media),
+                    callee: Some((*c, b, b_media)),
+                    far: p.callee.clone(),
+                })
+            }
+            Far::Route(_) => Some(PairInputs {
+                plan: route_plan(a.caps),
+                caller: (p.caller, a, a_media),
+                callee: None,
+                far: p.callee.clone(),
+            }),
+        }
+    }
+
+    /// Builds media and legs for a call in `Planning`; `Ok(None)` while a probe is pending.
+    fn build_pair(&mut self, call: CallId) -> Result<Option<PairSetup>, SetupError> {
+        let Some(PairInputs {
+            plan,
+            caller: (a_conn, a, a_media),
+            callee: b,
+            far,
+        }) = self.pair_inputs(call)
+        else {
+            return Ok(None);
+        };
+        let allow = self.cfg.allow_private_peers;
+        let mut sides = Vec::with_capacity(2);
+        match (&far, b) {
+            (Far::User(_), Some((b_conn, b, b_media))) => {
+                for (conn, caller, me, my_media, peer) in [
+                    (a_conn, true, a, a_media, b_media),
+                    (b_conn, false, b, b_media, a_media),
+                ] {
+                    let (out, inn) = directions(plan, caller);
+                    if out == Path::DirectUdp {
+                        check_peer(peer.ok_or(PeerRefused::NoAddress)?, allow)?;
+                    }
+                    let delivery = if needs_leg(out, inn) {
+                        Some(delivery_for(inn, me.caps, my_media, allow)?)
+                    } else {
+                        None
+                    };
+                    sides.push(SidePlan {
+                        conn,
+                        caller,
+                        out,
+                        inn,
+                        peer,
+                        gateway_ip: me.gateway_ip,
+                        key: me.key,
+                        delivery,
+                    });
+                }
+            }
+            _ => {
+                let (out, inn) = directions(plan, true);
+                sides.push(SidePlan {
+                    conn: a_conn,
+                    caller: true,
+                    out,
+                    inn,
+                    peer: None,
+                    gateway_ip: a.gateway_ip,
+                    delivery: Some(delivery_for(inn, a.caps, a_media, allow)?),
+                    key: a.key,
+                });
+            }
+        }
+        let shard = if plan.uses_gateway() {
+            Some(self.pick_shard().ok_or(SetupError::NoShard)?)
+        } else {
+            None
+        };
+        let mut legs = Vec::new();
+        let mut out = Vec::new();
+        for side in sides {
+            let gw = shard.and_then(|s| self.gateway_addrs(s, side.gateway_ip));
+            let leg = match side.delivery {
+                Some(delivery) => {
+                    let name = self.new_leg_name();
+                    legs.push(Gateway::leg_spec(&side.key, &name, delivery));
+                    Some(name)
+                }
+                None => None,
+            };
+            out.push((
+                side.conn,
+                instructions(
+                    call,
+                    Some(plan),
+                    side.caller,
+                    (side.out, side.inn),
+                    side.peer,
+                    gw,
+                    leg,
+                ),
+            ));
+        }
+        if let Far::Route(r) = &far {
+            // The IP voice gateway's leg: operator configuration, trusted as its source.
+            let name = self.new_leg_name();
+            let key = super::gateway::random_hex(&mut self.rng, 16).into_bytes();
+            legs.push(LegSpec {
+                name,
+                key,
+                delivery: Delivery::Udp(canonical(r.media_addr)),
+                trusted_source: Some(canonical(r.media_addr)),
+                clock_rate: media::CLOCK_RATE,
+            });
+        }
+        Ok(Some(PairSetup {
+            plan,
+            relay: shard.map(|s| (s, legs)),
+            media: out,
+        }))
+    }
+
+    /// Plans and sets up a call in `Planning`, if both probe results are in.
+    fn try_plan(&mut self, _now: Instant, call: CallId) {
+        match self.calls.get(&call) {
+            Some(Call::Pair(p)) if matches!(p.state, PairState::Planning) => {}
+            _ => return,
+        }
+        let setup = match self.build_pair(call) {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(call, reason = %e, "cannot set up media: ending the call");
+                return self.end_pair(call, Some(HangupReason::Error), Some(HangupReason::Error));
+            }
+        };
+        let relay = setup
+            .relay
+            .map(|(shard, legs)| self.start_install(call, shard, legs));
+        let Some(Call::Pair(p)) = self.calls.get_mut(&call) else {
+            return;
+        };
+        p.plan = Some(setup.plan);
+        match relay {
+            Some(relay) => {
+                p.relay = Some(relay);
+                p.state = PairState::Installing { media: setup.media };
+            }
+            None => {
+                p.state = PairState::Up;
+                for (conn, m) in setup.media {
+                    self.send(conn, ServerMsg::Media(m));
+                }
+            }
+        }
+    }
+
+    /// After `media_trouble`, with both probes done: a new plan, or `media_failed`.
+    fn replan(&mut self, now: Instant, call: CallId) {
+        let Some(Call::Pair(p)) = self.calls.get(&call) else {
+            return;
+        };
+        let old = p.plan;
+        let (caller, callee) = (p.caller, p.callee_conn());
+        // A party that started yet another probe meanwhile: wait for that one too.
+        let waiting = [
+            self.party_info(caller).is_none(),
+            callee.is_some_and(|c| self.party_info(c).is_none()),
+        ];
+        if waiting != [false, false] {
+            if let Some(Call::Pair(p)) = self.calls.get_mut(&call) {
+                p.state = PairState::Replanning { waiting };
+            }
+            return;
+        }
+        let failed = |c: Option<ConnId>| {
+            c.and_then(|c| self.party_info(c))
+                .is_some_and(|i| !i.reported)
+        };
+        let probe_failed = failed(Some(caller)) || failed(callee);
+        let new = self.pair_inputs(call).map(|i| i.plan);
+        if probe_failed || new.is_none() || new == old {
+            tracing::info!(call, probe_failed, plan = ?old, "media trouble: no better plan; ending the call");
+            return self.end_pair(
+                call,
+                Some(HangupReason::MediaFailed),
+                Some(HangupReason::MediaFailed),
+            );
+        }
+        tracing::info!(call, old = ?old, new = ?new, "media trouble: re-planned");
+        let relay = match self.calls.get_mut(&call) {
+            Some(Call::Pair(p)) => {
+                p.state = PairState::Planning;
+                p.relay.take()
+            }
+            _ => None,
+        };
+        if let Some(relay) = relay {
+            self.drop_relay(call, relay);
+        }
+        self.try_plan(now, call);
+    }
+
+    // ------------------------------------------------------------------- rooms
+
+    pub(crate) fn on_conference(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        tag: u32,
+        numbers: &[String],
+        media: Option<SocketAddr>,
+    ) {
+        let Some(s) = self.session(conn) else {
+            return;
+        };
+        let (me, from_number, ncalls) = (s.user.clone(), s.number.clone(), s.calls.len());
+        let id = self.new_call_id();
+        self.send(conn, ServerMsg::Calling { tag, call: id });
+        if self.draining {
+            return self.hang_up_msg(conn, id, HangupReason::Shutdown);
+        }
+        if ncalls >= self.cfg.max_calls_per_user {
+            tracing::info!(conn, user = %me, "conference refused: too many calls at once");
+            return self.hang_up_msg(conn, id, HangupReason::Error);
+        }
+        // A message may hold thousands of numbers: bound the work before de-duplicating.
+        let mut unique: Vec<&str> = Vec::new();
+        if numbers.len() <= 4 * self.cfg.max_room_size {
+            for n in numbers {
+                if !unique.contains(&n.as_str()) {
+                    unique.push(n);
+                }
+            }
+        }
+        if unique.is_empty() || unique.len() >= self.cfg.max_room_size {
+            let msg = format!(
+                "a room takes 1 to {} different numbers, got {}",
+                self.cfg.max_room_size - 1,
+                numbers.len()
+            );
+            self.error(conn, ErrorCode::BadMessage, msg);
+            return self.hang_up_msg(conn, id, HangupReason::Error);
+        }
+        let mut invitees = Vec::new();
+        let mut first_failure = None;
+        for number in unique {
+            match self.lookup(&me, number) {
+                Ok(Dest::User(c)) if !invitees.contains(&c) => invitees.push(c),
+                Ok(Dest::User(_)) => {}
+                Ok(Dest::Route(_)) => {
+                    tracing::info!(conn, %number, "telephone numbers are not invited to rooms");
+                    first_failure.get_or_insert(HangupReason::NotFound);
+                }
+                Err(reason) => {
+                    first_failure.get_or_insert(reason);
+                }
+            }
+        }
+        if invitees.is_empty() {
+            return self.hang_up_msg(conn, id, first_failure.unwrap_or(HangupReason::NotFound));
+        }
+        self.counters.calls_placed += 1;
+        let mut members = BTreeMap::new();
+        members.insert(
+            conn,
+            Member {
+                media,
+                state: MemberState::Ready,
+                leg: None,
+                joined: None,
+            },
+        );
+        for &c in &invitees {
+            members.insert(
+                c,
+                Member {
+                    media: None,
+                    state: MemberState::Invited,
+                    leg: None,
+                    joined: None,
+                },
+            );
+        }
+        self.calls.insert(
+            id,
+            Call::Room(Room {
+                organizer: conn,
+                members,
+                relay: None,
+            }),
+        );
+        for c in std::iter::once(conn).chain(invitees.iter().copied()) {
+            if let Some(s) = self.session_mut(c) {
+                s.calls.insert(id);
+            }
+        }
+        self.timers
+            .set(Timer::Call(id), later(now, self.cfg.ring_timeout));
+        for c in invitees {
+            self.send(
+                c,
+                ServerMsg::Incoming {
+                    call: id,
+                    from_number: from_number.clone(),
+                    from_user: me.clone(),
+                    conference: true,
+                },
+            );
+        }
+        self.send(conn, ServerMsg::Ringing { call: id });
+    }
+
+    /// Builds a room member's leg and media instructions.
+    fn room_leg(
+        &mut self,
+        call: CallId,
+        conn: ConnId,
+        shard: usize,
+    ) -> Result<(LegSpec, MediaInstructions, Delivery), PeerRefused> {
+        let (organizer, reported) = match self.calls.get(&call) {
+            Some(Call::Room(r)) => (r.organizer, r.members.get(&conn).and_then(|m| m.media)),
+            _ => return Err(PeerRefused::NoAddress),
+        };
+        let info = self.party_info(conn).ok_or(PeerRefused::NoAddress)?;
+        let my_media = resolve_media(reported, info.observed);
+        let caps = effective_caps(info.caps, my_media);
+        let (out, inn) = room_directions(caps);
+        let delivery = delivery_for(inn, caps, my_media, self.cfg.allow_private_peers)?;
+        let gw = self.gateway_addrs(shard, info.gateway_ip);
+        let name = self.new_leg_name();
+        let leg = Gateway::leg_spec(&info.key, &name, delivery);
+        let instr = instructions(
+            call,
+            None,
+            conn == organizer,
+            (out, inn),
+            None,
+            gw,
+            Some(name),
+        );
+        Ok((leg, instr, delivery))
+    }
+
+    /// Lets ready members join: installs the session once two are ready, then adds legs.
+    fn room_progress(&mut self, now: Instant, call: CallId) {
+        let Some(Call::Room(r)) = self.calls.get(&call) else {
+            return;
+        };
+        let ready: Vec<ConnId> = r
+            .members
+            .iter()
+            .filter(|(_, m)| m.state == MemberState::Ready)
+            .map(|(c, _)| *c)
+            .filter(|c| self.party_info(*c).is_some())
+            .collect();
+        let existing = r.relay.as_ref().map(|x| (x.shard, x.op.is_some()));
+        let shard = match existing {
+            Some((shard, _)) => shard,
+            None if ready.len() < 2 => return,
+            None => match self.pick_shard() {
+                Some(s) => s,
+                None => {
+                    tracing::warn!(call, "no shard to relay a room");
+                    return self.end_room(now, call, HangupReason::Error);
+                }
+            },
+        };
+        let mut built = Vec::new();
+        let mut failed = Vec::new();
+        for conn in ready {
+            match self.room_leg(call, conn, shard) {
+                Ok(b) => built.push((conn, b)),
+                Err(e) => {
+                    tracing::warn!(call, conn, reason = %e, "room member cannot join");
+                    failed.push(conn);
+                }
+            }
+        }
+        let installing = match existing {
+            Some((_, installing)) => {
+                for (_, (leg, ..)) in &built {
+                    self.actions.push_back(Action::AddLeg {
+                        shard: self.shard_id(shard),
+                        session: call,
+                        leg: leg.clone(),
+                    });
+                }
+                installing
+            }
+            None if built.len() >= 2 => {
+                let legs = built.iter().map(|(_, (leg, ..))| leg.clone()).collect();
+                let mut relay = self.start_install(call, shard, legs);
+                // Leg names are kept per member in rooms.
+                relay.legs.clear();
+                if let Some(Call::Room(r)) = self.calls.get_mut(&call) {
+                    r.relay = Some(relay);
+                }
+                true
+            }
+            None => {
+                // Not enough to install yet: give the names back and wait.
+                for (_, (leg, ..)) in &built {
+                    self.release_leg(&leg.name);
+                }
+                built.clear();
+                false
+            }
+        };
+        let mut media = Vec::new();
+        if let Some(Call::Room(r)) = self.calls.get_mut(&call) {
+            for (conn, (leg, instr, delivery)) in built {
+                if let Some(m) = r.members.get_mut(&conn) {
+                    m.leg = Some(leg.name);
+                    m.state = if installing {
+                        MemberState::Joining
+                    } else {
+                        media.push((conn, instr.clone()));
+                        MemberState::Joined
+                    };
+                    m.joined = Some((instr, delivery));
+                }
+            }
+        }
+        for (conn, m) in media {
+            self.send(conn, ServerMsg::Media(m));
+        }
+        for conn in failed {
+            self.room_leave(
+                now,
+                call,
+                conn,
+                Some(HangupReason::Error),
+                HangupReason::Normal,
+            );
+        }
+    }
+
+    /// After a member's `media_trouble`, its probe done: a new leg if its path changed, else
+    /// it leaves with `media_failed`.
+    fn room_replan(&mut self, now: Instant, call: CallId, conn: ConnId) {
+        let Some(info) = self.party_info(conn) else {
+            return; // yet another probe running: wait for it
+        };
+        let Some(Call::Room(r)) = self.calls.get(&call) else {
+            return;
+        };
+        let (Some(m), Some(relay)) = (r.members.get(&conn), r.relay.as_ref()) else {
+            return;
+        };
+        let shard = relay.shard;
+        let old = m
+            .joined
+            .as_ref()
+            .map(|(i, d)| (i.send.transport, i.recv.transport, *d));
+        let old_leg = m.leg.clone();
+        if !info.reported {
+            return self.room_leave(
+                now,
+                call,
+                conn,
+                Some(HangupReason::MediaFailed),
+                HangupReason::Normal,
+            );
+        }
+        let (leg, instr, delivery) = match self.room_leg(call, conn, shard) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(call, conn, reason = %e, "room member cannot rejoin");
+                return self.room_leave(
+                    now,
+                    call,
+                    conn,
+                    Some(HangupReason::Error),
+                    HangupReason::Normal,
+                );
+            }
+        };
+        if old == Some((instr.send.transport, instr.recv.transport, delivery)) {
+            self.release_leg(&leg.name);
+            return self.room_leave(
+                now,
+                call,
+                conn,
+                Some(HangupReason::MediaFailed),
+                HangupReason::Normal,
+            );
+        }
+        if let Some(old_leg) = old_leg {
+            self.actions.push_back(Action::RemoveLeg {
+                shard: self.shard_id(shard),
+                session: call,
+                leg: old_leg.clone(),
+            });
+            self.release_leg(&old_leg);
+        }
+        self.actions.push_back(Action::AddLeg {
+            shard: self.shard_id(shard),
+            session: call,
+            leg: leg.clone(),
+        });
+        if let Some(Call::Room(r)) = self.calls.get_mut(&call)
+            && let Some(m) = r.members.get_mut(&conn)
+        {
+            m.leg = Some(leg.name);
+            m.state = MemberState::Joined;
+            m.joined = Some((instr.clone(), delivery));
+        }
+        self.send(conn, ServerMsg::Media(instr));
+    }
+
+    /// A member leaves (told `notify` if given); the room ends with `others` as the reason if
+    /// fewer than two remain.
+    fn room_leave(
+        &mut self,
+        now: Instant,
+        call: CallId,
+        conn: ConnId,
+        notify: Option<HangupReason>,
+        others: HangupReason,
+    ) {
+        let Some(Call::Room(r)) = self.calls.get_mut(&call) else {
+            return;
+        };
+        let Some(m) = r.members.remove(&conn) else {
+            return;
+        };
+        let shard = r.relay.as_ref().map(|x| x.shard);
+        let remaining = r.members.len();
+        let legs_left = r.members.values().any(|m| m.leg.is_some());
+        if let Some(leg) = m.leg {
+            if let Some(shard) = shard {
+                self.actions.push_back(Action::RemoveLeg {
+                    shard: self.shard_id(shard),
+                    session: call,
+                    leg: leg.clone(),
+                });
+            }
+            self.release_leg(&leg);
+        }
+        if notify == Some(HangupReason::MediaFailed) || notify == Some(HangupReason::Error) {
+            self.counters.calls_failed += 1;
+        }
+        self.detach(conn, call, notify);
+        if remaining < 2 {
+            return self.end_room(now, call, others);
+        }
+        if !legs_left
+            && let Some(Call::Room(r)) = self.calls.get_mut(&call)
+            && let Some(relay) = r.relay.take()
+        {
+            // Nobody left in the session (only invitees and ready members remain): drop it;
+            // the next two to be ready install a new one.
+            self.drop_relay(call, relay);
+        }
+    }
+
+    fn end_room(&mut self, _now: Instant, call: CallId, reason: HangupReason) {
+        let Some(Call::Room(r)) = self.calls.remove(&call) else {
+            return;
+        };
+        self.timers.cancel(Timer::Call(call));
+        if let Some(relay) = r.relay {
+            self.drop_relay(call, relay);
+        }
+        for (conn, m) in r.members {
+            if let Some(leg) = m.leg {
+                self.release_leg(&leg);
+            }
+            self.detach(conn, call, Some(reason));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::control::gateway::{GatewayConfig, Input};
+    use crate::control::leg_key;
+    use crate::control::sim::{self, Client, World, addr, hangups, media_of};
+    use crate::metrics::Transport;
+    use crate::wire::control::{ClientMsg, MediaRecv, MediaSend};
+
+    const GW_UDP: &str = "192.0.2.1:7401";
+
+    fn caps(send_udp: bool, recv_udp: bool, nat: bool) -> Capabilities {
+        Capabilities {
+            send_udp,
+            recv_udp,
+            nat,
+        }
+    }
+
+    /// A public media address for a client, NAT or not (as if port-forwarded).
+    fn public_media(c: &Client) -> SocketAddr {
+        SocketAddr::new(c.peer.ip(), sim::MEDIA_PORT)
+    }
+
+    fn installs(cmds: &[Action]) -> Vec<(u64, usize, SessionSpec)> {
+        cmds.iter()
+            .filter_map(|a| match a {
+                Action::InstallSession { op, shard, spec } => Some((*op, *shard, spec.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn removes(cmds: &[Action]) -> Vec<(usize, u64)> {
+        cmds.iter()
+            .filter_map(|a| match a {
+                Action::RemoveSession { shard, session } => Some((*shard, *session)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The brief's table, written out independently of `media.rs`.
+    fn expected_send(out: Path, peer: SocketAddr) -> MediaSend {
+        let gw = addr(GW_UDP);
+        match out {
+            Path::DirectUdp => MediaSend {
+                transport: Transport::Udp,
+                to: Some(peer),
+                via_gateway: false,
+            },
+            Path::UdpViaGateway | Path::UdpInTcpOut => MediaSend {
+                transport: Transport::Udp,
+                to: Some(gw),
+                via_gateway: true,
+            },
+            Path::TcpInUdpOut | Path::TcpBoth => MediaSend {
+                transport: Transport::Tcp,
+                to: Some(gw),
+                via_gateway: true,
+            },
+        }
+    }
+
+    fn expected_recv(inn: Path, peer: SocketAddr) -> MediaRecv {
+        match inn {
+            Path::DirectUdp => MediaRecv {
+                transport: Transport::Udp,
+                via_gateway: false,
+                from: Some(peer),
+            },
+            Path::UdpViaGateway | Path::TcpInUdpOut => MediaRecv {
+                transport: Transport::Udp,
+                via_gateway: true,
+                from: Some(addr(GW_UDP)),
+            },
+            Path::UdpInTcpOut | Path::TcpBoth => MediaRecv {
+                transport: Transport::Tcp,
+                via_gateway: true,
+                from: None,
+            },
+        }
+    }
+
+    fn expected_delivery(inn: Path, me: Capabilities, media: SocketAddr) -> Delivery {
+        if inn == Path::DirectUdp {
+            Delivery::None
+        } else if inn.receiver_transport() == Transport::Tcp {
+            Delivery::Tcp
+        } else if me.send_udp {
+            Delivery::UdpLatched
+        } else {
+            Delivery::Udp(media)
+        }
+    }
+
+    /// Sets up a call alice → bob with these capabilities; returns the clients, the call, what
+    /// each was told, and the shard commands.
+    fn call_with(
+        ca: Capabilities,
+        cb: Capabilities,
+    ) -> (
+        World,
+        Client,
+        Client,
+        CallId,
+        Vec<MediaInstructions>,
+        Vec<MediaInstructions>,
+        Vec<Action>,
+    ) {
+        let mut w = World::new();
+        let a = w.login_with("alice", ca);
+        let b = w.login_with("bob", cb);
+        let call = w.dial(&a, b.number, Some(public_media(&a)));
+        assert_eq!(w.take(a.conn), [ServerMsg::Ringing { call }]);
+        assert_eq!(
+            w.take(b.conn),
+            [ServerMsg::Incoming {
+                call,
+                from_number: a.number.into(),
+                from_user: "alice".into(),
+                conference: false
+            }]
+        );
+        w.accept(&b, call, Some(public_media(&b)));
+        let (ma, mb) = (media_of(&w.take(a.conn)), media_of(&w.take(b.conn)));
+        let cmds = w.take_shard();
+        (w, a, b, call, ma, mb, cmds)
+    }
+
+    /// All 16 cases of Table 1, each with the four NAT combinations: the media instructions
+    /// and the legs' deliveries follow the plan, keys are derived from each client's own
+    /// session key, and nothing is installed when both directions are direct.
+    #[test]
+    fn table1_all_cases_and_nat() {
+        let mut direct_only = 0;
+        for case in 0..16u8 {
+            let (ia, ib) = (case / 4, case % 4);
+            // Table 1's per-client order: (UDP out, TCP in), (TCP out, UDP in), TCP both, UDP both.
+            let row = |i: u8| match i {
+                0 => (true, false),
+                1 => (false, true),
+                2 => (false, false),
+                _ => (true, true),
+            };
+            for nat in 0..4u8 {
+                let ca = caps(row(ia).0, row(ia).1, nat & 1 != 0);
+                let cb = caps(row(ib).0, row(ib).1, nat & 2 != 0);
+                let what = format!("case {} caller {ca:?} callee {cb:?}", case + 1);
+                assert_eq!(Plan::table1_case(ca, cb), Some(case + 1));
+                let plan = planner::plan(ca, cb);
+                let (w, a, b, call, ma, mb, cmds) = call_with(ca, cb);
+                let (ma, mb) = (&ma[..], &mb[..]);
+                assert_eq!((ma.len(), mb.len()), (1, 1), "{what}");
+                let specs = installs(&cmds);
+                let mut legs_seen = 0;
+                for (c, m, caller, my_caps, peer_media) in [
+                    (&a, &ma[0], true, ca, public_media(&b)),
+                    (&b, &mb[0], false, cb, public_media(&a)),
+                ] {
+                    let (out, inn) = if caller {
+                        (plan.forward, plan.backward)
+                    } else {
+                        (plan.backward, plan.forward)
+                    };
+                    assert_eq!(m.call, call);
+                    assert_eq!(m.plan, Some(plan), "{what}");
+                    assert_eq!(m.caller, caller);
+                    assert_eq!(m.send, expected_send(out, peer_media), "{what} send");
+                    assert_eq!(m.recv, expected_recv(inn, peer_media), "{what} recv");
+                    assert_eq!((m.payload_type, m.clock_rate), (0, 8000));
+                    let has_leg = out.uses_gateway() || inn.uses_gateway();
+                    assert_eq!(m.leg.is_some(), has_leg, "{what} leg");
+                    if let Some(leg) = &m.leg {
+                        legs_seen += 1;
+                        assert!(leg.len() >= 24 && leg.bytes().all(|b| b.is_ascii_graphic()));
+                        assert_eq!(m.gateway_udp, Some(addr(GW_UDP)));
+                        assert_eq!(m.gateway_tcp, Some(addr(GW_UDP)));
+                        let spec = &specs[0].2;
+                        let l = spec
+                            .legs
+                            .iter()
+                            .find(|l| &l.name == leg)
+                            .expect("the leg is installed");
+                        assert_eq!(
+                            l.key,
+                            leg_key(&c.key, leg),
+                            "{what}: key from the client's session key"
+                        );
+                        assert_eq!(
+                            l.delivery,
+                            expected_delivery(inn, my_caps, public_media(c)),
+                            "{what} delivery"
+                        );
+                        assert_eq!((l.trusted_source, l.clock_rate), (None, 8000));
+                    } else {
+                        assert_eq!((m.gateway_udp, m.gateway_tcp), (None, None));
+                    }
+                }
+                if plan.uses_gateway() {
+                    assert_eq!(specs.len(), 1, "{what}");
+                    assert_eq!((specs[0].1, specs[0].2.id), (0, call));
+                    assert_eq!(specs[0].2.legs.len(), legs_seen);
+                    assert_eq!(w.gw.stats().shard_sessions, [1, 0]);
+                } else {
+                    direct_only += 1;
+                    assert!(
+                        cmds.is_empty(),
+                        "{what}: nothing installed when both directions are direct"
+                    );
+                    assert_eq!(legs_seen, 0);
+                }
+                assert_eq!(w.gw.stats().calls_up, 1);
+            }
+        }
+        assert_eq!(direct_only, 1, "only case 16 without NAT");
+    }
+
+    #[test]
+    fn case16_without_nat_points_the_clients_at_each_other() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::OPEN);
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(b.media()));
+        let ma = media_of(&w.take(a.conn));
+        let mb = media_of(&w.take(b.conn));
+        assert_eq!(ma[0].send.to, Some(b.media()));
+        assert_eq!(ma[0].recv.from, Some(b.media()));
+        assert_eq!(mb[0].send.to, Some(a.media()));
+        assert!(w.take_shard().is_empty());
+        // Hang-up of a direct call removes nothing from the shards either.
+        w.send(b.conn, ClientMsg::HangUp { call });
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Normal)]);
+        assert!(w.take_shard().is_empty());
+    }
+
+    #[test]
+    fn probed_nat_client_is_reached_through_the_gateway_by_latching() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::NAT);
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(b.media()));
+        let mb = media_of(&w.take(b.conn));
+        let ma = media_of(&w.take(a.conn));
+        // Forward (to the NATed bob) via the gateway; backward direct to alice.
+        assert_eq!(
+            ma[0].plan,
+            Some(Plan {
+                forward: Path::UdpViaGateway,
+                backward: Path::DirectUdp
+            })
+        );
+        assert_eq!(mb[0].send.to, Some(a.media()));
+        assert_eq!(mb[0].recv.from, Some(addr(GW_UDP)));
+        let spec = &installs(&w.take_shard())[0].2;
+        let bob_leg = spec
+            .legs
+            .iter()
+            .find(|l| Some(&l.name) == mb[0].leg.as_ref())
+            .expect("bob's leg");
+        assert_eq!(bob_leg.delivery, Delivery::UdpLatched);
+        let alice_leg = spec
+            .legs
+            .iter()
+            .find(|l| Some(&l.name) == ma[0].leg.as_ref())
+            .expect("alice's leg");
+        assert_eq!(alice_leg.delivery, Delivery::None);
+    }
+
+    #[test]
+    fn reject_no_answer_busy_not_found_offline() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::OPEN);
+        let c = w.login("carol", sim::OPEN);
+        // Reject.
+        let call = w.dial(&a, b.number, None);
+        w.take(a.conn);
+        w.send(b.conn, ClientMsg::Reject { call });
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Rejected)]);
+        assert!(hangups(&w.take(b.conn)).is_empty());
+        // No answer.
+        let call = w.dial(&a, b.number, None);
+        w.take(a.conn);
+        w.take(b.conn);
+        w.advance(Duration::from_secs(29));
+        w.send(a.conn, ClientMsg::Heartbeat { seq: 1 });
+        w.send(b.conn, ClientMsg::Heartbeat { seq: 1 });
+        assert!(hangups(&w.take(a.conn)).is_empty());
+        w.advance(Duration::from_secs(1));
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::NoAnswer)]);
+        assert_eq!(hangups(&w.take(b.conn)), [(call, HangupReason::NoAnswer)]);
+        // Accepting after that: unknown call.
+        w.accept(&b, call, None);
+        assert!(matches!(
+            w.take(b.conn).as_slice(),
+            [ServerMsg::Error {
+                code: ErrorCode::UnknownCall,
+                ..
+            }]
+        ));
+        // Busy: bob is ringing for carol's call, then in it.
+        let call_cb = w.dial(&c, b.number, None);
+        let call = w.dial(&a, b.number, None);
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Busy)]);
+        w.accept(&b, call_cb, None);
+        let call = w.dial(&a, b.number, None);
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Busy)]);
+        // Not found, invalid numbers, offline, and oneself.
+        for (number, reason) in [
+            ("+15559999", HangupReason::NotFound),
+            ("not a number", HangupReason::NotFound),
+            ("", HangupReason::NotFound),
+            ("+15550004", HangupReason::Offline),
+            ("+15550001", HangupReason::Busy),
+        ] {
+            let call = w.dial(&a, number, None);
+            assert_eq!(hangups(&w.take(a.conn)), [(call, reason)], "{number:?}");
+        }
+        assert_eq!(w.gw.active_calls(), 1);
+    }
+
+    #[test]
+    fn hang_up_from_either_side() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::SEND_ONLY);
+        let b = w.login("bob", sim::SEND_ONLY);
+        for caller_hangs_up in [true, false] {
+            let call = w.dial(&a, b.number, Some(a.media()));
+            w.accept(&b, call, Some(b.media()));
+            w.take(a.conn);
+            w.take(b.conn);
+            let (op, shard, _) = installs(&w.take_shard())[0].clone();
+            let _ = op;
+            let (me, other) = if caller_hangs_up { (&a, &b) } else { (&b, &a) };
+            w.send(me.conn, ClientMsg::HangUp { call });
+            assert_eq!(hangups(&w.take(other.conn)), [(call, HangupReason::Normal)]);
+            assert!(w.take(me.conn).is_empty());
+            assert_eq!(removes(&w.take_shard()), [(shard, call)]);
+        }
+        // While ringing: the caller withdraws (callee told normal); the callee's hang-up is a
+        // rejection.
+        let call = w.dial(&a, b.number, None);
+        w.take(b.conn);
+        w.send(a.conn, ClientMsg::HangUp { call });
+        assert_eq!(hangups(&w.take(b.conn)), [(call, HangupReason::Normal)]);
+        let call = w.dial(&a, b.number, None);
+        w.take(a.conn);
+        w.send(b.conn, ClientMsg::HangUp { call });
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Rejected)]);
+        // Accept or reject when it is not ringing.
+        let call = w.dial(&a, b.number, None);
+        w.accept(&b, call, None);
+        w.take(b.conn);
+        w.accept(&b, call, None);
+        w.send(b.conn, ClientMsg::Reject { call });
+        let errs = w.take(b.conn);
+        assert_eq!(errs.len(), 2);
+        assert!(errs.iter().all(|m| matches!(
+            m,
+            ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                ..
+            }
+        )));
+        // The caller cannot accept its own call.
+        w.take(a.conn);
+        w.accept(&a, call, None);
+        assert!(matches!(
+            w.take(a.conn).as_slice(),
+            [ServerMsg::Error {
+                code: ErrorCode::UnknownCall,
+                ..
+            }]
+        ));
+        assert_eq!(w.gw.stats().shard_sessions, [1, 0]);
+    }
+
+    #[test]
+    fn telephone_route_is_answered_at_once_through_the_gateway() {
+        for (fw, forward, backward, delivery) in [
+            (
+                sim::OPEN,
+                Path::UdpViaGateway,
+                Path::UdpViaGateway,
+                Delivery::UdpLatched,
+            ),
+            (
+                sim::BLOCKED,
+                Path::TcpInUdpOut,
+                Path::UdpInTcpOut,
+                Delivery::Tcp,
+            ),
+            (
+                sim::SEND_ONLY,
+                Path::UdpViaGateway,
+                Path::UdpInTcpOut,
+                Delivery::Tcp,
+            ),
+        ] {
+            let mut w = World::new();
+            let a = w.login("alice", fw);
+            let call = w.dial(&a, "+4930123456", Some(a.media()));
+            let msgs = w.take(a.conn);
+            assert!(!msgs.iter().any(|m| matches!(m, ServerMsg::Ringing { .. })));
+            let m = &media_of(&msgs)[0];
+            assert_eq!(m.plan, Some(Plan { forward, backward }));
+            assert!(m.send.via_gateway && m.recv.via_gateway);
+            let spec = &installs(&w.take_shard())[0].2;
+            assert_eq!(spec.legs.len(), 2);
+            let mine = spec
+                .legs
+                .iter()
+                .find(|l| Some(&l.name) == m.leg.as_ref())
+                .expect("caller leg");
+            assert_eq!(mine.delivery, delivery, "{fw:?}");
+            let route = spec
+                .legs
+                .iter()
+                .find(|l| Some(&l.name) != m.leg.as_ref())
+                .expect("route leg");
+            assert_eq!(route.delivery, Delivery::Udp(addr(sim::ROUTE_MEDIA)));
+            assert_eq!(route.trusted_source, Some(addr(sim::ROUTE_MEDIA)));
+            assert!(!route.key.is_empty());
+            // The route's media address carries one call at a time.
+            let b = w.login("bob", sim::OPEN);
+            let call2 = w.dial(&b, "+4989000", Some(b.media()));
+            assert_eq!(hangups(&w.take(b.conn)), [(call2, HangupReason::Busy)]);
+            w.send(a.conn, ClientMsg::HangUp { call });
+            assert_eq!(removes(&w.take_shard()).len(), 1);
+            let call3 = w.dial(&b, "+4989000", Some(b.media()));
+            assert_eq!(media_of(&w.take(b.conn))[0].call, call3);
+        }
+    }
+
+    #[test]
+    fn telephone_route_waits_for_the_callers_probe() {
+        let mut w = World::new();
+        let mut a = w.login_only("alice");
+        a.fw = sim::SEND_ONLY;
+        let call = w.dial(&a, "+4930123456", Some(a.media()));
+        assert!(
+            media_of(
+                &w.inbox
+                    .get(&a.conn)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect::<Vec<_>>()
+            )
+            .is_empty()
+        );
+        assert!(w.take_shard().is_empty());
+        w.probe(&a);
+        let m = media_of(&w.take(a.conn));
+        assert_eq!(m[0].call, call);
+        assert_eq!(installs(&w.take_shard()).len(), 1);
+    }
+
+    #[test]
+    fn a_dial_before_the_probe_result_waits_for_it() {
+        let mut w = World::new();
+        let b = w.login("bob", sim::OPEN);
+        let mut a = w.login_only("alice");
+        a.fw = sim::NAT;
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(b.media()));
+        assert!(
+            media_of(&w.take(b.conn)).is_empty(),
+            "waits for alice's probe"
+        );
+        w.probe(&a);
+        let mb = media_of(&w.take(b.conn));
+        assert_eq!(
+            mb[0].plan,
+            Some(Plan {
+                forward: Path::DirectUdp,
+                backward: Path::UdpViaGateway
+            })
+        );
+        // Bounded: a client that never answers its probe is planned at the probe timeout.
+        let c = w.login_only("carol");
+        let d = w.login("dave", sim::OPEN);
+        let call = w.dial(&d, c.number, Some(d.media()));
+        w.accept(&c, call, Some(c.media()));
+        w.advance(Duration::from_secs(2));
+        let mc = media_of(&w.take(c.conn));
+        assert_eq!(mc.len(), 1);
+        assert_eq!(mc[0].recv.transport, Transport::Tcp, "unprobed: no UDP in");
+    }
+
+    #[test]
+    fn install_failure_and_hang_up_while_installing() {
+        let mut w = World::new();
+        w.auto_install = None;
+        let a = w.login("alice", sim::BLOCKED);
+        let b = w.login("bob", sim::BLOCKED);
+        let call = w.dial(&a, b.number, None);
+        w.accept(&b, call, None);
+        assert!(
+            media_of(&w.take(a.conn)).is_empty(),
+            "media waits for the shard"
+        );
+        let op = w.pending_installs.remove(0);
+        w.input(Input::ShardInstalled {
+            op,
+            result: Err("shard full".into()),
+        });
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Error)]);
+        assert_eq!(hangups(&w.take(b.conn)), [(call, HangupReason::Error)]);
+        assert!(
+            removes(&w.take_shard()).is_empty(),
+            "nothing to remove: it was never installed"
+        );
+        assert_eq!(w.gw.stats().shard_sessions, [0, 0]);
+        assert_eq!(w.gw.stats().calls_failed, 1);
+        // Hang up while installing: removed at once; the late confirmation is ignored.
+        let call = w.dial(&a, b.number, None);
+        w.accept(&b, call, None);
+        w.take(a.conn);
+        let op = w.pending_installs.remove(0);
+        w.send(a.conn, ClientMsg::HangUp { call });
+        assert_eq!(removes(&w.take_shard()), [(0, call)]);
+        w.input(Input::ShardInstalled { op, result: Ok(()) });
+        assert!(media_of(&w.take(b.conn)).is_empty());
+        assert!(w.gw.legs.is_empty());
+        // Results for ops never issued are ignored.
+        w.input(Input::ShardInstalled {
+            op: 9999,
+            result: Ok(()),
+        });
+    }
+
+    #[test]
+    fn private_media_destinations_are_refused_unless_allowed() {
+        for allow in [false, true] {
+            let mut w = World::with_config(GatewayConfig {
+                allow_private_peers: allow,
+                ..sim::config()
+            });
+            // Receive-only bob gets UDP from the gateway at his reported address: a private
+            // one. (Alice sends over TCP, so the direction goes through the gateway.)
+            let a = w.login_with("alice", caps(false, false, false));
+            let b = w.login_with("bob", caps(false, true, false));
+            let call = w.dial(&a, b.number, Some(a.media()));
+            w.accept(&b, call, Some(addr("10.0.0.5:41000")));
+            let hb = hangups(&w.take(b.conn));
+            if allow {
+                assert!(hb.is_empty());
+                let spec = &installs(&w.take_shard())[0].2;
+                assert!(
+                    spec.legs
+                        .iter()
+                        .any(|l| l.delivery == Delivery::Udp(addr("10.0.0.5:41000")))
+                );
+            } else {
+                assert_eq!(hb, [(call, HangupReason::Error)]);
+                assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Error)]);
+                assert!(w.take_shard().is_empty());
+            }
+            // A direct direction towards a private peer address.
+            let c = w.login_with("carol", caps(true, true, false));
+            let d = w.login_with("dave", caps(true, true, false));
+            let call = w.dial(&c, d.number, Some(c.media()));
+            w.accept(&d, call, Some(addr("192.168.1.9:41000")));
+            let hc = hangups(&w.take(c.conn));
+            assert_eq!(hc.is_empty(), allow, "allow={allow}");
+        }
+    }
+
+    #[test]
+    fn unspecified_and_missing_media_addresses() {
+        let mut w = World::new();
+        let a = w.login_with("alice", caps(false, false, false));
+        let b = w.login_with("bob", caps(false, true, false));
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(addr("0.0.0.0:41000")));
+        let spec = &installs(&w.take_shard())[0].2;
+        let want = Delivery::Udp(SocketAddr::new(b.peer.ip(), 41000));
+        assert!(spec.legs.iter().any(|l| l.delivery == want), "{spec:?}");
+        // No media address: TCP both ways for that client, whatever its firewall allows.
+        let c = w.login_with("carol", caps(true, true, false));
+        let d = w.login_with("dave", caps(true, true, false));
+        let call = w.dial(&c, d.number, None);
+        w.accept(&d, call, Some(d.media()));
+        let mc = media_of(&w.take(c.conn));
+        assert_eq!(
+            (mc[0].send.transport, mc[0].recv.transport),
+            (Transport::Tcp, Transport::Tcp)
+        );
+        let md = media_of(&w.take(d.conn));
+        assert_eq!(
+            md[0].plan,
+            Some(Plan {
+                forward: Path::TcpInUdpOut,
+                backward: Path::UdpInTcpOut
+            })
+        );
+    }
+
+    #[test]
+    fn shards_are_picked_by_load_then_index() {
+        let mut w = World::new();
+        let users = ["alice", "bob", "carol", "dave", "erin", "frank"];
+        let cs: Vec<Client> = users
+            .iter()
+            .map(|u| w.login_with(u, caps(false, false, false)))
+            .collect();
+        let mut calls = Vec::new();
+        for pair in cs.chunks(2) {
+            let call = w.dial(&pair[0], pair[1].number, None);
+            w.accept(&pair[1], call, None);
+            calls.push((call, installs(&w.take_shard())[0].1));
+        }
+        assert_eq!(calls.iter().map(|c| c.1).collect::<Vec<_>>(), [0, 1, 0]);
+        assert_eq!(w.gw.stats().shard_sessions, [2, 1]);
+        // Shard 0's first call ends: the next call goes to shard 0 again (1 vs 1: lowest index).
+        w.send(cs[0].conn, ClientMsg::HangUp { call: calls[0].0 });
+        let call = w.dial(&cs[0], cs[1].number, None);
+        w.accept(&cs[1], call, None);
+        assert_eq!(installs(&w.take_shard())[0].1, 0);
+        // Media addresses name the chosen shard's ports.
+        w.send(cs[2].conn, ClientMsg::HangUp { call: calls[1].0 });
+        w.take(cs[3].conn);
+        let call = w.dial(&cs[2], cs[3].number, None);
+        w.accept(&cs[2 + 1], call, None);
+        let m = media_of(&w.take(cs[3].conn));
+        assert_eq!(m[0].gateway_tcp, Some(addr("192.0.2.1:7402")));
+    }
+
+    #[test]
+    fn shard_commands_use_the_servers_shard_indexes() {
+        use crate::control::gateway::ShardInfo;
+        let shards = vec![
+            ShardInfo {
+                index: 5,
+                udp_port: 9005,
+                tcp_port: 9105,
+            },
+            ShardInfo {
+                index: 3,
+                udp_port: 9003,
+                tcp_port: 9103,
+            },
+        ];
+        let mut w = World::build(sim::config(), shards);
+        let a = w.login_with("alice", caps(false, false, false));
+        let b = w.login_with("bob", caps(false, false, false));
+        let call = w.dial(&a, b.number, None);
+        w.accept(&b, call, None);
+        assert_eq!(installs(&w.take_shard())[0].1, 3);
+        let m = media_of(&w.take(a.conn));
+        assert_eq!(m[0].gateway_tcp, Some(addr("192.0.2.1:9103")));
+        w.send(a.conn, ClientMsg::HangUp { call });
+        assert_eq!(removes(&w.take_shard()), [(3, call)]);
+    }
+
+    #[test]
+    fn without_shards_calls_through_the_gateway_fail_cleanly() {
+        let mut w = World::build(sim::config(), Vec::new());
+        let a = w.login_with("alice", caps(false, false, false));
+        let b = w.login_with("bob", caps(false, false, false));
+        let call = w.dial(&a, b.number, None);
+        w.accept(&b, call, None);
+        assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Error)]);
+        // Direct calls still work.
+        let c = w.login("carol", sim::OPEN);
+        let d = w.login("dave", sim::OPEN);
+        let call = w.dial(&c, d.number, Some(c.media()));
+        w.accept(&d, call, Some(d.media()));
+        assert_eq!(media_of(&w.take(c.conn)).len(), 1);
+    }
+
+    #[test]
+    fn several_calls_at_once_up_to_the_limit() {
+        let mut w = World::with_config(GatewayConfig {
+            max_calls_per_user: 2,
+            ..sim::config()
+        });
+        let a = w.login("alice", sim::SEND_ONLY);
+        let b = w.login("bob", sim::SEND_ONLY);
+        let c = w.login("carol", sim::SEND_ONLY);
+        let d = w.login("dave", sim::SEND_ONLY);
+        let c1 = w.dial(&a, b.number, Some(a.media()));
+        let c2 = w.dial(&a, c.number, Some(a.media()));
+        w.accept(&b, c1, Some(b.media()));
+        w.accept(&c, c2, Some(c.media()));
+        let ma = media_of(&w.take(a.conn));
+        assert_eq!(ma.iter().map(|m| m.call).collect::<Vec<_>>(), [c1, c2]);
+        assert_ne!(ma[0].leg, ma[1].leg, "each call has its own leg");
+        let c3 = w.dial(&a, d.number, Some(a.media()));
+        assert_eq!(hangups(&w.take(a.conn)), [(c3, HangupReason::Error)]);
+        // Alice is busy for incoming calls while in calls.
+        let c4 = w.dial(&d, a.number, None);
+        assert_eq!(hangups(&w.take(d.conn)), [(c4, HangupReason::Busy)]);
+        assert_eq!(w.gw.stats().calls_up, 2);
+    }
+
+    // ---- media trouble ----
+
+    fn trouble_setup(fa: sim::Firewall, fb: sim::Firewall) -> (World, Client, Client, CallId) {
+        let mut w = World::new();
+        let a = w.login("alice", fa);
+        let b = w.login("bob", fb);
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(b.media()));
+        w.take(a.conn);
+        w.take(b.conn);
+        (w, a, b, call)
+    }
+
+    #[test]
+    fn media_trouble_replans_when_the_path_changed() {
+        let (mut w, mut a, b, call) = trouble_setup(sim::SEND_ONLY, sim::SEND_ONLY);
+        let old = installs(&w.take_shard());
+        let old_legs: Vec<String> = old[0].2.legs.iter().map(|l| l.name.clone()).collect();
+        w.send(a.conn, ClientMsg::MediaTrouble { call });
+        // Twice is once.
+        w.send(b.conn, ClientMsg::MediaTrouble { call });
+        // Alice's firewall opened meanwhile.
+        a.fw = sim::OPEN;
+        w.probe(&a);
+        assert!(
+            media_of(&w.take(a.conn)).is_empty(),
+            "waits for bob's probe too"
+        );
+        w.probe(&b);
+        let cmds = w.take_shard();
+        assert_eq!(removes(&cmds), [(0, call)]);
+        let new = installs(&cmds);
+        assert_eq!(new.len(), 1);
+        assert!(
+            new[0].2.legs.iter().all(|l| !old_legs.contains(&l.name)),
+            "new legs"
+        );
+        let (ma, mb) = (media_of(&w.take(a.conn)), media_of(&w.take(b.conn)));
+        assert_eq!(
+            ma[0].plan,
+            Some(Plan {
+                forward: Path::UdpInTcpOut,
+                backward: Path::DirectUdp
+            })
+        );
+        assert_eq!(mb[0].plan, ma[0].plan);
+        assert_eq!(w.gw.stats().shard_sessions.iter().sum::<usize>(), 1);
+        assert!(w.gw.legs.iter().all(|l| !old_legs.contains(l)));
+    }
+
+    #[test]
+    fn media_trouble_with_the_same_plan_or_a_failed_probe_ends_the_call() {
+        // Same plan.
+        let (mut w, a, b, call) = trouble_setup(sim::SEND_ONLY, sim::NAT);
+        w.take_shard();
+        w.send(b.conn, ClientMsg::MediaTrouble { call });
+        w.probe(&a);
+        w.probe(&b);
+        assert_eq!(
+            hangups(&w.take(a.conn)),
+            [(call, HangupReason::MediaFailed)]
+        );
+        assert_eq!(
+            hangups(&w.take(b.conn)),
+            [(call, HangupReason::MediaFailed)]
+        );
+        assert_eq!(removes(&w.take_shard()), [(0, call)]);
+        // A probe that gets no report.
+        let (mut w, a, b, call) = trouble_setup(sim::OPEN, sim::OPEN);
+        w.send(a.conn, ClientMsg::MediaTrouble { call });
+        w.probe(&a);
+        w.advance(Duration::from_secs(2));
+        assert_eq!(
+            hangups(&w.take(a.conn)),
+            [(call, HangupReason::MediaFailed)]
+        );
+        assert_eq!(
+            hangups(&w.take(b.conn)),
+            [(call, HangupReason::MediaFailed)]
+        );
+        assert!(w.take_shard().is_empty(), "a direct call had no session");
+        assert_eq!(w.gw.stats().calls_failed, 1);
+    }
+
+    #[test]
+    fn media_trouble_before_media_is_refused() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::OPEN);
+        let call = w.dial(&a, b.number, None);
+        w.take(a.conn);
+        w.send(a.conn, ClientMsg::MediaTrouble { call });
+        assert!(matches!(
+            w.take(a.conn).as_slice(),
+            [ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn media_trouble_on_a_route_call_reprobes_the_caller_only() {
+        let mut w = World::new();
+        let mut a = w.login("alice", sim::SEND_ONLY);
+        let call = w.dial(&a, "+4930123", Some(a.media()));
+        w.take(a.conn);
+        w.take_shard();
+        w.send(a.conn, ClientMsg::MediaTrouble { call });
+        a.fw = sim::OPEN;
+        w.probe(&a);
+        let m = media_of(&w.take(a.conn));
+        assert_eq!(
+            m[0].plan,
+            Some(Plan {
+                forward: Path::UdpViaGateway,
+                backward: Path::UdpViaGateway
+            })
+        );
+        let cmds = w.take_shard();
+        assert_eq!(removes(&cmds).len(), 1);
+        assert_eq!(installs(&cmds)[0].2.legs.len(), 2);
+    }
+
+    // ---- rooms ----
+
+    fn incoming(msgs: &[ServerMsg]) -> Option<(CallId, bool)> {
+        msgs.iter().find_map(|m| match m {
+            ServerMsg::Incoming {
+                call, conference, ..
+            } => Some((*call, *conference)),
+            _ => None,
+        })
+    }
+
+    fn add_legs(cmds: &[Action]) -> Vec<LegSpec> {
+        cmds.iter()
+            .filter_map(|a| match a {
+                Action::AddLeg { leg, .. } => Some(leg.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn remove_legs(cmds: &[Action]) -> Vec<String> {
+        cmds.iter()
+            .filter_map(|a| match a {
+                Action::RemoveLeg { leg, .. } => Some(leg.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn room_join_and_leave() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::NAT);
+        let c = w.login("carol", sim::BLOCKED);
+        let d = w.login("dave", sim::RECV_ONLY);
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 5,
+                numbers: vec![
+                    b.number.into(),
+                    c.number.into(),
+                    d.number.into(),
+                    c.number.into(),
+                ],
+                media: Some(a.media()),
+            },
+        );
+        let msgs = w.take(a.conn);
+        let ServerMsg::Calling { tag: 5, call: room } = msgs[0] else {
+            panic!("{msgs:?}");
+        };
+        assert_eq!(msgs[1], ServerMsg::Ringing { call: room });
+        for x in [&b, &c, &d] {
+            assert_eq!(incoming(&w.take(x.conn)), Some((room, true)));
+        }
+        // Bob accepts: the session is installed with alice's and bob's legs.
+        w.accept(&b, room, Some(b.media()));
+        let cmds = w.take_shard();
+        let spec = &installs(&cmds)[0].2;
+        assert_eq!(spec.id, room);
+        assert_eq!(spec.legs.len(), 2);
+        let (ma, mb) = (media_of(&w.take(a.conn)), media_of(&w.take(b.conn)));
+        assert_eq!(ma[0].plan, None);
+        assert!(ma[0].caller && !mb[0].caller);
+        for m in [&ma[0], &mb[0]] {
+            assert_eq!(
+                m.send,
+                MediaSend {
+                    transport: Transport::Udp,
+                    to: Some(addr(GW_UDP)),
+                    via_gateway: true
+                }
+            );
+            assert_eq!(
+                m.recv,
+                MediaRecv {
+                    transport: Transport::Udp,
+                    via_gateway: true,
+                    from: Some(addr(GW_UDP))
+                }
+            );
+        }
+        assert!(spec.legs.iter().all(|l| l.delivery == Delivery::UdpLatched));
+        let bob_leg = mb[0].leg.clone().unwrap_or_default();
+        assert_eq!(
+            spec.legs
+                .iter()
+                .find(|l| l.name == bob_leg)
+                .map(|l| l.key.clone()),
+            Some(leg_key(&b.key, &bob_leg))
+        );
+        // Carol (TCP only) and dave (receive only) join with AddLeg.
+        w.accept(&c, room, Some(c.media()));
+        w.accept(&d, room, Some(d.media()));
+        let added = add_legs(&w.take_shard());
+        assert_eq!(added.len(), 2);
+        assert_eq!(added[0].delivery, Delivery::Tcp);
+        assert_eq!(added[1].delivery, Delivery::Udp(d.media()));
+        let mc = media_of(&w.take(c.conn));
+        assert_eq!(
+            (mc[0].send.transport, mc[0].recv.transport),
+            (Transport::Tcp, Transport::Tcp)
+        );
+        assert_eq!(mc[0].send.to, Some(addr(GW_UDP)));
+        let md = media_of(&w.take(d.conn));
+        assert_eq!(
+            (md[0].send.transport, md[0].recv.transport),
+            (Transport::Tcp, Transport::Udp)
+        );
+        assert!(
+            media_of(&w.take(a.conn)).is_empty(),
+            "existing members are not re-told"
+        );
+        let s = w.gw.stats();
+        assert_eq!((s.rooms, s.room_members, s.shard_sessions[0]), (1, 4, 1));
+        // Members are busy.
+        let e = w.login("erin", sim::OPEN);
+        let x = w.dial(&e, b.number, None);
+        assert_eq!(hangups(&w.take(e.conn)), [(x, HangupReason::Busy)]);
+        // The organizer leaves: the room goes on.
+        w.send(a.conn, ClientMsg::HangUp { call: room });
+        assert_eq!(
+            remove_legs(&w.take_shard()),
+            [ma[0].leg.clone().unwrap_or_default()]
+        );
+        assert!(hangups(&w.take(b.conn)).is_empty());
+        // Bob drops off; then carol hangs up: dave alone, the room ends.
+        w.input(Input::Disconnected { conn: b.conn });
+        assert_eq!(remove_legs(&w.take_shard()), [bob_leg]);
+        w.send(c.conn, ClientMsg::HangUp { call: room });
+        let cmds = w.take_shard();
+        assert_eq!(remove_legs(&cmds).len(), 1);
+        assert_eq!(removes(&cmds), [(0, room)]);
+        assert_eq!(hangups(&w.take(d.conn)), [(room, HangupReason::Normal)]);
+        assert_eq!(w.gw.stats().rooms, 0);
+    }
+
+    #[test]
+    fn room_invitations_reject_and_no_answer() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::OPEN);
+        let c = w.login("carol", sim::OPEN);
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 1,
+                numbers: vec![b.number.into(), c.number.into()],
+                media: Some(a.media()),
+            },
+        );
+        let room = match w.take(a.conn)[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        w.send(b.conn, ClientMsg::Reject { call: room });
+        assert!(
+            hangups(&w.take(a.conn)).is_empty(),
+            "alice and carol remain"
+        );
+        w.take(c.conn);
+        w.advance(Duration::from_secs(30));
+        assert_eq!(hangups(&w.take(c.conn)), [(room, HangupReason::NoAnswer)]);
+        assert_eq!(hangups(&w.take(a.conn)), [(room, HangupReason::NoAnswer)]);
+        assert!(w.take_shard().is_empty());
+        // Nobody invitable: the first failure's reason.
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 2,
+                numbers: vec!["+15550008".into(), "+15559999".into()],
+                media: None,
+            },
+        );
+        let msgs = w.take(a.conn);
+        let room = match msgs[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        assert_eq!(hangups(&msgs), [(room, HangupReason::Offline)]);
+        // Telephone numbers and too many numbers.
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 3,
+                numbers: vec!["+4930111".into()],
+                media: None,
+            },
+        );
+        assert_eq!(
+            hangups(&w.take(a.conn)).first().map(|h| h.1),
+            Some(HangupReason::NotFound)
+        );
+        let many: Vec<String> = (0..16).map(|i| format!("+1555010{i:02}")).collect();
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 4,
+                numbers: many,
+                media: None,
+            },
+        );
+        let msgs = w.take(a.conn);
+        assert!(msgs.iter().any(|m| matches!(
+            m,
+            ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                ..
+            }
+        )));
+        assert_eq!(
+            hangups(&msgs).first().map(|h| h.1),
+            Some(HangupReason::Error)
+        );
+        assert_eq!(w.gw.active_calls(), 0);
+    }
+
+    #[test]
+    fn room_install_waits_for_probes_and_failure_ends_it() {
+        let mut w = World::new();
+        w.auto_install = None;
+        let a = w.login("alice", sim::OPEN);
+        let mut b = w.login_only("bob");
+        b.fw = sim::SEND_ONLY;
+        let c = w.login("carol", sim::OPEN);
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 1,
+                numbers: vec![b.number.into(), c.number.into()],
+                media: Some(a.media()),
+            },
+        );
+        let room = match w.take(a.conn)[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        w.accept(&b, room, Some(b.media()));
+        assert!(w.take_shard().is_empty(), "bob's probe is still running");
+        w.probe(&b);
+        assert_eq!(installs(&w.take_shard()).len(), 1);
+        // Carol accepts while the install is pending: AddLeg now, media when it is confirmed.
+        w.accept(&c, room, Some(c.media()));
+        assert_eq!(add_legs(&w.take_shard()).len(), 1);
+        assert!(media_of(&w.take(c.conn)).is_empty());
+        let op = w.pending_installs.remove(0);
+        w.input(Input::ShardInstalled { op, result: Ok(()) });
+        for x in [&a, &b, &c] {
+            assert_eq!(media_of(&w.take(x.conn)).len(), 1);
+        }
+        // A second room whose install fails ends with an error for everyone in it.
+        let d = w.login("dave", sim::OPEN);
+        let e = w.login("erin", sim::OPEN);
+        w.send(
+            d.conn,
+            ClientMsg::Conference {
+                tag: 1,
+                numbers: vec![e.number.into()],
+                media: Some(d.media()),
+            },
+        );
+        let room2 = match w.take(d.conn)[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        w.accept(&e, room2, Some(e.media()));
+        let op = w.pending_installs.remove(0);
+        w.input(Input::ShardInstalled {
+            op,
+            result: Err("no".into()),
+        });
+        assert_eq!(hangups(&w.take(d.conn)), [(room2, HangupReason::Error)]);
+        assert_eq!(hangups(&w.take(e.conn)), [(room2, HangupReason::Error)]);
+        assert_eq!(w.gw.stats().shard_sessions, [1, 0]);
+    }
+
+    #[test]
+    fn room_media_trouble_rejoins_or_drops_the_member() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let mut b = w.login("bob", sim::SEND_ONLY);
+        let c = w.login("carol", sim::OPEN);
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 1,
+                numbers: vec![b.number.into(), c.number.into()],
+                media: Some(a.media()),
+            },
+        );
+        let room = match w.take(a.conn)[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        w.accept(&b, room, Some(b.media()));
+        w.accept(&c, room, Some(c.media()));
+        let old_b = media_of(&w.take(b.conn))[0].leg.clone().unwrap_or_default();
+        w.take_shard();
+        // Bob's path changed (now he receives UDP): new leg.
+        w.send(b.conn, ClientMsg::MediaTrouble { call: room });
+        b.fw = sim::OPEN;
+        w.probe(&b);
+        let cmds = w.take_shard();
+        assert_eq!(remove_legs(&cmds), [old_b]);
+        assert_eq!(add_legs(&cmds).len(), 1);
+        let mb = media_of(&w.take(b.conn));
+        assert_eq!(mb[0].recv.transport, Transport::Udp);
+        // Same again: nothing changed, bob leaves with media_failed; the room goes on.
+        w.send(b.conn, ClientMsg::MediaTrouble { call: room });
+        w.probe(&b);
+        assert_eq!(
+            hangups(&w.take(b.conn)),
+            [(room, HangupReason::MediaFailed)]
+        );
+        assert_eq!(remove_legs(&w.take_shard()).len(), 1);
+        assert!(hangups(&w.take(a.conn)).is_empty());
+        assert_eq!(w.gw.stats().room_members, 2);
+    }
+
+    #[test]
+    fn members_that_leave_empty_the_session_and_late_joiners_reinstall() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::OPEN);
+        let c = w.login("carol", sim::OPEN);
+        let d = w.login("dave", sim::OPEN);
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 1,
+                numbers: vec![b.number.into(), c.number.into(), d.number.into()],
+                media: Some(a.media()),
+            },
+        );
+        let room = match w.take(a.conn)[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        w.accept(&b, room, Some(b.media()));
+        assert_eq!(installs(&w.take_shard()).len(), 1);
+        // Alice and bob leave before carol and dave answer: the session goes, the room stays.
+        w.send(a.conn, ClientMsg::HangUp { call: room });
+        w.send(b.conn, ClientMsg::HangUp { call: room });
+        let cmds = w.take_shard();
+        assert_eq!(remove_legs(&cmds).len(), 2);
+        assert_eq!(removes(&cmds), [(0, room)]);
+        w.accept(&c, room, Some(c.media()));
+        assert!(
+            w.take_shard().is_empty(),
+            "carol alone: nothing to install yet"
+        );
+        w.accept(&d, room, Some(d.media()));
+        let spec = &installs(&w.take_shard())[0].2;
+        assert_eq!(spec.legs.len(), 2);
+        assert_eq!(media_of(&w.take(c.conn)).len(), 1);
+    }
+}

@@ -1,0 +1,1155 @@
+//! The gateway's control core, sans-IO in the style of `quinn-proto`: no sockets, no clock, no
+//! threads. `server/` feeds it [`Input`]s with the current time ([`Gateway::handle`]), calls
+//! [`Gateway::handle_timeout`] when [`Gateway::poll_timeout`] says so, and carries out the
+//! [`Action`]s it takes from [`Gateway::poll_action`]: messages to send on control connections,
+//! connections to close, probe datagrams, and shard commands.
+//!
+//! It owns every per-client and per-call decision: log-in ([`super::auth`]), presence
+//! ([`super::presence`]), probing ([`super::probe`]), calls and conference rooms
+//! ([`super::calls`]), and the Table 1 plan ([`super::planner`], [`super::media`]). It owns
+//! no socket and no shard: a shard session exists because this core emitted
+//! [`Action::InstallSession`], and is gone once it emitted [`Action::RemoveSession`].
+//!
+//! The store is called synchronously (SQLite lookups take microseconds; a fleet backend behind
+//! the same trait should cache). Randomness (nonces, tokens, leg names) comes from the
+//! [`StdRng`] the caller seeds; in production seed it from the OS (`StdRng::from_os_rng()`).
+//!
+//! # Contract with the server
+//! - Shard commands ([`Action::InstallSession`], [`Action::AddLeg`], [`Action::RemoveLeg`],
+//!   [`Action::RemoveSession`]) must reach each shard **in the order they were polled**: a
+//!   session may be removed right after its install was asked for (the call ended meanwhile),
+//!   and a room's `AddLeg` may follow its `InstallSession` before the install is confirmed.
+//! - Every [`Action::InstallSession`] is answered with exactly one
+//!   [`Input::ShardInstalled`] carrying the same `op`.
+//! - After [`Action::Close`] the core has forgotten the connection; what arrives for it later
+//!   is ignored. [`Input::Disconnected`] for a connection it already closed is harmless.
+//! - `ConnId`s are never reused.
+//!
+//! - Actions print with `{:?}`, and [`Input`] too: a `LegSpec` carries its key and a
+//!   `ClientMsg::Proof` its proof, so do not log them whole.
+//!
+//! # Decisions where the brief was silent (details in each module)
+//! - Log-in: `hello` is refused with `refused{unavailable}` while draining (the connection is
+//!   accepted so that the refusal is read, not lost to a reset); with `refused{bad_message}`
+//!   for a malformed user name or nonce; `refused{internal}` when the store fails. A
+//!   connection that has not logged in within [`GatewayConfig::login_timeout`] gets
+//!   `refused{timeout}`. `bye` ends the client's calls with `hang_up{normal}` to its peers.
+//! - Presence deadlines carry a jitter allowance ([`super::presence`]).
+//! - Probe verdicts, timeouts and the NAT reading: [`super::probe`].
+//! - Calls (busy rules, `calling` before any `hang_up`, new calls while draining get
+//!   `hang_up{shutdown}`, one call at a time per telephone route, no media address means TCP):
+//!   [`super::calls`]. Private-address refusal: [`super::media`].
+//! - `Shutdown` sends `hang_up{shutdown}` for every call, then `refused{unavailable}` and a
+//!   close to every connection, and refuses every later connection.
+//!
+//! Nothing here panics on any input sequence, and every table is bounded: connections by
+//! [`GatewayConfig::max_connections`], probes by one per logged-in client, calls by
+//! [`GatewayConfig::max_calls_per_user`] per client, rooms by
+//! [`GatewayConfig::max_room_size`], failed log-in records by the rate limiter's table size.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use rand::rngs::StdRng;
+use rand::{CryptoRng, RngCore};
+
+use super::auth::{
+    self, AuthConfig, RateLimitConfig, RateLimiter, ServerAwaitingProof, ServerFirst, SessionKey,
+};
+use super::calls::Call;
+use super::presence::Presence;
+use super::probe::{Probe, ProbeOutcome};
+use crate::shard::relay::canonical;
+use crate::shard::{LegSpec, SessionId, SessionSpec};
+use crate::store::Store;
+use crate::wire::control::{CallId, ClientMsg, ErrorCode, ServerMsg, VERSION};
+
+/// The server's name for one control connection. Never reused.
+pub type ConnId = u64;
+
+/// The two probe ports: A receives the client's Binding requests; B only sends (an unsolicited
+/// source, to tell a firewall that admits only replies from one that admits anything).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProbePort {
+    A,
+    B,
+}
+
+/// One shard as clients reach it: its index and its UDP and TCP media ports.
+#[derive(Clone, Debug)]
+pub struct ShardInfo {
+    pub index: usize,
+    pub udp_port: u16,
+    pub tcp_port: u16,
+}
+
+/// Everything the control core can be told to do differently; reloadable with
+/// [`Gateway::set_config`].
+///
+/// The [`AuthConfig`] secret keys the decoy challenges for unknown users. It must be stable
+/// across restarts (or a prober sees an unknown user's salt change) and secret: the server
+/// should create it once, persist it next to the store, and build the config with
+/// [`GatewayConfig::with_secret`]. [`GatewayConfig::generate`] draws a fresh one (fine for a
+/// one-off run), and `Default` uses an all-zero secret, which is for tests only:
+/// [`Gateway::new`] logs a warning when it sees one.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// Heart-beat interval told to clients (`welcome.heartbeat_ms`). Default 10 s.
+    pub heartbeat: Duration,
+    /// Heart-beat intervals a client may stay silent before it is offline. Default 3.
+    pub misses: u32,
+    /// Allowance for network jitter on every presence deadline, so that a client heart-beating
+    /// exactly every `heartbeat` is not polled each time one arrives a little late. Default
+    /// 2.5 s; at most half the heart-beat.
+    pub heartbeat_slack: Duration,
+    /// A connection must complete its log-in within this. Default 10 s.
+    pub login_timeout: Duration,
+    /// An unanswered call (or room invitation) ends after this. Default 30 s.
+    pub ring_timeout: Duration,
+    /// UDP ports of probe sockets A and B (told to clients in `probe_begin`). Default 7390, 7391.
+    pub probe_ports: (u16, u16),
+    /// A probe that has no `probe_report` after this ends with `recv_udp = false`. Default 2 s.
+    pub probe_timeout: Duration,
+    /// How long to wait for the client's Binding request before sending the probe datagrams
+    /// anyway (after `probe_local`). Default 600 ms.
+    pub probe_bind_wait: Duration,
+    /// Told to the client in `probe_check`: how long to wait for stragglers. Default 300 ms.
+    pub probe_grace: Duration,
+    /// Binding indications sent from each probe port. Default 3.
+    pub probe_repeats: u32,
+    /// Spacing of those indications. Default 50 ms.
+    pub probe_spacing: Duration,
+    /// `false` (default): UDP media destinations (a client's `Delivery::Udp` address, or the
+    /// peer address of a direct UDP direction) in loopback, RFC 1918, ULA or link-local ranges
+    /// are refused: the call ends with `hang_up{error}` and the reason is logged. Telephone
+    /// routes are operator configuration and are exempt.
+    pub allow_private_peers: bool,
+    /// SCRAM iteration count of verifiers; unknown users' decoy challenges advertise it too
+    /// (it overrides `auth.decoy_iterations`, so the two cannot drift apart).
+    pub scram_iterations: u32,
+    pub auth: AuthConfig,
+    pub rate_limit: RateLimitConfig,
+    /// Control connections held at once (logged in or not); more are refused at connect.
+    pub max_connections: usize,
+    /// Calls a client may take part in at once (each two-party call and each room counts one).
+    pub max_calls_per_user: usize,
+    /// Largest room, organizer included (2..=64). Default 16.
+    pub max_room_size: usize,
+}
+
+impl Default for GatewayConfig {
+    /// Defaults with an all-zero auth secret: for tests. See the type's docs.
+    fn default() -> Self {
+        Self::with_secret([0; 32])
+    }
+}
+
+impl GatewayConfig {
+    /// Defaults, with the decoy secret the server persisted.
+    pub fn with_secret(secret: [u8; 32]) -> Self {
+        GatewayConfig {
+            heartbeat: Duration::from_secs(10),
+            misses: 3,
+            heartbeat_slack: Duration::from_millis(2500),
+            login_timeout: Duration::from_secs(10),
+            ring_timeout: Duration::from_secs(30),
+            probe_ports: (7390, 7391),
+            probe_timeout: Duration::from_secs(2),
+            probe_bind_wait: Duration::from_millis(600),
+            probe_grace: Duration::from_millis(300),
+            probe_repeats: 3,
+            probe_spacing: Duration::from_millis(50),
+            allow_private_peers: false,
+            scram_iterations: auth::DEFAULT_ITERATIONS,
+            auth: AuthConfig::new(secret, auth::DEFAULT_ITERATIONS),
+            rate_limit: RateLimitConfig::default(),
+            max_connections: 100_000,
+            max_calls_per_user: 8,
+            max_room_size: 16,
+        }
+    }
+
+    /// Defaults with a fresh random decoy secret (unknown users' salts change at restart).
+    pub fn generate<R: CryptoRng + ?Sized>(rng: &mut R) -> Self {
+        let mut secret = [0u8; 32];
+        rng.fill_bytes(&mut secret);
+        Self::with_secret(secret)
+    }
+
+    pub(crate) fn cadence(&self) -> super::presence::Cadence {
+        super::presence::Cadence {
+            heartbeat: self.heartbeat,
+            misses: self.misses,
+            slack: self.heartbeat_slack,
+        }
+    }
+
+    /// The config with every value brought into a range where no deadline can overflow and no
+    /// table is unbounded.
+    fn sanitized(mut self) -> Self {
+        const DAY: Duration = Duration::from_secs(86_400);
+        let clamp = |d: Duration, lo: Duration, hi: Duration| d.max(lo).min(hi);
+        self.heartbeat = clamp(self.heartbeat, Duration::from_millis(100), DAY);
+        self.misses = self.misses.clamp(1, 1000);
+        self.heartbeat_slack = self.heartbeat_slack.min(self.heartbeat / 2);
+        self.login_timeout = clamp(self.login_timeout, Duration::from_millis(100), DAY);
+        self.ring_timeout = self.ring_timeout.min(DAY);
+        self.probe_timeout = clamp(self.probe_timeout, Duration::from_millis(10), DAY);
+        self.probe_bind_wait = self.probe_bind_wait.min(self.probe_timeout);
+        self.probe_grace = self.probe_grace.min(self.probe_timeout);
+        self.probe_repeats = self.probe_repeats.min(16);
+        self.probe_spacing = self.probe_spacing.min(Duration::from_secs(1));
+        self.scram_iterations = self.scram_iterations.max(1);
+        self.auth.decoy_iterations = self.scram_iterations;
+        self.max_calls_per_user = self.max_calls_per_user.clamp(1, 64);
+        self.max_room_size = self.max_room_size.clamp(2, 64);
+        self
+    }
+}
+
+/// What happened, as told by the server.
+#[derive(Debug)]
+pub enum Input {
+    /// A control connection was accepted: `peer` is the client as seen, `local` the gateway
+    /// address it connected to (clients are told media addresses on that IP).
+    Connected {
+        conn: ConnId,
+        peer: SocketAddr,
+        local: SocketAddr,
+    },
+    Message {
+        conn: ConnId,
+        msg: ClientMsg,
+    },
+    /// A frame that did not decode (or broke the framing): answered with `error` and a close.
+    BadMessage {
+        conn: ConnId,
+        error: String,
+    },
+    Disconnected {
+        conn: ConnId,
+    },
+    /// A datagram on probe port A or B.
+    ProbeDatagram {
+        port: ProbePort,
+        src: SocketAddr,
+        data: Vec<u8>,
+    },
+    /// The answer to [`Action::InstallSession`] with this `op`.
+    ShardInstalled {
+        op: u64,
+        result: Result<(), String>,
+    },
+    /// SIGTERM: refuse new log-ins and calls; calls in progress continue.
+    Drain,
+    /// End every call (HangUp Shutdown) and close every connection.
+    Shutdown,
+}
+
+/// What the server is to do.
+#[derive(Clone, Debug)]
+pub enum Action {
+    Send {
+        conn: ConnId,
+        msg: ServerMsg,
+    },
+    /// Close the connection (after sending what was queued for it).
+    Close {
+        conn: ConnId,
+    },
+    /// Send a datagram from probe port `port`.
+    ProbeSend {
+        port: ProbePort,
+        dst: SocketAddr,
+        data: Vec<u8>,
+    },
+    InstallSession {
+        op: u64,
+        shard: usize,
+        spec: SessionSpec,
+    },
+    RemoveSession {
+        shard: usize,
+        session: SessionId,
+    },
+    /// A participant joins a room's session.
+    AddLeg {
+        shard: usize,
+        session: SessionId,
+        leg: LegSpec,
+    },
+    /// A participant leaves a room's session.
+    RemoveLeg {
+        shard: usize,
+        session: SessionId,
+        leg: String,
+    },
+}
+
+/// A snapshot of the core's tables and counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GatewayStats {
+    /// Control connections held (logged in or not).
+    pub connections: usize,
+    pub logged_in: usize,
+    /// Two-party calls in any state (ringing, setting up, up).
+    pub calls: usize,
+    /// Two-party calls whose media is up.
+    pub calls_up: usize,
+    pub rooms: usize,
+    /// Members of all rooms (invited or joined).
+    pub room_members: usize,
+    pub probes_running: usize,
+    /// Relay sessions installed (or being installed), per shard.
+    pub shard_sessions: Vec<usize>,
+    pub draining: bool,
+    /// Since start: successful log-ins.
+    pub logins: u64,
+    /// Since start: failed log-ins (wrong password, unknown user, bad proof).
+    pub failed_logins: u64,
+    /// Since start: log-ins refused by the rate limiter.
+    pub rate_limited: u64,
+    /// Since start: calls and rooms placed.
+    pub calls_placed: u64,
+    /// Since start: calls ended by media failure or a set-up error.
+    pub calls_failed: u64,
+}
+
+/// A logged-in client.
+pub(crate) struct Session {
+    pub user: String,
+    pub number: String,
+    pub key: SessionKey,
+    pub presence: Presence,
+    /// The probe running now, if any.
+    pub probe: Option<Probe>,
+    pub last_probe_id: u32,
+    /// The latest completed probe.
+    pub result: Option<ProbeOutcome>,
+    /// Calls and rooms this client takes part in.
+    pub calls: BTreeSet<CallId>,
+}
+
+pub(crate) enum Phase {
+    AwaitingHello,
+    AwaitingProof {
+        attempt: Box<ServerAwaitingProof>,
+        /// The subscriber's number, when the user exists.
+        number: Option<String>,
+    },
+    LoggedIn(Box<Session>),
+}
+
+pub(crate) struct Conn {
+    /// The client as seen (canonical: v4-mapped addresses as IPv4).
+    pub peer: SocketAddr,
+    /// The gateway address the client connected to (canonical).
+    pub local: SocketAddr,
+    pub opened: Instant,
+    pub phase: Phase,
+}
+
+/// Timers; each entity has at most one of each kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Timer {
+    /// Log-in deadline, then presence.
+    Conn(ConnId),
+    /// The next step of the connection's probe.
+    Probe(ConnId),
+    /// Ring timeout of a call or room.
+    Call(CallId),
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Timers {
+    by_time: BTreeSet<(Instant, Timer)>,
+    by_key: HashMap<Timer, Instant>,
+}
+
+impl Timers {
+    pub fn set(&mut self, t: Timer, at: Instant) {
+        if let Some(old) = self.by_key.insert(t, at) {
+            self.by_time.remove(&(old, t));
+        }
+        self.by_time.insert((at, t));
+    }
+
+    pub fn cancel(&mut self, t: Timer) {
+        if let Some(old) = self.by_key.remove(&t) {
+            self.by_time.remove(&(old, t));
+        }
+    }
+
+    fn next(&self) -> Option<Instant> {
+        self.by_time.first().map(|(at, _)| *at)
+    }
+
+    /// Removes and returns the timers due at `now`.
+    fn take_due(&mut self, now: Instant) -> Vec<Timer> {
+        let mut due = Vec::new();
+        while let Some(&(at, t)) = self.by_time.first() {
+            if at > now {
+                break;
+            }
+            self.by_time.pop_first();
+            self.by_key.remove(&t);
+            due.push(t);
+        }
+        due
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    #[cfg(test)]
+    pub fn contains(&self, t: Timer) -> bool {
+        self.by_key.contains_key(&t)
+    }
+}
+
+/// `t + d`, saturating (the config is sanitized, so this never saturates in practice).
+pub(crate) fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d).unwrap_or(t)
+}
+
+pub(crate) fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// Lower-case hex of `n` random bytes.
+pub(crate) fn random_hex(rng: &mut StdRng, n: usize) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bytes = vec![0u8; n];
+    rng.fill_bytes(&mut bytes);
+    let mut s = String::with_capacity(2 * n);
+    for b in bytes {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    s
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub logins: u64,
+    pub failed_logins: u64,
+    pub rate_limited: u64,
+    pub calls_placed: u64,
+    pub calls_failed: u64,
+}
+
+/// The control core. See the module docs.
+pub struct Gateway {
+    pub(crate) cfg: GatewayConfig,
+    pub(crate) store: Box<dyn Store>,
+    pub(crate) shards: Vec<ShardInfo>,
+    /// Sessions installed (or being installed) per shard, by position in `shards`.
+    pub(crate) shard_load: Vec<usize>,
+    pub(crate) rng: StdRng,
+    pub(crate) limiter: RateLimiter,
+    pub(crate) conns: HashMap<ConnId, Conn>,
+    /// Logged-in users and their connection.
+    pub(crate) users: HashMap<String, ConnId>,
+    /// Tokens of running probes.
+    pub(crate) tokens: HashMap<String, ConnId>,
+    pub(crate) calls: HashMap<CallId, Call>,
+    /// Installs waiting for [`Input::ShardInstalled`].
+    pub(crate) ops: HashMap<u64, CallId>,
+    /// Leg names in use.
+    pub(crate) legs: HashSet<String>,
+    /// Telephone route media addresses in use, and by which call (one call at a time each:
+    /// the relay binds a route's media address as the trusted source of one leg).
+    pub(crate) route_busy: HashMap<SocketAddr, CallId>,
+    pub(crate) timers: Timers,
+    pub(crate) actions: VecDeque<Action>,
+    pub(crate) next_call: CallId,
+    pub(crate) next_op: u64,
+    pub(crate) next_session: u64,
+    pub(crate) draining: bool,
+    /// After [`Input::Shutdown`]: every new connection is refused.
+    pub(crate) shut: bool,
+    pub(crate) counters: Counters,
+}
+
+impl Gateway {
+    pub fn new(
+        cfg: GatewayConfig,
+        store: Box<dyn Store>,
+        mut shards: Vec<ShardInfo>,
+        rng: StdRng,
+    ) -> Self {
+        let cfg = cfg.sanitized();
+        shards.sort_by_key(|s| s.index);
+        if cfg.auth.secret() == &[0u8; 32] {
+            tracing::warn!(
+                "the log-in decoy secret is all zeros: unknown users can be told from known ones; \
+                 build the config with GatewayConfig::with_secret"
+            );
+        }
+        Gateway {
+            limiter: RateLimiter::new(cfg.rate_limit),
+            shard_load: vec![0; shards.len()],
+            cfg,
+            store,
+            shards,
+            rng,
+            conns: HashMap::new(),
+            users: HashMap::new(),
+            tokens: HashMap::new(),
+            calls: HashMap::new(),
+            ops: HashMap::new(),
+            legs: HashSet::new(),
+            route_busy: HashMap::new(),
+            timers: Timers::default(),
+            actions: VecDeque::new(),
+            next_call: 1,
+            next_op: 1,
+            next_session: 1,
+            draining: false,
+            shut: false,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn handle(&mut self, now: Instant, input: Input) {
+        match input {
+            Input::Connected { conn, peer, local } => self.on_connected(now, conn, peer, local),
+            Input::Message { conn, msg } => self.on_message(now, conn, msg),
+            Input::BadMessage { conn, error } => {
+                if self.conns.contains_key(&conn) {
+                    tracing::debug!(conn, %error, "undecodable control message");
+                    self.send(
+                        conn,
+                        ServerMsg::Error {
+                            code: ErrorCode::BadMessage,
+                            message: clip(&error),
+                        },
+                    );
+                    self.drop_conn(now, conn, super::calls::Lost::PeerLost);
+                }
+            }
+            Input::Disconnected { conn } => {
+                if self.conns.contains_key(&conn) {
+                    self.forget_conn(now, conn, super::calls::Lost::PeerLost);
+                }
+            }
+            Input::ProbeDatagram { port, src, data } => {
+                self.on_probe_datagram(now, port, src, &data)
+            }
+            Input::ShardInstalled { op, result } => self.on_shard_installed(now, op, result),
+            Input::Drain => {
+                if !self.draining {
+                    tracing::info!(
+                        calls = self.calls.len(),
+                        "draining: refusing new log-ins and calls"
+                    );
+                }
+                self.draining = true;
+            }
+            Input::Shutdown => self.shutdown(now),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for t in self.timers.take_due(now) {
+            match t {
+                Timer::Conn(conn) => self.on_conn_timer(now, conn),
+                Timer::Probe(conn) => self.advance_probe(now, conn),
+                Timer::Call(call) => self.on_call_timer(now, call),
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
+    pub fn store_mut(&mut self) -> &mut dyn Store {
+        &mut *self.store
+    }
+
+    /// Live reload. Takes effect at once for limits, `allow_private_peers`, probe settings of
+    /// probes started later, and presence deadlines (every connection's timer is re-armed);
+    /// ring timers of calls already ringing keep their deadline. A changed rate-limit config
+    /// starts from empty buckets.
+    pub fn set_config(&mut self, cfg: GatewayConfig) {
+        let cfg = cfg.sanitized();
+        if cfg.rate_limit != self.cfg.rate_limit {
+            self.limiter = RateLimiter::new(cfg.rate_limit);
+        }
+        self.cfg = cfg;
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            self.arm_conn_timer(conn);
+        }
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> GatewayStats {
+        let mut s = GatewayStats {
+            connections: self.conns.len(),
+            logged_in: self.users.len(),
+            probes_running: self.tokens.len(),
+            shard_sessions: self.shard_load.clone(),
+            draining: self.draining,
+            logins: self.counters.logins,
+            failed_logins: self.counters.failed_logins,
+            rate_limited: self.counters.rate_limited,
+            calls_placed: self.counters.calls_placed,
+            calls_failed: self.counters.calls_failed,
+            ..GatewayStats::default()
+        };
+        for call in self.calls.values() {
+            match call {
+                Call::Pair(p) => {
+                    s.calls += 1;
+                    s.calls_up += usize::from(p.is_up());
+                }
+                Call::Room(r) => {
+                    s.rooms += 1;
+                    s.room_members += r.members.len();
+                }
+            }
+        }
+        s
+    }
+
+    /// Calls and rooms in any state (the server drains until this is zero).
+    pub fn active_calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    // ------------------------------------------------------------------ helpers
+
+    pub(crate) fn send(&mut self, conn: ConnId, msg: ServerMsg) {
+        self.actions.push_back(Action::Send { conn, msg });
+    }
+
+    pub(crate) fn error(&mut self, conn: ConnId, code: ErrorCode, message: impl Into<String>) {
+        self.send(
+            conn,
+            ServerMsg::Error {
+                code,
+                message: message.into(),
+            },
+        );
+    }
+
+    pub(crate) fn session(&self, conn: ConnId) -> Option<&Session> {
+        match &self.conns.get(&conn)?.phase {
+            Phase::LoggedIn(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn session_mut(&mut self, conn: ConnId) -> Option<&mut Session> {
+        match &mut self.conns.get_mut(&conn)?.phase {
+            Phase::LoggedIn(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A leg name no live leg has: 32 hex characters.
+    pub(crate) fn new_leg_name(&mut self) -> String {
+        loop {
+            let name = random_hex(&mut self.rng, 16);
+            if self.legs.insert(name.clone()) {
+                return name;
+            }
+        }
+    }
+
+    pub(crate) fn release_leg(&mut self, name: &str) {
+        self.legs.remove(name);
+    }
+
+    pub(crate) fn new_call_id(&mut self) -> CallId {
+        let id = self.next_call;
+        self.next_call = self.next_call.wrapping_add(1).max(1);
+        id
+    }
+
+    pub(crate) fn new_op(&mut self) -> u64 {
+        let op = self.next_op;
+        self.next_op = self.next_op.wrapping_add(1);
+        op
+    }
+
+    /// The shard index the server knows a shard by (`ShardInfo::index`), from its position.
+    pub(crate) fn shard_id(&self, pos: usize) -> usize {
+        self.shards.get(pos).map_or(pos, |s| s.index)
+    }
+
+    /// The least loaded shard's position (ties: lowest index; `shards` is sorted by index).
+    pub(crate) fn pick_shard(&self) -> Option<usize> {
+        self.shard_load
+            .iter()
+            .enumerate()
+            .min_by_key(|&(i, load)| (*load, i))
+            .map(|(i, _)| i)
+    }
+
+    // ------------------------------------------------------------ connections
+
+    fn on_connected(&mut self, now: Instant, conn: ConnId, peer: SocketAddr, local: SocketAddr) {
+        if self.conns.contains_key(&conn) {
+            tracing::warn!(conn, "duplicate connection id from the server: ignored");
+            return;
+        }
+        if self.shut || self.conns.len() >= self.cfg.max_connections {
+            self.send(
+                conn,
+                ServerMsg::Refused {
+                    code: ErrorCode::Unavailable,
+                    message: if self.shut {
+                        "the gateway is shutting down".into()
+                    } else {
+                        "the gateway is at capacity".into()
+                    },
+                },
+            );
+            self.actions.push_back(Action::Close { conn });
+            return;
+        }
+        self.conns.insert(
+            conn,
+            Conn {
+                peer: canonical(peer),
+                local: canonical(local),
+                opened: now,
+                phase: Phase::AwaitingHello,
+            },
+        );
+        self.arm_conn_timer(conn);
+    }
+
+    /// Sends `refused` and closes, ending the client's calls (`lost` tells its peers why).
+    pub(crate) fn refuse(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        code: ErrorCode,
+        message: impl Into<String>,
+        lost: super::calls::Lost,
+    ) {
+        self.send(
+            conn,
+            ServerMsg::Refused {
+                code,
+                message: message.into(),
+            },
+        );
+        self.drop_conn(now, conn, lost);
+    }
+
+    /// Closes a connection and forgets it.
+    pub(crate) fn drop_conn(&mut self, now: Instant, conn: ConnId, lost: super::calls::Lost) {
+        self.actions.push_back(Action::Close { conn });
+        self.forget_conn(now, conn, lost);
+    }
+
+    /// Forgets a connection: ends its calls, stops its probe and timers.
+    pub(crate) fn forget_conn(&mut self, now: Instant, conn: ConnId, lost: super::calls::Lost) {
+        if self.session(conn).is_some() {
+            self.party_lost(now, conn, lost);
+        }
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        self.timers.cancel(Timer::Conn(conn));
+        self.timers.cancel(Timer::Probe(conn));
+        if let Phase::LoggedIn(s) = c.phase {
+            if let Some(p) = &s.probe {
+                self.tokens.remove(&p.token);
+            }
+            if self.users.get(&s.user) == Some(&conn) {
+                self.users.remove(&s.user);
+            }
+            tracing::info!(conn, user = %s.user, "logged out");
+        }
+    }
+
+    /// Arms the connection's timer: its log-in deadline, or its next presence deadline (a
+    /// deadline already past fires on the next `handle_timeout`).
+    pub(crate) fn arm_conn_timer(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let at = match &c.phase {
+            Phase::LoggedIn(s) => s.presence.next_deadline(self.cfg.cadence()),
+            _ => later(c.opened, self.cfg.login_timeout),
+        };
+        self.timers.set(Timer::Conn(conn), at);
+    }
+
+    fn on_message(&mut self, now: Instant, conn: ConnId, msg: ClientMsg) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            tracing::debug!(conn, "message for an unknown connection: ignored");
+            return;
+        };
+        let logged_in = match &mut c.phase {
+            Phase::LoggedIn(s) => {
+                // Any message counts as life.
+                s.presence.heard(now);
+                true
+            }
+            _ => false,
+        };
+        if !logged_in {
+            return self.on_login_message(now, conn, msg);
+        }
+        match msg {
+            ClientMsg::Hello { .. } | ClientMsg::Proof { .. } => {
+                self.error(conn, ErrorCode::BadMessage, "already logged in");
+            }
+            ClientMsg::Heartbeat { seq } => self.send(conn, ServerMsg::HeartbeatAck { seq }),
+            ClientMsg::ProbeLocal { probe, local } => self.on_probe_local(now, conn, probe, local),
+            ClientMsg::ProbeReport {
+                probe,
+                got_a,
+                got_b,
+            } => self.on_probe_report(now, conn, probe, got_a, got_b),
+            ClientMsg::Reprobe => self.start_probe(now, conn),
+            ClientMsg::Dial { tag, number, media } => self.on_dial(now, conn, tag, &number, media),
+            ClientMsg::Conference {
+                tag,
+                numbers,
+                media,
+            } => self.on_conference(now, conn, tag, &numbers, media),
+            ClientMsg::Accept { call, media } => self.on_accept(now, conn, call, media),
+            ClientMsg::Reject { call } => self.on_reject(now, conn, call),
+            ClientMsg::HangUp { call } => self.on_hang_up(now, conn, call),
+            ClientMsg::MediaTrouble { call } => self.on_media_trouble(now, conn, call),
+            ClientMsg::Bye => self.drop_conn(now, conn, super::calls::Lost::Normal),
+        }
+    }
+
+    // ------------------------------------------------------------------ log-in
+
+    fn on_login_message(&mut self, now: Instant, conn: ConnId, msg: ClientMsg) {
+        let awaiting_hello = matches!(
+            self.conns.get(&conn).map(|c| &c.phase),
+            Some(Phase::AwaitingHello)
+        );
+        match msg {
+            ClientMsg::Hello {
+                version,
+                user,
+                nonce,
+                ..
+            } if awaiting_hello => self.on_hello(now, conn, version, user, nonce),
+            ClientMsg::Proof {
+                channel_binding,
+                nonce,
+                proof,
+            } if !awaiting_hello => self.on_proof(now, conn, channel_binding, nonce, &proof),
+            ClientMsg::Bye => self.drop_conn(now, conn, super::calls::Lost::Normal),
+            other => {
+                let what = client_msg_name(&other);
+                self.error(
+                    conn,
+                    ErrorCode::BadMessage,
+                    format!("{what} is not valid before log-in completes"),
+                );
+                self.drop_conn(now, conn, super::calls::Lost::PeerLost);
+            }
+        }
+    }
+
+    fn on_hello(&mut self, now: Instant, conn: ConnId, version: u16, user: String, nonce: String) {
+        use super::calls::Lost;
+        let Some(peer) = self.conns.get(&conn).map(|c| c.peer) else {
+            return;
+        };
+        if version != VERSION {
+            let msg = format!("this gateway speaks protocol version {VERSION}, not {version}");
+            return self.refuse(now, conn, ErrorCode::Version, msg, Lost::PeerLost);
+        }
+        if self.draining {
+            let msg = "the gateway is draining; log in elsewhere";
+            return self.refuse(now, conn, ErrorCode::Unavailable, msg, Lost::PeerLost);
+        }
+        if let Err(e) = auth::validate_user(&user) {
+            return self.refuse(
+                now,
+                conn,
+                ErrorCode::BadMessage,
+                e.to_string(),
+                Lost::PeerLost,
+            );
+        }
+        if let Err(limited) = self.limiter.check(now, peer.ip(), &user) {
+            self.counters.rate_limited += 1;
+            tracing::info!(conn, %peer, %user, scope = %limited.scope, "log-in rate limited");
+            return self.refuse(
+                now,
+                conn,
+                ErrorCode::RateLimited,
+                limited.to_string(),
+                Lost::PeerLost,
+            );
+        }
+        let subscriber = match self.store.user(&user) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(conn, error = %e, "store lookup failed during log-in");
+                let msg = "the directory is unavailable";
+                return self.refuse(now, conn, ErrorCode::Internal, msg, Lost::PeerLost);
+            }
+        };
+        let hello = auth::Hello {
+            user,
+            client_nonce: nonce,
+        };
+        let started = ServerFirst::new(
+            &self.cfg.auth,
+            &hello,
+            subscriber.as_ref().map(|s| &s.verifier),
+            &mut self.rng,
+        );
+        match started {
+            Ok((attempt, challenge)) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.phase = Phase::AwaitingProof {
+                        attempt: Box::new(attempt),
+                        number: subscriber.map(|s| s.number),
+                    };
+                }
+                self.send(
+                    conn,
+                    ServerMsg::Challenge {
+                        nonce: challenge.server_nonce,
+                        salt: BASE64.encode(&challenge.salt),
+                        iterations: challenge.iterations,
+                    },
+                );
+            }
+            // Malformed nonce (the user name was checked above): nothing secret to hide.
+            Err(e) => self.refuse(
+                now,
+                conn,
+                ErrorCode::BadMessage,
+                e.to_string(),
+                Lost::PeerLost,
+            ),
+        }
+    }
+
+    fn on_proof(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        channel_binding: String,
+        nonce: String,
+        proof: &str,
+    ) {
+        use super::calls::Lost;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let (peer, local) = (c.peer, c.local);
+        let Phase::AwaitingProof { attempt, number } =
+            std::mem::replace(&mut c.phase, Phase::AwaitingHello)
+        else {
+            return;
+        };
+        let user = attempt.user().to_owned();
+        // A proof that is not base64 is checked like a wrong one (same work, same answer).
+        let proof = BASE64.decode(proof.as_bytes()).unwrap_or_default();
+        let verdict = attempt.verify(&auth::ClientProof {
+            channel_binding,
+            nonce,
+            proof,
+        });
+        let (signature, key, number) = match (verdict, number) {
+            (Ok((sig, key)), Some(number)) => (sig, key, number),
+            (verdict, _) => {
+                if let Err(e) = verdict {
+                    tracing::info!(conn, %peer, %user, reason = %e, "log-in failed");
+                }
+                self.counters.failed_logins += 1;
+                self.limiter.record_failure(now, peer.ip(), &user);
+                let msg = "wrong user or password";
+                return self.refuse(now, conn, ErrorCode::AuthFailed, msg, Lost::PeerLost);
+            }
+        };
+        if self.draining {
+            let msg = "the gateway is draining; log in elsewhere";
+            return self.refuse(now, conn, ErrorCode::Unavailable, msg, Lost::PeerLost);
+        }
+        // One session per user: the new log-in replaces the old one.
+        if let Some(&old) = self.users.get(&user)
+            && old != conn
+        {
+            tracing::info!(conn, old, %user, "log-in replaces an older session");
+            self.refuse(
+                now,
+                old,
+                ErrorCode::Replaced,
+                "the same user logged in elsewhere",
+                Lost::PeerLost,
+            );
+        }
+        let session_id = self.next_session;
+        self.next_session += 1;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.phase = Phase::LoggedIn(Box::new(Session {
+            user: user.clone(),
+            number: number.clone(),
+            key,
+            presence: Presence::new(now),
+            probe: None,
+            last_probe_id: 0,
+            result: None,
+            calls: BTreeSet::new(),
+        }));
+        self.users.insert(user.clone(), conn);
+        self.counters.logins += 1;
+        tracing::info!(conn, %peer, %local, %user, "logged in");
+        self.send(
+            conn,
+            ServerMsg::Welcome {
+                session: session_id,
+                signature: BASE64.encode(&signature.signature),
+                user,
+                number,
+                heartbeat_ms: millis(self.cfg.heartbeat),
+                misses: self.cfg.misses,
+                observed: peer,
+            },
+        );
+        self.arm_conn_timer(conn);
+        self.start_probe(now, conn);
+    }
+
+    // ------------------------------------------------------------------ timers
+
+    fn on_conn_timer(&mut self, now: Instant, conn: ConnId) {
+        use super::presence::Due;
+        let cadence = self.cfg.cadence();
+        let login_timeout = self.cfg.login_timeout;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        match &mut c.phase {
+            Phase::LoggedIn(s) => match s.presence.due(now, cadence) {
+                Due::Nothing => {}
+                Due::Poll(seq) => self.send(conn, ServerMsg::Poll { seq }),
+                Due::Offline => {
+                    tracing::info!(conn, user = %s.user, "missed heart-beats: offline");
+                    return self.refuse(
+                        now,
+                        conn,
+                        ErrorCode::Timeout,
+                        "no heart-beat: the gateway considers this client offline",
+                        super::calls::Lost::PeerLost,
+                    );
+                }
+            },
+            _ => {
+                if now >= later(c.opened, login_timeout) {
+                    return self.refuse(
+                        now,
+                        conn,
+                        ErrorCode::Timeout,
+                        "log-in not completed in time",
+                        super::calls::Lost::PeerLost,
+                    );
+                }
+            }
+        }
+        self.arm_conn_timer(conn);
+    }
+
+    // ---------------------------------------------------------------- shutdown
+
+    fn shutdown(&mut self, now: Instant) {
+        tracing::info!(
+            connections = self.conns.len(),
+            calls = self.calls.len(),
+            "shutting down: ending every call"
+        );
+        self.draining = true;
+        self.shut = true;
+        let calls: Vec<CallId> = self.calls.keys().copied().collect();
+        for id in calls {
+            self.end_call(now, id, crate::wire::control::HangupReason::Shutdown);
+        }
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            self.refuse(
+                now,
+                conn,
+                ErrorCode::Unavailable,
+                "the gateway is shutting down",
+                super::calls::Lost::Normal,
+            );
+        }
+    }
+
+    /// Builds a [`LegSpec`] keyed for a client's session.
+    pub(crate) fn leg_spec(
+        key: &SessionKey,
+        name: &str,
+        delivery: crate::shard::Delivery,
+    ) -> LegSpec {
+        LegSpec {
+            name: name.to_owned(),
+            key: super::leg_key(key, name),
+            delivery,
+            trusted_source: None,
+            clock_rate: super::media::CLOCK_RATE,
+        }
+    }
+}
+
+/// The message's `type`, for error texts.
+fn client_msg_name(m: &ClientMsg) -> &'static str {
+    match m {
+        ClientMsg::Hello { .. } => "hello",
+        ClientMsg::Proof { .. } => "proof",
+        ClientMsg::Heartbeat { .. } => "heartbeat",
+        ClientMsg::ProbeLocal { .. } => "probe_local",
+        ClientMsg::ProbeReport { .. } => "probe_report",
+        ClientMsg::Reprobe => "reprobe",
+        ClientMsg::Dial { .. } => "dial",
+        ClientMsg::Conference { .. } => "conference",
+        ClientMsg::Accept { .. } => "accept",
+        ClientMsg::Reject { .. } => "reject",
+        ClientMsg::HangUp { .. } => "hang_up",
+        ClientMsg::MediaTrouble { .. } => "media_trouble",
+        ClientMsg::Bye => "bye",
+    }
+}
+
+/// Keeps peer-supplied text in error messages short and printable.
+fn clip(s: &str) -> String {
+    let mut s: String = s.chars().take(200).collect();
+    s.retain(|c| !c.is_control());
+    s
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,402 @@
+//! From a [`Plan`] to what each client is told ([`MediaSend`] / [`MediaRecv`]) and what the
+//! relay is given ([`Delivery`]): pure functions, no state, no IO.
+//!
+//! For one client X of a two-party call, `out` is the path of X's sending direction and `inn`
+//! the path of its receiving direction ([`directions`]). Then:
+//!
+//! | path            | X sends (out)                        | X receives (inn)                       |
+//! |-----------------|--------------------------------------|----------------------------------------|
+//! | `DirectUdp`     | UDP to the peer's media address      | UDP from the peer's media address      |
+//! | `UdpViaGateway` | UDP to the shard's UDP port          | UDP from the shard's UDP port          |
+//! | `UdpInTcpOut`   | UDP to the shard's UDP port          | TCP (X's media connection to the shard)|
+//! | `TcpInUdpOut`   | TCP to the shard's TCP port          | UDP from the shard's UDP port          |
+//! | `TcpBoth`       | TCP to the shard's TCP port          | TCP                                    |
+//!
+//! X has a relay leg iff `out` or `inn` uses the gateway. The leg's [`Delivery`] (how the
+//! gateway delivers *to* X) follows `inn`: none when X receives directly; TCP when X receives
+//! over TCP; UDP to the source X bound with its STUN Binding ([`Delivery::UdpLatched`]) when X
+//! can send UDP — its own Binding opened the reply path through its NAT or firewall — and
+//! otherwise UDP to X's reported media address, which must then be a public unicast address
+//! (design: "peers in loopback/private ranges are refused unless configured").
+//!
+//! Rooms and telephone routes are expressed with the same paths: a room member always goes
+//! through the gateway ([`room_directions`]); the caller of a telephone route too
+//! ([`route_plan`]).
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use super::planner::{Capabilities, Path, Plan};
+use crate::metrics::Transport;
+use crate::shard::Delivery;
+use crate::shard::relay::canonical;
+use crate::wire::control::{MediaRecv, MediaSend};
+
+/// RTP clock rate of every leg (G.711).
+pub const CLOCK_RATE: u32 = 8000;
+/// RTP payload type (0: G.711 µ-law).
+pub const PAYLOAD_TYPE: u8 = 0;
+
+/// A shard's media addresses as one client reaches the gateway: the IP the client's control
+/// connection arrived at, with the shard's UDP and TCP ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GatewayAddrs {
+    pub udp: SocketAddr,
+    pub tcp: SocketAddr,
+}
+
+impl GatewayAddrs {
+    pub fn new(ip: IpAddr, udp_port: u16, tcp_port: u16) -> Self {
+        let ip = canonical(SocketAddr::new(ip, 0)).ip();
+        GatewayAddrs {
+            udp: SocketAddr::new(ip, udp_port),
+            tcp: SocketAddr::new(ip, tcp_port),
+        }
+    }
+}
+
+/// `(out, inn)` for the caller (`forward` is its sending direction) or the callee.
+pub const fn directions(plan: Plan, caller: bool) -> (Path, Path) {
+    if caller {
+        (plan.forward, plan.backward)
+    } else {
+        (plan.backward, plan.forward)
+    }
+}
+
+/// Whether a client with these directions needs a relay leg.
+pub const fn needs_leg(out: Path, inn: Path) -> bool {
+    out.uses_gateway() || inn.uses_gateway()
+}
+
+/// How a client sends: `peer` is the other party's media address (for `DirectUdp`), `gw` the
+/// shard's addresses (for every other path).
+pub fn send_for(out: Path, peer: Option<SocketAddr>, gw: Option<GatewayAddrs>) -> MediaSend {
+    match out {
+        Path::DirectUdp => MediaSend {
+            transport: Transport::Udp,
+            to: peer,
+            via_gateway: false,
+        },
+        Path::UdpViaGateway | Path::UdpInTcpOut => MediaSend {
+            transport: Transport::Udp,
+            to: gw.map(|g| g.udp),
+            via_gateway: true,
+        },
+        Path::TcpInUdpOut | Path::TcpBoth => MediaSend {
+            transport: Transport::Tcp,
+            to: gw.map(|g| g.tcp),
+            via_gateway: true,
+        },
+    }
+}
+
+/// How a client receives.
+pub fn recv_for(inn: Path, peer: Option<SocketAddr>, gw: Option<GatewayAddrs>) -> MediaRecv {
+    match inn {
+        Path::DirectUdp => MediaRecv {
+            transport: Transport::Udp,
+            via_gateway: false,
+            from: peer,
+        },
+        Path::UdpViaGateway | Path::TcpInUdpOut => MediaRecv {
+            transport: Transport::Udp,
+            via_gateway: true,
+            from: gw.map(|g| g.udp),
+        },
+        Path::UdpInTcpOut | Path::TcpBoth => MediaRecv {
+            transport: Transport::Tcp,
+            via_gateway: true,
+            from: None,
+        },
+    }
+}
+
+/// Why a media destination was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerRefused {
+    /// Loopback, RFC 1918, ULA or link-local, and `allow_private_peers` is off.
+    Private(SocketAddr),
+    /// Unspecified, multicast, broadcast or port 0: never a media destination.
+    NotUnicast(SocketAddr),
+    /// The client gave no usable media address but the plan needs one.
+    NoAddress,
+}
+
+impl std::error::Error for PeerRefused {}
+
+impl fmt::Display for PeerRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerRefused::Private(a) => write!(
+                f,
+                "media address {a} is loopback, private (RFC 1918/ULA) or link-local, and allow_private_peers is off"
+            ),
+            PeerRefused::NotUnicast(a) => write!(f, "media address {a} is not a unicast address"),
+            PeerRefused::NoAddress => f.write_str("no media address for a UDP destination"),
+        }
+    }
+}
+
+/// Loopback, RFC 1918, ULA (fc00::/7) or link-local (169.254/16, fe80::/10); v4-mapped IPv6
+/// addresses are judged as IPv4.
+pub fn is_private(ip: IpAddr) -> bool {
+    match canonical(SocketAddr::new(ip, 0)).ip() {
+        IpAddr::V4(a) => a.is_loopback() || a.is_private() || a.is_link_local(),
+        IpAddr::V6(a) => {
+            let s0 = a.segments()[0];
+            a.is_loopback() || (s0 & 0xfe00) == 0xfc00 || (s0 & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+fn not_unicast(a: SocketAddr) -> bool {
+    let ip = a.ip();
+    a.port() == 0
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+/// Whether the gateway may send to `addr`, or tell a client to send to it.
+pub fn check_peer(addr: SocketAddr, allow_private: bool) -> Result<SocketAddr, PeerRefused> {
+    let addr = canonical(addr);
+    if not_unicast(addr) {
+        return Err(PeerRefused::NotUnicast(addr));
+    }
+    if !allow_private && is_private(addr.ip()) {
+        return Err(PeerRefused::Private(addr));
+    }
+    Ok(addr)
+}
+
+/// The media address to use for a client: the one it reported, with an unspecified IP
+/// (`0.0.0.0` / `::`) replaced by the IP the gateway observes on its control connection. `None`
+/// when it reported none, port 0, or a multicast/broadcast address.
+pub fn resolve_media(reported: Option<SocketAddr>, observed: IpAddr) -> Option<SocketAddr> {
+    let a = canonical(reported?);
+    if a.port() == 0 {
+        return None;
+    }
+    let a = if a.ip().is_unspecified() {
+        canonical(SocketAddr::new(observed, a.port()))
+    } else {
+        a
+    };
+    (!not_unicast(a)).then_some(a)
+}
+
+/// The capabilities that count for one call: a client that gave no media address has no UDP
+/// socket for it, so it sends and receives over TCP.
+pub fn effective_caps(caps: Capabilities, media: Option<SocketAddr>) -> Capabilities {
+    if media.is_some() {
+        caps
+    } else {
+        Capabilities {
+            send_udp: false,
+            recv_udp: false,
+            nat: caps.nat,
+        }
+    }
+}
+
+/// How the gateway delivers to a client whose receiving direction is `inn`.
+pub fn delivery_for(
+    inn: Path,
+    caps: Capabilities,
+    media: Option<SocketAddr>,
+    allow_private: bool,
+) -> Result<Delivery, PeerRefused> {
+    if !inn.uses_gateway() {
+        return Ok(Delivery::None);
+    }
+    match inn.receiver_transport() {
+        Transport::Tcp => Ok(Delivery::Tcp),
+        Transport::Udp if caps.send_udp => Ok(Delivery::UdpLatched),
+        Transport::Udp => {
+            let a = media.ok_or(PeerRefused::NoAddress)?;
+            Ok(Delivery::Udp(check_peer(a, allow_private)?))
+        }
+    }
+}
+
+/// A room member's `(out, inn)`: everything through the gateway, UDP where its firewall allows
+/// (out: UDP if it can send UDP, else TCP; in: UDP if it can receive UDP, else TCP).
+pub const fn room_directions(caps: Capabilities) -> (Path, Path) {
+    let out = if caps.send_udp {
+        Path::UdpViaGateway
+    } else {
+        Path::TcpBoth
+    };
+    let inn = if caps.recv_udp {
+        Path::UdpViaGateway
+    } else {
+        Path::TcpBoth
+    };
+    (out, inn)
+}
+
+/// The plan of a call from a client (caller) to a telephone route: the caller's side always
+/// goes through the gateway, UDP where its firewall allows and TCP otherwise; the gateway talks
+/// UDP to the IP voice gateway.
+pub const fn route_plan(caller: Capabilities) -> Plan {
+    Plan {
+        forward: if caller.send_udp {
+            Path::UdpViaGateway
+        } else {
+            Path::TcpInUdpOut
+        },
+        backward: if caller.recv_udp {
+            Path::UdpViaGateway
+        } else {
+            Path::UdpInTcpOut
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    #[test]
+    fn private_ranges() {
+        for p in [
+            "127.0.0.1:1",
+            "10.1.2.3:1",
+            "172.16.0.1:1",
+            "172.31.255.255:1",
+            "192.168.1.1:1",
+            "169.254.0.1:1",
+            "[::1]:1",
+            "[fd00::1]:1",
+            "[fc00::1]:1",
+            "[fe80::1]:1",
+            "[::ffff:10.0.0.1]:1",
+        ] {
+            assert!(is_private(a(p).ip()), "{p}");
+            assert_eq!(
+                check_peer(a(p), false),
+                Err(PeerRefused::Private(canonical(a(p))))
+            );
+            assert!(check_peer(a(p), true).is_ok());
+        }
+        for p in [
+            "192.0.2.1:1",
+            "172.32.0.1:1",
+            "100.64.0.1:1",
+            "[2001:db8::1]:1",
+        ] {
+            assert!(!is_private(a(p).ip()), "{p}");
+            assert!(check_peer(a(p), false).is_ok());
+        }
+        for p in [
+            "0.0.0.0:5",
+            "224.0.0.1:5",
+            "255.255.255.255:5",
+            "192.0.2.1:0",
+            "[ff02::1]:5",
+        ] {
+            assert!(matches!(
+                check_peer(a(p), true),
+                Err(PeerRefused::NotUnicast(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn media_addresses_resolve_against_the_observed_ip() {
+        let obs = a("198.51.100.7:1").ip();
+        assert_eq!(
+            resolve_media(Some(a("0.0.0.0:4000")), obs),
+            Some(a("198.51.100.7:4000"))
+        );
+        assert_eq!(
+            resolve_media(Some(a("[::]:4000")), obs),
+            Some(a("198.51.100.7:4000"))
+        );
+        assert_eq!(
+            resolve_media(Some(a("[::ffff:192.0.2.9]:4000")), obs),
+            Some(a("192.0.2.9:4000"))
+        );
+        assert_eq!(resolve_media(Some(a("192.0.2.9:0")), obs), None);
+        assert_eq!(resolve_media(Some(a("224.1.1.1:4000")), obs), None);
+        assert_eq!(resolve_media(None, obs), None);
+    }
+
+    #[test]
+    fn delivery_follows_the_receiving_direction() {
+        let media = Some(a("192.0.2.5:4000"));
+        let udp_both = Capabilities::new(true, true);
+        let recv_only = Capabilities::new(false, true);
+        assert_eq!(
+            delivery_for(Path::DirectUdp, udp_both, media, false),
+            Ok(Delivery::None)
+        );
+        assert_eq!(
+            delivery_for(Path::UdpViaGateway, udp_both, media, false),
+            Ok(Delivery::UdpLatched)
+        );
+        assert_eq!(
+            delivery_for(Path::TcpInUdpOut, recv_only, media, false),
+            Ok(Delivery::Udp(a("192.0.2.5:4000")))
+        );
+        assert_eq!(
+            delivery_for(
+                Path::TcpInUdpOut,
+                recv_only,
+                Some(a("10.0.0.5:4000")),
+                false
+            ),
+            Err(PeerRefused::Private(a("10.0.0.5:4000")))
+        );
+        assert_eq!(
+            delivery_for(Path::TcpInUdpOut, recv_only, None, false),
+            Err(PeerRefused::NoAddress)
+        );
+        for p in [Path::UdpInTcpOut, Path::TcpBoth] {
+            assert_eq!(delivery_for(p, recv_only, None, false), Ok(Delivery::Tcp));
+        }
+    }
+
+    #[test]
+    fn route_and_room_paths_always_use_the_gateway() {
+        for b in 0..8u8 {
+            let caps = Capabilities {
+                send_udp: b & 1 != 0,
+                recv_udp: b & 2 != 0,
+                nat: b & 4 != 0,
+            };
+            let p = route_plan(caps);
+            assert!(p.forward.uses_gateway() && p.backward.uses_gateway());
+            assert_eq!(
+                p.forward.sender_transport() == Transport::Udp,
+                caps.send_udp
+            );
+            assert_eq!(
+                p.backward.receiver_transport() == Transport::Udp,
+                caps.recv_udp
+            );
+            assert_eq!(p.forward.receiver_transport(), Transport::Udp);
+            assert_eq!(p.backward.sender_transport(), Transport::Udp);
+            let (out, inn) = room_directions(caps);
+            assert!(out.uses_gateway() && inn.uses_gateway());
+            assert_eq!(out.sender_transport() == Transport::Udp, caps.send_udp);
+            assert_eq!(inn.receiver_transport() == Transport::Udp, caps.recv_udp);
+        }
+    }
+
+    #[test]
+    fn no_media_address_means_tcp_only() {
+        let c = Capabilities::new(true, true).with_nat(true);
+        assert_eq!(
+            effective_caps(c, None),
+            Capabilities::new(false, false).with_nat(true)
+        );
+        assert_eq!(effective_caps(c, Some(a("192.0.2.1:5"))), c);
+    }
+}
