@@ -889,8 +889,264 @@ pub fn load_play_file(path: &Path) -> Result<Arc<[i16]>, wav::WavError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fake_gateway::{FakeGateway, Mode as GwMode, gateway_with, listener};
+    use super::super::g711;
     use super::*;
+    use crate::control::planner::Path;
+    use crate::metrics::Transport;
+    use crate::wire::control::{ClientMsg, MediaRecv, MediaSend, ServerMsg};
     use clap::Parser;
+    use tokio::net::UdpSocket;
+
+    /// A far end that sends every RTP packet back where it came from.
+    async fn echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let a = s.local_addr().expect("addr");
+        let t = tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let _ = s.send_to(&buf[..n], from).await;
+            }
+        });
+        (a, t)
+    }
+
+    fn direct_to(call: CallId, caller: bool, peer: SocketAddr) -> MediaInstructions {
+        MediaInstructions {
+            call,
+            plan: Some(Plan {
+                forward: Path::DirectUdp,
+                backward: Path::DirectUdp,
+            }),
+            caller,
+            send: MediaSend {
+                transport: Transport::Udp,
+                to: Some(peer),
+                via_gateway: false,
+            },
+            recv: MediaRecv {
+                transport: Transport::Udp,
+                via_gateway: false,
+                from: Some(peer),
+            },
+            leg: None,
+            gateway_udp: None,
+            gateway_tcp: None,
+            payload_type: 0,
+            clock_rate: 8000,
+        }
+    }
+
+    fn probe_result() -> ServerMsg {
+        ServerMsg::ProbeResult {
+            probe: 1,
+            capabilities: Capabilities::new(true, true),
+            mapped: Some("127.0.0.1:5000".parse().expect("addr")),
+            translated: false,
+        }
+    }
+
+    /// The real log-in (4096 iterations, which the phone's defaults require), then a probe
+    /// result in the same write as `welcome`.
+    async fn fake(l: tokio::net::TcpListener, extra: Vec<ServerMsg>) -> FakeGateway {
+        let mut after = vec![probe_result()];
+        after.extend(extra);
+        gateway_with(l, "pw", GwMode::Honest, 10_000, 4096, after).await
+    }
+
+    fn phone_args(server: String) -> PhoneArgs {
+        PhoneArgs {
+            server,
+            user: "alice".into(),
+            password_stdin: true,
+            call: None,
+            answer: false,
+            conference: None,
+            play: None,
+            record: None,
+            duration: None,
+            wait: None,
+            json: true,
+            firewall: FirewallClass::Open,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_end_to_end_against_a_fake_gateway() {
+        let (l, addr) = listener().await;
+        let (far, echo_task) = echo().await;
+        let gw = tokio::spawn(async move {
+            let mut g = fake(l, Vec::new()).await;
+            let ClientMsg::Dial { tag, number, media } = g.recv_skip_heartbeats().await else {
+                panic!("expected dial")
+            };
+            assert_eq!(number, "+15550002");
+            g.send_all(&[
+                ServerMsg::Calling { tag, call: 5 },
+                ServerMsg::Ringing { call: 5 },
+                ServerMsg::Media(direct_to(5, true, far)),
+            ])
+            .await;
+            assert_eq!(
+                g.recv_skip_heartbeats().await,
+                ClientMsg::HangUp { call: 5 }
+            );
+            assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
+            media
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let speech = wav::read(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/speech-8k.wav"),
+        )
+        .expect("speech");
+        let clip = &speech[8000..8000 + 4500]; // 0.56 s: 28 frames and a bit
+        let input = dir.path().join("in.wav");
+        let output = dir.path().join("out.wav");
+        wav::write(&input, clip).expect("write clip");
+        let mut args = phone_args(addr);
+        args.call = Some("+15550002".into());
+        args.play = Some(input.clone());
+        args.record = Some(output.clone());
+        let summary = phone_session(
+            &args,
+            Mode::Call("+15550002".into()),
+            "pw".into(),
+            Some(load_play_file(&input).expect("play")),
+            Some(wav::WavOut::create(&output).expect("record")),
+            PhoneSummary::new(&args),
+        )
+        .await;
+        echo_task.abort();
+        assert_eq!(summary.result, CallResult::Completed, "{summary:?}");
+        assert_eq!(summary.exit, 0);
+        assert_eq!(summary.ended_by.as_deref(), Some("local"));
+        assert_eq!(summary.call, Some(5));
+        assert_eq!(summary.sent.audio_packets, 29);
+        assert_eq!(summary.received.lost, 0);
+        assert!(summary.received.packets >= 29, "{:?}", summary.received);
+        let media = gw
+            .await
+            .expect("gateway")
+            .expect("dial carried the media address");
+        assert_eq!(media.ip(), std::net::IpAddr::from([127, 0, 0, 1]));
+        // The far end echoed our own audio: the recording is its G.711 round trip.
+        let rec = wav::read(&output).expect("recording");
+        let expected: Vec<i16> = clip.iter().map(|&s| g711::ulaw_round_trip(s)).collect();
+        assert_eq!(&rec[..expected.len()], &expected[..]);
+        assert!(rec[expected.len()..].iter().all(|&s| s == 0));
+        let j = serde_json::to_value(&summary).expect("json");
+        assert_eq!(j["result"], "completed");
+        assert_eq!(j["role"], "caller");
+        assert_eq!(j["capabilities"]["send_udp"], true);
+        assert_eq!(j["mapped"], "127.0.0.1:5000");
+        assert_eq!(j["plan"]["forward"], "direct_udp");
+        assert_eq!(j["transports"]["send"]["transport"], "udp");
+        assert_eq!(j["transports"]["recv"]["via_gateway"], false);
+        assert_eq!(j["received"]["lost"], 0);
+        assert!(j["received"]["latency_ms"]["p50"].is_number());
+    }
+
+    #[tokio::test]
+    async fn answering_records_until_the_peer_hangs_up() {
+        let (l, addr) = listener().await;
+        let (far, echo_task) = echo().await;
+        let gw = tokio::spawn(async move {
+            let incoming = ServerMsg::Incoming {
+                call: 9,
+                from_number: "+15550002".into(),
+                from_user: "bob".into(),
+                conference: false,
+            };
+            let mut g = fake(l, vec![incoming]).await;
+            let ClientMsg::Accept { call: 9, media } = g.recv_skip_heartbeats().await else {
+                panic!("expected accept")
+            };
+            g.send(&ServerMsg::Media(direct_to(9, false, far))).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            g.send(&ServerMsg::HangUp {
+                call: 9,
+                reason: HangupReason::Normal,
+            })
+            .await;
+            assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
+            media
+        });
+        let mut args = phone_args(addr);
+        args.answer = true;
+        let summary = phone_session(
+            &args,
+            Mode::Answer,
+            "pw".into(),
+            None,
+            None,
+            PhoneSummary::new(&args),
+        )
+        .await;
+        echo_task.abort();
+        assert_eq!(summary.result, CallResult::Completed, "{summary:?}");
+        assert_eq!(summary.ended_by.as_deref(), Some("peer"));
+        assert_eq!(summary.role, Role::Callee);
+        assert!(
+            summary.received.packets > 5,
+            "silence echoed back: {:?}",
+            summary.received
+        );
+        assert!(gw.await.expect("gateway").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_busy_callee_fails_the_call_with_its_reason() {
+        let (l, addr) = listener().await;
+        let gw = tokio::spawn(async move {
+            let mut g = fake(l, Vec::new()).await;
+            let ClientMsg::Dial { tag, .. } = g.recv_skip_heartbeats().await else {
+                panic!("expected dial")
+            };
+            g.send_all(&[
+                ServerMsg::Calling { tag, call: 3 },
+                ServerMsg::HangUp {
+                    call: 3,
+                    reason: HangupReason::Busy,
+                },
+            ])
+            .await;
+            assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
+        });
+        let mut args = phone_args(addr);
+        args.call = Some("+15550003".into());
+        let summary = phone_session(
+            &args,
+            Mode::Call("+15550003".into()),
+            "pw".into(),
+            None,
+            None,
+            PhoneSummary::new(&args),
+        )
+        .await;
+        assert_eq!(summary.result, CallResult::Failed);
+        assert_eq!(summary.reason.as_deref(), Some("busy"));
+        assert_eq!(summary.exit, 1);
+        gw.await.expect("gateway");
+        // A wrong password: exit status 3 and the gateway's words.
+        let (l, addr) = listener().await;
+        let gw = tokio::spawn(async move { fake(l, Vec::new()).await });
+        let args = phone_args(addr);
+        let summary = phone_session(
+            &args,
+            Mode::Call("1".into()),
+            "wrong".into(),
+            None,
+            None,
+            PhoneSummary::new(&args),
+        )
+        .await;
+        assert_eq!(summary.exit, 3);
+        assert_eq!(
+            summary.reason.as_deref(),
+            Some("log-in refused: wrong user or password")
+        );
+        gw.await.expect("gateway");
+    }
 
     #[derive(clap::Parser, Debug)]
     struct Cli {

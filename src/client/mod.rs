@@ -12,6 +12,8 @@
 
 pub mod binding;
 pub mod cli;
+#[cfg(test)]
+mod fake_gateway;
 pub mod g711;
 pub mod media;
 pub mod session;

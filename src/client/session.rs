@@ -676,7 +676,12 @@ impl Session {
         let mut hb = tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
         hb.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let silence_limit = (self.heartbeat * (self.misses + 1)).max(Duration::from_secs(3));
+        // Messages that came in the same read as `welcome` (a gateway probes right away).
+        let mut early_end = self.drain().await;
         let end = loop {
+            if let Some(end) = early_end.take() {
+                break end;
+            }
             let mut chunk = [0u8; 4096];
             tokio::select! {
                 r = self.reader.read(&mut chunk) => match r {
@@ -728,7 +733,7 @@ impl Session {
                 let _ = self.writer.shutdown().await;
                 // Give the gateway a moment to close its side.
                 let mut chunk = [0u8; 512];
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                let _ = tokio::time::timeout(Duration::from_millis(500), async {
                     while matches!(self.reader.read(&mut chunk).await, Ok(n) if n > 0) {}
                 })
                 .await;
@@ -1080,11 +1085,8 @@ impl Probe {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fake_gateway::{FakeGateway, Mode, gateway, gateway_with, listener};
     use super::*;
-    use crate::control::auth::{AuthConfig, ServerFirst, Verifier};
-    use tokio::net::TcpListener;
-
-    const ITER: u32 = 16;
 
     fn opts() -> PhoneOptions {
         PhoneOptions {
@@ -1094,142 +1096,6 @@ mod tests {
             },
             ..PhoneOptions::default()
         }
-    }
-
-    /// The gateway's end of one control connection, in the test.
-    struct FakeGateway {
-        reader: OwnedReadHalf,
-        writer: OwnedWriteHalf,
-        buf: Vec<u8>,
-        key: Option<SessionKey>,
-        peer: SocketAddr,
-    }
-
-    impl FakeGateway {
-        async fn recv(&mut self) -> ClientMsg {
-            loop {
-                if let Some((body, used)) = proto::split_frame(&self.buf).expect("frame") {
-                    let m = proto::decode::<ClientMsg>(body).expect("client message");
-                    self.buf.drain(..used);
-                    return m;
-                }
-                let mut chunk = [0u8; 4096];
-                let n = self.reader.read(&mut chunk).await.expect("read");
-                assert!(n > 0, "the phone closed the connection");
-                self.buf.extend_from_slice(&chunk[..n]);
-            }
-        }
-
-        /// Next message that is not a heartbeat.
-        async fn recv_skip_heartbeats(&mut self) -> ClientMsg {
-            loop {
-                match self.recv().await {
-                    ClientMsg::Heartbeat { .. } => continue,
-                    m => return m,
-                }
-            }
-        }
-
-        async fn send(&mut self, m: &ServerMsg) {
-            let mut out = Vec::new();
-            proto::encode(m, &mut out).expect("encode");
-            self.writer.write_all(&out).await.expect("write");
-        }
-    }
-
-    enum Mode {
-        Honest,
-        WrongSignature,
-    }
-
-    /// Accepts one phone and runs the server side of the log-in with `password`'s verifier.
-    async fn gateway(listener: TcpListener, password: &str, mode: Mode, hb_ms: u32) -> FakeGateway {
-        let (s, peer) = listener.accept().await.expect("accept");
-        let (reader, writer) = s.into_split();
-        let mut g = FakeGateway {
-            reader,
-            writer,
-            buf: Vec::new(),
-            key: None,
-            peer,
-        };
-        let verifier = Verifier::with_salt(password, b"0123456789abcdef", ITER);
-        let config = AuthConfig::new([7; 32], ITER);
-        let ClientMsg::Hello {
-            version,
-            user,
-            nonce,
-            ..
-        } = g.recv().await
-        else {
-            panic!("expected hello")
-        };
-        assert_eq!(version, proto::VERSION);
-        let (server, ch) = {
-            let mut rng = rand::rng();
-            ServerFirst::new(
-                &config,
-                &auth::Hello {
-                    user: user.clone(),
-                    client_nonce: nonce,
-                },
-                (user == "alice").then_some(&verifier),
-                &mut rng,
-            )
-            .expect("valid hello")
-        };
-        g.send(&ServerMsg::Challenge {
-            nonce: ch.server_nonce,
-            salt: BASE64.encode(&ch.salt),
-            iterations: ch.iterations,
-        })
-        .await;
-        let ClientMsg::Proof {
-            channel_binding,
-            nonce,
-            proof,
-        } = g.recv().await
-        else {
-            panic!("expected proof")
-        };
-        let proof = auth::ClientProof {
-            channel_binding,
-            nonce,
-            proof: BASE64.decode(proof).expect("base64"),
-        };
-        match server.verify(&proof) {
-            Ok((sig, key)) => {
-                let signature = match mode {
-                    Mode::Honest => BASE64.encode(&sig.signature),
-                    Mode::WrongSignature => BASE64.encode([0u8; 32]),
-                };
-                g.key = Some(key);
-                g.send(&ServerMsg::Welcome {
-                    session: 42,
-                    signature,
-                    user: user.clone(),
-                    number: "+15550001".into(),
-                    heartbeat_ms: hb_ms,
-                    misses: 3,
-                    observed: peer,
-                })
-                .await;
-            }
-            Err(_) => {
-                g.send(&ServerMsg::Refused {
-                    code: ErrorCode::AuthFailed,
-                    message: "authentication failed".into(),
-                })
-                .await;
-            }
-        }
-        g
-    }
-
-    async fn listener() -> (TcpListener, String) {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let a = l.local_addr().expect("addr").to_string();
-        (l, a)
     }
 
     #[test]
@@ -1281,6 +1147,39 @@ mod tests {
             .expect_err("refused");
         assert_eq!(e.to_string(), "log-in refused: wrong user or password");
         gw.await.expect("gateway");
+    }
+
+    #[tokio::test]
+    async fn messages_right_behind_welcome_are_handled() {
+        let (l, addr) = listener().await;
+        let o = ProbeOutcome {
+            probe: 1,
+            capabilities: Capabilities::new(false, true),
+            mapped: None,
+            translated: false,
+        };
+        let gw = tokio::spawn(gateway_with(
+            l,
+            "pw",
+            Mode::Honest,
+            10_000,
+            super::super::fake_gateway::ITER,
+            vec![ServerMsg::ProbeResult {
+                probe: 1,
+                capabilities: o.capabilities,
+                mapped: None,
+                translated: false,
+            }],
+        ));
+        let (phone, mut events) = Phone::connect(&addr, "alice", "pw", opts())
+            .await
+            .expect("log-in");
+        let _g = gw.await.expect("gateway");
+        assert_eq!(
+            phone.wait_capabilities(Duration::from_secs(2)).await,
+            Some(o)
+        );
+        assert_eq!(events.recv().await, Some(Event::ProbeResult(o)));
     }
 
     #[tokio::test]
