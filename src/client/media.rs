@@ -436,6 +436,8 @@ pub struct Ignored {
     pub payload_type: u64,
     /// Datagrams the simulated firewall discarded.
     pub firewall: u64,
+    /// Packets of SSRCs beyond [`MAX_SSRCS`].
+    pub too_many_ssrcs: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -656,7 +658,11 @@ async fn bind_udp(
             return Ok((None, problem));
         }
         if now >= next_send {
-            firewall.send_to(socket, &req[..n], gateway)?;
+            if let Err(e) = firewall.send_to(socket, &req[..n], gateway) {
+                // Often transient (no route yet); the next retransmission tries again.
+                tracing::debug!("binding request to {gateway}: {e}");
+                problem = format!(" (sending failed: {e})");
+            }
             next_send = now + BIND_RETRANSMIT;
         }
         let until = next_send.min(deadline);
@@ -1056,7 +1062,7 @@ impl Receiver {
                 self.streams.len() - 1
             }
             None => {
-                self.stats.ignored.malformed += 1;
+                self.stats.ignored.too_many_ssrcs += 1;
                 return false;
             }
         };

@@ -1029,11 +1029,10 @@ impl Probe {
                 return;
             }
             let sending = !got_a && now < send_until;
-            if sending
-                && now >= next_send
-                && let (Some(s), Some(n)) = (&socket, req_len)
-            {
-                if let Err(e) = self.firewall.send_to(s, &req[..n], target) {
+            if sending && now >= next_send {
+                if let (Some(s), Some(n)) = (&socket, req_len)
+                    && let Err(e) = self.firewall.send_to(s, &req[..n], target)
+                {
                     tracing::debug!("probe {}: send: {e}", self.probe);
                 }
                 next_send = now + super::media::BIND_RETRANSMIT;
