@@ -829,6 +829,8 @@ impl Session {
         match m {
             ServerMsg::HeartbeatAck { .. } => {}
             ServerMsg::Poll { .. } => {
+                // Answered with the phone's own next heart-beat number (the poll's number is
+                // the gateway's; a heart-beat of any number proves the phone is there).
                 if let Err(e) = self.send_heartbeat().await {
                     return Some(End::Lost(e.to_string()));
                 }
