@@ -1,0 +1,1329 @@
+//! `voxgate phone` and `voxgate probe`: the softphone on the command line.
+//!
+//! `main.rs` owns the command tree; it embeds [`PhoneArgs`] / [`ProbeArgs`] and calls
+//! [`run_phone`] / [`run_probe`], each of which builds its own (single-threaded) tokio runtime.
+//!
+//! The password is read from one line of standard input (`--password-stdin`) or prompted for
+//! on the terminal; never taken from the command line and never logged.
+//!
+//! Output: without `--json`, a short human summary on stdout; with `--json`, exactly one JSON
+//! object on stdout. Logs go to stderr (whatever subscriber `main` installs). On failure a
+//! one-line reason goes to stderr as well.
+//!
+//! Exit status: 0 when the call completed (or the probe gave a result); 1 when the call failed
+//! (refused by the gateway: not found, busy, rejected, no answer, offline; media failed; the
+//! gateway went away); 2 for a local problem before any call (unreadable or wrong-format WAV,
+//! no password, runtime); 3 when the log-in failed (no gateway at that address, wrong user or
+//! password, a gateway that could not prove itself).
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::Firewall;
+use super::media::{LatencyMs, MediaCall, MediaOptions, MediaReport, TransportUsed};
+use super::session::{Event, Phone, PhoneOptions, ProbeOutcome};
+use super::wav;
+use crate::wire::control::{CallId, Capabilities, HangupReason, MediaInstructions, Plan};
+
+/// How long to wait for the probe result after log-in before placing a call anyway.
+const PROBE_WAIT: Duration = Duration::from_secs(10);
+/// Packets still in flight when playback ends.
+const TAIL: Duration = Duration::from_millis(300);
+/// No media for this long while a call is up: tell the gateway (once).
+const MEDIA_SILENCE: Duration = Duration::from_secs(3);
+/// How long a dialled call may take to be answered before the phone gives up (the gateway
+/// normally ends it sooner with `no_answer`).
+const RING_LIMIT: Duration = Duration::from_secs(120);
+
+/// A simulated firewall class (see [`Firewall`]): what this softphone refuses to do itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FirewallClass {
+    /// No simulated blocking.
+    #[default]
+    Open,
+    /// Never send UDP.
+    NoUdpOut,
+    /// Discard every UDP datagram received.
+    NoUdpIn,
+    /// Both.
+    NoUdp,
+}
+
+impl FirewallClass {
+    pub fn firewall(self) -> Firewall {
+        Firewall {
+            block_udp_out: matches!(self, FirewallClass::NoUdpOut | FirewallClass::NoUdp),
+            block_udp_in: matches!(self, FirewallClass::NoUdpIn | FirewallClass::NoUdp),
+        }
+    }
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v.is_finite() && v > 0.0 && v < 1e7) {
+        return Err(format!("{s} must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// `voxgate phone`: log in, dial or answer, play a WAV file as G.711 RTP, record what it
+/// hears, and print loss, jitter, latency and the transports used.
+#[derive(clap::Args, Debug, Clone)]
+#[command(group(
+    clap::ArgGroup::new("mode").required(true).args(["call", "answer", "conference"])
+))]
+pub struct PhoneArgs {
+    /// The gateway's control address, HOST[:PORT] (default port 7400).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub server: String,
+    /// The user to log in as.
+    #[arg(long)]
+    pub user: String,
+    /// Read the password from one line of standard input instead of prompting for it.
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// Call this number; hang up when the playback is done or at --duration.
+    #[arg(long, value_name = "NUMBER")]
+    pub call: Option<String>,
+    /// Wait for a call, accept it, and record until the peer hangs up or --duration.
+    #[arg(long)]
+    pub answer: bool,
+    /// Start a conference room with these numbers (everyone hears everyone).
+    #[arg(long, value_name = "N1,N2,...", value_delimiter = ',')]
+    pub conference: Option<Vec<String>>,
+    /// Send this WAV file (8000 Hz mono 16-bit PCM); silence without it.
+    #[arg(long, value_name = "IN.wav")]
+    pub play: Option<PathBuf>,
+    /// Record what is heard to this WAV file (8000 Hz mono 16-bit PCM).
+    #[arg(long, value_name = "OUT.wav")]
+    pub record: Option<PathBuf>,
+    /// End the call after this many seconds of media.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub duration: Option<Duration>,
+    /// With --answer: give up if no call arrives within this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub wait: Option<Duration>,
+    /// Print one JSON object on stdout instead of a human summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Simulate this client's own firewall (loopback tests and demos only: the softphone
+    /// refuses to send and/or discards received UDP itself; it is not a real firewall).
+    #[arg(long, value_enum, value_name = "CLASS", default_value_t = FirewallClass::Open)]
+    pub firewall: FirewallClass,
+}
+
+/// `voxgate probe`: log in and print this client's capabilities (send UDP, receive UDP, NAT,
+/// mapped address).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProbeArgs {
+    /// The gateway's control address, HOST[:PORT] (default port 7400).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub server: String,
+    /// The user to log in as.
+    #[arg(long)]
+    pub user: String,
+    /// Read the password from one line of standard input instead of prompting for it.
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// Print one JSON object on stdout instead of a human summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Simulate this client's own firewall (see `voxgate phone --help`).
+    #[arg(long, value_enum, value_name = "CLASS", default_value_t = FirewallClass::Open)]
+    pub firewall: FirewallClass,
+    /// How long to wait for the probe result.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "15")]
+    pub wait: Duration,
+}
+
+/// Reads the password: one line of stdin, or a prompt on the terminal.
+fn read_password(from_stdin: bool, user: &str) -> Result<String, String> {
+    if from_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read the password from standard input: {e}"))?;
+        let pw = line.trim_end_matches(['\n', '\r']).to_owned();
+        if pw.is_empty() {
+            return Err("no password on standard input".into());
+        }
+        Ok(pw)
+    } else {
+        rpassword::prompt_password(format!("Password for {user}: ")).map_err(|e| {
+            format!("cannot prompt for a password ({e}); use --password-stdin to pipe it in")
+        })
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+// ---------------------------------------------------------------- output
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Role {
+    Caller,
+    Callee,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum CallResult {
+    Completed,
+    Failed,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+struct Transports {
+    send: Option<TransportUsed>,
+    recv: Option<TransportUsed>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+struct SentOut {
+    packets: u64,
+    audio_packets: u64,
+    blocked: u64,
+    dropped: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+struct ReceivedOut {
+    packets: u64,
+    udp_packets: u64,
+    tcp_packets: u64,
+    lost: u64,
+    jitter_ms: f64,
+    /// One-way, from the sender's wall clock: only valid when both ends share a clock.
+    latency_ms: Option<LatencyMs>,
+    ssrcs: usize,
+}
+
+/// The one JSON object `voxgate phone --json` prints.
+#[derive(Clone, Debug, Serialize)]
+struct PhoneSummary {
+    user: String,
+    number: Option<String>,
+    call: Option<CallId>,
+    role: Role,
+    conference: bool,
+    result: CallResult,
+    reason: Option<String>,
+    /// Who ended the call: "local" or the gateway's hang-up reason.
+    ended_by: Option<String>,
+    capabilities: Option<Capabilities>,
+    mapped: Option<SocketAddr>,
+    translated: Option<bool>,
+    plan: Option<Plan>,
+    transports: Transports,
+    sent: SentOut,
+    received: ReceivedOut,
+    latency_clock: &'static str,
+    udp_binding_confirmed: Option<bool>,
+    replans: u32,
+    media_trouble_sent: bool,
+    recording: Option<PathBuf>,
+    duration_s: f64,
+    #[serde(skip)]
+    exit: u8,
+}
+
+impl PhoneSummary {
+    fn new(args: &PhoneArgs) -> Self {
+        PhoneSummary {
+            user: args.user.clone(),
+            number: None,
+            call: None,
+            role: if args.answer {
+                Role::Callee
+            } else {
+                Role::Caller
+            },
+            conference: args.conference.is_some(),
+            result: CallResult::Failed,
+            reason: None,
+            ended_by: None,
+            capabilities: None,
+            mapped: None,
+            translated: None,
+            plan: None,
+            transports: Transports::default(),
+            sent: SentOut::default(),
+            received: ReceivedOut::default(),
+            latency_clock: "sender's wall clock: valid only when both phones share a clock (same host)",
+            udp_binding_confirmed: None,
+            replans: 0,
+            media_trouble_sent: false,
+            recording: None,
+            duration_s: 0.0,
+            exit: 1,
+        }
+    }
+
+    fn fail(mut self, exit: u8, reason: impl Into<String>) -> Self {
+        self.result = CallResult::Failed;
+        self.reason = Some(reason.into());
+        self.exit = exit;
+        self
+    }
+
+    fn probe(&mut self, o: &ProbeOutcome) {
+        self.capabilities = Some(o.capabilities);
+        self.mapped = o.mapped;
+        self.translated = Some(o.translated);
+    }
+
+    fn media(&mut self, r: &MediaReport) {
+        self.plan = r.plan;
+        self.transports = Transports {
+            send: r.send,
+            recv: Some(r.recv),
+        };
+        self.sent = SentOut {
+            packets: r.sent.packets,
+            audio_packets: r.sent.audio_packets,
+            blocked: r.sent.blocked,
+            dropped: r.sent.dropped,
+        };
+        self.received = ReceivedOut {
+            packets: r.received.packets,
+            udp_packets: r.received.udp_packets,
+            tcp_packets: r.received.tcp_packets,
+            lost: r.received.lost,
+            jitter_ms: round3(r.received.jitter_ms),
+            latency_ms: r.received.latency_ms.map(|l| LatencyMs {
+                p50: round3(l.p50),
+                p99: round3(l.p99),
+                max: round3(l.max),
+            }),
+            ssrcs: r.received.ssrcs,
+        };
+        self.udp_binding_confirmed = r.udp_binding_confirmed;
+        self.replans = r.replans;
+        self.duration_s = round3(r.duration_s);
+    }
+
+    fn human(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let what = match (self.role, self.conference) {
+            (Role::Callee, _) => "answered call",
+            (Role::Caller, true) => "conference",
+            (Role::Caller, false) => "call",
+        };
+        let call = self.call.map_or_else(|| "-".into(), |c| c.to_string());
+        let result = match self.result {
+            CallResult::Completed => "completed".to_string(),
+            CallResult::Failed => format!(
+                "failed: {}",
+                self.reason.as_deref().unwrap_or("unknown reason")
+            ),
+        };
+        let _ = writeln!(
+            s,
+            "{what} {call} as {} ({}): {result} after {:.1} s of media",
+            self.user,
+            self.number.as_deref().unwrap_or("?"),
+            self.duration_s
+        );
+        if let Some(c) = self.capabilities {
+            let _ = writeln!(
+                s,
+                "  capabilities: send UDP {}, receive UDP {}, NAT {}; mapped {}",
+                yes(c.send_udp),
+                yes(c.recv_udp),
+                yes(c.nat),
+                self.mapped.map_or_else(|| "-".into(), |m| m.to_string())
+            );
+        }
+        if let Some(p) = self.plan {
+            let _ = writeln!(
+                s,
+                "  plan: forward {}, backward {}",
+                path_name(p.forward),
+                path_name(p.backward)
+            );
+        }
+        if self.transports.recv.is_some() {
+            let _ = writeln!(
+                s,
+                "  send: {}; receive: {}",
+                transport_text(self.transports.send),
+                transport_text(self.transports.recv)
+            );
+            let r = &self.received;
+            let latency = r.latency_ms.map_or_else(
+                || "latency -".into(),
+                |l| {
+                    format!(
+                        "latency p50 {:.2} / p99 {:.2} / max {:.2} ms (same-host clock only)",
+                        l.p50, l.p99, l.max
+                    )
+                },
+            );
+            let _ = writeln!(
+                s,
+                "  sent {} packets; received {} packets from {} source(s), {} lost, jitter {:.2} ms, {latency}",
+                self.sent.packets, r.packets, r.ssrcs, r.lost, r.jitter_ms
+            );
+        }
+        if let Some(p) = &self.recording {
+            let _ = writeln!(s, "  recorded {}", p.display());
+        }
+        s
+    }
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn path_name(p: crate::control::planner::Path) -> &'static str {
+    use crate::control::planner::Path;
+    match p {
+        Path::DirectUdp => "direct UDP",
+        Path::UdpViaGateway => "UDP via gateway",
+        Path::UdpInTcpOut => "UDP in, TCP out",
+        Path::TcpInUdpOut => "TCP in, UDP out",
+        Path::TcpBoth => "TCP both",
+    }
+}
+
+fn transport_text(t: Option<TransportUsed>) -> String {
+    match t {
+        None => "nothing".into(),
+        Some(t) => format!(
+            "{} {}",
+            match t.transport {
+                crate::metrics::Transport::Udp => "UDP",
+                crate::metrics::Transport::Tcp => "TCP",
+            },
+            if t.via_gateway {
+                "via gateway"
+            } else {
+                "direct"
+            }
+        ),
+    }
+}
+
+/// What a gateway hang-up reason means to the user.
+fn hangup_text(r: HangupReason) -> &'static str {
+    match r {
+        HangupReason::Normal => "hung up",
+        HangupReason::Rejected => "rejected",
+        HangupReason::Busy => "busy",
+        HangupReason::NoAnswer => "no answer",
+        HangupReason::NotFound => "not found",
+        HangupReason::Offline => "offline (the callee is not logged in)",
+        HangupReason::PeerLost => "the other side was lost",
+        HangupReason::MediaFailed => "media failed",
+        HangupReason::Shutdown => "the gateway is shutting down",
+        HangupReason::Error => "the gateway could not set up the call",
+    }
+}
+
+fn emit_phone(s: &PhoneSummary, json: bool) -> ExitCode {
+    if json {
+        match serde_json::to_string(s) {
+            Ok(j) => println!("{j}"),
+            Err(e) => eprintln!("voxgate phone: cannot write JSON: {e}"),
+        }
+    } else {
+        print!("{}", s.human());
+    }
+    if s.result == CallResult::Failed {
+        eprintln!(
+            "voxgate phone: {}",
+            s.reason.as_deref().unwrap_or("call failed")
+        );
+    }
+    ExitCode::from(s.exit)
+}
+
+// ---------------------------------------------------------------- voxgate phone
+
+/// What the phone does.
+enum Mode {
+    Call(String),
+    Conference(Vec<String>),
+    Answer,
+}
+
+/// Runs `voxgate phone`.
+pub fn run_phone(args: PhoneArgs) -> ExitCode {
+    let summary = PhoneSummary::new(&args);
+    let mode = match (&args.call, &args.conference, args.answer) {
+        (Some(n), None, false) => Mode::Call(n.clone()),
+        (None, Some(ns), false) if !ns.is_empty() && ns.iter().all(|n| !n.is_empty()) => {
+            Mode::Conference(ns.clone())
+        }
+        (None, None, true) => Mode::Answer,
+        _ => {
+            return emit_phone(
+                &summary.fail(
+                    2,
+                    "give exactly one of --call NUMBER, --answer, --conference N1,N2,...",
+                ),
+                args.json,
+            );
+        }
+    };
+    // Local problems first, before the gateway is bothered.
+    let audio = match &args.play {
+        Some(p) => match wav::read(p) {
+            Ok(a) => Some(Arc::<[i16]>::from(a)),
+            Err(e) => return emit_phone(&summary.fail(2, e.to_string()), args.json),
+        },
+        None => None,
+    };
+    let recording = match &args.record {
+        Some(p) => match wav::WavOut::create(p) {
+            Ok(w) => Some(w),
+            Err(e) => return emit_phone(&summary.fail(2, e.to_string()), args.json),
+        },
+        None => None,
+    };
+    let password = match read_password(args.password_stdin, &args.user) {
+        Ok(p) => p,
+        Err(e) => return emit_phone(&summary.fail(2, e), args.json),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return emit_phone(&summary.fail(2, e), args.json),
+    };
+    let summary = rt.block_on(phone_session(
+        &args, mode, password, audio, recording, summary,
+    ));
+    emit_phone(&summary, args.json)
+}
+
+/// Events until one for `call` matters. `Ok(instr)` when media arrives.
+enum Waited {
+    Media(MediaInstructions),
+    Failed(String),
+    Interrupted,
+}
+
+async fn phone_session(
+    args: &PhoneArgs,
+    mode: Mode,
+    password: String,
+    audio: Option<Arc<[i16]>>,
+    recording: Option<wav::WavOut>,
+    mut summary: PhoneSummary,
+) -> PhoneSummary {
+    let firewall = args.firewall.firewall();
+    let opts = PhoneOptions {
+        firewall,
+        ..PhoneOptions::default()
+    };
+    let (phone, mut events) = match Phone::connect(&args.server, &args.user, &password, opts).await
+    {
+        Ok(x) => x,
+        Err(e) => return summary.fail(3, e.to_string()),
+    };
+    drop(password);
+    summary.number = Some(phone.welcome().number.clone());
+    if let Some(o) = phone.wait_capabilities(PROBE_WAIT).await {
+        summary.probe(&o);
+    } else {
+        tracing::warn!("no probe result within {PROBE_WAIT:?}; going on");
+    }
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    let socket = match phone.media_socket().await {
+        Ok(s) => s,
+        Err(e) => {
+            return finish_without_call(phone, summary.fail(2, format!("media socket: {e}"))).await;
+        }
+    };
+    let media_addr = match phone.media_address(&socket) {
+        Ok(a) => a,
+        Err(e) => {
+            return finish_without_call(phone, summary.fail(2, format!("media socket: {e}"))).await;
+        }
+    };
+
+    // Place or take the call.
+    let call = match &mode {
+        Mode::Call(n) => phone.dial(n, media_addr).await,
+        Mode::Conference(ns) => phone.conference(ns, media_addr).await,
+        Mode::Answer => {
+            match wait_incoming(&mut events, &mut summary, args.wait, ctrl_c.as_mut()).await {
+                Ok(call) => phone.accept(call, media_addr).await.map(|()| call),
+                Err(reason) => return finish_without_call(phone, summary.fail(1, reason)).await,
+            }
+        }
+    };
+    let call = match call {
+        Ok(c) => c,
+        Err(e) => return finish_without_call(phone, summary.fail(1, e.to_string())).await,
+    };
+    summary.call = Some(call);
+
+    // Wait for the media instructions.
+    let instr = match wait_media(&phone, &mut events, &mut summary, call, ctrl_c.as_mut()).await {
+        Waited::Media(i) => i,
+        Waited::Failed(reason) => return finish_without_call(phone, summary.fail(1, reason)).await,
+        Waited::Interrupted => {
+            let _ = phone.hang_up(call).await;
+            return finish_without_call(
+                phone,
+                summary.fail(1, "interrupted before the call was up"),
+            )
+            .await;
+        }
+    };
+    summary.plan = instr.plan;
+    let record_samples = if recording.is_some() {
+        let secs = args
+            .duration
+            .map_or(wav::MAX_SAMPLES as f64 / 8000.0, |d| d.as_secs_f64() + 5.0);
+        (secs * 8000.0).min(wav::MAX_SAMPLES as f64) as usize
+    } else {
+        0
+    };
+    let media_opts = MediaOptions {
+        audio: audio.clone(),
+        record_samples,
+        firewall,
+        ..MediaOptions::default()
+    };
+    let mut media = match MediaCall::start(&instr, phone.session_key(), socket.clone(), media_opts)
+        .await
+    {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = phone.hang_up(call).await;
+            return finish_without_call(phone, summary.fail(1, format!("media failed: {e}"))).await;
+        }
+    };
+    tracing::info!(call, "media is up");
+
+    // The call.
+    let hang_up_after_playback =
+        matches!(mode, Mode::Call(_) | Mode::Conference(_)) && audio.is_some();
+    let deadline = args.duration.map(|d| Instant::now() + d);
+    let mut playback_end: Option<Instant> = None;
+    let mut watchdog = tokio::time::interval(Duration::from_millis(250));
+    let outcome: Result<String, String> = loop {
+        let hang_up_at = match (deadline, playback_end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        tokio::select! {
+            _ = media.playback_done(), if hang_up_after_playback && playback_end.is_none() => {
+                playback_end = Some(Instant::now() + TAIL);
+            }
+            _ = async {
+                match hang_up_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let _ = phone.hang_up(call).await;
+                break Ok("local".into());
+            }
+            _ = &mut ctrl_c => {
+                let _ = phone.hang_up(call).await;
+                break Ok("local (interrupted)".into());
+            }
+            ev = events.recv() => match ev {
+                Some(Event::HangUp { call: c, reason }) if c == call => {
+                    break if reason == HangupReason::Normal {
+                        Ok("peer".into())
+                    } else {
+                        Err(hangup_text(reason).into())
+                    };
+                }
+                Some(Event::Media(i)) if i.call == call => {
+                    tracing::info!(call, "the gateway re-planned the media");
+                    summary.plan = i.plan;
+                    if let Err(e) = media.replan(i).await {
+                        let _ = phone.hang_up(call).await;
+                        break Err(format!("media failed after re-planning: {e}"));
+                    }
+                }
+                Some(Event::Incoming { call: other, .. }) => {
+                    let _ = phone.reject(other).await;
+                }
+                Some(Event::ProbeResult(o)) => summary.probe(&o),
+                Some(Event::Disconnected { reason }) => {
+                    break Err(format!("lost the gateway: {reason}"));
+                }
+                Some(_) => {}
+                None => break Err("the control session ended".into()),
+            },
+            _ = watchdog.tick() => {
+                let st = media.status();
+                if !summary.media_trouble_sent && st.idle_for(Instant::now()) >= MEDIA_SILENCE {
+                    tracing::warn!(call, "no media for {MEDIA_SILENCE:?}: telling the gateway");
+                    let _ = phone.media_trouble(call).await;
+                    summary.media_trouble_sent = true;
+                }
+            }
+        }
+    };
+    let report = media.finish().await;
+    summary.media(&report);
+    if let Some(w) = recording {
+        match w.finish(&report.recording) {
+            Ok(()) => summary.recording = args.record.clone(),
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+    match outcome {
+        Ok(by) => {
+            summary.result = CallResult::Completed;
+            summary.ended_by = Some(by);
+            summary.exit = 0;
+        }
+        Err(reason) => summary = summary.fail(1, reason),
+    }
+    let _ = phone.bye().await;
+    summary
+}
+
+async fn finish_without_call(phone: Phone, summary: PhoneSummary) -> PhoneSummary {
+    let _ = phone.bye().await;
+    summary
+}
+
+async fn wait_incoming(
+    events: &mut mpsc::Receiver<Event>,
+    summary: &mut PhoneSummary,
+    wait: Option<Duration>,
+    mut ctrl_c: std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<()>>>,
+) -> Result<CallId, String> {
+    let until = wait.map(|w| Instant::now() + w);
+    tracing::info!("waiting for a call");
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(Event::Incoming { call, from_number, from_user, conference }) => {
+                    tracing::info!(call, %from_number, %from_user, conference, "incoming call");
+                    summary.conference = conference;
+                    return Ok(call);
+                }
+                Some(Event::ProbeResult(o)) => summary.probe(&o),
+                Some(Event::Disconnected { reason }) => return Err(format!("lost the gateway: {reason}")),
+                Some(_) => {}
+                None => return Err("the control session ended".into()),
+            },
+            _ = async {
+                match until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => return Err("no incoming call".into()),
+            _ = &mut ctrl_c => return Err("interrupted while waiting for a call".into()),
+        }
+    }
+}
+
+async fn wait_media(
+    phone: &Phone,
+    events: &mut mpsc::Receiver<Event>,
+    summary: &mut PhoneSummary,
+    call: CallId,
+    mut ctrl_c: std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<()>>>,
+) -> Waited {
+    let limit = Instant::now() + RING_LIMIT;
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(Event::Media(i)) if i.call == call => return Waited::Media(i),
+                Some(Event::Ringing { call: c }) if c == call => tracing::info!(call, "ringing"),
+                Some(Event::HangUp { call: c, reason }) if c == call => {
+                    return Waited::Failed(hangup_text(reason).into());
+                }
+                Some(Event::Incoming { call: other, .. }) => {
+                    let _ = phone.reject(other).await;
+                }
+                Some(Event::ProbeResult(o)) => summary.probe(&o),
+                Some(Event::Disconnected { reason }) => {
+                    return Waited::Failed(format!("lost the gateway: {reason}"));
+                }
+                Some(_) => {}
+                None => return Waited::Failed("the control session ended".into()),
+            },
+            _ = tokio::time::sleep_until(limit) => {
+                let _ = phone.hang_up(call).await;
+                return Waited::Failed("no answer".into());
+            }
+            _ = &mut ctrl_c => return Waited::Interrupted,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- voxgate probe
+
+#[derive(Clone, Debug, Serialize)]
+struct ProbeSummary {
+    user: String,
+    number: Option<String>,
+    result: &'static str,
+    reason: Option<String>,
+    capabilities: Option<Capabilities>,
+    mapped: Option<SocketAddr>,
+    translated: Option<bool>,
+    /// The control connection's address as the gateway saw it.
+    observed: Option<SocketAddr>,
+    #[serde(skip)]
+    exit: u8,
+}
+
+fn emit_probe(s: &ProbeSummary, json: bool) -> ExitCode {
+    if json {
+        match serde_json::to_string(s) {
+            Ok(j) => println!("{j}"),
+            Err(e) => eprintln!("voxgate probe: cannot write JSON: {e}"),
+        }
+    } else if let Some(c) = s.capabilities {
+        println!(
+            "{} ({}): send UDP {}, receive UDP {}, NAT {}; mapped address {}",
+            s.user,
+            s.number.as_deref().unwrap_or("?"),
+            yes(c.send_udp),
+            yes(c.recv_udp),
+            yes(c.nat),
+            s.mapped.map_or_else(|| "-".into(), |m| m.to_string())
+        );
+    }
+    if let Some(r) = &s.reason {
+        eprintln!("voxgate probe: {r}");
+    }
+    ExitCode::from(s.exit)
+}
+
+/// Runs `voxgate probe`.
+pub fn run_probe(args: ProbeArgs) -> ExitCode {
+    let mut s = ProbeSummary {
+        user: args.user.clone(),
+        number: None,
+        result: "failed",
+        reason: None,
+        capabilities: None,
+        mapped: None,
+        translated: None,
+        observed: None,
+        exit: 1,
+    };
+    let password = match read_password(args.password_stdin, &args.user) {
+        Ok(p) => p,
+        Err(e) => {
+            s.reason = Some(e);
+            s.exit = 2;
+            return emit_probe(&s, args.json);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            s.reason = Some(e);
+            s.exit = 2;
+            return emit_probe(&s, args.json);
+        }
+    };
+    let s = rt.block_on(async move {
+        let opts = PhoneOptions {
+            firewall: args.firewall.firewall(),
+            ..PhoneOptions::default()
+        };
+        let (phone, _events) = match Phone::connect(&args.server, &args.user, &password, opts).await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                s.reason = Some(e.to_string());
+                s.exit = 3;
+                return s;
+            }
+        };
+        s.number = Some(phone.welcome().number.clone());
+        s.observed = Some(phone.welcome().observed);
+        match phone.wait_capabilities(args.wait).await {
+            Some(o) => {
+                s.result = "ok";
+                s.capabilities = Some(o.capabilities);
+                s.mapped = o.mapped;
+                s.translated = Some(o.translated);
+                s.exit = 0;
+            }
+            None => {
+                s.reason = Some(format!(
+                    "the gateway sent no probe result within {:.0} s",
+                    args.wait.as_secs_f64()
+                ));
+            }
+        }
+        let _ = phone.bye().await;
+        s
+    });
+    emit_probe(&s, args.json)
+}
+
+/// Reads a WAV file the way `--play` does (for tools and tests).
+pub fn load_play_file(path: &Path) -> Result<Arc<[i16]>, wav::WavError> {
+    wav::read(path).map(Arc::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fake_gateway::{FakeGateway, Mode as GwMode, gateway_with, listener};
+    use super::super::g711;
+    use super::*;
+    use crate::control::planner::Path;
+    use crate::metrics::Transport;
+    use crate::wire::control::{ClientMsg, MediaRecv, MediaSend, ServerMsg};
+    use clap::Parser;
+    use tokio::net::UdpSocket;
+
+    /// A far end that sends every RTP packet back where it came from.
+    async fn echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let a = s.local_addr().expect("addr");
+        let t = tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let _ = s.send_to(&buf[..n], from).await;
+            }
+        });
+        (a, t)
+    }
+
+    fn direct_to(call: CallId, caller: bool, peer: SocketAddr) -> MediaInstructions {
+        MediaInstructions {
+            call,
+            plan: Some(Plan {
+                forward: Path::DirectUdp,
+                backward: Path::DirectUdp,
+            }),
+            caller,
+            send: MediaSend {
+                transport: Transport::Udp,
+                to: Some(peer),
+                via_gateway: false,
+            },
+            recv: MediaRecv {
+                transport: Transport::Udp,
+                via_gateway: false,
+                from: Some(peer),
+            },
+            leg: None,
+            gateway_udp: None,
+            gateway_tcp: None,
+            payload_type: 0,
+            clock_rate: 8000,
+        }
+    }
+
+    fn probe_result() -> ServerMsg {
+        ServerMsg::ProbeResult {
+            probe: 1,
+            capabilities: Capabilities::new(true, true),
+            mapped: Some("127.0.0.1:5000".parse().expect("addr")),
+            translated: false,
+        }
+    }
+
+    /// The real log-in (4096 iterations, which the phone's defaults require), then a probe
+    /// result in the same write as `welcome`.
+    async fn fake(l: tokio::net::TcpListener, extra: Vec<ServerMsg>) -> FakeGateway {
+        let mut after = vec![probe_result()];
+        after.extend(extra);
+        gateway_with(l, "pw", GwMode::Honest, 10_000, 4096, after).await
+    }
+
+    fn phone_args(server: String) -> PhoneArgs {
+        PhoneArgs {
+            server,
+            user: "alice".into(),
+            password_stdin: true,
+            call: None,
+            answer: false,
+            conference: None,
+            play: None,
+            record: None,
+            duration: None,
+            wait: None,
+            json: true,
+            firewall: FirewallClass::Open,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_end_to_end_against_a_fake_gateway() {
+        let (l, addr) = listener().await;
+        let (far, echo_task) = echo().await;
+        let gw = tokio::spawn(async move {
+            let mut g = fake(l, Vec::new()).await;
+            let ClientMsg::Dial { tag, number, media } = g.recv_skip_heartbeats().await else {
+                panic!("expected dial")
+            };
+            assert_eq!(number, "+15550002");
+            g.send_all(&[
+                ServerMsg::Calling { tag, call: 5 },
+                ServerMsg::Ringing { call: 5 },
+                ServerMsg::Media(direct_to(5, true, far)),
+            ])
+            .await;
+            assert_eq!(
+                g.recv_skip_heartbeats().await,
+                ClientMsg::HangUp { call: 5 }
+            );
+            assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
+            media
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let speech = wav::read(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/speech-8k.wav"),
+        )
+        .expect("speech");
+        let clip = &speech[8000..8000 + 4500]; // 0.56 s: 28 frames and a bit
+        let input = dir.path().join("in.wav");
+        let output = dir.path().join("out.wav");
+        wav::write(&input, clip).expect("write clip");
+        let mut args = phone_args(addr);
+        args.call = Some("+15550002".into());
+        args.play = Some(input.clone());
+        args.record = Some(output.clone());
+        let summary = phone_session(
+            &args,
+            Mode::Call("+15550002".into()),
+            "pw".into(),
+            Some(load_play_file(&input).expect("play")),
+            Some(wav::WavOut::create(&output).expect("record")),
+            PhoneSummary::new(&args),
+        )
+        .await;
+        echo_task.abort();
+        assert_eq!(summary.result, CallResult::Completed, "{summary:?}");
+        assert_eq!(summary.exit, 0);
+        assert_eq!(summary.ended_by.as_deref(), Some("local"));
+        assert_eq!(summary.call, Some(5));
+        assert_eq!(summary.sent.audio_packets, 29);
+        assert_eq!(summary.received.lost, 0);
+        assert!(summary.received.packets >= 29, "{:?}", summary.received);
+        let media = gw
+            .await
+            .expect("gateway")
+            .expect("dial carried the media address");
+        assert_eq!(media.ip(), std::net::IpAddr::from([127, 0, 0, 1]));
+        // The far end echoed our own audio: the recording is its G.711 round trip.
+        let rec = wav::read(&output).expect("recording");
+        let expected: Vec<i16> = clip.iter().map(|&s| g711::ulaw_round_trip(s)).collect();
+        assert_eq!(&rec[..expected.len()], &expected[..]);
+        assert!(rec[expected.len()..].iter().all(|&s| s == 0));
+        let j = serde_json::to_value(&summary).expect("json");
+        assert_eq!(j["result"], "completed");
+        assert_eq!(j["role"], "caller");
+        assert_eq!(j["capabilities"]["send_udp"], true);
+        assert_eq!(j["mapped"], "127.0.0.1:5000");
+        assert_eq!(j["plan"]["forward"], "direct_udp");
+        assert_eq!(j["transports"]["send"]["transport"], "udp");
+        assert_eq!(j["transports"]["recv"]["via_gateway"], false);
+        assert_eq!(j["received"]["lost"], 0);
+        assert!(j["received"]["latency_ms"]["p50"].is_number());
+    }
+
+    #[tokio::test]
+    async fn answering_records_until_the_peer_hangs_up() {
+        let (l, addr) = listener().await;
+        let (far, echo_task) = echo().await;
+        let gw = tokio::spawn(async move {
+            let incoming = ServerMsg::Incoming {
+                call: 9,
+                from_number: "+15550002".into(),
+                from_user: "bob".into(),
+                conference: false,
+            };
+            let mut g = fake(l, vec![incoming]).await;
+            let ClientMsg::Accept { call: 9, media } = g.recv_skip_heartbeats().await else {
+                panic!("expected accept")
+            };
+            g.send(&ServerMsg::Media(direct_to(9, false, far))).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            g.send(&ServerMsg::HangUp {
+                call: 9,
+                reason: HangupReason::Normal,
+            })
+            .await;
+            assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
+            media
+        });
+        let mut args = phone_args(addr);
+        args.answer = true;
+        let summary = phone_session(
+            &args,
+            Mode::Answer,
+            "pw".into(),
+            None,
+            None,
+            PhoneSummary::new(&args),
+        )
+        .await;
+        echo_task.abort();
+        assert_eq!(summary.result, CallResult::Completed, "{summary:?}");
+        assert_eq!(summary.ended_by.as_deref(), Some("peer"));
+        assert_eq!(summary.role, Role::Callee);
+        assert!(
+            summary.received.packets > 5,
+            "silence echoed back: {:?}",
+            summary.received
+        );
+        assert!(gw.await.expect("gateway").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_busy_callee_fails_the_call_with_its_reason() {
+        let (l, addr) = listener().await;
+        let gw = tokio::spawn(async move {
+            let mut g = fake(l, Vec::new()).await;
+            let ClientMsg::Dial { tag, .. } = g.recv_skip_heartbeats().await else {
+                panic!("expected dial")
+            };
+            g.send_all(&[
+                ServerMsg::Calling { tag, call: 3 },
+                ServerMsg::HangUp {
+                    call: 3,
+                    reason: HangupReason::Busy,
+                },
+            ])
+            .await;
+            assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
+        });
+        let mut args = phone_args(addr);
+        args.call = Some("+15550003".into());
+        let summary = phone_session(
+            &args,
+            Mode::Call("+15550003".into()),
+            "pw".into(),
+            None,
+            None,
+            PhoneSummary::new(&args),
+        )
+        .await;
+        assert_eq!(summary.result, CallResult::Failed);
+        assert_eq!(summary.reason.as_deref(), Some("busy"));
+        assert_eq!(summary.exit, 1);
+        gw.await.expect("gateway");
+        // A wrong password: exit status 3 and the gateway's words.
+        let (l, addr) = listener().await;
+        let gw = tokio::spawn(async move { fake(l, Vec::new()).await });
+        let args = phone_args(addr);
+        let summary = phone_session(
+            &args,
+            Mode::Call("1".into()),
+            "wrong".into(),
+            None,
+            None,
+            PhoneSummary::new(&args),
+        )
+        .await;
+        assert_eq!(summary.exit, 3);
+        assert_eq!(
+            summary.reason.as_deref(),
+            Some("log-in refused: wrong user or password")
+        );
+        gw.await.expect("gateway");
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+
+    #[derive(clap::Subcommand, Debug)]
+    enum Cmd {
+        Phone(PhoneArgs),
+        Probe(ProbeArgs),
+    }
+
+    fn parse(args: &[&str]) -> Result<Cmd, String> {
+        Cli::try_parse_from(std::iter::once("voxgate").chain(args.iter().copied()))
+            .map(|c| c.cmd)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_contracted_flags_parse() {
+        let Ok(Cmd::Phone(a)) = parse(&[
+            "phone",
+            "--server",
+            "gw:7400",
+            "--user",
+            "alice",
+            "--password-stdin",
+            "--call",
+            "+15550002",
+            "--play",
+            "in.wav",
+            "--record",
+            "out.wav",
+            "--duration",
+            "2.5",
+            "--json",
+            "--firewall",
+            "no-udp-in",
+        ]) else {
+            panic!("phone parses")
+        };
+        assert_eq!(a.call.as_deref(), Some("+15550002"));
+        assert_eq!(a.duration, Some(Duration::from_millis(2500)));
+        assert!(a.json && a.password_stdin && !a.answer);
+        assert_eq!(
+            a.firewall.firewall(),
+            Firewall {
+                block_udp_out: false,
+                block_udp_in: true
+            }
+        );
+        let Ok(Cmd::Phone(a)) = parse(&["phone", "--server", "gw", "--user", "bob", "--answer"])
+        else {
+            panic!("answer parses")
+        };
+        assert!(a.answer && a.firewall == FirewallClass::Open);
+        let Ok(Cmd::Phone(a)) = parse(&[
+            "phone",
+            "--server",
+            "gw",
+            "--user",
+            "bob",
+            "--conference",
+            "1,2,3",
+        ]) else {
+            panic!("conference parses")
+        };
+        assert_eq!(a.conference, Some(vec!["1".into(), "2".into(), "3".into()]));
+        // Exactly one mode.
+        assert!(parse(&["phone", "--server", "gw", "--user", "bob"]).is_err());
+        assert!(
+            parse(&[
+                "phone", "--server", "gw", "--user", "b", "--answer", "--call", "1"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "phone",
+                "--server",
+                "gw",
+                "--user",
+                "b",
+                "--answer",
+                "--duration",
+                "-1"
+            ])
+            .is_err()
+        );
+        // No password on the command line.
+        assert!(
+            parse(&[
+                "phone",
+                "--server",
+                "gw",
+                "--user",
+                "b",
+                "--answer",
+                "--password",
+                "x"
+            ])
+            .is_err()
+        );
+        let Ok(Cmd::Probe(p)) = parse(&[
+            "probe",
+            "--server",
+            "[::1]:7400",
+            "--user",
+            "alice",
+            "--json",
+            "--firewall",
+            "no-udp",
+        ]) else {
+            panic!("probe parses")
+        };
+        assert_eq!(p.wait, Duration::from_secs(15));
+        assert_eq!(
+            p.firewall.firewall(),
+            Firewall {
+                block_udp_out: true,
+                block_udp_in: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_wrong_format_wav_fails_before_logging_in() {
+        let a = PhoneArgs {
+            server: "127.0.0.1:1".into(),
+            user: "alice".into(),
+            password_stdin: true,
+            call: Some("1".into()),
+            answer: false,
+            conference: None,
+            play: Some("tests/data/stereo-16k.wav".into()),
+            record: None,
+            duration: None,
+            wait: None,
+            json: true,
+            firewall: FirewallClass::Open,
+        };
+        let s = PhoneSummary::new(&a).fail(2, "x");
+        assert_eq!(s.exit, 2);
+        let j = serde_json::to_value(&s).expect("json");
+        assert_eq!(j["result"], "failed");
+        assert_eq!(j["role"], "caller");
+        assert!(j.get("exit").is_none());
+        // run_phone itself: refused at the WAV, exit status 2, nothing read from stdin.
+        assert_eq!(run_phone(a), ExitCode::from(2));
+    }
+
+    #[test]
+    fn summaries_read_well() {
+        let a = PhoneArgs {
+            server: "gw".into(),
+            user: "alice".into(),
+            password_stdin: true,
+            call: Some("1".into()),
+            answer: false,
+            conference: None,
+            play: None,
+            record: None,
+            duration: None,
+            wait: None,
+            json: false,
+            firewall: FirewallClass::Open,
+        };
+        let mut s = PhoneSummary::new(&a).fail(1, "busy");
+        s.number = Some("+1555".into());
+        let h = s.human();
+        assert!(
+            h.starts_with("call - as alice (+1555): failed: busy"),
+            "{h}"
+        );
+        let j = serde_json::to_value(&s).expect("json");
+        assert_eq!(j["reason"], "busy");
+        assert_eq!(j["transports"]["send"], serde_json::Value::Null);
+    }
+}
