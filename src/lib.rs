@@ -10,8 +10,11 @@
 //! - [`metrics`]: counters, histograms and interval-log dumps.
 
 pub mod client;
+pub mod config;
 pub mod control;
+pub mod logging;
 pub mod metrics;
+pub mod server;
 pub mod shard;
 pub mod store;
 pub mod wire;

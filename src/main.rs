@@ -1,6 +1,425 @@
+//! `voxgate`: the gateway, its administration, the softphone and the tools, in one binary.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
+
+use voxgate::config::Config;
+use voxgate::control::auth::Verifier;
+use voxgate::shard::Backend;
+use voxgate::store::{Route, Store, Subscriber};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-fn main() {}
+#[derive(Parser)]
+#[command(
+    name = "voxgate",
+    version,
+    about = "Firewall-traversal gateway for voice over IP"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway (embedded defaults without --config).
+    Serve(ServeArgs),
+    /// Manage subscribers.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Manage telephone routes (number prefix -> IP voice gateway media address).
+    #[command(subcommand)]
+    Route(RouteCmd),
+    /// A softphone: log in, call or answer, play and record WAV, report what happened.
+    Phone(voxgate::client::cli::PhoneArgs),
+    /// Log in and print this client's firewall capabilities.
+    Probe(voxgate::client::cli::ProbeArgs),
+    /// Print percentile tables from histogram dumps.
+    Stats(StatsArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file (see systemd/voxgate.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    listen: Option<IpAddr>,
+    #[arg(long)]
+    control_port: Option<u16>,
+    #[arg(long)]
+    media_port_base: Option<u16>,
+    /// Probe ports A,B.
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    probe_ports: Option<Vec<u16>>,
+    /// Media shards (0: one per core).
+    #[arg(long)]
+    shards: Option<usize>,
+    #[arg(long, value_enum)]
+    backend: Option<BackendArg>,
+    /// Wake-up coalescing budget in µs (0 = off).
+    #[arg(long)]
+    coalesce_us: Option<u64>,
+    /// Allow media destinations in private and loopback ranges (labs, private networks).
+    #[arg(long)]
+    allow_private_peers: bool,
+    #[arg(long)]
+    no_pin: bool,
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Directory for histogram dumps.
+    #[arg(long)]
+    dump_dir: Option<PathBuf>,
+    /// Seconds per dump interval (0: off).
+    #[arg(long)]
+    dump_interval: Option<u64>,
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    #[arg(long)]
+    ring_timeout_s: Option<u64>,
+    #[arg(long)]
+    shutdown_grace_s: Option<u64>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BackendArg {
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Register a subscriber; the password is prompted for (or read with --password-stdin).
+    Add {
+        user: String,
+        #[arg(long)]
+        number: String,
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    Del {
+        user: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Change a subscriber's password.
+    Passwd {
+        user: String,
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum RouteCmd {
+    /// Route numbers starting with PREFIX to an IP voice gateway's RTP address.
+    Add {
+        prefix: String,
+        media_addr: SocketAddr,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    Del {
+        prefix: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct StoreArgs {
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Read data_dir and SCRAM iterations from this config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct StatsArgs {
+    /// Directory of dumps (the gateway's dumps.dir, by default <data_dir>/dumps).
+    dir: PathBuf,
+    /// Only the newest SECS seconds.
+    #[arg(long, value_name = "SECS")]
+    last: Option<u64>,
+    /// Only intervals ending after this many seconds since the Unix epoch.
+    #[arg(long, value_name = "UNIX_SECS")]
+    since: Option<u64>,
+    /// Also draw the latency percentile plot (SVG) to this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve(a) => serve(a),
+        Cmd::User(c) => admin(|| user(c)),
+        Cmd::Route(c) => admin(|| route(c)),
+        Cmd::Phone(a) => {
+            voxgate::logging::init("warn");
+            voxgate::client::cli::run_phone(a)
+        }
+        Cmd::Probe(a) => {
+            voxgate::logging::init("warn");
+            voxgate::client::cli::run_probe(a)
+        }
+        Cmd::Stats(a) => admin(|| stats(a)),
+    }
+}
+
+fn admin(f: impl FnOnce() -> Result<(), String>) -> ExitCode {
+    match f() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("voxgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(a: ServeArgs) -> ExitCode {
+    let mut cfg = match &a.config {
+        Some(p) => match Config::load(p) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("voxgate: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::default(),
+    };
+    apply_flags(&mut cfg, &a);
+    if let Err(e) = cfg.validate() {
+        eprintln!("voxgate: {e}");
+        return ExitCode::from(2);
+    }
+    if a.check_config {
+        println!(
+            "configuration OK: control port {}, {} shard(s) on media ports from {}, probe ports {:?}, data in {}",
+            cfg.server.control_port,
+            cfg.shard_count(),
+            cfg.server.media_port_base,
+            cfg.server.probe_ports,
+            cfg.data_dir().display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    voxgate::logging::init(&cfg.server.log_level);
+    match voxgate::server::serve(cfg, a.config.clone()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("voxgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
+    let s = &mut cfg.server;
+    if let Some(v) = &a.data_dir {
+        s.data_dir = Some(v.clone());
+    }
+    if let Some(v) = a.listen {
+        s.listen = v;
+    }
+    if let Some(v) = a.control_port {
+        s.control_port = v;
+    }
+    if let Some(v) = a.media_port_base {
+        s.media_port_base = v;
+    }
+    if let Some(v) = &a.probe_ports
+        && let [x, y] = v[..]
+    {
+        s.probe_ports = [x, y];
+    }
+    if let Some(v) = a.shards {
+        s.shards = v;
+    }
+    if let Some(b) = a.backend {
+        s.backend = match b {
+            BackendArg::Auto => Backend::Auto,
+            BackendArg::IoUring => Backend::IoUring,
+            BackendArg::Epoll => Backend::Epoll,
+        };
+    }
+    if a.allow_private_peers {
+        s.allow_private_peers = true;
+    }
+    if a.no_pin {
+        s.pin_shards = false;
+    }
+    if let Some(v) = &a.log_level {
+        s.log_level = v.clone();
+    }
+    if let Some(v) = a.shutdown_grace_s {
+        s.shutdown_grace_s = v;
+    }
+    if let Some(v) = a.coalesce_us {
+        cfg.media.coalesce_us = v;
+    }
+    if let Some(v) = &a.dump_dir {
+        cfg.dumps.dir = Some(v.clone());
+    }
+    if let Some(v) = a.dump_interval {
+        cfg.dumps.interval_s = v;
+    }
+    if let Some(v) = a.heartbeat_ms {
+        cfg.presence.heartbeat_ms = v;
+    }
+    if let Some(v) = a.ring_timeout_s {
+        cfg.calls.ring_timeout_s = v;
+    }
+}
+
+fn open_store(s: &StoreArgs) -> Result<(voxgate::store::sqlite::SqliteStore, Config), String> {
+    let mut cfg = match &s.config {
+        Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    if let Some(d) = &s.data_dir {
+        cfg.server.data_dir = Some(d.clone());
+    }
+    let store = voxgate::server::open_store(&cfg.data_dir()).map_err(|e| e.to_string())?;
+    Ok((store, cfg))
+}
+
+fn new_verifier(user: &str, from_stdin: bool, cfg: &Config) -> Result<Verifier, String> {
+    let pw = voxgate::client::cli::read_password(from_stdin, user)?;
+    if pw.chars().count() < 8 {
+        return Err("the password must have at least 8 characters".into());
+    }
+    Ok(Verifier::new(
+        &pw,
+        cfg.auth.scram_iterations,
+        &mut rand::rng(),
+    ))
+}
+
+fn user(c: UserCmd) -> Result<(), String> {
+    match c {
+        UserCmd::Add {
+            user,
+            number,
+            password_stdin,
+            store,
+        } => {
+            let (mut st, cfg) = open_store(&store)?;
+            voxgate::store::validate_user(&user).map_err(|e| e.to_string())?;
+            voxgate::store::validate_number(&number).map_err(|e| e.to_string())?;
+            let verifier = new_verifier(&user, password_stdin, &cfg)?;
+            st.add_user(&Subscriber {
+                user: user.clone(),
+                number: number.clone(),
+                verifier,
+            })
+            .map_err(|e| e.to_string())?;
+            println!("added {user} with number {number}");
+        }
+        UserCmd::Del { user, store } => {
+            let (mut st, _) = open_store(&store)?;
+            if !st.del_user(&user).map_err(|e| e.to_string())? {
+                return Err(format!("no user {user:?}"));
+            }
+            println!("removed {user}");
+        }
+        UserCmd::List { store } => {
+            let (st, _) = open_store(&store)?;
+            for s in st.list_users().map_err(|e| e.to_string())? {
+                println!("{}\t{}", s.user, s.number);
+            }
+        }
+        UserCmd::Passwd {
+            user,
+            password_stdin,
+            store,
+        } => {
+            let (mut st, cfg) = open_store(&store)?;
+            if st.user(&user).map_err(|e| e.to_string())?.is_none() {
+                return Err(format!("no user {user:?}"));
+            }
+            let v = new_verifier(&user, password_stdin, &cfg)?;
+            st.set_verifier(&user, &v).map_err(|e| e.to_string())?;
+            println!("password of {user} changed");
+        }
+    }
+    Ok(())
+}
+
+fn route(c: RouteCmd) -> Result<(), String> {
+    match c {
+        RouteCmd::Add {
+            prefix,
+            media_addr,
+            description,
+            store,
+        } => {
+            let (mut st, _) = open_store(&store)?;
+            st.add_route(&Route {
+                prefix: prefix.clone(),
+                media_addr,
+                description,
+            })
+            .map_err(|e| e.to_string())?;
+            println!("numbers starting {prefix} go to {media_addr}");
+        }
+        RouteCmd::Del { prefix, store } => {
+            let (mut st, _) = open_store(&store)?;
+            if !st.del_route(&prefix).map_err(|e| e.to_string())? {
+                return Err(format!("no route for prefix {prefix:?}"));
+            }
+            println!("removed route {prefix}");
+        }
+        RouteCmd::List { store } => {
+            let (st, _) = open_store(&store)?;
+            for r in st.list_routes().map_err(|e| e.to_string())? {
+                println!("{}\t{}\t{}", r.prefix, r.media_addr, r.description);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn stats(a: StatsArgs) -> Result<(), String> {
+    let mut q = voxgate::metrics::stats::StatsQuery::new(a.dir);
+    q.window = a.last.map(Duration::from_secs);
+    q.since = a
+        .since
+        .map(|s| std::time::UNIX_EPOCH + Duration::from_secs(s));
+    q.plot = a.plot;
+    q.json = a.json;
+    let out = voxgate::metrics::stats::run(&q).map_err(|e| e.to_string())?;
+    print!("{out}");
+    Ok(())
+}

@@ -147,7 +147,7 @@ pub struct ProbeArgs {
 }
 
 /// Reads the password: one line of stdin, or a prompt on the terminal.
-fn read_password(from_stdin: bool, user: &str) -> Result<String, String> {
+pub fn read_password(from_stdin: bool, user: &str) -> Result<String, String> {
     if from_stdin {
         let mut line = String::new();
         std::io::stdin()

@@ -1,0 +1,610 @@
+//! The gateway's configuration: a TOML file (every key optional, every key documented in
+//! `systemd/voxgate.toml`), overridden by command-line flags, validated as a whole at start with
+//! errors that name the key and the problem. Unknown keys are errors too: a misspelt key that is
+//! silently ignored is how an edge box ends up running on defaults nobody chose.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::auth::{Bucket, RateLimitConfig};
+use crate::control::gateway::GatewayConfig;
+use crate::shard::{Backend, RelayConfig, ShardConfig};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerSection,
+    pub presence: PresenceSection,
+    pub probe: ProbeSection,
+    pub calls: CallsSection,
+    pub auth: AuthSection,
+    pub media: MediaSection,
+    pub dumps: DumpsSection,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address every socket binds to; `::` is dual-stack.
+    pub listen: IpAddr,
+    pub control_port: u16,
+    /// Shard i uses UDP and TCP port `media_port_base + i`.
+    pub media_port_base: u16,
+    pub probe_ports: [u16; 2],
+    /// 0: one shard per available core.
+    pub shards: usize,
+    /// Store, auth secret. Default: `$STATE_DIRECTORY` under systemd, else `./voxgate-data`.
+    pub data_dir: Option<PathBuf>,
+    pub backend: Backend,
+    pub pin_shards: bool,
+    /// Allow media destinations in private, loopback and link-local ranges.
+    pub allow_private_peers: bool,
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
+    pub log_level: String,
+    pub max_connections: usize,
+    /// On SIGTERM, calls in progress get this long to finish.
+    pub shutdown_grace_s: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceSection {
+    pub heartbeat_ms: u64,
+    pub misses: u32,
+    pub login_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProbeSection {
+    pub timeout_ms: u64,
+    pub bind_wait_ms: u64,
+    pub grace_ms: u64,
+    pub repeats: u32,
+    pub spacing_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallsSection {
+    pub ring_timeout_s: u64,
+    pub max_calls_per_user: usize,
+    pub max_room_size: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// PBKDF2 iterations for new verifiers (RFC 7677 recommends at least 4096).
+    pub scram_iterations: u32,
+    /// Failed log-ins allowed at once per source address, then one per `ip_refill_s`.
+    pub ip_burst: u32,
+    pub ip_refill_s: u64,
+    pub user_burst: u32,
+    pub user_refill_s: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaSection {
+    /// Wake-up coalescing budget in µs (0 = off).
+    pub coalesce_us: u64,
+    pub buf_size: usize,
+    pub udp_bufs: usize,
+    pub tcp_bufs: usize,
+    pub spare_bufs: usize,
+    pub ring_entries: u32,
+    pub send_slots: usize,
+    pub max_frame: u16,
+    pub tcp_queue_frames: usize,
+    pub tcp_sndbuf: usize,
+    pub udp_rcvbuf: usize,
+    pub udp_sndbuf: usize,
+    pub max_unbound_tcp: usize,
+    pub unbound_tcp_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DumpsSection {
+    /// Directory for histogram dumps; unset: `<data_dir>/dumps`.
+    pub dir: Option<PathBuf>,
+    /// Seconds per interval; 0 turns dumps off.
+    pub interval_s: u64,
+    pub max_files: usize,
+    pub intervals_per_file: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: "::".parse().expect("constant address"),
+            control_port: 7400,
+            media_port_base: 7401,
+            probe_ports: [7390, 7391],
+            shards: 0,
+            data_dir: None,
+            backend: Backend::Auto,
+            pin_shards: true,
+            allow_private_peers: false,
+            log_level: "info".into(),
+            max_connections: 10_000,
+            shutdown_grace_s: 30,
+        }
+    }
+}
+
+impl Default for PresenceSection {
+    fn default() -> Self {
+        PresenceSection {
+            heartbeat_ms: 10_000,
+            misses: 3,
+            login_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for ProbeSection {
+    fn default() -> Self {
+        ProbeSection {
+            timeout_ms: 2_000,
+            bind_wait_ms: 600,
+            grace_ms: 300,
+            repeats: 3,
+            spacing_ms: 50,
+        }
+    }
+}
+
+impl Default for CallsSection {
+    fn default() -> Self {
+        CallsSection {
+            ring_timeout_s: 30,
+            max_calls_per_user: 8,
+            max_room_size: 16,
+        }
+    }
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            scram_iterations: 4096,
+            ip_burst: 20,
+            ip_refill_s: 3,
+            user_burst: 5,
+            user_refill_s: 12,
+        }
+    }
+}
+
+impl Default for MediaSection {
+    fn default() -> Self {
+        let s = ShardConfig::default();
+        let r = RelayConfig::default();
+        MediaSection {
+            coalesce_us: s.coalesce.as_micros() as u64,
+            buf_size: s.buf_size,
+            udp_bufs: s.udp_bufs,
+            tcp_bufs: s.tcp_bufs,
+            spare_bufs: s.spare_bufs,
+            ring_entries: s.ring_entries,
+            send_slots: s.send_slots,
+            max_frame: r.max_frame,
+            tcp_queue_frames: r.tcp_queue_frames,
+            tcp_sndbuf: s.tcp_sndbuf,
+            udp_rcvbuf: s.udp_rcvbuf,
+            udp_sndbuf: s.udp_sndbuf,
+            max_unbound_tcp: r.max_unbound_tcp,
+            unbound_tcp_timeout_ms: r.unbound_tcp_timeout_ns / 1_000_000,
+        }
+    }
+}
+
+impl Default for DumpsSection {
+    fn default() -> Self {
+        DumpsSection {
+            dir: None,
+            interval_s: 10,
+            max_files: 24,
+            intervals_per_file: 360,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML; the error names the key (toml reports the offending key and line).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', "\n  "))
+    }
+
+    /// Every problem at once, each naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        let s = &self.server;
+        let m = &self.media;
+        let mut check = |ok: bool, key: &str, what: String| {
+            if !ok {
+                p.push(format!("{key}: {what}"));
+            }
+        };
+        check(
+            s.control_port != 0,
+            "server.control_port",
+            "must not be 0".into(),
+        );
+        check(
+            s.shards <= 1024,
+            "server.shards",
+            format!("{} is more than 1024", s.shards),
+        );
+        let shards = self.shard_count();
+        check(
+            s.media_port_base == 0 || usize::from(s.media_port_base) + shards <= 65_536,
+            "server.media_port_base",
+            format!(
+                "{} + {shards} shards runs past port 65535",
+                s.media_port_base
+            ),
+        );
+        let media = usize::from(s.media_port_base)..usize::from(s.media_port_base) + shards;
+        for (i, port) in s.probe_ports.iter().enumerate() {
+            check(
+                *port != 0,
+                &format!("server.probe_ports[{i}]"),
+                "must not be 0".into(),
+            );
+            check(
+                s.media_port_base == 0 || !media.contains(&usize::from(*port)),
+                &format!("server.probe_ports[{i}]"),
+                format!("{port} collides with the media ports {media:?}"),
+            );
+        }
+        check(
+            s.probe_ports[0] != s.probe_ports[1],
+            "server.probe_ports",
+            "the two probe ports must differ".into(),
+        );
+        check(
+            s.media_port_base == 0 || !media.contains(&usize::from(s.control_port)),
+            "server.control_port",
+            format!("{} collides with the media ports {media:?}", s.control_port),
+        );
+        check(
+            tracing_subscriber::EnvFilter::try_new(&s.log_level).is_ok(),
+            "server.log_level",
+            format!("{:?} is not a log level or filter", s.log_level),
+        );
+        check(
+            s.max_connections > 0,
+            "server.max_connections",
+            "must be at least 1".into(),
+        );
+        let pr = &self.presence;
+        check(
+            (1_000..=300_000).contains(&pr.heartbeat_ms),
+            "presence.heartbeat_ms",
+            format!("{} is outside 1000..=300000", pr.heartbeat_ms),
+        );
+        check(
+            (1..=20).contains(&pr.misses),
+            "presence.misses",
+            format!("{} is outside 1..=20", pr.misses),
+        );
+        let pb = &self.probe;
+        check(
+            pb.timeout_ms >= pb.bind_wait_ms + pb.grace_ms,
+            "probe.timeout_ms",
+            format!(
+                "{} must cover bind_wait_ms + grace_ms ({})",
+                pb.timeout_ms,
+                pb.bind_wait_ms + pb.grace_ms
+            ),
+        );
+        check(
+            (1..=10).contains(&pb.repeats),
+            "probe.repeats",
+            format!("{} is outside 1..=10", pb.repeats),
+        );
+        check(
+            (2..=64).contains(&self.calls.max_room_size),
+            "calls.max_room_size",
+            format!("{} is outside 2..=64", self.calls.max_room_size),
+        );
+        check(
+            self.calls.ring_timeout_s >= 1,
+            "calls.ring_timeout_s",
+            "must be at least 1".into(),
+        );
+        check(
+            self.auth.scram_iterations >= 4096,
+            "auth.scram_iterations",
+            format!(
+                "{} is below 4096 (RFC 7677's minimum)",
+                self.auth.scram_iterations
+            ),
+        );
+        check(
+            m.coalesce_us <= 20_000,
+            "media.coalesce_us",
+            format!("{} µs is longer than a 20 ms voice frame", m.coalesce_us),
+        );
+        check(
+            (512..=65_536).contains(&m.buf_size) && m.buf_size % 64 == 0,
+            "media.buf_size",
+            format!("{} must be a multiple of 64 in 512..=65536", m.buf_size),
+        );
+        check(
+            usize::from(m.max_frame) + 2 <= m.buf_size,
+            "media.max_frame",
+            format!("{} does not fit a {}-byte buffer", m.max_frame, m.buf_size),
+        );
+        check(
+            m.max_frame >= 172,
+            "media.max_frame",
+            format!("{} is too small for a G.711 packet", m.max_frame),
+        );
+        let total = m.udp_bufs + m.tcp_bufs + m.spare_bufs;
+        check(
+            total <= 65_535,
+            "media.udp_bufs",
+            format!("udp_bufs + tcp_bufs + spare_bufs = {total} is more than 65535"),
+        );
+        check(
+            (16..=32_768).contains(&m.udp_bufs),
+            "media.udp_bufs",
+            format!("{} is outside 16..=32768", m.udp_bufs),
+        );
+        check(
+            (16..=32_768).contains(&m.tcp_bufs),
+            "media.tcp_bufs",
+            format!("{} is outside 16..=32768", m.tcp_bufs),
+        );
+        check(
+            m.spare_bufs >= 8,
+            "media.spare_bufs",
+            "must be at least 8".into(),
+        );
+        check(
+            (64..=32_768).contains(&m.ring_entries),
+            "media.ring_entries",
+            format!("{} is outside 64..=32768", m.ring_entries),
+        );
+        check(
+            (1..=4096).contains(&m.tcp_queue_frames),
+            "media.tcp_queue_frames",
+            format!("{} is outside 1..=4096", m.tcp_queue_frames),
+        );
+        check(
+            m.tcp_queue_frames < m.udp_bufs,
+            "media.tcp_queue_frames",
+            "must be smaller than media.udp_bufs (queued frames pin receive buffers)".into(),
+        );
+        check(
+            self.dumps.max_files >= 1,
+            "dumps.max_files",
+            "must be at least 1".into(),
+        );
+        check(
+            self.dumps.intervals_per_file >= 1,
+            "dumps.intervals_per_file",
+            "must be at least 1".into(),
+        );
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(p))
+        }
+    }
+
+    pub fn shard_count(&self) -> usize {
+        if self.server.shards == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.server.shards
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.server.data_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("STATE_DIRECTORY")
+                .map(|d| PathBuf::from(d.to_string_lossy().split(':').next().unwrap_or(".")))
+                .unwrap_or_else(|| PathBuf::from("voxgate-data"))
+        })
+    }
+
+    pub fn dump_dir(&self) -> PathBuf {
+        self.dumps
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join("dumps"))
+    }
+
+    pub fn shard_config(&self) -> ShardConfig {
+        let m = &self.media;
+        ShardConfig {
+            listen: self.server.listen,
+            media_port_base: self.server.media_port_base,
+            shards: self.shard_count(),
+            backend: self.server.backend,
+            pin: self.server.pin_shards,
+            buf_size: m.buf_size,
+            udp_bufs: m.udp_bufs,
+            tcp_bufs: m.tcp_bufs,
+            spare_bufs: m.spare_bufs,
+            ring_entries: m.ring_entries,
+            send_slots: m.send_slots,
+            coalesce: Duration::from_micros(m.coalesce_us),
+            udp_rcvbuf: m.udp_rcvbuf,
+            udp_sndbuf: m.udp_sndbuf,
+            tcp_sndbuf: m.tcp_sndbuf,
+            relay: RelayConfig {
+                max_frame: m.max_frame,
+                tcp_queue_frames: m.tcp_queue_frames,
+                tcp_queued_total: (m.udp_bufs / 2).max(m.tcp_queue_frames),
+                max_unbound_tcp: m.max_unbound_tcp,
+                unbound_tcp_timeout_ns: m.unbound_tcp_timeout_ms * 1_000_000,
+                ..RelayConfig::default()
+            },
+        }
+    }
+
+    /// The control core's settings; `secret` is the persisted decoy secret.
+    pub fn gateway_config(&self, secret: [u8; 32], probe_ports: (u16, u16)) -> GatewayConfig {
+        let bucket = |burst: u32, every: u64| {
+            (burst > 0).then_some(Bucket {
+                burst,
+                refill_every: Duration::from_secs(every.max(1)),
+            })
+        };
+        GatewayConfig {
+            heartbeat: Duration::from_millis(self.presence.heartbeat_ms),
+            misses: self.presence.misses,
+            login_timeout: Duration::from_millis(self.presence.login_timeout_ms),
+            ring_timeout: Duration::from_secs(self.calls.ring_timeout_s),
+            probe_ports,
+            probe_timeout: Duration::from_millis(self.probe.timeout_ms),
+            probe_bind_wait: Duration::from_millis(self.probe.bind_wait_ms),
+            probe_grace: Duration::from_millis(self.probe.grace_ms),
+            probe_repeats: self.probe.repeats,
+            probe_spacing: Duration::from_millis(self.probe.spacing_ms),
+            allow_private_peers: self.server.allow_private_peers,
+            scram_iterations: self.auth.scram_iterations,
+            rate_limit: RateLimitConfig {
+                per_ip: bucket(self.auth.ip_burst, self.auth.ip_refill_s),
+                per_user: bucket(self.auth.user_burst, self.auth.user_refill_s),
+                ..RateLimitConfig::default()
+            },
+            max_connections: self.server.max_connections,
+            max_calls_per_user: self.calls.max_calls_per_user,
+            max_room_size: self.calls.max_room_size,
+            ..GatewayConfig::with_secret(secret)
+        }
+    }
+
+    /// What differs between two configurations that a running gateway cannot apply live
+    /// (named in the log on reload).
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let (a, b) = (&self.server, &new.server);
+        let mut v = Vec::new();
+        if a.listen != b.listen {
+            v.push("server.listen");
+        }
+        if a.control_port != b.control_port {
+            v.push("server.control_port");
+        }
+        if a.media_port_base != b.media_port_base {
+            v.push("server.media_port_base");
+        }
+        if a.probe_ports != b.probe_ports {
+            v.push("server.probe_ports");
+        }
+        if a.shards != b.shards {
+            v.push("server.shards");
+        }
+        if a.data_dir != b.data_dir {
+            v.push("server.data_dir");
+        }
+        if a.backend != b.backend {
+            v.push("server.backend");
+        }
+        if a.pin_shards != b.pin_shards {
+            v.push("server.pin_shards");
+        }
+        if self.media != new.media {
+            v.push("media.*");
+        }
+        if self.dumps.dir != new.dumps.dir {
+            v.push("dumps.dir");
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_an_empty_file_means_defaults() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_example_config_in_systemd_parses_to_the_defaults() {
+        let text = include_str!("../systemd/voxgate.toml");
+        let c = Config::parse(text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c, Config::default(), "the example documents the defaults");
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_named() {
+        let e = Config::parse("[server]\ncontrol_prot = 7400\n").unwrap_err();
+        assert!(e.contains("control_prot"), "{e}");
+        let e = Config::parse("[media]\ncoalesce_us = \"fast\"\n").unwrap_err();
+        assert!(e.contains("coalesce_us"), "{e}");
+        let e = Config::parse("[medai]\n").unwrap_err();
+        assert!(e.contains("medai"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let c = Config::parse(
+            "[server]\nprobe_ports = [7402, 7402]\n[media]\nbuf_size = 1000\nmax_frame = 100\n\
+             [auth]\nscram_iterations = 10\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        for key in [
+            "server.probe_ports[0]",
+            "server.probe_ports:",
+            "media.buf_size",
+            "media.max_frame",
+            "auth.scram_iterations",
+        ] {
+            assert!(e.contains(key), "{key} missing in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn restart_only_keys_are_named() {
+        let a = Config::default();
+        let mut b = a.clone();
+        b.server.control_port = 9000;
+        b.presence.heartbeat_ms = 5000;
+        b.media.coalesce_us = 0;
+        assert_eq!(
+            a.restart_only_changes(&b),
+            vec!["server.control_port", "media.*"]
+        );
+    }
+}

@@ -1,0 +1,813 @@
+//! The control thread: the IO around the sans-IO [`Gateway`](crate::control::gateway::Gateway).
+//!
+//! One thread runs a single-threaded tokio runtime (epoll). It owns the control listener, one
+//! reader and one writer task per client connection, the two probe sockets, the timers, the
+//! signals and the histogram dumps, and it commands the shards over their channels. Every
+//! decision is the gateway core's: this module turns socket events into `Input`s, and
+//! `Action`s into socket writes and shard commands, in the order the core emits them.
+
+mod notify;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::SeedableRng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::control::gateway::{Action, ConnId, Gateway, Input, ProbePort, ShardInfo};
+use crate::metrics::dump::{DumpConfig, DumpWriter, ShardSample};
+use crate::shard::relay::canonical;
+use crate::shard::{Command, ShardHandle, Shards};
+use crate::store::sqlite::SqliteStore;
+use crate::wire::control::{self as proto, ClientMsg, ServerMsg};
+
+/// Messages queued for one client; a client that does not read them is disconnected.
+const WRITE_QUEUE: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Shards(#[from] crate::shard::ShardError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("histogram dumps: {0}")]
+    Dump(#[from] crate::metrics::dump::DumpError),
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Where a running gateway can be reached (tests bind port 0 and read these).
+#[derive(Clone, Debug)]
+pub struct Bound {
+    pub control: SocketAddr,
+    pub probe: (SocketAddr, SocketAddr),
+    pub shards: Vec<(SocketAddr, SocketAddr)>,
+}
+
+/// Opens (creating if needed) the data directory and the store in it.
+pub fn open_store(data_dir: &Path) -> Result<SqliteStore, ServeError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| ServeError::DataDir {
+        path: data_dir.to_owned(),
+        source,
+    })?;
+    Ok(SqliteStore::open(&data_dir.join("voxgate.db"))?)
+}
+
+/// The decoy secret for unknown users' challenges: random once, then kept in the data
+/// directory (mode 0600) so that a restart does not reveal which users exist.
+pub fn load_secret(data_dir: &Path) -> Result<[u8; 32], ServeError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("auth-secret");
+    let err = |source| ServeError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read(&path) {
+        Ok(b) if b.len() == 32 => {
+            let mut s = [0u8; 32];
+            s.copy_from_slice(&b);
+            return Ok(s);
+        }
+        Ok(_) => {
+            return Err(err(std::io::Error::other(
+                "auth-secret is not 32 bytes; remove it to make a new one",
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let secret: [u8; 32] = rand::random();
+    let tmp = data_dir.join("auth-secret.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(&secret).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    Ok(secret)
+}
+
+enum Event {
+    Accepted(TcpStream, SocketAddr),
+    Input(Input),
+    Installed { op: u64, result: Result<(), String> },
+}
+
+/// A running gateway's handle for tests and embedding: stop it with [`Running::stop`].
+pub struct Running {
+    pub bound: Bound,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl Running {
+    /// SIGTERM-like: drain, wait for calls up to the grace period, stop.
+    pub fn stop(mut self) -> Result<(), String> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<(), String> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| "the gateway thread panicked".to_string())?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
+/// Starts a gateway on its own thread (tests, embedding). `config_path` enables SIGHUP-style
+/// reloads; `serve` below is what `voxgate serve` runs.
+pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, ServeError> {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("voxgate-control".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async move {
+                let r = run(cfg, config_path, Some(stop_rx), |b| {
+                    let _ = bound_tx.send(Ok(b.clone()));
+                })
+                .await;
+                if let Err(e) = &r {
+                    let _ = bound_tx.send(Err(e.to_string()));
+                }
+                r.map_err(|e| e.to_string())
+            })
+        })
+        .map_err(ServeError::Runtime)?;
+    match bound_rx.recv() {
+        Ok(Ok(bound)) => Ok(Running {
+            bound,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(ServeError::Runtime(std::io::Error::other(e)))
+        }
+        Err(_) => Err(ServeError::Runtime(std::io::Error::other(
+            "the gateway thread ended during start-up",
+        ))),
+    }
+}
+
+/// `voxgate serve`: runs until SIGTERM/SIGINT and a drain.
+pub fn serve(cfg: Config, config_path: Option<PathBuf>) -> Result<(), ServeError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    rt.block_on(run(cfg, config_path, None, |b| {
+        tracing::info!(
+            control = %b.control,
+            probe_a = %b.probe.0,
+            probe_b = %b.probe.1,
+            shards = b.shards.len(),
+            "voxgate is ready"
+        );
+    }))
+}
+
+struct Server {
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    gateway: Gateway,
+    shards: Shards,
+    writers: HashMap<ConnId, mpsc::Sender<ServerMsg>>,
+    probe: [Arc<UdpSocket>; 2],
+    events: mpsc::Sender<Event>,
+    next_conn: ConnId,
+    dumps: Option<DumpWriter>,
+    last_dump: SystemTime,
+    started: Instant,
+}
+
+async fn run(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    stop: Option<oneshot::Receiver<()>>,
+    on_ready: impl FnOnce(&Bound),
+) -> Result<(), ServeError> {
+    cfg.validate()?;
+    let data_dir = cfg.data_dir();
+    let store = open_store(&data_dir)?;
+    let secret = load_secret(&data_dir)?;
+    let shards = Shards::spawn(&cfg.shard_config())?;
+    for h in &shards.handles {
+        tracing::info!(
+            shard = h.index,
+            udp = %h.udp_addr,
+            tcp = %h.tcp_addr,
+            backend = %h.backend,
+            "shard running"
+        );
+    }
+    let listen = cfg.server.listen;
+    let control = bind_tcp(SocketAddr::new(listen, cfg.server.control_port)).await?;
+    let probe_a = bind_udp(
+        SocketAddr::new(listen, cfg.server.probe_ports[0]),
+        "probe port A",
+    )?;
+    let probe_b = bind_udp(
+        SocketAddr::new(listen, cfg.server.probe_ports[1]),
+        "probe port B",
+    )?;
+    let bound = Bound {
+        control: control.local_addr().map_err(ServeError::Runtime)?,
+        probe: (
+            probe_a.local_addr().map_err(ServeError::Runtime)?,
+            probe_b.local_addr().map_err(ServeError::Runtime)?,
+        ),
+        shards: shards
+            .handles
+            .iter()
+            .map(|h| (h.udp_addr, h.tcp_addr))
+            .collect(),
+    };
+    let infos = shards
+        .handles
+        .iter()
+        .map(|h| ShardInfo {
+            index: h.index,
+            udp_port: h.udp_addr.port(),
+            tcp_port: h.tcp_addr.port(),
+        })
+        .collect();
+    let gw_cfg = cfg.gateway_config(secret, (bound.probe.0.port(), bound.probe.1.port()));
+    let gateway = Gateway::new(
+        gw_cfg,
+        Box::new(store),
+        infos,
+        rand::rngs::StdRng::from_os_rng(),
+    );
+    let dumps = open_dumps(&cfg)?;
+    let (events, mut rx) = mpsc::channel::<Event>(4096);
+    let probe = [Arc::new(probe_a), Arc::new(probe_b)];
+    for (i, sock) in probe.iter().enumerate() {
+        let port = if i == 0 { ProbePort::A } else { ProbePort::B };
+        tokio::spawn(probe_reader(sock.clone(), port, events.clone()));
+    }
+    tokio::spawn(acceptor(control, events.clone()));
+
+    let mut server = Server {
+        cfg,
+        config_path,
+        gateway,
+        shards,
+        writers: HashMap::new(),
+        probe,
+        events,
+        next_conn: 1,
+        dumps,
+        last_dump: SystemTime::now(),
+        started: Instant::now(),
+    };
+    on_ready(&bound);
+    notify::ready();
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let sig = |k| signal(k).map_err(ServeError::Runtime);
+    let (mut term, mut int, mut hup, mut usr1) = (
+        sig(SignalKind::terminate())?,
+        sig(SignalKind::interrupt())?,
+        sig(SignalKind::hangup())?,
+        sig(SignalKind::user_defined1())?,
+    );
+    let mut stop = stop;
+    let mut watchdog = tokio::time::interval(notify::watchdog_interval());
+    let mut dump_tick = dump_interval(&server.cfg);
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+
+    loop {
+        let timeout = server
+            .gateway
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std);
+        let drain_timer = async {
+            match drain_deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let stop_requested = async {
+            match stop.as_mut() {
+                Some(s) => {
+                    let _ = s.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some(ev) = rx.recv() => server.on_event(ev),
+            _ = async { match timeout { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                server.gateway.handle_timeout(Instant::now());
+            }
+            _ = dump_tick.tick() => server.dump().await,
+            _ = watchdog.tick() => {
+                if server.shards_alive().await { notify::watchdog(); }
+            }
+            _ = usr1.recv() => {
+                tracing::info!("SIGUSR1: writing histogram dumps now");
+                server.dump().await;
+            }
+            _ = hup.recv() => {
+                if let Some(t) = server.reload() { dump_tick = t; }
+            }
+            _ = term.recv(), if drain_deadline.is_none() => {
+                drain_deadline = Some(server.start_drain());
+                stop = None;
+            }
+            _ = int.recv(), if drain_deadline.is_none() => {
+                drain_deadline = Some(server.start_drain());
+                stop = None;
+            }
+            _ = stop_requested, if drain_deadline.is_none() => {
+                drain_deadline = Some(server.start_drain());
+                stop = None;
+            }
+            _ = drain_timer => {
+                tracing::warn!(calls = server.gateway.active_calls(), "drain grace period over: ending the remaining calls");
+                break;
+            }
+        }
+        server.execute().await;
+        if drain_deadline.is_some() && server.gateway.active_calls() == 0 {
+            tracing::info!("drained: no calls left");
+            break;
+        }
+    }
+    server.gateway.handle(Instant::now(), Input::Shutdown);
+    server.execute().await;
+    server.dump().await;
+    notify::stopping();
+    // Let writer tasks flush the last messages (bounded).
+    let writers = std::mem::take(&mut server.writers);
+    drop(writers);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.shards.shutdown();
+    tracing::info!(
+        uptime_s = server.started.elapsed().as_secs(),
+        "voxgate stopped"
+    );
+    Ok(())
+}
+
+fn dump_interval(cfg: &Config) -> tokio::time::Interval {
+    let secs = if cfg.dumps.interval_s == 0 {
+        // Dumps off: tick rarely; `dump()` checks the setting.
+        86_400
+    } else {
+        cfg.dumps.interval_s
+    };
+    let period = Duration::from_secs(secs);
+    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
+fn open_dumps(cfg: &Config) -> Result<Option<DumpWriter>, ServeError> {
+    Ok(Some(DumpWriter::new(DumpConfig {
+        dir: cfg.dump_dir(),
+        max_files: cfg.dumps.max_files,
+        intervals_per_file: cfg.dumps.intervals_per_file,
+    })?))
+}
+
+async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(ServeError::Runtime)?;
+    let bind = |e| ServeError::Bind {
+        addr,
+        what: "control port",
+        source: e,
+    };
+    if addr.is_ipv6() {
+        sock.set_only_v6(false).map_err(bind)?;
+    }
+    sock.set_reuse_address(true).map_err(bind)?;
+    sock.set_nonblocking(true).map_err(bind)?;
+    sock.bind(&addr.into()).map_err(bind)?;
+    sock.listen(1024).map_err(bind)?;
+    TcpListener::from_std(sock.into()).map_err(ServeError::Runtime)
+}
+
+fn bind_udp(addr: SocketAddr, what: &'static str) -> Result<UdpSocket, ServeError> {
+    let err = |e| ServeError::Bind {
+        addr,
+        what,
+        source: e,
+    };
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        None,
+    )
+    .map_err(err)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false).map_err(err)?;
+    }
+    sock.set_nonblocking(true).map_err(err)?;
+    sock.bind(&addr.into()).map_err(err)?;
+    UdpSocket::from_std(sock.into()).map_err(ServeError::Runtime)
+}
+
+async fn acceptor(listener: TcpListener, events: mpsc::Sender<Event>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if events.send(Event::Accepted(stream, peer)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept on the control port: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn probe_reader(sock: Arc<UdpSocket>, port: ProbePort, events: mpsc::Sender<Event>) {
+    let mut buf = vec![0u8; 1500];
+    loop {
+        let Ok((n, src)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        // Only STUN is of interest; anything else costs nothing more.
+        if !crate::wire::stun::looks_like_stun(&buf[..n]) {
+            continue;
+        }
+        let input = Input::ProbeDatagram {
+            port,
+            src: canonical(src),
+            data: buf[..n].to_vec(),
+        };
+        // Under a flood, drop rather than queue without bound.
+        if let Err(mpsc::error::TrySendError::Closed(_)) = events.try_send(Event::Input(input)) {
+            return;
+        }
+    }
+}
+
+async fn conn_reader(
+    conn: ConnId,
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    events: mpsc::Sender<Event>,
+) {
+    let mut body = vec![0u8; proto::MAX_MESSAGE];
+    loop {
+        let mut h = [0u8; 2];
+        if rd.read_exact(&mut h).await.is_err() {
+            break;
+        }
+        let len = match proto::body_len(h) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = events
+                    .send(Event::Input(Input::BadMessage {
+                        conn,
+                        error: e.to_string(),
+                    }))
+                    .await;
+                break;
+            }
+        };
+        if rd.read_exact(&mut body[..len]).await.is_err() {
+            break;
+        }
+        let input = match proto::decode::<ClientMsg>(&body[..len]) {
+            Ok(msg) => Input::Message { conn, msg },
+            Err(e) => Input::BadMessage {
+                conn,
+                error: e.to_string(),
+            },
+        };
+        if events.send(Event::Input(input)).await.is_err() {
+            return;
+        }
+    }
+    let _ = events
+        .send(Event::Input(Input::Disconnected { conn }))
+        .await;
+}
+
+async fn conn_writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<ServerMsg>) {
+    let mut buf = Vec::with_capacity(4096);
+    while let Some(msg) = rx.recv().await {
+        buf.clear();
+        if let Err(e) = proto::encode(&msg, &mut buf) {
+            tracing::error!("cannot encode a control message: {e}");
+            continue;
+        }
+        // Batch whatever else is already queued into the same write.
+        while let Ok(m) = rx.try_recv() {
+            let _ = proto::encode(&m, &mut buf);
+        }
+        if wr.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+impl Server {
+    fn on_event(&mut self, ev: Event) {
+        let now = Instant::now();
+        match ev {
+            Event::Accepted(stream, peer) => {
+                let conn = self.next_conn;
+                self.next_conn += 1;
+                let _ = stream.set_nodelay(true);
+                let local = stream
+                    .local_addr()
+                    .unwrap_or_else(|_| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0));
+                let (rd, wr) = stream.into_split();
+                let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+                self.writers.insert(conn, tx);
+                tokio::spawn(conn_writer(wr, rx));
+                tokio::spawn(conn_reader(conn, rd, self.events.clone()));
+                self.gateway.handle(
+                    now,
+                    Input::Connected {
+                        conn,
+                        peer: canonical(peer),
+                        local: canonical(local),
+                    },
+                );
+            }
+            Event::Input(input) => {
+                if let Input::Disconnected { conn } = input {
+                    self.writers.remove(&conn);
+                }
+                self.gateway.handle(now, input);
+            }
+            Event::Installed { op, result } => {
+                self.gateway
+                    .handle(now, Input::ShardInstalled { op, result });
+            }
+        }
+    }
+
+    fn shard(&self, index: usize) -> Option<&ShardHandle> {
+        self.shards.handles.iter().find(|h| h.index == index)
+    }
+
+    /// Carry out everything the core decided, in its order (shard commands go out in that
+    /// order; only their answers are awaited concurrently).
+    async fn execute(&mut self) {
+        while let Some(action) = self.gateway.poll_action() {
+            match action {
+                Action::Send { conn, msg } => {
+                    let Some(w) = self.writers.get(&conn) else {
+                        continue;
+                    };
+                    if w.try_send(msg).is_err() {
+                        // The client does not read its messages: it is gone for our purposes.
+                        tracing::warn!(conn, "control connection not reading: closing it");
+                        self.writers.remove(&conn);
+                        self.gateway
+                            .handle(Instant::now(), Input::Disconnected { conn });
+                    }
+                }
+                Action::Close { conn } => {
+                    // Dropping the sender lets the writer flush what is queued, then shut down.
+                    self.writers.remove(&conn);
+                }
+                Action::ProbeSend { port, dst, data } => {
+                    let sock = &self.probe[match port {
+                        ProbePort::A => 0,
+                        ProbePort::B => 1,
+                    }];
+                    let _ = sock.try_send_to(&data, dst);
+                }
+                Action::InstallSession { op, shard, spec } => {
+                    let session = spec.id;
+                    let result = match self.shard(shard) {
+                        Some(h) => {
+                            let (reply, rx) = oneshot::channel();
+                            match h.send(Command::Install { spec, reply }) {
+                                Ok(()) => {
+                                    let events = self.events.clone();
+                                    tokio::spawn(async move {
+                                        let result = match rx.await {
+                                            Ok(r) => r.map_err(|e| e.to_string()),
+                                            Err(_) => Err("shard stopped".into()),
+                                        };
+                                        let _ = events.send(Event::Installed { op, result }).await;
+                                    });
+                                    continue;
+                                }
+                                Err(e) => Err(e.to_string()),
+                            }
+                        }
+                        None => Err(format!("no shard {shard}")),
+                    };
+                    tracing::error!(session, "cannot install a session: {result:?}");
+                    self.gateway
+                        .handle(Instant::now(), Input::ShardInstalled { op, result });
+                }
+                Action::RemoveSession { shard, session } => {
+                    if let Some(h) = self.shard(shard) {
+                        let _ = h.send(Command::Remove {
+                            session,
+                            reply: None,
+                        });
+                    }
+                }
+                Action::AddLeg {
+                    shard,
+                    session,
+                    leg,
+                } => {
+                    if let Some(h) = self.shard(shard) {
+                        let (reply, rx) = oneshot::channel();
+                        let name = leg.name.clone();
+                        if h.send(Command::AddLeg {
+                            session,
+                            leg,
+                            reply,
+                        })
+                        .is_ok()
+                        {
+                            tokio::spawn(async move {
+                                if let Ok(Err(e)) = rx.await {
+                                    tracing::warn!(session, leg = %name, "room leg not added: {e}");
+                                }
+                            });
+                        }
+                    }
+                }
+                Action::RemoveLeg {
+                    shard,
+                    session,
+                    leg,
+                } => {
+                    if let Some(h) = self.shard(shard) {
+                        let _ = h.send(Command::RemoveLeg {
+                            session,
+                            leg,
+                            reply: None,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn snapshots(&self) -> Vec<crate::shard::ShardSnapshot> {
+        let mut out = Vec::new();
+        for h in &self.shards.handles {
+            match tokio::time::timeout(Duration::from_secs(2), h.snapshot()).await {
+                Ok(Ok(s)) => out.push(s),
+                _ => tracing::error!(shard = h.index, "shard did not answer a snapshot"),
+            }
+        }
+        out
+    }
+
+    async fn shards_alive(&self) -> bool {
+        self.snapshots().await.len() == self.shards.handles.len()
+    }
+
+    async fn dump(&mut self) {
+        let snaps = self.snapshots().await;
+        let end = SystemTime::now();
+        let start = std::mem::replace(&mut self.last_dump, end);
+        let Some(w) = self.dumps.as_mut() else {
+            return;
+        };
+        let samples: Vec<ShardSample> = snaps
+            .into_iter()
+            .map(|s| ShardSample {
+                shard: s.shard,
+                latency: s.latency,
+                counters: s.counters,
+            })
+            .collect();
+        if let Err(e) = w.write_interval(start, end, &samples) {
+            tracing::error!("histogram dump: {e}");
+        }
+    }
+
+    fn start_drain(&mut self) -> tokio::time::Instant {
+        let grace = Duration::from_secs(self.cfg.server.shutdown_grace_s);
+        tracing::info!(
+            calls = self.gateway.active_calls(),
+            grace_s = grace.as_secs(),
+            "draining: no new log-ins or calls; calls in progress may finish"
+        );
+        notify::stopping();
+        self.gateway.handle(Instant::now(), Input::Drain);
+        tokio::time::Instant::now() + grace
+    }
+
+    /// SIGHUP: re-read the config file and apply what can change live. Returns a new dump
+    /// timer when the interval changed.
+    fn reload(&mut self) -> Option<tokio::time::Interval> {
+        notify::reloading();
+        let r = self.reload_inner();
+        notify::ready();
+        r
+    }
+
+    fn reload_inner(&mut self) -> Option<tokio::time::Interval> {
+        let Some(path) = self.config_path.clone() else {
+            tracing::info!("SIGHUP: no config file to reload (started on defaults and flags)");
+            return None;
+        };
+        let mut new = match Config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("SIGHUP: config not reloaded: {e}");
+                return None;
+            }
+        };
+        // Flags given at start keep winning over the file for what cannot change live.
+        for key in self.cfg.restart_only_changes(&new) {
+            tracing::warn!(
+                key,
+                "SIGHUP: this setting needs a restart; keeping the running value"
+            );
+        }
+        new.server.listen = self.cfg.server.listen;
+        new.server.control_port = self.cfg.server.control_port;
+        new.server.media_port_base = self.cfg.server.media_port_base;
+        new.server.probe_ports = self.cfg.server.probe_ports;
+        new.server.shards = self.cfg.server.shards;
+        new.server.data_dir = self.cfg.server.data_dir.clone();
+        new.server.backend = self.cfg.server.backend;
+        new.server.pin_shards = self.cfg.server.pin_shards;
+        new.media = self.cfg.media.clone();
+        new.dumps.dir = self.cfg.dumps.dir.clone();
+        if let Err(e) = new.validate() {
+            tracing::error!("SIGHUP: config not reloaded: {e}");
+            return None;
+        }
+        crate::logging::set_level(&new.server.log_level);
+        let secret = *self.gateway.config().auth.secret();
+        let ports = self.gateway.config().probe_ports;
+        self.gateway.set_config(new.gateway_config(secret, ports));
+        let new_interval =
+            (new.dumps.interval_s != self.cfg.dumps.interval_s).then(|| dump_interval(&new));
+        if let Some(w) = &self.dumps
+            && (new.dumps.max_files != self.cfg.dumps.max_files
+                || new.dumps.intervals_per_file != self.cfg.dumps.intervals_per_file)
+        {
+            let dir = w.config().dir.clone();
+            match DumpWriter::new(DumpConfig {
+                dir,
+                max_files: new.dumps.max_files,
+                intervals_per_file: new.dumps.intervals_per_file,
+            }) {
+                Ok(w) => self.dumps = Some(w),
+                Err(e) => tracing::error!("SIGHUP: dump settings not applied: {e}"),
+            }
+        }
+        self.cfg = new;
+        tracing::info!(config = %path.display(), "SIGHUP: configuration reloaded; calls in progress are untouched");
+        new_interval
+    }
+}
