@@ -62,8 +62,8 @@ struct ServeArgs {
     #[arg(long)]
     media_port_base: Option<u16>,
     /// Probe ports A,B.
-    #[arg(long, value_delimiter = ',', num_args = 2)]
-    probe_ports: Option<Vec<u16>>,
+    #[arg(long, value_name = "A,B", value_parser = parse_port_pair)]
+    probe_ports: Option<[u16; 2]>,
     /// Media shards (0: one per core).
     #[arg(long)]
     shards: Option<usize>,
@@ -245,6 +245,18 @@ fn serve(a: ServeArgs) -> ExitCode {
     }
 }
 
+fn parse_port_pair(s: &str) -> Result<[u16; 2], String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("{s:?}: expected two ports, A,B"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|e| format!("{p:?} is not a port: {e}"))
+    };
+    Ok([port(a)?, port(b)?])
+}
+
 fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
     let s = &mut cfg.server;
     if let Some(v) = &a.data_dir {
@@ -259,10 +271,8 @@ fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
     if let Some(v) = a.media_port_base {
         s.media_port_base = v;
     }
-    if let Some(v) = &a.probe_ports
-        && let [x, y] = v[..]
-    {
-        s.probe_ports = [x, y];
+    if let Some(v) = a.probe_ports {
+        s.probe_ports = v;
     }
     if let Some(v) = a.shards {
         s.shards = v;

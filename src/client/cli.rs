@@ -225,6 +225,9 @@ struct PhoneSummary {
     conference: bool,
     result: CallResult,
     reason: Option<String>,
+    /// The gateway's hang-up reason code (`peer_lost`, `busy`, `no_answer`, ...), when the
+    /// gateway ended the call or refused it.
+    hangup_reason: Option<HangupReason>,
     /// Who ended the call: "local" or the gateway's hang-up reason.
     ended_by: Option<String>,
     capabilities: Option<Capabilities>,
@@ -258,6 +261,7 @@ impl PhoneSummary {
             conference: args.conference.is_some(),
             result: CallResult::Failed,
             reason: None,
+            hangup_reason: None,
             ended_by: None,
             capabilities: None,
             mapped: None,
@@ -650,6 +654,7 @@ async fn phone_session(
             }
             ev = events.recv() => match ev {
                 Some(Event::HangUp { call: c, reason }) if c == call => {
+                    summary.hangup_reason = Some(reason);
                     break if reason == HangupReason::Normal {
                         Ok("peer".into())
                     } else {
@@ -755,6 +760,7 @@ async fn wait_media(
                 Some(Event::Media(i)) if i.call == call => return Waited::Media(i),
                 Some(Event::Ringing { call: c }) if c == call => tracing::info!(call, "ringing"),
                 Some(Event::HangUp { call: c, reason }) if c == call => {
+                    summary.hangup_reason = Some(reason);
                     return Waited::Failed(hangup_text(reason).into());
                 }
                 Some(Event::Incoming { call: other, .. }) => {

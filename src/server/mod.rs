@@ -604,6 +604,17 @@ impl Server {
                     let Some(w) = self.writers.get(&conn) else {
                         continue;
                     };
+                    if let ServerMsg::Media(m) = &msg {
+                        tracing::info!(
+                            conn,
+                            call = m.call,
+                            send = ?m.send.transport,
+                            send_via_gateway = m.send.via_gateway,
+                            recv = ?m.recv.transport,
+                            recv_via_gateway = m.recv.via_gateway,
+                            "media instructions sent"
+                        );
+                    }
                     if w.try_send(msg).is_err() {
                         // The client does not read its messages: it is gone for our purposes.
                         tracing::warn!(conn, "control connection not reading: closing it");

@@ -1,0 +1,312 @@
+//! Test support: a `voxgate serve` process with users, softphone processes, audio helpers.
+//! Every process started here is killed when its handle drops (a failing test leaves nothing
+//! running).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use voxgate::client::{g711, wav};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_voxgate");
+
+pub fn password(user: &str) -> String {
+    format!("{user}-password")
+}
+
+/// Runs `cmd` with `text` on its standard input and returns its output.
+pub fn run_with_stdin(cmd: &mut Command, text: &str) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn voxgate");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A child process killed on drop; its output goes to files (a pipe nobody reads would
+/// block it).
+pub struct Proc {
+    pub child: Child,
+    pub stdout: Option<PathBuf>,
+    pub stderr: Option<PathBuf>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub control: String,
+    proc: Option<Proc>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Gateway {
+    /// Starts `voxgate serve` on ephemeral loopback ports with users alice (+15550001), bob
+    /// (+15550002) and carol (+15550003).
+    pub fn start(extra: &[&str]) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        for (user, number) in [
+            ("alice", "+15550001"),
+            ("bob", "+15550002"),
+            ("carol", "+15550003"),
+        ] {
+            let out = run_with_stdin(
+                Command::new(BIN).args([
+                    "user",
+                    "add",
+                    user,
+                    "--number",
+                    number,
+                    "--password-stdin",
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                ]),
+                &format!("{}\n", password(user)),
+            );
+            assert!(
+                out.status.success(),
+                "user add: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                "::",
+                "--control-port",
+                "0",
+                "--media-port-base",
+                "0",
+                "--probe-ports",
+                "0,0",
+                "--shards",
+                "2",
+                "--no-pin",
+                "--allow-private-peers",
+                "--dump-interval",
+                "1",
+                "--shutdown-grace-s",
+                "5",
+                "--log-level",
+                "info",
+            ])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn voxgate serve");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if line.contains("voxgate is ready") {
+                        let _ = tx.send(line.clone());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let proc = Proc {
+            child,
+            stdout: None,
+            stderr: None,
+        };
+        let ready = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                panic!("gateway did not start:\n{}", log.lock().unwrap().join("\n"))
+            });
+        let port = ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("control="))
+            .and_then(|a| a.rsplit(':').next())
+            .expect("ready line names the control address")
+            .to_owned();
+        Gateway {
+            dir,
+            control: format!("127.0.0.1:{port}"),
+            proc: Some(proc),
+            log,
+        }
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line after `mark` satisfies `f`.
+    pub fn wait_log(&self, mark: usize, what: &str, f: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            {
+                let log = self.log.lock().unwrap();
+                if log[mark.min(log.len())..].iter().any(|l| f(l)) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for `user`'s next log-in (after `mark`) and its probe.
+    pub fn wait_online(&self, mark: usize, user: &str) {
+        let u = format!("user={user}");
+        self.wait_log(mark, &format!("{user} to log in"), |l| {
+            l.contains("logged in") && l.contains(&u)
+        });
+    }
+
+    /// SIGTERM: the gateway drains and exits 0. Returns `voxgate stats` over its dumps.
+    pub fn stop(mut self) -> String {
+        let mut p = self.proc.take().unwrap();
+        let pid = p.child.id() as i32;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = p.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "gateway did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "gateway exit: {status}\n{}",
+            self.log_text()
+        );
+        let out = Command::new(BIN)
+            .arg("stats")
+            .arg(self.dir.path().join("data/dumps"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+pub struct PhoneResult {
+    pub code: i32,
+    pub json: serde_json::Value,
+    pub stderr: String,
+}
+
+/// Starts `voxgate phone --json` as `user` (password on stdin).
+pub fn spawn_phone(gw: &Gateway, user: &str, args: &[&str]) -> Proc {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = gw.dir.path().join(format!("phone-{user}-{n}.out"));
+    let err = gw.dir.path().join(format!("phone-{user}-{n}.err"));
+    let mut child = Command::new(BIN)
+        .args([
+            "phone",
+            "--server",
+            &gw.control,
+            "--user",
+            user,
+            "--password-stdin",
+            "--json",
+        ])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("spawn voxgate phone");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{}\n", password(user)).as_bytes())
+        .unwrap();
+    Proc {
+        child,
+        stdout: Some(out),
+        stderr: Some(err),
+    }
+}
+
+pub fn finish(mut p: Proc) -> PhoneResult {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let err = std::fs::read_to_string(p.stderr.as_ref().unwrap()).unwrap_or_default();
+            panic!("phone did not finish:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = std::fs::read_to_string(p.stdout.as_ref().unwrap()).unwrap_or_default();
+    let err = std::fs::read_to_string(p.stderr.as_ref().unwrap()).unwrap_or_default();
+    let json = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("phone printed no JSON ({e}): stdout={out:?}\nstderr={err}"));
+    PhoneResult {
+        code: status.code().unwrap_or(-1),
+        json,
+        stderr: err,
+    }
+}
+
+pub fn run_phone(gw: &Gateway, user: &str, args: &[&str]) -> PhoneResult {
+    finish(spawn_phone(gw, user, args))
+}
+
+/// The first `secs` seconds of a test recording, written to `dir/out`.
+pub fn test_clip(dir: &Path, name: &str, out: &str, secs: f64) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name);
+    let samples = wav::read(&src).unwrap();
+    let n = ((secs * 8000.0) as usize).min(samples.len());
+    let path = dir.join(out);
+    wav::write(&path, &samples[..n]).unwrap();
+    path
+}
+
+/// What a receiver must record: the samples after one G.711 µ-law round trip, the last
+/// 20 ms frame padded with silence.
+pub fn ulaw_round_trip_padded(samples: &[i16]) -> Vec<i16> {
+    let mut v: Vec<i16> = samples.iter().map(|&s| g711::ulaw_round_trip(s)).collect();
+    v.resize(samples.len().div_ceil(160) * 160, 0);
+    v
+}

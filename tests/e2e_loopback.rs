@@ -1,0 +1,258 @@
+//! End to end on loopback, with real processes: `voxgate serve` and two `voxgate phone`s log
+//! in, are probed, call each other by number with each transport plan in turn (forced by the
+//! softphones' simulated firewalls, so the gateway's real probe and real planner pick the
+//! path), and the audio each side recorded must equal what the other sent after one G.711
+//! encode/decode. Also: a wrong password is refused, and killing a phone mid-call ends the call
+//! for the other side.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Gateway, run_phone, run_with_stdin, spawn_phone, test_clip, ulaw_round_trip_padded};
+use voxgate::client::wav;
+
+fn call_with(gw: &Gateway, fw_caller: &str, fw_callee: &str, expect: (&str, &str)) {
+    let dir = gw.dir.path();
+    let a_in = test_clip(dir, "speech-8k.wav", "a-in.wav", 1.6);
+    let b_in = test_clip(dir, "reply-8k.wav", "b-in.wav", 1.2);
+    let a_rec = dir.join(format!("a-rec-{fw_caller}-{fw_callee}.wav"));
+    let b_rec = dir.join(format!("b-rec-{fw_caller}-{fw_callee}.wav"));
+    let mark = gw.log_len();
+    let callee = spawn_phone(
+        gw,
+        "bob",
+        &[
+            "--answer",
+            "--play",
+            b_in.to_str().unwrap(),
+            "--record",
+            b_rec.to_str().unwrap(),
+            "--wait",
+            "20",
+            "--firewall",
+            fw_callee,
+        ],
+    );
+    gw.wait_online(mark, "bob");
+    let caller = run_phone(
+        gw,
+        "alice",
+        &[
+            "--call",
+            "+15550002",
+            "--play",
+            a_in.to_str().unwrap(),
+            "--record",
+            a_rec.to_str().unwrap(),
+            "--firewall",
+            fw_caller,
+        ],
+    );
+    let callee = common::finish(callee);
+    for (who, r) in [("caller", &caller), ("callee", &callee)] {
+        assert_eq!(r.code, 0, "{who} failed: {}\n{}", r.json, r.stderr);
+        assert_eq!(r.json["result"], "completed", "{who}: {}", r.json);
+        assert_eq!(
+            (
+                r.json["plan"]["forward"].as_str().unwrap(),
+                r.json["plan"]["backward"].as_str().unwrap()
+            ),
+            expect,
+            "{who} ({fw_caller} calls {fw_callee}): the planner's plan"
+        );
+        assert_eq!(r.json["received"]["lost"], 0, "{who}: {}", r.json);
+    }
+    // The transports each side really used follow the plan, per direction.
+    let sender_transport = |path: &str| {
+        if path.starts_with("tcp") {
+            "tcp"
+        } else {
+            "udp"
+        }
+    };
+    let receiver_transport = |path: &str| match path {
+        "udp_in_tcp_out" | "tcp_both" => "tcp",
+        _ => "udp",
+    };
+    assert_eq!(
+        caller.json["transports"]["send"]["transport"],
+        sender_transport(expect.0)
+    );
+    assert_eq!(
+        callee.json["transports"]["recv"]["transport"],
+        receiver_transport(expect.0)
+    );
+    assert_eq!(
+        callee.json["transports"]["send"]["transport"],
+        sender_transport(expect.1)
+    );
+    assert_eq!(
+        caller.json["transports"]["recv"]["transport"],
+        receiver_transport(expect.1)
+    );
+    assert_eq!(
+        caller.json["transports"]["send"]["via_gateway"],
+        expect.0 != "direct_udp"
+    );
+    // Byte-exact audio both ways, after one G.711 round trip.
+    for (sent, rec, who) in [
+        (&a_in, &b_rec, "bob hears alice"),
+        (&b_in, &a_rec, "alice hears bob"),
+    ] {
+        let want = ulaw_round_trip_padded(&wav::read(sent).unwrap());
+        let got = wav::read(rec).unwrap();
+        assert!(
+            got.len() >= want.len(),
+            "{who}: recording too short ({} < {})",
+            got.len(),
+            want.len()
+        );
+        assert!(
+            got[..want.len()] == want[..],
+            "{who}: the recording differs from the sent audio"
+        );
+        assert!(
+            got[want.len()..].iter().all(|&s| s == 0),
+            "{who}: only silence after the audio"
+        );
+    }
+}
+
+#[test]
+fn each_transport_plan_carries_audio_byte_exact() {
+    let gw = Gateway::start(&[]);
+    // Every path the planner can choose on loopback (UDP via the gateway needs NAT: the lab
+    // covers it), each at least once in each direction.
+    call_with(&gw, "open", "open", ("direct_udp", "direct_udp"));
+    call_with(&gw, "no-udp", "open", ("tcp_in_udp_out", "udp_in_tcp_out"));
+    call_with(&gw, "no-udp", "no-udp", ("tcp_both", "tcp_both"));
+    call_with(&gw, "no-udp-out", "no-udp-in", ("tcp_both", "direct_udp"));
+    call_with(&gw, "open", "no-udp-out", ("direct_udp", "tcp_in_udp_out"));
+    let stats = gw.stop();
+    assert!(
+        stats.contains("tcp in") && stats.contains("udp out"),
+        "the gateway's dumps show its per-transport counters:\n{stats}"
+    );
+}
+
+#[test]
+fn wrong_password_is_refused_with_a_clear_message() {
+    let gw = Gateway::start(&[]);
+    let probe = |user: &str, pw: &str| {
+        run_with_stdin(
+            Command::new(common::BIN).args([
+                "probe",
+                "--server",
+                &gw.control,
+                "--user",
+                user,
+                "--password-stdin",
+            ]),
+            &format!("{pw}\n"),
+        )
+    };
+    let out = probe("alice", "not-the-password");
+    assert_eq!(out.status.code(), Some(3), "log-in failures exit with 3");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wrong user or password"), "{err}");
+    // An unknown user gets exactly the same answer.
+    let out = probe("mallory", "whatever12");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong user or password"));
+    // And the right password works.
+    let out = probe("alice", &common::password("alice"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn killing_a_phone_mid_call_ends_the_call_for_the_other() {
+    // Heart-beats every second, three may be missed.
+    let gw = Gateway::start(&["--heartbeat-ms", "1000"]);
+    let mark = gw.log_len();
+    let callee = spawn_phone(
+        &gw,
+        "bob",
+        &["--answer", "--wait", "20", "--duration", "60"],
+    );
+    gw.wait_online(mark, "bob");
+    let mark = gw.log_len();
+    // Through the gateway (TCP), so that a session is installed and visible in the log.
+    let mut caller = spawn_phone(
+        &gw,
+        "alice",
+        &[
+            "--call",
+            "+15550002",
+            "--duration",
+            "60",
+            "--firewall",
+            "no-udp",
+        ],
+    );
+    gw.wait_log(mark, "the call's media", |l| {
+        l.contains("media instructions sent")
+    });
+    std::thread::sleep(Duration::from_millis(500)); // media flowing
+    let killed = Instant::now();
+    caller.child.kill().unwrap();
+    let _ = caller.child.wait();
+    let r = common::finish(callee);
+    let took = killed.elapsed();
+    assert_ne!(r.code, 0, "the call did not complete normally: {}", r.json);
+    assert_eq!(r.json["hangup_reason"], "peer_lost", "{}", r.json);
+    // At most the presence timeout (misses + slack heart-beats); a dropped connection is
+    // noticed at once.
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+}
+
+#[test]
+fn a_frozen_phone_is_dropped_by_presence_and_its_call_ends() {
+    // A phone that stops (SIGSTOP) keeps its TCP connection open but stops heart-beating:
+    // only presence can notice. Heart-beat 1 s, 3 misses.
+    let gw = Gateway::start(&["--heartbeat-ms", "1000"]);
+    let mark = gw.log_len();
+    let callee = spawn_phone(
+        &gw,
+        "bob",
+        &["--answer", "--wait", "20", "--duration", "60"],
+    );
+    gw.wait_online(mark, "bob");
+    let mark = gw.log_len();
+    let caller = spawn_phone(
+        &gw,
+        "alice",
+        &[
+            "--call",
+            "+15550002",
+            "--duration",
+            "60",
+            "--firewall",
+            "no-udp",
+        ],
+    );
+    gw.wait_log(mark, "the call's media", |l| {
+        l.contains("media instructions sent")
+    });
+    let mark = gw.log_len();
+    let frozen = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(caller.child.id() as i32, libc::SIGSTOP) };
+    let r = common::finish(callee);
+    let took = frozen.elapsed();
+    assert_eq!(r.json["hangup_reason"], "peer_lost", "{}", r.json);
+    gw.wait_log(mark, "alice to go offline", |l| {
+        l.contains("missed heart-beats")
+    });
+    // 3 missed heart-beats of 1 s plus the jitter allowance, not much more.
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(6),
+        "took {took:?}"
+    );
+    drop(caller);
+}
