@@ -464,6 +464,7 @@ impl Config {
                 unbound_tcp_timeout_ns: m.unbound_tcp_timeout_ms * 1_000_000,
                 ..RelayConfig::default()
             },
+            events: None,
         }
     }
 

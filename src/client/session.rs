@@ -197,6 +197,10 @@ pub enum Event {
     },
     /// The call is up (or was re-planned): how to send and receive its media.
     Media(MediaInstructions),
+    /// Every leg of the call is bound at the gateway: audio sent now reaches the other side.
+    MediaReady {
+        call: CallId,
+    },
     HangUp {
         call: CallId,
         reason: HangupReason,
@@ -635,6 +639,7 @@ fn msg_name(m: &ServerMsg) -> &'static str {
         ServerMsg::Ringing { .. } => "ringing",
         ServerMsg::Incoming { .. } => "incoming",
         ServerMsg::Media(_) => "media",
+        ServerMsg::MediaReady { .. } => "media_ready",
         ServerMsg::HangUp { .. } => "hang_up",
         ServerMsg::Error { .. } => "error",
     }
@@ -921,6 +926,7 @@ impl Session {
                 conference,
             }),
             ServerMsg::Media(m) => self.emit(Event::Media(m)),
+            ServerMsg::MediaReady { call } => self.emit(Event::MediaReady { call }),
             ServerMsg::HangUp { call, reason } => self.emit(Event::HangUp { call, reason }),
             ServerMsg::Error { code, message } => {
                 // The gateway answers in order: an error while a dial waits is that dial's.

@@ -648,6 +648,16 @@ impl Gateway {
         }
     }
 
+    /// A shard reports a bound leg. (Readiness tracking: to be completed.)
+    pub(crate) fn on_leg_bound(
+        &mut self,
+        _now: Instant,
+        _session: crate::shard::SessionId,
+        _leg: &str,
+        _transport: crate::metrics::Transport,
+    ) {
+    }
+
     pub(crate) fn on_shard_installed(&mut self, now: Instant, op: u64, result: Result<(), String>) {
         let Some(call) = self.ops.remove(&op) else {
             tracing::debug!(op, "install result for a session no longer wanted");

@@ -243,6 +243,13 @@ pub enum Input {
         op: u64,
         result: Result<(), String>,
     },
+    /// A shard reports that a leg proved its key over `transport`: media can now be
+    /// delivered to it that way.
+    LegBound {
+        session: SessionId,
+        leg: String,
+        transport: crate::metrics::Transport,
+    },
     /// SIGTERM: refuse new log-ins and calls; calls in progress continue.
     Drain,
     /// End every call (HangUp Shutdown) and close every connection.
@@ -542,6 +549,11 @@ impl Gateway {
                 self.on_probe_datagram(now, port, src, &data)
             }
             Input::ShardInstalled { op, result } => self.on_shard_installed(now, op, result),
+            Input::LegBound {
+                session,
+                leg,
+                transport,
+            } => self.on_leg_bound(now, session, &leg, transport),
             Input::Drain => {
                 if !self.draining {
                     tracing::info!(

@@ -230,7 +230,10 @@ async fn run(
     let data_dir = cfg.data_dir();
     let store = open_store(&data_dir)?;
     let secret = load_secret(&data_dir)?;
-    let shards = Shards::spawn(&cfg.shard_config())?;
+    let (shard_events_tx, mut shard_events) = mpsc::unbounded_channel();
+    let mut shard_cfg = cfg.shard_config();
+    shard_cfg.events = Some(shard_events_tx);
+    let shards = Shards::spawn(&shard_cfg)?;
     for h in &shards.handles {
         tracing::info!(
             shard = h.index,
@@ -337,6 +340,11 @@ async fn run(
         };
         tokio::select! {
             Some(ev) = rx.recv() => server.on_event(ev),
+            Some(ev) = shard_events.recv() => {
+                let crate::shard::ShardEvent::LegBound { session, leg, transport, source } = ev;
+                tracing::debug!(session, %leg, ?transport, %source, "leg bound");
+                server.gateway.handle(Instant::now(), Input::LegBound { session, leg, transport });
+            }
             _ = async { match timeout { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 server.gateway.handle_timeout(Instant::now());
             }

@@ -391,6 +391,7 @@ impl EpollShard {
     }
 
     fn flush(&mut self) {
+        self.core.publish_events();
         let mut out = std::mem::take(&mut self.core.out);
         self.send_udp_batch(&mut out.udp);
         out.tcp_dirty

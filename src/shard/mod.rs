@@ -33,7 +33,7 @@ use crate::metrics::Counters;
 use pool::{Pool, PoolLayout};
 pub use relay::{
     Delivery, InstallError, LegSnapshot, LegSpec, Outbox, Relay, RelayConfig, SessionId,
-    SessionSpec,
+    SessionSpec, ShardEvent,
 };
 use waker::Waker;
 
@@ -83,6 +83,8 @@ pub struct ShardConfig {
     /// SO_SNDBUF of TCP media connections: small, because late voice is useless.
     pub tcp_sndbuf: usize,
     pub relay: RelayConfig,
+    /// Where shards report [`ShardEvent`]s (bindings); None: nobody listens.
+    pub events: Option<tokio::sync::mpsc::UnboundedSender<ShardEvent>>,
 }
 
 impl Default for ShardConfig {
@@ -104,6 +106,7 @@ impl Default for ShardConfig {
             udp_sndbuf: 4 << 20,
             tcp_sndbuf: 64 << 10,
             relay: RelayConfig::default(),
+            events: None,
         }
     }
 }
@@ -528,6 +531,21 @@ impl ShardCore {
             }
         }
         true
+    }
+
+    /// Hands the relay's notifications to the control thread (a non-blocking send).
+    pub fn publish_events(&mut self) {
+        if self.out.events.is_empty() {
+            return;
+        }
+        match &self.ctx.cfg.events {
+            Some(tx) => {
+                for e in self.out.events.drain(..) {
+                    let _ = tx.send(e);
+                }
+            }
+            None => self.out.events.clear(),
+        }
     }
 
     fn publish_load(&self) {

@@ -129,6 +129,19 @@ pub struct UdpOut {
     pub nsegs: u8,
 }
 
+/// Something the control thread wants to know about a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShardEvent {
+    /// A leg proved its key and is bound: from now on media can be delivered to it over
+    /// `transport` (sent once per leg and transport).
+    LegBound {
+        session: SessionId,
+        leg: String,
+        transport: crate::metrics::Transport,
+        source: SocketAddr,
+    },
+}
+
 /// What the event loop must do after feeding events to the relay.
 #[derive(Default)]
 pub struct Outbox {
@@ -137,11 +150,16 @@ pub struct Outbox {
     pub tcp_dirty: Vec<ConnId>,
     /// Connections to shut down (the loop then reaps them once no operation is in flight).
     pub close: Vec<ConnId>,
+    /// Notifications for the control thread.
+    pub events: Vec<ShardEvent>,
 }
 
 impl Outbox {
     pub fn is_empty(&self) -> bool {
-        self.udp.is_empty() && self.tcp_dirty.is_empty() && self.close.is_empty()
+        self.udp.is_empty()
+            && self.tcp_dirty.is_empty()
+            && self.close.is_empty()
+            && self.events.is_empty()
     }
 }
 
@@ -251,6 +269,7 @@ impl Conn {
 }
 
 struct Leg {
+    session: SessionId,
     name: Box<[u8]>,
     key: Box<[u8]>,
     delivery: Delivery,
@@ -359,7 +378,11 @@ impl Relay {
                 return Err(InstallError::DuplicateLeg(l.name.clone()));
             }
         }
-        let idxs: Vec<LegIdx> = spec.legs.into_iter().map(|l| self.create_leg(l)).collect();
+        let idxs: Vec<LegIdx> = spec
+            .legs
+            .into_iter()
+            .map(|l| self.create_leg(spec.id, l))
+            .collect();
         for &i in &idxs {
             let peers = idxs.iter().copied().filter(|&p| p != i).collect();
             self.leg_mut(i).peers = peers;
@@ -397,8 +420,9 @@ impl Relay {
         Ok(())
     }
 
-    fn create_leg(&mut self, l: LegSpec) -> LegIdx {
+    fn create_leg(&mut self, session: SessionId, l: LegSpec) -> LegIdx {
         let leg = Leg {
+            session,
             name: l.name.into_bytes().into_boxed_slice(),
             key: l.key.into_boxed_slice(),
             delivery: match l.delivery {
@@ -447,7 +471,7 @@ impl Relay {
         }
         self.validate_leg(&leg)?;
         let members = members.clone();
-        let idx = self.create_leg(leg);
+        let idx = self.create_leg(id, leg);
         for &m in &members {
             self.leg_mut(m).peers.push(idx);
         }
@@ -600,7 +624,16 @@ impl Relay {
         let Some((leg, txid)) = self.authenticate(pool.seg(seg), bound.is_some()) else {
             return;
         };
-        self.bind_udp(leg, src);
+        if self.leg(leg).udp_src != Some(src) {
+            self.bind_udp(leg, src);
+            let l = self.leg(leg);
+            out.events.push(ShardEvent::LegBound {
+                session: l.session,
+                leg: String::from_utf8_lossy(&l.name).into_owned(),
+                transport: crate::metrics::Transport::Udp,
+                source: src,
+            });
+        }
         // Answer in place: the request's own buffer holds the response.
         let key = &self.legs[leg as usize].as_ref().map(|l| &l.key);
         let Some(key) = key else { return };
@@ -1004,6 +1037,13 @@ impl Relay {
                 // Only bound connections carry media: their queue is allocated now.
                 conn.queue = FrameQueue::new(cap);
             }
+            let l = self.leg(leg);
+            out.events.push(ShardEvent::LegBound {
+                session: l.session,
+                leg: String::from_utf8_lossy(&l.name).into_owned(),
+                transport: crate::metrics::Transport::Tcp,
+                source: peer,
+            });
         }
         // The response goes into a spare buffer: the request's buffer may hold the next frames.
         let Some(buf) = pool.take_spare() else {

@@ -632,6 +632,7 @@ impl UringShard {
 
     /// Turn the outbox into submissions.
     fn flush(&mut self) {
+        self.core.publish_events();
         let mut out = std::mem::take(&mut self.core.out);
         for o in out.udp.drain(..) {
             self.submit_udp(o);

@@ -175,6 +175,12 @@ pub enum ServerMsg {
     },
     /// The call is up: how this client sends and receives media.
     Media(MediaInstructions),
+    /// Every leg of the call that the gateway delivers to is bound: media sent from now on
+    /// reaches the other side. Clients bind at once on `media`, and start sending audio on
+    /// `media_ready` (so that nothing is lost while the other side is still binding).
+    MediaReady {
+        call: CallId,
+    },
     /// The call is over (or never started), and why.
     HangUp {
         call: CallId,
