@@ -139,6 +139,31 @@ impl Counters {
         }
     }
 
+    /// What was counted since `earlier` (a previous copy of the same shard's counters).
+    pub fn since(&self, earlier: &Counters) -> Counters {
+        let f = |a: &Flow, b: &Flow| Flow {
+            packets: a.packets.saturating_sub(b.packets),
+            bytes: a.bytes.saturating_sub(b.bytes),
+        };
+        let mut drops = [0; DropReason::COUNT];
+        for (d, (a, b)) in drops.iter_mut().zip(self.drops.iter().zip(earlier.drops.iter())) {
+            *d = a.saturating_sub(*b);
+        }
+        Counters {
+            udp_in: f(&self.udp_in, &earlier.udp_in),
+            udp_out: f(&self.udp_out, &earlier.udp_out),
+            tcp_in: f(&self.tcp_in, &earlier.tcp_in),
+            tcp_out: f(&self.tcp_out, &earlier.tcp_out),
+            bindings: self.bindings.saturating_sub(earlier.bindings),
+            drops,
+            buf_ring_exhausted: self.buf_ring_exhausted.saturating_sub(earlier.buf_ring_exhausted),
+            tcp_accepted: self.tcp_accepted.saturating_sub(earlier.tcp_accepted),
+            tcp_closed: self.tcp_closed.saturating_sub(earlier.tcp_closed),
+            reassembly_copies: self.reassembly_copies.saturating_sub(earlier.reassembly_copies),
+            wakeups: self.wakeups.saturating_sub(earlier.wakeups),
+        }
+    }
+
     pub fn merge(&mut self, o: &Counters) {
         self.udp_in.merge(&o.udp_in);
         self.udp_out.merge(&o.udp_out);
@@ -172,5 +197,7 @@ mod tests {
         m.merge(&c);
         m.merge(&c);
         assert_eq!(m.total_drops(), 2 * DropReason::COUNT as u64);
+        assert_eq!(m.since(&c), c, "the second merge is what happened since the first");
+        assert_eq!(c.since(&m).total_drops(), 0, "never negative");
     }
 }

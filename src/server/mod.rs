@@ -217,6 +217,8 @@ struct Server {
     next_conn: ConnId,
     dumps: Option<DumpWriter>,
     last_dump: SystemTime,
+    /// Each shard's cumulative counters at the last dump: dumps hold per-interval counts.
+    last_counters: HashMap<usize, crate::metrics::Counters>,
     started: Instant,
 }
 
@@ -301,6 +303,7 @@ async fn run(
         next_conn: 1,
         dumps,
         last_dump: SystemTime::now(),
+        last_counters: HashMap::new(),
         started: Instant::now(),
     };
     on_ready(&bound);
@@ -738,14 +741,18 @@ impl Server {
         let Some(w) = self.dumps.as_mut() else {
             return;
         };
-        let samples: Vec<ShardSample> = snaps
-            .into_iter()
-            .map(|s| ShardSample {
+        let mut samples = Vec::with_capacity(snaps.len());
+        for s in snaps {
+            let before = self
+                .last_counters
+                .insert(s.shard, s.counters)
+                .unwrap_or_default();
+            samples.push(ShardSample {
                 shard: s.shard,
                 latency: s.latency,
-                counters: s.counters,
-            })
-            .collect();
+                counters: s.counters.since(&before),
+            });
+        }
         if let Err(e) = w.write_interval(start, end, &samples) {
             tracing::error!("histogram dump: {e}");
         }

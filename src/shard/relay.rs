@@ -316,10 +316,7 @@ pub struct Relay {
     batch_rx: Vec<u64>,
 }
 
-fn new_latency_histogram() -> Histogram<u64> {
-    // 1 ns .. 60 s at 3 significant figures; the bounds are constants, so this cannot fail.
-    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant histogram bounds")
-}
+use crate::metrics::dump::new_latency_histogram;
 
 impl Relay {
     pub fn new(cfg: RelayConfig) -> Relay {
