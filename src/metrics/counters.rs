@@ -146,7 +146,10 @@ impl Counters {
             bytes: a.bytes.saturating_sub(b.bytes),
         };
         let mut drops = [0; DropReason::COUNT];
-        for (d, (a, b)) in drops.iter_mut().zip(self.drops.iter().zip(earlier.drops.iter())) {
+        for (d, (a, b)) in drops
+            .iter_mut()
+            .zip(self.drops.iter().zip(earlier.drops.iter()))
+        {
             *d = a.saturating_sub(*b);
         }
         Counters {
@@ -156,10 +159,14 @@ impl Counters {
             tcp_out: f(&self.tcp_out, &earlier.tcp_out),
             bindings: self.bindings.saturating_sub(earlier.bindings),
             drops,
-            buf_ring_exhausted: self.buf_ring_exhausted.saturating_sub(earlier.buf_ring_exhausted),
+            buf_ring_exhausted: self
+                .buf_ring_exhausted
+                .saturating_sub(earlier.buf_ring_exhausted),
             tcp_accepted: self.tcp_accepted.saturating_sub(earlier.tcp_accepted),
             tcp_closed: self.tcp_closed.saturating_sub(earlier.tcp_closed),
-            reassembly_copies: self.reassembly_copies.saturating_sub(earlier.reassembly_copies),
+            reassembly_copies: self
+                .reassembly_copies
+                .saturating_sub(earlier.reassembly_copies),
             wakeups: self.wakeups.saturating_sub(earlier.wakeups),
         }
     }
@@ -197,7 +204,11 @@ mod tests {
         m.merge(&c);
         m.merge(&c);
         assert_eq!(m.total_drops(), 2 * DropReason::COUNT as u64);
-        assert_eq!(m.since(&c), c, "the second merge is what happened since the first");
+        assert_eq!(
+            m.since(&c),
+            c,
+            "the second merge is what happened since the first"
+        );
         assert_eq!(c.since(&m).total_drops(), 0, "never negative");
     }
 }

@@ -53,6 +53,8 @@ impl Drop for Proc {
 pub struct Gateway {
     pub dir: tempfile::TempDir,
     pub control: String,
+    /// Command prefix that runs a program on the gateway's host (empty: this host).
+    pub host: Vec<String>,
     proc: Option<Proc>,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -61,6 +63,28 @@ impl Gateway {
     /// Starts `voxgate serve` on ephemeral loopback ports with users alice (+15550001), bob
     /// (+15550002) and carol (+15550003).
     pub fn start(extra: &[&str]) -> Gateway {
+        Gateway::start_on(
+            &[],
+            &[
+                "--listen",
+                "::",
+                "--control-port",
+                "0",
+                "--media-port-base",
+                "0",
+                "--probe-ports",
+                "0,0",
+                "--dump-interval",
+                "1",
+            ],
+            "127.0.0.1",
+            extra,
+        )
+    }
+
+    /// Starts `voxgate serve` through `host` (e.g. `ip netns exec NS`), with `net` giving its
+    /// addresses and ports; clients reach it at `reach_ip`.
+    pub fn start_on(host: &[&str], net: &[&str], reach_ip: &str, extra: &[&str]) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         for (user, number) in [
@@ -87,30 +111,21 @@ impl Gateway {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let mut child = Command::new(BIN)
+        let mut child = command(host, BIN)
             .args([
                 "serve",
                 "--data-dir",
                 data.to_str().unwrap(),
-                "--listen",
-                "::",
-                "--control-port",
-                "0",
-                "--media-port-base",
-                "0",
-                "--probe-ports",
-                "0,0",
                 "--shards",
                 "2",
                 "--no-pin",
                 "--allow-private-peers",
-                "--dump-interval",
-                "1",
                 "--shutdown-grace-s",
                 "5",
                 "--log-level",
                 "info",
             ])
+            .args(net)
             .args(extra)
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
@@ -150,10 +165,33 @@ impl Gateway {
             .to_owned();
         Gateway {
             dir,
-            control: format!("127.0.0.1:{port}"),
+            control: format!("{reach_ip}:{port}"),
+            host: host.iter().map(|s| s.to_string()).collect(),
             proc: Some(proc),
             log,
         }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.proc.as_ref().map_or(0, |p| p.child.id() as i32)
+    }
+
+    /// SIGUSR1: write a dump interval now; returns the counters of the newest interval
+    /// (merged over shards, as written to the `.counters.jsonl` dump).
+    pub fn dump_counters(&self) -> serde_json::Value {
+        let dir = self.dir.path().join("data/dumps");
+        let lines_before = count_lines(&dir);
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid(), libc::SIGUSR1) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while count_lines(&dir) <= lines_before {
+            assert!(Instant::now() < deadline, "no dump after SIGUSR1");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let newest = newest_jsonl(&dir).unwrap();
+        let text = std::fs::read_to_string(newest).unwrap();
+        let last = text.lines().last().unwrap();
+        serde_json::from_str::<serde_json::Value>(last).unwrap()["all"].clone()
     }
 
     pub fn log_len(&self) -> usize {
@@ -224,6 +262,42 @@ impl Gateway {
     }
 }
 
+fn newest_jsonl(dir: &Path) -> Option<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(".counters.jsonl"))
+        .collect();
+    v.sort();
+    v.pop()
+}
+
+fn count_lines(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(".counters.jsonl"))
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// `program` run through a host prefix such as `ip netns exec NS`.
+pub fn command(host: &[&str], program: &str) -> Command {
+    match host.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 pub struct PhoneResult {
     pub code: i32,
     pub json: serde_json::Value,
@@ -232,11 +306,16 @@ pub struct PhoneResult {
 
 /// Starts `voxgate phone --json` as `user` (password on stdin).
 pub fn spawn_phone(gw: &Gateway, user: &str, args: &[&str]) -> Proc {
+    spawn_phone_on(&[], gw, user, args)
+}
+
+/// `voxgate phone` on another host (`host`: a command prefix such as `ip netns exec NS`).
+pub fn spawn_phone_on(host: &[&str], gw: &Gateway, user: &str, args: &[&str]) -> Proc {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out = gw.dir.path().join(format!("phone-{user}-{n}.out"));
     let err = gw.dir.path().join(format!("phone-{user}-{n}.err"));
-    let mut child = Command::new(BIN)
+    let mut child = command(host, BIN)
         .args([
             "phone",
             "--server",

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The voxgate firewall lab: a gateway host and up to three clients, each behind its own router
+# namespace with real nftables rules and (optionally) NAT. Used by `cargo test --test lab`, and
+# by hand (see tests/lab/README.md). Everything lives in network namespaces named ${LAB}*; only
+# addresses inside them are used.
+#
+#   lab.sh up                      build the hosts (idempotent: tears down first)
+#   lab.sh down                    remove every namespace of this lab
+#   lab.sh fw N CLASS              client N's firewall: open | no-udp-out | no-udp-in | no-udp
+#   lab.sh nat N MODE              client N's NAT: none | masquerade | symmetric
+#   lab.sh counters N              client N's router counters
+#   lab.sh reset N                 zero client N's router counters
+#   lab.sh exec HOST CMD...        run CMD on host gw | c1 | c2 | c3 | r1 | r2 | r3
+#
+# Addresses: "Internet" 172.31.0.0/24 on a bridge; gateway 172.31.0.1; router N's WAN
+# 172.31.0.1N; client N 10.N.0.2 on router N's LAN 10.N.0.1/24.
+set -euo pipefail
+LAB=${LAB:-vgl}
+GW_IP=172.31.0.1
+MEDIA_PORTS=${MEDIA_PORTS:-7401-7408}
+CLIENTS=${CLIENTS:-3}
+
+ns() { echo "${LAB}$1"; }
+x() { ip netns exec "$(ns "$1")" "${@:2}"; }
+
+down() {
+    for n in $(ip netns list | awk '{print $1}' | grep "^${LAB}" || true); do
+        ip netns pids "$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+        ip netns del "$n" 2>/dev/null || true
+    done
+}
+
+up() {
+    down
+    ip netns add "$(ns inet)"
+    x inet ip link add br0 type bridge
+    x inet ip link set br0 up
+    x inet ip link set lo up
+    # The gateway host.
+    ip netns add "$(ns gw)"
+    ip link add gw0 netns "$(ns gw)" type veth peer name p-gw netns "$(ns inet)"
+    x inet ip link set p-gw master br0 up
+    x gw ip link set lo up
+    x gw ip addr add "$GW_IP/24" dev gw0
+    x gw ip link set gw0 up
+    for n in $(seq 1 "$CLIENTS"); do
+        ip netns add "$(ns "r$n")"
+        ip netns add "$(ns "c$n")"
+        ip link add wan netns "$(ns "r$n")" type veth peer name "p-r$n" netns "$(ns inet)"
+        x inet ip link set "p-r$n" master br0 up
+        ip link add lan netns "$(ns "r$n")" type veth peer name eth0 netns "$(ns "c$n")"
+        x "r$n" ip link set lo up
+        x "r$n" ip addr add "172.31.0.1$n/24" dev wan
+        x "r$n" ip addr add "10.$n.0.1/24" dev lan
+        x "r$n" ip link set wan up
+        x "r$n" ip link set lan up
+        x "r$n" sysctl -qw net.ipv4.ip_forward=1
+        x "c$n" ip link set lo up
+        x "c$n" ip addr add "10.$n.0.2/24" dev eth0
+        x "c$n" ip link set eth0 up
+        x "c$n" ip route add default via "10.$n.0.1"
+        # Client LANs are routed on the "Internet" (until NAT hides them).
+        x gw ip route add "10.$n.0.0/24" via "172.31.0.1$n"
+        rules "$n" open none
+    done
+    for n in $(seq 1 "$CLIENTS"); do
+        for m in $(seq 1 "$CLIENTS"); do
+            [ "$m" = "$n" ] && continue
+            x "r$n" ip route add "10.$m.0.0/24" via "172.31.0.1$m"
+        done
+    done
+}
+
+# rules N CLASS NAT: (re)writes router N's whole ruleset.
+rules() {
+    local n=$1 class=$2 nat=$3 drops="" natrule="" inbound_new=""
+    case "$class" in
+        open) ;;
+        no-udp-out) drops='iifname "lan" meta l4proto udp drop' ;;
+        no-udp-in) drops='iifname "wan" meta l4proto udp drop' ;;
+        no-udp) drops=$'iifname "lan" meta l4proto udp drop\n        iifname "wan" meta l4proto udp drop' ;;
+        *) echo "unknown firewall class $class" >&2; exit 2 ;;
+    esac
+    case "$nat" in
+        none) ;;
+        masquerade) natrule='oifname "wan" masquerade' ;;
+        symmetric) natrule='oifname "wan" masquerade random' ;;
+        *) echo "unknown NAT mode $nat" >&2; exit 2 ;;
+    esac
+    # A NAT router admits from outside only what belongs to a connection from inside.
+    [ "$nat" = none ] || inbound_new='iifname "wan" oifname "lan" ct state new drop'
+    echo "$class $nat" > "/run/${LAB}-r$n.state"
+    x "r$n" nft -f - <<NFT
+flush ruleset
+table inet lab {
+    counter udp_out_gw {}
+    counter udp_out_peer {}
+    counter tcp_out_gw {}
+    counter udp_in_gw {}
+    counter udp_in_peer {}
+    counter tcp_in_gw {}
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        $drops
+        $inbound_new
+        iifname "lan" ip daddr $GW_IP udp dport { $MEDIA_PORTS } counter name udp_out_gw
+        iifname "lan" ip daddr != $GW_IP meta l4proto udp counter name udp_out_peer
+        iifname "lan" ip daddr $GW_IP tcp dport { $MEDIA_PORTS } meta length > 150 counter name tcp_out_gw
+        iifname "wan" ip saddr $GW_IP udp sport { $MEDIA_PORTS } counter name udp_in_gw
+        iifname "wan" ip saddr != $GW_IP meta l4proto udp counter name udp_in_peer
+        iifname "wan" ip saddr $GW_IP tcp sport { $MEDIA_PORTS } meta length > 150 counter name tcp_in_gw
+    }
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        $natrule
+    }
+}
+NFT
+    # Forget connections made under the old rules.
+    x "r$n" conntrack -F >/dev/null 2>&1 || true
+}
+
+state() { cat "/run/${LAB}-r$1.state" 2>/dev/null || echo "open none"; }
+
+case "${1:-}" in
+    up) up ;;
+    down) down ;;
+    fw) read -r _ nat < <(state "$2"); rules "$2" "$3" "$nat" ;;
+    nat) read -r class _ < <(state "$2"); rules "$2" "$class" "$3" ;;
+    counters) x "r$2" nft list counters table inet lab ;;
+    reset) x "r$2" nft reset counters table inet lab >/dev/null ;;
+    exec) shift; h=$1; shift; x "$h" "$@" ;;
+    *) sed -n '2,20p' "$0"; exit 2 ;;
+esac
