@@ -218,12 +218,14 @@ fn serve(a: ServeArgs) -> ExitCode {
         },
         None => Config::default(),
     };
+    let config_path = a.config.clone();
+    let check = a.check_config;
     apply_flags(&mut cfg, &a);
     if let Err(e) = cfg.validate() {
         eprintln!("voxgate: {e}");
         return ExitCode::from(2);
     }
-    if a.check_config {
+    if check {
         println!(
             "configuration OK: control port {}, {} shard(s) on media ports from {}, probe ports {:?}, data in {}",
             cfg.server.control_port,
@@ -235,7 +237,8 @@ fn serve(a: ServeArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     voxgate::logging::init(&cfg.server.log_level);
-    match voxgate::server::serve(cfg, a.config.clone()) {
+    let overrides: voxgate::server::Overrides = Box::new(move |c| apply_flags(c, &a));
+    match voxgate::server::serve(cfg, config_path, overrides) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -122,7 +122,7 @@ fn call_with(gw: &Gateway, fw_caller: &str, fw_callee: &str, expect: (&str, &str
 
 #[test]
 fn each_transport_plan_carries_audio_byte_exact() {
-    let gw = Gateway::start(&[]);
+    let mut gw = Gateway::start(&[]);
     // Every path the planner can choose on loopback (UDP via the gateway needs NAT: the lab
     // covers it), each at least once in each direction.
     call_with(&gw, "open", "open", ("direct_udp", "direct_udp"));

@@ -430,5 +430,120 @@ fn firewall_lab() {
             nat: "none",
         },
     );
+    conference_across_three_classes(&lab, &gw);
+    firewall_change_mid_call(&lab, &gw);
     drop(gw);
+}
+
+/// Alice (open) starts a room with bob (TCP only) and carol (cannot receive UDP): everyone
+/// hears both others.
+fn conference_across_three_classes(lab: &Lab, gw: &Gateway) {
+    lab.set(1, "open", "none");
+    lab.set(2, "no-udp", "none");
+    lab.set(3, "no-udp-in", "none");
+    let dir = gw.dir.path();
+    let clip = test_clip(dir, "speech-8k.wav", "conf.wav", 2.0);
+    let mark = gw.log_len();
+    let mut members = Vec::new();
+    for (c, user) in [(2, "bob"), (3, "carol")] {
+        members.push(spawn_phone_on(
+            &strs(&lab.host(&format!("c{c}"))),
+            gw,
+            user,
+            &[
+                "--answer",
+                "--play",
+                clip.to_str().unwrap(),
+                "--duration",
+                "4",
+                "--wait",
+                "20",
+            ],
+        ));
+        gw.wait_online(mark, user);
+    }
+    let organizer = spawn_phone_on(
+        &strs(&lab.host("c1")),
+        gw,
+        "alice",
+        &[
+            "--conference",
+            "+15550002,+15550003",
+            "--play",
+            clip.to_str().unwrap(),
+            "--duration",
+            "4",
+        ],
+    );
+    let results: Vec<(&str, PhoneResult)> = vec![
+        ("alice", finish(organizer)),
+        ("bob", finish(members.remove(0))),
+        ("carol", finish(members.remove(0))),
+    ];
+    for (who, r) in &results {
+        assert_eq!(
+            r.code, 0,
+            "conference: {who} failed: {}\n{}",
+            r.json, r.stderr
+        );
+        assert_eq!(
+            r.json["received"]["ssrcs"], 2,
+            "conference: {who} hears both others: {}",
+            r.json
+        );
+        let got = r.json["received"]["packets"].as_u64().unwrap();
+        assert!(got >= 2 * 100, "conference: {who} received {got} packets");
+    }
+    eprintln!("lab: conference of open, no-udp and no-udp-in clients: ok");
+}
+
+/// A call that starts direct; then bob's firewall starts dropping inbound UDP. Bob hears
+/// nothing, says so, the gateway re-probes and re-plans (alice's audio now reaches bob over
+/// TCP) — or, if it cannot, ends the call with a reason on both sides. Never silence with both
+/// sides believing the call is up.
+fn firewall_change_mid_call(lab: &Lab, gw: &Gateway) {
+    lab.set(1, "open", "none");
+    lab.set(2, "open", "none");
+    let mark = gw.log_len();
+    let callee = spawn_phone_on(
+        &strs(&lab.host("c2")),
+        gw,
+        "bob",
+        &["--answer", "--duration", "14", "--wait", "20"],
+    );
+    gw.wait_online(mark, "bob");
+    let mark = gw.log_len();
+    let caller = spawn_phone_on(
+        &strs(&lab.host("c1")),
+        gw,
+        "alice",
+        &["--call", "+15550002", "--duration", "12"],
+    );
+    gw.wait_log(mark, "the call's media", |l| {
+        l.contains("media instructions sent")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    lab.sh(&["fw", "2", "no-udp-in"]);
+    let ra = finish(caller);
+    let rb = finish(callee);
+    let replanned = rb.json["replans"].as_u64().unwrap_or(0) >= 1;
+    if replanned {
+        assert_eq!(ra.code, 0, "{}", ra.json);
+        assert_eq!(
+            rb.json["plan"]["forward"], "udp_in_tcp_out",
+            "after the change alice's audio reaches bob over TCP: {}",
+            rb.json
+        );
+        assert!(
+            rb.json["received"]["tcp_packets"].as_u64().unwrap() >= USED,
+            "{}",
+            rb.json
+        );
+        eprintln!("lab: firewall change mid-call: re-planned, call recovered: ok");
+    } else {
+        for r in [&ra, &rb] {
+            assert_eq!(r.json["hangup_reason"], "media_failed", "{}", r.json);
+        }
+        eprintln!("lab: firewall change mid-call: ended with media_failed on both sides: ok");
+    }
 }

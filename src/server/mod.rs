@@ -55,6 +55,9 @@ pub enum ServeError {
     Runtime(std::io::Error),
 }
 
+/// Command-line overrides, re-applied over the file on every reload (flags keep winning).
+pub type Overrides = Box<dyn Fn(&mut Config) + Send>;
+
 /// Where a running gateway can be reached (tests bind port 0 and read these).
 #[derive(Clone, Debug)]
 pub struct Bound {
@@ -152,6 +155,7 @@ impl Drop for Running {
 /// Starts a gateway on its own thread (tests, embedding). `config_path` enables SIGHUP-style
 /// reloads; `serve` below is what `voxgate serve` runs.
 pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, ServeError> {
+    let overrides: Overrides = Box::new(|_| {});
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = oneshot::channel();
     let thread = std::thread::Builder::new()
@@ -162,7 +166,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Serve
                 .build()
                 .map_err(|e| e.to_string())?;
             rt.block_on(async move {
-                let r = run(cfg, config_path, Some(stop_rx), |b| {
+                let r = run(cfg, config_path, overrides, Some(stop_rx), |b| {
                     let _ = bound_tx.send(Ok(b.clone()));
                 })
                 .await;
@@ -190,12 +194,16 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Serve
 }
 
 /// `voxgate serve`: runs until SIGTERM/SIGINT and a drain.
-pub fn serve(cfg: Config, config_path: Option<PathBuf>) -> Result<(), ServeError> {
+pub fn serve(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    overrides: Overrides,
+) -> Result<(), ServeError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
-    rt.block_on(run(cfg, config_path, None, |b| {
+    rt.block_on(run(cfg, config_path, overrides, None, |b| {
         tracing::info!(
             control = %b.control,
             probe_a = %b.probe.0,
@@ -209,6 +217,7 @@ pub fn serve(cfg: Config, config_path: Option<PathBuf>) -> Result<(), ServeError
 struct Server {
     cfg: Config,
     config_path: Option<PathBuf>,
+    overrides: Overrides,
     gateway: Gateway,
     shards: Shards,
     writers: HashMap<ConnId, mpsc::Sender<ServerMsg>>,
@@ -225,6 +234,7 @@ struct Server {
 async fn run(
     cfg: Config,
     config_path: Option<PathBuf>,
+    overrides: Overrides,
     stop: Option<oneshot::Receiver<()>>,
     on_ready: impl FnOnce(&Bound),
 ) -> Result<(), ServeError> {
@@ -295,6 +305,7 @@ async fn run(
     let mut server = Server {
         cfg,
         config_path,
+        overrides,
         gateway,
         shards,
         writers: HashMap::new(),
@@ -784,14 +795,15 @@ impl Server {
             tracing::info!("SIGHUP: no config file to reload (started on defaults and flags)");
             return None;
         };
+        let one_line = |e: &dyn std::fmt::Display| e.to_string().replace('\n', " ");
         let mut new = match Config::load(&path) {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!("SIGHUP: config not reloaded: {e}");
+                tracing::error!("SIGHUP: config not reloaded: {}", one_line(&e));
                 return None;
             }
         };
-        // Flags given at start keep winning over the file for what cannot change live.
+        (self.overrides)(&mut new);
         for key in self.cfg.restart_only_changes(&new) {
             tracing::warn!(
                 key,
@@ -809,7 +821,7 @@ impl Server {
         new.media = self.cfg.media.clone();
         new.dumps.dir = self.cfg.dumps.dir.clone();
         if let Err(e) = new.validate() {
-            tracing::error!("SIGHUP: config not reloaded: {e}");
+            tracing::error!("SIGHUP: config not reloaded: {}", one_line(&e));
             return None;
         }
         crate::logging::set_level(&new.server.log_level);

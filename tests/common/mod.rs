@@ -78,7 +78,11 @@ impl Gateway {
                 "1",
             ],
             "127.0.0.1",
-            extra,
+            &if extra.contains(&"--shutdown-grace-s") {
+                extra.to_vec()
+            } else {
+                [extra, &["--shutdown-grace-s", "5"]].concat()
+            },
         )
     }
 
@@ -120,8 +124,6 @@ impl Gateway {
                 "2",
                 "--no-pin",
                 "--allow-private-peers",
-                "--shutdown-grace-s",
-                "5",
                 "--log-level",
                 "info",
             ])
@@ -230,7 +232,7 @@ impl Gateway {
     }
 
     /// SIGTERM: the gateway drains and exits 0. Returns `voxgate stats` over its dumps.
-    pub fn stop(mut self) -> String {
+    pub fn stop(&mut self) -> String {
         let mut p = self.proc.take().unwrap();
         let pid = p.child.id() as i32;
         // SAFETY: signalling our own child.
