@@ -1286,3 +1286,329 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
         v4 => v4,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::pool::PoolLayout;
+    use proptest::prelude::*;
+
+    fn pool() -> Pool {
+        Pool::new(PoolLayout {
+            buf_size: 2048,
+            udp: 64,
+            tcp: 64,
+            spare: 8,
+        })
+        .unwrap()
+    }
+
+    fn fd() -> OwnedFd {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.into()
+    }
+
+    fn leg(name: &str, delivery: Delivery, trusted: Option<&str>) -> LegSpec {
+        LegSpec {
+            name: name.into(),
+            key: b"k".to_vec(),
+            delivery,
+            trusted_source: trusted.map(|a| a.parse().unwrap()),
+            clock_rate: 8000,
+        }
+    }
+
+    /// A received buffer holding `data` (one reference, as the loop holds it).
+    fn recv(pool: &mut Pool, id: BufId, data: &[u8]) -> Seg {
+        pool.received(id);
+        pool.buf_mut(id)[..data.len()].copy_from_slice(data);
+        Seg::new(id, 0, data.len())
+    }
+
+    fn frame_bytes(pool: &Pool, f: &QFrame) -> Vec<u8> {
+        let mut v = f.hdr.to_vec();
+        for s in &f.segs[..usize::from(f.nsegs)] {
+            v.extend_from_slice(pool.seg(*s));
+        }
+        v
+    }
+
+    /// A TCP leg `t` bound without STUN (tests only), receiving from UDP leg `u` whose source
+    /// is trusted.
+    fn tcp_session(relay: &mut Relay, pool: &mut Pool, out: &mut Outbox) -> ConnId {
+        relay
+            .install(SessionSpec {
+                id: 1,
+                legs: vec![
+                    leg("u", Delivery::UdpLatched, Some("192.0.2.1:1000")),
+                    leg("t", Delivery::Tcp, None),
+                ],
+            })
+            .unwrap();
+        let c = relay
+            .on_accept(fd(), "192.0.2.2:2000".parse().unwrap(), 0)
+            .unwrap();
+        // Bind by hand, as tcp_stun does after a valid Binding.
+        let t = relay.leg_by_name[&b"t"[..]];
+        relay.leg_mut(t).tcp = Some(c);
+        relay.unbound_conns -= 1;
+        let cap = relay.cfg.tcp_queue_frames;
+        let conn = relay.conn_mut(c).unwrap();
+        conn.leg = Some(t);
+        conn.queue = FrameQueue::new(cap);
+        let _ = (pool, out);
+        c
+    }
+
+    #[test]
+    fn udp_forwards_without_copy_and_unbound_sources_are_dropped() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        relay
+            .install(SessionSpec {
+                id: 7,
+                legs: vec![
+                    leg(
+                        "a",
+                        Delivery::Udp("192.0.2.9:9".parse().unwrap()),
+                        Some("192.0.2.1:1"),
+                    ),
+                    leg("b", Delivery::Udp("192.0.2.8:8".parse().unwrap()), None),
+                ],
+            })
+            .unwrap();
+        let seg = recv(&mut pool, 0, &[0x80; 172]);
+        relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 5, &mut out);
+        assert_eq!(out.udp.len(), 1);
+        assert_eq!(out.udp[0].dst, "192.0.2.8:8".parse::<SocketAddr>().unwrap());
+        assert_eq!(out.udp[0].segs[0], seg, "the same bytes, where they landed");
+        assert_eq!(pool.refs(0), 2, "the send holds a reference");
+        pool.release(0);
+        let seg = recv(&mut pool, 1, &[0x80; 172]);
+        relay.on_udp(&mut pool, "192.0.2.77:1".parse().unwrap(), seg, 5, &mut out);
+        assert_eq!(out.udp.len(), 1, "nothing for a stranger");
+        assert_eq!(relay.counters.dropped(DropReason::Unbound), 1);
+        // b has no source yet: its packets cannot come in, and a's have somewhere to go.
+        relay.finish_batch(10);
+        assert_eq!(relay.latency.len(), 1);
+    }
+
+    #[test]
+    fn frames_split_across_reads_are_reassembled_in_order() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        let c = tcp_session(&mut relay, &mut pool, &mut out);
+        // Three frames; deliver the stream in pieces of 1, 3, 150, 2, ... bytes.
+        let frames: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| {
+                (0..100 + i as usize * 50)
+                    .map(|j| 0x80u8.wrapping_add(i).wrapping_add(j as u8))
+                    .collect()
+            })
+            .collect();
+        let mut stream = Vec::new();
+        for f in &frames {
+            stream.extend_from_slice(&(f.len() as u16).to_be_bytes());
+            stream.extend_from_slice(f);
+        }
+        let cuts = [1usize, 3, 150, 2, 1, 1, 40, 500];
+        let (mut at, mut k, mut id) = (0usize, 0usize, 64u16);
+        while at < stream.len() {
+            let n = cuts[k % cuts.len()].min(stream.len() - at);
+            let seg = recv(&mut pool, id, &stream[at..at + n]);
+            relay.on_tcp(&mut pool, c, seg, 1, &mut out);
+            pool.release(id);
+            at += n;
+            k += 1;
+            id += 1;
+        }
+        assert_eq!(relay.counters.tcp_in.packets, 3);
+        let got: Vec<Vec<u8>> = out
+            .udp
+            .iter()
+            .map(|o| {
+                o.segs[..usize::from(o.nsegs)]
+                    .iter()
+                    .flat_map(|s| pool.seg(*s).to_vec())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(got, frames);
+        assert!(
+            relay.counters.reassembly_copies >= 1,
+            "a frame over 3+ reads was gathered"
+        );
+        // Releasing the sends frees everything: nothing leaks.
+        for o in out.udp.drain(..) {
+            for s in &o.segs[..usize::from(o.nsegs)] {
+                pool.release(s.buf);
+            }
+        }
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn a_full_tcp_queue_drops_rtp_and_counts_it() {
+        let cfg = RelayConfig {
+            tcp_queue_frames: 4,
+            ..RelayConfig::default()
+        };
+        let mut relay = Relay::new(cfg);
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        let c = tcp_session(&mut relay, &mut pool, &mut out);
+        for i in 0..10u16 {
+            let seg = recv(&mut pool, i, &[0x80; 172]);
+            relay.on_udp(
+                &mut pool,
+                "192.0.2.1:1000".parse().unwrap(),
+                seg,
+                0,
+                &mut out,
+            );
+            pool.release(i);
+        }
+        assert_eq!(relay.conn(c).unwrap().queued(), 4);
+        assert_eq!(relay.counters.dropped(DropReason::TcpBackpressure), 6);
+        assert_eq!(relay.counters.dropped(DropReason::NoEgress), 0);
+        assert_eq!(pool.in_use(), 4, "only queued frames pin buffers");
+        // The queue is described as iovecs (prefix + payload) and retired as it is written.
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; TCP_IOV];
+        let n = relay.prepare_tcp_send(&pool, c, &mut iov);
+        assert_eq!(n, 8);
+        let first = frame_bytes(&pool, relay.conn(c).unwrap().queue.get(0));
+        assert_eq!(&first[..2], &172u16.to_be_bytes());
+        relay.tcp_sent(&mut pool, c, 174 + 100);
+        assert_eq!(
+            relay.conn(c).unwrap().queued(),
+            3,
+            "a partly written frame stays"
+        );
+        relay.tcp_sent(&mut pool, c, 74 + 3 * 174);
+        assert_eq!(relay.conn(c).unwrap().queued(), 0);
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn an_oversize_frame_closes_the_connection_and_frees_its_buffers() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        let c = tcp_session(&mut relay, &mut pool, &mut out);
+        // Half a frame (holds a buffer), then a header announcing 60000 bytes.
+        let mut bytes = 200u16.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[0x80; 50]);
+        let seg = recv(&mut pool, 70, &bytes);
+        relay.on_tcp(&mut pool, c, seg, 0, &mut out);
+        pool.release(70);
+        assert_eq!(pool.in_use(), 1, "the partial frame keeps its buffer");
+        let mut bytes = vec![0x80; 150];
+        bytes.extend_from_slice(&60_000u16.to_be_bytes());
+        let seg = recv(&mut pool, 71, &bytes);
+        relay.on_tcp(&mut pool, c, seg, 0, &mut out);
+        pool.release(71);
+        assert_eq!(out.close, vec![c]);
+        assert_eq!(relay.counters.dropped(DropReason::BadFrame), 1);
+        assert!(relay.reap(&mut pool, c).is_some());
+        for o in out.udp.drain(..) {
+            for s in &o.segs[..usize::from(o.nsegs)] {
+                pool.release(s.buf);
+            }
+        }
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn rooms_add_and_remove_participants() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        relay
+            .install(SessionSpec {
+                id: 3,
+                legs: vec![
+                    leg("p1", Delivery::UdpLatched, Some("192.0.2.1:1")),
+                    leg("p2", Delivery::UdpLatched, Some("192.0.2.2:2")),
+                ],
+            })
+            .unwrap();
+        relay
+            .add_leg(3, leg("p3", Delivery::UdpLatched, Some("192.0.2.3:3")))
+            .unwrap();
+        assert_eq!(
+            relay.add_leg(3, leg("p3", Delivery::None, None)),
+            Err(InstallError::DuplicateLeg("p3".into()))
+        );
+        assert_eq!(
+            relay.add_leg(99, leg("p4", Delivery::None, None)),
+            Err(InstallError::NoSession(99))
+        );
+        let seg = recv(&mut pool, 0, &[0x80; 100]);
+        relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 0, &mut out);
+        assert_eq!(out.udp.len(), 2, "p1 reaches p2 and p3");
+        assert!(relay.remove_leg(&mut pool, 3, "p2", &mut out));
+        out.udp.clear();
+        relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 0, &mut out);
+        assert_eq!(out.udp.len(), 1, "p2 left");
+        assert!(relay.remove(&mut pool, 3, &mut out));
+        assert_eq!(relay.session_count(), 0);
+        assert!(relay.leg_by_name.is_empty() && relay.udp_bindings.is_empty());
+    }
+
+    proptest! {
+        /// Arbitrary datagrams and TCP byte streams (in arbitrary pieces) never panic, and
+        /// once every send completes no buffer stays pinned.
+        #[test]
+        fn arbitrary_input_never_panics_or_leaks(
+            datagrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..20),
+            stream in proptest::collection::vec(any::<u8>(), 0..3000),
+            cuts in proptest::collection::vec(1usize..400, 1..20),
+        ) {
+            let mut relay = Relay::new(RelayConfig { max_frame: 600, tcp_queue_frames: 8, ..RelayConfig::default() });
+            let mut pool = pool();
+            let mut out = Outbox::default();
+            let c = tcp_session(&mut relay, &mut pool, &mut out);
+            let stranger = relay.on_accept(fd(), "192.0.2.3:3".parse().unwrap(), 0).unwrap();
+            // Like the kernel, hand out only buffers nobody references.
+            let free = |pool: &Pool, range: std::ops::Range<u16>| range.clone().find(|&b| pool.refs(b) == 0).unwrap();
+            for d in &datagrams {
+                let id = free(&pool, 0..64);
+                let seg = recv(&mut pool, id, d);
+                let src = if d.len() % 2 == 0 { "192.0.2.1:1000" } else { "192.0.2.5:5" };
+                relay.on_udp(&mut pool, src.parse().unwrap(), seg, 0, &mut out);
+                pool.release(id);
+                // Sends complete at once.
+                for o in out.udp.drain(..) {
+                    for s in &o.segs[..usize::from(o.nsegs)] { pool.release(s.buf); }
+                }
+            }
+            let mut at = 0;
+            let mut k = 0;
+            while at < stream.len() {
+                let n = cuts[k % cuts.len()].min(stream.len() - at);
+                for conn in [c, stranger] {
+                    let b = free(&pool, 64..128);
+                    let seg = recv(&mut pool, b, &stream[at..at + n]);
+                    relay.on_tcp(&mut pool, conn, seg, 0, &mut out);
+                    pool.release(b);
+                }
+                for o in out.udp.drain(..) {
+                    for s in &o.segs[..usize::from(o.nsegs)] { pool.release(s.buf); }
+                }
+                at += n;
+                k += 1;
+            }
+            for conn in [c, stranger] {
+                relay.close(&mut pool, conn, &mut out);
+                let _ = relay.reap(&mut pool, conn);
+            }
+            prop_assert_eq!(pool.in_use(), 0);
+            prop_assert!(relay.tcp_queued_total() == 0);
+        }
+    }
+}
