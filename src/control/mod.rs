@@ -17,8 +17,11 @@
 //!   passes in, so tests are deterministic.
 //! - **No secrets in `Debug` or logs.** Types holding keys redact them.
 //!
-//! Modules still to come (owned by others): `presence`, `probe`, `calls`,
-//! `conference`, `directory`.
+//! Modules: [`auth`] (SCRAM-SHA-256 log-in, rate limiting), [`planner`] (Table 1),
+//! [`presence`] (heart-beats and polls), [`probe`] (firewall probing on ports A and B), [`calls`]
+//! (dialling, ringing, media set-up, rooms, re-planning), [`media`] (turning a plan into
+//! per-client instructions and relay legs), and [`gateway`], which ties them together behind
+//! one `handle(now, input)` / `poll_action()` interface for `server/`.
 
 pub mod auth;
 pub mod calls;
