@@ -11,6 +11,8 @@
 //!                           ◀────────────────── accept{call,media}
 //!                   plan (both probe results) → InstallSession{op} → ShardInstalled{op,Ok}
 //!         ◀── media{…}      media{…} ──────────────────────▶
+//!   binds ──▶ shard ─ LegBound ─▶ (each delivery leg bound) ◀─ shard ◀── binds
+//!         ◀── media_ready{call}  media_ready{call} ─────────▶
 //! ```
 //!
 //! - Every `dial` gets `calling{tag, call}` first, so that a `hang_up` that follows at once
@@ -62,7 +64,7 @@
 //! `media_ready`:
 //!
 //! - Two-party calls: when `media` goes out (and again after a re-plan, for the new legs) the
-//!   call records the delivery legs it awaits ([`Readiness`]); each [`Input::LegBound`] for one
+//!   call records the delivery legs it awaits (`Readiness`); each [`Input::LegBound`] for one
 //!   of them over the right transport marks it; once all are bound, every party of the call
 //!   gets `media_ready{call}`. With nothing to await (both directions direct, or fixed UDP
 //!   deliveries only) `media_ready` follows `media` at once.
@@ -72,7 +74,7 @@
 //!   old legs, the wrong transport, or a leg already bound (a UDP re-binding from a new
 //!   address) changes nothing. A LegBound that comes before `media` went out (it cannot in
 //!   practice: clients bind on `media`) is remembered and `media_ready` follows `media`.
-//! - The state lives in the call ([`Pair::ready`], [`Member::ready`]), so it ends with it.
+//! - The state lives in the call (`Pair::ready`, `Member::ready`), so it ends with it.
 //!
 //! [`Input::LegBound`]: super::gateway::Input::LegBound
 //!
