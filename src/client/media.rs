@@ -35,8 +35,11 @@
 //! gateway binds best effort too, and sends a STUN Binding indication every
 //! [`KEEPALIVE_INTERVAL`] so that NAT and firewall state for the gateway stays open. The TCP
 //! binding must always succeed. A best-effort UDP binding does not hold up a TCP binding:
-//! once the TCP side is bound, the engine starts and goes on retransmitting the UDP request
-//! itself (taking its answer) until [`BEST_EFFORT_BIND`] is over.
+//! once the TCP side is bound (and the UDP request has gone out), the engine starts and goes
+//! on with the UDP request itself (taking its answer) until [`BEST_EFFORT_BIND`] is over,
+//! sending it ahead of each media packet to the gateway meanwhile: the gateway drops media
+//! from a source it has not bound, and a client whose inbound UDP is blocked cannot know
+//! whether a request arrived.
 //!
 //! Recording. Decoded frames are placed by RTP sequence number from the first packet
 //! received, gaps filled with silence: when nothing is lost the recording equals the sent
@@ -671,6 +674,8 @@ struct UdpBinder {
     next_send: Instant,
     deadline: Instant,
     wait: Duration,
+    /// Requests that left the socket.
+    sent: u32,
     /// Why it did not work, for the error message.
     problem: String,
 }
@@ -695,6 +700,7 @@ impl UdpBinder {
             next_send: now,
             deadline: now + wait,
             wait,
+            sent: 0,
             problem: String::new(),
         })
     }
@@ -709,15 +715,33 @@ impl UdpBinder {
 
     /// Sends the request if a (re)transmission is due.
     fn transmit_if_due(&mut self, socket: &UdpSocket, firewall: Firewall, now: Instant) {
-        if now < self.next_send {
-            return;
+        if now >= self.next_send {
+            self.transmit(socket, firewall, now);
         }
-        if let Err(e) = firewall.send_to(socket, &self.req, self.gateway) {
-            // Often transient (no route yet); the next retransmission tries again.
-            tracing::debug!("binding request to {}: {e}", self.gateway);
-            self.problem = format!(" (sending failed: {e})");
+    }
+
+    /// Sends the request now; the next retransmission is due [`BIND_RETRANSMIT`] later.
+    fn transmit(&mut self, socket: &UdpSocket, firewall: Firewall, now: Instant) {
+        match firewall.send_to(socket, &self.req, self.gateway) {
+            Ok(true) => self.sent += 1,
+            Ok(false) => {}
+            Err(e) => {
+                // Often transient (no route yet); the next retransmission tries again.
+                tracing::debug!("binding request to {}: {e}", self.gateway);
+                self.problem = format!(" (sending failed: {e})");
+            }
         }
         self.next_send = now + BIND_RETRANSMIT;
+    }
+
+    /// Makes sure the request has left the socket once (waiting for the socket to be
+    /// writable, at most until the deadline): media may follow it.
+    async fn ensure_sent(&mut self, socket: &UdpSocket, firewall: Firewall) {
+        if self.sent > 0 || firewall.block_udp_out {
+            return;
+        }
+        let _ = tokio::time::timeout_at(self.deadline, socket.writable()).await;
+        self.transmit(socket, firewall, Instant::now());
     }
 
     /// When something is due: the next retransmission or the deadline.
@@ -760,7 +784,13 @@ impl UdpBinder {
             if self.expired(now) {
                 return None;
             }
-            self.transmit_if_due(socket, firewall, now);
+            if now >= self.next_send && !firewall.block_udp_out {
+                // tokio's `try_send_to` says WouldBlock until the reactor has seen the socket
+                // writable, which a fresh socket may not have yet: the first request would
+                // silently wait for the retransmission.
+                let _ = tokio::time::timeout_at(self.deadline, socket.writable()).await;
+            }
+            self.transmit_if_due(socket, firewall, Instant::now());
             let Ok(r) = tokio::time::timeout_at(self.wake_at(), socket.recv_from(&mut buf)).await
             else {
                 continue;
@@ -918,7 +948,11 @@ async fn establish(
             };
             match first {
                 Ok(mapped) => (Some(tcp.await?), Some(mapped)),
-                Err(t) => (Some(t?), None),
+                Err(t) => {
+                    let t = t?;
+                    b.ensure_sent(socket, fw).await;
+                    (Some(t), None)
+                }
             }
         }
     };
@@ -946,6 +980,11 @@ async fn establish(
         (Some(None), None) | (None, None) => {}
     }
     links.early = early;
+    if matches!(route.send, Some(SendRoute::Udp(_))) && !fw.block_udp_out {
+        // The first packet must not be refused by tokio's `try_send_to` because the reactor
+        // has not seen a fresh socket writable yet (see `UdpBinder::run`).
+        let _ = tokio::time::timeout(opts.bind_timeout, socket.writable()).await;
+    }
     Ok(links)
 }
 
@@ -1513,6 +1552,14 @@ impl Engine {
         let Some(n) = write_packet(&frame, self.ssrc, wall_clock_ns(), &mut pkt) else {
             return;
         };
+        if let (SendRoute::Udp(to), Some(b)) = (route, &mut self.udp_pending)
+            && to == b.gateway
+        {
+            // The gateway only takes media from a bound source, and nothing tells this side
+            // whether the request got there: until the answer (or BEST_EFFORT_BIND), each
+            // packet is preceded by it, so a lost request costs no audio.
+            b.transmit(&self.socket, self.opts.firewall, Instant::now());
+        }
         let ok = match route {
             SendRoute::Udp(to) => match self.opts.firewall.send_to(&self.socket, &pkt[..n], to) {
                 Ok(true) => true,
