@@ -63,6 +63,17 @@ fn call_with(gw: &Gateway, fw_caller: &str, fw_callee: &str, expect: (&str, &str
             "{who} ({fw_caller} calls {fw_callee}): the planner's plan"
         );
         assert_eq!(r.json["received"]["lost"], 0, "{who}: {}", r.json);
+        eprintln!(
+            "{fw_caller} calls {fw_callee}, {who}: audio held {} ms for media_ready",
+            r.json["media_ready_wait_ms"]
+        );
+        // The audio started on the gateway's media_ready, not on the fallback time-out.
+        assert_eq!(r.json["media_ready_timed_out"], false, "{who}: {}", r.json);
+        assert!(
+            r.json["media_ready_wait_ms"].is_number(),
+            "{who}: {}",
+            r.json
+        );
     }
     // The transports each side really used follow the plan, per direction.
     let sender_transport = |path: &str| {

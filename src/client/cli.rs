@@ -28,7 +28,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::Firewall;
-use super::media::{LatencyMs, MediaCall, MediaOptions, MediaReport, TransportUsed};
+use super::media::{
+    LatencyMs, MEDIA_READY_TIMEOUT, MediaCall, MediaOptions, MediaReport, TransportUsed,
+};
 use super::session::{Event, Phone, PhoneOptions, ProbeOutcome};
 use super::wav;
 use crate::wire::control::{CallId, Capabilities, HangupReason, MediaInstructions, Plan};
@@ -239,6 +241,11 @@ struct PhoneSummary {
     received: ReceivedOut,
     latency_clock: &'static str,
     udp_binding_confirmed: Option<bool>,
+    /// How long the audio was held, once bound, for the gateway's `media_ready` (`null`: it
+    /// was not held).
+    media_ready_wait_ms: Option<f64>,
+    /// No `media_ready` came in time: the audio went anyway (an older gateway).
+    media_ready_timed_out: bool,
     replans: u32,
     media_trouble_sent: bool,
     recording: Option<PathBuf>,
@@ -272,6 +279,8 @@ impl PhoneSummary {
             received: ReceivedOut::default(),
             latency_clock: "sender's wall clock: valid only when both phones share a clock (same host)",
             udp_binding_confirmed: None,
+            media_ready_wait_ms: None,
+            media_ready_timed_out: false,
             replans: 0,
             media_trouble_sent: false,
             recording: None,
@@ -319,6 +328,8 @@ impl PhoneSummary {
             ssrcs: r.received.ssrcs,
         };
         self.udp_binding_confirmed = r.udp_binding_confirmed;
+        self.media_ready_wait_ms = r.media_ready_wait_ms.map(round3);
+        self.media_ready_timed_out = r.media_ready_timed_out;
         self.replans = r.replans;
         self.duration_s = round3(r.duration_s);
     }
@@ -386,6 +397,21 @@ impl PhoneSummary {
                 "  sent {} packets; received {} packets from {} source(s), {} lost, jitter {:.2} ms, {latency}",
                 self.sent.packets, r.packets, r.ssrcs, r.lost, r.jitter_ms
             );
+            match (self.media_ready_wait_ms, self.media_ready_timed_out) {
+                (Some(ms), false) => {
+                    let _ = writeln!(
+                        s,
+                        "  audio started on the gateway's media_ready after {ms:.0} ms"
+                    );
+                }
+                (_, true) => {
+                    let _ = writeln!(
+                        s,
+                        "  no media_ready from the gateway: audio started after the time-out"
+                    );
+                }
+                (None, false) => {}
+            }
         }
         if let Some(p) = &self.recording {
             let _ = writeln!(s, "  recorded {}", p.display());
@@ -607,10 +633,13 @@ async fn phone_session(
     } else {
         0
     };
+    // Bound, the phone receives at once but holds its audio until the gateway's media_ready
+    // (the other side is bound too), so that the start of the call is not clipped.
     let media_opts = MediaOptions {
         audio: audio.clone(),
         record_samples,
         firewall,
+        ready_timeout: Some(MEDIA_READY_TIMEOUT),
         ..MediaOptions::default()
     };
     let mut media = match MediaCall::start(&instr, phone.session_key(), socket.clone(), media_opts)
@@ -661,6 +690,8 @@ async fn phone_session(
                         Err(hangup_text(reason).into())
                     };
                 }
+                // It may have come while the phone was still binding: it waited in the queue.
+                Some(Event::MediaReady { call: c }) if c == call => media.media_ready().await,
                 Some(Event::Media(i)) if i.call == call => {
                     tracing::info!(call, "the gateway re-planned the media");
                     summary.plan = i.plan;
@@ -991,6 +1022,7 @@ mod tests {
                 ServerMsg::Calling { tag, call: 5 },
                 ServerMsg::Ringing { call: 5 },
                 ServerMsg::Media(direct_to(5, true, far)),
+                ServerMsg::MediaReady { call: 5 },
             ])
             .await;
             assert_eq!(
@@ -1050,6 +1082,137 @@ mod tests {
         assert_eq!(j["transports"]["recv"]["via_gateway"], false);
         assert_eq!(j["received"]["lost"], 0);
         assert!(j["received"]["latency_ms"]["p50"].is_number());
+        assert!(j["media_ready_wait_ms"].is_number(), "{j}");
+        assert_eq!(j["media_ready_timed_out"], false);
+    }
+
+    /// A far end that echoes RTP and notes when the first packet came.
+    async fn timed_echo() -> (
+        SocketAddr,
+        tokio::task::JoinHandle<()>,
+        Arc<std::sync::Mutex<Option<Instant>>>,
+    ) {
+        let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let a = s.local_addr().expect("addr");
+        let first = Arc::new(std::sync::Mutex::new(None));
+        let f = first.clone();
+        let t = tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                f.lock().expect("lock").get_or_insert_with(Instant::now);
+                let _ = s.send_to(&buf[..n], from).await;
+            }
+        });
+        (a, t, first)
+    }
+
+    /// Places a call to the fake gateway's echo with a short clip; `ready_after` is when the
+    /// gateway says media_ready after media (`None`: never, an older gateway). Returns the
+    /// summary, when media_ready went out, when the echo heard the first packet, and whether
+    /// the recording is the clip's G.711 round trip.
+    async fn call_with_ready(
+        ready_after: Option<Duration>,
+    ) -> (PhoneSummary, Option<Instant>, Option<Instant>, bool) {
+        let (l, addr) = listener().await;
+        let (far, echo_task, first) = timed_echo().await;
+        let gw = tokio::spawn(async move {
+            let mut g = fake(l, Vec::new()).await;
+            let ClientMsg::Dial { tag, .. } = g.recv_skip_heartbeats().await else {
+                panic!("expected dial")
+            };
+            g.send_all(&[
+                ServerMsg::Calling { tag, call: 5 },
+                ServerMsg::Media(direct_to(5, true, far)),
+            ])
+            .await;
+            let mut ready_at = None;
+            if let Some(d) = ready_after {
+                tokio::time::sleep(d).await;
+                ready_at = Some(Instant::now());
+                g.send(&ServerMsg::MediaReady { call: 5 }).await;
+            }
+            assert_eq!(
+                g.recv_skip_heartbeats().await,
+                ClientMsg::HangUp { call: 5 }
+            );
+            assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
+            ready_at
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let speech = wav::read(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/speech-8k.wav"),
+        )
+        .expect("speech");
+        let clip = &speech[16000..16000 + 3300];
+        let input = dir.path().join("in.wav");
+        let output = dir.path().join("out.wav");
+        wav::write(&input, clip).expect("write clip");
+        let mut args = phone_args(addr);
+        args.call = Some("+15550002".into());
+        let summary = phone_session(
+            &args,
+            Mode::Call("+15550002".into()),
+            "pw".into(),
+            Some(load_play_file(&input).expect("play")),
+            Some(wav::WavOut::create(&output).expect("record")),
+            PhoneSummary::new(&args),
+        )
+        .await;
+        echo_task.abort();
+        let ready_at = gw.await.expect("gateway");
+        let rec = wav::read(&output).expect("recording");
+        let expected: Vec<i16> = clip.iter().map(|&s| g711::ulaw_round_trip(s)).collect();
+        let exact = rec.len() >= expected.len() && rec[..expected.len()] == expected[..];
+        let first = *first.lock().expect("lock");
+        (summary, ready_at, first, exact)
+    }
+
+    #[tokio::test]
+    async fn audio_waits_for_media_ready_and_nothing_is_lost() {
+        let (summary, ready_at, first, exact) =
+            call_with_ready(Some(Duration::from_millis(600))).await;
+        assert_eq!(summary.result, CallResult::Completed, "{summary:?}");
+        let (ready_at, first) = (ready_at.expect("sent"), first.expect("echoed"));
+        assert!(
+            first >= ready_at,
+            "nothing was sent before media_ready ({:?} early)",
+            ready_at - first
+        );
+        let waited = summary.media_ready_wait_ms.expect("the phone waited");
+        assert!((400.0..3000.0).contains(&waited), "waited {waited} ms");
+        assert!(!summary.media_ready_timed_out);
+        assert_eq!(
+            summary.sent.audio_packets, 21,
+            "every frame went, none skipped"
+        );
+        assert!(
+            exact,
+            "the recording is the whole clip from its first sample"
+        );
+        let j = serde_json::to_value(&summary).expect("json");
+        assert!(
+            j["media_ready_wait_ms"]
+                .as_f64()
+                .is_some_and(|w| w >= 400.0)
+        );
+    }
+
+    #[tokio::test]
+    async fn without_media_ready_the_audio_goes_after_the_time_out() {
+        let (summary, _, first, exact) = call_with_ready(None).await;
+        assert_eq!(summary.result, CallResult::Completed, "{summary:?}");
+        assert!(first.is_some());
+        assert!(summary.media_ready_timed_out, "{summary:?}");
+        let waited = summary
+            .media_ready_wait_ms
+            .expect("held until the time-out");
+        assert!(
+            (2900.0..4000.0).contains(&waited),
+            "held about {MEDIA_READY_TIMEOUT:?}: {waited} ms"
+        );
+        assert_eq!(summary.sent.audio_packets, 21);
+        assert!(exact);
+        assert!(summary.human().contains("no media_ready"));
     }
 
     #[tokio::test]
@@ -1067,7 +1230,11 @@ mod tests {
             let ClientMsg::Accept { call: 9, media } = g.recv_skip_heartbeats().await else {
                 panic!("expected accept")
             };
-            g.send(&ServerMsg::Media(direct_to(9, false, far))).await;
+            g.send_all(&[
+                ServerMsg::Media(direct_to(9, false, far)),
+                ServerMsg::MediaReady { call: 9 },
+            ])
+            .await;
             tokio::time::sleep(Duration::from_millis(500)).await;
             g.send(&ServerMsg::HangUp {
                 call: 9,

@@ -7,16 +7,22 @@
 //!    (USERNAME = leg, MESSAGE-INTEGRITY keyed by [`control::leg_key`]) from the UDP socket to
 //!    the gateway's UDP media port when any UDP direction goes via the gateway, retransmitted
 //!    every 100 ms until answered; and, when a direction is TCP, a TCP connection to the
-//!    gateway's media port whose first RFC 4571 frame is the same request. Every answer must
-//!    carry MESSAGE-INTEGRITY with the leg key (`binding::check_response`), which only the real
-//!    gateway can compute (the seed's warning about a spoofed gateway).
-//! 2. **sends** G.711 µ-law RTP (payload type 0, 160 samples = 20 ms per packet, paced by a
+//!    gateway's media port whose first RFC 4571 frame is the same request. Both at once. Every
+//!    answer must carry MESSAGE-INTEGRITY with the leg key (`binding::check_response`), which
+//!    only the real gateway can compute (the seed's warning about a spoofed gateway).
+//! 2. **waits for `media_ready`** when asked to ([`MediaOptions::ready_timeout`]): bound, it
+//!    receives at once but holds the audio until [`MediaCall::media_ready`] relays the
+//!    gateway's `media_ready` (every leg the gateway delivers to is bound, so the first packets
+//!    are not dropped for want of the other side's binding), or until the time-out, after
+//!    which it sends anyway and says so. After a re-plan, the same. Nothing is sent while held
+//!    and the audio position does not move, so no audio is lost to the wait.
+//! 3. **sends** G.711 µ-law RTP (payload type 0, 160 samples = 20 ms per packet, paced by a
 //!    deadline clock that does not drift), from a WAV file or silence, over UDP to the peer or
 //!    the gateway, or as RFC 4571 frames on the TCP media connection. Each packet carries an
 //!    RFC 8285 one-byte header extension (ID 1, 8 bytes) with the sender's wall-clock send time
 //!    in ns, so that the receiver can measure one-way latency. **That measure is only valid
 //!    when both ends read the same clock**, e.g. two softphones on one host.
-//! 3. **receives** on the UDP socket and/or the TCP connection, only from the expected source
+//! 4. **receives** on the UDP socket and/or the TCP connection, only from the expected source
 //!    (the peer for direct UDP, the gateway otherwise), ignoring STUN and RTCP; keeps
 //!    per-SSRC loss and jitter ([`RtpStats`]), a latency histogram, and the recording.
 //!
@@ -28,7 +34,12 @@
 //! (`udp_binding_confirmed: false` in the report). A client that only *receives* UDP via the
 //! gateway binds best effort too, and sends a STUN Binding indication every
 //! [`KEEPALIVE_INTERVAL`] so that NAT and firewall state for the gateway stays open. The TCP
-//! binding must always succeed.
+//! binding must always succeed. A best-effort UDP binding does not hold up a TCP binding:
+//! once the TCP side is bound (and the UDP request has gone out), the engine starts and goes
+//! on with the UDP request itself (taking its answer) until [`BEST_EFFORT_BIND`] is over,
+//! sending it ahead of each media packet to the gateway meanwhile: the gateway drops media
+//! from a source it has not bound, and a client whose inbound UDP is blocked cannot know
+//! whether a request arrived.
 //!
 //! Recording. Decoded frames are placed by RTP sequence number from the first packet
 //! received, gaps filled with silence: when nothing is lost the recording equals the sent
@@ -79,6 +90,9 @@ pub const RTP_HEADER_LEN: usize = rtp::HEADER_LEN + 4 + 12;
 pub const MAX_PACKET: usize = 1500;
 /// How long a best-effort UDP binding is tried.
 pub const BEST_EFFORT_BIND: Duration = Duration::from_millis(500);
+/// How long the audio waits for the gateway's `media_ready` after this client's bindings
+/// are done, before it goes anyway (a gateway that predates `media_ready`).
+pub const MEDIA_READY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Retransmission interval of binding requests.
 pub const BIND_RETRANSMIT: Duration = Duration::from_millis(100);
 /// Keep-alive interval for receive-only UDP via the gateway.
@@ -473,6 +487,12 @@ pub struct MediaReport {
     pub udp_binding_confirmed: Option<bool>,
     /// Times the gateway re-planned the media of this call.
     pub replans: u32,
+    /// How long the audio was held, once bound, for the gateway's `media_ready` the first time
+    /// (`None`: it was not held, see [`MediaOptions::ready_timeout`]).
+    pub media_ready_wait_ms: Option<f64>,
+    /// The audio went without `media_ready` after the time-out (for the first plan or a
+    /// re-plan).
+    pub media_ready_timed_out: bool,
     /// The TCP media connection was closed by the gateway during the call.
     pub tcp_closed: bool,
     pub duration_s: f64,
@@ -495,6 +515,13 @@ pub struct MediaOptions {
     pub firewall: Firewall,
     /// How long a binding that must succeed is tried.
     pub bind_timeout: Duration,
+    /// `Some(t)`: hold the audio, once bound, until [`MediaCall::media_ready`] (the gateway's
+    /// `media_ready` for this call: every leg it delivers to is bound, so nothing sent is
+    /// lost), or for at most `t` (then it goes anyway, with a warning). Again after each
+    /// re-plan. Receiving starts at once either way. `None` (default): send as soon as bound,
+    /// for callers that do not relay `media_ready` (or bind both ends themselves, as
+    /// [`BoundMedia`] allows).
+    pub ready_timeout: Option<Duration>,
 }
 
 impl Default for MediaOptions {
@@ -505,6 +532,7 @@ impl Default for MediaOptions {
             record_samples: 0,
             firewall: Firewall::OPEN,
             bind_timeout: Duration::from_secs(5),
+            ready_timeout: None,
         }
     }
 }
@@ -629,73 +657,166 @@ struct Links {
     udp_mapped: Option<SocketAddr>,
     tcp_mapped: Option<SocketAddr>,
     udp_confirmed: Option<bool>,
+    /// A best-effort UDP binding still unanswered when the TCP binding was done: the engine
+    /// goes on with it.
+    udp_pending: Option<UdpBinder>,
     early: Vec<Early>,
 }
 
-/// Sends Binding requests for `leg` from `socket` to `gateway` every 100 ms until a valid
-/// answer or `wait`; returns the mapped address, or `None` on time-out. Other datagrams
-/// that arrive meanwhile are kept in `early` (bounded).
-async fn bind_udp(
-    socket: &UdpSocket,
+/// One UDP binding transaction: the Binding request for `leg`, sent from the call's socket to
+/// the gateway every [`BIND_RETRANSMIT`] until a valid answer or the deadline. Split from the
+/// waiting so that the engine can carry on with a best-effort binding while media flows.
+struct UdpBinder {
     gateway: SocketAddr,
-    leg: &str,
-    key: &[u8],
-    firewall: Firewall,
+    key: Vec<u8>,
+    txid: [u8; 12],
+    req: Vec<u8>,
+    next_send: Instant,
+    deadline: Instant,
     wait: Duration,
-    early: &mut Vec<Early>,
-) -> Result<(Option<SocketAddr>, String), MediaError> {
-    let txid = binding::new_txid();
-    let mut req = [0u8; 512];
-    let n = binding::request(&mut req, leg, key, &txid)
-        .map_err(|_| MediaError::Instructions("leg name too long for a STUN request"))?;
-    let deadline = Instant::now() + wait;
-    let mut buf = vec![0u8; 2048];
-    let mut problem = String::new();
-    let mut next_send = Instant::now();
-    loop {
+    /// Requests that left the socket.
+    sent: u32,
+    /// Why it did not work, for the error message.
+    problem: String,
+}
+
+impl UdpBinder {
+    fn new(
+        gateway: SocketAddr,
+        leg: &str,
+        key: &[u8],
+        wait: Duration,
+    ) -> Result<UdpBinder, MediaError> {
+        let txid = binding::new_txid();
+        let mut req = [0u8; 512];
+        let n = binding::request(&mut req, leg, key, &txid)
+            .map_err(|_| MediaError::Instructions("leg name too long for a STUN request"))?;
         let now = Instant::now();
-        if now >= deadline {
-            return Ok((None, problem));
+        Ok(UdpBinder {
+            gateway,
+            key: key.to_vec(),
+            txid,
+            req: req[..n].to_vec(),
+            next_send: now,
+            deadline: now + wait,
+            wait,
+            sent: 0,
+            problem: String::new(),
+        })
+    }
+
+    fn timeout_error(&self) -> MediaError {
+        MediaError::UdpBindTimeout {
+            gateway: self.gateway,
+            waited: self.wait,
+            detail: self.problem.clone(),
         }
-        if now >= next_send {
-            if let Err(e) = firewall.send_to(socket, &req[..n], gateway) {
-                // Often transient (no route yet); the next retransmission tries again.
-                tracing::debug!("binding request to {gateway}: {e}");
-                problem = format!(" (sending failed: {e})");
-            }
-            next_send = now + BIND_RETRANSMIT;
+    }
+
+    /// Sends the request if a (re)transmission is due.
+    fn transmit_if_due(&mut self, socket: &UdpSocket, firewall: Firewall, now: Instant) {
+        if now >= self.next_send {
+            self.transmit(socket, firewall, now);
         }
-        let until = next_send.min(deadline);
-        let Ok(r) = tokio::time::timeout_at(until, socket.recv_from(&mut buf)).await else {
-            continue;
-        };
-        let (len, from) = match r {
-            Ok(x) => x,
+    }
+
+    /// Sends the request now; the next retransmission is due [`BIND_RETRANSMIT`] later.
+    fn transmit(&mut self, socket: &UdpSocket, firewall: Firewall, now: Instant) {
+        match firewall.send_to(socket, &self.req, self.gateway) {
+            Ok(true) => self.sent += 1,
+            Ok(false) => {}
             Err(e) => {
-                tracing::debug!("UDP receive while binding: {e}");
+                // Often transient (no route yet); the next retransmission tries again.
+                tracing::debug!("binding request to {}: {e}", self.gateway);
+                self.problem = format!(" (sending failed: {e})");
+            }
+        }
+        self.next_send = now + BIND_RETRANSMIT;
+    }
+
+    /// Makes sure the request has left the socket once (waiting for the socket to be
+    /// writable, at most until the deadline): media may follow it.
+    async fn ensure_sent(&mut self, socket: &UdpSocket, firewall: Firewall) {
+        if self.sent > 0 || firewall.block_udp_out {
+            return;
+        }
+        let _ = tokio::time::timeout_at(self.deadline, socket.writable()).await;
+        self.transmit(socket, firewall, Instant::now());
+    }
+
+    /// When something is due: the next retransmission or the deadline.
+    fn wake_at(&self) -> Instant {
+        self.next_send.min(self.deadline)
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        now >= self.deadline
+    }
+
+    /// A datagram from `from`: `Some(mapped)` when it is the gateway's valid answer.
+    fn on_datagram(&mut self, data: &[u8], from: SocketAddr) -> Option<SocketAddr> {
+        if from != self.gateway || !stun::looks_like_stun(data) {
+            return None;
+        }
+        match binding::check_response(data, &self.key, &self.txid) {
+            Ok(mapped) => Some(mapped),
+            Err(BindingError::WrongTransaction) => None,
+            Err(e) => {
+                tracing::warn!("ignoring a binding answer from {from}: {e}");
+                self.problem = format!(" (an answer was refused: {e})");
+                None
+            }
+        }
+    }
+
+    /// Sends and retransmits until a valid answer (`Some(mapped)`) or the deadline (`None`).
+    /// Other datagrams that arrive meanwhile are kept in `early` (bounded). Cancel-safe: a
+    /// dropped `run` leaves the binder ready to go on.
+    async fn run(
+        &mut self,
+        socket: &UdpSocket,
+        firewall: Firewall,
+        early: &mut Vec<Early>,
+    ) -> Option<SocketAddr> {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let now = Instant::now();
+            if self.expired(now) {
+                return None;
+            }
+            if now >= self.next_send && !firewall.block_udp_out {
+                // tokio's `try_send_to` says WouldBlock until the reactor has seen the socket
+                // writable, which a fresh socket may not have yet: the first request would
+                // silently wait for the retransmission.
+                let _ = tokio::time::timeout_at(self.deadline, socket.writable()).await;
+            }
+            self.transmit_if_due(socket, firewall, Instant::now());
+            let Ok(r) = tokio::time::timeout_at(self.wake_at(), socket.recv_from(&mut buf)).await
+            else {
+                continue;
+            };
+            let (len, from) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!("UDP receive while binding: {e}");
+                    continue;
+                }
+            };
+            if !firewall.admits_udp_in() {
                 continue;
             }
-        };
-        if !firewall.admits_udp_in() {
-            continue;
-        }
-        let data = &buf[..len];
-        let from = canonical(from);
-        if from == gateway && stun::looks_like_stun(data) {
-            match binding::check_response(data, key, &txid) {
-                Ok(mapped) => return Ok((Some(mapped), problem)),
-                Err(BindingError::WrongTransaction) => {}
-                Err(e) => {
-                    tracing::warn!("ignoring a binding answer from {from}: {e}");
-                    problem = format!(" (an answer was refused: {e})");
-                }
+            let data = &buf[..len];
+            let from = canonical(from);
+            if let Some(mapped) = self.on_datagram(data, from) {
+                return Some(mapped);
             }
-        } else if early.len() < MAX_EARLY && !stun::looks_like_stun(data) {
-            early.push(Early {
-                data: data.to_vec(),
-                from,
-                at: Instant::now(),
-            });
+            if early.len() < MAX_EARLY && !stun::looks_like_stun(data) {
+                early.push(Early {
+                    data: data.to_vec(),
+                    from,
+                    at: Instant::now(),
+                });
+            }
         }
     }
 }
@@ -759,6 +880,11 @@ async fn bind_tcp(
     }
 }
 
+/// Binds what `route` needs, the UDP binding and the TCP connection + binding concurrently.
+/// A required UDP binding and the TCP binding must succeed; the first failure is returned at
+/// once. A best-effort UDP binding (see the module docs) does not hold up a TCP binding: if
+/// the TCP side is done first, the engine carries on with it ([`Links::udp_pending`]); with no
+/// TCP binding it is waited for, at most [`BEST_EFFORT_BIND`].
 async fn establish(
     route: &Route,
     key: &SessionKey,
@@ -767,71 +893,107 @@ async fn establish(
 ) -> Result<Links, MediaError> {
     let leg = route.leg.as_deref().unwrap_or_default();
     let leg_key = control::leg_key(key, leg);
+    let required = route.udp_bind_required;
+    let fw = opts.firewall;
     let mut links = Links {
         tcp: None,
         tcp_in: framing::FrameBuffer::new(MAX_PACKET as u16),
         udp_mapped: None,
         tcp_mapped: None,
         udp_confirmed: None,
+        udp_pending: None,
         early: Vec::new(),
     };
-    let tcp = async {
-        match route.gateway_tcp {
-            Some(gw) => bind_tcp(gw, leg, &leg_key, opts.bind_timeout)
-                .await
-                .map(Some),
-            None => Ok(None),
+    let mut udp = match route.gateway_udp {
+        Some(gw) => {
+            let wait = if required {
+                opts.bind_timeout
+            } else {
+                BEST_EFFORT_BIND
+            };
+            Some(UdpBinder::new(gw, leg, &leg_key, wait)?)
+        }
+        None => None,
+    };
+    let tcp = route
+        .gateway_tcp
+        .map(|gw| bind_tcp(gw, leg, &leg_key, opts.bind_timeout));
+    let mut early = Vec::new();
+    // `udp_result`: Some(Some(mapped)) answered, Some(None) no answer in time, None: no UDP
+    // binding, or one the engine goes on with.
+    let (tcp, udp_result) = match (tcp, udp.as_mut()) {
+        (None, None) => (None, None),
+        (Some(tcp), None) => (Some(tcp.await?), None),
+        (None, Some(b)) => (None, Some(b.run(socket, fw, &mut early).await)),
+        (Some(tcp), Some(b)) if required => {
+            let udp = async {
+                match b.run(socket, fw, &mut early).await {
+                    Some(mapped) => Ok(mapped),
+                    None => Err(b.timeout_error()),
+                }
+            };
+            let (t, mapped) = tokio::try_join!(tcp, udp)?;
+            (Some(t), Some(Some(mapped)))
+        }
+        (Some(tcp), Some(b)) => {
+            let mut tcp = std::pin::pin!(tcp);
+            let first = {
+                let run = std::pin::pin!(b.run(socket, fw, &mut early));
+                // Biased: the UDP request goes out before the TCP binding is looked at.
+                tokio::select! {
+                    biased;
+                    mapped = run => Ok(mapped),
+                    t = &mut tcp => Err(t),
+                }
+            };
+            match first {
+                Ok(mapped) => (Some(tcp.await?), Some(mapped)),
+                Err(t) => {
+                    let t = t?;
+                    b.ensure_sent(socket, fw).await;
+                    (Some(t), None)
+                }
+            }
         }
     };
-    let udp = async {
-        let mut early = Vec::new();
-        let r = match route.gateway_udp {
-            Some(gw) => {
-                let wait = if route.udp_bind_required {
-                    opts.bind_timeout
-                } else {
-                    BEST_EFFORT_BIND
-                };
-                let (mapped, problem) =
-                    bind_udp(socket, gw, leg, &leg_key, opts.firewall, wait, &mut early).await?;
-                if mapped.is_none() {
-                    if route.udp_bind_required {
-                        return Err(MediaError::UdpBindTimeout {
-                            gateway: gw,
-                            waited: wait,
-                            detail: problem,
-                        });
-                    }
-                    tracing::info!(
-                        "the gateway's answer to the UDP binding did not arrive (inbound UDP \
-                         blocked?); going on: the gateway binds on the request"
-                    );
-                }
-                Some(mapped)
-            }
-            None => None,
-        };
-        Ok::<_, MediaError>((r, early))
-    };
-    let (tcp, udp) = tokio::join!(tcp, udp);
-    if let Some((s, mapped, inbuf)) = tcp? {
+    if let Some((s, mapped, inbuf)) = tcp {
         links.tcp = Some(s);
         links.tcp_mapped = Some(mapped);
         links.tcp_in = inbuf;
     }
-    let (udp, early) = udp?;
-    if let Some(mapped) = udp {
-        links.udp_mapped = mapped;
-        links.udp_confirmed = Some(mapped.is_some());
+    match (udp_result, udp) {
+        (Some(Some(mapped)), _) => {
+            links.udp_mapped = Some(mapped);
+            links.udp_confirmed = Some(true);
+        }
+        (Some(None), Some(b)) => {
+            if required {
+                return Err(b.timeout_error());
+            }
+            tracing::info!(
+                "the gateway's answer to the UDP binding did not arrive (inbound UDP blocked?); \
+                 going on: the gateway binds on the request"
+            );
+            links.udp_confirmed = Some(false);
+        }
+        (None, Some(b)) => links.udp_pending = Some(b),
+        (Some(None), None) | (None, None) => {}
     }
     links.early = early;
+    if matches!(route.send, Some(SendRoute::Udp(_))) && !fw.block_udp_out {
+        // The first packet must not be refused by tokio's `try_send_to` because the reactor
+        // has not seen a fresh socket writable yet (see `UdpBinder::run`).
+        let _ = tokio::time::timeout(opts.bind_timeout, socket.writable()).await;
+    }
     Ok(links)
 }
 
 // ---------------------------------------------------------------- the engine
 
 /// A call whose media is bound at the gateway but not yet flowing. Binding both ends first
-/// and then starting them avoids losing the first packets to a peer that is not bound yet.
+/// and then starting them avoids losing the first packets to a peer that is not bound yet
+/// (when one process holds both ends; phones wait for the gateway's `media_ready` instead,
+/// see [`MediaOptions::ready_timeout`]).
 pub struct BoundMedia {
     instr: MediaInstructions,
     key: SessionKey,
@@ -882,16 +1044,19 @@ impl BoundMedia {
         let now = Instant::now();
         let has_audio = self.opts.audio.as_ref().is_some_and(|a| !a.is_empty());
         let sending = self.route.send.is_some();
+        let engine = Engine::new(self, now);
+        let holding = engine.hold.is_some();
         let (status_tx, status_rx) = watch::channel(Status {
             started: now,
             playback_done: !has_audio || !sending,
             has_audio,
+            holding,
+            sending_since: (sending && !holding).then_some(now),
             last_media: None,
             received: 0,
             tcp_closed: false,
         });
         let (ctl_tx, ctl_rx) = mpsc::channel(8);
-        let engine = Engine::new(self, now);
         let task = tokio::spawn(engine.run(ctl_rx, status_tx));
         MediaCall {
             ctl: ctl_tx,
@@ -908,6 +1073,10 @@ pub struct Status {
     /// Every frame of the audio has been sent (true from the start when there is none).
     pub playback_done: bool,
     pub has_audio: bool,
+    /// The audio is held until `media_ready` (see [`MediaOptions::ready_timeout`]).
+    pub holding: bool,
+    /// When sending last started (after the bindings, or after `media_ready`).
+    pub sending_since: Option<Instant>,
     /// Arrival of the last media packet accepted.
     pub last_media: Option<Instant>,
     pub received: u64,
@@ -916,14 +1085,26 @@ pub struct Status {
 }
 
 impl Status {
-    /// How long no media has arrived (since the start if none ever did).
+    /// How long no media has arrived: since the last packet, the start, or the moment this
+    /// side started sending (the other side normally starts then too), whichever is latest;
+    /// zero while the audio is held for `media_ready` (the other side is waiting as well).
     pub fn idle_for(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(self.last_media.unwrap_or(self.started))
+        if self.holding {
+            return Duration::ZERO;
+        }
+        let since = [Some(self.started), self.last_media, self.sending_since]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(self.started);
+        now.saturating_duration_since(since)
     }
 }
 
 enum Ctl {
     StopSending,
+    /// The gateway's `media_ready` for this call.
+    Ready,
     Replan(
         Box<MediaInstructions>,
         oneshot::Sender<Result<(), MediaError>>,
@@ -978,6 +1159,13 @@ impl MediaCall {
         rx.await.map_err(|_| MediaError::Stopped)?
     }
 
+    /// The gateway said `media_ready` for this call: held audio goes now. Call it for every
+    /// `media_ready` of the call, in the order the control session delivered it relative to
+    /// re-plans (a `media_ready` that comes while nothing is held is ignored).
+    pub async fn media_ready(&self) {
+        let _ = self.ctl.send(Ctl::Ready).await;
+    }
+
     /// Stops sending; reception goes on until [`finish`](Self::finish).
     pub async fn stop_sending(&self) {
         let _ = self.ctl.send(Ctl::StopSending).await;
@@ -1004,6 +1192,8 @@ impl MediaCall {
                     tcp_mapped: None,
                     udp_binding_confirmed: None,
                     replans: 0,
+                    media_ready_wait_ms: None,
+                    media_ready_timed_out: false,
                     tcp_closed: false,
                     duration_s: 0.0,
                     recording: Vec::new(),
@@ -1134,10 +1324,19 @@ struct Engine {
     udp_mapped: Option<SocketAddr>,
     tcp_mapped: Option<SocketAddr>,
     udp_confirmed: Option<bool>,
+    /// A best-effort UDP binding still waiting for its answer.
+    udp_pending: Option<UdpBinder>,
     early: Vec<Early>,
     frames: Packetizer,
     ssrc: u32,
     sending: bool,
+    /// Holding the audio for `media_ready`: when it goes anyway.
+    hold: Option<Instant>,
+    /// When the current hold began (the bindings were done).
+    hold_since: Instant,
+    /// How long the audio was held the first time.
+    ready_wait: Option<Duration>,
+    ready_timed_out: bool,
     sent: SentStats,
     rx: Receiver,
     started: Instant,
@@ -1148,8 +1347,19 @@ enum Ev {
     Ctl(Option<Ctl>),
     Tick,
     Keepalive,
+    /// The UDP binding still pending wants a retransmission, or has run out of time.
+    Bind,
+    /// No `media_ready` in time.
+    HoldExpired,
     Udp(std::io::Result<(usize, SocketAddr)>),
     Tcp(std::io::Result<tokio::io::Ready>),
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn tcp_ready(tcp: Option<&TcpStream>, want_write: bool) -> std::io::Result<tokio::io::Ready> {
@@ -1177,6 +1387,7 @@ impl Engine {
             .silence_after(b.opts.silence_after_audio);
         let sending = b.route.send.is_some();
         let record = b.opts.record_samples;
+        let hold = b.opts.ready_timeout.filter(|_| sending).map(|t| now + t);
         Engine {
             socket: b.socket,
             key: b.key,
@@ -1189,11 +1400,16 @@ impl Engine {
             udp_mapped: b.links.udp_mapped,
             tcp_mapped: b.links.tcp_mapped,
             udp_confirmed: b.links.udp_confirmed,
+            udp_pending: b.links.udp_pending,
             early: b.links.early,
             opts: b.opts,
             frames,
             ssrc: rand::random(),
             sending,
+            hold,
+            hold_since: now,
+            ready_wait: None,
+            ready_timed_out: false,
             sent: SentStats::default(),
             rx: Receiver::new(now, record),
             started: now,
@@ -1219,19 +1435,46 @@ impl Engine {
             self.on_udp(&e.data, e.from, e.at, &status);
         }
         self.drain_tcp_frames(&status);
+        if self.hold.is_some() {
+            tracing::info!(
+                call = self.instr.call,
+                "media bound; holding the audio until the gateway's media_ready"
+            );
+        }
         loop {
             let want_write = !self.tcp_out.is_empty();
+            let bind_wake = self.udp_pending.as_ref().map(UdpBinder::wake_at);
             let ev = tokio::select! {
                 biased;
                 c = ctl.recv() => Ev::Ctl(c),
-                _ = pacer.tick(), if self.sending => Ev::Tick,
+                _ = pacer.tick(), if self.sending && self.hold.is_none() => Ev::Tick,
                 r = socket.recv_from(&mut buf) => Ev::Udp(r),
                 r = tcp_ready(self.tcp.as_ref(), want_write) => Ev::Tcp(r),
+                _ = sleep_until_opt(bind_wake), if bind_wake.is_some() => Ev::Bind,
+                _ = sleep_until_opt(self.hold), if self.hold.is_some() => Ev::HoldExpired,
                 _ = keepalive.tick(), if self.route.keepalive => Ev::Keepalive,
             };
             match ev {
                 Ev::Ctl(None) | Ev::Ctl(Some(Ctl::Finish)) => break,
                 Ev::Ctl(Some(Ctl::StopSending)) => self.sending = false,
+                Ev::Ctl(Some(Ctl::Ready)) => {
+                    if self.release(false, &status) {
+                        pacer.reset_immediately();
+                    } else {
+                        tracing::debug!(call = self.instr.call, "media_ready while not holding");
+                    }
+                }
+                Ev::HoldExpired => {
+                    tracing::warn!(
+                        call = self.instr.call,
+                        "no media_ready from the gateway within {:?} of binding: sending anyway \
+                         (a gateway without media_ready?); the start may be clipped",
+                        self.opts.ready_timeout.unwrap_or_default()
+                    );
+                    if self.release(true, &status) {
+                        pacer.reset_immediately();
+                    }
+                }
                 Ev::Ctl(Some(Ctl::Replan(instr, reply))) => {
                     let r = self.replan(*instr, &status).await;
                     if r.is_ok() {
@@ -1241,6 +1484,7 @@ impl Engine {
                 }
                 Ev::Tick => self.send_next(&status),
                 Ev::Keepalive => self.send_keepalive(),
+                Ev::Bind => self.bind_tick(),
                 Ev::Udp(Ok((n, from))) => {
                     self.on_udp(&buf[..n], canonical(from), Instant::now(), &status);
                 }
@@ -1255,6 +1499,47 @@ impl Engine {
         self.report()
     }
 
+    /// Ends the hold (if any); whether there was one.
+    fn release(&mut self, timed_out: bool, status: &watch::Sender<Status>) -> bool {
+        if self.hold.take().is_none() {
+            return false;
+        }
+        let now = Instant::now();
+        let waited = now.saturating_duration_since(self.hold_since);
+        self.ready_wait.get_or_insert(waited);
+        self.ready_timed_out |= timed_out;
+        if !timed_out {
+            tracing::info!(
+                call = self.instr.call,
+                waited_ms = waited.as_millis() as u64,
+                "media_ready: sending the audio"
+            );
+        }
+        status.send_modify(|s| {
+            s.holding = false;
+            s.sending_since = Some(now);
+        });
+        true
+    }
+
+    /// The pending best-effort UDP binding: retransmit, or give up at its deadline.
+    fn bind_tick(&mut self) {
+        let Some(b) = &mut self.udp_pending else {
+            return;
+        };
+        let now = Instant::now();
+        if b.expired(now) {
+            tracing::info!(
+                "the gateway's answer to the UDP binding did not arrive (inbound UDP blocked?); \
+                 going on: the gateway binds on the request"
+            );
+            self.udp_pending = None;
+            self.udp_confirmed = Some(false);
+        } else {
+            b.transmit_if_due(&self.socket, self.opts.firewall, now);
+        }
+    }
+
     fn send_next(&mut self, status: &watch::Sender<Status>) {
         let Some(route) = self.route.send else {
             return;
@@ -1267,6 +1552,14 @@ impl Engine {
         let Some(n) = write_packet(&frame, self.ssrc, wall_clock_ns(), &mut pkt) else {
             return;
         };
+        if let (SendRoute::Udp(to), Some(b)) = (route, &mut self.udp_pending)
+            && to == b.gateway
+        {
+            // The gateway only takes media from a bound source, and nothing tells this side
+            // whether the request got there: until the answer (or BEST_EFFORT_BIND), each
+            // packet is preceded by it, so a lost request costs no audio.
+            b.transmit(&self.socket, self.opts.firewall, Instant::now());
+        }
         let ok = match route {
             SendRoute::Udp(to) => match self.opts.firewall.send_to(&self.socket, &pkt[..n], to) {
                 Ok(true) => true,
@@ -1360,6 +1653,14 @@ impl Engine {
     ) {
         if !self.opts.firewall.admits_udp_in() {
             self.rx.stats.ignored.firewall += 1;
+            return;
+        }
+        if let Some(b) = &mut self.udp_pending
+            && let Some(mapped) = b.on_datagram(data, from)
+        {
+            self.udp_mapped = Some(mapped);
+            self.udp_confirmed = Some(true);
+            self.udp_pending = None;
             return;
         }
         let expected = match &mut self.route.udp_source {
@@ -1483,11 +1784,28 @@ impl Engine {
         self.udp_mapped = links.udp_mapped.or(self.udp_mapped);
         self.tcp_mapped = links.tcp_mapped.or(self.tcp_mapped);
         self.udp_confirmed = links.udp_confirmed;
+        self.udp_pending = links.udp_pending;
         self.early = links.early;
         self.instr = instr;
         self.replans += 1;
         self.sending = self.route.send.is_some();
-        status.send_modify(|s| s.tcp_closed = false);
+        // Held again until the new plan's media_ready; the audio position stays where it is.
+        let now = Instant::now();
+        self.hold = self
+            .opts
+            .ready_timeout
+            .filter(|_| self.sending)
+            .map(|t| now + t);
+        self.hold_since = now;
+        let holding = self.hold.is_some();
+        let sending = self.sending;
+        status.send_modify(|s| {
+            s.tcp_closed = false;
+            s.holding = holding;
+            if sending && !holding {
+                s.sending_since = Some(now);
+            }
+        });
         for e in std::mem::take(&mut self.early) {
             self.on_udp(&e.data, e.from, e.at, status);
         }
@@ -1511,8 +1829,12 @@ impl Engine {
             received,
             udp_mapped: self.udp_mapped,
             tcp_mapped: self.tcp_mapped,
-            udp_binding_confirmed: self.udp_confirmed,
+            udp_binding_confirmed: self
+                .udp_confirmed
+                .or(self.udp_pending.as_ref().map(|_| false)),
             replans: self.replans,
+            media_ready_wait_ms: self.ready_wait.map(|d| d.as_secs_f64() * 1000.0),
+            media_ready_timed_out: self.ready_timed_out,
             tcp_closed: self.tcp_closed,
             duration_s: Instant::now()
                 .saturating_duration_since(self.started)
@@ -1783,5 +2105,192 @@ mod tests {
             }),
             Err(MediaError::Instructions(_))
         ));
+    }
+
+    // ---- holding the audio for media_ready ----
+
+    /// Instructions for direct UDP to `peer` (no gateway, nothing to bind).
+    fn direct(peer: SocketAddr) -> MediaInstructions {
+        use crate::wire::control::{MediaRecv, MediaSend};
+        MediaInstructions {
+            call: 4,
+            plan: None,
+            caller: true,
+            send: MediaSend {
+                transport: Transport::Udp,
+                to: Some(peer),
+                via_gateway: false,
+            },
+            recv: MediaRecv {
+                transport: Transport::Udp,
+                via_gateway: false,
+                from: Some(peer),
+            },
+            leg: None,
+            gateway_udp: None,
+            gateway_tcp: None,
+            payload_type: 0,
+            clock_rate: 8000,
+        }
+    }
+
+    /// Every RTP packet waiting on `s`, as (sequence, marker, payload).
+    fn drain(s: &UdpSocket) -> Vec<(u16, bool, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = s.try_recv(&mut buf) {
+            let p = rtp::RtpPacket::new_checked(&buf[..n]).expect("RTP");
+            out.push((p.sequence(), p.marker(), p.payload().to_vec()));
+        }
+        out
+    }
+
+    async fn held_call(audio: Arc<[i16]>) -> (MediaCall, UdpSocket) {
+        let peer = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let me = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let opts = MediaOptions {
+            audio: Some(audio),
+            ready_timeout: Some(MEDIA_READY_TIMEOUT),
+            ..MediaOptions::default()
+        };
+        let key = SessionKey::from_bytes([3; 32]);
+        let instr = direct(peer.local_addr().expect("addr"));
+        let m = MediaCall::start(&instr, &key, me, opts)
+            .await
+            .expect("start");
+        (m, peer)
+    }
+
+    /// The µ-law payload of audio frame `k` of `clip`.
+    fn frame_payload(clip: &Arc<[i16]>, k: usize) -> Vec<u8> {
+        Packetizer::new(clip.clone(), 0, 0)
+            .nth(k)
+            .expect("frame")
+            .payload
+            .to_vec()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_audio_waits_for_media_ready_and_starts_from_its_first_sample() {
+        let clip = clip(160 * 50);
+        let (mut m, peer) = held_call(clip.clone()).await;
+        assert!(m.status().holding);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(drain(&peer).is_empty(), "nothing is sent while held");
+        let st = m.status();
+        assert!(st.holding && !st.playback_done);
+        assert_eq!(
+            st.idle_for(Instant::now()),
+            Duration::ZERO,
+            "no media trouble while held"
+        );
+        m.media_ready().await;
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        let got = drain(&peer);
+        assert!(
+            (5..=7).contains(&got.len()),
+            "20 ms pacing: {} packets",
+            got.len()
+        );
+        assert!(got[0].1, "the first packet is marked");
+        for (k, (seq, _, payload)) in got.iter().enumerate() {
+            assert_eq!(*seq, got[0].0.wrapping_add(k as u16));
+            assert_eq!(
+                payload,
+                &frame_payload(&clip, k),
+                "frame {k}: no audio skipped"
+            );
+        }
+        let st = m.status();
+        assert!(!st.holding && st.sending_since.is_some());
+        // A second media_ready (nothing held) changes nothing.
+        m.media_ready().await;
+        m.playback_done().await;
+        let r = m.finish().await;
+        assert_eq!(r.sent.audio_packets, 50);
+        let waited = r.media_ready_wait_ms.expect("held");
+        assert!((2000.0..2010.0).contains(&waited), "{waited}");
+        assert!(!r.media_ready_timed_out);
+        assert_eq!(drain(&peer).len() + got.len(), r.sent.packets as usize);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_media_ready_the_audio_goes_after_the_time_out() {
+        let clip = clip(160 * 10);
+        let (m, peer) = held_call(clip.clone()).await;
+        tokio::time::sleep(MEDIA_READY_TIMEOUT - Duration::from_millis(10)).await;
+        assert!(drain(&peer).is_empty());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let got = drain(&peer);
+        assert!(!got.is_empty(), "sent after the time-out");
+        assert_eq!(got[0].2, frame_payload(&clip, 0));
+        let r = m.finish().await;
+        assert!(r.media_ready_timed_out);
+        let waited = r.media_ready_wait_ms.expect("held");
+        assert!((3000.0..3010.0).contains(&waited), "{waited}");
+    }
+
+    /// Without `ready_timeout` the audio goes as soon as the media is bound (as before).
+    #[tokio::test(start_paused = true)]
+    async fn not_holding_unless_asked() {
+        let peer = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let me = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let opts = MediaOptions {
+            audio: Some(clip(1600)),
+            ..MediaOptions::default()
+        };
+        let instr = direct(peer.local_addr().expect("addr"));
+        let m = MediaCall::start(&instr, &SessionKey::from_bytes([3; 32]), me, opts)
+            .await
+            .expect("start");
+        assert!(!m.status().holding);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!drain(&peer).is_empty());
+        let r = m.finish().await;
+        assert_eq!(
+            (r.media_ready_wait_ms, r.media_ready_timed_out),
+            (None, false)
+        );
+    }
+
+    /// A re-plan holds the audio again until the new plan's media_ready; it then goes on
+    /// where it stopped (next sequence number, next frame), on the new route.
+    #[tokio::test(start_paused = true)]
+    async fn a_replan_holds_the_audio_again_without_losing_samples() {
+        let clip = clip(160 * 100);
+        let (m, old_peer) = held_call(clip.clone()).await;
+        // Let the I/O driver see the fresh socket writable first (tokio's `try_send_to` says
+        // WouldBlock until it has): a real phone's socket is older than its call.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        m.media_ready().await;
+        tokio::time::sleep(Duration::from_millis(95)).await;
+        let before = drain(&old_peer);
+        assert!(!before.is_empty());
+        let new_peer = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        m.replan(direct(new_peer.local_addr().expect("addr")))
+            .await
+            .expect("re-planned");
+        let more = drain(&old_peer);
+        assert!(m.status().holding);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(drain(&new_peer).is_empty(), "held after the re-plan");
+        assert!(drain(&old_peer).is_empty());
+        m.media_ready().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let after = drain(&new_peer);
+        assert!(!after.is_empty());
+        let sent: Vec<_> = before.iter().chain(&more).collect();
+        assert_eq!(sent[0].2, frame_payload(&clip, 0));
+        let last = sent.last().expect("sent before");
+        assert_eq!(after[0].0, last.0.wrapping_add(1), "sequence goes on");
+        assert_eq!(
+            after[0].2,
+            frame_payload(&clip, sent.len()),
+            "the next frame"
+        );
+        assert!(!after[0].1);
+        let r = m.finish().await;
+        assert_eq!(r.replans, 1);
+        assert!(!r.media_ready_timed_out);
     }
 }

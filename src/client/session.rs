@@ -197,7 +197,10 @@ pub enum Event {
     },
     /// The call is up (or was re-planned): how to send and receive its media.
     Media(MediaInstructions),
-    /// Every leg of the call is bound at the gateway: audio sent now reaches the other side.
+    /// Every leg of the call the gateway delivers to is bound (for a room member: its own):
+    /// audio sent now reaches the other side. It follows the `Media` it belongs to, and may
+    /// come while the phone is still binding; relay it with
+    /// [`MediaCall::media_ready`](super::media::MediaCall::media_ready).
     MediaReady {
         call: CallId,
     },

@@ -11,6 +11,8 @@
 //!                           ◀────────────────── accept{call,media}
 //!                   plan (both probe results) → InstallSession{op} → ShardInstalled{op,Ok}
 //!         ◀── media{…}      media{…} ──────────────────────▶
+//!   binds ──▶ shard ─ LegBound ─▶ (each delivery leg bound) ◀─ shard ◀── binds
+//!         ◀── media_ready{call}  media_ready{call} ─────────▶
 //! ```
 //!
 //! - Every `dial` gets `calling{tag, call}` first, so that a `hang_up` that follows at once
@@ -51,6 +53,31 @@
 //! unanswered invitation removes it ([`Action::RemoveLeg`]); the room ends when fewer than two
 //! members (invited or joined) remain.
 //!
+//! # Media readiness (`media_ready`)
+//!
+//! The relay drops media for a leg it cannot deliver to yet (`DropReason::NoEgress`): a leg
+//! with [`Delivery::UdpLatched`] needs its UDP binding (the gateway delivers to the source that
+//! bound), a leg with [`Delivery::Tcp`] its TCP binding (the gateway delivers on that
+//! connection). [`Delivery::Udp`] (a fixed address, telephone routes included) and
+//! [`Delivery::None`] need nothing ([`super::media::awaited_binding`]). So that the first
+//! words of a call are not clipped, clients bind at once on `media` but start sending audio on
+//! `media_ready`:
+//!
+//! - Two-party calls: when `media` goes out (and again after a re-plan, for the new legs) the
+//!   call records the delivery legs it awaits (`Readiness`); each [`Input::LegBound`] for one
+//!   of them over the right transport marks it; once all are bound, every party of the call
+//!   gets `media_ready{call}`. With nothing to await (both directions direct, or fixed UDP
+//!   deliveries only) `media_ready` follows `media` at once.
+//! - Rooms: a member gets `media_ready` once its *own* delivery leg is bound (the others are
+//!   already talking). A re-planned member waits for its new leg.
+//! - At most one `media_ready` per party per plan. LegBound for unknown sessions, unknown or
+//!   old legs, the wrong transport, or a leg already bound (a UDP re-binding from a new
+//!   address) changes nothing. A LegBound that comes before `media` went out (it cannot in
+//!   practice: clients bind on `media`) is remembered and `media_ready` follows `media`.
+//! - The state lives in the call (`Pair::ready`, `Member::ready`), so it ends with it.
+//!
+//! [`Input::LegBound`]: super::gateway::Input::LegBound
+//!
 //! # Media trouble
 //!
 //! `media_trouble{call}` re-probes the parties (both, or the one member in a room). When the
@@ -65,13 +92,14 @@ use std::time::Instant;
 use super::auth::SessionKey;
 use super::gateway::{Action, ConnId, Gateway, Phase, Timer, later};
 use super::media::{
-    self, GatewayAddrs, PeerRefused, check_peer, delivery_for, directions, effective_caps,
-    needs_leg, recv_for, resolve_media, room_directions, route_plan, send_for,
+    self, GatewayAddrs, PeerRefused, awaited_binding, check_peer, delivery_for, directions,
+    effective_caps, needs_leg, recv_for, resolve_media, room_directions, route_plan, send_for,
 };
 use super::planner::{self, Capabilities, Path, Plan};
 use super::probe::ProbeOutcome;
+use crate::metrics::Transport;
 use crate::shard::relay::canonical;
-use crate::shard::{Delivery, LegSpec, SessionSpec};
+use crate::shard::{Delivery, LegSpec, SessionId, SessionSpec};
 use crate::store::{self, Route};
 use crate::wire::control::{CallId, ErrorCode, HangupReason, MediaInstructions, ServerMsg};
 
@@ -96,6 +124,56 @@ impl Lost {
 pub(crate) enum Call {
     Pair(Pair),
     Room(Room),
+}
+
+/// Which delivery legs of one plan must be bound before its parties get `media_ready` (see
+/// the module docs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Readiness {
+    /// Leg, the transport the gateway delivers to it over, and whether that binding is in.
+    pub awaited: Vec<(String, Transport, bool)>,
+    /// The `media` instructions of this plan are out: `media_ready` may follow.
+    pub media_sent: bool,
+    /// `media_ready` went out for this plan.
+    pub done: bool,
+}
+
+impl Readiness {
+    /// A plan whose legs have these deliveries (legs that need no binding are left out).
+    fn of<'a>(legs: impl IntoIterator<Item = (&'a str, Delivery)>) -> Readiness {
+        Readiness {
+            awaited: legs
+                .into_iter()
+                .filter_map(|(name, d)| awaited_binding(d).map(|t| (name.to_owned(), t, false)))
+                .collect(),
+            media_sent: false,
+            done: false,
+        }
+    }
+
+    /// Marks `leg` bound over `transport`; whether that was awaited and new.
+    fn bound(&mut self, leg: &str, transport: Transport) -> bool {
+        match self
+            .awaited
+            .iter_mut()
+            .find(|(name, t, bound)| name == leg && *t == transport && !*bound)
+        {
+            Some(a) => {
+                a.2 = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether `media_ready` is due now; if so it counts as sent.
+    fn take_due(&mut self) -> bool {
+        let due = self.media_sent && !self.done && self.awaited.iter().all(|a| a.2);
+        if due {
+            self.done = true;
+        }
+        due
+    }
 }
 
 /// The far end of a two-party call.
@@ -140,6 +218,8 @@ pub(crate) struct Pair {
     pub relay: Option<Relay>,
     /// The plan in force.
     pub plan: Option<Plan>,
+    /// The plan's delivery legs awaited before `media_ready`.
+    pub ready: Readiness,
 }
 
 impl Pair {
@@ -173,6 +253,8 @@ pub(crate) struct Member {
     pub leg: Option<String>,
     /// The media instructions sent (or to send) and the leg's delivery.
     pub joined: Option<(MediaInstructions, Delivery)>,
+    /// Its own delivery leg, awaited before its `media_ready`.
+    pub ready: Readiness,
 }
 
 pub(crate) struct Room {
@@ -229,6 +311,7 @@ struct PairSetup {
     plan: Plan,
     relay: Option<(usize, Vec<LegSpec>)>,
     media: Vec<(ConnId, MediaInstructions)>,
+    ready: Readiness,
 }
 
 /// What one client is told: `(out, inn)` are its sending and receiving paths.
@@ -419,6 +502,7 @@ impl Gateway {
                         state: PairState::Ringing,
                         relay: None,
                         plan: None,
+                        ready: Readiness::default(),
                     }),
                 );
                 for c in [conn, callee] {
@@ -455,6 +539,7 @@ impl Gateway {
                         state: PairState::Planning,
                         relay: None,
                         plan: None,
+                        ready: Readiness::default(),
                     }),
                 );
                 if let Some(s) = self.session_mut(conn) {
@@ -648,14 +733,38 @@ impl Gateway {
         }
     }
 
-    /// A shard reports a bound leg. (Readiness tracking: to be completed.)
+    /// A shard reports a bound leg: `media_ready` goes out once every awaited delivery leg of
+    /// the plan (for a room member: its own) is bound. Anything else is ignored.
     pub(crate) fn on_leg_bound(
         &mut self,
         _now: Instant,
-        _session: crate::shard::SessionId,
-        _leg: &str,
-        _transport: crate::metrics::Transport,
+        session: SessionId,
+        leg: &str,
+        transport: Transport,
     ) {
+        match self.calls.get_mut(&session) {
+            Some(Call::Pair(p)) => {
+                if p.ready.bound(leg, transport) {
+                    self.pair_ready_check(session);
+                } else {
+                    tracing::debug!(call = session, %leg, ?transport, "binding not awaited");
+                }
+            }
+            Some(Call::Room(r)) => {
+                let member = r
+                    .members
+                    .iter_mut()
+                    .find(|(_, m)| m.leg.as_deref() == Some(leg))
+                    .and_then(|(&conn, m)| m.ready.bound(leg, transport).then_some(conn));
+                match member {
+                    Some(conn) => self.member_ready_check(session, conn),
+                    None => {
+                        tracing::debug!(call = session, %leg, ?transport, "binding not awaited");
+                    }
+                }
+            }
+            None => tracing::debug!(session, %leg, "binding for a session no longer known"),
+        }
     }
 
     pub(crate) fn on_shard_installed(&mut self, now: Instant, op: u64, result: Result<(), String>) {
@@ -664,6 +773,7 @@ impl Gateway {
             return;
         };
         let mut media = Vec::new();
+        let mut room = false;
         let failed = match self.calls.get_mut(&call) {
             Some(Call::Pair(p)) => {
                 let Some(relay) = p.relay.as_mut().filter(|r| r.op == Some(op)) else {
@@ -683,6 +793,7 @@ impl Gateway {
                 }
             }
             Some(Call::Room(r)) => {
+                room = true;
                 let Some(relay) = r.relay.as_mut().filter(|r| r.op == Some(op)) else {
                     return;
                 };
@@ -704,8 +815,18 @@ impl Gateway {
             }
             None => None,
         };
+        let joined: Vec<ConnId> = media.iter().map(|(c, _)| *c).collect();
         for (conn, m) in media {
             self.send(conn, ServerMsg::Media(m));
+        }
+        if result.is_ok() {
+            if room {
+                for conn in joined {
+                    self.member_media_sent(call, conn);
+                }
+            } else {
+                self.pair_media_sent(call);
+            }
         }
         if let (Some((relay, room)), Err(e)) = (failed, result) {
             tracing::warn!(call, op, error = %e, "shard refused the session: ending the call");
@@ -951,10 +1072,12 @@ impl Gateway {
                 clock_rate: media::CLOCK_RATE,
             });
         }
+        let ready = Readiness::of(legs.iter().map(|l| (l.name.as_str(), l.delivery)));
         Ok(Some(PairSetup {
             plan,
             relay: shard.map(|s| (s, legs)),
             media: out,
+            ready,
         }))
     }
 
@@ -979,6 +1102,7 @@ impl Gateway {
             return;
         };
         p.plan = Some(setup.plan);
+        p.ready = setup.ready;
         match relay {
             Some(relay) => {
                 p.relay = Some(relay);
@@ -989,7 +1113,58 @@ impl Gateway {
                 for (conn, m) in setup.media {
                     self.send(conn, ServerMsg::Media(m));
                 }
+                self.pair_media_sent(call);
             }
+        }
+    }
+
+    /// A pair's `media` went out: `media_ready` follows if nothing is awaited (or everything
+    /// awaited is already bound).
+    fn pair_media_sent(&mut self, call: CallId) {
+        if let Some(Call::Pair(p)) = self.calls.get_mut(&call) {
+            p.ready.media_sent = true;
+        }
+        self.pair_ready_check(call);
+    }
+
+    /// Sends `media_ready` to every party of a two-party call if it is due.
+    fn pair_ready_check(&mut self, call: CallId) {
+        let Some(Call::Pair(p)) = self.calls.get_mut(&call) else {
+            return;
+        };
+        if !p.ready.take_due() {
+            return;
+        }
+        let parties = [Some(p.caller), p.callee_conn()];
+        tracing::debug!(call, "media ready: every delivery leg is bound");
+        for conn in parties.into_iter().flatten() {
+            self.send(conn, ServerMsg::MediaReady { call });
+        }
+    }
+
+    /// A room member's `media` went out: its `media_ready` follows if due.
+    fn member_media_sent(&mut self, call: CallId, conn: ConnId) {
+        if let Some(Call::Room(r)) = self.calls.get_mut(&call)
+            && let Some(m) = r.members.get_mut(&conn)
+        {
+            m.ready.media_sent = true;
+        }
+        self.member_ready_check(call, conn);
+    }
+
+    /// Sends a room member its `media_ready` if it is due.
+    fn member_ready_check(&mut self, call: CallId, conn: ConnId) {
+        let due = match self.calls.get_mut(&call) {
+            Some(Call::Room(r)) => r.members.get_mut(&conn).is_some_and(|m| m.ready.take_due()),
+            _ => false,
+        };
+        if due {
+            tracing::debug!(
+                call,
+                conn,
+                "media ready: the member's delivery leg is bound"
+            );
+            self.send(conn, ServerMsg::MediaReady { call });
         }
     }
 
@@ -1029,6 +1204,7 @@ impl Gateway {
         let relay = match self.calls.get_mut(&call) {
             Some(Call::Pair(p)) => {
                 p.state = PairState::Planning;
+                p.ready = Readiness::default();
                 p.relay.take()
             }
             _ => None,
@@ -1107,6 +1283,7 @@ impl Gateway {
                 state: MemberState::Ready,
                 leg: None,
                 joined: None,
+                ready: Readiness::default(),
             },
         );
         for &c in &invitees {
@@ -1117,6 +1294,7 @@ impl Gateway {
                     state: MemberState::Invited,
                     leg: None,
                     joined: None,
+                    ready: Readiness::default(),
                 },
             );
         }
@@ -1249,6 +1427,7 @@ impl Gateway {
         if let Some(Call::Room(r)) = self.calls.get_mut(&call) {
             for (conn, (leg, instr, delivery)) in built {
                 if let Some(m) = r.members.get_mut(&conn) {
+                    m.ready = Readiness::of([(leg.name.as_str(), delivery)]);
                     m.leg = Some(leg.name);
                     m.state = if installing {
                         MemberState::Joining
@@ -1260,8 +1439,12 @@ impl Gateway {
                 }
             }
         }
+        let sent: Vec<ConnId> = media.iter().map(|(c, _)| *c).collect();
         for (conn, m) in media {
             self.send(conn, ServerMsg::Media(m));
+        }
+        for conn in sent {
+            self.member_media_sent(call, conn);
         }
         for conn in failed {
             self.room_leave(
@@ -1340,11 +1523,13 @@ impl Gateway {
         if let Some(Call::Room(r)) = self.calls.get_mut(&call)
             && let Some(m) = r.members.get_mut(&conn)
         {
+            m.ready = Readiness::of([(leg.name.as_str(), delivery)]);
             m.leg = Some(leg.name);
             m.state = MemberState::Joined;
             m.joined = Some((instr.clone(), delivery));
         }
         self.send(conn, ServerMsg::Media(instr));
+        self.member_media_sent(call, conn);
     }
 
     /// A member leaves (told `notify` if given); the room ends with `others` as the reason if
@@ -1523,6 +1708,23 @@ mod tests {
         Vec<MediaInstructions>,
         Vec<Action>,
     ) {
+        let (w, a, b, call, ma, mb, cmds) = call_with_msgs(ca, cb);
+        (w, a, b, call, media_of(&ma), media_of(&mb), cmds)
+    }
+
+    /// [`call_with`], with every message each side got after answering.
+    fn call_with_msgs(
+        ca: Capabilities,
+        cb: Capabilities,
+    ) -> (
+        World,
+        Client,
+        Client,
+        CallId,
+        Vec<ServerMsg>,
+        Vec<ServerMsg>,
+        Vec<Action>,
+    ) {
         let mut w = World::new();
         let a = w.login_with("alice", ca);
         let b = w.login_with("bob", cb);
@@ -1538,7 +1740,7 @@ mod tests {
             }]
         );
         w.accept(&b, call, Some(public_media(&b)));
-        let (ma, mb) = (media_of(&w.take(a.conn)), media_of(&w.take(b.conn)));
+        let (ma, mb) = (w.take(a.conn), w.take(b.conn));
         let cmds = w.take_shard();
         (w, a, b, call, ma, mb, cmds)
     }
@@ -2594,5 +2796,414 @@ mod tests {
         let spec = &installs(&w.take_shard())[0].2;
         assert_eq!(spec.legs.len(), 2);
         assert_eq!(media_of(&w.take(c.conn)).len(), 1);
+    }
+
+    // ---- media_ready ----
+
+    fn readies(msgs: &[ServerMsg]) -> Vec<CallId> {
+        msgs.iter()
+            .filter_map(|m| match m {
+                ServerMsg::MediaReady { call } => Some(*call),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn other_transport(t: Transport) -> Transport {
+        match t {
+            Transport::Udp => Transport::Tcp,
+            Transport::Tcp => Transport::Udp,
+        }
+    }
+
+    fn bound(w: &mut World, session: CallId, leg: &str, transport: Transport) {
+        w.input(Input::LegBound {
+            session,
+            leg: leg.into(),
+            transport,
+        });
+    }
+
+    /// The binding `media_ready` waits for on a client's leg, from the brief and independently
+    /// of `media.rs`: none when it receives directly; TCP when it receives over TCP; UDP when
+    /// it receives UDP via the gateway and can send UDP (the gateway latches its binding);
+    /// none when it cannot (the gateway sends to its fixed media address).
+    fn expected_awaited(inn: Path, me: Capabilities) -> Option<Transport> {
+        if inn == Path::DirectUdp {
+            None
+        } else if inn.receiver_transport() == Transport::Tcp {
+            Some(Transport::Tcp)
+        } else if me.send_udp {
+            Some(Transport::Udp)
+        } else {
+            None
+        }
+    }
+
+    /// All 16 cases of Table 1 with the four NAT combinations: exactly the delivery legs that
+    /// need a binding are awaited; `media_ready` goes to both parties once, right after the
+    /// last of them is bound (and right after `media` when none is needed); wrong transports,
+    /// legs that need nothing, other sessions and repeats change nothing.
+    #[test]
+    fn table1_media_ready_waits_for_exactly_the_delivery_legs() {
+        let row = |i: u8| match i {
+            0 => (true, false),
+            1 => (false, true),
+            2 => (false, false),
+            _ => (true, true),
+        };
+        let mut immediate = Vec::new();
+        for case in 0..16u8 {
+            for nat in 0..4u8 {
+                let ca = caps(row(case / 4).0, row(case / 4).1, nat & 1 != 0);
+                let cb = caps(row(case % 4).0, row(case % 4).1, nat & 2 != 0);
+                let what = format!("case {} caller {ca:?} callee {cb:?}", case + 1);
+                let plan = planner::plan(ca, cb);
+                let (mut w, a, b, call, msgs_a, msgs_b, _) = call_with_msgs(ca, cb);
+                let (ma, mb) = (media_of(&msgs_a), media_of(&msgs_b));
+                let mut awaited = Vec::new();
+                let mut free = Vec::new();
+                for (m, caller, me) in [(&ma[0], true, ca), (&mb[0], false, cb)] {
+                    let (_, inn) = directions(plan, caller);
+                    match (&m.leg, expected_awaited(inn, me)) {
+                        (Some(leg), Some(t)) => awaited.push((leg.clone(), t)),
+                        (Some(leg), None) => free.push(leg.clone()),
+                        (None, t) => assert_eq!(t, None, "{what}: a leg-less side awaits nothing"),
+                    }
+                }
+                let Some(Call::Pair(p)) = w.gw.calls.get(&call) else {
+                    panic!("{what}: the call is up")
+                };
+                let mut recorded: Vec<(String, Transport)> = p
+                    .ready
+                    .awaited
+                    .iter()
+                    .map(|(l, t, _)| (l.clone(), *t))
+                    .collect();
+                recorded.sort_by_key(|(l, t)| (l.clone(), *t == Transport::Tcp));
+                let mut want = awaited.clone();
+                want.sort_by_key(|(l, t)| (l.clone(), *t == Transport::Tcp));
+                assert_eq!(recorded, want, "{what}: the awaited legs");
+                if awaited.is_empty() {
+                    immediate.push((case + 1, nat));
+                    for msgs in [&msgs_a, &msgs_b] {
+                        assert!(
+                            matches!(
+                                msgs.as_slice(),
+                                [ServerMsg::Media(_), ServerMsg::MediaReady { call: c }] if *c == call
+                            ),
+                            "{what}: media_ready right after media: {msgs:?}"
+                        );
+                    }
+                    // Bindings of legs that need none change nothing.
+                    for leg in &free {
+                        bound(&mut w, call, leg, Transport::Udp);
+                        bound(&mut w, call, leg, Transport::Tcp);
+                    }
+                    assert!(w.take(a.conn).is_empty() && w.take(b.conn).is_empty());
+                    continue;
+                }
+                assert!(
+                    readies(&msgs_a).is_empty() && readies(&msgs_b).is_empty(),
+                    "{what}: nothing bound yet"
+                );
+                for (leg, t) in &awaited {
+                    bound(&mut w, call, leg, other_transport(*t));
+                    bound(&mut w, call + 1000, leg, *t);
+                    bound(&mut w, call, &format!("{leg}x"), *t);
+                }
+                for leg in &free {
+                    bound(&mut w, call, leg, Transport::Udp);
+                    bound(&mut w, call, leg, Transport::Tcp);
+                }
+                assert!(
+                    w.take(a.conn).is_empty() && w.take(b.conn).is_empty(),
+                    "{what}: stray bindings change nothing"
+                );
+                if nat & 1 != 0 {
+                    awaited.reverse();
+                }
+                for (i, (leg, t)) in awaited.iter().enumerate() {
+                    bound(&mut w, call, leg, *t);
+                    let (ra, rb) = (readies(&w.take(a.conn)), readies(&w.take(b.conn)));
+                    if i + 1 < awaited.len() {
+                        assert!(ra.is_empty() && rb.is_empty(), "{what}: not all bound");
+                    } else {
+                        assert_eq!((ra, rb), (vec![call], vec![call]), "{what}");
+                    }
+                }
+                // A UDP leg re-binding from a new address is reported again: nothing more.
+                for (leg, t) in &awaited {
+                    bound(&mut w, call, leg, *t);
+                }
+                assert!(
+                    w.take(a.conn).is_empty() && w.take(b.conn).is_empty(),
+                    "{what}"
+                );
+            }
+        }
+        // Case 16 without NAT (direct both ways) and case 6 (both receive UDP at a fixed
+        // address, sending over TCP) need no binding.
+        assert_eq!(
+            immediate,
+            [(6, 0), (6, 1), (6, 2), (6, 3), (16, 0)],
+            "the calls that need no binding"
+        );
+    }
+
+    /// A fixed-address delivery (a receive-only client) needs no binding: only the other
+    /// side's leg is awaited.
+    #[test]
+    fn a_fixed_udp_delivery_is_not_awaited() {
+        let (mut w, a, b, call, msgs_a, msgs_b, cmds) =
+            call_with_msgs(caps(false, false, false), caps(false, true, false));
+        let spec = &installs(&cmds)[0].2;
+        let fixed = spec
+            .legs
+            .iter()
+            .find(|l| matches!(l.delivery, Delivery::Udp(_)))
+            .expect("bob's leg delivers to his address");
+        let tcp = spec
+            .legs
+            .iter()
+            .find(|l| l.delivery == Delivery::Tcp)
+            .expect("alice's leg delivers over TCP");
+        assert!(readies(&msgs_a).is_empty() && readies(&msgs_b).is_empty());
+        bound(&mut w, call, &fixed.name, Transport::Udp);
+        assert!(readies(&w.take(a.conn)).is_empty());
+        bound(&mut w, call, &tcp.name, Transport::Tcp);
+        assert_eq!(readies(&w.take(a.conn)), [call]);
+        assert_eq!(readies(&w.take(b.conn)), [call]);
+    }
+
+    #[test]
+    fn route_calls_wait_for_the_callers_leg_only() {
+        for (fw, want) in [
+            (sim::OPEN, Some(Transport::Udp)),
+            (sim::NAT, Some(Transport::Udp)),
+            (sim::BLOCKED, Some(Transport::Tcp)),
+            (sim::SEND_ONLY, Some(Transport::Tcp)),
+            (sim::RECV_ONLY, None),
+        ] {
+            let mut w = World::new();
+            let a = w.login("alice", fw);
+            let call = w.dial(&a, "+4930123456", Some(a.media()));
+            let msgs = w.take(a.conn);
+            let mine = media_of(&msgs)[0].leg.clone().expect("the caller's leg");
+            let spec = &installs(&w.take_shard())[0].2;
+            let route = spec
+                .legs
+                .iter()
+                .find(|l| l.name != mine)
+                .map(|l| l.name.clone())
+                .expect("the route's leg");
+            let Some(t) = want else {
+                assert_eq!(readies(&msgs), [call], "{fw:?}: nothing to wait for");
+                continue;
+            };
+            assert!(readies(&msgs).is_empty(), "{fw:?}");
+            bound(&mut w, call, &route, Transport::Udp);
+            bound(&mut w, call, &mine, other_transport(t));
+            assert!(
+                w.take(a.conn).is_empty(),
+                "{fw:?}: the route leg is never awaited"
+            );
+            bound(&mut w, call, &mine, t);
+            assert_eq!(w.take(a.conn), [ServerMsg::MediaReady { call }], "{fw:?}");
+        }
+    }
+
+    /// After a re-plan the new legs are awaited (old ones no longer count), and each plan gets
+    /// its own `media_ready`, whether or not the old plan was ever ready.
+    #[test]
+    fn a_replan_waits_for_the_new_legs() {
+        let mut w = World::new();
+        let mut a = w.login("alice", sim::SEND_ONLY);
+        let b = w.login("bob", sim::SEND_ONLY);
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(b.media()));
+        let (ma, mb) = (media_of(&w.take(a.conn)), media_of(&w.take(b.conn)));
+        let (old_a, old_b) = (ma[0].leg.clone().unwrap(), mb[0].leg.clone().unwrap());
+        // Both receive over TCP: both legs are awaited.
+        bound(&mut w, call, &old_a, Transport::Tcp);
+        assert!(readies(&w.take(b.conn)).is_empty());
+        bound(&mut w, call, &old_b, Transport::Tcp);
+        assert_eq!(readies(&w.take(a.conn)), [call]);
+        assert_eq!(readies(&w.take(b.conn)), [call]);
+        // Alice's firewall opens; the re-plan has her receive directly and bob over TCP.
+        w.send(a.conn, ClientMsg::MediaTrouble { call });
+        a.fw = sim::OPEN;
+        w.probe(&a);
+        w.probe(&b);
+        let (msgs_a, msgs_b) = (w.take(a.conn), w.take(b.conn));
+        let (ma, mb) = (media_of(&msgs_a), media_of(&msgs_b));
+        assert_eq!(
+            ma[0].plan,
+            Some(Plan {
+                forward: Path::UdpInTcpOut,
+                backward: Path::DirectUdp
+            })
+        );
+        assert!(readies(&msgs_a).is_empty() && readies(&msgs_b).is_empty());
+        let (new_a, new_b) = (ma[0].leg.clone().unwrap(), mb[0].leg.clone().unwrap());
+        // The old legs' bindings (reported again, or late) do not count.
+        bound(&mut w, call, &old_a, Transport::Tcp);
+        bound(&mut w, call, &old_b, Transport::Tcp);
+        // Alice's new leg delivers nothing (she receives directly): not awaited.
+        bound(&mut w, call, &new_a, Transport::Udp);
+        assert!(w.take(a.conn).is_empty() && w.take(b.conn).is_empty());
+        bound(&mut w, call, &new_b, Transport::Tcp);
+        assert_eq!(w.take(a.conn), [ServerMsg::MediaReady { call }]);
+        assert_eq!(w.take(b.conn), [ServerMsg::MediaReady { call }]);
+        // A re-plan before the first plan was ready: the telephone route caller.
+        let mut c = w.login("carol", sim::SEND_ONLY);
+        let call = w.dial(&c, "+4930123", Some(c.media()));
+        let old = media_of(&w.take(c.conn))[0].leg.clone().unwrap();
+        w.send(c.conn, ClientMsg::MediaTrouble { call });
+        c.fw = sim::OPEN;
+        w.probe(&c);
+        let msgs = w.take(c.conn);
+        assert!(readies(&msgs).is_empty());
+        let new = media_of(&msgs)[0].leg.clone().unwrap();
+        bound(&mut w, call, &old, Transport::Tcp);
+        assert!(w.take(c.conn).is_empty(), "the old plan's leg is gone");
+        bound(&mut w, call, &new, Transport::Udp);
+        assert_eq!(w.take(c.conn), [ServerMsg::MediaReady { call }]);
+    }
+
+    #[test]
+    fn room_members_are_ready_once_their_own_leg_is_bound() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::NAT);
+        let mut c = w.login("carol", sim::BLOCKED);
+        let d = w.login("dave", sim::RECV_ONLY);
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 1,
+                numbers: vec![b.number.into(), c.number.into(), d.number.into()],
+                media: Some(a.media()),
+            },
+        );
+        let room = match w.take(a.conn)[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        for x in [&b, &c, &d] {
+            w.take(x.conn);
+        }
+        w.accept(&b, room, Some(b.media()));
+        let (ma, mb) = (media_of(&w.take(a.conn)), media_of(&w.take(b.conn)));
+        let (la, lb) = (ma[0].leg.clone().unwrap(), mb[0].leg.clone().unwrap());
+        // Bob's UDP binding: bob is ready, alice is not.
+        bound(&mut w, room, &lb, Transport::Udp);
+        assert_eq!(w.take(b.conn), [ServerMsg::MediaReady { call: room }]);
+        assert!(w.take(a.conn).is_empty());
+        bound(&mut w, room, &la, Transport::Tcp);
+        assert!(w.take(a.conn).is_empty(), "alice's delivery is UDP");
+        bound(&mut w, room, &la, Transport::Udp);
+        assert_eq!(w.take(a.conn), [ServerMsg::MediaReady { call: room }]);
+        // Carol (TCP) waits for her binding; dave (fixed UDP address) is ready at once.
+        w.accept(&c, room, Some(c.media()));
+        w.accept(&d, room, Some(d.media()));
+        let msgs_c = w.take(c.conn);
+        assert!(readies(&msgs_c).is_empty());
+        let lc = media_of(&msgs_c)[0].leg.clone().unwrap();
+        assert!(matches!(
+            w.take(d.conn).as_slice(),
+            [ServerMsg::Media(_), ServerMsg::MediaReady { call }] if *call == room
+        ));
+        bound(&mut w, room, &lc, Transport::Tcp);
+        assert_eq!(w.take(c.conn), [ServerMsg::MediaReady { call: room }]);
+        // Re-bindings and others' bindings tell nobody anything.
+        bound(&mut w, room, &la, Transport::Udp);
+        bound(&mut w, room, &lb, Transport::Udp);
+        for x in [&a, &b, &c, &d] {
+            assert!(w.take(x.conn).is_empty());
+        }
+        // Carol's path changes (now UDP): her new leg is awaited, the old one is gone.
+        w.send(c.conn, ClientMsg::MediaTrouble { call: room });
+        c.fw = sim::OPEN;
+        w.probe(&c);
+        let msgs_c = w.take(c.conn);
+        assert!(readies(&msgs_c).is_empty());
+        let lc2 = media_of(&msgs_c)[0].leg.clone().unwrap();
+        bound(&mut w, room, &lc, Transport::Tcp);
+        assert!(w.take(c.conn).is_empty());
+        bound(&mut w, room, &lc2, Transport::Udp);
+        assert_eq!(w.take(c.conn), [ServerMsg::MediaReady { call: room }]);
+        for x in [&a, &b, &d] {
+            assert!(w.take(x.conn).is_empty(), "only carol re-planned");
+        }
+    }
+
+    /// Bindings reported before `media` went out (a room or call still installing) are
+    /// remembered: `media_ready` follows `media`. Bindings for ended calls, unknown sessions
+    /// and unknown legs are ignored.
+    #[test]
+    fn early_and_stray_bindings() {
+        let mut w = World::new();
+        w.auto_install = None;
+        let a = w.login("alice", sim::BLOCKED);
+        let b = w.login("bob", sim::BLOCKED);
+        let call = w.dial(&a, b.number, None);
+        w.accept(&b, call, None);
+        w.take(a.conn);
+        w.take(b.conn);
+        let spec = installs(&w.take_shard()).remove(0).2;
+        for l in &spec.legs {
+            assert_eq!(l.delivery, Delivery::Tcp);
+            bound(&mut w, call, &l.name, Transport::Tcp);
+        }
+        assert!(w.take(a.conn).is_empty(), "no media yet: no media_ready");
+        let op = w.pending_installs.remove(0);
+        w.input(Input::ShardInstalled { op, result: Ok(()) });
+        for x in [&a, &b] {
+            assert!(matches!(
+                w.take(x.conn).as_slice(),
+                [ServerMsg::Media(_), ServerMsg::MediaReady { call: c }] if *c == call
+            ));
+        }
+        bound(&mut w, 9999, &spec.legs[0].name, Transport::Tcp);
+        bound(&mut w, call, "no-such-leg", Transport::Udp);
+        w.send(a.conn, ClientMsg::HangUp { call });
+        w.take(b.conn);
+        bound(&mut w, call, &spec.legs[1].name, Transport::Tcp);
+        assert!(w.take(a.conn).is_empty() && w.take(b.conn).is_empty());
+        // A room member's binding while the room is installing.
+        let c = w.login("carol", sim::OPEN);
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 1,
+                numbers: vec![c.number.into()],
+                media: Some(a.media()),
+            },
+        );
+        let room = match w.take(a.conn)[0] {
+            ServerMsg::Calling { call, .. } => call,
+            _ => panic!(),
+        };
+        w.take(c.conn);
+        w.accept(&c, room, Some(c.media()));
+        let spec = installs(&w.take_shard()).remove(0).2;
+        let carol = spec
+            .legs
+            .iter()
+            .find(|l| l.delivery == Delivery::UdpLatched)
+            .expect("carol's leg");
+        bound(&mut w, room, &carol.name, Transport::Udp);
+        assert!(w.take(c.conn).is_empty());
+        let op = w.pending_installs.remove(0);
+        w.input(Input::ShardInstalled { op, result: Ok(()) });
+        assert!(matches!(
+            w.take(c.conn).as_slice(),
+            [ServerMsg::Media(_), ServerMsg::MediaReady { call }] if *call == room
+        ));
+        assert!(
+            readies(&w.take(a.conn)).is_empty(),
+            "alice's TCP leg is not bound"
+        );
     }
 }

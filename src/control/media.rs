@@ -220,6 +220,19 @@ pub fn delivery_for(
     }
 }
 
+/// The binding the gateway must see before it can deliver to a leg with `delivery`: UDP for
+/// [`Delivery::UdpLatched`] (it delivers to the source that bound), TCP for [`Delivery::Tcp`]
+/// (it delivers on the bound connection); none for a fixed UDP address or no delivery. Until
+/// that binding is in, media for the leg is dropped (`NoEgress`), which is why `media_ready`
+/// waits for it.
+pub const fn awaited_binding(delivery: Delivery) -> Option<Transport> {
+    match delivery {
+        Delivery::UdpLatched => Some(Transport::Udp),
+        Delivery::Tcp => Some(Transport::Tcp),
+        Delivery::Udp(_) | Delivery::None => None,
+    }
+}
+
 /// A room member's `(out, inn)`: everything through the gateway, UDP where its firewall allows
 /// (out: UDP if it can send UDP, else TCP; in: UDP if it can receive UDP, else TCP).
 pub const fn room_directions(caps: Capabilities) -> (Path, Path) {
@@ -361,6 +374,14 @@ mod tests {
         for p in [Path::UdpInTcpOut, Path::TcpBoth] {
             assert_eq!(delivery_for(p, recv_only, None, false), Ok(Delivery::Tcp));
         }
+    }
+
+    #[test]
+    fn only_latched_udp_and_tcp_deliveries_wait_for_a_binding() {
+        assert_eq!(awaited_binding(Delivery::UdpLatched), Some(Transport::Udp));
+        assert_eq!(awaited_binding(Delivery::Tcp), Some(Transport::Tcp));
+        assert_eq!(awaited_binding(Delivery::Udp(a("192.0.2.5:4000"))), None);
+        assert_eq!(awaited_binding(Delivery::None), None);
     }
 
     #[test]

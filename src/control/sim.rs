@@ -705,6 +705,18 @@ pub fn check_invariants(gw: &Gateway) {
                         assert_eq!(gw.route_busy.get(&canonical(r.media_addr)), Some(id));
                     }
                 }
+                // Readiness only awaits legs of the session in force, and is done only after
+                // media went out.
+                assert!(
+                    !p.ready.done || p.ready.media_sent,
+                    "call {id}: ready before media"
+                );
+                for (leg, ..) in &p.ready.awaited {
+                    assert!(
+                        p.relay.as_ref().is_some_and(|r| r.legs.contains(leg)),
+                        "call {id}: awaits leg {leg} it does not have"
+                    );
+                }
                 if let Some(relay) = &p.relay {
                     load[relay.shard] += 1;
                     for l in &relay.legs {
@@ -720,6 +732,11 @@ pub fn check_invariants(gw: &Gateway) {
                 assert!(r.members.len() <= gw.cfg.max_room_size);
                 for (conn, m) in &r.members {
                     assert!(in_call(*conn, *id), "room {id}: member {conn} gone");
+                    assert!(m.ready.awaited.len() <= 1, "room {id}: one leg per member");
+                    assert!(!m.ready.done || m.ready.media_sent);
+                    for (leg, ..) in &m.ready.awaited {
+                        assert_eq!(m.leg.as_ref(), Some(leg), "room {id}: member {conn}");
+                    }
                     if let Some(l) = &m.leg {
                         assert!(r.relay.is_some(), "room leg without a session");
                         assert!(live_legs.insert(l.clone()), "duplicate leg");

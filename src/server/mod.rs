@@ -637,6 +637,9 @@ impl Server {
                             "media instructions sent"
                         );
                     }
+                    if let ServerMsg::MediaReady { call } = &msg {
+                        tracing::info!(conn, call, "media ready sent");
+                    }
                     if w.try_send(msg).is_err() {
                         // The client does not read its messages: it is gone for our purposes.
                         tracing::warn!(conn, "control connection not reading: closing it");

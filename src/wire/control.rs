@@ -387,6 +387,10 @@ mod tests {
         let body = br#"{"type":"heartbeat","seq":7}"#;
         assert_eq!(&f[..2], &(body.len() as u16).to_be_bytes());
         assert_eq!(&f[2..], body);
+        assert_eq!(
+            &frame(&ServerMsg::MediaReady { call: 12 })[2..],
+            br#"{"type":"media_ready","call":12}"#
+        );
         let m: ServerMsg = decode(br#"{"type":"hang_up","call":3,"reason":"no_answer"}"#).unwrap();
         assert_eq!(
             m,
@@ -446,6 +450,7 @@ mod tests {
                 translated: true,
             },
             ServerMsg::Media(media),
+            ServerMsg::MediaReady { call: 9 },
             ServerMsg::Error {
                 code: ErrorCode::BadMessage,
                 message: "x".into(),

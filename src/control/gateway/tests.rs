@@ -606,6 +606,12 @@ enum Step {
     Disconnect(u8),
     Datagram(bool, Vec<u8>),
     Installed(u8, bool),
+    /// A shard reports a binding: of a live call's leg (`kind` 0: over the transport its
+    /// delivery awaits, 1: over the other one), a leg of no call (2), or an unknown session (3).
+    LegBound(u8, u8, u8, bool),
+    /// A call set up in one go (so that many runs have calls with media): a client dials
+    /// another (or opens a room with two others), the invitees accept, installs succeed.
+    CallUp(u8, u8, Option<u8>, Option<SocketAddr>),
     /// Everybody heart-beats, then time passes (up to 3 s).
     Advance(u16),
     /// Time passes with nobody heart-beating (up to 40 s).
@@ -690,6 +696,9 @@ fn step() -> impl Strategy<Value = Step> {
         1 => client.clone().prop_map(Step::Disconnect),
         1 => (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..80)).prop_map(|(a, d)| Step::Datagram(a, d)),
         4 => (any::<u8>(), prop_oneof![5 => Just(true), 1 => Just(false)]).prop_map(|(o, ok)| Step::Installed(o, ok)),
+        3 => (0u8..16, 0u8..16, proptest::option::of(0u8..16), media_addr()).prop_map(|(a, b, c, m)| Step::CallUp(a, b, c, m)),
+        6 => (any::<u8>(), any::<u8>(), prop_oneof![6 => Just(0u8), 2 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8)], any::<bool>())
+            .prop_map(|(c, l, k, t)| Step::LegBound(c, l, k, t)),
         4 => (0u16..3000).prop_map(Step::Advance),
         1 => (0u16..40_000).prop_map(Step::Silence),
         2 => (0u8..8).prop_map(Step::Login),
@@ -729,6 +738,8 @@ proptest! {
                 clients[usize::from(i) % clients.len()].conn
             }
         };
+        // Per (connection, call): whether the plan in force there already got its media_ready.
+        let mut ready_sent: std::collections::HashMap<(ConnId, u64), bool> = std::collections::HashMap::new();
         for (i, s) in steps.into_iter().enumerate() {
             if shutdown_at == Some(i) {
                 w.input(Input::Shutdown);
@@ -841,10 +852,80 @@ proptest! {
                         clients.push(c);
                     }
                 }
+                Step::LegBound(c, l, kind, udp) => {
+                    use crate::control::calls::Call;
+                    use crate::metrics::Transport;
+                    // Mostly calls that await a binding.
+                    let awaiting = |call: &Call| match call {
+                        Call::Pair(p) => !p.ready.awaited.is_empty(),
+                        Call::Room(r) => r.members.values().any(|m| !m.ready.awaited.is_empty()),
+                    };
+                    let mut ids: Vec<u64> = w.gw.calls.iter().filter(|(_, x)| kind != 0 || awaiting(x)).map(|(id, _)| *id).collect();
+                    ids.sort_unstable();
+                    let call = ids.get(usize::from(c) % ids.len().max(1)).copied().unwrap_or(u64::from(c));
+                    // The call's legs, each with the binding it awaits (if any).
+                    let legs: Vec<(String, Option<Transport>)> = match w.gw.calls.get(&call) {
+                        Some(Call::Pair(p)) => p.relay.iter().flat_map(|r| r.legs.iter()).map(|leg| {
+                            let t = p.ready.awaited.iter().find(|a| &a.0 == leg).map(|a| a.1);
+                            (leg.clone(), t)
+                        }).collect(),
+                        Some(Call::Room(r)) => r.members.values().filter_map(|m| {
+                            let leg = m.leg.clone()?;
+                            Some((leg, m.ready.awaited.first().map(|a| a.1)))
+                        }).collect(),
+                        None => Vec::new(),
+                    };
+                    let random_t = if udp { Transport::Udp } else { Transport::Tcp };
+                    let other = |t: Transport| if t == Transport::Udp { Transport::Tcp } else { Transport::Udp };
+                    let (session, leg, transport) = match (kind, legs.get(usize::from(l) % legs.len().max(1))) {
+                        (0, Some((leg, t))) => (call, leg.clone(), t.unwrap_or(random_t)),
+                        (1, Some((leg, t))) => (call, leg.clone(), t.map_or(random_t, other)),
+                        (3, Some((leg, _))) => (call + 500, leg.clone(), random_t),
+                        _ => (call, format!("stray-{l}"), random_t),
+                    };
+                    w.input(Input::LegBound { session, leg, transport });
+                }
+                Step::CallUp(from, to, also, media) => {
+                    let conn = conn_of(&clients, from);
+                    let callee = clients[usize::from(to) % clients.len()].clone();
+                    let third = also.map(|u| clients[usize::from(u) % clients.len()].clone());
+                    let msg = match &third {
+                        None => ClientMsg::Dial { tag: 3, number: callee.number.into(), media },
+                        Some(t) => ClientMsg::Conference { tag: 3, numbers: vec![callee.number.into(), t.number.into()], media },
+                    };
+                    w.send(conn, msg);
+                    let call = w.inbox.get(&conn).and_then(|q| q.iter().rev().find_map(|m| match m {
+                        ServerMsg::Calling { tag: 3, call } => Some(*call),
+                        _ => None,
+                    }));
+                    if let Some(call) = call {
+                        for x in std::iter::once(&callee).chain(third.iter()) {
+                            w.send(x.conn, ClientMsg::Accept { call, media });
+                        }
+                        while let Some(op) = w.pending_installs.pop() {
+                            w.input(Input::ShardInstalled { op, result: Ok(()) });
+                        }
+                    }
+                }
                 Step::Drain => w.input(Input::Drain),
             }
-            for (_, q) in w.inbox.iter_mut() {
-                q.clear();
+            // media_ready comes only after media, at most once per plan and party.
+            for (conn, q) in w.inbox.iter_mut() {
+                for m in q.drain(..) {
+                    match m {
+                        ServerMsg::Media(i) => {
+                            ready_sent.insert((*conn, i.call), false);
+                        }
+                        ServerMsg::MediaReady { call } => {
+                            let sent = ready_sent.get_mut(&(*conn, call));
+                            prop_assert_eq!(sent.as_deref(), Some(&false), "media_ready for call {} to {}", call, conn);
+                            if let Some(s) = sent {
+                                *s = true;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
             }
             let s = w.gw.stats();
             prop_assert!(s.connections <= 10);
