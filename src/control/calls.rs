@@ -285,6 +285,8 @@ struct SidePlan {
     out: Path,
     inn: Path,
     peer: Option<SocketAddr>,
+    /// Where the peer's direct media comes from, when known.
+    peer_source: Option<SocketAddr>,
     gateway_ip: IpAddr,
     key: SessionKey,
     /// `Some` iff the side has a leg.
@@ -320,7 +322,7 @@ fn instructions(
     plan: Option<Plan>,
     caller: bool,
     (out, inn): (Path, Path),
-    peer: Option<SocketAddr>,
+    (peer, peer_source): (Option<SocketAddr>, Option<SocketAddr>),
     gw: Option<GatewayAddrs>,
     leg: Option<String>,
 ) -> MediaInstructions {
@@ -330,7 +332,7 @@ fn instructions(
         plan,
         caller,
         send: send_for(out, peer, gw),
-        recv: recv_for(inn, peer, gw),
+        recv: recv_for(inn, peer_source, gw),
         leg,
         gateway_udp: gw.map(|g| g.udp),
         gateway_tcp: gw.map(|g| g.tcp),
@@ -991,9 +993,10 @@ impl Gateway {
         let mut sides = Vec::with_capacity(2);
         match (&far, b) {
             (Far::User(_), Some((b_conn, b, b_media))) => {
-                for (conn, caller, me, my_media, peer) in [
-                    (a_conn, true, a, a_media, b_media),
-                    (b_conn, false, b, b_media, a_media),
+                let (a_nat, b_nat) = (a.caps.nat, b.caps.nat);
+                for (conn, caller, me, my_media, peer, peer_nat) in [
+                    (a_conn, true, a, a_media, b_media, b_nat),
+                    (b_conn, false, b, b_media, a_media, a_nat),
                 ] {
                     let (out, inn) = directions(plan, caller);
                     if out == Path::DirectUdp {
@@ -1010,6 +1013,9 @@ impl Gateway {
                         out,
                         inn,
                         peer,
+                        // A peer behind NAT sends from an address nobody knows in advance: the
+                        // receiver must not insist on the one it reported.
+                        peer_source: if peer_nat { None } else { peer },
                         gateway_ip: me.gateway_ip,
                         key: me.key,
                         delivery,
@@ -1024,6 +1030,7 @@ impl Gateway {
                     out,
                     inn,
                     peer: None,
+                    peer_source: None,
                     gateway_ip: a.gateway_ip,
                     delivery: Some(delivery_for(inn, a.caps, a_media, allow)?),
                     key: a.key,
@@ -1054,7 +1061,7 @@ impl Gateway {
                     Some(plan),
                     side.caller,
                     (side.out, side.inn),
-                    side.peer,
+                    (side.peer, side.peer_source),
                     gw,
                     leg,
                 ),
@@ -1351,7 +1358,7 @@ impl Gateway {
             None,
             conn == organizer,
             (out, inn),
-            None,
+            (None, None),
             gw,
             Some(name),
         );
@@ -1662,12 +1669,12 @@ mod tests {
         }
     }
 
-    fn expected_recv(inn: Path, peer: SocketAddr) -> MediaRecv {
+    fn expected_recv(inn: Path, peer: Option<SocketAddr>) -> MediaRecv {
         match inn {
             Path::DirectUdp => MediaRecv {
                 transport: Transport::Udp,
                 via_gateway: false,
-                from: Some(peer),
+                from: peer,
             },
             Path::UdpViaGateway | Path::TcpInUdpOut => MediaRecv {
                 transport: Transport::Udp,
@@ -1771,9 +1778,9 @@ mod tests {
                 assert_eq!((ma.len(), mb.len()), (1, 1), "{what}");
                 let specs = installs(&cmds);
                 let mut legs_seen = 0;
-                for (c, m, caller, my_caps, peer_media) in [
-                    (&a, &ma[0], true, ca, public_media(&b)),
-                    (&b, &mb[0], false, cb, public_media(&a)),
+                for (c, m, caller, my_caps, peer_media, peer_nat) in [
+                    (&a, &ma[0], true, ca, public_media(&b), cb.nat),
+                    (&b, &mb[0], false, cb, public_media(&a), ca.nat),
                 ] {
                     let (out, inn) = if caller {
                         (plan.forward, plan.backward)
@@ -1784,7 +1791,9 @@ mod tests {
                     assert_eq!(m.plan, Some(plan), "{what}");
                     assert_eq!(m.caller, caller);
                     assert_eq!(m.send, expected_send(out, peer_media), "{what} send");
-                    assert_eq!(m.recv, expected_recv(inn, peer_media), "{what} recv");
+                    // A peer behind NAT sends direct media from an address nobody knows.
+                    let peer_source = (!peer_nat).then_some(peer_media);
+                    assert_eq!(m.recv, expected_recv(inn, peer_source), "{what} recv");
                     assert_eq!((m.payload_type, m.clock_rate), (0, 8000));
                     let has_leg = out.uses_gateway() || inn.uses_gateway();
                     assert_eq!(m.leg.is_some(), has_leg, "{what} leg");
