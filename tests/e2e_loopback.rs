@@ -181,21 +181,15 @@ fn wrong_password_is_refused_with_a_clear_message() {
     );
 }
 
-#[test]
-fn killing_a_phone_mid_call_ends_the_call_for_the_other() {
-    // Heart-beats every second, three may be missed.
-    let gw = Gateway::start(&["--heartbeat-ms", "1000"]);
+/// A long call from alice to bob through the gateway (alice has no UDP, so a relay session is
+/// installed and visible in the log); returns once its media instructions went out.
+fn long_call(gw: &Gateway) -> (common::Proc, common::Proc) {
     let mark = gw.log_len();
-    let callee = spawn_phone(
-        &gw,
-        "bob",
-        &["--answer", "--wait", "20", "--duration", "60"],
-    );
+    let callee = spawn_phone(gw, "bob", &["--answer", "--wait", "20", "--duration", "60"]);
     gw.wait_online(mark, "bob");
     let mark = gw.log_len();
-    // Through the gateway (TCP), so that a session is installed and visible in the log.
-    let mut caller = spawn_phone(
-        &gw,
+    let caller = spawn_phone(
+        gw,
         "alice",
         &[
             "--call",
@@ -209,6 +203,14 @@ fn killing_a_phone_mid_call_ends_the_call_for_the_other() {
     gw.wait_log(mark, "the call's media", |l| {
         l.contains("media instructions sent")
     });
+    (caller, callee)
+}
+
+#[test]
+fn killing_a_phone_mid_call_ends_the_call_for_the_other() {
+    // Heart-beats every second, three may be missed.
+    let gw = Gateway::start(&["--heartbeat-ms", "1000"]);
+    let (mut caller, callee) = long_call(&gw);
     std::thread::sleep(Duration::from_millis(500)); // media flowing
     let killed = Instant::now();
     caller.child.kill().unwrap();
@@ -217,8 +219,7 @@ fn killing_a_phone_mid_call_ends_the_call_for_the_other() {
     let took = killed.elapsed();
     assert_ne!(r.code, 0, "the call did not complete normally: {}", r.json);
     assert_eq!(r.json["hangup_reason"], "peer_lost", "{}", r.json);
-    // At most the presence timeout (misses + slack heart-beats); a dropped connection is
-    // noticed at once.
+    // A dropped connection is noticed at once, well within the presence timeout.
     assert!(took < Duration::from_secs(6), "took {took:?}");
 }
 
@@ -227,29 +228,7 @@ fn a_frozen_phone_is_dropped_by_presence_and_its_call_ends() {
     // A phone that stops (SIGSTOP) keeps its TCP connection open but stops heart-beating:
     // only presence can notice. Heart-beat 1 s, 3 misses.
     let gw = Gateway::start(&["--heartbeat-ms", "1000"]);
-    let mark = gw.log_len();
-    let callee = spawn_phone(
-        &gw,
-        "bob",
-        &["--answer", "--wait", "20", "--duration", "60"],
-    );
-    gw.wait_online(mark, "bob");
-    let mark = gw.log_len();
-    let caller = spawn_phone(
-        &gw,
-        "alice",
-        &[
-            "--call",
-            "+15550002",
-            "--duration",
-            "60",
-            "--firewall",
-            "no-udp",
-        ],
-    );
-    gw.wait_log(mark, "the call's media", |l| {
-        l.contains("media instructions sent")
-    });
+    let (caller, callee) = long_call(&gw);
     let mark = gw.log_len();
     let frozen = Instant::now();
     // SAFETY: signalling our own child.

@@ -49,9 +49,6 @@ pub(crate) struct EpollShard {
     tcp_iov: Box<[libc::iovec]>,
     tcp_sndbuf: i32,
     coalesce: Duration,
-    rate: f64,
-    last_wake_ns: u64,
-    next_housekeeping_ns: u64,
     _udp: socket2::Socket,
     _tcp: socket2::Socket,
 }
@@ -100,9 +97,6 @@ impl EpollShard {
                 .collect(),
             tcp_sndbuf: i32::try_from(cfg.tcp_sndbuf).unwrap_or(i32::MAX),
             coalesce: cfg.coalesce,
-            rate: 0.0,
-            last_wake_ns: sockets::realtime_ns(),
-            next_housekeeping_ns: 0,
             ep,
             core,
             _udp: udp,
@@ -169,19 +163,10 @@ impl EpollShard {
                 }
             }
             if n > 0 {
-                self.core.relay.counters.wakeups += 1;
-                let dt = now.saturating_sub(self.last_wake_ns).max(1_000) as f64;
-                self.rate = 0.8 * self.rate + 0.2 * (work as f64 * 1e9 / dt);
-                self.last_wake_ns = now;
+                self.core.note_wake(work.max(1), now);
             }
-            if !self.core.drain_commands(Backend::Epoll) {
+            if !self.core.turn(Backend::Epoll, now) {
                 break;
-            }
-            if now >= self.next_housekeeping_ns {
-                self.core
-                    .relay
-                    .housekeeping(&mut self.core.pool, now, &mut self.core.out);
-                self.next_housekeeping_ns = now + 100_000_000;
             }
             self.flush();
             self.recycle();
@@ -201,7 +186,7 @@ impl EpollShard {
         if ready == 0 || budget.is_zero() {
             return;
         }
-        let expected = self.rate * budget.as_secs_f64();
+        let expected = self.core.rate * budget.as_secs_f64();
         if expected >= 2.0 && expected < BATCH as f64 {
             std::thread::sleep(budget);
         }

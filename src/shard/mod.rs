@@ -434,6 +434,9 @@ fn run_shard(ctx: ShardContext, sockets: sockets::ShardSockets, ready: Ready) {
         pool,
         out: Outbox::default(),
         ctx,
+        rate: 0.0,
+        last_wake_ns: sockets::realtime_ns(),
+        next_housekeeping_ns: 0,
     };
     let backend = core.ctx.cfg.backend;
     let index = core.ctx.index;
@@ -485,9 +488,38 @@ pub(crate) struct ShardCore {
     pub pool: Pool,
     pub out: Outbox,
     pub ctx: ShardContext,
+    /// Work items (completions, packets) per second, smoothed: sizes the batch a wake-up
+    /// gathers under coalescing.
+    pub rate: f64,
+    last_wake_ns: u64,
+    next_housekeeping_ns: u64,
 }
 
 impl ShardCore {
+    /// A wake-up handled `work` items at `now`: count it and update the rate estimate.
+    pub fn note_wake(&mut self, work: usize, now: u64) {
+        if work == 0 {
+            self.rate *= 0.5;
+            return;
+        }
+        self.relay.counters.wakeups += 1;
+        let dt = now.saturating_sub(self.last_wake_ns).max(1_000) as f64;
+        self.rate = 0.8 * self.rate + 0.2 * (work as f64 * 1e9 / dt);
+        self.last_wake_ns = now;
+    }
+
+    /// Once per turn of either loop: commands, then time-based duties. False: stop.
+    pub fn turn(&mut self, backend: Backend, now: u64) -> bool {
+        if !self.drain_commands(backend) {
+            return false;
+        }
+        if now >= self.next_housekeeping_ns {
+            self.relay.housekeeping(&mut self.pool, now, &mut self.out);
+            self.next_housekeeping_ns = now + 100_000_000;
+        }
+        true
+    }
+
     /// Runs queued commands; returns false when the shard must stop.
     pub fn drain_commands(&mut self, backend: Backend) -> bool {
         self.ctx.waker.clear_pending();

@@ -174,10 +174,6 @@ pub(crate) struct UringShard {
     tcp_sndbuf: i32,
     coalesce: Duration,
     min_wait: bool,
-    /// Estimated completions per second (EWMA), to size the batch a wake-up waits for.
-    rate: f64,
-    last_wake_ns: u64,
-    next_housekeeping_ns: u64,
     // Keep the sockets open as long as the loop runs (the loop uses their raw fds).
     _udp: socket2::Socket,
     _tcp: socket2::Socket,
@@ -291,9 +287,6 @@ impl UringShard {
             tcp_sndbuf: i32::try_from(cfg.tcp_sndbuf).unwrap_or(i32::MAX),
             coalesce: cfg.coalesce,
             min_wait,
-            rate: 0.0,
-            last_wake_ns: sockets::realtime_ns(),
-            next_housekeeping_ns: 0,
             ring,
             udp_ring,
             tcp_ring,
@@ -364,14 +357,8 @@ impl UringShard {
         loop {
             let now = sockets::realtime_ns();
             self.reap_completions(now);
-            if !self.core.drain_commands(Backend::IoUring) {
+            if !self.core.turn(Backend::IoUring, now) {
                 break;
-            }
-            if now >= self.next_housekeeping_ns {
-                self.core
-                    .relay
-                    .housekeeping(&mut self.core.pool, now, &mut self.core.out);
-                self.next_housekeeping_ns = now + 100_000_000;
             }
             self.flush();
             self.recycle_buffers();
@@ -394,7 +381,7 @@ impl UringShard {
         let want = if budget_us == 0 {
             1
         } else {
-            ((self.rate * budget_us as f64 / 1e6) as usize).clamp(1, 256)
+            ((self.core.rate * budget_us as f64 / 1e6) as usize).clamp(1, 256)
         };
         let want = if self.cq_backlog { 1 } else { want };
         let r = if budget_us > 0 && want > 1 && self.min_wait {
@@ -429,17 +416,7 @@ impl UringShard {
             }
             self.cq_backlog = !cq.is_empty();
         }
-        let n = self.cqes.len();
-        if n > 0 {
-            self.core.relay.counters.wakeups += 1;
-            // Rate estimate for coalescing: completions per second, smoothed.
-            let dt = now.saturating_sub(self.last_wake_ns).max(1_000) as f64;
-            let inst = n as f64 * 1e9 / dt;
-            self.rate = 0.8 * self.rate + 0.2 * inst;
-            self.last_wake_ns = now;
-        } else {
-            self.rate *= 0.5;
-        }
+        self.core.note_wake(self.cqes.len(), now);
         let cqes = std::mem::take(&mut self.cqes);
         for &(user_data, res, flags) in &cqes {
             let (kind, generation, idx) = ud_split(user_data);
