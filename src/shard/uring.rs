@@ -171,6 +171,10 @@ pub(crate) struct UringShard {
     tcp_iov_used: usize,
     /// Connections whose send did not fit in this turn's arena.
     tcp_deferred: Vec<ConnId>,
+    /// UDP sends are non-blocking with IOSQE_CQE_SKIP_SUCCESS (kernel 5.17+).
+    skip_success: bool,
+    /// Their slots, submitted this turn.
+    udp_sent: Vec<u32>,
     tcp_sndbuf: i32,
     coalesce: Duration,
     min_wait: bool,
@@ -284,6 +288,8 @@ impl UringShard {
                 .collect(),
             tcp_iov_used: 0,
             tcp_deferred: Vec::new(),
+            skip_success: ring.params().is_feature_skip_cqe_on_success(),
+            udp_sent: Vec::with_capacity(nslots),
             tcp_sndbuf: i32::try_from(cfg.tcp_sndbuf).unwrap_or(i32::MAX),
             coalesce: cfg.coalesce,
             min_wait,
@@ -367,7 +373,9 @@ impl UringShard {
                 tracing::error!(shard = self.core.ctx.index, "io_uring_enter: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }
-            // Everything pushed is submitted now: the send arena is free again.
+            // Everything pushed is submitted now: the send arena is free again, and the
+            // non-blocking UDP sends have finished.
+            self.release_sent();
             self.tcp_msgs_used = 0;
             self.tcp_iov_used = 0;
             self.core.out.tcp_dirty.append(&mut self.tcp_deferred);
@@ -585,6 +593,16 @@ impl UringShard {
     }
 
     fn on_udp_send(&mut self, idx: u32, res: i32) {
+        if self.skip_success {
+            // Only failures complete; the slot was released after its submit.
+            if res < 0 {
+                self.core
+                    .relay
+                    .counters
+                    .drop(crate::metrics::DropReason::SendError);
+            }
+            return;
+        }
         let Some(slot) = self.slots.get(idx as usize) else {
             return;
         };
@@ -684,10 +702,37 @@ impl UringShard {
         slot.msg.msg_control = std::ptr::null_mut();
         slot.msg.msg_controllen = 0;
         slot.msg.msg_flags = 0;
-        let e = opcode::SendMsg::new(types::Fd(self.udp_fd), &slot.msg)
-            .build()
-            .user_data(ud(K_UDP_SEND, 0, idx));
+        let e = if self.skip_success {
+            // Non-blocking, and no completion on success: the send finishes (or fails with
+            // EAGAIN, which posts a completion) inside the io_uring_enter that submits it, so
+            // the buffers are released right after that call (`release_sent`). Half the
+            // completions of a relayed packet disappear.
+            self.udp_sent.push(idx);
+            opcode::SendMsg::new(types::Fd(self.udp_fd), &slot.msg)
+                .flags(libc::MSG_DONTWAIT as u32)
+                .build()
+                .flags(squeue::Flags::SKIP_SUCCESS)
+                .user_data(ud(K_UDP_SEND, 0, idx))
+        } else {
+            opcode::SendMsg::new(types::Fd(self.udp_fd), &slot.msg)
+                .build()
+                .user_data(ud(K_UDP_SEND, 0, idx))
+        };
         self.push(e);
+    }
+
+    /// After a submit: the UDP sends it carried are done; give back their slots and buffers.
+    fn release_sent(&mut self) {
+        for i in 0..self.udp_sent.len() {
+            let idx = self.udp_sent[i];
+            let slot = &self.slots[idx as usize];
+            let (segs, n) = (slot.segs, usize::from(slot.nsegs));
+            for s in &segs[..n] {
+                self.core.pool.release(s.buf);
+            }
+            self.free_slots.push(idx);
+        }
+        self.udp_sent.clear();
     }
 
     fn submit_tcp(&mut self, c: ConnId) {
