@@ -28,7 +28,7 @@ use crate::store::sqlite::SqliteStore;
 use crate::wire::control::{self as proto, ClientMsg, ServerMsg};
 
 /// Messages queued for one client; a client that does not read them is disconnected.
-const WRITE_QUEUE: usize = 256;
+const WRITE_QUEUE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -220,7 +220,8 @@ struct Server {
     overrides: Overrides,
     gateway: Gateway,
     shards: Shards,
-    writers: HashMap<ConnId, mpsc::Sender<ServerMsg>>,
+    /// Encoded frames for each connection's writer task.
+    writers: HashMap<ConnId, mpsc::Sender<Vec<u8>>>,
     probe: [Arc<UdpSocket>; 2],
     events: mpsc::Sender<Event>,
     next_conn: ConnId,
@@ -519,7 +520,8 @@ async fn conn_reader(
     mut rd: tokio::net::tcp::OwnedReadHalf,
     events: mpsc::Sender<Event>,
 ) {
-    let mut body = vec![0u8; proto::MAX_MESSAGE];
+    // Grows to the largest message this client sent (a few hundred bytes), not the limit.
+    let mut body = Vec::new();
     loop {
         let mut h = [0u8; 2];
         if rd.read_exact(&mut h).await.is_err() {
@@ -537,7 +539,8 @@ async fn conn_reader(
                 break;
             }
         };
-        if rd.read_exact(&mut body[..len]).await.is_err() {
+        body.resize(len, 0);
+        if rd.read_exact(&mut body).await.is_err() {
             break;
         }
         let input = match proto::decode::<ClientMsg>(&body[..len]) {
@@ -556,17 +559,11 @@ async fn conn_reader(
         .await;
 }
 
-async fn conn_writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<ServerMsg>) {
-    let mut buf = Vec::with_capacity(4096);
-    while let Some(msg) = rx.recv().await {
-        buf.clear();
-        if let Err(e) = proto::encode(&msg, &mut buf) {
-            tracing::error!("cannot encode a control message: {e}");
-            continue;
-        }
+async fn conn_writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(mut buf) = rx.recv().await {
         // Batch whatever else is already queued into the same write.
-        while let Ok(m) = rx.try_recv() {
-            let _ = proto::encode(&m, &mut buf);
+        while let Ok(more) = rx.try_recv() {
+            buf.extend_from_slice(&more);
         }
         if wr.write_all(&buf).await.is_err() {
             return;
@@ -640,7 +637,12 @@ impl Server {
                     if let ServerMsg::MediaReady { call } = &msg {
                         tracing::info!(conn, call, "media ready sent");
                     }
-                    if w.try_send(msg).is_err() {
+                    let mut frame = Vec::new();
+                    if let Err(e) = proto::encode(&msg, &mut frame) {
+                        tracing::error!(conn, "cannot encode a control message: {e}");
+                        continue;
+                    }
+                    if w.try_send(frame).is_err() {
                         // The client does not read its messages: it is gone for our purposes.
                         tracing::warn!(conn, "control connection not reading: closing it");
                         self.writers.remove(&conn);
