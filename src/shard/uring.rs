@@ -175,6 +175,11 @@ pub(crate) struct UringShard {
     skip_success: bool,
     /// Their slots, submitted this turn.
     udp_sent: Vec<u32>,
+    /// TCP sends in flight, and how many of them were already in flight before this turn.
+    tcp_inflight: usize,
+    tcp_blocked: usize,
+    /// A receive ring ran dry this turn.
+    starved: bool,
     tcp_sndbuf: i32,
     coalesce: Duration,
     min_wait: bool,
@@ -290,6 +295,9 @@ impl UringShard {
             tcp_deferred: Vec::new(),
             skip_success: ring.params().is_feature_skip_cqe_on_success(),
             udp_sent: Vec::with_capacity(nslots),
+            tcp_inflight: 0,
+            tcp_blocked: 0,
+            starved: false,
             tcp_sndbuf: i32::try_from(cfg.tcp_sndbuf).unwrap_or(i32::MAX),
             coalesce: cfg.coalesce,
             min_wait,
@@ -362,7 +370,10 @@ impl UringShard {
         self.arm_wake();
         loop {
             let now = sockets::realtime_ns();
+            self.starved = false;
             self.reap_completions(now);
+            // Sends still in flight now were submitted in an earlier turn: they are blocked.
+            self.tcp_blocked = self.tcp_inflight;
             if !self.core.turn(Backend::IoUring, now) {
                 break;
             }
@@ -391,7 +402,11 @@ impl UringShard {
         } else {
             ((self.core.rate * budget_us as f64 / 1e6) as usize).clamp(1, 256)
         };
-        let want = if self.cq_backlog { 1 } else { want };
+        // A busy or starved shard never waits: completions left over from the last turn, a
+        // receive ring that ran dry, or TCP sends stuck behind a full socket (their completion
+        // is the event that matters) all mean "take what is there and go on".
+        let pressed = self.cq_backlog || self.starved || self.tcp_blocked > 0;
+        let want = if pressed { 1 } else { want };
         let r = if budget_us > 0 && want > 1 && self.min_wait {
             let args = types::SubmitArgs::new()
                 .timespec(&idle)
@@ -453,6 +468,7 @@ impl UringShard {
         }
         if res < 0 {
             if -res == libc::ENOBUFS {
+                self.starved = true;
                 self.core.relay.counters.buf_ring_exhausted += 1;
             } else {
                 tracing::debug!(
@@ -555,6 +571,7 @@ impl UringShard {
                 self.tcp_rearm.push(c);
             }
         } else if res == -libc::ENOBUFS {
+            self.starved = true;
             self.core.relay.counters.buf_ring_exhausted += 1;
             self.tcp_rearm.push(c);
         } else {
@@ -572,6 +589,7 @@ impl UringShard {
         };
         if let Some(conn) = self.core.relay.conn_mut(c) {
             conn.send_inflight = false;
+            self.tcp_inflight -= 1;
         }
         if res >= 0 {
             self.core
@@ -751,6 +769,7 @@ impl UringShard {
             return;
         };
         conn.send_inflight = true;
+        self.tcp_inflight += 1;
         let fd = conn.fd.as_raw_fd();
         let msg = &mut self.tcp_msgs[self.tcp_msgs_used];
         // SAFETY: plain C struct.
