@@ -246,3 +246,78 @@ fn a_frozen_phone_is_dropped_by_presence_and_its_call_ends() {
     );
     drop(caller);
 }
+
+#[test]
+fn a_telephone_number_is_relayed_to_its_ip_voice_gateway() {
+    // The "IP voice gateway": echoes every RTP packet back to where it came from (the shard),
+    // as a telephone on the far side of it would if it repeated what it heard.
+    let pstn = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    pstn.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+    let pstn_addr = pstn.local_addr().unwrap();
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let mut n_echoed = 0u32;
+        while let Ok((n, from)) = pstn.recv_from(&mut buf) {
+            if pstn.send_to(&buf[..n], from).is_ok() {
+                n_echoed += 1;
+            }
+            if n_echoed >= 400 {
+                break;
+            }
+        }
+        n_echoed
+    });
+    let gw = Gateway::start(&[]);
+    let data = gw.dir.path().join("data");
+    let out = Command::new(common::BIN)
+        .args([
+            "route",
+            "add",
+            "+49",
+            &pstn_addr.to_string(),
+            "--description",
+            "echo",
+        ])
+        .args(["--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = gw.dir.path();
+    let a_in = test_clip(dir, "speech-8k.wav", "a-in.wav", 1.2);
+    let a_rec = dir.join("a-rec.wav");
+    let r = run_phone(
+        &gw,
+        "alice",
+        &[
+            "--call",
+            "+4930123456",
+            "--play",
+            a_in.to_str().unwrap(),
+            "--record",
+            a_rec.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.json, r.stderr);
+    assert_eq!(
+        r.json["transports"]["send"]["via_gateway"], true,
+        "{}",
+        r.json
+    );
+    assert_eq!(r.json["received"]["lost"], 0, "{}", r.json);
+    // What came back from the telephone side is what alice said.
+    let want = ulaw_round_trip_padded(&wav::read(&a_in).unwrap());
+    let got = wav::read(&a_rec).unwrap();
+    assert!(
+        got.len() >= want.len() && got[..want.len()] == want[..],
+        "echo differs"
+    );
+    drop(gw);
+    assert!(
+        echo.join().unwrap() >= 60,
+        "the IP voice gateway got the call's RTP"
+    );
+}
