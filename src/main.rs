@@ -384,7 +384,8 @@ fn user(c: UserCmd) -> Result<(), String> {
         }
         UserCmd::Import { file, store } => {
             let (mut st, cfg) = open_store(&store)?;
-            let csv = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let csv =
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
             let n = voxgate::loadgen::import_users(&mut st, &csv, cfg.auth.scram_iterations)?;
             println!("imported {n} subscribers");
         }

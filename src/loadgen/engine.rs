@@ -118,6 +118,8 @@ pub struct Outcome {
     pub relay_after: Option<ProcSample>,
     pub self_before: ProcSample,
     pub self_after: ProcSample,
+    /// Busy ticks of the relay's core at the start and end of the window.
+    pub relay_core_busy: Option<(u64, u64)>,
 }
 
 struct StreamTx {
@@ -199,11 +201,8 @@ impl Sender {
         let ok = if st.tcp {
             // Flush what a previous partial write left; if that does not go, drop.
             if !st.pending.is_empty() {
-                match write_fd(st.fd, &st.pending) {
-                    Some(n) => {
-                        st.pending.drain(..n);
-                    }
-                    None => {}
+                if let Some(n) = write_fd(st.fd, &st.pending) {
+                    st.pending.drain(..n);
                 }
             }
             if !st.pending.is_empty() {
@@ -237,14 +236,8 @@ impl Sender {
             let _ = packet::restamp(&mut st.template[st.hlen..], st.seq, now);
             st.seq += 1;
             // SAFETY: template is valid for flen bytes; the fd is a connected UDP socket.
-            let r = unsafe {
-                libc::send(
-                    st.fd,
-                    st.template.as_ptr().cast(),
-                    flen,
-                    libc::MSG_DONTWAIT,
-                )
-            };
+            let r =
+                unsafe { libc::send(st.fd, st.template.as_ptr().cast(), flen, libc::MSG_DONTWAIT) };
             usize::from(r > 0)
         } else {
             let mut iov: [libc::iovec; BATCH] = [libc::iovec {
@@ -365,7 +358,11 @@ impl Receiver {
             rx.push(RxState {
                 fd: r.fd,
                 tcp: r.tcp,
-                buf: if r.tcp { vec![0; TCP_RX_BUF] } else { Vec::new() },
+                buf: if r.tcp {
+                    vec![0; TCP_RX_BUF]
+                } else {
+                    Vec::new()
+                },
                 have: 0,
                 open: true,
             });
@@ -513,7 +510,14 @@ impl Drop for Receiver {
 
 fn write_fd(fd: RawFd, b: &[u8]) -> Option<usize> {
     // SAFETY: b is valid for b.len() bytes.
-    let r = unsafe { libc::send(fd, b.as_ptr().cast(), b.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    let r = unsafe {
+        libc::send(
+            fd,
+            b.as_ptr().cast(),
+            b.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
     if r >= 0 { Some(r as usize) } else { None }
 }
 
@@ -529,6 +533,8 @@ pub struct Placement {
     /// Cores for the sender and the receiver (the same one: a single combined thread).
     pub sender_core: Option<usize>,
     pub receiver_core: Option<usize>,
+    /// The relay's core, to see what else ran there.
+    pub relay_core: Option<usize>,
 }
 
 fn pin(core: Option<usize>) {
@@ -559,8 +565,10 @@ pub fn run_step(
     receiver.window = (w0, w1);
     let combined = placement.sender_core == placement.receiver_core;
 
+    let core_ticks = || placement.relay_core.and_then(procfs::cpu_busy_ticks);
+    let mut core_before = None;
     let sample_relay = || relay_pid.and_then(|p| procfs::sample(p).ok());
-    let (relay_before, relay_after, self_before, self_after, receiver) = if combined {
+    let (relay_before, relay_after, self_before, self_after, receiver, core_after) = if combined {
         pin(placement.sender_core);
         let mut relay_before = None;
         let mut self_before = ProcSample::default();
@@ -572,6 +580,7 @@ pub fn run_step(
             }
             if !started && now >= w0 {
                 started = true;
+                core_before = core_ticks();
                 relay_before = sample_relay();
                 self_before = procfs::sample(0).unwrap_or_default();
             }
@@ -581,11 +590,19 @@ pub fn run_step(
             receiver.poll(0);
         }
         let relay_after = sample_relay();
+        let core_after = core_ticks();
         let self_after = procfs::sample(0).unwrap_or_default();
         while mono_ns() < end {
             receiver.poll(1);
         }
-        (relay_before, relay_after, self_before, self_after, receiver)
+        (
+            relay_before,
+            relay_after,
+            self_before,
+            self_after,
+            receiver,
+            core_after,
+        )
     } else {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_rx = stop.clone();
@@ -607,6 +624,7 @@ pub fn run_step(
                 sender.pump(start, now);
             }
         }
+        core_before = core_ticks();
         let relay_before = sample_relay();
         let self_before = procfs::sample(0).unwrap_or_default();
         loop {
@@ -617,6 +635,7 @@ pub fn run_step(
             sender.pump(start, now);
         }
         let relay_after = sample_relay();
+        let core_after = core_ticks();
         let self_after = procfs::sample(0).unwrap_or_default();
         while mono_ns() < end {
             std::thread::sleep(Duration::from_millis(1));
@@ -625,7 +644,14 @@ pub fn run_step(
         let receiver = rx_thread
             .join()
             .map_err(|_| std::io::Error::other("the receiver thread panicked"))?;
-        (relay_before, relay_after, self_before, self_after, receiver)
+        (
+            relay_before,
+            relay_after,
+            self_before,
+            self_after,
+            receiver,
+            core_after,
+        )
     };
 
     let fanout = u64::from(plan.fanout.max(1));
@@ -636,10 +662,7 @@ pub fn run_step(
     for (key, t) in &receiver.flows {
         let stream = (*key & 0xffff_ffff) as u32;
         *per_stream_flows.entry(stream).or_default() += 1;
-        let sent = sender
-            .streams
-            .get(stream as usize)
-            .map_or(0, |s| s.sent);
+        let sent = sender.streams.get(stream as usize).map_or(0, |s| s.sent);
         flows.push((sent, t.unique.min(sent)));
         unique += t.unique.min(sent);
         dups += t.duplicates;
@@ -669,6 +692,7 @@ pub fn run_step(
         relay_after,
         self_before,
         self_after,
+        relay_core_busy: core_before.zip(core_after),
     })
 }
 
@@ -726,6 +750,6 @@ mod tests {
         assert_eq!(o.received_unique, o.sent);
         assert_eq!(o.duplicates, 0);
         assert_eq!(o.flows.len(), 3);
-        assert!(o.latency.len() > 0);
+        assert!(!o.latency.is_empty());
     }
 }

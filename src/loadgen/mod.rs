@@ -44,11 +44,9 @@ pub struct BenchArgs {
 #[derive(clap::Subcommand, Debug)]
 enum BenchCmd {
     /// Run load steps against one system and write one JSON (+ .hlog) per step.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CSV (user,number,password) of N bench subscribers for `voxgate user import`.
-    Users {
-        count: usize,
-    },
+    Users { count: usize },
     /// Assemble DIR/report.md (and the plot) from the step results in DIR.
     Report {
         dir: PathBuf,
@@ -84,6 +82,7 @@ impl System {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(args_override_self = true)]
 struct RunArgs {
     #[arg(long, value_enum)]
     system: System,
@@ -136,6 +135,9 @@ struct RunArgs {
     /// Cores for the sender and receiver (one number: one combined thread).
     #[arg(long, value_delimiter = ',')]
     cores: Vec<usize>,
+    /// The relay's core: what else ran there during the window is reported.
+    #[arg(long)]
+    relay_core: Option<usize>,
     #[arg(long)]
     out: PathBuf,
 }
@@ -199,6 +201,10 @@ pub struct StepResult {
     /// Relay CPU over the window, in cores.
     pub relay_cpu_cores: Option<f64>,
     pub loadgen_cpu_cores: f64,
+    /// Busy time of the relay's core not spent by the relay, in cores (other processes on a
+    /// shared machine, interrupts): large values mean the numbers are disturbed.
+    #[serde(default)]
+    pub relay_core_other: Option<f64>,
     pub latency_us: Latency,
     pub rss_idle_kib: Option<u64>,
     pub rss_loaded_kib: Option<u64>,
@@ -364,7 +370,8 @@ fn build_rig(a: &RunArgs, streams: usize, directions: Directions) -> Result<Rig,
                 let peer_addr = peer.local_addr().map_err(|e| e.to_string())?;
                 let tcp = a.system == System::CoturnTcp;
                 let mut ctl = if tcp {
-                    let s = TcpStream::connect(target).map_err(|e| format!("coturn {target}: {e}"))?;
+                    let s =
+                        TcpStream::connect(target).map_err(|e| format!("coturn {target}: {e}"))?;
                     s.set_nodelay(true).map_err(|e| e.to_string())?;
                     turn::Control::Tcp(s)
                 } else {
@@ -382,7 +389,8 @@ fn build_rig(a: &RunArgs, streams: usize, directions: Directions) -> Result<Rig,
                 )
                 .map_err(|e| format!("TURN allocation {i}: {e}"))?;
                 peer.set_nonblocking(true).map_err(|e| e.to_string())?;
-                let header = turn::channel_data_header(alloc.channel, packet::PACKET_LEN as u16).to_vec();
+                let header =
+                    turn::channel_data_header(alloc.channel, packet::PACKET_LEN as u16).to_vec();
                 let (fd, padding): (OwnedFd, usize) = match ctl {
                     turn::Control::Tcp(s) => {
                         s.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -458,18 +466,29 @@ fn summarize(cx: &Ctx<'_>, step_name: &str, step: &Step, o: &Outcome) -> StepRes
             let ns = e.schedstat_ns.saturating_sub(b.schedstat_ns) as f64;
             let st = e.stat_ticks.saturating_sub(b.stat_ticks) as f64 / ticks * 1e9;
             let n = o.received_in_window as f64;
-            (Some(ns / n / 1000.0), Some(st / n / 1000.0), Some(ns / 1e9 / win))
+            (
+                Some(ns / n / 1000.0),
+                Some(st / n / 1000.0),
+                Some(ns / 1e9 / win),
+            )
         }
         _ => (None, None, None),
     };
-    let self_cores =
-        o.self_after.schedstat_ns.saturating_sub(o.self_before.schedstat_ns) as f64 / 1e9 / win;
+    let self_cores = o
+        .self_after
+        .schedstat_ns
+        .saturating_sub(o.self_before.schedstat_ns) as f64
+        / 1e9
+        / win;
     let fanout = u64::from(cx.rig.plan.fanout.max(1));
     let expected = o.sent * fanout;
     let (fmin, fmax, starved) = seq::fairness(&o.flows);
     let calls = cx.rig.calls;
     let mem = match (cx.rss_idle, cx.rss_loaded) {
-        (Some(i), Some(l)) if calls > 0 => Some(l.saturating_sub(i) as f64 * 1000.0 / calls as f64),
+        // Below 100 calls the difference is noise (allocator pages, one-off buffers).
+        (Some(i), Some(l)) if calls >= 100 => {
+            Some(l.saturating_sub(i) as f64 * 1000.0 / calls as f64)
+        }
         _ => None,
     };
     StepResult {
@@ -490,7 +509,11 @@ fn summarize(cx: &Ctx<'_>, step_name: &str, step: &Step, o: &Outcome) -> StepRes
         plan: cx.rig.plan_text.clone(),
         step: step_name.into(),
         pacing: step.pacing.name().into(),
-        rate_target: if step.pacing == Pacing::Flood { 0.0 } else { step.rate },
+        rate_target: if step.pacing == Pacing::Flood {
+            0.0
+        } else {
+            step.rate
+        },
         window_s: win,
         sent: o.sent,
         send_dropped: o.send_dropped,
@@ -511,6 +534,10 @@ fn summarize(cx: &Ctx<'_>, step_name: &str, step: &Step, o: &Outcome) -> StepRes
         cpu_us_per_pkt_stat: cpu_stat,
         relay_cpu_cores: cores,
         loadgen_cpu_cores: self_cores,
+        relay_core_other: o.relay_core_busy.map(|(b, e)| {
+            let busy = e.saturating_sub(b) as f64 / ticks / win;
+            (busy - cores.unwrap_or(0.0)).max(0.0)
+        }),
         latency_us: latency_of(&o.latency),
         rss_idle_kib: cx.rss_idle,
         rss_loaded_kib: cx.rss_loaded,
@@ -522,12 +549,20 @@ fn summarize(cx: &Ctx<'_>, step_name: &str, step: &Step, o: &Outcome) -> StepRes
     }
 }
 
-fn write_result(out: &Path, r: &mut StepResult, h: &hdrhistogram::Histogram<u64>) -> Result<(), String> {
+fn write_result(
+    out: &Path,
+    r: &mut StepResult,
+    h: &hdrhistogram::Histogram<u64>,
+) -> Result<(), String> {
     let stem = format!(
         "{}__{}__{}s__{}",
         r.label,
         r.scenario,
-        if r.scenario == "room" { r.fanout as usize } else { r.streams },
+        if r.scenario == "room" {
+            r.fanout as usize
+        } else {
+            r.streams
+        },
         r.step
     )
     .replace([':', '/', ' '], "_");
@@ -537,7 +572,9 @@ fn write_result(out: &Path, r: &mut StepResult, h: &hdrhistogram::Histogram<u64>
         let mut ser = hdrhistogram::serialization::V2DeflateSerializer::new();
         let mut w = hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder::new()
             .with_max_value_divisor(1000.0)
-            .add_comment(&format!("voxgate bench: {stem}, one-way latency in ns (max column in µs)"))
+            .add_comment(&format!(
+                "voxgate bench: {stem}, one-way latency in ns (max column in µs)"
+            ))
             .begin_log_with(&mut buf, &mut ser)
             .map_err(|e| e.to_string())?;
         w.write_histogram(
@@ -609,7 +646,11 @@ fn run_steps(a: &RunArgs) -> Result<(), String> {
             },
         ),
     };
-    let rss = || a.relay_pid.and_then(|p| procfs::sample(p).ok()).map(|s| s.rss_kib);
+    let rss = || {
+        a.relay_pid
+            .and_then(|p| procfs::sample(p).ok())
+            .map(|s| s.rss_kib)
+    };
     let rss_idle = rss();
     let t = std::time::Instant::now();
     let rig = build_rig(a, streams, directions)?;
@@ -628,17 +669,20 @@ fn run_steps(a: &RunArgs) -> Result<(), String> {
     // Let the relay settle (bindings, first packets) before measuring memory.
     std::thread::sleep(Duration::from_millis(300));
     let rss_loaded = rss();
-    let placement = match a.cores.as_slice() {
+    let mut placement = match a.cores.as_slice() {
         [] => Placement::default(),
         [c] => Placement {
             sender_core: Some(*c),
             receiver_core: Some(*c),
+            relay_core: None,
         },
         [s, r, ..] => Placement {
             sender_core: Some(*s),
             receiver_core: Some(*r),
+            relay_core: None,
         },
     };
+    placement.relay_core = a.relay_core;
     let cx = Ctx {
         a,
         label: a.label.clone().unwrap_or_else(|| a.system.name().into()),
@@ -777,7 +821,10 @@ pub fn import_users(
         crate::store::validate_user(user).map_err(|e| format!("line {}: {e}", i + 1))?;
         crate::store::validate_number(number).map_err(|e| format!("line {}: {e}", i + 1))?;
         if pw.chars().count() < 8 {
-            return Err(format!("line {}: the password must have at least 8 characters", i + 1));
+            return Err(format!(
+                "line {}: the password must have at least 8 characters",
+                i + 1
+            ));
         }
         let verifier = crate::control::auth::Verifier::new(pw, iterations, &mut rng);
         let sub = crate::store::Subscriber {
@@ -806,7 +853,12 @@ mod tests {
         assert_eq!(s.len(), 5);
         assert_eq!(s[0].1, Some(Pacing::Smooth));
         assert_eq!(s[0].2, 20_000.0);
-        assert!(matches!(s[1].1, Some(Pacing::Burst { period_ns: 1_000_000 })));
+        assert!(matches!(
+            s[1].1,
+            Some(Pacing::Burst {
+                period_ns: 1_000_000
+            })
+        ));
         assert_eq!(s[2].1, Some(Pacing::Flood));
         assert!(parse_steps("smooth").is_err());
         assert!(parse_steps("jitter:5").is_err());

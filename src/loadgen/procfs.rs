@@ -40,6 +40,31 @@ pub fn parse_vmrss_kib(text: &str) -> Option<u64> {
         .ok()
 }
 
+/// Busy and total ticks of CPU `cpu` from `/proc/stat` (busy: everything but idle and
+/// iowait).
+pub fn parse_cpu_ticks(text: &str, cpu: usize) -> Option<(u64, u64)> {
+    let name = format!("cpu{cpu}");
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 5 {
+        return None;
+    }
+    let total: u64 = v.iter().sum();
+    Some((total - v[3] - v[4], total))
+}
+
+/// Busy ticks of CPU `cpu` now.
+pub fn cpu_busy_ticks(cpu: usize) -> Option<u64> {
+    parse_cpu_ticks(&std::fs::read_to_string("/proc/stat").ok()?, cpu).map(|(b, _)| b)
+}
+
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
 pub fn clock_ticks() -> u64 {
     // SAFETY: sysconf has no memory effects.
@@ -81,6 +106,11 @@ mod tests {
         let status = "Name:\tvoxgate\nVmPeak:\t  9000 kB\nVmRSS:\t   5120 kB\nThreads:\t3\n";
         assert_eq!(parse_vmrss_kib(status), Some(5120));
         assert_eq!(parse_vmrss_kib("Name: x\n"), None);
+        let stat =
+            "cpu  10 0 10 100 5 0 0 0 0 0\ncpu0 4 1 3 50 2 1 1 0 0 0\ncpu1 6 0 7 50 3 0 0 0\n";
+        assert_eq!(parse_cpu_ticks(stat, 0), Some((10, 62)));
+        assert_eq!(parse_cpu_ticks(stat, 1), Some((13, 66)));
+        assert_eq!(parse_cpu_ticks(stat, 2), None);
     }
 
     #[test]

@@ -328,12 +328,10 @@ async fn all_calls(
         let server = server.to_owned();
         set.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let r = tokio::time::timeout(
-                CALL_TIMEOUT,
-                one_call(&server, scenario, user_base + 2 * c),
-            )
-            .await
-            .unwrap_or_else(|_| Err("timed out".into()));
+            let r =
+                tokio::time::timeout(CALL_TIMEOUT, one_call(&server, scenario, user_base + 2 * c))
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()));
             (c, r)
         });
     }
@@ -348,7 +346,11 @@ async fn all_calls(
     Ok(ups.into_iter().flatten().collect())
 }
 
-async fn login(server: &str, i: usize, fw: Firewall) -> Result<(Phone, mpsc::Receiver<Event>), String> {
+async fn login(
+    server: &str,
+    i: usize,
+    fw: Firewall,
+) -> Result<(Phone, mpsc::Receiver<Event>), String> {
     let (u, _, pw) = user(i);
     let opts = PhoneOptions {
         firewall: fw,
@@ -382,10 +384,15 @@ async fn wait_event(
     }
 }
 
-async fn wait_media(ev: &mut mpsc::Receiver<Event>, call: Option<CallId>) -> Result<MediaInstructions, String> {
-    match wait_event(ev, "media", |e| {
-        matches!(e, Event::Media(m) if call.is_none_or(|c| m.call == c))
-    })
+async fn wait_media(
+    ev: &mut mpsc::Receiver<Event>,
+    call: Option<CallId>,
+) -> Result<MediaInstructions, String> {
+    match wait_event(
+        ev,
+        "media",
+        |e| matches!(e, Event::Media(m) if call.is_none_or(|c| m.call == c)),
+    )
     .await?
     {
         Event::Media(m) => Ok(m),
@@ -397,14 +404,24 @@ async fn one_call(server: &str, scenario: Scenario, first_user: usize) -> Result
     let (fw_a, fw_b) = scenario.firewalls();
     let (a, mut ev_a) = login(server, first_user, fw_a).await?;
     let (b, mut ev_b) = login(server, first_user + 1, fw_b).await?;
-    let sock_a = UdpSocket::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-    let sock_b = UdpSocket::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let sock_a = UdpSocket::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let sock_b = UdpSocket::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
     let (_, number_b, _) = user(first_user + 1);
     let call = a
-        .dial(&number_b, a.media_address(&sock_a).map_err(|e| e.to_string())?)
+        .dial(
+            &number_b,
+            a.media_address(&sock_a).map_err(|e| e.to_string())?,
+        )
         .await
         .map_err(|e| format!("dial: {e}"))?;
-    let incoming = wait_event(&mut ev_b, "incoming", |e| matches!(e, Event::Incoming { .. })).await?;
+    let incoming = wait_event(&mut ev_b, "incoming", |e| {
+        matches!(e, Event::Incoming { .. })
+    })
+    .await?;
     let Event::Incoming { call: call_b, .. } = incoming else {
         return Err("unreachable".into());
     };
@@ -433,10 +450,15 @@ async fn room(server: &str, listeners: usize, user_base: usize) -> Result<Up, St
     for i in 0..listeners {
         ls.push(login(server, user_base + 1 + i, fw).await?);
     }
-    let sock_s = UdpSocket::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let sock_s = UdpSocket::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
     let numbers: Vec<String> = (0..listeners).map(|i| user(user_base + 1 + i).1).collect();
     let call = s
-        .conference(&numbers, s.media_address(&sock_s).map_err(|e| e.to_string())?)
+        .conference(
+            &numbers,
+            s.media_address(&sock_s).map_err(|e| e.to_string())?,
+        )
         .await
         .map_err(|e| format!("conference: {e}"))?;
     let mut legs = Vec::new();
@@ -446,7 +468,9 @@ async fn room(server: &str, listeners: usize, user_base: usize) -> Result<Up, St
         let Event::Incoming { call: c, .. } = incoming else {
             return Err("unreachable".into());
         };
-        let sock = UdpSocket::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+        let sock = UdpSocket::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
         p.accept(c, p.media_address(&sock).map_err(|e| e.to_string())?)
             .await
             .map_err(|e| format!("accept: {e}"))?;
@@ -469,12 +493,16 @@ async fn room(server: &str, listeners: usize, user_base: usize) -> Result<Up, St
 
 /// Binds the leg of `m` from `sock` (UDP) and/or a new TCP connection, as the plan says.
 async fn bind_leg(p: &Phone, sock: UdpSocket, m: &MediaInstructions) -> Result<Leg, String> {
-    let leg = m.leg.as_deref().ok_or("the instructions name no leg: not via the gateway")?;
+    let leg = m
+        .leg
+        .as_deref()
+        .ok_or("the instructions name no leg: not via the gateway")?;
     let key = control::leg_key(p.session_key(), leg);
     let udp_via = (m.send.transport == Transport::Udp && m.send.via_gateway)
         || (m.recv.transport == Transport::Udp && m.recv.via_gateway);
     let tcp = m.send.transport == Transport::Tcp || m.recv.transport == Transport::Tcp;
-    if !m.send.via_gateway && m.send.to.is_some() && m.send.transport == Transport::Udp && !udp_via {
+    if !m.send.via_gateway && m.send.to.is_some() && m.send.transport == Transport::Udp && !udp_via
+    {
         return Err("the plan is direct UDP, not via the gateway".into());
     }
     let mut udp_fd = None;
@@ -486,7 +514,9 @@ async fn bind_leg(p: &Phone, sock: UdpSocket, m: &MediaInstructions) -> Result<L
         for _ in 0..50 {
             let txid = binding::new_txid();
             let n = binding::request(&mut req, leg, &key, &txid).map_err(|e| e.to_string())?;
-            sock.send_to(&req[..n], gw).await.map_err(|e| e.to_string())?;
+            sock.send_to(&req[..n], gw)
+                .await
+                .map_err(|e| e.to_string())?;
             if let Ok(Ok((len, from))) =
                 tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf)).await
                 && from == gw
@@ -511,14 +541,18 @@ async fn bind_leg(p: &Phone, sock: UdpSocket, m: &MediaInstructions) -> Result<L
     let mut tcp_fd = None;
     if tcp {
         let gw: SocketAddr = m.gateway_tcp.ok_or("no gateway TCP address")?;
-        let mut s = TcpStream::connect(gw).await.map_err(|e| format!("TCP {gw}: {e}"))?;
+        let mut s = TcpStream::connect(gw)
+            .await
+            .map_err(|e| format!("TCP {gw}: {e}"))?;
         s.set_nodelay(true).map_err(|e| e.to_string())?;
         let txid = binding::new_txid();
         let mut req = [0u8; 512];
         let n = binding::request(&mut req[2..], leg, &key, &txid).map_err(|e| e.to_string())?;
         let h = framing::header(n).map_err(|e| e.to_string())?;
         req[..2].copy_from_slice(&h);
-        s.write_all(&req[..n + 2]).await.map_err(|e| e.to_string())?;
+        s.write_all(&req[..n + 2])
+            .await
+            .map_err(|e| e.to_string())?;
         let mut lenb = [0u8; 2];
         tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut lenb))
             .await

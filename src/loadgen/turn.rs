@@ -83,7 +83,8 @@ fn finish_auth(w: &mut Writer<'_>, auth: Option<&Auth>) -> Result<(), stun::Stun
 
 /// Allocate request for a UDP relay; without `auth` it draws the 401 challenge.
 pub fn allocate(buf: &mut [u8], txid: &[u8; 12], auth: Option<&Auth>) -> Result<usize, TurnError> {
-    let mut w = Writer::new(buf, Class::Request, stun::ALLOCATE, txid).map_err(TurnError::Encode)?;
+    let mut w =
+        Writer::new(buf, Class::Request, stun::ALLOCATE, txid).map_err(TurnError::Encode)?;
     w.attr(attr::REQUESTED_TRANSPORT, &[TRANSPORT_UDP, 0, 0, 0])
         .map_err(TurnError::Encode)?;
     finish_auth(&mut w, auth).map_err(TurnError::Encode)?;
@@ -111,8 +112,8 @@ pub fn channel_bind(
     peer: SocketAddr,
     auth: &Auth,
 ) -> Result<usize, TurnError> {
-    let mut w = Writer::new(buf, Class::Request, stun::CHANNEL_BIND, txid)
-        .map_err(TurnError::Encode)?;
+    let mut w =
+        Writer::new(buf, Class::Request, stun::CHANNEL_BIND, txid).map_err(TurnError::Encode)?;
     let [c0, c1] = channel.to_be_bytes();
     w.attr(attr::CHANNEL_NUMBER, &[c0, c1, 0, 0])
         .map_err(TurnError::Encode)?;
@@ -183,7 +184,12 @@ pub enum Control {
 }
 
 impl Control {
-    fn exchange(&mut self, req: &[u8], txid: &[u8; 12], deadline: Instant) -> Result<Vec<u8>, TurnError> {
+    fn exchange(
+        &mut self,
+        req: &[u8],
+        txid: &[u8; 12],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, TurnError> {
         match self {
             Control::Udp(s) => {
                 let mut buf = [0u8; 1500];
@@ -197,7 +203,9 @@ impl Control {
                         s.send(req)?;
                         next_send = now + Duration::from_millis(200);
                     }
-                    s.set_read_timeout(Some((next_send.min(deadline) - now).max(Duration::from_millis(1))))?;
+                    s.set_read_timeout(Some(
+                        (next_send.min(deadline) - now).max(Duration::from_millis(1)),
+                    ))?;
                     match s.recv(&mut buf) {
                         Ok(n) => {
                             let b = &buf[..n];
@@ -205,14 +213,22 @@ impl Control {
                                 return Ok(b.to_vec());
                             }
                         }
-                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
                         Err(e) => return Err(e.into()),
                     }
                 }
             }
             Control::Tcp(s) => {
                 s.write_all(req)?;
-                s.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))?;
+                s.set_read_timeout(Some(
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                ))?;
                 let mut head = [0u8; stun::HEADER_LEN];
                 s.read_exact(&mut head)?;
                 let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
@@ -268,13 +284,19 @@ pub fn setup_allocation(
     let txid: [u8; 12] = rand::random();
     let n = create_permission(&mut buf, &txid, peer, &auth)?;
     let ans = ctl.exchange(&buf[..n], &txid, deadline)?;
-    if !matches!(parse_answer(&ans, &txid, Some(&auth))?, Answer::Success { .. }) {
+    if !matches!(
+        parse_answer(&ans, &txid, Some(&auth))?,
+        Answer::Success { .. }
+    ) {
         return Err(TurnError::Missing("a CreatePermission success"));
     }
     let txid: [u8; 12] = rand::random();
     let n = channel_bind(&mut buf, &txid, channel, peer, &auth)?;
     let ans = ctl.exchange(&buf[..n], &txid, deadline)?;
-    if !matches!(parse_answer(&ans, &txid, Some(&auth))?, Answer::Success { .. }) {
+    if !matches!(
+        parse_answer(&ans, &txid, Some(&auth))?,
+        Answer::Success { .. }
+    ) {
         return Err(TurnError::Missing("a ChannelBind success"));
     }
     Ok(Allocation { relayed, channel })
@@ -335,8 +357,7 @@ mod tests {
     fn answers_parse() {
         // 401 with REALM and NONCE, written by hand.
         let mut b = vec![
-            0x01, 0x13, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-            12,
+            0x01, 0x13, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
         ];
         b.extend_from_slice(&[0x00, 0x09, 0x00, 0x10, 0, 0, 4, 1]);
         b.extend_from_slice(b"Unauthorized");
