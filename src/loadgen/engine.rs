@@ -120,6 +120,8 @@ pub struct Outcome {
     pub self_after: ProcSample,
     /// Busy ticks of the relay's core at the start and end of the window.
     pub relay_core_busy: Option<(u64, u64)>,
+    /// The same for the load generator's (sender's) core.
+    pub load_core_busy: Option<(u64, u64)>,
 }
 
 struct StreamTx {
@@ -565,8 +567,13 @@ pub fn run_step(
     receiver.window = (w0, w1);
     let combined = placement.sender_core == placement.receiver_core;
 
-    let core_ticks = || placement.relay_core.and_then(procfs::cpu_busy_ticks);
-    let mut core_before = None;
+    let core_ticks = || {
+        (
+            placement.relay_core.and_then(procfs::cpu_busy_ticks),
+            placement.sender_core.and_then(procfs::cpu_busy_ticks),
+        )
+    };
+    let mut core_before = (None, None);
     let sample_relay = || relay_pid.and_then(|p| procfs::sample(p).ok());
     let (relay_before, relay_after, self_before, self_after, receiver, core_after) = if combined {
         pin(placement.sender_core);
@@ -692,7 +699,8 @@ pub fn run_step(
         relay_after,
         self_before,
         self_after,
-        relay_core_busy: core_before.zip(core_after),
+        relay_core_busy: core_before.0.zip(core_after.0),
+        load_core_busy: core_before.1.zip(core_after.1),
     })
 }
 

@@ -205,6 +205,9 @@ pub struct StepResult {
     /// shared machine, interrupts): large values mean the numbers are disturbed.
     #[serde(default)]
     pub relay_core_other: Option<f64>,
+    /// The same on the load generator's core (busy time not spent by the load generator).
+    #[serde(default)]
+    pub load_core_other: Option<f64>,
     pub latency_us: Latency,
     pub rss_idle_kib: Option<u64>,
     pub rss_loaded_kib: Option<u64>,
@@ -538,6 +541,10 @@ fn summarize(cx: &Ctx<'_>, step_name: &str, step: &Step, o: &Outcome) -> StepRes
             let busy = e.saturating_sub(b) as f64 / ticks / win;
             (busy - cores.unwrap_or(0.0)).max(0.0)
         }),
+        load_core_other: o.load_core_busy.map(|(b, e)| {
+            let busy = e.saturating_sub(b) as f64 / ticks / win;
+            (busy - self_cores).max(0.0)
+        }),
         latency_us: latency_of(&o.latency),
         rss_idle_kib: cx.rss_idle,
         rss_loaded_kib: cx.rss_loaded,
@@ -555,7 +562,7 @@ fn write_result(
     h: &hdrhistogram::Histogram<u64>,
 ) -> Result<(), String> {
     let stem = format!(
-        "{}__{}__{}s__{}",
+        "{}__{}__{}str__{}",
         r.label,
         r.scenario,
         if r.scenario == "room" {
@@ -726,10 +733,44 @@ fn run_steps(a: &RunArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Busy time of other processes on the relay's or the load generator's core above which a
+/// step counts as disturbed (the machine is shared) and is run again.
+const DISTURBED: f64 = 0.15;
+/// Runs of a disturbed step, at most.
+const ATTEMPTS: usize = 3;
+
+fn disturbance(r: &StepResult) -> f64 {
+    r.relay_core_other
+        .unwrap_or(0.0)
+        .max(r.load_core_other.unwrap_or(0.0))
+}
+
+/// Runs `step`, again (up to [`ATTEMPTS`] times) while other processes took more than
+/// [`DISTURBED`] of a core from the relay or the load generator; keeps the least disturbed run.
+fn measure(cx: &Ctx<'_>, name: &str, step: &Step) -> Result<(StepResult, Outcome), String> {
+    let mut best: Option<(StepResult, Outcome)> = None;
+    for attempt in 1..=ATTEMPTS {
+        let o = engine::run_step(&cx.rig.plan, step, cx.a.relay_pid, &cx.placement)
+            .map_err(|e| e.to_string())?;
+        let r = summarize(cx, name, step, &o);
+        let d = disturbance(&r);
+        if best.as_ref().is_none_or(|(b, _)| d < disturbance(b)) {
+            best = Some((r, o));
+        }
+        if d <= DISTURBED {
+            break;
+        }
+        if attempt < ATTEMPTS {
+            eprintln!(
+                "  {name}: disturbed (other processes used {d:.2} of a core on the relay's or the load generator's core): again"
+            );
+        }
+    }
+    best.ok_or_else(|| "no run".to_string())
+}
+
 fn one(cx: &Ctx<'_>, name: &str, step: &Step) -> Result<StepResult, String> {
-    let o = engine::run_step(&cx.rig.plan, step, cx.a.relay_pid, &cx.placement)
-        .map_err(|e| e.to_string())?;
-    let mut r = summarize(cx, name, step, &o);
+    let (mut r, o) = measure(cx, name, step)?;
     write_result(&cx.a.out, &mut r, &o.latency)?;
     Ok(r)
 }
@@ -748,9 +789,7 @@ fn ramp(cx: &Ctx<'_>, step_len: Duration, start: f64) -> Result<(), String> {
             measure: step_len,
             drain: Duration::from_millis(200),
         };
-        let o = engine::run_step(&cx.rig.plan, &step, cx.a.relay_pid, &cx.placement)
-            .map_err(|e| e.to_string())?;
-        let r = summarize(cx, "ramp", &step, &o);
+        let (r, _) = measure(cx, "ramp", &step)?;
         let attempted = (r.sent + r.send_dropped + r.sender_skipped).max(1);
         let passed = r.loss < 0.01
             && (r.send_dropped + r.sender_skipped) as f64 / (attempted as f64) < 0.01
@@ -790,9 +829,7 @@ fn ramp(cx: &Ctx<'_>, step_len: Duration, start: f64) -> Result<(), String> {
             measure: Duration::from_secs_f64(cx.a.duration.max(0.5)),
             drain: Duration::from_millis(300),
         };
-        let o = engine::run_step(&cx.rig.plan, &step, cx.a.relay_pid, &cx.placement)
-            .map_err(|e| e.to_string())?;
-        let mut res = summarize(cx, name, &step, &o);
+        let (mut res, o) = measure(cx, name, &step)?;
         res.ramp = trail.clone();
         write_result(&cx.a.out, &mut res, &o.latency)?;
     }

@@ -194,7 +194,7 @@ pub fn render(
     let _ = writeln!(s, "## Results\n");
     let _ = writeln!(
         s,
-        "| scenario | streams | step | system | rate pps | CPU µs/pkt | (stat) | p50 µs | p99 µs | p99.9 µs | loss % | worst flow delivered | mem KiB/1000 calls | vs coturn | vs fwd | other load on relay core |"
+        "| scenario | streams | step | system | rate pps | CPU µs/pkt | (stat) | p50 µs | p99 µs | p99.9 µs | loss % | worst flow delivered | mem KiB/1000 calls | vs coturn | vs fwd | other load relay/load core |"
     );
     let _ = writeln!(
         s,
@@ -249,7 +249,10 @@ pub fn render(
                 f(r.mem_kib_per_1000_calls, 0),
                 f(vs_coturn, 2),
                 f(vs_fwd, 2),
-                f(r.relay_core_other, 2),
+                match (r.relay_core_other, r.load_core_other) {
+                    (None, None) => "–".to_string(),
+                    (a, b) => format!("{}/{}", f(a, 2), f(b, 2)),
+                },
             );
         }
     }
@@ -551,6 +554,7 @@ mod tests {
             relay_cpu_cores: Some(cpu * 0.02),
             loadgen_cpu_cores: 0.5,
             relay_core_other: Some(0.01),
+            load_core_other: Some(0.0),
             latency_us: Latency {
                 count: 20_000,
                 p50: p99 / 2.0,
