@@ -368,29 +368,40 @@ fn build_rig(a: &RunArgs, streams: usize, directions: Directions) -> Result<Rig,
                 .split_once(':')
                 .ok_or("--turn-user is USER:PASSWORD")?;
             for i in 0..streams {
-                let peer = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-                big_buffers(&peer);
-                let peer_addr = peer.local_addr().map_err(|e| e.to_string())?;
                 let tcp = a.system == System::CoturnTcp;
-                let mut ctl = if tcp {
-                    let s =
-                        TcpStream::connect(target).map_err(|e| format!("coturn {target}: {e}"))?;
-                    s.set_nodelay(true).map_err(|e| e.to_string())?;
-                    turn::Control::Tcp(s)
-                } else {
-                    let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-                    s.connect(target).map_err(|e| e.to_string())?;
-                    turn::Control::Udp(s)
+                // A fresh local port can still have an allocation on coturn from an earlier
+                // run (437 Allocation Mismatch until it expires): try another port.
+                let mut attempt = 0;
+                let (peer, ctl, alloc) = loop {
+                    attempt += 1;
+                    let peer = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+                    big_buffers(&peer);
+                    let peer_addr = peer.local_addr().map_err(|e| e.to_string())?;
+                    let mut ctl = if tcp {
+                        let s = TcpStream::connect(target)
+                            .map_err(|e| format!("coturn {target}: {e}"))?;
+                        s.set_nodelay(true).map_err(|e| e.to_string())?;
+                        turn::Control::Tcp(s)
+                    } else {
+                        let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+                        s.connect(target).map_err(|e| e.to_string())?;
+                        turn::Control::Udp(s)
+                    };
+                    match turn::setup_allocation(
+                        &mut ctl,
+                        user,
+                        pw,
+                        peer_addr,
+                        turn::FIRST_CHANNEL,
+                        Duration::from_secs(5),
+                    ) {
+                        Ok(alloc) => break (peer, ctl, alloc),
+                        Err(turn::TurnError::Refused { code: 437, .. }) if attempt < 8 => {
+                            continue;
+                        }
+                        Err(e) => return Err(format!("TURN allocation {i}: {e}")),
+                    }
                 };
-                let alloc = turn::setup_allocation(
-                    &mut ctl,
-                    user,
-                    pw,
-                    peer_addr,
-                    turn::FIRST_CHANNEL,
-                    Duration::from_secs(5),
-                )
-                .map_err(|e| format!("TURN allocation {i}: {e}"))?;
                 peer.set_nonblocking(true).map_err(|e| e.to_string())?;
                 let header =
                     turn::channel_data_header(alloc.channel, packet::PACKET_LEN as u16).to_vec();
