@@ -41,6 +41,12 @@ const MAX_CATCH_UP: u64 = 4096;
 const TCP_RX_BUF: usize = 64 * 1024;
 /// Flows tracked at most (bounded memory whatever arrives).
 const MAX_FLOWS: usize = 200_000;
+/// The relay counts as drained after this long without a packet.
+const QUIET_NS: u64 = 200_000_000;
+/// Longest extra drain.
+const MAX_DRAIN_NS: u64 = 10_000_000_000;
+/// How long after the drain a cut-off TCP frame may take to be written out.
+const FLUSH_NS: u64 = 2_000_000_000;
 /// Largest framing header (ChannelData: 4 bytes).
 const MAX_HEADER: usize = 4;
 const SLOT: usize = MAX_HEADER + PACKET_LEN + 4;
@@ -272,6 +278,19 @@ impl Sender {
         self.send_dropped += (count - ok) as u64;
     }
 
+    /// Tries once to write what partial TCP writes left; true when nothing is left. A frame
+    /// must never be cut off: the next step writes on the same connection.
+    fn flush_pending(&mut self) -> bool {
+        let mut done = true;
+        for st in self.streams.iter_mut().filter(|s| !s.pending.is_empty()) {
+            if let Some(n) = write_fd(st.fd, &st.pending) {
+                st.pending.drain(..n);
+            }
+            done &= st.pending.is_empty();
+        }
+        done
+    }
+
     /// Sends what is due at `now` (`start`: the schedule's time 0).
     fn pump(&mut self, start: u64, now: u64) {
         let n_streams = self.streams.len();
@@ -334,6 +353,8 @@ struct Receiver {
     window: (u64, u64),
     in_window: u64,
     foreign: u64,
+    /// When the last packet arrived (for draining until the relay is quiet).
+    last_rx: u64,
     bufs: Vec<[u8; 2048]>,
 }
 
@@ -377,11 +398,13 @@ impl Receiver {
             window: (0, 0),
             in_window: 0,
             foreign: 0,
+            last_rx: 0,
             bufs: vec![[0u8; 2048]; BATCH],
         })
     }
 
     fn on_packet(&mut self, rx: usize, b: &[u8], now: u64) {
+        self.last_rx = now;
         let Some(st) = packet::read(b) else {
             self.foreign += 1;
             return;
@@ -599,7 +622,17 @@ pub fn run_step(
         let relay_after = sample_relay();
         let core_after = core_ticks();
         let self_after = procfs::sample(0).unwrap_or_default();
-        while mono_ns() < end {
+        let flush_until = end + FLUSH_NS;
+        while !sender.flush_pending() && mono_ns() < flush_until {
+            receiver.poll(0);
+        }
+        // Drain until the relay has been quiet for QUIET_NS (queues emptied: the next step
+        // starts clean), at most MAX_DRAIN_NS after the drain time.
+        loop {
+            let now = mono_ns();
+            if now >= end + MAX_DRAIN_NS || (now >= end && now >= receiver.last_rx + QUIET_NS) {
+                break;
+            }
             receiver.poll(1);
         }
         (
@@ -619,7 +652,12 @@ pub fn run_step(
             .spawn(move || {
                 pin(rcore);
                 let mut r = receiver;
-                while !stop_rx.load(Ordering::Relaxed) && mono_ns() < end + 1_000_000_000 {
+                loop {
+                    let now = mono_ns();
+                    let quiet = stop_rx.load(Ordering::Relaxed) && now >= r.last_rx + QUIET_NS;
+                    if quiet || now >= end + MAX_DRAIN_NS + FLUSH_NS {
+                        break;
+                    }
                     r.poll(1);
                 }
                 r
@@ -644,6 +682,10 @@ pub fn run_step(
         let relay_after = sample_relay();
         let core_after = core_ticks();
         let self_after = procfs::sample(0).unwrap_or_default();
+        let flush_until = end + FLUSH_NS;
+        while !sender.flush_pending() && mono_ns() < flush_until {
+            std::thread::sleep(Duration::from_micros(100));
+        }
         while mono_ns() < end {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -661,6 +703,11 @@ pub fn run_step(
         )
     };
 
+    if !sender.flush_pending() {
+        return Err(std::io::Error::other(
+            "a TCP connection did not take the rest of a frame within 2 s: the stream is cut",
+        ));
+    }
     let fanout = u64::from(plan.fanout.max(1));
     let mut flows = Vec::new();
     let (mut unique, mut dups, mut reord) = (0, 0, 0);

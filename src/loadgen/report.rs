@@ -384,11 +384,14 @@ pub fn targets(all: &[StepResult]) -> Vec<String> {
             }
         }
     }
-    // Translations within 1.5× of voxgate's own udp→udp.
-    for r in all
-        .iter()
-        .filter(|r| r.label == "voxgate" && r.scenario != "udp-udp" && r.scenario != "room")
-    {
+    // Translations within 1.5× of voxgate's own udp→udp, at the same paced rates (a flood
+    // delivers different rates on TCP and UDP, so its CPU/pkt is not comparable).
+    for r in all.iter().filter(|r| {
+        r.label == "voxgate"
+            && r.scenario != "udp-udp"
+            && r.scenario != "room"
+            && r.pacing != "flood"
+    }) {
         if let Some(x) = ratio(
             r.cpu_us_per_pkt,
             cpu(get(all, "voxgate", "udp-udp", &r.step, r.streams)),
