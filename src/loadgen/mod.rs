@@ -212,6 +212,13 @@ pub struct StepResult {
     pub rss_idle_kib: Option<u64>,
     pub rss_loaded_kib: Option<u64>,
     pub mem_kib_per_1000_calls: Option<f64>,
+    /// voxgate: the part of it for the subscribers' log-ins (two per call: control
+    /// connection, session, presence), and the part for the calls themselves (call state,
+    /// relay session and legs).
+    #[serde(default)]
+    pub mem_kib_per_1000_calls_logins: Option<f64>,
+    #[serde(default)]
+    pub mem_kib_per_1000_calls_calls: Option<f64>,
     pub hangups: u64,
     pub hlog: String,
     #[serde(default)]
@@ -280,7 +287,12 @@ fn udp_pair_to(to: SocketAddr) -> Result<UdpSocket, String> {
     Ok(s)
 }
 
-fn build_rig(a: &RunArgs, streams: usize, directions: Directions) -> Result<Rig, String> {
+fn build_rig(
+    a: &RunArgs,
+    streams: usize,
+    directions: Directions,
+    logged_in_rss: std::sync::Arc<std::sync::Mutex<Option<u64>>>,
+) -> Result<Rig, String> {
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut plan = Plan {
         streams: Vec::new(),
@@ -294,6 +306,14 @@ fn build_rig(a: &RunArgs, streams: usize, directions: Directions) -> Result<Rig,
                 _ => streams,
             }
             .max(1);
+            let pid = a.relay_pid;
+            let cell = logged_in_rss.clone();
+            let hook: setup::AfterLogin = Box::new(move || {
+                let rss = pid.and_then(|p| procfs::sample(p).ok()).map(|s| s.rss_kib);
+                if let Ok(mut c) = cell.lock() {
+                    *c = rss;
+                }
+            });
             let c = setup::bring_up(
                 &a.server,
                 a.scenario,
@@ -301,6 +321,7 @@ fn build_rig(a: &RunArgs, streams: usize, directions: Directions) -> Result<Rig,
                 a.listeners,
                 directions,
                 a.user_base,
+                Some(hook),
             )
             .map_err(|e| e.to_string())?;
             plan.streams = c.streams.clone();
@@ -467,6 +488,8 @@ struct Ctx<'a> {
     rig: &'a Rig,
     placement: Placement,
     rss_idle: Option<u64>,
+    /// voxgate: with every subscriber logged in, before the calls.
+    rss_logged_in: Option<u64>,
     rss_loaded: Option<u64>,
     command: String,
 }
@@ -560,6 +583,18 @@ fn summarize(cx: &Ctx<'_>, step_name: &str, step: &Step, o: &Outcome) -> StepRes
         rss_idle_kib: cx.rss_idle,
         rss_loaded_kib: cx.rss_loaded,
         mem_kib_per_1000_calls: mem,
+        mem_kib_per_1000_calls_logins: match (cx.rss_idle, cx.rss_logged_in) {
+            (Some(i), Some(l)) if calls >= 100 => {
+                Some(l.saturating_sub(i) as f64 * 1000.0 / calls as f64)
+            }
+            _ => None,
+        },
+        mem_kib_per_1000_calls_calls: match (cx.rss_logged_in, cx.rss_loaded) {
+            (Some(i), Some(l)) if calls >= 100 => {
+                Some(l.saturating_sub(i) as f64 * 1000.0 / calls as f64)
+            }
+            _ => None,
+        },
         hangups: cx.rig.voxgate.as_ref().map_or(0, |c| c.hangups()),
         hlog: String::new(),
         ramp: Vec::new(),
@@ -671,7 +706,9 @@ fn run_steps(a: &RunArgs) -> Result<(), String> {
     };
     let rss_idle = rss();
     let t = std::time::Instant::now();
-    let rig = build_rig(a, streams, directions)?;
+    let logged_in = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let rig = build_rig(a, streams, directions, logged_in.clone())?;
+    let rss_logged_in = logged_in.lock().ok().and_then(|g| *g);
     eprintln!(
         "voxgate bench: {} {} streams ({} calls) up in {:.1} s{}",
         a.system.name(),
@@ -707,6 +744,7 @@ fn run_steps(a: &RunArgs) -> Result<(), String> {
         rig: &rig,
         placement,
         rss_idle,
+        rss_logged_in,
         rss_loaded,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
@@ -746,11 +784,12 @@ fn run_steps(a: &RunArgs) -> Result<(), String> {
 
 /// Busy time of other processes on the relay's or the load generator's core above which a
 /// step counts as disturbed (the machine is shared) and is run again.
-const DISTURBED: f64 = 0.15;
-/// Runs of a disturbed step, at most.
-const ATTEMPTS: usize = 3;
+pub const DISTURBED: f64 = 0.15;
+/// Runs of a disturbed step, at most (others' test suites come in bursts: a pause between).
+pub const ATTEMPTS: usize = 5;
+const PAUSE_AFTER_DISTURBED: Duration = Duration::from_secs(3);
 
-fn disturbance(r: &StepResult) -> f64 {
+pub fn disturbance(r: &StepResult) -> f64 {
     r.relay_core_other
         .unwrap_or(0.0)
         .max(r.load_core_other.unwrap_or(0.0))
@@ -777,6 +816,7 @@ fn measure(cx: &Ctx<'_>, name: &str, step: &Step) -> Result<(StepResult, Outcome
             eprintln!(
                 "  {name}: disturbed (other processes used {d:.2} of a core on the relay's or the load generator's core): again"
             );
+            std::thread::sleep(PAUSE_AFTER_DISTURBED);
         }
     }
     best.ok_or_else(|| "no run".to_string())

@@ -147,6 +147,16 @@ fn peer<'a>(
     })
 }
 
+/// " ⚠" when other processes took more than [`super::DISTURBED`] of the relay's or the load
+/// generator's core during the step (after the retries).
+fn mark(r: &StepResult) -> &'static str {
+    if super::disturbance(r) > super::DISTURBED {
+        " ⚠"
+    } else {
+        ""
+    }
+}
+
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
@@ -236,8 +246,9 @@ pub fn render(
             };
             let _ = writeln!(
                 s,
-                "| {scenario} | {streams_txt} | {step_txt} | {} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {:.3} | {:.3} | {} | {} | {} | {} |",
+                "| {scenario} | {streams_txt} | {step_txt} | {}{} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {:.3} | {:.3} | {} | {} | {} | {} |",
                 r.label,
+                mark(r),
                 r.pps,
                 f(r.cpu_us_per_pkt, 2),
                 f(r.cpu_us_per_pkt_stat, 1),
@@ -309,6 +320,13 @@ pub fn render(
         );
     }
 
+    let _ = writeln!(
+        s,
+        "\n⚠: other processes took more than {:.2} of the relay's or the load generator's core during \
+         the step, after {} tries (the machine is shared); read those numbers with care.",
+        super::DISTURBED,
+        super::ATTEMPTS
+    );
     let _ = writeln!(s, "\n## Targets\n");
     for line in targets(all) {
         let _ = writeln!(s, "- {line}");
@@ -505,8 +523,17 @@ pub fn targets(all: &[StepResult]) -> Vec<String> {
             r.loss * 100.0
         ));
         if let Some(m) = r.mem_kib_per_1000_calls {
+            let split = match (
+                r.mem_kib_per_1000_calls_logins,
+                r.mem_kib_per_1000_calls_calls,
+            ) {
+                (Some(l), Some(c)) => format!(
+                    " (the 2,000 subscribers' log-ins: {l:.0} KiB; the calls themselves — call state, relay sessions and legs: {c:.0} KiB)"
+                ),
+                _ => String::new(),
+            };
             out.push(format!(
-                "{}: ≤ 2 MiB resident per 1,000 calls ({}): {:.0} KiB",
+                "{}: ≤ 2 MiB resident per 1,000 calls ({}): {:.0} KiB{split}",
                 verdict(m <= 2048.0),
                 r.label,
                 m
@@ -570,6 +597,8 @@ mod tests {
             rss_idle_kib: None,
             rss_loaded_kib: None,
             mem_kib_per_1000_calls: None,
+            mem_kib_per_1000_calls_logins: None,
+            mem_kib_per_1000_calls_calls: None,
             hangups: 0,
             hlog: String::new(),
             ramp: Vec::new(),

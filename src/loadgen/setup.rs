@@ -196,6 +196,10 @@ struct Up {
 
 /// Brings up `calls` calls of `scenario` (or, for `Room`, one room with `listeners`), using
 /// subscribers from `user_base` on.
+/// Called once every subscriber is logged in and before the first call is dialled (two-party
+/// scenarios), so that memory can be read for log-ins and for calls apart.
+pub type AfterLogin = Box<dyn FnOnce() + Send>;
+
 pub fn bring_up(
     server: &str,
     scenario: Scenario,
@@ -203,6 +207,7 @@ pub fn bring_up(
     listeners: usize,
     directions: Directions,
     user_base: usize,
+    after_login: Option<AfterLogin>,
 ) -> Result<Calls, SetupError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -229,7 +234,7 @@ pub fn bring_up(
                         .map(|u| vec![u])
                         .map_err(|what| SetupError::Call { call: 0, what })
                 } else {
-                    all_calls(&server, scenario, calls, user_base).await
+                    all_calls(&server, scenario, calls, user_base, after_login).await
                 };
                 let ups = match r {
                     Ok(u) => u,
@@ -315,23 +320,55 @@ pub fn bring_up(
     })
 }
 
+/// Logs in every subscriber first (at most [`CONCURRENT_CALLS`] at once), calls
+/// `after_login`, then sets the calls up.
 async fn all_calls(
     server: &str,
     scenario: Scenario,
     calls: usize,
     user_base: usize,
+    after_login: Option<AfterLogin>,
 ) -> Result<Vec<Up>, SetupError> {
+    let (fw_a, fw_b) = scenario.firewalls();
     let sem = Arc::new(Semaphore::new(CONCURRENT_CALLS));
     let mut set = tokio::task::JoinSet::new();
-    for c in 0..calls {
+    for i in 0..2 * calls {
         let sem = sem.clone();
         let server = server.to_owned();
+        let fw = if i % 2 == 0 { fw_a } else { fw_b };
         set.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let r =
-                tokio::time::timeout(CALL_TIMEOUT, one_call(&server, scenario, user_base + 2 * c))
-                    .await
-                    .unwrap_or_else(|_| Err("timed out".into()));
+            let r = tokio::time::timeout(CALL_TIMEOUT, login(&server, user_base + i, fw))
+                .await
+                .unwrap_or_else(|_| Err("log-in timed out".into()));
+            (i, r)
+        });
+    }
+    let mut phones: Vec<Option<LoggedIn>> = (0..2 * calls).map(|_| None).collect();
+    while let Some(j) = set.join_next().await {
+        let (i, r) = j.map_err(|e| SetupError::Call {
+            call: 0,
+            what: e.to_string(),
+        })?;
+        phones[i] = Some(r.map_err(|what| SetupError::Call { call: i / 2, what })?);
+    }
+    if let Some(f) = after_login {
+        // Let the gateway finish the probes before memory is read.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        f();
+    }
+    let mut set = tokio::task::JoinSet::new();
+    let mut it = phones.into_iter().flatten();
+    for c in 0..calls {
+        let (Some(a), Some(b)) = (it.next(), it.next()) else {
+            break;
+        };
+        let sem = sem.clone();
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let r = tokio::time::timeout(CALL_TIMEOUT, one_call(a, b, user_base + 2 * c + 1))
+                .await
+                .unwrap_or_else(|_| Err("timed out".into()));
             (c, r)
         });
     }
@@ -345,6 +382,8 @@ async fn all_calls(
     }
     Ok(ups.into_iter().flatten().collect())
 }
+
+type LoggedIn = (Phone, mpsc::Receiver<Event>);
 
 async fn login(
     server: &str,
@@ -400,17 +439,17 @@ async fn wait_media(
     }
 }
 
-async fn one_call(server: &str, scenario: Scenario, first_user: usize) -> Result<Up, String> {
-    let (fw_a, fw_b) = scenario.firewalls();
-    let (a, mut ev_a) = login(server, first_user, fw_a).await?;
-    let (b, mut ev_b) = login(server, first_user + 1, fw_b).await?;
+/// Caller `a` dials callee `b` (subscriber `callee`), `b` accepts, both bind their legs.
+async fn one_call(a: LoggedIn, b: LoggedIn, callee: usize) -> Result<Up, String> {
+    let (a, mut ev_a) = a;
+    let (b, mut ev_b) = b;
     let sock_a = UdpSocket::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;
     let sock_b = UdpSocket::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;
-    let (_, number_b, _) = user(first_user + 1);
+    let (_, number_b, _) = user(callee);
     let call = a
         .dial(
             &number_b,
