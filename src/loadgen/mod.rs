@@ -138,6 +138,9 @@ struct RunArgs {
     /// The relay's core: what else ran there during the window is reported.
     #[arg(long)]
     relay_core: Option<usize>,
+    /// Runs of a step disturbed by other processes, at most.
+    #[arg(long, default_value_t = ATTEMPTS)]
+    attempts: usize,
     #[arg(long)]
     out: PathBuf,
 }
@@ -785,7 +788,8 @@ fn run_steps(a: &RunArgs) -> Result<(), String> {
 /// Busy time of other processes on the relay's or the load generator's core above which a
 /// step counts as disturbed (the machine is shared) and is run again.
 pub const DISTURBED: f64 = 0.15;
-/// Runs of a disturbed step, at most (others' test suites come in bursts: a pause between).
+/// Runs of a disturbed step, at most, by default (others' test suites come in bursts: a pause
+/// between).
 pub const ATTEMPTS: usize = 5;
 const PAUSE_AFTER_DISTURBED: Duration = Duration::from_secs(3);
 
@@ -799,7 +803,8 @@ pub fn disturbance(r: &StepResult) -> f64 {
 /// [`DISTURBED`] of a core from the relay or the load generator; keeps the least disturbed run.
 fn measure(cx: &Ctx<'_>, name: &str, step: &Step) -> Result<(StepResult, Outcome), String> {
     let mut best: Option<(StepResult, Outcome)> = None;
-    for attempt in 1..=ATTEMPTS {
+    let attempts = cx.a.attempts.max(1);
+    for attempt in 1..=attempts {
         let o = engine::run_step(&cx.rig.plan, step, cx.a.relay_pid, &cx.placement)
             .map_err(|e| e.to_string())?;
         let r = summarize(cx, name, step, &o);
@@ -812,7 +817,7 @@ fn measure(cx: &Ctx<'_>, name: &str, step: &Step) -> Result<(StepResult, Outcome
         if d <= DISTURBED {
             break;
         }
-        if attempt < ATTEMPTS {
+        if attempt < attempts {
             eprintln!(
                 "  {name}: disturbed (other processes used {d:.2} of a core on the relay's or the load generator's core): again"
             );

@@ -323,7 +323,8 @@ pub fn render(
     let _ = writeln!(
         s,
         "\n⚠: other processes took more than {:.2} of the relay's or the load generator's core during \
-         the step, after {} tries (the machine is shared); read those numbers with care.",
+         the step, after up to {} tries (`--attempts`; the machine is shared); read those numbers \
+         with care.",
         super::DISTURBED,
         super::ATTEMPTS
     );
