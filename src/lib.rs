@@ -8,10 +8,12 @@
 //! - `server`: the control thread: sockets, timers, driving `control`, commanding shards.
 //! - [`client`]: the softphone library used by `voxgate phone`, tests and the load generator.
 //! - [`metrics`]: counters, histograms and interval-log dumps.
+//! - [`loadgen`]: `voxgate bench`, the load generator and report of the perf harness.
 
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod loadgen;
 pub mod logging;
 pub mod metrics;
 pub mod server;

@@ -43,6 +43,8 @@ enum Cmd {
     Probe(voxgate::client::cli::ProbeArgs),
     /// Print percentile tables from histogram dumps.
     Stats(StatsArgs),
+    /// The load generator and report of the perf harness (perf/run).
+    Bench(voxgate::loadgen::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -121,6 +123,12 @@ enum UserCmd {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Register subscribers from a CSV file (user,number,password; a header line allowed).
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Change a subscriber's password.
     Passwd {
         user: String,
@@ -194,6 +202,7 @@ fn main() -> ExitCode {
             voxgate::client::cli::run_probe(a)
         }
         Cmd::Stats(a) => admin(|| stats(a)),
+        Cmd::Bench(a) => voxgate::loadgen::run(a),
     }
 }
 
@@ -372,6 +381,13 @@ fn user(c: UserCmd) -> Result<(), String> {
             for s in st.list_users().map_err(|e| e.to_string())? {
                 println!("{}\t{}", s.user, s.number);
             }
+        }
+        UserCmd::Import { file, store } => {
+            let (mut st, cfg) = open_store(&store)?;
+            let csv =
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let n = voxgate::loadgen::import_users(&mut st, &csv, cfg.auth.scram_iterations)?;
+            println!("imported {n} subscribers");
         }
         UserCmd::Passwd {
             user,

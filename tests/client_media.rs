@@ -416,6 +416,7 @@ async fn udp_out_with_inbound_udp_dropped() {
     let fw = Firewall {
         block_udp_out: false,
         block_udp_in: true,
+        simulate_nat: false,
     };
     let o = call(UDP_OUT_TCP_IN, UDP_OUT_TCP_IN, false, [fw, fw]).await;
     assert_eq!(o.caller.udp_binding_confirmed, Some(false));

@@ -64,6 +64,7 @@ impl FirewallClass {
         Firewall {
             block_udp_out: matches!(self, FirewallClass::NoUdpOut | FirewallClass::NoUdp),
             block_udp_in: matches!(self, FirewallClass::NoUdpIn | FirewallClass::NoUdp),
+            simulate_nat: false,
         }
     }
 }
@@ -1369,7 +1370,8 @@ mod tests {
             a.firewall.firewall(),
             Firewall {
                 block_udp_out: false,
-                block_udp_in: true
+                block_udp_in: true,
+                simulate_nat: false,
             }
         );
         let Ok(Cmd::Phone(a)) = parse(&["phone", "--server", "gw", "--user", "bob", "--answer"])
@@ -1441,7 +1443,8 @@ mod tests {
             p.firewall.firewall(),
             Firewall {
                 block_udp_out: true,
-                block_udp_in: true
+                block_udp_in: true,
+                simulate_nat: false,
             }
         );
     }

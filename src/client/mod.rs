@@ -34,10 +34,17 @@ use serde::Serialize;
 /// `block_udp_in` discards *every* inbound datagram, answers to the client's own requests
 /// included (a stateless "drop inbound UDP" rule). A stateful firewall would let those
 /// answers through; the media engine copes with both (see [`media`]).
+///
+/// `simulate_nat` makes the client report, in `probe_local`, a local address whose port
+/// differs from its probe socket's real one, so that the gateway's probe sees address
+/// translation as behind a NAT and the planner relays UDP through the gateway
+/// (`udp_via_gateway`) instead of planning direct UDP between two open clients on one host.
+/// The load generator (`voxgate bench`) uses it to put the gateway on the path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Firewall {
     pub block_udp_out: bool,
     pub block_udp_in: bool,
+    pub simulate_nat: bool,
 }
 
 impl Firewall {
@@ -45,6 +52,7 @@ impl Firewall {
     pub const OPEN: Firewall = Firewall {
         block_udp_out: false,
         block_udp_in: false,
+        simulate_nat: false,
     };
 
     /// Sends `datagram` to `to` unless outgoing UDP is blocked; `Ok(false)` when blocked.
@@ -68,6 +76,21 @@ impl Firewall {
     /// Whether a received UDP datagram may be looked at.
     pub fn admits_udp_in(&self) -> bool {
         !self.block_udp_in
+    }
+
+    /// The local address to report for a socket whose real local address is `real`: `real`
+    /// itself, or, with `simulate_nat`, the same IP with another port (what a client behind
+    /// a NAT reports: its private address, not the one the gateway observes).
+    pub fn reported_local(&self, real: std::net::SocketAddr) -> std::net::SocketAddr {
+        if !self.simulate_nat {
+            return real;
+        }
+        let port = if real.port() >= 65_000 {
+            20_000
+        } else {
+            real.port() + 1
+        };
+        std::net::SocketAddr::new(real.ip(), port)
     }
 }
 

@@ -1010,7 +1010,9 @@ impl Probe {
             .and_then(|s| s.local_addr().ok())
             .map(|a| a.port())
         {
-            let local = SocketAddr::new(self.local_ip, port);
+            let local = self
+                .firewall
+                .reported_local(SocketAddr::new(self.local_ip, port));
             let _ = out
                 .send(ClientMsg::ProbeLocal {
                     probe: self.probe,
@@ -1471,6 +1473,7 @@ mod tests {
                 Firewall {
                     block_udp_out: true,
                     block_udp_in: false,
+                    simulate_nat: false,
                 },
                 (false, false, false),
             ),
@@ -1478,6 +1481,7 @@ mod tests {
                 Firewall {
                     block_udp_out: false,
                     block_udp_in: true,
+                    simulate_nat: false,
                 },
                 (true, false, false),
             ),
