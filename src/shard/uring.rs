@@ -180,6 +180,8 @@ pub(crate) struct UringShard {
     tcp_blocked: usize,
     /// A receive ring ran dry this turn.
     starved: bool,
+    /// Nanoseconds a turn spends handling its batch (EWMA).
+    busy_ns: f64,
     tcp_sndbuf: i32,
     coalesce: Duration,
     min_wait: bool,
@@ -298,6 +300,7 @@ impl UringShard {
             tcp_inflight: 0,
             tcp_blocked: 0,
             starved: false,
+            busy_ns: 0.0,
             tcp_sndbuf: i32::try_from(cfg.tcp_sndbuf).unwrap_or(i32::MAX),
             coalesce: cfg.coalesce,
             min_wait,
@@ -379,7 +382,12 @@ impl UringShard {
             }
             self.flush();
             self.recycle_buffers();
-            self.core.relay.finish_batch(sockets::realtime_ns());
+            let submit_ns = sockets::realtime_ns();
+            self.core.relay.finish_batch(submit_ns);
+            // Time spent handling a batch, smoothed: the first packet of the next batch may
+            // already wait that long before the wait even starts.
+            let busy = submit_ns.saturating_sub(now) as f64;
+            self.busy_ns = 0.9 * self.busy_ns + 0.1 * busy;
             if let Err(e) = self.submit_and_wait() {
                 tracing::error!(shard = self.core.ctx.index, "io_uring_enter: {e}");
                 std::thread::sleep(Duration::from_millis(10));
@@ -407,14 +415,17 @@ impl UringShard {
         // is the event that matters) all mean "take what is there and go on".
         let pressed = self.cq_backlog || self.starved || self.tcp_blocked > 0;
         let want = if pressed { 1 } else { want };
+        // The budget bounds the delay a packet sees: what the last batch took to handle comes
+        // off it (never more than half).
+        let wait_us = budget_us.saturating_sub(((self.busy_ns / 1000.0) as u64).min(budget_us / 2));
         let r = if budget_us > 0 && want > 1 && self.min_wait {
             let args = types::SubmitArgs::new()
                 .timespec(&idle)
-                .min_wait_usec(budget_us as u32);
+                .min_wait_usec(wait_us as u32);
             self.ring.submitter().submit_with_args(want, &args)
         } else if budget_us > 0 && want > 1 {
             // Kernels without min_wait: wait for the batch, bounded by the budget.
-            let ts = types::Timespec::new().nsec(budget_us as u32 * 1000);
+            let ts = types::Timespec::new().nsec(wait_us as u32 * 1000);
             let args = types::SubmitArgs::new().timespec(&ts);
             self.ring.submitter().submit_with_args(want, &args)
         } else {
