@@ -217,6 +217,11 @@ fn admin(f: impl FnOnce() -> Result<(), String>) -> ExitCode {
 }
 
 fn serve(a: ServeArgs) -> ExitCode {
+    // The allocator asks for transparent huge pages on its arenas (MADV_HUGEPAGE), so one small
+    // control-plane allocation can make a whole 2 MiB page resident. The gateway's heap is sparse
+    // and long-lived (sessions, legs, connections), so that is resident memory for nothing: turn
+    // THP off for this process. The packet buffers are mmap'd by the shards and never used THP.
+    let _ = nix::sys::prctl::set_thp_disable(true);
     let mut cfg = match &a.config {
         Some(p) => match Config::load(p) {
             Ok(c) => c,

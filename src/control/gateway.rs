@@ -337,7 +337,49 @@ pub(crate) struct Session {
     /// The latest completed probe.
     pub result: Option<ProbeOutcome>,
     /// Calls and rooms this client takes part in.
-    pub calls: BTreeSet<CallId>,
+    pub calls: CallSet,
+}
+
+/// The calls of one client: a handful at most (`max_calls_per_user`), so a sorted `Vec`
+/// (8 bytes a call) rather than a tree (a 100-byte node for the first one).
+#[derive(Debug, Default)]
+pub(crate) struct CallSet(Vec<CallId>);
+
+impl CallSet {
+    pub fn insert(&mut self, id: CallId) {
+        if let Err(i) = self.0.binary_search(&id) {
+            self.0.insert(i, id);
+        }
+    }
+    pub fn remove(&mut self, id: &CallId) {
+        if let Ok(i) = self.0.binary_search(id) {
+            self.0.remove(i);
+        }
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+    }
+    #[cfg(test)]
+    pub fn contains(&self, id: &CallId) -> bool {
+        self.0.binary_search(id).is_ok()
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn iter(&self) -> std::slice::Iter<'_, CallId> {
+        self.0.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a CallSet {
+    type Item = &'a CallId;
+    type IntoIter = std::slice::Iter<'a, CallId>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
 }
 
 pub(crate) enum Phase {
@@ -468,7 +510,7 @@ pub struct Gateway {
     /// Installs waiting for [`Input::ShardInstalled`].
     pub(crate) ops: HashMap<u64, CallId>,
     /// Leg names in use.
-    pub(crate) legs: HashSet<String>,
+    pub(crate) legs: HashSet<u128>,
     /// Telephone route media addresses in use, and by which call (one call at a time each:
     /// the relay binds a route's media address as the trusted source of one leg).
     pub(crate) route_busy: HashMap<SocketAddr, CallId>,
@@ -682,17 +724,28 @@ impl Gateway {
     }
 
     /// A leg name no live leg has: 32 hex characters.
+    /// A fresh leg name: 128 random bits as 32 hex digits (the set holds the bits, not text).
     pub(crate) fn new_leg_name(&mut self) -> String {
         loop {
-            let name = random_hex(&mut self.rng, 16);
-            if self.legs.insert(name.clone()) {
-                return name;
+            let mut b = [0u8; 16];
+            self.rng.fill_bytes(&mut b);
+            let bits = u128::from_be_bytes(b);
+            if self.legs.insert(bits) {
+                return format!("{bits:032x}");
             }
         }
     }
 
+    /// The leg names in use, as text.
+    #[cfg(test)]
+    pub(crate) fn leg_names(&self) -> HashSet<String> {
+        self.legs.iter().map(|b| format!("{b:032x}")).collect()
+    }
+
     pub(crate) fn release_leg(&mut self, name: &str) {
-        self.legs.remove(name);
+        if let Ok(bits) = u128::from_str_radix(name, 16) {
+            self.legs.remove(&bits);
+        }
     }
 
     pub(crate) fn new_call_id(&mut self) -> CallId {
@@ -1035,7 +1088,7 @@ impl Gateway {
             probe: None,
             last_probe_id: 0,
             result: None,
-            calls: BTreeSet::new(),
+            calls: CallSet::default(),
         }));
         self.users.insert(user.clone(), conn);
         self.counters.logins += 1;

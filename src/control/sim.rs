@@ -770,6 +770,6 @@ pub fn check_invariants(gw: &Gateway) {
     for id in gw.route_busy.values() {
         assert!(gw.calls.contains_key(id));
     }
-    assert_eq!(live_legs, gw.legs, "leg names");
+    assert_eq!(live_legs, gw.leg_names(), "leg names");
     assert_eq!(load, gw.shard_load, "shard load");
 }

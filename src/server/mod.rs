@@ -7,6 +7,7 @@
 //! `Action`s into socket writes and shard commands, in the order the core emits them.
 
 mod notify;
+mod writer;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::SeedableRng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 
@@ -27,8 +28,11 @@ use crate::shard::{Command, ShardHandle, Shards};
 use crate::store::sqlite::SqliteStore;
 use crate::wire::control::{self as proto, ClientMsg, ServerMsg};
 
-/// Messages queued for one client; a client that does not read them is disconnected.
-const WRITE_QUEUE: usize = 64;
+/// Bytes that may wait for one client (8 maximum-size messages); a client that leaves more
+/// unread is disconnected.
+const WRITE_BACKLOG: usize = 8 * proto::MAX_MESSAGE;
+
+type FlushSpawner = Box<dyn FnMut(ConnId, tokio::net::tcp::OwnedWriteHalf, Vec<u8>) + Send>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -118,6 +122,7 @@ enum Event {
     Accepted(TcpStream, SocketAddr),
     Input(Input),
     Installed { op: u64, result: Result<(), String> },
+    Flushed(writer::Flushed),
 }
 
 /// A running gateway's handle for tests and embedding: stop it with [`Running::stop`].
@@ -220,8 +225,10 @@ struct Server {
     overrides: Overrides,
     gateway: Gateway,
     shards: Shards,
-    /// Encoded frames for each connection's writer task.
-    writers: HashMap<ConnId, mpsc::Sender<Vec<u8>>>,
+    /// Each connection's write side.
+    writers: writer::Writers<FlushSpawner>,
+    /// Where each message is encoded before it is written.
+    scratch: Vec<u8>,
     probe: [Arc<UdpSocket>; 2],
     events: mpsc::Sender<Event>,
     next_conn: ConnId,
@@ -309,7 +316,8 @@ async fn run(
         overrides,
         gateway,
         shards,
-        writers: HashMap::new(),
+        writers: writer::Writers::new(WRITE_BACKLOG, flush_spawner(events.clone())),
+        scratch: Vec::with_capacity(proto::MAX_MESSAGE),
         probe,
         events,
         next_conn: 1,
@@ -401,9 +409,8 @@ async fn run(
     server.execute().await;
     server.dump().await;
     notify::stopping();
-    // Let writer tasks flush the last messages (bounded).
-    let writers = std::mem::take(&mut server.writers);
-    drop(writers);
+    // Let flush tasks send the last messages (bounded).
+    server.writers.clear();
     tokio::time::sleep(Duration::from_millis(50)).await;
     server.shards.shutdown();
     tracing::info!(
@@ -559,17 +566,15 @@ async fn conn_reader(
         .await;
 }
 
-async fn conn_writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
-    while let Some(mut buf) = rx.recv().await {
-        // Batch whatever else is already queued into the same write.
-        while let Ok(more) = rx.try_recv() {
-            buf.extend_from_slice(&more);
-        }
-        if wr.write_all(&buf).await.is_err() {
-            return;
-        }
-    }
-    let _ = wr.shutdown().await;
+/// Flush tasks report back to the control loop with the write half.
+fn flush_spawner(events: mpsc::Sender<Event>) -> FlushSpawner {
+    Box::new(move |conn, wr, bytes| {
+        let events = events.clone();
+        tokio::spawn(async move {
+            let done = writer::flush(conn, wr, bytes).await;
+            let _ = events.send(Event::Flushed(done)).await;
+        });
+    })
 }
 
 impl Server {
@@ -584,9 +589,7 @@ impl Server {
                     .local_addr()
                     .unwrap_or_else(|_| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0));
                 let (rd, wr) = stream.into_split();
-                let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-                self.writers.insert(conn, tx);
-                tokio::spawn(conn_writer(wr, rx));
+                self.writers.insert(conn, wr);
                 tokio::spawn(conn_reader(conn, rd, self.events.clone()));
                 self.gateway.handle(
                     now,
@@ -597,9 +600,10 @@ impl Server {
                     },
                 );
             }
+            Event::Flushed(done) => self.writers.flushed(done),
             Event::Input(input) => {
                 if let Input::Disconnected { conn } = input {
-                    self.writers.remove(&conn);
+                    self.writers.remove(conn);
                 }
                 self.gateway.handle(now, input);
             }
@@ -620,9 +624,9 @@ impl Server {
         while let Some(action) = self.gateway.poll_action() {
             match action {
                 Action::Send { conn, msg } => {
-                    let Some(w) = self.writers.get(&conn) else {
+                    if !self.writers.contains(conn) {
                         continue;
-                    };
+                    }
                     if let ServerMsg::Media(m) = &msg {
                         tracing::info!(
                             conn,
@@ -637,23 +641,19 @@ impl Server {
                     if let ServerMsg::MediaReady { call } = &msg {
                         tracing::info!(conn, call, "media ready sent");
                     }
-                    let mut frame = Vec::new();
-                    if let Err(e) = proto::encode(&msg, &mut frame) {
+                    self.scratch.clear();
+                    if let Err(e) = proto::encode(&msg, &mut self.scratch) {
                         tracing::error!(conn, "cannot encode a control message: {e}");
                         continue;
                     }
-                    if w.try_send(frame).is_err() {
+                    if self.writers.send(conn, &self.scratch) == Err(writer::SendError::Backlog) {
                         // The client does not read its messages: it is gone for our purposes.
                         tracing::warn!(conn, "control connection not reading: closing it");
-                        self.writers.remove(&conn);
                         self.gateway
                             .handle(Instant::now(), Input::Disconnected { conn });
                     }
                 }
-                Action::Close { conn } => {
-                    // Dropping the sender lets the writer flush what is queued, then shut down.
-                    self.writers.remove(&conn);
-                }
+                Action::Close { conn } => self.writers.close(conn),
                 Action::ProbeSend { port, dst, data } => {
                     let sock = &self.probe[match port {
                         ProbePort::A => 0,

@@ -18,6 +18,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
 
 use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
@@ -270,7 +271,7 @@ impl Conn {
 
 struct Leg {
     session: SessionId,
-    name: Box<[u8]>,
+    name: Rc<[u8]>,
     key: Box<[u8]>,
     delivery: Delivery,
     peers: Vec<LegIdx>,
@@ -304,7 +305,8 @@ pub struct Relay {
     sessions: FxHashMap<SessionId, Vec<LegIdx>>,
     legs: Vec<Option<Leg>>,
     free_legs: Vec<LegIdx>,
-    leg_by_name: FxHashMap<Box<[u8]>, LegIdx>,
+    /// Keyed by the leg's own name (one allocation shared by the leg and the table).
+    leg_by_name: FxHashMap<Rc<[u8]>, LegIdx>,
     udp_bindings: FxHashMap<SocketAddr, LegIdx>,
     conns: Vec<Option<Conn>>,
     conn_generation: Vec<u32>,
@@ -320,10 +322,13 @@ use crate::metrics::dump::new_latency_histogram;
 
 impl Relay {
     pub fn new(cfg: RelayConfig) -> Relay {
+        let max_legs = cfg.max_sessions.saturating_mul(2);
         Relay {
             cfg,
             sessions: FxHashMap::default(),
-            legs: Vec::new(),
+            // Reserved, not touched: the table's pages become resident as legs fill it, and it
+            // never moves (growing by doubling would leave each old copy behind in the heap).
+            legs: Vec::with_capacity(max_legs),
             free_legs: Vec::new(),
             leg_by_name: FxHashMap::default(),
             udp_bindings: FxHashMap::default(),
@@ -420,7 +425,7 @@ impl Relay {
     fn create_leg(&mut self, session: SessionId, l: LegSpec) -> LegIdx {
         let leg = Leg {
             session,
-            name: l.name.into_bytes().into_boxed_slice(),
+            name: Rc::from(l.name.into_bytes()),
             key: l.key.into_boxed_slice(),
             delivery: match l.delivery {
                 Delivery::Udp(a) => Delivery::Udp(canonical(a)),
