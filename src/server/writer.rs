@@ -167,6 +167,7 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     type Spawned = Arc<Mutex<Vec<(ConnId, OwnedWriteHalf, Vec<u8>)>>>;
+    type TestWriters = Writers<Box<dyn FnMut(ConnId, OwnedWriteHalf, Vec<u8>)>>;
 
     async fn pair() -> (OwnedWriteHalf, TcpStream, tokio::net::tcp::OwnedReadHalf) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -176,15 +177,13 @@ mod tests {
         (wr, c, rd)
     }
 
-    fn writers(
-        limit: usize,
-    ) -> (
-        Writers<impl FnMut(ConnId, OwnedWriteHalf, Vec<u8>)>,
-        Spawned,
-    ) {
+    fn writers(limit: usize) -> (TestWriters, Spawned) {
         let spawned: Spawned = Arc::default();
         let s = spawned.clone();
-        let w = Writers::new(limit, move |c, wr, b| s.lock().unwrap().push((c, wr, b)));
+        let w: TestWriters = Writers::new(
+            limit,
+            Box::new(move |c, wr, b| s.lock().unwrap().push((c, wr, b))),
+        );
         (w, spawned)
     }
 
