@@ -167,6 +167,8 @@ fn udp_to_udp(backend: Backend) {
         }
         assert_eq!(got, sent, "every packet byte-exact and in order");
     }
+    // A liveness ping (the watchdog's) takes nothing that the next snapshot (a dump) is owed.
+    h.ping_blocking().unwrap();
     let s = h.snapshot_blocking().unwrap();
     assert_eq!(
         s.counters.udp_out.packets,
@@ -176,6 +178,16 @@ fn udp_to_udp(backend: Backend) {
     let la = s.legs.iter().find(|l| l.name == "a").unwrap();
     assert_eq!((la.rtp.received, la.rtp.lost), (300, 0));
     assert!(s.latency.len() >= 600, "relay latency recorded per packet");
+    let again = h.snapshot_blocking().unwrap();
+    assert_eq!(
+        again.latency.len(),
+        0,
+        "a snapshot hands over its histogram"
+    );
+    assert_eq!(
+        again.counters.udp_out.packets, 602,
+        "counters are cumulative"
+    );
 }
 
 fn udp_to_tcp_and_back(backend: Backend) {

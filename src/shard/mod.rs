@@ -133,10 +133,16 @@ pub enum Command {
         leg: String,
         reply: Option<oneshot::Sender<bool>>,
     },
-    /// Counters, per-leg numbers, and the latency histogram since the last snapshot (the shard
-    /// resets its histogram when it answers).
+    /// Counters, the latency histogram since the last snapshot (the shard resets its
+    /// histogram when it answers), and with `legs` each leg's numbers (that costs the shard
+    /// time in proportion to its legs).
     Snapshot {
+        legs: bool,
         reply: oneshot::Sender<ShardSnapshot>,
+    },
+    /// Answer at once: the shard's loop is turning (the watchdog's question).
+    Ping {
+        reply: oneshot::Sender<()>,
     },
     Shutdown,
 }
@@ -239,9 +245,18 @@ impl ShardHandle {
         rx.await.map_err(|_| ShardError::Gone(self.index))
     }
 
-    pub async fn snapshot(&self) -> Result<ShardSnapshot, ShardError> {
+    /// Counters and the latency histogram since the last snapshot; per-leg numbers only with
+    /// `legs`.
+    pub async fn snapshot(&self, legs: bool) -> Result<ShardSnapshot, ShardError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Snapshot { reply })?;
+        self.send(Command::Snapshot { legs, reply })?;
+        rx.await.map_err(|_| ShardError::Gone(self.index))
+    }
+
+    /// Whether the shard's loop answers (takes nothing from it).
+    pub async fn ping(&self) -> Result<(), ShardError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Ping { reply })?;
         rx.await.map_err(|_| ShardError::Gone(self.index))
     }
 
@@ -263,9 +278,15 @@ impl ShardHandle {
         rx.blocking_recv().map_err(|_| ShardError::Gone(self.index))
     }
 
+    pub fn ping_blocking(&self) -> Result<(), ShardError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Ping { reply })?;
+        rx.blocking_recv().map_err(|_| ShardError::Gone(self.index))
+    }
+
     pub fn snapshot_blocking(&self) -> Result<ShardSnapshot, ShardError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Snapshot { reply })?;
+        self.send(Command::Snapshot { legs: true, reply })?;
         rx.blocking_recv().map_err(|_| ShardError::Gone(self.index))
     }
 }
@@ -559,8 +580,11 @@ impl ShardCore {
                         let _ = reply.send(gone);
                     }
                 }
-                Command::Snapshot { reply } => {
-                    let _ = reply.send(self.snapshot(backend));
+                Command::Snapshot { legs, reply } => {
+                    let _ = reply.send(self.snapshot(backend, legs));
+                }
+                Command::Ping { reply } => {
+                    let _ = reply.send(());
                 }
                 Command::Shutdown => return false,
             }
@@ -589,13 +613,17 @@ impl ShardCore {
             .store(self.relay.session_count(), Ordering::Relaxed);
     }
 
-    fn snapshot(&mut self, backend: Backend) -> ShardSnapshot {
+    fn snapshot(&mut self, backend: Backend, legs: bool) -> ShardSnapshot {
         ShardSnapshot {
             shard: self.ctx.index,
             backend,
             counters: self.relay.counters,
             latency: self.relay.take_latency(),
-            legs: self.relay.snapshot_legs(),
+            legs: if legs {
+                self.relay.snapshot_legs()
+            } else {
+                Vec::new()
+            },
             sessions: self.relay.session_count(),
             tcp_conns: self.relay.conn_count(),
             tcp_queued: self.relay.tcp_queued_total(),
