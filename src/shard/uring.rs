@@ -442,15 +442,17 @@ impl UringShard {
             // At high rates a batch of `BATCH` datagrams costs little more per packet than a
             // whole budget's worth, and a bigger one would outrun the receive (see `BATCH`).
             let batch_us = (BATCH as f64 * 1e6 / self.core.rate) as u64;
-            budget_us.min(batch_us).saturating_sub(spent_us)
+            let wait_us = budget_us.min(batch_us).saturating_sub(spent_us);
+            if wait_us == 0 {
+                // The budget is spent, and the enter above took what had arrived: go on.
+                return Ok(());
+            }
+            wait_us
         } else {
             0
         };
         let want = if coalesce { MAX_CQES } else { 1 };
-        let r = if coalesce && wait_us == 0 {
-            // The budget is spent: take what has arrived and go on.
-            self.ring.submit_and_wait(0).map(|_| 0)
-        } else if coalesce && self.min_wait {
+        let r = if coalesce && self.min_wait {
             // Wait `wait_us`, then return as soon as anything is there (or after `idle`).
             let args = types::SubmitArgs::new()
                 .timespec(&idle)
