@@ -269,22 +269,17 @@ fn a_telephone_number_is_relayed_to_its_ip_voice_gateway() {
     });
     let gw = Gateway::start(&[]);
     let data = gw.dir.path().join("data");
-    let out = Command::new(common::BIN)
-        .args([
-            "route",
-            "add",
-            "+49",
-            &pstn_addr.to_string(),
-            "--description",
-            "echo",
-        ])
-        .args(["--data-dir", data.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::run_ok(
+        Command::new(common::BIN)
+            .args([
+                "route",
+                "add",
+                "+49",
+                &pstn_addr.to_string(),
+                "--description",
+                "echo",
+            ])
+            .args(["--data-dir", data.to_str().unwrap()]),
     );
     let dir = gw.dir.path();
     let a_in = test_clip(dir, "speech-8k.wav", "a-in.wav", 1.2);

@@ -53,13 +53,7 @@ const SLOT: usize = MAX_HEADER + PACKET_LEN + 4;
 
 /// `CLOCK_MONOTONIC` in ns.
 pub fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    crate::shard::sockets::clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 /// The latency histogram: 1 ns .. 60 s, 3 significant figures (as the gateway's).

@@ -32,14 +32,11 @@ pub fn write(buf: &mut [u8], stream: u32, seq: u64, send_ns: u64) -> Option<usiz
     let b = buf.get_mut(..PACKET_LEN)?;
     b[0] = 0x80;
     b[1] = 0;
-    b[2..4].copy_from_slice(&(seq as u16).to_be_bytes());
-    b[4..8].copy_from_slice(&((seq as u32).wrapping_mul(160)).to_be_bytes());
     b[8..12].copy_from_slice(&SSRC_BASE.wrapping_add(stream).to_be_bytes());
     b[12..16].copy_from_slice(&MAGIC);
     b[16..20].copy_from_slice(&stream.to_be_bytes());
-    b[20..28].copy_from_slice(&seq.to_be_bytes());
-    b[28..36].copy_from_slice(&send_ns.to_be_bytes());
     b[36..].fill(0xFF);
+    restamp(b, seq, send_ns)?;
     Some(PACKET_LEN)
 }
 

@@ -35,6 +35,17 @@ pub fn run_with_stdin(cmd: &mut Command, text: &str) -> std::process::Output {
     child.wait_with_output().unwrap()
 }
 
+/// Runs `cmd` to the end; it must succeed (its standard error is the failure message).
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A child process killed on drop; its output goes to files (a pipe nobody reads would
 /// block it).
 pub struct Proc {
@@ -250,15 +261,10 @@ impl Gateway {
             "gateway exit: {status}\n{}",
             self.log_text()
         );
-        let out = Command::new(BIN)
-            .arg("stats")
-            .arg(self.dir.path().join("data/dumps"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run_ok(
+            Command::new(BIN)
+                .arg("stats")
+                .arg(self.dir.path().join("data/dumps")),
         );
         String::from_utf8(out.stdout).unwrap()
     }
