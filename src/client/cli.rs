@@ -216,6 +216,9 @@ struct ReceivedOut {
     /// One-way, from the sender's wall clock: only valid when both ends share a clock.
     latency_ms: Option<LatencyMs>,
     ssrcs: usize,
+    /// ITU-T G.107 E-model estimate (1.0..=4.5, [`crate::metrics::mos`]) from the loss, the
+    /// jitter and the latency p50 (0 when the latency is unknown); `null` without packets.
+    mos: Option<f64>,
 }
 
 /// The one JSON object `voxgate phone --json` prints.
@@ -327,6 +330,12 @@ impl PhoneSummary {
                 max: round3(l.max),
             }),
             ssrcs: r.received.ssrcs,
+            mos: leg_mos(
+                r.received.packets,
+                r.received.lost,
+                r.received.jitter_ms,
+                r.received.latency_ms.map(|l| l.p50),
+            ),
         };
         self.udp_binding_confirmed = r.udp_binding_confirmed;
         self.media_ready_wait_ms = r.media_ready_wait_ms.map(round3);
@@ -398,6 +407,9 @@ impl PhoneSummary {
                 "  sent {} packets; received {} packets from {} source(s), {} lost, jitter {:.2} ms, {latency}",
                 self.sent.packets, r.packets, r.ssrcs, r.lost, r.jitter_ms
             );
+            if let Some(m) = r.mos {
+                let _ = writeln!(s, "  estimated MOS {m:.2} (ITU-T G.107 E-model, G.711)");
+            }
             match (self.media_ready_wait_ms, self.media_ready_timed_out) {
                 (Some(ms), false) => {
                     let _ = writeln!(
@@ -472,6 +484,21 @@ fn hangup_text(r: HangupReason) -> &'static str {
         HangupReason::Shutdown => "the gateway is shutting down",
         HangupReason::Error => "the gateway could not set up the call",
     }
+}
+
+/// The received leg's MOS estimate: loss as a fraction of the packets expected.
+fn leg_mos(packets: u64, lost: u64, jitter_ms: f64, delay_ms: Option<f64>) -> Option<f64> {
+    let expected = packets.saturating_add(lost);
+    if packets == 0 {
+        return None;
+    }
+    #[allow(clippy::cast_precision_loss)] // packet counts far below 2^52
+    let loss = lost as f64 / expected as f64;
+    Some(round3(crate::metrics::mos::mos(
+        loss,
+        jitter_ms,
+        delay_ms.unwrap_or(0.0),
+    )))
 }
 
 fn emit_phone(s: &PhoneSummary, json: bool) -> ExitCode {
@@ -1083,6 +1110,9 @@ mod tests {
         assert_eq!(j["transports"]["recv"]["via_gateway"], false);
         assert_eq!(j["received"]["lost"], 0);
         assert!(j["received"]["latency_ms"]["p50"].is_number());
+        // Loopback, no loss: toll quality.
+        let mos = j["received"]["mos"].as_f64().expect("mos");
+        assert!(mos > 4.3 && mos <= 4.5, "{j}");
         assert!(j["media_ready_wait_ms"].is_number(), "{j}");
         assert_eq!(j["media_ready_timed_out"], false);
     }
@@ -1501,5 +1531,18 @@ mod tests {
         let j = serde_json::to_value(&s).expect("json");
         assert_eq!(j["reason"], "busy");
         assert_eq!(j["transports"]["send"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn phone_mos_counts_loss_against_packets_expected() {
+        assert_eq!(leg_mos(0, 0, 0.0, None), None);
+        let clean = leg_mos(100, 0, 0.5, Some(1.0)).expect("mos");
+        let lossy = leg_mos(99, 1, 0.5, Some(1.0)).expect("mos");
+        // 1 % loss, G.711 without concealment: R falls by 95 · 1 / 5.3 = 17.9.
+        let want = crate::metrics::mos::mos(0.01, 0.5, 1.0);
+        assert!((lossy - want).abs() < 0.001, "{lossy} vs {want}");
+        assert!(clean > 4.3 && lossy < 4.0, "{clean} {lossy}");
+        // Unknown latency counts as 0 ms of network delay.
+        assert_eq!(leg_mos(100, 0, 0.5, None), leg_mos(100, 0, 0.5, Some(0.0)));
     }
 }
