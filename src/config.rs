@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::auth::{Bucket, RateLimitConfig};
 use crate::control::gateway::GatewayConfig;
+use crate::control::peer_policy::Cidr;
 use crate::shard::{Backend, RelayConfig, ShardConfig};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -43,6 +44,10 @@ pub struct ServerSection {
     pub pin_shards: bool,
     /// Allow media destinations in private, loopback and link-local ranges.
     pub allow_private_peers: bool,
+    /// Prefixes that open media destinations (most specific prefix wins).
+    pub allowed_peers: Vec<Cidr>,
+    /// Prefixes that close media destinations (most specific prefix wins).
+    pub denied_peers: Vec<Cidr>,
     /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
     pub log_level: String,
     pub max_connections: usize,
@@ -131,6 +136,8 @@ impl Default for ServerSection {
             backend: Backend::Auto,
             pin_shards: true,
             allow_private_peers: false,
+            allowed_peers: Vec::new(),
+            denied_peers: Vec::new(),
             log_level: "info".into(),
             max_connections: 10_000,
             shutdown_grace_s: 30,
@@ -229,6 +236,9 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
+/// Longest `allowed_peers` / `denied_peers` list: each call set-up scans them.
+pub const MAX_PEER_PREFIXES: usize = 1024;
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -256,6 +266,16 @@ impl Config {
                 p.push(format!("{key}: {what}"));
             }
         };
+        for (key, list) in [
+            ("server.allowed_peers", &s.allowed_peers),
+            ("server.denied_peers", &s.denied_peers),
+        ] {
+            check(
+                list.len() <= MAX_PEER_PREFIXES,
+                key,
+                format!("{} prefixes; at most {MAX_PEER_PREFIXES}", list.len()),
+            );
+        }
         check(
             s.shards <= 1024,
             "server.shards",
@@ -488,6 +508,8 @@ impl Config {
             probe_repeats: self.probe.repeats,
             probe_spacing: Duration::from_millis(self.probe.spacing_ms),
             allow_private_peers: self.server.allow_private_peers,
+            allowed_peers: self.server.allowed_peers.clone(),
+            denied_peers: self.server.denied_peers.clone(),
             scram_iterations: self.auth.scram_iterations,
             rate_limit: RateLimitConfig {
                 per_ip: bucket(self.auth.ip_burst, self.auth.ip_refill_s),
@@ -585,6 +607,37 @@ mod tests {
         ] {
             assert!(e.contains(key), "{key} missing in:\n{e}");
         }
+    }
+
+    #[test]
+    fn peer_lists_parse_and_bad_prefixes_are_named() {
+        let c = Config::parse(
+            "[server]\nallowed_peers = [\"10.20.0.0/16\", \"fd00:1::/32\"]\n\
+             denied_peers = [\"10.20.5.0/24\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let p = c.gateway_config([0; 32], (1, 2)).peer_policy();
+        assert!(p.check("10.20.1.1".parse().unwrap()).is_ok());
+        assert!(p.check("10.20.5.1".parse().unwrap()).is_err());
+        assert!(p.check("10.21.1.1".parse().unwrap()).is_err());
+        let e = Config::parse("[server]\ndenied_peers = [\"10.0.0.1/8\"]\n").unwrap_err();
+        assert!(
+            e.contains("denied_peers") && e.contains("did you mean 10.0.0.0/8"),
+            "{e}"
+        );
+        let e = Config::parse("[server]\nallowed_peers = [\"lab\"]\n").unwrap_err();
+        assert!(
+            e.contains("allowed_peers") && e.contains("\"lab\" is not an IP"),
+            "{e}"
+        );
+        let mut c = Config::default();
+        c.server.denied_peers = vec!["10.0.0.0/8".parse().unwrap(); MAX_PEER_PREFIXES + 1];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("server.denied_peers: 1025 prefixes; at most 1024"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -990,7 +990,7 @@ impl Gateway {
         else {
             return Ok(None);
         };
-        let allow = self.cfg.allow_private_peers;
+        let policy = self.cfg.peer_policy();
         let mut sides = Vec::with_capacity(2);
         match (&far, b) {
             (Far::User(_), Some((b_conn, b, b_media))) => {
@@ -1001,10 +1001,10 @@ impl Gateway {
                 ] {
                     let (out, inn) = directions(plan, caller);
                     if out == Path::DirectUdp {
-                        check_peer(peer.ok_or(PeerRefused::NoAddress)?, allow)?;
+                        check_peer(peer.ok_or(PeerRefused::NoAddress)?, &policy)?;
                     }
                     let delivery = if needs_leg(out, inn) {
-                        Some(delivery_for(inn, me.caps, my_media, allow)?)
+                        Some(delivery_for(inn, me.caps, my_media, &policy)?)
                     } else {
                         None
                     };
@@ -1033,7 +1033,7 @@ impl Gateway {
                     peer: None,
                     peer_source: None,
                     gateway_ip: a.gateway_ip,
-                    delivery: Some(delivery_for(inn, a.caps, a_media, allow)?),
+                    delivery: Some(delivery_for(inn, a.caps, a_media, &policy)?),
                     key: a.key,
                 });
             }
@@ -1350,7 +1350,7 @@ impl Gateway {
         let my_media = resolve_media(reported, info.observed);
         let caps = effective_caps(info.caps, my_media);
         let (out, inn) = room_directions(caps);
-        let delivery = delivery_for(inn, caps, my_media, self.cfg.allow_private_peers)?;
+        let delivery = delivery_for(inn, caps, my_media, &self.cfg.peer_policy())?;
         let gw = self.gateway_addrs(shard, info.gateway_ip);
         let name = self.new_leg_name();
         let leg = Gateway::leg_spec(&info.key, &name, delivery);
@@ -2194,6 +2194,49 @@ mod tests {
             w.accept(&d, call, Some(addr("192.168.1.9:41000")));
             let hc = hangups(&w.take(c.conn));
             assert_eq!(hc.is_empty(), allow, "allow={allow}");
+        }
+    }
+
+    #[test]
+    fn operator_peer_lists_open_and_close_media_destinations() {
+        // (allowed_peers, denied_peers, bob's media address, refused?)
+        let cases: &[(&[&str], &[&str], &str, bool)] = &[
+            (&["10.20.0.0/16"], &[], "10.20.0.5:41000", false),
+            (&["10.20.0.0/16"], &[], "10.21.0.5:41000", true),
+            (
+                &["10.20.0.0/16"],
+                &["10.20.0.0/24"],
+                "10.20.0.5:41000",
+                true,
+            ),
+            (&[], &["203.0.113.0/24"], "203.0.113.9:41000", true),
+            (&[], &[], "[64:ff9b::7f00:1]:41000", true),
+            (&[], &[], "[2002:a00:1::1]:41000", true),
+            (&[], &[], "198.18.0.1:41000", true),
+            (&[], &[], "203.0.113.9:41000", false),
+        ];
+        for &(allowed, denied, media, refused) in cases {
+            let parse = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect();
+            let mut w = World::with_config(GatewayConfig {
+                allowed_peers: parse(allowed),
+                denied_peers: parse(denied),
+                ..sim::config()
+            });
+            let a = w.login_with("alice", caps(false, false, false));
+            let b = w.login_with("bob", caps(false, true, false));
+            let call = w.dial(&a, b.number, Some(a.media()));
+            w.accept(&b, call, Some(addr(media)));
+            let hb = hangups(&w.take(b.conn));
+            assert_eq!(
+                !hb.is_empty(),
+                refused,
+                "{allowed:?} {denied:?} {media}: {hb:?}"
+            );
+            if !refused {
+                let spec = &installs(&w.take_shard())[0].2;
+                let want = Delivery::Udp(canonical(addr(media)));
+                assert!(spec.legs.iter().any(|l| l.delivery == want), "{spec:?}");
+            }
         }
     }
 

@@ -127,6 +127,10 @@ pub struct GatewayConfig {
     /// are refused: the call ends with `hang_up{error}` and the reason is logged. Telephone
     /// routes are operator configuration and are exempt.
     pub allow_private_peers: bool,
+    /// Operator prefixes that open (`allowed_peers`) or close (`denied_peers`) media
+    /// destinations; the most specific prefix wins (see [`super::peer_policy`]).
+    pub allowed_peers: Vec<super::peer_policy::Cidr>,
+    pub denied_peers: Vec<super::peer_policy::Cidr>,
     /// SCRAM iteration count of verifiers; unknown users' decoy challenges advertise it too
     /// (it overrides `auth.decoy_iterations`, so the two cannot drift apart).
     pub scram_iterations: u32,
@@ -163,6 +167,8 @@ impl GatewayConfig {
             probe_repeats: 3,
             probe_spacing: Duration::from_millis(50),
             allow_private_peers: false,
+            allowed_peers: Vec::new(),
+            denied_peers: Vec::new(),
             scram_iterations: auth::DEFAULT_ITERATIONS,
             auth: AuthConfig::new(secret, auth::DEFAULT_ITERATIONS),
             rate_limit: RateLimitConfig::default(),
@@ -177,6 +183,15 @@ impl GatewayConfig {
         let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
         Self::with_secret(secret)
+    }
+
+    /// The policy every media destination is checked against.
+    pub fn peer_policy(&self) -> super::peer_policy::PeerPolicy {
+        super::peer_policy::PeerPolicy::new(
+            self.allow_private_peers,
+            &self.allowed_peers,
+            &self.denied_peers,
+        )
     }
 
     pub(crate) fn cadence(&self) -> super::presence::Cadence {
@@ -635,7 +650,8 @@ impl Gateway {
         &mut *self.store
     }
 
-    /// Live reload. Takes effect at once for limits, `allow_private_peers`, probe settings of
+    /// Live reload. Takes effect at once for limits, the peer policy (`allow_private_peers`,
+    /// `allowed_peers`, `denied_peers`), probe settings of
     /// probes started later, and presence deadlines (every connection's timer is re-armed);
     /// ring timers of calls already ringing keep their deadline. A changed rate-limit config
     /// starts from empty buckets.
