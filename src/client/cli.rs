@@ -483,6 +483,16 @@ fn hangup_text(r: HangupReason) -> &'static str {
         HangupReason::MediaFailed => "media failed",
         HangupReason::Shutdown => "the gateway is shutting down",
         HangupReason::Error => "the gateway could not set up the call",
+        HangupReason::PeerDenied => "the gateway refused a media address",
+        HangupReason::BadMediaAddress => "a media address is missing or not unicast",
+    }
+}
+
+/// What the user is told about a gateway hang-up: the gateway's own words when it gave them.
+fn hangup_message(r: HangupReason, detail: Option<&str>) -> String {
+    match detail {
+        Some(d) if !d.is_empty() => format!("the gateway refused the call: {d}"),
+        _ => hangup_text(r).into(),
     }
 }
 
@@ -710,12 +720,12 @@ async fn phone_session(
                 break Ok("local (interrupted)".into());
             }
             ev = events.recv() => match ev {
-                Some(Event::HangUp { call: c, reason }) if c == call => {
+                Some(Event::HangUp { call: c, reason, detail }) if c == call => {
                     summary.hangup_reason = Some(reason);
                     break if reason == HangupReason::Normal {
                         Ok("peer".into())
                     } else {
-                        Err(hangup_text(reason).into())
+                        Err(hangup_message(reason, detail.as_deref()))
                     };
                 }
                 // It may have come while the phone was still binding: it waited in the queue.
@@ -818,9 +828,9 @@ async fn wait_media(
             ev = events.recv() => match ev {
                 Some(Event::Media(i)) if i.call == call => return Waited::Media(i),
                 Some(Event::Ringing { call: c }) if c == call => tracing::info!(call, "ringing"),
-                Some(Event::HangUp { call: c, reason }) if c == call => {
+                Some(Event::HangUp { call: c, reason, detail }) if c == call => {
                     summary.hangup_reason = Some(reason);
-                    return Waited::Failed(hangup_text(reason).into());
+                    return Waited::Failed(hangup_message(reason, detail.as_deref()));
                 }
                 Some(Event::Incoming { call: other, .. }) => {
                     let _ = phone.reject(other).await;
@@ -1270,6 +1280,7 @@ mod tests {
             g.send(&ServerMsg::HangUp {
                 call: 9,
                 reason: HangupReason::Normal,
+                detail: None,
             })
             .await;
             assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
@@ -1311,6 +1322,7 @@ mod tests {
                 ServerMsg::HangUp {
                     call: 3,
                     reason: HangupReason::Busy,
+                    detail: None,
                 },
             ])
             .await;
@@ -1350,6 +1362,56 @@ mod tests {
             Some("log-in refused: wrong user or password")
         );
         gw.await.expect("gateway");
+    }
+
+    #[tokio::test]
+    async fn a_refused_call_prints_the_gateways_words() {
+        let detail = "media address 127.0.0.1 is in a denied range (loopback 127.0.0.0/8); \
+                      set allow_private_peers or allowed_peers";
+        let (l, addr) = listener().await;
+        let gw = tokio::spawn(async move {
+            let mut g = fake(l, Vec::new()).await;
+            let ClientMsg::Dial { tag, .. } = g.recv_skip_heartbeats().await else {
+                panic!("expected dial")
+            };
+            g.send_all(&[
+                ServerMsg::Calling { tag, call: 4 },
+                ServerMsg::HangUp {
+                    call: 4,
+                    reason: HangupReason::PeerDenied,
+                    detail: Some(detail.into()),
+                },
+            ])
+            .await;
+            assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
+        });
+        let mut args = phone_args(addr);
+        args.call = Some("+15550003".into());
+        let summary = phone_session(
+            &args,
+            Mode::Call("+15550003".into()),
+            "pw".into(),
+            None,
+            None,
+            PhoneSummary::new(&args),
+        )
+        .await;
+        gw.await.expect("gateway");
+        let want = format!("the gateway refused the call: {detail}");
+        assert_eq!(summary.reason.as_deref(), Some(want.as_str()));
+        assert_eq!(summary.hangup_reason, Some(HangupReason::PeerDenied));
+        assert!(
+            summary.human().contains(&format!("failed: {want}")),
+            "{}",
+            summary.human()
+        );
+        let j = serde_json::to_value(&summary).expect("json");
+        assert_eq!(j["hangup_reason"], "peer_denied");
+        // Without words from the gateway, the reason's own text.
+        assert_eq!(
+            hangup_message(HangupReason::PeerDenied, None),
+            "the gateway refused a media address"
+        );
     }
 
     #[derive(clap::Parser, Debug)]

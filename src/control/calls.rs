@@ -303,6 +303,18 @@ enum SetupError {
     NoShard,
 }
 
+impl SetupError {
+    fn hangup_reason(&self) -> HangupReason {
+        match self {
+            SetupError::Peer(PeerRefused::Denied(..)) => HangupReason::PeerDenied,
+            SetupError::Peer(PeerRefused::NotUnicast(_) | PeerRefused::NoAddress) => {
+                HangupReason::BadMediaAddress
+            }
+            SetupError::NoShard => HangupReason::Error,
+        }
+    }
+}
+
 struct PairInputs {
     plan: Plan,
     caller: (ConnId, PartyInfo, Option<SocketAddr>),
@@ -401,7 +413,26 @@ impl Gateway {
     }
 
     fn hang_up_msg(&mut self, conn: ConnId, call: CallId, reason: HangupReason) {
-        self.send(conn, ServerMsg::HangUp { call, reason });
+        let detail = match &self.hangup_detail {
+            Some((c, d)) if *c == call => Some(d.clone()),
+            _ => None,
+        };
+        self.send(
+            conn,
+            ServerMsg::HangUp {
+                call,
+                reason,
+                detail,
+            },
+        );
+    }
+
+    /// Ends a two-party call the gateway cannot set up, telling both sides why in words.
+    fn refuse_pair(&mut self, call: CallId, e: &SetupError) {
+        let reason = e.hangup_reason();
+        self.hangup_detail = Some((call, crate::wire::control::bounded_detail(&e.to_string())));
+        self.end_pair(call, Some(reason), Some(reason));
+        self.hangup_detail = None;
     }
 
     /// Takes a call off a client's list and tells it why (when it is still logged in).
@@ -931,10 +962,17 @@ impl Gateway {
                 self.route_busy.remove(&addr);
             }
         }
-        if [to_caller, to_callee]
-            .iter()
-            .any(|r| matches!(r, Some(HangupReason::MediaFailed | HangupReason::Error)))
-        {
+        if [to_caller, to_callee].iter().any(|r| {
+            matches!(
+                r,
+                Some(
+                    HangupReason::MediaFailed
+                        | HangupReason::Error
+                        | HangupReason::PeerDenied
+                        | HangupReason::BadMediaAddress
+                )
+            )
+        }) {
             self.counters.calls_failed += 1;
         }
         self.detach(p.caller, call, to_caller);
@@ -1100,7 +1138,7 @@ impl Gateway {
             Ok(None) => return,
             Err(e) => {
                 tracing::warn!(call, reason = %e, "cannot set up media: ending the call");
-                return self.end_pair(call, Some(HangupReason::Error), Some(HangupReason::Error));
+                return self.refuse_pair(call, &e);
             }
         };
         let relay = setup
@@ -1397,7 +1435,7 @@ impl Gateway {
                 Ok(b) => built.push((conn, b)),
                 Err(e) => {
                     tracing::warn!(call, conn, reason = %e, "room member cannot join");
-                    failed.push(conn);
+                    failed.push((conn, SetupError::Peer(e)));
                 }
             }
         }
@@ -1454,14 +1492,16 @@ impl Gateway {
         for conn in sent {
             self.member_media_sent(call, conn);
         }
-        for conn in failed {
+        for (conn, e) in failed {
+            self.hangup_detail = Some((call, crate::wire::control::bounded_detail(&e.to_string())));
             self.room_leave(
                 now,
                 call,
                 conn,
-                Some(HangupReason::Error),
+                Some(e.hangup_reason()),
                 HangupReason::Normal,
             );
+            self.hangup_detail = None;
         }
     }
 
@@ -1496,13 +1536,18 @@ impl Gateway {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(call, conn, reason = %e, "room member cannot rejoin");
-                return self.room_leave(
+                let e = SetupError::Peer(e);
+                self.hangup_detail =
+                    Some((call, crate::wire::control::bounded_detail(&e.to_string())));
+                self.room_leave(
                     now,
                     call,
                     conn,
-                    Some(HangupReason::Error),
+                    Some(e.hangup_reason()),
                     HangupReason::Normal,
                 );
+                self.hangup_detail = None;
+                return;
             }
         };
         if old == Some((instr.send.transport, instr.recv.transport, delivery)) {
@@ -1569,7 +1614,15 @@ impl Gateway {
             }
             self.release_leg(&leg);
         }
-        if notify == Some(HangupReason::MediaFailed) || notify == Some(HangupReason::Error) {
+        if matches!(
+            notify,
+            Some(
+                HangupReason::MediaFailed
+                    | HangupReason::Error
+                    | HangupReason::PeerDenied
+                    | HangupReason::BadMediaAddress
+            )
+        ) {
             self.counters.calls_failed += 1;
         }
         self.detach(conn, call, notify);
@@ -2173,7 +2226,8 @@ mod tests {
             let b = w.login_with("bob", caps(false, true, false));
             let call = w.dial(&a, b.number, Some(a.media()));
             w.accept(&b, call, Some(addr("10.0.0.5:41000")));
-            let hb = hangups(&w.take(b.conn));
+            let bmsgs = w.take(b.conn);
+            let hb = hangups(&bmsgs);
             if allow {
                 assert!(hb.is_empty());
                 let spec = &installs(&w.take_shard())[0].2;
@@ -2183,8 +2237,20 @@ mod tests {
                         .any(|l| l.delivery == Delivery::Udp(addr("10.0.0.5:41000")))
                 );
             } else {
-                assert_eq!(hb, [(call, HangupReason::Error)]);
-                assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Error)]);
+                assert_eq!(hb, [(call, HangupReason::PeerDenied)]);
+                // Both sides are told why, in words that name the address, the range and the
+                // keys that open it.
+                let want = "media address 10.0.0.5 is in a denied range (private (RFC 1918) \
+                            10.0.0.0/8); set allow_private_peers or allowed_peers";
+                let amsgs = w.take(a.conn);
+                assert_eq!(hangups(&amsgs), [(call, HangupReason::PeerDenied)]);
+                for msgs in [&bmsgs, &amsgs] {
+                    let detail = msgs.iter().find_map(|m| match m {
+                        ServerMsg::HangUp { detail, .. } => detail.clone(),
+                        _ => None,
+                    });
+                    assert_eq!(detail.as_deref(), Some(want));
+                }
                 assert!(w.take_shard().is_empty());
             }
             // A direct direction towards a private peer address.

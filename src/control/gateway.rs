@@ -538,6 +538,8 @@ pub struct Gateway {
     /// After [`Input::Shutdown`]: every new connection is refused.
     pub(crate) shut: bool,
     pub(crate) counters: Counters,
+    /// The words for the next `hang_up` of this call (why the gateway refused it).
+    pub(crate) hangup_detail: Option<(CallId, String)>,
 }
 
 impl Gateway {
@@ -577,6 +579,7 @@ impl Gateway {
             draining: false,
             shut: false,
             counters: Counters::default(),
+            hangup_detail: None,
         }
     }
 
@@ -1227,7 +1230,7 @@ fn client_msg_name(m: &ClientMsg) -> &'static str {
 
 /// Keeps peer-supplied text in error messages short and printable.
 fn clip(s: &str) -> String {
-    let mut s: String = s.chars().take(200).collect();
+    let mut s: String = s.chars().take(400).collect();
     s.retain(|c| !c.is_control());
     s
 }

@@ -645,7 +645,7 @@ pub fn media_of(msgs: &[ServerMsg]) -> Vec<MediaInstructions> {
 pub fn hangups(msgs: &[ServerMsg]) -> Vec<(CallId, HangupReason)> {
     msgs.iter()
         .filter_map(|m| match m {
-            ServerMsg::HangUp { call, reason } => Some((*call, *reason)),
+            ServerMsg::HangUp { call, reason, .. } => Some((*call, *reason)),
             _ => None,
         })
         .collect()
