@@ -525,7 +525,7 @@ impl Config {
 
     /// What differs between two configurations that a running gateway cannot apply live
     /// (named in the log on reload).
-    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<String> {
         let (a, b) = (&self.server, &new.server);
         let mut v = Vec::new();
         if a.listen != b.listen {
@@ -552,14 +552,30 @@ impl Config {
         if a.pin_shards != b.pin_shards {
             v.push("server.pin_shards");
         }
-        if self.media != new.media {
-            v.push("media.*");
-        }
+        let mut v: Vec<String> = v.into_iter().map(String::from).collect();
+        // Every [media] key needs a restart: name each one that changed.
+        v.extend(changed_keys("media", &self.media, &new.media));
         if self.dumps.dir != new.dumps.dir {
-            v.push("dumps.dir");
+            v.push("dumps.dir".into());
         }
         v
     }
+}
+
+/// `section.key` for each key whose value differs between `a` and `b` (as TOML values).
+fn changed_keys<T: Serialize>(section: &str, a: &T, b: &T) -> Vec<String> {
+    let table = |x: &T| match toml::Value::try_from(x) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::map::Map::new(),
+    };
+    let (ta, tb) = (table(a), table(b));
+    let mut keys: Vec<&String> = ta.keys().chain(tb.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| ta.get(*k) != tb.get(*k))
+        .map(|k| format!("{section}.{k}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -647,9 +663,14 @@ mod tests {
         b.server.control_port = 9000;
         b.presence.heartbeat_ms = 5000;
         b.media.coalesce_us = 0;
+        b.media.udp_bufs = 8;
         assert_eq!(
             a.restart_only_changes(&b),
-            vec!["server.control_port", "media.*"]
+            vec!["server.control_port", "media.coalesce_us", "media.udp_bufs"]
         );
+        let mut c = a.clone();
+        c.server.denied_peers = vec!["10.0.0.0/8".parse().unwrap()];
+        c.calls.ring_timeout_s = 5;
+        assert!(a.restart_only_changes(&c).is_empty(), "live keys");
     }
 }

@@ -427,6 +427,42 @@ impl Gateway {
         );
     }
 
+    /// A pair's plan and relay legs go into its record (each leg is the party whose media
+    /// instructions name it; the one no client binds is the telephone route's).
+    fn record_pair_media(
+        &mut self,
+        call: CallId,
+        media: &[(ConnId, MediaInstructions)],
+        relay: Option<&Relay>,
+    ) {
+        let (caller, plan) = match self.calls.get(&call) {
+            Some(Call::Pair(p)) => (p.caller, media.first().and_then(|(_, m)| m.plan)),
+            _ => return,
+        };
+        let legs = relay.map_or_else(Vec::new, |r| {
+            r.legs
+                .iter()
+                .map(|leg| {
+                    let owner = media.iter().find(|(_, m)| m.leg.as_deref() == Some(leg));
+                    let party = match owner {
+                        Some((c, _)) if *c == caller => super::records::Party::Caller,
+                        Some(_) => super::records::Party::Callee,
+                        None => super::records::Party::Route,
+                    };
+                    (leg.clone(), party)
+                })
+                .collect()
+        });
+        self.record_media(call, plan, relay.map(|r| r.shard), legs);
+    }
+
+    /// A dial or conference refused before it became a call: the caller is told, the record
+    /// closes.
+    fn refuse_dial(&mut self, conn: ConnId, call: CallId, reason: HangupReason) {
+        self.hang_up_msg(conn, call, reason);
+        self.close_record(call, Some(reason), Some(reason));
+    }
+
     /// Ends a two-party call the gateway cannot set up, telling both sides why in words.
     fn refuse_pair(&mut self, call: CallId, e: &SetupError) {
         let reason = e.hangup_reason();
@@ -507,17 +543,18 @@ impl Gateway {
         };
         let (me, ncalls) = (s.user.clone(), s.calls.len());
         let id = self.new_call_id();
+        self.open_record(id, now, conn, number);
         self.send(conn, ServerMsg::Calling { tag, call: id });
         if self.draining {
-            return self.hang_up_msg(conn, id, HangupReason::Shutdown);
+            return self.refuse_dial(conn, id, HangupReason::Shutdown);
         }
         if ncalls >= self.cfg.max_calls_per_user {
             tracing::info!(conn, user = %me, "dial refused: too many calls at once");
-            return self.hang_up_msg(conn, id, HangupReason::Error);
+            return self.refuse_dial(conn, id, HangupReason::Error);
         }
         let dest = match self.lookup(&me, number) {
             Ok(d) => d,
-            Err(reason) => return self.hang_up_msg(conn, id, reason),
+            Err(reason) => return self.refuse_dial(conn, id, reason),
         };
         self.counters.calls_placed += 1;
         match dest {
@@ -526,6 +563,7 @@ impl Gateway {
                     Some(s) => (s.number.clone(), s.user.clone()),
                     None => return,
                 };
+                self.record_callee(id, callee);
                 self.calls.insert(
                     id,
                     Call::Pair(Box::new(Pair {
@@ -560,9 +598,11 @@ impl Gateway {
             Dest::Route(route) => {
                 let addr = canonical(route.media_addr);
                 if self.route_busy.contains_key(&addr) {
-                    return self.hang_up_msg(conn, id, HangupReason::Busy);
+                    return self.refuse_dial(conn, id, HangupReason::Busy);
                 }
                 self.route_busy.insert(addr, id);
+                // A telephone route answers at once.
+                self.record_answered(id, now);
                 self.calls.insert(
                     id,
                     Call::Pair(Box::new(Pair {
@@ -599,6 +639,7 @@ impl Gateway {
                 }
                 p.callee_media = media;
                 p.state = PairState::Planning;
+                self.record_answered(call, now);
                 self.timers.cancel(Timer::Call(call));
                 self.try_plan(now, call);
             }
@@ -615,6 +656,7 @@ impl Gateway {
                 if !r.members.values().any(|m| m.state == MemberState::Invited) {
                     self.timers.cancel(Timer::Call(call));
                 }
+                self.record_answered(call, now);
                 self.room_progress(now, call);
             }
             _ => self.error(
@@ -952,6 +994,7 @@ impl Gateway {
         let Some(Call::Pair(p)) = self.calls.remove(&call) else {
             return;
         };
+        self.close_record(call, to_caller, to_callee);
         self.timers.cancel(Timer::Call(call));
         if let Some(relay) = p.relay {
             self.drop_relay(call, relay);
@@ -1144,6 +1187,7 @@ impl Gateway {
         let relay = setup
             .relay
             .map(|(shard, legs)| self.start_install(call, shard, legs));
+        self.record_pair_media(call, &setup.media, relay.as_ref());
         let Some(Call::Pair(p)) = self.calls.get_mut(&call) else {
             return;
         };
@@ -1276,13 +1320,18 @@ impl Gateway {
         };
         let (me, from_number, ncalls) = (s.user.clone(), s.number.clone(), s.calls.len());
         let id = self.new_call_id();
+        self.open_record(id, now, conn, &numbers.join(","));
+        if let Some(r) = self.record_mut(id) {
+            r.conference = true;
+            r.callee_number = crate::wire::control::bounded_detail(&r.callee_number);
+        }
         self.send(conn, ServerMsg::Calling { tag, call: id });
         if self.draining {
-            return self.hang_up_msg(conn, id, HangupReason::Shutdown);
+            return self.refuse_dial(conn, id, HangupReason::Shutdown);
         }
         if ncalls >= self.cfg.max_calls_per_user {
             tracing::info!(conn, user = %me, "conference refused: too many calls at once");
-            return self.hang_up_msg(conn, id, HangupReason::Error);
+            return self.refuse_dial(conn, id, HangupReason::Error);
         }
         // A message may hold thousands of numbers: bound the work before de-duplicating.
         let mut unique: Vec<&str> = Vec::new();
@@ -1300,7 +1349,7 @@ impl Gateway {
                 numbers.len()
             );
             self.error(conn, ErrorCode::BadMessage, msg);
-            return self.hang_up_msg(conn, id, HangupReason::Error);
+            return self.refuse_dial(conn, id, HangupReason::Error);
         }
         let mut invitees = Vec::new();
         let mut first_failure = None;
@@ -1318,7 +1367,7 @@ impl Gateway {
             }
         }
         if invitees.is_empty() {
-            return self.hang_up_msg(conn, id, first_failure.unwrap_or(HangupReason::NotFound));
+            return self.refuse_dial(conn, id, first_failure.unwrap_or(HangupReason::NotFound));
         }
         self.counters.calls_placed += 1;
         let mut members = BTreeMap::new();
@@ -1643,6 +1692,20 @@ impl Gateway {
         let Some(Call::Room(r)) = self.calls.remove(&call) else {
             return;
         };
+        let legs = r
+            .members
+            .iter()
+            .filter_map(|(c, m)| {
+                let party = if *c == r.organizer {
+                    super::records::Party::Caller
+                } else {
+                    super::records::Party::Member
+                };
+                m.leg.clone().map(|l| (l, party))
+            })
+            .collect();
+        self.record_media(call, None, r.relay.as_ref().map(|x| x.shard), legs);
+        self.close_record(call, Some(reason), Some(reason));
         self.timers.cancel(Timer::Call(call));
         if let Some(relay) = r.relay {
             self.drop_relay(call, relay);

@@ -309,6 +309,10 @@ pub enum Action {
         session: SessionId,
         leg: String,
     },
+    /// A call ended (answered, unanswered or refused): its record, for the call detail
+    /// records. Emitted before the `RemoveSession` of its relay, so a shard asked for the
+    /// session's legs in this order still has them.
+    CallEnded(Box<super::records::CallRecord>),
 }
 
 /// A snapshot of the core's tables and counters.
@@ -540,6 +544,10 @@ pub struct Gateway {
     pub(crate) counters: Counters,
     /// The words for the next `hang_up` of this call (why the gateway refused it).
     pub(crate) hangup_detail: Option<(CallId, String)>,
+    /// Open call records (see [`super::records`]).
+    pub(crate) records: HashMap<CallId, super::records::CallRecord>,
+    /// The `now` of the latest input: when a call that ends without a `now` at hand ended.
+    pub(crate) last_now: Option<Instant>,
 }
 
 impl Gateway {
@@ -580,10 +588,19 @@ impl Gateway {
             shut: false,
             counters: Counters::default(),
             hangup_detail: None,
+            records: HashMap::new(),
+            last_now: None,
         }
     }
 
+    /// Where call ids start (server: [`super::records::id_base`] of the start time, so ids
+    /// are unique across restarts and gateways). Before any call; tests keep the default 1.
+    pub fn set_id_base(&mut self, base: CallId) {
+        self.next_call = base.clamp(1, super::records::ID_LIMIT - 1);
+    }
+
     pub fn handle(&mut self, now: Instant, input: Input) {
+        self.last_now = Some(now);
         match input {
             Input::Connected { conn, peer, local } => self.on_connected(now, conn, peer, local),
             Input::Message { conn, msg } => self.on_message(now, conn, msg),
@@ -628,6 +645,7 @@ impl Gateway {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = Some(now);
         for t in self.timers.take_due(now) {
             match t {
                 Timer::Conn(conn) => self.on_conn_timer(now, conn),
@@ -769,7 +787,7 @@ impl Gateway {
 
     pub(crate) fn new_call_id(&mut self) -> CallId {
         let id = self.next_call;
-        self.next_call = self.next_call.wrapping_add(1).max(1);
+        self.next_call = super::records::next_id(id);
         id
     }
 

@@ -31,6 +31,7 @@ pub mod peer_policy;
 pub mod planner;
 pub mod presence;
 pub mod probe;
+pub mod records;
 #[cfg(test)]
 mod sim;
 

@@ -183,6 +183,9 @@ pub struct World {
     pub closed: HashSet<ConnId>,
     pub probe_out: Vec<(ProbePort, SocketAddr, Vec<u8>)>,
     pub shard_cmds: Vec<Action>,
+    /// Records of ended calls, each with the number of shard commands before it (so a test
+    /// can check what came first).
+    pub ended: Vec<(usize, crate::control::records::CallRecord)>,
     /// Answer every install at once with this (None: leave installs pending).
     pub auto_install: Option<Result<(), String>>,
     pub pending_installs: Vec<u64>,
@@ -228,6 +231,7 @@ impl World {
             closed: HashSet::new(),
             probe_out: Vec::new(),
             shard_cmds: Vec::new(),
+            ended: Vec::new(),
             auto_install: Some(Ok(())),
             pending_installs: Vec::new(),
             check: true,
@@ -251,6 +255,7 @@ impl World {
                         installs.push(op);
                         self.shard_cmds.push(a);
                     }
+                    Action::CallEnded(r) => self.ended.push((self.shard_cmds.len(), *r)),
                     other => self.shard_cmds.push(other),
                 }
             }

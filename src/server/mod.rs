@@ -70,6 +70,15 @@ pub struct Bound {
     pub shards: Vec<(SocketAddr, SocketAddr)>,
 }
 
+/// The first call or connection id of this run: its start time and a random part
+/// ([`crate::control::records::id_base`]).
+fn boot_id_base() -> u64 {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    crate::control::records::id_base(secs, rand::random())
+}
+
 /// Opens (creating if needed) the data directory and the store in it.
 pub fn open_store(data_dir: &Path) -> Result<SqliteStore, ServeError> {
     std::fs::create_dir_all(data_dir).map_err(|source| ServeError::DataDir {
@@ -295,12 +304,13 @@ async fn run(
         })
         .collect();
     let gw_cfg = cfg.gateway_config(secret, (bound.probe.0.port(), bound.probe.1.port()));
-    let gateway = Gateway::new(
+    let mut gateway = Gateway::new(
         gw_cfg,
         Box::new(store),
         infos,
         rand::rngs::StdRng::from_os_rng(),
     );
+    gateway.set_id_base(boot_id_base());
     let dumps = open_dumps(&cfg)?;
     let (events, mut rx) = mpsc::channel::<Event>(4096);
     let probe = [Arc::new(probe_a), Arc::new(probe_b)];
@@ -320,7 +330,8 @@ async fn run(
         scratch: Vec::with_capacity(proto::MAX_MESSAGE),
         probe,
         events,
-        next_conn: 1,
+        // Connection ids, like call ids, are unique across restarts and gateways.
+        next_conn: boot_id_base(),
         dumps,
         last_dump: SystemTime::now(),
         last_counters: HashMap::new(),
@@ -583,7 +594,7 @@ impl Server {
         match ev {
             Event::Accepted(stream, peer) => {
                 let conn = self.next_conn;
-                self.next_conn += 1;
+                self.next_conn = crate::control::records::next_id(conn);
                 let _ = stream.set_nodelay(true);
                 let local = stream
                     .local_addr()
@@ -731,6 +742,8 @@ impl Server {
                         });
                     }
                 }
+                // The core logged the call's INFO line; call detail records come next.
+                Action::CallEnded(_) => {}
             }
         }
     }
@@ -823,10 +836,7 @@ impl Server {
         };
         (self.overrides)(&mut new);
         for key in self.cfg.restart_only_changes(&new) {
-            tracing::warn!(
-                key,
-                "SIGHUP: this setting needs a restart; keeping the running value"
-            );
+            tracing::warn!("SIGHUP: {key} needs a restart; keeping the running value");
         }
         new.server.listen = self.cfg.server.listen;
         new.server.control_port = self.cfg.server.control_port;

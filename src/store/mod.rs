@@ -94,6 +94,13 @@ pub enum StoreError {
     Corrupt { what: String },
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// A database error on a file: which file, and why (the OS's words where it has them,
+    /// e.g. "Read-only file system").
+    #[error("store {}: {cause}", .path.display())]
+    File {
+        path: std::path::PathBuf,
+        cause: String,
+    },
 }
 
 /// The directory. Every method validates its input first; lookups of names
