@@ -93,6 +93,13 @@ struct ServeArgs {
     ring_timeout_s: Option<u64>,
     #[arg(long)]
     shutdown_grace_s: Option<u64>,
+    /// Address of the HTTP admin listener (/metrics for Prometheus, /health); port 0 picks a
+    /// free port (named in the "ready" log line).
+    #[arg(long, value_name = "ADDR:PORT")]
+    admin_listen: Option<std::net::SocketAddr>,
+    /// Do not start the HTTP admin listener.
+    #[arg(long, conflicts_with = "admin_listen")]
+    no_admin: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -327,6 +334,13 @@ fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
     }
     if let Some(v) = a.ring_timeout_s {
         cfg.calls.ring_timeout_s = v;
+    }
+    if let Some(v) = a.admin_listen {
+        cfg.admin.enabled = true;
+        cfg.admin.listen = v;
+    }
+    if a.no_admin {
+        cfg.admin.enabled = false;
     }
 }
 

@@ -922,6 +922,9 @@ impl Gateway {
             return;
         };
         self.timers.cancel(Timer::Call(call));
+        if let Some(reason) = to_callee.or(to_caller) {
+            self.counters.tally.ended(reason);
+        }
         if let Some(relay) = p.relay {
             self.drop_relay(call, relay);
         }
@@ -1103,6 +1106,7 @@ impl Gateway {
                 return self.end_pair(call, Some(HangupReason::Error), Some(HangupReason::Error));
             }
         };
+        self.counters.tally.plan(&setup.plan);
         let relay = setup
             .relay
             .map(|(shard, legs)| self.start_install(call, shard, legs));
@@ -1591,6 +1595,7 @@ impl Gateway {
             return;
         };
         self.timers.cancel(Timer::Call(call));
+        self.counters.tally.ended(reason);
         if let Some(relay) = r.relay {
             self.drop_relay(call, relay);
         }
