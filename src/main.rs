@@ -187,7 +187,8 @@ struct StatsArgs {
     /// Only intervals ending after this many seconds since the Unix epoch.
     #[arg(long, value_name = "UNIX_SECS")]
     since: Option<u64>,
-    /// Also draw the latency percentile plot (SVG) to this file.
+    /// Also draw the latency plots (one SVG) to this file: percentiles per shard on a
+    /// logarithmic latency axis, then p50/p99/max and packets received per interval.
     #[arg(long)]
     plot: Option<PathBuf>,
     #[arg(long)]
