@@ -24,6 +24,7 @@ pub struct Config {
     pub auth: AuthSection,
     pub media: MediaSection,
     pub dumps: DumpsSection,
+    pub admin: AdminSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -122,6 +123,24 @@ pub struct DumpsSection {
     pub interval_s: u64,
     pub max_files: usize,
     pub intervals_per_file: usize,
+}
+
+/// The HTTP admin listener (`/metrics`, `/health`); see `server::admin`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    pub enabled: bool,
+    /// Loopback by default: metrics are for the operator's scraper, not the Internet.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            enabled: true,
+            listen: "127.0.0.1:7480".parse().expect("constant address"),
+        }
+    }
 }
 
 impl Default for ServerSection {
@@ -557,6 +576,9 @@ impl Config {
         v.extend(changed_keys("media", &self.media, &new.media));
         if self.dumps.dir != new.dumps.dir {
             v.push("dumps.dir".into());
+        }
+        if self.admin != new.admin {
+            v.push("admin.*");
         }
         v
     }

@@ -106,6 +106,13 @@ struct ServeArgs {
     /// On SIGTERM, calls in progress get this many seconds to finish [default: 30].
     #[arg(long, value_name = "SECS")]
     shutdown_grace_s: Option<u64>,
+    /// Address of the HTTP admin listener (/metrics for Prometheus, /health); port 0 picks a
+    /// free port (named in the "ready" log line).
+    #[arg(long, value_name = "ADDR:PORT")]
+    admin_listen: Option<std::net::SocketAddr>,
+    /// Do not start the HTTP admin listener.
+    #[arg(long, conflicts_with = "admin_listen")]
+    no_admin: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -209,7 +216,8 @@ struct StatsArgs {
     /// Only intervals ending after this many seconds since the Unix epoch.
     #[arg(long, value_name = "UNIX_SECS")]
     since: Option<u64>,
-    /// Also draw the latency percentile plot (SVG) to this file.
+    /// Also draw the latency plots (one SVG) to this file: percentiles per shard on a
+    /// logarithmic latency axis, then p50/p99/max and packets received per interval.
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Print JSON instead of tables.
@@ -357,6 +365,13 @@ fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
     }
     if let Some(v) = a.ring_timeout_s {
         cfg.calls.ring_timeout_s = v;
+    }
+    if let Some(v) = a.admin_listen {
+        cfg.admin.enabled = true;
+        cfg.admin.listen = v;
+    }
+    if a.no_admin {
+        cfg.admin.enabled = false;
     }
 }
 

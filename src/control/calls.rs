@@ -996,6 +996,9 @@ impl Gateway {
         };
         self.close_record(call, to_caller, to_callee);
         self.timers.cancel(Timer::Call(call));
+        if let Some(reason) = to_callee.or(to_caller) {
+            self.counters.tally.ended(reason);
+        }
         if let Some(relay) = p.relay {
             self.drop_relay(call, relay);
         }
@@ -1184,6 +1187,7 @@ impl Gateway {
                 return self.refuse_pair(call, &e);
             }
         };
+        self.counters.tally.plan(&setup.plan);
         let relay = setup
             .relay
             .map(|(shard, legs)| self.start_install(call, shard, legs));
@@ -1707,6 +1711,7 @@ impl Gateway {
         self.record_media(call, None, r.relay.as_ref().map(|x| x.shard), legs);
         self.close_record(call, Some(reason), Some(reason));
         self.timers.cancel(Timer::Call(call));
+        self.counters.tally.ended(reason);
         if let Some(relay) = r.relay {
             self.drop_relay(call, relay);
         }

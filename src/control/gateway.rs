@@ -342,6 +342,8 @@ pub struct GatewayStats {
     pub calls_placed: u64,
     /// Since start: calls ended by media failure or a set-up error.
     pub calls_failed: u64,
+    /// Since start: probe verdicts, planned paths, end reasons.
+    pub tally: super::tally::Tally,
 }
 
 /// A logged-in client.
@@ -509,6 +511,7 @@ pub(crate) struct Counters {
     pub rate_limited: u64,
     pub calls_placed: u64,
     pub calls_failed: u64,
+    pub tally: super::tally::Tally,
 }
 
 /// The control core. See the module docs.
@@ -704,6 +707,7 @@ impl Gateway {
             rate_limited: self.counters.rate_limited,
             calls_placed: self.counters.calls_placed,
             calls_failed: self.counters.calls_failed,
+            tally: self.counters.tally.clone(),
             ..GatewayStats::default()
         };
         for call in self.calls.values() {

@@ -34,6 +34,7 @@ pub mod probe;
 pub mod records;
 #[cfg(test)]
 mod sim;
+pub mod tally;
 
 /// The STUN short-term password for a media leg: derived from the client's session key (the
 /// seed's "additional password"), so the gateway never sends it and nobody without the session

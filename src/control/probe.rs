@@ -367,6 +367,7 @@ impl Gateway {
         let user = s.user.clone();
         self.tokens.remove(&p.token);
         self.timers.cancel(Timer::Probe(conn));
+        self.counters.tally.probe(&out);
         tracing::debug!(conn, %user, ?out, "probe finished");
         self.send(
             conn,

@@ -15,6 +15,7 @@
 //! [`procfs`] (CPU and memory of the relay), [`report`] (results → `report.md`).
 
 pub mod engine;
+pub mod gate;
 pub mod pacing;
 pub mod packet;
 pub mod procfs;
@@ -60,6 +61,17 @@ enum BenchCmd {
         /// Free text about the machine and the run, included verbatim.
         #[arg(long)]
         notes: Option<PathBuf>,
+    },
+    /// Pass/fail over the step results in DIR: voxgate's CPU per packet against the
+    /// forwarder's, and loss at paced steps (see perf/README.md). Exits 1 on a failure.
+    Gate {
+        dir: PathBuf,
+        /// Most CPU per relayed packet voxgate may spend, as a multiple of the forwarder's.
+        #[arg(long, default_value_t = gate::Limits::default().max_cpu_ratio)]
+        max_cpu_ratio: f64,
+        /// Most loss (a fraction) at a paced voxgate step.
+        #[arg(long, default_value_t = gate::Limits::default().max_loss)]
+        max_loss: f64,
     },
 }
 
@@ -251,6 +263,27 @@ pub fn run(args: BenchArgs) -> ExitCode {
             notes,
         } => report::write(&dir, profile.as_deref(), notes.as_deref()).map(|p| {
             println!("wrote {}", p.display());
+        }),
+        BenchCmd::Gate {
+            dir,
+            max_cpu_ratio,
+            max_loss,
+        } => report::load(&dir).and_then(|all| {
+            let v = gate::check(
+                &all,
+                gate::Limits {
+                    max_cpu_ratio,
+                    max_loss,
+                },
+            );
+            for l in &v.lines {
+                println!("{l}");
+            }
+            if v.passed() {
+                Ok(())
+            } else {
+                Err(format!("perf gate: {} check(s) failed", v.failures))
+            }
         }),
     };
     match r {

@@ -553,11 +553,11 @@ pub fn targets(all: &[StepResult]) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::loadgen::Latency;
 
-    fn res(label: &str, scenario: &str, step: &str, cpu: f64, p99: f64) -> StepResult {
+    pub(crate) fn res(label: &str, scenario: &str, step: &str, cpu: f64, p99: f64) -> StepResult {
         StepResult {
             system: label.split('-').next().unwrap_or(label).into(),
             label: label.into(),

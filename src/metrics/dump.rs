@@ -8,11 +8,15 @@
 //! - `voxgate-20240601T120000.000Z.hlog`: an HdrHistogram interval log (format version 1.3,
 //!   as written by the Java `HistogramLogWriter`: header comments, `#[StartTime: ..]`,
 //!   `#[BaseTime: ..]`, the CSV legend, then one line per histogram). Each interval has one
-//!   line per shard tagged `shard=<i>` and one merged line tagged `all`; histograms are
-//!   V2-deflate encoded and hold nanoseconds (so does the informational max column).
-//!   Standard readers take it as is (checked with the Java `HistogramLogProcessor`, which
-//!   needs `-tag all` or `-tag shard=<i>` since no line is untagged, the Python `hdrh`
-//!   reader, and `hdrhistogram::serialization::interval_log::IntervalLogIterator`).
+//!   line per shard tagged `shard=<i>` and one untagged line with all shards merged, which is
+//!   what stock tools read by default; histograms are V2-deflate encoded and hold
+//!   nanoseconds. The informational `Interval_Max` column is in milliseconds (the histogram's
+//!   max divided by 10^6), as the Java `HistogramLogWriter` writes it by default for
+//!   nanosecond histograms. Standard readers take it as is: `tests/hdr_tools.rs` runs the
+//!   Java `HistogramLogProcessor` (Debian's `libhdrhistogram-java`) on a dump and compares its
+//!   percentiles with voxgate's; `hdrhistogram::serialization::interval_log::IntervalLogIterator`
+//!   reads it too. (Dumps written before this change tagged the merged line `all`;
+//!   `voxgate stats` reads both.)
 //! - `voxgate-20240601T120000.000Z.counters.jsonl`: one JSON object per interval with the
 //!   merged and per-shard counters (drops keyed by [`DropReason::name`]).
 //!
@@ -31,8 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
-use hdrhistogram::serialization::V2DeflateSerializer;
-use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+use hdrhistogram::serialization::{Serializer as _, V2DeflateSerializer};
 use serde::{Deserialize, Serialize};
 
 use super::counters::{Counters, DropReason, Flow};
@@ -44,8 +47,12 @@ pub const LATENCY_HIGHEST_NS: u64 = 60_000_000_000;
 /// Significant decimal digits the shards' histograms keep.
 pub const LATENCY_SIGFIG: u8 = 3;
 
-/// Tag of the merged (all shards) histogram line of each interval.
+/// Name of the merged (all shards) histogram in reports. The merged line itself is untagged
+/// in the dumps (older dumps tagged it `all`).
 pub const TAG_ALL: &str = "all";
+/// `Interval_Max` is the histogram's max (ns) divided by this: milliseconds, the Java
+/// `HistogramLogWriter`'s default unit ratio.
+pub const MAX_VALUE_DIVISOR: f64 = 1_000_000.0;
 
 const FILE_PREFIX: &str = "voxgate-";
 const HLOG_SUFFIX: &str = ".hlog";
@@ -119,6 +126,8 @@ pub struct DumpWriter {
     current: Option<OpenPair>,
     serializer: V2DeflateSerializer,
     hlog_buf: Vec<u8>,
+    /// One histogram's V2-deflate encoding.
+    encode_buf: Vec<u8>,
     counters_buf: Vec<u8>,
 }
 
@@ -156,6 +165,7 @@ impl DumpWriter {
             current: None,
             serializer: V2DeflateSerializer::new(),
             hlog_buf: Vec::new(),
+            encode_buf: Vec::new(),
             counters_buf: Vec::new(),
         })
     }
@@ -170,7 +180,7 @@ impl DumpWriter {
     }
 
     /// Writes one interval [start, end) (wall-clock): one interval-log line per shard tagged
-    /// `shard=<i>` plus a merged line tagged `all`, and one JSON line of counters. Rotates after
+    /// `shard=<i>` plus an untagged merged line, and one JSON line of counters. Rotates after
     /// `intervals_per_file` intervals (or when the clock went back before the file's base time)
     /// and deletes the oldest pairs beyond `max_files`.
     pub fn write_interval(
@@ -219,29 +229,43 @@ impl DumpWriter {
             });
         };
 
-        // The hlog lines, formatted in memory and written at once.
+        // The hlog lines, formatted in memory and written at once, as the Java
+        // `HistogramLogWriter` writes them: `[Tag=<tag>,]start,length,max,histogram` with
+        // start and length in seconds (3 decimals) and max in milliseconds.
         self.hlog_buf.clear();
-        {
-            let mut log = IntervalLogWriterBuilder::new()
-                .begin_log_with(&mut self.hlog_buf, &mut self.serializer)
-                .map_err(|source| DumpError::Write {
+        // `start >= base` was ensured by the rotation rule.
+        let offset = start.saturating_sub(pair.base);
+        let tagged = samples
+            .iter()
+            .map(|s| (Some(format!("shard={}", s.shard)), &s.latency))
+            .chain(std::iter::once((None, &all)));
+        for (tag, h) in tagged {
+            self.encode_buf.clear();
+            self.serializer
+                .serialize(h, &mut self.encode_buf)
+                .map_err(|e| DumpError::Encode {
                     path: pair.hlog_path.clone(),
-                    source,
+                    tag: tag.clone().unwrap_or_else(|| TAG_ALL.to_owned()),
+                    problem: format!("{e:?}"),
                 })?;
-            // `start >= base` was ensured by the rotation rule.
-            let offset = start.saturating_sub(pair.base);
-            let tagged = samples
-                .iter()
-                .map(|s| (format!("shard={}", s.shard), &s.latency))
-                .chain(std::iter::once((TAG_ALL.to_owned(), &all)));
-            for (tag, h) in tagged {
-                log.write_histogram(h, offset, length, Tag::new(&tag))
-                    .map_err(|e| DumpError::Encode {
-                        path: pair.hlog_path.clone(),
-                        tag: tag.clone(),
-                        problem: e.to_string(),
-                    })?;
+            let mut line = String::new();
+            if let Some(t) = &tag {
+                let _ = write!(line, "Tag={t},");
             }
+            let _ = write!(
+                line,
+                "{:.3},{:.3},{:.3},",
+                offset.as_secs_f64(),
+                length.as_secs_f64(),
+                h.max() as f64 / MAX_VALUE_DIVISOR
+            );
+            base64::Engine::encode_string(
+                &base64::engine::general_purpose::STANDARD,
+                &self.encode_buf,
+                &mut line,
+            );
+            line.push('\n');
+            self.hlog_buf.extend_from_slice(line.as_bytes());
         }
 
         self.counters_buf.clear();
@@ -420,13 +444,11 @@ fn hlog_header(base: Duration) -> String {
     );
     let _ = writeln!(
         h,
-        "#[Tags: shard=<i> per shard, {TAG_ALL} = all shards merged; counters in the sibling {COUNTERS_SUFFIX}]"
+        "#[Untagged lines: all shards merged; Tag=shard=<i>: one shard; counters in the sibling {COUNTERS_SUFFIX}]"
     );
-    // Tools read untagged lines by default (the Java HistogramLogProcessor fails on a log with
-    // none): say how to pick a tag.
     let _ = writeln!(
         h,
-        "#[Every line is tagged: e.g. HistogramLogProcessor -i FILE -tag {TAG_ALL} -outputValueUnitRatio 1000 (µs)]"
+        "#[Interval_Max in milliseconds; e.g. HistogramLogProcessor -i FILE -outputValueUnitRatio 1000 (µs), -tag shard=0]"
     );
     let _ = writeln!(h, "#[Logged with voxgate {}]", env!("CARGO_PKG_VERSION"));
     let _ = writeln!(h, "#[Histogram log format version 1.3]");
@@ -785,10 +807,24 @@ mod tests {
                 LogEntry::StartTime(b) => assert_eq!(b, Duration::from_secs(t0)),
             }
         }
-        let tags: Vec<_> = entries.iter().map(|e| e.0.clone().unwrap()).collect();
+        let tags: Vec<_> = entries.iter().map(|e| e.0.clone()).collect();
+        let t = |s: &str| Some(s.to_owned());
         assert_eq!(
             tags,
-            ["shard=0", "shard=1", "all", "shard=0", "shard=1", "all"]
+            [
+                t("shard=0"),
+                t("shard=1"),
+                None,
+                t("shard=0"),
+                t("shard=1"),
+                None
+            ],
+            "the merged line is untagged"
+        );
+        // Interval_Max in milliseconds: shard 1's 50 µs.
+        assert!(
+            text.lines().any(|l| l.starts_with("0.000,10.000,0.050,")),
+            "{text}"
         );
         assert_eq!(entries[2].3, 4, "all merges both shards");
         assert!(entries[2].4 >= 50_000 && entries[2].4 < 50_100);

@@ -4,6 +4,8 @@
 pub mod counters;
 pub mod dump;
 pub mod mos;
+pub mod plot;
+pub mod prom;
 pub mod rtpstats;
 pub mod stats;
 

@@ -29,7 +29,7 @@ pub struct RtpStats {
 }
 
 /// A copy of the numbers an operator reads.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RtpReport {
     pub ssrc: u32,
     pub received: u64,

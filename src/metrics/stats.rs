@@ -27,6 +27,7 @@ use super::dump::{
     CountersRecord, IntervalRecordIn, TAG_ALL, format_human, format_rfc3339, new_latency_histogram,
     unix_ms,
 };
+use super::plot::{LatencyPoint, PacketPoint};
 
 /// Longest line read from a dump; longer ones are skipped. A dense 1 ns..60 s histogram at 3
 /// significant figures encodes to well under 400 KiB of base64.
@@ -43,6 +44,8 @@ const MAX_SIGFIG: u32 = 4;
 const MAX_TOTAL_COUNT: u64 = 1 << 62;
 /// Problems described in the report (all are counted).
 const MAX_PROBLEM_EXAMPLES: usize = 8;
+/// Most intervals drawn in the plot's time series (a year of 10-s intervals is 3.2 million).
+const MAX_PLOT_POINTS: usize = 1 << 20;
 /// Interval timestamps more than a year below StartTime are relative to it (Java reader rule).
 const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -194,6 +197,9 @@ pub fn load(query: &StatsQuery) -> Result<StatsReport, StatsError> {
     let mut span = Span::default();
     let mut tags: HashMap<String, Histogram<u64>> = HashMap::new();
     let mut intervals = 0;
+    // For the plot's time series: one point per interval (bounded).
+    let mut latency_points: Vec<LatencyPoint> = Vec::new();
+    let mut packet_points: Vec<PacketPoint> = Vec::new();
     for path in &hlogs {
         let name = file_name(path);
         let mut last_start = None;
@@ -205,7 +211,8 @@ pub fn load(query: &StatsQuery) -> Result<StatsReport, StatsError> {
             if !in_window(i.start, i.end) {
                 return;
             }
-            let tag = i.tag.unwrap_or("untagged");
+            // The merged line is untagged (older dumps tagged it `all`).
+            let tag = i.tag.unwrap_or(TAG_ALL);
             let h = match decode_line(i.encoded) {
                 Ok(h) => h,
                 Err(what) => return problems.line(&name, line, &what),
@@ -223,6 +230,23 @@ pub fn load(query: &StatsQuery) -> Result<StatsReport, StatsError> {
             }
             if let Err(e) = acc.add(&h) {
                 return problems.line(&name, line, &format!("cannot merge histogram: {e}"));
+            }
+            if tag == TAG_ALL && query.plot.is_some() && latency_points.len() < MAX_PLOT_POINTS {
+                let q = |q: f64| {
+                    if h.is_empty() {
+                        0
+                    } else {
+                        h.value_at_quantile(q)
+                    }
+                };
+                latency_points.push(LatencyPoint {
+                    start: i.start,
+                    end: i.end,
+                    count: h.len(),
+                    p50_ns: q(0.5),
+                    p99_ns: q(0.99),
+                    max_ns: if h.is_empty() { 0 } else { h.max() },
+                });
             }
             if last_start != Some(i.start) {
                 intervals += 1;
@@ -246,6 +270,13 @@ pub fn load(query: &StatsQuery) -> Result<StatsReport, StatsError> {
                 if in_window(start, end) {
                     merge_saturating(counters.get_or_insert_with(Counters::default), &r.all);
                     span.add(start, end);
+                    if query.plot.is_some() && packet_points.len() < MAX_PLOT_POINTS {
+                        packet_points.push(PacketPoint {
+                            start,
+                            end,
+                            packets: r.all.udp_in.packets.saturating_add(r.all.tcp_in.packets),
+                        });
+                    }
                 }
             }
         });
@@ -273,7 +304,9 @@ pub fn load(query: &StatsQuery) -> Result<StatsReport, StatsError> {
 
     if let Some(path) = &query.plot {
         let title = format!("voxgate relay latency, {}", report.window_text());
-        let svg = plot_percentiles_svg(&rows, &title);
+        latency_points.sort_by_key(|p| p.start);
+        packet_points.sort_by_key(|p| p.start);
+        let svg = super::plot::plot_svg(&rows, &latency_points, &packet_points, &title);
         fs::write(path, svg).map_err(|source| StatsError::WritePlot {
             path: path.clone(),
             source,
@@ -826,170 +859,7 @@ mod inflate {
     }
 }
 
-// ---- SVG percentile plot ----------------------------------------------------------------------
-
-const COLORS: [&str; 10] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    "#bcbd22", "#17becf",
-];
-
-fn xml_escape(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&apos;"),
-            c if c.is_control() => {}
-            c => o.push(c),
-        }
-    }
-    o
-}
-
-/// A "nice" step (1, 2 or 5 times a power of ten) giving about `ticks` ticks up to `max`.
-fn nice_step(max: f64, ticks: f64) -> f64 {
-    let raw = (max / ticks).max(f64::MIN_POSITIVE);
-    let mag = 10f64.powf(raw.log10().floor());
-    let norm = raw / mag;
-    let f = if norm <= 1.0 {
-        1.0
-    } else if norm <= 2.0 {
-        2.0
-    } else if norm <= 5.0 {
-        5.0
-    } else {
-        10.0
-    };
-    f * mag
-}
-
-/// Latency (µs, linear) against percentile on a log-scaled `1/(1-p)` axis (the classic
-/// HdrHistogram percentile plot): one `<polyline>` per series, in order, with a legend.
-/// Histograms hold nanoseconds. Hand-written SVG 1.1, no dependencies.
-pub fn plot_percentiles_svg(series: &[(String, Histogram<u64>)], title: &str) -> String {
-    const W: f64 = 960.0;
-    const H: f64 = 540.0;
-    const LEFT: f64 = 80.0;
-    const RIGHT: f64 = 200.0;
-    const TOP: f64 = 50.0;
-    const BOTTOM: f64 = 60.0;
-    const POINTS_PER_DECADE: u32 = 40;
-    let pw = W - LEFT - RIGHT;
-    let ph = H - TOP - BOTTOM;
-
-    // Decades of 1/(1-p) worth showing: up to 1/count (the last sample), 2..=6.
-    let max_count = series.iter().map(|(_, h)| h.len()).max().unwrap_or(0);
-    let decades = ((max_count.max(1) as f64).log10().ceil() as u32).clamp(2, 6);
-    let max_us = series
-        .iter()
-        .filter(|(_, h)| !h.is_empty())
-        .map(|(_, h)| h.max() as f64 / 1000.0)
-        .fold(0.0f64, f64::max);
-    let y_step = nice_step(if max_us > 0.0 { max_us } else { 1.0 }, 5.0);
-    let y_max = ((max_us / y_step).ceil() * y_step).max(y_step);
-    let x_of = |d: f64| LEFT + pw * d / f64::from(decades);
-    let y_of = |us: f64| TOP + ph * (1.0 - us / y_max);
-
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="28" text-anchor="middle" font-size="14">{}</text>"#,
-        W / 2.0,
-        xml_escape(title)
-    );
-    // Grid and x labels at each decade: 0%, 90%, 99%, ...
-    for d in 0..=decades {
-        let x = x_of(f64::from(d));
-        let label = match d {
-            0 => "0%".to_owned(),
-            1 => "90%".to_owned(),
-            2 => "99%".to_owned(),
-            _ => format!("99.{}%", "9".repeat(d as usize - 2)),
-        };
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{label}</text>"##,
-            TOP + ph,
-            TOP + ph + 18.0
-        );
-    }
-    let mut y = 0.0;
-    while y <= y_max + y_step / 2.0 {
-        let py = y_of(y);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-            LEFT + pw,
-            LEFT - 6.0,
-            py + 4.0,
-            format_tick(y, y_step)
-        );
-        y += y_step;
-    }
-    let _ = writeln!(
-        s,
-        r#"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">percentile</text>"#,
-        LEFT + pw / 2.0,
-        H - 14.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text transform="translate(20,{:.1}) rotate(-90)" text-anchor="middle">latency (µs)</text>"#,
-        TOP + ph / 2.0
-    );
-
-    for (i, (name, h)) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let mut points = String::new();
-        if !h.is_empty() {
-            let n = decades * POINTS_PER_DECADE;
-            for k in 0..=n {
-                let d = f64::from(decades) * f64::from(k) / f64::from(n);
-                let q = 1.0 - 10f64.powf(-d);
-                let us = h.value_at_quantile(q) as f64 / 1000.0;
-                let _ = write!(points, "{:.1},{:.1} ", x_of(d), y_of(us));
-            }
-        }
-        let _ = writeln!(
-            s,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
-            points.trim_end()
-        );
-        let ly = TOP + 10.0 + 18.0 * i as f64;
-        let lx = LEFT + pw + 16.0;
-        let _ = writeln!(
-            s,
-            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text>"#,
-            lx + 20.0,
-            lx + 26.0,
-            ly + 4.0,
-            xml_escape(name)
-        );
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
-fn format_tick(v: f64, step: f64) -> String {
-    if step >= 1.0 {
-        format!("{v:.0}")
-    } else {
-        let digits = (-step.log10().floor()) as usize;
-        format!("{v:.digits$}")
-    }
-}
+pub use super::plot::plot_percentiles_svg;
 
 #[cfg(test)]
 mod tests {
@@ -1172,7 +1042,12 @@ mod tests {
                         .decode(i.encoded_histogram())
                         .unwrap();
                     let h: Histogram<u64> = Deserializer::new().deserialize(&mut &raw[..]).unwrap();
-                    assert_eq!(i.max(), h.max() as f64);
+                    // Interval_Max is in milliseconds, to 3 decimals.
+                    assert!(
+                        (i.max() - h.max() as f64 / 1e6).abs() <= 0.0005,
+                        "{}",
+                        i.max()
+                    );
                     intervals += 1;
                 }
             }
@@ -1269,7 +1144,13 @@ mod tests {
         assert_eq!(json["rows"][2]["count"], 3 * 1050);
         assert_eq!(json["counters"]["drops"]["tcp_backpressure"], 9);
         let svg = fs::read_to_string(&plot).unwrap();
-        assert_eq!(svg.matches("<polyline").count(), 3);
+        // Percentiles: one line per tag; over time: p50, p99, max, and packets.
+        assert_eq!(svg.matches("<polyline").count(), 3 + 4);
+        let p50 = svg.find("data-series=\"p50\"").unwrap();
+        let pts = &svg[p50..];
+        let pts = &pts[pts.find("points=\"").unwrap() + 8..];
+        let pts = &pts[..pts.find('"').unwrap()];
+        assert_eq!(pts.split_whitespace().count(), 3, "one point per interval");
 
         let table = run(&StatsQuery::new(dir.path())).unwrap();
         println!("{table}");
@@ -1298,7 +1179,7 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 3);
         assert!(svg.contains("a &lt;&amp;&gt; b") && svg.contains("title &quot;x&quot;"));
         assert!(svg.contains(">99%<") && svg.contains(">99.999%<"));
-        assert!(svg.contains("latency (µs)"));
+        assert!(svg.contains("latency (log scale)"));
         // Tags balance (a rough well-formedness check without an XML parser).
         let opens = svg.matches('<').count();
         let closes = svg.matches('>').count();

@@ -6,6 +6,7 @@
 //! decision is the gateway core's: this module turns socket events into `Input`s, and
 //! `Action`s into socket writes and shard commands, in the order the core emits them.
 
+pub mod admin;
 mod notify;
 mod writer;
 
@@ -68,6 +69,8 @@ pub struct Bound {
     pub control: SocketAddr,
     pub probe: (SocketAddr, SocketAddr),
     pub shards: Vec<(SocketAddr, SocketAddr)>,
+    /// The HTTP admin listener (`/metrics`, `/health`), if enabled.
+    pub admin: Option<SocketAddr>,
 }
 
 /// The first call or connection id of this run: its start time and a random part
@@ -223,6 +226,7 @@ pub fn serve(
             probe_a = %b.probe.0,
             probe_b = %b.probe.1,
             shards = b.shards.len(),
+            admin = %b.admin.map_or("off".to_string(), |a| a.to_string()),
             "voxgate is ready"
         );
     }))
@@ -246,6 +250,8 @@ struct Server {
     /// Each shard's cumulative counters at the last dump: dumps hold per-interval counts.
     last_counters: HashMap<usize, crate::metrics::Counters>,
     started: Instant,
+    /// Latency histograms taken from the shards by scrapes and dumps, legs, leg quality.
+    ledger: Arc<std::sync::Mutex<crate::metrics::prom::Ledger>>,
 }
 
 async fn run(
@@ -293,7 +299,35 @@ async fn run(
             .iter()
             .map(|h| (h.udp_addr, h.tcp_addr))
             .collect(),
+        admin: None,
     };
+    let mut bound = bound;
+    let ledger = Arc::new(std::sync::Mutex::new(crate::metrics::prom::Ledger::new(
+        shards.handles.len(),
+    )));
+    let (stats_tx, mut stats_rx) =
+        mpsc::channel::<oneshot::Sender<crate::control::gateway::GatewayStats>>(16);
+    if cfg.admin.enabled {
+        let listener = admin::bind(cfg.admin.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: cfg.admin.listen,
+                what: "admin (metrics and health)",
+                source,
+            })?;
+        bound.admin = Some(listener.local_addr().map_err(ServeError::Runtime)?);
+        admin::spawn(
+            listener,
+            admin::AdminState {
+                shards: shards.handles.clone(),
+                ledger: ledger.clone(),
+                stats: stats_tx,
+                start_time_unix_s: SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+            },
+        );
+    }
     let infos = shards
         .handles
         .iter()
@@ -336,6 +370,7 @@ async fn run(
         last_dump: SystemTime::now(),
         last_counters: HashMap::new(),
         started: Instant::now(),
+        ledger,
     };
     on_ready(&bound);
     notify::ready();
@@ -374,10 +409,18 @@ async fn run(
         };
         tokio::select! {
             Some(ev) = rx.recv() => server.on_event(ev),
-            Some(ev) = shard_events.recv() => {
-                let crate::shard::ShardEvent::LegBound { session, leg, transport, source } = ev;
-                tracing::debug!(session, %leg, ?transport, %source, "leg bound");
-                server.gateway.handle(Instant::now(), Input::LegBound { session, leg, transport });
+            Some(ev) = shard_events.recv() => match ev {
+                crate::shard::ShardEvent::LegBound { session, leg, transport, source } => {
+                    tracing::debug!(session, %leg, ?transport, %source, "leg bound");
+                    server.ledger().leg_bound(session, &leg, transport);
+                    server.gateway.handle(Instant::now(), Input::LegBound { session, leg, transport });
+                }
+                crate::shard::ShardEvent::LegEnded { session, leg, rtp, clock_rate, .. } => {
+                    server.ledger().leg_ended(session, &leg, &rtp, clock_rate);
+                }
+            },
+            Some(reply) = stats_rx.recv() => {
+                let _ = reply.send(server.gateway.stats());
             }
             _ = async { match timeout { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 server.gateway.handle_timeout(Instant::now());
@@ -625,6 +668,10 @@ impl Server {
         }
     }
 
+    fn ledger(&self) -> std::sync::MutexGuard<'_, crate::metrics::prom::Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn shard(&self, index: usize) -> Option<&ShardHandle> {
         self.shards.handles.iter().find(|h| h.index == index)
     }
@@ -789,9 +836,15 @@ impl Server {
                 .last_counters
                 .insert(s.shard, s.counters)
                 .unwrap_or_default();
+            // With what scrapes took from this shard since the last dump.
+            let latency = self
+                .ledger
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .owed_to_dump(s.shard, &s.latency);
             samples.push(ShardSample {
                 shard: s.shard,
-                latency: s.latency,
+                latency,
                 counters: s.counters.since(&before),
             });
         }

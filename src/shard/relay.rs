@@ -141,6 +141,18 @@ pub enum ShardEvent {
         transport: crate::metrics::Transport,
         source: SocketAddr,
     },
+    /// A leg is gone (its session or the leg itself was removed): its final numbers, for the
+    /// operator's per-leg quality metrics.
+    LegEnded {
+        session: SessionId,
+        leg: String,
+        /// Media received from this leg and sent to it.
+        rx: Flow,
+        tx: Flow,
+        /// RTP quality of what this leg sent (jitter in units of `clock_rate`).
+        rtp: RtpReport,
+        clock_rate: u32,
+    },
 }
 
 /// What the event loop must do after feeding events to the relay.
@@ -519,6 +531,14 @@ impl Relay {
             return;
         };
         self.leg_by_name.remove(&leg.name);
+        out.events.push(ShardEvent::LegEnded {
+            session: leg.session,
+            leg: String::from_utf8_lossy(&leg.name).into_owned(),
+            rx: leg.rx,
+            tx: leg.tx,
+            rtp: leg.rtp.report(),
+            clock_rate: leg.clock_rate,
+        });
         if let Some(src) = leg.udp_src
             && self.udp_bindings.get(&src) == Some(&i)
         {

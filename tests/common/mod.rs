@@ -64,6 +64,8 @@ impl Drop for Proc {
 pub struct Gateway {
     pub dir: tempfile::TempDir,
     pub control: String,
+    /// The admin listener (`/metrics`, `/health`) as the ready line names it, if enabled.
+    pub admin: Option<String>,
     /// Command prefix that runs a program on the gateway's host (empty: this host).
     pub host: Vec<String>,
     proc: Option<Proc>,
@@ -138,6 +140,14 @@ impl Gateway {
                 "--log-level",
                 "info",
             ])
+            .args(
+                if extra.contains(&"--admin-listen") || extra.contains(&"--no-admin") {
+                    &[][..]
+                } else {
+                    // Many gateways run at once: never the fixed default admin port.
+                    &["--admin-listen", "127.0.0.1:0"][..]
+                },
+            )
             .args(net)
             .args(extra)
             .env_remove("RUST_LOG")
@@ -176,9 +186,15 @@ impl Gateway {
             .and_then(|a| a.rsplit(':').next())
             .expect("ready line names the control address")
             .to_owned();
+        let admin = ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("admin="))
+            .filter(|a| *a != "off")
+            .map(str::to_owned);
         Gateway {
             dir,
             control: format!("{reach_ip}:{port}"),
+            admin,
             host: host.iter().map(|s| s.to_string()).collect(),
             proc: Some(proc),
             log,
@@ -268,6 +284,55 @@ impl Gateway {
         );
         String::from_utf8(out.stdout).unwrap()
     }
+}
+
+/// `GET path` from `addr` over HTTP/1.0 (no chunking): the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
+    Ok((code, body.to_owned()))
+}
+
+/// A system tool a test needs (e.g. `promtool`). Missing: says so loudly, and under CI=true
+/// fails the test (scripts/test-all installs it); else the caller skips.
+pub fn need_tool(name: &str, package: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        let msg = format!(
+            "{name} not found: install the Debian package {package} (scripts/test-all does, as root)"
+        );
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true and {msg}");
+        }
+        eprintln!("\n*** SKIPPED: {msg} ***\n");
+    }
+    found
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for servers that cannot take port 0).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn newest_jsonl(dir: &Path) -> Option<PathBuf> {
