@@ -81,11 +81,19 @@ pub struct CallsSection {
 pub struct AuthSection {
     /// PBKDF2 iterations for new verifiers (RFC 7677 recommends at least 4096).
     pub scram_iterations: u32,
-    /// Failed log-ins allowed at once per source address, then one per `ip_refill_s`.
+    /// Log-in attempts (charged at `hello`, given back on success) allowed at once per source
+    /// address, then one per `ip_refill_s`.
     pub ip_burst: u32,
     pub ip_refill_s: u64,
+    /// Per user name from sources with unsuccessful attempts (a slow-down: a source that has
+    /// not failed for the user is always let through).
     pub user_burst: u32,
     pub user_refill_s: u64,
+    /// Per user name at one source address: the lock-out a guesser runs into.
+    pub user_source_burst: u32,
+    pub user_source_refill_s: u64,
+    /// A bucket emptied again before it refilled doubles its refill period, up to this.
+    pub backoff_max_s: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -176,8 +184,11 @@ impl Default for AuthSection {
             scram_iterations: 4096,
             ip_burst: 20,
             ip_refill_s: 3,
-            user_burst: 5,
-            user_refill_s: 12,
+            user_burst: 30,
+            user_refill_s: 2,
+            user_source_burst: 5,
+            user_source_refill_s: 12,
+            backoff_max_s: 300,
         }
     }
 }
@@ -492,6 +503,11 @@ impl Config {
             rate_limit: RateLimitConfig {
                 per_ip: bucket(self.auth.ip_burst, self.auth.ip_refill_s),
                 per_user: bucket(self.auth.user_burst, self.auth.user_refill_s),
+                per_user_source: bucket(
+                    self.auth.user_source_burst,
+                    self.auth.user_source_refill_s,
+                ),
+                max_backoff: Duration::from_secs(self.auth.backoff_max_s.max(1)),
                 ..RateLimitConfig::default()
             },
             max_connections: self.server.max_connections,

@@ -67,6 +67,9 @@ use crate::shard::{LegSpec, SessionId, SessionSpec};
 use crate::store::Store;
 use crate::wire::control::{CallId, ClientMsg, ErrorCode, ServerMsg, VERSION};
 
+/// At most one log line per this interval about log-ins the rate limiter refused.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// The server's name for one control connection. Never reused.
 pub type ConnId = u64;
 
@@ -317,7 +320,7 @@ pub struct GatewayStats {
     pub logins: u64,
     /// Since start: failed log-ins (wrong password, unknown user, bad proof).
     pub failed_logins: u64,
-    /// Since start: log-ins refused by the rate limiter.
+    /// Since start: log-ins refused by the rate limiter (at `hello`, before any work).
     pub rate_limited: u64,
     /// Since start: calls and rooms placed.
     pub calls_placed: u64,
@@ -501,6 +504,8 @@ pub struct Gateway {
     pub(crate) shard_load: Vec<usize>,
     pub(crate) rng: StdRng,
     pub(crate) limiter: RateLimiter,
+    /// Rate-limit refusals, logged at a bounded rate.
+    pub(crate) refusals: auth::RefusalLog,
     pub(crate) conns: HashMap<ConnId, Conn>,
     /// Logged-in users and their connection.
     pub(crate) users: HashMap<String, ConnId>,
@@ -542,6 +547,7 @@ impl Gateway {
         }
         Gateway {
             limiter: RateLimiter::new(cfg.rate_limit),
+            refusals: auth::RefusalLog::new(REFUSAL_LOG_INTERVAL),
             shard_load: vec![0; shards.len()],
             cfg,
             store,
@@ -963,9 +969,19 @@ impl Gateway {
                 Lost::PeerLost,
             );
         }
-        if let Err(limited) = self.limiter.check(now, peer.ip(), &user) {
+        // Charged now, before the store or any key derivation: a pending attempt counts.
+        if let Err(limited) = self.limiter.begin(now, peer.ip(), &user) {
             self.counters.rate_limited += 1;
-            tracing::info!(conn, %peer, %user, scope = %limited.scope, "log-in rate limited");
+            if let Some(n) = self.refusals.note(now, limited.scope) {
+                tracing::info!(
+                    source = n.source,
+                    user_at_source = n.user_at_source,
+                    user = n.user,
+                    last_peer = %peer,
+                    last_scope = %limited.scope,
+                    "log-ins refused by the rate limiter (counts since the last such line)"
+                );
+            }
             return self.refuse(
                 now,
                 conn,
@@ -1052,8 +1068,8 @@ impl Gateway {
                 if let Err(e) = verdict {
                     tracing::info!(conn, %peer, %user, reason = %e, "log-in failed");
                 }
+                // The attempt was charged at `hello`; the charge stays.
                 self.counters.failed_logins += 1;
-                self.limiter.record_failure(now, peer.ip(), &user);
                 let msg = "wrong user or password";
                 return self.refuse(now, conn, ErrorCode::AuthFailed, msg, Lost::PeerLost);
             }
@@ -1091,6 +1107,7 @@ impl Gateway {
             calls: CallSet::default(),
         }));
         self.users.insert(user.clone(), conn);
+        self.limiter.succeeded(now, peer.ip(), &user);
         self.counters.logins += 1;
         tracing::info!(conn, %peer, %local, %user, "logged in");
         self.send(
