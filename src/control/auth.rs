@@ -56,23 +56,18 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use hmac::{Hmac, Mac};
 use rand::CryptoRng;
-use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
-type HmacSha256 = Hmac<Sha256>;
+pub use crate::directory::{InvalidUser, MAX_USER_LEN, SALT_LEN, Verifier, validate_user};
+use crate::directory::{client_key, hmac, salted_password, server_key, sha256};
 
-/// Longest user name, in bytes.
-pub const MAX_USER_LEN: usize = 64;
 /// Shortest client nonce, in characters. RFC 7677's example uses 20.
 pub const MIN_CLIENT_NONCE_LEN: usize = 16;
 /// Shortest server part of the nonce a client accepts, in characters.
 pub const MIN_SERVER_NONCE_LEN: usize = 16;
 /// Longest nonce part (client or server), in characters.
 pub const MAX_NONCE_LEN: usize = 128;
-/// Salt length of new verifiers and decoys, in bytes.
-pub const SALT_LEN: usize = 16;
 /// Salt lengths a client accepts, in bytes.
 pub const SALT_LEN_RANGE: std::ops::RangeInclusive<usize> = 8..=128;
 /// RFC 7677 §4: the iteration count "SHOULD be at least 4096".
@@ -113,32 +108,6 @@ pub enum AuthError {
     Rejected,
     #[error("the gateway's signature is wrong: it does not hold this user's verifier")]
     ServerNotAuthenticated,
-}
-
-/// A user name that cannot be used, and why.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid user name: {reason}")]
-pub struct InvalidUser {
-    pub reason: &'static str,
-}
-
-/// Checks a user name: 1 to [`MAX_USER_LEN`] bytes of printable characters, no
-/// white space. Shared by the store (registration) and the log-in.
-pub fn validate_user(user: &str) -> Result<(), InvalidUser> {
-    if user.is_empty() {
-        return Err(InvalidUser { reason: "empty" });
-    }
-    if user.len() > MAX_USER_LEN {
-        return Err(InvalidUser {
-            reason: "longer than 64 bytes",
-        });
-    }
-    if user.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(InvalidUser {
-            reason: "contains a control character or white space",
-        });
-    }
-    Ok(())
 }
 
 /// RFC 5802 `saslname`: `=` becomes `=3D` and `,` becomes `=2C`.
@@ -198,38 +167,8 @@ fn random_nonce<R: CryptoRng + ?Sized>(rng: &mut R) -> String {
     BASE64.encode(bytes)
 }
 
-fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    // Invariant: HMAC takes keys of any length, so this cannot fail.
-    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
-    for part in parts {
-        mac.update(part);
-    }
-    mac.finalize().into_bytes().into()
-}
-
-fn sha256(data: &[u8]) -> [u8; 32] {
-    Sha256::digest(data).into()
-}
-
 fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
     std::array::from_fn(|i| a[i] ^ b[i])
-}
-
-/// RFC 5802 §3: SaltedPassword := Hi(password, salt, i) (PBKDF2-HMAC-SHA-256).
-fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), salt, iterations.max(1), &mut out);
-    out
-}
-
-/// RFC 5802 §3: ClientKey := HMAC(SaltedPassword, "Client Key").
-fn client_key(salted: &[u8; 32]) -> [u8; 32] {
-    hmac(salted, &[b"Client Key"])
-}
-
-/// RFC 5802 §3: ServerKey := HMAC(SaltedPassword, "Server Key").
-fn server_key(salted: &[u8; 32]) -> [u8; 32] {
-    hmac(salted, &[b"Server Key"])
 }
 
 /// The values both sides sign: RFC 5802 §3
@@ -269,63 +208,6 @@ fn session_key(stored_key: &[u8; 32], auth_message: &str) -> SessionKey {
         &[SESSION_KEY_LABEL, auth_message.as_bytes()],
     ))
 }
-
-/// What the gateway stores instead of a password (RFC 5802 §3 StoredKey and
-/// ServerKey, with the salt and iteration count). `Debug` redacts the keys.
-#[derive(Clone)]
-pub struct Verifier {
-    pub salt: Vec<u8>,
-    pub iterations: u32,
-    pub stored_key: [u8; 32],
-    pub server_key: [u8; 32],
-}
-
-impl Verifier {
-    /// A verifier for `password` with a fresh random salt of [`SALT_LEN`]
-    /// bytes. `iterations` below 1 is taken as 1; use at least
-    /// [`DEFAULT_ITERATIONS`] outside tests.
-    pub fn new<R: CryptoRng + ?Sized>(password: &str, iterations: u32, rng: &mut R) -> Self {
-        let mut salt = [0u8; SALT_LEN];
-        rng.fill_bytes(&mut salt);
-        Self::with_salt(password, &salt, iterations)
-    }
-
-    /// A verifier for `password` with the given salt (import, test vectors).
-    pub fn with_salt(password: &str, salt: &[u8], iterations: u32) -> Self {
-        let iterations = iterations.max(1);
-        let salted = salted_password(password, salt, iterations);
-        Verifier {
-            salt: salt.to_vec(),
-            iterations,
-            stored_key: sha256(&client_key(&salted)),
-            server_key: server_key(&salted),
-        }
-    }
-}
-
-impl fmt::Debug for Verifier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Verifier")
-            .field("salt_len", &self.salt.len())
-            .field("iterations", &self.iterations)
-            .field("stored_key", &"<redacted>")
-            .field("server_key", &"<redacted>")
-            .finish()
-    }
-}
-
-/// Compares in constant time (the keys are secrets).
-impl PartialEq for Verifier {
-    fn eq(&self, other: &Self) -> bool {
-        let same = self.salt.ct_eq(&other.salt)
-            & self.iterations.ct_eq(&other.iterations)
-            & self.stored_key.ct_eq(&other.stored_key)
-            & self.server_key.ct_eq(&other.server_key);
-        same.into()
-    }
-}
-
-impl Eq for Verifier {}
 
 /// The per-log-in key both sides derive (the seed's "additional password"),
 /// from which per-leg media keys are derived. `Debug` redacts it; equality is

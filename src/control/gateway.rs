@@ -10,8 +10,10 @@
 //! no socket and no shard: a shard session exists because this core emitted
 //! [`Action::InstallSession`], and is gone once it emitted [`Action::RemoveSession`].
 //!
-//! The store is called synchronously (SQLite lookups take microseconds; a fleet backend behind
-//! the same trait should cache). Randomness (nonces, tokens, leg names) comes from the
+//! The store is never called: a directory look-up (the verifier at `hello`, the number at
+//! `dial` and `conference`) is an [`Action::Lookup`] that the server carries out off the
+//! control thread and answers with [`Input::LookupDone`] ([`super::lookup`]), so a slow
+//! directory delays only the log-ins and dials waiting for it. Randomness (nonces, tokens, leg names) comes from the
 //! [`StdRng`] the caller seeds; in production seed it from the OS (`StdRng::from_os_rng()`).
 //!
 //! # Contract with the server
@@ -21,6 +23,8 @@
 //!   and a room's `AddLeg` may follow its `InstallSession` before the install is confirmed.
 //! - Every [`Action::InstallSession`] is answered with exactly one
 //!   [`Input::ShardInstalled`] carrying the same `op`.
+//! - Every [`Action::Lookup`] is answered with exactly one [`Input::LookupDone`] carrying the
+//!   same `id`, in any order and at any later time (the connection may be gone by then).
 //! - After [`Action::Close`] the core has forgotten the connection; what arrives for it later
 //!   is ignored. [`Input::Disconnected`] for a connection it already closed is harmless.
 //! - `ConnId`s are never reused.
@@ -62,9 +66,9 @@ use super::auth::{
 use super::calls::Call;
 use super::presence::Presence;
 use super::probe::{Probe, ProbeOutcome};
+use crate::directory::{Answer, LookupError, Query};
 use crate::shard::relay::canonical;
 use crate::shard::{LegSpec, SessionId, SessionSpec};
-use crate::store::Store;
 use crate::wire::control::{CallId, ClientMsg, ErrorCode, ServerMsg, VERSION};
 
 /// At most one log line per this interval about log-ins the rate limiter refused.
@@ -141,6 +145,9 @@ pub struct GatewayConfig {
     pub max_calls_per_user: usize,
     /// Largest room, organizer included (2..=64). Default 16.
     pub max_room_size: usize,
+    /// Directory look-ups waiting for their answer, at most (beyond: `hello` is refused with
+    /// `unavailable`, a dial ends with `hang_up{error}`). Default 10 000.
+    pub max_pending_lookups: usize,
 }
 
 impl Default for GatewayConfig {
@@ -172,6 +179,7 @@ impl GatewayConfig {
             max_connections: 100_000,
             max_calls_per_user: 8,
             max_room_size: 16,
+            max_pending_lookups: 10_000,
         }
     }
 
@@ -209,6 +217,7 @@ impl GatewayConfig {
         self.auth.decoy_iterations = self.scram_iterations;
         self.max_calls_per_user = self.max_calls_per_user.clamp(1, 64);
         self.max_room_size = self.max_room_size.clamp(2, 64);
+        self.max_pending_lookups = self.max_pending_lookups.clamp(1, 1_000_000);
         self
     }
 }
@@ -252,6 +261,11 @@ pub enum Input {
         session: SessionId,
         leg: String,
         transport: crate::metrics::Transport,
+    },
+    /// The answer to [`Action::Lookup`] with this `id`.
+    LookupDone {
+        id: u64,
+        result: Result<Answer, LookupError>,
     },
     /// SIGTERM: refuse new log-ins and calls; calls in progress continue.
     Drain,
@@ -297,6 +311,11 @@ pub enum Action {
         session: SessionId,
         leg: String,
     },
+    /// Ask the directory, off the control thread; answer with [`Input::LookupDone`].
+    Lookup {
+        id: u64,
+        query: Query,
+    },
 }
 
 /// A snapshot of the core's tables and counters.
@@ -313,6 +332,8 @@ pub struct GatewayStats {
     /// Members of all rooms (invited or joined).
     pub room_members: usize,
     pub probes_running: usize,
+    /// Directory look-ups waiting for their answer.
+    pub lookups_pending: usize,
     /// Relay sessions installed (or being installed), per shard.
     pub shard_sessions: Vec<usize>,
     pub draining: bool,
@@ -341,6 +362,8 @@ pub(crate) struct Session {
     pub result: Option<ProbeOutcome>,
     /// Calls and rooms this client takes part in.
     pub calls: CallSet,
+    /// Its dials and conferences waiting for a directory answer (they count as calls).
+    pub lookups: usize,
 }
 
 /// The calls of one client: a handful at most (`max_calls_per_user`), so a sorted `Vec`
@@ -387,6 +410,11 @@ impl<'a> IntoIterator for &'a CallSet {
 
 pub(crate) enum Phase {
     AwaitingHello,
+    /// `hello` taken; the directory is being asked for the user's verifier.
+    AwaitingLookup {
+        user: String,
+        nonce: String,
+    },
     AwaitingProof {
         attempt: Box<ServerAwaitingProof>,
         /// The subscriber's number, when the user exists.
@@ -498,7 +526,13 @@ pub(crate) struct Counters {
 /// The control core. See the module docs.
 pub struct Gateway {
     pub(crate) cfg: GatewayConfig,
-    pub(crate) store: Box<dyn Store>,
+    /// Directory look-ups waiting for their answer, by id.
+    pub(crate) lookups: HashMap<u64, super::lookup::Pending>,
+    /// Dials and conferences waiting for a look-up: call id → look-up id.
+    pub(crate) pending_calls: HashMap<CallId, u64>,
+    pub(crate) next_lookup: u64,
+    /// The iteration count most stored verifiers have, once the directory said.
+    pub(crate) typical_iterations: Option<u32>,
     pub(crate) shards: Vec<ShardInfo>,
     /// Sessions installed (or being installed) per shard, by position in `shards`.
     pub(crate) shard_load: Vec<usize>,
@@ -531,12 +565,9 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(
-        cfg: GatewayConfig,
-        store: Box<dyn Store>,
-        mut shards: Vec<ShardInfo>,
-        rng: StdRng,
-    ) -> Self {
+    /// A core with no connections. Its first action asks the directory for the typical
+    /// verifier iteration count (for decoy challenges).
+    pub fn new(cfg: GatewayConfig, mut shards: Vec<ShardInfo>, rng: StdRng) -> Self {
         let cfg = cfg.sanitized();
         shards.sort_by_key(|s| s.index);
         if cfg.auth.secret() == &[0u8; 32] {
@@ -545,12 +576,15 @@ impl Gateway {
                  build the config with GatewayConfig::with_secret"
             );
         }
-        Gateway {
+        let mut gw = Gateway {
+            lookups: HashMap::new(),
+            pending_calls: HashMap::new(),
+            next_lookup: 1,
+            typical_iterations: None,
             limiter: RateLimiter::new(cfg.rate_limit),
             refusals: auth::RefusalLog::new(REFUSAL_LOG_INTERVAL),
             shard_load: vec![0; shards.len()],
             cfg,
-            store,
             shards,
             rng,
             conns: HashMap::new(),
@@ -568,7 +602,9 @@ impl Gateway {
             draining: false,
             shut: false,
             counters: Counters::default(),
-        }
+        };
+        gw.ask(Query::TypicalIterations, super::lookup::Pending::Iterations);
+        gw
     }
 
     pub fn handle(&mut self, now: Instant, input: Input) {
@@ -597,6 +633,7 @@ impl Gateway {
                 self.on_probe_datagram(now, port, src, &data)
             }
             Input::ShardInstalled { op, result } => self.on_shard_installed(now, op, result),
+            Input::LookupDone { id, result } => self.on_lookup_done(now, id, result),
             Input::LegBound {
                 session,
                 leg,
@@ -633,14 +670,6 @@ impl Gateway {
         self.actions.pop_front()
     }
 
-    pub fn store(&self) -> &dyn Store {
-        &*self.store
-    }
-
-    pub fn store_mut(&mut self) -> &mut dyn Store {
-        &mut *self.store
-    }
-
     /// Live reload. Takes effect at once for limits, `allow_private_peers`, probe settings of
     /// probes started later, and presence deadlines (every connection's timer is re-armed);
     /// ring timers of calls already ringing keep their deadline. A changed rate-limit config
@@ -651,6 +680,7 @@ impl Gateway {
             self.limiter = RateLimiter::new(cfg.rate_limit);
         }
         self.cfg = cfg;
+        self.apply_typical_iterations();
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in conns {
             self.arm_conn_timer(conn);
@@ -666,6 +696,7 @@ impl Gateway {
             connections: self.conns.len(),
             logged_in: self.users.len(),
             probes_running: self.tokens.len(),
+            lookups_pending: self.lookups.len(),
             shard_sessions: self.shard_load.clone(),
             draining: self.draining,
             logins: self.counters.logins,
@@ -909,6 +940,7 @@ impl Gateway {
             } => self.on_conference(now, conn, tag, &numbers, media),
             ClientMsg::Accept { call, media } => self.on_accept(now, conn, call, media),
             ClientMsg::Reject { call } => self.on_reject(now, conn, call),
+            ClientMsg::HangUp { call } if self.cancel_pending_call(conn, call) => {}
             ClientMsg::HangUp { call } => self.on_hang_up(now, conn, call),
             ClientMsg::MediaTrouble { call } => self.on_media_trouble(now, conn, call),
             ClientMsg::Bye => self.drop_conn(now, conn, super::calls::Lost::Normal),
@@ -918,10 +950,9 @@ impl Gateway {
     // ------------------------------------------------------------------ log-in
 
     fn on_login_message(&mut self, now: Instant, conn: ConnId, msg: ClientMsg) {
-        let awaiting_hello = matches!(
-            self.conns.get(&conn).map(|c| &c.phase),
-            Some(Phase::AwaitingHello)
-        );
+        let phase = self.conns.get(&conn).map(|c| &c.phase);
+        let awaiting_hello = matches!(phase, Some(Phase::AwaitingHello));
+        let awaiting_proof = matches!(phase, Some(Phase::AwaitingProof { .. }));
         match msg {
             ClientMsg::Hello {
                 version,
@@ -933,7 +964,7 @@ impl Gateway {
                 channel_binding,
                 nonce,
                 proof,
-            } if !awaiting_hello => self.on_proof(now, conn, channel_binding, nonce, &proof),
+            } if awaiting_proof => self.on_proof(now, conn, channel_binding, nonce, &proof),
             ClientMsg::Bye => self.drop_conn(now, conn, super::calls::Lost::Normal),
             other => {
                 let what = client_msg_name(&other);
@@ -990,14 +1021,46 @@ impl Gateway {
                 Lost::PeerLost,
             );
         }
-        let subscriber = match self.store.user(&user) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.phase = Phase::AwaitingLookup {
+                user: user.clone(),
+                nonce,
+            };
+        }
+        let pending = super::lookup::Pending::Login { conn };
+        if self.ask(Query::Login { user }, pending).is_none() {
+            let msg = "the directory is busy; try again shortly";
+            self.refuse(now, conn, ErrorCode::Unavailable, msg, Lost::PeerLost);
+        }
+    }
+
+    /// The directory answered the look-up of a `hello`: challenge the client (a decoy
+    /// challenge for an unknown user).
+    pub(crate) fn hello_answered(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        subscriber: Result<Option<crate::directory::Subscriber>, LookupError>,
+    ) {
+        use super::calls::Lost;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Phase::AwaitingLookup { user, nonce } =
+            std::mem::replace(&mut c.phase, Phase::AwaitingHello)
+        else {
+            return;
+        };
+        let subscriber = match subscriber {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(conn, error = %e, "store lookup failed during log-in");
+                tracing::error!(conn, error = %e, "directory look-up failed during log-in");
                 let msg = "the directory is unavailable";
                 return self.refuse(now, conn, ErrorCode::Internal, msg, Lost::PeerLost);
             }
         };
+        // Defence in depth: the answer must be for the user asked about.
+        let subscriber = subscriber.filter(|s| s.user == user);
         let hello = auth::Hello {
             user,
             client_nonce: nonce,
@@ -1105,6 +1168,7 @@ impl Gateway {
             last_probe_id: 0,
             result: None,
             calls: CallSet::default(),
+            lookups: 0,
         }));
         self.users.insert(user.clone(), conn);
         self.limiter.succeeded(now, peer.ip(), &user);

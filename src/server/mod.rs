@@ -6,6 +6,7 @@
 //! decision is the gateway core's: this module turns socket events into `Input`s, and
 //! `Action`s into socket writes and shard commands, in the order the core emits them.
 
+pub mod lookup;
 mod notify;
 mod writer;
 
@@ -160,6 +161,16 @@ impl Drop for Running {
 /// Starts a gateway on its own thread (tests, embedding). `config_path` enables SIGHUP-style
 /// reloads; `serve` below is what `voxgate serve` runs.
 pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, ServeError> {
+    start_with_directory(cfg, config_path, None)
+}
+
+/// [`start`], with the directory's store connections opened by `directory` instead of the
+/// SQLite file in the data directory (tests: a store that is slow or fails).
+pub fn start_with_directory(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    directory: Option<lookup::StoreFactory>,
+) -> Result<Running, ServeError> {
     let overrides: Overrides = Box::new(|_| {});
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = oneshot::channel();
@@ -171,7 +182,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Serve
                 .build()
                 .map_err(|e| e.to_string())?;
             rt.block_on(async move {
-                let r = run(cfg, config_path, overrides, Some(stop_rx), |b| {
+                let r = run(cfg, config_path, overrides, Some(stop_rx), directory, |b| {
                     let _ = bound_tx.send(Ok(b.clone()));
                 })
                 .await;
@@ -208,7 +219,7 @@ pub fn serve(
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
-    rt.block_on(run(cfg, config_path, overrides, None, |b| {
+    rt.block_on(run(cfg, config_path, overrides, None, None, |b| {
         tracing::info!(
             control = %b.control,
             probe_a = %b.probe.0,
@@ -224,6 +235,8 @@ struct Server {
     config_path: Option<PathBuf>,
     overrides: Overrides,
     gateway: Gateway,
+    /// Directory look-ups, off this thread.
+    directory: lookup::Directory,
     shards: Shards,
     /// Each connection's write side.
     writers: writer::Writers<FlushSpawner>,
@@ -244,11 +257,18 @@ async fn run(
     config_path: Option<PathBuf>,
     overrides: Overrides,
     stop: Option<oneshot::Receiver<()>>,
+    directory: Option<lookup::StoreFactory>,
     on_ready: impl FnOnce(&Bound),
 ) -> Result<(), ServeError> {
     cfg.validate()?;
     let data_dir = cfg.data_dir();
-    let store = open_store(&data_dir)?;
+    // Opened here once so that the schema is migrated (and a bad file reported) before
+    // anything listens; the look-up workers open their own connections.
+    drop(open_store(&data_dir)?);
+    let directory = directory.unwrap_or_else(|| {
+        let path = data_dir.join("voxgate.db");
+        Arc::new(move || Ok(Box::new(SqliteStore::open(&path)?) as Box<dyn crate::store::Store>))
+    });
     let secret = load_secret(&data_dir)?;
     let (shard_events_tx, mut shard_events) = mpsc::unbounded_channel();
     let mut shard_cfg = cfg.shard_config();
@@ -295,14 +315,13 @@ async fn run(
         })
         .collect();
     let gw_cfg = cfg.gateway_config(secret, (bound.probe.0.port(), bound.probe.1.port()));
-    let gateway = Gateway::new(
-        gw_cfg,
-        Box::new(store),
-        infos,
-        rand::rngs::StdRng::from_os_rng(),
-    );
+    let gateway = Gateway::new(gw_cfg, infos, rand::rngs::StdRng::from_os_rng());
     let dumps = open_dumps(&cfg)?;
     let (events, mut rx) = mpsc::channel::<Event>(4096);
+    let answers = events.clone();
+    let directory = lookup::Directory::spawn(&directory, lookup::WORKERS, move |id, result| {
+        let _ = answers.blocking_send(Event::Input(Input::LookupDone { id, result }));
+    })?;
     let probe = [Arc::new(probe_a), Arc::new(probe_b)];
     for (i, sock) in probe.iter().enumerate() {
         let port = if i == 0 { ProbePort::A } else { ProbePort::B };
@@ -315,6 +334,7 @@ async fn run(
         config_path,
         overrides,
         gateway,
+        directory,
         shards,
         writers: writer::Writers::new(WRITE_BACKLOG, flush_spawner(events.clone())),
         scratch: Vec::with_capacity(proto::MAX_MESSAGE),
@@ -654,6 +674,12 @@ impl Server {
                     }
                 }
                 Action::Close { conn } => self.writers.close(conn),
+                Action::Lookup { id, query } => {
+                    if let Err(e) = self.directory.ask(id, query) {
+                        self.gateway
+                            .handle(Instant::now(), Input::LookupDone { id, result: Err(e) });
+                    }
+                }
                 Action::ProbeSend { port, dst, data } => {
                     let sock = &self.probe[match port {
                         ProbePort::A => 0,
