@@ -23,6 +23,7 @@ pub struct Config {
     pub auth: AuthSection,
     pub media: MediaSection,
     pub dumps: DumpsSection,
+    pub limits: LimitsSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -125,6 +126,31 @@ pub struct DumpsSection {
     pub interval_s: u64,
     pub max_files: usize,
     pub intervals_per_file: usize,
+}
+
+/// Limits against floods and abuse on the control port (`[limits]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Control connections held at once from one IPv4 address or IPv6 /64.
+    pub connections_per_source: u32,
+    /// Messages a control connection may send per second after a burst; faster clients are
+    /// throttled (their messages are read more slowly).
+    pub messages_per_s: u32,
+    pub message_burst: u32,
+    /// A client throttled without a break for this long is refused (`rate_limited`) and closed.
+    pub flood_close_s: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            connections_per_source: 256,
+            messages_per_s: 20,
+            message_burst: 50,
+            flood_close_s: 5,
+        }
+    }
 }
 
 impl Default for ServerSection {
@@ -408,6 +434,22 @@ impl Config {
             m.tcp_queue_frames < m.udp_bufs,
             "media.tcp_queue_frames",
             "must be smaller than media.udp_bufs (queued frames pin receive buffers)".into(),
+        );
+        let l = &self.limits;
+        check(
+            l.connections_per_source >= 1,
+            "limits.connections_per_source",
+            "must be at least 1".into(),
+        );
+        check(
+            (1..=100_000).contains(&l.messages_per_s),
+            "limits.messages_per_s",
+            format!("{} is outside 1..=100000", l.messages_per_s),
+        );
+        check(
+            (1..=100_000).contains(&l.message_burst),
+            "limits.message_burst",
+            format!("{} is outside 1..=100000", l.message_burst),
         );
         check(
             self.dumps.max_files >= 1,

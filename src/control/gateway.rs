@@ -244,6 +244,12 @@ pub enum Input {
     Disconnected {
         conn: ConnId,
     },
+    /// The client kept sending faster than `per_s` messages per second for too long (the server
+    /// throttled it meanwhile): refused with `rate_limited` and closed.
+    Flooding {
+        conn: ConnId,
+        per_s: u32,
+    },
     /// A datagram on probe port A or B.
     ProbeDatagram {
         port: ProbePort,
@@ -627,6 +633,18 @@ impl Gateway {
             Input::Disconnected { conn } => {
                 if self.conns.contains_key(&conn) {
                     self.forget_conn(now, conn, super::calls::Lost::PeerLost);
+                }
+            }
+            Input::Flooding { conn, per_s } => {
+                if self.conns.contains_key(&conn) {
+                    tracing::info!(conn, per_s, "client sends too many messages: closing");
+                    self.refuse(
+                        now,
+                        conn,
+                        ErrorCode::RateLimited,
+                        format!("more than {per_s} messages per second for too long"),
+                        super::calls::Lost::PeerLost,
+                    );
                 }
             }
             Input::ProbeDatagram { port, src, data } => {

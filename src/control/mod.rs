@@ -26,6 +26,7 @@
 pub mod auth;
 pub mod calls;
 pub mod gateway;
+pub mod limits;
 pub mod lookup;
 pub mod media;
 pub mod planner;
