@@ -25,6 +25,7 @@ pub struct Config {
     pub media: MediaSection,
     pub dumps: DumpsSection,
     pub admin: AdminSection,
+    pub limits: LimitsSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,11 +88,19 @@ pub struct CallsSection {
 pub struct AuthSection {
     /// PBKDF2 iterations for new verifiers (RFC 7677 recommends at least 4096).
     pub scram_iterations: u32,
-    /// Failed log-ins allowed at once per source address, then one per `ip_refill_s`.
+    /// Log-in attempts (charged at `hello`, given back on success) allowed at once per source
+    /// address, then one per `ip_refill_s`.
     pub ip_burst: u32,
     pub ip_refill_s: u64,
+    /// Per user name from sources with unsuccessful attempts (a slow-down: a source that has
+    /// not failed for the user is always let through).
     pub user_burst: u32,
     pub user_refill_s: u64,
+    /// Per user name at one source address: the lock-out a guesser runs into.
+    pub user_source_burst: u32,
+    pub user_source_refill_s: u64,
+    /// A bucket emptied again before it refilled doubles its refill period, up to this.
+    pub backoff_max_s: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -139,6 +148,31 @@ impl Default for AdminSection {
         AdminSection {
             enabled: true,
             listen: "127.0.0.1:7480".parse().expect("constant address"),
+        }
+    }
+}
+
+/// Limits against floods and abuse on the control port (`[limits]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Control connections held at once from one IPv4 address or IPv6 /64.
+    pub connections_per_source: u32,
+    /// Messages a control connection may send per second after a burst; faster clients are
+    /// throttled (their messages are read more slowly).
+    pub messages_per_s: u32,
+    pub message_burst: u32,
+    /// A client throttled without a break for this long is refused (`rate_limited`) and closed.
+    pub flood_close_s: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            connections_per_source: 256,
+            messages_per_s: 20,
+            message_burst: 50,
+            flood_close_s: 5,
         }
     }
 }
@@ -202,8 +236,11 @@ impl Default for AuthSection {
             scram_iterations: 4096,
             ip_burst: 20,
             ip_refill_s: 3,
-            user_burst: 5,
-            user_refill_s: 12,
+            user_burst: 30,
+            user_refill_s: 2,
+            user_source_burst: 5,
+            user_source_refill_s: 12,
+            backoff_max_s: 300,
         }
     }
 }
@@ -437,6 +474,22 @@ impl Config {
             "media.tcp_queue_frames",
             "must be smaller than media.udp_bufs (queued frames pin receive buffers)".into(),
         );
+        let l = &self.limits;
+        check(
+            l.connections_per_source >= 1,
+            "limits.connections_per_source",
+            "must be at least 1".into(),
+        );
+        check(
+            (1..=100_000).contains(&l.messages_per_s),
+            "limits.messages_per_s",
+            format!("{} is outside 1..=100000", l.messages_per_s),
+        );
+        check(
+            (1..=100_000).contains(&l.message_burst),
+            "limits.message_burst",
+            format!("{} is outside 1..=100000", l.message_burst),
+        );
         check(
             self.dumps.max_files >= 1,
             "dumps.max_files",
@@ -533,6 +586,11 @@ impl Config {
             rate_limit: RateLimitConfig {
                 per_ip: bucket(self.auth.ip_burst, self.auth.ip_refill_s),
                 per_user: bucket(self.auth.user_burst, self.auth.user_refill_s),
+                per_user_source: bucket(
+                    self.auth.user_source_burst,
+                    self.auth.user_source_refill_s,
+                ),
+                max_backoff: Duration::from_secs(self.auth.backoff_max_s.max(1)),
                 ..RateLimitConfig::default()
             },
             max_connections: self.server.max_connections,
@@ -577,9 +635,7 @@ impl Config {
         if self.dumps.dir != new.dumps.dir {
             v.push("dumps.dir".into());
         }
-        if self.admin != new.admin {
-            v.push("admin.*");
-        }
+        v.extend(changed_keys("admin", &self.admin, &new.admin));
         v
     }
 }

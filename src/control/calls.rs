@@ -97,10 +97,10 @@ use super::media::{
 };
 use super::planner::{self, Capabilities, Path, Plan};
 use super::probe::ProbeOutcome;
+use crate::directory::{self, Destination, LookupError, Query, Route};
 use crate::metrics::Transport;
 use crate::shard::relay::canonical;
 use crate::shard::{Delivery, LegSpec, SessionId, SessionSpec};
-use crate::store::{self, Route};
 use crate::wire::control::{CallId, ErrorCode, HangupReason, MediaInstructions, ServerMsg};
 
 /// Why a client's calls end when it goes away.
@@ -380,20 +380,22 @@ impl Gateway {
         self.session(conn).is_none_or(|s| !s.calls.is_empty())
     }
 
-    fn lookup(&self, me: &str, number: &str) -> Result<Dest, HangupReason> {
-        if store::validate_number(number).is_err() {
-            return Err(HangupReason::NotFound);
-        }
-        match self.store.user_by_number(number) {
+    /// What the directory said a number reaches, as of now (online, busy).
+    fn resolve(
+        &self,
+        me: &str,
+        found: &Result<Option<Destination>, LookupError>,
+    ) -> Result<Dest, HangupReason> {
+        match found {
             Err(e) => {
-                tracing::error!(error = %e, "store lookup failed");
+                tracing::error!(error = %e, "directory look-up failed");
                 Err(HangupReason::Error)
             }
-            Ok(Some(sub)) => {
-                if sub.user == me {
+            Ok(Some(Destination::User { user, .. })) => {
+                if user == me {
                     return Err(HangupReason::Busy);
                 }
-                let Some(&conn) = self.users.get(&sub.user) else {
+                let Some(&conn) = self.users.get(user) else {
                     return Err(HangupReason::Offline);
                 };
                 if self.is_busy(conn) {
@@ -401,14 +403,8 @@ impl Gateway {
                 }
                 Ok(Dest::User(conn))
             }
-            Ok(None) => match self.store.route_for(number) {
-                Err(e) => {
-                    tracing::error!(error = %e, "store route lookup failed");
-                    Err(HangupReason::Error)
-                }
-                Ok(None) => Err(HangupReason::NotFound),
-                Ok(Some(route)) => Ok(Dest::Route(route)),
-            },
+            Ok(Some(Destination::Route(route))) => Ok(Dest::Route(route.clone())),
+            Ok(None) => Err(HangupReason::NotFound),
         }
     }
 
@@ -541,7 +537,7 @@ impl Gateway {
         let Some(s) = self.session(conn) else {
             return;
         };
-        let (me, ncalls) = (s.user.clone(), s.calls.len());
+        let (me, ncalls) = (s.user.clone(), s.calls.len() + s.lookups);
         let id = self.new_call_id();
         self.open_record(id, now, conn, number);
         self.send(conn, ServerMsg::Calling { tag, call: id });
@@ -552,7 +548,42 @@ impl Gateway {
             tracing::info!(conn, user = %me, "dial refused: too many calls at once");
             return self.refuse_dial(conn, id, HangupReason::Error);
         }
-        let dest = match self.lookup(&me, number) {
+        if directory::number_problem(number, false).is_some() {
+            return self.hang_up_msg(conn, id, HangupReason::NotFound);
+        }
+        let pending = super::lookup::Pending::Dial {
+            conn,
+            call: id,
+            media,
+        };
+        let query = Query::Dial {
+            number: number.to_owned(),
+        };
+        if self.ask(query, pending).is_none() {
+            self.hang_up_msg(conn, id, HangupReason::Error);
+        }
+    }
+
+    /// The directory answered a `dial`'s look-up: ring the callee or plan the route call.
+    pub(crate) fn dial_resolved(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        id: CallId,
+        media: Option<SocketAddr>,
+        found: Result<Option<Destination>, LookupError>,
+    ) {
+        let Some(s) = self.session(conn) else {
+            return;
+        };
+        let (me, ncalls) = (s.user.clone(), s.calls.len());
+        if self.draining {
+            return self.hang_up_msg(conn, id, HangupReason::Shutdown);
+        }
+        if ncalls >= self.cfg.max_calls_per_user {
+            return self.hang_up_msg(conn, id, HangupReason::Error);
+        }
+        let dest = match self.resolve(&me, &found) {
             Ok(d) => d,
             Err(reason) => return self.refuse_dial(conn, id, reason),
         };
@@ -1322,7 +1353,7 @@ impl Gateway {
         let Some(s) = self.session(conn) else {
             return;
         };
-        let (me, from_number, ncalls) = (s.user.clone(), s.number.clone(), s.calls.len());
+        let (me, ncalls) = (s.user.clone(), s.calls.len() + s.lookups);
         let id = self.new_call_id();
         self.open_record(id, now, conn, &numbers.join(","));
         if let Some(r) = self.record_mut(id) {
@@ -1355,10 +1386,52 @@ impl Gateway {
             self.error(conn, ErrorCode::BadMessage, msg);
             return self.refuse_dial(conn, id, HangupReason::Error);
         }
+        let pending = super::lookup::Pending::Invite {
+            conn,
+            call: id,
+            media,
+            numbers: unique.iter().map(|n| n.to_string()).collect(),
+        };
+        let query = Query::Invite {
+            numbers: unique.iter().map(|n| n.to_string()).collect(),
+        };
+        if self.ask(query, pending).is_none() {
+            self.hang_up_msg(conn, id, HangupReason::Error);
+        }
+    }
+
+    /// The directory answered a `conference`'s look-ups (one per number, in order): invite
+    /// those online and free.
+    pub(crate) fn conference_resolved(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        id: CallId,
+        media: Option<SocketAddr>,
+        numbers: &[String],
+        found: Result<Vec<Option<Destination>>, LookupError>,
+    ) {
+        let Some(s) = self.session(conn) else {
+            return;
+        };
+        let (me, from_number, ncalls) = (s.user.clone(), s.number.clone(), s.calls.len());
+        if self.draining {
+            return self.hang_up_msg(conn, id, HangupReason::Shutdown);
+        }
+        if ncalls >= self.cfg.max_calls_per_user {
+            return self.hang_up_msg(conn, id, HangupReason::Error);
+        }
+        let found: Vec<Result<Option<Destination>, LookupError>> = match found {
+            Ok(v) => v.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e)],
+        };
         let mut invitees = Vec::new();
         let mut first_failure = None;
-        for number in unique {
-            match self.lookup(&me, number) {
+        for (number, found) in numbers
+            .iter()
+            .zip(found.iter().chain(std::iter::repeat(&Ok(None))))
+        {
+            match self.resolve(&me, found) {
                 Ok(Dest::User(c)) if !invitees.contains(&c) => invitees.push(c),
                 Ok(Dest::User(_)) => {}
                 Ok(Dest::Route(_)) => {

@@ -21,7 +21,7 @@ use super::{
     Route, Store, StoreError, Subscriber, validate_number, validate_prefix, validate_route,
     validate_subscriber, validate_user, validate_verifier,
 };
-use crate::control::auth::Verifier;
+use crate::directory::Verifier;
 
 /// How long a writer waits for another connection's write lock.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -98,6 +98,8 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
+        // Room for the look-up statements (one per route-prefix length) and the CLI's.
+        conn.set_prepared_statement_cache_capacity(64);
         Ok(SqliteStore { conn, path: None })
     }
 
@@ -236,8 +238,10 @@ impl SqliteStore {
         value: &str,
     ) -> Result<Option<Subscriber>, StoreError> {
         let sql = format!("SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE {column} = ?1");
+        // Look-ups run for every log-in and dial: their statements are prepared once.
         self.conn
-            .query_row(&sql, [value], subscriber_from_row)
+            .prepare_cached(&sql)?
+            .query_row([value], subscriber_from_row)
             .optional()?
             .map(subscriber)
             .transpose()
@@ -371,10 +375,23 @@ impl SqliteStore {
              ORDER BY length(prefix) DESC LIMIT 1"
         );
         self.conn
-            .query_row(&sql, params_from_iter(prefixes), route_from_row)
+            .prepare_cached(&sql)?
+            .query_row(params_from_iter(prefixes), route_from_row)
             .optional()?
             .map(route)
             .transpose()
+    }
+
+    fn db_typical_iterations(&self) -> Result<Option<u32>, StoreError> {
+        let n: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT iterations FROM subscribers GROUP BY iterations
+                 ORDER BY count(*) DESC, iterations DESC LIMIT 1",
+            )?
+            .query_row([], |r| r.get(0))
+            .optional()?;
+        Ok(n.and_then(|n| u32::try_from(n).ok()))
     }
 }
 
@@ -426,6 +443,11 @@ impl Store for SqliteStore {
 
     fn route_for(&self, number: &str) -> Result<Option<Route>, StoreError> {
         let r = self.db_route_for(number);
+        self.named(r)
+    }
+
+    fn typical_iterations(&self) -> Result<Option<u32>, StoreError> {
+        let r = self.db_typical_iterations();
         self.named(r)
     }
 }
