@@ -163,6 +163,7 @@ fn instructions(
         gateway_tcp: Some(gw.tcp),
         payload_type: 0,
         clock_rate: 8000,
+        paths: None,
     }
 }
 

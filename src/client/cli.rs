@@ -972,6 +972,7 @@ mod tests {
             gateway_tcp: None,
             payload_type: 0,
             clock_rate: 8000,
+            paths: None,
         }
     }
 

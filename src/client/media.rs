@@ -2040,6 +2040,7 @@ mod tests {
             gateway_tcp: Some(gw_tcp),
             payload_type: 0,
             clock_rate: 8000,
+            paths: None,
         };
         let r = Route::from_instructions(&base).expect("valid");
         assert_eq!(r.send, Some(SendRoute::Udp(gw_udp)));
@@ -2131,6 +2132,7 @@ mod tests {
             gateway_tcp: None,
             payload_type: 0,
             clock_rate: 8000,
+            paths: None,
         }
     }
 

@@ -89,19 +89,25 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
+use rand::RngCore;
+
 use super::auth::SessionKey;
 use super::gateway::{Action, ConnId, Gateway, Phase, Timer, later};
 use super::media::{
     self, GatewayAddrs, PeerRefused, awaited_binding, check_peer, delivery_for, directions,
-    effective_caps, needs_leg, recv_for, resolve_media, room_directions, route_plan, send_for,
+    effective_caps, recv_for, resolve_media, room_directions, route_plan, send_for,
 };
-use super::planner::{self, Capabilities, Path, Plan};
+use super::paths;
+use super::planner::{self, Capabilities, Family, Path, Plan};
 use super::probe::ProbeOutcome;
 use crate::metrics::Transport;
 use crate::shard::relay::canonical;
 use crate::shard::{Delivery, LegSpec, SessionId, SessionSpec};
 use crate::store::{self, Route};
-use crate::wire::control::{CallId, ErrorCode, HangupReason, MediaInstructions, ServerMsg};
+use crate::wire::control::{
+    CallId, DirectCandidate, ErrorCode, HangupReason, MediaInstructions, PathOrder, PathOrders,
+    ServerMsg,
+};
 
 /// Why a client's calls end when it goes away.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,6 +227,13 @@ pub(crate) struct Pair {
     pub plan: Option<Plan>,
     /// The plan's delivery legs awaited before `media_ready`.
     pub ready: Readiness,
+    /// Demotions after `media_trouble`: no direction starts better than this.
+    pub floor: Option<Plan>,
+    /// The paths in force (what the gateway relays), per direction.
+    pub in_force: Option<Plan>,
+    /// `media_trouble` already re-bound the paths in force once (the next one demotes).
+    #[allow(dead_code)] // Read by the re-planning of step 5 (proven paths), next commit.
+    pub rebound: bool,
 }
 
 impl Pair {
@@ -292,6 +305,8 @@ struct SidePlan {
     key: SessionKey,
     /// `Some` iff the side has a leg.
     delivery: Option<Delivery>,
+    /// Its directions' fallback orders and direct candidates (two-party calls).
+    orders: Option<PathOrders>,
 }
 
 /// Why a call's media cannot be set up.
@@ -312,6 +327,8 @@ struct PairInputs {
 
 struct PairSetup {
     plan: Plan,
+    /// The paths the gateway relays now (every direction through it, see `super::paths`).
+    in_force: Plan,
     relay: Option<(usize, Vec<LegSpec>)>,
     media: Vec<(ConnId, MediaInstructions)>,
     ready: Readiness,
@@ -339,6 +356,7 @@ fn instructions(
         gateway_tcp: gw.map(|g| g.tcp),
         payload_type: media::PAYLOAD_TYPE,
         clock_rate: media::CLOCK_RATE,
+        paths: None,
     }
 }
 
@@ -456,6 +474,13 @@ impl Gateway {
         }
     }
 
+    /// A fresh random check key for one direction (see `super::paths`).
+    fn new_check_key(&mut self) -> paths::CheckKey {
+        let mut k = [0u8; paths::CHECK_KEY_LEN];
+        self.rng.fill_bytes(&mut k);
+        paths::CheckKey(k)
+    }
+
     fn gateway_addrs(&self, shard: usize, ip: IpAddr) -> Option<GatewayAddrs> {
         let s = self.shards.get(shard)?;
         Some(GatewayAddrs::new(ip, s.udp_port, s.tcp_port))
@@ -506,6 +531,9 @@ impl Gateway {
                         relay: None,
                         plan: None,
                         ready: Readiness::default(),
+                        floor: None,
+                        in_force: None,
+                        rebound: false,
                     })),
                 );
                 for c in [conn, callee] {
@@ -543,6 +571,9 @@ impl Gateway {
                         relay: None,
                         plan: None,
                         ready: Readiness::default(),
+                        floor: None,
+                        in_force: None,
+                        rebound: false,
                     })),
                 );
                 if let Some(s) = self.session_mut(conn) {
@@ -964,7 +995,11 @@ impl Gateway {
                     ..b
                 };
                 Some(PairInputs {
-                    plan: planner::plan(a.caps, b.caps),
+                    plan: planner::plan_across(
+                        a.caps,
+                        b.caps,
+                        (a_media.map(Family::of), b_media.map(Family::of)),
+                    ),
                     caller: (p.caller, a, a_media),
                     callee: Some((*c, b, b_media)),
                     far: p.callee.clone(),
@@ -991,35 +1026,102 @@ impl Gateway {
             return Ok(None);
         };
         let allow = self.cfg.allow_private_peers;
+        let floor = match self.calls.get(&call) {
+            Some(Call::Pair(p)) => p.floor,
+            _ => None,
+        };
         let mut sides = Vec::with_capacity(2);
         match (&far, b) {
             (Far::User(_), Some((b_conn, b, b_media))) => {
-                let (a_nat, b_nat) = (a.caps.nat, b.caps.nat);
-                for (conn, caller, me, my_media, peer, peer_nat) in [
-                    (a_conn, true, a, a_media, b_media, b_nat),
-                    (b_conn, false, b, b_media, a_media, a_nat),
+                // Proven paths: every direction starts through the gateway; Table 1's direct
+                // directions are candidates the phones check (`super::paths`).
+                let start = Plan {
+                    forward: paths::start_path(plan.forward, b.caps),
+                    backward: paths::start_path(plan.backward, a.caps),
+                };
+                let start = match floor {
+                    Some(f) => Plan {
+                        forward: paths::worse(start.forward, f.forward),
+                        backward: paths::worse(start.backward, f.backward),
+                    },
+                    None => start,
+                };
+                // A candidate needs a peer address the gateway may point a phone at, and no
+                // demotion below direct.
+                let candidate = |target: Path,
+                                 receiver: Capabilities,
+                                 peer: Option<SocketAddr>,
+                                 demoted: bool| {
+                    (paths::is_direct_candidate(target, receiver) && !demoted)
+                        .then_some(peer)
+                        .flatten()
+                        .and_then(|p| check_peer(p, allow).ok())
+                };
+                let cands = [
+                    candidate(
+                        plan.forward,
+                        b.caps,
+                        b_media,
+                        floor.is_some_and(|f| f.forward != Path::DirectUdp),
+                    ),
+                    candidate(
+                        plan.backward,
+                        a.caps,
+                        a_media,
+                        floor.is_some_and(|f| f.backward != Path::DirectUdp),
+                    ),
+                ];
+                let keys = [
+                    cands[0].map(|_| self.new_check_key()),
+                    cands[1].map(|_| self.new_check_key()),
+                ];
+                for (conn, caller, me, my_media, peer_media) in [
+                    (a_conn, true, a, a_media, b_media),
+                    (b_conn, false, b, b_media, a_media),
                 ] {
-                    let (out, inn) = directions(plan, caller);
-                    if out == Path::DirectUdp {
-                        check_peer(peer.ok_or(PeerRefused::NoAddress)?, allow)?;
-                    }
-                    let delivery = if needs_leg(out, inn) {
-                        Some(delivery_for(inn, me.caps, my_media, allow)?)
-                    } else {
-                        None
+                    let (out, inn) = directions(start, caller);
+                    // [forward, backward] → (mine out, mine in).
+                    let (c_out, c_in) = if caller { (0, 1) } else { (1, 0) };
+                    let mut direct = |i: usize| -> Option<DirectCandidate> {
+                        // The receiver's address is the candidate; each phone is told its peer's.
+                        cands[i]?;
+                        let peer = peer_media?;
+                        let key = keys[i].as_ref()?;
+                        let forward = i == 0;
+                        let mut nonce = [0u8; 16];
+                        self.rng.fill_bytes(&mut nonce);
+                        Some(DirectCandidate {
+                            peer,
+                            username: paths::check_username(call, forward),
+                            key: paths::seal(&me.key, call, forward, nonce, key),
+                        })
                     };
+                    let send_direct = direct(c_out);
+                    let recv_direct = direct(c_in);
+                    let orders = PathOrders {
+                        send: PathOrder {
+                            now: out,
+                            order: paths::order(out, send_direct.is_some()),
+                            direct: send_direct,
+                        },
+                        recv: PathOrder {
+                            now: inn,
+                            order: paths::order(inn, recv_direct.is_some()),
+                            direct: recv_direct,
+                        },
+                    };
+                    let delivery = Some(delivery_for(inn, me.caps, my_media, allow)?);
                     sides.push(SidePlan {
                         conn,
                         caller,
                         out,
                         inn,
-                        peer,
-                        // A peer behind NAT sends from an address nobody knows in advance: the
-                        // receiver must not insist on the one it reported.
-                        peer_source: if peer_nat { None } else { peer },
+                        peer: None,
+                        peer_source: None,
                         gateway_ip: me.gateway_ip,
                         key: me.key,
                         delivery,
+                        orders: Some(orders),
                     });
                 }
             }
@@ -1035,10 +1137,18 @@ impl Gateway {
                     gateway_ip: a.gateway_ip,
                     delivery: Some(delivery_for(inn, a.caps, a_media, allow)?),
                     key: a.key,
+                    orders: None,
                 });
             }
         }
-        let shard = if plan.uses_gateway() {
+        let plan_in_force = match &sides[..] {
+            [x, ..] if x.caller => Plan {
+                forward: x.out,
+                backward: x.inn,
+            },
+            _ => plan,
+        };
+        let shard = if plan_in_force.uses_gateway() {
             Some(self.pick_shard().ok_or(SetupError::NoShard)?)
         } else {
             None
@@ -1055,18 +1165,17 @@ impl Gateway {
                 }
                 None => None,
             };
-            out.push((
-                side.conn,
-                instructions(
-                    call,
-                    Some(plan),
-                    side.caller,
-                    (side.out, side.inn),
-                    (side.peer, side.peer_source),
-                    gw,
-                    leg,
-                ),
-            ));
+            let mut m = instructions(
+                call,
+                Some(plan),
+                side.caller,
+                (side.out, side.inn),
+                (side.peer, side.peer_source),
+                gw,
+                leg,
+            );
+            m.paths = side.orders.map(Box::new);
+            out.push((side.conn, m));
         }
         if let Far::Route(r) = &far {
             // The IP voice gateway's leg: operator configuration, trusted as its source.
@@ -1083,6 +1192,7 @@ impl Gateway {
         let ready = Readiness::of(legs.iter().map(|l| (l.name.as_str(), l.delivery)));
         Ok(Some(PairSetup {
             plan,
+            in_force: plan_in_force,
             relay: shard.map(|s| (s, legs)),
             media: out,
             ready,
@@ -1110,6 +1220,7 @@ impl Gateway {
             return;
         };
         p.plan = Some(setup.plan);
+        p.in_force = Some(setup.in_force);
         p.ready = setup.ready;
         match relay {
             Some(relay) => {
@@ -1690,15 +1801,15 @@ mod tests {
         }
     }
 
-    fn expected_delivery(inn: Path, me: Capabilities, media: SocketAddr) -> Delivery {
+    /// Never a reported address: UDP only to the source the client's own Binding latched.
+    fn expected_delivery(inn: Path, me: Capabilities) -> Delivery {
         if inn == Path::DirectUdp {
             Delivery::None
         } else if inn.receiver_transport() == Transport::Tcp {
             Delivery::Tcp
-        } else if me.send_udp {
-            Delivery::UdpLatched
         } else {
-            Delivery::Udp(media)
+            assert!(me.send_udp, "UDP delivery only to a client that binds");
+            Delivery::UdpLatched
         }
     }
 
@@ -1753,12 +1864,15 @@ mod tests {
         (w, a, b, call, ma, mb, cmds)
     }
 
-    /// All 16 cases of Table 1, each with the four NAT combinations: the media instructions
-    /// and the legs' deliveries follow the plan, keys are derived from each client's own
-    /// session key, and nothing is installed when both directions are direct.
+    /// All 16 cases of Table 1, each with the four NAT combinations: every direction starts
+    /// through the gateway on the path `paths::start_path` gives; the media instructions and
+    /// the legs' deliveries follow those paths, keys are derived from each client's own session
+    /// key, and exactly Table 1's direct directions towards a client that can answer checks are
+    /// direct candidates, with one check key per direction that both phones (and only they)
+    /// can open.
     #[test]
     fn table1_all_cases_and_nat() {
-        let mut direct_only = 0;
+        let mut candidates = 0;
         for case in 0..16u8 {
             let (ia, ib) = (case / 4, case % 4);
             // Table 1's per-client order: (UDP out, TCP in), (TCP out, UDP in), TCP both, UDP both.
@@ -1774,8 +1888,45 @@ mod tests {
                 let what = format!("case {} caller {ca:?} callee {cb:?}", case + 1);
                 assert_eq!(Plan::table1_case(ca, cb), Some(case + 1));
                 let plan = planner::plan(ca, cb);
+                let start = Plan {
+                    forward: paths::start_path(plan.forward, cb),
+                    backward: paths::start_path(plan.backward, ca),
+                };
                 let (w, a, b, call, ma, mb, cmds) = call_with(ca, cb);
                 let (ma, mb) = (&ma[..], &mb[..]);
+                // Each direction's check key, as both ends open it.
+                for (forward, target, receiver) in
+                    [(true, plan.forward, cb), (false, plan.backward, ca)]
+                {
+                    let (snd, rcv) = if forward {
+                        ((&a, &ma[0]), (&b, &mb[0]))
+                    } else {
+                        ((&b, &mb[0]), (&a, &ma[0]))
+                    };
+                    let (sp, rp) = (
+                        snd.1.paths.as_ref().expect("paths"),
+                        rcv.1.paths.as_ref().expect("paths"),
+                    );
+                    let cand = paths::is_direct_candidate(target, receiver);
+                    assert_eq!(sp.send.direct.is_some(), cand, "{what} forward={forward}");
+                    assert_eq!(rp.recv.direct.is_some(), cand, "{what} forward={forward}");
+                    if let (Some(sd), Some(rd)) = (&sp.send.direct, &rp.recv.direct) {
+                        candidates += 1;
+                        assert_eq!(sd.peer, public_media(rcv.0));
+                        assert_eq!(rd.peer, public_media(snd.0));
+                        assert_eq!(sd.username, paths::check_username(call, forward));
+                        assert_eq!(sd.username, rd.username);
+                        let ks = paths::open(&snd.0.key, call, forward, &sd.key);
+                        let kr = paths::open(&rcv.0.key, call, forward, &rd.key);
+                        assert!(
+                            ks.is_ok() && ks == kr,
+                            "{what}: both ends open the same key"
+                        );
+                        // Neither phone can open the other's copy, and it differs on the wire.
+                        assert_ne!(sd.key, rd.key);
+                        assert!(paths::open(&rcv.0.key, call, forward, &sd.key).is_err());
+                    }
+                }
                 assert_eq!((ma.len(), mb.len()), (1, 1), "{what}");
                 let specs = installs(&cmds);
                 let mut legs_seen = 0;
@@ -1784,10 +1935,20 @@ mod tests {
                     (&b, &mb[0], false, cb, public_media(&a), ca.nat),
                 ] {
                     let (out, inn) = if caller {
-                        (plan.forward, plan.backward)
+                        (start.forward, start.backward)
                     } else {
-                        (plan.backward, plan.forward)
+                        (start.backward, start.forward)
                     };
+                    let orders = m.paths.as_ref().expect("two-party calls carry paths");
+                    assert_eq!((orders.send.now, orders.recv.now), (out, inn), "{what}");
+                    assert_eq!(
+                        orders.send.order,
+                        paths::order(out, orders.send.direct.is_some())
+                    );
+                    assert_eq!(
+                        orders.recv.order,
+                        paths::order(inn, orders.recv.direct.is_some())
+                    );
                     assert_eq!(m.call, call);
                     assert_eq!(m.plan, Some(plan), "{what}");
                     assert_eq!(m.caller, caller);
@@ -1816,7 +1977,7 @@ mod tests {
                         );
                         assert_eq!(
                             l.delivery,
-                            expected_delivery(inn, my_caps, public_media(c)),
+                            expected_delivery(inn, my_caps),
                             "{what} delivery"
                         );
                         assert_eq!((l.trusted_source, l.clock_rate), (None, 8000));
@@ -1824,27 +1985,28 @@ mod tests {
                         assert_eq!((m.gateway_udp, m.gateway_tcp), (None, None));
                     }
                 }
-                if plan.uses_gateway() {
-                    assert_eq!(specs.len(), 1, "{what}");
-                    assert_eq!((specs[0].1, specs[0].2.id), (0, call));
-                    assert_eq!(specs[0].2.legs.len(), legs_seen);
-                    assert_eq!(w.gw.stats().shard_sessions, [1, 0]);
-                } else {
-                    direct_only += 1;
-                    assert!(
-                        cmds.is_empty(),
-                        "{what}: nothing installed when both directions are direct"
-                    );
-                    assert_eq!(legs_seen, 0);
-                }
+                // Media starts through the gateway, always.
+                assert_eq!(specs.len(), 1, "{what}");
+                assert_eq!((specs[0].1, specs[0].2.id), (0, call));
+                assert_eq!(specs[0].2.legs.len(), legs_seen);
+                assert_eq!(legs_seen, 2);
+                assert_eq!(w.gw.stats().shard_sessions, [1, 0]);
                 assert_eq!(w.gw.stats().calls_up, 1);
             }
         }
-        assert_eq!(direct_only, 1, "only case 16 without NAT");
+        // Direct directions towards a client that sends UDP: cases 4 (fwd), 13 (bwd), 14
+        // (fwd), 16 (both), each without NAT on the receiver's side.
+        // Case 4 forward and 13 backward (receiver UDP both ways, not behind NAT: 2 variants
+        // each), case 16 each direction in 2 variants. Case 14's direct forward direction is
+        // no candidate: its receiver cannot send UDP, so it can answer no check.
+        assert_eq!(candidates, 2 + 2 + 4);
     }
 
+    /// Case 16 without NAT: Table 1 says direct both ways, but nobody is told to send to an
+    /// announced address: media starts through the gateway and each phone gets its peer's
+    /// address as a direct candidate to check.
     #[test]
-    fn case16_without_nat_points_the_clients_at_each_other() {
+    fn case16_without_nat_starts_via_the_gateway_with_direct_candidates() {
         let mut w = World::new();
         let a = w.login("alice", sim::OPEN);
         let b = w.login("bob", sim::OPEN);
@@ -1852,14 +2014,54 @@ mod tests {
         w.accept(&b, call, Some(b.media()));
         let ma = media_of(&w.take(a.conn));
         let mb = media_of(&w.take(b.conn));
-        assert_eq!(ma[0].send.to, Some(b.media()));
-        assert_eq!(ma[0].recv.from, Some(b.media()));
-        assert_eq!(mb[0].send.to, Some(a.media()));
-        assert!(w.take_shard().is_empty());
-        // Hang-up of a direct call removes nothing from the shards either.
+        assert_eq!(
+            ma[0].plan,
+            Some(Plan {
+                forward: Path::DirectUdp,
+                backward: Path::DirectUdp
+            })
+        );
+        for (m, peer) in [(&ma[0], b.media()), (&mb[0], a.media())] {
+            assert_eq!(m.send.to, Some(addr(GW_UDP)));
+            assert_eq!(m.recv.from, Some(addr(GW_UDP)));
+            let p = m.paths.as_ref().expect("paths");
+            assert_eq!(p.send.direct.as_ref().map(|d| d.peer), Some(peer));
+            assert_eq!(p.recv.direct.as_ref().map(|d| d.peer), Some(peer));
+            assert_eq!(
+                p.send.order,
+                [Path::DirectUdp, Path::UdpViaGateway, Path::TcpBoth]
+            );
+        }
+        let spec = &installs(&w.take_shard())[0].2;
+        assert!(spec.legs.iter().all(|l| l.delivery == Delivery::UdpLatched));
         w.send(b.conn, ClientMsg::HangUp { call });
         assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Normal)]);
-        assert!(w.take_shard().is_empty());
+        assert_eq!(removes(&w.take_shard()).len(), 1);
+    }
+
+    /// An IPv6-only phone calls an IPv4-only one: no direct candidate (the families cannot
+    /// reach each other), the gateway bridges both ways.
+    #[test]
+    fn ipv6_only_and_ipv4_only_phones_are_bridged_by_the_gateway() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::OPEN);
+        let v6: SocketAddr = addr("[2001:db8::7]:41000");
+        let call = w.dial(&a, b.number, Some(v6));
+        w.accept(&b, call, Some(b.media()));
+        let ma = media_of(&w.take(a.conn));
+        let mb = media_of(&w.take(b.conn));
+        let bridged = Some(Plan {
+            forward: Path::UdpViaGateway,
+            backward: Path::UdpViaGateway,
+        });
+        for m in [&ma[0], &mb[0]] {
+            assert_eq!(m.plan, bridged);
+            let p = m.paths.as_ref().expect("paths");
+            assert!(p.send.direct.is_none() && p.recv.direct.is_none());
+            assert_eq!(m.send.to, Some(addr(GW_UDP)));
+        }
+        assert_eq!(installs(&w.take_shard())[0].2.legs.len(), 2);
     }
 
     #[test]
@@ -1879,7 +2081,10 @@ mod tests {
                 backward: Path::DirectUdp
             })
         );
-        assert_eq!(mb[0].send.to, Some(a.media()));
+        // Bob's direct direction to alice starts via the gateway, a candidate.
+        assert_eq!(mb[0].send.to, Some(addr(GW_UDP)));
+        let p = mb[0].paths.as_ref().expect("paths");
+        assert_eq!(p.send.direct.as_ref().map(|d| d.peer), Some(a.media()));
         assert_eq!(mb[0].recv.from, Some(addr(GW_UDP)));
         let spec = &installs(&w.take_shard())[0].2;
         let bob_leg = spec
@@ -1893,7 +2098,7 @@ mod tests {
             .iter()
             .find(|l| Some(&l.name) == ma[0].leg.as_ref())
             .expect("alice's leg");
-        assert_eq!(alice_leg.delivery, Delivery::None);
+        assert_eq!(alice_leg.delivery, Delivery::UdpLatched);
     }
 
     #[test]
@@ -2167,36 +2372,36 @@ mod tests {
                 allow_private_peers: allow,
                 ..sim::config()
             });
-            // Receive-only bob gets UDP from the gateway at his reported address: a private
-            // one. (Alice sends over TCP, so the direction goes through the gateway.)
+            // Receive-only bob reports a private address: the gateway never delivers to a
+            // reported address, so bob receives over TCP whatever the policy.
             let a = w.login_with("alice", caps(false, false, false));
             let b = w.login_with("bob", caps(false, true, false));
             let call = w.dial(&a, b.number, Some(a.media()));
             w.accept(&b, call, Some(addr("10.0.0.5:41000")));
-            let hb = hangups(&w.take(b.conn));
-            if allow {
-                assert!(hb.is_empty());
-                let spec = &installs(&w.take_shard())[0].2;
-                assert!(
-                    spec.legs
-                        .iter()
-                        .any(|l| l.delivery == Delivery::Udp(addr("10.0.0.5:41000")))
-                );
-            } else {
-                assert_eq!(hb, [(call, HangupReason::Error)]);
-                assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Error)]);
-                assert!(w.take_shard().is_empty());
-            }
-            // A direct direction towards a private peer address.
+            assert!(hangups(&w.take(b.conn)).is_empty());
+            let spec = &installs(&w.take_shard())[0].2;
+            assert!(
+                spec.legs
+                    .iter()
+                    .all(|l| !matches!(l.delivery, Delivery::Udp(_))),
+                "{spec:?}"
+            );
+            // A direct candidate at a private peer address: offered only when allowed; the
+            // call goes through the gateway either way.
             let c = w.login_with("carol", caps(true, true, false));
             let d = w.login_with("dave", caps(true, true, false));
             let call = w.dial(&c, d.number, Some(c.media()));
             w.accept(&d, call, Some(addr("192.168.1.9:41000")));
-            let hc = hangups(&w.take(c.conn));
-            assert_eq!(hc.is_empty(), allow, "allow={allow}");
+            let mc = media_of(&w.take(c.conn));
+            assert_eq!(mc.len(), 1, "allow={allow}");
+            let p = mc[0].paths.as_ref().expect("paths");
+            assert_eq!(p.send.direct.is_some(), allow, "allow={allow}");
+            assert!(mc[0].send.via_gateway && mc[0].send.transport == Transport::Udp);
         }
     }
 
+    /// A receive-only client that reports an unspecified address receives over TCP (never at a
+    /// reported address); a client with no media address is TCP-only.
     #[test]
     fn unspecified_and_missing_media_addresses() {
         let mut w = World::new();
@@ -2205,8 +2410,12 @@ mod tests {
         let call = w.dial(&a, b.number, Some(a.media()));
         w.accept(&b, call, Some(addr("0.0.0.0:41000")));
         let spec = &installs(&w.take_shard())[0].2;
-        let want = Delivery::Udp(SocketAddr::new(b.peer.ip(), 41000));
-        assert!(spec.legs.iter().any(|l| l.delivery == want), "{spec:?}");
+        assert!(
+            spec.legs.iter().all(|l| l.delivery == Delivery::Tcp),
+            "{spec:?}"
+        );
+        let mb = media_of(&w.take(b.conn));
+        assert_eq!(mb[0].recv.transport, Transport::Tcp);
         // No media address: TCP both ways for that client, whatever its firewall allows.
         let c = w.login_with("carol", caps(true, true, false));
         let d = w.login_with("dave", caps(true, true, false));
@@ -2292,12 +2501,12 @@ mod tests {
         let call = w.dial(&a, b.number, None);
         w.accept(&b, call, None);
         assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Error)]);
-        // Direct calls still work.
+        // Calls Table 1 gives direct start through the gateway too: they fail the same way.
         let c = w.login("carol", sim::OPEN);
         let d = w.login("dave", sim::OPEN);
         let call = w.dial(&c, d.number, Some(c.media()));
         w.accept(&d, call, Some(d.media()));
-        assert_eq!(media_of(&w.take(c.conn)).len(), 1);
+        assert_eq!(hangups(&w.take(c.conn)), [(call, HangupReason::Error)]);
     }
 
     #[test]
@@ -2405,7 +2614,7 @@ mod tests {
             hangups(&w.take(b.conn)),
             [(call, HangupReason::MediaFailed)]
         );
-        assert!(w.take_shard().is_empty(), "a direct call had no session");
+        assert_eq!(removes(&w.take_shard()), [(0, call)]);
         assert_eq!(w.gw.stats().calls_failed, 1);
     }
 
@@ -2548,7 +2757,8 @@ mod tests {
         let added = add_legs(&w.take_shard());
         assert_eq!(added.len(), 2);
         assert_eq!(added[0].delivery, Delivery::Tcp);
-        assert_eq!(added[1].delivery, Delivery::Udp(d.media()));
+        // Dave cannot send UDP, so cannot bind a UDP source: TCP, never his reported address.
+        assert_eq!(added[1].delivery, Delivery::Tcp);
         let mc = media_of(&w.take(c.conn));
         assert_eq!(
             (mc[0].send.transport, mc[0].recv.transport),
@@ -2558,7 +2768,7 @@ mod tests {
         let md = media_of(&w.take(d.conn));
         assert_eq!(
             (md[0].send.transport, md[0].recv.transport),
-            (Transport::Tcp, Transport::Udp)
+            (Transport::Tcp, Transport::Tcp)
         );
         assert!(
             media_of(&w.take(a.conn)).is_empty(),
@@ -2843,10 +3053,9 @@ mod tests {
             None
         } else if inn.receiver_transport() == Transport::Tcp {
             Some(Transport::Tcp)
-        } else if me.send_udp {
-            Some(Transport::Udp)
         } else {
-            None
+            assert!(me.send_udp, "UDP delivery only to a client that binds");
+            Some(Transport::Udp)
         }
     }
 
@@ -2868,7 +3077,11 @@ mod tests {
                 let ca = caps(row(case / 4).0, row(case / 4).1, nat & 1 != 0);
                 let cb = caps(row(case % 4).0, row(case % 4).1, nat & 2 != 0);
                 let what = format!("case {} caller {ca:?} callee {cb:?}", case + 1);
-                let plan = planner::plan(ca, cb);
+                let target = planner::plan(ca, cb);
+                let plan = Plan {
+                    forward: paths::start_path(target.forward, cb),
+                    backward: paths::start_path(target.backward, ca),
+                };
                 let (mut w, a, b, call, msgs_a, msgs_b, _) = call_with_msgs(ca, cb);
                 let (ma, mb) = (media_of(&msgs_a), media_of(&msgs_b));
                 let mut awaited = Vec::new();
@@ -2952,36 +3165,23 @@ mod tests {
                 );
             }
         }
-        // Case 16 without NAT (direct both ways) and case 6 (both receive UDP at a fixed
-        // address, sending over TCP) need no binding.
-        assert_eq!(
-            immediate,
-            [(6, 0), (6, 1), (6, 2), (6, 3), (16, 0)],
-            "the calls that need no binding"
-        );
+        // Every call now starts through the gateway, delivering only to bound legs: each
+        // waits for its bindings.
+        assert_eq!(immediate, [], "no call needs no binding");
     }
 
-    /// A fixed-address delivery (a receive-only client) needs no binding: only the other
-    /// side's leg is awaited.
+    /// A receive-only client (it cannot send UDP, so it cannot bind a UDP source) gets its
+    /// media over TCP, never at its reported address: both TCP legs are awaited.
     #[test]
-    fn a_fixed_udp_delivery_is_not_awaited() {
+    fn a_receive_only_client_is_delivered_over_tcp_and_awaited() {
         let (mut w, a, b, call, msgs_a, msgs_b, cmds) =
             call_with_msgs(caps(false, false, false), caps(false, true, false));
         let spec = &installs(&cmds)[0].2;
-        let fixed = spec
-            .legs
-            .iter()
-            .find(|l| matches!(l.delivery, Delivery::Udp(_)))
-            .expect("bob's leg delivers to his address");
-        let tcp = spec
-            .legs
-            .iter()
-            .find(|l| l.delivery == Delivery::Tcp)
-            .expect("alice's leg delivers over TCP");
+        assert!(spec.legs.iter().all(|l| l.delivery == Delivery::Tcp));
         assert!(readies(&msgs_a).is_empty() && readies(&msgs_b).is_empty());
-        bound(&mut w, call, &fixed.name, Transport::Udp);
+        bound(&mut w, call, &spec.legs[0].name, Transport::Tcp);
         assert!(readies(&w.take(a.conn)).is_empty());
-        bound(&mut w, call, &tcp.name, Transport::Tcp);
+        bound(&mut w, call, &spec.legs[1].name, Transport::Tcp);
         assert_eq!(readies(&w.take(a.conn)), [call]);
         assert_eq!(readies(&w.take(b.conn)), [call]);
     }
@@ -2993,7 +3193,7 @@ mod tests {
             (sim::NAT, Some(Transport::Udp)),
             (sim::BLOCKED, Some(Transport::Tcp)),
             (sim::SEND_ONLY, Some(Transport::Tcp)),
-            (sim::RECV_ONLY, None),
+            (sim::RECV_ONLY, Some(Transport::Tcp)),
         ] {
             let mut w = World::new();
             let a = w.login("alice", fw);
@@ -3114,16 +3314,17 @@ mod tests {
         assert!(w.take(a.conn).is_empty(), "alice's delivery is UDP");
         bound(&mut w, room, &la, Transport::Udp);
         assert_eq!(w.take(a.conn), [ServerMsg::MediaReady { call: room }]);
-        // Carol (TCP) waits for her binding; dave (fixed UDP address) is ready at once.
+        // Carol (TCP) and dave (receive-only: delivered over TCP) wait for their bindings.
         w.accept(&c, room, Some(c.media()));
         w.accept(&d, room, Some(d.media()));
         let msgs_c = w.take(c.conn);
         assert!(readies(&msgs_c).is_empty());
         let lc = media_of(&msgs_c)[0].leg.clone().unwrap();
-        assert!(matches!(
-            w.take(d.conn).as_slice(),
-            [ServerMsg::Media(_), ServerMsg::MediaReady { call }] if *call == room
-        ));
+        let msgs_d = w.take(d.conn);
+        assert!(readies(&msgs_d).is_empty());
+        let ld = media_of(&msgs_d)[0].leg.clone().unwrap();
+        bound(&mut w, room, &ld, Transport::Tcp);
+        assert_eq!(w.take(d.conn), [ServerMsg::MediaReady { call: room }]);
         bound(&mut w, room, &lc, Transport::Tcp);
         assert_eq!(w.take(c.conn), [ServerMsg::MediaReady { call: room }]);
         // Re-bindings and others' bindings tell nobody anything.

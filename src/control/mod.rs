@@ -27,6 +27,7 @@ pub mod auth;
 pub mod calls;
 pub mod gateway;
 pub mod media;
+pub mod paths;
 pub mod planner;
 pub mod presence;
 pub mod probe;
