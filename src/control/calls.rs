@@ -23,8 +23,8 @@
 //!   Dialling one's own number is busy.
 //! - The callee is alerted at once; planning needs both parties' probe results and waits for
 //!   a probe that is still running (bounded by the probe timeout).
-//! - A plan that needs no gateway in either direction (case 16 without NAT) installs nothing:
-//!   both sides get `media` at once.
+//! - Every call installs a relay session: media starts through the gateway (see "Proven
+//!   paths" below), even where Table 1 allows direct UDP both ways.
 //! - A callee's `hang_up` while ringing is a rejection (`hang_up{rejected}` to the caller); the
 //!   caller's `hang_up` while ringing withdraws the call (`hang_up{normal}` to the callee).
 //! - A client with no (usable) media address for a call has no UDP socket for it: it is planned
@@ -81,9 +81,22 @@
 //! # Media trouble
 //!
 //! `media_trouble{call}` re-probes the parties (both, or the one member in a room). When the
-//! results are in: a failed probe (no report) or an unchanged plan ends the call with
-//! `hang_up{media_failed}` to both, never leaving one side believing the call is up; a changed
-//! plan replaces the relay session (new legs) and sends fresh `media` to both.
+//! results are in, a two-party call always changes something: a changed plan replaces the
+//! relay session (new legs) and sends fresh `media` to both; an unchanged plan (or a probe
+//! without report) first **re-binds** (the same paths with new legs and fresh direct checks),
+//! and the next time **demotes** one direction one step down its fallback order
+//! ([`super::paths::fallback`]: the complainer's receiving direction first, else its sending
+//! one), then re-binds again, and so on. Only when both directions already run TCP through
+//! the gateway, were re-bound there, and trouble comes again does the call end with
+//! `hang_up{media_failed}` to both (logged as "TCP through the gateway both ways also failed").
+//!
+//! # Proven paths
+//!
+//! Every direction of a two-party call starts through the gateway ([`super::paths`]); Table 1's
+//! direct directions are *candidates* the phones prove with keyed checks (the check key of each
+//! direction sealed for each phone under its own session key) before they go direct, and leave
+//! again when consent expires. The gateway delivers UDP only to a source that bound with a
+//! keyed Binding, never to an address a client reported.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -232,8 +245,9 @@ pub(crate) struct Pair {
     /// The paths in force (what the gateway relays), per direction.
     pub in_force: Option<Plan>,
     /// `media_trouble` already re-bound the paths in force once (the next one demotes).
-    #[allow(dead_code)] // Read by the re-planning of step 5 (proven paths), next commit.
     pub rebound: bool,
+    /// Who sent the `media_trouble` being handled (its receiving direction is demoted first).
+    pub trouble_from: Option<ConnId>,
 }
 
 impl Pair {
@@ -534,6 +548,7 @@ impl Gateway {
                         floor: None,
                         in_force: None,
                         rebound: false,
+                        trouble_from: None,
                     })),
                 );
                 for c in [conn, callee] {
@@ -574,6 +589,7 @@ impl Gateway {
                         floor: None,
                         in_force: None,
                         rebound: false,
+                        trouble_from: None,
                     })),
                 );
                 if let Some(s) = self.session_mut(conn) {
@@ -697,6 +713,7 @@ impl Gateway {
                 ];
                 if let Some(Call::Pair(p)) = self.calls.get_mut(&call) {
                     p.state = PairState::Replanning { waiting };
+                    p.trouble_from = Some(conn);
                 }
                 if waiting == [false, false] {
                     self.replan(now, call);
@@ -1127,6 +1144,11 @@ impl Gateway {
             }
             _ => {
                 let (out, inn) = directions(plan, true);
+                // Demotions after media_trouble hold for route calls too.
+                let (out, inn) = match floor {
+                    Some(f) => (paths::worse(out, f.forward), paths::worse(inn, f.backward)),
+                    None => (out, inn),
+                };
                 sides.push(SidePlan {
                     conn: a_conn,
                     caller: true,
@@ -1311,13 +1333,31 @@ impl Gateway {
         };
         let probe_failed = failed(Some(caller)) || failed(callee);
         let new = self.pair_inputs(call).map(|i| i.plan);
-        if probe_failed || new.is_none() || new == old {
-            tracing::info!(call, probe_failed, plan = ?old, "media trouble: no better plan; ending the call");
-            return self.end_pair(
-                call,
-                Some(HangupReason::MediaFailed),
-                Some(HangupReason::MediaFailed),
-            );
+        if new.is_some() && new != old && !probe_failed {
+            // The firewalls changed: a new plan (demotions so far still hold).
+            if let Some(Call::Pair(p)) = self.calls.get_mut(&call) {
+                p.rebound = false;
+            }
+        } else {
+            // The same plan (or no usable probe): media_trouble still changes something —
+            // re-bind first, then demote one step (see `media_trouble_step`).
+            match self.media_trouble_step(call) {
+                Some(what) => {
+                    tracing::info!(call, probe_failed, plan = ?old, "media trouble: same plan; {what}");
+                }
+                None => {
+                    tracing::warn!(
+                        call,
+                        plan = ?old,
+                        "media trouble: TCP through the gateway both ways also failed; ending the call"
+                    );
+                    return self.end_pair(
+                        call,
+                        Some(HangupReason::MediaFailed),
+                        Some(HangupReason::MediaFailed),
+                    );
+                }
+            }
         }
         tracing::info!(call, old = ?old, new = ?new, "media trouble: re-planned");
         let relay = match self.calls.get_mut(&call) {
@@ -1332,6 +1372,51 @@ impl Gateway {
             self.drop_relay(call, relay);
         }
         self.try_plan(now, call);
+    }
+
+    /// `media_trouble` with nothing new from the probes: the first time re-binds (the same
+    /// paths with fresh legs and fresh checks), the next demotes one direction one step
+    /// (`super::paths::fallback`; the complainer's receiving direction first, else its sending
+    /// one) and re-binds that. `None` when both directions already run over TCP through the
+    /// gateway and were re-bound there: nothing is left to try. Returns what it did.
+    fn media_trouble_step(&mut self, call: CallId) -> Option<&'static str> {
+        let Some(Call::Pair(p)) = self.calls.get_mut(&call) else {
+            return None;
+        };
+        if !p.rebound {
+            p.rebound = true;
+            return Some("re-binding the paths in force");
+        }
+        let in_force = p.in_force?;
+        let complainer_is_caller = p.trouble_from == Some(p.caller);
+        let mut floor = p.floor.unwrap_or(Plan {
+            forward: Path::DirectUdp,
+            backward: Path::DirectUdp,
+        });
+        // [receiving direction of the complainer, its sending direction].
+        let order = if complainer_is_caller {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for forward in order {
+            let (now, slot) = if forward {
+                (in_force.forward, &mut floor.forward)
+            } else {
+                (in_force.backward, &mut floor.backward)
+            };
+            if let Some(next) = paths::fallback(now) {
+                *slot = paths::worse(*slot, next);
+                p.floor = Some(floor);
+                p.rebound = false;
+                return Some(if forward {
+                    "demoting the forward direction one step"
+                } else {
+                    "demoting the backward direction one step"
+                });
+            }
+        }
+        None
     }
 
     // ------------------------------------------------------------------- rooms
@@ -2584,11 +2669,61 @@ mod tests {
         assert!(w.gw.leg_names().iter().all(|l| !old_legs.contains(l)));
     }
 
+    /// `media_trouble` always changes something. Same plan: re-bind (fresh legs, same paths,
+    /// fresh checks), then demote the complainer's receiving direction one step, re-bind,
+    /// demote the other direction, re-bind; only when TCP through the gateway both ways was
+    /// re-bound and still fails does the call end (`media_failed` to both).
     #[test]
-    fn media_trouble_with_the_same_plan_or_a_failed_probe_ends_the_call() {
-        // Same plan.
-        let (mut w, a, b, call) = trouble_setup(sim::SEND_ONLY, sim::NAT);
-        w.take_shard();
+    fn media_trouble_rebinds_then_demotes_and_ends_only_after_tcp_both_ways() {
+        let (mut w, a, b, call) = trouble_setup(sim::OPEN, sim::OPEN);
+        let mut legs: Vec<String> = installs(&w.take_shard())[0]
+            .2
+            .legs
+            .iter()
+            .map(|l| l.name.clone())
+            .collect();
+        let (u, t) = (Path::UdpViaGateway, Path::TcpBoth);
+        // (forward, backward) in force after each trouble from bob, and whether each
+        // direction is still a direct candidate.
+        let steps = [
+            ((u, u), (true, true)),   // re-bind
+            ((t, u), (false, true)),  // bob's receiving (forward) demoted
+            ((t, u), (false, true)),  // re-bind
+            ((t, t), (false, false)), // forward is at the bottom: backward demoted
+            ((t, t), (false, false)), // re-bind
+        ];
+        for (k, ((fwd, bwd), (cf, cb))) in steps.into_iter().enumerate() {
+            w.send(b.conn, ClientMsg::MediaTrouble { call });
+            w.probe(&a);
+            w.probe(&b);
+            let (ma, mb) = (media_of(&w.take(a.conn)), media_of(&w.take(b.conn)));
+            assert_eq!(
+                (ma.len(), mb.len()),
+                (1, 1),
+                "step {k}: fresh media to both"
+            );
+            let (pa, pb) = (
+                ma[0].paths.as_ref().expect("paths"),
+                mb[0].paths.as_ref().expect("paths"),
+            );
+            assert_eq!((pa.send.now, pa.recv.now), (fwd, bwd), "step {k}");
+            assert_eq!((pb.send.now, pb.recv.now), (bwd, fwd), "step {k}");
+            assert_eq!(pa.send.direct.is_some(), cf, "step {k}");
+            assert_eq!(pb.send.direct.is_some(), cb, "step {k}");
+            // The Table 1 decision itself is unchanged.
+            assert_eq!(ma[0].plan.map(|p| p.forward), Some(Path::DirectUdp));
+            let cmds = w.take_shard();
+            assert_eq!(removes(&cmds), [(0, call)], "step {k}");
+            let new: Vec<String> = installs(&cmds)[0]
+                .2
+                .legs
+                .iter()
+                .map(|l| l.name.clone())
+                .collect();
+            assert!(new.iter().all(|l| !legs.contains(l)), "step {k}: new legs");
+            legs = new;
+        }
+        // TCP both ways, re-bound, still in trouble: the call ends, and says why.
         w.send(b.conn, ClientMsg::MediaTrouble { call });
         w.probe(&a);
         w.probe(&b);
@@ -2601,21 +2736,23 @@ mod tests {
             [(call, HangupReason::MediaFailed)]
         );
         assert_eq!(removes(&w.take_shard()), [(0, call)]);
-        // A probe that gets no report.
+        assert_eq!(w.gw.stats().calls_failed, 1);
+    }
+
+    /// A re-probe that gets no report does not end the call: it re-binds like any trouble.
+    #[test]
+    fn media_trouble_with_a_failed_probe_rebinds_instead_of_ending() {
         let (mut w, a, b, call) = trouble_setup(sim::OPEN, sim::OPEN);
+        w.take_shard();
         w.send(a.conn, ClientMsg::MediaTrouble { call });
         w.probe(&a);
         w.advance(Duration::from_secs(2));
-        assert_eq!(
-            hangups(&w.take(a.conn)),
-            [(call, HangupReason::MediaFailed)]
-        );
-        assert_eq!(
-            hangups(&w.take(b.conn)),
-            [(call, HangupReason::MediaFailed)]
-        );
-        assert_eq!(removes(&w.take_shard()), [(0, call)]);
-        assert_eq!(w.gw.stats().calls_failed, 1);
+        assert!(hangups(&w.take(a.conn)).is_empty());
+        assert!(hangups(&w.take(b.conn)).is_empty());
+        let cmds = w.take_shard();
+        assert_eq!(removes(&cmds), [(0, call)]);
+        assert_eq!(installs(&cmds).len(), 1);
+        assert_eq!(w.gw.stats().calls_failed, 0);
     }
 
     #[test]
