@@ -660,6 +660,9 @@ async fn phone_session(
     let deadline = args.duration.map(|d| Instant::now() + d);
     let mut playback_end: Option<Instant> = None;
     let mut watchdog = tokio::time::interval(Duration::from_millis(250));
+    // When this phone last reported media trouble: it reports again (the gateway re-binds,
+    // then demotes) if the trouble lasts another 2 × MEDIA_SILENCE.
+    let mut last_trouble: Option<Instant> = None;
     let outcome: Result<String, String> = loop {
         let hang_up_at = match (deadline, playback_end) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -713,10 +716,18 @@ async fn phone_session(
             },
             _ = watchdog.tick() => {
                 let st = media.status();
-                if !summary.media_trouble_sent && st.idle_for(Instant::now()) >= MEDIA_SILENCE {
-                    tracing::warn!(call, "no media for {MEDIA_SILENCE:?}: telling the gateway");
+                let now = Instant::now();
+                let again = last_trouble.is_none_or(|t| now.duration_since(t) >= 2 * MEDIA_SILENCE);
+                let silent = st.idle_for(now) >= MEDIA_SILENCE;
+                if again && (silent || st.gateway_consent_lost) {
+                    if silent {
+                        tracing::warn!(call, "no media for {MEDIA_SILENCE:?}: telling the gateway");
+                    } else {
+                        tracing::warn!(call, "the UDP path to the gateway lost consent: telling the gateway");
+                    }
                     let _ = phone.media_trouble(call).await;
                     summary.media_trouble_sent = true;
+                    last_trouble = Some(now);
                 }
             }
         }

@@ -820,3 +820,246 @@ mod tests {
         }
     }
 }
+
+// ---------------------------------------------------------------- one call's paths
+
+/// How long a sender that just went direct keeps sending through the gateway as well (the
+/// receiver de-duplicates), so that the switch loses nothing while the receiver validates the
+/// new source.
+pub const OVERLAP: Duration = Duration::from_millis(300);
+
+/// What the phone's paths did, for the report (`voxgate phone --json`: `paths`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct PathsReport {
+    /// The sending direction was a direct candidate.
+    pub send_candidate: bool,
+    /// Sending direct at the end.
+    pub send_direct: bool,
+    /// When the sending direction first went direct, ms after the engine started.
+    pub went_direct_ms: Option<f64>,
+    /// Times a direct path lost consent and the direction fell back to the gateway.
+    pub fallbacks: u32,
+    /// The candidate never answered (the direction stayed through the gateway).
+    pub direct_failed: bool,
+    /// Checks sent to the candidate (proving and consent).
+    pub checks_sent: u32,
+    /// Media packets sent on the direct path.
+    pub direct_packets: u64,
+    /// The receiving direction's direct source, once validated.
+    pub accepted_direct_from: Option<SocketAddr>,
+    /// Consent requests to the gateway, and whether consent was lost at some point.
+    pub gateway_checks: u32,
+    pub gateway_consent_lost: bool,
+}
+
+/// A call's proven paths: the two directions' machines and gateway consent, with what the
+/// media engine needs to know (where to send, whom to accept). Sans-IO.
+#[derive(Debug)]
+pub struct CallPaths {
+    send: Option<DirectPath>,
+    recv: Option<DirectPath>,
+    consent: Option<Consent>,
+    direct_to: Option<SocketAddr>,
+    overlap_until: Option<Instant>,
+    started: Instant,
+    pub report: PathsReport,
+}
+
+impl CallPaths {
+    /// From the gateway's instructions. `gateway_udp` is the gateway's UDP media address when
+    /// this phone receives UDP from it (then consent towards it can be checked: the answers can
+    /// arrive); `leg_key` the leg's STUN key. Sealed check keys that do not open are ignored
+    /// (the direction stays through the gateway) with a warning.
+    pub fn new(
+        i: &crate::wire::control::MediaInstructions,
+        session: &crate::control::auth::SessionKey,
+        gateway_udp: Option<SocketAddr>,
+        leg_key: Option<Vec<u8>>,
+        now: Instant,
+        seed: u64,
+    ) -> CallPaths {
+        use crate::control::paths::open;
+        let mut seed = seed;
+        let mut machine =
+            |role: Role, forward: bool, c: &crate::wire::control::DirectCandidate| match open(
+                session, i.call, forward, &c.key,
+            ) {
+                Ok(k) => {
+                    seed = seed.wrapping_add(0x51_7CC1_B727_220A);
+                    Some(DirectPath::new(
+                        role,
+                        c.username.clone(),
+                        k.stun_key(),
+                        crate::client::canonical(c.peer),
+                        now,
+                        seed,
+                    ))
+                }
+                Err(e) => {
+                    tracing::warn!(call = i.call, "ignoring a direct candidate: {e}");
+                    None
+                }
+            };
+        let (send, recv) = match &i.paths {
+            Some(p) => (
+                p.send
+                    .direct
+                    .as_ref()
+                    .and_then(|c| machine(Role::Sender, i.caller, c)),
+                p.recv
+                    .direct
+                    .as_ref()
+                    .and_then(|c| machine(Role::Receiver, !i.caller, c)),
+            ),
+            None => (None, None),
+        };
+        let consent = match (gateway_udp, &i.leg, leg_key) {
+            (Some(gw), Some(leg), Some(k)) => Some(Consent::new(gw, leg, k, now, seed ^ 0xC0)),
+            _ => None,
+        };
+        CallPaths {
+            report: PathsReport {
+                send_candidate: send.is_some(),
+                ..PathsReport::default()
+            },
+            send,
+            recv,
+            consent,
+            direct_to: None,
+            overlap_until: None,
+            started: now,
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) is next needed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [
+            self.send.as_ref().and_then(DirectPath::poll_timeout),
+            self.recv.as_ref().and_then(DirectPath::poll_timeout),
+            self.consent.as_ref().map(Consent::poll_timeout),
+            self.overlap_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Due work; the datagrams to send now.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Transmit> {
+        let mut out = Vec::new();
+        if self.overlap_until.is_some_and(|t| now >= t) {
+            self.overlap_until = None;
+        }
+        for m in [&mut self.send, &mut self.recv].into_iter().flatten() {
+            m.handle_timeout(now);
+        }
+        if let Some(c) = &mut self.consent {
+            let was = c.lost();
+            if let Some(t) = c.handle_timeout(now) {
+                out.push(t);
+            }
+            if c.lost() && !was {
+                tracing::warn!("the UDP path to the gateway lost consent (no answer for 2 s)");
+                self.report.gateway_consent_lost = true;
+            }
+            self.report.gateway_checks = c.sent;
+        }
+        self.collect(now, &mut out);
+        out
+    }
+
+    /// A STUN datagram from `from`: whether it belonged to the paths; answers go out in the
+    /// returned datagrams.
+    pub fn handle_input(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        data: &[u8],
+    ) -> (bool, Vec<Transmit>) {
+        let mut used = self
+            .consent
+            .as_mut()
+            .is_some_and(|c| c.handle_input(now, from, data));
+        for m in [&mut self.send, &mut self.recv].into_iter().flatten() {
+            if !used {
+                used = m.handle_input(now, from, data);
+            }
+        }
+        let mut out = Vec::new();
+        self.collect(now, &mut out);
+        (used, out)
+    }
+
+    fn collect(&mut self, now: Instant, out: &mut Vec<Transmit>) {
+        if let Some(m) = &mut self.send {
+            while let Some(t) = m.poll_transmit() {
+                out.push(t);
+            }
+            while let Some(e) = m.poll_event() {
+                match e {
+                    PathEvent::UseDirect(to) => {
+                        tracing::info!("direct path to {to} proven: sending direct");
+                        self.direct_to = Some(to);
+                        self.overlap_until = Some(now + OVERLAP);
+                        self.report.went_direct_ms.get_or_insert(
+                            now.saturating_duration_since(self.started).as_secs_f64() * 1000.0,
+                        );
+                    }
+                    PathEvent::UseGateway => {
+                        tracing::warn!(
+                            "the direct path lost consent: sending through the gateway again"
+                        );
+                        self.direct_to = None;
+                        self.overlap_until = None;
+                        self.report.fallbacks += 1;
+                    }
+                    PathEvent::Failed => {
+                        tracing::info!(
+                            "the direct candidate {} never answered: staying through the gateway",
+                            m.peer()
+                        );
+                        self.report.direct_failed = true;
+                    }
+                    PathEvent::AcceptFrom(_) => {}
+                }
+            }
+            self.report.checks_sent = m.checks_sent;
+        }
+        if let Some(m) = &mut self.recv {
+            while let Some(t) = m.poll_transmit() {
+                out.push(t);
+            }
+            while let Some(e) = m.poll_event() {
+                if let PathEvent::AcceptFrom(a) = e {
+                    tracing::info!("direct media source {a} validated: accepting its media");
+                    self.report.accepted_direct_from = Some(a);
+                }
+            }
+        }
+        self.report.send_direct = self.direct_to.is_some();
+    }
+
+    /// Where media goes now: the direct address (when proven) and whether the gateway route
+    /// gets a copy too (during the switch's overlap, or when not direct).
+    pub fn send_targets(&self, now: Instant) -> (Option<SocketAddr>, bool) {
+        match self.direct_to {
+            Some(d) => (Some(d), self.overlap_until.is_some_and(|t| now < t)),
+            None => (None, true),
+        }
+    }
+
+    /// Counts a media packet sent direct.
+    pub fn sent_direct(&mut self) {
+        self.report.direct_packets += 1;
+    }
+
+    /// Whether media from `from` is accepted as the peer's validated direct source.
+    pub fn accepts(&self, from: SocketAddr) -> bool {
+        self.recv.as_ref().is_some_and(|m| m.accepts(from))
+    }
+
+    /// Whether consent towards the gateway is lost now.
+    pub fn gateway_lost(&self) -> bool {
+        self.consent.as_ref().is_some_and(Consent::lost)
+    }
+}
