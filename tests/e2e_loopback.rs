@@ -13,7 +13,17 @@ use std::time::{Duration, Instant};
 use common::{Gateway, run_phone, run_with_stdin, spawn_phone, test_clip, ulaw_round_trip_padded};
 use voxgate::client::wav;
 
-fn call_with(gw: &Gateway, fw_caller: &str, fw_callee: &str, expect: (&str, &str)) {
+/// `expect`: Table 1's plan; `used`: the path each direction really took — a direct
+/// direction is proven by the phones' checks first (it starts through the gateway), and a
+/// direction towards a phone that cannot send UDP is delivered over TCP (the gateway never
+/// sends to a reported address).
+fn call_with(
+    gw: &Gateway,
+    fw_caller: &str,
+    fw_callee: &str,
+    expect: (&str, &str),
+    used: (&str, &str),
+) {
     let dir = gw.dir.path();
     let a_in = test_clip(dir, "speech-8k.wav", "a-in.wav", 1.6);
     let b_in = test_clip(dir, "reply-8k.wav", "b-in.wav", 1.2);
@@ -89,24 +99,36 @@ fn call_with(gw: &Gateway, fw_caller: &str, fw_callee: &str, expect: (&str, &str
     };
     assert_eq!(
         caller.json["transports"]["send"]["transport"],
-        sender_transport(expect.0)
+        sender_transport(used.0)
     );
     assert_eq!(
         callee.json["transports"]["recv"]["transport"],
-        receiver_transport(expect.0)
+        receiver_transport(used.0)
     );
     assert_eq!(
         callee.json["transports"]["send"]["transport"],
-        sender_transport(expect.1)
+        sender_transport(used.1)
     );
     assert_eq!(
         caller.json["transports"]["recv"]["transport"],
-        receiver_transport(expect.1)
+        receiver_transport(used.1)
     );
-    assert_eq!(
-        caller.json["transports"]["send"]["via_gateway"],
-        expect.0 != "direct_udp"
-    );
+    for (who, r, path) in [("caller", &caller, used.0), ("callee", &callee, used.1)] {
+        let direct = path == "direct_udp";
+        assert_eq!(
+            r.json["transports"]["send"]["via_gateway"], !direct,
+            "{who}: {}",
+            r.json
+        );
+        // A direct direction was a candidate, proven within a second of the start.
+        assert_eq!(r.json["paths"]["send_direct"], direct, "{who}: {}", r.json);
+        if direct {
+            let ms = r.json["paths"]["went_direct_ms"]
+                .as_f64()
+                .unwrap_or(f64::MAX);
+            assert!(ms < 1000.0, "{who}: went direct after {ms} ms");
+        }
+    }
     // Byte-exact audio both ways, after one G.711 round trip.
     for (sent, rec, who) in [
         (&a_in, &b_rec, "bob hears alice"),
@@ -136,11 +158,28 @@ fn each_transport_plan_carries_audio_byte_exact() {
     let mut gw = Gateway::start(&[]);
     // Every path the planner can choose on loopback (UDP via the gateway needs NAT: the lab
     // covers it), each at least once in each direction.
-    call_with(&gw, "open", "open", ("direct_udp", "direct_udp"));
-    call_with(&gw, "no-udp", "open", ("tcp_in_udp_out", "udp_in_tcp_out"));
-    call_with(&gw, "no-udp", "no-udp", ("tcp_both", "tcp_both"));
-    call_with(&gw, "no-udp-out", "no-udp-in", ("tcp_both", "direct_udp"));
-    call_with(&gw, "open", "no-udp-out", ("direct_udp", "tcp_in_udp_out"));
+    let direct = ("direct_udp", "direct_udp");
+    call_with(&gw, "open", "open", direct, direct);
+    let (t, u) = ("tcp_in_udp_out", "udp_in_tcp_out");
+    call_with(&gw, "no-udp", "open", (t, u), (t, u));
+    let tt = ("tcp_both", "tcp_both");
+    call_with(&gw, "no-udp", "no-udp", tt, tt);
+    // The direct direction's receiver cannot send UDP: it can answer no check and bind no
+    // UDP source, so it receives over TCP.
+    call_with(
+        &gw,
+        "no-udp-out",
+        "no-udp-in",
+        ("tcp_both", "direct_udp"),
+        ("tcp_both", "udp_in_tcp_out"),
+    );
+    call_with(
+        &gw,
+        "open",
+        "no-udp-out",
+        ("direct_udp", "tcp_in_udp_out"),
+        ("udp_in_tcp_out", "tcp_in_udp_out"),
+    );
     let stats = gw.stop();
     assert!(
         stats.contains("tcp in") && stats.contains("udp out"),

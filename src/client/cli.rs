@@ -249,6 +249,8 @@ struct PhoneSummary {
     media_ready_timed_out: bool,
     replans: u32,
     media_trouble_sent: bool,
+    /// Proven paths: direct candidate, checks, when it went direct, fallbacks, consent.
+    paths: Option<crate::client::paths::PathsReport>,
     recording: Option<PathBuf>,
     duration_s: f64,
     #[serde(skip)]
@@ -284,6 +286,7 @@ impl PhoneSummary {
             media_ready_timed_out: false,
             replans: 0,
             media_trouble_sent: false,
+            paths: None,
             recording: None,
             duration_s: 0.0,
             exit: 1,
@@ -305,6 +308,7 @@ impl PhoneSummary {
 
     fn media(&mut self, r: &MediaReport) {
         self.plan = r.plan;
+        self.paths = Some(r.paths);
         self.transports = Transports {
             send: r.send,
             recv: Some(r.recv),

@@ -1899,9 +1899,11 @@ impl Engine {
         let (received, recording) = self.rx.report();
         let i = &self.instr;
         MediaReport {
+            // Where this side ended up sending: direct once a candidate was proven (and its
+            // consent held), else as instructed.
             send: self.route.send.map(|_| TransportUsed {
                 transport: i.send.transport,
-                via_gateway: i.send.via_gateway,
+                via_gateway: i.send.via_gateway && !self.paths.report.send_direct,
             }),
             recv: TransportUsed {
                 transport: i.recv.transport,
