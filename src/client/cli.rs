@@ -216,6 +216,12 @@ struct ReceivedOut {
     /// One-way, from the sender's wall clock: only valid when both ends share a clock.
     latency_ms: Option<LatencyMs>,
     ssrcs: usize,
+    /// When the first media packet arrived, ms after the media engine started.
+    first_packet_ms: Option<f64>,
+    /// Longest silence between two media packets, ms.
+    max_gap_ms: f64,
+    /// Duplicate RTP packets dropped (the copies of a switch to a direct path).
+    duplicates: u64,
 }
 
 /// The one JSON object `voxgate phone --json` prints.
@@ -331,6 +337,9 @@ impl PhoneSummary {
                 max: round3(l.max),
             }),
             ssrcs: r.received.ssrcs,
+            first_packet_ms: r.received.first_packet_ms.map(round3),
+            max_gap_ms: round3(r.received.max_gap_ms),
+            duplicates: r.received.ignored.duplicate,
         };
         self.udp_binding_confirmed = r.udp_binding_confirmed;
         self.media_ready_wait_ms = r.media_ready_wait_ms.map(round3);

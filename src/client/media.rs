@@ -473,6 +473,12 @@ pub struct ReceivedStats {
     pub ssrcs: usize,
     pub streams: Vec<RtpReport>,
     pub ignored: Ignored,
+    /// When the first media packet arrived, ms after the engine started (right after `media`
+    /// and the bindings).
+    pub first_packet_ms: Option<f64>,
+    /// The longest time between two accepted media packets, ms (how long audio was lost when a
+    /// path failed and the call recovered).
+    pub max_gap_ms: f64,
 }
 
 /// What a call's media did.
@@ -1226,6 +1232,8 @@ impl MediaCall {
 /// The receiving half's state.
 struct Receiver {
     t0: Instant,
+    /// Arrival of the last accepted media packet.
+    last_at: Option<Instant>,
     streams: Vec<(u32, RtpStats)>,
     /// Per stream (same index): sequence numbers seen, to drop duplicates.
     windows: Vec<SeqWindow>,
@@ -1239,6 +1247,7 @@ impl Receiver {
     fn new(t0: Instant, record_samples: usize) -> Self {
         Receiver {
             t0,
+            last_at: None,
             streams: Vec::new(),
             windows: Vec::new(),
             // 1 µs .. 60 s at 3 significant figures; constant bounds cannot fail.
@@ -1296,6 +1305,17 @@ impl Receiver {
         {
             let _ = self.latency.record((d / 1000).max(1));
         }
+        match self.last_at {
+            None => {
+                self.stats.first_packet_ms =
+                    Some(at.saturating_duration_since(self.t0).as_secs_f64() * 1000.0);
+            }
+            Some(last) => {
+                let gap = at.saturating_duration_since(last).as_secs_f64() * 1000.0;
+                self.stats.max_gap_ms = self.stats.max_gap_ms.max(gap);
+            }
+        }
+        self.last_at = Some(at);
         self.stats.packets += 1;
         self.stats.bytes += data.len() as u64;
         if tcp {

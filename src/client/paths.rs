@@ -466,6 +466,27 @@ impl Consent {
         })
     }
 
+    /// A keyed Binding request from the gateway (USERNAME = leg, leg key): the gateway's
+    /// challenge before it moves the leg to a new source of ours (validated latching). The
+    /// answer to send back from the same socket; `None` for anything else.
+    pub fn answer(&self, from: SocketAddr, data: &[u8]) -> Option<Transmit> {
+        if from != self.gateway {
+            return None;
+        }
+        let m = stun::Message::parse(data).ok()?;
+        if m.class() != stun::Class::Request
+            || m.method() != stun::BINDING
+            || m.username() != Some(self.username.as_bytes())
+            || m.check_integrity(&self.key).is_err()
+        {
+            return None;
+        }
+        Some(Transmit {
+            to: from,
+            data: response(&self.key, m.transaction_id(), from)?,
+        })
+    }
+
     /// A datagram from `from`: whether it was a valid answer to one of our requests.
     pub fn handle_input(&mut self, now: Instant, from: SocketAddr, data: &[u8]) -> bool {
         if from != self.gateway {
@@ -792,6 +813,26 @@ mod tests {
         assert!(!c.lost());
     }
 
+    /// The gateway's challenge (before it re-latches a new source of ours) is answered with
+    /// the leg key; a request without the key, or from elsewhere, is not.
+    #[test]
+    fn the_gateways_challenge_is_answered_with_the_leg_key() {
+        let gw = a("192.0.2.1:7401");
+        let c = Consent::new(gw, "leg1", KEY.to_vec(), Instant::now(), 1);
+        let req = request("leg1", KEY, &[4; 12]).unwrap_or_default();
+        let t = c.answer(gw, &req).expect("answered");
+        assert_eq!(t.to, gw);
+        assert_eq!(
+            crate::client::binding::check_response(&t.data, KEY, &[4; 12]),
+            Ok(gw)
+        );
+        assert!(c.answer(a("192.0.2.9:7401"), &req).is_none());
+        let bad = request("leg1", b"wrong", &[4; 12]).unwrap_or_default();
+        assert!(c.answer(gw, &bad).is_none());
+        let other = request("leg2", KEY, &[4; 12]).unwrap_or_default();
+        assert!(c.answer(gw, &other).is_none());
+    }
+
     #[test]
     fn seq_window_drops_duplicates_only() {
         let mut w = SeqWindow::default();
@@ -976,16 +1017,20 @@ impl CallPaths {
         from: SocketAddr,
         data: &[u8],
     ) -> (bool, Vec<Transmit>) {
+        let mut out = Vec::new();
         let mut used = self
             .consent
             .as_mut()
             .is_some_and(|c| c.handle_input(now, from, data));
+        if !used && let Some(t) = self.consent.as_ref().and_then(|c| c.answer(from, data)) {
+            out.push(t);
+            used = true;
+        }
         for m in [&mut self.send, &mut self.recv].into_iter().flatten() {
             if !used {
                 used = m.handle_input(now, from, data);
             }
         }
-        let mut out = Vec::new();
         self.collect(now, &mut out);
         (used, out)
     }
