@@ -1066,10 +1066,10 @@ impl Gateway {
                 // A candidate needs a peer address the gateway may point a phone at, and no
                 // demotion below direct.
                 let candidate = |target: Path,
-                                 receiver: Capabilities,
+                                 (sender, receiver): (Capabilities, Capabilities),
                                  peer: Option<SocketAddr>,
                                  demoted: bool| {
-                    (paths::is_direct_candidate(target, receiver) && !demoted)
+                    (paths::is_direct_candidate(target, sender, receiver) && !demoted)
                         .then_some(peer)
                         .flatten()
                         .and_then(|p| check_peer(p, allow).ok())
@@ -1077,13 +1077,13 @@ impl Gateway {
                 let cands = [
                     candidate(
                         plan.forward,
-                        b.caps,
+                        (a.caps, b.caps),
                         b_media,
                         floor.is_some_and(|f| f.forward != Path::DirectUdp),
                     ),
                     candidate(
                         plan.backward,
-                        a.caps,
+                        (b.caps, a.caps),
                         a_media,
                         floor.is_some_and(|f| f.backward != Path::DirectUdp),
                     ),
@@ -1980,8 +1980,8 @@ mod tests {
                 let (w, a, b, call, ma, mb, cmds) = call_with(ca, cb);
                 let (ma, mb) = (&ma[..], &mb[..]);
                 // Each direction's check key, as both ends open it.
-                for (forward, target, receiver) in
-                    [(true, plan.forward, cb), (false, plan.backward, ca)]
+                for (forward, target, sender, receiver) in
+                    [(true, plan.forward, ca, cb), (false, plan.backward, cb, ca)]
                 {
                     let (snd, rcv) = if forward {
                         ((&a, &ma[0]), (&b, &mb[0]))
@@ -1992,7 +1992,7 @@ mod tests {
                         snd.1.paths.as_ref().expect("paths"),
                         rcv.1.paths.as_ref().expect("paths"),
                     );
-                    let cand = paths::is_direct_candidate(target, receiver);
+                    let cand = paths::is_direct_candidate(target, sender, receiver);
                     assert_eq!(sp.send.direct.is_some(), cand, "{what} forward={forward}");
                     assert_eq!(rp.recv.direct.is_some(), cand, "{what} forward={forward}");
                     if let (Some(sd), Some(rd)) = (&sp.send.direct, &rp.recv.direct) {
@@ -2081,10 +2081,11 @@ mod tests {
         }
         // Direct directions towards a client that sends UDP: cases 4 (fwd), 13 (bwd), 14
         // (fwd), 16 (both), each without NAT on the receiver's side.
-        // Case 4 forward and 13 backward (receiver UDP both ways, not behind NAT: 2 variants
-        // each), case 16 each direction in 2 variants. Case 14's direct forward direction is
-        // no candidate: its receiver cannot send UDP, so it can answer no check.
-        assert_eq!(candidates, 2 + 2 + 4);
+        // Case 16, each direction in the 2 variants with the receiver not behind NAT. Case 14's
+        // direct forward direction is no candidate (its receiver cannot send UDP, so it can
+        // answer no check), nor are case 4's forward and 13's backward (their sender cannot
+        // receive UDP, so it would never hear the answers).
+        assert_eq!(candidates, 4);
     }
 
     /// Case 16 without NAT: Table 1 says direct both ways, but nobody is told to send to an

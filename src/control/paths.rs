@@ -167,9 +167,14 @@ pub const fn start_path(target: Path, receiver: Capabilities) -> Path {
 }
 
 /// Whether a direction with Table 1's `target` is a direct candidate: Table 1 gives it direct
-/// UDP and the receiver can answer the sender's checks (it sends UDP).
-pub const fn is_direct_candidate(target: Path, receiver: Capabilities) -> bool {
-    matches!(target, Path::DirectUdp) && receiver.send_udp
+/// UDP, the receiver can answer the sender's checks (it sends UDP) and the sender can hear the
+/// answers (it receives UDP, if only as replies).
+pub const fn is_direct_candidate(
+    target: Path,
+    sender: Capabilities,
+    receiver: Capabilities,
+) -> bool {
+    matches!(target, Path::DirectUdp) && receiver.send_udp && sender.recv_udp
 }
 
 /// The next step down from `p` (see the module docs); `None` below TCP both ways.
@@ -265,10 +270,10 @@ mod tests {
                 }
                 assert!(rank(s) >= rank(target));
                 assert_eq!(
-                    is_direct_candidate(target, receiver),
-                    target == Path::DirectUdp && receiver.send_udp
+                    is_direct_candidate(target, sender, receiver),
+                    target == Path::DirectUdp && receiver.send_udp && sender.recv_udp
                 );
-                let o = order(s, is_direct_candidate(target, receiver));
+                let o = order(s, is_direct_candidate(target, sender, receiver));
                 assert_eq!(o.last(), Some(&Path::TcpBoth));
                 assert!(o.windows(2).all(|w| rank(w[0]) < rank(w[1])));
                 assert!(o.contains(&s));
