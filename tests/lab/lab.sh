@@ -7,6 +7,8 @@
 #   lab.sh up                      build the hosts (idempotent: tears down first)
 #   lab.sh down                    remove every namespace of this lab
 #   lab.sh fw N CLASS              client N's firewall: open | no-udp-out | no-udp-in | no-udp
+#                                  | portal (UDP only to/from the gateway's address)
+#                                  | port-restricted (UDP out only to the gateway's ports)
 #   lab.sh nat N MODE              client N's NAT: none | masquerade | symmetric
 #   lab.sh counters N              client N's router counters
 #   lab.sh reset N                 zero client N's router counters
@@ -18,6 +20,7 @@ set -euo pipefail
 LAB=${LAB:-vgl}
 GW_IP=172.31.0.1
 MEDIA_PORTS=${MEDIA_PORTS:-7401-7408}
+PROBE_PORTS=${PROBE_PORTS:-7390-7391}
 CLIENTS=${CLIENTS:-3}
 
 ns() { echo "${LAB}$1"; }
@@ -79,6 +82,12 @@ rules() {
         no-udp-out) drops='iifname "lan" meta l4proto udp drop' ;;
         no-udp-in) drops='iifname "wan" meta l4proto udp drop' ;;
         no-udp) drops=$'iifname "lan" meta l4proto udp drop\n        iifname "wan" meta l4proto udp drop' ;;
+        # The seed's "secure portal": UDP passes only to and from the gateway's address.
+        portal) drops="iifname \"lan\" meta l4proto udp ip daddr != $GW_IP drop
+        iifname \"wan\" meta l4proto udp ip saddr != $GW_IP drop" ;;
+        # A corporate rule: outbound UDP only to a port range (the gateway's probe and media
+        # ports), replies allowed back; other inbound UDP is not restricted.
+        port-restricted) drops="iifname \"lan\" udp dport != { $PROBE_PORTS, $MEDIA_PORTS } drop" ;;
         *) echo "unknown firewall class $class" >&2; exit 2 ;;
     esac
     case "$nat" in
@@ -103,11 +112,11 @@ table inet lab {
         type filter hook forward priority filter; policy accept;
         $drops
         $inbound_new
-        iifname "lan" ip daddr $GW_IP udp dport { $MEDIA_PORTS } counter name udp_out_gw
-        iifname "lan" ip daddr != $GW_IP meta l4proto udp counter name udp_out_peer
+        iifname "lan" ip daddr $GW_IP udp dport { $MEDIA_PORTS } meta length > 150 counter name udp_out_gw
+        iifname "lan" ip daddr != $GW_IP meta l4proto udp meta length > 150 counter name udp_out_peer
         iifname "lan" ip daddr $GW_IP tcp dport { $MEDIA_PORTS } meta length > 150 counter name tcp_out_gw
-        iifname "wan" ip saddr $GW_IP udp sport { $MEDIA_PORTS } counter name udp_in_gw
-        iifname "wan" ip saddr != $GW_IP meta l4proto udp counter name udp_in_peer
+        iifname "wan" ip saddr $GW_IP udp sport { $MEDIA_PORTS } meta length > 150 counter name udp_in_gw
+        iifname "wan" ip saddr != $GW_IP meta l4proto udp meta length > 150 counter name udp_in_peer
         iifname "wan" ip saddr $GW_IP tcp sport { $MEDIA_PORTS } meta length > 150 counter name tcp_in_gw
     }
     chain postrouting {
