@@ -89,6 +89,8 @@
 //! one), then re-binds again, and so on. Only when both directions already run TCP through
 //! the gateway, were re-bound there, and trouble comes again does the call end with
 //! `hang_up{media_failed}` to both (logged as "TCP through the gateway both ways also failed").
+//! A room member in trouble goes the same way on its own: re-bind, then TCP both ways, re-bind,
+//! and only then it leaves the room with `media_failed`.
 //!
 //! # Proven paths
 //!
@@ -283,6 +285,10 @@ pub(crate) struct Member {
     pub joined: Option<(MediaInstructions, Delivery)>,
     /// Its own delivery leg, awaited before its `media_ready`.
     pub ready: Readiness,
+    /// `media_trouble` with nothing new: re-bound once already (the next one demotes).
+    pub rebound: bool,
+    /// Demoted to TCP through the gateway both ways (the bottom of its fallback order).
+    pub tcp_only: bool,
 }
 
 pub(crate) struct Room {
@@ -1488,6 +1494,8 @@ impl Gateway {
                 leg: None,
                 joined: None,
                 ready: Readiness::default(),
+                rebound: false,
+                tcp_only: false,
             },
         );
         for &c in &invitees {
@@ -1499,6 +1507,8 @@ impl Gateway {
                     leg: None,
                     joined: None,
                     ready: Readiness::default(),
+                    rebound: false,
+                    tcp_only: false,
                 },
             );
         }
@@ -1538,13 +1548,18 @@ impl Gateway {
         conn: ConnId,
         shard: usize,
     ) -> Result<(LegSpec, MediaInstructions, Delivery), PeerRefused> {
-        let (organizer, reported) = match self.calls.get(&call) {
-            Some(Call::Room(r)) => (r.organizer, r.members.get(&conn).and_then(|m| m.media)),
+        let (organizer, reported, tcp_only) = match self.calls.get(&call) {
+            Some(Call::Room(r)) => (
+                r.organizer,
+                r.members.get(&conn).and_then(|m| m.media),
+                r.members.get(&conn).is_some_and(|m| m.tcp_only),
+            ),
             _ => return Err(PeerRefused::NoAddress),
         };
         let info = self.party_info(conn).ok_or(PeerRefused::NoAddress)?;
         let my_media = resolve_media(reported, info.observed);
-        let caps = effective_caps(info.caps, my_media);
+        // A member demoted after media trouble is planned as having no UDP: TCP both ways.
+        let caps = effective_caps(info.caps, my_media.filter(|_| !tcp_only));
         let (out, inn) = room_directions(caps);
         let delivery = delivery_for(inn, caps, my_media, self.cfg.allow_private_peers)?;
         let gw = self.gateway_addrs(shard, info.gateway_ip);
@@ -1688,7 +1703,7 @@ impl Gateway {
                 HangupReason::Normal,
             );
         }
-        let (leg, instr, delivery) = match self.room_leg(call, conn, shard) {
+        let (mut leg, mut instr, mut delivery) = match self.room_leg(call, conn, shard) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(call, conn, reason = %e, "room member cannot rejoin");
@@ -1702,14 +1717,69 @@ impl Gateway {
             }
         };
         if old == Some((instr.send.transport, instr.recv.transport, delivery)) {
-            self.release_leg(&leg.name);
-            return self.room_leave(
-                now,
-                call,
-                conn,
-                Some(HangupReason::MediaFailed),
-                HangupReason::Normal,
-            );
+            // Nothing new from the probe: media_trouble still changes something. Re-bind
+            // first (a new leg, the same transports), then demote to TCP both ways, and only
+            // when TCP both ways was re-bound and still fails does the member leave.
+            let (rebound, tcp_only) = match self.calls.get(&call) {
+                Some(Call::Room(r)) => r
+                    .members
+                    .get(&conn)
+                    .map_or((true, true), |m| (m.rebound, m.tcp_only)),
+                _ => (true, true),
+            };
+            let all_tcp =
+                instr.send.transport == Transport::Tcp && instr.recv.transport == Transport::Tcp;
+            let set = |w: &mut Self, rebound: bool, tcp_only: bool| {
+                if let Some(Call::Room(r)) = w.calls.get_mut(&call)
+                    && let Some(m) = r.members.get_mut(&conn)
+                {
+                    m.rebound = rebound;
+                    m.tcp_only = tcp_only;
+                }
+            };
+            if !rebound {
+                tracing::info!(
+                    call,
+                    conn,
+                    "media trouble in a room: same paths; re-binding"
+                );
+                set(self, true, tcp_only);
+            } else if !tcp_only && !all_tcp {
+                tracing::info!(
+                    call,
+                    conn,
+                    "media trouble in a room: demoting the member to TCP"
+                );
+                set(self, false, true);
+                self.release_leg(&leg.name);
+                (leg, instr, delivery) = match self.room_leg(call, conn, shard) {
+                    Ok(b) => b,
+                    Err(_) => {
+                        return self.room_leave(
+                            now,
+                            call,
+                            conn,
+                            Some(HangupReason::Error),
+                            HangupReason::Normal,
+                        );
+                    }
+                };
+            } else {
+                tracing::warn!(
+                    call,
+                    conn,
+                    "media trouble in a room: TCP through the gateway both ways also failed; \
+                     the member leaves"
+                );
+                self.release_leg(&leg.name);
+                return self.room_leave(
+                    now,
+                    call,
+                    conn,
+                    Some(HangupReason::MediaFailed),
+                    HangupReason::Normal,
+                );
+            }
         }
         if let Some(old_leg) = old_leg {
             self.actions.push_back(Action::RemoveLeg {
@@ -3106,7 +3176,28 @@ mod tests {
         assert_eq!(add_legs(&cmds).len(), 1);
         let mb = media_of(&w.take(b.conn));
         assert_eq!(mb[0].recv.transport, Transport::Udp);
-        // Same again: nothing changed, bob leaves with media_failed; the room goes on.
+        // Nothing changes any more: re-bind (UDP, new leg), demote (TCP both ways), re-bind
+        // (TCP), and only then does bob leave with media_failed; the room goes on.
+        for (k, want) in [
+            (Transport::Udp, Transport::Udp),
+            (Transport::Tcp, Transport::Tcp),
+            (Transport::Tcp, Transport::Tcp),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            w.send(b.conn, ClientMsg::MediaTrouble { call: room });
+            w.probe(&b);
+            let cmds = w.take_shard();
+            assert_eq!(remove_legs(&cmds).len(), 1, "step {k}");
+            assert_eq!(add_legs(&cmds).len(), 1, "step {k}");
+            let mb = media_of(&w.take(b.conn));
+            assert_eq!(
+                (mb[0].send.transport, mb[0].recv.transport),
+                want,
+                "step {k}"
+            );
+        }
         w.send(b.conn, ClientMsg::MediaTrouble { call: room });
         w.probe(&b);
         assert_eq!(
