@@ -355,3 +355,74 @@ fn a_telephone_number_is_relayed_to_its_ip_voice_gateway() {
         "the IP voice gateway got the call's RTP"
     );
 }
+
+/// An attacker's `dial` announces a third party's address as its media address (a flood
+/// reflector attempt). The callee's phone gets it only as a direct candidate: it sends that
+/// address at most 7 small keyed checks, at least 50 ms apart, and never media; the gateway
+/// sends it nothing at all.
+#[test]
+fn a_dial_announcing_a_third_partys_address_gets_it_only_a_few_checks() {
+    use voxgate::client::session::{Phone, PhoneOptions};
+    let gw = Gateway::start(&[]);
+    let mark = gw.log_len();
+    let callee = spawn_phone(&gw, "bob", &["--answer", "--duration", "6", "--wait", "20"]);
+    gw.wait_online(mark, "bob");
+    let victim = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let victim_addr = victim.local_addr().unwrap();
+    victim
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let listener = std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(9);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while Instant::now() < end {
+            if let Ok((n, _)) = victim.recv_from(&mut buf) {
+                got.push((Instant::now(), buf[..n].to_vec()));
+            }
+        }
+        got
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (phone, mut events) = Phone::connect(
+            &gw.control,
+            "alice",
+            &common::password("alice"),
+            PhoneOptions::default(),
+        )
+        .await
+        .expect("alice logs in");
+        phone.wait_capabilities(Duration::from_secs(5)).await;
+        let call = phone
+            .dial("+15550002", victim_addr)
+            .await
+            .expect("dial accepted");
+        let end = tokio::time::Instant::now() + Duration::from_secs(7);
+        while let Ok(Some(_)) = tokio::time::timeout_at(end, events.recv()).await {}
+        let _ = phone.hang_up(call).await;
+    });
+    let got = listener.join().unwrap();
+    let _ = common::finish(callee);
+    assert!(
+        !got.is_empty(),
+        "the callee checked the announced address (it was offered as a candidate)"
+    );
+    assert!(got.len() <= 7, "{} datagrams at the third party", got.len());
+    for (_, d) in &got {
+        assert!(
+            voxgate::wire::stun::looks_like_stun(d) && d.len() < 120,
+            "only small STUN checks, no media: {} bytes",
+            d.len()
+        );
+    }
+    for w in got.windows(2) {
+        assert!(
+            w[1].0.duration_since(w[0].0) >= Duration::from_millis(40),
+            "checks are rate-limited"
+        );
+    }
+}
