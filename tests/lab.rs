@@ -635,12 +635,19 @@ fn ipv6_only_calls_ipv4_only(lab: &Lab, gw: &Gateway) {
 fn nat_mapping_loss_mid_call(lab: &Lab, gw: &Gateway) {
     lab.set(1, "open", "masquerade");
     lab.set(2, "open", "masquerade");
-    mid_call(lab, gw, "NAT mapping loss", &|| {
+    let (ra, rb) = mid_call(lab, gw, "NAT mapping loss", &|| {
         // Every UDP mapping forgotten (conntrack -D -p udp) and re-created with random ports;
         // the control connections (TCP) survive, as they do when a carrier NAT expires UDP.
         lab.sh(&["natloss", "1"]);
         lab.sh(&["natloss", "2"]);
     });
+    for (who, r) in [("alice", &ra), ("bob", &rb)] {
+        assert!(
+            r.json["paths"]["nat_rebinds"].as_u64().unwrap_or(0) >= 1,
+            "NAT mapping loss: {who} noticed its new mapping: {}",
+            r.json
+        );
+    }
 }
 
 /// Both clients open: both directions go direct once proven; mid-call the direct path dies

@@ -23,8 +23,18 @@
 //!    in ns, so that the receiver can measure one-way latency. **That measure is only valid
 //!    when both ends read the same clock**, e.g. two softphones on one host.
 //! 4. **receives** on the UDP socket and/or the TCP connection, only from the expected source
-//!    (the peer for direct UDP, the gateway otherwise), ignoring STUN and RTCP; keeps
+//!    (the gateway, or a validated direct source of the peer), ignoring STUN and RTCP; keeps
 //!    per-SSRC loss and jitter ([`RtpStats`]), a latency histogram, and the recording.
+//!
+//! Proven paths ([`super::paths`]). A two-party call's instructions say where each direction
+//! starts (through the gateway) and carry, per direction, the fallback order and any direct
+//! candidate with its sealed check key. The engine runs the checks from the call's socket; a
+//! sending direction goes direct only once its check succeeded (sending on both paths for
+//! [`super::paths::OVERLAP`]), falls back to the gateway when consent expires, and a new source
+//! of the peer's media is accepted only once it answered this side's challenge. Duplicate RTP
+//! sequence numbers are dropped (`ignored.duplicate`). A phone that receives UDP from the
+//! gateway keeps consent with it (keyed Binding every 500 ms); losing it shows in
+//! [`Status::gateway_consent_lost`].
 //!
 //! Binding rules. The UDP binding *must* be answered when this client sends UDP via the
 //! gateway and also receives over UDP: without it the gateway drops the media. When the

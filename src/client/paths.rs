@@ -891,6 +891,9 @@ pub struct PathsReport {
     /// Consent requests to the gateway, and whether consent was lost at some point.
     pub gateway_checks: u32,
     pub gateway_consent_lost: bool,
+    /// Times the gateway's answers showed a new mapped address for this phone (a NAT
+    /// re-created its mapping): the consent request itself re-bound the leg there.
+    pub nat_rebinds: u32,
 }
 
 /// A call's proven paths: the two directions' machines and gateway consent, with what the
@@ -1018,10 +1021,20 @@ impl CallPaths {
         data: &[u8],
     ) -> (bool, Vec<Transmit>) {
         let mut out = Vec::new();
+        let before = self.consent.as_ref().and_then(|c| c.mapped);
         let mut used = self
             .consent
             .as_mut()
             .is_some_and(|c| c.handle_input(now, from, data));
+        let after = self.consent.as_ref().and_then(|c| c.mapped);
+        if let (Some(b), Some(a)) = (before, after)
+            && a != b
+        {
+            tracing::info!(
+                "the gateway now sees this phone at {a} (was {b}): NAT mapping changed, leg re-bound"
+            );
+            self.report.nat_rebinds += 1;
+        }
         if !used && let Some(t) = self.consent.as_ref().and_then(|c| c.answer(from, data)) {
             out.push(t);
             used = true;
