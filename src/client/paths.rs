@@ -847,6 +847,143 @@ mod tests {
         assert!(w.fresh(2)); // older than the window: counted as new
     }
 
+    /// Two phones' [`CallPaths`], built from the gateway's instructions with sealed keys as the
+    /// gateway seals them, on a virtual clock: the checks open the direct path both ways (with
+    /// the overlap), a cut makes both fall back within the consent bound, and a key sealed for
+    /// another phone opens nothing.
+    #[test]
+    fn call_paths_from_sealed_instructions_go_direct_and_fall_back() {
+        use crate::control::auth::SessionKey;
+        use crate::control::paths::{CheckKey, check_username, seal};
+        use crate::wire::control::{
+            DirectCandidate, MediaInstructions, MediaRecv, MediaSend, Path, PathOrder, PathOrders,
+        };
+        let (ka, kb) = (
+            SessionKey::from_bytes([1; 32]),
+            SessionKey::from_bytes([2; 32]),
+        );
+        let (aa, ab) = (a("198.51.100.1:4000"), a("203.0.113.2:4000"));
+        let gw = a("192.0.2.1:7401");
+        let keys = [CheckKey([5; 16]), CheckKey([6; 16])];
+        let instr = |caller: bool, me: &SessionKey, peer: SocketAddr| {
+            let cand = |forward: bool| DirectCandidate {
+                peer,
+                username: check_username(9, forward),
+                key: seal(me, 9, forward, [3; 16], &keys[usize::from(!forward)]),
+            };
+            let order = vec![Path::DirectUdp, Path::UdpViaGateway, Path::TcpBoth];
+            MediaInstructions {
+                call: 9,
+                plan: None,
+                caller,
+                send: MediaSend {
+                    transport: crate::metrics::Transport::Udp,
+                    to: Some(gw),
+                    via_gateway: true,
+                },
+                recv: MediaRecv {
+                    transport: crate::metrics::Transport::Udp,
+                    via_gateway: true,
+                    from: Some(gw),
+                },
+                leg: Some(format!("leg{caller}")),
+                gateway_udp: Some(gw),
+                gateway_tcp: None,
+                payload_type: 0,
+                clock_rate: 8000,
+                paths: Some(Box::new(PathOrders {
+                    send: PathOrder {
+                        now: Path::UdpViaGateway,
+                        order: order.clone(),
+                        direct: Some(cand(caller)),
+                    },
+                    recv: PathOrder {
+                        now: Path::UdpViaGateway,
+                        order,
+                        direct: Some(cand(!caller)),
+                    },
+                })),
+            }
+        };
+        let t0 = Instant::now();
+        let mut pa = CallPaths::new(&instr(true, &ka, ab), &ka, None, None, t0, 11);
+        let mut pb = CallPaths::new(&instr(false, &kb, aa), &kb, None, None, t0, 12);
+        let mut now = t0;
+        let mut up = true;
+        let mut step = |pa: &mut CallPaths, pb: &mut CallPaths, now: Instant, up: bool| {
+            let mut qa = pa.handle_timeout(now);
+            let mut qb = pb.handle_timeout(now);
+            while !qa.is_empty() || !qb.is_empty() {
+                let mut na = Vec::new();
+                let mut nb = Vec::new();
+                for t in qa.drain(..) {
+                    if up && t.to == ab {
+                        nb.extend(pb.handle_input(now, aa, &t.data).1);
+                    }
+                }
+                for t in qb.drain(..) {
+                    if up && t.to == aa {
+                        na.extend(pa.handle_input(now, ab, &t.data).1);
+                    }
+                }
+                qa = na;
+                qb = nb;
+            }
+        };
+        while now < t0 + Duration::from_millis(100) {
+            step(&mut pa, &mut pb, now, up);
+            now += 10 * MS;
+        }
+        for (who, p, peer) in [("a", &pa, ab), ("b", &pb, aa)] {
+            assert_eq!(p.send_targets(now).0, Some(peer), "{who} direct");
+            assert!(p.send_targets(now).1, "{who}: still overlapping");
+            assert!(
+                p.accepts(if who == "a" { ab } else { aa }),
+                "{who} validated its peer"
+            );
+        }
+        while now < t0 + Duration::from_millis(500) {
+            step(&mut pa, &mut pb, now, up);
+            now += 10 * MS;
+        }
+        assert_eq!(pa.send_targets(now), (Some(ab), false), "overlap over");
+        up = false;
+        let cut = now;
+        while pa.send_targets(now).0.is_some() || pb.send_targets(now).0.is_some() {
+            step(&mut pa, &mut pb, now, up);
+            now += 10 * MS;
+            assert!(now - cut <= CONSENT_TIMEOUT + 20 * MS, "fell back in time");
+        }
+        assert_eq!(pa.send_targets(now), (None, true));
+        assert_eq!((pa.report.fallbacks, pb.report.fallbacks), (1, 1));
+        // A key sealed for b does not open for a: no candidate at all.
+        let stolen = CallPaths::new(&instr(false, &kb, aa), &ka, None, None, t0, 13);
+        assert!(!stolen.report.send_candidate);
+        assert_eq!(stolen.poll_timeout(), None);
+    }
+
+    proptest::proptest! {
+        /// Within any run of distinct sequence numbers spanning less than 64, a repeat is
+        /// always recognised and a new one never dropped.
+        #[test]
+        fn seq_window_is_exact_within_its_span(start in proptest::num::u16::ANY, steps in proptest::collection::vec(0u16..60, 1..200)) {
+            let mut w = SeqWindow::default();
+            let mut seen = std::collections::HashSet::new();
+            let mut top = start;
+            proptest::prop_assert!(w.fresh(start));
+            seen.insert(start);
+            for d in steps {
+                // Mostly forward, sometimes a late or repeated packet within the window.
+                let seq = if d % 3 == 0 { top.wrapping_sub(d / 3) } else { top.wrapping_add(d % 5) };
+                if seq.wrapping_sub(top) < 0x8000 { top = seq; }
+                let fresh = w.fresh(seq);
+                if top.wrapping_sub(seq) < 64 {
+                    proptest::prop_assert_eq!(fresh, seen.insert(seq), "seq {}", seq);
+                }
+            }
+        }
+    }
+
     proptest::proptest! {
         /// Arbitrary datagrams never panic and never validate a source or make a path direct.
         #[test]
