@@ -910,7 +910,7 @@ mod tests {
         let mut pb = CallPaths::new(&instr(false, &kb, aa), &kb, None, None, t0, 12);
         let mut now = t0;
         let mut up = true;
-        let mut step = |pa: &mut CallPaths, pb: &mut CallPaths, now: Instant, up: bool| {
+        let step = |pa: &mut CallPaths, pb: &mut CallPaths, now: Instant, up: bool| {
             let mut qa = pa.handle_timeout(now);
             let mut qb = pb.handle_timeout(now);
             while !qa.is_empty() || !qb.is_empty() {
