@@ -995,6 +995,11 @@ mod tests {
             r.handle_input(now, a("203.0.113.2:4"), &data);
             proptest::prop_assert!(!s.is_direct());
             proptest::prop_assert!(!r.accepts(a("203.0.113.2:4")));
+            let gw = a("192.0.2.1:7401");
+            let mut c = Consent::new(gw, "leg1", KEY.to_vec(), now, 3);
+            proptest::prop_assert!(!c.handle_input(now, gw, &data));
+            proptest::prop_assert!(c.answer(gw, &data).is_none());
+            proptest::prop_assert_eq!(c.mapped, None);
         }
     }
 }
