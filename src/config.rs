@@ -24,6 +24,26 @@ pub struct Config {
     pub auth: AuthSection,
     pub media: MediaSection,
     pub dumps: DumpsSection,
+    pub cdr: CdrSection,
+}
+
+/// Call detail records (see `metrics::cdr`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CdrSection {
+    /// Write one JSON line per ended call.
+    pub enabled: bool,
+    /// The file; unset: `<data_dir>/cdr.jsonl`. Reopened on SIGHUP (logrotate).
+    pub path: Option<PathBuf>,
+}
+
+impl Default for CdrSection {
+    fn default() -> Self {
+        CdrSection {
+            enabled: true,
+            path: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -448,6 +468,16 @@ impl Config {
             std::env::var_os("STATE_DIRECTORY")
                 .map(|d| PathBuf::from(d.to_string_lossy().split(':').next().unwrap_or(".")))
                 .unwrap_or_else(|| PathBuf::from("voxgate-data"))
+        })
+    }
+
+    /// Where call detail records go, or `None` when they are off.
+    pub fn cdr_path(&self) -> Option<PathBuf> {
+        self.cdr.enabled.then(|| {
+            self.cdr
+                .path
+                .clone()
+                .unwrap_or_else(|| self.data_dir().join("cdr.jsonl"))
         })
     }
 

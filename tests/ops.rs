@@ -152,3 +152,151 @@ fn store_errors_name_the_file_and_the_cause() {
         "names the cause: {err}"
     );
 }
+
+/// The lines of a CDR file once it has `n` of them (records are written once the shard
+/// reported the legs: shortly after the call ends).
+fn cdr_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a CDR line is JSON"))
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} has {} lines, want {n}",
+            path.display(),
+            lines.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn calls_write_detail_records_that_rotate_on_sighup_and_voxgate_cdr_filters() {
+    let gw = Gateway::start(&[]);
+    let cdr = gw.dir.path().join("data/cdr.jsonl");
+    let dir = gw.dir.path();
+    let clip = common::test_clip(dir, "speech-8k.wav", "a-in.wav", 1.0);
+    let mark = gw.log_len();
+    let callee = spawn_phone(&gw, "bob", &["--answer", "--wait", "20", "--duration", "3"]);
+    gw.wait_online(mark, "bob");
+    // Alice cannot use UDP: both directions go through the gateway.
+    let caller = run_phone(
+        &gw,
+        "alice",
+        &[
+            "--call",
+            "+15550002",
+            "--play",
+            clip.to_str().unwrap(),
+            "--firewall",
+            "no-udp",
+        ],
+    );
+    let callee = common::finish(callee);
+    assert_eq!(caller.code, 0, "{}\n{}", caller.json, caller.stderr);
+    assert_eq!(callee.code, 0, "{}\n{}", callee.json, callee.stderr);
+    let call = caller.json["call"].as_u64().unwrap();
+    let lines = cdr_lines(&cdr, 1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let r = &lines[0];
+    assert_eq!(r["call"].as_u64(), Some(call), "{r}");
+    assert_eq!(r["caller"]["number"], "+15550001", "{r}");
+    assert_eq!(r["callee"]["number"], "+15550002", "{r}");
+    assert_eq!(r["callee"]["user"], "bob", "{r}");
+    assert_eq!(r["reason"], "normal", "{r}");
+    assert!(r["answered"].is_string(), "{r}");
+    for k in ["set_up", "answered", "ended"] {
+        let t = r[k].as_str().unwrap();
+        assert!(
+            t.len() == 24 && t.ends_with('Z') && t.as_bytes()[10] == b'T',
+            "{k}: {t}"
+        );
+    }
+    assert!(r["talk_s"].as_f64().unwrap() > 0.5, "{r}");
+    // What the gateway relayed each way is what each phone received.
+    assert_eq!(r["forward"]["via_gateway"], true, "{r}");
+    assert_eq!(r["forward"]["send"], "tcp", "{r}");
+    assert_eq!(
+        r["forward"]["packets"], callee.json["received"]["packets"],
+        "caller→callee: {r}\n{}",
+        callee.json
+    );
+    assert_eq!(
+        r["backward"]["packets"], caller.json["received"]["packets"],
+        "callee→caller: {r}\n{}",
+        caller.json
+    );
+    let fwd = r["forward"]["packets"].as_u64().unwrap();
+    assert!(
+        fwd >= 50 && fwd <= caller.json["sent"]["packets"].as_u64().unwrap(),
+        "{r}"
+    );
+    // Per-leg quality: loopback loses nothing; the MOS is toll quality.
+    let legs = r["legs"].as_array().unwrap();
+    assert_eq!(legs.len(), 2, "{r}");
+    for l in legs {
+        assert_eq!(l["lost"], 0, "{l}");
+        assert!(l["mos"].as_f64().unwrap() > 4.3, "{l}");
+    }
+
+    // logrotate: rename, SIGHUP; the next record goes to a new file.
+    let rotated = dir.join("cdr.jsonl.1");
+    std::fs::rename(&cdr, &rotated).unwrap();
+    let mark = gw.log_len();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(gw.pid(), libc::SIGHUP) };
+    gw.wait_log(mark, "the reopen", |l| {
+        l.contains("call detail records reopened")
+    });
+    let r = run_phone(&gw, "alice", &["--call", "+15559999"]);
+    assert_eq!(r.json["hangup_reason"], "not_found");
+    let new = cdr_lines(&cdr, 1);
+    assert_eq!(new[0]["reason"], "not_found", "{:?}", new);
+    assert!(new[0]["answered"].is_null());
+    assert_eq!(
+        cdr_lines(&rotated, 1).len(),
+        1,
+        "the old file is left alone"
+    );
+
+    // `voxgate cdr` prints and filters.
+    let cdr_cmd = |file: &std::path::Path, args: &[&str]| {
+        Command::new(BIN)
+            .arg("cdr")
+            .arg(file)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cdr_cmd(&rotated, &[]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("call {call}  +15550001 -> +15550002  normal (")),
+        "{text}"
+    );
+    let out = cdr_cmd(&rotated, &["--number", "+15550002", "--json"]);
+    let got: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("--json prints the stored line");
+    assert_eq!(got["call"].as_u64(), Some(call));
+    let out = cdr_cmd(&rotated, &["--reason", "busy"]);
+    assert_eq!(out.status.code(), Some(1), "nothing matched");
+    assert!(out.stdout.is_empty());
+    let out = cdr_cmd(&cdr, &["--reason", "not_found", "--since", "2020-01-01"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("+15559999"));
+    let out = cdr_cmd(&cdr, &["--since", "2999-01-01T00:00:00Z"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = cdr_cmd(&cdr, &["--until", "last tuesday"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a time like 2026-12-01T19:52:01Z"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -55,6 +55,8 @@ pub enum ServeError {
     },
     #[error("histogram dumps: {0}")]
     Dump(#[from] crate::metrics::dump::DumpError),
+    #[error(transparent)]
+    Cdr(#[from] crate::metrics::cdr::CdrError),
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -130,8 +132,13 @@ pub fn load_secret(data_dir: &Path) -> Result<[u8; 32], ServeError> {
 enum Event {
     Accepted(TcpStream, SocketAddr),
     Input(Input),
-    Installed { op: u64, result: Result<(), String> },
+    Installed {
+        op: u64,
+        result: Result<(), String>,
+    },
     Flushed(writer::Flushed),
+    /// A call detail record, its legs' numbers gathered: to be written.
+    Cdr(Box<crate::metrics::cdr::Cdr>),
 }
 
 /// A running gateway's handle for tests and embedding: stop it with [`Running::stop`].
@@ -246,6 +253,10 @@ struct Server {
     /// Each shard's cumulative counters at the last dump: dumps hold per-interval counts.
     last_counters: HashMap<usize, crate::metrics::Counters>,
     started: Instant,
+    /// Call detail records (`None`: off).
+    cdr: Option<crate::metrics::cdr::CdrWriter>,
+    /// Records waiting for their shard's leg numbers.
+    cdr_pending: usize,
 }
 
 async fn run(
@@ -312,6 +323,14 @@ async fn run(
     );
     gateway.set_id_base(boot_id_base());
     let dumps = open_dumps(&cfg)?;
+    let cdr = match cfg.cdr_path() {
+        Some(p) => {
+            let w = crate::metrics::cdr::CdrWriter::open(&p)?;
+            tracing::info!(path = %p.display(), "call detail records");
+            Some(w)
+        }
+        None => None,
+    };
     let (events, mut rx) = mpsc::channel::<Event>(4096);
     let probe = [Arc::new(probe_a), Arc::new(probe_b)];
     for (i, sock) in probe.iter().enumerate() {
@@ -336,6 +355,8 @@ async fn run(
         last_dump: SystemTime::now(),
         last_counters: HashMap::new(),
         started: Instant::now(),
+        cdr,
+        cdr_pending: 0,
     };
     on_ready(&bound);
     notify::ready();
@@ -418,6 +439,7 @@ async fn run(
     }
     server.gateway.handle(Instant::now(), Input::Shutdown);
     server.execute().await;
+    server.finish_cdrs(&mut rx).await;
     server.dump().await;
     notify::stopping();
     // Let flush tasks send the last messages (bounded).
@@ -618,6 +640,10 @@ impl Server {
                 }
                 self.gateway.handle(now, input);
             }
+            Event::Cdr(c) => {
+                self.cdr_pending = self.cdr_pending.saturating_sub(1);
+                self.write_cdr(&c);
+            }
             Event::Installed { op, result } => {
                 self.gateway
                     .handle(now, Input::ShardInstalled { op, result });
@@ -742,8 +768,7 @@ impl Server {
                         });
                     }
                 }
-                // The core logged the call's INFO line; call detail records come next.
-                Action::CallEnded(_) => {}
+                Action::CallEnded(rec) => self.call_ended(*rec),
             }
         }
     }
@@ -812,13 +837,99 @@ impl Server {
         tokio::time::Instant::now() + grace
     }
 
-    /// SIGHUP: re-read the config file and apply what can change live. Returns a new dump
-    /// timer when the interval changed.
+    /// SIGHUP: re-read the config file and apply what can change live, and reopen the call
+    /// detail records (logrotate). Returns a new dump timer when the interval changed.
     fn reload(&mut self) -> Option<tokio::time::Interval> {
         notify::reloading();
         let r = self.reload_inner();
+        self.reopen_cdr();
         notify::ready();
         r
+    }
+
+    /// Opens the CDR file again, at the path the (possibly reloaded) configuration names.
+    fn reopen_cdr(&mut self) {
+        use crate::metrics::cdr::CdrWriter;
+        let want = self.cfg.cdr_path();
+        let result = match (&mut self.cdr, want) {
+            (_, None) => {
+                self.cdr = None;
+                return;
+            }
+            (Some(w), Some(p)) if w.path() == p => w.reopen(),
+            (_, Some(p)) => CdrWriter::open(&p).map(|w| self.cdr = Some(w)),
+        };
+        match result {
+            Ok(()) => tracing::info!("SIGHUP: call detail records reopened"),
+            Err(e) => tracing::error!("SIGHUP: {e}"),
+        }
+    }
+
+    /// A call ended: its detail record, once the shard has told its legs' numbers. The legs
+    /// are asked for before the session's removal (the core emits this first, and a shard
+    /// runs its commands in order); the answer is awaited off the control loop.
+    fn call_ended(&mut self, rec: crate::control::records::CallRecord) {
+        use crate::metrics::cdr;
+        if self.cdr.is_none() {
+            return;
+        }
+        let wall = cdr::wall_clock();
+        let ask = rec.relay.and_then(|(shard, session)| {
+            let h = self.shard(shard)?;
+            let (reply, rx) = oneshot::channel();
+            h.send(Command::SessionLegs { session, reply }).ok()?;
+            Some(rx)
+        });
+        match ask {
+            None => self.write_cdr(&cdr::build(&rec, &[], wall)),
+            Some(rx) => {
+                self.cdr_pending += 1;
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    let legs = match tokio::time::timeout(Duration::from_secs(2), rx).await {
+                        Ok(Ok(legs)) => legs,
+                        _ => {
+                            tracing::warn!(
+                                call = rec.call,
+                                "no leg numbers from the shard for the call's record"
+                            );
+                            Vec::new()
+                        }
+                    };
+                    let c = cdr::build(&rec, &legs, wall);
+                    let _ = events.send(Event::Cdr(Box::new(c))).await;
+                });
+            }
+        }
+    }
+
+    fn write_cdr(&mut self, c: &crate::metrics::cdr::Cdr) {
+        if let Some(w) = &mut self.cdr
+            && let Err(e) = w.write(c)
+        {
+            tracing::error!(call = c.call, "{e}");
+        }
+    }
+
+    /// At shutdown: write the records still waiting for their legs (bounded wait).
+    async fn finish_cdrs(&mut self, rx: &mut mpsc::Receiver<Event>) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while self.cdr_pending > 0 {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Event::Cdr(c))) => {
+                    self.cdr_pending -= 1;
+                    self.write_cdr(&c);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    tracing::warn!(
+                        records = self.cdr_pending,
+                        "call detail records lost at shutdown"
+                    );
+                    break;
+                }
+            }
+        }
     }
 
     fn reload_inner(&mut self) -> Option<tokio::time::Interval> {
