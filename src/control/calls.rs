@@ -463,6 +463,21 @@ impl Gateway {
         self.close_record(call, Some(reason), Some(reason));
     }
 
+    /// [`Self::refuse_dial`] with words for the caller.
+    fn refuse_dial_why(&mut self, conn: ConnId, call: CallId, reason: HangupReason, why: &str) {
+        self.hangup_detail = Some((call, crate::wire::control::bounded_detail(why)));
+        self.refuse_dial(conn, call, reason);
+        self.hangup_detail = None;
+    }
+
+    fn too_many_calls(&self, ncalls: usize) -> String {
+        format!(
+            "you are in {ncalls} calls already, the most the gateway allows at once \
+             (max_calls_per_user = {})",
+            self.cfg.max_calls_per_user
+        )
+    }
+
     /// Ends a two-party call the gateway cannot set up, telling both sides why in words.
     fn refuse_pair(&mut self, call: CallId, e: &SetupError) {
         let reason = e.hangup_reason();
@@ -550,7 +565,12 @@ impl Gateway {
         }
         if ncalls >= self.cfg.max_calls_per_user {
             tracing::info!(conn, user = %me, "dial refused: too many calls at once");
-            return self.refuse_dial(conn, id, HangupReason::Error);
+            return self.refuse_dial_why(
+                conn,
+                id,
+                HangupReason::Error,
+                &self.too_many_calls(ncalls),
+            );
         }
         let dest = match self.lookup(&me, number) {
             Ok(d) => d,
@@ -1331,7 +1351,12 @@ impl Gateway {
         }
         if ncalls >= self.cfg.max_calls_per_user {
             tracing::info!(conn, user = %me, "conference refused: too many calls at once");
-            return self.refuse_dial(conn, id, HangupReason::Error);
+            return self.refuse_dial_why(
+                conn,
+                id,
+                HangupReason::Error,
+                &self.too_many_calls(ncalls),
+            );
         }
         // A message may hold thousands of numbers: bound the work before de-duplicating.
         let mut unique: Vec<&str> = Vec::new();
@@ -2490,7 +2515,16 @@ mod tests {
         assert_eq!(ma.iter().map(|m| m.call).collect::<Vec<_>>(), [c1, c2]);
         assert_ne!(ma[0].leg, ma[1].leg, "each call has its own leg");
         let c3 = w.dial(&a, d.number, Some(a.media()));
-        assert_eq!(hangups(&w.take(a.conn)), [(c3, HangupReason::Error)]);
+        let msgs = w.take(a.conn);
+        assert_eq!(hangups(&msgs), [(c3, HangupReason::Error)]);
+        // ... and says why.
+        assert!(
+            msgs.iter()
+                .any(|m| matches!(m, ServerMsg::HangUp { detail: Some(d), .. }
+            if d == "you are in 2 calls already, the most the gateway allows at once \
+                    (max_calls_per_user = 2)")),
+            "{msgs:?}"
+        );
         // Alice is busy for incoming calls while in calls.
         let c4 = w.dial(&d, a.number, None);
         assert_eq!(hangups(&w.take(d.conn)), [(c4, HangupReason::Busy)]);
