@@ -663,7 +663,10 @@ pub fn check_invariants(gw: &Gateway) {
     assert!(gw.conns.len() <= gw.cfg.max_connections);
     // Every open call record belongs to a call in progress (none leaks).
     for call in gw.records.keys() {
-        assert!(gw.calls.contains_key(call), "record of call {call} left open");
+        assert!(
+            gw.calls.contains_key(call),
+            "record of call {call} left open"
+        );
     }
     for (user, conn) in &gw.users {
         match gw.conns.get(conn).map(|c| &c.phase) {

@@ -13,7 +13,7 @@
 //! jitter of the media it sent, and a MOS estimate ([`super::mos`]); the gateway does not
 //! know the one-way delay, so the estimate assumes none (an upper bound).
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -485,7 +485,6 @@ pub fn human(v: &serde_json::Value) -> String {
 /// `voxgate cdr`: exit 0 when at least one record matched, 1 when none did, 2 on an
 /// unreadable file. Lines that are not JSON objects are reported on stderr and skipped.
 pub fn run(a: &CdrArgs) -> ExitCode {
-    use std::io::BufRead;
     let file = match std::fs::File::open(&a.file) {
         Ok(f) => f,
         Err(e) => {
@@ -499,46 +498,84 @@ pub fn run(a: &CdrArgs) -> ExitCode {
         until: a.until,
         reason: a.reason.as_deref(),
     };
+    let name = a.file.display().to_string();
     let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    let mut warn = |m: String| eprintln!("voxgate cdr: {name}:{m}");
+    match scan(
+        std::io::BufReader::new(file),
+        &filter,
+        a.json,
+        &mut stdout.lock(),
+        &mut warn,
+    ) {
+        Ok(0) => {
+            eprintln!("voxgate cdr: no record matched");
+            ExitCode::from(1)
+        }
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("voxgate cdr: {}: {e}", a.file.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Longest line read: a record is a few KB; a longer line is not one of ours.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// Prints the records of `reader` that `filter` keeps (as stored with `json`, else one human
+/// line each); returns how many. Lines over [`MAX_LINE`] bytes, not UTF-8 or not JSON objects
+/// are skipped and reported through `warn` ("LINE: why"). Memory stays bounded by
+/// [`MAX_LINE`] whatever the input.
+pub fn scan<R: std::io::BufRead, W: Write>(
+    mut reader: R,
+    filter: &Filter<'_>,
+    json: bool,
+    out: &mut W,
+    warn: &mut impl FnMut(String),
+) -> std::io::Result<u64> {
     let mut matched = 0u64;
-    // Lines are bounded: a record is a few KB; a longer line is not one of ours.
-    const MAX_LINE: usize = 1 << 20;
-    let mut reader = std::io::BufReader::new(file);
-    let mut line = String::new();
+    let mut line = Vec::new();
     let mut n = 0u64;
     loop {
         line.clear();
-        let got = match (&mut reader).take(MAX_LINE as u64 + 1).read_line(&mut line) {
-            Ok(0) => break,
-            Ok(k) => k,
-            Err(e) => {
-                eprintln!("voxgate cdr: {}: {e}", a.file.display());
-                return ExitCode::from(2);
-            }
-        };
+        let got = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        if got == 0 {
+            break;
+        }
         n += 1;
         if got > MAX_LINE {
-            eprintln!(
-                "voxgate cdr: {}:{n}: line longer than 1 MiB, skipped",
-                a.file.display()
-            );
-            // Skip the rest of the line.
-            let mut rest = Vec::new();
-            let _ = reader.read_until(b'\n', &mut rest);
+            warn(format!("{n}: line longer than {MAX_LINE} bytes, skipped"));
+            // Skip the rest of the line, a buffer at a time.
+            loop {
+                let (used, done) = match reader.fill_buf()? {
+                    [] => break,
+                    buf => match buf.iter().position(|&b| b == b'\n') {
+                        Some(i) => (i + 1, true),
+                        None => (buf.len(), false),
+                    },
+                };
+                reader.consume(used);
+                if done {
+                    break;
+                }
+            }
             continue;
         }
-        let text = line.trim_end();
+        let Ok(text) = std::str::from_utf8(&line) else {
+            warn(format!("{n}: not UTF-8, skipped"));
+            continue;
+        };
+        let text = text.trim_end();
         if text.is_empty() {
             continue;
         }
         let v: serde_json::Value = match serde_json::from_str(text) {
             Ok(v @ serde_json::Value::Object(_)) => v,
             _ => {
-                eprintln!(
-                    "voxgate cdr: {}:{n}: not a JSON object, skipped",
-                    a.file.display()
-                );
+                warn(format!("{n}: not a JSON object, skipped"));
                 continue;
             }
         };
@@ -546,7 +583,7 @@ pub fn run(a: &CdrArgs) -> ExitCode {
             continue;
         }
         matched += 1;
-        let r = if a.json {
+        let r = if json {
             writeln!(out, "{text}")
         } else {
             writeln!(out, "{}", human(&v))
@@ -555,12 +592,7 @@ pub fn run(a: &CdrArgs) -> ExitCode {
             break; // stdout closed (e.g. `| head`)
         }
     }
-    if matched == 0 {
-        eprintln!("voxgate cdr: no record matched");
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    }
+    Ok(matched)
 }
 
 #[cfg(test)]
@@ -816,6 +848,49 @@ mod tests {
             }),
             [3]
         );
+    }
+
+    #[test]
+    fn scanning_skips_what_is_not_a_record_in_bounded_memory() {
+        let rec = r#"{"call":5,"caller":{"number":"+1"},"callee":{"number":"+2"},"reason":"busy"}"#;
+        let mut input = Vec::new();
+        input.extend_from_slice(rec.as_bytes());
+        input.push(b'\n');
+        input.extend(std::iter::repeat_n(b'x', 3 * MAX_LINE));
+        input.extend_from_slice(b"\nnot json\n\xff\xfe\n[1,2]\n\n");
+        input.extend_from_slice(rec.as_bytes()); // last line without a newline
+        let all = Filter {
+            number: None,
+            since: None,
+            until: None,
+            reason: None,
+        };
+        let mut out = Vec::new();
+        let mut warnings = Vec::new();
+        let n = scan(&input[..], &all, true, &mut out, &mut |w| warnings.push(w)).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(String::from_utf8(out).unwrap(), format!("{rec}\n{rec}\n"));
+        assert_eq!(
+            warnings,
+            [
+                format!("2: line longer than {MAX_LINE} bytes, skipped"),
+                "3: not a JSON object, skipped".to_string(),
+                "4: not UTF-8, skipped".to_string(),
+                "5: not a JSON object, skipped".to_string(),
+            ]
+        );
+        let busy = Filter {
+            number: Some("+2"),
+            since: None,
+            until: None,
+            reason: Some("normal"),
+        };
+        let mut out = Vec::new();
+        assert_eq!(
+            scan(&input[..], &busy, false, &mut out, &mut |_| {}).unwrap(),
+            0
+        );
+        assert!(out.is_empty());
     }
 
     #[test]
