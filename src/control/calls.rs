@@ -1635,6 +1635,11 @@ impl Gateway {
             );
         }
         if let Some(old_leg) = old_leg {
+            let party = match self.calls.get(&call) {
+                Some(Call::Room(r)) if r.organizer == conn => super::records::Party::Caller,
+                _ => super::records::Party::Member,
+            };
+            self.record_room_legs(call, Some(shard), [(old_leg.clone(), party)]);
             self.actions.push_back(Action::RemoveLeg {
                 shard: self.shard_id(shard),
                 session: call,
@@ -1678,7 +1683,13 @@ impl Gateway {
         let shard = r.relay.as_ref().map(|x| x.shard);
         let remaining = r.members.len();
         let legs_left = r.members.values().any(|m| m.leg.is_some());
+        let party = if conn == r.organizer {
+            super::records::Party::Caller
+        } else {
+            super::records::Party::Member
+        };
         if let Some(leg) = m.leg {
+            self.record_room_legs(call, shard, [(leg.clone(), party)]);
             if let Some(shard) = shard {
                 self.actions.push_back(Action::RemoveLeg {
                     shard: self.shard_id(shard),
@@ -1717,7 +1728,7 @@ impl Gateway {
         let Some(Call::Room(r)) = self.calls.remove(&call) else {
             return;
         };
-        let legs = r
+        let legs: Vec<(String, super::records::Party)> = r
             .members
             .iter()
             .filter_map(|(c, m)| {
@@ -1729,7 +1740,8 @@ impl Gateway {
                 m.leg.clone().map(|l| (l, party))
             })
             .collect();
-        self.record_media(call, None, r.relay.as_ref().map(|x| x.shard), legs);
+        let shard = r.relay.as_ref().map(|x| x.shard);
+        self.record_room_legs(call, shard, legs);
         self.close_record(call, Some(reason), Some(reason));
         self.timers.cancel(Timer::Call(call));
         if let Some(relay) = r.relay {

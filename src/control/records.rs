@@ -216,6 +216,27 @@ impl super::gateway::Gateway {
         }
     }
 
+    /// Room legs: added to the record's (members that left keep theirs: the server gathered
+    /// their numbers when it removed them); `shard`, when given, is the room's relay now.
+    pub(crate) fn record_room_legs(
+        &mut self,
+        call: CallId,
+        shard: Option<usize>,
+        legs: impl IntoIterator<Item = (String, Party)>,
+    ) {
+        let shard = shard.map(|s| self.shard_id(s));
+        if let Some(r) = self.records.get_mut(&call) {
+            if let Some(shard) = shard {
+                r.relay = Some((shard, call));
+            }
+            for l in legs {
+                if !r.legs.contains(&l) {
+                    r.legs.push(l);
+                }
+            }
+        }
+    }
+
     /// The call is over: log it and hand the record to `server/`. `to_caller` / `to_callee`
     /// are what each side was told (`None`: that side ended it, or was not told).
     pub(crate) fn close_record(
@@ -352,6 +373,49 @@ mod tests {
             .iter()
             .position(|a| matches!(a, Action::RemoveSession { session, .. } if *session == call));
         assert_eq!(removed, Some(*before), "{acts:?}");
+    }
+
+    #[test]
+    fn a_room_record_keeps_the_legs_of_members_who_left() {
+        use crate::wire::control::{ClientMsg, ServerMsg};
+        let mut w = World::new();
+        let a = w.login_with("alice", caps(true, true));
+        let b = w.login_with("bob", caps(true, true));
+        let c = w.login_with("carol", caps(true, true));
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 5,
+                numbers: vec![b.number.into(), c.number.into()],
+                media: Some(a.media()),
+            },
+        );
+        let room = match w.take(a.conn).first() {
+            Some(ServerMsg::Calling { call, .. }) => *call,
+            other => panic!("{other:?}"),
+        };
+        w.accept(&b, room, Some(b.media()));
+        w.accept(&c, room, Some(c.media()));
+        let carol_leg = crate::control::sim::media_of(&w.take(c.conn))[0]
+            .leg
+            .clone()
+            .expect("carol's leg");
+        // Carol leaves first; later alice ends the room.
+        w.send(c.conn, ClientMsg::HangUp { call: room });
+        assert!(w.ended.is_empty(), "the room goes on");
+        w.send(a.conn, ClientMsg::HangUp { call: room });
+        w.send(b.conn, ClientMsg::HangUp { call: room });
+        let r = ended(&mut w);
+        assert_eq!(r.len(), 1, "{r:?}");
+        let r = &r[0];
+        assert!(r.conference);
+        assert_eq!(r.callee_number, format!("{},{}", b.number, c.number));
+        assert_eq!(r.legs.len(), 3, "{:?}", r.legs);
+        assert!(r.legs.contains(&(carol_leg, Party::Member)), "{:?}", r.legs);
+        assert_eq!(
+            r.legs.iter().filter(|(_, p)| *p == Party::Caller).count(),
+            1
+        );
     }
 
     #[test]

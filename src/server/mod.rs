@@ -32,6 +32,12 @@ use crate::wire::control::{self as proto, ClientMsg, ServerMsg};
 /// unread is disconnected.
 const WRITE_BACKLOG: usize = 8 * proto::MAX_MESSAGE;
 
+/// A room leg removed before its room ended, and the shard's answer with its numbers.
+type DepartedLeg = (
+    String,
+    oneshot::Receiver<Vec<crate::shard::relay::LegSnapshot>>,
+);
+
 type FlushSpawner = Box<dyn FnMut(ConnId, tokio::net::tcp::OwnedWriteHalf, Vec<u8>) + Send>;
 
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +263,9 @@ struct Server {
     cdr: Option<crate::metrics::cdr::CdrWriter>,
     /// Records waiting for their shard's leg numbers.
     cdr_pending: usize,
+    /// Room legs removed before their room ended: the shard's answers with their numbers,
+    /// by session (= call id), for the room's record.
+    departed: HashMap<u64, Vec<DepartedLeg>>,
 }
 
 async fn run(
@@ -357,6 +366,7 @@ async fn run(
         started: Instant::now(),
         cdr,
         cdr_pending: 0,
+        departed: HashMap::new(),
     };
     on_ready(&bound);
     notify::ready();
@@ -761,6 +771,23 @@ impl Server {
                     leg,
                 } => {
                     if let Some(h) = self.shard(shard) {
+                        if self.cdr.is_some() {
+                            // The leg's numbers for the room's record, asked before it goes.
+                            let (reply, rx) = oneshot::channel();
+                            if h.send(Command::SessionLegs { session, reply }).is_ok() {
+                                let h = h.clone();
+                                self.departed
+                                    .entry(session)
+                                    .or_default()
+                                    .push((leg.clone(), rx));
+                                let _ = h.send(Command::RemoveLeg {
+                                    session,
+                                    leg,
+                                    reply: None,
+                                });
+                                continue;
+                            }
+                        }
                         let _ = h.send(Command::RemoveLeg {
                             session,
                             leg,
@@ -870,6 +897,7 @@ impl Server {
     /// runs its commands in order); the answer is awaited off the control loop.
     fn call_ended(&mut self, rec: crate::control::records::CallRecord) {
         use crate::metrics::cdr;
+        let departed = self.departed.remove(&rec.call).unwrap_or_default();
         if self.cdr.is_none() {
             return;
         }
@@ -880,27 +908,33 @@ impl Server {
             h.send(Command::SessionLegs { session, reply }).ok()?;
             Some(rx)
         });
-        match ask {
-            None => self.write_cdr(&cdr::build(&rec, &[], wall)),
-            Some(rx) => {
-                self.cdr_pending += 1;
-                let events = self.events.clone();
-                tokio::spawn(async move {
-                    let legs = match tokio::time::timeout(Duration::from_secs(2), rx).await {
-                        Ok(Ok(legs)) => legs,
-                        _ => {
-                            tracing::warn!(
-                                call = rec.call,
-                                "no leg numbers from the shard for the call's record"
-                            );
-                            Vec::new()
-                        }
-                    };
-                    let c = cdr::build(&rec, &legs, wall);
-                    let _ = events.send(Event::Cdr(Box::new(c))).await;
-                });
-            }
+        if ask.is_none() && departed.is_empty() {
+            return self.write_cdr(&cdr::build(&rec, &[], wall));
         }
+        self.cdr_pending += 1;
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let call = rec.call;
+            let answer = |rx: oneshot::Receiver<Vec<crate::shard::relay::LegSnapshot>>| async move {
+                match tokio::time::timeout(Duration::from_secs(2), rx).await {
+                    Ok(Ok(legs)) => legs,
+                    _ => {
+                        tracing::warn!(call, "no leg numbers from the shard for the call's record");
+                        Vec::new()
+                    }
+                }
+            };
+            let mut legs = Vec::new();
+            // A departed leg: from the answer given just before its removal.
+            for (name, rx) in departed {
+                legs.extend(answer(rx).await.into_iter().filter(|l| l.name == name));
+            }
+            if let Some(rx) = ask {
+                legs.extend(answer(rx).await);
+            }
+            let c = cdr::build(&rec, &legs, wall);
+            let _ = events.send(Event::Cdr(Box::new(c))).await;
+        });
     }
 
     fn write_cdr(&mut self, c: &crate::metrics::cdr::Cdr) {
