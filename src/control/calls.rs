@@ -1320,6 +1320,7 @@ impl Gateway {
             _ => None,
         };
         if let Some(relay) = relay {
+            self.retire_relay_legs(call, relay.shard, &relay.legs);
             self.drop_relay(call, relay);
         }
         self.try_plan(now, call);

@@ -313,6 +313,13 @@ pub enum Action {
     /// records. Emitted before the `RemoveSession` of its relay, so a shard asked for the
     /// session's legs in this order still has them.
     CallEnded(Box<super::records::CallRecord>),
+    /// A relay session is about to be removed while its call goes on (a re-plan): these legs'
+    /// numbers belong in the call's record. Emitted before that `RemoveSession`.
+    RetireLegs {
+        shard: usize,
+        session: SessionId,
+        legs: Vec<String>,
+    },
 }
 
 /// A snapshot of the core's tables and counters.

@@ -209,11 +209,28 @@ impl super::gateway::Gateway {
             if plan.is_some() {
                 r.plan = plan;
             }
-            if let Some(shard) = shard {
-                r.relay = Some((shard, call));
-                r.legs = legs;
+            // The relay in force (none after a re-plan to direct UDP); legs of an earlier
+            // relay stay listed (their numbers were gathered when it was retired).
+            r.relay = shard.map(|s| (s, call));
+            for l in legs {
+                if !r.legs.contains(&l) {
+                    r.legs.push(l);
+                }
             }
         }
+    }
+
+    /// A call's relay session goes while the call goes on (a re-plan): `server/` gathers its
+    /// legs' numbers for the record before the `RemoveSession` that follows.
+    pub(crate) fn retire_relay_legs(&mut self, call: CallId, shard: usize, legs: &[String]) {
+        if legs.is_empty() || !self.records.contains_key(&call) {
+            return;
+        }
+        self.actions.push_back(super::gateway::Action::RetireLegs {
+            shard: self.shard_id(shard),
+            session: call,
+            legs: legs.to_vec(),
+        });
     }
 
     /// Room legs: added to the record's (members that left keep theirs: the server gathered
@@ -415,6 +432,47 @@ mod tests {
         assert_eq!(
             r.legs.iter().filter(|(_, p)| *p == Party::Caller).count(),
             1
+        );
+    }
+
+    #[test]
+    fn a_replan_keeps_the_retired_legs_in_the_record() {
+        use crate::wire::control::ClientMsg;
+        let mut w = World::new();
+        let mut a = w.login("alice", sim::SEND_ONLY);
+        let b = w.login("bob", sim::SEND_ONLY);
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(b.media()));
+        w.take_shard();
+        let first: Vec<String> = w.gw.records[&call]
+            .legs
+            .iter()
+            .map(|(l, _)| l.clone())
+            .collect();
+        assert_eq!(first.len(), 2);
+        w.send(a.conn, ClientMsg::MediaTrouble { call });
+        a.fw = sim::OPEN;
+        w.probe(&a);
+        w.probe(&b);
+        let cmds = w.take_shard();
+        // The old legs are retired (numbers gathered) before their session is removed.
+        let [(before, retired)] = &w.retired[..] else {
+            panic!("{:?}", w.retired)
+        };
+        assert_eq!(retired, &first);
+        let removed = cmds
+            .iter()
+            .position(|c| matches!(c, Action::RemoveSession { session, .. } if *session == call));
+        assert_eq!(removed, Some(*before), "{cmds:?}");
+        w.send(a.conn, ClientMsg::HangUp { call });
+        let r = ended(&mut w);
+        let names: Vec<&String> = r[0].legs.iter().map(|(l, _)| l).collect();
+        for l in &first {
+            assert!(names.contains(&l), "{names:?}");
+        }
+        assert!(
+            names.len() > first.len(),
+            "the new plan's legs too: {names:?}"
         );
     }
 

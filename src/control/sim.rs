@@ -186,6 +186,9 @@ pub struct World {
     /// Records of ended calls, each with the number of shard commands before it (so a test
     /// can check what came first).
     pub ended: Vec<(usize, crate::control::records::CallRecord)>,
+    /// Legs retired by re-plans (`Action::RetireLegs`), with the number of shard commands
+    /// before each.
+    pub retired: Vec<(usize, Vec<String>)>,
     /// Answer every install at once with this (None: leave installs pending).
     pub auto_install: Option<Result<(), String>>,
     pub pending_installs: Vec<u64>,
@@ -232,6 +235,7 @@ impl World {
             probe_out: Vec::new(),
             shard_cmds: Vec::new(),
             ended: Vec::new(),
+            retired: Vec::new(),
             auto_install: Some(Ok(())),
             pending_installs: Vec::new(),
             check: true,
@@ -256,6 +260,9 @@ impl World {
                         self.shard_cmds.push(a);
                     }
                     Action::CallEnded(r) => self.ended.push((self.shard_cmds.len(), *r)),
+                    Action::RetireLegs { legs, .. } => {
+                        self.retired.push((self.shard_cmds.len(), legs));
+                    }
                     other => self.shard_cmds.push(other),
                 }
             }

@@ -92,19 +92,16 @@ pub struct LegOut {
 
 /// The record's line. `wall` turns the core's `Instant`s into wall-clock times.
 pub fn build(rec: &CallRecord, legs: &[LegSnapshot], wall: impl Fn(Instant) -> SystemTime) -> Cdr {
-    let leg_of = |party: Party| {
-        rec.legs
-            .iter()
-            .find(|(_, p)| *p == party)
-            .and_then(|(name, _)| legs.iter().find(|l| &l.name == name))
-    };
+    // Everything the gateway sent the receiving party, over all its legs (a re-plan gives it
+    // a new one); a direction the gateway never carried has none, or none sent to.
     let direction = |d: Option<DirectionRecord>, to: &[Party]| {
         d.map(|d| {
-            let delivered = to.iter().find_map(|p| leg_of(*p));
-            let (packets, bytes) = match delivered {
-                Some(l) if d.via_gateway => (l.tx.packets, l.tx.bytes),
-                _ => (0, 0),
-            };
+            let (packets, bytes) = rec
+                .legs
+                .iter()
+                .filter(|(_, p)| to.contains(p))
+                .filter_map(|(name, _)| legs.iter().find(|l| &l.name == name))
+                .fold((0, 0), |(n, b), l| (n + l.tx.packets, b + l.tx.bytes));
             DirectionOut {
                 path: d.path,
                 send: d.send,
@@ -744,13 +741,45 @@ mod tests {
         assert_eq!(v["caller"]["number"], "+15550001");
         assert_eq!(v["forward"]["path"], "tcp_in_udp_out");
         assert_eq!(v["legs"][0]["party"], "caller");
-        // Direct directions carry nothing through the gateway.
+        // Direct directions carry nothing through the gateway: no legs.
         rec.plan = Some(Plan {
             forward: MediaPath::DirectUdp,
             backward: MediaPath::DirectUdp,
         });
+        rec.relay = None;
+        rec.legs.clear();
         let c = build(&rec, &legs, |t| base + t.duration_since(t0));
         assert_eq!(c.forward.unwrap().packets, 0);
+    }
+
+    #[test]
+    fn a_direction_counts_every_leg_of_its_receiver() {
+        // A re-plan gave bob a second leg: forward counts what both carried to him.
+        let t0 = Instant::now();
+        let mut rec = CallRecord::new(7, t0, 11, "alice", "+15550001");
+        rec.plan = Some(Plan {
+            forward: MediaPath::UdpViaGateway,
+            backward: MediaPath::UdpViaGateway,
+        });
+        rec.legs = vec![
+            ("a1".into(), Party::Caller),
+            ("b1".into(), Party::Callee),
+            ("a2".into(), Party::Caller),
+            ("b2".into(), Party::Callee),
+        ];
+        let rtp = RtpReport::default();
+        let legs = [
+            leg("a1", (10, 1720), (9, 1548), rtp),
+            leg("b1", (9, 1548), (10, 1720), rtp),
+            leg("a2", (30, 5160), (31, 5332), rtp),
+            leg("b2", (31, 5332), (30, 5160), rtp),
+        ];
+        let c = build(&rec, &legs, |_| UNIX_EPOCH);
+        assert_eq!(c.forward.map(|d| (d.packets, d.bytes)), Some((40, 6880)));
+        assert_eq!(c.backward.map(|d| (d.packets, d.bytes)), Some((40, 6880)));
+        assert_eq!(c.legs.len(), 4);
+        // No RTP: no MOS.
+        assert!(c.legs.iter().all(|l| l.mos.is_none()));
     }
 
     #[test]

@@ -796,6 +796,22 @@ impl Server {
                     }
                 }
                 Action::CallEnded(rec) => self.call_ended(*rec),
+                Action::RetireLegs {
+                    shard,
+                    session,
+                    legs,
+                } => {
+                    if self.cdr.is_some()
+                        && let Some(h) = self.shard(shard).cloned()
+                    {
+                        for leg in legs {
+                            let (reply, rx) = oneshot::channel();
+                            if h.send(Command::SessionLegs { session, reply }).is_ok() {
+                                self.departed.entry(session).or_default().push((leg, rx));
+                            }
+                        }
+                    }
+                }
             }
         }
     }
