@@ -26,6 +26,26 @@ pub struct Config {
     pub dumps: DumpsSection,
     pub admin: AdminSection,
     pub limits: LimitsSection,
+    pub cdr: CdrSection,
+}
+
+/// Call detail records (see `metrics::cdr`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CdrSection {
+    /// Write one JSON line per ended call.
+    pub enabled: bool,
+    /// The file; unset: `<data_dir>/cdr.jsonl`. Reopened on SIGHUP (logrotate).
+    pub path: Option<PathBuf>,
+}
+
+impl Default for CdrSection {
+    fn default() -> Self {
+        CdrSection {
+            enabled: true,
+            path: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -520,6 +540,16 @@ impl Config {
             std::env::var_os("STATE_DIRECTORY")
                 .map(|d| PathBuf::from(d.to_string_lossy().split(':').next().unwrap_or(".")))
                 .unwrap_or_else(|| PathBuf::from("voxgate-data"))
+        })
+    }
+
+    /// Where call detail records go, or `None` when they are off.
+    pub fn cdr_path(&self) -> Option<PathBuf> {
+        self.cdr.enabled.then(|| {
+            self.cdr
+                .path
+                .clone()
+                .unwrap_or_else(|| self.data_dir().join("cdr.jsonl"))
         })
     }
 

@@ -43,6 +43,8 @@ enum Cmd {
     Probe(voxgate::client::cli::ProbeArgs),
     /// Print percentile tables from histogram dumps.
     Stats(StatsArgs),
+    /// Print call detail records, filtered by number, time and end reason.
+    Cdr(voxgate::metrics::cdr::CdrArgs),
     /// The load generator and report of the perf harness (perf/run).
     Bench(voxgate::loadgen::BenchArgs),
 }
@@ -229,6 +231,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
+        Cmd::Cdr(a) => voxgate::metrics::cdr::run(&a),
         Cmd::User(c) => admin(|| user(c)),
         Cmd::Route(c) => admin(|| route(c)),
         Cmd::Phone(a) => {

@@ -8,6 +8,9 @@ use std::process::Command;
 use common::{BIN, Gateway, run_phone, run_with_stdin, spawn_phone};
 
 const ID_LIMIT: u64 = 1 << 53;
+/// Packets a gateway may relay to a phone after it stopped receiving (it hung up): 20 ms
+/// each, so a few for a hang-up that takes tens of milliseconds to arrive.
+const IN_FLIGHT: u64 = 5;
 
 /// The start second encoded in an id (see `control::records::id_base`).
 fn id_second(id: u64) -> u64 {
@@ -151,4 +154,216 @@ fn store_errors_name_the_file_and_the_cause() {
         err.contains("Read-only file system"),
         "names the cause: {err}"
     );
+}
+
+/// The lines of a CDR file once it has `n` of them (records are written once the shard
+/// reported the legs: shortly after the call ends).
+fn cdr_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a CDR line is JSON"))
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} has {} lines, want {n}",
+            path.display(),
+            lines.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn calls_write_detail_records_that_rotate_on_sighup_and_voxgate_cdr_filters() {
+    let gw = Gateway::start(&[]);
+    let cdr = gw.dir.path().join("data/cdr.jsonl");
+    let dir = gw.dir.path();
+    let clip = common::test_clip(dir, "speech-8k.wav", "a-in.wav", 1.0);
+    let mark = gw.log_len();
+    let callee = spawn_phone(&gw, "bob", &["--answer", "--wait", "20", "--duration", "3"]);
+    gw.wait_online(mark, "bob");
+    // Alice cannot use UDP: both directions go through the gateway.
+    let caller = run_phone(
+        &gw,
+        "alice",
+        &[
+            "--call",
+            "+15550002",
+            "--play",
+            clip.to_str().unwrap(),
+            "--firewall",
+            "no-udp",
+        ],
+    );
+    let callee = common::finish(callee);
+    assert_eq!(caller.code, 0, "{}\n{}", caller.json, caller.stderr);
+    assert_eq!(callee.code, 0, "{}\n{}", callee.json, callee.stderr);
+    let call = caller.json["call"].as_u64().unwrap();
+    let lines = cdr_lines(&cdr, 1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let r = &lines[0];
+    assert_eq!(r["call"].as_u64(), Some(call), "{r}");
+    assert_eq!(r["caller"]["number"], "+15550001", "{r}");
+    assert_eq!(r["callee"]["number"], "+15550002", "{r}");
+    assert_eq!(r["callee"]["user"], "bob", "{r}");
+    assert_eq!(r["reason"], "normal", "{r}");
+    assert!(r["answered"].is_string(), "{r}");
+    for k in ["set_up", "answered", "ended"] {
+        let t = r[k].as_str().unwrap();
+        assert!(
+            t.len() == 24 && t.ends_with('Z') && t.as_bytes()[10] == b'T',
+            "{k}: {t}"
+        );
+    }
+    assert!(r["talk_s"].as_f64().unwrap() > 0.5, "{r}");
+    // What the gateway relayed each way is what each phone received.
+    assert_eq!(r["forward"]["via_gateway"], true, "{r}");
+    assert_eq!(r["forward"]["send"], "tcp", "{r}");
+    // (A packet relayed just as the receiver hung up was sent but not received.)
+    for (dir, phone) in [("forward", &callee), ("backward", &caller)] {
+        let relayed = r[dir]["packets"].as_u64().unwrap();
+        let received = phone.json["received"]["packets"].as_u64().unwrap();
+        assert!(
+            (received..=received + IN_FLIGHT).contains(&relayed),
+            "{dir}: relayed {relayed}, received {received}: {r}\n{}",
+            phone.json
+        );
+    }
+    let fwd = r["forward"]["packets"].as_u64().unwrap();
+    assert!(
+        fwd >= 50 && fwd <= caller.json["sent"]["packets"].as_u64().unwrap(),
+        "{r}"
+    );
+    // Per-leg quality: loopback loses nothing; the MOS is toll quality.
+    let legs = r["legs"].as_array().unwrap();
+    assert_eq!(legs.len(), 2, "{r}");
+    for l in legs {
+        assert_eq!(l["lost"], 0, "{l}");
+        assert!(l["mos"].as_f64().unwrap() > 4.3, "{l}");
+    }
+
+    // logrotate: rename, SIGHUP; the next record goes to a new file.
+    let rotated = dir.join("cdr.jsonl.1");
+    std::fs::rename(&cdr, &rotated).unwrap();
+    let mark = gw.log_len();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(gw.pid(), libc::SIGHUP) };
+    gw.wait_log(mark, "the reopen", |l| {
+        l.contains("call detail records reopened")
+    });
+    let r = run_phone(&gw, "alice", &["--call", "+15559999"]);
+    assert_eq!(r.json["hangup_reason"], "not_found");
+    let new = cdr_lines(&cdr, 1);
+    assert_eq!(new[0]["reason"], "not_found", "{:?}", new);
+    assert!(new[0]["answered"].is_null());
+    assert_eq!(
+        cdr_lines(&rotated, 1).len(),
+        1,
+        "the old file is left alone"
+    );
+
+    // `voxgate cdr` prints and filters.
+    let cdr_cmd = |file: &std::path::Path, args: &[&str]| {
+        Command::new(BIN)
+            .arg("cdr")
+            .arg(file)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cdr_cmd(&rotated, &[]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("call {call}  +15550001 -> +15550002  normal (")),
+        "{text}"
+    );
+    let out = cdr_cmd(&rotated, &["--number", "+15550002", "--json"]);
+    let got: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("--json prints the stored line");
+    assert_eq!(got["call"].as_u64(), Some(call));
+    let out = cdr_cmd(&rotated, &["--reason", "busy"]);
+    assert_eq!(out.status.code(), Some(1), "nothing matched");
+    assert!(out.stdout.is_empty());
+    let out = cdr_cmd(&cdr, &["--reason", "not_found", "--since", "2020-01-01"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("+15559999"));
+    let out = cdr_cmd(&cdr, &["--since", "2999-01-01T00:00:00Z"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = cdr_cmd(&cdr, &["--until", "last tuesday"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a time like 2026-12-01T19:52:01Z"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_conference_record_lists_every_members_leg_even_after_it_left() {
+    let gw = Gateway::start(&[]);
+    let cdr = gw.dir.path().join("data/cdr.jsonl");
+    let clip = common::test_clip(gw.dir.path(), "speech-8k.wav", "conf.wav", 1.0);
+    let mark = gw.log_len();
+    // Carol leaves after 1.5 s, bob and alice stay 3 s.
+    let mut members = Vec::new();
+    for (user, secs) in [("bob", "3"), ("carol", "1.5")] {
+        members.push(spawn_phone(
+            &gw,
+            user,
+            &[
+                "--answer",
+                "--play",
+                clip.to_str().unwrap(),
+                "--duration",
+                secs,
+                "--wait",
+                "20",
+            ],
+        ));
+        gw.wait_online(mark, user);
+    }
+    let alice = run_phone(
+        &gw,
+        "alice",
+        &[
+            "--conference",
+            "+15550002,+15550003",
+            "--play",
+            clip.to_str().unwrap(),
+            "--duration",
+            "3",
+        ],
+    );
+    let results: Vec<common::PhoneResult> = members.into_iter().map(common::finish).collect();
+    assert_eq!(alice.code, 0, "{}\n{}", alice.json, alice.stderr);
+    let r = &cdr_lines(&cdr, 1)[0];
+    assert_eq!(r["conference"], true, "{r}");
+    assert_eq!(r["call"], alice.json["call"], "{r}");
+    assert_eq!(r["callee"]["number"], "+15550002,+15550003", "{r}");
+    let legs = r["legs"].as_array().unwrap();
+    assert_eq!(legs.len(), 3, "{r}");
+    // What the gateway sent each member's leg is what the member received, carol's too,
+    // counted when she left (plus at most the few packets in flight when a phone hung up).
+    let phones = [
+        ("caller", &alice),
+        ("member", &results[0]),
+        ("member", &results[1]),
+    ];
+    for (party, p) in phones {
+        let received = p.json["received"]["packets"].as_u64().unwrap();
+        assert!(received >= 50, "{}", p.json);
+        assert!(
+            legs.iter().any(|l| l["party"] == party
+                && l["sent_packets"]
+                    .as_u64()
+                    .is_some_and(|s| (received..=received + IN_FLIGHT).contains(&s))),
+            "no {party} leg sent {received} packets: {r}"
+        );
+    }
 }

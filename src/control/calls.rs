@@ -497,6 +497,21 @@ impl Gateway {
         self.close_record(call, Some(reason), Some(reason));
     }
 
+    /// [`Self::refuse_dial`] with words for the caller.
+    fn refuse_dial_why(&mut self, conn: ConnId, call: CallId, reason: HangupReason, why: &str) {
+        self.hangup_detail = Some((call, crate::wire::control::bounded_detail(why)));
+        self.refuse_dial(conn, call, reason);
+        self.hangup_detail = None;
+    }
+
+    fn too_many_calls(&self, ncalls: usize) -> String {
+        format!(
+            "you are in {ncalls} calls already, the most the gateway allows at once \
+             (max_calls_per_user = {})",
+            self.cfg.max_calls_per_user
+        )
+    }
+
     /// Ends a two-party call the gateway cannot set up, telling both sides why in words.
     fn refuse_pair(&mut self, call: CallId, e: &SetupError) {
         let reason = e.hangup_reason();
@@ -591,10 +606,15 @@ impl Gateway {
         }
         if ncalls >= self.cfg.max_calls_per_user {
             tracing::info!(conn, user = %me, "dial refused: too many calls at once");
-            return self.refuse_dial(conn, id, HangupReason::Error);
+            return self.refuse_dial_why(
+                conn,
+                id,
+                HangupReason::Error,
+                &self.too_many_calls(ncalls),
+            );
         }
         if directory::number_problem(number, false).is_some() {
-            return self.hang_up_msg(conn, id, HangupReason::NotFound);
+            return self.refuse_dial(conn, id, HangupReason::NotFound);
         }
         let pending = super::lookup::Pending::Dial {
             conn,
@@ -605,7 +625,7 @@ impl Gateway {
             number: number.to_owned(),
         };
         if self.ask(query, pending).is_none() {
-            self.hang_up_msg(conn, id, HangupReason::Error);
+            self.refuse_dial(conn, id, HangupReason::Error);
         }
     }
 
@@ -623,10 +643,10 @@ impl Gateway {
         };
         let (me, ncalls) = (s.user.clone(), s.calls.len());
         if self.draining {
-            return self.hang_up_msg(conn, id, HangupReason::Shutdown);
+            return self.refuse_dial(conn, id, HangupReason::Shutdown);
         }
         if ncalls >= self.cfg.max_calls_per_user {
-            return self.hang_up_msg(conn, id, HangupReason::Error);
+            return self.refuse_dial(conn, id, HangupReason::Error);
         }
         let dest = match self.resolve(&me, &found) {
             Ok(d) => d,
@@ -1494,6 +1514,7 @@ impl Gateway {
             _ => None,
         };
         if let Some(relay) = relay {
+            self.retire_relay_legs(call, relay.shard, &relay.legs);
             self.drop_relay(call, relay);
         }
         self.try_plan(now, call);
@@ -1570,7 +1591,12 @@ impl Gateway {
         }
         if ncalls >= self.cfg.max_calls_per_user {
             tracing::info!(conn, user = %me, "conference refused: too many calls at once");
-            return self.refuse_dial(conn, id, HangupReason::Error);
+            return self.refuse_dial_why(
+                conn,
+                id,
+                HangupReason::Error,
+                &self.too_many_calls(ncalls),
+            );
         }
         // A message may hold thousands of numbers: bound the work before de-duplicating.
         let mut unique: Vec<&str> = Vec::new();
@@ -1600,7 +1626,7 @@ impl Gateway {
             numbers: unique.iter().map(|n| n.to_string()).collect(),
         };
         if self.ask(query, pending).is_none() {
-            self.hang_up_msg(conn, id, HangupReason::Error);
+            self.refuse_dial(conn, id, HangupReason::Error);
         }
     }
 
@@ -1620,10 +1646,10 @@ impl Gateway {
         };
         let (me, from_number, ncalls) = (s.user.clone(), s.number.clone(), s.calls.len());
         if self.draining {
-            return self.hang_up_msg(conn, id, HangupReason::Shutdown);
+            return self.refuse_dial(conn, id, HangupReason::Shutdown);
         }
         if ncalls >= self.cfg.max_calls_per_user {
-            return self.hang_up_msg(conn, id, HangupReason::Error);
+            return self.refuse_dial(conn, id, HangupReason::Error);
         }
         let found: Vec<Result<Option<Destination>, LookupError>> = match found {
             Ok(v) => v.into_iter().map(Ok).collect(),
@@ -1957,6 +1983,11 @@ impl Gateway {
             }
         }
         if let Some(old_leg) = old_leg {
+            let party = match self.calls.get(&call) {
+                Some(Call::Room(r)) if r.organizer == conn => super::records::Party::Caller,
+                _ => super::records::Party::Member,
+            };
+            self.record_room_legs(call, Some(shard), [(old_leg.clone(), party)]);
             self.actions.push_back(Action::RemoveLeg {
                 shard: self.shard_id(shard),
                 session: call,
@@ -2000,7 +2031,13 @@ impl Gateway {
         let shard = r.relay.as_ref().map(|x| x.shard);
         let remaining = r.members.len();
         let legs_left = r.members.values().any(|m| m.leg.is_some());
+        let party = if conn == r.organizer {
+            super::records::Party::Caller
+        } else {
+            super::records::Party::Member
+        };
         if let Some(leg) = m.leg {
+            self.record_room_legs(call, shard, [(leg.clone(), party)]);
             if let Some(shard) = shard {
                 self.actions.push_back(Action::RemoveLeg {
                     shard: self.shard_id(shard),
@@ -2039,7 +2076,7 @@ impl Gateway {
         let Some(Call::Room(r)) = self.calls.remove(&call) else {
             return;
         };
-        let legs = r
+        let legs: Vec<(String, super::records::Party)> = r
             .members
             .iter()
             .filter_map(|(c, m)| {
@@ -2051,7 +2088,8 @@ impl Gateway {
                 m.leg.clone().map(|l| (l, party))
             })
             .collect();
-        self.record_media(call, None, r.relay.as_ref().map(|x| x.shard), legs);
+        let shard = r.relay.as_ref().map(|x| x.shard);
+        self.record_room_legs(call, shard, legs);
         self.close_record(call, Some(reason), Some(reason));
         self.timers.cancel(Timer::Call(call));
         self.counters.tally.ended(reason);
@@ -2928,7 +2966,16 @@ mod tests {
         assert_eq!(ma.iter().map(|m| m.call).collect::<Vec<_>>(), [c1, c2]);
         assert_ne!(ma[0].leg, ma[1].leg, "each call has its own leg");
         let c3 = w.dial(&a, d.number, Some(a.media()));
-        assert_eq!(hangups(&w.take(a.conn)), [(c3, HangupReason::Error)]);
+        let msgs = w.take(a.conn);
+        assert_eq!(hangups(&msgs), [(c3, HangupReason::Error)]);
+        // ... and says why.
+        assert!(
+            msgs.iter()
+                .any(|m| matches!(m, ServerMsg::HangUp { detail: Some(d), .. }
+            if d == "you are in 2 calls already, the most the gateway allows at once \
+                    (max_calls_per_user = 2)")),
+            "{msgs:?}"
+        );
         // Alice is busy for incoming calls while in calls.
         let c4 = w.dial(&d, a.number, None);
         assert_eq!(hangups(&w.take(d.conn)), [(c4, HangupReason::Busy)]);

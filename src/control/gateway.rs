@@ -341,6 +341,13 @@ pub enum Action {
         id: u64,
         query: Query,
     },
+    /// A relay session is about to be removed while its call goes on (a re-plan): these legs'
+    /// numbers belong in the call's record. Emitted before that `RemoveSession`.
+    RetireLegs {
+        shard: usize,
+        session: SessionId,
+        legs: Vec<String>,
+    },
 }
 
 /// A snapshot of the core's tables and counters.

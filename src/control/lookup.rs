@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use super::gateway::{Action, ConnId, Gateway};
 use crate::directory::{Answer, LookupError, Query};
-use crate::wire::control::CallId;
+use crate::wire::control::{CallId, HangupReason};
 
 /// What a look-up was for.
 #[derive(Debug)]
@@ -92,6 +92,8 @@ impl Gateway {
             s.lookups = s.lookups.saturating_sub(1);
         }
         tracing::debug!(conn, call, "call withdrawn while its number was looked up");
+        // The caller ended it before it rang anyone.
+        self.close_record(call, None, Some(HangupReason::Normal));
         true
     }
 
@@ -167,6 +169,7 @@ impl Gateway {
                     call,
                     "look-up answered after the caller left: dropped"
                 );
+                self.close_record(call, None, Some(HangupReason::PeerLost));
                 false
             }
         }

@@ -66,12 +66,13 @@ impl Cidr {
         }
     }
 
-    pub fn len(&self) -> u8 {
+    /// The prefix length in bits.
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        false
+    pub fn addr(&self) -> IpAddr {
+        self.addr
     }
 
     fn width(&self) -> u8 {

@@ -209,9 +209,47 @@ impl super::gateway::Gateway {
             if plan.is_some() {
                 r.plan = plan;
             }
+            // The relay in force (none after a re-plan to direct UDP); legs of an earlier
+            // relay stay listed (their numbers were gathered when it was retired).
+            r.relay = shard.map(|s| (s, call));
+            for l in legs {
+                if !r.legs.contains(&l) {
+                    r.legs.push(l);
+                }
+            }
+        }
+    }
+
+    /// A call's relay session goes while the call goes on (a re-plan): `server/` gathers its
+    /// legs' numbers for the record before the `RemoveSession` that follows.
+    pub(crate) fn retire_relay_legs(&mut self, call: CallId, shard: usize, legs: &[String]) {
+        if legs.is_empty() || !self.records.contains_key(&call) {
+            return;
+        }
+        self.actions.push_back(super::gateway::Action::RetireLegs {
+            shard: self.shard_id(shard),
+            session: call,
+            legs: legs.to_vec(),
+        });
+    }
+
+    /// Room legs: added to the record's (members that left keep theirs: the server gathered
+    /// their numbers when it removed them); `shard`, when given, is the room's relay now.
+    pub(crate) fn record_room_legs(
+        &mut self,
+        call: CallId,
+        shard: Option<usize>,
+        legs: impl IntoIterator<Item = (String, Party)>,
+    ) {
+        let shard = shard.map(|s| self.shard_id(s));
+        if let Some(r) = self.records.get_mut(&call) {
             if let Some(shard) = shard {
                 r.relay = Some((shard, call));
-                r.legs = legs;
+            }
+            for l in legs {
+                if !r.legs.contains(&l) {
+                    r.legs.push(l);
+                }
             }
         }
     }
@@ -352,6 +390,90 @@ mod tests {
             .iter()
             .position(|a| matches!(a, Action::RemoveSession { session, .. } if *session == call));
         assert_eq!(removed, Some(*before), "{acts:?}");
+    }
+
+    #[test]
+    fn a_room_record_keeps_the_legs_of_members_who_left() {
+        use crate::wire::control::{ClientMsg, ServerMsg};
+        let mut w = World::new();
+        let a = w.login_with("alice", caps(true, true));
+        let b = w.login_with("bob", caps(true, true));
+        let c = w.login_with("carol", caps(true, true));
+        w.send(
+            a.conn,
+            ClientMsg::Conference {
+                tag: 5,
+                numbers: vec![b.number.into(), c.number.into()],
+                media: Some(a.media()),
+            },
+        );
+        let room = match w.take(a.conn).first() {
+            Some(ServerMsg::Calling { call, .. }) => *call,
+            other => panic!("{other:?}"),
+        };
+        w.accept(&b, room, Some(b.media()));
+        w.accept(&c, room, Some(c.media()));
+        let carol_leg = crate::control::sim::media_of(&w.take(c.conn))[0]
+            .leg
+            .clone()
+            .expect("carol's leg");
+        // Carol leaves first; later alice ends the room.
+        w.send(c.conn, ClientMsg::HangUp { call: room });
+        assert!(w.ended.is_empty(), "the room goes on");
+        w.send(a.conn, ClientMsg::HangUp { call: room });
+        w.send(b.conn, ClientMsg::HangUp { call: room });
+        let r = ended(&mut w);
+        assert_eq!(r.len(), 1, "{r:?}");
+        let r = &r[0];
+        assert!(r.conference);
+        assert_eq!(r.callee_number, format!("{},{}", b.number, c.number));
+        assert_eq!(r.legs.len(), 3, "{:?}", r.legs);
+        assert!(r.legs.contains(&(carol_leg, Party::Member)), "{:?}", r.legs);
+        assert_eq!(
+            r.legs.iter().filter(|(_, p)| *p == Party::Caller).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_replan_keeps_the_retired_legs_in_the_record() {
+        use crate::wire::control::ClientMsg;
+        let mut w = World::new();
+        let mut a = w.login("alice", sim::SEND_ONLY);
+        let b = w.login("bob", sim::SEND_ONLY);
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(b.media()));
+        w.take_shard();
+        let first: Vec<String> = w.gw.records[&call]
+            .legs
+            .iter()
+            .map(|(l, _)| l.clone())
+            .collect();
+        assert_eq!(first.len(), 2);
+        w.send(a.conn, ClientMsg::MediaTrouble { call });
+        a.fw = sim::OPEN;
+        w.probe(&a);
+        w.probe(&b);
+        let cmds = w.take_shard();
+        // The old legs are retired (numbers gathered) before their session is removed.
+        let [(before, retired)] = &w.retired[..] else {
+            panic!("{:?}", w.retired)
+        };
+        assert_eq!(retired, &first);
+        let removed = cmds
+            .iter()
+            .position(|c| matches!(c, Action::RemoveSession { session, .. } if *session == call));
+        assert_eq!(removed, Some(*before), "{cmds:?}");
+        w.send(a.conn, ClientMsg::HangUp { call });
+        let r = ended(&mut w);
+        let names: Vec<&String> = r[0].legs.iter().map(|(l, _)| l).collect();
+        for l in &first {
+            assert!(names.contains(&l), "{names:?}");
+        }
+        assert!(
+            names.len() > first.len(),
+            "the new plan's legs too: {names:?}"
+        );
     }
 
     #[test]

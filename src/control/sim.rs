@@ -186,6 +186,9 @@ pub struct World {
     /// Records of ended calls, each with the number of shard commands before it (so a test
     /// can check what came first).
     pub ended: Vec<(usize, crate::control::records::CallRecord)>,
+    /// Legs retired by re-plans (`Action::RetireLegs`), with the number of shard commands
+    /// before each.
+    pub retired: Vec<(usize, Vec<String>)>,
     /// Answer every install at once with this (None: leave installs pending).
     pub auto_install: Option<Result<(), String>>,
     pub pending_installs: Vec<u64>,
@@ -240,6 +243,7 @@ impl World {
             probe_out: Vec::new(),
             shard_cmds: Vec::new(),
             ended: Vec::new(),
+            retired: Vec::new(),
             auto_install: Some(Ok(())),
             pending_installs: Vec::new(),
             check: true,
@@ -271,6 +275,9 @@ impl World {
                         } else {
                             answers.push(self.answer(id, &query));
                         }
+                    }
+                    Action::RetireLegs { legs, .. } => {
+                        self.retired.push((self.shard_cmds.len(), legs));
                     }
                     other => self.shard_cmds.push(other),
                 }
@@ -712,6 +719,13 @@ pub fn check_invariants(gw: &Gateway) {
         assert!(
             !gw.calls.contains_key(call),
             "call {call} both pending and placed"
+        );
+    }
+    // Every open call record belongs to a call in progress (none leaks).
+    for call in gw.records.keys() {
+        assert!(
+            gw.calls.contains_key(call) || gw.pending_calls.contains_key(call),
+            "record of call {call} left open"
         );
     }
     for (user, conn) in &gw.users {

@@ -1,6 +1,7 @@
 //! Numbers an operator can see: per-shard counters, per-leg RTP quality, the relay-latency
 //! histogram, and the interval-log dumps the control thread writes from them.
 
+pub mod cdr;
 pub mod counters;
 pub mod dump;
 pub mod mos;

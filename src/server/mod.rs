@@ -38,6 +38,11 @@ const WRITE_BACKLOG: usize = 8 * proto::MAX_MESSAGE;
 /// A client that does not take a backlog of control messages within this is cut off (its
 /// descriptor and task come back).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A room leg removed before its room ended, and the shard's answer with its numbers.
+type DepartedLeg = (
+    String,
+    oneshot::Receiver<Vec<crate::shard::relay::LegSnapshot>>,
+);
 
 type FlushSpawner = Box<dyn FnMut(ConnId, tokio::net::tcp::OwnedWriteHalf, Vec<u8>) + Send>;
 
@@ -79,6 +84,8 @@ pub enum ServeError {
     },
     #[error("histogram dumps: {0}")]
     Dump(#[from] crate::metrics::dump::DumpError),
+    #[error(transparent)]
+    Cdr(#[from] crate::metrics::cdr::CdrError),
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -156,8 +163,13 @@ pub fn load_secret(data_dir: &Path) -> Result<[u8; 32], ServeError> {
 enum Event {
     Accepted(TcpStream, SocketAddr),
     Input(Input),
-    Installed { op: u64, result: Result<(), String> },
+    Installed {
+        op: u64,
+        result: Result<(), String>,
+    },
     Flushed(writer::Flushed),
+    /// A call detail record, its legs' numbers gathered: to be written.
+    Cdr(Box<crate::metrics::cdr::Cdr>),
 }
 
 /// A running gateway's handle for tests and embedding: stop it with [`Running::stop`].
@@ -291,6 +303,13 @@ struct Server {
     started: Instant,
     /// Latency histograms taken from the shards by scrapes and dumps, legs, leg quality.
     ledger: Arc<std::sync::Mutex<crate::metrics::prom::Ledger>>,
+    /// Call detail records (`None`: off).
+    cdr: Option<crate::metrics::cdr::CdrWriter>,
+    /// Records waiting for their shard's leg numbers.
+    cdr_pending: usize,
+    /// Room legs removed before their room ended: the shard's answers with their numbers,
+    /// by session (= call id), for the room's record.
+    departed: HashMap<u64, Vec<DepartedLeg>>,
 }
 
 async fn run(
@@ -395,6 +414,14 @@ async fn run(
     );
     let limits = conn_limits::ConnLimits::new(cfg.limits.connections_per_source, budget);
     let dumps = open_dumps(&cfg)?;
+    let cdr = match cfg.cdr_path() {
+        Some(p) => {
+            let w = crate::metrics::cdr::CdrWriter::open(&p)?;
+            tracing::info!(path = %p.display(), "call detail records");
+            Some(w)
+        }
+        None => None,
+    };
     let (events, mut rx) = mpsc::channel::<Event>(4096);
     let answers = events.clone();
     let directory = lookup::Directory::spawn(&directory, lookup::WORKERS, move |id, result| {
@@ -427,6 +454,9 @@ async fn run(
         last_counters: HashMap::new(),
         started: Instant::now(),
         ledger,
+        cdr,
+        cdr_pending: 0,
+        departed: HashMap::new(),
     };
     on_ready(&bound);
     notify::ready();
@@ -517,6 +547,7 @@ async fn run(
     }
     server.gateway.handle(Instant::now(), Input::Shutdown);
     server.execute().await;
+    server.finish_cdrs(&mut rx).await;
     server.dump().await;
     notify::stopping();
     // Let flush tasks send the last messages (bounded).
@@ -760,6 +791,10 @@ impl Server {
                 }
                 self.gateway.handle(now, input);
             }
+            Event::Cdr(c) => {
+                self.cdr_pending = self.cdr_pending.saturating_sub(1);
+                self.write_cdr(&c);
+            }
             Event::Installed { op, result } => {
                 self.gateway
                     .handle(now, Input::ShardInstalled { op, result });
@@ -938,6 +973,23 @@ impl Server {
                     leg,
                 } => {
                     if let Some(h) = self.shard(shard) {
+                        if self.cdr.is_some() {
+                            // The leg's numbers for the room's record, asked before it goes.
+                            let (reply, rx) = oneshot::channel();
+                            if h.send(Command::SessionLegs { session, reply }).is_ok() {
+                                let h = h.clone();
+                                self.departed
+                                    .entry(session)
+                                    .or_default()
+                                    .push((leg.clone(), rx));
+                                let _ = h.send(Command::RemoveLeg {
+                                    session,
+                                    leg,
+                                    reply: None,
+                                });
+                                continue;
+                            }
+                        }
                         let _ = h.send(Command::RemoveLeg {
                             session,
                             leg,
@@ -945,8 +997,23 @@ impl Server {
                         });
                     }
                 }
-                // The core logged the call's INFO line; call detail records come next.
-                Action::CallEnded(_) => {}
+                Action::CallEnded(rec) => self.call_ended(*rec),
+                Action::RetireLegs {
+                    shard,
+                    session,
+                    legs,
+                } => {
+                    if self.cdr.is_some()
+                        && let Some(h) = self.shard(shard).cloned()
+                    {
+                        for leg in legs {
+                            let (reply, rx) = oneshot::channel();
+                            if h.send(Command::SessionLegs { session, reply }).is_ok() {
+                                self.departed.entry(session).or_default().push((leg, rx));
+                            }
+                        }
+                    }
+                }
             }
         }
     }
@@ -1021,13 +1088,106 @@ impl Server {
         tokio::time::Instant::now() + grace
     }
 
-    /// SIGHUP: re-read the config file and apply what can change live. Returns a new dump
-    /// timer when the interval changed.
+    /// SIGHUP: re-read the config file and apply what can change live, and reopen the call
+    /// detail records (logrotate). Returns a new dump timer when the interval changed.
     fn reload(&mut self) -> Option<tokio::time::Interval> {
         notify::reloading();
         let r = self.reload_inner();
+        self.reopen_cdr();
         notify::ready();
         r
+    }
+
+    /// Opens the CDR file again, at the path the (possibly reloaded) configuration names.
+    fn reopen_cdr(&mut self) {
+        use crate::metrics::cdr::CdrWriter;
+        let want = self.cfg.cdr_path();
+        let result = match (&mut self.cdr, want) {
+            (_, None) => {
+                self.cdr = None;
+                return;
+            }
+            (Some(w), Some(p)) if w.path() == p => w.reopen(),
+            (_, Some(p)) => CdrWriter::open(&p).map(|w| self.cdr = Some(w)),
+        };
+        match result {
+            Ok(()) => tracing::info!("SIGHUP: call detail records reopened"),
+            Err(e) => tracing::error!("SIGHUP: {e}"),
+        }
+    }
+
+    /// A call ended: its detail record, once the shard has told its legs' numbers. The legs
+    /// are asked for before the session's removal (the core emits this first, and a shard
+    /// runs its commands in order); the answer is awaited off the control loop.
+    fn call_ended(&mut self, rec: crate::control::records::CallRecord) {
+        use crate::metrics::cdr;
+        let departed = self.departed.remove(&rec.call).unwrap_or_default();
+        if self.cdr.is_none() {
+            return;
+        }
+        let wall = cdr::wall_clock();
+        let ask = rec.relay.and_then(|(shard, session)| {
+            let h = self.shard(shard)?;
+            let (reply, rx) = oneshot::channel();
+            h.send(Command::SessionLegs { session, reply }).ok()?;
+            Some(rx)
+        });
+        if ask.is_none() && departed.is_empty() {
+            return self.write_cdr(&cdr::build(&rec, &[], wall));
+        }
+        self.cdr_pending += 1;
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let call = rec.call;
+            let answer = |rx: oneshot::Receiver<Vec<crate::shard::relay::LegSnapshot>>| async move {
+                match tokio::time::timeout(Duration::from_secs(2), rx).await {
+                    Ok(Ok(legs)) => legs,
+                    _ => {
+                        tracing::warn!(call, "no leg numbers from the shard for the call's record");
+                        Vec::new()
+                    }
+                }
+            };
+            let mut legs = Vec::new();
+            // A departed leg: from the answer given just before its removal.
+            for (name, rx) in departed {
+                legs.extend(answer(rx).await.into_iter().filter(|l| l.name == name));
+            }
+            if let Some(rx) = ask {
+                legs.extend(answer(rx).await);
+            }
+            let c = cdr::build(&rec, &legs, wall);
+            let _ = events.send(Event::Cdr(Box::new(c))).await;
+        });
+    }
+
+    fn write_cdr(&mut self, c: &crate::metrics::cdr::Cdr) {
+        if let Some(w) = &mut self.cdr
+            && let Err(e) = w.write(c)
+        {
+            tracing::error!(call = c.call, "{e}");
+        }
+    }
+
+    /// At shutdown: write the records still waiting for their legs (bounded wait).
+    async fn finish_cdrs(&mut self, rx: &mut mpsc::Receiver<Event>) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while self.cdr_pending > 0 {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Event::Cdr(c))) => {
+                    self.cdr_pending -= 1;
+                    self.write_cdr(&c);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    tracing::warn!(
+                        records = self.cdr_pending,
+                        "call detail records lost at shutdown"
+                    );
+                    break;
+                }
+            }
+        }
     }
 
     fn reload_inner(&mut self) -> Option<tokio::time::Interval> {

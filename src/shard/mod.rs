@@ -140,6 +140,12 @@ pub enum Command {
         legs: bool,
         reply: oneshot::Sender<ShardSnapshot>,
     },
+    /// One session's legs and their numbers (for its call detail record, asked just before
+    /// the session's `Remove`): work in proportion to that session's legs only.
+    SessionLegs {
+        session: SessionId,
+        reply: oneshot::Sender<Vec<LegSnapshot>>,
+    },
     /// Answer at once: the shard's loop is turning (the watchdog's question).
     Ping {
         reply: oneshot::Sender<()>,
@@ -585,6 +591,9 @@ impl ShardCore {
                 }
                 Command::Ping { reply } => {
                     let _ = reply.send(());
+                }
+                Command::SessionLegs { session, reply } => {
+                    let _ = reply.send(self.relay.session_legs(session));
                 }
                 Command::Shutdown => return false,
             }

@@ -558,6 +558,28 @@ impl Relay {
         true
     }
 
+    /// The legs of one session (none if it is unknown).
+    pub fn session_legs(&self, id: SessionId) -> Vec<LegSnapshot> {
+        self.sessions.get(&id).map_or_else(Vec::new, |idxs| {
+            idxs.iter().map(|&i| self.leg_snapshot(id, i)).collect()
+        })
+    }
+
+    fn leg_snapshot(&self, session: SessionId, i: LegIdx) -> LegSnapshot {
+        let l = self.leg(i);
+        LegSnapshot {
+            session,
+            name: String::from_utf8_lossy(&l.name).into_owned(),
+            udp_source: l.udp_src,
+            tcp_peer: l.tcp.and_then(|c| self.conn(c)).map(|c| c.peer),
+            rx: l.rx,
+            tx: l.tx,
+            rtp: l.rtp.report(),
+            last_rx_ns: l.last_rx_ns,
+            backpressure_drops: l.backpressure_drops,
+        }
+    }
+
     pub fn snapshot_legs(&self) -> Vec<LegSnapshot> {
         let mut v = Vec::new();
         for (id, idxs) in &self.sessions {
