@@ -135,6 +135,20 @@ impl Ctl {
     }
 }
 
+/// A gateway with the per-source limits applied to loopback too (they exempt it by default),
+/// plus `extra` config lines under `[limits]`. The config file lives in the returned directory.
+fn start_gateway(extra_limits: &str) -> (Gateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("voxgate.toml");
+    std::fs::write(
+        &path,
+        format!("[limits]\nexempt_sources = []\n{extra_limits}\n"),
+    )
+    .expect("write config");
+    let gw = Gateway::start(&["--config", path.to_str().expect("utf-8 path")]);
+    (gw, dir)
+}
+
 /// Lets the test process hold a few thousand sockets.
 fn raise_nofile() {
     let mut lim = libc::rlimit {
@@ -165,7 +179,7 @@ fn refusal(m: &Option<ServerMsg>) -> Option<ErrorCode> {
 #[test]
 fn parallel_hellos_get_no_more_challenges_than_the_limit_and_the_user_logs_in_elsewhere() {
     raise_nofile();
-    let gw = Gateway::start(&[]);
+    let (gw, _cfg) = start_gateway("");
     // 200 connections from one source all send `hello` for alice before any proof.
     let mut conns: Vec<(Ctl, auth::ClientAwaitingChallenge)> = (0..200)
         .map(|_| {
@@ -226,7 +240,7 @@ fn parallel_hellos_get_no_more_challenges_than_the_limit_and_the_user_logs_in_el
 #[test]
 fn a_connection_flood_from_one_source_keeps_nobody_out_and_gives_back_its_descriptors() {
     raise_nofile();
-    let gw = Gateway::start(&[]);
+    let (gw, _cfg) = start_gateway("");
     let pid = gw.pid();
     // After the first histogram dump (1 s), whose files stay open.
     std::thread::sleep(Duration::from_millis(1500));
@@ -277,7 +291,7 @@ fn a_connection_flood_from_one_source_keeps_nobody_out_and_gives_back_its_descri
 
 #[test]
 fn a_client_flooding_messages_is_throttled_then_refused_and_heartbeats_keep_their_timing() {
-    let gw = Gateway::start(&[]);
+    let (gw, _cfg) = start_gateway("");
     let mut alice = Ctl::login("127.0.0.1", &gw.control, "alice").expect("alice");
     let mut bob = Ctl::login("127.0.0.2", &gw.control, "bob").expect("bob");
     let baseline: Vec<Duration> = (0..10).map(|i| bob.heartbeat_rtt(i)).collect();
@@ -469,4 +483,60 @@ fn a_slow_directory_delays_only_its_lookups_never_other_clients_heartbeats() {
         }
     }
     gw.stop().expect("stop");
+}
+
+#[test]
+fn a_dial_and_hang_up_loop_stops_ringing_the_callee() {
+    let (gw, _cfg) = start_gateway("");
+    let mut alice = Ctl::login("127.0.0.1", &gw.control, "alice").expect("alice");
+    let mut bob = Ctl::login("127.0.0.2", &gw.control, "bob").expect("bob");
+    let mut limited = 0;
+    for tag in 0..10 {
+        alice
+            .send(&ClientMsg::Dial {
+                tag,
+                number: "+15550002".into(),
+                media: None,
+            })
+            .expect("dial");
+        let call = match alice.recv_skipping(Duration::from_secs(10)) {
+            Some(ServerMsg::Calling { call, .. }) => call,
+            other => panic!("expected calling, got {other:?}"),
+        };
+        match alice.recv_skipping(Duration::from_secs(10)) {
+            Some(ServerMsg::Ringing { .. }) => {
+                alice.send(&ClientMsg::HangUp { call }).expect("hang up")
+            }
+            Some(ServerMsg::HangUp { reason, .. }) => {
+                assert_eq!(reason.as_str(), "rate_limited");
+                limited += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Bob's phone rang three times, not ten.
+    let mut rings = 0;
+    while let Some(m) = bob.recv_skipping(Duration::from_millis(500)) {
+        if matches!(m, ServerMsg::Incoming { .. }) {
+            rings += 1;
+        }
+    }
+    assert_eq!(rings, 3);
+    assert_eq!(limited, 7);
+}
+
+#[test]
+fn exempt_sources_are_not_capped_per_source() {
+    raise_nofile();
+    // Loopback is exempt by default: a local load generator may hold many connections and log
+    // in many subscribers at once.
+    let gw = Gateway::start(&[]);
+    let held: Vec<Ctl> = (0..300)
+        .map(|_| Ctl::connect_from("127.0.0.1", &gw.control).expect("connect"))
+        .collect();
+    let mut bob = Ctl::login("127.0.0.1", &gw.control, "bob").expect("bob");
+    bob.heartbeat_rtt(1);
+    for mut c in held.into_iter().take(20) {
+        assert!(c.recv(Duration::from_millis(100)).is_none(), "not refused");
+    }
 }

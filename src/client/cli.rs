@@ -471,6 +471,10 @@ fn hangup_text(r: HangupReason) -> &'static str {
         HangupReason::MediaFailed => "media failed",
         HangupReason::Shutdown => "the gateway is shutting down",
         HangupReason::Error => "the gateway could not set up the call",
+        HangupReason::RateLimited => "too many calls in a short time; try again later",
+        HangupReason::TimeLimit => "the call reached the maximum call duration",
+        HangupReason::NoMedia => "no audio arrived for too long",
+        HangupReason::NotPermitted => "this account may not dial that number",
     }
 }
 

@@ -461,7 +461,7 @@ impl Gateway {
 
     pub(crate) fn on_dial(
         &mut self,
-        _now: Instant,
+        now: Instant,
         conn: ConnId,
         tag: u32,
         number: &str,
@@ -479,6 +479,11 @@ impl Gateway {
         if ncalls >= self.cfg.max_calls_per_user {
             tracing::info!(conn, user = %me, "dial refused: too many calls at once");
             return self.hang_up_msg(conn, id, HangupReason::Error);
+        }
+        if !self.call_limits.dial(&me, now) {
+            self.counters.calls_limited += 1;
+            tracing::debug!(conn, user = %me, "dial refused: too many dials per minute");
+            return self.hang_up_msg(conn, id, HangupReason::RateLimited);
         }
         if directory::number_problem(number, false).is_some() {
             return self.hang_up_msg(conn, id, HangupReason::NotFound);
@@ -519,6 +524,15 @@ impl Gateway {
             Ok(d) => d,
             Err(reason) => return self.hang_up_msg(conn, id, reason),
         };
+        // Ring-bombing: a callee is rung only so often, by this caller and by everybody.
+        if let Dest::User(callee) = &dest {
+            let callee_user = self.session(*callee).map(|s| s.user.clone());
+            if callee_user.is_some_and(|u| !self.call_limits.ring(&me, &u, now)) {
+                self.counters.calls_limited += 1;
+                tracing::debug!(conn, user = %me, "dial refused: callee rung too often");
+                return self.hang_up_msg(conn, id, HangupReason::RateLimited);
+            }
+        }
         self.counters.calls_placed += 1;
         match dest {
             Dest::User(callee) => {
@@ -1258,7 +1272,7 @@ impl Gateway {
 
     pub(crate) fn on_conference(
         &mut self,
-        _now: Instant,
+        now: Instant,
         conn: ConnId,
         tag: u32,
         numbers: &[String],
@@ -1276,6 +1290,10 @@ impl Gateway {
         if ncalls >= self.cfg.max_calls_per_user {
             tracing::info!(conn, user = %me, "conference refused: too many calls at once");
             return self.hang_up_msg(conn, id, HangupReason::Error);
+        }
+        if !self.call_limits.dial(&me, now) {
+            self.counters.calls_limited += 1;
+            return self.hang_up_msg(conn, id, HangupReason::RateLimited);
         }
         // A message may hold thousands of numbers: bound the work before de-duplicating.
         let mut unique: Vec<&str> = Vec::new();
@@ -1341,7 +1359,16 @@ impl Gateway {
             .zip(found.iter().chain(std::iter::repeat(&Ok(None))))
         {
             match self.resolve(&me, found) {
-                Ok(Dest::User(c)) if !invitees.contains(&c) => invitees.push(c),
+                Ok(Dest::User(c)) if !invitees.contains(&c) => {
+                    let callee = self.session(c).map(|s| s.user.clone()).unwrap_or_default();
+                    if self.call_limits.invite(&me, now) && self.call_limits.ring(&me, &callee, now)
+                    {
+                        invitees.push(c);
+                    } else {
+                        self.counters.calls_limited += 1;
+                        first_failure.get_or_insert(HangupReason::RateLimited);
+                    }
+                }
                 Ok(Dest::User(_)) => {}
                 Ok(Dest::Route(_)) => {
                     tracing::info!(conn, %number, "telephone numbers are not invited to rooms");

@@ -148,6 +148,11 @@ pub struct GatewayConfig {
     /// Directory look-ups waiting for their answer, at most (beyond: `hello` is refused with
     /// `unavailable`, a dial ends with `hang_up{error}`). Default 10 000.
     pub max_pending_lookups: usize,
+    /// Dial, ring and invitation rates ([`super::limits::CallLimitConfig`]).
+    pub call_limits: super::limits::CallLimitConfig,
+    /// Sources the log-in limiter does not count (a local load generator, a trusted proxy all
+    /// clients come through). Default: none (the server's config adds loopback).
+    pub exempt_sources: Vec<super::limits::Cidr>,
 }
 
 impl Default for GatewayConfig {
@@ -180,6 +185,8 @@ impl GatewayConfig {
             max_calls_per_user: 8,
             max_room_size: 16,
             max_pending_lookups: 10_000,
+            call_limits: super::limits::CallLimitConfig::default(),
+            exempt_sources: Vec::new(),
         }
     }
 
@@ -353,6 +360,8 @@ pub struct GatewayStats {
     pub calls_placed: u64,
     /// Since start: calls ended by media failure or a set-up error.
     pub calls_failed: u64,
+    /// Since start: dials, rings and invitations refused by the call limits.
+    pub calls_limited: u64,
 }
 
 /// A logged-in client.
@@ -527,6 +536,7 @@ pub(crate) struct Counters {
     pub rate_limited: u64,
     pub calls_placed: u64,
     pub calls_failed: u64,
+    pub calls_limited: u64,
 }
 
 /// The control core. See the module docs.
@@ -544,6 +554,8 @@ pub struct Gateway {
     pub(crate) shard_load: Vec<usize>,
     pub(crate) rng: StdRng,
     pub(crate) limiter: RateLimiter,
+    /// Dial, ring and invitation limits.
+    pub(crate) call_limits: super::limits::CallLimits,
     /// Rate-limit refusals, logged at a bounded rate.
     pub(crate) refusals: auth::RefusalLog,
     pub(crate) conns: HashMap<ConnId, Conn>,
@@ -589,6 +601,7 @@ impl Gateway {
             typical_iterations: None,
             limiter: RateLimiter::new(cfg.rate_limit),
             refusals: auth::RefusalLog::new(REFUSAL_LOG_INTERVAL),
+            call_limits: super::limits::CallLimits::new(cfg.call_limits),
             shard_load: vec![0; shards.len()],
             cfg,
             shards,
@@ -697,6 +710,7 @@ impl Gateway {
         if cfg.rate_limit != self.cfg.rate_limit {
             self.limiter = RateLimiter::new(cfg.rate_limit);
         }
+        self.call_limits.set_config(cfg.call_limits);
         self.cfg = cfg;
         self.apply_typical_iterations();
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
@@ -722,6 +736,7 @@ impl Gateway {
             rate_limited: self.counters.rate_limited,
             calls_placed: self.counters.calls_placed,
             calls_failed: self.counters.calls_failed,
+            calls_limited: self.counters.calls_limited,
             ..GatewayStats::default()
         };
         for call in self.calls.values() {
@@ -956,7 +971,10 @@ impl Gateway {
                 numbers,
                 media,
             } => self.on_conference(now, conn, tag, &numbers, media),
-            ClientMsg::Accept { call, media } => self.on_accept(now, conn, call, media),
+            ClientMsg::Accept { call, media } => {
+                self.note_answer(now, conn, call);
+                self.on_accept(now, conn, call, media)
+            }
             ClientMsg::Reject { call } => self.on_reject(now, conn, call),
             ClientMsg::HangUp { call } if self.cancel_pending_call(conn, call) => {}
             ClientMsg::HangUp { call } => self.on_hang_up(now, conn, call),
@@ -1019,7 +1037,13 @@ impl Gateway {
             );
         }
         // Charged now, before the store or any key derivation: a pending attempt counts.
-        if let Err(limited) = self.limiter.begin(now, peer.ip(), &user) {
+        let exempt = super::limits::exempt(&self.cfg.exempt_sources, peer.ip());
+        let charged = if exempt {
+            Ok(())
+        } else {
+            self.limiter.begin(now, peer.ip(), &user)
+        };
+        if let Err(limited) = charged {
             self.counters.rate_limited += 1;
             if let Some(n) = self.refusals.note(now, limited.scope) {
                 tracing::info!(

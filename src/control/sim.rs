@@ -70,9 +70,21 @@ pub fn shards() -> Vec<ShardInfo> {
 }
 
 /// The config tests use: 1 SCRAM iteration (fast), otherwise the defaults.
+/// Call limits are generous (tests of other things dial in quick loops); the tests of the
+/// limits set their own.
 pub fn config() -> GatewayConfig {
+    let pace = super::limits::Pace {
+        burst: 1000,
+        every: Duration::from_millis(1),
+    };
     GatewayConfig {
         scram_iterations: 1,
+        call_limits: super::limits::CallLimitConfig {
+            dials: pace,
+            rings_per_pair: pace,
+            rings_per_callee: pace,
+            invites: pace,
+        },
         ..GatewayConfig::with_secret([7; 32])
     }
 }

@@ -349,7 +349,11 @@ async fn run(
         nofile,
         "control connections: at most max_connections (half the free descriptors at most)"
     );
-    let limits = conn_limits::ConnLimits::new(cfg.limits.connections_per_source, budget);
+    let limits = conn_limits::ConnLimits::new(
+        cfg.limits.connections_per_source,
+        budget,
+        cfg.limits.exempt(),
+    );
     let dumps = open_dumps(&cfg)?;
     let (events, mut rx) = mpsc::channel::<Event>(4096);
     let answers = events.clone();
@@ -1000,7 +1004,7 @@ impl Server {
         }
         crate::logging::set_level(&new.server.log_level);
         self.limits
-            .set_max_per_source(new.limits.connections_per_source);
+            .set_max_per_source(new.limits.connections_per_source, new.limits.exempt());
         let secret = *self.gateway.config().auth.secret();
         let ports = self.gateway.config().probe_ports;
         self.gateway.set_config(new.gateway_config(secret, ports));

@@ -257,6 +257,8 @@ pub enum ErrorCode {
     /// Missed heart-beats: the gateway considers the client offline.
     Timeout,
     Internal,
+    /// The account was deleted, its password changed or its number reassigned while logged in.
+    Revoked,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -279,6 +281,14 @@ pub enum HangupReason {
     Shutdown,
     /// The gateway could not set up media (no shard, bad address...).
     Error,
+    /// Too many dials by this caller, rings of this callee, or room invitations per minute.
+    RateLimited,
+    /// The call reached the gateway's maximum call duration.
+    TimeLimit,
+    /// No media arrived from a party for longer than the inactivity time-out.
+    NoMedia,
+    /// The caller may not dial this number (its class of service).
+    NotPermitted,
 }
 
 impl HangupReason {
@@ -294,6 +304,10 @@ impl HangupReason {
             HangupReason::MediaFailed => "media_failed",
             HangupReason::Shutdown => "shutdown",
             HangupReason::Error => "error",
+            HangupReason::RateLimited => "rate_limited",
+            HangupReason::TimeLimit => "time_limit",
+            HangupReason::NoMedia => "no_media",
+            HangupReason::NotPermitted => "not_permitted",
         }
     }
 }
