@@ -120,6 +120,19 @@ impl Verifier {
     }
 }
 
+impl Verifier {
+    /// A digest of everything in the verifier: equal fingerprints, same verifier. Kept by a
+    /// session to notice a password change without holding the keys.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(&self.salt);
+        h.update(self.iterations.to_be_bytes());
+        h.update(self.stored_key);
+        h.update(self.server_key);
+        h.finalize().into()
+    }
+}
+
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Verifier")
@@ -212,6 +225,10 @@ pub enum Query {
     /// The iteration count most stored verifiers have (the decoy challenge for unknown
     /// users advertises it, so that unknown users do not stand out).
     TypicalIterations,
+    /// Users whose record changed after change `since` (`None`: just the current position).
+    /// Asked about once a second, so that a deleted user, a new password or a new number ends
+    /// the live session even when another process (the CLI) made the change.
+    Changes { since: Option<u64> },
 }
 
 /// Who or what a number reaches.
@@ -230,6 +247,7 @@ pub enum Answer {
     Dial(Option<Destination>),
     Invite(Vec<Option<Destination>>),
     TypicalIterations(Option<u32>),
+    Changes { next: u64, users: Vec<String> },
 }
 
 /// Why a look-up could not be answered (the directory is down, slow or overloaded). The text

@@ -540,3 +540,36 @@ fn exempt_sources_are_not_capped_per_source() {
         assert!(c.recv(Duration::from_millis(100)).is_none(), "not refused");
     }
 }
+
+#[test]
+fn deleting_a_user_with_the_cli_ends_its_live_session_within_seconds() {
+    let gw = Gateway::start(&[]);
+    let mut alice = Ctl::login("127.0.0.1", &gw.control, "alice").expect("alice");
+    let mut bob = Ctl::login("127.0.0.2", &gw.control, "bob").expect("bob");
+    let data = gw.dir.path().join("data");
+    let t = Instant::now();
+    common::run_ok(std::process::Command::new(common::BIN).args([
+        "user",
+        "del",
+        "alice",
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+    ]));
+    // The CLI is another process writing the SQLite file; the gateway notices on its own.
+    match alice.recv_skipping(Duration::from_secs(5)) {
+        Some(ServerMsg::Refused {
+            code: ErrorCode::Revoked,
+            message,
+        }) => assert!(message.contains("deleted"), "{message}"),
+        other => panic!("expected refused{{revoked}}, got {other:?}"),
+    }
+    let took = t.elapsed();
+    eprintln!("alice's session ended {took:?} after `user del`");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // The connection is closed, and alice cannot log in again.
+    assert!(alice.recv(Duration::from_secs(2)).is_none());
+    let again = Ctl::login("127.0.0.3", &gw.control, "alice");
+    assert!(again.is_err());
+    // Bob is untouched.
+    bob.heartbeat_rtt(1);
+}

@@ -150,6 +150,9 @@ pub struct GatewayConfig {
     pub max_pending_lookups: usize,
     /// Dial, ring and invitation rates ([`super::limits::CallLimitConfig`]).
     pub call_limits: super::limits::CallLimitConfig,
+    /// How often the directory is asked what changed (deleted users, new passwords or
+    /// numbers end live sessions). Default 1 s.
+    pub directory_poll: Duration,
     /// Sources the log-in limiter does not count (a local load generator, a trusted proxy all
     /// clients come through). Default: none (the server's config adds loopback).
     pub exempt_sources: Vec<super::limits::Cidr>,
@@ -186,6 +189,7 @@ impl GatewayConfig {
             max_room_size: 16,
             max_pending_lookups: 10_000,
             call_limits: super::limits::CallLimitConfig::default(),
+            directory_poll: Duration::from_secs(1),
             exempt_sources: Vec::new(),
         }
     }
@@ -225,6 +229,7 @@ impl GatewayConfig {
         self.max_calls_per_user = self.max_calls_per_user.clamp(1, 64);
         self.max_room_size = self.max_room_size.clamp(2, 64);
         self.max_pending_lookups = self.max_pending_lookups.clamp(1, 1_000_000);
+        self.directory_poll = clamp(self.directory_poll, Duration::from_millis(100), DAY);
         self
     }
 }
@@ -379,6 +384,9 @@ pub(crate) struct Session {
     pub calls: CallSet,
     /// Its dials and conferences waiting for a directory answer (they count as calls).
     pub lookups: usize,
+    /// [`crate::directory::Verifier::fingerprint`] of the verifier it logged in with: a
+    /// password change ends the session.
+    pub verifier_tag: [u8; 32],
 }
 
 /// The calls of one client: a handful at most (`max_calls_per_user`), so a sorted `Vec`
@@ -434,6 +442,8 @@ pub(crate) enum Phase {
         attempt: Box<ServerAwaitingProof>,
         /// The subscriber's number, when the user exists.
         number: Option<String>,
+        /// Its verifier's fingerprint, when the user exists.
+        verifier_tag: Option<[u8; 32]>,
     },
     LoggedIn(Box<Session>),
 }
@@ -456,6 +466,8 @@ pub(crate) enum Timer {
     Probe(ConnId),
     /// Ring timeout of a call or room.
     Call(CallId),
+    /// Ask the directory what changed.
+    DirectoryPoll,
 }
 
 #[derive(Debug, Default)]
@@ -549,6 +561,10 @@ pub struct Gateway {
     pub(crate) next_lookup: u64,
     /// The iteration count most stored verifiers have, once the directory said.
     pub(crate) typical_iterations: Option<u32>,
+    /// The directory's change-log position seen last (`None` until it answered once).
+    pub(crate) directory_seq: Option<u64>,
+    /// A change poll is asked or timed (false: the next `handle_timeout` asks again).
+    pub(crate) directory_poll_armed: bool,
     pub(crate) shards: Vec<ShardInfo>,
     /// Sessions installed (or being installed) per shard, by position in `shards`.
     pub(crate) shard_load: Vec<usize>,
@@ -599,6 +615,8 @@ impl Gateway {
             pending_calls: HashMap::new(),
             next_lookup: 1,
             typical_iterations: None,
+            directory_seq: None,
+            directory_poll_armed: true,
             limiter: RateLimiter::new(cfg.rate_limit),
             refusals: auth::RefusalLog::new(REFUSAL_LOG_INTERVAL),
             call_limits: super::limits::CallLimits::new(cfg.call_limits),
@@ -623,6 +641,10 @@ impl Gateway {
             counters: Counters::default(),
         };
         gw.ask(Query::TypicalIterations, super::lookup::Pending::Iterations);
+        gw.ask(
+            Query::Changes { since: None },
+            super::lookup::Pending::Changes,
+        );
         gw
     }
 
@@ -684,11 +706,16 @@ impl Gateway {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if !self.directory_poll_armed && !self.conns.is_empty() {
+            self.directory_poll_armed = true;
+            self.poll_directory();
+        }
         for t in self.timers.take_due(now) {
             match t {
                 Timer::Conn(conn) => self.on_conn_timer(now, conn),
                 Timer::Probe(conn) => self.advance_probe(now, conn),
                 Timer::Call(call) => self.on_call_timer(now, call),
+                Timer::DirectoryPoll => self.poll_directory(),
             }
         }
     }
@@ -875,6 +902,10 @@ impl Gateway {
                 phase: Phase::AwaitingHello,
             },
         );
+        if !self.directory_poll_armed {
+            self.directory_poll_armed = true;
+            self.poll_directory();
+        }
         self.arm_conn_timer(conn);
     }
 
@@ -911,6 +942,11 @@ impl Gateway {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        if self.conns.is_empty() {
+            // Nobody left to revoke: the next connection polls the directory again.
+            self.timers.cancel(Timer::DirectoryPoll);
+            self.directory_poll_armed = false;
+        }
         self.timers.cancel(Timer::Conn(conn));
         self.timers.cancel(Timer::Probe(conn));
         if let Phase::LoggedIn(s) = c.phase {
@@ -1118,6 +1154,7 @@ impl Gateway {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.phase = Phase::AwaitingProof {
                         attempt: Box::new(attempt),
+                        verifier_tag: subscriber.as_ref().map(|s| s.verifier.fingerprint()),
                         number: subscriber.map(|s| s.number),
                     };
                 }
@@ -1154,8 +1191,11 @@ impl Gateway {
             return;
         };
         let (peer, local) = (c.peer, c.local);
-        let Phase::AwaitingProof { attempt, number } =
-            std::mem::replace(&mut c.phase, Phase::AwaitingHello)
+        let Phase::AwaitingProof {
+            attempt,
+            number,
+            verifier_tag,
+        } = std::mem::replace(&mut c.phase, Phase::AwaitingHello)
         else {
             return;
         };
@@ -1167,9 +1207,9 @@ impl Gateway {
             nonce,
             proof,
         });
-        let (signature, key, number) = match (verdict, number) {
-            (Ok((sig, key)), Some(number)) => (sig, key, number),
-            (verdict, _) => {
+        let (signature, key, number, verifier_tag) = match (verdict, number, verifier_tag) {
+            (Ok((sig, key)), Some(number), Some(tag)) => (sig, key, number, tag),
+            (verdict, _, _) => {
                 if let Err(e) = verdict {
                     tracing::info!(conn, %peer, %user, reason = %e, "log-in failed");
                 }
@@ -1211,6 +1251,7 @@ impl Gateway {
             result: None,
             calls: CallSet::default(),
             lookups: 0,
+            verifier_tag,
         }));
         self.users.insert(user.clone(), conn);
         self.limiter.succeeded(now, peer.ip(), &user);

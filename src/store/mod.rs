@@ -96,6 +96,14 @@ pub trait Store: Send {
     fn list_routes(&self) -> Result<Vec<Route>, StoreError>;
     /// The route with the longest prefix of `number`, if any.
     fn route_for(&self, number: &str) -> Result<Option<Route>, StoreError>;
+    /// Users whose record changed (added, deleted, new password or number) after change
+    /// `since`, and the position to ask from next time; `since = None` gives the current
+    /// position and no users. Backends without a change log return `(0, [])` (the gateway then
+    /// notices no changes).
+    fn changes_since(&self, since: Option<u64>) -> Result<(u64, Vec<String>), StoreError> {
+        let _ = since;
+        Ok((0, Vec::new()))
+    }
     /// The iteration count most stored verifiers have (`None`: no users). Backends should
     /// answer this without reading every verifier.
     fn typical_iterations(&self) -> Result<Option<u32>, StoreError> {
@@ -129,6 +137,10 @@ pub fn answer(store: &dyn Store, query: &Query) -> Result<Answer, StoreError> {
                 .collect::<Result<_, _>>()?,
         ),
         Query::TypicalIterations => Answer::TypicalIterations(store.typical_iterations()?),
+        Query::Changes { since } => {
+            let (next, users) = store.changes_since(*since)?;
+            Answer::Changes { next, users }
+        }
     })
 }
 

@@ -43,6 +43,26 @@ pub const MIGRATIONS: &[&str] = &[
          media_addr  TEXT NOT NULL,
          description TEXT NOT NULL
      ) STRICT;",
+    // 2: a change log of subscribers, written by triggers (so every writer, the CLI in another
+    // process included, is seen), read by the running gateway to end or refresh sessions.
+    // Kept short: the newest 10 000 rows.
+    "CREATE TABLE changes (
+         seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+         username TEXT NOT NULL
+     ) STRICT;
+     CREATE TRIGGER changes_prune AFTER INSERT ON changes BEGIN
+         DELETE FROM changes WHERE seq <= NEW.seq - 10000;
+     END;
+     CREATE TRIGGER subscribers_added AFTER INSERT ON subscribers BEGIN
+         INSERT INTO changes (username) VALUES (NEW.username);
+     END;
+     CREATE TRIGGER subscribers_changed AFTER UPDATE ON subscribers BEGIN
+         INSERT INTO changes (username) VALUES (OLD.username);
+         INSERT INTO changes (username) SELECT NEW.username WHERE NEW.username <> OLD.username;
+     END;
+     CREATE TRIGGER subscribers_removed AFTER DELETE ON subscribers BEGIN
+         INSERT INTO changes (username) VALUES (OLD.username);
+     END;",
 ];
 
 const SUBSCRIBER_COLUMNS: &str = "username, number, salt, iterations, stored_key, server_key";
@@ -316,6 +336,31 @@ impl Store for SqliteStore {
             .transpose()
     }
 
+    fn changes_since(&self, since: Option<u64>) -> Result<(u64, Vec<String>), StoreError> {
+        let Some(since) = since else {
+            let max: i64 = self
+                .conn
+                .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM changes")?
+                .query_row([], |r| r.get(0))?;
+            return Ok((u64::try_from(max).unwrap_or(0), Vec::new()));
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, username FROM changes WHERE seq > ?1 ORDER BY seq LIMIT 1000",
+        )?;
+        let rows = stmt.query_map([i64::try_from(since).unwrap_or(i64::MAX)], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let (mut next, mut users) = (since, Vec::new());
+        for row in rows {
+            let (seq, user) = row?;
+            next = next.max(u64::try_from(seq).unwrap_or(0));
+            if !users.contains(&user) {
+                users.push(user);
+            }
+        }
+        Ok((next, users))
+    }
+
     fn typical_iterations(&self) -> Result<Option<u32>, StoreError> {
         let n: Option<i64> = self
             .conn
@@ -373,7 +418,7 @@ mod tests {
     #[test]
     fn user_crud() -> Result<(), StoreError> {
         let mut s = mem();
-        assert_eq!(s.schema_version()?, 1);
+        assert_eq!(s.schema_version()?, 2);
         assert_eq!(s.user("alice")?, None);
         s.add_user(&sub("alice", "+4930111"))?;
         s.add_user(&sub("bob", "4711"))?;
@@ -495,7 +540,7 @@ mod tests {
         let s = SqliteStore::open(&path)?;
         assert_eq!(s.user("alice")?, Some(sub("alice", "+4930111")));
         assert_eq!(s.list_routes()?, [rt("+49", "192.0.2.2:5004", "Germany")]);
-        assert_eq!(s.schema_version()?, 1);
+        assert_eq!(s.schema_version()?, 2);
         Ok(())
     }
 
@@ -641,7 +686,7 @@ mod tests {
         let (_dir, path) = file_db();
         drop(SqliteStore::open(&path)?);
         // Opening again does not re-run migrations.
-        assert_eq!(SqliteStore::open(&path)?.schema_version()?, 1);
+        assert_eq!(SqliteStore::open(&path)?.schema_version()?, 2);
         // A newer database is refused, not misread.
         {
             let conn = Connection::open(&path)?;
@@ -651,9 +696,38 @@ mod tests {
             SqliteStore::open(&path),
             Err(StoreError::SchemaTooNew {
                 found: 99,
-                supported: 1
+                supported: 2
             })
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn every_write_to_subscribers_is_in_the_change_log() -> Result<(), StoreError> {
+        let (_dir, path) = file_db();
+        let gw = SqliteStore::open(&path)?;
+        let (start, none) = gw.changes_since(None)?;
+        assert!(none.is_empty());
+        // Another connection (the CLI in another process) writes.
+        let mut cli = SqliteStore::open(&path)?;
+        cli.add_user(&sub("alice", "+15550001"))?;
+        cli.add_user(&sub("bob", "+15550002"))?;
+        let (next, users) = gw.changes_since(Some(start))?;
+        assert_eq!(users, ["alice", "bob"]);
+        assert_eq!(gw.changes_since(Some(next))?, (next, vec![]));
+        cli.set_verifier("bob", &verifier("new"))?;
+        cli.del_user("alice")?;
+        let (next2, users) = gw.changes_since(Some(next))?;
+        assert_eq!(users, ["bob", "alice"]);
+        assert!(next2 > next);
+        // The log stays short.
+        for i in 0..10_050 {
+            cli.set_verifier("bob", &verifier(&format!("p{i}")))?;
+        }
+        let n: i64 = gw
+            .conn
+            .query_row("SELECT count(*) FROM changes", [], |r| r.get(0))?;
+        assert!(n <= 10_000, "{n} rows");
         Ok(())
     }
 
