@@ -536,8 +536,11 @@ impl Gateway {
         self.counters.calls_placed += 1;
         match dest {
             Dest::User(callee) => {
+                // The callee learns the caller's number, never its log-in name (half of a
+                // credential, and a name to guess passwords for): `from_user` carries the
+                // number too, as the display name the directory does not have.
                 let (from_number, from_user) = match self.session(conn) {
-                    Some(s) => (s.number.clone(), s.user.clone()),
+                    Some(s) => (s.number.clone(), s.number.clone()),
                     None => return,
                 };
                 self.calls.insert(
@@ -1427,7 +1430,7 @@ impl Gateway {
                 ServerMsg::Incoming {
                     call: id,
                     from_number: from_number.clone(),
-                    from_user: me.clone(),
+                    from_user: from_number.clone(),
                     conference: true,
                 },
             );
@@ -1701,6 +1704,36 @@ impl Gateway {
             self.detach(conn, call, Some(reason));
         }
     }
+
+    /// The shard could not add a room member's leg: the member is told (`hang_up{error}`) and
+    /// leaves the room, rather than believing it joined. If fewer than two remain, the room
+    /// ends with `hang_up{error}`.
+    pub(crate) fn on_leg_add_failed(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        leg: &str,
+        error: &str,
+    ) {
+        let Some(Call::Room(r)) = self.calls.get(&session) else {
+            return;
+        };
+        let Some((&conn, _)) = r
+            .members
+            .iter()
+            .find(|(_, m)| m.leg.as_deref() == Some(leg))
+        else {
+            return;
+        };
+        tracing::warn!(room = session, conn, %leg, %error, "room leg not added: member told");
+        self.room_leave(
+            now,
+            session,
+            conn,
+            Some(HangupReason::Error),
+            HangupReason::Error,
+        );
+    }
 }
 
 #[cfg(test)]
@@ -1843,7 +1876,7 @@ mod tests {
             [ServerMsg::Incoming {
                 call,
                 from_number: a.number.into(),
-                from_user: "alice".into(),
+                from_user: a.number.into(),
                 conference: false
             }]
         );

@@ -256,6 +256,13 @@ pub enum Input {
     Disconnected {
         conn: ConnId,
     },
+    /// The shard refused an [`Action::AddLeg`] (its session is gone, the leg table is full…):
+    /// the room member is told and leaves the room.
+    LegAddFailed {
+        session: SessionId,
+        leg: String,
+        error: String,
+    },
     /// The client kept sending faster than `per_s` messages per second for too long (the server
     /// throttled it meanwhile): refused with `rate_limited` and closed.
     Flooding {
@@ -670,6 +677,11 @@ impl Gateway {
                     self.forget_conn(now, conn, super::calls::Lost::PeerLost);
                 }
             }
+            Input::LegAddFailed {
+                session,
+                leg,
+                error,
+            } => self.on_leg_add_failed(now, session, &leg, &error),
             Input::Flooding { conn, per_s } => {
                 if self.conns.contains_key(&conn) {
                     tracing::info!(conn, per_s, "client sends too many messages: closing");
@@ -1380,5 +1392,7 @@ fn clip(s: &str) -> String {
     s
 }
 
+#[cfg(test)]
+mod abuse_tests;
 #[cfg(test)]
 mod tests;

@@ -860,22 +860,48 @@ impl Server {
                     session,
                     leg,
                 } => {
-                    if let Some(h) = self.shard(shard) {
-                        let (reply, rx) = oneshot::channel();
-                        let name = leg.name.clone();
-                        if h.send(Command::AddLeg {
-                            session,
-                            leg,
-                            reply,
-                        })
-                        .is_ok()
-                        {
-                            tokio::spawn(async move {
-                                if let Ok(Err(e)) = rx.await {
-                                    tracing::warn!(session, leg = %name, "room leg not added: {e}");
+                    // A failure is told to the core, which tells the member.
+                    let name = leg.name.clone();
+                    let sent = match self.shard(shard) {
+                        Some(h) => {
+                            let (reply, rx) = oneshot::channel();
+                            match h.send(Command::AddLeg {
+                                session,
+                                leg,
+                                reply,
+                            }) {
+                                Ok(()) => {
+                                    let events = self.events.clone();
+                                    let name = name.clone();
+                                    tokio::spawn(async move {
+                                        let error = match rx.await {
+                                            Ok(Ok(())) => return,
+                                            Ok(Err(e)) => e.to_string(),
+                                            Err(_) => "shard stopped".to_owned(),
+                                        };
+                                        let input = Input::LegAddFailed {
+                                            session,
+                                            leg: name,
+                                            error,
+                                        };
+                                        let _ = events.send(Event::Input(input)).await;
+                                    });
+                                    Ok(())
                                 }
-                            });
+                                Err(e) => Err(e.to_string()),
+                            }
                         }
+                        None => Err(format!("no shard {shard}")),
+                    };
+                    if let Err(error) = sent {
+                        self.gateway.handle(
+                            Instant::now(),
+                            Input::LegAddFailed {
+                                session,
+                                leg: name,
+                                error,
+                            },
+                        );
                     }
                 }
                 Action::RemoveLeg {

@@ -170,6 +170,8 @@ pub enum ServerMsg {
     Incoming {
         call: CallId,
         from_number: String,
+        /// The caller as shown to the callee. The gateway sends the caller's number here too:
+        /// log-in names are never revealed to other subscribers.
         from_user: String,
         conference: bool,
     },
