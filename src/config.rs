@@ -152,6 +152,11 @@ pub struct LimitsSection {
     /// Room invitations one organizer may send at once, then per minute.
     pub invites_burst: u32,
     pub invites_per_min: u32,
+    /// Telephone route calls end after this many seconds (`hang_up{time_limit}`); 0 = never.
+    pub route_max_duration_s: u64,
+    /// A route call whose caller or voice gateway sent no media for this many seconds ends
+    /// (`hang_up{no_media}`); 0 = not checked.
+    pub route_inactivity_s: u64,
     /// Sources (addresses or blocks) the per-source limits do not apply to: the log-in limiter
     /// and `connections_per_source`. Loopback by default (local tools and load generators).
     pub exempt_sources: Vec<String>,
@@ -196,6 +201,8 @@ impl Default for LimitsSection {
             rings_per_callee_per_min: 20,
             invites_burst: 30,
             invites_per_min: 30,
+            route_max_duration_s: 4 * 3600,
+            route_inactivity_s: 60,
             exempt_sources: vec!["127.0.0.0/8".into(), "::1".into()],
         }
     }
@@ -632,6 +639,8 @@ impl Config {
             max_room_size: self.calls.max_room_size,
             call_limits: self.limits.call_limits(),
             exempt_sources: self.limits.exempt(),
+            route_max_duration: Duration::from_secs(self.limits.route_max_duration_s),
+            route_inactivity: Duration::from_secs(self.limits.route_inactivity_s),
             ..GatewayConfig::with_secret(secret)
         }
     }

@@ -573,3 +573,42 @@ fn deleting_a_user_with_the_cli_ends_its_live_session_within_seconds() {
     // Bob is untouched.
     bob.heartbeat_rtt(1);
 }
+
+#[test]
+fn a_route_call_that_sends_no_media_ends_at_the_inactivity_timeout() {
+    // A voice gateway stand-in that never sends anything.
+    let voice = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let (gw, _cfg) = start_gateway("route_inactivity_s = 3");
+    let data = gw.dir.path().join("data");
+    common::run_ok(std::process::Command::new(common::BIN).args([
+        "route",
+        "add",
+        "+49",
+        &voice.local_addr().expect("addr").to_string(),
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+    ]));
+    let mut alice = Ctl::login("127.0.0.1", &gw.control, "alice").expect("alice");
+    let t = Instant::now();
+    alice
+        .send(&ClientMsg::Dial {
+            tag: 1,
+            number: "+4930123456".into(),
+            media: None,
+        })
+        .expect("dial");
+    let reason = loop {
+        match alice.recv_skipping(Duration::from_secs(15)) {
+            Some(ServerMsg::HangUp { reason, .. }) => break reason,
+            Some(_) => {}
+            None => panic!("the route call never ended"),
+        }
+    };
+    let took = t.elapsed();
+    eprintln!("route call without media ended after {took:?}");
+    assert_eq!(reason.as_str(), "no_media");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+}

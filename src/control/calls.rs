@@ -596,6 +596,7 @@ impl Gateway {
                 if let Some(s) = self.session_mut(conn) {
                     s.calls.insert(id);
                 }
+                self.watch_route_call(now, id);
                 self.try_plan(now, id);
             }
         }
@@ -960,7 +961,7 @@ impl Gateway {
     // -------------------------------------------------------- two-party calls
 
     /// Ends a two-party call; each side still logged in is told its reason (`None`: nothing).
-    fn end_pair(
+    pub(crate) fn end_pair(
         &mut self,
         call: CallId,
         to_caller: Option<HangupReason>,
@@ -970,6 +971,7 @@ impl Gateway {
             return;
         };
         self.timers.cancel(Timer::Call(call));
+        self.unwatch_route_call(call);
         if let Some(relay) = p.relay {
             self.drop_relay(call, relay);
         }

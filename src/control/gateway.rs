@@ -150,6 +150,11 @@ pub struct GatewayConfig {
     pub max_pending_lookups: usize,
     /// Dial, ring and invitation rates ([`super::limits::CallLimitConfig`]).
     pub call_limits: super::limits::CallLimitConfig,
+    /// Telephone route calls end after this (`hang_up{time_limit}`); zero: never. Default 4 h.
+    pub route_max_duration: Duration,
+    /// A route call whose caller or voice gateway sent no media for this long ends
+    /// (`hang_up{no_media}`); zero: not checked. Default 60 s.
+    pub route_inactivity: Duration,
     /// How often the directory is asked what changed (deleted users, new passwords or
     /// numbers end live sessions). Default 1 s.
     pub directory_poll: Duration,
@@ -190,6 +195,8 @@ impl GatewayConfig {
             max_pending_lookups: 10_000,
             call_limits: super::limits::CallLimitConfig::default(),
             directory_poll: Duration::from_secs(1),
+            route_max_duration: Duration::from_secs(4 * 3600),
+            route_inactivity: Duration::from_secs(60),
             exempt_sources: Vec::new(),
         }
     }
@@ -255,6 +262,11 @@ pub enum Input {
     },
     Disconnected {
         conn: ConnId,
+    },
+    /// How long each leg of the sessions in [`Gateway::watched_sessions`] has received no media
+    /// (`None`: nothing yet), from the shards' snapshots.
+    MediaActivity {
+        legs: Vec<(SessionId, String, Option<Duration>)>,
     },
     /// The shard refused an [`Action::AddLeg`] (its session is gone, the leg table is full…):
     /// the room member is told and leaves the room.
@@ -475,6 +487,8 @@ pub(crate) enum Timer {
     Call(CallId),
     /// Ask the directory what changed.
     DirectoryPoll,
+    /// A route call's maximum duration.
+    CallLimit(CallId),
 }
 
 #[derive(Debug, Default)]
@@ -568,6 +582,8 @@ pub struct Gateway {
     pub(crate) next_lookup: u64,
     /// The iteration count most stored verifiers have, once the directory said.
     pub(crate) typical_iterations: Option<u32>,
+    /// Route calls with their limits running, and when each was placed.
+    pub(crate) route_watch: HashMap<CallId, Instant>,
     /// The directory's change-log position seen last (`None` until it answered once).
     pub(crate) directory_seq: Option<u64>,
     /// A change poll is asked or timed (false: the next `handle_timeout` asks again).
@@ -623,6 +639,7 @@ impl Gateway {
             next_lookup: 1,
             typical_iterations: None,
             directory_seq: None,
+            route_watch: HashMap::new(),
             directory_poll_armed: true,
             limiter: RateLimiter::new(cfg.rate_limit),
             refusals: auth::RefusalLog::new(REFUSAL_LOG_INTERVAL),
@@ -682,6 +699,7 @@ impl Gateway {
                 leg,
                 error,
             } => self.on_leg_add_failed(now, session, &leg, &error),
+            Input::MediaActivity { legs } => self.on_media_activity(now, &legs),
             Input::Flooding { conn, per_s } => {
                 if self.conns.contains_key(&conn) {
                     tracing::info!(conn, per_s, "client sends too many messages: closing");
@@ -728,6 +746,7 @@ impl Gateway {
                 Timer::Probe(conn) => self.advance_probe(now, conn),
                 Timer::Call(call) => self.on_call_timer(now, call),
                 Timer::DirectoryPoll => self.poll_directory(),
+                Timer::CallLimit(call) => self.on_call_limit(call),
             }
         }
     }

@@ -34,6 +34,7 @@ pub mod presence;
 pub mod probe;
 #[cfg(test)]
 mod sim;
+pub mod toll;
 
 /// The STUN short-term password for a media leg: derived from the client's session key (the
 /// seed's "additional password"), so the gateway never sends it and nobody without the session

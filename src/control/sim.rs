@@ -708,6 +708,12 @@ pub fn check_invariants(gw: &Gateway) {
     let mut load = vec![0usize; gw.shard_load.len()];
     assert!(gw.conns.len() <= gw.cfg.max_connections);
     assert!(gw.lookups.len() <= gw.cfg.max_pending_lookups);
+    for call in gw.route_watch.keys() {
+        assert!(
+            matches!(gw.calls.get(call), Some(Call::Pair(p)) if matches!(p.callee, Far::Route(_))),
+            "route watch for call {call} that is not a route call"
+        );
+    }
     for (call, id) in &gw.pending_calls {
         use super::lookup::Pending;
         match gw.lookups.get(id) {

@@ -273,6 +273,8 @@ struct Server {
     next_conn: ConnId,
     dumps: Option<DumpWriter>,
     last_dump: SystemTime,
+    /// Latency histograms taken by activity snapshots, owed to the next dump.
+    carried_latency: HashMap<usize, hdrhistogram::Histogram<u64>>,
     /// Each shard's cumulative counters at the last dump: dumps hold per-interval counts.
     last_counters: HashMap<usize, crate::metrics::Counters>,
     started: Instant,
@@ -384,6 +386,7 @@ async fn run(
         dumps,
         last_dump: SystemTime::now(),
         last_counters: HashMap::new(),
+        carried_latency: HashMap::new(),
         started: Instant::now(),
     };
     on_ready(&bound);
@@ -400,6 +403,15 @@ async fn run(
     let mut stop = stop;
     let mut watchdog = tokio::time::interval(notify::watchdog_interval());
     let mut dump_tick = dump_interval(&server.cfg);
+    let mut activity_tick = {
+        let period = server
+            .gateway
+            .activity_interval()
+            .unwrap_or(Duration::from_secs(3600));
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    };
     let mut drain_deadline: Option<tokio::time::Instant> = None;
 
     loop {
@@ -432,6 +444,7 @@ async fn run(
                 server.gateway.handle_timeout(Instant::now());
             }
             _ = dump_tick.tick() => server.dump().await,
+            _ = activity_tick.tick() => server.media_activity().await,
             _ = watchdog.tick() => {
                 if server.shards_alive().await { notify::watchdog(); }
             }
@@ -949,6 +962,51 @@ impl Server {
         true
     }
 
+    /// Route calls' media activity, for the core's inactivity check (toll abuse): a snapshot
+    /// with per-leg numbers of each shard that holds a watched session, at a low rate and only
+    /// while there are such calls. The latency histogram each snapshot takes is kept for the
+    /// next dump.
+    async fn media_activity(&mut self) {
+        let watched = self.gateway.watched_sessions();
+        if watched.is_empty() {
+            return;
+        }
+        let mut shards: Vec<usize> = watched.iter().map(|&(s, _)| s).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut legs = Vec::new();
+        for index in shards {
+            let Some(h) = self.shard(index) else {
+                continue;
+            };
+            let snap = match tokio::time::timeout(Duration::from_secs(2), h.snapshot(true)).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    tracing::warn!(shard = index, "no activity snapshot from the shard");
+                    continue;
+                }
+            };
+            let now_ns = crate::shard::sockets::realtime_ns();
+            for l in snap.legs {
+                if watched.contains(&(index, l.session)) {
+                    let idle = (l.last_rx_ns != 0)
+                        .then(|| Duration::from_nanos(now_ns.saturating_sub(l.last_rx_ns)));
+                    legs.push((l.session, l.name, idle));
+                }
+            }
+            match self.carried_latency.get_mut(&snap.shard) {
+                Some(h) => {
+                    let _ = h.add(&snap.latency);
+                }
+                None => {
+                    self.carried_latency.insert(snap.shard, snap.latency);
+                }
+            }
+        }
+        self.gateway
+            .handle(Instant::now(), Input::MediaActivity { legs });
+    }
+
     async fn dump(&mut self) {
         let snaps = self.snapshots().await;
         let end = SystemTime::now();
@@ -957,11 +1015,17 @@ impl Server {
             return;
         };
         let mut samples = Vec::with_capacity(snaps.len());
-        for s in snaps {
+        for mut s in snaps {
             let before = self
                 .last_counters
                 .insert(s.shard, s.counters)
                 .unwrap_or_default();
+            // Latency taken by activity snapshots since the last dump belongs to this one.
+            if let Some(h) = self.carried_latency.remove(&s.shard)
+                && let Err(e) = s.latency.add(&h)
+            {
+                tracing::warn!(shard = s.shard, "latency carried over not merged: {e}");
+            }
             samples.push(ShardSample {
                 shard: s.shard,
                 latency: s.latency,
