@@ -177,6 +177,10 @@ pub struct Route {
     pub prefix: String,
     pub media_addr: SocketAddr,
     pub description: String,
+    /// Consecutive media ports from `media_addr`'s, one call each: the route carries this many
+    /// calls at once (1: one at a time). The relay tells the calls apart by the voice gateway's
+    /// address, so each call needs its own port there.
+    pub ports: u16,
 }
 
 /// What is wrong with `s` as a number (or, with `bare_plus`, as a route prefix): `None` when it

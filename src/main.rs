@@ -147,6 +147,10 @@ enum RouteCmd {
         media_addr: SocketAddr,
         #[arg(long, default_value = "")]
         description: String,
+        /// Calls the route carries at once, each on its own port: MEDIA_ADDR's port and the
+        /// next PORTS - 1 ones (the voice gateway must answer each call on its port).
+        #[arg(long, default_value_t = 1)]
+        ports: u16,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -417,6 +421,7 @@ fn route(c: RouteCmd) -> Result<(), String> {
             prefix,
             media_addr,
             description,
+            ports,
             store,
         } => {
             let (mut st, _) = open_store(&store)?;
@@ -424,9 +429,10 @@ fn route(c: RouteCmd) -> Result<(), String> {
                 prefix: prefix.clone(),
                 media_addr,
                 description,
+                ports,
             })
             .map_err(|e| e.to_string())?;
-            println!("numbers starting {prefix} go to {media_addr}");
+            println!("numbers starting {prefix} go to {media_addr} ({ports} call(s) at once)");
         }
         RouteCmd::Del { prefix, store } => {
             let (mut st, _) = open_store(&store)?;
@@ -438,7 +444,10 @@ fn route(c: RouteCmd) -> Result<(), String> {
         RouteCmd::List { store } => {
             let (st, _) = open_store(&store)?;
             for r in st.list_routes().map_err(|e| e.to_string())? {
-                println!("{}\t{}\t{}", r.prefix, r.media_addr, r.description);
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    r.prefix, r.media_addr, r.ports, r.description
+                );
             }
         }
     }

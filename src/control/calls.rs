@@ -35,10 +35,10 @@
 //! A number that is not a registered user's but has a route (longest prefix) is answered at
 //! once (no ringing). The caller's side always goes through the gateway
 //! ([`super::media::route_plan`]); the route's leg delivers UDP to the IP voice gateway's media
-//! address and trusts it as its source. Because the relay binds that address to one leg, a
-//! route media address carries **one call at a time**: a second call to it gets
-//! `hang_up{busy}` (an IP voice gateway that gives each call its own media port needs a richer
-//! route model).
+//! address and trusts it as its source. Because the relay tells legs apart by that source
+//! address, one voice-gateway address carries one call at a time; a route has `ports`
+//! consecutive ports (from its media address's), each call takes the first free one, and a
+//! call to a route whose ports are all taken gets `hang_up{busy}`.
 //!
 //! # Conference rooms
 //!
@@ -574,11 +574,17 @@ impl Gateway {
                 );
                 self.send(conn, ServerMsg::Ringing { call: id });
             }
-            Dest::Route(route) => {
-                let addr = canonical(route.media_addr);
-                if self.route_busy.contains_key(&addr) {
+            Dest::Route(mut route) => {
+                // One call per voice-gateway port: the first free one of the route's ports.
+                let base = canonical(route.media_addr);
+                let free = (0..route.ports.max(1))
+                    .filter_map(|i| base.port().checked_add(i))
+                    .map(|p| std::net::SocketAddr::new(base.ip(), p))
+                    .find(|a| !self.route_busy.contains_key(a));
+                let Some(addr) = free else {
                     return self.hang_up_msg(conn, id, HangupReason::Busy);
-                }
+                };
+                route.media_addr = addr;
                 self.route_busy.insert(addr, id);
                 self.calls.insert(
                     id,

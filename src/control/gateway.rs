@@ -41,7 +41,7 @@
 //! - Presence deadlines carry a jitter allowance ([`super::presence`]).
 //! - Probe verdicts, timeouts and the NAT reading: [`super::probe`].
 //! - Calls (busy rules, `calling` before any `hang_up`, new calls while draining get
-//!   `hang_up{shutdown}`, one call at a time per telephone route, no media address means TCP):
+//!   `hang_up{shutdown}`, one call per voice-gateway port of a telephone route, no media address means TCP):
 //!   [`super::calls`]. Private-address refusal: [`super::media`].
 //! - `Shutdown` sends `hang_up{shutdown}` for every call, then `refused{unavailable}` and a
 //!   close to every connection, and refuses every later connection.

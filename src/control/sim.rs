@@ -233,6 +233,7 @@ impl World {
                 prefix: ROUTE_PREFIX.into(),
                 media_addr: addr(ROUTE_MEDIA),
                 description: "PSTN".into(),
+                ports: 1,
             })
             .expect("add route");
         let t0 = Instant::now();

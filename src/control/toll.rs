@@ -223,4 +223,57 @@ mod tests {
         assert_eq!(h, [(call, HangupReason::TimeLimit)]);
         assert_eq!(w.gw.route_calls(), 0);
     }
+
+    #[test]
+    fn a_route_with_several_ports_carries_that_many_calls_at_once() {
+        use crate::store::Store as _;
+        let mut w = World::new();
+        w.store.del_route("+49").unwrap();
+        w.store
+            .add_route(&crate::directory::Route {
+                prefix: "+49".into(),
+                media_addr: sim::addr("203.0.113.50:5004"),
+                description: "PSTN, 3 ports".into(),
+                ports: 3,
+            })
+            .unwrap();
+        let callers: Vec<_> = ["alice", "bob", "carol", "dave"]
+            .into_iter()
+            .map(|u| w.login(u, sim::OPEN))
+            .collect();
+        w.take_shard();
+        let route_port = |w: &mut World| {
+            w.take_shard().into_iter().find_map(|a| match a {
+                Action::InstallSession { spec, .. } => spec
+                    .legs
+                    .iter()
+                    .find_map(|l| l.trusted_source.map(|t| t.port())),
+                _ => None,
+            })
+        };
+        let mut calls = Vec::new();
+        for c in &callers[..3] {
+            calls.push(w.dial(c, "+4930123456", Some(c.media())));
+            w.take(c.conn);
+        }
+        // The fourth caller finds every port taken.
+        let fourth = w.dial(&callers[3], "+4930123456", Some(callers[3].media()));
+        assert_eq!(
+            sim::hangups(&w.take(callers[3].conn)),
+            [(fourth, HangupReason::Busy)]
+        );
+        assert_eq!(w.gw.route_calls(), 3);
+        let mut used: Vec<u16> = w.gw.route_busy.keys().map(|a| a.port()).collect();
+        used.sort_unstable();
+        assert_eq!(used, [5004, 5005, 5006]);
+        // One ends: its port is free for the next call.
+        w.send(
+            callers[1].conn,
+            crate::wire::control::ClientMsg::HangUp { call: calls[1] },
+        );
+        w.take_shard();
+        w.dial(&callers[3], "+4930123456", Some(callers[3].media()));
+        assert_eq!(route_port(&mut w), Some(5005));
+        assert_eq!(w.gw.route_calls(), 3);
+    }
 }

@@ -225,6 +225,18 @@ fn validate_route(route: &Route) -> Result<(), StoreError> {
     if let Some(reason) = addr_problem {
         return Err(StoreError::InvalidMediaAddr { addr, reason });
     }
+    if !(1..=1024).contains(&route.ports) {
+        return Err(StoreError::InvalidMediaAddr {
+            addr,
+            reason: "a route has 1 to 1024 media ports",
+        });
+    }
+    if u32::from(addr.port()) + u32::from(route.ports) - 1 > 65_535 {
+        return Err(StoreError::InvalidMediaAddr {
+            addr,
+            reason: "the route's media ports run past 65535",
+        });
+    }
     if route.description.len() > MAX_DESCRIPTION_LEN {
         return Err(StoreError::InvalidDescription {
             reason: "longer than 200 bytes",
@@ -337,8 +349,17 @@ mod tests {
                 .parse()
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
             description: description.into(),
+            ports: 1,
         };
         assert!(validate_route(&route("192.0.2.1:5004", "Berlin PSTN")).is_ok());
+        let many = |port: &str, ports| Route {
+            ports,
+            ..route(port, "")
+        };
+        assert!(validate_route(&many("192.0.2.1:5004", 100)).is_ok());
+        assert!(validate_route(&many("192.0.2.1:5004", 0)).is_err());
+        assert!(validate_route(&many("192.0.2.1:5004", 1025)).is_err());
+        assert!(validate_route(&many("192.0.2.1:65535", 2)).is_err());
         for (bad, reason) in [
             ("192.0.2.1:0", "port 0"),
             ("0.0.0.0:5004", "unspecified address"),

@@ -63,14 +63,17 @@ pub const MIGRATIONS: &[&str] = &[
      CREATE TRIGGER subscribers_removed AFTER DELETE ON subscribers BEGIN
          INSERT INTO changes (username) VALUES (OLD.username);
      END;",
+    // 3: a route may carry several calls at once, each on its own port of the voice gateway.
+    "ALTER TABLE routes ADD COLUMN ports INTEGER NOT NULL DEFAULT 1
+         CHECK (ports BETWEEN 1 AND 1024);",
 ];
 
 const SUBSCRIBER_COLUMNS: &str = "username, number, salt, iterations, stored_key, server_key";
-const ROUTE_COLUMNS: &str = "prefix, media_addr, description";
+const ROUTE_COLUMNS: &str = "prefix, media_addr, description, ports";
 
 /// A subscriber row as stored, before its types are checked.
 type SubscriberRow = (String, String, Vec<u8>, i64, Vec<u8>, Vec<u8>);
-type RouteRow = (String, String, String);
+type RouteRow = (String, String, String, i64);
 
 /// The SQLite-backed [`Store`].
 #[derive(Debug)]
@@ -172,17 +175,24 @@ fn subscriber(row: SubscriberRow) -> Result<Subscriber, StoreError> {
 }
 
 fn route_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RouteRow> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
 }
 
-fn route((prefix, media_addr, description): RouteRow) -> Result<Route, StoreError> {
+fn route((prefix, media_addr, description, ports): RouteRow) -> Result<Route, StoreError> {
     let media_addr = media_addr.parse().map_err(|_| StoreError::Corrupt {
         what: format!("route {prefix:?}: media address {media_addr:?}"),
     })?;
+    let ports = u16::try_from(ports)
+        .ok()
+        .filter(|p| (1..=1024).contains(p))
+        .ok_or_else(|| StoreError::Corrupt {
+            what: format!("route {prefix:?}: {ports} ports"),
+        })?;
     Ok(Route {
         prefix,
         media_addr,
         description,
+        ports,
     })
 }
 
@@ -289,10 +299,15 @@ impl Store for SqliteStore {
         validate_route(r)?;
         let n = self.conn.execute(
             &format!(
-                "INSERT INTO routes ({ROUTE_COLUMNS}) VALUES (?1, ?2, ?3)
+                "INSERT INTO routes ({ROUTE_COLUMNS}) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (prefix) DO NOTHING"
             ),
-            params![r.prefix, r.media_addr.to_string(), r.description],
+            params![
+                r.prefix,
+                r.media_addr.to_string(),
+                r.description,
+                i64::from(r.ports)
+            ],
         )?;
         if n == 0 {
             return Err(StoreError::DuplicateRoute {
@@ -402,6 +417,7 @@ mod tests {
             prefix: prefix.into(),
             media_addr: addr(media_addr),
             description: description.into(),
+            ports: 1,
         }
     }
 
@@ -418,7 +434,7 @@ mod tests {
     #[test]
     fn user_crud() -> Result<(), StoreError> {
         let mut s = mem();
-        assert_eq!(s.schema_version()?, 2);
+        assert_eq!(s.schema_version()?, 3);
         assert_eq!(s.user("alice")?, None);
         s.add_user(&sub("alice", "+4930111"))?;
         s.add_user(&sub("bob", "4711"))?;
@@ -540,7 +556,7 @@ mod tests {
         let s = SqliteStore::open(&path)?;
         assert_eq!(s.user("alice")?, Some(sub("alice", "+4930111")));
         assert_eq!(s.list_routes()?, [rt("+49", "192.0.2.2:5004", "Germany")]);
-        assert_eq!(s.schema_version()?, 2);
+        assert_eq!(s.schema_version()?, 3);
         Ok(())
     }
 
@@ -580,7 +596,7 @@ mod tests {
             other.conn.execute_batch(
                 "BEGIN IMMEDIATE;
                  UPDATE subscribers SET number = '+4930999' WHERE username = 'alice';
-                 INSERT INTO routes VALUES ('+1', '192.0.2.1:5004', 'half-written');",
+                 INSERT INTO routes (prefix, media_addr, description) VALUES ('+1', '192.0.2.1:5004', 'half-written');",
             )?;
         }
         assert_eq!(s.user("alice")?, Some(sub("alice", "+4930111")));
@@ -686,7 +702,7 @@ mod tests {
         let (_dir, path) = file_db();
         drop(SqliteStore::open(&path)?);
         // Opening again does not re-run migrations.
-        assert_eq!(SqliteStore::open(&path)?.schema_version()?, 2);
+        assert_eq!(SqliteStore::open(&path)?.schema_version()?, 3);
         // A newer database is refused, not misread.
         {
             let conn = Connection::open(&path)?;
@@ -696,7 +712,7 @@ mod tests {
             SqliteStore::open(&path),
             Err(StoreError::SchemaTooNew {
                 found: 99,
-                supported: 2
+                supported: 3
             })
         ));
         Ok(())
@@ -739,7 +755,7 @@ mod tests {
             [],
         )?;
         s.conn
-            .execute("INSERT INTO routes VALUES ('+1', 'not an address', '')", [])?;
+            .execute("INSERT INTO routes (prefix, media_addr, description) VALUES ('+1', 'not an address', '')", [])?;
         assert!(matches!(s.user("eve"), Err(StoreError::Corrupt { .. })));
         assert!(matches!(s.list_routes(), Err(StoreError::Corrupt { .. })));
         assert!(matches!(
