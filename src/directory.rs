@@ -166,6 +166,17 @@ pub struct Subscriber {
     /// digits (`4711`).
     pub number: String,
     pub verifier: Verifier,
+    /// Class of service: the number prefixes this user may dial on telephone routes (`None`:
+    /// any; an empty list: no telephone numbers). Calls to registered users are not affected.
+    pub allow_prefixes: Option<Vec<String>>,
+}
+
+/// Most prefixes in one user's class of service.
+pub const MAX_ALLOW_PREFIXES: usize = 64;
+
+/// Whether a class of service lets its user dial `number` on a telephone route.
+pub fn may_dial(allow: Option<&[String]>, number: &str) -> bool {
+    allow.is_none_or(|prefixes| prefixes.iter().any(|p| number.starts_with(p.as_str())))
 }
 
 /// Where calls to numbers starting with `prefix` go: the media address of an

@@ -421,6 +421,7 @@ fn a_slow_directory_delays_only_its_lookups_never_other_clients_heartbeats() {
                 user: user.into(),
                 number: number.into(),
                 verifier: auth::Verifier::new(&common::password(user), 4096, &mut rand::rng()),
+                allow_prefixes: None,
             })
             .expect("add user");
         }
@@ -611,4 +612,57 @@ fn a_route_call_that_sends_no_media_ends_at_the_inactivity_timeout() {
         took >= Duration::from_secs(3) && took < Duration::from_secs(8),
         "{took:?}"
     );
+}
+
+#[test]
+fn a_user_without_routes_in_its_class_of_service_cannot_dial_telephone_numbers() {
+    let voice = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let gw = Gateway::start(&[]);
+    let data = gw.dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let addr = voice.local_addr().expect("addr").to_string();
+    common::run_ok(std::process::Command::new(common::BIN).args([
+        "route",
+        "add",
+        "+49",
+        &addr,
+        "--data-dir",
+        data,
+    ]));
+    let mut alice = Ctl::login("127.0.0.1", &gw.control, "alice").expect("alice");
+    // Set while alice is logged in: the gateway refreshes her session from the change log.
+    let out = common::run_ok(std::process::Command::new(common::BIN).args([
+        "user",
+        "mod",
+        "alice",
+        "--allow-prefix",
+        "+4930",
+        "--data-dir",
+        data,
+    ]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("routes +4930"));
+    std::thread::sleep(Duration::from_millis(1500));
+    alice
+        .send(&ClientMsg::Dial {
+            tag: 1,
+            number: "+4940123456".into(),
+            media: None,
+        })
+        .expect("dial");
+    let reason = loop {
+        match alice.recv_skipping(Duration::from_secs(10)) {
+            Some(ServerMsg::HangUp { reason, .. }) => break reason,
+            Some(ServerMsg::Refused { code, message }) => panic!("refused {code:?}: {message}"),
+            Some(_) => {}
+            None => panic!("no answer to the dial"),
+        }
+    };
+    assert_eq!(reason.as_str(), "not_permitted");
+    let list = common::run_ok(std::process::Command::new(common::BIN).args([
+        "user",
+        "list",
+        "--data-dir",
+        data,
+    ]));
+    assert!(String::from_utf8_lossy(&list.stdout).contains("alice\t+15550001\troutes +4930"));
 }

@@ -492,6 +492,7 @@ impl Gateway {
             conn,
             call: id,
             media,
+            number: number.to_owned(),
         };
         let query = Query::Dial {
             number: number.to_owned(),
@@ -508,12 +509,20 @@ impl Gateway {
         conn: ConnId,
         id: CallId,
         media: Option<SocketAddr>,
+        number: &str,
         found: Result<Option<Destination>, LookupError>,
     ) {
         let Some(s) = self.session(conn) else {
             return;
         };
         let (me, ncalls) = (s.user.clone(), s.calls.len());
+        // Class of service: telephone routes only for the prefixes the user may dial.
+        if matches!(found, Ok(Some(Destination::Route(_))))
+            && !directory::may_dial(s.allow_prefixes.as_deref(), number)
+        {
+            tracing::info!(conn, user = %me, %number, "dial refused: not in the class of service");
+            return self.hang_up_msg(conn, id, HangupReason::NotPermitted);
+        }
         if self.draining {
             return self.hang_up_msg(conn, id, HangupReason::Shutdown);
         }

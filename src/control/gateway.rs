@@ -406,6 +406,8 @@ pub(crate) struct Session {
     /// [`crate::directory::Verifier::fingerprint`] of the verifier it logged in with: a
     /// password change ends the session.
     pub verifier_tag: [u8; 32],
+    /// Its class of service: number prefixes it may dial on telephone routes (`None`: any).
+    pub allow_prefixes: Option<Vec<String>>,
 }
 
 /// The calls of one client: a handful at most (`max_calls_per_user`), so a sorted `Vec`
@@ -463,6 +465,8 @@ pub(crate) enum Phase {
         number: Option<String>,
         /// Its verifier's fingerprint, when the user exists.
         verifier_tag: Option<[u8; 32]>,
+        /// Its class of service (`None`: any route, or no such user).
+        allow_prefixes: Option<Vec<String>>,
     },
     LoggedIn(Box<Session>),
 }
@@ -1186,6 +1190,7 @@ impl Gateway {
                     c.phase = Phase::AwaitingProof {
                         attempt: Box::new(attempt),
                         verifier_tag: subscriber.as_ref().map(|s| s.verifier.fingerprint()),
+                        allow_prefixes: subscriber.as_ref().and_then(|s| s.allow_prefixes.clone()),
                         number: subscriber.map(|s| s.number),
                     };
                 }
@@ -1226,6 +1231,7 @@ impl Gateway {
             attempt,
             number,
             verifier_tag,
+            allow_prefixes,
         } = std::mem::replace(&mut c.phase, Phase::AwaitingHello)
         else {
             return;
@@ -1283,6 +1289,7 @@ impl Gateway {
             calls: CallSet::default(),
             lookups: 0,
             verifier_tag,
+            allow_prefixes,
         }));
         self.users.insert(user.clone(), conn);
         self.limiter.succeeded(now, peer.ip(), &user);

@@ -38,6 +38,7 @@ pub(crate) enum Pending {
         conn: ConnId,
         call: CallId,
         media: Option<SocketAddr>,
+        number: String,
     },
     /// A `conference` to these (distinct) numbers.
     Invite {
@@ -118,7 +119,12 @@ impl Gateway {
                 });
                 self.hello_answered(now, conn, r);
             }
-            Pending::Dial { conn, call, media } => {
+            Pending::Dial {
+                conn,
+                call,
+                media,
+                number,
+            } => {
                 if !self.call_lookup_done(conn, call) {
                     return;
                 }
@@ -126,7 +132,7 @@ impl Gateway {
                     Answer::Dial(d) => Ok(d),
                     other => Err(mismatch(&other)),
                 });
-                self.dial_resolved(now, conn, call, media, r);
+                self.dial_resolved(now, conn, call, media, &number, r);
             }
             Pending::Invite {
                 conn,
@@ -279,7 +285,16 @@ impl Gateway {
             Ok(Some(sub)) if sub.number != s.number => {
                 format!("the number changed to {}; log in again", sub.number)
             }
-            Ok(Some(_)) => return,
+            Ok(Some(sub)) => {
+                // Only the class of service changed: refreshed, the session goes on.
+                if sub.allow_prefixes != s.allow_prefixes {
+                    tracing::info!(conn, user = %s.user, "class of service refreshed");
+                    if let Some(s) = self.session_mut(conn) {
+                        s.allow_prefixes = sub.allow_prefixes;
+                    }
+                }
+                return;
+            }
         };
         tracing::info!(conn, user = %s.user, reason = %why, "session revoked");
         self.revoke(now, conn, &why);
@@ -553,6 +568,7 @@ mod tests {
                 user: "zed".into(),
                 number: "+15550099".into(),
                 verifier: v.clone(),
+                allow_prefixes: None,
             })
             .unwrap();
         w.advance_ms(1100);
@@ -576,6 +592,7 @@ mod tests {
                 user: "dave".into(),
                 number: "+15550444".into(),
                 verifier: dave_v,
+                allow_prefixes: None,
             })
             .unwrap();
         w.advance_ms(1100);

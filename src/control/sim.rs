@@ -225,6 +225,7 @@ impl World {
                     user: user.into(),
                     number: number.into(),
                     verifier: Verifier::new(PASSWORD, 1, &mut rng),
+                    allow_prefixes: None,
                 })
                 .expect("add user");
         }

@@ -276,4 +276,38 @@ mod tests {
         assert_eq!(route_port(&mut w), Some(5005));
         assert_eq!(w.gw.route_calls(), 3);
     }
+
+    #[test]
+    fn a_class_of_service_limits_route_numbers_and_is_refreshed_live() {
+        use crate::store::Store as _;
+        let mut w = World::new();
+        w.store
+            .set_allow_prefixes("alice", Some(&["+4930".to_owned()]))
+            .unwrap();
+        let alice = w.login("alice", sim::OPEN);
+        let bob = w.login("bob", sim::OPEN);
+        w.take(alice.conn);
+        w.take(bob.conn);
+        // Berlin yes, Hamburg no; registered users always.
+        let berlin = w.dial(&alice, "+4930123456", Some(alice.media()));
+        assert!(sim::hangups(&w.take(alice.conn)).is_empty());
+        w.send(
+            alice.conn,
+            crate::wire::control::ClientMsg::HangUp { call: berlin },
+        );
+        let hamburg = w.dial(&alice, "+4940123456", Some(alice.media()));
+        assert_eq!(
+            sim::hangups(&w.take(alice.conn)),
+            [(hamburg, HangupReason::NotPermitted)]
+        );
+        w.dial(&alice, bob.number, None);
+        assert!(sim::hangups(&w.take(alice.conn)).is_empty());
+        // The operator widens it while alice is logged in: refreshed, not revoked.
+        w.store.set_allow_prefixes("alice", None).unwrap();
+        keep_alive(&mut w, &alice, 2);
+        assert!(!w.closed.contains(&alice.conn));
+        let hamburg = w.dial(&alice, "+4940123456", Some(alice.media()));
+        let h = sim::hangups(&w.take(alice.conn));
+        assert!(!h.contains(&(hamburg, HangupReason::NotPermitted)), "{h:?}");
+    }
 }

@@ -83,6 +83,18 @@ pub trait Store: Send {
     /// Replaces a subscriber's verifier (password change); `false` if there is
     /// no such user.
     fn set_verifier(&mut self, user: &str, verifier: &Verifier) -> Result<bool, StoreError>;
+    /// Replaces a subscriber's class of service (`None`: any route); `false` if there is no
+    /// such user. Backends without classes of service refuse.
+    fn set_allow_prefixes(
+        &mut self,
+        user: &str,
+        allow: Option<&[String]>,
+    ) -> Result<bool, StoreError> {
+        let _ = (user, allow);
+        Err(StoreError::Corrupt {
+            what: "this directory does not keep classes of service".into(),
+        })
+    }
     fn user(&self, user: &str) -> Result<Option<Subscriber>, StoreError>;
     fn user_by_number(&self, number: &str) -> Result<Option<Subscriber>, StoreError>;
     /// All subscribers, by user name.
@@ -253,7 +265,22 @@ fn validate_route(route: &Route) -> Result<(), StoreError> {
 fn validate_subscriber(s: &Subscriber) -> Result<(), StoreError> {
     validate_user(&s.user)?;
     validate_number(&s.number)?;
+    validate_allow_prefixes(s.allow_prefixes.as_deref())?;
     validate_verifier(&s.verifier)
+}
+
+/// A class of service: at most 64 prefixes, each a valid route prefix.
+pub fn validate_allow_prefixes(allow: Option<&[String]>) -> Result<(), StoreError> {
+    let Some(prefixes) = allow else {
+        return Ok(());
+    };
+    if prefixes.len() > directory::MAX_ALLOW_PREFIXES {
+        return Err(StoreError::InvalidPrefix {
+            prefix: format!("{} prefixes", prefixes.len()),
+            reason: "a user may have at most 64 allowed prefixes",
+        });
+    }
+    prefixes.iter().try_for_each(|p| validate_prefix(p))
 }
 
 #[cfg(test)]

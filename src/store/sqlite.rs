@@ -66,13 +66,25 @@ pub const MIGRATIONS: &[&str] = &[
     // 3: a route may carry several calls at once, each on its own port of the voice gateway.
     "ALTER TABLE routes ADD COLUMN ports INTEGER NOT NULL DEFAULT 1
          CHECK (ports BETWEEN 1 AND 1024);",
+    // 4: class of service: the prefixes a user may dial on routes, comma-separated
+    // (NULL: any route; '': none).
+    "ALTER TABLE subscribers ADD COLUMN allow_prefixes TEXT;",
 ];
 
-const SUBSCRIBER_COLUMNS: &str = "username, number, salt, iterations, stored_key, server_key";
+const SUBSCRIBER_COLUMNS: &str =
+    "username, number, salt, iterations, stored_key, server_key, allow_prefixes";
 const ROUTE_COLUMNS: &str = "prefix, media_addr, description, ports";
 
 /// A subscriber row as stored, before its types are checked.
-type SubscriberRow = (String, String, Vec<u8>, i64, Vec<u8>, Vec<u8>);
+type SubscriberRow = (
+    String,
+    String,
+    Vec<u8>,
+    i64,
+    Vec<u8>,
+    Vec<u8>,
+    Option<String>,
+);
 type RouteRow = (String, String, String, i64);
 
 /// The SQLite-backed [`Store`].
@@ -151,11 +163,26 @@ fn subscriber_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SubscriberRo
         row.get(3)?,
         row.get(4)?,
         row.get(5)?,
+        row.get(6)?,
     ))
 }
 
+/// A class of service as stored: comma-separated prefixes, NULL for any route.
+fn allow_to_text(allow: Option<&[String]>) -> Option<String> {
+    allow.map(|p| p.join(","))
+}
+
+fn allow_from_text(text: Option<String>) -> Option<Vec<String>> {
+    text.map(|t| {
+        t.split(',')
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+}
+
 fn subscriber(row: SubscriberRow) -> Result<Subscriber, StoreError> {
-    let (user, number, salt, iterations, stored_key, server_key) = row;
+    let (user, number, salt, iterations, stored_key, server_key, allow) = row;
     let corrupt = |what: &str| StoreError::Corrupt {
         what: format!("subscriber {user:?}: {what}"),
     };
@@ -171,6 +198,7 @@ fn subscriber(row: SubscriberRow) -> Result<Subscriber, StoreError> {
             stored_key,
             server_key,
         },
+        allow_prefixes: allow_from_text(allow),
     })
 }
 
@@ -237,7 +265,7 @@ impl Store for SqliteStore {
         let v = &s.verifier;
         tx.execute(
             &format!(
-                "INSERT INTO subscribers ({SUBSCRIBER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                "INSERT INTO subscribers ({SUBSCRIBER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
             ),
             params![
                 s.user,
@@ -245,7 +273,8 @@ impl Store for SqliteStore {
                 v.salt,
                 i64::from(v.iterations),
                 v.stored_key,
-                v.server_key
+                v.server_key,
+                allow_to_text(s.allow_prefixes.as_deref())
             ],
         )?;
         tx.commit()?;
@@ -273,6 +302,20 @@ impl Store for SqliteStore {
                 v.stored_key,
                 v.server_key
             ],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn set_allow_prefixes(
+        &mut self,
+        user: &str,
+        allow: Option<&[String]>,
+    ) -> Result<bool, StoreError> {
+        validate_user(user)?;
+        super::validate_allow_prefixes(allow)?;
+        let n = self.conn.execute(
+            "UPDATE subscribers SET allow_prefixes = ?2 WHERE username = ?1",
+            params![user, allow_to_text(allow)],
         )?;
         Ok(n > 0)
     }
@@ -404,6 +447,7 @@ mod tests {
             user: user.into(),
             number: number.into(),
             verifier: verifier(user),
+            allow_prefixes: None,
         }
     }
 
@@ -434,7 +478,7 @@ mod tests {
     #[test]
     fn user_crud() -> Result<(), StoreError> {
         let mut s = mem();
-        assert_eq!(s.schema_version()?, 3);
+        assert_eq!(s.schema_version()?, 4);
         assert_eq!(s.user("alice")?, None);
         s.add_user(&sub("alice", "+4930111"))?;
         s.add_user(&sub("bob", "4711"))?;
@@ -556,7 +600,7 @@ mod tests {
         let s = SqliteStore::open(&path)?;
         assert_eq!(s.user("alice")?, Some(sub("alice", "+4930111")));
         assert_eq!(s.list_routes()?, [rt("+49", "192.0.2.2:5004", "Germany")]);
-        assert_eq!(s.schema_version()?, 3);
+        assert_eq!(s.schema_version()?, 4);
         Ok(())
     }
 
@@ -635,7 +679,7 @@ mod tests {
         for i in 0..2000 {
             s.conn
                 .execute(
-                    "INSERT INTO subscribers VALUES (?1, ?2, ?3, 1, ?4, ?4)",
+                    "INSERT INTO subscribers VALUES (?1, ?2, ?3, 1, ?4, ?4, NULL)",
                     params![
                         format!("user{i}"),
                         format!("{}", 100_000 + i),
@@ -702,7 +746,7 @@ mod tests {
         let (_dir, path) = file_db();
         drop(SqliteStore::open(&path)?);
         // Opening again does not re-run migrations.
-        assert_eq!(SqliteStore::open(&path)?.schema_version()?, 3);
+        assert_eq!(SqliteStore::open(&path)?.schema_version()?, 4);
         // A newer database is refused, not misread.
         {
             let conn = Connection::open(&path)?;
@@ -712,7 +756,7 @@ mod tests {
             SqliteStore::open(&path),
             Err(StoreError::SchemaTooNew {
                 found: 99,
-                supported: 3
+                supported: 4
             })
         ));
         Ok(())
@@ -748,10 +792,35 @@ mod tests {
     }
 
     #[test]
+    fn classes_of_service_round_trip_and_are_validated() -> Result<(), StoreError> {
+        let mut s = mem();
+        s.add_user(&sub("alice", "+15550001"))?;
+        assert_eq!(s.user("alice")?.and_then(|u| u.allow_prefixes), None);
+        let p = vec!["+4930".to_owned(), "+1".to_owned()];
+        assert!(s.set_allow_prefixes("alice", Some(&p))?);
+        assert_eq!(s.user("alice")?.and_then(|u| u.allow_prefixes), Some(p));
+        assert!(s.set_allow_prefixes("alice", Some(&[]))?);
+        assert_eq!(
+            s.user("alice")?.and_then(|u| u.allow_prefixes),
+            Some(vec![])
+        );
+        assert!(!s.set_allow_prefixes("nobody", None)?);
+        assert!(
+            s.set_allow_prefixes("alice", Some(&["+49,1".to_owned()]))
+                .is_err()
+        );
+        assert!(
+            s.set_allow_prefixes("alice", Some(&vec!["+1".to_owned(); 65]))
+                .is_err()
+        );
+        Ok(())
+    }
+
+    #[test]
     fn corrupt_rows_are_reported_not_panicked_on() -> Result<(), StoreError> {
         let s = mem();
         s.conn.execute(
-            "INSERT INTO subscribers VALUES ('eve', '1', x'00', 4294967296, zeroblob(32), zeroblob(32))",
+            "INSERT INTO subscribers VALUES ('eve', '1', x'00', 4294967296, zeroblob(32), zeroblob(32), NULL)",
             [],
         )?;
         s.conn
