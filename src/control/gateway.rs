@@ -49,7 +49,9 @@
 //! Nothing here panics on any input sequence, and every table is bounded: connections by
 //! [`GatewayConfig::max_connections`], probes by one per logged-in client, calls by
 //! [`GatewayConfig::max_calls_per_user`] per client, rooms by
-//! [`GatewayConfig::max_room_size`], failed log-in records by the rate limiter's table size.
+//! [`GatewayConfig::max_room_size`], log-in attempt records by the rate limiter's table size,
+//! directory look-ups by [`GatewayConfig::max_pending_lookups`], dial/ring/invitation buckets
+//! by [`super::limits::RateTable`]'s bound, route-call watches by the calls.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;

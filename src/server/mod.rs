@@ -5,6 +5,11 @@
 //! signals and the histogram dumps, and it commands the shards over their channels. Every
 //! decision is the gateway core's: this module turns socket events into `Input`s, and
 //! `Action`s into socket writes and shard commands, in the order the core emits them.
+//!
+//! Before the core sees a connection, [`conn_limits`] decides whether it may exist at all
+//! (per-source caps, descriptor budget); each reader reads through a message token bucket; the
+//! core's directory look-ups run on [`lookup`]'s threads; route calls' media activity is read
+//! from the shards at a low rate for the core's inactivity check.
 
 mod conn_limits;
 pub mod lookup;
@@ -403,15 +408,7 @@ async fn run(
     let mut stop = stop;
     let mut watchdog = tokio::time::interval(notify::watchdog_interval());
     let mut dump_tick = dump_interval(&server.cfg);
-    let mut activity_tick = {
-        let period = server
-            .gateway
-            .activity_interval()
-            .unwrap_or(Duration::from_secs(3600));
-        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
-    };
+    let mut activity_tick = activity_interval(&server.gateway);
     let mut drain_deadline: Option<tokio::time::Instant> = None;
 
     loop {
@@ -454,6 +451,7 @@ async fn run(
             }
             _ = hup.recv() => {
                 if let Some(t) = server.reload() { dump_tick = t; }
+                activity_tick = activity_interval(&server.gateway);
             }
             _ = term.recv(), if drain_deadline.is_none() => {
                 drain_deadline = Some(server.start_drain());
@@ -491,6 +489,16 @@ async fn run(
         "voxgate stopped"
     );
     Ok(())
+}
+
+/// How often route calls' media activity is read (hourly, doing nothing, when it is off).
+fn activity_interval(gateway: &Gateway) -> tokio::time::Interval {
+    let period = gateway
+        .activity_interval()
+        .unwrap_or(Duration::from_secs(3600));
+    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
 }
 
 fn dump_interval(cfg: &Config) -> tokio::time::Interval {
