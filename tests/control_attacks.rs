@@ -203,6 +203,10 @@ fn parallel_hellos_get_no_more_challenges_than_the_limit_and_the_user_logs_in_el
             other => panic!("unexpected answer to hello: {other:?}"),
         }
     }
+    eprintln!(
+        "200 parallel hellos from one source: {} challenged, {limited} refused rate_limited",
+        challenged.len()
+    );
     // The default per-user-at-a-source bucket is 5: at most 5 proofs can ever be checked.
     assert!(
         challenged.len() <= 5,
