@@ -184,6 +184,50 @@ pub struct LimitsSection {
     pub message_burst: u32,
     /// A client throttled without a break for this long is refused (`rate_limited`) and closed.
     pub flood_close_s: u64,
+    /// Dials and conferences one subscriber may place at once, then per minute.
+    pub dials_burst: u32,
+    pub dials_per_min: u32,
+    /// Rings of one callee by one caller at once, then per minute (calls and invitations).
+    pub rings_per_pair_burst: u32,
+    pub rings_per_pair_per_min: u32,
+    /// Rings of one callee by all callers at once, then per minute.
+    pub rings_per_callee_burst: u32,
+    pub rings_per_callee_per_min: u32,
+    /// Room invitations one organizer may send at once, then per minute.
+    pub invites_burst: u32,
+    pub invites_per_min: u32,
+    /// Telephone route calls end after this many seconds (`hang_up{time_limit}`); 0 = never.
+    pub route_max_duration_s: u64,
+    /// A route call whose caller or voice gateway sent no media for this many seconds ends
+    /// (`hang_up{no_media}`); 0 = not checked.
+    pub route_inactivity_s: u64,
+    /// Sources (addresses or blocks) the per-source limits do not apply to: the log-in limiter
+    /// and `connections_per_source`. Loopback by default (local tools and load generators).
+    pub exempt_sources: Vec<String>,
+}
+
+impl LimitsSection {
+    /// The exempt blocks that parse (validation reports the others).
+    pub fn exempt(&self) -> Vec<crate::control::limits::Cidr> {
+        self.exempt_sources
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect()
+    }
+
+    /// The core's dial, ring and invitation limits.
+    pub fn call_limits(&self) -> crate::control::limits::CallLimitConfig {
+        let pace = |burst: u32, per_min: u32| crate::control::limits::Pace {
+            burst: burst.max(1),
+            every: Duration::from_secs(60) / per_min.max(1),
+        };
+        crate::control::limits::CallLimitConfig {
+            dials: pace(self.dials_burst, self.dials_per_min),
+            rings_per_pair: pace(self.rings_per_pair_burst, self.rings_per_pair_per_min),
+            rings_per_callee: pace(self.rings_per_callee_burst, self.rings_per_callee_per_min),
+            invites: pace(self.invites_burst, self.invites_per_min),
+        }
+    }
 }
 
 impl Default for LimitsSection {
@@ -193,6 +237,17 @@ impl Default for LimitsSection {
             messages_per_s: 20,
             message_burst: 50,
             flood_close_s: 5,
+            dials_burst: 10,
+            dials_per_min: 10,
+            rings_per_pair_burst: 3,
+            rings_per_pair_per_min: 3,
+            rings_per_callee_burst: 20,
+            rings_per_callee_per_min: 20,
+            invites_burst: 30,
+            invites_per_min: 30,
+            route_max_duration_s: 4 * 3600,
+            route_inactivity_s: 60,
+            exempt_sources: vec!["127.0.0.0/8".into(), "::1".into()],
         }
     }
 }
@@ -510,6 +565,33 @@ impl Config {
             "limits.message_burst",
             format!("{} is outside 1..=100000", l.message_burst),
         );
+        for (i, src) in l.exempt_sources.iter().enumerate() {
+            let r = src.parse::<crate::control::limits::Cidr>();
+            check(
+                r.is_ok(),
+                &format!("limits.exempt_sources[{i}]"),
+                r.err().unwrap_or_default(),
+            );
+        }
+        for (key, v) in [
+            ("limits.dials_burst", l.dials_burst),
+            ("limits.dials_per_min", l.dials_per_min),
+            ("limits.rings_per_pair_burst", l.rings_per_pair_burst),
+            ("limits.rings_per_pair_per_min", l.rings_per_pair_per_min),
+            ("limits.rings_per_callee_burst", l.rings_per_callee_burst),
+            (
+                "limits.rings_per_callee_per_min",
+                l.rings_per_callee_per_min,
+            ),
+            ("limits.invites_burst", l.invites_burst),
+            ("limits.invites_per_min", l.invites_per_min),
+        ] {
+            check(
+                (1..=60_000).contains(&v),
+                key,
+                format!("{v} is outside 1..=60000"),
+            );
+        }
         check(
             self.dumps.max_files >= 1,
             "dumps.max_files",
@@ -626,6 +708,10 @@ impl Config {
             max_connections: self.server.max_connections,
             max_calls_per_user: self.calls.max_calls_per_user,
             max_room_size: self.calls.max_room_size,
+            call_limits: self.limits.call_limits(),
+            exempt_sources: self.limits.exempt(),
+            route_max_duration: Duration::from_secs(self.limits.route_max_duration_s),
+            route_inactivity: Duration::from_secs(self.limits.route_inactivity_s),
             ..GatewayConfig::with_secret(secret)
         }
     }
@@ -780,5 +866,18 @@ mod tests {
         c.server.denied_peers = vec!["10.0.0.0/8".parse().unwrap()];
         c.calls.ring_timeout_s = 5;
         assert!(a.restart_only_changes(&c).is_empty(), "live keys");
+    }
+}
+
+#[cfg(test)]
+mod limits_tests {
+    use super::*;
+
+    #[test]
+    fn default_call_limits_match_the_core_defaults() {
+        assert_eq!(
+            Config::default().limits.call_limits(),
+            crate::control::limits::CallLimitConfig::default()
+        );
     }
 }

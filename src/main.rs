@@ -124,6 +124,44 @@ enum BackendArg {
     Epoll,
 }
 
+/// Which telephone numbers (through routes) a subscriber may dial; calls to registered users
+/// are always allowed. Without any of these flags: any route (on `add`), unchanged (on `mod`).
+#[derive(clap::Args)]
+struct ClassOfService {
+    /// A number prefix the user may dial on telephone routes (repeat for several).
+    #[arg(long = "allow-prefix", value_name = "PREFIX")]
+    allow_prefix: Vec<String>,
+    /// The user may dial any telephone number.
+    #[arg(long, conflicts_with_all = ["allow_prefix", "no_routes"])]
+    any_route: bool,
+    /// The user may dial no telephone number.
+    #[arg(long, conflicts_with = "allow_prefix")]
+    no_routes: bool,
+}
+
+impl ClassOfService {
+    /// `None`: not given; `Some(None)`: any route; `Some(Some(list))`: these prefixes.
+    fn get(&self) -> Option<Option<Vec<String>>> {
+        if self.any_route {
+            Some(None)
+        } else if self.no_routes {
+            Some(Some(Vec::new()))
+        } else if !self.allow_prefix.is_empty() {
+            Some(Some(self.allow_prefix.clone()))
+        } else {
+            None
+        }
+    }
+}
+
+fn cos_text(allow: Option<&[String]>) -> String {
+    match allow {
+        None => "any route".into(),
+        Some([]) => "no routes".into(),
+        Some(p) => format!("routes {}", p.join(",")),
+    }
+}
+
 #[derive(Subcommand)]
 enum UserCmd {
     /// Register a subscriber; the password is prompted for (or read with --password-stdin).
@@ -136,6 +174,16 @@ enum UserCmd {
         /// Read the password from the first line of standard input instead of prompting.
         #[arg(long)]
         password_stdin: bool,
+        #[command(flatten)]
+        cos: ClassOfService,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Change a subscriber's class of service (which telephone numbers it may dial).
+    Mod {
+        user: String,
+        #[command(flatten)]
+        cos: ClassOfService,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -181,6 +229,10 @@ enum RouteCmd {
         /// Free text shown by `route list`.
         #[arg(long, default_value = "")]
         description: String,
+        /// Calls the route carries at once, each on its own port: MEDIA_ADDR's port and the
+        /// next PORTS - 1 ones (the voice gateway must answer each call on its port).
+        #[arg(long, default_value_t = 1)]
+        ports: u16,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -408,8 +460,12 @@ fn user(c: UserCmd) -> Result<(), String> {
             user,
             number,
             password_stdin,
+            cos,
             store,
         } => {
+            let allow_prefixes = cos.get().flatten();
+            voxgate::store::validate_allow_prefixes(allow_prefixes.as_deref())
+                .map_err(|e| e.to_string())?;
             let (mut st, cfg) = open_store(&store)?;
             voxgate::store::validate_user(&user).map_err(|e| e.to_string())?;
             voxgate::store::validate_number(&number).map_err(|e| e.to_string())?;
@@ -418,9 +474,28 @@ fn user(c: UserCmd) -> Result<(), String> {
                 user: user.clone(),
                 number: number.clone(),
                 verifier,
+                allow_prefixes: allow_prefixes.clone(),
             })
             .map_err(|e| e.to_string())?;
-            println!("added {user} with number {number}");
+            println!(
+                "added {user} with number {number} ({})",
+                cos_text(allow_prefixes.as_deref())
+            );
+        }
+        UserCmd::Mod { user, cos, store } => {
+            let Some(allow) = cos.get() else {
+                return Err(
+                    "nothing to change: give --allow-prefix, --any-route or --no-routes".into(),
+                );
+            };
+            let (mut st, _) = open_store(&store)?;
+            if !st
+                .set_allow_prefixes(&user, allow.as_deref())
+                .map_err(|e| e.to_string())?
+            {
+                return Err(format!("no user {user:?}"));
+            }
+            println!("{user} may dial {}", cos_text(allow.as_deref()));
         }
         UserCmd::Del { user, store } => {
             let (mut st, _) = open_store(&store)?;
@@ -432,7 +507,12 @@ fn user(c: UserCmd) -> Result<(), String> {
         UserCmd::List { store } => {
             let (st, _) = open_store(&store)?;
             for s in st.list_users().map_err(|e| e.to_string())? {
-                println!("{}\t{}", s.user, s.number);
+                println!(
+                    "{}\t{}\t{}",
+                    s.user,
+                    s.number,
+                    cos_text(s.allow_prefixes.as_deref())
+                );
             }
         }
         UserCmd::Import { file, store } => {
@@ -465,6 +545,7 @@ fn route(c: RouteCmd) -> Result<(), String> {
             prefix,
             media_addr,
             description,
+            ports,
             store,
         } => {
             let (mut st, _) = open_store(&store)?;
@@ -472,9 +553,10 @@ fn route(c: RouteCmd) -> Result<(), String> {
                 prefix: prefix.clone(),
                 media_addr,
                 description,
+                ports,
             })
             .map_err(|e| e.to_string())?;
-            println!("numbers starting {prefix} go to {media_addr}");
+            println!("numbers starting {prefix} go to {media_addr} ({ports} call(s) at once)");
         }
         RouteCmd::Del { prefix, store } => {
             let (mut st, _) = open_store(&store)?;
@@ -486,7 +568,10 @@ fn route(c: RouteCmd) -> Result<(), String> {
         RouteCmd::List { store } => {
             let (st, _) = open_store(&store)?;
             for r in st.list_routes().map_err(|e| e.to_string())? {
-                println!("{}\t{}\t{}", r.prefix, r.media_addr, r.description);
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    r.prefix, r.media_addr, r.ports, r.description
+                );
             }
         }
     }

@@ -38,6 +38,7 @@ pub mod records;
 #[cfg(test)]
 mod sim;
 pub mod tally;
+pub mod toll;
 
 /// The STUN short-term password for a media leg: derived from the client's session key (the
 /// seed's "additional password"), so the gateway never sends it and nobody without the session

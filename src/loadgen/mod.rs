@@ -968,6 +968,7 @@ pub fn import_users(
             user: user.to_owned(),
             number: number.to_owned(),
             verifier,
+            allow_prefixes: None,
         };
         if store.user(user).map_err(|e| e.to_string())?.is_some() {
             store.del_user(user).map_err(|e| e.to_string())?;

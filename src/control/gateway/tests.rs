@@ -964,7 +964,7 @@ proptest! {
             prop_assert!(s.connections <= 10);
             prop_assert!(s.probes_running <= s.logged_in);
             prop_assert!(s.calls + s.rooms <= 10 * 3);
-            prop_assert!(w.gw.timers.len() <= 2 * s.connections + s.calls + s.rooms);
+            prop_assert!(w.gw.timers.len() <= 2 * s.connections + s.calls + s.rooms + 1);
             prop_assert!(w.gw.legs.len() <= 2 * (s.calls) + s.room_members);
         }
         // Everything winds down at shutdown.
