@@ -138,6 +138,9 @@ pub struct GatewayConfig {
     pub max_calls_per_user: usize,
     /// Largest room, organizer included (2..=64). Default 16.
     pub max_room_size: usize,
+    /// The addresses clients are told per family (behind 1:1 NAT); default: the address each
+    /// control connection arrived at. See [`super::advertise`].
+    pub advertised: super::advertise::Advertised,
 }
 
 impl Default for GatewayConfig {
@@ -169,6 +172,7 @@ impl GatewayConfig {
             max_connections: 100_000,
             max_calls_per_user: 8,
             max_room_size: 16,
+            advertised: super::advertise::Advertised::default(),
         }
     }
 

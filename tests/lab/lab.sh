@@ -10,18 +10,57 @@
 #   lab.sh nat N MODE              client N's NAT: none | masquerade | symmetric
 #   lab.sh counters N              client N's router counters
 #   lab.sh reset N                 zero client N's router counters
-#   lab.sh exec HOST CMD...        run CMD on host gw | c1 | c2 | c3 | r1 | r2 | r3
+#   lab.sh exec HOST CMD...        run CMD on host gw | c1 | c2 | c3 | r1 | r2 | r3 (| gwr)
 #
 # Addresses: "Internet" 172.31.0.0/24 on a bridge; gateway 172.31.0.1; router N's WAN
 # 172.31.0.1N; client N 10.N.0.2 on router N's LAN 10.N.0.1/24.
+#
+# GW_NAT=1 lab.sh up: the gateway sits behind its own router (host gwr) doing 1:1 NAT, as a
+# cloud instance does: gwr holds the public address 172.31.0.1 on the "Internet" and
+# DNATs everything for it to the gateway's private address 192.168.77.2 (gwr's LAN
+# 192.168.77.1/24), and SNATs what the gateway sends back out to 172.31.0.1. Clients reach
+# the gateway only at 172.31.0.1; the gateway itself sees its private address.
 set -euo pipefail
 LAB=${LAB:-vgl}
 GW_IP=172.31.0.1
+GW_PRIVATE=192.168.77.2
+GW_NAT=${GW_NAT:-0}
 MEDIA_PORTS=${MEDIA_PORTS:-7401-7408}
 CLIENTS=${CLIENTS:-3}
 
 ns() { echo "${LAB}$1"; }
 x() { ip netns exec "$(ns "$1")" "${@:2}"; }
+
+# The gateway behind a 1:1 NAT router (GW_NAT=1).
+gw_behind_nat() {
+    ip netns add "$(ns gwr)"
+    ip link add wan netns "$(ns gwr)" type veth peer name p-gwr netns "$(ns inet)"
+    ip link add lan netns "$(ns gwr)" type veth peer name gw0 netns "$(ns gw)"
+    x inet ip link set p-gwr master br0 up
+    x gwr ip link set lo up
+    x gwr ip addr add "$GW_IP/24" dev wan
+    x gwr ip addr add "192.168.77.1/24" dev lan
+    x gwr ip link set wan up
+    x gwr ip link set lan up
+    x gwr sysctl -qw net.ipv4.ip_forward=1
+    x gw ip link set lo up
+    x gw ip addr add "$GW_PRIVATE/24" dev gw0
+    x gw ip link set gw0 up
+    x gw ip route add default via 192.168.77.1
+    x gwr nft -f - <<NFT
+flush ruleset
+table ip gwnat {
+    chain prerouting {
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "wan" ip daddr $GW_IP dnat to $GW_PRIVATE
+    }
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan" ip saddr $GW_PRIVATE snat to $GW_IP
+    }
+}
+NFT
+}
 
 down() {
     for n in $(ip netns list | awk '{print $1}' | grep "^${LAB}" || true); do
@@ -32,17 +71,23 @@ down() {
 
 up() {
     down
+    # Where the routes to the client LANs live: the gateway, or its NAT router.
+    if [ "$GW_NAT" = 1 ]; then GW_EDGE=gwr; else GW_EDGE=gw; fi
     ip netns add "$(ns inet)"
     x inet ip link add br0 type bridge
     x inet ip link set br0 up
     x inet ip link set lo up
     # The gateway host.
     ip netns add "$(ns gw)"
-    ip link add gw0 netns "$(ns gw)" type veth peer name p-gw netns "$(ns inet)"
-    x inet ip link set p-gw master br0 up
-    x gw ip link set lo up
-    x gw ip addr add "$GW_IP/24" dev gw0
-    x gw ip link set gw0 up
+    if [ "$GW_NAT" = 1 ]; then
+        gw_behind_nat
+    else
+        ip link add gw0 netns "$(ns gw)" type veth peer name p-gw netns "$(ns inet)"
+        x inet ip link set p-gw master br0 up
+        x gw ip link set lo up
+        x gw ip addr add "$GW_IP/24" dev gw0
+        x gw ip link set gw0 up
+    fi
     for n in $(seq 1 "$CLIENTS"); do
         ip netns add "$(ns "r$n")"
         ip netns add "$(ns "c$n")"
@@ -60,7 +105,7 @@ up() {
         x "c$n" ip link set eth0 up
         x "c$n" ip route add default via "10.$n.0.1"
         # Client LANs are routed on the "Internet" (until NAT hides them).
-        x gw ip route add "10.$n.0.0/24" via "172.31.0.1$n"
+        x "$GW_EDGE" ip route add "10.$n.0.0/24" via "172.31.0.1$n"
         rules "$n" open none
     done
     for n in $(seq 1 "$CLIENTS"); do
