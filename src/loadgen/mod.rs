@@ -270,6 +270,13 @@ pub fn run(args: BenchArgs) -> ExitCode {
             for l in &v.lines {
                 println!("{l}");
             }
+            if v.unjudged > 0 {
+                println!(
+                    "WARNING: {} check(s) failed on steps other processes disturbed and were not \
+                     judged: this run cannot tell a regression from a busy machine",
+                    v.unjudged
+                );
+            }
             if v.passed() {
                 Ok(())
             } else {
