@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::auth::{Bucket, RateLimitConfig};
 use crate::control::gateway::GatewayConfig;
+use crate::control::peer_policy::Cidr;
 use crate::shard::{Backend, RelayConfig, ShardConfig};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -24,6 +25,7 @@ pub struct Config {
     pub media: MediaSection,
     pub dumps: DumpsSection,
     pub admin: AdminSection,
+    pub limits: LimitsSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,6 +46,10 @@ pub struct ServerSection {
     pub pin_shards: bool,
     /// Allow media destinations in private, loopback and link-local ranges.
     pub allow_private_peers: bool,
+    /// Prefixes that open media destinations (most specific prefix wins).
+    pub allowed_peers: Vec<Cidr>,
+    /// Prefixes that close media destinations (most specific prefix wins).
+    pub denied_peers: Vec<Cidr>,
     /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
     pub log_level: String,
     pub max_connections: usize,
@@ -86,11 +92,19 @@ pub struct CallsSection {
 pub struct AuthSection {
     /// PBKDF2 iterations for new verifiers (RFC 7677 recommends at least 4096).
     pub scram_iterations: u32,
-    /// Failed log-ins allowed at once per source address, then one per `ip_refill_s`.
+    /// Log-in attempts (charged at `hello`, given back on success) allowed at once per source
+    /// address, then one per `ip_refill_s`.
     pub ip_burst: u32,
     pub ip_refill_s: u64,
+    /// Per user name from sources with unsuccessful attempts (a slow-down: a source that has
+    /// not failed for the user is always let through).
     pub user_burst: u32,
     pub user_refill_s: u64,
+    /// Per user name at one source address: the lock-out a guesser runs into.
+    pub user_source_burst: u32,
+    pub user_source_refill_s: u64,
+    /// A bucket emptied again before it refilled doubles its refill period, up to this.
+    pub backoff_max_s: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -142,6 +156,31 @@ impl Default for AdminSection {
     }
 }
 
+/// Limits against floods and abuse on the control port (`[limits]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Control connections held at once from one IPv4 address or IPv6 /64.
+    pub connections_per_source: u32,
+    /// Messages a control connection may send per second after a burst; faster clients are
+    /// throttled (their messages are read more slowly).
+    pub messages_per_s: u32,
+    pub message_burst: u32,
+    /// A client throttled without a break for this long is refused (`rate_limited`) and closed.
+    pub flood_close_s: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            connections_per_source: 256,
+            messages_per_s: 20,
+            message_burst: 50,
+            flood_close_s: 5,
+        }
+    }
+}
+
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
@@ -154,6 +193,8 @@ impl Default for ServerSection {
             backend: Backend::Auto,
             pin_shards: true,
             allow_private_peers: false,
+            allowed_peers: Vec::new(),
+            denied_peers: Vec::new(),
             log_level: "info".into(),
             max_connections: 10_000,
             shutdown_grace_s: 30,
@@ -201,8 +242,11 @@ impl Default for AuthSection {
             scram_iterations: 4096,
             ip_burst: 20,
             ip_refill_s: 3,
-            user_burst: 5,
-            user_refill_s: 12,
+            user_burst: 30,
+            user_refill_s: 2,
+            user_source_burst: 5,
+            user_source_refill_s: 12,
+            backoff_max_s: 300,
         }
     }
 }
@@ -254,6 +298,9 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
+/// Longest `allowed_peers` / `denied_peers` list: each call set-up scans them.
+pub const MAX_PEER_PREFIXES: usize = 1024;
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -281,6 +328,16 @@ impl Config {
                 p.push(format!("{key}: {what}"));
             }
         };
+        for (key, list) in [
+            ("server.allowed_peers", &s.allowed_peers),
+            ("server.denied_peers", &s.denied_peers),
+        ] {
+            check(
+                list.len() <= MAX_PEER_PREFIXES,
+                key,
+                format!("{} prefixes; at most {MAX_PEER_PREFIXES}", list.len()),
+            );
+        }
         check(
             s.shards <= 1024,
             "server.shards",
@@ -437,6 +494,22 @@ impl Config {
                 format!("{a} is not a unicast IPv6 address (set IPv4 in advertised_ipv4)"),
             );
         }
+        let l = &self.limits;
+        check(
+            l.connections_per_source >= 1,
+            "limits.connections_per_source",
+            "must be at least 1".into(),
+        );
+        check(
+            (1..=100_000).contains(&l.messages_per_s),
+            "limits.messages_per_s",
+            format!("{} is outside 1..=100000", l.messages_per_s),
+        );
+        check(
+            (1..=100_000).contains(&l.message_burst),
+            "limits.message_burst",
+            format!("{} is outside 1..=100000", l.message_burst),
+        );
         check(
             self.dumps.max_files >= 1,
             "dumps.max_files",
@@ -527,10 +600,17 @@ impl Config {
             probe_repeats: self.probe.repeats,
             probe_spacing: Duration::from_millis(self.probe.spacing_ms),
             allow_private_peers: self.server.allow_private_peers,
+            allowed_peers: self.server.allowed_peers.clone(),
+            denied_peers: self.server.denied_peers.clone(),
             scram_iterations: self.auth.scram_iterations,
             rate_limit: RateLimitConfig {
                 per_ip: bucket(self.auth.ip_burst, self.auth.ip_refill_s),
                 per_user: bucket(self.auth.user_burst, self.auth.user_refill_s),
+                per_user_source: bucket(
+                    self.auth.user_source_burst,
+                    self.auth.user_source_refill_s,
+                ),
+                max_backoff: Duration::from_secs(self.auth.backoff_max_s.max(1)),
                 ..RateLimitConfig::default()
             },
             max_connections: self.server.max_connections,
@@ -546,7 +626,7 @@ impl Config {
 
     /// What differs between two configurations that a running gateway cannot apply live
     /// (named in the log on reload).
-    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<String> {
         let (a, b) = (&self.server, &new.server);
         let mut v = Vec::new();
         if a.listen != b.listen {
@@ -573,17 +653,31 @@ impl Config {
         if a.pin_shards != b.pin_shards {
             v.push("server.pin_shards");
         }
-        if self.media != new.media {
-            v.push("media.*");
-        }
+        let mut v: Vec<String> = v.into_iter().map(String::from).collect();
+        // Every [media] key needs a restart: name each one that changed.
+        v.extend(changed_keys("media", &self.media, &new.media));
         if self.dumps.dir != new.dumps.dir {
-            v.push("dumps.dir");
+            v.push("dumps.dir".into());
         }
-        if self.admin != new.admin {
-            v.push("admin.*");
-        }
+        v.extend(changed_keys("admin", &self.admin, &new.admin));
         v
     }
+}
+
+/// `section.key` for each key whose value differs between `a` and `b` (as TOML values).
+fn changed_keys<T: Serialize>(section: &str, a: &T, b: &T) -> Vec<String> {
+    let table = |x: &T| match toml::Value::try_from(x) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::map::Map::new(),
+    };
+    let (ta, tb) = (table(a), table(b));
+    let mut keys: Vec<&String> = ta.keys().chain(tb.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| ta.get(*k) != tb.get(*k))
+        .map(|k| format!("{section}.{k}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -657,15 +751,51 @@ mod tests {
     }
 
     #[test]
+    fn peer_lists_parse_and_bad_prefixes_are_named() {
+        let c = Config::parse(
+            "[server]\nallowed_peers = [\"10.20.0.0/16\", \"fd00:1::/32\"]\n\
+             denied_peers = [\"10.20.5.0/24\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let p = c.gateway_config([0; 32], (1, 2)).peer_policy();
+        assert!(p.check("10.20.1.1".parse().unwrap()).is_ok());
+        assert!(p.check("10.20.5.1".parse().unwrap()).is_err());
+        assert!(p.check("10.21.1.1".parse().unwrap()).is_err());
+        let e = Config::parse("[server]\ndenied_peers = [\"10.0.0.1/8\"]\n").unwrap_err();
+        assert!(
+            e.contains("denied_peers") && e.contains("did you mean 10.0.0.0/8"),
+            "{e}"
+        );
+        let e = Config::parse("[server]\nallowed_peers = [\"lab\"]\n").unwrap_err();
+        assert!(
+            e.contains("allowed_peers") && e.contains("\"lab\" is not an IP"),
+            "{e}"
+        );
+        let mut c = Config::default();
+        c.server.denied_peers = vec!["10.0.0.0/8".parse().unwrap(); MAX_PEER_PREFIXES + 1];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("server.denied_peers: 1025 prefixes; at most 1024"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn restart_only_keys_are_named() {
         let a = Config::default();
         let mut b = a.clone();
         b.server.control_port = 9000;
         b.presence.heartbeat_ms = 5000;
         b.media.coalesce_us = 0;
+        b.media.udp_bufs = 8;
         assert_eq!(
             a.restart_only_changes(&b),
-            vec!["server.control_port", "media.*"]
+            vec!["server.control_port", "media.coalesce_us", "media.udp_bufs"]
         );
+        let mut c = a.clone();
+        c.server.denied_peers = vec!["10.0.0.0/8".parse().unwrap()];
+        c.calls.ring_timeout_s = 5;
+        assert!(a.restart_only_changes(&c).is_empty(), "live keys");
     }
 }

@@ -13,6 +13,7 @@
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod directory;
 pub mod loadgen;
 pub mod logging;
 pub mod metrics;

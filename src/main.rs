@@ -55,13 +55,18 @@ struct ServeArgs {
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// Directory of the store and the auth secret [default: $STATE_DIRECTORY under systemd,
+    /// else ./voxgate-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Address every socket binds to; "::" is dual-stack [default: ::].
     #[arg(long)]
     listen: Option<IpAddr>,
+    /// TCP port of the control protocol; 0 = any free port, logged at start [default: 7400].
     #[arg(long)]
     control_port: Option<u16>,
-    #[arg(long)]
+    /// Shard i takes UDP and TCP port BASE + i for media; 0 = any free ports [default: 7401].
+    #[arg(long, value_name = "BASE")]
     media_port_base: Option<u16>,
     /// Probe ports A,B.
     #[arg(long, value_name = "A,B", value_parser = parse_port_pair)]
@@ -69,17 +74,22 @@ struct ServeArgs {
     /// Media shards (0: one per core).
     #[arg(long)]
     shards: Option<usize>,
+    /// Shard IO: io_uring, epoll, or auto (io_uring where available) [default: auto].
     #[arg(long, value_enum)]
     backend: Option<BackendArg>,
     /// Wake-up coalescing budget in µs (0 = off).
     #[arg(long)]
     coalesce_us: Option<u64>,
-    /// Allow media destinations in private and loopback ranges (labs, private networks).
+    /// Allow media destinations in private, loopback and link-local ranges (labs, one
+    /// machine, private networks); special ranges stay denied.
     #[arg(long)]
     allow_private_peers: bool,
+    /// Do not pin shard threads to CPUs (shared machines, containers).
     #[arg(long)]
     no_pin: bool,
-    #[arg(long)]
+    /// error | warn | info | debug | trace, or a tracing filter such as "voxgate=debug"
+    /// [default: info].
+    #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
     /// Directory for histogram dumps.
     #[arg(long)]
@@ -87,11 +97,14 @@ struct ServeArgs {
     /// Seconds per dump interval (0: off).
     #[arg(long)]
     dump_interval: Option<u64>,
-    #[arg(long)]
+    /// Heart-beat interval told to clients, in ms [default: 10000].
+    #[arg(long, value_name = "MS")]
     heartbeat_ms: Option<u64>,
-    #[arg(long)]
+    /// An unanswered call ends after this many seconds [default: 30].
+    #[arg(long, value_name = "SECS")]
     ring_timeout_s: Option<u64>,
-    #[arg(long)]
+    /// On SIGTERM, calls in progress get this many seconds to finish [default: 30].
+    #[arg(long, value_name = "SECS")]
     shutdown_grace_s: Option<u64>,
     /// Address of the HTTP admin listener (/metrics for Prometheus, /health); port 0 picks a
     /// free port (named in the "ready" log line).
@@ -120,32 +133,41 @@ enum BackendArg {
 enum UserCmd {
     /// Register a subscriber; the password is prompted for (or read with --password-stdin).
     Add {
+        /// Log-in name.
         user: String,
+        /// The subscriber's telephone number (others dial it).
         #[arg(long)]
         number: String,
+        /// Read the password from the first line of standard input instead of prompting.
         #[arg(long)]
         password_stdin: bool,
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Remove a subscriber.
     Del {
+        /// Log-in name.
         user: String,
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// List subscribers and their numbers.
     List {
         #[command(flatten)]
         store: StoreArgs,
     },
     /// Register subscribers from a CSV file (user,number,password; a header line allowed).
     Import {
+        /// CSV file: user,number,password per line.
         file: PathBuf,
         #[command(flatten)]
         store: StoreArgs,
     },
     /// Change a subscriber's password.
     Passwd {
+        /// Log-in name.
         user: String,
+        /// Read the password from the first line of standard input instead of prompting.
         #[arg(long)]
         password_stdin: bool,
         #[command(flatten)]
@@ -157,18 +179,24 @@ enum UserCmd {
 enum RouteCmd {
     /// Route numbers starting with PREFIX to an IP voice gateway's RTP address.
     Add {
+        /// Number prefix, e.g. +4930 (the longest matching prefix wins).
         prefix: String,
+        /// The IP voice gateway's RTP address, e.g. 192.0.2.10:20000.
         media_addr: SocketAddr,
+        /// Free text shown by `route list`.
         #[arg(long, default_value = "")]
         description: String,
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Remove the route of a prefix.
     Del {
+        /// Number prefix, as given to `route add`.
         prefix: String,
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// List routes.
     List {
         #[command(flatten)]
         store: StoreArgs,
@@ -177,6 +205,7 @@ enum RouteCmd {
 
 #[derive(clap::Args)]
 struct StoreArgs {
+    /// The gateway's data directory (where its store is) [default: as `serve`].
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Read data_dir and SCRAM iterations from this config file.
@@ -198,6 +227,7 @@ struct StatsArgs {
     /// logarithmic latency axis, then p50/p99/max and packets received per interval.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
 }
@@ -484,4 +514,59 @@ fn stats(a: StatsArgs) -> Result<(), String> {
     let out = voxgate::metrics::stats::run(&q).map_err(|e| e.to_string())?;
     print!("{out}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every subcommand says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "voxgate", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "arguments without help:\n{}",
+            missing.join("\n")
+        );
+    }
+
+    #[test]
+    fn serve_help_explains_the_flags() {
+        let help = Cli::command()
+            .find_subcommand_mut("serve")
+            .expect("serve")
+            .render_long_help()
+            .to_string();
+        for want in [
+            "--data-dir <DATA_DIR>\n          Directory of the store",
+            "--control-port <CONTROL_PORT>\n          TCP port of the control protocol",
+            "--no-pin\n          Do not pin shard threads",
+            "--allow-private-peers\n          Allow media destinations",
+        ] {
+            assert!(help.contains(want), "{want:?} not in:\n{help}");
+        }
+    }
 }

@@ -220,7 +220,7 @@ fn sighup_reloads_without_dropping_a_call() {
     unsafe { libc::kill(gw.pid(), libc::SIGHUP) };
     gw.wait_log(mark, "the reload", |l| l.contains("configuration reloaded"));
     gw.wait_log(mark, "the restart-only key named", |l| {
-        l.contains("needs a restart") && l.contains("media.*")
+        l.contains("media.coalesce_us needs a restart")
     });
     let (ra, rb) = (finish(caller), finish(callee));
     assert_eq!(ra.code, 0, "{}", ra.json);

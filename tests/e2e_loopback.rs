@@ -316,3 +316,55 @@ fn a_telephone_number_is_relayed_to_its_ip_voice_gateway() {
         "the IP voice gateway got the call's RTP"
     );
 }
+
+#[test]
+fn a_refused_call_says_why_and_names_the_keys_that_open_it() {
+    // The operator closed loopback with denied_peers (the test gateway otherwise allows private
+    // peers): two phones on this machine cannot call each other, and both are told why.
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("strict.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\ndenied_peers = [\"127.0.0.0/8\", \"::1/128\"]\n",
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    let mark = gw.log_len();
+    let callee = spawn_phone(&gw, "bob", &["--answer", "--wait", "20"]);
+    gw.wait_online(mark, "bob");
+    let caller = run_phone(&gw, "alice", &["--call", "+15550002"]);
+    let callee = common::finish(callee);
+    let want = "the gateway refused the call: media address 127.0.0.1 is in a denied range \
+                (denied_peers 127.0.0.0/8)";
+    for (who, r) in [("caller", &caller), ("callee", &callee)] {
+        assert_ne!(r.code, 0, "{who}: {}", r.json);
+        assert_eq!(r.json["result"], "failed", "{who}: {}", r.json);
+        assert_eq!(r.json["hangup_reason"], "peer_denied", "{who}: {}", r.json);
+        assert_eq!(r.json["reason"], want, "{who}: {}", r.json);
+    }
+}
+
+#[test]
+fn a_bad_message_is_answered_in_protocol_terms() {
+    use std::io::{Read, Write};
+    let gw = Gateway::start(&[]);
+    let mut s = std::net::TcpStream::connect(&gw.control).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let body = br#"{"type":"teleport","to":"mars"}"#;
+    s.write_all(&(body.len() as u16).to_be_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).unwrap();
+    let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut reply).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["code"], "bad_message", "{v}");
+    assert_eq!(
+        v["message"],
+        "unknown message type \"teleport\"; expected one of: hello, proof, heartbeat, \
+         probe_local, probe_report, reprobe, dial, conference, accept, reject, hang_up, \
+         media_trouble, bye",
+        "{v}"
+    );
+}

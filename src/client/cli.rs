@@ -216,6 +216,9 @@ struct ReceivedOut {
     /// One-way, from the sender's wall clock: only valid when both ends share a clock.
     latency_ms: Option<LatencyMs>,
     ssrcs: usize,
+    /// ITU-T G.107 E-model estimate (1.0..=4.5, [`crate::metrics::mos`]) from the loss, the
+    /// jitter and the latency p50 (0 when the latency is unknown); `null` without packets.
+    mos: Option<f64>,
 }
 
 /// The one JSON object `voxgate phone --json` prints.
@@ -327,6 +330,12 @@ impl PhoneSummary {
                 max: round3(l.max),
             }),
             ssrcs: r.received.ssrcs,
+            mos: leg_mos(
+                r.received.packets,
+                r.received.lost,
+                r.received.jitter_ms,
+                r.received.latency_ms.map(|l| l.p50),
+            ),
         };
         self.udp_binding_confirmed = r.udp_binding_confirmed;
         self.media_ready_wait_ms = r.media_ready_wait_ms.map(round3);
@@ -398,6 +407,9 @@ impl PhoneSummary {
                 "  sent {} packets; received {} packets from {} source(s), {} lost, jitter {:.2} ms, {latency}",
                 self.sent.packets, r.packets, r.ssrcs, r.lost, r.jitter_ms
             );
+            if let Some(m) = r.mos {
+                let _ = writeln!(s, "  estimated MOS {m:.2} (ITU-T G.107 E-model, G.711)");
+            }
             match (self.media_ready_wait_ms, self.media_ready_timed_out) {
                 (Some(ms), false) => {
                     let _ = writeln!(
@@ -471,7 +483,32 @@ fn hangup_text(r: HangupReason) -> &'static str {
         HangupReason::MediaFailed => "media failed",
         HangupReason::Shutdown => "the gateway is shutting down",
         HangupReason::Error => "the gateway could not set up the call",
+        HangupReason::PeerDenied => "the gateway refused a media address",
+        HangupReason::BadMediaAddress => "a media address is missing or not unicast",
     }
+}
+
+/// What the user is told about a gateway hang-up: the gateway's own words when it gave them.
+fn hangup_message(r: HangupReason, detail: Option<&str>) -> String {
+    match detail {
+        Some(d) if !d.is_empty() => format!("the gateway refused the call: {d}"),
+        _ => hangup_text(r).into(),
+    }
+}
+
+/// The received leg's MOS estimate: loss as a fraction of the packets expected.
+fn leg_mos(packets: u64, lost: u64, jitter_ms: f64, delay_ms: Option<f64>) -> Option<f64> {
+    let expected = packets.saturating_add(lost);
+    if packets == 0 {
+        return None;
+    }
+    #[allow(clippy::cast_precision_loss)] // packet counts far below 2^52
+    let loss = lost as f64 / expected as f64;
+    Some(round3(crate::metrics::mos::mos(
+        loss,
+        jitter_ms,
+        delay_ms.unwrap_or(0.0),
+    )))
 }
 
 fn emit_phone(s: &PhoneSummary, json: bool) -> ExitCode {
@@ -683,12 +720,12 @@ async fn phone_session(
                 break Ok("local (interrupted)".into());
             }
             ev = events.recv() => match ev {
-                Some(Event::HangUp { call: c, reason }) if c == call => {
+                Some(Event::HangUp { call: c, reason, detail }) if c == call => {
                     summary.hangup_reason = Some(reason);
                     break if reason == HangupReason::Normal {
                         Ok("peer".into())
                     } else {
-                        Err(hangup_text(reason).into())
+                        Err(hangup_message(reason, detail.as_deref()))
                     };
                 }
                 // It may have come while the phone was still binding: it waited in the queue.
@@ -791,9 +828,9 @@ async fn wait_media(
             ev = events.recv() => match ev {
                 Some(Event::Media(i)) if i.call == call => return Waited::Media(i),
                 Some(Event::Ringing { call: c }) if c == call => tracing::info!(call, "ringing"),
-                Some(Event::HangUp { call: c, reason }) if c == call => {
+                Some(Event::HangUp { call: c, reason, detail }) if c == call => {
                     summary.hangup_reason = Some(reason);
-                    return Waited::Failed(hangup_text(reason).into());
+                    return Waited::Failed(hangup_message(reason, detail.as_deref()));
                 }
                 Some(Event::Incoming { call: other, .. }) => {
                     let _ = phone.reject(other).await;
@@ -1083,6 +1120,9 @@ mod tests {
         assert_eq!(j["transports"]["recv"]["via_gateway"], false);
         assert_eq!(j["received"]["lost"], 0);
         assert!(j["received"]["latency_ms"]["p50"].is_number());
+        // Loopback, no loss: toll quality.
+        let mos = j["received"]["mos"].as_f64().expect("mos");
+        assert!(mos > 4.3 && mos <= 4.5, "{j}");
         assert!(j["media_ready_wait_ms"].is_number(), "{j}");
         assert_eq!(j["media_ready_timed_out"], false);
     }
@@ -1240,6 +1280,7 @@ mod tests {
             g.send(&ServerMsg::HangUp {
                 call: 9,
                 reason: HangupReason::Normal,
+                detail: None,
             })
             .await;
             assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
@@ -1281,6 +1322,7 @@ mod tests {
                 ServerMsg::HangUp {
                     call: 3,
                     reason: HangupReason::Busy,
+                    detail: None,
                 },
             ])
             .await;
@@ -1320,6 +1362,56 @@ mod tests {
             Some("log-in refused: wrong user or password")
         );
         gw.await.expect("gateway");
+    }
+
+    #[tokio::test]
+    async fn a_refused_call_prints_the_gateways_words() {
+        let detail = "media address 127.0.0.1 is in a denied range (loopback 127.0.0.0/8); \
+                      set allow_private_peers or allowed_peers";
+        let (l, addr) = listener().await;
+        let gw = tokio::spawn(async move {
+            let mut g = fake(l, Vec::new()).await;
+            let ClientMsg::Dial { tag, .. } = g.recv_skip_heartbeats().await else {
+                panic!("expected dial")
+            };
+            g.send_all(&[
+                ServerMsg::Calling { tag, call: 4 },
+                ServerMsg::HangUp {
+                    call: 4,
+                    reason: HangupReason::PeerDenied,
+                    detail: Some(detail.into()),
+                },
+            ])
+            .await;
+            assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
+        });
+        let mut args = phone_args(addr);
+        args.call = Some("+15550003".into());
+        let summary = phone_session(
+            &args,
+            Mode::Call("+15550003".into()),
+            "pw".into(),
+            None,
+            None,
+            PhoneSummary::new(&args),
+        )
+        .await;
+        gw.await.expect("gateway");
+        let want = format!("the gateway refused the call: {detail}");
+        assert_eq!(summary.reason.as_deref(), Some(want.as_str()));
+        assert_eq!(summary.hangup_reason, Some(HangupReason::PeerDenied));
+        assert!(
+            summary.human().contains(&format!("failed: {want}")),
+            "{}",
+            summary.human()
+        );
+        let j = serde_json::to_value(&summary).expect("json");
+        assert_eq!(j["hangup_reason"], "peer_denied");
+        // Without words from the gateway, the reason's own text.
+        assert_eq!(
+            hangup_message(HangupReason::PeerDenied, None),
+            "the gateway refused a media address"
+        );
     }
 
     #[derive(clap::Parser, Debug)]
@@ -1501,5 +1593,18 @@ mod tests {
         let j = serde_json::to_value(&s).expect("json");
         assert_eq!(j["reason"], "busy");
         assert_eq!(j["transports"]["send"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn phone_mos_counts_loss_against_packets_expected() {
+        assert_eq!(leg_mos(0, 0, 0.0, None), None);
+        let clean = leg_mos(100, 0, 0.5, Some(1.0)).expect("mos");
+        let lossy = leg_mos(99, 1, 0.5, Some(1.0)).expect("mos");
+        // 1 % loss, G.711 without concealment: R falls by 95 · 1 / 5.3 = 17.9.
+        let want = crate::metrics::mos::mos(0.01, 0.5, 1.0);
+        assert!((lossy - want).abs() < 0.001, "{lossy} vs {want}");
+        assert!(clean > 4.3 && lossy < 4.0, "{clean} {lossy}");
+        // Unknown latency counts as 0 ms of network delay.
+        assert_eq!(leg_mos(100, 0, 0.5, None), leg_mos(100, 0, 0.5, Some(0.0)));
     }
 }

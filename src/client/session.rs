@@ -207,6 +207,8 @@ pub enum Event {
     HangUp {
         call: CallId,
         reason: HangupReason,
+        /// The gateway's words for why (bounded; printed as is).
+        detail: Option<String>,
     },
     /// An `error` from the gateway that no `dial` was waiting for.
     Error {
@@ -930,7 +932,15 @@ impl Session {
             }),
             ServerMsg::Media(m) => self.emit(Event::Media(m)),
             ServerMsg::MediaReady { call } => self.emit(Event::MediaReady { call }),
-            ServerMsg::HangUp { call, reason } => self.emit(Event::HangUp { call, reason }),
+            ServerMsg::HangUp {
+                call,
+                reason,
+                detail,
+            } => self.emit(Event::HangUp {
+                call,
+                reason,
+                detail: detail.map(|d| crate::wire::control::bounded_detail(&d)),
+            }),
             ServerMsg::Error { code, message } => {
                 // The gateway answers in order: an error while a dial waits is that dial's.
                 match self.pending.pop_front() {
@@ -1296,6 +1306,7 @@ mod tests {
             g.send(&ServerMsg::HangUp {
                 call: 77,
                 reason: HangupReason::Busy,
+                detail: None,
             })
             .await;
         };
@@ -1306,7 +1317,8 @@ mod tests {
             events.recv().await,
             Some(Event::HangUp {
                 call: 77,
-                reason: HangupReason::Busy
+                reason: HangupReason::Busy,
+                detail: None,
             })
         );
         // A dial the gateway refuses with an error.

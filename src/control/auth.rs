@@ -42,8 +42,11 @@
 //! [`AuthConfig::decoy_iterations`] to the iteration count used for real
 //! verifiers, or the count gives unknown users away.
 //!
-//! Failed log-ins are throttled by [`RateLimiter`] (per source IP and per user),
-//! also sans-IO: the caller passes `now`.
+//! Log-in attempts are throttled by [`RateLimiter`] (per source address, per
+//! user at a source, and a per-user slow-down that spares sources which have
+//! not failed), charged at `hello` and given back on success; refusals are
+//! logged at a bounded rate through [`RefusalLog`]. Also sans-IO: the caller
+//! passes `now`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -53,23 +56,18 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use hmac::{Hmac, Mac};
 use rand::CryptoRng;
-use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
-type HmacSha256 = Hmac<Sha256>;
+pub use crate::directory::{InvalidUser, MAX_USER_LEN, SALT_LEN, Verifier, validate_user};
+use crate::directory::{client_key, hmac, salted_password, server_key, sha256};
 
-/// Longest user name, in bytes.
-pub const MAX_USER_LEN: usize = 64;
 /// Shortest client nonce, in characters. RFC 7677's example uses 20.
 pub const MIN_CLIENT_NONCE_LEN: usize = 16;
 /// Shortest server part of the nonce a client accepts, in characters.
 pub const MIN_SERVER_NONCE_LEN: usize = 16;
 /// Longest nonce part (client or server), in characters.
 pub const MAX_NONCE_LEN: usize = 128;
-/// Salt length of new verifiers and decoys, in bytes.
-pub const SALT_LEN: usize = 16;
 /// Salt lengths a client accepts, in bytes.
 pub const SALT_LEN_RANGE: std::ops::RangeInclusive<usize> = 8..=128;
 /// RFC 7677 §4: the iteration count "SHOULD be at least 4096".
@@ -110,32 +108,6 @@ pub enum AuthError {
     Rejected,
     #[error("the gateway's signature is wrong: it does not hold this user's verifier")]
     ServerNotAuthenticated,
-}
-
-/// A user name that cannot be used, and why.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid user name: {reason}")]
-pub struct InvalidUser {
-    pub reason: &'static str,
-}
-
-/// Checks a user name: 1 to [`MAX_USER_LEN`] bytes of printable characters, no
-/// white space. Shared by the store (registration) and the log-in.
-pub fn validate_user(user: &str) -> Result<(), InvalidUser> {
-    if user.is_empty() {
-        return Err(InvalidUser { reason: "empty" });
-    }
-    if user.len() > MAX_USER_LEN {
-        return Err(InvalidUser {
-            reason: "longer than 64 bytes",
-        });
-    }
-    if user.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(InvalidUser {
-            reason: "contains a control character or white space",
-        });
-    }
-    Ok(())
 }
 
 /// RFC 5802 `saslname`: `=` becomes `=3D` and `,` becomes `=2C`.
@@ -195,38 +167,8 @@ fn random_nonce<R: CryptoRng + ?Sized>(rng: &mut R) -> String {
     BASE64.encode(bytes)
 }
 
-fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    // Invariant: HMAC takes keys of any length, so this cannot fail.
-    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
-    for part in parts {
-        mac.update(part);
-    }
-    mac.finalize().into_bytes().into()
-}
-
-fn sha256(data: &[u8]) -> [u8; 32] {
-    Sha256::digest(data).into()
-}
-
 fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
     std::array::from_fn(|i| a[i] ^ b[i])
-}
-
-/// RFC 5802 §3: SaltedPassword := Hi(password, salt, i) (PBKDF2-HMAC-SHA-256).
-fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), salt, iterations.max(1), &mut out);
-    out
-}
-
-/// RFC 5802 §3: ClientKey := HMAC(SaltedPassword, "Client Key").
-fn client_key(salted: &[u8; 32]) -> [u8; 32] {
-    hmac(salted, &[b"Client Key"])
-}
-
-/// RFC 5802 §3: ServerKey := HMAC(SaltedPassword, "Server Key").
-fn server_key(salted: &[u8; 32]) -> [u8; 32] {
-    hmac(salted, &[b"Server Key"])
 }
 
 /// The values both sides sign: RFC 5802 §3
@@ -266,63 +208,6 @@ fn session_key(stored_key: &[u8; 32], auth_message: &str) -> SessionKey {
         &[SESSION_KEY_LABEL, auth_message.as_bytes()],
     ))
 }
-
-/// What the gateway stores instead of a password (RFC 5802 §3 StoredKey and
-/// ServerKey, with the salt and iteration count). `Debug` redacts the keys.
-#[derive(Clone)]
-pub struct Verifier {
-    pub salt: Vec<u8>,
-    pub iterations: u32,
-    pub stored_key: [u8; 32],
-    pub server_key: [u8; 32],
-}
-
-impl Verifier {
-    /// A verifier for `password` with a fresh random salt of [`SALT_LEN`]
-    /// bytes. `iterations` below 1 is taken as 1; use at least
-    /// [`DEFAULT_ITERATIONS`] outside tests.
-    pub fn new<R: CryptoRng + ?Sized>(password: &str, iterations: u32, rng: &mut R) -> Self {
-        let mut salt = [0u8; SALT_LEN];
-        rng.fill_bytes(&mut salt);
-        Self::with_salt(password, &salt, iterations)
-    }
-
-    /// A verifier for `password` with the given salt (import, test vectors).
-    pub fn with_salt(password: &str, salt: &[u8], iterations: u32) -> Self {
-        let iterations = iterations.max(1);
-        let salted = salted_password(password, salt, iterations);
-        Verifier {
-            salt: salt.to_vec(),
-            iterations,
-            stored_key: sha256(&client_key(&salted)),
-            server_key: server_key(&salted),
-        }
-    }
-}
-
-impl fmt::Debug for Verifier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Verifier")
-            .field("salt_len", &self.salt.len())
-            .field("iterations", &self.iterations)
-            .field("stored_key", &"<redacted>")
-            .field("server_key", &"<redacted>")
-            .finish()
-    }
-}
-
-/// Compares in constant time (the keys are secrets).
-impl PartialEq for Verifier {
-    fn eq(&self, other: &Self) -> bool {
-        let same = self.salt.ct_eq(&other.salt)
-            & self.iterations.ct_eq(&other.iterations)
-            & self.stored_key.ct_eq(&other.stored_key)
-            & self.server_key.ct_eq(&other.server_key);
-        same.into()
-    }
-}
-
-impl Eq for Verifier {}
 
 /// The per-log-in key both sides derive (the seed's "additional password"),
 /// from which per-leg media keys are derived. `Debug` redacts it; equality is
@@ -779,19 +664,39 @@ impl fmt::Debug for ClientAwaitingSignature {
 
 // ---- rate limiting --------------------------------------------------------
 
-/// A token bucket: `burst` failed log-ins at once, then one more per
-/// `refill_every`.
+/// A token bucket: `burst` log-in attempts at once, then one more per
+/// `refill_every` (longer while the bucket keeps running dry: see
+/// [`RateLimitConfig::max_backoff`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bucket {
     pub burst: u32,
     pub refill_every: Duration,
 }
 
-/// Limits on failed log-ins. `None` turns a scope off.
+/// Limits on log-in attempts. `None` turns a scope off.
+///
+/// An attempt is charged at `hello`, before the store is asked or any key is
+/// derived, and stays charged unless it succeeds: a pending attempt counts, and
+/// one abandoned after its challenge (`bye`, the log-in time-out, a dropped
+/// connection) counts like a failure. So N connections that all send `hello`
+/// first get no more challenges than the buckets hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimitConfig {
+    /// Attempts per source address (IPv6: per prefix), whatever the user.
     pub per_ip: Option<Bucket>,
+    /// Attempts per user name at one source address: the lock-out a guesser
+    /// runs into. It is local to the source: the real user elsewhere is not
+    /// locked out by it.
+    pub per_user_source: Option<Bucket>,
+    /// Attempts per user name from all sources: a slow-down that only applies
+    /// to sources with unsuccessful attempts for that user. A source with a clean
+    /// record for the user (nothing charged, or everything refilled) is always
+    /// let through, so knowing a user name is not enough to lock its owner out.
     pub per_user: Option<Bucket>,
+    /// Back-off: each time a bucket is emptied again before it refilled, its
+    /// refill period doubles, up to this (a bucket that refills completely
+    /// starts over at its base period).
+    pub max_backoff: Duration,
     /// Most buckets kept per scope; beyond it the least recently charged
     /// bucket is forgotten (a forgotten bucket is a full one).
     pub max_entries: usize,
@@ -801,18 +706,24 @@ pub struct RateLimitConfig {
 }
 
 impl Default for RateLimitConfig {
-    /// 20 failures at once per source, then 1 per 3 s; 5 per user, then 1 per
-    /// 12 s; 65 536 buckets per scope; IPv6 per /64.
+    /// Per source: 20 attempts at once, then 1 per 3 s; per user at one source:
+    /// 5, then 1 per 12 s; per user from failing sources: 30, then 1 per 2 s;
+    /// back-off up to 5 minutes; 65 536 buckets per scope; IPv6 per /64.
     fn default() -> Self {
         RateLimitConfig {
             per_ip: Some(Bucket {
                 burst: 20,
                 refill_every: Duration::from_secs(3),
             }),
-            per_user: Some(Bucket {
+            per_user_source: Some(Bucket {
                 burst: 5,
                 refill_every: Duration::from_secs(12),
             }),
+            per_user: Some(Bucket {
+                burst: 30,
+                refill_every: Duration::from_secs(2),
+            }),
+            max_backoff: Duration::from_secs(300),
             max_entries: 65_536,
             ipv6_prefix_len: 64,
         }
@@ -820,33 +731,58 @@ impl Default for RateLimitConfig {
 }
 
 /// Which limit refused a log-in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LimitScope {
     SourceIp,
+    UserAtSource,
     User,
+}
+
+impl LimitScope {
+    pub const ALL: [LimitScope; 3] = [
+        LimitScope::SourceIp,
+        LimitScope::UserAtSource,
+        LimitScope::User,
+    ];
+
+    fn index(self) -> usize {
+        match self {
+            LimitScope::SourceIp => 0,
+            LimitScope::UserAtSource => 1,
+            LimitScope::User => 2,
+        }
+    }
 }
 
 impl fmt::Display for LimitScope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             LimitScope::SourceIp => "source address",
+            LimitScope::UserAtSource => "user from this address",
             LimitScope::User => "user",
         })
     }
 }
 
-/// A log-in refused before any work, because of earlier failures.
+/// A log-in refused before any work, because of earlier attempts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("too many failed log-ins for this {scope}; retry in {retry_after:?}")]
+#[error("too many log-in attempts for this {scope}; retry in {}s", retry_after.as_secs().max(1))]
 pub struct RateLimited {
     pub scope: LimitScope,
     pub retry_after: Duration,
 }
 
+/// Doublings of the refill period at most (2^16 times the base).
+const MAX_BACKOFF_LEVEL: u8 = 16;
+
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     tokens: u32,
     refilled_at: Instant,
+    /// Back-off: the refill period is the base one doubled this many times.
+    level: u8,
+    /// Emptied since it was last full (the next emptying doubles the period).
+    drained: bool,
     /// Position in the table's eviction order.
     seq: u64,
 }
@@ -868,46 +804,99 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         }
     }
 
-    /// Tokens refilled by `now`, and the time of the last whole refill.
-    fn refill(entry: &Entry, bucket: &Bucket, now: Instant) -> (u32, Instant) {
+    fn period(bucket: &Bucket, level: u8, max_backoff: Duration) -> Duration {
+        let doubled = bucket
+            .refill_every
+            .checked_mul(1u32 << level.min(MAX_BACKOFF_LEVEL))
+            .unwrap_or(Duration::MAX);
+        doubled.min(max_backoff.max(bucket.refill_every))
+    }
+
+    /// The entry as of `now`: tokens refilled, the back-off reset once full.
+    fn refill(entry: &Entry, bucket: &Bucket, now: Instant, max_backoff: Duration) -> Entry {
+        let period = Self::period(bucket, entry.level, max_backoff);
         let elapsed = now.saturating_duration_since(entry.refilled_at);
-        let every = bucket.refill_every.as_nanos();
-        let earned = elapsed.as_nanos().checked_div(every).unwrap_or(u128::MAX);
+        let earned = elapsed
+            .as_nanos()
+            .checked_div(period.as_nanos())
+            .unwrap_or(u128::MAX);
         let tokens = u128::from(entry.tokens).saturating_add(earned);
         if tokens >= u128::from(bucket.burst) {
-            (bucket.burst, now)
+            Entry {
+                tokens: bucket.burst,
+                refilled_at: now,
+                level: 0,
+                drained: false,
+                seq: entry.seq,
+            }
         } else {
             // earned < burst ≤ u32::MAX here, so the casts are lossless.
-            let advanced = bucket.refill_every.saturating_mul(earned as u32);
-            (tokens as u32, entry.refilled_at + advanced)
+            Entry {
+                tokens: tokens as u32,
+                refilled_at: entry.refilled_at + period.saturating_mul(earned as u32),
+                level: entry.level,
+                drained: entry.drained,
+                seq: entry.seq,
+            }
         }
     }
 
-    fn check(&self, key: &K, bucket: &Bucket, now: Instant) -> Option<Duration> {
+    /// `Some(retry_after)` when the bucket for `key` is empty at `now`.
+    fn check(
+        &self,
+        key: &K,
+        bucket: &Bucket,
+        now: Instant,
+        max_backoff: Duration,
+    ) -> Option<Duration> {
         let entry = self.map.get(key)?;
-        let (tokens, refilled_at) = Self::refill(entry, bucket, now);
-        (tokens == 0).then(|| (refilled_at + bucket.refill_every).saturating_duration_since(now))
+        let e = Self::refill(entry, bucket, now, max_backoff);
+        (e.tokens == 0).then(|| {
+            (e.refilled_at + Self::period(bucket, e.level, max_backoff))
+                .saturating_duration_since(now)
+        })
     }
 
-    fn charge(&mut self, key: K, bucket: &Bucket, now: Instant, max_entries: usize) {
+    /// Whether `key` has nothing charged at `now` (no entry, or full again).
+    fn is_clean(&self, key: &K, bucket: &Bucket, now: Instant, max_backoff: Duration) -> bool {
+        self.map
+            .get(key)
+            .is_none_or(|e| Self::refill(e, bucket, now, max_backoff).tokens >= bucket.burst)
+    }
+
+    fn charge(
+        &mut self,
+        key: K,
+        bucket: &Bucket,
+        now: Instant,
+        max_entries: usize,
+        max_backoff: Duration,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let entry = match self.map.get(&key) {
+        let mut entry = match self.map.get(&key) {
             Some(old) => {
                 self.order.remove(&old.seq);
-                let (tokens, refilled_at) = Self::refill(old, bucket, now);
-                Entry {
-                    tokens: tokens.saturating_sub(1),
-                    refilled_at,
-                    seq,
-                }
+                Self::refill(old, bucket, now, max_backoff)
             }
             None => Entry {
-                tokens: bucket.burst.saturating_sub(1),
+                tokens: bucket.burst,
                 refilled_at: now,
+                level: 0,
+                drained: false,
                 seq,
             },
         };
+        entry.seq = seq;
+        entry.tokens = entry.tokens.saturating_sub(1);
+        if entry.tokens == 0 {
+            // Emptied again before it refilled: the next token takes twice as long.
+            if entry.drained {
+                entry.level = (entry.level + 1).min(MAX_BACKOFF_LEVEL);
+            }
+            entry.drained = true;
+            entry.refilled_at = now;
+        }
         self.map.insert(key.clone(), entry);
         self.order.insert(seq, key);
         while self.map.len() > max_entries {
@@ -918,21 +907,38 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         }
     }
 
+    /// Gives one token back (a successful attempt).
+    fn refund(&mut self, key: &K, bucket: &Bucket, now: Instant, max_backoff: Duration) {
+        let Some(old) = self.map.get(key) else {
+            return;
+        };
+        let mut e = Self::refill(old, bucket, now, max_backoff);
+        e.tokens = (e.tokens + 1).min(bucket.burst);
+        if e.tokens >= bucket.burst {
+            e.level = 0;
+            e.drained = false;
+        }
+        self.map.insert(key.clone(), e);
+    }
+
     fn len(&self) -> usize {
         self.map.len()
     }
 }
 
-/// Throttles failed log-ins per source address and per user name, sans-IO.
+/// Throttles log-in attempts per source address, per user at a source, and per
+/// user, sans-IO. See [`RateLimitConfig`] for the rules.
 ///
-/// Ask [`RateLimiter::check`] before running an attempt (it refuses without
-/// touching the store or doing any crypto) and report each failure with
-/// [`RateLimiter::record_failure`]. Successes cost nothing. Memory is bounded
-/// by [`RateLimitConfig::max_entries`] per scope.
+/// Call [`RateLimiter::begin`] at `hello`, before the store is asked: it
+/// refuses, or charges the attempt. Call [`RateLimiter::succeeded`] when the
+/// attempt logs in: its charge is given back. Nothing is called for a failure:
+/// the charge simply stays. Memory is bounded by
+/// [`RateLimitConfig::max_entries`] per scope.
 #[derive(Debug)]
 pub struct RateLimiter {
     config: RateLimitConfig,
     ips: Buckets<IpAddr>,
+    user_sources: Buckets<(String, IpAddr)>,
     users: Buckets<String>,
 }
 
@@ -941,64 +947,107 @@ impl RateLimiter {
         RateLimiter {
             config,
             ips: Buckets::new(),
+            user_sources: Buckets::new(),
             users: Buckets::new(),
         }
     }
 
-    /// Whether a log-in from `ip` for `user` may be attempted at `now`.
+    /// Whether a log-in from `ip` for `user` may be attempted at `now`
+    /// (charges nothing).
     pub fn check(&self, now: Instant, ip: IpAddr, user: &str) -> Result<(), RateLimited> {
-        if let Some(bucket) = &self.config.per_ip {
-            if let Some(retry_after) = self.ips.check(&self.ip_key(ip), bucket, now) {
-                return Err(RateLimited {
-                    scope: LimitScope::SourceIp,
-                    retry_after,
-                });
-            }
+        let c = &self.config;
+        let ip = self.ip_key(ip);
+        let refused = |scope, retry_after| Err(RateLimited { scope, retry_after });
+        if let Some(b) = &c.per_ip
+            && let Some(retry) = self.ips.check(&ip, b, now, c.max_backoff)
+        {
+            return refused(LimitScope::SourceIp, retry);
         }
-        if let Some(bucket) = &self.config.per_user {
-            if let Some(retry_after) = self.users.check(&user_key(user), bucket, now) {
-                return Err(RateLimited {
-                    scope: LimitScope::User,
-                    retry_after,
-                });
+        let us = (user_key(user), ip);
+        if let Some(b) = &c.per_user_source
+            && let Some(retry) = self.user_sources.check(&us, b, now, c.max_backoff)
+        {
+            return refused(LimitScope::UserAtSource, retry);
+        }
+        if let Some(b) = &c.per_user
+            && let Some(retry) = self.users.check(&us.0, b, now, c.max_backoff)
+        {
+            // The reserved allowance: a source that has not failed for this
+            // user is never slowed down on its account.
+            let clean = match &c.per_user_source {
+                Some(bs) => self.user_sources.is_clean(&us, bs, now, c.max_backoff),
+                None => false,
+            };
+            if !clean {
+                return refused(LimitScope::User, retry);
             }
         }
         Ok(())
     }
 
-    /// Charges a failed log-in to `ip` and to `user`.
-    pub fn record_failure(&mut self, now: Instant, ip: IpAddr, user: &str) {
-        let max = self.config.max_entries;
-        if let Some(bucket) = self.config.per_ip {
-            let key = self.ip_key(ip);
-            self.ips.charge(key, &bucket, now, max);
+    /// Checks, then charges an attempt from `ip` for `user` to every scope.
+    pub fn begin(&mut self, now: Instant, ip: IpAddr, user: &str) -> Result<(), RateLimited> {
+        self.check(now, ip, user)?;
+        let c = self.config;
+        let (max, backoff) = (c.max_entries, c.max_backoff);
+        let ip = self.ip_key(ip);
+        if let Some(b) = c.per_ip {
+            self.ips.charge(ip, &b, now, max, backoff);
         }
-        if let Some(bucket) = self.config.per_user {
-            self.users.charge(user_key(user), &bucket, now, max);
+        if let Some(b) = c.per_user_source {
+            self.user_sources
+                .charge((user_key(user), ip), &b, now, max, backoff);
+        }
+        if let Some(b) = c.per_user {
+            self.users.charge(user_key(user), &b, now, max, backoff);
+        }
+        Ok(())
+    }
+
+    /// The attempt [`begin`](Self::begin) charged logged in: its charge is
+    /// given back.
+    pub fn succeeded(&mut self, now: Instant, ip: IpAddr, user: &str) {
+        let c = self.config;
+        let ip = self.ip_key(ip);
+        if let Some(b) = c.per_ip {
+            self.ips.refund(&ip, &b, now, c.max_backoff);
+        }
+        if let Some(b) = c.per_user_source {
+            self.user_sources
+                .refund(&(user_key(user), ip), &b, now, c.max_backoff);
+        }
+        if let Some(b) = c.per_user {
+            self.users.refund(&user_key(user), &b, now, c.max_backoff);
         }
     }
 
-    /// Buckets held (source addresses, users).
-    pub fn len(&self) -> (usize, usize) {
-        (self.ips.len(), self.users.len())
+    /// Buckets held (source addresses, users at sources, users).
+    pub fn len(&self) -> (usize, usize, usize) {
+        (self.ips.len(), self.user_sources.len(), self.users.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == (0, 0)
+        self.len() == (0, 0, 0)
     }
 
     fn ip_key(&self, ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => {
-                    let len = u32::from(self.config.ipv6_prefix_len.min(128));
-                    let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
-                    IpAddr::V6((u128::from(v6) & mask).into())
-                }
-            },
-        }
+        source_key(ip, self.config.ipv6_prefix_len)
+    }
+}
+
+/// The unit limits are kept per: an IPv4 address (v4-mapped IPv6 as IPv4), or
+/// an IPv6 address cut to `prefix_len` bits.
+pub fn source_key(ip: IpAddr, prefix_len: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let len = u32::from(prefix_len.min(128));
+                let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        },
     }
 }
 
@@ -1010,6 +1059,52 @@ fn user_key(user: &str) -> String {
         end -= 1;
     }
     user[..end].to_owned()
+}
+
+/// Refusals, logged at a bounded rate: the first refusal after a quiet
+/// interval is logged at once, later ones are counted and summed up in the
+/// next line, at most one line per `interval`. Sans-IO.
+#[derive(Debug)]
+pub struct RefusalLog {
+    interval: Duration,
+    last_line: Option<Instant>,
+    counts: [u64; 3],
+}
+
+/// Refusals per scope since the last line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefusalSummary {
+    pub source: u64,
+    pub user_at_source: u64,
+    pub user: u64,
+}
+
+impl RefusalLog {
+    pub fn new(interval: Duration) -> Self {
+        RefusalLog {
+            interval,
+            last_line: None,
+            counts: [0; 3],
+        }
+    }
+
+    /// Counts a refusal; returns the counts to log when a line is due.
+    pub fn note(&mut self, now: Instant, scope: LimitScope) -> Option<RefusalSummary> {
+        self.counts[scope.index()] += 1;
+        let due = self
+            .last_line
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.interval);
+        if !due {
+            return None;
+        }
+        self.last_line = Some(now);
+        let [source, user_at_source, user] = std::mem::take(&mut self.counts);
+        Some(RefusalSummary {
+            source,
+            user_at_source,
+            user,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -1490,16 +1585,19 @@ mod tests {
 
     // ---- rate limiter ----
 
+    fn bucket(burst: u32, secs: u64) -> Option<Bucket> {
+        Some(Bucket {
+            burst,
+            refill_every: Duration::from_secs(secs),
+        })
+    }
+
     fn limiter(max_entries: usize) -> RateLimiter {
         RateLimiter::new(RateLimitConfig {
-            per_ip: Some(Bucket {
-                burst: 3,
-                refill_every: Duration::from_secs(10),
-            }),
-            per_user: Some(Bucket {
-                burst: 2,
-                refill_every: Duration::from_secs(60),
-            }),
+            per_ip: bucket(6, 10),
+            per_user_source: bucket(3, 60),
+            per_user: bucket(4, 30),
+            max_backoff: Duration::from_secs(3600),
             max_entries,
             ipv6_prefix_len: 64,
         })
@@ -1511,56 +1609,137 @@ mod tests {
     }
 
     #[test]
-    fn per_user_limit_refills_over_virtual_time() {
+    fn attempts_are_charged_at_begin_and_pending_ones_count() {
+        // 200 attempts that all start before any finishes: only the bucket's
+        // worth is let through, from one source for one user.
         let t0 = Instant::now();
         let mut rl = limiter(100);
-        let secs = |s| t0 + Duration::from_secs(s);
-        assert!(rl.check(t0, ip("192.0.2.1"), "alice").is_ok());
-        rl.record_failure(t0, ip("192.0.2.1"), "alice");
-        rl.record_failure(secs(1), ip("192.0.2.2"), "alice");
-        // Two failures for alice from two addresses: the user is now limited,
-        // from anywhere.
+        let through = (0..200)
+            .filter(|_| rl.begin(t0, ip("192.0.2.1"), "alice").is_ok())
+            .count();
+        assert_eq!(through, 3, "per user at this source");
+        // Across user names, the source's own bucket stops it.
+        let mut rl = limiter(100);
+        let through = (0..200)
+            .filter(|i| rl.begin(t0, ip("192.0.2.1"), &format!("u{i}")).is_ok())
+            .count();
+        assert_eq!(through, 6, "per source");
         assert_eq!(
-            rl.check(secs(2), ip("198.51.100.9"), "alice"),
+            rl.begin(t0, ip("192.0.2.1"), "zed"),
             Err(RateLimited {
-                scope: LimitScope::User,
-                retry_after: Duration::from_secs(58)
+                scope: LimitScope::SourceIp,
+                retry_after: Duration::from_secs(10)
             })
         );
-        // Other users are not.
-        assert!(rl.check(secs(2), ip("198.51.100.9"), "bob").is_ok());
-        // One token back after 60 s.
-        assert!(rl.check(secs(59), ip("198.51.100.9"), "alice").is_err());
-        assert!(rl.check(secs(60), ip("198.51.100.9"), "alice").is_ok());
-        rl.record_failure(secs(60), ip("198.51.100.9"), "alice");
-        assert!(rl.check(secs(61), ip("198.51.100.9"), "alice").is_err());
-        // Long after, the bucket is full again (and capped at the burst).
-        let later = secs(10_000);
-        assert!(rl.check(later, ip("198.51.100.9"), "alice").is_ok());
-        rl.record_failure(later, ip("203.0.113.1"), "alice");
-        rl.record_failure(later, ip("203.0.113.2"), "alice");
-        assert!(rl.check(later, ip("203.0.113.3"), "alice").is_err());
     }
 
     #[test]
-    fn per_ip_limit_across_user_names() {
+    fn success_gives_the_charge_back() {
         let t0 = Instant::now();
         let mut rl = limiter(100);
-        for (i, user) in ["u1", "u2", "u3"].iter().enumerate() {
-            assert!(rl.check(t0, ip("192.0.2.7"), user).is_ok(), "attempt {i}");
-            rl.record_failure(t0, ip("192.0.2.7"), user);
+        for _ in 0..50 {
+            rl.begin(t0, ip("192.0.2.1"), "alice").unwrap();
+            rl.succeeded(t0, ip("192.0.2.1"), "alice");
+        }
+        // Abandoned attempts (no success) stay charged.
+        for _ in 0..3 {
+            rl.begin(t0, ip("192.0.2.1"), "alice").unwrap();
         }
         assert_eq!(
-            rl.check(t0 + Duration::from_secs(4), ip("192.0.2.7"), "u4"),
-            Err(RateLimited {
-                scope: LimitScope::SourceIp,
-                retry_after: Duration::from_secs(6)
-            })
+            rl.begin(t0, ip("192.0.2.1"), "alice").unwrap_err().scope,
+            LimitScope::UserAtSource
         );
-        assert!(rl.check(t0, ip("192.0.2.8"), "u4").is_ok());
-        assert!(
-            rl.check(t0 + Duration::from_secs(10), ip("192.0.2.7"), "u4")
-                .is_ok()
+    }
+
+    #[test]
+    fn a_guesser_never_locks_the_user_out_at_a_clean_source() {
+        let t0 = Instant::now();
+        let mut rl = limiter(10_000);
+        let secs = |s| t0 + Duration::from_secs(s);
+        // Many sources guess alice's password: the per-user bucket runs dry and
+        // every failing source is slowed down...
+        let mut refused_user = 0;
+        for i in 0..40u32 {
+            let src = IpAddr::V4(std::net::Ipv4Addr::from(0xc633_6400 + i));
+            for _ in 0..3 {
+                if let Err(e) = rl.begin(secs(1), src, "alice") {
+                    assert_eq!(e.scope, LimitScope::User);
+                    refused_user += 1;
+                }
+            }
+        }
+        // ...each new source gets its one reserved attempt, then waits on the
+        // user's bucket: the first source took 3 of its 4 tokens, the second
+        // the last one, the 38 others only their reserved attempt.
+        assert_eq!(refused_user, 120 - (3 + 1 + 38));
+        let guesser = IpAddr::V4(std::net::Ipv4Addr::from(0xc633_6405));
+        assert_eq!(
+            rl.check(secs(2), guesser, "alice").unwrap_err().scope,
+            LimitScope::User
+        );
+        // The real user from a source that has not failed logs in at once, and
+        // again and again (each success gives its charge back).
+        for _ in 0..10 {
+            rl.begin(secs(2), ip("203.0.113.7"), "alice").unwrap();
+            rl.succeeded(secs(2), ip("203.0.113.7"), "alice");
+        }
+        // One typo there makes that source a failing one, slowed like the rest
+        // (a slow-down, not a lock-out: the user's bucket refills).
+        rl.begin(secs(2), ip("203.0.113.7"), "alice").unwrap();
+        assert_eq!(
+            rl.check(secs(2), ip("203.0.113.7"), "alice")
+                .unwrap_err()
+                .scope,
+            LimitScope::User
+        );
+        assert!(rl.check(secs(2), ip("203.0.113.8"), "alice").is_ok());
+        // Other users are untouched.
+        assert!(rl.check(secs(2), guesser, "bob").is_ok());
+    }
+
+    #[test]
+    fn lock_outs_back_off_and_reset_once_refilled() {
+        let t0 = Instant::now();
+        let mut rl = RateLimiter::new(RateLimitConfig {
+            per_ip: None,
+            per_user: None,
+            per_user_source: bucket(2, 10),
+            max_backoff: Duration::from_secs(35),
+            ..RateLimitConfig::default()
+        });
+        let a = ip("192.0.2.1");
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        rl.begin(at(0), a, "u").unwrap();
+        rl.begin(at(0), a, "u").unwrap();
+        // First lock-out: the base period.
+        assert_eq!(
+            rl.check(at(0), a, "u").unwrap_err().retry_after,
+            Duration::from_secs(10)
+        );
+        rl.begin(at(10), a, "u").unwrap();
+        // Emptied again before it refilled: twice as long, then 4x, capped at 35 s.
+        assert_eq!(
+            rl.check(at(10), a, "u").unwrap_err().retry_after,
+            Duration::from_secs(20)
+        );
+        assert!(rl.check(at(29), a, "u").is_err());
+        rl.begin(at(30), a, "u").unwrap();
+        assert_eq!(
+            rl.check(at(30), a, "u").unwrap_err().retry_after,
+            Duration::from_secs(35)
+        );
+        rl.begin(at(65), a, "u").unwrap();
+        assert_eq!(
+            rl.check(at(65), a, "u").unwrap_err().retry_after,
+            Duration::from_secs(35)
+        );
+        // Left alone until full again, it starts over at the base period.
+        let t = 65 + 2 * 35;
+        rl.begin(at(t), a, "u").unwrap();
+        rl.begin(at(t), a, "u").unwrap();
+        assert_eq!(
+            rl.check(at(t), a, "u").unwrap_err().retry_after,
+            Duration::from_secs(10)
         );
     }
 
@@ -1568,15 +1747,19 @@ mod tests {
     fn ipv6_is_limited_per_prefix_and_mapped_v4_as_v4() {
         let t0 = Instant::now();
         let mut rl = limiter(100);
-        for i in 1..=3 {
-            rl.record_failure(t0, ip(&format!("2001:db8:1:2::{i}")), &format!("u{i}"));
+        for i in 1..=6 {
+            rl.begin(t0, ip(&format!("2001:db8:1:2::{i}")), &format!("u{i}"))
+                .unwrap();
         }
         assert!(rl.check(t0, ip("2001:db8:1:2:ffff::9"), "x").is_err());
         assert!(rl.check(t0, ip("2001:db8:1:3::1"), "x").is_ok());
-        for i in 1..=3 {
-            rl.record_failure(t0, ip("::ffff:192.0.2.5"), &format!("v{i}"));
+        for i in 1..=6 {
+            rl.begin(t0, ip("::ffff:192.0.2.5"), &format!("v{i}"))
+                .unwrap();
         }
         assert!(rl.check(t0, ip("192.0.2.5"), "x").is_err());
+        assert_eq!(source_key(ip("2001:db8::1"), 0), ip("::"));
+        assert_eq!(source_key(ip("2001:db8::1"), 200), ip("2001:db8::1"));
     }
 
     #[test]
@@ -1585,28 +1768,28 @@ mod tests {
         let mut rl = limiter(4);
         for i in 0..1000u32 {
             let addr = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-            rl.record_failure(
+            let _ = rl.begin(
                 t0 + Duration::from_millis(u64::from(i)),
                 addr,
                 &format!("user{i}"),
             );
-            let (ips, users) = rl.len();
-            assert!(ips <= 4 && users <= 4);
+            let (ips, user_sources, users) = rl.len();
+            assert!(ips <= 4 && user_sources <= 4 && users <= 4);
         }
-        // The most recent ones are still charged; the first was forgotten.
-        let last = t0 + Duration::from_millis(1000);
-        rl.record_failure(last, ip("10.0.3.231"), "user999");
-        assert!(rl.check(last, ip("10.0.3.231"), "nobody").is_ok()); // 3 - 2 = 1 token left
-        assert!(rl.check(last, ip("10.0.3.232"), "user999").is_err()); // 2 failures for user999
-        assert!(rl.check(last, ip("10.0.0.0"), "user0").is_ok());
         // Re-charging an entry moves it to the back of the eviction order.
-        let mut rl = limiter(2);
-        rl.record_failure(t0, ip("192.0.2.1"), "a");
-        rl.record_failure(t0, ip("192.0.2.2"), "b");
-        rl.record_failure(t0, ip("192.0.2.1"), "a");
-        rl.record_failure(t0, ip("192.0.2.3"), "c"); // evicts b, not a
-        assert!(rl.check(t0, ip("192.0.2.9"), "a").is_err());
-        assert!(rl.check(t0, ip("192.0.2.9"), "b").is_ok());
+        let mut rl = RateLimiter::new(RateLimitConfig {
+            per_ip: bucket(2, 60),
+            per_user: None,
+            per_user_source: None,
+            max_entries: 2,
+            ..RateLimitConfig::default()
+        });
+        rl.begin(t0, ip("192.0.2.1"), "a").unwrap();
+        rl.begin(t0, ip("192.0.2.2"), "b").unwrap();
+        rl.begin(t0, ip("192.0.2.1"), "a").unwrap();
+        rl.begin(t0, ip("192.0.2.3"), "c").unwrap(); // evicts .2, not .1
+        assert!(rl.check(t0, ip("192.0.2.1"), "a").is_err());
+        assert!(rl.check(t0, ip("192.0.2.2"), "b").is_ok());
     }
 
     #[test]
@@ -1614,6 +1797,7 @@ mod tests {
         let t0 = Instant::now();
         let mut rl = RateLimiter::new(RateLimitConfig {
             per_ip: None,
+            per_user_source: None,
             per_user: Some(Bucket {
                 burst: 1,
                 refill_every: Duration::ZERO,
@@ -1622,18 +1806,69 @@ mod tests {
         });
         let long = "é".repeat(1000);
         for _ in 0..100 {
-            rl.record_failure(t0, ip("192.0.2.1"), &long);
+            rl.begin(t0, ip("192.0.2.1"), &long).unwrap();
         }
         // Zero refill interval: always refilled. No per-IP scope: nothing kept.
-        assert!(rl.check(t0, ip("192.0.2.1"), &long).is_ok());
-        assert_eq!(rl.len(), (0, 1));
+        assert_eq!(rl.len(), (0, 0, 1));
         assert!(user_key(&long).len() <= MAX_USER_LEN);
         // Time going backwards does not panic or refill.
         let mut rl = limiter(10);
         let t1 = t0 + Duration::from_secs(100);
-        rl.record_failure(t1, ip("192.0.2.1"), "z");
-        rl.record_failure(t1, ip("192.0.2.1"), "z");
-        assert!(rl.check(t0, ip("192.0.2.2"), "z").is_err());
+        for _ in 0..3 {
+            rl.begin(t1, ip("192.0.2.1"), "z").unwrap();
+        }
+        assert!(rl.check(t0, ip("192.0.2.1"), "z").is_err());
         assert!(!rl.is_empty());
+    }
+
+    #[test]
+    fn refusals_are_logged_at_a_bounded_rate_with_counts() {
+        let t0 = Instant::now();
+        let mut log = RefusalLog::new(Duration::from_secs(10));
+        let first = log.note(t0, LimitScope::SourceIp);
+        assert_eq!(
+            first,
+            Some(RefusalSummary {
+                source: 1,
+                user_at_source: 0,
+                user: 0
+            })
+        );
+        let mut lines = 0;
+        for i in 0..10_000u64 {
+            let at = t0 + Duration::from_millis(i);
+            let scope = LimitScope::ALL[(i % 3) as usize];
+            lines += usize::from(log.note(at, scope).is_some());
+        }
+        assert_eq!(
+            lines, 0,
+            "10 000 refusals in 10 s: no line before the interval"
+        );
+        let s = log
+            .note(t0 + Duration::from_secs(10), LimitScope::User)
+            .unwrap();
+        assert_eq!(s.source + s.user_at_source + s.user, 10_001);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn limiter_never_panics_and_stays_bounded(
+            ops in proptest::collection::vec((0u8..3, 0u8..8, 0u8..4, 0u64..100_000), 0..300)
+        ) {
+            let t0 = Instant::now();
+            let mut rl = limiter(5);
+            for (op, src, user, ms) in ops {
+                let now = t0 + Duration::from_millis(ms);
+                let src = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, src));
+                let user = format!("u{user}");
+                match op {
+                    0 => { let _ = rl.begin(now, src, &user); }
+                    1 => rl.succeeded(now, src, &user),
+                    _ => { let _ = rl.check(now, src, &user); }
+                }
+                let (a, b, c) = rl.len();
+                proptest::prop_assert!(a <= 5 && b <= 5 && c <= 5);
+            }
+        }
     }
 }

@@ -97,10 +97,10 @@ use super::media::{
 };
 use super::planner::{self, Capabilities, Path, Plan};
 use super::probe::ProbeOutcome;
+use crate::directory::{self, Destination, LookupError, Query, Route};
 use crate::metrics::Transport;
 use crate::shard::relay::canonical;
 use crate::shard::{Delivery, LegSpec, SessionId, SessionSpec};
-use crate::store::{self, Route};
 use crate::wire::control::{CallId, ErrorCode, HangupReason, MediaInstructions, ServerMsg};
 
 /// Why a client's calls end when it goes away.
@@ -303,6 +303,18 @@ enum SetupError {
     NoShard,
 }
 
+impl SetupError {
+    fn hangup_reason(&self) -> HangupReason {
+        match self {
+            SetupError::Peer(PeerRefused::Denied(..)) => HangupReason::PeerDenied,
+            SetupError::Peer(PeerRefused::NotUnicast(_) | PeerRefused::NoAddress) => {
+                HangupReason::BadMediaAddress
+            }
+            SetupError::NoShard => HangupReason::Error,
+        }
+    }
+}
+
 struct PairInputs {
     plan: Plan,
     caller: (ConnId, PartyInfo, Option<SocketAddr>),
@@ -368,20 +380,22 @@ impl Gateway {
         self.session(conn).is_none_or(|s| !s.calls.is_empty())
     }
 
-    fn lookup(&self, me: &str, number: &str) -> Result<Dest, HangupReason> {
-        if store::validate_number(number).is_err() {
-            return Err(HangupReason::NotFound);
-        }
-        match self.store.user_by_number(number) {
+    /// What the directory said a number reaches, as of now (online, busy).
+    fn resolve(
+        &self,
+        me: &str,
+        found: &Result<Option<Destination>, LookupError>,
+    ) -> Result<Dest, HangupReason> {
+        match found {
             Err(e) => {
-                tracing::error!(error = %e, "store lookup failed");
+                tracing::error!(error = %e, "directory look-up failed");
                 Err(HangupReason::Error)
             }
-            Ok(Some(sub)) => {
-                if sub.user == me {
+            Ok(Some(Destination::User { user, .. })) => {
+                if user == me {
                     return Err(HangupReason::Busy);
                 }
-                let Some(&conn) = self.users.get(&sub.user) else {
+                let Some(&conn) = self.users.get(user) else {
                     return Err(HangupReason::Offline);
                 };
                 if self.is_busy(conn) {
@@ -389,19 +403,68 @@ impl Gateway {
                 }
                 Ok(Dest::User(conn))
             }
-            Ok(None) => match self.store.route_for(number) {
-                Err(e) => {
-                    tracing::error!(error = %e, "store route lookup failed");
-                    Err(HangupReason::Error)
-                }
-                Ok(None) => Err(HangupReason::NotFound),
-                Ok(Some(route)) => Ok(Dest::Route(route)),
-            },
+            Ok(Some(Destination::Route(route))) => Ok(Dest::Route(route.clone())),
+            Ok(None) => Err(HangupReason::NotFound),
         }
     }
 
     fn hang_up_msg(&mut self, conn: ConnId, call: CallId, reason: HangupReason) {
-        self.send(conn, ServerMsg::HangUp { call, reason });
+        let detail = match &self.hangup_detail {
+            Some((c, d)) if *c == call => Some(d.clone()),
+            _ => None,
+        };
+        self.send(
+            conn,
+            ServerMsg::HangUp {
+                call,
+                reason,
+                detail,
+            },
+        );
+    }
+
+    /// A pair's plan and relay legs go into its record (each leg is the party whose media
+    /// instructions name it; the one no client binds is the telephone route's).
+    fn record_pair_media(
+        &mut self,
+        call: CallId,
+        media: &[(ConnId, MediaInstructions)],
+        relay: Option<&Relay>,
+    ) {
+        let (caller, plan) = match self.calls.get(&call) {
+            Some(Call::Pair(p)) => (p.caller, media.first().and_then(|(_, m)| m.plan)),
+            _ => return,
+        };
+        let legs = relay.map_or_else(Vec::new, |r| {
+            r.legs
+                .iter()
+                .map(|leg| {
+                    let owner = media.iter().find(|(_, m)| m.leg.as_deref() == Some(leg));
+                    let party = match owner {
+                        Some((c, _)) if *c == caller => super::records::Party::Caller,
+                        Some(_) => super::records::Party::Callee,
+                        None => super::records::Party::Route,
+                    };
+                    (leg.clone(), party)
+                })
+                .collect()
+        });
+        self.record_media(call, plan, relay.map(|r| r.shard), legs);
+    }
+
+    /// A dial or conference refused before it became a call: the caller is told, the record
+    /// closes.
+    fn refuse_dial(&mut self, conn: ConnId, call: CallId, reason: HangupReason) {
+        self.hang_up_msg(conn, call, reason);
+        self.close_record(call, Some(reason), Some(reason));
+    }
+
+    /// Ends a two-party call the gateway cannot set up, telling both sides why in words.
+    fn refuse_pair(&mut self, call: CallId, e: &SetupError) {
+        let reason = e.hangup_reason();
+        self.hangup_detail = Some((call, crate::wire::control::bounded_detail(&e.to_string())));
+        self.end_pair(call, Some(reason), Some(reason));
+        self.hangup_detail = None;
     }
 
     /// Takes a call off a client's list and tells it why (when it is still logged in).
@@ -474,19 +537,55 @@ impl Gateway {
         let Some(s) = self.session(conn) else {
             return;
         };
-        let (me, ncalls) = (s.user.clone(), s.calls.len());
+        let (me, ncalls) = (s.user.clone(), s.calls.len() + s.lookups);
         let id = self.new_call_id();
+        self.open_record(id, now, conn, number);
         self.send(conn, ServerMsg::Calling { tag, call: id });
+        if self.draining {
+            return self.refuse_dial(conn, id, HangupReason::Shutdown);
+        }
+        if ncalls >= self.cfg.max_calls_per_user {
+            tracing::info!(conn, user = %me, "dial refused: too many calls at once");
+            return self.refuse_dial(conn, id, HangupReason::Error);
+        }
+        if directory::number_problem(number, false).is_some() {
+            return self.hang_up_msg(conn, id, HangupReason::NotFound);
+        }
+        let pending = super::lookup::Pending::Dial {
+            conn,
+            call: id,
+            media,
+        };
+        let query = Query::Dial {
+            number: number.to_owned(),
+        };
+        if self.ask(query, pending).is_none() {
+            self.hang_up_msg(conn, id, HangupReason::Error);
+        }
+    }
+
+    /// The directory answered a `dial`'s look-up: ring the callee or plan the route call.
+    pub(crate) fn dial_resolved(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        id: CallId,
+        media: Option<SocketAddr>,
+        found: Result<Option<Destination>, LookupError>,
+    ) {
+        let Some(s) = self.session(conn) else {
+            return;
+        };
+        let (me, ncalls) = (s.user.clone(), s.calls.len());
         if self.draining {
             return self.hang_up_msg(conn, id, HangupReason::Shutdown);
         }
         if ncalls >= self.cfg.max_calls_per_user {
-            tracing::info!(conn, user = %me, "dial refused: too many calls at once");
             return self.hang_up_msg(conn, id, HangupReason::Error);
         }
-        let dest = match self.lookup(&me, number) {
+        let dest = match self.resolve(&me, &found) {
             Ok(d) => d,
-            Err(reason) => return self.hang_up_msg(conn, id, reason),
+            Err(reason) => return self.refuse_dial(conn, id, reason),
         };
         self.counters.calls_placed += 1;
         match dest {
@@ -495,6 +594,7 @@ impl Gateway {
                     Some(s) => (s.number.clone(), s.user.clone()),
                     None => return,
                 };
+                self.record_callee(id, callee);
                 self.calls.insert(
                     id,
                     Call::Pair(Box::new(Pair {
@@ -529,9 +629,11 @@ impl Gateway {
             Dest::Route(route) => {
                 let addr = canonical(route.media_addr);
                 if self.route_busy.contains_key(&addr) {
-                    return self.hang_up_msg(conn, id, HangupReason::Busy);
+                    return self.refuse_dial(conn, id, HangupReason::Busy);
                 }
                 self.route_busy.insert(addr, id);
+                // A telephone route answers at once.
+                self.record_answered(id, now);
                 self.calls.insert(
                     id,
                     Call::Pair(Box::new(Pair {
@@ -568,6 +670,7 @@ impl Gateway {
                 }
                 p.callee_media = media;
                 p.state = PairState::Planning;
+                self.record_answered(call, now);
                 self.timers.cancel(Timer::Call(call));
                 self.try_plan(now, call);
             }
@@ -584,6 +687,7 @@ impl Gateway {
                 if !r.members.values().any(|m| m.state == MemberState::Invited) {
                     self.timers.cancel(Timer::Call(call));
                 }
+                self.record_answered(call, now);
                 self.room_progress(now, call);
             }
             _ => self.error(
@@ -921,6 +1025,7 @@ impl Gateway {
         let Some(Call::Pair(p)) = self.calls.remove(&call) else {
             return;
         };
+        self.close_record(call, to_caller, to_callee);
         self.timers.cancel(Timer::Call(call));
         if let Some(reason) = to_callee.or(to_caller) {
             self.counters.tally.ended(reason);
@@ -934,10 +1039,17 @@ impl Gateway {
                 self.route_busy.remove(&addr);
             }
         }
-        if [to_caller, to_callee]
-            .iter()
-            .any(|r| matches!(r, Some(HangupReason::MediaFailed | HangupReason::Error)))
-        {
+        if [to_caller, to_callee].iter().any(|r| {
+            matches!(
+                r,
+                Some(
+                    HangupReason::MediaFailed
+                        | HangupReason::Error
+                        | HangupReason::PeerDenied
+                        | HangupReason::BadMediaAddress
+                )
+            )
+        }) {
             self.counters.calls_failed += 1;
         }
         self.detach(p.caller, call, to_caller);
@@ -993,7 +1105,7 @@ impl Gateway {
         else {
             return Ok(None);
         };
-        let allow = self.cfg.allow_private_peers;
+        let policy = self.cfg.peer_policy();
         let mut sides = Vec::with_capacity(2);
         match (&far, b) {
             (Far::User(_), Some((b_conn, b, b_media))) => {
@@ -1004,10 +1116,10 @@ impl Gateway {
                 ] {
                     let (out, inn) = directions(plan, caller);
                     if out == Path::DirectUdp {
-                        check_peer(peer.ok_or(PeerRefused::NoAddress)?, allow)?;
+                        check_peer(peer.ok_or(PeerRefused::NoAddress)?, &policy)?;
                     }
                     let delivery = if needs_leg(out, inn) {
-                        Some(delivery_for(inn, me.caps, my_media, allow)?)
+                        Some(delivery_for(inn, me.caps, my_media, &policy)?)
                     } else {
                         None
                     };
@@ -1036,7 +1148,7 @@ impl Gateway {
                     peer: None,
                     peer_source: None,
                     gateway_ip: a.gateway_ip,
-                    delivery: Some(delivery_for(inn, a.caps, a_media, allow)?),
+                    delivery: Some(delivery_for(inn, a.caps, a_media, &policy)?),
                     key: a.key,
                 });
             }
@@ -1103,13 +1215,14 @@ impl Gateway {
             Ok(None) => return,
             Err(e) => {
                 tracing::warn!(call, reason = %e, "cannot set up media: ending the call");
-                return self.end_pair(call, Some(HangupReason::Error), Some(HangupReason::Error));
+                return self.refuse_pair(call, &e);
             }
         };
         self.counters.tally.plan(&setup.plan);
         let relay = setup
             .relay
             .map(|(shard, legs)| self.start_install(call, shard, legs));
+        self.record_pair_media(call, &setup.media, relay.as_ref());
         let Some(Call::Pair(p)) = self.calls.get_mut(&call) else {
             return;
         };
@@ -1240,15 +1353,20 @@ impl Gateway {
         let Some(s) = self.session(conn) else {
             return;
         };
-        let (me, from_number, ncalls) = (s.user.clone(), s.number.clone(), s.calls.len());
+        let (me, ncalls) = (s.user.clone(), s.calls.len() + s.lookups);
         let id = self.new_call_id();
+        self.open_record(id, now, conn, &numbers.join(","));
+        if let Some(r) = self.record_mut(id) {
+            r.conference = true;
+            r.callee_number = crate::wire::control::bounded_detail(&r.callee_number);
+        }
         self.send(conn, ServerMsg::Calling { tag, call: id });
         if self.draining {
-            return self.hang_up_msg(conn, id, HangupReason::Shutdown);
+            return self.refuse_dial(conn, id, HangupReason::Shutdown);
         }
         if ncalls >= self.cfg.max_calls_per_user {
             tracing::info!(conn, user = %me, "conference refused: too many calls at once");
-            return self.hang_up_msg(conn, id, HangupReason::Error);
+            return self.refuse_dial(conn, id, HangupReason::Error);
         }
         // A message may hold thousands of numbers: bound the work before de-duplicating.
         let mut unique: Vec<&str> = Vec::new();
@@ -1266,12 +1384,54 @@ impl Gateway {
                 numbers.len()
             );
             self.error(conn, ErrorCode::BadMessage, msg);
+            return self.refuse_dial(conn, id, HangupReason::Error);
+        }
+        let pending = super::lookup::Pending::Invite {
+            conn,
+            call: id,
+            media,
+            numbers: unique.iter().map(|n| n.to_string()).collect(),
+        };
+        let query = Query::Invite {
+            numbers: unique.iter().map(|n| n.to_string()).collect(),
+        };
+        if self.ask(query, pending).is_none() {
+            self.hang_up_msg(conn, id, HangupReason::Error);
+        }
+    }
+
+    /// The directory answered a `conference`'s look-ups (one per number, in order): invite
+    /// those online and free.
+    pub(crate) fn conference_resolved(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        id: CallId,
+        media: Option<SocketAddr>,
+        numbers: &[String],
+        found: Result<Vec<Option<Destination>>, LookupError>,
+    ) {
+        let Some(s) = self.session(conn) else {
+            return;
+        };
+        let (me, from_number, ncalls) = (s.user.clone(), s.number.clone(), s.calls.len());
+        if self.draining {
+            return self.hang_up_msg(conn, id, HangupReason::Shutdown);
+        }
+        if ncalls >= self.cfg.max_calls_per_user {
             return self.hang_up_msg(conn, id, HangupReason::Error);
         }
+        let found: Vec<Result<Option<Destination>, LookupError>> = match found {
+            Ok(v) => v.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e)],
+        };
         let mut invitees = Vec::new();
         let mut first_failure = None;
-        for number in unique {
-            match self.lookup(&me, number) {
+        for (number, found) in numbers
+            .iter()
+            .zip(found.iter().chain(std::iter::repeat(&Ok(None))))
+        {
+            match self.resolve(&me, found) {
                 Ok(Dest::User(c)) if !invitees.contains(&c) => invitees.push(c),
                 Ok(Dest::User(_)) => {}
                 Ok(Dest::Route(_)) => {
@@ -1284,7 +1444,7 @@ impl Gateway {
             }
         }
         if invitees.is_empty() {
-            return self.hang_up_msg(conn, id, first_failure.unwrap_or(HangupReason::NotFound));
+            return self.refuse_dial(conn, id, first_failure.unwrap_or(HangupReason::NotFound));
         }
         self.counters.calls_placed += 1;
         let mut members = BTreeMap::new();
@@ -1354,7 +1514,7 @@ impl Gateway {
         let my_media = resolve_media(reported, info.observed);
         let caps = effective_caps(info.caps, my_media);
         let (out, inn) = room_directions(caps);
-        let delivery = delivery_for(inn, caps, my_media, self.cfg.allow_private_peers)?;
+        let delivery = delivery_for(inn, caps, my_media, &self.cfg.peer_policy())?;
         let gw = self.gateway_addrs(shard, info.gateway_ip);
         let name = self.new_leg_name();
         let leg = Gateway::leg_spec(&info.key, &name, delivery);
@@ -1401,7 +1561,7 @@ impl Gateway {
                 Ok(b) => built.push((conn, b)),
                 Err(e) => {
                     tracing::warn!(call, conn, reason = %e, "room member cannot join");
-                    failed.push(conn);
+                    failed.push((conn, SetupError::Peer(e)));
                 }
             }
         }
@@ -1458,14 +1618,16 @@ impl Gateway {
         for conn in sent {
             self.member_media_sent(call, conn);
         }
-        for conn in failed {
+        for (conn, e) in failed {
+            self.hangup_detail = Some((call, crate::wire::control::bounded_detail(&e.to_string())));
             self.room_leave(
                 now,
                 call,
                 conn,
-                Some(HangupReason::Error),
+                Some(e.hangup_reason()),
                 HangupReason::Normal,
             );
+            self.hangup_detail = None;
         }
     }
 
@@ -1500,13 +1662,18 @@ impl Gateway {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(call, conn, reason = %e, "room member cannot rejoin");
-                return self.room_leave(
+                let e = SetupError::Peer(e);
+                self.hangup_detail =
+                    Some((call, crate::wire::control::bounded_detail(&e.to_string())));
+                self.room_leave(
                     now,
                     call,
                     conn,
-                    Some(HangupReason::Error),
+                    Some(e.hangup_reason()),
                     HangupReason::Normal,
                 );
+                self.hangup_detail = None;
+                return;
             }
         };
         if old == Some((instr.send.transport, instr.recv.transport, delivery)) {
@@ -1573,7 +1740,15 @@ impl Gateway {
             }
             self.release_leg(&leg);
         }
-        if notify == Some(HangupReason::MediaFailed) || notify == Some(HangupReason::Error) {
+        if matches!(
+            notify,
+            Some(
+                HangupReason::MediaFailed
+                    | HangupReason::Error
+                    | HangupReason::PeerDenied
+                    | HangupReason::BadMediaAddress
+            )
+        ) {
             self.counters.calls_failed += 1;
         }
         self.detach(conn, call, notify);
@@ -1594,6 +1769,20 @@ impl Gateway {
         let Some(Call::Room(r)) = self.calls.remove(&call) else {
             return;
         };
+        let legs = r
+            .members
+            .iter()
+            .filter_map(|(c, m)| {
+                let party = if *c == r.organizer {
+                    super::records::Party::Caller
+                } else {
+                    super::records::Party::Member
+                };
+                m.leg.clone().map(|l| (l, party))
+            })
+            .collect();
+        self.record_media(call, None, r.relay.as_ref().map(|x| x.shard), legs);
+        self.close_record(call, Some(reason), Some(reason));
         self.timers.cancel(Timer::Call(call));
         self.counters.tally.ended(reason);
         if let Some(relay) = r.relay {
@@ -2204,7 +2393,8 @@ mod tests {
             let b = w.login_with("bob", caps(false, true, false));
             let call = w.dial(&a, b.number, Some(a.media()));
             w.accept(&b, call, Some(addr("10.0.0.5:41000")));
-            let hb = hangups(&w.take(b.conn));
+            let bmsgs = w.take(b.conn);
+            let hb = hangups(&bmsgs);
             if allow {
                 assert!(hb.is_empty());
                 let spec = &installs(&w.take_shard())[0].2;
@@ -2214,8 +2404,20 @@ mod tests {
                         .any(|l| l.delivery == Delivery::Udp(addr("10.0.0.5:41000")))
                 );
             } else {
-                assert_eq!(hb, [(call, HangupReason::Error)]);
-                assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Error)]);
+                assert_eq!(hb, [(call, HangupReason::PeerDenied)]);
+                // Both sides are told why, in words that name the address, the range and the
+                // keys that open it.
+                let want = "media address 10.0.0.5 is in a denied range (private (RFC 1918) \
+                            10.0.0.0/8); set allow_private_peers or allowed_peers";
+                let amsgs = w.take(a.conn);
+                assert_eq!(hangups(&amsgs), [(call, HangupReason::PeerDenied)]);
+                for msgs in [&bmsgs, &amsgs] {
+                    let detail = msgs.iter().find_map(|m| match m {
+                        ServerMsg::HangUp { detail, .. } => detail.clone(),
+                        _ => None,
+                    });
+                    assert_eq!(detail.as_deref(), Some(want));
+                }
                 assert!(w.take_shard().is_empty());
             }
             // A direct direction towards a private peer address.
@@ -2225,6 +2427,49 @@ mod tests {
             w.accept(&d, call, Some(addr("192.168.1.9:41000")));
             let hc = hangups(&w.take(c.conn));
             assert_eq!(hc.is_empty(), allow, "allow={allow}");
+        }
+    }
+
+    #[test]
+    fn operator_peer_lists_open_and_close_media_destinations() {
+        // (allowed_peers, denied_peers, bob's media address, refused?)
+        let cases: &[(&[&str], &[&str], &str, bool)] = &[
+            (&["10.20.0.0/16"], &[], "10.20.0.5:41000", false),
+            (&["10.20.0.0/16"], &[], "10.21.0.5:41000", true),
+            (
+                &["10.20.0.0/16"],
+                &["10.20.0.0/24"],
+                "10.20.0.5:41000",
+                true,
+            ),
+            (&[], &["203.0.113.0/24"], "203.0.113.9:41000", true),
+            (&[], &[], "[64:ff9b::7f00:1]:41000", true),
+            (&[], &[], "[2002:a00:1::1]:41000", true),
+            (&[], &[], "198.18.0.1:41000", true),
+            (&[], &[], "203.0.113.9:41000", false),
+        ];
+        for &(allowed, denied, media, refused) in cases {
+            let parse = |v: &[&str]| v.iter().map(|s| s.parse().unwrap()).collect();
+            let mut w = World::with_config(GatewayConfig {
+                allowed_peers: parse(allowed),
+                denied_peers: parse(denied),
+                ..sim::config()
+            });
+            let a = w.login_with("alice", caps(false, false, false));
+            let b = w.login_with("bob", caps(false, true, false));
+            let call = w.dial(&a, b.number, Some(a.media()));
+            w.accept(&b, call, Some(addr(media)));
+            let hb = hangups(&w.take(b.conn));
+            assert_eq!(
+                !hb.is_empty(),
+                refused,
+                "{allowed:?} {denied:?} {media}: {hb:?}"
+            );
+            if !refused {
+                let spec = &installs(&w.take_shard())[0].2;
+                let want = Delivery::Udp(canonical(addr(media)));
+                assert!(spec.legs.iter().any(|l| l.delivery == want), "{spec:?}");
+            }
         }
     }
 

@@ -10,8 +10,10 @@
 //! no socket and no shard: a shard session exists because this core emitted
 //! [`Action::InstallSession`], and is gone once it emitted [`Action::RemoveSession`].
 //!
-//! The store is called synchronously (SQLite lookups take microseconds; a fleet backend behind
-//! the same trait should cache). Randomness (nonces, tokens, leg names) comes from the
+//! The store is never called: a directory look-up (the verifier at `hello`, the number at
+//! `dial` and `conference`) is an [`Action::Lookup`] that the server carries out off the
+//! control thread and answers with [`Input::LookupDone`] ([`super::lookup`]), so a slow
+//! directory delays only the log-ins and dials waiting for it. Randomness (nonces, tokens, leg names) comes from the
 //! [`StdRng`] the caller seeds; in production seed it from the OS (`StdRng::from_os_rng()`).
 //!
 //! # Contract with the server
@@ -21,6 +23,8 @@
 //!   and a room's `AddLeg` may follow its `InstallSession` before the install is confirmed.
 //! - Every [`Action::InstallSession`] is answered with exactly one
 //!   [`Input::ShardInstalled`] carrying the same `op`.
+//! - Every [`Action::Lookup`] is answered with exactly one [`Input::LookupDone`] carrying the
+//!   same `id`, in any order and at any later time (the connection may be gone by then).
 //! - After [`Action::Close`] the core has forgotten the connection; what arrives for it later
 //!   is ignored. [`Input::Disconnected`] for a connection it already closed is harmless.
 //! - `ConnId`s are never reused.
@@ -62,10 +66,13 @@ use super::auth::{
 use super::calls::Call;
 use super::presence::Presence;
 use super::probe::{Probe, ProbeOutcome};
+use crate::directory::{Answer, LookupError, Query};
 use crate::shard::relay::canonical;
 use crate::shard::{LegSpec, SessionId, SessionSpec};
-use crate::store::Store;
 use crate::wire::control::{CallId, ClientMsg, ErrorCode, ServerMsg, VERSION};
+
+/// At most one log line per this interval about log-ins the rate limiter refused.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The server's name for one control connection. Never reused.
 pub type ConnId = u64;
@@ -127,6 +134,10 @@ pub struct GatewayConfig {
     /// are refused: the call ends with `hang_up{error}` and the reason is logged. Telephone
     /// routes are operator configuration and are exempt.
     pub allow_private_peers: bool,
+    /// Operator prefixes that open (`allowed_peers`) or close (`denied_peers`) media
+    /// destinations; the most specific prefix wins (see [`super::peer_policy`]).
+    pub allowed_peers: Vec<super::peer_policy::Cidr>,
+    pub denied_peers: Vec<super::peer_policy::Cidr>,
     /// SCRAM iteration count of verifiers; unknown users' decoy challenges advertise it too
     /// (it overrides `auth.decoy_iterations`, so the two cannot drift apart).
     pub scram_iterations: u32,
@@ -141,6 +152,9 @@ pub struct GatewayConfig {
     /// The addresses clients are told per family (behind 1:1 NAT); default: the address each
     /// control connection arrived at. See [`super::advertise`].
     pub advertised: super::advertise::Advertised,
+    /// Directory look-ups waiting for their answer, at most (beyond: `hello` is refused with
+    /// `unavailable`, a dial ends with `hang_up{error}`). Default 10 000.
+    pub max_pending_lookups: usize,
 }
 
 impl Default for GatewayConfig {
@@ -166,6 +180,8 @@ impl GatewayConfig {
             probe_repeats: 3,
             probe_spacing: Duration::from_millis(50),
             allow_private_peers: false,
+            allowed_peers: Vec::new(),
+            denied_peers: Vec::new(),
             scram_iterations: auth::DEFAULT_ITERATIONS,
             auth: AuthConfig::new(secret, auth::DEFAULT_ITERATIONS),
             rate_limit: RateLimitConfig::default(),
@@ -173,6 +189,7 @@ impl GatewayConfig {
             max_calls_per_user: 8,
             max_room_size: 16,
             advertised: super::advertise::Advertised::default(),
+            max_pending_lookups: 10_000,
         }
     }
 
@@ -181,6 +198,15 @@ impl GatewayConfig {
         let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
         Self::with_secret(secret)
+    }
+
+    /// The policy every media destination is checked against.
+    pub fn peer_policy(&self) -> super::peer_policy::PeerPolicy {
+        super::peer_policy::PeerPolicy::new(
+            self.allow_private_peers,
+            &self.allowed_peers,
+            &self.denied_peers,
+        )
     }
 
     pub(crate) fn cadence(&self) -> super::presence::Cadence {
@@ -210,6 +236,7 @@ impl GatewayConfig {
         self.auth.decoy_iterations = self.scram_iterations;
         self.max_calls_per_user = self.max_calls_per_user.clamp(1, 64);
         self.max_room_size = self.max_room_size.clamp(2, 64);
+        self.max_pending_lookups = self.max_pending_lookups.clamp(1, 1_000_000);
         self
     }
 }
@@ -236,6 +263,12 @@ pub enum Input {
     Disconnected {
         conn: ConnId,
     },
+    /// The client kept sending faster than `per_s` messages per second for too long (the server
+    /// throttled it meanwhile): refused with `rate_limited` and closed.
+    Flooding {
+        conn: ConnId,
+        per_s: u32,
+    },
     /// A datagram on probe port A or B.
     ProbeDatagram {
         port: ProbePort,
@@ -253,6 +286,11 @@ pub enum Input {
         session: SessionId,
         leg: String,
         transport: crate::metrics::Transport,
+    },
+    /// The answer to [`Action::Lookup`] with this `id`.
+    LookupDone {
+        id: u64,
+        result: Result<Answer, LookupError>,
     },
     /// SIGTERM: refuse new log-ins and calls; calls in progress continue.
     Drain,
@@ -298,6 +336,15 @@ pub enum Action {
         session: SessionId,
         leg: String,
     },
+    /// A call ended (answered, unanswered or refused): its record, for the call detail
+    /// records. Emitted before the `RemoveSession` of its relay, so a shard asked for the
+    /// session's legs in this order still has them.
+    CallEnded(Box<super::records::CallRecord>),
+    /// Ask the directory, off the control thread; answer with [`Input::LookupDone`].
+    Lookup {
+        id: u64,
+        query: Query,
+    },
 }
 
 /// A snapshot of the core's tables and counters.
@@ -314,6 +361,8 @@ pub struct GatewayStats {
     /// Members of all rooms (invited or joined).
     pub room_members: usize,
     pub probes_running: usize,
+    /// Directory look-ups waiting for their answer.
+    pub lookups_pending: usize,
     /// Relay sessions installed (or being installed), per shard.
     pub shard_sessions: Vec<usize>,
     pub draining: bool,
@@ -321,7 +370,7 @@ pub struct GatewayStats {
     pub logins: u64,
     /// Since start: failed log-ins (wrong password, unknown user, bad proof).
     pub failed_logins: u64,
-    /// Since start: log-ins refused by the rate limiter.
+    /// Since start: log-ins refused by the rate limiter (at `hello`, before any work).
     pub rate_limited: u64,
     /// Since start: calls and rooms placed.
     pub calls_placed: u64,
@@ -344,6 +393,8 @@ pub(crate) struct Session {
     pub result: Option<ProbeOutcome>,
     /// Calls and rooms this client takes part in.
     pub calls: CallSet,
+    /// Its dials and conferences waiting for a directory answer (they count as calls).
+    pub lookups: usize,
 }
 
 /// The calls of one client: a handful at most (`max_calls_per_user`), so a sorted `Vec`
@@ -390,6 +441,11 @@ impl<'a> IntoIterator for &'a CallSet {
 
 pub(crate) enum Phase {
     AwaitingHello,
+    /// `hello` taken; the directory is being asked for the user's verifier.
+    AwaitingLookup {
+        user: String,
+        nonce: String,
+    },
     AwaitingProof {
         attempt: Box<ServerAwaitingProof>,
         /// The subscriber's number, when the user exists.
@@ -502,12 +558,20 @@ pub(crate) struct Counters {
 /// The control core. See the module docs.
 pub struct Gateway {
     pub(crate) cfg: GatewayConfig,
-    pub(crate) store: Box<dyn Store>,
+    /// Directory look-ups waiting for their answer, by id.
+    pub(crate) lookups: HashMap<u64, super::lookup::Pending>,
+    /// Dials and conferences waiting for a look-up: call id → look-up id.
+    pub(crate) pending_calls: HashMap<CallId, u64>,
+    pub(crate) next_lookup: u64,
+    /// The iteration count most stored verifiers have, once the directory said.
+    pub(crate) typical_iterations: Option<u32>,
     pub(crate) shards: Vec<ShardInfo>,
     /// Sessions installed (or being installed) per shard, by position in `shards`.
     pub(crate) shard_load: Vec<usize>,
     pub(crate) rng: StdRng,
     pub(crate) limiter: RateLimiter,
+    /// Rate-limit refusals, logged at a bounded rate.
+    pub(crate) refusals: auth::RefusalLog,
     pub(crate) conns: HashMap<ConnId, Conn>,
     /// Logged-in users and their connection.
     pub(crate) users: HashMap<String, ConnId>,
@@ -530,15 +594,18 @@ pub struct Gateway {
     /// After [`Input::Shutdown`]: every new connection is refused.
     pub(crate) shut: bool,
     pub(crate) counters: Counters,
+    /// The words for the next `hang_up` of this call (why the gateway refused it).
+    pub(crate) hangup_detail: Option<(CallId, String)>,
+    /// Open call records (see [`super::records`]).
+    pub(crate) records: HashMap<CallId, super::records::CallRecord>,
+    /// The `now` of the latest input: when a call that ends without a `now` at hand ended.
+    pub(crate) last_now: Option<Instant>,
 }
 
 impl Gateway {
-    pub fn new(
-        cfg: GatewayConfig,
-        store: Box<dyn Store>,
-        mut shards: Vec<ShardInfo>,
-        rng: StdRng,
-    ) -> Self {
+    /// A core with no connections. Its first action asks the directory for the typical
+    /// verifier iteration count (for decoy challenges).
+    pub fn new(cfg: GatewayConfig, mut shards: Vec<ShardInfo>, rng: StdRng) -> Self {
         let cfg = cfg.sanitized();
         shards.sort_by_key(|s| s.index);
         if cfg.auth.secret() == &[0u8; 32] {
@@ -547,11 +614,15 @@ impl Gateway {
                  build the config with GatewayConfig::with_secret"
             );
         }
-        Gateway {
+        let mut gw = Gateway {
+            lookups: HashMap::new(),
+            pending_calls: HashMap::new(),
+            next_lookup: 1,
+            typical_iterations: None,
             limiter: RateLimiter::new(cfg.rate_limit),
+            refusals: auth::RefusalLog::new(REFUSAL_LOG_INTERVAL),
             shard_load: vec![0; shards.len()],
             cfg,
-            store,
             shards,
             rng,
             conns: HashMap::new(),
@@ -569,10 +640,22 @@ impl Gateway {
             draining: false,
             shut: false,
             counters: Counters::default(),
-        }
+            hangup_detail: None,
+            records: HashMap::new(),
+            last_now: None,
+        };
+        gw.ask(Query::TypicalIterations, super::lookup::Pending::Iterations);
+        gw
+    }
+
+    /// Where call ids start (server: [`super::records::id_base`] of the start time, so ids
+    /// are unique across restarts and gateways). Before any call; tests keep the default 1.
+    pub fn set_id_base(&mut self, base: CallId) {
+        self.next_call = base.clamp(1, super::records::ID_LIMIT - 1);
     }
 
     pub fn handle(&mut self, now: Instant, input: Input) {
+        self.last_now = Some(now);
         match input {
             Input::Connected { conn, peer, local } => self.on_connected(now, conn, peer, local),
             Input::Message { conn, msg } => self.on_message(now, conn, msg),
@@ -594,10 +677,23 @@ impl Gateway {
                     self.forget_conn(now, conn, super::calls::Lost::PeerLost);
                 }
             }
+            Input::Flooding { conn, per_s } => {
+                if self.conns.contains_key(&conn) {
+                    tracing::info!(conn, per_s, "client sends too many messages: closing");
+                    self.refuse(
+                        now,
+                        conn,
+                        ErrorCode::RateLimited,
+                        format!("more than {per_s} messages per second for too long"),
+                        super::calls::Lost::PeerLost,
+                    );
+                }
+            }
             Input::ProbeDatagram { port, src, data } => {
                 self.on_probe_datagram(now, port, src, &data)
             }
             Input::ShardInstalled { op, result } => self.on_shard_installed(now, op, result),
+            Input::LookupDone { id, result } => self.on_lookup_done(now, id, result),
             Input::LegBound {
                 session,
                 leg,
@@ -617,6 +713,7 @@ impl Gateway {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = Some(now);
         for t in self.timers.take_due(now) {
             match t {
                 Timer::Conn(conn) => self.on_conn_timer(now, conn),
@@ -634,15 +731,8 @@ impl Gateway {
         self.actions.pop_front()
     }
 
-    pub fn store(&self) -> &dyn Store {
-        &*self.store
-    }
-
-    pub fn store_mut(&mut self) -> &mut dyn Store {
-        &mut *self.store
-    }
-
-    /// Live reload. Takes effect at once for limits, `allow_private_peers`, probe settings of
+    /// Live reload. Takes effect at once for limits, the peer policy (`allow_private_peers`,
+    /// `allowed_peers`, `denied_peers`), probe settings of
     /// probes started later, and presence deadlines (every connection's timer is re-armed);
     /// ring timers of calls already ringing keep their deadline. A changed rate-limit config
     /// starts from empty buckets.
@@ -652,6 +742,7 @@ impl Gateway {
             self.limiter = RateLimiter::new(cfg.rate_limit);
         }
         self.cfg = cfg;
+        self.apply_typical_iterations();
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in conns {
             self.arm_conn_timer(conn);
@@ -667,6 +758,7 @@ impl Gateway {
             connections: self.conns.len(),
             logged_in: self.users.len(),
             probes_running: self.tokens.len(),
+            lookups_pending: self.lookups.len(),
             shard_sessions: self.shard_load.clone(),
             draining: self.draining,
             logins: self.counters.logins,
@@ -758,7 +850,7 @@ impl Gateway {
 
     pub(crate) fn new_call_id(&mut self) -> CallId {
         let id = self.next_call;
-        self.next_call = self.next_call.wrapping_add(1).max(1);
+        self.next_call = super::records::next_id(id);
         id
     }
 
@@ -911,6 +1003,7 @@ impl Gateway {
             } => self.on_conference(now, conn, tag, &numbers, media),
             ClientMsg::Accept { call, media } => self.on_accept(now, conn, call, media),
             ClientMsg::Reject { call } => self.on_reject(now, conn, call),
+            ClientMsg::HangUp { call } if self.cancel_pending_call(conn, call) => {}
             ClientMsg::HangUp { call } => self.on_hang_up(now, conn, call),
             ClientMsg::MediaTrouble { call } => self.on_media_trouble(now, conn, call),
             ClientMsg::Bye => self.drop_conn(now, conn, super::calls::Lost::Normal),
@@ -920,10 +1013,9 @@ impl Gateway {
     // ------------------------------------------------------------------ log-in
 
     fn on_login_message(&mut self, now: Instant, conn: ConnId, msg: ClientMsg) {
-        let awaiting_hello = matches!(
-            self.conns.get(&conn).map(|c| &c.phase),
-            Some(Phase::AwaitingHello)
-        );
+        let phase = self.conns.get(&conn).map(|c| &c.phase);
+        let awaiting_hello = matches!(phase, Some(Phase::AwaitingHello));
+        let awaiting_proof = matches!(phase, Some(Phase::AwaitingProof { .. }));
         match msg {
             ClientMsg::Hello {
                 version,
@@ -935,7 +1027,7 @@ impl Gateway {
                 channel_binding,
                 nonce,
                 proof,
-            } if !awaiting_hello => self.on_proof(now, conn, channel_binding, nonce, &proof),
+            } if awaiting_proof => self.on_proof(now, conn, channel_binding, nonce, &proof),
             ClientMsg::Bye => self.drop_conn(now, conn, super::calls::Lost::Normal),
             other => {
                 let what = client_msg_name(&other);
@@ -971,9 +1063,19 @@ impl Gateway {
                 Lost::PeerLost,
             );
         }
-        if let Err(limited) = self.limiter.check(now, peer.ip(), &user) {
+        // Charged now, before the store or any key derivation: a pending attempt counts.
+        if let Err(limited) = self.limiter.begin(now, peer.ip(), &user) {
             self.counters.rate_limited += 1;
-            tracing::info!(conn, %peer, %user, scope = %limited.scope, "log-in rate limited");
+            if let Some(n) = self.refusals.note(now, limited.scope) {
+                tracing::info!(
+                    source = n.source,
+                    user_at_source = n.user_at_source,
+                    user = n.user,
+                    last_peer = %peer,
+                    last_scope = %limited.scope,
+                    "log-ins refused by the rate limiter (counts since the last such line)"
+                );
+            }
             return self.refuse(
                 now,
                 conn,
@@ -982,14 +1084,46 @@ impl Gateway {
                 Lost::PeerLost,
             );
         }
-        let subscriber = match self.store.user(&user) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.phase = Phase::AwaitingLookup {
+                user: user.clone(),
+                nonce,
+            };
+        }
+        let pending = super::lookup::Pending::Login { conn };
+        if self.ask(Query::Login { user }, pending).is_none() {
+            let msg = "the directory is busy; try again shortly";
+            self.refuse(now, conn, ErrorCode::Unavailable, msg, Lost::PeerLost);
+        }
+    }
+
+    /// The directory answered the look-up of a `hello`: challenge the client (a decoy
+    /// challenge for an unknown user).
+    pub(crate) fn hello_answered(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        subscriber: Result<Option<crate::directory::Subscriber>, LookupError>,
+    ) {
+        use super::calls::Lost;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Phase::AwaitingLookup { user, nonce } =
+            std::mem::replace(&mut c.phase, Phase::AwaitingHello)
+        else {
+            return;
+        };
+        let subscriber = match subscriber {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(conn, error = %e, "store lookup failed during log-in");
+                tracing::error!(conn, error = %e, "directory look-up failed during log-in");
                 let msg = "the directory is unavailable";
                 return self.refuse(now, conn, ErrorCode::Internal, msg, Lost::PeerLost);
             }
         };
+        // Defence in depth: the answer must be for the user asked about.
+        let subscriber = subscriber.filter(|s| s.user == user);
         let hello = auth::Hello {
             user,
             client_nonce: nonce,
@@ -1060,8 +1194,8 @@ impl Gateway {
                 if let Err(e) = verdict {
                     tracing::info!(conn, %peer, %user, reason = %e, "log-in failed");
                 }
+                // The attempt was charged at `hello`; the charge stays.
                 self.counters.failed_logins += 1;
-                self.limiter.record_failure(now, peer.ip(), &user);
                 let msg = "wrong user or password";
                 return self.refuse(now, conn, ErrorCode::AuthFailed, msg, Lost::PeerLost);
             }
@@ -1097,8 +1231,10 @@ impl Gateway {
             last_probe_id: 0,
             result: None,
             calls: CallSet::default(),
+            lookups: 0,
         }));
         self.users.insert(user.clone(), conn);
+        self.limiter.succeeded(now, peer.ip(), &user);
         self.counters.logins += 1;
         tracing::info!(conn, %peer, %local, %user, "logged in");
         self.send(
@@ -1219,7 +1355,7 @@ fn client_msg_name(m: &ClientMsg) -> &'static str {
 
 /// Keeps peer-supplied text in error messages short and printable.
 fn clip(s: &str) -> String {
-    let mut s: String = s.chars().take(200).collect();
+    let mut s: String = s.chars().take(400).collect();
     s.retain(|c| !c.is_control());
     s
 }

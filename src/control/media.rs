@@ -26,6 +26,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
+use super::peer_policy::{Denial, PeerPolicy};
 use super::planner::{Capabilities, Path, Plan};
 use crate::metrics::Transport;
 use crate::shard::Delivery;
@@ -115,8 +116,8 @@ pub fn recv_for(inn: Path, peer: Option<SocketAddr>, gw: Option<GatewayAddrs>) -
 /// Why a media destination was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerRefused {
-    /// Loopback, RFC 1918, ULA or link-local, and `allow_private_peers` is off.
-    Private(SocketAddr),
+    /// The peer policy ([`PeerPolicy`]) denies the address: which range, and why.
+    Denied(SocketAddr, Denial),
     /// Unspecified, multicast, broadcast or port 0: never a media destination.
     NotUnicast(SocketAddr),
     /// The client gave no usable media address but the plan needs one.
@@ -128,24 +129,9 @@ impl std::error::Error for PeerRefused {}
 impl fmt::Display for PeerRefused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PeerRefused::Private(a) => write!(
-                f,
-                "media address {a} is loopback, private (RFC 1918/ULA) or link-local, and allow_private_peers is off"
-            ),
+            PeerRefused::Denied(_, d) => write!(f, "media address {d}"),
             PeerRefused::NotUnicast(a) => write!(f, "media address {a} is not a unicast address"),
             PeerRefused::NoAddress => f.write_str("no media address for a UDP destination"),
-        }
-    }
-}
-
-/// Loopback, RFC 1918, ULA (fc00::/7) or link-local (169.254/16, fe80::/10); v4-mapped IPv6
-/// addresses are judged as IPv4.
-pub fn is_private(ip: IpAddr) -> bool {
-    match canonical(SocketAddr::new(ip, 0)).ip() {
-        IpAddr::V4(a) => a.is_loopback() || a.is_private() || a.is_link_local(),
-        IpAddr::V6(a) => {
-            let s0 = a.segments()[0];
-            a.is_loopback() || (s0 & 0xfe00) == 0xfc00 || (s0 & 0xffc0) == 0xfe80
         }
     }
 }
@@ -158,15 +144,16 @@ fn not_unicast(a: SocketAddr) -> bool {
         || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
 }
 
-/// Whether the gateway may send to `addr`, or tell a client to send to it.
-pub fn check_peer(addr: SocketAddr, allow_private: bool) -> Result<SocketAddr, PeerRefused> {
+/// Whether the gateway may send to `addr`, or tell a client to send to it: a unicast address
+/// with a port, that `policy` allows.
+pub fn check_peer(addr: SocketAddr, policy: &PeerPolicy) -> Result<SocketAddr, PeerRefused> {
     let addr = canonical(addr);
     if not_unicast(addr) {
         return Err(PeerRefused::NotUnicast(addr));
     }
-    if !allow_private && is_private(addr.ip()) {
-        return Err(PeerRefused::Private(addr));
-    }
+    policy
+        .check(addr.ip())
+        .map_err(|d| PeerRefused::Denied(addr, d))?;
     Ok(addr)
 }
 
@@ -205,7 +192,7 @@ pub fn delivery_for(
     inn: Path,
     caps: Capabilities,
     media: Option<SocketAddr>,
-    allow_private: bool,
+    policy: &PeerPolicy,
 ) -> Result<Delivery, PeerRefused> {
     if !inn.uses_gateway() {
         return Ok(Delivery::None);
@@ -215,7 +202,7 @@ pub fn delivery_for(
         Transport::Udp if caps.send_udp => Ok(Delivery::UdpLatched),
         Transport::Udp => {
             let a = media.ok_or(PeerRefused::NoAddress)?;
-            Ok(Delivery::Udp(check_peer(a, allow_private)?))
+            Ok(Delivery::Udp(check_peer(a, policy)?))
         }
     }
 }
@@ -278,6 +265,8 @@ mod tests {
 
     #[test]
     fn private_ranges() {
+        let deny = PeerPolicy::default();
+        let allow = PeerPolicy::new(true, &[], &[]);
         for p in [
             "127.0.0.1:1",
             "10.1.2.3:1",
@@ -285,27 +274,28 @@ mod tests {
             "172.31.255.255:1",
             "192.168.1.1:1",
             "169.254.0.1:1",
+            "100.64.0.1:1",
             "[::1]:1",
             "[fd00::1]:1",
             "[fc00::1]:1",
             "[fe80::1]:1",
             "[::ffff:10.0.0.1]:1",
         ] {
-            assert!(is_private(a(p).ip()), "{p}");
-            assert_eq!(
-                check_peer(a(p), false),
-                Err(PeerRefused::Private(canonical(a(p))))
-            );
-            assert!(check_peer(a(p), true).is_ok());
+            match check_peer(a(p), &deny) {
+                Err(PeerRefused::Denied(at, d)) => {
+                    assert_eq!(at, canonical(a(p)));
+                    assert_eq!(d.source, crate::control::peer_policy::Source::Private);
+                }
+                other => panic!("{p}: {other:?}"),
+            }
+            assert!(check_peer(a(p), &allow).is_ok(), "{p}");
         }
-        for p in [
-            "192.0.2.1:1",
-            "172.32.0.1:1",
-            "100.64.0.1:1",
-            "[2001:db8::1]:1",
-        ] {
-            assert!(!is_private(a(p).ip()), "{p}");
-            assert!(check_peer(a(p), false).is_ok());
+        for p in ["192.0.2.1:1", "172.32.0.1:1", "[2001:db8::1]:1"] {
+            assert!(check_peer(a(p), &deny).is_ok(), "{p}");
+        }
+        // Special ranges stay shut with allow_private_peers.
+        for p in ["198.18.0.1:1", "240.0.0.1:1", "0.1.2.3:1"] {
+            assert!(check_peer(a(p), &allow).is_err(), "{p}");
         }
         for p in [
             "0.0.0.0:5",
@@ -313,12 +303,19 @@ mod tests {
             "255.255.255.255:5",
             "192.0.2.1:0",
             "[ff02::1]:5",
+            "[::]:5",
         ] {
             assert!(matches!(
-                check_peer(a(p), true),
+                check_peer(a(p), &allow),
                 Err(PeerRefused::NotUnicast(_))
             ));
         }
+        assert_eq!(
+            check_peer(a("127.0.0.1:4000"), &deny)
+                .unwrap_err()
+                .to_string(),
+            "media address 127.0.0.1 is in a denied range (loopback 127.0.0.0/8); set allow_private_peers or allowed_peers"
+        );
     }
 
     #[test]
@@ -347,15 +344,15 @@ mod tests {
         let udp_both = Capabilities::new(true, true);
         let recv_only = Capabilities::new(false, true);
         assert_eq!(
-            delivery_for(Path::DirectUdp, udp_both, media, false),
+            delivery_for(Path::DirectUdp, udp_both, media, &PeerPolicy::default()),
             Ok(Delivery::None)
         );
         assert_eq!(
-            delivery_for(Path::UdpViaGateway, udp_both, media, false),
+            delivery_for(Path::UdpViaGateway, udp_both, media, &PeerPolicy::default()),
             Ok(Delivery::UdpLatched)
         );
         assert_eq!(
-            delivery_for(Path::TcpInUdpOut, recv_only, media, false),
+            delivery_for(Path::TcpInUdpOut, recv_only, media, &PeerPolicy::default()),
             Ok(Delivery::Udp(a("192.0.2.5:4000")))
         );
         assert_eq!(
@@ -363,16 +360,24 @@ mod tests {
                 Path::TcpInUdpOut,
                 recv_only,
                 Some(a("10.0.0.5:4000")),
-                false
+                &PeerPolicy::default()
             ),
-            Err(PeerRefused::Private(a("10.0.0.5:4000")))
+            Err(PeerRefused::Denied(
+                a("10.0.0.5:4000"),
+                PeerPolicy::default()
+                    .check(a("10.0.0.5:4000").ip())
+                    .unwrap_err()
+            ))
         );
         assert_eq!(
-            delivery_for(Path::TcpInUdpOut, recv_only, None, false),
+            delivery_for(Path::TcpInUdpOut, recv_only, None, &PeerPolicy::default()),
             Err(PeerRefused::NoAddress)
         );
         for p in [Path::UdpInTcpOut, Path::TcpBoth] {
-            assert_eq!(delivery_for(p, recv_only, None, false), Ok(Delivery::Tcp));
+            assert_eq!(
+                delivery_for(p, recv_only, None, &PeerPolicy::default()),
+                Ok(Delivery::Tcp)
+            );
         }
     }
 

@@ -8,8 +8,8 @@
 //!
 //! What it must not do:
 //! - **No IO.** Nothing here opens a socket, reads a file, touches the store
-//!   or spawns a thread. Inputs arrive as values (a decoded message, a looked-up
-//!   [`auth::Verifier`]); outputs leave as values (a reply to send, an action to
+//!   or spawns a thread. Inputs arrive as values (a decoded message, a directory
+//!   answer: look-ups are actions, see [`lookup`]); outputs leave as values (a reply to send, an action to
 //!   take). `server/` and `client/` do the IO.
 //! - **No clock.** Time is passed in (`now: std::time::Instant`) by the caller;
 //!   tests drive a virtual clock and never sleep.
@@ -27,10 +27,14 @@ pub mod advertise;
 pub mod auth;
 pub mod calls;
 pub mod gateway;
+pub mod limits;
+pub mod lookup;
 pub mod media;
+pub mod peer_policy;
 pub mod planner;
 pub mod presence;
 pub mod probe;
+pub mod records;
 #[cfg(test)]
 mod sim;
 pub mod tally;

@@ -183,11 +183,19 @@ pub struct World {
     pub closed: HashSet<ConnId>,
     pub probe_out: Vec<(ProbePort, SocketAddr, Vec<u8>)>,
     pub shard_cmds: Vec<Action>,
+    /// Records of ended calls, each with the number of shard commands before it (so a test
+    /// can check what came first).
+    pub ended: Vec<(usize, crate::control::records::CallRecord)>,
     /// Answer every install at once with this (None: leave installs pending).
     pub auto_install: Option<Result<(), String>>,
     pub pending_installs: Vec<u64>,
     /// Check internal invariants after each input.
     pub check: bool,
+    /// The directory the gateway's look-ups are answered from.
+    pub store: SqliteStore,
+    /// Leave look-ups unanswered (in `held_lookups`) instead of answering them at once.
+    pub hold_lookups: bool,
+    pub held_lookups: Vec<(u64, crate::directory::Query)>,
 }
 
 impl World {
@@ -220,7 +228,10 @@ impl World {
             .expect("add route");
         let t0 = Instant::now();
         World {
-            gw: Gateway::new(cfg, Box::new(store), shards, StdRng::seed_from_u64(7)),
+            gw: Gateway::new(cfg, shards, StdRng::seed_from_u64(7)),
+            store,
+            hold_lookups: false,
+            held_lookups: Vec::new(),
             now: t0,
             rng,
             next_conn: 1,
@@ -228,6 +239,7 @@ impl World {
             closed: HashSet::new(),
             probe_out: Vec::new(),
             shard_cmds: Vec::new(),
+            ended: Vec::new(),
             auto_install: Some(Ok(())),
             pending_installs: Vec::new(),
             check: true,
@@ -238,6 +250,7 @@ impl World {
     pub fn pump(&mut self) {
         loop {
             let mut installs = Vec::new();
+            let mut answers = Vec::new();
             while let Some(a) = self.gw.poll_action() {
                 match a {
                     Action::Send { conn, msg } => {
@@ -251,13 +264,28 @@ impl World {
                         installs.push(op);
                         self.shard_cmds.push(a);
                     }
+                    Action::CallEnded(r) => self.ended.push((self.shard_cmds.len(), *r)),
+                    Action::Lookup { id, query } => {
+                        if self.hold_lookups {
+                            self.held_lookups.push((id, query));
+                        } else {
+                            answers.push(self.answer(id, &query));
+                        }
+                    }
                     other => self.shard_cmds.push(other),
                 }
             }
             if self.check {
                 check_invariants(&self.gw);
             }
+            let answered = !answers.is_empty();
+            for a in answers {
+                self.gw.handle(self.now, a);
+            }
             if installs.is_empty() {
+                if answered {
+                    continue;
+                }
                 return;
             }
             match self.auto_install.clone() {
@@ -277,6 +305,22 @@ impl World {
                     return;
                 }
             }
+        }
+    }
+
+    /// The directory's answer to a look-up, as the server would give it.
+    pub fn answer(&self, id: u64, query: &crate::directory::Query) -> Input {
+        let result = crate::store::answer(&self.store, query)
+            .map_err(|e| crate::directory::LookupError(e.to_string()));
+        Input::LookupDone { id, result }
+    }
+
+    /// Answers the held look-ups now (in the order they were asked).
+    pub fn release_lookups(&mut self) {
+        let held = std::mem::take(&mut self.held_lookups);
+        for (id, q) in held {
+            let a = self.answer(id, &q);
+            self.input(a);
         }
     }
 
@@ -645,7 +689,7 @@ pub fn media_of(msgs: &[ServerMsg]) -> Vec<MediaInstructions> {
 pub fn hangups(msgs: &[ServerMsg]) -> Vec<(CallId, HangupReason)> {
     msgs.iter()
         .filter_map(|m| match m {
-            ServerMsg::HangUp { call, reason } => Some((*call, *reason)),
+            ServerMsg::HangUp { call, reason, .. } => Some((*call, *reason)),
             _ => None,
         })
         .collect()
@@ -656,6 +700,20 @@ pub fn check_invariants(gw: &Gateway) {
     let mut live_legs = HashSet::new();
     let mut load = vec![0usize; gw.shard_load.len()];
     assert!(gw.conns.len() <= gw.cfg.max_connections);
+    assert!(gw.lookups.len() <= gw.cfg.max_pending_lookups);
+    for (call, id) in &gw.pending_calls {
+        use super::lookup::Pending;
+        match gw.lookups.get(id) {
+            Some(Pending::Dial { call: c, .. } | Pending::Invite { call: c, .. }) => {
+                assert_eq!(c, call)
+            }
+            _ => panic!("pending call {call} without its look-up"),
+        }
+        assert!(
+            !gw.calls.contains_key(call),
+            "call {call} both pending and placed"
+        );
+    }
     for (user, conn) in &gw.users {
         match gw.conns.get(conn).map(|c| &c.phase) {
             Some(Phase::LoggedIn(s)) => assert_eq!(&s.user, user),
@@ -673,7 +731,7 @@ pub fn check_invariants(gw: &Gateway) {
                 assert_eq!(gw.tokens.get(&p.token), Some(conn));
                 assert!(gw.timers.contains(Timer::Probe(*conn)));
             }
-            assert!(s.calls.len() <= gw.cfg.max_calls_per_user);
+            assert!(s.calls.len() + s.lookups <= gw.cfg.max_calls_per_user);
             for id in &s.calls {
                 let party = match gw.calls.get(id) {
                     Some(Call::Pair(p)) => {

@@ -18,19 +18,8 @@ pub const PATHS: [Path; 5] = [
     Path::TcpBoth,
 ];
 
-/// Every [`HangupReason`], in the order [`Tally::ended`] indexes them.
-pub const HANGUP_REASONS: [HangupReason; 10] = [
-    HangupReason::Normal,
-    HangupReason::Rejected,
-    HangupReason::Busy,
-    HangupReason::NoAnswer,
-    HangupReason::NotFound,
-    HangupReason::Offline,
-    HangupReason::PeerLost,
-    HangupReason::MediaFailed,
-    HangupReason::Shutdown,
-    HangupReason::Error,
-];
+/// Every [`HangupReason`], in the order [`Tally::ended`] indexes them (declaration order).
+pub const HANGUP_REASONS: [HangupReason; HangupReason::ALL.len()] = HangupReason::ALL;
 
 /// The snake_case name of a path, as in the protocol and `phone --json`.
 pub fn path_name(p: Path) -> &'static str {
@@ -54,10 +43,8 @@ fn path_index(p: Path) -> usize {
 }
 
 fn reason_index(r: HangupReason) -> usize {
-    HANGUP_REASONS
-        .iter()
-        .position(|&x| x == r)
-        .expect("HANGUP_REASONS lists every reason")
+    // A fieldless enum's discriminant is its declaration index, which is `ALL`'s order.
+    r as usize
 }
 
 /// Outcome counts since start.
@@ -69,7 +56,7 @@ pub struct Tally {
     /// plan counts, re-plans (fallbacks) included.
     pub paths: [[u64; 5]; 2],
     /// Two-party calls and rooms ended, by [`HANGUP_REASONS`] index.
-    pub ended: [u64; 10],
+    pub ended: [u64; HANGUP_REASONS.len()],
 }
 
 impl Tally {
@@ -106,6 +93,13 @@ impl Tally {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reason_slots_follow_the_declaration_order() {
+        for (i, r) in HANGUP_REASONS.iter().enumerate() {
+            assert_eq!(reason_index(*r), i, "{r:?}");
+        }
+    }
 
     #[test]
     fn each_reason_and_path_has_its_own_slot() {

@@ -47,9 +47,13 @@ enum BenchCmd {
     /// Run load steps against one system and write one JSON (+ .hlog) per step.
     Run(Box<RunArgs>),
     /// Print the CSV (user,number,password) of N bench subscribers for `voxgate user import`.
-    Users { count: usize },
+    Users {
+        /// How many subscribers.
+        count: usize,
+    },
     /// Assemble DIR/report.md (and the plot) from the step results in DIR.
     Report {
+        /// Directory of the step results (`bench run --out`).
         dir: PathBuf,
         /// A profile summary (text) to include.
         #[arg(long)]
@@ -96,11 +100,13 @@ impl System {
 #[derive(clap::Args, Debug)]
 #[command(args_override_self = true)]
 struct RunArgs {
+    /// The relay under test.
     #[arg(long, value_enum)]
     system: System,
     /// Name of the system in the results (e.g. voxgate-nocoalesce); default: the system.
     #[arg(long)]
     label: Option<String>,
+    /// Transports of the two legs (voxgate), or a conference room.
     #[arg(long, value_enum, default_value = "udp-udp")]
     scenario: Scenario,
     /// One-way streams (voxgate: one call per stream; G.711 mode: see --g711-calls).
@@ -119,11 +125,13 @@ struct RunArgs {
     /// Measured seconds per step.
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
+    /// Seconds of traffic before each step's measurement starts.
     #[arg(long, default_value_t = 0.5)]
     warmup: f64,
     /// Seconds per ramp step.
     #[arg(long, default_value_t = 1.0)]
     ramp_step: f64,
+    /// Packets per second of the ramp's first step.
     #[arg(long, default_value_t = 40_000.0)]
     ramp_start: f64,
     /// The relay's pid, for CPU time and memory.
@@ -153,6 +161,7 @@ struct RunArgs {
     /// Runs of a step disturbed by other processes, at most.
     #[arg(long, default_value_t = ATTEMPTS)]
     attempts: usize,
+    /// Directory for the step results (JSON and .hlog per step).
     #[arg(long)]
     out: PathBuf,
 }

@@ -3,6 +3,7 @@
 
 pub mod counters;
 pub mod dump;
+pub mod mos;
 pub mod plot;
 pub mod prom;
 pub mod rtpstats;

@@ -7,6 +7,8 @@
 //! `Action`s into socket writes and shard commands, in the order the core emits them.
 
 pub mod admin;
+mod conn_limits;
+pub mod lookup;
 mod notify;
 mod writer;
 
@@ -33,7 +35,28 @@ use crate::wire::control::{self as proto, ClientMsg, ServerMsg};
 /// unread is disconnected.
 const WRITE_BACKLOG: usize = 8 * proto::MAX_MESSAGE;
 
+/// A client that does not take a backlog of control messages within this is cut off (its
+/// descriptor and task come back).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
 type FlushSpawner = Box<dyn FnMut(ConnId, tokio::net::tcp::OwnedWriteHalf, Vec<u8>) + Send>;
+
+/// What the control loop holds for one admitted connection besides its write half.
+struct ConnIo {
+    /// Its source, as counted by the connection limits.
+    source: IpAddr,
+    /// The reader task: aborted when the core closes the connection, so that the socket and
+    /// the task come back at once and nothing more it sends is decoded.
+    reader: tokio::task::AbortHandle,
+}
+
+/// How fast one connection's messages are read.
+#[derive(Clone, Copy)]
+struct ReadRate {
+    rate: crate::control::limits::Rate,
+    /// Throttled without a break for this long: the core is told ([`Input::Flooding`]).
+    close_after: Duration,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -71,6 +94,15 @@ pub struct Bound {
     pub shards: Vec<(SocketAddr, SocketAddr)>,
     /// The HTTP admin listener (`/metrics`, `/health`), if enabled.
     pub admin: Option<SocketAddr>,
+}
+
+/// The first call or connection id of this run: its start time and a random part
+/// ([`crate::control::records::id_base`]).
+fn boot_id_base() -> u64 {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    crate::control::records::id_base(secs, rand::random())
 }
 
 /// Opens (creating if needed) the data directory and the store in it.
@@ -163,6 +195,16 @@ impl Drop for Running {
 /// Starts a gateway on its own thread (tests, embedding). `config_path` enables SIGHUP-style
 /// reloads; `serve` below is what `voxgate serve` runs.
 pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, ServeError> {
+    start_with_directory(cfg, config_path, None)
+}
+
+/// [`start`], with the directory's store connections opened by `directory` instead of the
+/// SQLite file in the data directory (tests: a store that is slow or fails).
+pub fn start_with_directory(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    directory: Option<lookup::StoreFactory>,
+) -> Result<Running, ServeError> {
     let overrides: Overrides = Box::new(|_| {});
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = oneshot::channel();
@@ -174,7 +216,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Serve
                 .build()
                 .map_err(|e| e.to_string())?;
             rt.block_on(async move {
-                let r = run(cfg, config_path, overrides, Some(stop_rx), |b| {
+                let r = run(cfg, config_path, overrides, Some(stop_rx), directory, |b| {
                     let _ = bound_tx.send(Ok(b.clone()));
                 })
                 .await;
@@ -211,7 +253,7 @@ pub fn serve(
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
-    rt.block_on(run(cfg, config_path, overrides, None, |b| {
+    rt.block_on(run(cfg, config_path, overrides, None, None, |b| {
         tracing::info!(
             control = %b.control,
             probe_a = %b.probe.0,
@@ -228,6 +270,12 @@ struct Server {
     config_path: Option<PathBuf>,
     overrides: Overrides,
     gateway: Gateway,
+    /// Per-source caps and the descriptor budget of control connections.
+    limits: conn_limits::ConnLimits,
+    /// Admitted connections' sources and reader tasks.
+    io: HashMap<ConnId, ConnIo>,
+    /// Directory look-ups, off this thread.
+    directory: lookup::Directory,
     shards: Shards,
     /// Each connection's write side.
     writers: writer::Writers<FlushSpawner>,
@@ -250,11 +298,18 @@ async fn run(
     config_path: Option<PathBuf>,
     overrides: Overrides,
     stop: Option<oneshot::Receiver<()>>,
+    directory: Option<lookup::StoreFactory>,
     on_ready: impl FnOnce(&Bound),
 ) -> Result<(), ServeError> {
     cfg.validate()?;
     let data_dir = cfg.data_dir();
-    let store = open_store(&data_dir)?;
+    // Opened here once so that the schema is migrated (and a bad file reported) before
+    // anything listens; the look-up workers open their own connections.
+    drop(open_store(&data_dir)?);
+    let directory = directory.unwrap_or_else(|| {
+        let path = data_dir.join("voxgate.db");
+        Arc::new(move || Ok(Box::new(SqliteStore::open(&path)?) as Box<dyn crate::store::Store>))
+    });
     let secret = load_secret(&data_dir)?;
     let (shard_events_tx, mut shard_events) = mpsc::unbounded_channel();
     let mut shard_cfg = cfg.shard_config();
@@ -329,14 +384,22 @@ async fn run(
         })
         .collect();
     let gw_cfg = cfg.gateway_config(secret, (bound.probe.0.port(), bound.probe.1.port()));
-    let gateway = Gateway::new(
-        gw_cfg,
-        Box::new(store),
-        infos,
-        rand::rngs::StdRng::from_os_rng(),
+    let mut gateway = Gateway::new(gw_cfg, infos, rand::rngs::StdRng::from_os_rng());
+    gateway.set_id_base(boot_id_base());
+    let (budget, nofile) = conn_limits::descriptor_budget(cfg.server.max_connections);
+    tracing::info!(
+        max_connections = budget,
+        per_source = cfg.limits.connections_per_source,
+        nofile,
+        "control connections: at most max_connections (half the free descriptors at most)"
     );
+    let limits = conn_limits::ConnLimits::new(cfg.limits.connections_per_source, budget);
     let dumps = open_dumps(&cfg)?;
     let (events, mut rx) = mpsc::channel::<Event>(4096);
+    let answers = events.clone();
+    let directory = lookup::Directory::spawn(&directory, lookup::WORKERS, move |id, result| {
+        let _ = answers.blocking_send(Event::Input(Input::LookupDone { id, result }));
+    })?;
     let probe = [Arc::new(probe_a), Arc::new(probe_b)];
     for (i, sock) in probe.iter().enumerate() {
         let port = if i == 0 { ProbePort::A } else { ProbePort::B };
@@ -349,12 +412,16 @@ async fn run(
         config_path,
         overrides,
         gateway,
+        limits,
+        io: HashMap::new(),
+        directory,
         shards,
         writers: writer::Writers::new(WRITE_BACKLOG, flush_spawner(events.clone())),
         scratch: Vec::with_capacity(proto::MAX_MESSAGE),
         probe,
         events,
-        next_conn: 1,
+        // Connection ids, like call ids, are unique across restarts and gateways.
+        next_conn: boot_id_base(),
         dumps,
         last_dump: SystemTime::now(),
         last_counters: HashMap::new(),
@@ -569,10 +636,31 @@ async fn conn_reader(
     conn: ConnId,
     mut rd: tokio::net::tcp::OwnedReadHalf,
     events: mpsc::Sender<Event>,
+    rate: ReadRate,
 ) {
     // Grows to the largest message this client sent (a few hundred bytes), not the limit.
     let mut body = Vec::new();
+    let mut bucket = crate::control::limits::TokenBucket::new(rate.rate, Instant::now());
+    let mut throttled_since: Option<Instant> = None;
     loop {
+        // A message is read only when the connection has a token for it: a client sending
+        // faster than the rate is slowed down by TCP, at no cost to the control loop.
+        let now = Instant::now();
+        match bucket.take(now) {
+            Ok(()) => throttled_since = None,
+            Err(wait) => {
+                let since = *throttled_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= rate.close_after {
+                    let per_s = rate.rate.per_s;
+                    let _ = events
+                        .send(Event::Input(Input::Flooding { conn, per_s }))
+                        .await;
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+                let _ = bucket.take(Instant::now());
+            }
+        }
         let mut h = [0u8; 2];
         if rd.read_exact(&mut h).await.is_err() {
             break;
@@ -614,7 +702,9 @@ fn flush_spawner(events: mpsc::Sender<Event>) -> FlushSpawner {
     Box::new(move |conn, wr, bytes| {
         let events = events.clone();
         tokio::spawn(async move {
-            let done = writer::flush(conn, wr, bytes).await;
+            let done = tokio::time::timeout(FLUSH_TIMEOUT, writer::flush(conn, wr, bytes))
+                .await
+                .unwrap_or(writer::Flushed { conn, wr: None });
             let _ = events.send(Event::Flushed(done)).await;
         });
     })
@@ -625,15 +715,34 @@ impl Server {
         let now = Instant::now();
         match ev {
             Event::Accepted(stream, peer) => {
+                // Checked before anything is spent on the connection.
+                let source = match self.limits.admit(canonical(peer).ip()) {
+                    Ok(s) => s,
+                    Err(why) => return self.refuse_at_accept(now, stream, peer, why),
+                };
                 let conn = self.next_conn;
-                self.next_conn += 1;
+                self.next_conn = crate::control::records::next_id(conn);
                 let _ = stream.set_nodelay(true);
                 let local = stream
                     .local_addr()
                     .unwrap_or_else(|_| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0));
                 let (rd, wr) = stream.into_split();
                 self.writers.insert(conn, wr);
-                tokio::spawn(conn_reader(conn, rd, self.events.clone()));
+                let rate = ReadRate {
+                    rate: crate::control::limits::Rate {
+                        burst: self.cfg.limits.message_burst,
+                        per_s: self.cfg.limits.messages_per_s,
+                    },
+                    close_after: Duration::from_secs(self.cfg.limits.flood_close_s),
+                };
+                let reader = tokio::spawn(conn_reader(conn, rd, self.events.clone(), rate));
+                self.io.insert(
+                    conn,
+                    ConnIo {
+                        source,
+                        reader: reader.abort_handle(),
+                    },
+                );
                 self.gateway.handle(
                     now,
                     Input::Connected {
@@ -647,6 +756,7 @@ impl Server {
             Event::Input(input) => {
                 if let Input::Disconnected { conn } = input {
                     self.writers.remove(conn);
+                    self.release(conn);
                 }
                 self.gateway.handle(now, input);
             }
@@ -659,6 +769,53 @@ impl Server {
 
     fn ledger(&self) -> std::sync::MutexGuard<'_, crate::metrics::prom::Ledger> {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection refused at accept: one `refused` frame if the socket takes it at once,
+    /// then the socket is closed. No task, no input to the core, nothing decoded.
+    fn refuse_at_accept(
+        &mut self,
+        now: Instant,
+        stream: TcpStream,
+        peer: SocketAddr,
+        why: conn_limits::Refusal,
+    ) {
+        let (code, message) = match why {
+            conn_limits::Refusal::Source => (
+                proto::ErrorCode::RateLimited,
+                format!(
+                    "too many connections from this address (at most {})",
+                    self.cfg.limits.connections_per_source
+                ),
+            ),
+            conn_limits::Refusal::Capacity => (
+                proto::ErrorCode::Unavailable,
+                "the gateway is at capacity".to_owned(),
+            ),
+        };
+        self.scratch.clear();
+        if proto::encode(&ServerMsg::Refused { code, message }, &mut self.scratch).is_ok() {
+            let _ = stream.try_write(&self.scratch);
+        }
+        drop(stream);
+        if let Some((by_source, at_capacity)) = self.limits.note_refusal(now, why) {
+            tracing::warn!(
+                by_source,
+                at_capacity,
+                last_peer = %canonical(peer),
+                held = self.limits.held(),
+                budget = self.limits.budget(),
+                "control connections refused at accept (counts since the last such line)"
+            );
+        }
+    }
+
+    /// The connection is gone for the core: its reader stops now and its slot comes back.
+    fn release(&mut self, conn: ConnId) {
+        if let Some(io) = self.io.remove(&conn) {
+            io.reader.abort();
+            self.limits.release(io.source);
+        }
     }
 
     fn shard(&self, index: usize) -> Option<&ShardHandle> {
@@ -696,11 +853,21 @@ impl Server {
                     if self.writers.send(conn, &self.scratch) == Err(writer::SendError::Backlog) {
                         // The client does not read its messages: it is gone for our purposes.
                         tracing::warn!(conn, "control connection not reading: closing it");
+                        self.release(conn);
                         self.gateway
                             .handle(Instant::now(), Input::Disconnected { conn });
                     }
                 }
-                Action::Close { conn } => self.writers.close(conn),
+                Action::Close { conn } => {
+                    self.writers.close(conn);
+                    self.release(conn);
+                }
+                Action::Lookup { id, query } => {
+                    if let Err(e) = self.directory.ask(id, query) {
+                        self.gateway
+                            .handle(Instant::now(), Input::LookupDone { id, result: Err(e) });
+                    }
+                }
                 Action::ProbeSend { port, dst, data } => {
                     let sock = &self.probe[match port {
                         ProbePort::A => 0,
@@ -778,6 +945,8 @@ impl Server {
                         });
                     }
                 }
+                // The core logged the call's INFO line; call detail records come next.
+                Action::CallEnded(_) => {}
             }
         }
     }
@@ -876,10 +1045,7 @@ impl Server {
         };
         (self.overrides)(&mut new);
         for key in self.cfg.restart_only_changes(&new) {
-            tracing::warn!(
-                key,
-                "SIGHUP: this setting needs a restart; keeping the running value"
-            );
+            tracing::warn!("SIGHUP: {key} needs a restart; keeping the running value");
         }
         new.server.listen = self.cfg.server.listen;
         new.server.control_port = self.cfg.server.control_port;
@@ -896,6 +1062,8 @@ impl Server {
             return None;
         }
         crate::logging::set_level(&new.server.log_level);
+        self.limits
+            .set_max_per_source(new.limits.connections_per_source);
         let secret = *self.gateway.config().auth.secret();
         let ports = self.gateway.config().probe_ports;
         self.gateway.set_config(new.gateway_config(secret, ports));

@@ -5,8 +5,9 @@
 //! number prefix to the media address of an IP voice gateway.
 //!
 //! This module owns persistence and the validation of what is persisted. It
-//! does IO (disk), so `control/` never calls it: `server/` looks things up and
-//! hands the values to `control/`, and the CLI (`voxgate user …`, `voxgate
+//! does IO (disk), so `control/` never calls it: the core asks
+//! [`crate::directory::Query`]s as actions, `server/` answers them with
+//! [`answer`] on directory threads, and the CLI (`voxgate user …`, `voxgate
 //! route …`) edits through the same trait.
 //!
 //! It must not store passwords: a [`Subscriber`] carries only the SCRAM
@@ -18,42 +19,17 @@
 
 use std::net::SocketAddr;
 
-use crate::control::auth::{self, Verifier};
+use crate::directory::{self, Answer, Destination, MAX_INVITE_NUMBERS, Query};
+pub use crate::directory::{MAX_E164_DIGITS, MAX_LOCAL_DIGITS, Route, Subscriber, Verifier};
 
 pub mod sqlite;
 
 pub use sqlite::SqliteStore;
 
-/// Most digits after `+` in an E.164 number (ITU-T E.164 §6).
-pub const MAX_E164_DIGITS: usize = 15;
-/// Most digits in a local identifier (an extension or a short code).
-pub const MAX_LOCAL_DIGITS: usize = 20;
 /// Longest route description, in bytes.
 pub const MAX_DESCRIPTION_LEN: usize = 200;
 /// Longest salt a verifier may carry, in bytes.
 pub const MAX_SALT_LEN: usize = 128;
-
-/// A registered user.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Subscriber {
-    /// The log-in name (see [`auth::validate_user`]).
-    pub user: String,
-    /// The number others dial: E.164 (`+4930123456`) or a local identifier of
-    /// digits (`4711`).
-    pub number: String,
-    pub verifier: Verifier,
-}
-
-/// Where calls to numbers starting with `prefix` go: the media address of an
-/// IP voice gateway that reaches telephones.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    /// `+` alone (every E.164 number), `+` and up to 15 digits, or up to 20
-    /// digits (local identifiers).
-    pub prefix: String,
-    pub media_addr: SocketAddr,
-    pub description: String,
-}
 
 /// Errors of the store. The `Invalid*` variants say what is wrong with the
 /// input; user-supplied strings are quoted with escapes and clipped.
@@ -94,6 +70,13 @@ pub enum StoreError {
     Corrupt { what: String },
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// A database error on a file: which file, and why (the OS's words where it has them,
+    /// e.g. "Read-only file system").
+    #[error("store {}: {cause}", .path.display())]
+    File {
+        path: std::path::PathBuf,
+        cause: String,
+    },
 }
 
 /// The directory. Every method validates its input first; lookups of names
@@ -120,6 +103,54 @@ pub trait Store: Send {
     fn list_routes(&self) -> Result<Vec<Route>, StoreError>;
     /// The route with the longest prefix of `number`, if any.
     fn route_for(&self, number: &str) -> Result<Option<Route>, StoreError>;
+    /// The iteration count most stored verifiers have (`None`: no users). Backends should
+    /// answer this without reading every verifier.
+    fn typical_iterations(&self) -> Result<Option<u32>, StoreError> {
+        let mut counts = std::collections::BTreeMap::<u32, usize>::new();
+        for s in self.list_users()? {
+            *counts.entry(s.verifier.iterations).or_default() += 1;
+        }
+        Ok(counts
+            .into_iter()
+            .max_by_key(|&(i, n)| (n, i))
+            .map(|(i, _)| i))
+    }
+}
+
+/// Answers one of the control core's questions (see [`crate::directory`]). Invalid input
+/// (a malformed user name or number) is answered "nobody", not an error: the core decides what
+/// to tell the client.
+pub fn answer(store: &dyn Store, query: &Query) -> Result<Answer, StoreError> {
+    Ok(match query {
+        Query::Login { user } => Answer::Login(if directory::validate_user(user).is_ok() {
+            store.user(user)?
+        } else {
+            None
+        }),
+        Query::Dial { number } => Answer::Dial(destination(store, number)?),
+        Query::Invite { numbers } => Answer::Invite(
+            numbers
+                .iter()
+                .take(MAX_INVITE_NUMBERS)
+                .map(|n| destination(store, n))
+                .collect::<Result<_, _>>()?,
+        ),
+        Query::TypicalIterations => Answer::TypicalIterations(store.typical_iterations()?),
+    })
+}
+
+/// A registered user first, else the longest-prefix route.
+fn destination(store: &dyn Store, number: &str) -> Result<Option<Destination>, StoreError> {
+    if directory::number_problem(number, false).is_some() {
+        return Ok(None);
+    }
+    if let Some(s) = store.user_by_number(number)? {
+        return Ok(Some(Destination::User {
+            user: s.user,
+            number: s.number,
+        }));
+    }
+    Ok(store.route_for(number)?.map(Destination::Route))
 }
 
 /// Keeps user-supplied text in error messages short.
@@ -132,47 +163,16 @@ fn clip(s: &str) -> String {
 }
 
 pub fn validate_user(user: &str) -> Result<(), StoreError> {
-    auth::validate_user(user).map_err(|e| StoreError::InvalidUser {
+    directory::validate_user(user).map_err(|e| StoreError::InvalidUser {
         user: clip(user),
         reason: e.reason,
     })
 }
 
-/// What is wrong with `s` as a number (or, with `bare_plus`, as a prefix).
-fn number_problem(s: &str, bare_plus: bool) -> Option<&'static str> {
-    if s.is_empty() {
-        return Some("empty");
-    }
-    match s.strip_prefix('+') {
-        Some("") if bare_plus => None,
-        Some("") => Some("'+' must be followed by digits"),
-        Some(digits) => {
-            if !digits.bytes().all(|b| b.is_ascii_digit()) {
-                Some("only digits may follow '+' (no spaces or separators)")
-            } else if digits.starts_with('0') {
-                Some("an E.164 number starts with a country code, which never starts with 0")
-            } else if digits.len() > MAX_E164_DIGITS {
-                Some("an E.164 number has at most 15 digits")
-            } else {
-                None
-            }
-        }
-        None => {
-            if !s.bytes().all(|b| b.is_ascii_digit()) {
-                Some("expected '+' and digits (E.164) or digits only (local identifier)")
-            } else if s.len() > MAX_LOCAL_DIGITS {
-                Some("a local identifier has at most 20 digits")
-            } else {
-                None
-            }
-        }
-    }
-}
-
 /// A number: E.164 (`+` and 1–15 digits, no leading 0) or a local identifier
 /// (1–20 digits).
 pub fn validate_number(number: &str) -> Result<(), StoreError> {
-    match number_problem(number, false) {
+    match directory::number_problem(number, false) {
         None => Ok(()),
         Some(reason) => Err(StoreError::InvalidNumber {
             number: clip(number),
@@ -183,7 +183,7 @@ pub fn validate_number(number: &str) -> Result<(), StoreError> {
 
 /// A route prefix: as a number, or `+` alone.
 pub fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
-    match number_problem(prefix, true) {
+    match directory::number_problem(prefix, true) {
         None => Ok(()),
         Some(reason) => Err(StoreError::InvalidPrefix {
             prefix: clip(prefix),

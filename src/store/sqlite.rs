@@ -21,7 +21,7 @@ use super::{
     Route, Store, StoreError, Subscriber, validate_number, validate_prefix, validate_route,
     validate_subscriber, validate_user, validate_verifier,
 };
-use crate::control::auth::Verifier;
+use crate::directory::Verifier;
 
 /// How long a writer waits for another connection's write lock.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,22 +56,37 @@ type RouteRow = (String, String, String);
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Connection,
+    /// The database file (`None`: in memory).
+    path: Option<std::path::PathBuf>,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its
     /// schema up to date.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        let mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            // E.g. a file system without shared memory: still correct (rollback
-            // journal), only readers block the writer.
-            tracing::warn!(path = %path.display(), %mode, "SQLite WAL mode unavailable");
+        let open = || -> Result<Self, StoreError> {
+            let conn = Connection::open(path)?;
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            let mode: String =
+                conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                // E.g. a file system without shared memory: still correct (rollback
+                // journal), only readers block the writer.
+                tracing::warn!(path = %path.display(), %mode, "SQLite WAL mode unavailable");
+            }
+            let mut s = Self::init(conn)?;
+            s.path = Some(path.to_owned());
+            Ok(s)
+        };
+        open().map_err(|e| file_error(path, e))
+    }
+
+    /// `r` with a database error turned into one that names the file and the cause.
+    fn named<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        match &self.path {
+            Some(p) => r.map_err(|e| file_error(p, e)),
+            None => r,
         }
-        Self::init(conn)
     }
 
     /// A private database in memory (tests; nothing survives the process).
@@ -83,7 +98,9 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
-        Ok(SqliteStore { conn })
+        // Room for the look-up statements (one per route-prefix length) and the CLI's.
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(SqliteStore { conn, path: None })
     }
 
     /// The schema version of the open database.
@@ -164,6 +181,56 @@ fn route((prefix, media_addr, description): RouteRow) -> Result<Route, StoreErro
     })
 }
 
+/// A database error on `path`, with the OS's reason when the file or its directory cannot be
+/// written or opened (SQLite's own text says "attempt to write a readonly database" whether
+/// the cause is a read-only file system, permissions or a full disk). Other errors pass.
+fn file_error(path: &Path, e: StoreError) -> StoreError {
+    use rusqlite::ErrorCode as C;
+    let StoreError::Sqlite(e) = e else {
+        return e;
+    };
+    let os = match e.sqlite_error_code() {
+        Some(
+            C::ReadOnly | C::CannotOpen | C::SystemIoFailure | C::DiskFull | C::PermissionDenied,
+        ) => os_cause(path),
+        _ => None,
+    };
+    let cause = match os {
+        Some(io) => format!("{e}: {io}"),
+        None => e.to_string(),
+    };
+    StoreError::File {
+        path: path.to_owned(),
+        cause,
+    }
+}
+
+/// Why the database file or its directory cannot be written, as the OS says it.
+fn os_cause(path: &Path) -> Option<std::io::Error> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path);
+    match file {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Some(e),
+        _ => {}
+    }
+    // SQLite also writes the -wal and -shm files (and creates the database) next to it.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+    let probe = dir.join(format!(".voxgate-write-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            None
+        }
+        Err(e) => Some(e),
+    }
+}
+
 impl SqliteStore {
     fn query_subscriber(
         &self,
@@ -171,16 +238,19 @@ impl SqliteStore {
         value: &str,
     ) -> Result<Option<Subscriber>, StoreError> {
         let sql = format!("SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE {column} = ?1");
+        // Look-ups run for every log-in and dial: their statements are prepared once.
         self.conn
-            .query_row(&sql, [value], subscriber_from_row)
+            .prepare_cached(&sql)?
+            .query_row([value], subscriber_from_row)
             .optional()?
             .map(subscriber)
             .transpose()
     }
 }
 
-impl Store for SqliteStore {
-    fn add_user(&mut self, s: &Subscriber) -> Result<(), StoreError> {
+/// The store's operations; [`Store`] below names the file in their errors.
+impl SqliteStore {
+    fn db_add_user(&mut self, s: &Subscriber) -> Result<(), StoreError> {
         validate_subscriber(s)?;
         // IMMEDIATE takes the write lock first, so the checks and the insert
         // see the same state even with another process writing.
@@ -218,7 +288,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn del_user(&mut self, user: &str) -> Result<bool, StoreError> {
+    fn db_del_user(&mut self, user: &str) -> Result<bool, StoreError> {
         validate_user(user)?;
         let n = self
             .conn
@@ -226,7 +296,7 @@ impl Store for SqliteStore {
         Ok(n > 0)
     }
 
-    fn set_verifier(&mut self, user: &str, v: &Verifier) -> Result<bool, StoreError> {
+    fn db_set_verifier(&mut self, user: &str, v: &Verifier) -> Result<bool, StoreError> {
         validate_user(user)?;
         validate_verifier(v)?;
         let n = self.conn.execute(
@@ -243,17 +313,17 @@ impl Store for SqliteStore {
         Ok(n > 0)
     }
 
-    fn user(&self, user: &str) -> Result<Option<Subscriber>, StoreError> {
+    fn db_user(&self, user: &str) -> Result<Option<Subscriber>, StoreError> {
         validate_user(user)?;
         self.query_subscriber("username", user)
     }
 
-    fn user_by_number(&self, number: &str) -> Result<Option<Subscriber>, StoreError> {
+    fn db_user_by_number(&self, number: &str) -> Result<Option<Subscriber>, StoreError> {
         validate_number(number)?;
         self.query_subscriber("number", number)
     }
 
-    fn list_users(&self) -> Result<Vec<Subscriber>, StoreError> {
+    fn db_list_users(&self) -> Result<Vec<Subscriber>, StoreError> {
         let mut stmt = self.conn.prepare(&format!(
             "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers ORDER BY username"
         ))?;
@@ -261,7 +331,7 @@ impl Store for SqliteStore {
         rows.map(|row| subscriber(row?)).collect()
     }
 
-    fn add_route(&mut self, r: &Route) -> Result<(), StoreError> {
+    fn db_add_route(&mut self, r: &Route) -> Result<(), StoreError> {
         validate_route(r)?;
         let n = self.conn.execute(
             &format!(
@@ -278,7 +348,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn del_route(&mut self, prefix: &str) -> Result<bool, StoreError> {
+    fn db_del_route(&mut self, prefix: &str) -> Result<bool, StoreError> {
         validate_prefix(prefix)?;
         let n = self
             .conn
@@ -286,7 +356,7 @@ impl Store for SqliteStore {
         Ok(n > 0)
     }
 
-    fn list_routes(&self) -> Result<Vec<Route>, StoreError> {
+    fn db_list_routes(&self) -> Result<Vec<Route>, StoreError> {
         let mut stmt = self.conn.prepare(&format!(
             "SELECT {ROUTE_COLUMNS} FROM routes ORDER BY prefix"
         ))?;
@@ -294,7 +364,7 @@ impl Store for SqliteStore {
         rows.map(|row| route(row?)).collect()
     }
 
-    fn route_for(&self, number: &str) -> Result<Option<Route>, StoreError> {
+    fn db_route_for(&self, number: &str) -> Result<Option<Route>, StoreError> {
         validate_number(number)?;
         // Every prefix of the number (ASCII, so every byte index is a char
         // boundary), looked up by primary key; the longest match wins.
@@ -305,10 +375,80 @@ impl Store for SqliteStore {
              ORDER BY length(prefix) DESC LIMIT 1"
         );
         self.conn
-            .query_row(&sql, params_from_iter(prefixes), route_from_row)
+            .prepare_cached(&sql)?
+            .query_row(params_from_iter(prefixes), route_from_row)
             .optional()?
             .map(route)
             .transpose()
+    }
+
+    fn db_typical_iterations(&self) -> Result<Option<u32>, StoreError> {
+        let n: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT iterations FROM subscribers GROUP BY iterations
+                 ORDER BY count(*) DESC, iterations DESC LIMIT 1",
+            )?
+            .query_row([], |r| r.get(0))
+            .optional()?;
+        Ok(n.and_then(|n| u32::try_from(n).ok()))
+    }
+}
+
+impl Store for SqliteStore {
+    fn add_user(&mut self, s: &Subscriber) -> Result<(), StoreError> {
+        let r = self.db_add_user(s);
+        self.named(r)
+    }
+
+    fn del_user(&mut self, user: &str) -> Result<bool, StoreError> {
+        let r = self.db_del_user(user);
+        self.named(r)
+    }
+
+    fn set_verifier(&mut self, user: &str, v: &Verifier) -> Result<bool, StoreError> {
+        let r = self.db_set_verifier(user, v);
+        self.named(r)
+    }
+
+    fn user(&self, user: &str) -> Result<Option<Subscriber>, StoreError> {
+        let r = self.db_user(user);
+        self.named(r)
+    }
+
+    fn user_by_number(&self, number: &str) -> Result<Option<Subscriber>, StoreError> {
+        let r = self.db_user_by_number(number);
+        self.named(r)
+    }
+
+    fn list_users(&self) -> Result<Vec<Subscriber>, StoreError> {
+        let r = self.db_list_users();
+        self.named(r)
+    }
+
+    fn add_route(&mut self, r: &Route) -> Result<(), StoreError> {
+        let r = self.db_add_route(r);
+        self.named(r)
+    }
+
+    fn del_route(&mut self, prefix: &str) -> Result<bool, StoreError> {
+        let r = self.db_del_route(prefix);
+        self.named(r)
+    }
+
+    fn list_routes(&self) -> Result<Vec<Route>, StoreError> {
+        let r = self.db_list_routes();
+        self.named(r)
+    }
+
+    fn route_for(&self, number: &str) -> Result<Option<Route>, StoreError> {
+        let r = self.db_route_for(number);
+        self.named(r)
+    }
+
+    fn typical_iterations(&self) -> Result<Option<u32>, StoreError> {
+        let r = self.db_typical_iterations();
+        self.named(r)
     }
 }
 

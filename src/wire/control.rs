@@ -21,6 +21,8 @@ pub use crate::metrics::Transport;
 pub const VERSION: u16 = 1;
 /// Largest JSON body accepted or sent, in bytes.
 pub const MAX_MESSAGE: usize = 8192;
+/// Longest `detail` of a `hang_up`, in bytes.
+pub const MAX_DETAIL: usize = 400;
 /// The control port a gateway listens on by default.
 pub const DEFAULT_PORT: u16 = 7400;
 
@@ -181,10 +183,13 @@ pub enum ServerMsg {
     MediaReady {
         call: CallId,
     },
-    /// The call is over (or never started), and why.
+    /// The call is over (or never started), and why. `detail`, when present, says it in
+    /// words a user can act on (at most [`MAX_DETAIL`] bytes; clients print it).
     HangUp {
         call: CallId,
         reason: HangupReason,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
     },
     Error {
         code: ErrorCode,
@@ -259,7 +264,9 @@ pub enum ErrorCode {
     Internal,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Why a call ended. A reason this build does not know (a newer gateway's) decodes as
+/// [`HangupReason::Error`], so additions within a version do not break older clients' parsing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HangupReason {
     /// One side hung up.
@@ -277,11 +284,40 @@ pub enum HangupReason {
     MediaFailed,
     /// The gateway is shutting down.
     Shutdown,
-    /// The gateway could not set up media (no shard, bad address...).
+    /// The gateway could not set up media (no shard, a shard refused the session...).
     Error,
+    /// A media address the call needs is in a range the gateway's peer policy denies
+    /// (loopback, private, special-purpose, `denied_peers`); `detail` names the address and
+    /// the range.
+    PeerDenied,
+    /// A media address the call needs is missing or not a unicast address.
+    BadMediaAddress,
 }
 
 impl HangupReason {
+    pub const ALL: [HangupReason; 12] = [
+        HangupReason::Normal,
+        HangupReason::Rejected,
+        HangupReason::Busy,
+        HangupReason::NoAnswer,
+        HangupReason::NotFound,
+        HangupReason::Offline,
+        HangupReason::PeerLost,
+        HangupReason::MediaFailed,
+        HangupReason::Shutdown,
+        HangupReason::Error,
+        HangupReason::PeerDenied,
+        HangupReason::BadMediaAddress,
+    ];
+
+    /// The reason named `s`; unknown names are `Error`.
+    pub fn from_name(s: &str) -> HangupReason {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .unwrap_or(HangupReason::Error)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             HangupReason::Normal => "normal",
@@ -294,7 +330,16 @@ impl HangupReason {
             HangupReason::MediaFailed => "media_failed",
             HangupReason::Shutdown => "shutdown",
             HangupReason::Error => "error",
+            HangupReason::PeerDenied => "peer_denied",
+            HangupReason::BadMediaAddress => "bad_media_address",
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for HangupReason {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Ok(HangupReason::from_name(&s))
     }
 }
 
@@ -306,6 +351,71 @@ pub enum ControlError {
     Empty,
     #[error("message is not valid JSON for this protocol: {0}")]
     Json(String),
+    #[error("a message must be a JSON object with a \"type\" field")]
+    NotObject,
+    #[error("unknown message type \"{got}\"; expected one of: {}", .expected.join(", "))]
+    UnknownType {
+        got: String,
+        expected: &'static [&'static str],
+    },
+    #[error("bad \"{kind}\" message: {message}")]
+    BadFields { kind: String, message: String },
+}
+
+/// The message types of one direction, by their `"type"` names.
+pub trait MessageTypes {
+    const TYPES: &'static [&'static str];
+}
+
+impl MessageTypes for ClientMsg {
+    const TYPES: &'static [&'static str] = &[
+        "hello",
+        "proof",
+        "heartbeat",
+        "probe_local",
+        "probe_report",
+        "reprobe",
+        "dial",
+        "conference",
+        "accept",
+        "reject",
+        "hang_up",
+        "media_trouble",
+        "bye",
+    ];
+}
+
+impl MessageTypes for ServerMsg {
+    const TYPES: &'static [&'static str] = &[
+        "challenge",
+        "welcome",
+        "refused",
+        "heartbeat_ack",
+        "poll",
+        "probe_begin",
+        "probe_check",
+        "probe_result",
+        "calling",
+        "ringing",
+        "incoming",
+        "media",
+        "media_ready",
+        "hang_up",
+        "error",
+    ];
+}
+
+/// A `hang_up` detail cut to [`MAX_DETAIL`] bytes at a character boundary, control
+/// characters removed.
+pub fn bounded_detail(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(MAX_DETAIL));
+    for c in s.chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > MAX_DETAIL {
+            break;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Encodes `msg` as one frame (length prefix + JSON) appended to `out`.
@@ -325,8 +435,10 @@ pub fn encode<M: Serialize>(msg: &M, out: &mut Vec<u8>) -> Result<(), ControlErr
     Ok(())
 }
 
-/// Decodes one message body (without the length prefix).
-pub fn decode<'de, M: Deserialize<'de>>(body: &'de [u8]) -> Result<M, ControlError> {
+/// Decodes one message body (without the length prefix). Errors say what a person needs to
+/// fix the message (never a Rust type name): not an object, an unknown `type` with the list
+/// of known ones, or the field that is wrong in a known type.
+pub fn decode<'de, M: Deserialize<'de> + MessageTypes>(body: &'de [u8]) -> Result<M, ControlError> {
     if body.is_empty() {
         return Err(ControlError::Empty);
     }
@@ -336,7 +448,31 @@ pub fn decode<'de, M: Deserialize<'de>>(body: &'de [u8]) -> Result<M, ControlErr
             max: MAX_MESSAGE,
         });
     }
-    serde_json::from_slice(body).map_err(|e| ControlError::Json(short(&e.to_string())))
+    serde_json::from_slice(body).map_err(|e| explain::<M>(body, &e))
+}
+
+/// Turns serde's error into one about the protocol.
+fn explain<M: MessageTypes>(body: &[u8], e: &serde_json::Error) -> ControlError {
+    #[derive(Deserialize)]
+    struct Tag<'a> {
+        #[serde(rename = "type", borrow)]
+        ty: Option<std::borrow::Cow<'a, str>>,
+    }
+    if e.is_syntax() || e.is_eof() {
+        return ControlError::Json(short(&e.to_string()));
+    }
+    match serde_json::from_slice::<Tag<'_>>(body) {
+        Err(_) => ControlError::NotObject,
+        Ok(Tag { ty: None }) => ControlError::NotObject,
+        Ok(Tag { ty: Some(t) }) if !M::TYPES.contains(&t.as_ref()) => ControlError::UnknownType {
+            got: short_n(&t, 40),
+            expected: M::TYPES,
+        },
+        Ok(Tag { ty: Some(t) }) => ControlError::BadFields {
+            kind: t.into_owned(),
+            message: short(&e.to_string()),
+        },
+    }
 }
 
 /// Reads the length prefix: the body length, or an error if it is over the limit.
@@ -364,10 +500,23 @@ pub fn split_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, ControlError> {
     Ok(buf.get(2..2 + len).map(|b| (b, 2 + len)))
 }
 
+/// At most 200 characters, control characters removed; a longer text is cut at a word
+/// boundary and marked with "…".
 fn short(s: &str) -> String {
-    let mut s: String = s.chars().take(200).collect();
-    s.retain(|c| !c.is_control());
-    s
+    short_n(s, 200)
+}
+
+fn short_n(s: &str, n: usize) -> String {
+    let mut t: String = s.chars().filter(|c| !c.is_control()).collect();
+    if t.chars().count() > n {
+        let cut: String = t.chars().take(n).collect();
+        let end = cut
+            .rfind([' ', ','])
+            .filter(|&i| i > 0)
+            .unwrap_or(cut.len());
+        t = format!("{}…", cut[..end].trim_end_matches([' ', ',']));
+    }
+    t
 }
 
 #[cfg(test)]
@@ -396,8 +545,17 @@ mod tests {
             m,
             ServerMsg::HangUp {
                 call: 3,
-                reason: HangupReason::NoAnswer
+                reason: HangupReason::NoAnswer,
+                detail: None,
             }
+        );
+        assert_eq!(
+            &frame(&ServerMsg::HangUp {
+                call: 3,
+                reason: HangupReason::PeerDenied,
+                detail: Some("media address 10.0.0.1 is in a denied range".into()),
+            })[2..],
+            br#"{"type":"hang_up","call":3,"reason":"peer_denied","detail":"media address 10.0.0.1 is in a denied range"}"#
         );
     }
 
@@ -406,10 +564,118 @@ mod tests {
         let m: ClientMsg = decode(br#"{"type":"heartbeat","seq":1,"future_field":[1,2]}"#).unwrap();
         assert_eq!(m, ClientMsg::Heartbeat { seq: 1 });
         let e = decode::<ClientMsg>(br#"{"type":"teleport"}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown message type \"teleport\"; expected one of: hello, proof, heartbeat, \
+             probe_local, probe_report, reprobe, dial, conference, accept, reject, hang_up, \
+             media_trouble, bye"
+        );
+    }
+
+    #[test]
+    fn error_texts_name_the_problem_not_the_rust_type() {
+        let text = |b: &[u8]| decode::<ClientMsg>(b).unwrap_err().to_string();
+        for b in [
+            &b"5"[..],
+            b"[1,2]",
+            b"\"hello\"",
+            br#"{"seq":1}"#,
+            br#"{"type":7}"#,
+        ] {
+            assert_eq!(
+                text(b),
+                "a message must be a JSON object with a \"type\" field",
+                "{}",
+                String::from_utf8_lossy(b)
+            );
+        }
+        assert_eq!(
+            text(br#"{"type":"dial","tag":1}"#),
+            "bad \"dial\" message: missing field `number`"
+        );
         assert!(
-            matches!(e, ControlError::Json(ref s) if s.contains("teleport")),
+            text(br#"{"type":"heartbeat","seq":"x"}"#)
+                .starts_with("bad \"heartbeat\" message: invalid type: string \"x\", expected u64"),
+            "{}",
+            text(br#"{"type":"heartbeat","seq":"x"}"#)
+        );
+        assert!(
+            text(b"{\"type\":").starts_with("message is not valid JSON for this protocol: EOF")
+        );
+        // A long unknown type is cut, at a word boundary where there is one.
+        let long = format!(r#"{{"type":"{}"}}"#, "ab ".repeat(150));
+        let t = text(long.as_bytes());
+        assert!(t.contains("ab ab…\"; expected one of: hello"), "{t}");
+        assert!(t.ends_with(", media_trouble, bye") && t.len() < 250, "{t}");
+        let e = decode::<ServerMsg>(br#"{"type":"hang_up","call":1}"#)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "bad \"hang_up\" message: missing field `reason`");
+        // A long list of valid values in serde's words is cut at a word, not mid-word.
+        let e = decode::<ServerMsg>(br#"{"type":"error","code":"zzz","message":""}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("bad \"error\" message: unknown variant `zzz`"),
             "{e}"
         );
+        for b in [&b"5"[..], br#"{"type":"x"}"#, br#"{"type":"dial"}"#, b"[]"] {
+            for t in [text(b), decode::<ServerMsg>(b).unwrap_err().to_string()] {
+                assert!(
+                    !t.contains("ClientMsg") && !t.contains("ServerMsg") && !t.contains("enum"),
+                    "{t}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn message_type_lists_are_complete() {
+        // Every listed name is a variant serde knows (its error is about fields, never the type).
+        for t in ClientMsg::TYPES {
+            let body = format!(r#"{{"type":"{t}","x":1}}"#);
+            match decode::<ClientMsg>(body.as_bytes()) {
+                Ok(_) => {}
+                Err(e) => assert!(matches!(e, ControlError::BadFields { .. }), "{t}: {e}"),
+            }
+        }
+        for t in ServerMsg::TYPES {
+            let body = format!(r#"{{"type":"{t}","x":1}}"#);
+            if let Err(e) = decode::<ServerMsg>(body.as_bytes()) {
+                assert!(matches!(e, ControlError::BadFields { .. }), "{t}: {e}");
+            }
+        }
+        // The lists have one name per variant (the client's session names every server
+        // message in an exhaustive match: `session::msg_name`).
+        assert_eq!(ClientMsg::TYPES.len(), 13);
+        assert_eq!(ServerMsg::TYPES.len(), 15);
+    }
+
+    #[test]
+    fn hangup_reasons_round_trip_and_unknown_ones_are_errors() {
+        for r in HangupReason::ALL {
+            let j = serde_json::to_string(&r).unwrap();
+            assert_eq!(j, format!("\"{}\"", r.as_str()));
+            assert_eq!(serde_json::from_str::<HangupReason>(&j).unwrap(), r);
+        }
+        let m: ServerMsg =
+            decode(br#"{"type":"hang_up","call":1,"reason":"from_the_future"}"#).unwrap();
+        assert_eq!(
+            m,
+            ServerMsg::HangUp {
+                call: 1,
+                reason: HangupReason::Error,
+                detail: None
+            }
+        );
+    }
+
+    #[test]
+    fn details_are_bounded() {
+        assert_eq!(bounded_detail("a\nb"), "ab");
+        let d = bounded_detail(&"é".repeat(1000));
+        assert!(d.len() <= MAX_DETAIL && d.len() >= MAX_DETAIL - 1);
+        assert_eq!(bounded_detail("short"), "short");
     }
 
     #[test]

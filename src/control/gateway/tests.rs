@@ -142,42 +142,75 @@ fn rate_limiting_per_user_and_per_address() {
                 burst: 3,
                 refill_every: Duration::from_secs(10),
             }),
+            per_user_source: Some(Bucket {
+                burst: 2,
+                refill_every: Duration::from_secs(60),
+            }),
             per_user: Some(Bucket {
                 burst: 2,
                 refill_every: Duration::from_secs(60),
             }),
             max_entries: 100,
-            ipv6_prefix_len: 64,
+            ..RateLimitConfig::default()
         },
         ..sim::config()
     };
     let mut w = World::with_config(cfg);
-    for ip in ["198.51.100.20", "198.51.100.21"] {
-        let (conn, state) = w.hello("bob", peer(ip));
+    // Two guesses at bob from one address: that address is locked out for bob, even with
+    // the right password, before any work (no challenge).
+    for _ in 0..2 {
+        let (conn, state) = w.hello("bob", peer("198.51.100.20"));
         let (proof, _) = w.prove(conn, state, "guess");
         w.send(conn, proof);
         assert_eq!(refused(&w.take(conn)), Some(ErrorCode::AuthFailed));
     }
-    // Bob is limited from anywhere, even with the right password, before any work.
-    let (conn, _) = w.hello("bob", peer("198.51.100.2"));
-    assert_eq!(refused(&w.take(conn)), Some(ErrorCode::RateLimited));
+    let (conn, _) = w.hello("bob", peer("198.51.100.20"));
+    let msgs = w.take(conn);
+    assert!(
+        !msgs
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Challenge { .. }))
+    );
+    assert_eq!(refused(&msgs), Some(ErrorCode::RateLimited));
     assert!(w.closed.contains(&conn));
-    // Others are not.
+    // Bob's own address has not failed: he logs in, at once.
+    let bob = w.login_only("bob");
+    assert!(!w.closed.contains(&bob.conn));
+    // Others are not touched.
     let alice = w.login_only("alice");
     assert!(!w.closed.contains(&alice.conn));
-    // Per address: three failures for different users from one address.
-    for user in ["carol", "dave", "erin"] {
+    // Per address: three attempts for different users from one address, two of them left
+    // pending (a pending attempt counts).
+    for (i, user) in ["carol", "dave", "erin"].iter().enumerate() {
         let (conn, state) = w.hello(user, peer("203.0.113.7"));
-        let (proof, _) = w.prove(conn, state, "guess");
-        w.send(conn, proof);
+        if i == 0 {
+            let (proof, _) = w.prove(conn, state, "guess");
+            w.send(conn, proof);
+        }
     }
     let (conn, _) = w.hello("frank", peer("203.0.113.7"));
     assert_eq!(refused(&w.take(conn)), Some(ErrorCode::RateLimited));
     assert_eq!(w.gw.stats().rate_limited, 2);
-    // A minute later bob may try again.
-    w.advance(Duration::from_secs(61));
-    let bob = w.login_only("bob");
-    assert!(!w.closed.contains(&bob.conn));
+    // Attempts abandoned at the log-in time-out stay charged: 10 s later the address has
+    // the one token the bucket refilled, not the two the timed-out attempts held.
+    w.advance(Duration::from_secs(10));
+    let (conn, _) = w.hello("frank", peer("203.0.113.7"));
+    assert!(matches!(
+        w.take(conn).first(),
+        Some(ServerMsg::Challenge { .. })
+    ));
+    let (conn, _) = w.hello("grace", peer("203.0.113.7"));
+    assert_eq!(refused(&w.take(conn)), Some(ErrorCode::RateLimited));
+    // A minute later the guessing address may try bob again.
+    w.advance(Duration::from_secs(51));
+    let (conn, state) = w.hello("bob", peer("198.51.100.20"));
+    let (proof, _) = w.prove(conn, state, sim::PASSWORD);
+    w.send(conn, proof);
+    assert!(
+        w.take(conn)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Welcome { .. }))
+    );
 }
 
 #[test]
@@ -722,7 +755,7 @@ proptest! {
             max_connections: 10,
             max_calls_per_user: 3,
             max_room_size: 4,
-            rate_limit: RateLimitConfig { per_ip: None, per_user: None, ..RateLimitConfig::default() },
+            rate_limit: RateLimitConfig { per_ip: None, per_user: None, per_user_source: None, ..RateLimitConfig::default() },
             ..sim::config()
         });
         w.auto_install = None;
