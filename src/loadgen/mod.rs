@@ -65,6 +65,7 @@ enum BenchCmd {
     /// Pass/fail over the step results in DIR: voxgate's CPU per packet against the
     /// forwarder's, and loss at paced steps (see perf/README.md). Exits 1 on a failure.
     Gate {
+        /// Directory of the step results (`bench run --out`, `perf/results/<time>`).
         dir: PathBuf,
         /// Most CPU per relayed packet voxgate may spend, as a multiple of the forwarder's.
         #[arg(long, default_value_t = gate::Limits::default().max_cpu_ratio)]
