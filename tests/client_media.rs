@@ -163,6 +163,7 @@ fn instructions(
         gateway_tcp: Some(gw.tcp),
         payload_type: 0,
         clock_rate: 8000,
+        paths: None,
     }
 }
 
@@ -570,4 +571,172 @@ async fn bindings_with_the_wrong_key_fail_clearly() {
     .err()
     .expect("no binding");
     assert!(matches!(e, MediaError::TcpBind { .. }), "{e}");
+}
+
+// ---------------------------------------------------------------- proven paths
+
+use voxgate::control::paths::{self as cpaths, CheckKey};
+use voxgate::wire::control::{DirectCandidate, PathOrder, PathOrders};
+
+/// `i` (a UDP-via-gateway instruction) with direct candidates: this phone's sending direction
+/// to `send_to` and its receiving direction from `recv_from`, keys sealed as the gateway seals
+/// them.
+fn with_candidates(
+    mut i: MediaInstructions,
+    me: &Peer,
+    send_to: SocketAddr,
+    recv_from: SocketAddr,
+    keys: &[CheckKey; 2],
+) -> MediaInstructions {
+    let (out_fwd, in_fwd) = (i.caller, !i.caller);
+    let cand = |forward: bool, peer: SocketAddr| DirectCandidate {
+        peer,
+        username: cpaths::check_username(i.call, forward),
+        key: cpaths::seal(
+            &me.key,
+            i.call,
+            forward,
+            [u8::from(forward) + 1; 16],
+            &keys[usize::from(!forward)],
+        ),
+    };
+    let order = vec![Path::DirectUdp, Path::UdpViaGateway, Path::TcpBoth];
+    i.paths = Some(Box::new(PathOrders {
+        send: PathOrder {
+            now: Path::UdpViaGateway,
+            order: order.clone(),
+            direct: Some(cand(out_fwd, send_to)),
+        },
+        recv: PathOrder {
+            now: Path::UdpViaGateway,
+            order,
+            direct: Some(cand(in_fwd, recv_from)),
+        },
+    }));
+    i
+}
+
+/// A call through a real shard that starts UDP via the gateway both ways with direct
+/// candidates; `victim`: the caller's candidate is a third party's socket instead of the
+/// callee's. Returns both reports and what the victim got.
+async fn proven_call(victim: Option<&UdpSocket>) -> (MediaReport, MediaReport, Vec<Vec<u8>>) {
+    let shards = shards();
+    let h = &shards.handles[0];
+    let gw = Gateway::of(h, false);
+    let a = Peer::new("call-1-a", 1, false).await;
+    let b = Peer::new("call-1-b", 2, false).await;
+    let via = Plan {
+        forward: Path::UdpViaGateway,
+        backward: Path::UdpViaGateway,
+    };
+    h.install(SessionSpec {
+        id: 1,
+        legs: vec![
+            a.leg_spec(Delivery::UdpLatched),
+            b.leg_spec(Delivery::UdpLatched),
+        ],
+    })
+    .await
+    .expect("session installed");
+    let keys = [CheckKey([0x11; 16]), CheckKey([0x22; 16])];
+    let b_cand = match victim {
+        Some(v) => v.local_addr().expect("victim addr"),
+        None => b.addr,
+    };
+    let ia = with_candidates(
+        instructions(Some(via), true, &a, Some(&b), gw),
+        &a,
+        b_cand,
+        b.addr,
+        &keys,
+    );
+    let ib = with_candidates(
+        instructions(Some(via), false, &b, Some(&a), gw),
+        &b,
+        a.addr,
+        a.addr,
+        &keys,
+    );
+    let clip_a = speech("speech-8k.wav", 0.5, 1.5);
+    let clip_b = speech("reply-8k.wav", 0.2, 1.23);
+    let (ba, bb) = tokio::join!(
+        BoundMedia::bind(
+            &ia,
+            &a.key,
+            a.socket.clone(),
+            options(clip_a.clone(), Firewall::OPEN)
+        ),
+        BoundMedia::bind(
+            &ib,
+            &b.key,
+            b.socket.clone(),
+            options(clip_b.clone(), Firewall::OPEN)
+        ),
+    );
+    let (mut ma, mut mb) = (
+        ba.expect("caller bound").start(),
+        bb.expect("callee bound").start(),
+    );
+    tokio::time::timeout(Duration::from_secs(10), async {
+        ma.playback_done().await;
+        mb.playback_done().await;
+    })
+    .await
+    .expect("both played their clips");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ma.stop_sending().await;
+    mb.stop_sending().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (caller, callee) = (ma.finish().await, mb.finish().await);
+    for (who, r) in [("caller", &caller), ("callee", &callee)] {
+        eprintln!("{who}: {}", serde_json::to_string(r).unwrap_or_default());
+    }
+    // Nothing lost, nothing counted twice, whatever path each packet took.
+    assert_heard("callee", &callee.recording, &clip_a);
+    assert_heard("caller", &caller.recording, &clip_b);
+    assert_clean("callee", &callee, &caller);
+    assert_clean("caller", &caller, &callee);
+    let mut got = Vec::new();
+    if let Some(v) = victim {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, _)) = v.try_recv_from(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+    }
+    (caller, callee, got)
+}
+
+/// Both directions start through the gateway, the phones prove the direct path with keyed
+/// checks and switch to it without a gap: every packet arrives once, the copies sent on both
+/// paths during the switch are dropped as duplicates, and most media went direct.
+#[tokio::test]
+async fn a_proven_direct_path_takes_over_seamlessly() {
+    let (caller, callee, _) = proven_call(None).await;
+    for (who, r, peer) in [("caller", &caller, &callee), ("callee", &callee, &caller)] {
+        let p = &r.paths;
+        assert!(p.send_candidate && p.send_direct, "{who}: {p:?}");
+        let went = p.went_direct_ms.expect("went direct");
+        assert!(went < 1000.0, "{who}: direct after {went} ms");
+        assert!(p.direct_packets * 10 >= r.sent.packets * 7, "{who}: {p:?}");
+        assert!(
+            peer.paths.accepted_direct_from.is_some(),
+            "{who}'s peer validated it"
+        );
+        assert_eq!(p.fallbacks, 0);
+    }
+}
+
+/// A candidate that is a third party's address (a caller announcing a victim): the victim gets
+/// no media, only at most 7 small keyed checks, and the call goes on through the gateway.
+#[tokio::test]
+async fn a_third_party_candidate_gets_only_a_few_checks_and_no_media() {
+    let victim = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let (caller, _, got) = proven_call(Some(&victim)).await;
+    assert!(!caller.paths.send_direct);
+    assert_eq!(caller.paths.direct_packets, 0);
+    assert!(got.len() <= 7, "{} datagrams", got.len());
+    assert!(
+        got.iter()
+            .all(|d| voxgate::wire::stun::looks_like_stun(d) && d.len() < 120)
+    );
 }

@@ -13,7 +13,17 @@ use std::time::{Duration, Instant};
 use common::{Gateway, run_phone, run_with_stdin, spawn_phone, test_clip, ulaw_round_trip_padded};
 use voxgate::client::wav;
 
-fn call_with(gw: &Gateway, fw_caller: &str, fw_callee: &str, expect: (&str, &str)) {
+/// `expect`: Table 1's plan; `used`: the path each direction really took — a direct
+/// direction is proven by the phones' checks first (it starts through the gateway), and a
+/// direction towards a phone that cannot send UDP is delivered over TCP (the gateway never
+/// sends to a reported address).
+fn call_with(
+    gw: &Gateway,
+    fw_caller: &str,
+    fw_callee: &str,
+    expect: (&str, &str),
+    used: (&str, &str),
+) {
     let dir = gw.dir.path();
     let a_in = test_clip(dir, "speech-8k.wav", "a-in.wav", 1.6);
     let b_in = test_clip(dir, "reply-8k.wav", "b-in.wav", 1.2);
@@ -89,24 +99,36 @@ fn call_with(gw: &Gateway, fw_caller: &str, fw_callee: &str, expect: (&str, &str
     };
     assert_eq!(
         caller.json["transports"]["send"]["transport"],
-        sender_transport(expect.0)
+        sender_transport(used.0)
     );
     assert_eq!(
         callee.json["transports"]["recv"]["transport"],
-        receiver_transport(expect.0)
+        receiver_transport(used.0)
     );
     assert_eq!(
         callee.json["transports"]["send"]["transport"],
-        sender_transport(expect.1)
+        sender_transport(used.1)
     );
     assert_eq!(
         caller.json["transports"]["recv"]["transport"],
-        receiver_transport(expect.1)
+        receiver_transport(used.1)
     );
-    assert_eq!(
-        caller.json["transports"]["send"]["via_gateway"],
-        expect.0 != "direct_udp"
-    );
+    for (who, r, path) in [("caller", &caller, used.0), ("callee", &callee, used.1)] {
+        let direct = path == "direct_udp";
+        assert_eq!(
+            r.json["transports"]["send"]["via_gateway"], !direct,
+            "{who}: {}",
+            r.json
+        );
+        // A direct direction was a candidate, proven within a second of the start.
+        assert_eq!(r.json["paths"]["send_direct"], direct, "{who}: {}", r.json);
+        if direct {
+            let ms = r.json["paths"]["went_direct_ms"]
+                .as_f64()
+                .unwrap_or(f64::MAX);
+            assert!(ms < 1000.0, "{who}: went direct after {ms} ms");
+        }
+    }
     // Byte-exact audio both ways, after one G.711 round trip.
     for (sent, rec, who) in [
         (&a_in, &b_rec, "bob hears alice"),
@@ -136,11 +158,28 @@ fn each_transport_plan_carries_audio_byte_exact() {
     let mut gw = Gateway::start(&[]);
     // Every path the planner can choose on loopback (UDP via the gateway needs NAT: the lab
     // covers it), each at least once in each direction.
-    call_with(&gw, "open", "open", ("direct_udp", "direct_udp"));
-    call_with(&gw, "no-udp", "open", ("tcp_in_udp_out", "udp_in_tcp_out"));
-    call_with(&gw, "no-udp", "no-udp", ("tcp_both", "tcp_both"));
-    call_with(&gw, "no-udp-out", "no-udp-in", ("tcp_both", "direct_udp"));
-    call_with(&gw, "open", "no-udp-out", ("direct_udp", "tcp_in_udp_out"));
+    let direct = ("direct_udp", "direct_udp");
+    call_with(&gw, "open", "open", direct, direct);
+    let (t, u) = ("tcp_in_udp_out", "udp_in_tcp_out");
+    call_with(&gw, "no-udp", "open", (t, u), (t, u));
+    let tt = ("tcp_both", "tcp_both");
+    call_with(&gw, "no-udp", "no-udp", tt, tt);
+    // The direct direction's receiver cannot send UDP: it can answer no check and bind no
+    // UDP source, so it receives over TCP.
+    call_with(
+        &gw,
+        "no-udp-out",
+        "no-udp-in",
+        ("tcp_both", "direct_udp"),
+        ("tcp_both", "udp_in_tcp_out"),
+    );
+    call_with(
+        &gw,
+        "open",
+        "no-udp-out",
+        ("direct_udp", "tcp_in_udp_out"),
+        ("udp_in_tcp_out", "tcp_in_udp_out"),
+    );
     let stats = gw.stop();
     assert!(
         stats.contains("tcp in") && stats.contains("udp out"),
@@ -367,4 +406,74 @@ fn a_bad_message_is_answered_in_protocol_terms() {
          media_trouble, bye",
         "{v}"
     );
+}
+/// An attacker's `dial` announces a third party's address as its media address (a flood
+/// reflector attempt). The callee's phone gets it only as a direct candidate: it sends that
+/// address at most 7 small keyed checks, at least 50 ms apart, and never media; the gateway
+/// sends it nothing at all.
+#[test]
+fn a_dial_announcing_a_third_partys_address_gets_it_only_a_few_checks() {
+    use voxgate::client::session::{Phone, PhoneOptions};
+    let gw = Gateway::start(&[]);
+    let mark = gw.log_len();
+    let callee = spawn_phone(&gw, "bob", &["--answer", "--duration", "6", "--wait", "20"]);
+    gw.wait_online(mark, "bob");
+    let victim = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let victim_addr = victim.local_addr().unwrap();
+    victim
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let listener = std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(9);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while Instant::now() < end {
+            if let Ok((n, _)) = victim.recv_from(&mut buf) {
+                got.push((Instant::now(), buf[..n].to_vec()));
+            }
+        }
+        got
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (phone, mut events) = Phone::connect(
+            &gw.control,
+            "alice",
+            &common::password("alice"),
+            PhoneOptions::default(),
+        )
+        .await
+        .expect("alice logs in");
+        phone.wait_capabilities(Duration::from_secs(5)).await;
+        let call = phone
+            .dial("+15550002", victim_addr)
+            .await
+            .expect("dial accepted");
+        let end = tokio::time::Instant::now() + Duration::from_secs(7);
+        while let Ok(Some(_)) = tokio::time::timeout_at(end, events.recv()).await {}
+        let _ = phone.hang_up(call).await;
+    });
+    let got = listener.join().unwrap();
+    let _ = common::finish(callee);
+    assert!(
+        !got.is_empty(),
+        "the callee checked the announced address (it was offered as a candidate)"
+    );
+    assert!(got.len() <= 7, "{} datagrams at the third party", got.len());
+    for (_, d) in &got {
+        assert!(
+            voxgate::wire::stun::looks_like_stun(d) && d.len() < 120,
+            "only small STUN checks, no media: {} bytes",
+            d.len()
+        );
+    }
+    for w in got.windows(2) {
+        assert!(
+            w[1].0.duration_since(w[0].0) >= Duration::from_millis(40),
+            "checks are rate-limited"
+        );
+    }
 }

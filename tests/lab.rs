@@ -16,8 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Gateway, PhoneResult, finish, spawn_phone_on, test_clip, ulaw_round_trip_padded};
+use common::{
+    Gateway, PhoneResult, finish, spawn_phone_at, spawn_phone_on, test_clip, ulaw_round_trip_padded,
+};
 use voxgate::client::wav;
+use voxgate::control::paths;
 use voxgate::control::planner::{self, Capabilities, Path as MediaPath};
 
 const GW_IP: &str = "172.31.0.1";
@@ -26,6 +29,9 @@ const GW_IP: &str = "172.31.0.1";
 /// bindings and keep-alives).
 const USED: u64 = 40;
 const UNUSED: u64 = 8;
+/// Media packets a direction that switched to a proven direct path may still show through the
+/// gateway: the 300 ms the sender sends on both paths, with margin.
+const SWITCH: u64 = 20;
 
 struct Lab {
     prefix: String,
@@ -148,7 +154,8 @@ fn strs(v: &[String]) -> Vec<&str> {
 
 fn expected_caps(class: &str, nat: &str) -> Capabilities {
     let (send, recv) = match class {
-        "open" => (true, true),
+        // The probe only sees the path to the gateway: these look open.
+        "open" | "portal" | "port-restricted" => (true, true),
         "no-udp-out" => (false, true),
         "no-udp-in" => (true, false),
         "no-udp" => (false, false),
@@ -158,6 +165,25 @@ fn expected_caps(class: &str, nat: &str) -> Capabilities {
     // Behind NAT, UDP can only come back as replies to what the client sent: a client that
     // cannot send UDP then cannot receive any either.
     Capabilities::new(send, recv && (send || !natted)).with_nat(natted)
+}
+
+/// Whether this class lets UDP between the clients through (checks and direct media).
+fn peer_udp_ok(class: &str) -> bool {
+    !matches!(class, "portal" | "port-restricted")
+}
+
+/// The path a direction really takes: Table 1's direct directions only once the phones proved
+/// them (a candidate whose checks get through), every other direction as it starts through the
+/// gateway.
+fn used_path(target: MediaPath, s: (&Party, Capabilities), r: (&Party, Capabilities)) -> MediaPath {
+    if paths::is_direct_candidate(target, s.1, r.1)
+        && peer_udp_ok(s.0.class)
+        && peer_udp_ok(r.0.class)
+    {
+        MediaPath::DirectUdp
+    } else {
+        paths::start_path(target, r.1)
+    }
 }
 
 fn caps_of(r: &PhoneResult) -> Capabilities {
@@ -179,8 +205,9 @@ struct Party<'a> {
     nat: &'a str,
 }
 
-/// One call from `a` to `b`; everything a user and an operator would check.
-fn call_case(lab: &Lab, gw: &Gateway, a: &Party, b: &Party) {
+/// One call from `a` to `b`; everything a user and an operator would check. Returns both
+/// phones' results.
+fn call_case(lab: &Lab, gw: &Gateway, a: &Party, b: &Party) -> (PhoneResult, PhoneResult) {
     let case = format!(
         "{} ({}, nat {}) calls {} ({}, nat {})",
         a.user, a.class, a.nat, b.user, b.class, b.nat
@@ -268,15 +295,38 @@ fn call_case(lab: &Lab, gw: &Gateway, a: &Party, b: &Party) {
             "{case}: {what}: the recording differs from what was sent"
         );
     }
+    // The paths really taken: every direction starts through the gateway; Table 1's direct
+    // directions go direct once proven (both phones' routers pass UDP between them).
+    let (ca, cb) = (caps_of(&ra), caps_of(&rb));
+    let used = planner::Plan {
+        forward: used_path(plan.forward, (a, ca), (b, cb)),
+        backward: used_path(plan.backward, (b, cb), (a, ca)),
+    };
+    for (who, r, out) in [(a.user, &ra, used.forward), (b.user, &rb, used.backward)] {
+        assert_eq!(
+            r.json["paths"]["send_direct"],
+            out == MediaPath::DirectUdp,
+            "{case}: {who} sends direct iff proven: {}",
+            r.json
+        );
+    }
     // What the routers saw: UDP where the firewall allows it, TCP only on the blocked
-    // segment, and no gateway where the clients can talk directly.
+    // segment, and (almost) no gateway where the clients talk directly.
     for (p, out, inn) in [
-        (a, plan.forward, plan.backward),
-        (b, plan.backward, plan.forward),
+        (a, used.forward, used.backward),
+        (b, used.backward, used.forward),
     ] {
         let c = lab.counters(p.client);
         let expect = |name: &str, used: bool| {
             let n = c[name];
+            // The gateway's segments of a direction that switched to direct carry the switch.
+            let slack = if name.starts_with("udp_out_gw") && out == MediaPath::DirectUdp
+                || name.starts_with("udp_in_gw") && inn == MediaPath::DirectUdp
+            {
+                SWITCH
+            } else {
+                0
+            };
             if used {
                 assert!(
                     n >= USED,
@@ -285,7 +335,7 @@ fn call_case(lab: &Lab, gw: &Gateway, a: &Party, b: &Party) {
                 );
             } else {
                 assert!(
-                    n <= UNUSED,
+                    n <= UNUSED + slack,
                     "{case}: {}'s router: {name} = {n}, expected none",
                     p.user
                 );
@@ -314,7 +364,8 @@ fn call_case(lab: &Lab, gw: &Gateway, a: &Party, b: &Party) {
     let after = gw.dump_counters();
     let _ = before;
     let g = |k: &str| after[k]["packets"].as_u64().unwrap();
-    let paths = [plan.forward, plan.backward];
+    let paths = [used.forward, used.backward];
+    let switched = paths.iter().filter(|p| **p == MediaPath::DirectUdp).count() as u64;
     let udp_in = paths
         .iter()
         .any(|p| matches!(p, MediaPath::UdpViaGateway | MediaPath::UdpInTcpOut));
@@ -340,22 +391,16 @@ fn call_case(lab: &Lab, gw: &Gateway, a: &Party, b: &Party) {
             assert!(n >= USED, "{case}: gateway {k} = {n}, expected media");
         } else {
             assert!(
-                n <= UNUSED + stun,
+                n <= UNUSED + stun + switched * SWITCH,
                 "{case}: gateway {k} = {n}, expected none"
             );
         }
     }
-    if !paths.iter().any(|p| p.uses_gateway()) {
-        assert_eq!(
-            g("udp_in") + g("tcp_in") + g("udp_out") + g("tcp_out"),
-            0,
-            "{case}: the gateway relayed nothing"
-        );
-    }
     eprintln!(
-        "lab: {case}: forward {:?}, backward {:?}: ok",
-        plan.forward, plan.backward
+        "lab: {case}: plan forward {:?}, backward {:?}; taken forward {:?}, backward {:?}: ok",
+        plan.forward, plan.backward, used.forward, used.backward
     );
+    (ra, rb)
 }
 
 fn start_gateway(lab: &Lab) -> Gateway {
@@ -452,7 +497,200 @@ fn firewall_lab() {
     );
     conference_across_three_classes(&lab, &gw);
     firewall_change_mid_call(&lab, &gw);
+    // Firewalls the probe cannot see through: the probe says "open", Table 1 says direct, the
+    // checks fail, and the call stays through the gateway from its first packet.
+    for class in ["portal", "port-restricted"] {
+        let (ra, rb) = call_case(
+            &lab,
+            &gw,
+            &Party {
+                client: 1,
+                user: "alice",
+                class,
+                nat: "none",
+            },
+            &Party {
+                client: 2,
+                user: "bob",
+                class,
+                nat: "none",
+            },
+        );
+        for (who, r) in [("alice", &ra), ("bob", &rb)] {
+            assert_eq!(r.json["result"], "completed", "{class}: {who}: {}", r.json);
+            assert_eq!(
+                r.json["replans"], 0,
+                "{class}: {who}: no media_failed, no re-plan"
+            );
+            // The candidate was checked (a bounded number of times) and never used.
+            let checks = r.json["paths"]["checks_sent"].as_u64().unwrap_or(99);
+            assert!((1..=7).contains(&checks), "{class}: {who}: {}", r.json);
+            assert_eq!(r.json["paths"]["direct_packets"], 0, "{class}: {who}");
+            let first = r.json["received"]["first_packet_ms"]
+                .as_f64()
+                .unwrap_or(f64::MAX);
+            assert!(
+                first <= 1000.0,
+                "{class}: {who}: first audio after {first} ms"
+            );
+            eprintln!("lab: {class}: {who} heard audio {first:.0} ms after answer");
+        }
+    }
+    nat_mapping_loss_mid_call(&lab, &gw);
+    direct_path_cut_mid_call(&lab, &gw);
+    // Last: it takes addresses away from the clients.
+    ipv6_only_calls_ipv4_only(&lab, &gw);
     drop(gw);
+}
+
+/// A call of `--duration 10` between clients 1 and 2 (silence both ways); `change` runs 3 s
+/// after the media instructions went out. Both phones must complete, and no silence may last
+/// longer than 2 s. Returns both results.
+fn mid_call(lab: &Lab, gw: &Gateway, what: &str, change: &dyn Fn()) -> (PhoneResult, PhoneResult) {
+    let mark = gw.log_len();
+    let callee = spawn_phone_on(
+        &strs(&lab.host("c2")),
+        gw,
+        "bob",
+        &["--answer", "--duration", "11", "--wait", "20"],
+    );
+    gw.wait_online(mark, "bob");
+    let mark = gw.log_len();
+    let caller = spawn_phone_on(
+        &strs(&lab.host("c1")),
+        gw,
+        "alice",
+        &["--call", "+15550002", "--duration", "10"],
+    );
+    gw.wait_log(mark, "the call's media", |l| {
+        l.contains("media instructions sent")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    change();
+    let ra = finish(caller);
+    let rb = finish(callee);
+    for (who, r) in [("alice", &ra), ("bob", &rb)] {
+        assert_eq!(r.code, 0, "{what}: {who}: {}\n{}", r.json, r.stderr);
+        assert_eq!(r.json["result"], "completed", "{what}: {who}: {}", r.json);
+        let gap = r.json["received"]["max_gap_ms"]
+            .as_f64()
+            .unwrap_or(f64::MAX);
+        assert!(
+            gap <= 2000.0,
+            "{what}: {who} heard nothing for {gap} ms: {}",
+            r.json
+        );
+        let got = r.json["received"]["packets"].as_u64().unwrap_or(0);
+        assert!(got >= 6 * 50, "{what}: {who} received only {got} packets");
+        eprintln!("lab: {what}: {who}: longest silence {gap:.0} ms, {got} packets");
+    }
+    (ra, rb)
+}
+
+/// Alice has only IPv6, bob only IPv4: no direct path is planned across the families (no
+/// candidate, no check); the gateway bridges both directions, audio both ways.
+fn ipv6_only_calls_ipv4_only(lab: &Lab, gw: &Gateway) {
+    lab.set(1, "open", "none");
+    lab.set(2, "open", "none");
+    lab.sh(&["family", "1", "v6"]);
+    lab.sh(&["family", "2", "v4"]);
+    let port = gw.control.rsplit(':').next().unwrap_or("7400");
+    let server6 = format!("[2001:db8:31::1]:{port}");
+    let mark = gw.log_len();
+    let callee = spawn_phone_on(
+        &strs(&lab.host("c2")),
+        gw,
+        "bob",
+        &["--answer", "--duration", "4", "--wait", "20"],
+    );
+    gw.wait_online(mark, "bob");
+    let caller = spawn_phone_at(
+        &strs(&lab.host("c1")),
+        gw,
+        &server6,
+        "alice",
+        &["--call", "+15550002", "--duration", "3"],
+    );
+    let ra = finish(caller);
+    let rb = finish(callee);
+    for (who, r) in [("alice (IPv6)", &ra), ("bob (IPv4)", &rb)] {
+        assert_eq!(r.code, 0, "v6/v4: {who}: {}\n{}", r.json, r.stderr);
+        for dir in ["forward", "backward"] {
+            assert_eq!(
+                r.json["plan"][dir], "udp_via_gateway",
+                "v6/v4: {who}: {}",
+                r.json
+            );
+        }
+        assert_eq!(r.json["paths"]["send_candidate"], false, "{who}");
+        assert_eq!(r.json["received"]["lost"], 0, "{who}: {}", r.json);
+        let got = r.json["received"]["packets"].as_u64().unwrap_or(0);
+        assert!(got >= 100, "v6/v4: {who} received {got} packets");
+    }
+    assert!(
+        ra.json["mapped"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("[2001:db8:1::2]"),
+        "{}",
+        ra.json
+    );
+    for c in [1, 2] {
+        let n = lab.counters(c);
+        assert!(
+            n["udp_out_gw"] >= USED && n["udp_in_gw"] >= USED,
+            "client {c}: {n:?}"
+        );
+        assert!(
+            n["udp_out_peer"] <= UNUSED && n["udp_in_peer"] <= UNUSED,
+            "client {c}: {n:?}"
+        );
+    }
+    eprintln!("lab: IPv6-only calls IPv4-only: bridged by the gateway both ways: ok");
+}
+
+/// Both clients behind NAT (media through the gateway); mid-call both NATs lose their
+/// mappings and re-create them with new ports. The phones' keyed bindings re-bind the legs:
+/// audio is back within 2 s.
+fn nat_mapping_loss_mid_call(lab: &Lab, gw: &Gateway) {
+    lab.set(1, "open", "masquerade");
+    lab.set(2, "open", "masquerade");
+    let (ra, rb) = mid_call(lab, gw, "NAT mapping loss", &|| {
+        // Every UDP mapping forgotten (conntrack -D -p udp) and re-created with random ports;
+        // the control connections (TCP) survive, as they do when a carrier NAT expires UDP.
+        lab.sh(&["natloss", "1"]);
+        lab.sh(&["natloss", "2"]);
+    });
+    for (who, r) in [("alice", &ra), ("bob", &rb)] {
+        assert!(
+            r.json["paths"]["nat_rebinds"].as_u64().unwrap_or(0) >= 1,
+            "NAT mapping loss: {who} noticed its new mapping: {}",
+            r.json
+        );
+    }
+}
+
+/// Both clients open: both directions go direct once proven; mid-call the direct path dies
+/// (alice's router starts passing UDP only to and from the gateway). Consent expires and each
+/// direction falls back to the gateway: at most 2 s of audio lost.
+fn direct_path_cut_mid_call(lab: &Lab, gw: &Gateway) {
+    lab.set(1, "open", "none");
+    lab.set(2, "open", "none");
+    let (ra, rb) = mid_call(lab, gw, "direct path cut", &|| {
+        lab.sh(&["fw", "1", "portal"]);
+    });
+    for (who, r) in [("alice", &ra), ("bob", &rb)] {
+        assert!(
+            r.json["paths"]["went_direct_ms"].is_number(),
+            "direct path cut: {who} went direct first: {}",
+            r.json
+        );
+        assert_eq!(r.json["paths"]["fallbacks"], 1, "{who}: {}", r.json);
+        assert_eq!(r.json["paths"]["send_direct"], false, "{who}: {}", r.json);
+    }
+    // After the cut the media went through the gateway.
+    let c = lab.counters(1);
+    assert!(c["udp_out_gw"] >= USED && c["udp_in_gw"] >= USED, "{c:?}");
 }
 
 /// Alice (open) starts a room with bob (TCP only) and carol (cannot receive UDP): everyone
@@ -543,6 +781,7 @@ fn firewall_change_mid_call(lab: &Lab, gw: &Gateway) {
         l.contains("media instructions sent")
     });
     std::thread::sleep(Duration::from_secs(2));
+    // The call started through the gateway and went direct; now bob's inbound UDP stops.
     lab.sh(&["fw", "2", "no-udp-in"]);
     let ra = finish(caller);
     let rb = finish(callee);
@@ -572,14 +811,22 @@ fn firewall_change_mid_call(lab: &Lab, gw: &Gateway) {
 /// address 172.31.0.1, which the router DNATs to the gateway's private 192.168.77.2. With
 /// `--advertised-ipv4 172.31.0.1` every media address the gateway hands out is the public one,
 /// and calls work on every plan: audio byte-exact, the routers' counters show the media going
-/// to and from the public address. (Without the flag the first call fails: "no valid answer
+/// to and from the public address. The same for IPv6 with `--advertised-ipv6`. (Without the flag the first call fails: "no valid answer
 /// to the UDP media binding from the gateway at 192.168.77.2:7401".)
 #[test]
 fn gateway_behind_1to1_nat() {
     let Some(lab) = Lab::up_with("n", &[("GW_NAT", "1")]) else {
         return;
     };
-    let gw = start_gateway_with(&lab, &["--advertised-ipv4", GW_IP]);
+    let gw = start_gateway_with(
+        &lab,
+        &[
+            "--advertised-ipv4",
+            GW_IP,
+            "--advertised-ipv6",
+            "2001:db8:31::1",
+        ],
+    );
     let party = |client, user, class, nat| Party {
         client,
         user,
@@ -626,6 +873,15 @@ fn gateway_behind_1to1_nat() {
         &gw,
         &party(1, "alice", "no-udp", "none"),
         &party(2, "bob", "no-udp", "masquerade"),
+    );
+    // IPv6 is NATed 1:1 too (2001:db8:31::1 to fd77::2): an IPv6-only client is told the
+    // public IPv6 address, an IPv4-only one the public IPv4 address, and the gateway bridges
+    // them. (Last: it takes the clients' other address family away.)
+    ipv6_only_calls_ipv4_only(&lab, &gw);
+    assert!(
+        gw.log_text().contains("local=[fd77::2]:7400"),
+        "the IPv6 client reached the gateway through the NAT:\n{}",
+        gw.log_text()
     );
     drop(gw);
 }

@@ -219,6 +219,12 @@ struct ReceivedOut {
     /// ITU-T G.107 E-model estimate (1.0..=4.5, [`crate::metrics::mos`]) from the loss, the
     /// jitter and the latency p50 (0 when the latency is unknown); `null` without packets.
     mos: Option<f64>,
+    /// When the first media packet arrived, ms after the media engine started.
+    first_packet_ms: Option<f64>,
+    /// Longest silence between two media packets, ms.
+    max_gap_ms: f64,
+    /// Duplicate RTP packets dropped (the copies of a switch to a direct path).
+    duplicates: u64,
 }
 
 /// The one JSON object `voxgate phone --json` prints.
@@ -252,6 +258,8 @@ struct PhoneSummary {
     media_ready_timed_out: bool,
     replans: u32,
     media_trouble_sent: bool,
+    /// Proven paths: direct candidate, checks, when it went direct, fallbacks, consent.
+    paths: Option<crate::client::paths::PathsReport>,
     recording: Option<PathBuf>,
     duration_s: f64,
     #[serde(skip)]
@@ -287,6 +295,7 @@ impl PhoneSummary {
             media_ready_timed_out: false,
             replans: 0,
             media_trouble_sent: false,
+            paths: None,
             recording: None,
             duration_s: 0.0,
             exit: 1,
@@ -308,6 +317,7 @@ impl PhoneSummary {
 
     fn media(&mut self, r: &MediaReport) {
         self.plan = r.plan;
+        self.paths = Some(r.paths);
         self.transports = Transports {
             send: r.send,
             recv: Some(r.recv),
@@ -336,6 +346,9 @@ impl PhoneSummary {
                 r.received.jitter_ms,
                 r.received.latency_ms.map(|l| l.p50),
             ),
+            first_packet_ms: r.received.first_packet_ms.map(round3),
+            max_gap_ms: round3(r.received.max_gap_ms),
+            duplicates: r.received.ignored.duplicate,
         };
         self.udp_binding_confirmed = r.udp_binding_confirmed;
         self.media_ready_wait_ms = r.media_ready_wait_ms.map(round3);
@@ -697,6 +710,9 @@ async fn phone_session(
     let deadline = args.duration.map(|d| Instant::now() + d);
     let mut playback_end: Option<Instant> = None;
     let mut watchdog = tokio::time::interval(Duration::from_millis(250));
+    // When this phone last reported media trouble: it reports again (the gateway re-binds,
+    // then demotes) if the trouble lasts another 2 × MEDIA_SILENCE.
+    let mut last_trouble: Option<Instant> = None;
     let outcome: Result<String, String> = loop {
         let hang_up_at = match (deadline, playback_end) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -750,10 +766,18 @@ async fn phone_session(
             },
             _ = watchdog.tick() => {
                 let st = media.status();
-                if !summary.media_trouble_sent && st.idle_for(Instant::now()) >= MEDIA_SILENCE {
-                    tracing::warn!(call, "no media for {MEDIA_SILENCE:?}: telling the gateway");
+                let now = Instant::now();
+                let again = last_trouble.is_none_or(|t| now.duration_since(t) >= 2 * MEDIA_SILENCE);
+                let silent = st.idle_for(now) >= MEDIA_SILENCE;
+                if again && (silent || st.gateway_consent_lost) {
+                    if silent {
+                        tracing::warn!(call, "no media for {MEDIA_SILENCE:?}: telling the gateway");
+                    } else {
+                        tracing::warn!(call, "the UDP path to the gateway lost consent: telling the gateway");
+                    }
                     let _ = phone.media_trouble(call).await;
                     summary.media_trouble_sent = true;
+                    last_trouble = Some(now);
                 }
             }
         }
@@ -1009,6 +1033,7 @@ mod tests {
             gateway_tcp: None,
             payload_type: 0,
             clock_rate: 8000,
+            paths: None,
         }
     }
 

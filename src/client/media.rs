@@ -23,8 +23,18 @@
 //!    in ns, so that the receiver can measure one-way latency. **That measure is only valid
 //!    when both ends read the same clock**, e.g. two softphones on one host.
 //! 4. **receives** on the UDP socket and/or the TCP connection, only from the expected source
-//!    (the peer for direct UDP, the gateway otherwise), ignoring STUN and RTCP; keeps
+//!    (the gateway, or a validated direct source of the peer), ignoring STUN and RTCP; keeps
 //!    per-SSRC loss and jitter ([`RtpStats`]), a latency histogram, and the recording.
+//!
+//! Proven paths ([`super::paths`]). A two-party call's instructions say where each direction
+//! starts (through the gateway) and carry, per direction, the fallback order and any direct
+//! candidate with its sealed check key. The engine runs the checks from the call's socket; a
+//! sending direction goes direct only once its check succeeded (sending on both paths for
+//! [`super::paths::OVERLAP`]), falls back to the gateway when consent expires, and a new source
+//! of the peer's media is accepted only once it answered this side's challenge. Duplicate RTP
+//! sequence numbers are dropped (`ignored.duplicate`). A phone that receives UDP from the
+//! gateway keeps consent with it (keyed Binding every 500 ms); losing it shows in
+//! [`Status::gateway_consent_lost`].
 //!
 //! Binding rules. The UDP binding *must* be answered when this client sends UDP via the
 //! gateway and also receives over UDP: without it the gateway drops the media. When the
@@ -64,6 +74,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::binding::{self, BindingError};
+use super::paths::{CallPaths, PathsReport, SeqWindow, Transmit};
 use super::{Firewall, canonical, g711};
 use crate::control::{self, auth::SessionKey};
 use crate::metrics::Transport;
@@ -452,6 +463,9 @@ pub struct Ignored {
     pub firewall: u64,
     /// Packets of SSRCs beyond [`MAX_SSRCS`].
     pub too_many_ssrcs: u64,
+    /// RTP packets whose sequence number was already received (the copy a sender sends on
+    /// both paths while it switches to a direct path): not counted, not lost.
+    pub duplicate: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -469,6 +483,12 @@ pub struct ReceivedStats {
     pub ssrcs: usize,
     pub streams: Vec<RtpReport>,
     pub ignored: Ignored,
+    /// When the first media packet arrived, ms after the engine started (right after `media`
+    /// and the bindings).
+    pub first_packet_ms: Option<f64>,
+    /// The longest time between two accepted media packets, ms (how long audio was lost when a
+    /// path failed and the call recovered).
+    pub max_gap_ms: f64,
 }
 
 /// What a call's media did.
@@ -495,6 +515,8 @@ pub struct MediaReport {
     pub media_ready_timed_out: bool,
     /// The TCP media connection was closed by the gateway during the call.
     pub tcp_closed: bool,
+    /// Proven paths: direct checks, consent, fallbacks (see [`super::paths`]).
+    pub paths: PathsReport,
     pub duration_s: f64,
     /// The recording (empty unless asked for).
     #[serde(skip)]
@@ -990,6 +1012,16 @@ async fn establish(
 
 // ---------------------------------------------------------------- the engine
 
+/// The proven paths of a route: gateway consent when this phone receives UDP from the gateway
+/// (only then can the answers arrive), direct candidates from the instructions.
+fn call_paths(i: &MediaInstructions, key: &SessionKey, route: &Route, now: Instant) -> CallPaths {
+    let gw = route
+        .gateway_udp
+        .filter(|_| !route.recv_tcp && i.recv.via_gateway);
+    let leg_key = route.leg.as_deref().map(|l| control::leg_key(key, l));
+    CallPaths::new(i, key, gw, leg_key, now.into_std(), rand::random())
+}
+
 /// A call whose media is bound at the gateway but not yet flowing. Binding both ends first
 /// and then starting them avoids losing the first packets to a peer that is not bound yet
 /// (when one process holds both ends; phones wait for the gateway's `media_ready` instead,
@@ -1055,6 +1087,7 @@ impl BoundMedia {
             last_media: None,
             received: 0,
             tcp_closed: false,
+            gateway_consent_lost: false,
         });
         let (ctl_tx, ctl_rx) = mpsc::channel(8);
         let task = tokio::spawn(engine.run(ctl_rx, status_tx));
@@ -1082,6 +1115,8 @@ pub struct Status {
     pub received: u64,
     /// The gateway closed the TCP media connection.
     pub tcp_closed: bool,
+    /// The UDP path to the gateway lost consent (no keyed answer for 2 s).
+    pub gateway_consent_lost: bool,
 }
 
 impl Status {
@@ -1195,6 +1230,7 @@ impl MediaCall {
                     media_ready_wait_ms: None,
                     media_ready_timed_out: false,
                     tcp_closed: false,
+                    paths: PathsReport::default(),
                     duration_s: 0.0,
                     recording: Vec::new(),
                 }
@@ -1206,7 +1242,11 @@ impl MediaCall {
 /// The receiving half's state.
 struct Receiver {
     t0: Instant,
+    /// Arrival of the last accepted media packet.
+    last_at: Option<Instant>,
     streams: Vec<(u32, RtpStats)>,
+    /// Per stream (same index): sequence numbers seen, to drop duplicates.
+    windows: Vec<SeqWindow>,
     latency: Histogram<u64>,
     recorder: Option<Recorder>,
     stats: ReceivedStats,
@@ -1217,7 +1257,9 @@ impl Receiver {
     fn new(t0: Instant, record_samples: usize) -> Self {
         Receiver {
             t0,
+            last_at: None,
             streams: Vec::new(),
+            windows: Vec::new(),
             // 1 µs .. 60 s at 3 significant figures; constant bounds cannot fail.
             latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds"),
             recorder: (record_samples > 0).then(|| Recorder::new(record_samples)),
@@ -1249,6 +1291,7 @@ impl Receiver {
             Some(k) => k,
             None if self.streams.len() < MAX_SSRCS => {
                 self.streams.push((ssrc, RtpStats::default()));
+                self.windows.push(SeqWindow::default());
                 self.streams.len() - 1
             }
             None => {
@@ -1256,6 +1299,12 @@ impl Receiver {
                 return false;
             }
         };
+        if let Some(w) = self.windows.get_mut(k)
+            && !w.fresh(p.sequence())
+        {
+            self.stats.ignored.duplicate += 1;
+            return false;
+        }
         let arrival_ns = at.saturating_duration_since(self.t0).as_nanos();
         let arrival = (arrival_ns * u128::from(CLOCK_RATE) / 1_000_000_000) as u64;
         self.streams[k]
@@ -1266,6 +1315,17 @@ impl Receiver {
         {
             let _ = self.latency.record((d / 1000).max(1));
         }
+        match self.last_at {
+            None => {
+                self.stats.first_packet_ms =
+                    Some(at.saturating_duration_since(self.t0).as_secs_f64() * 1000.0);
+            }
+            Some(last) => {
+                let gap = at.saturating_duration_since(last).as_secs_f64() * 1000.0;
+                self.stats.max_gap_ms = self.stats.max_gap_ms.max(gap);
+            }
+        }
+        self.last_at = Some(at);
         self.stats.packets += 1;
         self.stats.bytes += data.len() as u64;
         if tcp {
@@ -1341,6 +1401,8 @@ struct Engine {
     rx: Receiver,
     started: Instant,
     replans: u32,
+    /// Direct candidates, consent and source validation (see [`super::paths`]).
+    paths: CallPaths,
 }
 
 enum Ev {
@@ -1351,6 +1413,8 @@ enum Ev {
     Bind,
     /// No `media_ready` in time.
     HoldExpired,
+    /// The proven paths want the clock (checks, consent, overlap end).
+    Paths,
     Udp(std::io::Result<(usize, SocketAddr)>),
     Tcp(std::io::Result<tokio::io::Ready>),
 }
@@ -1388,7 +1452,9 @@ impl Engine {
         let sending = b.route.send.is_some();
         let record = b.opts.record_samples;
         let hold = b.opts.ready_timeout.filter(|_| sending).map(|t| now + t);
+        let paths = call_paths(&b.instr, &b.key, &b.route, now);
         Engine {
+            paths,
             socket: b.socket,
             key: b.key,
             instr: b.instr,
@@ -1444,6 +1510,7 @@ impl Engine {
         loop {
             let want_write = !self.tcp_out.is_empty();
             let bind_wake = self.udp_pending.as_ref().map(UdpBinder::wake_at);
+            let paths_wake = self.paths.poll_timeout().map(Instant::from_std);
             let ev = tokio::select! {
                 biased;
                 c = ctl.recv() => Ev::Ctl(c),
@@ -1452,6 +1519,7 @@ impl Engine {
                 r = tcp_ready(self.tcp.as_ref(), want_write) => Ev::Tcp(r),
                 _ = sleep_until_opt(bind_wake), if bind_wake.is_some() => Ev::Bind,
                 _ = sleep_until_opt(self.hold), if self.hold.is_some() => Ev::HoldExpired,
+                _ = sleep_until_opt(paths_wake), if paths_wake.is_some() => Ev::Paths,
                 _ = keepalive.tick(), if self.route.keepalive => Ev::Keepalive,
             };
             match ev {
@@ -1485,6 +1553,16 @@ impl Engine {
                 Ev::Tick => self.send_next(&status),
                 Ev::Keepalive => self.send_keepalive(),
                 Ev::Bind => self.bind_tick(),
+                Ev::Paths => {
+                    let out = self.paths.handle_timeout(Instant::now().into_std());
+                    self.transmit_all(out);
+                    let lost = self.paths.gateway_lost();
+                    status.send_if_modified(|s| {
+                        let changed = s.gateway_consent_lost != lost;
+                        s.gateway_consent_lost = lost;
+                        changed
+                    });
+                }
                 Ev::Udp(Ok((n, from))) => {
                     self.on_udp(&buf[..n], canonical(from), Instant::now(), &status);
                 }
@@ -1560,25 +1638,39 @@ impl Engine {
             // packet is preceded by it, so a lost request costs no audio.
             b.transmit(&self.socket, self.opts.firewall, Instant::now());
         }
-        let ok = match route {
-            SendRoute::Udp(to) => match self.opts.firewall.send_to(&self.socket, &pkt[..n], to) {
-                Ok(true) => true,
-                Ok(false) if self.opts.firewall.block_udp_out => {
-                    self.sent.blocked += 1;
-                    false
+        let (direct, via_route) = self.paths.send_targets(Instant::now().into_std());
+        let mut ok_direct = false;
+        if let (SendRoute::Udp(_), Some(d)) = (route, direct) {
+            if let Ok(true) = self.opts.firewall.send_to(&self.socket, &pkt[..n], d) {
+                self.paths.sent_direct();
+                ok_direct = true;
+            }
+        }
+        // Through the gateway unless direct (and during the switch's overlap as well).
+        let route_used = via_route || !matches!(route, SendRoute::Udp(_));
+        let ok_route = route_used
+            && match route {
+                SendRoute::Udp(to) => {
+                    match self.opts.firewall.send_to(&self.socket, &pkt[..n], to) {
+                        Ok(true) => true,
+                        Ok(false) if self.opts.firewall.block_udp_out => {
+                            self.sent.blocked += 1;
+                            false
+                        }
+                        Ok(false) => {
+                            self.sent.dropped += 1;
+                            false
+                        }
+                        Err(e) => {
+                            tracing::debug!("UDP media send to {to}: {e}");
+                            self.sent.dropped += 1;
+                            false
+                        }
+                    }
                 }
-                Ok(false) => {
-                    self.sent.dropped += 1;
-                    false
-                }
-                Err(e) => {
-                    tracing::debug!("UDP media send to {to}: {e}");
-                    self.sent.dropped += 1;
-                    false
-                }
-            },
-            SendRoute::Tcp => self.queue_tcp(&pkt[..n]),
-        };
+                SendRoute::Tcp => self.queue_tcp(&pkt[..n]),
+            };
+        let ok = ok_direct || ok_route;
         if ok {
             self.sent.packets += 1;
             self.sent.bytes += n as u64;
@@ -1627,6 +1719,15 @@ impl Engine {
         }
     }
 
+    /// Sends what the proven paths asked for (checks, answers, consent requests).
+    fn transmit_all(&mut self, out: Vec<Transmit>) {
+        for t in out {
+            if let Err(e) = self.opts.firewall.send_to(&self.socket, &t.data, t.to) {
+                tracing::debug!("path check to {}: {e}", t.to);
+            }
+        }
+    }
+
     fn send_keepalive(&mut self) {
         let Some(gw) = self.route.gateway_udp else {
             return;
@@ -1663,20 +1764,31 @@ impl Engine {
             self.udp_pending = None;
             return;
         }
-        let expected = match &mut self.route.udp_source {
-            UdpSource::None => false,
-            UdpSource::Exactly(a) => *a == from,
-            UdpSource::Latch(Some(a)) => *a == from,
-            UdpSource::Latch(latched) => {
-                // Latch on the first packet that looks like our RTP.
-                let looks = !stun::looks_like_stun(data)
-                    && rtp::RtpPacket::new_checked(data).is_ok_and(|p| p.payload_type() == PT_PCMU);
-                if looks {
-                    *latched = Some(from);
-                }
-                looks
+        if stun::looks_like_stun(data) {
+            let (used, out) = self.paths.handle_input(at.into_std(), from, data);
+            self.transmit_all(out);
+            if used {
+                self.rx.stats.ignored.stun += 1;
+                return;
             }
-        };
+        }
+        let validated = self.paths.accepts(from);
+        let expected = validated
+            || match &mut self.route.udp_source {
+                UdpSource::None => false,
+                UdpSource::Exactly(a) => *a == from,
+                UdpSource::Latch(Some(a)) => *a == from,
+                UdpSource::Latch(latched) => {
+                    // Latch on the first packet that looks like our RTP.
+                    let looks = !stun::looks_like_stun(data)
+                        && rtp::RtpPacket::new_checked(data)
+                            .is_ok_and(|p| p.payload_type() == PT_PCMU);
+                    if looks {
+                        *latched = Some(from);
+                    }
+                    looks
+                }
+            };
         if !expected {
             if !stun::looks_like_stun(data) {
                 self.rx.stats.ignored.wrong_source += 1;
@@ -1786,6 +1898,7 @@ impl Engine {
         self.udp_confirmed = links.udp_confirmed;
         self.udp_pending = links.udp_pending;
         self.early = links.early;
+        self.paths = call_paths(&instr, &self.key, &self.route, Instant::now());
         self.instr = instr;
         self.replans += 1;
         self.sending = self.route.send.is_some();
@@ -1816,9 +1929,11 @@ impl Engine {
         let (received, recording) = self.rx.report();
         let i = &self.instr;
         MediaReport {
+            // Where this side ended up sending: direct once a candidate was proven (and its
+            // consent held), else as instructed.
             send: self.route.send.map(|_| TransportUsed {
                 transport: i.send.transport,
-                via_gateway: i.send.via_gateway,
+                via_gateway: i.send.via_gateway && !self.paths.report.send_direct,
             }),
             recv: TransportUsed {
                 transport: i.recv.transport,
@@ -1836,6 +1951,7 @@ impl Engine {
             media_ready_wait_ms: self.ready_wait.map(|d| d.as_secs_f64() * 1000.0),
             media_ready_timed_out: self.ready_timed_out,
             tcp_closed: self.tcp_closed,
+            paths: self.paths.report,
             duration_s: Instant::now()
                 .saturating_duration_since(self.started)
                 .as_secs_f64(),
@@ -2040,6 +2156,7 @@ mod tests {
             gateway_tcp: Some(gw_tcp),
             payload_type: 0,
             clock_rate: 8000,
+            paths: None,
         };
         let r = Route::from_instructions(&base).expect("valid");
         assert_eq!(r.send, Some(SendRoute::Udp(gw_udp)));
@@ -2131,6 +2248,7 @@ mod tests {
             gateway_tcp: None,
             payload_type: 0,
             clock_rate: 8000,
+            paths: None,
         }
     }
 

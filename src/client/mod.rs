@@ -16,6 +16,7 @@ pub mod cli;
 mod fake_gateway;
 pub mod g711;
 pub mod media;
+pub mod paths;
 pub mod session;
 pub mod wav;
 

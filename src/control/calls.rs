@@ -23,8 +23,8 @@
 //!   Dialling one's own number is busy.
 //! - The callee is alerted at once; planning needs both parties' probe results and waits for
 //!   a probe that is still running (bounded by the probe timeout).
-//! - A plan that needs no gateway in either direction (case 16 without NAT) installs nothing:
-//!   both sides get `media` at once.
+//! - Every call installs a relay session: media starts through the gateway (see "Proven
+//!   paths" below), even where Table 1 allows direct UDP both ways.
 //! - A callee's `hang_up` while ringing is a rejection (`hang_up{rejected}` to the caller); the
 //!   caller's `hang_up` while ringing withdraws the call (`hang_up{normal}` to the callee).
 //! - A client with no (usable) media address for a call has no UDP socket for it: it is planned
@@ -81,27 +81,48 @@
 //! # Media trouble
 //!
 //! `media_trouble{call}` re-probes the parties (both, or the one member in a room). When the
-//! results are in: a failed probe (no report) or an unchanged plan ends the call with
-//! `hang_up{media_failed}` to both, never leaving one side believing the call is up; a changed
-//! plan replaces the relay session (new legs) and sends fresh `media` to both.
+//! results are in, a two-party call always changes something: a changed plan replaces the
+//! relay session (new legs) and sends fresh `media` to both; an unchanged plan (or a probe
+//! without report) first **re-binds** (the same paths with new legs and fresh direct checks),
+//! and the next time **demotes** one direction one step down its fallback order
+//! ([`super::paths::fallback`]: the complainer's receiving direction first, else its sending
+//! one), then re-binds again, and so on. Only when both directions already run TCP through
+//! the gateway, were re-bound there, and trouble comes again does the call end with
+//! `hang_up{media_failed}` to both (logged as "TCP through the gateway both ways also failed").
+//! A room member in trouble goes the same way on its own: re-bind, then TCP both ways, re-bind,
+//! and only then it leaves the room with `media_failed`.
+//!
+//! # Proven paths
+//!
+//! Every direction of a two-party call starts through the gateway ([`super::paths`]); Table 1's
+//! direct directions are *candidates* the phones prove with keyed checks (the check key of each
+//! direction sealed for each phone under its own session key) before they go direct, and leave
+//! again when consent expires. The gateway delivers UDP only to a source that bound with a
+//! keyed Binding, never to an address a client reported.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
+use rand::RngCore;
+
 use super::auth::SessionKey;
 use super::gateway::{Action, ConnId, Gateway, Phase, Timer, later};
 use super::media::{
     self, GatewayAddrs, PeerRefused, awaited_binding, check_peer, delivery_for, directions,
-    effective_caps, needs_leg, recv_for, resolve_media, room_directions, route_plan, send_for,
+    effective_caps, recv_for, resolve_media, room_directions, route_plan, send_for,
 };
-use super::planner::{self, Capabilities, Path, Plan};
+use super::paths;
+use super::planner::{self, Capabilities, Family, Path, Plan};
 use super::probe::ProbeOutcome;
 use crate::directory::{self, Destination, LookupError, Query, Route};
 use crate::metrics::Transport;
 use crate::shard::relay::canonical;
 use crate::shard::{Delivery, LegSpec, SessionId, SessionSpec};
-use crate::wire::control::{CallId, ErrorCode, HangupReason, MediaInstructions, ServerMsg};
+use crate::wire::control::{
+    CallId, DirectCandidate, ErrorCode, HangupReason, MediaInstructions, PathOrder, PathOrders,
+    ServerMsg,
+};
 
 /// Why a client's calls end when it goes away.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,6 +242,14 @@ pub(crate) struct Pair {
     pub plan: Option<Plan>,
     /// The plan's delivery legs awaited before `media_ready`.
     pub ready: Readiness,
+    /// Demotions after `media_trouble`: no direction starts better than this.
+    pub floor: Option<Plan>,
+    /// The paths in force (what the gateway relays), per direction.
+    pub in_force: Option<Plan>,
+    /// `media_trouble` already re-bound the paths in force once (the next one demotes).
+    pub rebound: bool,
+    /// Who sent the `media_trouble` being handled (its receiving direction is demoted first).
+    pub trouble_from: Option<ConnId>,
 }
 
 impl Pair {
@@ -256,6 +285,10 @@ pub(crate) struct Member {
     pub joined: Option<(MediaInstructions, Delivery)>,
     /// Its own delivery leg, awaited before its `media_ready`.
     pub ready: Readiness,
+    /// `media_trouble` with nothing new: re-bound once already (the next one demotes).
+    pub rebound: bool,
+    /// Demoted to TCP through the gateway both ways (the bottom of its fallback order).
+    pub tcp_only: bool,
 }
 
 pub(crate) struct Room {
@@ -292,6 +325,8 @@ struct SidePlan {
     key: SessionKey,
     /// `Some` iff the side has a leg.
     delivery: Option<Delivery>,
+    /// Its directions' fallback orders and direct candidates (two-party calls).
+    orders: Option<PathOrders>,
 }
 
 /// Why a call's media cannot be set up.
@@ -307,9 +342,9 @@ impl SetupError {
     fn hangup_reason(&self) -> HangupReason {
         match self {
             SetupError::Peer(PeerRefused::Denied(..)) => HangupReason::PeerDenied,
-            SetupError::Peer(PeerRefused::NotUnicast(_) | PeerRefused::NoAddress) => {
-                HangupReason::BadMediaAddress
-            }
+            SetupError::Peer(
+                PeerRefused::NotUnicast(_) | PeerRefused::NoAddress | PeerRefused::Unproven,
+            ) => HangupReason::BadMediaAddress,
             SetupError::NoShard => HangupReason::Error,
         }
     }
@@ -324,6 +359,8 @@ struct PairInputs {
 
 struct PairSetup {
     plan: Plan,
+    /// The paths the gateway relays now (every direction through it, see `super::paths`).
+    in_force: Plan,
     relay: Option<(usize, Vec<LegSpec>)>,
     media: Vec<(ConnId, MediaInstructions)>,
     ready: Readiness,
@@ -351,6 +388,7 @@ fn instructions(
         gateway_tcp: gw.map(|g| g.tcp),
         payload_type: media::PAYLOAD_TYPE,
         clock_rate: media::CLOCK_RATE,
+        paths: None,
     }
 }
 
@@ -519,6 +557,13 @@ impl Gateway {
         }
     }
 
+    /// A fresh random check key for one direction (see `super::paths`).
+    fn new_check_key(&mut self) -> paths::CheckKey {
+        let mut k = [0u8; paths::CHECK_KEY_LEN];
+        self.rng.fill_bytes(&mut k);
+        paths::CheckKey(k)
+    }
+
     fn gateway_addrs(&self, shard: usize, ip: IpAddr) -> Option<GatewayAddrs> {
         let s = self.shards.get(shard)?;
         Some(GatewayAddrs::new(ip, s.udp_port, s.tcp_port))
@@ -606,6 +651,10 @@ impl Gateway {
                         relay: None,
                         plan: None,
                         ready: Readiness::default(),
+                        floor: None,
+                        in_force: None,
+                        rebound: false,
+                        trouble_from: None,
                     })),
                 );
                 for c in [conn, callee] {
@@ -645,6 +694,10 @@ impl Gateway {
                         relay: None,
                         plan: None,
                         ready: Readiness::default(),
+                        floor: None,
+                        in_force: None,
+                        rebound: false,
+                        trouble_from: None,
                     })),
                 );
                 if let Some(s) = self.session_mut(conn) {
@@ -770,6 +823,7 @@ impl Gateway {
                 ];
                 if let Some(Call::Pair(p)) = self.calls.get_mut(&call) {
                     p.state = PairState::Replanning { waiting };
+                    p.trouble_from = Some(conn);
                 }
                 if waiting == [false, false] {
                     self.replan(now, call);
@@ -1079,7 +1133,11 @@ impl Gateway {
                     ..b
                 };
                 Some(PairInputs {
-                    plan: planner::plan(a.caps, b.caps),
+                    plan: planner::plan_across(
+                        a.caps,
+                        b.caps,
+                        (a_media.map(Family::of), b_media.map(Family::of)),
+                    ),
                     caller: (p.caller, a, a_media),
                     callee: Some((*c, b, b_media)),
                     far: p.callee.clone(),
@@ -1106,40 +1164,114 @@ impl Gateway {
             return Ok(None);
         };
         let policy = self.cfg.peer_policy();
+        let floor = match self.calls.get(&call) {
+            Some(Call::Pair(p)) => p.floor,
+            _ => None,
+        };
         let mut sides = Vec::with_capacity(2);
         match (&far, b) {
             (Far::User(_), Some((b_conn, b, b_media))) => {
-                let (a_nat, b_nat) = (a.caps.nat, b.caps.nat);
-                for (conn, caller, me, my_media, peer, peer_nat) in [
-                    (a_conn, true, a, a_media, b_media, b_nat),
-                    (b_conn, false, b, b_media, a_media, a_nat),
+                // Proven paths: every direction starts through the gateway; Table 1's direct
+                // directions are candidates the phones check (`super::paths`).
+                let start = Plan {
+                    forward: paths::start_path(plan.forward, b.caps),
+                    backward: paths::start_path(plan.backward, a.caps),
+                };
+                let start = match floor {
+                    Some(f) => Plan {
+                        forward: paths::worse(start.forward, f.forward),
+                        backward: paths::worse(start.backward, f.backward),
+                    },
+                    None => start,
+                };
+                // A candidate needs a peer address the gateway may point a phone at, and no
+                // demotion below direct.
+                let candidate = |target: Path,
+                                 (sender, receiver): (Capabilities, Capabilities),
+                                 peer: Option<SocketAddr>,
+                                 demoted: bool| {
+                    (paths::is_direct_candidate(target, sender, receiver) && !demoted)
+                        .then_some(peer)
+                        .flatten()
+                        .and_then(|p| check_peer(p, &policy).ok())
+                };
+                let cands = [
+                    candidate(
+                        plan.forward,
+                        (a.caps, b.caps),
+                        b_media,
+                        floor.is_some_and(|f| f.forward != Path::DirectUdp),
+                    ),
+                    candidate(
+                        plan.backward,
+                        (b.caps, a.caps),
+                        a_media,
+                        floor.is_some_and(|f| f.backward != Path::DirectUdp),
+                    ),
+                ];
+                let keys = [
+                    cands[0].map(|_| self.new_check_key()),
+                    cands[1].map(|_| self.new_check_key()),
+                ];
+                for (conn, caller, me, my_media, peer_media) in [
+                    (a_conn, true, a, a_media, b_media),
+                    (b_conn, false, b, b_media, a_media),
                 ] {
-                    let (out, inn) = directions(plan, caller);
-                    if out == Path::DirectUdp {
-                        check_peer(peer.ok_or(PeerRefused::NoAddress)?, &policy)?;
-                    }
-                    let delivery = if needs_leg(out, inn) {
-                        Some(delivery_for(inn, me.caps, my_media, &policy)?)
-                    } else {
-                        None
+                    let (out, inn) = directions(start, caller);
+                    // [forward, backward] → (mine out, mine in).
+                    let (c_out, c_in) = if caller { (0, 1) } else { (1, 0) };
+                    let mut direct = |i: usize| -> Option<DirectCandidate> {
+                        // The receiver's address is the candidate; each phone is told its peer's.
+                        cands[i]?;
+                        let peer = peer_media?;
+                        let key = keys[i].as_ref()?;
+                        let forward = i == 0;
+                        let mut nonce = [0u8; 16];
+                        self.rng.fill_bytes(&mut nonce);
+                        Some(DirectCandidate {
+                            peer,
+                            username: paths::check_username(call, forward),
+                            key: paths::seal(&me.key, call, forward, nonce, key),
+                        })
                     };
+                    let send_direct = direct(c_out);
+                    let recv_direct = direct(c_in);
+                    let orders = PathOrders {
+                        send: PathOrder {
+                            now: out,
+                            order: paths::order(out, send_direct.is_some()),
+                            direct: send_direct,
+                        },
+                        recv: PathOrder {
+                            now: inn,
+                            order: paths::order(inn, recv_direct.is_some()),
+                            direct: recv_direct,
+                        },
+                    };
+                    let delivery = delivery_for(inn, me.caps, my_media, &policy)?;
+                    media::check_latched(delivery, me.observed, &policy)?;
+                    let delivery = Some(delivery);
                     sides.push(SidePlan {
                         conn,
                         caller,
                         out,
                         inn,
-                        peer,
-                        // A peer behind NAT sends from an address nobody knows in advance: the
-                        // receiver must not insist on the one it reported.
-                        peer_source: if peer_nat { None } else { peer },
+                        peer: None,
+                        peer_source: None,
                         gateway_ip: me.gateway_ip,
                         key: me.key,
                         delivery,
+                        orders: Some(orders),
                     });
                 }
             }
             _ => {
                 let (out, inn) = directions(plan, true);
+                // Demotions after media_trouble hold for route calls too.
+                let (out, inn) = match floor {
+                    Some(f) => (paths::worse(out, f.forward), paths::worse(inn, f.backward)),
+                    None => (out, inn),
+                };
                 sides.push(SidePlan {
                     conn: a_conn,
                     caller: true,
@@ -1150,10 +1282,18 @@ impl Gateway {
                     gateway_ip: a.gateway_ip,
                     delivery: Some(delivery_for(inn, a.caps, a_media, &policy)?),
                     key: a.key,
+                    orders: None,
                 });
             }
         }
-        let shard = if plan.uses_gateway() {
+        let plan_in_force = match &sides[..] {
+            [x, ..] if x.caller => Plan {
+                forward: x.out,
+                backward: x.inn,
+            },
+            _ => plan,
+        };
+        let shard = if plan_in_force.uses_gateway() {
             Some(self.pick_shard().ok_or(SetupError::NoShard)?)
         } else {
             None
@@ -1170,18 +1310,17 @@ impl Gateway {
                 }
                 None => None,
             };
-            out.push((
-                side.conn,
-                instructions(
-                    call,
-                    Some(plan),
-                    side.caller,
-                    (side.out, side.inn),
-                    (side.peer, side.peer_source),
-                    gw,
-                    leg,
-                ),
-            ));
+            let mut m = instructions(
+                call,
+                Some(plan),
+                side.caller,
+                (side.out, side.inn),
+                (side.peer, side.peer_source),
+                gw,
+                leg,
+            );
+            m.paths = side.orders.map(Box::new);
+            out.push((side.conn, m));
         }
         if let Far::Route(r) = &far {
             // The IP voice gateway's leg: operator configuration, trusted as its source.
@@ -1198,6 +1337,7 @@ impl Gateway {
         let ready = Readiness::of(legs.iter().map(|l| (l.name.as_str(), l.delivery)));
         Ok(Some(PairSetup {
             plan,
+            in_force: plan_in_force,
             relay: shard.map(|s| (s, legs)),
             media: out,
             ready,
@@ -1227,6 +1367,7 @@ impl Gateway {
             return;
         };
         p.plan = Some(setup.plan);
+        p.in_force = Some(setup.in_force);
         p.ready = setup.ready;
         match relay {
             Some(relay) => {
@@ -1317,13 +1458,31 @@ impl Gateway {
         };
         let probe_failed = failed(Some(caller)) || failed(callee);
         let new = self.pair_inputs(call).map(|i| i.plan);
-        if probe_failed || new.is_none() || new == old {
-            tracing::info!(call, probe_failed, plan = ?old, "media trouble: no better plan; ending the call");
-            return self.end_pair(
-                call,
-                Some(HangupReason::MediaFailed),
-                Some(HangupReason::MediaFailed),
-            );
+        if new.is_some() && new != old && !probe_failed {
+            // The firewalls changed: a new plan (demotions so far still hold).
+            if let Some(Call::Pair(p)) = self.calls.get_mut(&call) {
+                p.rebound = false;
+            }
+        } else {
+            // The same plan (or no usable probe): media_trouble still changes something —
+            // re-bind first, then demote one step (see `media_trouble_step`).
+            match self.media_trouble_step(call) {
+                Some(what) => {
+                    tracing::info!(call, probe_failed, plan = ?old, "media trouble: same plan; {what}");
+                }
+                None => {
+                    tracing::warn!(
+                        call,
+                        plan = ?old,
+                        "media trouble: TCP through the gateway both ways also failed; ending the call"
+                    );
+                    return self.end_pair(
+                        call,
+                        Some(HangupReason::MediaFailed),
+                        Some(HangupReason::MediaFailed),
+                    );
+                }
+            }
         }
         tracing::info!(call, old = ?old, new = ?new, "media trouble: re-planned");
         let relay = match self.calls.get_mut(&call) {
@@ -1338,6 +1497,51 @@ impl Gateway {
             self.drop_relay(call, relay);
         }
         self.try_plan(now, call);
+    }
+
+    /// `media_trouble` with nothing new from the probes: the first time re-binds (the same
+    /// paths with fresh legs and fresh checks), the next demotes one direction one step
+    /// (`super::paths::fallback`; the complainer's receiving direction first, else its sending
+    /// one) and re-binds that. `None` when both directions already run over TCP through the
+    /// gateway and were re-bound there: nothing is left to try. Returns what it did.
+    fn media_trouble_step(&mut self, call: CallId) -> Option<&'static str> {
+        let Some(Call::Pair(p)) = self.calls.get_mut(&call) else {
+            return None;
+        };
+        if !p.rebound {
+            p.rebound = true;
+            return Some("re-binding the paths in force");
+        }
+        let in_force = p.in_force?;
+        let complainer_is_caller = p.trouble_from == Some(p.caller);
+        let mut floor = p.floor.unwrap_or(Plan {
+            forward: Path::DirectUdp,
+            backward: Path::DirectUdp,
+        });
+        // [receiving direction of the complainer, its sending direction].
+        let order = if complainer_is_caller {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for forward in order {
+            let (now, slot) = if forward {
+                (in_force.forward, &mut floor.forward)
+            } else {
+                (in_force.backward, &mut floor.backward)
+            };
+            if let Some(next) = paths::fallback(now) {
+                *slot = paths::worse(*slot, next);
+                p.floor = Some(floor);
+                p.rebound = false;
+                return Some(if forward {
+                    "demoting the forward direction one step"
+                } else {
+                    "demoting the backward direction one step"
+                });
+            }
+        }
+        None
     }
 
     // ------------------------------------------------------------------- rooms
@@ -1456,6 +1660,8 @@ impl Gateway {
                 leg: None,
                 joined: None,
                 ready: Readiness::default(),
+                rebound: false,
+                tcp_only: false,
             },
         );
         for &c in &invitees {
@@ -1467,6 +1673,8 @@ impl Gateway {
                     leg: None,
                     joined: None,
                     ready: Readiness::default(),
+                    rebound: false,
+                    tcp_only: false,
                 },
             );
         }
@@ -1506,15 +1714,22 @@ impl Gateway {
         conn: ConnId,
         shard: usize,
     ) -> Result<(LegSpec, MediaInstructions, Delivery), PeerRefused> {
-        let (organizer, reported) = match self.calls.get(&call) {
-            Some(Call::Room(r)) => (r.organizer, r.members.get(&conn).and_then(|m| m.media)),
+        let (organizer, reported, tcp_only) = match self.calls.get(&call) {
+            Some(Call::Room(r)) => (
+                r.organizer,
+                r.members.get(&conn).and_then(|m| m.media),
+                r.members.get(&conn).is_some_and(|m| m.tcp_only),
+            ),
             _ => return Err(PeerRefused::NoAddress),
         };
         let info = self.party_info(conn).ok_or(PeerRefused::NoAddress)?;
         let my_media = resolve_media(reported, info.observed);
-        let caps = effective_caps(info.caps, my_media);
+        // A member demoted after media trouble is planned as having no UDP: TCP both ways.
+        let caps = effective_caps(info.caps, my_media.filter(|_| !tcp_only));
         let (out, inn) = room_directions(caps);
-        let delivery = delivery_for(inn, caps, my_media, &self.cfg.peer_policy())?;
+        let policy = self.cfg.peer_policy();
+        let delivery = delivery_for(inn, caps, my_media, &policy)?;
+        media::check_latched(delivery, info.observed, &policy)?;
         let gw = self.gateway_addrs(shard, info.gateway_ip);
         let name = self.new_leg_name();
         let leg = Gateway::leg_spec(&info.key, &name, delivery);
@@ -1658,7 +1873,7 @@ impl Gateway {
                 HangupReason::Normal,
             );
         }
-        let (leg, instr, delivery) = match self.room_leg(call, conn, shard) {
+        let (mut leg, mut instr, mut delivery) = match self.room_leg(call, conn, shard) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(call, conn, reason = %e, "room member cannot rejoin");
@@ -1677,14 +1892,69 @@ impl Gateway {
             }
         };
         if old == Some((instr.send.transport, instr.recv.transport, delivery)) {
-            self.release_leg(&leg.name);
-            return self.room_leave(
-                now,
-                call,
-                conn,
-                Some(HangupReason::MediaFailed),
-                HangupReason::Normal,
-            );
+            // Nothing new from the probe: media_trouble still changes something. Re-bind
+            // first (a new leg, the same transports), then demote to TCP both ways, and only
+            // when TCP both ways was re-bound and still fails does the member leave.
+            let (rebound, tcp_only) = match self.calls.get(&call) {
+                Some(Call::Room(r)) => r
+                    .members
+                    .get(&conn)
+                    .map_or((true, true), |m| (m.rebound, m.tcp_only)),
+                _ => (true, true),
+            };
+            let all_tcp =
+                instr.send.transport == Transport::Tcp && instr.recv.transport == Transport::Tcp;
+            let set = |w: &mut Self, rebound: bool, tcp_only: bool| {
+                if let Some(Call::Room(r)) = w.calls.get_mut(&call)
+                    && let Some(m) = r.members.get_mut(&conn)
+                {
+                    m.rebound = rebound;
+                    m.tcp_only = tcp_only;
+                }
+            };
+            if !rebound {
+                tracing::info!(
+                    call,
+                    conn,
+                    "media trouble in a room: same paths; re-binding"
+                );
+                set(self, true, tcp_only);
+            } else if !tcp_only && !all_tcp {
+                tracing::info!(
+                    call,
+                    conn,
+                    "media trouble in a room: demoting the member to TCP"
+                );
+                set(self, false, true);
+                self.release_leg(&leg.name);
+                (leg, instr, delivery) = match self.room_leg(call, conn, shard) {
+                    Ok(b) => b,
+                    Err(_) => {
+                        return self.room_leave(
+                            now,
+                            call,
+                            conn,
+                            Some(HangupReason::Error),
+                            HangupReason::Normal,
+                        );
+                    }
+                };
+            } else {
+                tracing::warn!(
+                    call,
+                    conn,
+                    "media trouble in a room: TCP through the gateway both ways also failed; \
+                     the member leaves"
+                );
+                self.release_leg(&leg.name);
+                return self.room_leave(
+                    now,
+                    call,
+                    conn,
+                    Some(HangupReason::MediaFailed),
+                    HangupReason::Normal,
+                );
+            }
         }
         if let Some(old_leg) = old_leg {
             self.actions.push_back(Action::RemoveLeg {
@@ -1884,15 +2154,15 @@ mod tests {
         }
     }
 
-    fn expected_delivery(inn: Path, me: Capabilities, media: SocketAddr) -> Delivery {
+    /// Never a reported address: UDP only to the source the client's own Binding latched.
+    fn expected_delivery(inn: Path, me: Capabilities) -> Delivery {
         if inn == Path::DirectUdp {
             Delivery::None
         } else if inn.receiver_transport() == Transport::Tcp {
             Delivery::Tcp
-        } else if me.send_udp {
-            Delivery::UdpLatched
         } else {
-            Delivery::Udp(media)
+            assert!(me.send_udp, "UDP delivery only to a client that binds");
+            Delivery::UdpLatched
         }
     }
 
@@ -1947,12 +2217,15 @@ mod tests {
         (w, a, b, call, ma, mb, cmds)
     }
 
-    /// All 16 cases of Table 1, each with the four NAT combinations: the media instructions
-    /// and the legs' deliveries follow the plan, keys are derived from each client's own
-    /// session key, and nothing is installed when both directions are direct.
+    /// All 16 cases of Table 1, each with the four NAT combinations: every direction starts
+    /// through the gateway on the path `paths::start_path` gives; the media instructions and
+    /// the legs' deliveries follow those paths, keys are derived from each client's own session
+    /// key, and exactly Table 1's direct directions towards a client that can answer checks are
+    /// direct candidates, with one check key per direction that both phones (and only they)
+    /// can open.
     #[test]
     fn table1_all_cases_and_nat() {
-        let mut direct_only = 0;
+        let mut candidates = 0;
         for case in 0..16u8 {
             let (ia, ib) = (case / 4, case % 4);
             // Table 1's per-client order: (UDP out, TCP in), (TCP out, UDP in), TCP both, UDP both.
@@ -1968,8 +2241,45 @@ mod tests {
                 let what = format!("case {} caller {ca:?} callee {cb:?}", case + 1);
                 assert_eq!(Plan::table1_case(ca, cb), Some(case + 1));
                 let plan = planner::plan(ca, cb);
+                let start = Plan {
+                    forward: paths::start_path(plan.forward, cb),
+                    backward: paths::start_path(plan.backward, ca),
+                };
                 let (w, a, b, call, ma, mb, cmds) = call_with(ca, cb);
                 let (ma, mb) = (&ma[..], &mb[..]);
+                // Each direction's check key, as both ends open it.
+                for (forward, target, sender, receiver) in
+                    [(true, plan.forward, ca, cb), (false, plan.backward, cb, ca)]
+                {
+                    let (snd, rcv) = if forward {
+                        ((&a, &ma[0]), (&b, &mb[0]))
+                    } else {
+                        ((&b, &mb[0]), (&a, &ma[0]))
+                    };
+                    let (sp, rp) = (
+                        snd.1.paths.as_ref().expect("paths"),
+                        rcv.1.paths.as_ref().expect("paths"),
+                    );
+                    let cand = paths::is_direct_candidate(target, sender, receiver);
+                    assert_eq!(sp.send.direct.is_some(), cand, "{what} forward={forward}");
+                    assert_eq!(rp.recv.direct.is_some(), cand, "{what} forward={forward}");
+                    if let (Some(sd), Some(rd)) = (&sp.send.direct, &rp.recv.direct) {
+                        candidates += 1;
+                        assert_eq!(sd.peer, public_media(rcv.0));
+                        assert_eq!(rd.peer, public_media(snd.0));
+                        assert_eq!(sd.username, paths::check_username(call, forward));
+                        assert_eq!(sd.username, rd.username);
+                        let ks = paths::open(&snd.0.key, call, forward, &sd.key);
+                        let kr = paths::open(&rcv.0.key, call, forward, &rd.key);
+                        assert!(
+                            ks.is_ok() && ks == kr,
+                            "{what}: both ends open the same key"
+                        );
+                        // Neither phone can open the other's copy, and it differs on the wire.
+                        assert_ne!(sd.key, rd.key);
+                        assert!(paths::open(&rcv.0.key, call, forward, &sd.key).is_err());
+                    }
+                }
                 assert_eq!((ma.len(), mb.len()), (1, 1), "{what}");
                 let specs = installs(&cmds);
                 let mut legs_seen = 0;
@@ -1978,10 +2288,20 @@ mod tests {
                     (&b, &mb[0], false, cb, public_media(&a), ca.nat),
                 ] {
                     let (out, inn) = if caller {
-                        (plan.forward, plan.backward)
+                        (start.forward, start.backward)
                     } else {
-                        (plan.backward, plan.forward)
+                        (start.backward, start.forward)
                     };
+                    let orders = m.paths.as_ref().expect("two-party calls carry paths");
+                    assert_eq!((orders.send.now, orders.recv.now), (out, inn), "{what}");
+                    assert_eq!(
+                        orders.send.order,
+                        paths::order(out, orders.send.direct.is_some())
+                    );
+                    assert_eq!(
+                        orders.recv.order,
+                        paths::order(inn, orders.recv.direct.is_some())
+                    );
                     assert_eq!(m.call, call);
                     assert_eq!(m.plan, Some(plan), "{what}");
                     assert_eq!(m.caller, caller);
@@ -2010,7 +2330,7 @@ mod tests {
                         );
                         assert_eq!(
                             l.delivery,
-                            expected_delivery(inn, my_caps, public_media(c)),
+                            expected_delivery(inn, my_caps),
                             "{what} delivery"
                         );
                         assert_eq!((l.trusted_source, l.clock_rate), (None, 8000));
@@ -2018,27 +2338,29 @@ mod tests {
                         assert_eq!((m.gateway_udp, m.gateway_tcp), (None, None));
                     }
                 }
-                if plan.uses_gateway() {
-                    assert_eq!(specs.len(), 1, "{what}");
-                    assert_eq!((specs[0].1, specs[0].2.id), (0, call));
-                    assert_eq!(specs[0].2.legs.len(), legs_seen);
-                    assert_eq!(w.gw.stats().shard_sessions, [1, 0]);
-                } else {
-                    direct_only += 1;
-                    assert!(
-                        cmds.is_empty(),
-                        "{what}: nothing installed when both directions are direct"
-                    );
-                    assert_eq!(legs_seen, 0);
-                }
+                // Media starts through the gateway, always.
+                assert_eq!(specs.len(), 1, "{what}");
+                assert_eq!((specs[0].1, specs[0].2.id), (0, call));
+                assert_eq!(specs[0].2.legs.len(), legs_seen);
+                assert_eq!(legs_seen, 2);
+                assert_eq!(w.gw.stats().shard_sessions, [1, 0]);
                 assert_eq!(w.gw.stats().calls_up, 1);
             }
         }
-        assert_eq!(direct_only, 1, "only case 16 without NAT");
+        // Direct directions towards a client that sends UDP: cases 4 (fwd), 13 (bwd), 14
+        // (fwd), 16 (both), each without NAT on the receiver's side.
+        // Case 16, each direction in the 2 variants with the receiver not behind NAT. Case 14's
+        // direct forward direction is no candidate (its receiver cannot send UDP, so it can
+        // answer no check), nor are case 4's forward and 13's backward (their sender cannot
+        // receive UDP, so it would never hear the answers).
+        assert_eq!(candidates, 4);
     }
 
+    /// Case 16 without NAT: Table 1 says direct both ways, but nobody is told to send to an
+    /// announced address: media starts through the gateway and each phone gets its peer's
+    /// address as a direct candidate to check.
     #[test]
-    fn case16_without_nat_points_the_clients_at_each_other() {
+    fn case16_without_nat_starts_via_the_gateway_with_direct_candidates() {
         let mut w = World::new();
         let a = w.login("alice", sim::OPEN);
         let b = w.login("bob", sim::OPEN);
@@ -2046,14 +2368,54 @@ mod tests {
         w.accept(&b, call, Some(b.media()));
         let ma = media_of(&w.take(a.conn));
         let mb = media_of(&w.take(b.conn));
-        assert_eq!(ma[0].send.to, Some(b.media()));
-        assert_eq!(ma[0].recv.from, Some(b.media()));
-        assert_eq!(mb[0].send.to, Some(a.media()));
-        assert!(w.take_shard().is_empty());
-        // Hang-up of a direct call removes nothing from the shards either.
+        assert_eq!(
+            ma[0].plan,
+            Some(Plan {
+                forward: Path::DirectUdp,
+                backward: Path::DirectUdp
+            })
+        );
+        for (m, peer) in [(&ma[0], b.media()), (&mb[0], a.media())] {
+            assert_eq!(m.send.to, Some(addr(GW_UDP)));
+            assert_eq!(m.recv.from, Some(addr(GW_UDP)));
+            let p = m.paths.as_ref().expect("paths");
+            assert_eq!(p.send.direct.as_ref().map(|d| d.peer), Some(peer));
+            assert_eq!(p.recv.direct.as_ref().map(|d| d.peer), Some(peer));
+            assert_eq!(
+                p.send.order,
+                [Path::DirectUdp, Path::UdpViaGateway, Path::TcpBoth]
+            );
+        }
+        let spec = &installs(&w.take_shard())[0].2;
+        assert!(spec.legs.iter().all(|l| l.delivery == Delivery::UdpLatched));
         w.send(b.conn, ClientMsg::HangUp { call });
         assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Normal)]);
-        assert!(w.take_shard().is_empty());
+        assert_eq!(removes(&w.take_shard()).len(), 1);
+    }
+
+    /// An IPv6-only phone calls an IPv4-only one: no direct candidate (the families cannot
+    /// reach each other), the gateway bridges both ways.
+    #[test]
+    fn ipv6_only_and_ipv4_only_phones_are_bridged_by_the_gateway() {
+        let mut w = World::new();
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::OPEN);
+        let v6: SocketAddr = addr("[2001:db8::7]:41000");
+        let call = w.dial(&a, b.number, Some(v6));
+        w.accept(&b, call, Some(b.media()));
+        let ma = media_of(&w.take(a.conn));
+        let mb = media_of(&w.take(b.conn));
+        let bridged = Some(Plan {
+            forward: Path::UdpViaGateway,
+            backward: Path::UdpViaGateway,
+        });
+        for m in [&ma[0], &mb[0]] {
+            assert_eq!(m.plan, bridged);
+            let p = m.paths.as_ref().expect("paths");
+            assert!(p.send.direct.is_none() && p.recv.direct.is_none());
+            assert_eq!(m.send.to, Some(addr(GW_UDP)));
+        }
+        assert_eq!(installs(&w.take_shard())[0].2.legs.len(), 2);
     }
 
     #[test]
@@ -2099,7 +2461,10 @@ mod tests {
                 backward: Path::DirectUdp
             })
         );
-        assert_eq!(mb[0].send.to, Some(a.media()));
+        // Bob's direct direction to alice starts via the gateway, a candidate.
+        assert_eq!(mb[0].send.to, Some(addr(GW_UDP)));
+        let p = mb[0].paths.as_ref().expect("paths");
+        assert_eq!(p.send.direct.as_ref().map(|d| d.peer), Some(a.media()));
         assert_eq!(mb[0].recv.from, Some(addr(GW_UDP)));
         let spec = &installs(&w.take_shard())[0].2;
         let bob_leg = spec
@@ -2113,7 +2478,7 @@ mod tests {
             .iter()
             .find(|l| Some(&l.name) == ma[0].leg.as_ref())
             .expect("alice's leg");
-        assert_eq!(alice_leg.delivery, Delivery::None);
+        assert_eq!(alice_leg.delivery, Delivery::UdpLatched);
     }
 
     #[test]
@@ -2387,52 +2752,39 @@ mod tests {
                 allow_private_peers: allow,
                 ..sim::config()
             });
-            // Receive-only bob gets UDP from the gateway at his reported address: a private
-            // one. (Alice sends over TCP, so the direction goes through the gateway.)
+            // Receive-only bob reports a private address: the gateway never delivers to a
+            // reported address, so bob receives over TCP whatever the policy.
             let a = w.login_with("alice", caps(false, false, false));
             let b = w.login_with("bob", caps(false, true, false));
             let call = w.dial(&a, b.number, Some(a.media()));
             w.accept(&b, call, Some(addr("10.0.0.5:41000")));
-            let bmsgs = w.take(b.conn);
-            let hb = hangups(&bmsgs);
-            if allow {
-                assert!(hb.is_empty());
-                let spec = &installs(&w.take_shard())[0].2;
-                assert!(
-                    spec.legs
-                        .iter()
-                        .any(|l| l.delivery == Delivery::Udp(addr("10.0.0.5:41000")))
-                );
-            } else {
-                assert_eq!(hb, [(call, HangupReason::PeerDenied)]);
-                // Both sides are told why, in words that name the address, the range and the
-                // keys that open it.
-                let want = "media address 10.0.0.5 is in a denied range (private (RFC 1918) \
-                            10.0.0.0/8); set allow_private_peers or allowed_peers";
-                let amsgs = w.take(a.conn);
-                assert_eq!(hangups(&amsgs), [(call, HangupReason::PeerDenied)]);
-                for msgs in [&bmsgs, &amsgs] {
-                    let detail = msgs.iter().find_map(|m| match m {
-                        ServerMsg::HangUp { detail, .. } => detail.clone(),
-                        _ => None,
-                    });
-                    assert_eq!(detail.as_deref(), Some(want));
-                }
-                assert!(w.take_shard().is_empty());
-            }
-            // A direct direction towards a private peer address.
+            assert!(hangups(&w.take(b.conn)).is_empty());
+            let spec = &installs(&w.take_shard())[0].2;
+            assert!(
+                spec.legs
+                    .iter()
+                    .all(|l| !matches!(l.delivery, Delivery::Udp(_))),
+                "{spec:?}"
+            );
+            // A direct candidate at a private peer address: offered only when allowed; the
+            // call goes through the gateway either way.
             let c = w.login_with("carol", caps(true, true, false));
             let d = w.login_with("dave", caps(true, true, false));
             let call = w.dial(&c, d.number, Some(c.media()));
             w.accept(&d, call, Some(addr("192.168.1.9:41000")));
-            let hc = hangups(&w.take(c.conn));
-            assert_eq!(hc.is_empty(), allow, "allow={allow}");
+            let mc = media_of(&w.take(c.conn));
+            assert_eq!(mc.len(), 1, "allow={allow}");
+            let p = mc[0].paths.as_ref().expect("paths");
+            assert_eq!(p.send.direct.is_some(), allow, "allow={allow}");
+            assert!(mc[0].send.via_gateway && mc[0].send.transport == Transport::Udp);
         }
     }
 
     #[test]
     fn operator_peer_lists_open_and_close_media_destinations() {
-        // (allowed_peers, denied_peers, bob's media address, refused?)
+        // (allowed_peers, denied_peers, bob's announced media address, denied?). An announced
+        // address is only ever a direct candidate: the policy decides whether alice is offered
+        // it; the call goes through the gateway either way.
         let cases: &[(&[&str], &[&str], &str, bool)] = &[
             (&["10.20.0.0/16"], &[], "10.20.0.5:41000", false),
             (&["10.20.0.0/16"], &[], "10.21.0.5:41000", true),
@@ -2455,24 +2807,28 @@ mod tests {
                 denied_peers: parse(denied),
                 ..sim::config()
             });
-            let a = w.login_with("alice", caps(false, false, false));
-            let b = w.login_with("bob", caps(false, true, false));
+            let a = w.login_with("alice", caps(true, true, false));
+            let b = w.login_with("bob", caps(true, true, false));
             let call = w.dial(&a, b.number, Some(a.media()));
             w.accept(&b, call, Some(addr(media)));
-            let hb = hangups(&w.take(b.conn));
+            assert!(hangups(&w.take(b.conn)).is_empty(), "{media}");
+            let ma = media_of(&w.take(a.conn));
+            assert_eq!(ma.len(), 1, "{allowed:?} {denied:?} {media}");
+            let direct = ma[0].paths.as_ref().and_then(|p| p.send.direct.as_ref());
             assert_eq!(
-                !hb.is_empty(),
+                direct.is_none(),
                 refused,
-                "{allowed:?} {denied:?} {media}: {hb:?}"
+                "{allowed:?} {denied:?} {media}: {direct:?}"
             );
-            if !refused {
-                let spec = &installs(&w.take_shard())[0].2;
-                let want = Delivery::Udp(canonical(addr(media)));
-                assert!(spec.legs.iter().any(|l| l.delivery == want), "{spec:?}");
+            if let Some(d) = direct {
+                assert_eq!(d.peer, canonical(addr(media)));
             }
+            assert!(ma[0].send.via_gateway, "media starts through the gateway");
         }
     }
 
+    /// A receive-only client that reports an unspecified address receives over TCP (never at a
+    /// reported address); a client with no media address is TCP-only.
     #[test]
     fn unspecified_and_missing_media_addresses() {
         let mut w = World::new();
@@ -2481,8 +2837,12 @@ mod tests {
         let call = w.dial(&a, b.number, Some(a.media()));
         w.accept(&b, call, Some(addr("0.0.0.0:41000")));
         let spec = &installs(&w.take_shard())[0].2;
-        let want = Delivery::Udp(SocketAddr::new(b.peer.ip(), 41000));
-        assert!(spec.legs.iter().any(|l| l.delivery == want), "{spec:?}");
+        assert!(
+            spec.legs.iter().all(|l| l.delivery == Delivery::Tcp),
+            "{spec:?}"
+        );
+        let mb = media_of(&w.take(b.conn));
+        assert_eq!(mb[0].recv.transport, Transport::Tcp);
         // No media address: TCP both ways for that client, whatever its firewall allows.
         let c = w.login_with("carol", caps(true, true, false));
         let d = w.login_with("dave", caps(true, true, false));
@@ -2568,12 +2928,12 @@ mod tests {
         let call = w.dial(&a, b.number, None);
         w.accept(&b, call, None);
         assert_eq!(hangups(&w.take(a.conn)), [(call, HangupReason::Error)]);
-        // Direct calls still work.
+        // Calls Table 1 gives direct start through the gateway too: they fail the same way.
         let c = w.login("carol", sim::OPEN);
         let d = w.login("dave", sim::OPEN);
         let call = w.dial(&c, d.number, Some(c.media()));
         w.accept(&d, call, Some(d.media()));
-        assert_eq!(media_of(&w.take(c.conn)).len(), 1);
+        assert_eq!(hangups(&w.take(c.conn)), [(call, HangupReason::Error)]);
     }
 
     #[test]
@@ -2651,11 +3011,61 @@ mod tests {
         assert!(w.gw.leg_names().iter().all(|l| !old_legs.contains(l)));
     }
 
+    /// `media_trouble` always changes something. Same plan: re-bind (fresh legs, same paths,
+    /// fresh checks), then demote the complainer's receiving direction one step, re-bind,
+    /// demote the other direction, re-bind; only when TCP through the gateway both ways was
+    /// re-bound and still fails does the call end (`media_failed` to both).
     #[test]
-    fn media_trouble_with_the_same_plan_or_a_failed_probe_ends_the_call() {
-        // Same plan.
-        let (mut w, a, b, call) = trouble_setup(sim::SEND_ONLY, sim::NAT);
-        w.take_shard();
+    fn media_trouble_rebinds_then_demotes_and_ends_only_after_tcp_both_ways() {
+        let (mut w, a, b, call) = trouble_setup(sim::OPEN, sim::OPEN);
+        let mut legs: Vec<String> = installs(&w.take_shard())[0]
+            .2
+            .legs
+            .iter()
+            .map(|l| l.name.clone())
+            .collect();
+        let (u, t) = (Path::UdpViaGateway, Path::TcpBoth);
+        // (forward, backward) in force after each trouble from bob, and whether each
+        // direction is still a direct candidate.
+        let steps = [
+            ((u, u), (true, true)),   // re-bind
+            ((t, u), (false, true)),  // bob's receiving (forward) demoted
+            ((t, u), (false, true)),  // re-bind
+            ((t, t), (false, false)), // forward is at the bottom: backward demoted
+            ((t, t), (false, false)), // re-bind
+        ];
+        for (k, ((fwd, bwd), (cf, cb))) in steps.into_iter().enumerate() {
+            w.send(b.conn, ClientMsg::MediaTrouble { call });
+            w.probe(&a);
+            w.probe(&b);
+            let (ma, mb) = (media_of(&w.take(a.conn)), media_of(&w.take(b.conn)));
+            assert_eq!(
+                (ma.len(), mb.len()),
+                (1, 1),
+                "step {k}: fresh media to both"
+            );
+            let (pa, pb) = (
+                ma[0].paths.as_ref().expect("paths"),
+                mb[0].paths.as_ref().expect("paths"),
+            );
+            assert_eq!((pa.send.now, pa.recv.now), (fwd, bwd), "step {k}");
+            assert_eq!((pb.send.now, pb.recv.now), (bwd, fwd), "step {k}");
+            assert_eq!(pa.send.direct.is_some(), cf, "step {k}");
+            assert_eq!(pb.send.direct.is_some(), cb, "step {k}");
+            // The Table 1 decision itself is unchanged.
+            assert_eq!(ma[0].plan.map(|p| p.forward), Some(Path::DirectUdp));
+            let cmds = w.take_shard();
+            assert_eq!(removes(&cmds), [(0, call)], "step {k}");
+            let new: Vec<String> = installs(&cmds)[0]
+                .2
+                .legs
+                .iter()
+                .map(|l| l.name.clone())
+                .collect();
+            assert!(new.iter().all(|l| !legs.contains(l)), "step {k}: new legs");
+            legs = new;
+        }
+        // TCP both ways, re-bound, still in trouble: the call ends, and says why.
         w.send(b.conn, ClientMsg::MediaTrouble { call });
         w.probe(&a);
         w.probe(&b);
@@ -2668,21 +3078,23 @@ mod tests {
             [(call, HangupReason::MediaFailed)]
         );
         assert_eq!(removes(&w.take_shard()), [(0, call)]);
-        // A probe that gets no report.
+        assert_eq!(w.gw.stats().calls_failed, 1);
+    }
+
+    /// A re-probe that gets no report does not end the call: it re-binds like any trouble.
+    #[test]
+    fn media_trouble_with_a_failed_probe_rebinds_instead_of_ending() {
         let (mut w, a, b, call) = trouble_setup(sim::OPEN, sim::OPEN);
+        w.take_shard();
         w.send(a.conn, ClientMsg::MediaTrouble { call });
         w.probe(&a);
         w.advance(Duration::from_secs(2));
-        assert_eq!(
-            hangups(&w.take(a.conn)),
-            [(call, HangupReason::MediaFailed)]
-        );
-        assert_eq!(
-            hangups(&w.take(b.conn)),
-            [(call, HangupReason::MediaFailed)]
-        );
-        assert!(w.take_shard().is_empty(), "a direct call had no session");
-        assert_eq!(w.gw.stats().calls_failed, 1);
+        assert!(hangups(&w.take(a.conn)).is_empty());
+        assert!(hangups(&w.take(b.conn)).is_empty());
+        let cmds = w.take_shard();
+        assert_eq!(removes(&cmds), [(0, call)]);
+        assert_eq!(installs(&cmds).len(), 1);
+        assert_eq!(w.gw.stats().calls_failed, 0);
     }
 
     #[test]
@@ -2824,7 +3236,8 @@ mod tests {
         let added = add_legs(&w.take_shard());
         assert_eq!(added.len(), 2);
         assert_eq!(added[0].delivery, Delivery::Tcp);
-        assert_eq!(added[1].delivery, Delivery::Udp(d.media()));
+        // Dave cannot send UDP, so cannot bind a UDP source: TCP, never his reported address.
+        assert_eq!(added[1].delivery, Delivery::Tcp);
         let mc = media_of(&w.take(c.conn));
         assert_eq!(
             (mc[0].send.transport, mc[0].recv.transport),
@@ -2834,7 +3247,7 @@ mod tests {
         let md = media_of(&w.take(d.conn));
         assert_eq!(
             (md[0].send.transport, md[0].recv.transport),
-            (Transport::Tcp, Transport::Udp)
+            (Transport::Tcp, Transport::Tcp)
         );
         assert!(
             media_of(&w.take(a.conn)).is_empty(),
@@ -3034,7 +3447,28 @@ mod tests {
         assert_eq!(add_legs(&cmds).len(), 1);
         let mb = media_of(&w.take(b.conn));
         assert_eq!(mb[0].recv.transport, Transport::Udp);
-        // Same again: nothing changed, bob leaves with media_failed; the room goes on.
+        // Nothing changes any more: re-bind (UDP, new leg), demote (TCP both ways), re-bind
+        // (TCP), and only then does bob leave with media_failed; the room goes on.
+        for (k, want) in [
+            (Transport::Udp, Transport::Udp),
+            (Transport::Tcp, Transport::Tcp),
+            (Transport::Tcp, Transport::Tcp),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            w.send(b.conn, ClientMsg::MediaTrouble { call: room });
+            w.probe(&b);
+            let cmds = w.take_shard();
+            assert_eq!(remove_legs(&cmds).len(), 1, "step {k}");
+            assert_eq!(add_legs(&cmds).len(), 1, "step {k}");
+            let mb = media_of(&w.take(b.conn));
+            assert_eq!(
+                (mb[0].send.transport, mb[0].recv.transport),
+                want,
+                "step {k}"
+            );
+        }
         w.send(b.conn, ClientMsg::MediaTrouble { call: room });
         w.probe(&b);
         assert_eq!(
@@ -3119,10 +3553,9 @@ mod tests {
             None
         } else if inn.receiver_transport() == Transport::Tcp {
             Some(Transport::Tcp)
-        } else if me.send_udp {
-            Some(Transport::Udp)
         } else {
-            None
+            assert!(me.send_udp, "UDP delivery only to a client that binds");
+            Some(Transport::Udp)
         }
     }
 
@@ -3144,7 +3577,11 @@ mod tests {
                 let ca = caps(row(case / 4).0, row(case / 4).1, nat & 1 != 0);
                 let cb = caps(row(case % 4).0, row(case % 4).1, nat & 2 != 0);
                 let what = format!("case {} caller {ca:?} callee {cb:?}", case + 1);
-                let plan = planner::plan(ca, cb);
+                let target = planner::plan(ca, cb);
+                let plan = Plan {
+                    forward: paths::start_path(target.forward, cb),
+                    backward: paths::start_path(target.backward, ca),
+                };
                 let (mut w, a, b, call, msgs_a, msgs_b, _) = call_with_msgs(ca, cb);
                 let (ma, mb) = (media_of(&msgs_a), media_of(&msgs_b));
                 let mut awaited = Vec::new();
@@ -3228,36 +3665,23 @@ mod tests {
                 );
             }
         }
-        // Case 16 without NAT (direct both ways) and case 6 (both receive UDP at a fixed
-        // address, sending over TCP) need no binding.
-        assert_eq!(
-            immediate,
-            [(6, 0), (6, 1), (6, 2), (6, 3), (16, 0)],
-            "the calls that need no binding"
-        );
+        // Every call now starts through the gateway, delivering only to bound legs: each
+        // waits for its bindings.
+        assert_eq!(immediate, [], "no call needs no binding");
     }
 
-    /// A fixed-address delivery (a receive-only client) needs no binding: only the other
-    /// side's leg is awaited.
+    /// A receive-only client (it cannot send UDP, so it cannot bind a UDP source) gets its
+    /// media over TCP, never at its reported address: both TCP legs are awaited.
     #[test]
-    fn a_fixed_udp_delivery_is_not_awaited() {
+    fn a_receive_only_client_is_delivered_over_tcp_and_awaited() {
         let (mut w, a, b, call, msgs_a, msgs_b, cmds) =
             call_with_msgs(caps(false, false, false), caps(false, true, false));
         let spec = &installs(&cmds)[0].2;
-        let fixed = spec
-            .legs
-            .iter()
-            .find(|l| matches!(l.delivery, Delivery::Udp(_)))
-            .expect("bob's leg delivers to his address");
-        let tcp = spec
-            .legs
-            .iter()
-            .find(|l| l.delivery == Delivery::Tcp)
-            .expect("alice's leg delivers over TCP");
+        assert!(spec.legs.iter().all(|l| l.delivery == Delivery::Tcp));
         assert!(readies(&msgs_a).is_empty() && readies(&msgs_b).is_empty());
-        bound(&mut w, call, &fixed.name, Transport::Udp);
+        bound(&mut w, call, &spec.legs[0].name, Transport::Tcp);
         assert!(readies(&w.take(a.conn)).is_empty());
-        bound(&mut w, call, &tcp.name, Transport::Tcp);
+        bound(&mut w, call, &spec.legs[1].name, Transport::Tcp);
         assert_eq!(readies(&w.take(a.conn)), [call]);
         assert_eq!(readies(&w.take(b.conn)), [call]);
     }
@@ -3269,7 +3693,7 @@ mod tests {
             (sim::NAT, Some(Transport::Udp)),
             (sim::BLOCKED, Some(Transport::Tcp)),
             (sim::SEND_ONLY, Some(Transport::Tcp)),
-            (sim::RECV_ONLY, None),
+            (sim::RECV_ONLY, Some(Transport::Tcp)),
         ] {
             let mut w = World::new();
             let a = w.login("alice", fw);
@@ -3390,16 +3814,17 @@ mod tests {
         assert!(w.take(a.conn).is_empty(), "alice's delivery is UDP");
         bound(&mut w, room, &la, Transport::Udp);
         assert_eq!(w.take(a.conn), [ServerMsg::MediaReady { call: room }]);
-        // Carol (TCP) waits for her binding; dave (fixed UDP address) is ready at once.
+        // Carol (TCP) and dave (receive-only: delivered over TCP) wait for their bindings.
         w.accept(&c, room, Some(c.media()));
         w.accept(&d, room, Some(d.media()));
         let msgs_c = w.take(c.conn);
         assert!(readies(&msgs_c).is_empty());
         let lc = media_of(&msgs_c)[0].leg.clone().unwrap();
-        assert!(matches!(
-            w.take(d.conn).as_slice(),
-            [ServerMsg::Media(_), ServerMsg::MediaReady { call }] if *call == room
-        ));
+        let msgs_d = w.take(d.conn);
+        assert!(readies(&msgs_d).is_empty());
+        let ld = media_of(&msgs_d)[0].leg.clone().unwrap();
+        bound(&mut w, room, &ld, Transport::Tcp);
+        assert_eq!(w.take(d.conn), [ServerMsg::MediaReady { call: room }]);
         bound(&mut w, room, &lc, Transport::Tcp);
         assert_eq!(w.take(c.conn), [ServerMsg::MediaReady { call: room }]);
         // Re-bindings and others' bindings tell nobody anything.

@@ -16,8 +16,9 @@
 //! gateway delivers *to* X) follows `inn`: none when X receives directly; TCP when X receives
 //! over TCP; UDP to the source X bound with its STUN Binding ([`Delivery::UdpLatched`]) when X
 //! can send UDP — its own Binding opened the reply path through its NAT or firewall — and
-//! otherwise UDP to X's reported media address, which must then be a public unicast address
-//! (design: "peers in loopback/private ranges are refused unless configured").
+//! never to X's reported media address: an address a client merely reported is a candidate,
+//! not a destination, so a client that cannot bind over UDP receives over TCP
+//! ([`super::paths::start_path`]).
 //!
 //! Rooms and telephone routes are expressed with the same paths: a room member always goes
 //! through the gateway ([`room_directions`]); the caller of a telephone route too
@@ -122,6 +123,8 @@ pub enum PeerRefused {
     NotUnicast(SocketAddr),
     /// The client gave no usable media address but the plan needs one.
     NoAddress,
+    /// UDP delivery to a client that cannot bind (send UDP): its reported address is unproven.
+    Unproven,
 }
 
 impl std::error::Error for PeerRefused {}
@@ -132,6 +135,9 @@ impl fmt::Display for PeerRefused {
             PeerRefused::Denied(_, d) => write!(f, "media address {d}"),
             PeerRefused::NotUnicast(a) => write!(f, "media address {a} is not a unicast address"),
             PeerRefused::NoAddress => f.write_str("no media address for a UDP destination"),
+            PeerRefused::Unproven => f.write_str(
+                "UDP delivery to a reported address that no keyed binding proved (the client cannot send UDP)",
+            ),
         }
     }
 }
@@ -155,6 +161,24 @@ pub fn check_peer(addr: SocketAddr, policy: &PeerPolicy) -> Result<SocketAddr, P
         .check(addr.ip())
         .map_err(|d| PeerRefused::Denied(addr, d))?;
     Ok(addr)
+}
+
+/// A latched UDP delivery goes where the client's keyed Binding comes from, which is the address
+/// the gateway observes it at: the peer policy applies there too (the shard applies it again to
+/// every source it latches), so a call the gateway could not deliver is refused up front, with
+/// the reason, instead of going silent.
+pub fn check_latched(
+    delivery: Delivery,
+    observed: IpAddr,
+    policy: &PeerPolicy,
+) -> Result<(), PeerRefused> {
+    if delivery == Delivery::UdpLatched {
+        let at = canonical(SocketAddr::new(observed, 0));
+        policy
+            .check(at.ip())
+            .map_err(|d| PeerRefused::Denied(at, d))?;
+    }
+    Ok(())
 }
 
 /// The media address to use for a client: the one it reported, with an unspecified IP
@@ -200,9 +224,11 @@ pub fn delivery_for(
     match inn.receiver_transport() {
         Transport::Tcp => Ok(Delivery::Tcp),
         Transport::Udp if caps.send_udp => Ok(Delivery::UdpLatched),
+        // Never to an address the client merely reported: the paths in force give such a
+        // client TCP (`super::paths::start_path`); this is the guard behind that rule.
         Transport::Udp => {
-            let a = media.ok_or(PeerRefused::NoAddress)?;
-            Ok(Delivery::Udp(check_peer(a, policy)?))
+            let _ = (media, policy);
+            Err(PeerRefused::Unproven)
         }
     }
 }
@@ -228,7 +254,9 @@ pub const fn room_directions(caps: Capabilities) -> (Path, Path) {
     } else {
         Path::TcpBoth
     };
-    let inn = if caps.recv_udp {
+    // UDP in only to a member that binds its own source (it sends UDP): never to a reported
+    // address (`super::paths`).
+    let inn = if caps.recv_udp && caps.send_udp {
         Path::UdpViaGateway
     } else {
         Path::TcpBoth
@@ -246,7 +274,7 @@ pub const fn route_plan(caller: Capabilities) -> Plan {
         } else {
             Path::TcpInUdpOut
         },
-        backward: if caller.recv_udp {
+        backward: if caller.recv_udp && caller.send_udp {
             Path::UdpViaGateway
         } else {
             Path::UdpInTcpOut
@@ -351,28 +379,16 @@ mod tests {
             delivery_for(Path::UdpViaGateway, udp_both, media, &PeerPolicy::default()),
             Ok(Delivery::UdpLatched)
         );
-        assert_eq!(
-            delivery_for(Path::TcpInUdpOut, recv_only, media, &PeerPolicy::default()),
-            Ok(Delivery::Udp(a("192.0.2.5:4000")))
-        );
-        assert_eq!(
-            delivery_for(
-                Path::TcpInUdpOut,
-                recv_only,
-                Some(a("10.0.0.5:4000")),
-                &PeerPolicy::default()
-            ),
-            Err(PeerRefused::Denied(
-                a("10.0.0.5:4000"),
-                PeerPolicy::default()
-                    .check(a("10.0.0.5:4000").ip())
-                    .unwrap_err()
-            ))
-        );
-        assert_eq!(
-            delivery_for(Path::TcpInUdpOut, recv_only, None, &PeerPolicy::default()),
-            Err(PeerRefused::NoAddress)
-        );
+        // A client that cannot send UDP never gets UDP at the address it reported.
+        let open = PeerPolicy::new(true, &[], &[]);
+        for m in [media, Some(a("10.0.0.5:4000")), None] {
+            for policy in [&PeerPolicy::default(), &open] {
+                assert_eq!(
+                    delivery_for(Path::TcpInUdpOut, recv_only, m, policy),
+                    Err(PeerRefused::Unproven)
+                );
+            }
+        }
         for p in [Path::UdpInTcpOut, Path::TcpBoth] {
             assert_eq!(
                 delivery_for(p, recv_only, None, &PeerPolicy::default()),
@@ -405,14 +421,17 @@ mod tests {
             );
             assert_eq!(
                 p.backward.receiver_transport() == Transport::Udp,
-                caps.recv_udp
+                caps.recv_udp && caps.send_udp
             );
             assert_eq!(p.forward.receiver_transport(), Transport::Udp);
             assert_eq!(p.backward.sender_transport(), Transport::Udp);
             let (out, inn) = room_directions(caps);
             assert!(out.uses_gateway() && inn.uses_gateway());
             assert_eq!(out.sender_transport() == Transport::Udp, caps.send_udp);
-            assert_eq!(inn.receiver_transport() == Transport::Udp, caps.recv_udp);
+            assert_eq!(
+                inn.receiver_transport() == Transport::Udp,
+                caps.recv_udp && caps.send_udp
+            );
         }
     }
 

@@ -30,6 +30,7 @@ pub mod gateway;
 pub mod limits;
 pub mod lookup;
 pub mod media;
+pub mod paths;
 pub mod peer_policy;
 pub mod planner;
 pub mod presence;

@@ -271,6 +271,56 @@ pub const fn plan(caller: Capabilities, callee: Capabilities) -> Plan {
     }
 }
 
+/// Which IP address families one client can use for media, as its announced media address (its
+/// candidate) and its probe show. A client is single-family per call: its call socket has one
+/// family (a v4-mapped IPv6 address counts as IPv4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The family of an address (v4-mapped IPv6 is IPv4).
+    pub fn of(addr: std::net::SocketAddr) -> Family {
+        match addr.ip() {
+            std::net::IpAddr::V4(_) => Family::V4,
+            std::net::IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => Family::V4,
+            std::net::IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// Plans a call like [`plan`], aware of address families: a direction goes [`Path::DirectUdp`]
+/// only when both ends have a media address of the same family (`families`: the caller's and
+/// the callee's, `None` when unknown). Otherwise the two phones cannot reach each other (an
+/// IPv6-only socket cannot send to an IPv4 address and vice versa) and the gateway bridges:
+/// the direction goes [`Path::UdpViaGateway`] (the relay has sockets of both families).
+/// Nothing else of Table 1 changes.
+pub fn plan_across(
+    caller: Capabilities,
+    callee: Capabilities,
+    families: (Option<Family>, Option<Family>),
+) -> Plan {
+    let p = plan(caller, callee);
+    let meet = matches!(families, (Some(a), Some(b)) if a == b);
+    if meet {
+        return p;
+    }
+    let bridge = |d: Path| {
+        if d == Path::DirectUdp {
+            Path::UdpViaGateway
+        } else {
+            d
+        }
+    };
+    Plan {
+        forward: bridge(p.forward),
+        backward: bridge(p.backward),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,6 +620,61 @@ mod tests {
         assert_eq!(
             json,
             r#"{"forward":"udp_in_tcp_out","backward":"udp_via_gateway"}"#
+        );
+    }
+
+    fn sa(s: &str) -> std::net::SocketAddr {
+        s.parse()
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    #[test]
+    fn families_of_addresses() {
+        assert_eq!(Family::of(sa("192.0.2.1:5")), Family::V4);
+        assert_eq!(Family::of(sa("[::ffff:192.0.2.1]:5")), Family::V4);
+        assert_eq!(Family::of(sa("[2001:db8::1]:5")), Family::V6);
+    }
+
+    /// Exhaustive: with families that meet, Table 1 unchanged; across families (or unknown),
+    /// never a direct path, and exactly the direct directions go via the gateway.
+    #[test]
+    fn no_direct_path_across_address_families() {
+        use Family::{V4, V6};
+        for caller in all_caps() {
+            for callee in all_caps() {
+                let p = plan(caller, callee);
+                for fams in [(Some(V4), Some(V4)), (Some(V6), Some(V6))] {
+                    assert_eq!(plan_across(caller, callee, fams), p);
+                }
+                for fams in [
+                    (Some(V4), Some(V6)),
+                    (Some(V6), Some(V4)),
+                    (None, Some(V4)),
+                    (Some(V6), None),
+                    (None, None),
+                ] {
+                    let q = plan_across(caller, callee, fams);
+                    for (was, now) in [(p.forward, q.forward), (p.backward, q.backward)] {
+                        assert_ne!(now, Path::DirectUdp, "{caller:?} {callee:?} {fams:?}");
+                        if was == Path::DirectUdp {
+                            assert_eq!(now, Path::UdpViaGateway);
+                        } else {
+                            assert_eq!(now, was);
+                        }
+                    }
+                    // The bridge never adds a TCP connection.
+                    assert_eq!(q.tcp_connections(), p.tcp_connections());
+                }
+            }
+        }
+        // Case 16, an IPv6-only caller and an IPv4-only callee: the gateway bridges both ways.
+        let udp = Capabilities::new(true, true);
+        assert_eq!(
+            plan_across(udp, udp, (Some(V6), Some(V4))),
+            Plan {
+                forward: G,
+                backward: G
+            }
         );
     }
 }

@@ -221,6 +221,41 @@ pub struct MediaInstructions {
     /// RTP payload type and clock rate (0 / 8000: G.711 µ-law).
     pub payload_type: u8,
     pub clock_rate: u32,
+    /// Proven paths: per direction, the path in force, the explicit fallback order and the
+    /// direct candidate to check (two-party calls). Absent from gateways that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Box<PathOrders>>,
+}
+
+/// The fallback orders of this client's two directions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathOrders {
+    pub send: PathOrder,
+    pub recv: PathOrder,
+}
+
+/// One direction's paths.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathOrder {
+    /// The path this direction uses now (`send`/`recv` say where that is).
+    pub now: Path,
+    /// Every path this direction may take, best first: `direct_udp` (only with `direct`), then
+    /// `now`, then each step down (`udp_via_gateway` → `tcp_both`). At most 4 entries.
+    pub order: Vec<Path>,
+    /// A direct UDP candidate, used only once connectivity checks prove it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct: Option<DirectCandidate>,
+}
+
+/// A direct path to prove with keyed STUN checks before any media uses it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectCandidate {
+    /// The peer's announced media address (a candidate, never a destination until proven).
+    pub peer: SocketAddr,
+    /// STUN USERNAME of this direction's checks.
+    pub username: String,
+    /// The direction's check key, sealed under this client's session key (base64, 64 chars).
+    pub key: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -702,6 +737,7 @@ mod tests {
             gateway_tcp: Some("[2001:db8::1]:7401".parse().unwrap()),
             payload_type: 0,
             clock_rate: 8000,
+            paths: None,
         };
         let server = vec![
             ServerMsg::Challenge {

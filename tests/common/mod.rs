@@ -384,6 +384,18 @@ pub fn spawn_phone(gw: &Gateway, user: &str, args: &[&str]) -> Proc {
 
 /// `voxgate phone` on another host (`host`: a command prefix such as `ip netns exec NS`).
 pub fn spawn_phone_on(host: &[&str], gw: &Gateway, user: &str, args: &[&str]) -> Proc {
+    spawn_phone_at(host, gw, &gw.control, user, args)
+}
+
+/// [`spawn_phone_on`], reaching the gateway at `server` (e.g. its IPv6 address).
+#[allow(dead_code)] // used by some test crates only
+pub fn spawn_phone_at(
+    host: &[&str],
+    gw: &Gateway,
+    server: &str,
+    user: &str,
+    args: &[&str],
+) -> Proc {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out = gw.dir.path().join(format!("phone-{user}-{n}.out"));
@@ -392,7 +404,7 @@ pub fn spawn_phone_on(host: &[&str], gw: &Gateway, user: &str, args: &[&str]) ->
         .args([
             "phone",
             "--server",
-            &gw.control,
+            server,
             "--user",
             user,
             "--password-stdin",

@@ -7,25 +7,35 @@
 #   lab.sh up                      build the hosts (idempotent: tears down first)
 #   lab.sh down                    remove every namespace of this lab
 #   lab.sh fw N CLASS              client N's firewall: open | no-udp-out | no-udp-in | no-udp
+#                                  | portal (UDP only to/from the gateway's address)
+#                                  | port-restricted (UDP out only to the gateway's ports)
 #   lab.sh nat N MODE              client N's NAT: none | masquerade | symmetric
+#   lab.sh natloss N               client N's NAT loses its UDP mappings and re-creates them
+#                                  with new (random) ports; TCP connections survive
+#   lab.sh family N v4|v6          client N keeps only its IPv4 or only its IPv6 address
 #   lab.sh counters N              client N's router counters
 #   lab.sh reset N                 zero client N's router counters
 #   lab.sh exec HOST CMD...        run CMD on host gw | c1 | c2 | c3 | r1 | r2 | r3 (| gwr)
 #
 # Addresses: "Internet" 172.31.0.0/24 on a bridge; gateway 172.31.0.1; router N's WAN
-# 172.31.0.1N; client N 10.N.0.2 on router N's LAN 10.N.0.1/24.
+# 172.31.0.1N; client N 10.N.0.2 on router N's LAN 10.N.0.1/24. IPv6 (routed, no NAT):
+# "Internet" 2001:db8:31::/64, gateway 2001:db8:31::1, router N 2001:db8:31::1N, client N
+# 2001:db8:N::2 on 2001:db8:N::/64.
 #
 # GW_NAT=1 lab.sh up: the gateway sits behind its own router (host gwr) doing 1:1 NAT, as a
-# cloud instance does: gwr holds the public address 172.31.0.1 on the "Internet" and
-# DNATs everything for it to the gateway's private address 192.168.77.2 (gwr's LAN
-# 192.168.77.1/24), and SNATs what the gateway sends back out to 172.31.0.1. Clients reach
-# the gateway only at 172.31.0.1; the gateway itself sees its private address.
+# cloud instance does: gwr holds the public addresses 172.31.0.1 and 2001:db8:31::1 on the
+# "Internet", DNATs everything for them to the gateway's private 192.168.77.2 / fd77::2 (gwr's
+# LAN 192.168.77.1/24, fd77::1/64), and SNATs what the gateway sends back out. Clients reach
+# the gateway only at the public addresses; the gateway itself sees its private ones.
 set -euo pipefail
 LAB=${LAB:-vgl}
 GW_IP=172.31.0.1
+GW_IP6=2001:db8:31::1
 GW_PRIVATE=192.168.77.2
+GW_PRIVATE6=fd77::2
 GW_NAT=${GW_NAT:-0}
 MEDIA_PORTS=${MEDIA_PORTS:-7401-7408}
+PROBE_PORTS=${PROBE_PORTS:-7390-7391}
 CLIENTS=${CLIENTS:-3}
 
 ns() { echo "${LAB}$1"; }
@@ -39,24 +49,31 @@ gw_behind_nat() {
     x inet ip link set p-gwr master br0 up
     x gwr ip link set lo up
     x gwr ip addr add "$GW_IP/24" dev wan
+    x gwr ip -6 addr add "$GW_IP6/64" dev wan nodad
     x gwr ip addr add "192.168.77.1/24" dev lan
+    x gwr ip -6 addr add "fd77::1/64" dev lan nodad
     x gwr ip link set wan up
     x gwr ip link set lan up
     x gwr sysctl -qw net.ipv4.ip_forward=1
+    x gwr sysctl -qw net.ipv6.conf.all.forwarding=1
     x gw ip link set lo up
     x gw ip addr add "$GW_PRIVATE/24" dev gw0
+    x gw ip -6 addr add "$GW_PRIVATE6/64" dev gw0 nodad
     x gw ip link set gw0 up
     x gw ip route add default via 192.168.77.1
+    x gw ip -6 route add default via fd77::1
     x gwr nft -f - <<NFT
 flush ruleset
-table ip gwnat {
+table inet gwnat {
     chain prerouting {
         type nat hook prerouting priority dstnat; policy accept;
-        iifname "wan" ip daddr $GW_IP dnat to $GW_PRIVATE
+        iifname "wan" ip daddr $GW_IP dnat ip to $GW_PRIVATE
+        iifname "wan" ip6 daddr $GW_IP6 dnat ip6 to $GW_PRIVATE6
     }
     chain postrouting {
         type nat hook postrouting priority srcnat; policy accept;
-        oifname "wan" ip saddr $GW_PRIVATE snat to $GW_IP
+        oifname "wan" ip saddr $GW_PRIVATE snat ip to $GW_IP
+        oifname "wan" ip6 saddr $GW_PRIVATE6 snat ip6 to $GW_IP6
     }
 }
 NFT
@@ -86,6 +103,7 @@ up() {
         x inet ip link set p-gw master br0 up
         x gw ip link set lo up
         x gw ip addr add "$GW_IP/24" dev gw0
+        x gw ip -6 addr add "$GW_IP6/64" dev gw0 nodad
         x gw ip link set gw0 up
     fi
     for n in $(seq 1 "$CLIENTS"); do
@@ -100,10 +118,16 @@ up() {
         x "r$n" ip link set wan up
         x "r$n" ip link set lan up
         x "r$n" sysctl -qw net.ipv4.ip_forward=1
+        x "r$n" sysctl -qw net.ipv6.conf.all.forwarding=1
+        x "r$n" ip -6 addr add "2001:db8:31::1$n/64" dev wan nodad
+        x "r$n" ip -6 addr add "2001:db8:$n::1/64" dev lan nodad
         x "c$n" ip link set lo up
         x "c$n" ip addr add "10.$n.0.2/24" dev eth0
         x "c$n" ip link set eth0 up
         x "c$n" ip route add default via "10.$n.0.1"
+        x "c$n" ip -6 addr add "2001:db8:$n::2/64" dev eth0 nodad
+        x "c$n" ip -6 route add default via "2001:db8:$n::1"
+        x "$GW_EDGE" ip -6 route add "2001:db8:$n::/64" via "2001:db8:31::1$n"
         # Client LANs are routed on the "Internet" (until NAT hides them).
         x "$GW_EDGE" ip route add "10.$n.0.0/24" via "172.31.0.1$n"
         rules "$n" open none
@@ -112,6 +136,7 @@ up() {
         for m in $(seq 1 "$CLIENTS"); do
             [ "$m" = "$n" ] && continue
             x "r$n" ip route add "10.$m.0.0/24" via "172.31.0.1$m"
+            x "r$n" ip -6 route add "2001:db8:$m::/64" via "2001:db8:31::1$m"
         done
     done
 }
@@ -124,6 +149,12 @@ rules() {
         no-udp-out) drops='iifname "lan" meta l4proto udp drop' ;;
         no-udp-in) drops='iifname "wan" meta l4proto udp drop' ;;
         no-udp) drops=$'iifname "lan" meta l4proto udp drop\n        iifname "wan" meta l4proto udp drop' ;;
+        # The seed's "secure portal": UDP passes only to and from the gateway's address.
+        portal) drops="iifname \"lan\" meta l4proto udp ip daddr != $GW_IP drop
+        iifname \"wan\" meta l4proto udp ip saddr != $GW_IP drop" ;;
+        # A corporate rule: outbound UDP only to a port range (the gateway's probe and media
+        # ports), replies allowed back; other inbound UDP is not restricted.
+        port-restricted) drops="iifname \"lan\" udp dport != { $PROBE_PORTS, $MEDIA_PORTS } drop" ;;
         *) echo "unknown firewall class $class" >&2; exit 2 ;;
     esac
     case "$nat" in
@@ -148,12 +179,16 @@ table inet lab {
         type filter hook forward priority filter; policy accept;
         $drops
         $inbound_new
-        iifname "lan" ip daddr $GW_IP udp dport { $MEDIA_PORTS } counter name udp_out_gw
-        iifname "lan" ip daddr != $GW_IP meta l4proto udp counter name udp_out_peer
+        iifname "lan" ip daddr $GW_IP udp dport { $MEDIA_PORTS } meta length > 150 counter name udp_out_gw
+        iifname "lan" ip daddr != $GW_IP meta l4proto udp meta length > 150 counter name udp_out_peer
         iifname "lan" ip daddr $GW_IP tcp dport { $MEDIA_PORTS } meta length > 150 counter name tcp_out_gw
-        iifname "wan" ip saddr $GW_IP udp sport { $MEDIA_PORTS } counter name udp_in_gw
-        iifname "wan" ip saddr != $GW_IP meta l4proto udp counter name udp_in_peer
+        iifname "wan" ip saddr $GW_IP udp sport { $MEDIA_PORTS } meta length > 150 counter name udp_in_gw
+        iifname "wan" ip saddr != $GW_IP meta l4proto udp meta length > 150 counter name udp_in_peer
         iifname "wan" ip saddr $GW_IP tcp sport { $MEDIA_PORTS } meta length > 150 counter name tcp_in_gw
+        iifname "lan" ip6 daddr $GW_IP6 udp dport { $MEDIA_PORTS } meta length > 150 counter name udp_out_gw
+        iifname "lan" ip6 daddr != $GW_IP6 meta l4proto udp meta length > 150 counter name udp_out_peer
+        iifname "wan" ip6 saddr $GW_IP6 udp sport { $MEDIA_PORTS } meta length > 150 counter name udp_in_gw
+        iifname "wan" ip6 saddr != $GW_IP6 meta l4proto udp meta length > 150 counter name udp_in_peer
     }
     chain postrouting {
         type nat hook postrouting priority srcnat; policy accept;
@@ -161,8 +196,13 @@ table inet lab {
     }
 }
 NFT
-    # Forget connections made under the old rules.
-    x "r$n" conntrack -F >/dev/null 2>&1 || true
+    # Forget connections made under the old rules (only the UDP ones with UDP_ONLY=1: a NAT
+    # that loses its UDP mappings while TCP connections stay up).
+    if [ "${UDP_ONLY:-0}" = 1 ]; then
+        x "r$n" conntrack -D -p udp >/dev/null 2>&1 || true
+    else
+        x "r$n" conntrack -F >/dev/null 2>&1 || true
+    fi
 }
 
 state() { cat "/run/${LAB}-r$1.state" 2>/dev/null || echo "open none"; }
@@ -172,6 +212,13 @@ case "${1:-}" in
     down) down ;;
     fw) read -r _ nat < <(state "$2"); rules "$2" "$3" "$nat" ;;
     nat) read -r class _ < <(state "$2"); rules "$2" "$class" "$3" ;;
+    natloss) read -r class _ < <(state "$2"); UDP_ONLY=1 rules "$2" "$class" symmetric ;;
+    family)
+        case "$3" in
+            v6) x "c$2" ip -4 addr flush dev eth0 ;;
+            v4) x "c$2" ip -6 addr flush dev eth0 scope global ;;
+            *) echo "family: v4 or v6" >&2; exit 2 ;;
+        esac ;;
     counters) x "r$2" nft list counters table inet lab ;;
     reset) x "r$2" nft reset counters table inet lab >/dev/null ;;
     exec) shift; h=$1; shift; x "$h" "$@" ;;
