@@ -75,6 +75,10 @@ pub struct ServerSection {
     pub max_connections: usize,
     /// On SIGTERM, calls in progress get this long to finish.
     pub shutdown_grace_s: u64,
+    /// The public addresses clients are told behind 1:1 NAT (coturn's `external-ip`); unset:
+    /// the address each client's control connection arrived at.
+    pub advertised_ipv4: Option<std::net::Ipv4Addr>,
+    pub advertised_ipv6: Option<std::net::Ipv6Addr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -269,6 +273,8 @@ impl Default for ServerSection {
             log_level: "info".into(),
             max_connections: 10_000,
             shutdown_grace_s: 30,
+            advertised_ipv4: None,
+            advertised_ipv6: None,
         }
     }
 }
@@ -549,6 +555,20 @@ impl Config {
             "media.tcp_queue_frames",
             "must be smaller than media.udp_bufs (queued frames pin receive buffers)".into(),
         );
+        if let Some(a) = s.advertised_ipv4 {
+            check(
+                !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
+                "server.advertised_ipv4",
+                format!("{a} is not a unicast address clients can reach"),
+            );
+        }
+        if let Some(a) = s.advertised_ipv6 {
+            check(
+                !(a.is_unspecified() || a.is_multicast() || a.to_ipv4_mapped().is_some()),
+                "server.advertised_ipv6",
+                format!("{a} is not a unicast IPv6 address (set IPv4 in advertised_ipv4)"),
+            );
+        }
         let l = &self.limits;
         check(
             l.connections_per_source >= 1,
@@ -712,6 +732,10 @@ impl Config {
             exempt_sources: self.limits.exempt(),
             route_max_duration: Duration::from_secs(self.limits.route_max_duration_s),
             route_inactivity: Duration::from_secs(self.limits.route_inactivity_s),
+            advertised: crate::control::advertise::Advertised {
+                ipv4: self.server.advertised_ipv4,
+                ipv6: self.server.advertised_ipv6,
+            },
             ..GatewayConfig::with_secret(secret)
         }
     }
@@ -817,6 +841,29 @@ mod tests {
         ] {
             assert!(e.contains(key), "{key} missing in:\n{e}");
         }
+    }
+
+    #[test]
+    fn advertised_addresses_parse_and_bad_ones_are_named() {
+        let c = Config::parse(
+            "[server]\nadvertised_ipv4 = \"203.0.113.5\"\nadvertised_ipv6 = \"2001:db8::5\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let g = c.gateway_config([1; 32], (1, 2));
+        assert_eq!(
+            g.advertised.for_local("10.0.0.1".parse().unwrap()),
+            "203.0.113.5".parse::<std::net::IpAddr>().unwrap()
+        );
+        let e = Config::parse("[server]\nadvertised_ipv4 = \"2001:db8::5\"\n").unwrap_err();
+        assert!(e.contains("advertised_ipv4"), "{e}");
+        let c = Config::parse(
+            "[server]\nadvertised_ipv4 = \"0.0.0.0\"\nadvertised_ipv6 = \"::ffff:1.2.3.4\"\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("server.advertised_ipv4: 0.0.0.0"), "{e}");
+        assert!(e.contains("server.advertised_ipv6: ::ffff:1.2.3.4"), "{e}");
     }
 
     #[test]

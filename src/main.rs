@@ -112,6 +112,13 @@ struct ServeArgs {
     /// free port (named in the "ready" log line).
     #[arg(long, value_name = "ADDR:PORT")]
     admin_listen: Option<std::net::SocketAddr>,
+    /// The public IPv4 address to tell clients behind 1:1 NAT (media addresses); default:
+    /// the address each client's control connection arrived at.
+    #[arg(long, value_name = "IPV4")]
+    advertised_ipv4: Option<std::net::Ipv4Addr>,
+    /// The same for IPv6 clients.
+    #[arg(long, value_name = "IPV6")]
+    advertised_ipv6: Option<std::net::Ipv6Addr>,
     /// Do not start the HTTP admin listener.
     #[arg(long, conflicts_with = "admin_listen")]
     no_admin: bool,
@@ -427,6 +434,12 @@ fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
     }
     if a.no_admin {
         cfg.admin.enabled = false;
+    }
+    if let Some(v) = a.advertised_ipv4 {
+        cfg.server.advertised_ipv4 = Some(v);
+    }
+    if let Some(v) = a.advertised_ipv6 {
+        cfg.server.advertised_ipv6 = Some(v);
     }
 }
 

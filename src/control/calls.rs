@@ -409,7 +409,7 @@ impl Gateway {
             caps: r.capabilities,
             reported: r.reported,
             observed: c.peer.ip(),
-            gateway_ip: c.local.ip(),
+            gateway_ip: self.cfg.advertised.for_local(c.local.ip()),
             key: s.key.clone(),
         })
     }
@@ -2531,6 +2531,32 @@ mod tests {
             assert_eq!(m.send.to, Some(addr(GW_UDP)));
         }
         assert_eq!(installs(&w.take_shard())[0].2.legs.len(), 2);
+    }
+
+    #[test]
+    fn behind_1to1_nat_clients_are_told_the_advertised_address() {
+        let mut w = World::with_config(GatewayConfig {
+            advertised: crate::control::advertise::Advertised {
+                ipv4: Some("198.51.100.9".parse().unwrap()),
+                ipv6: None,
+            },
+            ..sim::config()
+        });
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::NAT);
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(b.media()));
+        let mb = media_of(&w.take(b.conn));
+        let public = Some(addr("198.51.100.9:7401"));
+        assert_eq!(mb[0].recv.from, public, "not the private {GW_UDP}");
+        assert_eq!(mb[0].gateway_udp, public);
+        // The operator's counts: one call, planned forward via the gateway, ended normally.
+        w.send(a.conn, ClientMsg::HangUp { call });
+        let t = w.gw.stats().tally;
+        assert_eq!(t.planned(true, Path::UdpViaGateway), 1);
+        assert_eq!(t.planned(false, Path::DirectUdp), 1);
+        assert_eq!(t.ended_with(HangupReason::Normal), 1);
+        assert_eq!(t.probes.iter().sum::<u64>(), 2, "two probes finished");
     }
 
     #[test]

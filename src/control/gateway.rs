@@ -151,6 +151,9 @@ pub struct GatewayConfig {
     pub max_calls_per_user: usize,
     /// Largest room, organizer included (2..=64). Default 16.
     pub max_room_size: usize,
+    /// The addresses clients are told per family (behind 1:1 NAT); default: the address each
+    /// control connection arrived at. See [`super::advertise`].
+    pub advertised: super::advertise::Advertised,
     /// Directory look-ups waiting for their answer, at most (beyond: `hello` is refused with
     /// `unavailable`, a dial ends with `hang_up{error}`). Default 10 000.
     pub max_pending_lookups: usize,
@@ -200,6 +203,7 @@ impl GatewayConfig {
             max_connections: 100_000,
             max_calls_per_user: 8,
             max_room_size: 16,
+            advertised: super::advertise::Advertised::default(),
             max_pending_lookups: 10_000,
             call_limits: super::limits::CallLimitConfig::default(),
             directory_poll: Duration::from_secs(1),

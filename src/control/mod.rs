@@ -23,6 +23,7 @@
 //! per-client instructions and relay legs), and [`gateway`], which ties them together behind
 //! one `handle(now, input)` / `poll_action()` interface for `server/`.
 
+pub mod advertise;
 pub mod auth;
 pub mod calls;
 pub mod gateway;

@@ -295,6 +295,24 @@ impl ShardHandle {
         self.send(Command::Snapshot { legs: true, reply })?;
         rx.blocking_recv().map_err(|_| ShardError::Gone(self.index))
     }
+
+    /// A handle whose shard never answers (a stuck shard, for tests of the control thread):
+    /// commands queue on the returned receiver and nobody replies while it is held.
+    #[cfg(test)]
+    pub(crate) fn stuck(index: usize) -> (ShardHandle, Receiver<Command>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let handle = ShardHandle {
+            index,
+            udp_addr: any,
+            tcp_addr: any,
+            backend: Backend::Epoll,
+            tx,
+            waker: Arc::new(Waker::new().expect("eventfd")),
+            sessions: Arc::new(AtomicUsize::new(0)),
+        };
+        (handle, rx)
+    }
 }
 
 /// All shards of a gateway. Dropping it shuts them down and joins their threads.
