@@ -106,6 +106,9 @@ pub struct MediaSection {
     pub udp_sndbuf: usize,
     pub max_unbound_tcp: usize,
     pub unbound_tcp_timeout_ms: u64,
+    /// Media older than this is dropped, in ms (kernel receive time to handling, or waiting in
+    /// a TCP queue); 0: never.
+    pub stale_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -201,6 +204,7 @@ impl Default for MediaSection {
             udp_sndbuf: s.udp_sndbuf,
             max_unbound_tcp: r.max_unbound_tcp,
             unbound_tcp_timeout_ms: r.unbound_tcp_timeout_ns / 1_000_000,
+            stale_ms: r.stale_ns / 1_000_000,
         }
     }
 }
@@ -348,9 +352,13 @@ impl Config {
             format!("{} µs is longer than a 20 ms voice frame", m.coalesce_us),
         );
         check(
-            (512..=65_536).contains(&m.buf_size) && m.buf_size % 64 == 0,
+            (512..=crate::shard::pool::MAX_BUF_SIZE).contains(&m.buf_size) && m.buf_size % 64 == 0,
             "media.buf_size",
-            format!("{} must be a multiple of 64 in 512..=65536", m.buf_size),
+            format!(
+                "{} must be a multiple of 64 in 512..={} (packet segment lengths are 16-bit)",
+                m.buf_size,
+                crate::shard::pool::MAX_BUF_SIZE
+            ),
         );
         check(
             usize::from(m.max_frame) + 2 <= m.buf_size,
@@ -397,6 +405,33 @@ impl Config {
             m.tcp_queue_frames < m.udp_bufs,
             "media.tcp_queue_frames",
             "must be smaller than media.udp_bufs (queued frames pin receive buffers)".into(),
+        );
+        check(
+            m.stale_ms <= 10_000,
+            "media.stale_ms",
+            format!("{} ms is outside 0..=10000", m.stale_ms),
+        );
+        check(
+            (1..=65_535).contains(&m.max_unbound_tcp),
+            "media.max_unbound_tcp",
+            format!("{} is outside 1..=65535", m.max_unbound_tcp),
+        );
+        check(
+            m.unbound_tcp_timeout_ms <= 600_000,
+            "media.unbound_tcp_timeout_ms",
+            format!("{} ms is outside 0..=600000", m.unbound_tcp_timeout_ms),
+        );
+        check(
+            (16..=1 << 20).contains(&m.send_slots),
+            "media.send_slots",
+            format!("{} is outside 16..=1048576", m.send_slots),
+        );
+        check(
+            m.tcp_sndbuf <= i32::MAX as usize
+                && m.udp_rcvbuf <= i32::MAX as usize
+                && m.udp_sndbuf <= i32::MAX as usize,
+            "media.tcp_sndbuf",
+            "socket buffer sizes (tcp_sndbuf, udp_rcvbuf, udp_sndbuf) must fit an i32".into(),
         );
         check(
             self.dumps.max_files >= 1,
@@ -459,9 +494,12 @@ impl Config {
             relay: RelayConfig {
                 max_frame: m.max_frame,
                 tcp_queue_frames: m.tcp_queue_frames,
-                tcp_queued_total: (m.udp_bufs / 2).max(m.tcp_queue_frames),
+                // Queued frames pin receive buffers: at most half of what the rings hold.
+                tcp_queued_total: ((m.udp_bufs + m.tcp_bufs) / 2).max(m.tcp_queue_frames),
                 max_unbound_tcp: m.max_unbound_tcp,
                 unbound_tcp_timeout_ns: m.unbound_tcp_timeout_ms * 1_000_000,
+                stale_ns: m.stale_ms * 1_000_000,
+                allow_private_latch: self.server.allow_private_peers,
                 ..RelayConfig::default()
             },
             events: None,

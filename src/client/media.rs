@@ -1663,6 +1663,9 @@ impl Engine {
             self.udp_pending = None;
             return;
         }
+        if self.answer_gateway_check(data, from) {
+            return;
+        }
         let expected = match &mut self.route.udp_source {
             UdpSource::None => false,
             UdpSource::Exactly(a) => *a == from,
@@ -1688,6 +1691,47 @@ impl Engine {
         if self.rx.on_packet(data, at, wall_clock_ns(), false) {
             self.note_media(at, status);
         }
+    }
+
+    /// The gateway checks a new source of this leg (after a NAT rebinding) with a Binding
+    /// request keyed with the leg key; it moves media there only when the answer comes back
+    /// from that source (PROTOCOL.md, "Validated latching"). Answered here, on the media
+    /// socket; true if `data` was such a check (answered or not).
+    fn answer_gateway_check(&mut self, data: &[u8], from: SocketAddr) -> bool {
+        let Some(gw) = self.route.gateway_udp else {
+            return false;
+        };
+        let same = |a: SocketAddr, b: SocketAddr| {
+            a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+        };
+        if !same(from, gw) || !stun::looks_like_stun(data) {
+            return false;
+        }
+        let Ok(m) = stun::Message::parse(data) else {
+            return false;
+        };
+        if m.method() != stun::BINDING || m.class() != stun::Class::Request {
+            return false;
+        }
+        let Some(leg) = self
+            .route
+            .leg
+            .as_deref()
+            .filter(|l| m.username() == Some(l.as_bytes()))
+        else {
+            self.rx.stats.ignored.stun += 1;
+            return true;
+        };
+        let key = control::leg_key(&self.key, leg);
+        if m.check_integrity(&key).is_err() || m.check_fingerprint().is_err() {
+            self.rx.stats.ignored.stun += 1;
+            return true;
+        }
+        let mut b = [0u8; 128];
+        if let Ok(n) = stun::write_binding_success(&mut b, m.transaction_id(), from, &key) {
+            let _ = self.opts.firewall.send_to(&self.socket, &b[..n], from);
+        }
+        true
     }
 
     fn note_media(&self, at: Instant, status: &watch::Sender<Status>) {

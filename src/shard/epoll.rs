@@ -49,6 +49,14 @@ pub(crate) struct EpollShard {
     tcp_iov: Box<[libc::iovec]>,
     tcp_sndbuf: i32,
     coalesce: Duration,
+    send_slots: usize,
+    /// No free buffer: the UDP socket (and these connections) are out of the epoll set
+    /// until buffers come back (level-triggered readiness would otherwise spin the loop).
+    udp_dry: bool,
+    tcp_dry: Vec<ConnId>,
+    /// Accept failed for lack of descriptors or memory: the listener rests until then.
+    accept_backoff_until: Option<u64>,
+    overflow: sockets::OverflowTracker,
     _udp: socket2::Socket,
     _tcp: socket2::Socket,
 }
@@ -97,6 +105,11 @@ impl EpollShard {
                 .collect(),
             tcp_sndbuf: i32::try_from(cfg.tcp_sndbuf).unwrap_or(i32::MAX),
             coalesce: cfg.coalesce,
+            send_slots: cfg.send_slots.max(16),
+            udp_dry: false,
+            tcp_dry: Vec::new(),
+            accept_backoff_until: None,
+            overflow: sockets::OverflowTracker::default(),
             ep,
             core,
             _udp: udp,
@@ -139,6 +152,19 @@ impl EpollShard {
             let n = if n < 0 { 0 } else { n as usize };
             self.maybe_coalesce(n);
             let now = sockets::realtime_ns();
+            self.core.relay.begin_turn(now);
+            self.core.out.udp_budget = self.send_slots;
+            if let Some(t) = self.accept_backoff_until
+                && now >= t
+            {
+                self.accept_backoff_until = None;
+                let _ = self.ctl(
+                    libc::EPOLL_CTL_MOD,
+                    self.tcp_fd,
+                    libc::EPOLLIN as u32,
+                    token(K_LISTEN, None),
+                );
+            }
             let mut work = 0usize;
             for ev in &events[..n] {
                 let data = ev.u64;
@@ -216,6 +242,7 @@ impl EpollShard {
             let want = self.rx_bufs.len();
             if want == 0 {
                 self.core.relay.counters.buf_ring_exhausted += 1;
+                self.set_udp_dry(true);
                 return total;
             }
             for i in 0..want {
@@ -264,6 +291,10 @@ impl EpollShard {
                 let src = sockets::decode(name);
                 let ctrl_len = m.msg_hdr.msg_controllen.min(sockets::CONTROL_LEN);
                 let ts = sockets::rx_timestamp_ns(&self.rx_ctrl[i][..ctrl_len]).unwrap_or(now);
+                let lost = self.overflow.update(&self.rx_ctrl[i][..ctrl_len]);
+                if lost > 0 {
+                    self.core.relay.counters.drops[DropReason::SocketOverflow as usize] += lost;
+                }
                 match (src, truncated) {
                     (_, true) => self.core.relay.counters.drop(DropReason::Truncated),
                     (Some(src), false) => self.core.relay.on_udp(
@@ -298,17 +329,32 @@ impl EpollShard {
                 )
             };
             if fd < 0 {
+                let e = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                if matches!(
+                    e,
+                    libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS
+                ) {
+                    // The listener stays readable: without a rest the loop would spin.
+                    self.core
+                        .relay
+                        .counters
+                        .drop(crate::metrics::DropReason::AcceptBackoff);
+                    self.accept_backoff_until = Some(now + 100_000_000);
+                    let _ = self.ctl(libc::EPOLL_CTL_MOD, self.tcp_fd, 0, token(K_LISTEN, None));
+                }
                 return;
             }
             // SAFETY: a fresh descriptor we own.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let _ = sockets::set_int_opt(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
-            let _ = sockets::set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_SNDBUF, self.tcp_sndbuf);
+            sockets::media_conn_options(&fd, self.tcp_sndbuf);
             let Some(peer) = sockets::peer_of(fd.as_raw_fd()) else {
                 continue;
             };
             let raw = fd.as_raw_fd();
-            if let Some(c) = self.core.relay.on_accept(fd, peer, now)
+            if let Some(c) =
+                self.core
+                    .relay
+                    .on_accept(&mut self.core.pool, fd, peer, now, &mut self.core.out)
                 && self
                     .ctl(
                         libc::EPOLL_CTL_ADD,
@@ -337,6 +383,10 @@ impl EpollShard {
             }
             let Some(bid) = self.take_free() else {
                 self.core.relay.counters.buf_ring_exhausted += 1;
+                // Out of the set until buffers come back (level-triggered: it would spin).
+                let _ = self.ctl(libc::EPOLL_CTL_MOD, fd, 0, token(K_CONN, Some(c)));
+                self.waiting_out.remove(&c);
+                self.tcp_dry.push(c);
                 return frames;
             };
             let size = self.core.pool.buf_size();
@@ -539,5 +589,27 @@ impl EpollShard {
         }
         self.free.append(&mut freed);
         self.freed = freed;
+        if !self.free.is_empty() {
+            if self.udp_dry {
+                self.set_udp_dry(false);
+            }
+            for c in std::mem::take(&mut self.tcp_dry) {
+                if let Some(fd) = self.core.relay.raw_fd(c) {
+                    let _ = self.ctl(
+                        libc::EPOLL_CTL_MOD,
+                        fd,
+                        (libc::EPOLLIN | libc::EPOLLOUT) as u32,
+                        token(K_CONN, Some(c)),
+                    );
+                    self.waiting_out.insert(c);
+                }
+            }
+        }
+    }
+
+    fn set_udp_dry(&mut self, dry: bool) {
+        self.udp_dry = dry;
+        let events = if dry { 0 } else { libc::EPOLLIN as u32 };
+        let _ = self.ctl(libc::EPOLL_CTL_MOD, self.udp_fd, events, token(K_UDP, None));
     }
 }

@@ -13,6 +13,10 @@ use std::ptr::NonNull;
 
 pub type BufId = u16;
 
+/// The largest buffer a segment can describe: `Seg::off`/`Seg::len` are `u16`, so a full read
+/// of a 65536-byte buffer would be a length of 0. The largest multiple of 64 below 65536.
+pub const MAX_BUF_SIZE: usize = 65_472;
+
 /// A byte range inside one pool buffer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Seg {
@@ -58,7 +62,11 @@ pub struct Pool {
     base: NonNull<u8>,
     map_len: usize,
     layout: PoolLayout,
-    refs: Box<[u16]>,
+    /// References per buffer. `u32`: the admission budgets (send slots, queued frames, one
+    /// turn's outbox) bound the references one buffer can gather far below 2^32, so the count
+    /// cannot wrap at any configuration the types allow (a `u16` wrapped at `buf_size` 4096
+    /// with 64-leg rooms and handed a buffer back to the kernel while sends still read it).
+    refs: Box<[u32]>,
     /// Buffers whose last reference was released since the driver last drained this list.
     freed: Vec<BufId>,
     spare_free: Vec<BufId>,
@@ -83,9 +91,9 @@ pub enum PoolError {
 
 impl Pool {
     pub fn new(layout: PoolLayout) -> Result<Pool, PoolError> {
-        if layout.buf_size < 512 || layout.buf_size > 65_536 || layout.buf_size % 64 != 0 {
+        if layout.buf_size < 512 || layout.buf_size > MAX_BUF_SIZE || layout.buf_size % 64 != 0 {
             return Err(PoolError::Layout(
-                "buffer size must be a multiple of 64 in 512..=65536",
+                "buffer size must be a multiple of 64 in 512..=65472 (segment lengths are u16)",
             ));
         }
         let total = layout.total();
@@ -161,9 +169,18 @@ impl Pool {
         unsafe { std::slice::from_raw_parts(self.addr(id), self.layout.buf_size) }
     }
 
-    pub fn buf_mut(&mut self, id: BufId) -> &mut [u8] {
-        // SAFETY: as `buf`; `&mut self` keeps this the only Rust view.
-        unsafe { std::slice::from_raw_parts_mut(self.addr(id), self.layout.buf_size) }
+    /// Write access to a buffer that nothing else references: exactly one reference, the
+    /// caller's. A buffer on a ring (0 references: the kernel may write it) or read by a send in
+    /// flight (2 or more) gives None, so a write can never race the kernel or change bytes a
+    /// send or another call's queue still points at.
+    pub fn buf_mut(&mut self, id: BufId) -> Option<&mut [u8]> {
+        if self.refs.get(usize::from(id)) != Some(&1) {
+            return None;
+        }
+        // SAFETY: inside the mapping (id < total, checked by the lookup above); the single
+        // reference is the caller's, so neither the kernel nor a pending send reads or writes
+        // these bytes, and `&mut self` keeps this the only Rust view.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.addr(id), self.layout.buf_size) })
     }
 
     pub fn seg(&self, s: Seg) -> &[u8] {
@@ -193,7 +210,10 @@ impl Pool {
     pub fn hold(&mut self, id: BufId) {
         let r = &mut self.refs[usize::from(id)];
         debug_assert!(*r > 0, "hold on free buffer {id}");
-        *r += 1;
+        debug_assert!(*r < u32::MAX, "reference count of buffer {id} would wrap");
+        // Saturating: never wraps to a small count (which would free a buffer still in use);
+        // a saturated buffer is leaked instead, which the budgets make impossible anyway.
+        *r = r.saturating_add(1);
     }
 
     #[inline]
@@ -219,7 +239,7 @@ impl Pool {
         std::mem::swap(&mut self.freed, into);
     }
 
-    pub fn refs(&self, id: BufId) -> u16 {
+    pub fn refs(&self, id: BufId) -> u32 {
         self.refs[usize::from(id)]
     }
 

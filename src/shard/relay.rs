@@ -16,14 +16,14 @@
 //! - "Packets from unbound sources are dropped and counted, and never answered with anything
 //!   larger than what came in": an unauthenticated datagram gets no answer at all.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 
 use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
-use super::pool::{BufId, Pool, Seg};
+use super::pool::{BufId, Group, Pool, Seg};
 use crate::metrics::rtpstats::{RtpReport, RtpStats};
 use crate::metrics::{Counters, DropReason, Flow};
 use crate::wire::{framing, rtp, stun};
@@ -35,6 +35,11 @@ type LegIdx = u32;
 pub const MAX_LEG_NAME: usize = 128;
 /// Iovecs gathered into one TCP `sendmsg` (a frame takes two or three: length prefix + parts).
 pub const TCP_IOV: usize = 128;
+/// Transaction ids of recent Bindings remembered per leg: a Binding replayed from another
+/// address is ignored.
+const SEEN_TXIDS: usize = 8;
+/// Default for [`Outbox::udp_budget`]: datagrams one turn may produce.
+pub const DEFAULT_UDP_BUDGET: usize = 4096;
 
 /// How the gateway delivers media *to* a leg's participant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +109,18 @@ pub struct RelayConfig {
     pub max_legs_per_session: usize,
     /// The UDP socket is dual-stack (IPv6 with v4-mapped addresses) rather than IPv4-only.
     pub ipv6: bool,
+    /// Unbound TCP connections one source IP (an IPv6 /64) may hold; a new one over the limit
+    /// closes that source's oldest.
+    pub max_unbound_tcp_per_source: usize,
+    /// An unbound connection that sends nothing for this long is closed (the hard deadline
+    /// from accept is `unbound_tcp_timeout_ns`).
+    pub unbound_tcp_idle_ns: u64,
+    /// Media older than this (kernel receive time to handling, or waiting in a TCP queue) is
+    /// dropped; 0: never.
+    pub stale_ns: u64,
+    /// Whether a leg may latch onto (or be validated at) a loopback, private or link-local
+    /// source: the gateway's `allow_private_peers`.
+    pub allow_private_latch: bool,
 }
 
 impl Default for RelayConfig {
@@ -117,6 +134,10 @@ impl Default for RelayConfig {
             max_sessions: 100_000,
             max_legs_per_session: 64,
             ipv6: true,
+            max_unbound_tcp_per_source: 8,
+            unbound_tcp_idle_ns: 1_000_000_000,
+            stale_ns: 300_000_000,
+            allow_private_latch: true,
         }
     }
 }
@@ -144,9 +165,12 @@ pub enum ShardEvent {
 }
 
 /// What the event loop must do after feeding events to the relay.
-#[derive(Default)]
 pub struct Outbox {
     pub udp: Vec<UdpOut>,
+    /// Admission: the most datagrams `udp` may hold this turn (the loop sets it from its free
+    /// send slots). Forwarding checks it before it takes a buffer reference, so the work one
+    /// received buffer can cause is bounded before it is done.
+    pub udp_budget: usize,
     /// Connections with frames queued that may need a send started.
     pub tcp_dirty: Vec<ConnId>,
     /// Connections to shut down (the loop then reaps them once no operation is in flight).
@@ -155,7 +179,25 @@ pub struct Outbox {
     pub events: Vec<ShardEvent>,
 }
 
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            udp: Vec::new(),
+            udp_budget: DEFAULT_UDP_BUDGET,
+            tcp_dirty: Vec::new(),
+            close: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+}
+
 impl Outbox {
+    /// Whether one more datagram fits this turn's budget.
+    #[inline]
+    pub fn udp_room(&self) -> bool {
+        self.udp.len() < self.udp_budget
+    }
+
     pub fn is_empty(&self) -> bool {
         self.udp.is_empty()
             && self.tcp_dirty.is_empty()
@@ -177,6 +219,11 @@ struct QFrame {
     hdr: [u8; 2],
     segs: [Seg; 2],
     nsegs: u8,
+    /// When the frame's payload was received (its age decides the stale drop).
+    rx_ns: u64,
+    /// The pool group whose queue budget this frame is counted against (None: not counted,
+    /// a control frame).
+    group: Option<Group>,
 }
 
 impl QFrame {
@@ -195,6 +242,9 @@ struct FrameQueue {
     len: usize,
     /// Bytes of the head frame already written to the socket.
     head_sent: usize,
+    /// Frames (from the head) that the send in flight describes: the kernel may read them, so
+    /// they are never dropped before it completes.
+    sending: usize,
 }
 
 impl FrameQueue {
@@ -206,7 +256,27 @@ impl FrameQueue {
             head: 0,
             len: 0,
             head_sent: 0,
+            sending: 0,
         }
+    }
+    /// The first frame that may be dropped: not in flight, not partly written.
+    fn first_droppable(&self, inflight: bool) -> usize {
+        let busy = if inflight { self.sending } else { 0 };
+        busy.max(usize::from(self.head_sent > 0))
+    }
+    /// Removes the frame at `i` (from the head), keeping the order of the rest.
+    fn remove(&mut self, i: usize) -> QFrame {
+        debug_assert!(i < self.len);
+        let cap = self.slots.len();
+        let f = self.slots[(self.head + i) % cap];
+        for k in i..self.len - 1 {
+            self.slots[(self.head + k) % cap] = self.slots[(self.head + k + 1) % cap];
+        }
+        self.len -= 1;
+        if i == 0 {
+            self.head_sent = 0;
+        }
+        f
     }
     fn is_full(&self) -> bool {
         self.len == self.slots.len()
@@ -251,6 +321,10 @@ pub struct Conn {
     pub generation: u32,
     leg: Option<LegIdx>,
     accepted_ns: u64,
+    /// When the connection last delivered bytes (an unbound one that stops is closed).
+    progress_ns: u64,
+    /// Counted in `Relay::unbound_conns` (cleared exactly once: at bind or close).
+    counted_unbound: bool,
     deframer: framing::Deframer,
     partial: Partial,
     queue: FrameQueue,
@@ -283,6 +357,21 @@ struct Leg {
     rtp: RtpStats,
     last_rx_ns: u64,
     backpressure_drops: u64,
+    /// A new source of this leg waiting for its answer to the gateway's keyed check.
+    latch: Option<Latch>,
+    seen_txids: [[u8; 12]; SEEN_TXIDS],
+    seen_next: usize,
+}
+
+/// A new media source of a leg, not yet validated (quinn-style path validation): the gateway
+/// sent it a Binding request keyed with the leg key and moves the leg there only when the
+/// success response comes back from that address. Until then it sends that address at most
+/// as many bytes as it received from it.
+struct Latch {
+    addr: SocketAddr,
+    txid: [u8; 12],
+    received: usize,
+    sent: usize,
 }
 
 /// What an operator (and the control thread) sees of one leg.
@@ -312,7 +401,17 @@ pub struct Relay {
     conn_generation: Vec<u32>,
     free_conns: Vec<u32>,
     unbound_conns: usize,
+    /// Unbound connections per source prefix (/32, or /64 for IPv6).
+    unbound_by_source: FxHashMap<IpAddr, u32>,
     tcp_queued: usize,
+    /// Frames in TCP queues by the pool group of their payload: each group's queues may pin
+    /// at most a quarter of its buffers' worth of frames (two buffers a frame at most: half
+    /// the group), so stalled readers can never drain a receive ring.
+    queued_from: [usize; 3],
+    /// New sources waiting for validation: address -> leg.
+    pending_latch: FxHashMap<SocketAddr, LegIdx>,
+    /// The loop's clock at the start of this turn (the stale check's "now").
+    now_ns: u64,
     pub counters: Counters,
     pub latency: Histogram<u64>,
     batch_rx: Vec<u64>,
@@ -336,7 +435,11 @@ impl Relay {
             conn_generation: Vec::new(),
             free_conns: Vec::new(),
             unbound_conns: 0,
+            unbound_by_source: FxHashMap::default(),
             tcp_queued: 0,
+            queued_from: [0; 3],
+            pending_latch: FxHashMap::default(),
+            now_ns: 0,
             counters: Counters::default(),
             latency: new_latency_histogram(),
             batch_rx: Vec::with_capacity(1024),
@@ -357,6 +460,18 @@ impl Relay {
 
     pub fn tcp_queued_total(&self) -> usize {
         self.tcp_queued
+    }
+
+    /// The loop's clock at the start of a turn: media received (kernel timestamp) longer than
+    /// `stale_ns` before it is dropped.
+    #[inline]
+    pub fn begin_turn(&mut self, now_ns: u64) {
+        self.now_ns = now_ns;
+    }
+
+    /// Unbound TCP connections now counted against the limits.
+    pub fn unbound_count(&self) -> usize {
+        self.unbound_conns
     }
 
     // ---------------------------------------------------------------- sessions
@@ -440,6 +555,9 @@ impl Relay {
             rtp: RtpStats::default(),
             last_rx_ns: 0,
             backpressure_drops: 0,
+            latch: None,
+            seen_txids: [[0; 12]; SEEN_TXIDS],
+            seen_next: 0,
         };
         let idx = match self.free_legs.pop() {
             Some(i) => {
@@ -519,6 +637,11 @@ impl Relay {
             return;
         };
         self.leg_by_name.remove(&leg.name);
+        if let Some(p) = &leg.latch
+            && self.pending_latch.get(&p.addr) == Some(&i)
+        {
+            self.pending_latch.remove(&p.addr);
+        }
         if let Some(src) = leg.udp_src
             && self.udp_bindings.get(&src) == Some(&i)
         {
@@ -604,6 +727,11 @@ impl Relay {
         let src = canonical(src);
         let len = usize::from(seg.len);
         self.counters.udp_in.add(len);
+        if self.cfg.stale_ns > 0 && self.now_ns > rx_ns.saturating_add(self.cfg.stale_ns) {
+            // Waited in the socket longer than a listener can use: late voice is useless.
+            self.counters.drop(DropReason::Stale);
+            return;
+        }
         let bound = self.udp_bindings.get(&src).copied();
         if stun::looks_like_stun(pool.seg(seg)) {
             self.udp_stun(pool, src, seg, bound, out);
@@ -623,29 +751,69 @@ impl Relay {
         bound: Option<LegIdx>,
         out: &mut Outbox,
     ) {
+        if self.pending_latch.contains_key(&src) && is_binding_success(pool.seg(seg)) {
+            self.latch_answer(pool.seg(seg), src, out);
+            return;
+        }
         let Some((leg, txid)) = self.authenticate(pool.seg(seg), bound.is_some()) else {
             return;
         };
-        if self.leg(leg).udp_src != Some(src) {
-            self.bind_udp(leg, src);
-            let l = self.leg(leg);
-            out.events.push(ShardEvent::LegBound {
-                session: l.session,
-                leg: String::from_utf8_lossy(&l.name).into_owned(),
-                transport: crate::metrics::Transport::Udp,
-                source: src,
-            });
+        let current = self.leg(leg).udp_src;
+        let replayed = self.leg(leg).seen_txids.contains(&txid);
+        if replayed && current != Some(src) {
+            // A Binding seen before, from another address: a capture replayed to steal the
+            // leg (or amplify toward a victim). Ignored; a retransmission from the bound
+            // source is answered below, unchanged.
+            self.counters.drop(DropReason::LatchPending);
+            return;
         }
-        // Answer in place: the request's own buffer holds the response.
-        let key = &self.legs[leg as usize].as_ref().map(|l| &l.key);
-        let Some(key) = key else { return };
-        let start = usize::from(seg.off);
-        let n = match write_binding_success(&mut pool.buf_mut(seg.buf)[start..], &txid, src, key) {
-            Some(n) => n,
-            None => {
-                self.counters.drop(DropReason::BadStun);
+        if !replayed {
+            let l = self.leg_mut(leg);
+            let k = l.seen_next % SEEN_TXIDS;
+            l.seen_txids[k] = txid;
+            l.seen_next = (k + 1) % SEEN_TXIDS;
+        }
+        if current != Some(src) {
+            if !self.cfg.allow_private_latch && is_private(src.ip()) {
+                self.counters.drop(DropReason::PrivateLatch);
                 return;
             }
+            if current.is_some() {
+                // A change of source is validated before media moves (`Latch`).
+                self.challenge(pool, leg, src, seg, txid, out);
+                return;
+            }
+            // The first binding of a leg: the Binding's MESSAGE-INTEGRITY proves the key.
+            self.bind_udp(leg, src);
+            self.push_bound(leg, crate::metrics::Transport::Udp, src, out);
+        }
+        self.answer_in_place(pool, leg, src, seg, &txid, out);
+    }
+
+    /// Answer a Binding in place: the request's own buffer holds the response (the caller's
+    /// reference is the only one, so the bytes are ours to overwrite).
+    fn answer_in_place(
+        &mut self,
+        pool: &mut Pool,
+        leg: LegIdx,
+        src: SocketAddr,
+        seg: Seg,
+        txid: &[u8; 12],
+        out: &mut Outbox,
+    ) -> usize {
+        if !out.udp_room() {
+            self.counters.drop(DropReason::SendBacklog);
+            return 0;
+        }
+        let start = usize::from(seg.off);
+        let key = &self.leg(leg).key;
+        let n = pool
+            .buf_mut(seg.buf)
+            .and_then(|b| b.get_mut(start..))
+            .and_then(|b| stun::write_binding_success(b, txid, src, key).ok());
+        let Some(n) = n else {
+            self.counters.drop(DropReason::BadStun);
+            return 0;
         };
         self.counters.bindings += 1;
         pool.hold(seg.buf);
@@ -655,6 +823,129 @@ impl Relay {
             nsegs: 1,
         });
         self.counters.udp_out.add(n);
+        n
+    }
+
+    fn push_bound(
+        &mut self,
+        leg: LegIdx,
+        transport: crate::metrics::Transport,
+        source: SocketAddr,
+        out: &mut Outbox,
+    ) {
+        let l = self.leg(leg);
+        out.events.push(ShardEvent::LegBound {
+            session: l.session,
+            leg: String::from_utf8_lossy(&l.name).into_owned(),
+            transport,
+            source,
+        });
+    }
+
+    /// A bound leg's Binding came from a new source: check that source with a Binding request
+    /// of our own (fresh transaction id, keyed with the leg key), within the anti-amplification
+    /// limit, and answer the client's Binding if the limit leaves room.
+    fn challenge(
+        &mut self,
+        pool: &mut Pool,
+        leg: LegIdx,
+        src: SocketAddr,
+        seg: Seg,
+        txid: [u8; 12],
+        out: &mut Outbox,
+    ) {
+        let got = usize::from(seg.len);
+        let same = self.leg(leg).latch.as_ref().is_some_and(|p| p.addr == src);
+        if same {
+            if let Some(p) = self.leg_mut(leg).latch.as_mut() {
+                p.received += got;
+            }
+        } else {
+            if let Some(old) = self.leg_mut(leg).latch.take()
+                && self.pending_latch.get(&old.addr) == Some(&leg)
+            {
+                self.pending_latch.remove(&old.addr);
+            }
+            if let Some(other) = self.pending_latch.insert(src, leg)
+                && other != leg
+                && let Some(o) = self.legs[other as usize].as_mut()
+            {
+                o.latch = None;
+            }
+            self.leg_mut(leg).latch = Some(Latch {
+                addr: src,
+                txid: rand::random(),
+                received: got,
+                sent: 0,
+            });
+        }
+        let Some((check_txid, budget)) = self
+            .leg(leg)
+            .latch
+            .as_ref()
+            .map(|p| (p.txid, p.received.saturating_sub(p.sent)))
+        else {
+            return;
+        };
+        // The check goes into a spare: the request's buffer will hold our answer.
+        let mut spent = 0;
+        if out.udp_room()
+            && let Some(buf) = pool.take_spare()
+        {
+            let n = {
+                let l = self.leg(leg);
+                pool.buf_mut(buf)
+                    .and_then(|b| stun::write_binding_request(b, &l.name, &l.key, &check_txid).ok())
+            };
+            match n {
+                Some(n) if n <= budget => {
+                    pool.hold(buf);
+                    out.udp.push(UdpOut {
+                        dst: src,
+                        segs: [Seg::new(buf, 0, n), Seg::default()],
+                        nsegs: 1,
+                    });
+                    self.counters.udp_out.add(n);
+                    spent = n;
+                }
+                _ => self.counters.drop(DropReason::LatchPending),
+            }
+            pool.release(buf);
+        }
+        // The answer to the client's Binding, if the limit allows it too.
+        let resp_len = 64 + if src.is_ipv6() { 12 } else { 0 };
+        if spent + resp_len <= budget {
+            spent += self.answer_in_place(pool, leg, src, seg, &txid, out);
+        } else {
+            self.counters.drop(DropReason::LatchPending);
+        }
+        if let Some(p) = self.leg_mut(leg).latch.as_mut() {
+            p.sent += spent;
+        }
+    }
+
+    /// A Binding success response from a source waiting for validation: if it answers our
+    /// check (transaction id, MESSAGE-INTEGRITY with the leg key), the leg moves there.
+    fn latch_answer(&mut self, msg: &[u8], src: SocketAddr, out: &mut Outbox) {
+        let Some(&leg) = self.pending_latch.get(&src) else {
+            return;
+        };
+        let Some(expect) = self.leg(leg).latch.as_ref().map(|p| p.txid) else {
+            return;
+        };
+        let ok = stun::Message::parse(msg).is_ok_and(|m| {
+            m.transaction_id() == &expect
+                && m.check_integrity(&self.leg(leg).key).is_ok()
+                && m.check_fingerprint().is_ok()
+        });
+        if !ok {
+            self.counters.drop(DropReason::BadAuth);
+            return;
+        }
+        self.pending_latch.remove(&src);
+        self.leg_mut(leg).latch = None;
+        self.bind_udp(leg, src);
+        self.push_bound(leg, crate::metrics::Transport::Udp, src, out);
     }
 
     /// Checks a STUN message: a Binding request whose USERNAME names a leg on this shard and
@@ -732,12 +1023,18 @@ impl Relay {
                 Delivery::Tcp => {
                     if let Some(c) = tcp {
                         had_egress = true;
-                        delivered |= self.enqueue_frame(pool, peer, c, segs, out);
+                        delivered |= self.enqueue_frame(pool, peer, c, segs, rx_ns, out);
                     }
                     continue;
                 }
             };
             let Some(dst) = dst else { continue };
+            if !out.udp_room() {
+                // Admission: this turn's sends are spent. Checked before any reference is
+                // taken, so a flood of tiny frames costs a bounded amount of work and memory.
+                self.counters.drop(DropReason::SendBacklog);
+                continue;
+            }
             let mut o = UdpOut {
                 dst,
                 segs: [Seg::default(); 2],
@@ -765,25 +1062,52 @@ impl Relay {
         peer: LegIdx,
         c: ConnId,
         segs: &[Seg],
+        rx_ns: u64,
         out: &mut Outbox,
     ) -> bool {
         let len: usize = segs.iter().map(|s| usize::from(s.len)).sum();
-        let total_full = self.tcp_queued >= self.cfg.tcp_queued_total;
-        let Some(conn) = self.conn_mut(c) else {
-            return false;
-        };
-        if conn.closing || conn.queue.is_full() || total_full {
-            self.counters.drop(DropReason::TcpBackpressure);
-            self.leg_mut(peer).backpressure_drops += 1;
+        if len > usize::from(self.cfg.max_frame) {
+            // The client treats a frame over max_frame as a broken stream.
+            self.counters.drop(DropReason::OversizeForTcp);
             return false;
         }
         let Ok(hdr) = framing::header(len) else {
+            return false;
+        };
+        let group = pool.group(segs[0].buf);
+        self.evict_stale(pool, c);
+        let limit = group_budget(pool, group);
+        // Full: make room by dropping this connection's oldest unsent frame (late voice is
+        // useless; the newest is the one worth sending).
+        loop {
+            let Some(conn) = self.conn(c) else {
+                return false;
+            };
+            if conn.closing {
+                self.counters.drop(DropReason::TcpBackpressure);
+                return false;
+            }
+            let full = conn.queue.is_full()
+                || self.tcp_queued >= self.cfg.tcp_queued_total
+                || self.queued_from[group as usize] >= limit;
+            if !full {
+                break;
+            }
+            self.counters.drop(DropReason::TcpBackpressure);
+            self.leg_mut(peer).backpressure_drops += 1;
+            if !self.drop_oldest(pool, c, Some(group)) {
+                return false;
+            }
+        }
+        let Some(conn) = self.conn_mut(c) else {
             return false;
         };
         let mut f = QFrame {
             hdr,
             segs: [Seg::default(); 2],
             nsegs: segs.len() as u8,
+            rx_ns,
+            group: Some(group),
         };
         for (slot, s) in f.segs.iter_mut().zip(segs) {
             *slot = *s;
@@ -794,12 +1118,73 @@ impl Relay {
             pool.hold(s.buf);
         }
         self.tcp_queued += 1;
+        self.queued_from[group as usize] += 1;
         self.counters.tcp_out.add(len);
         self.leg_mut(peer).tx.add(len);
         if was_idle {
             out.tcp_dirty.push(c);
         }
         true
+    }
+
+    /// Drops frames of `c` that waited longer than `stale_ns` (oldest first, never one the
+    /// kernel may be reading).
+    fn evict_stale(&mut self, pool: &mut Pool, c: ConnId) {
+        let stale = self.cfg.stale_ns;
+        let now = self.now_ns;
+        if stale == 0 {
+            return;
+        }
+        loop {
+            let Some(conn) = self.conn(c) else { return };
+            let i = conn.queue.first_droppable(conn.send_inflight);
+            if i >= conn.queue.len {
+                return;
+            }
+            let f = conn.queue.get(i);
+            if f.group.is_none() || now <= f.rx_ns.saturating_add(stale) {
+                return;
+            }
+            self.remove_frame(pool, c, i);
+            self.counters.drop(DropReason::Stale);
+        }
+    }
+
+    /// Drops the oldest unsent media frame of `c` (of `group` if given, else any); false when
+    /// there is none.
+    fn drop_oldest(&mut self, pool: &mut Pool, c: ConnId, group: Option<Group>) -> bool {
+        let Some(conn) = self.conn(c) else {
+            return false;
+        };
+        let from = conn.queue.first_droppable(conn.send_inflight);
+        let found = (from..conn.queue.len).find(|&i| {
+            let g = conn.queue.get(i).group;
+            g.is_some() && (group.is_none() || g == group)
+        });
+        match found {
+            Some(i) => {
+                self.remove_frame(pool, c, i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove_frame(&mut self, pool: &mut Pool, c: ConnId, i: usize) {
+        let Some(conn) = self.conn_mut(c) else { return };
+        let f = conn.queue.remove(i);
+        self.retire_frame(pool, &f);
+    }
+
+    /// A frame left its queue (sent, dropped or reaped): its buffers and budgets come back.
+    fn retire_frame(&mut self, pool: &mut Pool, f: &QFrame) {
+        for s in &f.segs[..usize::from(f.nsegs)] {
+            pool.release(s.buf);
+        }
+        self.tcp_queued -= 1;
+        if let Some(g) = f.group {
+            self.queued_from[g as usize] -= 1;
+        }
     }
 
     /// Record relay latency for everything forwarded since the last call: `now_ns` is the time
@@ -819,13 +1204,38 @@ impl Relay {
 
     /// A TCP media connection was accepted. Returns None (and counts it) when the shard already
     /// holds its limit of connections that have not yet bound; the caller closes `fd`.
-    pub fn on_accept(&mut self, fd: OwnedFd, peer: SocketAddr, now_ns: u64) -> Option<ConnId> {
+    ///
+    /// Over a limit (all unbound connections, or those of one source prefix) the oldest
+    /// unbound connection (of that source) is closed to make room, so connections that trickle
+    /// bytes to hold slots lose them to newcomers, and one source cannot hold them all.
+    pub fn on_accept(
+        &mut self,
+        pool: &mut Pool,
+        fd: OwnedFd,
+        peer: SocketAddr,
+        now_ns: u64,
+        out: &mut Outbox,
+    ) -> Option<ConnId> {
+        let peer = canonical(peer);
+        let prefix = source_prefix(peer.ip());
+        let per_source = self.cfg.max_unbound_tcp_per_source.max(1);
+        let mine = self.unbound_by_source.get(&prefix).copied().unwrap_or(0) as usize;
+        if self.cfg.max_unbound_tcp == 0 {
+            self.counters.drop(DropReason::TcpConnLimit);
+            return None;
+        }
+        if mine >= per_source {
+            self.evict_oldest_unbound(pool, Some(prefix), out);
+        } else if self.unbound_conns >= self.cfg.max_unbound_tcp {
+            self.evict_oldest_unbound(pool, None, out);
+        }
         if self.unbound_conns >= self.cfg.max_unbound_tcp {
             self.counters.drop(DropReason::TcpConnLimit);
             return None;
         }
         self.counters.tcp_accepted += 1;
         self.unbound_conns += 1;
+        *self.unbound_by_source.entry(prefix).or_insert(0) += 1;
         let idx = match self.free_conns.pop() {
             Some(i) => i,
             None => {
@@ -838,10 +1248,12 @@ impl Relay {
         self.conn_generation[idx as usize] = generation;
         self.conns[idx as usize] = Some(Conn {
             fd,
-            peer: canonical(peer),
+            peer,
             generation,
             leg: None,
             accepted_ns: now_ns,
+            progress_ns: now_ns,
+            counted_unbound: true,
             deframer: framing::Deframer::new(self.cfg.max_frame),
             partial: Partial::None,
             queue: FrameQueue::new(0),
@@ -850,6 +1262,45 @@ impl Relay {
             closing: false,
         });
         Some(ConnId { idx, generation })
+    }
+
+    fn evict_oldest_unbound(&mut self, pool: &mut Pool, prefix: Option<IpAddr>, out: &mut Outbox) {
+        let oldest = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let c = c.as_ref()?;
+                let mine = prefix.is_none_or(|p| source_prefix(c.peer.ip()) == p);
+                (c.counted_unbound && mine).then_some((
+                    c.accepted_ns,
+                    ConnId {
+                        idx: i as u32,
+                        generation: c.generation,
+                    },
+                ))
+            })
+            .min_by_key(|(t, _)| *t);
+        if let Some((_, c)) = oldest {
+            self.counters.drop(DropReason::TcpConnLimit);
+            self.close(pool, c, out);
+        }
+    }
+
+    /// The connection stops counting as unbound (bound, or closing); exactly once.
+    fn forget_unbound(&mut self, c: ConnId) {
+        let Some(conn) = self.conn_mut(c) else { return };
+        if !std::mem::replace(&mut conn.counted_unbound, false) {
+            return;
+        }
+        let prefix = source_prefix(conn.peer.ip());
+        self.unbound_conns -= 1;
+        if let Some(n) = self.unbound_by_source.get_mut(&prefix) {
+            *n -= 1;
+            if *n == 0 {
+                self.unbound_by_source.remove(&prefix);
+            }
+        }
     }
 
     pub fn conn(&self, c: ConnId) -> Option<&Conn> {
@@ -875,6 +1326,9 @@ impl Relay {
     /// Bytes arrived on a TCP connection: `seg` in the pool, one reference held by the caller.
     pub fn on_tcp(&mut self, pool: &mut Pool, c: ConnId, seg: Seg, rx_ns: u64, out: &mut Outbox) {
         self.counters.tcp_in.bytes += u64::from(seg.len);
+        if let Some(conn) = self.conn_mut(c) {
+            conn.progress_ns = rx_ns;
+        }
         let mut pos = 0usize;
         loop {
             let Some(conn) = self.conn_mut(c) else { return };
@@ -920,7 +1374,8 @@ impl Relay {
                 }
                 Partial::One(first) => {
                     // A third piece is coming: gather the frame in a spare buffer.
-                    let next = match pool.take_spare() {
+                    let bound = conn.leg.is_some();
+                    let next = match take_spare(pool, bound) {
                         Some(buf) => {
                             self.counters.reassembly_copies += 1;
                             let got = copy_into_at(pool, buf, 0, &[first, pseg]);
@@ -967,7 +1422,7 @@ impl Relay {
         if bound.is_none() || is_stun_candidate {
             let (seg, spare) = match segs {
                 [one] => (*one, None),
-                _ => match pool.take_spare() {
+                _ => match take_spare(pool, bound.is_some()) {
                     Some(buf) => {
                         self.counters.reassembly_copies += 1;
                         let n = copy_into_at(pool, buf, 0, segs);
@@ -987,12 +1442,23 @@ impl Relay {
                 // request": anything else closes the connection.
                 self.counters.drop(DropReason::BadFrame);
                 self.close(pool, c, out);
-            } else if let Some(leg) = bound {
-                self.forward(pool, leg, &[seg], rx_ns, out);
+            } else {
+                // Neither STUN nor RTP/RTCP (first byte 0..=3): not media.
+                self.counters.drop(DropReason::NotMedia);
+                self.close(pool, c, out);
             }
             if let Some(buf) = spare {
                 pool.release(buf);
             }
+            return;
+        }
+        // A bound connection carries RTP or RTCP only (RFC 3550: version 2, a 12-byte header
+        // at least; RFC 7983 demultiplexing): anything else is not media and ends the
+        // connection, before it can cost any forwarding work.
+        let len: usize = segs.iter().map(|s| usize::from(s.len)).sum();
+        if first_byte >> 6 != 2 || len < 12 {
+            self.counters.drop(DropReason::NotMedia);
+            self.close(pool, c, out);
             return;
         }
         if let Some(leg) = bound {
@@ -1026,13 +1492,12 @@ impl Relay {
             if let Some(old) = self.leg(leg).tcp
                 && old != c
             {
-                if let Some(o) = self.conn_mut(old) {
-                    o.leg = None;
-                }
+                // The old connection was bound: closing it does not touch the unbound count
+                // (it is not `counted_unbound`), whatever its `leg` says.
                 self.close(pool, old, out);
             }
             self.leg_mut(leg).tcp = Some(c);
-            self.unbound_conns = self.unbound_conns.saturating_sub(1);
+            self.forget_unbound(c);
             let cap = self.cfg.tcp_queue_frames;
             if let Some(conn) = self.conn_mut(c) {
                 conn.leg = Some(leg);
@@ -1054,7 +1519,8 @@ impl Relay {
         };
         let n = {
             let key = &self.leg(leg).key;
-            write_binding_success(pool.buf_mut(buf), &txid, peer, key)
+            pool.buf_mut(buf)
+                .and_then(|b| stun::write_binding_success(b, &txid, peer, key).ok())
         };
         if let Some(n) = n {
             self.counters.bindings += 1;
@@ -1079,6 +1545,8 @@ impl Relay {
             hdr,
             segs: [seg, Seg::default()],
             nsegs: 1,
+            rx_ns: 0,
+            group: None,
         });
         let was_idle = conn.queue.len == 1;
         pool.hold(seg.buf);
@@ -1100,6 +1568,7 @@ impl Relay {
         }
         let mut n = 0usize;
         let mut skip = conn.queue.head_sent;
+        let mut frames = 0usize;
         'frames: for i in 0..conn.queue.len {
             let f = conn.queue.get(i);
             let parts = std::iter::once((f.hdr.as_ptr().cast_mut(), 2usize)).chain(
@@ -1125,31 +1594,32 @@ impl Relay {
                 skip = 0;
                 n += 1;
             }
+            frames = i + 1;
         }
+        // A frame cut short by the iovec limit is in flight too.
+        conn.queue.sending = (frames + 1).min(conn.queue.len);
         n
     }
 
     /// `sent` bytes of the prepared send were written: retire whole frames.
     pub fn tcp_sent(&mut self, pool: &mut Pool, c: ConnId, mut sent: usize) {
-        let mut retired = 0;
-        if let Some(conn) = self.conn_mut(c) {
-            while conn.queue.len > 0 && sent > 0 {
-                let f = *conn.queue.get(0);
-                let left = f.len() - conn.queue.head_sent;
-                if sent >= left {
-                    sent -= left;
-                    let f = conn.queue.pop();
-                    for s in &f.segs[..usize::from(f.nsegs)] {
-                        pool.release(s.buf);
-                    }
-                    retired += 1;
-                } else {
-                    conn.queue.head_sent += sent;
-                    sent = 0;
-                }
+        loop {
+            let Some(conn) = self.conn_mut(c) else { return };
+            conn.queue.sending = 0;
+            if conn.queue.len == 0 || sent == 0 {
+                return;
+            }
+            let f = *conn.queue.get(0);
+            let left = f.len() - conn.queue.head_sent;
+            if sent >= left {
+                sent -= left;
+                let f = conn.queue.pop();
+                self.retire_frame(pool, &f);
+            } else {
+                conn.queue.head_sent += sent;
+                return;
             }
         }
-        self.tcp_queued -= retired;
     }
 
     pub fn tcp_has_queued(&self, c: ConnId) -> bool {
@@ -1172,16 +1642,13 @@ impl Relay {
             Partial::Copy { buf, .. } => pool.release(buf),
             Partial::Skip => {}
         }
-        match leg {
-            Some(l) => {
-                if let Some(leg) = self.legs[l as usize].as_mut()
-                    && leg.tcp == Some(c)
-                {
-                    leg.tcp = None;
-                }
-            }
-            None => self.unbound_conns = self.unbound_conns.saturating_sub(1),
+        if let Some(l) = leg
+            && let Some(leg) = self.legs[l as usize].as_mut()
+            && leg.tcp == Some(c)
+        {
+            leg.tcp = None;
         }
+        self.forget_unbound(c);
         out.close.push(c);
     }
 
@@ -1196,10 +1663,7 @@ impl Relay {
         let mut conn = self.conns[c.idx as usize].take()?;
         while conn.queue.len > 0 {
             let f = conn.queue.pop();
-            for s in &f.segs[..usize::from(f.nsegs)] {
-                pool.release(s.buf);
-            }
-            self.tcp_queued -= 1;
+            self.retire_frame(pool, &f);
         }
         self.free_conns.push(c.idx);
         self.counters.tcp_closed += 1;
@@ -1207,24 +1671,40 @@ impl Relay {
     }
 
     /// Time-based duties: unbound connections that have not bound in time are closed.
+    ///
+    /// An unbound connection is closed when it has made no progress for `unbound_tcp_idle_ns`
+    /// or has not bound `unbound_tcp_timeout_ns` after accept, whichever comes first; frames
+    /// that waited in a queue past `stale_ns` are dropped.
     pub fn housekeeping(&mut self, pool: &mut Pool, now_ns: u64, out: &mut Outbox) {
-        let timeout = self.cfg.unbound_tcp_timeout_ns;
-        let stale: Vec<ConnId> = self
-            .conns
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| {
-                let c = c.as_ref()?;
-                (!c.closing && c.leg.is_none() && now_ns.saturating_sub(c.accepted_ns) > timeout)
-                    .then_some(ConnId {
-                        idx: i as u32,
-                        generation: c.generation,
-                    })
-            })
-            .collect();
-        for c in stale {
+        self.now_ns = self.now_ns.max(now_ns);
+        let deadline = self.cfg.unbound_tcp_timeout_ns;
+        let idle = self.cfg.unbound_tcp_idle_ns.min(deadline);
+        let mut expired = Vec::new();
+        let mut queued = Vec::new();
+        for (i, c) in self.conns.iter().enumerate() {
+            let Some(c) = c.as_ref() else { continue };
+            let id = ConnId {
+                idx: i as u32,
+                generation: c.generation,
+            };
+            if c.closing {
+                continue;
+            }
+            if c.leg.is_none()
+                && (now_ns.saturating_sub(c.accepted_ns) > deadline
+                    || now_ns.saturating_sub(c.progress_ns) > idle)
+            {
+                expired.push(id);
+            } else if c.queue.len > 0 {
+                queued.push(id);
+            }
+        }
+        for c in expired {
             self.counters.drop(DropReason::TcpConnLimit);
             self.close(pool, c, out);
+        }
+        for c in queued {
+            self.evict_stale(pool, c);
         }
     }
 
@@ -1265,21 +1745,6 @@ fn copy_into_at(pool: &mut Pool, buf: BufId, mut at: usize, segs: &[Seg]) -> usi
     at - start
 }
 
-/// A Binding success response (RFC 8489 §7.3.1.1 + XOR-MAPPED-ADDRESS, MESSAGE-INTEGRITY with
-/// the leg key, FINGERPRINT). Returns its length, or None if it does not fit.
-fn write_binding_success(
-    buf: &mut [u8],
-    txid: &[u8; 12],
-    mapped: SocketAddr,
-    key: &[u8],
-) -> Option<usize> {
-    let mut w = stun::Writer::new(buf, stun::Class::Success, stun::BINDING, txid).ok()?;
-    w.xor_address(stun::attr::XOR_MAPPED_ADDRESS, mapped).ok()?;
-    w.message_integrity(key).ok()?;
-    w.fingerprint().ok()?;
-    Some(w.finish())
-}
-
 /// IPv4-mapped IPv6 addresses (from a dual-stack socket) as plain IPv4, so one client has one
 /// key in the binding table whatever socket family saw it.
 pub fn canonical(a: SocketAddr) -> SocketAddr {
@@ -1288,6 +1753,60 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
             Some(v4) => SocketAddr::new(v4.into(), v6.port()),
             None => a,
         },
+        v4 => v4,
+    }
+}
+
+/// A spare buffer for reassembly. Connections that have not bound may take one only while
+/// more than half remain: the rest is reserved for bound connections' media.
+fn take_spare(pool: &mut Pool, bound: bool) -> Option<BufId> {
+    if !bound && pool.spare_free() * 2 <= pool.layout().spare {
+        return None;
+    }
+    pool.take_spare()
+}
+
+/// Frames the TCP queues may hold from one pool group: a quarter of its buffers (a frame pins
+/// at most two), so queues never hold more than half of a receive ring.
+fn group_budget(pool: &Pool, g: Group) -> usize {
+    let l = pool.layout();
+    let size = match g {
+        Group::Udp => l.udp,
+        Group::Tcp => l.tcp,
+        Group::Spare => l.spare,
+    };
+    (size / 4).max(1)
+}
+
+fn is_binding_success(msg: &[u8]) -> bool {
+    // Type 0x0101: Binding success response (RFC 8489 §5).
+    msg.len() >= stun::HEADER_LEN && msg[0] == 0x01 && msg[1] == 0x01
+}
+
+/// Loopback, RFC 1918, ULA (fc00::/7), link-local (169.254/16, fe80::/10) or unspecified.
+pub fn is_private(ip: IpAddr) -> bool {
+    match canonical(SocketAddr::new(ip, 0)).ip() {
+        IpAddr::V4(a) => {
+            a.is_loopback() || a.is_private() || a.is_link_local() || a.is_unspecified()
+        }
+        IpAddr::V6(a) => {
+            let s0 = a.segments()[0];
+            a.is_loopback()
+                || a.is_unspecified()
+                || (s0 & 0xfe00) == 0xfc00
+                || (s0 & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// The prefix unbound TCP connections are counted by: the address for IPv4, its /64 for IPv6.
+fn source_prefix(ip: IpAddr) -> IpAddr {
+    match canonical(SocketAddr::new(ip, 0)).ip() {
+        IpAddr::V6(a) => {
+            let mut o = a.octets();
+            o[8..].fill(0);
+            IpAddr::V6(o.into())
+        }
         v4 => v4,
     }
 }
@@ -1326,7 +1845,7 @@ mod tests {
     /// A received buffer holding `data` (one reference, as the loop holds it).
     fn recv(pool: &mut Pool, id: BufId, data: &[u8]) -> Seg {
         pool.received(id);
-        pool.buf_mut(id)[..data.len()].copy_from_slice(data);
+        pool.buf_mut(id).unwrap()[..data.len()].copy_from_slice(data);
         Seg::new(id, 0, data.len())
     }
 
@@ -1351,17 +1870,16 @@ mod tests {
             })
             .unwrap();
         let c = relay
-            .on_accept(fd(), "192.0.2.2:2000".parse().unwrap(), 0)
+            .on_accept(pool, fd(), "192.0.2.2:2000".parse().unwrap(), 0, out)
             .unwrap();
         // Bind by hand, as tcp_stun does after a valid Binding.
         let t = relay.leg_by_name[&b"t"[..]];
         relay.leg_mut(t).tcp = Some(c);
-        relay.unbound_conns -= 1;
+        relay.forget_unbound(c);
         let cap = relay.cfg.tcp_queue_frames;
         let conn = relay.conn_mut(c).unwrap();
         conn.leg = Some(t);
         conn.queue = FrameQueue::new(cap);
-        let _ = (pool, out);
         c
     }
 
@@ -1578,7 +2096,7 @@ mod tests {
             let mut pool = pool();
             let mut out = Outbox::default();
             let c = tcp_session(&mut relay, &mut pool, &mut out);
-            let stranger = relay.on_accept(fd(), "192.0.2.3:3".parse().unwrap(), 0).unwrap();
+            let stranger = relay.on_accept(&mut pool, fd(), "192.0.2.3:3".parse().unwrap(), 0, &mut out).unwrap();
             // Like the kernel, hand out only buffers nobody references.
             let free = |pool: &Pool, range: std::ops::Range<u16>| range.clone().find(|&b| pool.refs(b) == 0).unwrap();
             for d in &datagrams {

@@ -49,6 +49,9 @@ const MULTISHOT_RUN: usize = 32;
 /// TCP sends started per turn; each may gather up to `TCP_IOV` iovecs from a shared arena.
 const TCP_SENDS_PER_TURN: usize = 256;
 
+/// How long multishot accept rests after running out of descriptors or memory.
+const ACCEPT_BACKOFF_NS: u64 = 100_000_000;
+
 const K_UDP_RECV: u64 = 1;
 const K_ACCEPT: u64 = 2;
 const K_WAKE: u64 = 3;
@@ -191,6 +194,14 @@ pub(crate) struct UringShard {
     tcp_blocked: usize,
     /// A receive ring ran dry this turn.
     starved: bool,
+    /// The UDP ring ran dry: the multishot receive is re-armed only once buffers came back
+    /// (re-arming a dry ring fails at once, and the loop would spin).
+    udp_dry: bool,
+    /// TCP connections whose receive stopped on a dry ring; re-armed when TCP buffers return.
+    tcp_dry: Vec<ConnId>,
+    /// Multishot accept failed for lack of descriptors or memory: not re-armed before this.
+    accept_backoff_until: u64,
+    overflow: sockets::OverflowTracker,
     tcp_sndbuf: i32,
     coalesce: Duration,
     min_wait: bool,
@@ -309,6 +320,10 @@ impl UringShard {
             tcp_inflight: 0,
             tcp_blocked: 0,
             starved: false,
+            udp_dry: false,
+            tcp_dry: Vec::new(),
+            accept_backoff_until: 0,
+            overflow: sockets::OverflowTracker::default(),
             tcp_sndbuf: i32::try_from(cfg.tcp_sndbuf).unwrap_or(i32::MAX),
             coalesce: cfg.coalesce,
             min_wait,
@@ -321,27 +336,30 @@ impl UringShard {
         }
     }
 
-    fn push(&mut self, sqe: squeue::Entry) {
-        loop {
+    /// Queues a submission; false if it could not be queued (the caller then undoes what it
+    /// marked armed or in flight, so nothing waits forever for a completion that never comes).
+    #[must_use]
+    fn push(&mut self, sqe: squeue::Entry) -> bool {
+        for _ in 0..3 {
             // SAFETY: every entry we push references memory that outlives the operation
             // (buffers in the pool, msghdrs in boxes owned by self or a live connection).
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-                return;
+                return true;
             }
             // The submission queue is full: hand what is there to the kernel first.
             if let Err(e) = self.ring.submit() {
                 tracing::error!(shard = self.core.ctx.index, "io_uring submit: {e}");
-                return;
+                return false;
             }
         }
+        false
     }
 
     fn arm_udp_recv(&mut self) {
         let e = opcode::RecvMsgMulti::new(types::Fd(self.udp_fd), &*self.recv_msg, UDP_BGID)
             .build()
             .user_data(ud(K_UDP_RECV, 0, 0));
-        self.push(e);
-        self.udp_recv_armed = true;
+        self.udp_recv_armed = self.push(e);
     }
 
     fn arm_accept(&mut self) {
@@ -349,8 +367,7 @@ impl UringShard {
             .flags(libc::SOCK_CLOEXEC)
             .build()
             .user_data(ud(K_ACCEPT, 0, 0));
-        self.push(e);
-        self.accept_armed = true;
+        self.accept_armed = self.push(e);
     }
 
     fn arm_wake(&mut self) {
@@ -358,8 +375,7 @@ impl UringShard {
             .multi(true)
             .build()
             .user_data(ud(K_WAKE, 0, 0));
-        self.push(e);
-        self.wake_armed = true;
+        self.wake_armed = self.push(e);
     }
 
     fn arm_tcp_recv(&mut self, c: ConnId) {
@@ -369,9 +385,15 @@ impl UringShard {
         let e = opcode::RecvMulti::new(types::Fd(fd), TCP_BGID)
             .build()
             .user_data(ud(K_TCP_RECV, c.generation, c.idx));
-        self.push(e);
-        if let Some(conn) = self.core.relay.conn_mut(c) {
-            conn.recv_armed = true;
+        if self.push(e) {
+            if let Some(conn) = self.core.relay.conn_mut(c) {
+                conn.recv_armed = true;
+            }
+        } else {
+            // Not armed: the connection cannot be served; close it rather than forget it.
+            self.core
+                .relay
+                .close(&mut self.core.pool, c, &mut self.core.out);
         }
     }
 
@@ -382,6 +404,8 @@ impl UringShard {
         loop {
             let now = sockets::realtime_ns();
             self.starved = false;
+            self.core.relay.begin_turn(now);
+            self.core.out.udp_budget = self.free_slots.len();
             self.reap_completions(now);
             // Sends still in flight now were submitted in an earlier turn: they are blocked.
             self.tcp_blocked = self.tcp_inflight;
@@ -417,7 +441,9 @@ impl UringShard {
         // A busy or starved shard never waits: completions left over from the last turn, a
         // receive ring that ran dry, or TCP sends stuck behind a full socket (their completion
         // is the event that matters) all mean "take what is there and go on".
-        let pressed = self.cq_backlog || self.starved || self.tcp_blocked > 0;
+        // A send parked behind one slow reader is that connection's affair: it does not turn
+        // coalescing off for the shard (its completion is taken at the end of the wait).
+        let pressed = self.cq_backlog || self.starved;
         let coalesce = budget_us > 0 && !pressed && self.core.rate * budget_us as f64 >= 2e6;
         let wait_us = if coalesce {
             // The sends go out first (in the kernel, synchronously: `MSG_DONTWAIT`), so that
@@ -503,7 +529,7 @@ impl UringShard {
         if !self.wake_armed {
             self.arm_wake();
         }
-        if !self.accept_armed {
+        if !self.accept_armed && now >= self.accept_backoff_until {
             self.arm_accept();
         }
     }
@@ -515,6 +541,7 @@ impl UringShard {
         if res < 0 {
             if -res == libc::ENOBUFS {
                 self.starved = true;
+                self.udp_dry = true;
                 self.core.relay.counters.buf_ring_exhausted += 1;
             } else {
                 tracing::debug!(
@@ -535,6 +562,11 @@ impl UringShard {
             let data = &buf[..(res as usize).min(buf.len())];
             match types::RecvMsgOut::parse(data, &self.recv_msg) {
                 Ok(m) => {
+                    let lost = self.overflow.update(m.control_data());
+                    if lost > 0 {
+                        self.core.relay.counters.drops
+                            [crate::metrics::DropReason::SocketOverflow as usize] += lost;
+                    }
                     let src = sockets::decode(m.name_data());
                     let ts = sockets::rx_timestamp_ns(m.control_data()).unwrap_or(now);
                     let off = m.payload_data().as_ptr() as usize - buf.as_ptr() as usize;
@@ -576,16 +608,37 @@ impl UringShard {
             self.accept_armed = false;
         }
         if res < 0 {
+            if matches!(
+                -res,
+                libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS
+            ) {
+                // Out of descriptors or memory: re-arming at once would fail at once (a spin).
+                // Back off; the pending connections wait in the listen backlog.
+                self.core
+                    .relay
+                    .counters
+                    .drop(crate::metrics::DropReason::AcceptBackoff);
+                self.accept_backoff_until = now + ACCEPT_BACKOFF_NS;
+                if self.accept_armed {
+                    let cancel = opcode::AsyncCancel::new(ud(K_ACCEPT, 0, 0))
+                        .build()
+                        .user_data(0);
+                    let _ = self.push(cancel);
+                }
+            }
             return;
         }
         // SAFETY: a successful accept completion is a new descriptor that we now own.
         let fd = unsafe { OwnedFd::from_raw_fd(res) };
-        let _ = sockets::set_int_opt(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
-        let _ = sockets::set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_SNDBUF, self.tcp_sndbuf);
+        sockets::media_conn_options(&fd, self.tcp_sndbuf);
         let Some(peer) = sockets::peer_of(fd.as_raw_fd()) else {
             return;
         };
-        if let Some(c) = self.core.relay.on_accept(fd, peer, now) {
+        if let Some(c) =
+            self.core
+                .relay
+                .on_accept(&mut self.core.pool, fd, peer, now, &mut self.core.out)
+        {
             self.arm_tcp_recv(c);
         }
     }
@@ -619,7 +672,7 @@ impl UringShard {
         } else if res == -libc::ENOBUFS {
             self.starved = true;
             self.core.relay.counters.buf_ring_exhausted += 1;
-            self.tcp_rearm.push(c);
+            self.tcp_dry.push(c);
         } else {
             // EOF or an error: the connection is over.
             self.core
@@ -766,6 +819,7 @@ impl UringShard {
         slot.msg.msg_control = std::ptr::null_mut();
         slot.msg.msg_controllen = 0;
         slot.msg.msg_flags = 0;
+        let (sent_before, nsegs) = (self.udp_sent.len(), n);
         let e = if self.skip_success {
             // Non-blocking, and no completion on success: the send finishes (or fails with
             // EAGAIN, which posts a completion) inside the io_uring_enter that submits it, so
@@ -782,7 +836,18 @@ impl UringShard {
                 .build()
                 .user_data(ud(K_UDP_SEND, 0, idx))
         };
-        self.push(e);
+        if !self.push(e) {
+            self.udp_sent.truncate(sent_before);
+            let segs = self.slots[idx as usize].segs;
+            for s in &segs[..nsegs] {
+                self.core.pool.release(s.buf);
+            }
+            self.free_slots.push(idx);
+            self.core
+                .relay
+                .counters
+                .drop(crate::metrics::DropReason::SendError);
+        }
     }
 
     /// After a submit: the UDP sends it carried are done; give back their slots and buffers.
@@ -828,7 +893,13 @@ impl UringShard {
             .user_data(ud(K_TCP_SEND, c.generation, c.idx));
         self.tcp_msgs_used += 1;
         self.tcp_iov_used += n;
-        self.push(e);
+        if !self.push(e) {
+            if let Some(conn) = self.core.relay.conn_mut(c) {
+                conn.send_inflight = false;
+            }
+            self.tcp_inflight -= 1;
+            self.tcp_deferred.push(c);
+        }
     }
 
     /// Give freed buffers back to their rings, and re-arm a UDP receive that stopped.
@@ -857,8 +928,13 @@ impl UringShard {
         }
         if tcp {
             self.tcp_ring.commit();
+            // Buffers came back: receives that stopped on the dry ring can run again.
+            self.tcp_rearm.append(&mut self.tcp_dry);
         }
-        if !self.udp_recv_armed {
+        if udp {
+            self.udp_dry = false;
+        }
+        if !self.udp_recv_armed && !self.udp_dry {
             self.arm_udp_recv();
         }
     }
@@ -880,7 +956,7 @@ impl UringShard {
         let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
             .user_data(0);
-        self.push(cancel);
+        let _ = self.push(cancel);
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         while std::time::Instant::now() < deadline {
             let inflight = self.slots.len() - self.free_slots.len();

@@ -766,6 +766,84 @@ impl<'b> Writer<'b> {
     }
 }
 
+/// A Binding request keyed with a short-term credential (RFC 8489 §9.1): USERNAME,
+/// MESSAGE-INTEGRITY with `key`, FINGERPRINT. Returns its length. Used by clients binding a leg
+/// and by the gateway when it checks a new source of a leg before moving media to it.
+pub fn write_binding_request(
+    buf: &mut [u8],
+    username: &[u8],
+    key: &[u8],
+    txid: &[u8; 12],
+) -> Result<usize, StunError> {
+    let mut w = Writer::new(buf, Class::Request, BINDING, txid)?;
+    w.attr(attr::USERNAME, username)?;
+    w.message_integrity(key)?;
+    w.fingerprint()?;
+    Ok(w.finish())
+}
+
+/// A Binding success response (RFC 8489 §7.3.1.1): XOR-MAPPED-ADDRESS `mapped`,
+/// MESSAGE-INTEGRITY with `key`, FINGERPRINT. Returns its length.
+pub fn write_binding_success(
+    buf: &mut [u8],
+    txid: &[u8; 12],
+    mapped: SocketAddr,
+    key: &[u8],
+) -> Result<usize, StunError> {
+    let mut w = Writer::new(buf, Class::Success, BINDING, txid)?;
+    w.xor_address(attr::XOR_MAPPED_ADDRESS, mapped)?;
+    w.message_integrity(key)?;
+    w.fingerprint()?;
+    Ok(w.finish())
+}
+
+/// A classic RFC 3489 Binding response (no magic cookie: the 16-byte transaction id of the
+/// request is echoed whole) with MAPPED-ADDRESS `mapped` (RFC 3489 §11.2.1). `request` is the
+/// request's 20-byte header. Returns its length.
+pub fn write_rfc3489_binding_response(
+    buf: &mut [u8],
+    request: &[u8],
+    mapped: SocketAddr,
+) -> Result<usize, StunError> {
+    let hdr = request
+        .first_chunk::<HEADER_LEN>()
+        .ok_or(StunError::Truncated)?;
+    let (family, ip): (u8, Vec<u8>) = match mapped.ip() {
+        IpAddr::V4(a) => (1, a.octets().to_vec()),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => (1, v4.octets().to_vec()),
+            // RFC 3489 knows only IPv4; an IPv6 client gets the RFC 8489 family.
+            None => (2, a.octets().to_vec()),
+        },
+    };
+    let value_len = 4 + ip.len();
+    let total = HEADER_LEN + 4 + value_len;
+    let out = buf.get_mut(..total).ok_or(StunError::BufferTooSmall)?;
+    out[0..2].copy_from_slice(&0x0101u16.to_be_bytes());
+    out[2..4].copy_from_slice(&((4 + value_len) as u16).to_be_bytes());
+    out[4..20].copy_from_slice(&hdr[4..20]);
+    out[20..22].copy_from_slice(&attr::MAPPED_ADDRESS.to_be_bytes());
+    out[22..24].copy_from_slice(&(value_len as u16).to_be_bytes());
+    out[24] = 0;
+    out[25] = family;
+    out[26..28].copy_from_slice(&mapped.port().to_be_bytes());
+    out[28..28 + ip.len()].copy_from_slice(&ip);
+    Ok(total)
+}
+
+/// Whether `b` is a classic RFC 3489 Binding request: type 0x0001, a length that is a multiple
+/// of 4 and matches the datagram, and no RFC 5389 magic cookie.
+pub fn is_rfc3489_binding_request(b: &[u8]) -> bool {
+    let Some(h) = b.first_chunk::<HEADER_LEN>() else {
+        return false;
+    };
+    let len = usize::from(u16::from_be_bytes([h[2], h[3]]));
+    u16::from_be_bytes([h[0], h[1]]) == BINDING
+        && len % 4 == 0
+        && HEADER_LEN + len == b.len()
+        && u32::from_be_bytes([h[4], h[5], h[6], h[7]]) != MAGIC_COOKIE
+}
+
 #[cfg(test)]
 mod tests {
     use super::attr::*;
