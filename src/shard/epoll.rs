@@ -34,8 +34,10 @@ pub(crate) struct EpollShard {
     udp_fd: RawFd,
     tcp_fd: RawFd,
     ipv6: bool,
-    /// Free UDP/TCP-group buffers (the epoll loop has no rings).
+    /// Free UDP-group and TCP-group buffers (the epoll loop has no rings; the groups are kept
+    /// apart as in io_uring, so the per-group queue budgets protect TCP receives here too).
     free: Vec<BufId>,
+    free_tcp: Vec<BufId>,
     freed: Vec<BufId>,
     rx_msgs: Vec<libc::mmsghdr>,
     rx_iov: Vec<libc::iovec>,
@@ -78,7 +80,8 @@ impl EpollShard {
         let udp = sockets.udp.try_clone()?;
         let tcp = sockets.tcp.try_clone()?;
         let layout = *core.pool.layout();
-        let free = (0..(layout.udp + layout.tcp) as u32)
+        let free = (0..layout.udp as u32).rev().map(|i| i as BufId).collect();
+        let free_tcp = (layout.udp as u32..(layout.udp + layout.tcp) as u32)
             .rev()
             .map(|i| i as BufId)
             .collect();
@@ -88,6 +91,7 @@ impl EpollShard {
             tcp_fd: tcp.as_raw_fd(),
             ipv6: cfg.relay.ipv6,
             free,
+            free_tcp,
             freed: Vec::with_capacity(4096),
             // SAFETY (zeroed): plain C structs.
             rx_msgs: vec![unsafe { std::mem::zeroed() }; BATCH],
@@ -381,7 +385,7 @@ impl EpollShard {
             if self.core.relay.conn(c).is_none_or(|x| x.closing) {
                 return frames;
             }
-            let Some(bid) = self.take_free() else {
+            let Some(bid) = self.free_tcp.pop() else {
                 self.core.relay.counters.buf_ring_exhausted += 1;
                 // Out of the set until buffers come back (level-triggered: it would spin).
                 let _ = self.ctl(libc::EPOLL_CTL_MOD, fd, 0, token(K_CONN, Some(c)));
@@ -408,7 +412,7 @@ impl EpollShard {
                     return frames;
                 }
             } else {
-                self.free.push(bid);
+                self.free_tcp.push(bid);
                 let err = io::Error::last_os_error();
                 if r < 0 && err.kind() == io::ErrorKind::WouldBlock {
                     return frames;
@@ -585,14 +589,18 @@ impl EpollShard {
         let mut freed = std::mem::take(&mut self.freed);
         self.core.pool.take_freed(&mut freed);
         for &id in &freed {
-            debug_assert_ne!(self.core.pool.group(id), Group::Spare);
-        }
-        self.free.append(&mut freed);
-        self.freed = freed;
-        if !self.free.is_empty() {
-            if self.udp_dry {
-                self.set_udp_dry(false);
+            match self.core.pool.group(id) {
+                Group::Udp => self.free.push(id),
+                Group::Tcp => self.free_tcp.push(id),
+                Group::Spare => debug_assert!(false, "spares are not handed to the loop"),
             }
+        }
+        freed.clear();
+        self.freed = freed;
+        if self.udp_dry && !self.free.is_empty() {
+            self.set_udp_dry(false);
+        }
+        if !self.free_tcp.is_empty() {
             for c in std::mem::take(&mut self.tcp_dry) {
                 if let Some(fd) = self.core.relay.raw_fd(c) {
                     let _ = self.ctl(

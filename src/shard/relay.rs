@@ -40,6 +40,10 @@ pub const TCP_IOV: usize = 128;
 const SEEN_TXIDS: usize = 8;
 /// Default for [`Outbox::udp_budget`]: datagrams one turn may produce.
 pub const DEFAULT_UDP_BUDGET: usize = 4096;
+/// Frames one TCP receive buffer may have forwarded; the rest of that read is dropped
+/// (counted as `SendBacklog`). A softphone sends 50 frames a second: a read with more is a
+/// burst that would be stale anyway, or a flood.
+pub const FRAMES_PER_READ: u32 = 64;
 
 /// How the gateway delivers media *to* a leg's participant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -325,6 +329,11 @@ pub struct Conn {
     progress_ns: u64,
     /// Counted in `Relay::unbound_conns` (cleared exactly once: at bind or close).
     counted_unbound: bool,
+    /// Frames handled from the current receive buffer (`FRAMES_PER_READ`).
+    read_frames: u32,
+    /// Queued frames by pool group of their payload (each connection may take an eighth of
+    /// a group's queue budget: stalled readers cannot take it all).
+    from_group: [u32; 3],
     deframer: framing::Deframer,
     partial: Partial,
     queue: FrameQueue,
@@ -738,7 +747,7 @@ impl Relay {
             return;
         }
         match bound {
-            Some(leg) => self.forward(pool, leg, &[seg], rx_ns, out),
+            Some(leg) => self.forward(pool, leg, &[seg], rx_ns, out.udp_budget, out),
             None => self.counters.drop(DropReason::Unbound),
         }
     }
@@ -980,12 +989,15 @@ impl Relay {
     // ---------------------------------------------------------------- forwarding
 
     /// Media from `from`: one buffer reference per destination, the payload never copied.
+    /// At most `budget` datagrams may be in the outbox (media from TCP gets half the turn's
+    /// budget, so a flood of small frames on one connection cannot crowd out UDP calls).
     fn forward(
         &mut self,
         pool: &mut Pool,
         from: LegIdx,
         segs: &[Seg],
         rx_ns: u64,
+        budget: usize,
         out: &mut Outbox,
     ) {
         let len: usize = segs.iter().map(|s| usize::from(s.len)).sum();
@@ -1029,7 +1041,8 @@ impl Relay {
                 }
             };
             let Some(dst) = dst else { continue };
-            if !out.udp_room() {
+            had_egress = true;
+            if out.udp.len() >= budget.min(out.udp_budget) {
                 // Admission: this turn's sends are spent. Checked before any reference is
                 // taken, so a flood of tiny frames costs a bounded amount of work and memory.
                 self.counters.drop(DropReason::SendBacklog);
@@ -1089,7 +1102,8 @@ impl Relay {
             }
             let full = conn.queue.is_full()
                 || self.tcp_queued >= self.cfg.tcp_queued_total
-                || self.queued_from[group as usize] >= limit;
+                || self.queued_from[group as usize] >= limit
+                || conn.from_group[group as usize] as usize >= (limit / 8).max(2);
             if !full {
                 break;
             }
@@ -1117,6 +1131,7 @@ impl Relay {
         for s in segs {
             pool.hold(s.buf);
         }
+        conn.from_group[group as usize] += 1;
         self.tcp_queued += 1;
         self.queued_from[group as usize] += 1;
         self.counters.tcp_out.add(len);
@@ -1173,6 +1188,9 @@ impl Relay {
     fn remove_frame(&mut self, pool: &mut Pool, c: ConnId, i: usize) {
         let Some(conn) = self.conn_mut(c) else { return };
         let f = conn.queue.remove(i);
+        if let Some(g) = f.group {
+            conn.from_group[g as usize] -= 1;
+        }
         self.retire_frame(pool, &f);
     }
 
@@ -1254,6 +1272,8 @@ impl Relay {
             accepted_ns: now_ns,
             progress_ns: now_ns,
             counted_unbound: true,
+            read_frames: 0,
+            from_group: [0; 3],
             deframer: framing::Deframer::new(self.cfg.max_frame),
             partial: Partial::None,
             queue: FrameQueue::new(0),
@@ -1328,6 +1348,7 @@ impl Relay {
         self.counters.tcp_in.bytes += u64::from(seg.len);
         if let Some(conn) = self.conn_mut(c) {
             conn.progress_ns = rx_ns;
+            conn.read_frames = 0;
         }
         let mut pos = 0usize;
         loop {
@@ -1414,7 +1435,9 @@ impl Relay {
     }
 
     fn on_frame(&mut self, pool: &mut Pool, c: ConnId, segs: &[Seg], rx_ns: u64, out: &mut Outbox) {
-        let Some(conn) = self.conn(c) else { return };
+        let Some(conn) = self.conn_mut(c) else { return };
+        conn.read_frames += 1;
+        let over_budget = conn.read_frames > FRAMES_PER_READ;
         let bound = conn.leg;
         let first_byte = pool.seg(segs[0]).first().copied().unwrap_or(0);
         // STUN (first byte 0..=3, RFC 7983) must be parsed from one piece of memory.
@@ -1461,8 +1484,12 @@ impl Relay {
             self.close(pool, c, out);
             return;
         }
+        if over_budget {
+            self.counters.drop(DropReason::SendBacklog);
+            return;
+        }
         if let Some(leg) = bound {
-            self.forward(pool, leg, segs, rx_ns, out);
+            self.forward(pool, leg, segs, rx_ns, out.udp_budget / 2, out);
         }
     }
 
@@ -1614,6 +1641,9 @@ impl Relay {
             if sent >= left {
                 sent -= left;
                 let f = conn.queue.pop();
+                if let Some(g) = f.group {
+                    conn.from_group[g as usize] -= 1;
+                }
                 self.retire_frame(pool, &f);
             } else {
                 conn.queue.head_sent += sent;
@@ -1979,7 +2009,15 @@ mod tests {
             ..RelayConfig::default()
         };
         let mut relay = Relay::new(cfg);
-        let mut pool = pool();
+        // Large enough that the per-connection share of the UDP group (an eighth of its queue
+        // budget) is above the queue's own limit.
+        let mut pool = Pool::new(PoolLayout {
+            buf_size: 2048,
+            udp: 256,
+            tcp: 64,
+            spare: 8,
+        })
+        .unwrap();
         let mut out = Outbox::default();
         let c = tcp_session(&mut relay, &mut pool, &mut out);
         for i in 0..10u16 {
@@ -2081,6 +2119,142 @@ mod tests {
         assert!(relay.remove(&mut pool, 3, &mut out));
         assert_eq!(relay.session_count(), 0);
         assert!(relay.leg_by_name.is_empty() && relay.udp_bindings.is_empty());
+    }
+
+    #[test]
+    fn rebinding_a_tcp_leg_does_not_lift_the_unbound_limit() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        relay
+            .install(SessionSpec {
+                id: 1,
+                legs: vec![leg("t", Delivery::Tcp, None)],
+            })
+            .unwrap();
+        for i in 0..5u16 {
+            let c = relay
+                .on_accept(
+                    &mut pool,
+                    fd(),
+                    "192.0.2.2:2000".parse().unwrap(),
+                    0,
+                    &mut out,
+                )
+                .unwrap();
+            assert_eq!(relay.unbound_count(), 1);
+            let mut req = [0u8; 256];
+            let n = stun::write_binding_request(&mut req, b"t", b"k", &[i as u8; 12]).unwrap();
+            let mut frame = (n as u16).to_be_bytes().to_vec();
+            frame.extend_from_slice(&req[..n]);
+            let seg = recv(&mut pool, 64 + i, &frame);
+            relay.on_tcp(&mut pool, c, seg, 0, &mut out);
+            pool.release(64 + i);
+            assert_eq!(
+                relay.unbound_count(),
+                0,
+                "bound (and the previous connection closed) without a second decrement"
+            );
+        }
+        assert!(relay.unbound_by_source.is_empty());
+    }
+
+    #[test]
+    fn stale_datagrams_are_dropped_and_counted() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        relay
+            .install(SessionSpec {
+                id: 1,
+                legs: vec![
+                    leg("a", Delivery::UdpLatched, Some("192.0.2.1:1")),
+                    leg("b", Delivery::UdpLatched, Some("192.0.2.2:2")),
+                ],
+            })
+            .unwrap();
+        relay.begin_turn(1_000_000_000);
+        let seg = recv(&mut pool, 0, &[0x80; 172]);
+        relay.on_udp(
+            &mut pool,
+            "192.0.2.1:1".parse().unwrap(),
+            seg,
+            600_000_000,
+            &mut out,
+        );
+        assert!(out.udp.is_empty(), "received 400 ms ago: stale");
+        assert_eq!(relay.counters.dropped(DropReason::Stale), 1);
+        relay.on_udp(
+            &mut pool,
+            "192.0.2.1:1".parse().unwrap(),
+            seg,
+            900_000_000,
+            &mut out,
+        );
+        assert_eq!(out.udp.len(), 1, "100 ms old: forwarded");
+    }
+
+    #[test]
+    fn the_send_budget_is_checked_before_references_are_taken() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox {
+            udp_budget: 3,
+            ..Outbox::default()
+        };
+        let mut legs = vec![leg("src", Delivery::UdpLatched, Some("192.0.2.1:1"))];
+        for i in 0..10 {
+            legs.push(leg(
+                &format!("r{i}"),
+                Delivery::Udp(format!("192.0.2.9:{}", 100 + i).parse().unwrap()),
+                None,
+            ));
+        }
+        relay.install(SessionSpec { id: 1, legs }).unwrap();
+        let seg = recv(&mut pool, 0, &[0x80; 172]);
+        relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 0, &mut out);
+        assert_eq!(out.udp.len(), 3);
+        assert_eq!(
+            pool.refs(0),
+            4,
+            "one reference per admitted send, none more"
+        );
+        assert_eq!(relay.counters.dropped(DropReason::SendBacklog), 7);
+    }
+
+    #[test]
+    fn reference_counts_hold_at_the_legal_extremes() {
+        // buf_size 4096 with rooms of 64, and 16384 with rooms of 16: the most references
+        // one buffer can gather is bounded by the budgets, far below the count's range.
+        for (buf_size, room) in [(4096usize, 64usize), (16384, 16)] {
+            let mut p = Pool::new(PoolLayout {
+                buf_size,
+                udp: 4,
+                tcp: 4,
+                spare: 8,
+            })
+            .unwrap();
+            p.received(0);
+            let frames = buf_size / 3; // 1-byte frames: 3 bytes each
+            let holds = frames * (room - 1);
+            for _ in 0..holds {
+                p.hold(0);
+            }
+            assert_eq!(
+                p.refs(0) as usize,
+                holds + 1,
+                "no wrap at {buf_size}/{room}"
+            );
+            for _ in 0..holds {
+                p.release(0);
+            }
+            assert!(p.buf_mut(0).is_some(), "held once again: ours alone");
+            p.release(0);
+            assert!(
+                p.buf_mut(0).is_none(),
+                "back to the kernel: not ours to write"
+            );
+        }
     }
 
     proptest! {
