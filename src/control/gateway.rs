@@ -490,6 +490,8 @@ pub(crate) struct Counters {
     pub rate_limited: u64,
     pub calls_placed: u64,
     pub calls_failed: u64,
+    /// Anonymous STUN Bindings on the probe ports left unanswered by the per-prefix limit.
+    pub probe_rate_limited: u64,
 }
 
 /// The control core. See the module docs.
@@ -506,6 +508,8 @@ pub struct Gateway {
     pub(crate) users: HashMap<String, ConnId>,
     /// Tokens of running probes.
     pub(crate) tokens: HashMap<String, ConnId>,
+    /// Answers to anonymous STUN Bindings on the probe ports, limited per source prefix.
+    pub(crate) probe_limiter: super::probe::ProbeLimiter,
     pub(crate) calls: HashMap<CallId, Call>,
     /// Installs waiting for [`Input::ShardInstalled`].
     pub(crate) ops: HashMap<u64, CallId>,
@@ -550,6 +554,7 @@ impl Gateway {
             conns: HashMap::new(),
             users: HashMap::new(),
             tokens: HashMap::new(),
+            probe_limiter: super::probe::ProbeLimiter::default(),
             calls: HashMap::new(),
             ops: HashMap::new(),
             legs: HashSet::new(),

@@ -507,7 +507,9 @@ async fn probe_reader(sock: Arc<UdpSocket>, port: ProbePort, events: mpsc::Sende
             continue;
         };
         // Only STUN is of interest; anything else costs nothing more.
-        if !crate::wire::stun::looks_like_stun(&buf[..n]) {
+        if !crate::wire::stun::looks_like_stun(&buf[..n])
+            && !crate::wire::stun::is_rfc3489_binding_request(&buf[..n])
+        {
             continue;
         }
         let input = Input::ProbeDatagram {

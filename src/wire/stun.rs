@@ -851,6 +851,59 @@ mod tests {
     use proptest::prelude::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
+    #[test]
+    fn keyed_binding_request_and_success_round_trip() {
+        let mut b = [0u8; 256];
+        let n = write_binding_request(&mut b, b"leg-1", b"key", &[4; 12]).unwrap();
+        let m = Message::parse(&b[..n]).unwrap();
+        assert_eq!((m.class(), m.method()), (Class::Request, BINDING));
+        assert_eq!(m.username(), Some(&b"leg-1"[..]));
+        assert!(m.check_integrity(b"key").is_ok() && m.check_fingerprint().is_ok());
+        let to: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let n = write_binding_success(&mut b, &[4; 12], to, b"key").unwrap();
+        let m = Message::parse(&b[..n]).unwrap();
+        assert_eq!(m.xor_address(XOR_MAPPED_ADDRESS), Ok(Some(to)));
+        assert!(write_binding_success(&mut b[..30], &[4; 12], to, b"key").is_err());
+    }
+
+    #[test]
+    fn classic_rfc3489_binding_is_recognised_and_answered() {
+        let mut req = vec![0x00, 0x01, 0x00, 0x08];
+        req.extend_from_slice(&[0xab; 16]);
+        req.extend_from_slice(&[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 0]); // CHANGE-REQUEST
+        assert!(is_rfc3489_binding_request(&req));
+        assert!(!looks_like_stun(&req), "no magic cookie");
+        let mut b = [0u8; 64];
+        let n =
+            write_rfc3489_binding_response(&mut b, &req, "10.1.2.3:4660".parse().unwrap()).unwrap();
+        assert_eq!(
+            &b[..n],
+            &[
+                1, 1, 0, 12, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab,
+                0xab, 0xab, 0xab, 0xab, 0xab, 0, 1, 0, 8, 0, 1, 0x12, 0x34, 10, 1, 2, 3
+            ][..]
+        );
+        // An RFC 5389 request (cookie) and a wrong length are not classic requests.
+        let mut cookie = [0u8; 20];
+        let m = Writer::new(&mut cookie, Class::Request, BINDING, &[1; 12])
+            .unwrap()
+            .finish();
+        assert!(!is_rfc3489_binding_request(&cookie[..m]));
+        assert!(!is_rfc3489_binding_request(&req[..24]));
+    }
+
+    proptest! {
+        #[test]
+        fn classic_answers_never_panic(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut b = [0u8; 64];
+            if is_rfc3489_binding_request(&data) {
+                let n = write_rfc3489_binding_response(&mut b, &data, "[2001:db8::1]:7".parse().unwrap()).unwrap();
+                prop_assert_eq!(&b[4..20], &data[4..20]);
+                prop_assert!(n <= 44);
+            }
+        }
+    }
+
     fn hex(s: &str) -> Vec<u8> {
         s.split_whitespace()
             .map(|b| u8::from_str_radix(b, 16).unwrap())
