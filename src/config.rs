@@ -597,6 +597,27 @@ mod tests {
     }
 
     #[test]
+    fn values_the_types_cannot_hold_are_refused_by_name() {
+        for (text, key) in [
+            ("[media]\nbuf_size = 65536\n", "media.buf_size"),
+            ("[media]\nstale_ms = 60000\n", "media.stale_ms"),
+            ("[media]\nmax_unbound_tcp = 0\n", "media.max_unbound_tcp"),
+            ("[media]\nsend_slots = 8\n", "media.send_slots"),
+            ("[media]\ntcp_sndbuf = 4294967296\n", "media.tcp_sndbuf"),
+        ] {
+            let e = Config::parse(text)
+                .unwrap()
+                .validate()
+                .expect_err(text)
+                .to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        // The largest buffer the 16-bit segment lengths can describe is accepted.
+        let c = Config::parse("[media]\nbuf_size = 65472\nmax_frame = 1500\n").unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn unknown_and_mistyped_keys_are_named() {
         let e = Config::parse("[server]\ncontrol_prot = 7400\n").unwrap_err();
         assert!(e.contains("control_prot"), "{e}");
