@@ -361,7 +361,8 @@ fn trickling_unbound_connections_do_not_lock_out_a_leg(backend: Backend) {
 /// Four TCP legs stop reading while their peers (TCP legs) keep sending. Before: their queues
 /// pinned every TCP receive buffer (queued total 2048 > 1024 buffers) and every TCP receive on
 /// the shard failed, and one parked send turned coalescing off for the whole shard. Now the
-/// queues may pin at most half of the TCP group and drop their oldest frames; a new TCP leg
+/// queues may pin at most half of each buffer group (counted in buffers, `Pool::pin`) and drop
+/// their oldest frames; a new TCP leg
 /// binds and carries media, and a UDP call still gets coalesced wake-ups (io_uring).
 fn stalled_readers_do_not_starve_the_shard(backend: Backend) {
     let mut cfg = config(backend);
@@ -422,9 +423,9 @@ fn stalled_readers_do_not_starve_the_shard(backend: Backend) {
     }
     let s = h.snapshot_blocking().unwrap();
     assert!(
-        s.tcp_queued <= 64 / 4 + 2,
-        "queues pin at most a quarter of the TCP group in frames: {}",
-        s.tcp_queued
+        s.buffers_in_use <= 64 / 2 + 512 / 2 + 16,
+        "queues pin at most half of each buffer group: {} buffers in use",
+        s.buffers_in_use
     );
     if backend == Backend::IoUring {
         // A UDP call at 4,000 packets/s still gets coalesced wake-ups.

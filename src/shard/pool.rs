@@ -67,6 +67,11 @@ pub struct Pool {
     /// cannot wrap at any configuration the types allow (a `u16` wrapped at `buf_size` 4096
     /// with 64-leg rooms and handed a buffer back to the kernel while sends still read it).
     refs: Box<[u32]>,
+    /// Long-lived references per buffer: frames waiting in TCP send queues. A receive buffer
+    /// pinned by a queue is off its ring for as long as the reader is slow, so each group's
+    /// pinned buffers are counted (`pinned`) and the relay keeps them at half the group.
+    pins: Box<[u32]>,
+    pinned: [usize; 3],
     /// Buffers whose last reference was released since the driver last drained this list.
     freed: Vec<BufId>,
     spare_free: Vec<BufId>,
@@ -127,6 +132,8 @@ impl Pool {
             map_len: bytes,
             layout,
             refs: vec![0; total].into_boxed_slice(),
+            pins: vec![0; total].into_boxed_slice(),
+            pinned: [0; 3],
             freed: Vec::with_capacity(total),
             spare_free: (first_spare..total).rev().map(|i| i as BufId).collect(),
             in_use: 0,
@@ -231,6 +238,45 @@ impl Pool {
         }
     }
 
+    /// A queued frame holds `id` (besides its reference, taken with `hold`).
+    pub fn pin(&mut self, id: BufId) {
+        let g = self.group(id) as usize;
+        let p = &mut self.pins[usize::from(id)];
+        debug_assert!(self.refs[usize::from(id)] > 0, "pin of a free buffer {id}");
+        if *p == 0 {
+            self.pinned[g] += 1;
+        }
+        *p += 1;
+    }
+
+    pub fn unpin(&mut self, id: BufId) {
+        let g = self.group(id) as usize;
+        let p = &mut self.pins[usize::from(id)];
+        debug_assert!(*p > 0, "unpin of an unpinned buffer {id}");
+        if *p == 1 {
+            self.pinned[g] -= 1;
+        }
+        *p = p.saturating_sub(1);
+    }
+
+    pub fn is_pinned(&self, id: BufId) -> bool {
+        self.pins[usize::from(id)] > 0
+    }
+
+    /// Buffers of group `g` that queued frames hold.
+    pub fn pinned(&self, g: Group) -> usize {
+        self.pinned[g as usize]
+    }
+
+    /// Buffers in group `g`.
+    pub fn group_size(&self, g: Group) -> usize {
+        match g {
+            Group::Udp => self.layout.udp,
+            Group::Tcp => self.layout.tcp,
+            Group::Spare => self.layout.spare,
+        }
+    }
+
     /// Ring buffers freed since the last call, swapped into `into` (which must be empty): the
     /// driver gives them back to the kernel. Swapping keeps both vectors' capacity, so this
     /// allocates nothing.
@@ -302,6 +348,31 @@ mod tests {
         p.take_freed(&mut freed);
         assert!(freed.is_empty());
         assert_eq!(p.in_use(), 0);
+    }
+
+    #[test]
+    fn pins_count_distinct_buffers_per_group() {
+        let mut p = pool();
+        p.received(4); // TCP group
+        p.hold(4);
+        p.pin(4);
+        p.hold(4);
+        p.pin(4);
+        assert_eq!(
+            p.pinned(Group::Tcp),
+            1,
+            "two frames in one buffer pin one buffer"
+        );
+        assert_eq!(p.pinned(Group::Udp), 0);
+        p.unpin(4);
+        p.release(4);
+        assert!(p.is_pinned(4));
+        p.unpin(4);
+        p.release(4);
+        assert_eq!(p.pinned(Group::Tcp), 0);
+        p.release(4);
+        assert_eq!(p.in_use(), 0);
+        assert_eq!(p.group_size(Group::Tcp), 2);
     }
 
     #[test]

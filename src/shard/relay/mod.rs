@@ -1,0 +1,1155 @@
+//! The shard's forwarding core, with no IO of its own. This file: the session table (sessions,
+//! legs, rooms) and the per-packet decision "forward to these destinations / drop (reason)",
+//! with its admission budget. `binding`: authenticated bindings and validated latching. `tcp`:
+//! TCP media connections (limits, deframing, bounded send queues). Both event loops (io_uring
+//! and the epoll fallback) feed it the same events and carry out what it puts in the
+//! [`Outbox`], so the two share every rule, and each rule lives in one place.
+//!
+//! Nothing here copies a payload, with one exception: a TCP frame that arrives spread over more
+//! than two receive buffers (or a first STUN frame split across two) is gathered into a spare
+//! buffer (`Counters::reassembly_copies`).
+//!
+//! Rules quoted from the design:
+//! - "Destinations come only from the control plane: the gateway is never an open relay." A leg's
+//!   media goes only to the legs of its own session, at the addresses the control plane gave or
+//!   at a source address that proved the leg key with a STUN Binding (RFC 8489 §9.1 short-term
+//!   credential: USERNAME = leg name, MESSAGE-INTEGRITY keyed by the leg key).
+//! - "Packets from unbound sources are dropped and counted, and never answered with anything
+//!   larger than what came in": an unauthenticated datagram gets no answer at all.
+
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+
+use hdrhistogram::Histogram;
+use rustc_hash::FxHashMap;
+
+mod binding;
+mod tcp;
+
+use binding::Latch;
+pub use binding::is_private;
+use tcp::FrameQueue;
+pub use tcp::{Conn, ConnId};
+
+use super::pool::{Pool, Seg};
+use crate::metrics::rtpstats::{RtpReport, RtpStats};
+use crate::metrics::{Counters, DropReason, Flow};
+use crate::wire::{framing, rtp, stun};
+
+pub type SessionId = u64;
+type LegIdx = u32;
+
+/// Longest leg name accepted (it travels as the STUN USERNAME).
+pub const MAX_LEG_NAME: usize = 128;
+/// Iovecs gathered into one TCP `sendmsg` (a frame takes two or three: length prefix + parts).
+pub const TCP_IOV: usize = 128;
+/// Transaction ids of recent Bindings remembered per leg: a Binding replayed from another
+/// address is ignored.
+const SEEN_TXIDS: usize = 8;
+/// Default for [`Outbox::udp_budget`]: datagrams one turn may produce.
+pub const DEFAULT_UDP_BUDGET: usize = 4096;
+/// Frames one TCP receive buffer may have forwarded; the rest of that read is dropped
+/// (counted as `SendBacklog`). A softphone sends 50 frames a second: a read with more is a
+/// burst that would be stale anyway, or a flood.
+pub const FRAMES_PER_READ: u32 = 64;
+
+/// How the gateway delivers media *to* a leg's participant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The participant gets this leg's peers' media some other way (directly from its peer).
+    None,
+    /// UDP to the source address the participant bound with its STUN Binding (symmetric RTP:
+    /// the reply path its NAT or firewall opened).
+    UdpLatched,
+    /// UDP to an address the control plane set (a participant that can receive unsolicited UDP,
+    /// or an IP voice gateway).
+    Udp(SocketAddr),
+    /// RFC 4571 frames on the TCP media connection the participant bound.
+    Tcp,
+}
+
+#[derive(Clone, Debug)]
+pub struct LegSpec {
+    /// Leg id: the STUN USERNAME the participant binds with. Unique on the shard.
+    pub name: String,
+    /// Leg key: the STUN short-term password (MESSAGE-INTEGRITY key).
+    pub key: Vec<u8>,
+    pub delivery: Delivery,
+    /// A UDP source the control plane vouches for (an IP voice gateway), bound without STUN.
+    pub trusted_source: Option<SocketAddr>,
+    /// RTP clock rate, for interarrival jitter (8000 for G.711).
+    pub clock_rate: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionSpec {
+    pub id: SessionId,
+    /// Two legs for a call, more for a room: media from each leg goes to every other leg.
+    pub legs: Vec<LegSpec>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InstallError {
+    #[error("session {0} already exists on this shard")]
+    DuplicateSession(SessionId),
+    #[error("leg name {0:?} is already in use on this shard")]
+    DuplicateLeg(String),
+    #[error("leg name {0:?} must be 1..={MAX_LEG_NAME} printable ASCII characters")]
+    BadLegName(String),
+    #[error("leg {0:?} has an empty key")]
+    EmptyKey(String),
+    #[error("a session needs 1..={max} legs, got {got}")]
+    LegCount { got: usize, max: usize },
+    #[error("no session {0} on this shard")]
+    NoSession(SessionId),
+    #[error("the shard holds its maximum of {0} sessions")]
+    Full(usize),
+    #[error("leg {leg:?}: address {addr} is IPv6 but the shard's socket is IPv4-only")]
+    AddressFamily { leg: String, addr: SocketAddr },
+}
+
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    pub max_frame: u16,
+    /// Frames a TCP connection may have queued; beyond, RTP for that leg is dropped.
+    pub tcp_queue_frames: usize,
+    /// Frames all TCP queues together may hold (they pin receive buffers).
+    pub tcp_queued_total: usize,
+    pub max_unbound_tcp: usize,
+    pub unbound_tcp_timeout_ns: u64,
+    pub max_sessions: usize,
+    pub max_legs_per_session: usize,
+    /// The UDP socket is dual-stack (IPv6 with v4-mapped addresses) rather than IPv4-only.
+    pub ipv6: bool,
+    /// Unbound TCP connections one source IP (an IPv6 /64) may hold; a new one over the limit
+    /// closes that source's oldest.
+    pub max_unbound_tcp_per_source: usize,
+    /// An unbound connection that sends nothing for this long is closed (the hard deadline
+    /// from accept is `unbound_tcp_timeout_ns`).
+    pub unbound_tcp_idle_ns: u64,
+    /// Media older than this (kernel receive time to handling, or waiting in a TCP queue) is
+    /// dropped; 0: never.
+    pub stale_ns: u64,
+    /// Whether a leg may latch onto (or be validated at) a loopback, private or link-local
+    /// source: the gateway's `allow_private_peers`.
+    pub allow_private_latch: bool,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            max_frame: 1500,
+            tcp_queue_frames: 256,
+            tcp_queued_total: 2048,
+            max_unbound_tcp: 256,
+            unbound_tcp_timeout_ns: 5_000_000_000,
+            max_sessions: 100_000,
+            max_legs_per_session: 64,
+            ipv6: true,
+            max_unbound_tcp_per_source: 8,
+            unbound_tcp_idle_ns: 1_000_000_000,
+            stale_ns: 300_000_000,
+            allow_private_latch: true,
+        }
+    }
+}
+
+/// A datagram to send on the shard's UDP socket: up to two parts (a TCP frame may straddle two
+/// receive buffers), each holding one buffer reference until the send completes.
+#[derive(Clone, Copy, Debug)]
+pub struct UdpOut {
+    pub dst: SocketAddr,
+    pub segs: [Seg; 2],
+    pub nsegs: u8,
+}
+
+/// Something the control thread wants to know about a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShardEvent {
+    /// A leg proved its key and is bound: from now on media can be delivered to it over
+    /// `transport` (sent once per leg and transport).
+    LegBound {
+        session: SessionId,
+        leg: String,
+        transport: crate::metrics::Transport,
+        source: SocketAddr,
+    },
+}
+
+/// What the event loop must do after feeding events to the relay.
+pub struct Outbox {
+    pub udp: Vec<UdpOut>,
+    /// Admission: the most datagrams `udp` may hold this turn (the loop sets it from its free
+    /// send slots). Forwarding checks it before it takes a buffer reference, so the work one
+    /// received buffer can cause is bounded before it is done.
+    pub udp_budget: usize,
+    /// Connections with frames queued that may need a send started.
+    pub tcp_dirty: Vec<ConnId>,
+    /// Connections to shut down (the loop then reaps them once no operation is in flight).
+    pub close: Vec<ConnId>,
+    /// Notifications for the control thread.
+    pub events: Vec<ShardEvent>,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            udp: Vec::new(),
+            udp_budget: DEFAULT_UDP_BUDGET,
+            tcp_dirty: Vec::new(),
+            close: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+}
+
+impl Outbox {
+    /// Whether one more datagram fits this turn's budget.
+    #[inline]
+    pub fn udp_room(&self) -> bool {
+        self.udp.len() < self.udp_budget
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.udp.is_empty()
+            && self.tcp_dirty.is_empty()
+            && self.close.is_empty()
+            && self.events.is_empty()
+    }
+}
+
+struct Leg {
+    session: SessionId,
+    name: Rc<[u8]>,
+    key: Box<[u8]>,
+    delivery: Delivery,
+    peers: Vec<LegIdx>,
+    udp_src: Option<SocketAddr>,
+    tcp: Option<ConnId>,
+    clock_rate: u32,
+    rx: Flow,
+    tx: Flow,
+    rtp: RtpStats,
+    last_rx_ns: u64,
+    backpressure_drops: u64,
+    /// A new source of this leg waiting for its answer to the gateway's keyed check.
+    latch: Option<Latch>,
+    seen_txids: [[u8; 12]; SEEN_TXIDS],
+    seen_next: usize,
+}
+
+/// What an operator (and the control thread) sees of one leg.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct LegSnapshot {
+    pub session: SessionId,
+    pub name: String,
+    pub udp_source: Option<SocketAddr>,
+    pub tcp_peer: Option<SocketAddr>,
+    pub rx: Flow,
+    pub tx: Flow,
+    pub rtp: RtpReport,
+    /// Wall-clock nanoseconds of the last media packet from this leg (0: none yet).
+    pub last_rx_ns: u64,
+    pub backpressure_drops: u64,
+}
+
+pub struct Relay {
+    cfg: RelayConfig,
+    sessions: FxHashMap<SessionId, Vec<LegIdx>>,
+    legs: Vec<Option<Leg>>,
+    free_legs: Vec<LegIdx>,
+    /// Keyed by the leg's own name (one allocation shared by the leg and the table).
+    leg_by_name: FxHashMap<Rc<[u8]>, LegIdx>,
+    udp_bindings: FxHashMap<SocketAddr, LegIdx>,
+    conns: Vec<Option<Conn>>,
+    conn_generation: Vec<u32>,
+    free_conns: Vec<u32>,
+    unbound_conns: usize,
+    /// Unbound connections per source prefix (/32, or /64 for IPv6).
+    unbound_by_source: FxHashMap<IpAddr, u32>,
+    tcp_queued: usize,
+    /// New sources waiting for validation: address -> leg.
+    pending_latch: FxHashMap<SocketAddr, LegIdx>,
+    /// The loop's clock at the start of this turn (the stale check's "now").
+    now_ns: u64,
+    pub counters: Counters,
+    pub latency: Histogram<u64>,
+    batch_rx: Vec<u64>,
+}
+
+use crate::metrics::dump::new_latency_histogram;
+
+impl Relay {
+    pub fn new(cfg: RelayConfig) -> Relay {
+        let max_legs = cfg.max_sessions.saturating_mul(2);
+        Relay {
+            cfg,
+            sessions: FxHashMap::default(),
+            // Reserved, not touched: the table's pages become resident as legs fill it, and it
+            // never moves (growing by doubling would leave each old copy behind in the heap).
+            legs: Vec::with_capacity(max_legs),
+            free_legs: Vec::new(),
+            leg_by_name: FxHashMap::default(),
+            udp_bindings: FxHashMap::default(),
+            conns: Vec::new(),
+            conn_generation: Vec::new(),
+            free_conns: Vec::new(),
+            unbound_conns: 0,
+            unbound_by_source: FxHashMap::default(),
+            tcp_queued: 0,
+            pending_latch: FxHashMap::default(),
+            now_ns: 0,
+            counters: Counters::default(),
+            latency: new_latency_histogram(),
+            batch_rx: Vec::with_capacity(1024),
+        }
+    }
+
+    pub fn config(&self) -> &RelayConfig {
+        &self.cfg
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn conn_count(&self) -> usize {
+        self.conns.iter().filter(|c| c.is_some()).count()
+    }
+
+    pub fn tcp_queued_total(&self) -> usize {
+        self.tcp_queued
+    }
+
+    /// The loop's clock at the start of a turn: media received (kernel timestamp) longer than
+    /// `stale_ns` before it is dropped.
+    #[inline]
+    pub fn begin_turn(&mut self, now_ns: u64) {
+        self.now_ns = now_ns;
+    }
+
+    /// Unbound TCP connections now counted against the limits.
+    pub fn unbound_count(&self) -> usize {
+        self.unbound_conns
+    }
+
+    // ---------------------------------------------------------------- sessions
+
+    pub fn install(&mut self, spec: SessionSpec) -> Result<(), InstallError> {
+        if self.sessions.contains_key(&spec.id) {
+            return Err(InstallError::DuplicateSession(spec.id));
+        }
+        if self.sessions.len() >= self.cfg.max_sessions {
+            return Err(InstallError::Full(self.cfg.max_sessions));
+        }
+        if spec.legs.is_empty() || spec.legs.len() > self.cfg.max_legs_per_session {
+            return Err(InstallError::LegCount {
+                got: spec.legs.len(),
+                max: self.cfg.max_legs_per_session,
+            });
+        }
+        for (i, l) in spec.legs.iter().enumerate() {
+            self.validate_leg(l)?;
+            if spec.legs[..i].iter().any(|o| o.name == l.name) {
+                return Err(InstallError::DuplicateLeg(l.name.clone()));
+            }
+        }
+        let idxs: Vec<LegIdx> = spec
+            .legs
+            .into_iter()
+            .map(|l| self.create_leg(spec.id, l))
+            .collect();
+        for &i in &idxs {
+            let peers = idxs.iter().copied().filter(|&p| p != i).collect();
+            self.leg_mut(i).peers = peers;
+        }
+        self.sessions.insert(spec.id, idxs);
+        Ok(())
+    }
+
+    fn validate_leg(&self, l: &LegSpec) -> Result<(), InstallError> {
+        let ok_name = !l.name.is_empty()
+            && l.name.len() <= MAX_LEG_NAME
+            && l.name.bytes().all(|b| b.is_ascii_graphic());
+        if !ok_name {
+            return Err(InstallError::BadLegName(l.name.clone()));
+        }
+        if self.leg_by_name.contains_key(l.name.as_bytes()) {
+            return Err(InstallError::DuplicateLeg(l.name.clone()));
+        }
+        if l.key.is_empty() {
+            return Err(InstallError::EmptyKey(l.name.clone()));
+        }
+        if !self.cfg.ipv6 {
+            let v6 = |a: &SocketAddr| matches!(canonical(*a), SocketAddr::V6(_));
+            let bad = match l.delivery {
+                Delivery::Udp(a) if v6(&a) => Some(a),
+                _ => l.trusted_source.filter(v6),
+            };
+            if let Some(addr) = bad {
+                return Err(InstallError::AddressFamily {
+                    leg: l.name.clone(),
+                    addr,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn create_leg(&mut self, session: SessionId, l: LegSpec) -> LegIdx {
+        let leg = Leg {
+            session,
+            name: Rc::from(l.name.into_bytes()),
+            key: l.key.into_boxed_slice(),
+            delivery: match l.delivery {
+                Delivery::Udp(a) => Delivery::Udp(canonical(a)),
+                d => d,
+            },
+            peers: Vec::new(),
+            udp_src: None,
+            tcp: None,
+            clock_rate: l.clock_rate.max(1),
+            rx: Flow::default(),
+            tx: Flow::default(),
+            rtp: RtpStats::default(),
+            last_rx_ns: 0,
+            backpressure_drops: 0,
+            latch: None,
+            seen_txids: [[0; 12]; SEEN_TXIDS],
+            seen_next: 0,
+        };
+        let idx = match self.free_legs.pop() {
+            Some(i) => {
+                self.legs[i as usize] = Some(leg);
+                i
+            }
+            None => {
+                self.legs.push(Some(leg));
+                (self.legs.len() - 1) as LegIdx
+            }
+        };
+        if let Some(src) = l.trusted_source {
+            self.bind_udp(idx, canonical(src));
+        }
+        let name = self.leg(idx).name.clone();
+        self.leg_by_name.insert(name, idx);
+        idx
+    }
+
+    /// A participant joins a session (a conference room): it hears every leg, and every leg
+    /// hears it.
+    pub fn add_leg(&mut self, id: SessionId, leg: LegSpec) -> Result<(), InstallError> {
+        let Some(members) = self.sessions.get(&id) else {
+            return Err(InstallError::NoSession(id));
+        };
+        if members.len() >= self.cfg.max_legs_per_session {
+            return Err(InstallError::LegCount {
+                got: members.len() + 1,
+                max: self.cfg.max_legs_per_session,
+            });
+        }
+        self.validate_leg(&leg)?;
+        let members = members.clone();
+        let idx = self.create_leg(id, leg);
+        for &m in &members {
+            self.leg_mut(m).peers.push(idx);
+        }
+        self.leg_mut(idx).peers = members;
+        if let Some(v) = self.sessions.get_mut(&id) {
+            v.push(idx);
+        }
+        Ok(())
+    }
+
+    /// A participant leaves a session; its TCP connection is closed. Returns whether it was
+    /// there.
+    pub fn remove_leg(
+        &mut self,
+        pool: &mut Pool,
+        id: SessionId,
+        name: &str,
+        out: &mut Outbox,
+    ) -> bool {
+        let Some(&idx) = self.leg_by_name.get(name.as_bytes()) else {
+            return false;
+        };
+        let Some(members) = self.sessions.get_mut(&id) else {
+            return false;
+        };
+        let Some(pos) = members.iter().position(|&m| m == idx) else {
+            return false;
+        };
+        members.swap_remove(pos);
+        let members = members.clone();
+        for m in members {
+            self.leg_mut(m).peers.retain(|&p| p != idx);
+        }
+        self.drop_leg(pool, idx, out);
+        true
+    }
+
+    fn drop_leg(&mut self, pool: &mut Pool, i: LegIdx, out: &mut Outbox) {
+        if let Some(c) = self.legs[i as usize].as_ref().and_then(|l| l.tcp) {
+            self.close(pool, c, out);
+        }
+        let Some(leg) = self.legs[i as usize].take() else {
+            return;
+        };
+        self.leg_by_name.remove(&leg.name);
+        if let Some(p) = &leg.latch
+            && self.pending_latch.get(&p.addr) == Some(&i)
+        {
+            self.pending_latch.remove(&p.addr);
+        }
+        if let Some(src) = leg.udp_src
+            && self.udp_bindings.get(&src) == Some(&i)
+        {
+            self.udp_bindings.remove(&src);
+        }
+        self.free_legs.push(i);
+    }
+
+    /// Removes a session; its TCP connections are put on `out.close`. Returns whether it existed.
+    pub fn remove(&mut self, pool: &mut Pool, id: SessionId, out: &mut Outbox) -> bool {
+        let Some(idxs) = self.sessions.remove(&id) else {
+            return false;
+        };
+        for i in idxs {
+            self.drop_leg(pool, i, out);
+        }
+        true
+    }
+
+    pub fn snapshot_legs(&self) -> Vec<LegSnapshot> {
+        let mut v = Vec::new();
+        for (id, idxs) in &self.sessions {
+            for &i in idxs {
+                let l = self.leg(i);
+                v.push(LegSnapshot {
+                    session: *id,
+                    name: String::from_utf8_lossy(&l.name).into_owned(),
+                    udp_source: l.udp_src,
+                    tcp_peer: l.tcp.and_then(|c| self.conn(c)).map(|c| c.peer),
+                    rx: l.rx,
+                    tx: l.tx,
+                    rtp: l.rtp.report(),
+                    last_rx_ns: l.last_rx_ns,
+                    backpressure_drops: l.backpressure_drops,
+                });
+            }
+        }
+        v.sort_by(|a, b| (a.session, &a.name).cmp(&(b.session, &b.name)));
+        v
+    }
+
+    fn leg(&self, i: LegIdx) -> &Leg {
+        self.legs[i as usize]
+            .as_ref()
+            .expect("leg indices held by the table point at live legs")
+    }
+
+    fn leg_mut(&mut self, i: LegIdx) -> &mut Leg {
+        self.legs[i as usize]
+            .as_mut()
+            .expect("leg indices held by the table point at live legs")
+    }
+
+    fn bind_udp(&mut self, i: LegIdx, src: SocketAddr) {
+        if let Some(old) = self.leg(i).udp_src
+            && old != src
+            && self.udp_bindings.get(&old) == Some(&i)
+        {
+            self.udp_bindings.remove(&old);
+        }
+        if let Some(prev) = self.udp_bindings.insert(src, i)
+            && prev != i
+            && let Some(l) = self.legs[prev as usize].as_mut()
+        {
+            // The newest authenticated binding of an address wins.
+            l.udp_src = None;
+        }
+        self.leg_mut(i).udp_src = Some(src);
+    }
+
+    // ---------------------------------------------------------------- UDP
+
+    /// Media from `from`: one buffer reference per destination, the payload never copied.
+    /// At most `budget` datagrams may be in the outbox (media from TCP gets half the turn's
+    /// budget, so a flood of small frames on one connection cannot crowd out UDP calls).
+    fn forward(
+        &mut self,
+        pool: &mut Pool,
+        from: LegIdx,
+        segs: &[Seg],
+        rx_ns: u64,
+        budget: usize,
+        out: &mut Outbox,
+    ) {
+        let len: usize = segs.iter().map(|s| usize::from(s.len)).sum();
+        {
+            let first = pool.seg(segs[0]);
+            let leg = self.legs[from as usize]
+                .as_mut()
+                .expect("bound legs are live");
+            leg.rx.add(len);
+            leg.last_rx_ns = rx_ns;
+            if !rtp::is_rtcp(first)
+                && let Ok(p) = rtp::RtpPacket::new_checked(first)
+            {
+                let arrival =
+                    (u128::from(rx_ns) * u128::from(leg.clock_rate) / 1_000_000_000) as u64;
+                leg.rtp
+                    .on_packet(p.ssrc(), p.sequence(), p.timestamp(), arrival);
+            }
+        }
+        // Whether any peer could take this packet at all (a full TCP queue still counts: that
+        // drop is counted as backpressure, not as a missing egress).
+        let mut delivered = false;
+        let mut had_egress = false;
+        let npeers = self.leg(from).peers.len();
+        for k in 0..npeers {
+            let peer = self.leg(from).peers[k];
+            let (delivery, udp_src, tcp) = {
+                let p = self.leg(peer);
+                (p.delivery, p.udp_src, p.tcp)
+            };
+            let dst = match delivery {
+                Delivery::None => continue,
+                Delivery::UdpLatched => udp_src,
+                Delivery::Udp(a) => Some(a),
+                Delivery::Tcp => {
+                    if let Some(c) = tcp {
+                        had_egress = true;
+                        delivered |= self.enqueue_frame(pool, peer, c, segs, rx_ns, out);
+                    }
+                    continue;
+                }
+            };
+            let Some(dst) = dst else { continue };
+            had_egress = true;
+            if out.udp.len() >= budget.min(out.udp_budget) {
+                // Admission: this turn's sends are spent. Checked before any reference is
+                // taken, so a flood of tiny frames costs a bounded amount of work and memory.
+                self.counters.drop(DropReason::SendBacklog);
+                continue;
+            }
+            let mut o = UdpOut {
+                dst,
+                segs: [Seg::default(); 2],
+                nsegs: segs.len() as u8,
+            };
+            for (slot, s) in o.segs.iter_mut().zip(segs) {
+                *slot = *s;
+                pool.hold(s.buf);
+            }
+            out.udp.push(o);
+            self.counters.udp_out.add(len);
+            self.leg_mut(peer).tx.add(len);
+            delivered = true;
+        }
+        if delivered {
+            self.batch_rx.push(rx_ns);
+        } else if !had_egress {
+            self.counters.drop(DropReason::NoEgress);
+        }
+    }
+
+    /// Record relay latency for everything forwarded since the last call: `now_ns` is the time
+    /// the sends are submitted.
+    pub fn finish_batch(&mut self, now_ns: u64) {
+        for &rx in &self.batch_rx {
+            let _ = self.latency.record(now_ns.saturating_sub(rx).max(1));
+        }
+        self.batch_rx.clear();
+    }
+
+    pub fn take_latency(&mut self) -> Histogram<u64> {
+        std::mem::replace(&mut self.latency, new_latency_histogram())
+    }
+
+    // ---------------------------------------------------------------- TCP
+}
+
+/// IPv4-mapped IPv6 addresses (from a dual-stack socket) as plain IPv4, so one client has one
+/// key in the binding table whatever socket family saw it.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tcp::QFrame;
+    use super::*;
+    use crate::shard::pool::BufId;
+    use crate::shard::pool::PoolLayout;
+    use proptest::prelude::*;
+    use std::os::fd::OwnedFd;
+
+    fn pool() -> Pool {
+        Pool::new(PoolLayout {
+            buf_size: 2048,
+            udp: 64,
+            tcp: 64,
+            spare: 8,
+        })
+        .unwrap()
+    }
+
+    fn fd() -> OwnedFd {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.into()
+    }
+
+    fn leg(name: &str, delivery: Delivery, trusted: Option<&str>) -> LegSpec {
+        LegSpec {
+            name: name.into(),
+            key: b"k".to_vec(),
+            delivery,
+            trusted_source: trusted.map(|a| a.parse().unwrap()),
+            clock_rate: 8000,
+        }
+    }
+
+    /// A received buffer holding `data` (one reference, as the loop holds it).
+    fn recv(pool: &mut Pool, id: BufId, data: &[u8]) -> Seg {
+        pool.received(id);
+        pool.buf_mut(id).unwrap()[..data.len()].copy_from_slice(data);
+        Seg::new(id, 0, data.len())
+    }
+
+    fn frame_bytes(pool: &Pool, f: &QFrame) -> Vec<u8> {
+        let mut v = f.hdr.to_vec();
+        for s in &f.segs[..usize::from(f.nsegs)] {
+            v.extend_from_slice(pool.seg(*s));
+        }
+        v
+    }
+
+    /// A TCP leg `t` bound without STUN (tests only), receiving from UDP leg `u` whose source
+    /// is trusted.
+    fn tcp_session(relay: &mut Relay, pool: &mut Pool, out: &mut Outbox) -> ConnId {
+        relay
+            .install(SessionSpec {
+                id: 1,
+                legs: vec![
+                    leg("u", Delivery::UdpLatched, Some("192.0.2.1:1000")),
+                    leg("t", Delivery::Tcp, None),
+                ],
+            })
+            .unwrap();
+        let c = relay
+            .on_accept(pool, fd(), "192.0.2.2:2000".parse().unwrap(), 0, out)
+            .unwrap();
+        // Bind by hand, as tcp_stun does after a valid Binding.
+        let t = relay.leg_by_name[&b"t"[..]];
+        relay.leg_mut(t).tcp = Some(c);
+        relay.forget_unbound(c);
+        let cap = relay.cfg.tcp_queue_frames;
+        let conn = relay.conn_mut(c).unwrap();
+        conn.leg = Some(t);
+        conn.queue = FrameQueue::new(cap);
+        c
+    }
+
+    #[test]
+    fn udp_forwards_without_copy_and_unbound_sources_are_dropped() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        relay
+            .install(SessionSpec {
+                id: 7,
+                legs: vec![
+                    leg(
+                        "a",
+                        Delivery::Udp("192.0.2.9:9".parse().unwrap()),
+                        Some("192.0.2.1:1"),
+                    ),
+                    leg("b", Delivery::Udp("192.0.2.8:8".parse().unwrap()), None),
+                ],
+            })
+            .unwrap();
+        let seg = recv(&mut pool, 0, &[0x80; 172]);
+        relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 5, &mut out);
+        assert_eq!(out.udp.len(), 1);
+        assert_eq!(out.udp[0].dst, "192.0.2.8:8".parse::<SocketAddr>().unwrap());
+        assert_eq!(out.udp[0].segs[0], seg, "the same bytes, where they landed");
+        assert_eq!(pool.refs(0), 2, "the send holds a reference");
+        pool.release(0);
+        let seg = recv(&mut pool, 1, &[0x80; 172]);
+        relay.on_udp(&mut pool, "192.0.2.77:1".parse().unwrap(), seg, 5, &mut out);
+        assert_eq!(out.udp.len(), 1, "nothing for a stranger");
+        assert_eq!(relay.counters.dropped(DropReason::Unbound), 1);
+        // b has no source yet: its packets cannot come in, and a's have somewhere to go.
+        relay.finish_batch(10);
+        assert_eq!(relay.latency.len(), 1);
+    }
+
+    #[test]
+    fn frames_split_across_reads_are_reassembled_in_order() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        let c = tcp_session(&mut relay, &mut pool, &mut out);
+        // Three frames; deliver the stream in pieces of 1, 3, 150, 2, ... bytes.
+        let frames: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| {
+                (0..100 + i as usize * 50)
+                    .map(|j| 0x80u8.wrapping_add(i).wrapping_add(j as u8))
+                    .collect()
+            })
+            .collect();
+        let mut stream = Vec::new();
+        for f in &frames {
+            stream.extend_from_slice(&(f.len() as u16).to_be_bytes());
+            stream.extend_from_slice(f);
+        }
+        let cuts = [1usize, 3, 150, 2, 1, 1, 40, 500];
+        let (mut at, mut k, mut id) = (0usize, 0usize, 64u16);
+        while at < stream.len() {
+            let n = cuts[k % cuts.len()].min(stream.len() - at);
+            let seg = recv(&mut pool, id, &stream[at..at + n]);
+            relay.on_tcp(&mut pool, c, seg, 1, &mut out);
+            pool.release(id);
+            at += n;
+            k += 1;
+            id += 1;
+        }
+        assert_eq!(relay.counters.tcp_in.packets, 3);
+        let got: Vec<Vec<u8>> = out
+            .udp
+            .iter()
+            .map(|o| {
+                o.segs[..usize::from(o.nsegs)]
+                    .iter()
+                    .flat_map(|s| pool.seg(*s).to_vec())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(got, frames);
+        assert!(
+            relay.counters.reassembly_copies >= 1,
+            "a frame over 3+ reads was gathered"
+        );
+        // Releasing the sends frees everything: nothing leaks.
+        for o in out.udp.drain(..) {
+            for s in &o.segs[..usize::from(o.nsegs)] {
+                pool.release(s.buf);
+            }
+        }
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn a_full_tcp_queue_drops_rtp_and_counts_it() {
+        let cfg = RelayConfig {
+            tcp_queue_frames: 4,
+            ..RelayConfig::default()
+        };
+        let mut relay = Relay::new(cfg);
+        // Large enough that the per-connection share of the UDP group (an eighth of its queue
+        // budget) is above the queue's own limit.
+        let mut pool = Pool::new(PoolLayout {
+            buf_size: 2048,
+            udp: 256,
+            tcp: 64,
+            spare: 8,
+        })
+        .unwrap();
+        let mut out = Outbox::default();
+        let c = tcp_session(&mut relay, &mut pool, &mut out);
+        for i in 0..10u16 {
+            let seg = recv(&mut pool, i, &[0x80; 172]);
+            relay.on_udp(
+                &mut pool,
+                "192.0.2.1:1000".parse().unwrap(),
+                seg,
+                0,
+                &mut out,
+            );
+            pool.release(i);
+        }
+        assert_eq!(relay.conn(c).unwrap().queued(), 4);
+        assert_eq!(relay.counters.dropped(DropReason::TcpBackpressure), 6);
+        assert_eq!(relay.counters.dropped(DropReason::NoEgress), 0);
+        assert_eq!(pool.in_use(), 4, "only queued frames pin buffers");
+        // The queue is described as iovecs (prefix + payload) and retired as it is written.
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; TCP_IOV];
+        let n = relay.prepare_tcp_send(&pool, c, &mut iov);
+        assert_eq!(n, 8);
+        let first = frame_bytes(&pool, relay.conn(c).unwrap().queue.get(0));
+        assert_eq!(&first[..2], &172u16.to_be_bytes());
+        relay.tcp_sent(&mut pool, c, 174 + 100);
+        assert_eq!(
+            relay.conn(c).unwrap().queued(),
+            3,
+            "a partly written frame stays"
+        );
+        relay.tcp_sent(&mut pool, c, 74 + 3 * 174);
+        assert_eq!(relay.conn(c).unwrap().queued(), 0);
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn an_oversize_frame_closes_the_connection_and_frees_its_buffers() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        let c = tcp_session(&mut relay, &mut pool, &mut out);
+        // Half a frame (holds a buffer), then a header announcing 60000 bytes.
+        let mut bytes = 200u16.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[0x80; 50]);
+        let seg = recv(&mut pool, 70, &bytes);
+        relay.on_tcp(&mut pool, c, seg, 0, &mut out);
+        pool.release(70);
+        assert_eq!(pool.in_use(), 1, "the partial frame keeps its buffer");
+        let mut bytes = vec![0x80; 150];
+        bytes.extend_from_slice(&60_000u16.to_be_bytes());
+        let seg = recv(&mut pool, 71, &bytes);
+        relay.on_tcp(&mut pool, c, seg, 0, &mut out);
+        pool.release(71);
+        assert_eq!(out.close, vec![c]);
+        assert_eq!(relay.counters.dropped(DropReason::BadFrame), 1);
+        assert!(relay.reap(&mut pool, c).is_some());
+        for o in out.udp.drain(..) {
+            for s in &o.segs[..usize::from(o.nsegs)] {
+                pool.release(s.buf);
+            }
+        }
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn rooms_add_and_remove_participants() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        relay
+            .install(SessionSpec {
+                id: 3,
+                legs: vec![
+                    leg("p1", Delivery::UdpLatched, Some("192.0.2.1:1")),
+                    leg("p2", Delivery::UdpLatched, Some("192.0.2.2:2")),
+                ],
+            })
+            .unwrap();
+        relay
+            .add_leg(3, leg("p3", Delivery::UdpLatched, Some("192.0.2.3:3")))
+            .unwrap();
+        assert_eq!(
+            relay.add_leg(3, leg("p3", Delivery::None, None)),
+            Err(InstallError::DuplicateLeg("p3".into()))
+        );
+        assert_eq!(
+            relay.add_leg(99, leg("p4", Delivery::None, None)),
+            Err(InstallError::NoSession(99))
+        );
+        let seg = recv(&mut pool, 0, &[0x80; 100]);
+        relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 0, &mut out);
+        assert_eq!(out.udp.len(), 2, "p1 reaches p2 and p3");
+        assert!(relay.remove_leg(&mut pool, 3, "p2", &mut out));
+        out.udp.clear();
+        relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 0, &mut out);
+        assert_eq!(out.udp.len(), 1, "p2 left");
+        assert!(relay.remove(&mut pool, 3, &mut out));
+        assert_eq!(relay.session_count(), 0);
+        assert!(relay.leg_by_name.is_empty() && relay.udp_bindings.is_empty());
+    }
+
+    #[test]
+    fn rebinding_a_tcp_leg_does_not_lift_the_unbound_limit() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        relay
+            .install(SessionSpec {
+                id: 1,
+                legs: vec![leg("t", Delivery::Tcp, None)],
+            })
+            .unwrap();
+        for i in 0..5u16 {
+            let c = relay
+                .on_accept(
+                    &mut pool,
+                    fd(),
+                    "192.0.2.2:2000".parse().unwrap(),
+                    0,
+                    &mut out,
+                )
+                .unwrap();
+            assert_eq!(relay.unbound_count(), 1);
+            let mut req = [0u8; 256];
+            let n = stun::write_binding_request(&mut req, b"t", b"k", &[i as u8; 12]).unwrap();
+            let mut frame = (n as u16).to_be_bytes().to_vec();
+            frame.extend_from_slice(&req[..n]);
+            let seg = recv(&mut pool, 64 + i, &frame);
+            relay.on_tcp(&mut pool, c, seg, 0, &mut out);
+            pool.release(64 + i);
+            assert_eq!(
+                relay.unbound_count(),
+                0,
+                "bound (and the previous connection closed) without a second decrement"
+            );
+        }
+        assert!(relay.unbound_by_source.is_empty());
+    }
+
+    #[test]
+    fn stale_datagrams_are_dropped_and_counted() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        relay
+            .install(SessionSpec {
+                id: 1,
+                legs: vec![
+                    leg("a", Delivery::UdpLatched, Some("192.0.2.1:1")),
+                    leg("b", Delivery::UdpLatched, Some("192.0.2.2:2")),
+                ],
+            })
+            .unwrap();
+        relay.begin_turn(1_000_000_000);
+        let seg = recv(&mut pool, 0, &[0x80; 172]);
+        relay.on_udp(
+            &mut pool,
+            "192.0.2.1:1".parse().unwrap(),
+            seg,
+            600_000_000,
+            &mut out,
+        );
+        assert!(out.udp.is_empty(), "received 400 ms ago: stale");
+        assert_eq!(relay.counters.dropped(DropReason::Stale), 1);
+        relay.on_udp(
+            &mut pool,
+            "192.0.2.1:1".parse().unwrap(),
+            seg,
+            900_000_000,
+            &mut out,
+        );
+        assert_eq!(out.udp.len(), 1, "100 ms old: forwarded");
+    }
+
+    #[test]
+    fn the_send_budget_is_checked_before_references_are_taken() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox {
+            udp_budget: 3,
+            ..Outbox::default()
+        };
+        let mut legs = vec![leg("src", Delivery::UdpLatched, Some("192.0.2.1:1"))];
+        for i in 0..10 {
+            legs.push(leg(
+                &format!("r{i}"),
+                Delivery::Udp(format!("192.0.2.9:{}", 100 + i).parse().unwrap()),
+                None,
+            ));
+        }
+        relay.install(SessionSpec { id: 1, legs }).unwrap();
+        let seg = recv(&mut pool, 0, &[0x80; 172]);
+        relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 0, &mut out);
+        assert_eq!(out.udp.len(), 3);
+        assert_eq!(
+            pool.refs(0),
+            4,
+            "one reference per admitted send, none more"
+        );
+        assert_eq!(relay.counters.dropped(DropReason::SendBacklog), 7);
+    }
+
+    #[test]
+    fn reference_counts_hold_at_the_legal_extremes() {
+        // buf_size 4096 with rooms of 64, and 16384 with rooms of 16: the most references
+        // one buffer can gather is bounded by the budgets, far below the count's range.
+        for (buf_size, room) in [(4096usize, 64usize), (16384, 16)] {
+            let mut p = Pool::new(PoolLayout {
+                buf_size,
+                udp: 4,
+                tcp: 4,
+                spare: 8,
+            })
+            .unwrap();
+            p.received(0);
+            let frames = buf_size / 3; // 1-byte frames: 3 bytes each
+            let holds = frames * (room - 1);
+            for _ in 0..holds {
+                p.hold(0);
+            }
+            assert_eq!(
+                p.refs(0) as usize,
+                holds + 1,
+                "no wrap at {buf_size}/{room}"
+            );
+            for _ in 0..holds {
+                p.release(0);
+            }
+            assert!(p.buf_mut(0).is_some(), "held once again: ours alone");
+            p.release(0);
+            assert!(
+                p.buf_mut(0).is_none(),
+                "back to the kernel: not ours to write"
+            );
+        }
+    }
+
+    proptest! {
+        /// Arbitrary datagrams and TCP byte streams (in arbitrary pieces) never panic, and
+        /// once every send completes no buffer stays pinned.
+        #[test]
+        fn arbitrary_input_never_panics_or_leaks(
+            datagrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..20),
+            stream in proptest::collection::vec(any::<u8>(), 0..3000),
+            cuts in proptest::collection::vec(1usize..400, 1..20),
+        ) {
+            let mut relay = Relay::new(RelayConfig { max_frame: 600, tcp_queue_frames: 8, ..RelayConfig::default() });
+            let mut pool = pool();
+            let mut out = Outbox::default();
+            let c = tcp_session(&mut relay, &mut pool, &mut out);
+            let stranger = relay.on_accept(&mut pool, fd(), "192.0.2.3:3".parse().unwrap(), 0, &mut out).unwrap();
+            // Like the kernel, hand out only buffers nobody references.
+            let free = |pool: &Pool, range: std::ops::Range<u16>| range.clone().find(|&b| pool.refs(b) == 0).unwrap();
+            for d in &datagrams {
+                let id = free(&pool, 0..64);
+                let seg = recv(&mut pool, id, d);
+                let src = if d.len() % 2 == 0 { "192.0.2.1:1000" } else { "192.0.2.5:5" };
+                relay.on_udp(&mut pool, src.parse().unwrap(), seg, 0, &mut out);
+                pool.release(id);
+                // Sends complete at once.
+                for o in out.udp.drain(..) {
+                    for s in &o.segs[..usize::from(o.nsegs)] { pool.release(s.buf); }
+                }
+            }
+            let mut at = 0;
+            let mut k = 0;
+            while at < stream.len() {
+                let n = cuts[k % cuts.len()].min(stream.len() - at);
+                for conn in [c, stranger] {
+                    let b = free(&pool, 64..128);
+                    let seg = recv(&mut pool, b, &stream[at..at + n]);
+                    relay.on_tcp(&mut pool, conn, seg, 0, &mut out);
+                    pool.release(b);
+                }
+                for o in out.udp.drain(..) {
+                    for s in &o.segs[..usize::from(o.nsegs)] { pool.release(s.buf); }
+                }
+                at += n;
+                k += 1;
+            }
+            for conn in [c, stranger] {
+                relay.close(&mut pool, conn, &mut out);
+                let _ = relay.reap(&mut pool, conn);
+            }
+            prop_assert_eq!(pool.in_use(), 0);
+            prop_assert!(relay.tcp_queued_total() == 0);
+        }
+    }
+}
