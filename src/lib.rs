@@ -16,6 +16,7 @@ pub mod control;
 pub mod loadgen;
 pub mod logging;
 pub mod metrics;
+pub mod net;
 pub mod server;
 pub mod shard;
 pub mod store;

@@ -98,7 +98,7 @@ use super::media::{
 use super::planner::{self, Capabilities, Path, Plan};
 use super::probe::ProbeOutcome;
 use crate::metrics::Transport;
-use crate::shard::relay::canonical;
+use crate::net::canonical;
 use crate::shard::{Delivery, LegSpec, SessionId, SessionSpec};
 use crate::store::{self, Route};
 use crate::wire::control::{CallId, ErrorCode, HangupReason, MediaInstructions, ServerMsg};

@@ -62,7 +62,7 @@ use super::auth::{
 use super::calls::Call;
 use super::presence::Presence;
 use super::probe::{Probe, ProbeOutcome};
-use crate::shard::relay::canonical;
+use crate::net::canonical;
 use crate::shard::{LegSpec, SessionId, SessionSpec};
 use crate::store::Store;
 use crate::wire::control::{CallId, ClientMsg, ErrorCode, ServerMsg, VERSION};

@@ -57,7 +57,7 @@ use std::time::Instant;
 
 use super::gateway::{Action, ConnId, Gateway, Phase, ProbePort, Timer, later, millis, random_hex};
 use super::planner::Capabilities;
-use crate::shard::relay::canonical;
+use crate::net::canonical;
 use crate::wire::control::ServerMsg;
 use crate::wire::stun;
 
@@ -882,8 +882,8 @@ mod tests {
         assert_ne!(token, old);
         // The old token gets a plain answer (no MESSAGE-INTEGRITY) and marks nothing.
         let mut buf = [0u8; 256];
-        let n =
-            crate::client::binding::request(&mut buf, &old, old.as_bytes(), &[3; 12]).unwrap_or(0);
+        let n = stun::write_binding_request(&mut buf, old.as_bytes(), old.as_bytes(), &[3; 12])
+            .unwrap_or(0);
         w.input(Input::ProbeDatagram {
             port: ProbePort::A,
             src: c.mapped(sim::PROBE_PORT),

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Config;
 use crate::control::gateway::{Action, ConnId, Gateway, Input, ProbePort, ShardInfo};
 use crate::metrics::dump::{DumpConfig, DumpWriter, ShardSample};
-use crate::shard::relay::canonical;
+use crate::net::canonical;
 use crate::shard::{Command, ShardHandle, Shards};
 use crate::store::sqlite::SqliteStore;
 use crate::wire::control::{self as proto, ClientMsg, ServerMsg};

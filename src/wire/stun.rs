@@ -797,6 +797,21 @@ pub fn write_binding_success(
     Ok(w.finish())
 }
 
+/// Checks a Binding success response to the request `txid` keyed with `key` (transaction id,
+/// MESSAGE-INTEGRITY, FINGERPRINT); returns its XOR-MAPPED-ADDRESS.
+pub fn check_binding_success(msg: &[u8], key: &[u8], txid: &[u8; 12]) -> Option<SocketAddr> {
+    let m = Message::parse(msg).ok()?;
+    let ok = m.transaction_id() == txid
+        && m.method() == BINDING
+        && m.class() == Class::Success
+        && m.check_integrity(key).is_ok()
+        && m.check_fingerprint().is_ok();
+    if !ok {
+        return None;
+    }
+    m.xor_address(attr::XOR_MAPPED_ADDRESS).ok()?
+}
+
 /// A classic RFC 3489 Binding response (no magic cookie: the 16-byte transaction id of the
 /// request is echoed whole) with MAPPED-ADDRESS `mapped` (RFC 3489 §11.2.1). `request` is the
 /// request's 20-byte header. Returns its length.

@@ -4,7 +4,7 @@
 //! keyed Binding request before media moves (quinn-style path validation with
 //! anti-amplification), replayed Bindings are ignored, and the private-address policy applies.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use super::{
     ConnId, DropReason, FrameQueue, LegIdx, Outbox, Relay, SEEN_TXIDS, ShardEvent, UdpOut,
@@ -28,21 +28,7 @@ pub(super) fn is_binding_success(msg: &[u8]) -> bool {
     msg.len() >= stun::HEADER_LEN && msg[0] == 0x01 && msg[1] == 0x01
 }
 
-/// Loopback, RFC 1918, ULA (fc00::/7), link-local (169.254/16, fe80::/10) or unspecified.
-pub fn is_private(ip: IpAddr) -> bool {
-    match canonical(SocketAddr::new(ip, 0)).ip() {
-        IpAddr::V4(a) => {
-            a.is_loopback() || a.is_private() || a.is_link_local() || a.is_unspecified()
-        }
-        IpAddr::V6(a) => {
-            let s0 = a.segments()[0];
-            a.is_loopback()
-                || a.is_unspecified()
-                || (s0 & 0xfe00) == 0xfc00
-                || (s0 & 0xffc0) == 0xfe80
-        }
-    }
-}
+pub use crate::net::is_private;
 
 impl Relay {
     /// A datagram arrived on the shard's UDP socket; `seg` is its payload in the pool, and the

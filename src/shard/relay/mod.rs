@@ -670,17 +670,9 @@ impl Relay {
     // ---------------------------------------------------------------- TCP
 }
 
-/// IPv4-mapped IPv6 addresses (from a dual-stack socket) as plain IPv4, so one client has one
-/// key in the binding table whatever socket family saw it.
-pub fn canonical(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => a,
-        },
-        v4 => v4,
-    }
-}
+/// The canonical form of an address lives in the neutral `net` module (the control core uses
+/// it too); re-exported here so existing paths keep compiling.
+pub use crate::net::canonical;
 
 #[cfg(test)]
 mod tests {
