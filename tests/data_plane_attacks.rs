@@ -580,6 +580,35 @@ fn private_latch_is_refused(backend: Backend) {
     );
 }
 
+/// The shard→control event channel is bounded: a control thread that does not keep up costs
+/// counted event drops, never shard memory. Before: an unbounded channel with a `String` per
+/// event.
+fn event_channel_is_bounded(backend: Backend) {
+    let mut cfg = config(backend);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    cfg.events = Some(tx);
+    let shards = spawn_with(cfg);
+    let h = &shards.handles[0];
+    h.install_blocking(SessionSpec {
+        id: 1,
+        legs: (0..3)
+            .map(|i| leg(&format!("e{i}"), Delivery::UdpLatched))
+            .collect(),
+    })
+    .unwrap();
+    let socks: Vec<UdpSocket> = (0..3).map(|_| udp_client("127.0.0.1")).collect();
+    for (i, s) in socks.iter().enumerate() {
+        bind_udp(s, gw_udp(h), &format!("e{i}"));
+    }
+    let s = wait_until(h, "event drops counted", |s| {
+        s.counters.dropped(DropReason::EventOverflow) == 2
+    });
+    assert_eq!(s.counters.bindings, 3, "every binding answered");
+    let first = rx.try_recv().expect("the first event was delivered");
+    let voxgate::shard::ShardEvent::LegBound { leg, .. } = first;
+    assert_eq!(&*leg, "e0");
+}
+
 macro_rules! both_backends {
     ($($name:ident),*) => {
         mod io_uring {
@@ -597,5 +626,6 @@ both_backends!(
     trickling_unbound_connections_do_not_lock_out_a_leg,
     stalled_readers_do_not_starve_the_shard,
     replayed_binding_does_not_move_the_leg,
-    private_latch_is_refused
+    private_latch_is_refused,
+    event_channel_is_bounded
 );

@@ -80,10 +80,12 @@ pub enum DropReason {
     /// Accepting TCP media connections paused (counted once per pause): the process ran out of
     /// descriptors or memory (EMFILE, ENFILE, ENOMEM, ENOBUFS).
     AcceptBackoff,
+    /// A shard→control event (a leg bound) dropped because the bounded channel was full.
+    EventOverflow,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::Unbound,
         DropReason::BadAuth,
         DropReason::BadStun,
@@ -102,6 +104,7 @@ impl DropReason {
         DropReason::PrivateLatch,
         DropReason::NotMedia,
         DropReason::AcceptBackoff,
+        DropReason::EventOverflow,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -125,6 +128,7 @@ impl DropReason {
             DropReason::PrivateLatch => "private_latch",
             DropReason::NotMedia => "not_media",
             DropReason::AcceptBackoff => "accept_backoff",
+            DropReason::EventOverflow => "event_overflow",
         }
     }
 }

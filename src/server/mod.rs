@@ -250,7 +250,7 @@ async fn run(
     let data_dir = cfg.data_dir();
     let store = open_store(&data_dir)?;
     let secret = load_secret(&data_dir)?;
-    let (shard_events_tx, mut shard_events) = mpsc::unbounded_channel();
+    let (shard_events_tx, mut shard_events) = mpsc::channel(crate::shard::SHARD_EVENTS);
     let mut shard_cfg = cfg.shard_config();
     shard_cfg.events = Some(shard_events_tx);
     let shards = Shards::spawn(&shard_cfg)?;
@@ -366,7 +366,7 @@ async fn run(
             Some(ev) = shard_events.recv() => {
                 let crate::shard::ShardEvent::LegBound { session, leg, transport, source } = ev;
                 tracing::debug!(session, %leg, ?transport, %source, "leg bound");
-                server.gateway.handle(Instant::now(), Input::LegBound { session, leg, transport });
+                server.gateway.handle(Instant::now(), Input::LegBound { session, leg: leg.to_string(), transport });
             }
             _ = async { match timeout { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 server.gateway.handle_timeout(Instant::now());

@@ -153,7 +153,7 @@ impl Relay {
         let l = self.leg(leg);
         out.events.push(ShardEvent::LegBound {
             session: l.session,
-            leg: String::from_utf8_lossy(&l.name).into_owned(),
+            leg: l.event_name.clone(),
             transport,
             source,
         });
@@ -339,7 +339,7 @@ impl Relay {
             let l = self.leg(leg);
             out.events.push(ShardEvent::LegBound {
                 session: l.session,
-                leg: String::from_utf8_lossy(&l.name).into_owned(),
+                leg: l.event_name.clone(),
                 transport: crate::metrics::Transport::Tcp,
                 source: peer,
             });

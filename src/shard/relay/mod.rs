@@ -19,6 +19,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
@@ -167,10 +168,11 @@ pub struct UdpOut {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ShardEvent {
     /// A leg proved its key and is bound: from now on media can be delivered to it over
-    /// `transport` (sent once per leg and transport).
+    /// `transport` (sent when a leg binds, and when its source moves).
     LegBound {
         session: SessionId,
-        leg: String,
+        /// Shared with the shard's leg table: no allocation per event.
+        leg: std::sync::Arc<str>,
         transport: crate::metrics::Transport,
         source: SocketAddr,
     },
@@ -221,6 +223,9 @@ impl Outbox {
 struct Leg {
     session: SessionId,
     name: Rc<[u8]>,
+    /// The name as the control thread gets it in events: shared, so a bind change costs the
+    /// shard no allocation.
+    event_name: Arc<str>,
     key: Box<[u8]>,
     delivery: Delivery,
     peers: Vec<LegIdx>,
@@ -399,6 +404,7 @@ impl Relay {
     fn create_leg(&mut self, session: SessionId, l: LegSpec) -> LegIdx {
         let leg = Leg {
             session,
+            event_name: Arc::from(l.name.as_str()),
             name: Rc::from(l.name.into_bytes()),
             key: l.key.into_boxed_slice(),
             delivery: match l.delivery {
