@@ -471,7 +471,7 @@ fn run_shard(ctx: ShardContext, sockets: sockets::ShardSockets, ready: Ready) {
     let backend = core.ctx.cfg.backend;
     let index = core.ctx.index;
     if backend != Backend::Epoll {
-        match uring::UringShard::prepare(&core) {
+        match uring::UringShard::prepare(&core, &sockets) {
             Ok(rings) => {
                 match uring::UringShard::new(core, rings, &sockets) {
                     Ok(mut u) => {

@@ -9,6 +9,8 @@
 //!   the next batch in one `io_uring_enter`.
 //! - The ring is `SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN`: completions run only when this
 //!   thread enters the kernel, which is when it wants them.
+//! - The UDP socket and the listener are registered files (`IORING_REGISTER_FILES`): receives,
+//!   sends and accepts name them by index, with no file-table lookup per operation.
 //! - Wake-up coalescing: with a budget `B`, the loop sends its batch, then sleeps until `B`
 //!   after it last woke (at most `BATCH / rate`), and then takes whatever has arrived
 //!   (`min_wait`); so a lightly loaded shard handles a millisecond's packets per wake-up instead
@@ -20,7 +22,7 @@
 
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
@@ -51,6 +53,10 @@ const TCP_SENDS_PER_TURN: usize = 256;
 
 /// How long multishot accept rests after running out of descriptors or memory.
 const ACCEPT_BACKOFF_NS: u64 = 100_000_000;
+
+/// Registered-file indexes.
+const FIXED_UDP: u32 = 0;
+const FIXED_LISTENER: u32 = 1;
 
 const K_UDP_RECV: u64 = 1;
 const K_ACCEPT: u64 = 2;
@@ -160,8 +166,6 @@ pub(crate) struct UringShard {
     udp_ring: BufRing,
     tcp_ring: BufRing,
     core: ShardCore,
-    udp_fd: RawFd,
-    tcp_fd: RawFd,
     ipv6: bool,
     recv_msg: Box<libc::msghdr>,
     slots: Box<[SendSlot]>,
@@ -213,8 +217,14 @@ pub(crate) struct UringShard {
 impl UringShard {
     /// Sets up the ring and its buffer rings for `core`; on failure the caller still owns
     /// `core` and can run the epoll loop instead.
-    pub fn prepare(core: &ShardCore) -> io::Result<Rings> {
+    pub fn prepare(core: &ShardCore, sockets: &ShardSockets) -> io::Result<Rings> {
         let (ring, udp_ring, tcp_ring, min_wait) = Self::setup(core)?;
+        // Registered files: the UDP socket and the listener are used by index
+        // (IOSQE_FIXED_FILE), so the hot path's receives and sends skip the per-operation
+        // file-table lookup and reference count. (The ring holds its own reference to the
+        // files; the loop's clones of the descriptors refer to the same sockets.)
+        ring.submitter()
+            .register_files(&[sockets.udp.as_raw_fd(), sockets.tcp.as_raw_fd()])?;
         Ok(Rings {
             ring,
             udp_ring,
@@ -292,8 +302,6 @@ impl UringShard {
             .map(|_| unsafe { std::mem::zeroed() })
             .collect();
         UringShard {
-            udp_fd: udp.as_raw_fd(),
-            tcp_fd: tcp.as_raw_fd(),
             ipv6,
             recv_msg,
             free_slots: (0..nslots as u32).rev().collect(),
@@ -356,14 +364,14 @@ impl UringShard {
     }
 
     fn arm_udp_recv(&mut self) {
-        let e = opcode::RecvMsgMulti::new(types::Fd(self.udp_fd), &*self.recv_msg, UDP_BGID)
+        let e = opcode::RecvMsgMulti::new(types::Fixed(FIXED_UDP), &*self.recv_msg, UDP_BGID)
             .build()
             .user_data(ud(K_UDP_RECV, 0, 0));
         self.udp_recv_armed = self.push(e);
     }
 
     fn arm_accept(&mut self) {
-        let e = opcode::AcceptMulti::new(types::Fd(self.tcp_fd))
+        let e = opcode::AcceptMulti::new(types::Fixed(FIXED_LISTENER))
             .flags(libc::SOCK_CLOEXEC)
             .build()
             .user_data(ud(K_ACCEPT, 0, 0));
@@ -826,13 +834,13 @@ impl UringShard {
             // the buffers are released right after that call (`release_sent`). Half the
             // completions of a relayed packet disappear.
             self.udp_sent.push(idx);
-            opcode::SendMsg::new(types::Fd(self.udp_fd), &slot.msg)
+            opcode::SendMsg::new(types::Fixed(FIXED_UDP), &slot.msg)
                 .flags(libc::MSG_DONTWAIT as u32)
                 .build()
                 .flags(squeue::Flags::SKIP_SUCCESS)
                 .user_data(ud(K_UDP_SEND, 0, idx))
         } else {
-            opcode::SendMsg::new(types::Fd(self.udp_fd), &slot.msg)
+            opcode::SendMsg::new(types::Fixed(FIXED_UDP), &slot.msg)
                 .build()
                 .user_data(ud(K_UDP_SEND, 0, idx))
         };
