@@ -281,7 +281,7 @@ impl EpollShard {
                     self.free.push(bid);
                     continue;
                 }
-                self.core.pool.received(bid);
+                let held = self.core.pool.received(bid);
                 let m = &self.rx_msgs[i];
                 let len = m.msg_len as usize;
                 let truncated = m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
@@ -310,7 +310,7 @@ impl EpollShard {
                     ),
                     (None, false) => {}
                 }
-                self.core.pool.release(bid);
+                self.core.pool.release_received(held);
             }
             total += got;
             self.recycle();
@@ -397,7 +397,7 @@ impl EpollShard {
             // SAFETY: reading into a free pool buffer of `size` bytes.
             let r = unsafe { libc::read(fd, self.core.pool.addr(bid).cast(), size) };
             if r > 0 {
-                self.core.pool.received(bid);
+                let held = self.core.pool.received(bid);
                 let before = self.core.relay.counters.tcp_in.packets;
                 self.core.relay.on_tcp(
                     &mut self.core.pool,
@@ -407,7 +407,7 @@ impl EpollShard {
                     &mut self.core.out,
                 );
                 frames += (self.core.relay.counters.tcp_in.packets - before) as usize;
-                self.core.pool.release(bid);
+                self.core.pool.release_received(held);
                 if (r as usize) < size {
                     return frames;
                 }

@@ -17,6 +17,35 @@ pub type BufId = u16;
 /// of a 65536-byte buffer would be a length of 0. The largest multiple of 64 below 65536.
 pub const MAX_BUF_SIZE: usize = 65_472;
 
+/// A buffer the kernel handed back (a receive completion or a read): it starts with one
+/// reference, which is ours. The three states of a buffer are types or counts, never
+/// conventions: on a ring it is the kernel's (no handle, 0 references, `buf_mut` refuses it);
+/// received it is a `Received` (ours, 1 reference, writable); referenced by sends or queued
+/// frames it is in flight (more references, read-only until they are released). The handle
+/// must be consumed by [`Pool::release_received`], which gives our reference back; dropping it
+/// instead is a leak, caught by a debug assertion.
+#[must_use = "a received buffer goes back to its ring only through Pool::release_received"]
+#[derive(Debug)]
+pub struct Received {
+    id: BufId,
+}
+
+impl Received {
+    pub fn id(&self) -> BufId {
+        self.id
+    }
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        debug_assert!(
+            std::thread::panicking(),
+            "received buffer {} dropped without Pool::release_received",
+            self.id
+        );
+    }
+}
+
 /// A byte range inside one pool buffer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Seg {
@@ -198,11 +227,23 @@ impl Pool {
     }
 
     /// The kernel handed us buffer `id` (a completion): it starts with one reference, owned by
-    /// whoever processes the completion.
-    pub fn received(&mut self, id: BufId) {
-        debug_assert_eq!(self.refs[usize::from(id)], 0, "buffer {id} received twice");
-        self.refs[usize::from(id)] = 1;
-        self.in_use += 1;
+    /// the returned handle.
+    pub fn received(&mut self, id: BufId) -> Received {
+        let r = &mut self.refs[usize::from(id)];
+        debug_assert_eq!(*r, 0, "buffer {id} received twice");
+        if *r == 0 {
+            self.in_use += 1;
+        }
+        *r += 1;
+        Received { id }
+    }
+
+    /// Gives back the reference a [`Received`] holds (the buffer returns to its ring once no
+    /// send or queue references it either).
+    pub fn release_received(&mut self, r: Received) {
+        let id = r.id;
+        std::mem::forget(r);
+        self.release(id);
     }
 
     /// Take a spare buffer (one reference), if any is free.
@@ -330,9 +371,9 @@ mod tests {
     #[test]
     fn ring_buffers_are_reported_free_spares_go_back_to_the_spare_list() {
         let mut p = pool();
-        p.received(1);
+        let r = p.received(1);
         p.hold(1);
-        p.release(1);
+        p.release_received(r);
         let mut freed = Vec::new();
         p.take_freed(&mut freed);
         assert!(freed.is_empty(), "still referenced once");
@@ -353,7 +394,7 @@ mod tests {
     #[test]
     fn pins_count_distinct_buffers_per_group() {
         let mut p = pool();
-        p.received(4); // TCP group
+        let r = p.received(4); // TCP group
         p.hold(4);
         p.pin(4);
         p.hold(4);
@@ -370,9 +411,31 @@ mod tests {
         p.unpin(4);
         p.release(4);
         assert_eq!(p.pinned(Group::Tcp), 0);
-        p.release(4);
+        p.release_received(r);
         assert_eq!(p.in_use(), 0);
         assert_eq!(p.group_size(Group::Tcp), 2);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "dropped without Pool::release_received")]
+    fn a_received_buffer_must_be_given_back() {
+        let mut p = pool();
+        let r = p.received(0);
+        drop(r);
+    }
+
+    #[test]
+    fn buf_mut_refuses_buffers_the_kernel_or_a_send_may_touch() {
+        let mut p = pool();
+        assert!(p.buf_mut(0).is_none(), "on the ring: the kernel's");
+        let r = p.received(0);
+        assert!(p.buf_mut(0).is_some(), "received: ours");
+        p.hold(0);
+        assert!(p.buf_mut(0).is_none(), "a send reads it: in flight");
+        p.release(0);
+        p.release_received(r);
+        assert!(p.buf_mut(0).is_none());
     }
 
     #[test]

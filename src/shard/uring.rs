@@ -564,7 +564,7 @@ impl UringShard {
             return;
         };
         let pool = &mut self.core.pool;
-        pool.received(bid);
+        let held = pool.received(bid);
         let parsed = {
             let buf = pool.buf(bid);
             let data = &buf[..(res as usize).min(buf.len())];
@@ -608,7 +608,7 @@ impl UringShard {
             }
             _ => {}
         }
-        self.core.pool.release(bid);
+        self.core.pool.release_received(held);
     }
 
     fn on_accept(&mut self, res: i32, flags: u32, now: u64) {
@@ -656,8 +656,8 @@ impl UringShard {
         let Some(c) = self.core.relay.conn_id_at(idx, generation) else {
             // A late completion for a connection already reaped: only return its buffer.
             if let Some(b) = bid {
-                self.core.pool.received(b);
-                self.core.pool.release(b);
+                let r = self.core.pool.received(b);
+                self.core.pool.release_received(r);
             }
             return;
         };
@@ -667,12 +667,12 @@ impl UringShard {
         }
         if res > 0 {
             if let Some(b) = bid {
-                self.core.pool.received(b);
+                let held = self.core.pool.received(b);
                 let seg = Seg::new(b, 0, res as usize);
                 self.core
                     .relay
                     .on_tcp(&mut self.core.pool, c, seg, now, &mut self.core.out);
-                self.core.pool.release(b);
+                self.core.pool.release_received(held);
             }
             if !more {
                 self.tcp_rearm.push(c);
@@ -1000,8 +1000,8 @@ impl UringShard {
                 K_UDP_RECV => {
                     self.udp_recv_armed &= cqueue::more(flags);
                     if let Some(b) = cqueue::buffer_select(flags) {
-                        self.core.pool.received(b);
-                        self.core.pool.release(b);
+                        let r = self.core.pool.received(b);
+                        self.core.pool.release_received(r);
                     }
                 }
                 K_ACCEPT => {
@@ -1020,8 +1020,8 @@ impl UringShard {
                             conn.recv_armed = false;
                         }
                         if let Some(b) = cqueue::buffer_select(flags) {
-                            self.core.pool.received(b);
-                            self.core.pool.release(b);
+                            let r = self.core.pool.received(b);
+                            self.core.pool.release_received(r);
                         }
                         self.try_reap(c);
                     }

@@ -714,9 +714,10 @@ mod tests {
         }
     }
 
-    /// A received buffer holding `data` (one reference, as the loop holds it).
+    /// A received buffer holding `data` (one reference, as the loop holds it). The tests give
+    /// that reference back with `pool.release(id)` where the loops use `release_received`.
     fn recv(pool: &mut Pool, id: BufId, data: &[u8]) -> Seg {
-        pool.received(id);
+        std::mem::forget(pool.received(id));
         pool.buf_mut(id).unwrap()[..data.len()].copy_from_slice(data);
         Seg::new(id, 0, data.len())
     }
@@ -1076,7 +1077,7 @@ mod tests {
                 spare: 8,
             })
             .unwrap();
-            p.received(0);
+            let r = p.received(0);
             let frames = buf_size / 3; // 1-byte frames: 3 bytes each
             let holds = frames * (room - 1);
             for _ in 0..holds {
@@ -1091,7 +1092,7 @@ mod tests {
                 p.release(0);
             }
             assert!(p.buf_mut(0).is_some(), "held once again: ours alone");
-            p.release(0);
+            p.release_received(r);
             assert!(
                 p.buf_mut(0).is_none(),
                 "back to the kernel: not ours to write"
