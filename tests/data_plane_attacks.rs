@@ -404,6 +404,10 @@ fn stalled_readers_do_not_starve_the_shard(backend: Backend) {
     wait_until(h, "backpressure on the stalled legs", |s| {
         s.counters.dropped(DropReason::TcpBackpressure) > 0
     });
+    // Frames that waited longer than the stale age (300 ms) leave the stalled queues.
+    wait_until(h, "stale frames dropped from the stalled queues", |s| {
+        s.counters.dropped(DropReason::Stale) > 0
+    });
     // A new TCP leg binds and exchanges media.
     h.install_blocking(SessionSpec {
         id: 1,

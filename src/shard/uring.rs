@@ -6,7 +6,10 @@
 //! - TCP: multishot accept on the listener; on each media connection a multishot receive with
 //!   buffer selection from a second ring (group 1).
 //! - Sends: `SendMsg` entries, as many as a batch produces, submitted together with the wait for
-//!   the next batch in one `io_uring_enter`.
+//!   the next batch in one `io_uring_enter`. All are non-blocking (`MSG_DONTWAIT`): a TCP
+//!   connection whose socket is full gets EAGAIN at once and waits for POLLOUT, so its queued
+//!   frames are never pinned by a send parked in the kernel (they stay subject to the age and
+//!   oldest-first drops), and one slow reader costs the shard nothing else.
 //! - The ring is `SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN`: completions run only when this
 //!   thread enters the kernel, which is when it wants them.
 //! - The UDP socket and the listener are registered files (`IORING_REGISTER_FILES`): receives,
@@ -64,6 +67,8 @@ const K_WAKE: u64 = 3;
 const K_TCP_RECV: u64 = 4;
 const K_TCP_SEND: u64 = 5;
 const K_UDP_SEND: u64 = 6;
+/// A TCP connection whose non-blocking send found its socket full waits for POLLOUT.
+const K_TCP_POLL: u64 = 7;
 
 fn ud(kind: u64, generation: u32, idx: u32) -> u64 {
     (kind << 56) | (u64::from(generation & 0x00ff_ffff) << 32) | u64::from(idx)
@@ -529,6 +534,7 @@ impl UringShard {
                 K_WAKE if !cqueue::more(flags) => self.wake_armed = false,
                 K_TCP_RECV => self.on_tcp_recv(idx, generation, res, flags, now),
                 K_TCP_SEND => self.on_tcp_send(idx, generation, res),
+                K_TCP_POLL => self.on_tcp_writable(idx, generation),
                 K_UDP_SEND => self.on_udp_send(idx, res),
                 _ => {}
             }
@@ -694,9 +700,30 @@ impl UringShard {
         let Some(c) = self.core.relay.conn_id_at(idx, generation) else {
             return;
         };
+        if res == -libc::EAGAIN {
+            // The socket is full (a slow reader). Nothing was written; the frames are no
+            // longer in flight, so the age and oldest-first drops can reach them while the
+            // connection waits for POLLOUT (a send parked in the kernel would pin them until
+            // TCP_USER_TIMEOUT). `send_inflight` stays set: the poll is the operation now.
+            self.core.relay.tcp_sent(&mut self.core.pool, c, 0);
+            if let Some(fd) = self.core.relay.raw_fd(c) {
+                let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+                    .build()
+                    .user_data(ud(K_TCP_POLL, c.generation, c.idx));
+                if self.push(e) {
+                    return;
+                }
+            }
+        }
         if let Some(conn) = self.core.relay.conn_mut(c) {
             conn.send_inflight = false;
             self.tcp_inflight -= 1;
+        }
+        if res == -libc::EAGAIN {
+            // Could not wait for POLLOUT: try again next turn.
+            self.tcp_deferred.push(c);
+            self.try_reap(c);
+            return;
         }
         if res >= 0 {
             self.core
@@ -713,6 +740,21 @@ impl UringShard {
             self.core
                 .relay
                 .close(&mut self.core.pool, c, &mut self.core.out);
+        }
+        self.try_reap(c);
+    }
+
+    /// A connection that found its socket full can take more.
+    fn on_tcp_writable(&mut self, idx: u32, generation: u32) {
+        let Some(c) = self.core.relay.conn_id_at(idx, generation) else {
+            return;
+        };
+        if let Some(conn) = self.core.relay.conn_mut(c) {
+            conn.send_inflight = false;
+            self.tcp_inflight -= 1;
+        }
+        if self.core.relay.tcp_has_queued(c) {
+            self.core.out.tcp_dirty.push(c);
         }
         self.try_reap(c);
     }
@@ -895,8 +937,10 @@ impl UringShard {
         *msg = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = n as _;
+        // Non-blocking: a full socket completes with EAGAIN at once (then POLLOUT is awaited
+        // without holding the frames in flight), instead of parking the send in the kernel.
         let e = opcode::SendMsg::new(types::Fd(fd), msg)
-            .flags(libc::MSG_NOSIGNAL as u32)
+            .flags((libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) as u32)
             .build()
             .user_data(ud(K_TCP_SEND, c.generation, c.idx));
         self.tcp_msgs_used += 1;
@@ -1026,7 +1070,7 @@ impl UringShard {
                         self.try_reap(c);
                     }
                 }
-                K_TCP_SEND => {
+                K_TCP_SEND | K_TCP_POLL => {
                     if let Some(c) = self.core.relay.conn_id_at(idx, generation) {
                         if let Some(conn) = self.core.relay.conn_mut(c) {
                             conn.send_inflight = false;
