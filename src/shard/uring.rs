@@ -198,9 +198,8 @@ pub(crate) struct UringShard {
     skip_success: bool,
     /// Their slots, submitted this turn.
     udp_sent: Vec<u32>,
-    /// TCP sends in flight, and how many of them were already in flight before this turn.
+    /// TCP sends (or waits for POLLOUT) in flight.
     tcp_inflight: usize,
-    tcp_blocked: usize,
     /// A receive ring ran dry this turn.
     starved: bool,
     /// The UDP ring ran dry: the multishot receive is re-armed only once buffers came back
@@ -331,7 +330,6 @@ impl UringShard {
             skip_success: ring.params().is_feature_skip_cqe_on_success(),
             udp_sent: Vec::with_capacity(nslots),
             tcp_inflight: 0,
-            tcp_blocked: 0,
             starved: false,
             udp_dry: false,
             tcp_dry: Vec::new(),
@@ -420,8 +418,6 @@ impl UringShard {
             self.core.relay.begin_turn(now);
             self.core.out.udp_budget = self.free_slots.len();
             self.reap_completions(now);
-            // Sends still in flight now were submitted in an earlier turn: they are blocked.
-            self.tcp_blocked = self.tcp_inflight;
             if !self.core.turn(Backend::IoUring, now) {
                 break;
             }
