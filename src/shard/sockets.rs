@@ -332,6 +332,55 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A control buffer with a timestamp and an SO_RXQ_OVFL counter, laid out as the kernel
+    /// does (cmsghdr, data, padding to the alignment).
+    fn control(ovfl: u32) -> Vec<u8> {
+        let hdr = size_of::<libc::cmsghdr>();
+        let mut v = Vec::new();
+        let mut push = |level: i32, ty: i32, data: &[u8]| {
+            let len = hdr + data.len();
+            // SAFETY: plain C struct.
+            let mut c: libc::cmsghdr = unsafe { std::mem::zeroed() };
+            c.cmsg_len = len as _;
+            c.cmsg_level = level;
+            c.cmsg_type = ty;
+            // SAFETY: reading the bytes of a plain C struct.
+            v.extend_from_slice(unsafe {
+                std::slice::from_raw_parts((&c as *const libc::cmsghdr).cast::<u8>(), hdr)
+            });
+            v.extend_from_slice(data);
+            v.resize(cmsg_align(v.len()), 0);
+        };
+        let ts = [7u8; 16];
+        push(libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS, &ts);
+        push(libc::SOL_SOCKET, libc::SO_RXQ_OVFL, &ovfl.to_ne_bytes());
+        v
+    }
+
+    #[test]
+    fn socket_overflow_counts_are_parsed_and_turned_into_new_drops() {
+        assert_eq!(rx_overflow(&control(5)), Some(5));
+        assert_eq!(rx_overflow(&control(5)[..20]), None, "truncated: nothing");
+        let mut t = OverflowTracker::default();
+        assert_eq!(t.update(&control(3)), 3);
+        assert_eq!(t.update(&control(3)), 0);
+        assert_eq!(t.update(&control(10)), 7);
+        assert_eq!(
+            t.update(&control(2)),
+            u64::from(2u32.wrapping_sub(10)),
+            "wraps"
+        );
+        assert_eq!(t.update(&[]), 0, "no counter in this message");
+    }
+
+    proptest! {
+        #[test]
+        fn control_parsing_never_panics(data in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = rx_overflow(&data);
+            let _ = rx_timestamp_ns(&data);
+        }
+    }
+
     fn bytes(raw: &RawAddr, len: libc::socklen_t) -> Vec<u8> {
         // SAFETY: reading initialized plain bytes of the union.
         unsafe { std::slice::from_raw_parts((raw as *const RawAddr).cast::<u8>(), len as usize) }
