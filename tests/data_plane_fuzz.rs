@@ -286,9 +286,11 @@ fn fuzz(backend: Backend, datagrams: usize) {
             }
         }
         if i % 1000 == 999 {
-            // Paced to about 40,000 datagrams a second: the calls must not lose packets to
-            // a full socket (that is the kernel's limit, not the gateway's).
-            let due = t0 + Duration::from_micros(25) * (i as u32 + 1);
+            // Paced to about 20,000 datagrams a second: the calls must not lose packets to
+            // a full socket (the kernel's limit, with the default rmem_max, not the
+            // gateway's; a debug build at 40,000 a second with 5,000 TCP connections
+            // overflowed it, counted as socket_overflow).
+            let due = t0 + Duration::from_micros(50) * (i as u32 + 1);
             if let Some(d) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(d);
             }
@@ -304,17 +306,18 @@ fn fuzz(backend: Backend, datagrams: usize) {
     let got_udp = udp_rx.join().unwrap();
     let got_tcp = tcp_rx.join().unwrap();
     let s = h.snapshot_blocking().unwrap();
-    let expect: Vec<u16> = (0..sent).collect();
-    assert_eq!(
-        got_udp, expect,
-        "{backend}: the UDP call lost or reordered packets: {:?}",
-        s.counters
-    );
-    assert_eq!(
-        got_tcp, expect,
-        "{backend}: the UDP→TCP call lost or reordered packets: {:?}",
-        s.counters
-    );
+    for (what, got) in [("UDP", &got_udp), ("UDP→TCP", &got_tcp)] {
+        let missing: Vec<u16> = (0..sent).filter(|q| !got.contains(q)).collect();
+        let in_order = got.windows(2).all(|w| w[0] < w[1]);
+        assert!(
+            missing.is_empty() && in_order && got.len() == usize::from(sent),
+            "{backend}: the {what} call lost {} of {sent} packets (first {:?}), in order: \
+             {in_order}; drops {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)],
+            s.counters.drops
+        );
+    }
     assert!(
         rss_end <= rss_warm + rss_warm / 10,
         "{backend}: RSS grew from {rss_warm} to {rss_end} bytes"
