@@ -145,6 +145,9 @@ pub struct MediaSection {
     pub udp_sndbuf: usize,
     pub max_unbound_tcp: usize,
     pub unbound_tcp_timeout_ms: u64,
+    /// Media older than this is dropped, in ms (kernel receive time to handling, or waiting in
+    /// a TCP queue); 0: never.
+    pub stale_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -345,6 +348,7 @@ impl Default for MediaSection {
             udp_sndbuf: s.udp_sndbuf,
             max_unbound_tcp: r.max_unbound_tcp,
             unbound_tcp_timeout_ms: r.unbound_tcp_timeout_ns / 1_000_000,
+            stale_ms: r.stale_ns / 1_000_000,
         }
     }
 }
@@ -505,9 +509,13 @@ impl Config {
             format!("{} µs is longer than a 20 ms voice frame", m.coalesce_us),
         );
         check(
-            (512..=65_536).contains(&m.buf_size) && m.buf_size % 64 == 0,
+            (512..=crate::shard::pool::MAX_BUF_SIZE).contains(&m.buf_size) && m.buf_size % 64 == 0,
             "media.buf_size",
-            format!("{} must be a multiple of 64 in 512..=65536", m.buf_size),
+            format!(
+                "{} must be a multiple of 64 in 512..={} (packet segment lengths are 16-bit)",
+                m.buf_size,
+                crate::shard::pool::MAX_BUF_SIZE
+            ),
         );
         check(
             usize::from(m.max_frame) + 2 <= m.buf_size,
@@ -613,6 +621,33 @@ impl Config {
             );
         }
         check(
+            m.stale_ms <= 10_000,
+            "media.stale_ms",
+            format!("{} ms is outside 0..=10000", m.stale_ms),
+        );
+        check(
+            (1..=65_535).contains(&m.max_unbound_tcp),
+            "media.max_unbound_tcp",
+            format!("{} is outside 1..=65535", m.max_unbound_tcp),
+        );
+        check(
+            m.unbound_tcp_timeout_ms <= 600_000,
+            "media.unbound_tcp_timeout_ms",
+            format!("{} ms is outside 0..=600000", m.unbound_tcp_timeout_ms),
+        );
+        check(
+            (16..=1 << 20).contains(&m.send_slots),
+            "media.send_slots",
+            format!("{} is outside 16..=1048576", m.send_slots),
+        );
+        check(
+            m.tcp_sndbuf <= i32::MAX as usize
+                && m.udp_rcvbuf <= i32::MAX as usize
+                && m.udp_sndbuf <= i32::MAX as usize,
+            "media.tcp_sndbuf",
+            "socket buffer sizes (tcp_sndbuf, udp_rcvbuf, udp_sndbuf) must fit an i32".into(),
+        );
+        check(
             self.dumps.max_files >= 1,
             "dumps.max_files",
             "must be at least 1".into(),
@@ -683,9 +718,12 @@ impl Config {
             relay: RelayConfig {
                 max_frame: m.max_frame,
                 tcp_queue_frames: m.tcp_queue_frames,
-                tcp_queued_total: (m.udp_bufs / 2).max(m.tcp_queue_frames),
+                // Queued frames pin receive buffers: at most half of what the rings hold.
+                tcp_queued_total: ((m.udp_bufs + m.tcp_bufs) / 2).max(m.tcp_queue_frames),
                 max_unbound_tcp: m.max_unbound_tcp,
                 unbound_tcp_timeout_ns: m.unbound_tcp_timeout_ms * 1_000_000,
+                stale_ns: m.stale_ms * 1_000_000,
+                allow_private_latch: self.server.allow_private_peers,
                 ..RelayConfig::default()
             },
             events: None,
@@ -812,6 +850,27 @@ mod tests {
         let c = Config::parse(text).unwrap();
         c.validate().unwrap();
         assert_eq!(c, Config::default(), "the example documents the defaults");
+    }
+
+    #[test]
+    fn values_the_types_cannot_hold_are_refused_by_name() {
+        for (text, key) in [
+            ("[media]\nbuf_size = 65536\n", "media.buf_size"),
+            ("[media]\nstale_ms = 60000\n", "media.stale_ms"),
+            ("[media]\nmax_unbound_tcp = 0\n", "media.max_unbound_tcp"),
+            ("[media]\nsend_slots = 8\n", "media.send_slots"),
+            ("[media]\ntcp_sndbuf = 4294967296\n", "media.tcp_sndbuf"),
+        ] {
+            let e = Config::parse(text)
+                .unwrap()
+                .validate()
+                .expect_err(text)
+                .to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        // The largest buffer the 16-bit segment lengths can describe is accepted.
+        let c = Config::parse("[media]\nbuf_size = 65472\nmax_frame = 1500\n").unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

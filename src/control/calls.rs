@@ -117,7 +117,7 @@ use super::planner::{self, Capabilities, Family, Path, Plan};
 use super::probe::ProbeOutcome;
 use crate::directory::{self, Destination, LookupError, Query, Route};
 use crate::metrics::Transport;
-use crate::shard::relay::canonical;
+use crate::net::canonical;
 use crate::shard::{Delivery, LegSpec, SessionId, SessionSpec};
 use crate::wire::control::{
     CallId, DirectCandidate, ErrorCode, HangupReason, MediaInstructions, PathOrder, PathOrders,

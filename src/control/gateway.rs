@@ -69,7 +69,7 @@ use super::calls::Call;
 use super::presence::Presence;
 use super::probe::{Probe, ProbeOutcome};
 use crate::directory::{Answer, LookupError, Query};
-use crate::shard::relay::canonical;
+use crate::net::canonical;
 use crate::shard::{LegSpec, SessionId, SessionSpec};
 use crate::wire::control::{CallId, ClientMsg, ErrorCode, ServerMsg, VERSION};
 
@@ -609,6 +609,8 @@ pub(crate) struct Counters {
     pub calls_failed: u64,
     pub tally: super::tally::Tally,
     pub calls_limited: u64,
+    /// Anonymous STUN Bindings on the probe ports left unanswered by the per-prefix limit.
+    pub probe_rate_limited: u64,
 }
 
 /// The control core. See the module docs.
@@ -641,6 +643,8 @@ pub struct Gateway {
     pub(crate) users: HashMap<String, ConnId>,
     /// Tokens of running probes.
     pub(crate) tokens: HashMap<String, ConnId>,
+    /// Answers to anonymous STUN Bindings on the probe ports, limited per source prefix.
+    pub(crate) probe_limiter: super::probe::ProbeLimiter,
     pub(crate) calls: HashMap<CallId, Call>,
     /// Installs waiting for [`Input::ShardInstalled`].
     pub(crate) ops: HashMap<u64, CallId>,
@@ -696,6 +700,7 @@ impl Gateway {
             conns: HashMap::new(),
             users: HashMap::new(),
             tokens: HashMap::new(),
+            probe_limiter: super::probe::ProbeLimiter::default(),
             calls: HashMap::new(),
             ops: HashMap::new(),
             legs: HashSet::new(),

@@ -20,8 +20,7 @@ use super::gateway::{
 };
 use super::planner::Capabilities;
 use super::probe::ProbeOutcome;
-use crate::client::binding;
-use crate::shard::relay::canonical;
+use crate::net::canonical;
 use crate::store::{Route, SqliteStore, Store, Subscriber};
 use crate::wire::control::{
     CallId, ClientMsg, HangupReason, MediaInstructions, ServerMsg, VERSION,
@@ -559,7 +558,8 @@ impl World {
         }
         let mut buf = [0u8; 256];
         let txid = [9u8; 12];
-        let n = binding::request(&mut buf, token, token.as_bytes(), &txid).expect("fits");
+        let n = stun::write_binding_request(&mut buf, token.as_bytes(), token.as_bytes(), &txid)
+            .expect("fits");
         let src = c.mapped(PROBE_PORT);
         self.input(Input::ProbeDatagram {
             port: ProbePort::A,
@@ -577,8 +577,8 @@ impl World {
             .cloned()
             .expect("a Binding response");
         assert_eq!(
-            binding::check_response(&resp.2, token.as_bytes(), &txid),
-            Ok(src),
+            stun::check_binding_success(&resp.2, token.as_bytes(), &txid),
+            Some(src),
             "response carries MI keyed by the token and the mapped address"
         );
         // Indications may already have gone out: keep them.

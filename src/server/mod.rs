@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Config;
 use crate::control::gateway::{Action, ConnId, Gateway, Input, ProbePort, ShardInfo};
 use crate::metrics::dump::{DumpConfig, DumpWriter, ShardSample};
-use crate::shard::relay::canonical;
+use crate::net::canonical;
 use crate::shard::{Command, ShardHandle, Shards};
 use crate::store::sqlite::SqliteStore;
 use crate::wire::control::{self as proto, ClientMsg, ServerMsg};
@@ -335,7 +335,7 @@ async fn run(
         Arc::new(move || Ok(Box::new(SqliteStore::open(&path)?) as Box<dyn crate::store::Store>))
     });
     let secret = load_secret(&data_dir)?;
-    let (shard_events_tx, mut shard_events) = mpsc::unbounded_channel();
+    let (shard_events_tx, mut shard_events) = mpsc::channel(crate::shard::SHARD_EVENTS);
     let mut shard_cfg = cfg.shard_config();
     shard_cfg.events = Some(shard_events_tx);
     let shards = Shards::spawn(&shard_cfg)?;
@@ -509,7 +509,7 @@ async fn run(
                 crate::shard::ShardEvent::LegBound { session, leg, transport, source } => {
                     tracing::debug!(session, %leg, ?transport, %source, "leg bound");
                     server.ledger().leg_bound(session, &leg, transport);
-                    server.gateway.handle(Instant::now(), Input::LegBound { session, leg, transport });
+                    server.gateway.handle(Instant::now(), Input::LegBound { session, leg: leg.to_string(), transport });
                 }
                 crate::shard::ShardEvent::LegEnded { session, leg, rtp, clock_rate, .. } => {
                     server.ledger().leg_ended(session, &leg, &rtp, clock_rate);
@@ -670,7 +670,9 @@ async fn probe_reader(sock: Arc<UdpSocket>, port: ProbePort, events: mpsc::Sende
             continue;
         };
         // Only STUN is of interest; anything else costs nothing more.
-        if !crate::wire::stun::looks_like_stun(&buf[..n]) {
+        if !crate::wire::stun::looks_like_stun(&buf[..n])
+            && !crate::wire::stun::is_rfc3489_binding_request(&buf[..n])
+        {
             continue;
         }
         let input = Input::ProbeDatagram {

@@ -829,7 +829,7 @@ proptest! {
                     if let Some((probe, token, stage)) = running {
                         if binding {
                             let mut buf = [0u8; 256];
-                            if let Ok(n) = crate::client::binding::request(&mut buf, &token, token.as_bytes(), &[1; 12]) {
+                            if let Ok(n) = crate::wire::stun::write_binding_request(&mut buf, token.as_bytes(), token.as_bytes(), &[1; 12]) {
                                 w.input(Input::ProbeDatagram {
                                     port: ProbePort::A,
                                     src: addr("198.51.100.1:40000"),
