@@ -26,6 +26,7 @@ pub struct Config {
     pub dumps: DumpsSection,
     pub admin: AdminSection,
     pub limits: LimitsSection,
+    pub store: StoreSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -164,6 +165,34 @@ pub struct LimitsSection {
     pub message_burst: u32,
     /// A client throttled without a break for this long is refused (`rate_limited`) and closed.
     pub flood_close_s: u64,
+}
+
+/// Where the directory (subscribers, routes) is (`[store]`); see `store::location`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// `""`: SQLite `voxgate.db` in the data directory; `sqlite:PATH`; or
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (a fleet's shared directory).
+    /// `$VOXGATE_DIRECTORY` overrides it, `--directory` overrides both.
+    pub directory: String,
+    /// A file (mode 0600) whose first line is the PostgreSQL password, when the URL has none;
+    /// unset: `$PGPASSWORD`, if set.
+    pub password_file: Option<PathBuf>,
+    /// Bounds connecting to PostgreSQL, each statement, and unacknowledged writes.
+    pub timeout_ms: u64,
+    /// Directory worker threads, each with its own connection.
+    pub workers: usize,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            directory: String::new(),
+            password_file: None,
+            timeout_ms: 5_000,
+            workers: 2,
+        }
+    }
 }
 
 impl Default for LimitsSection {
@@ -305,6 +334,16 @@ impl Config {
             path: path.to_owned(),
             message,
         })
+    }
+
+    /// The directory this configuration names, with its credentials (`store::location`).
+    pub fn directory(&self) -> Result<crate::store::Location, crate::store::StoreError> {
+        crate::store::Location::resolve(
+            &self.store.directory,
+            self.store.password_file.as_deref(),
+            Duration::from_millis(self.store.timeout_ms),
+            &self.data_dir(),
+        )
     }
 
     /// Parses TOML; the error names the key (toml reports the offending key and line).
@@ -490,6 +529,20 @@ impl Config {
             "limits.message_burst",
             format!("{} is outside 1..=100000", l.message_burst),
         );
+        let st = &self.store;
+        if let Err(e) = crate::store::location::kind(&st.directory, Path::new(".")) {
+            check(false, "store.directory", e.to_string());
+        }
+        check(
+            (100..=60_000).contains(&st.timeout_ms),
+            "store.timeout_ms",
+            format!("{} is outside 100..=60000", st.timeout_ms),
+        );
+        check(
+            (1..=64).contains(&st.workers),
+            "store.workers",
+            format!("{} is outside 1..=64", st.workers),
+        );
         check(
             self.dumps.max_files >= 1,
             "dumps.max_files",
@@ -636,6 +689,7 @@ impl Config {
             v.push("dumps.dir".into());
         }
         v.extend(changed_keys("admin", &self.admin, &new.admin));
+        v.extend(changed_keys("store", &self.store, &new.store));
         v
     }
 }
