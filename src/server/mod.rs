@@ -315,7 +315,7 @@ async fn run(
             // unreachable server reported) before anything listens; the look-up workers
             // open their own connections.
             let location = cfg.directory()?;
-            drop(location.open()?);
+            location.check()?;
             tracing::info!(directory = %location, "directory opened");
             location.factory()
         }

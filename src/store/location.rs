@@ -175,10 +175,30 @@ impl Location {
         }
     }
 
-    /// Opens a new store each time it is called (one per directory worker).
+    /// Opens the store once and closes it again, on a thread of its own (so this may be
+    /// called inside an async runtime): the schema is migrated and the server or file found.
+    pub fn check(&self) -> Result<(), StoreError> {
+        std::thread::scope(|s| {
+            s.spawn(|| self.open().map(drop))
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Config("opening the directory panicked".into()))
+                })
+        })
+    }
+
+    /// Opens a new store each time it is called (one per directory worker). May be called
+    /// from inside an async runtime (the control thread's): the PostgreSQL driver runs its
+    /// own runtime, so the store is opened on a short-lived thread of its own.
     pub fn factory(&self) -> Factory {
         let me = self.clone();
-        Arc::new(move || me.open())
+        Arc::new(move || {
+            std::thread::scope(|s| {
+                s.spawn(|| me.open()).join().unwrap_or_else(|_| {
+                    Err(StoreError::Config("opening the directory panicked".into()))
+                })
+            })
+        })
     }
 }
 

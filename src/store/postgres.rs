@@ -85,7 +85,7 @@ impl PgTarget {
             config.application_name("voxgate");
         }
         let options = format!(
-            "{} -c statement_timeout={}",
+            "{} -c statement_timeout={} -c client_min_messages=warning",
             config.get_options().unwrap_or(""),
             timeout.as_millis().max(1)
         );
@@ -193,6 +193,23 @@ impl fmt::Debug for PostgresStore {
             .field("target", &self.target)
             .field("connected", &self.conn.borrow().is_some())
             .finish()
+    }
+}
+
+/// The driver blocks on its own runtime to close the connection, which panics inside another
+/// runtime (a store dropped on the control thread, e.g. when a later worker fails to start):
+/// there, the connection is closed on a thread of its own.
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.get_mut().take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let _ = std::thread::Builder::new()
+                    .name("voxgate-dir-close".into())
+                    .spawn(move || drop(conn));
+            } else {
+                drop(conn);
+            }
+        }
     }
 }
 
