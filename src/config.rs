@@ -789,6 +789,35 @@ mod tests {
     }
 
     #[test]
+    fn store_keys_are_checked_and_need_a_restart() {
+        let c = Config::parse(
+            "[store]\ndirectory = \"mysql://u:Secret-pw@db/x\"\ntimeout_ms = 10\nworkers = 0\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        for key in ["store.directory", "store.timeout_ms", "store.workers"] {
+            assert!(e.contains(key), "{key} missing in:\n{e}");
+        }
+        assert!(!e.contains("Secret-pw"), "{e}");
+        let c = Config::parse("[store]\ndirectory = \"postgres://vox@db.example/dir\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            Config::default().restart_only_changes(&c),
+            vec!["store.directory"]
+        );
+        assert_eq!(
+            c.directory().unwrap().to_string(),
+            "postgres://vox@db.example:5432/dir"
+        );
+        let mut d = Config::default();
+        d.server.data_dir = Some("/srv/vox".into());
+        assert_eq!(
+            d.directory().unwrap().to_string(),
+            "sqlite:/srv/vox/voxgate.db"
+        );
+    }
+
+    #[test]
     fn restart_only_keys_are_named() {
         let a = Config::default();
         let mut b = a.clone();
