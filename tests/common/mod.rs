@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use voxgate::client::{g711, wav};
 
 pub mod pg;
+pub mod redis;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_voxgate");
 

@@ -41,7 +41,21 @@ fn pg_bin() -> Option<PathBuf> {
     dirs.pop().map(|(_, b)| b)
 }
 
-fn skip_or_fail(msg: &str) {
+/// The user and group a private server runs as: `nobody` when this process is root (the
+/// servers refuse root, and need not have it), else this process's own (`None`).
+pub fn run_as_unprivileged() -> Option<(u32, u32)> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .expect("running as root, and there is no user `nobody` to run test servers as");
+    Some((nobody.uid.as_raw(), nobody.gid.as_raw()))
+}
+
+/// A missing server: said loudly, and a failure under `CI=true`.
+pub fn skip_or_fail(msg: &str) {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("CI=true and {msg}");
     }
@@ -62,15 +76,7 @@ impl PgServer {
             .prefix("voxgate-pg-")
             .tempdir()
             .expect("temp dir");
-        let run_as = if nix::unistd::geteuid().is_root() {
-            let nobody = nix::unistd::User::from_name("nobody")
-                .ok()
-                .flatten()
-                .expect("running as root, and there is no user `nobody` to run PostgreSQL as");
-            Some((nobody.uid.as_raw(), nobody.gid.as_raw()))
-        } else {
-            None
-        };
+        let run_as = run_as_unprivileged();
         let password = format!("pw-{:016x}", rand::random::<u64>());
         let pwfile = root.path().join("pwfile");
         std::fs::write(&pwfile, format!("{password}\n")).unwrap();
