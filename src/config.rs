@@ -167,8 +167,9 @@ pub struct LimitsSection {
     pub flood_close_s: u64,
 }
 
-/// Where the directory (subscribers, routes) is (`[store]`); see `store::location`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Where the directory (subscribers, routes) is (`[store]`); see `store::location`. `Debug`
+/// leaves out the directory URL, which may hold a password.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
     /// `""`: SQLite `voxgate.db` in the data directory; `sqlite:PATH`; or
@@ -182,6 +183,17 @@ pub struct StoreSection {
     pub timeout_ms: u64,
     /// Directory worker threads, each with its own connection.
     pub workers: usize,
+}
+
+impl std::fmt::Debug for StoreSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSection")
+            .field("directory", &"<not shown: may hold a password>")
+            .field("password_file", &self.password_file)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("workers", &self.workers)
+            .finish()
+    }
 }
 
 impl Default for StoreSection {
@@ -799,6 +811,7 @@ mod tests {
             assert!(e.contains(key), "{key} missing in:\n{e}");
         }
         assert!(!e.contains("Secret-pw"), "{e}");
+        assert!(!format!("{c:?}").contains("Secret-pw"));
         let c = Config::parse("[store]\ndirectory = \"postgres://vox@db.example/dir\"\n").unwrap();
         c.validate().unwrap();
         assert_eq!(

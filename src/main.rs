@@ -323,8 +323,16 @@ fn serve(a: ServeArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     if check {
+        // Reads the password file, if any (a check of its permissions); does not connect.
+        let directory = match cfg.directory() {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("voxgate: {e}");
+                return ExitCode::from(2);
+            }
+        };
         println!(
-            "configuration OK: control port {}, {} shard(s) on media ports from {}, probe ports {:?}, data in {}",
+            "configuration OK: control port {}, {} shard(s) on media ports from {}, probe ports {:?}, data in {}, directory {directory}",
             cfg.server.control_port,
             cfg.shard_count(),
             cfg.server.media_port_base,

@@ -337,3 +337,62 @@ fn postgres_down_refuses_log_ins_keeps_calls_and_comes_back_by_itself() {
         assert_eq!(r.json["received"]["lost"], 0, "{who}: {}", r.json);
     }
 }
+
+#[test]
+fn a_store_reconnects_by_itself_with_back_off() {
+    let Some(mut pg) = PgServer::start() else {
+        return;
+    };
+    pg.create_db("dir");
+    let mut s = store_on(&pg, "dir").unwrap();
+    s.add_user(&voxgate::store::Subscriber {
+        user: "alice".into(),
+        number: "+15550001".into(),
+        verifier: voxgate::control::auth::Verifier::with_salt("pw", b"salt", 1),
+    })
+    .unwrap();
+
+    // Restarted while the store was idle: the broken connection is replaced at once and
+    // the read succeeds (nobody sees the restart).
+    pg.stop();
+    pg.restart();
+    assert!(s.user("alice").unwrap().is_some());
+
+    // Down: reads fail as Unavailable, naming the server; while the back-off runs, at once
+    // and without trying the network.
+    pg.stop();
+    let e = s.user("alice").unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
+    assert!(e.to_string().contains(&pg.url("dir")), "{e}");
+    let t = Instant::now();
+    let e = s.user("alice").unwrap_err().to_string();
+    assert!(e.contains("next attempt to connect in"), "{e}");
+    assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+    // Writes fail the same way (and are never retried).
+    assert!(matches!(
+        s.del_user("alice"),
+        Err(StoreError::Unavailable { .. })
+    ));
+
+    // Back: within the longest back-off, reads work again by themselves.
+    pg.restart();
+    let back = Instant::now();
+    loop {
+        match s.user("alice") {
+            Ok(found) => {
+                assert!(found.is_some());
+                break;
+            }
+            Err(e) => assert!(
+                back.elapsed() < voxgate::store::postgres::RETRY_MAX + Duration::from_secs(2),
+                "still failing {:?} after the server came back: {e}",
+                back.elapsed()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "the store reconnected {:?} after the server came back",
+        back.elapsed()
+    );
+}

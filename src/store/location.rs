@@ -70,10 +70,13 @@ pub fn kind(spec: &str, data_dir: &Path) -> Result<Kind, StoreError> {
 
 fn pg_config(spec: &str) -> Result<postgres::Config, StoreError> {
     if !(spec.starts_with("postgres://") || spec.starts_with("postgresql://")) {
+        // Only what comes before the first ':' (a scheme, or a bare path): a password
+        // always follows a ':'.
+        let head = spec.split(':').next().unwrap_or("");
         return Err(StoreError::Config(format!(
-            "directory {:?}: expected \"\" (SQLite in the data directory), sqlite:PATH or \
+            "directory {:?}…: expected \"\" (SQLite in the data directory), sqlite:PATH or \
              postgres://USER@HOST:PORT/DB",
-            super::clip(spec.split('@').next_back().unwrap_or(""))
+            super::clip(head)
         )));
     }
     // The driver's parse errors do not repeat the URL (which may hold a password).
@@ -250,6 +253,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("secret-pw"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Any setting parses or fails without panicking, and a password in it is never
+        /// repeated in the error.
+        #[test]
+        fn settings_never_panic_nor_echo_a_password(
+            scheme in "(postgres|postgresql|sqlite|redis|)(://|:|)",
+            user in "[a-z%:@/]{0,8}",
+            rest in "(@|/|:|)[ -~]{0,40}",
+        ) {
+            let spec = format!("{scheme}{user}:Pw-7d1e0c{rest}");
+            if let Err(e) = kind(&spec, Path::new("/d")) {
+                proptest::prop_assert!(!e.to_string().contains("Pw-7d1e0c"), "{}", e);
+            }
+            let _ = check_command_line(&spec).map_err(|e| {
+                assert!(!e.to_string().contains("Pw-7d1e0c"), "{e}");
+            });
+        }
     }
 
     #[test]
