@@ -315,6 +315,13 @@ fn serve(a: ServeArgs) -> ExitCode {
         eprintln!("voxgate: {e}");
         return ExitCode::from(2);
     }
+    if let Some(w) = a
+        .config
+        .as_deref()
+        .and_then(|p| voxgate::store::location::exposed_password_warning(p, &cfg.store.directory))
+    {
+        eprintln!("voxgate: {w}");
+    }
     let config_path = a.config.clone();
     let check = a.check_config;
     apply_flags(&mut cfg, &a);
@@ -437,6 +444,13 @@ fn open_store(s: &StoreArgs) -> Result<(Box<dyn Store>, Config), String> {
     };
     if let Some(d) = &s.data_dir {
         cfg.server.data_dir = Some(d.clone());
+    }
+    if let Some(w) = s
+        .config
+        .as_deref()
+        .and_then(|p| voxgate::store::location::exposed_password_warning(p, &cfg.store.directory))
+    {
+        eprintln!("voxgate: {w}");
     }
     s.directory.apply(&mut cfg);
     let store = cfg

@@ -396,3 +396,96 @@ fn a_store_reconnects_by_itself_with_back_off() {
         back.elapsed()
     );
 }
+
+#[test]
+fn two_gateways_share_one_directory_and_edits_count_at_once() {
+    let Some(pg) = PgServer::start() else { return };
+    pg.create_db("dir");
+    let url = pg.url("dir");
+    let env = [("PGPASSWORD", pg.password.as_str())];
+    let a = Gateway::start_with_directory(&["--directory", &url], &env, &[]);
+    let b = Gateway::start_with_directory(&["--directory", &url], &env, &[]);
+    assert_eq!(pg_users(&pg, "dir"), 3, "one set of users for both");
+    for gw in [&a, &b] {
+        assert_eq!(probe(gw, "alice", &common::password("alice")).0, Some(0));
+    }
+    // A subscriber added next to gateway B logs in at gateway A at once.
+    let out = run_with_stdin(
+        Command::new(BIN)
+            .args([
+                "user",
+                "add",
+                "erin",
+                "--number",
+                "+15550005",
+                "--password-stdin",
+            ])
+            .args(["--directory", &url])
+            .env("PGPASSWORD", &pg.password),
+        "erin-password\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(probe(&a, "erin", "erin-password").0, Some(0));
+    // A password changed anywhere: the old one is refused everywhere at once.
+    let out = run_with_stdin(
+        Command::new(BIN)
+            .args([
+                "user",
+                "passwd",
+                "alice",
+                "--password-stdin",
+                "--directory",
+                &url,
+            ])
+            .env("PGPASSWORD", &pg.password),
+        "alice-new-password\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for gw in [&a, &b] {
+        let (code, err) = probe(gw, "alice", &common::password("alice"));
+        assert_eq!(code, Some(3), "{err}");
+        assert!(err.contains("wrong user or password"), "{err}");
+        assert_eq!(probe(gw, "alice", "alice-new-password").0, Some(0));
+    }
+}
+
+#[test]
+fn a_gateway_does_not_start_without_its_directory_and_says_why() {
+    let Some(mut pg) = PgServer::start() else {
+        return;
+    };
+    pg.create_db("dir");
+    let url = pg.url("dir");
+    pg.stop();
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--directory", &url, "--control-port", "0"])
+        .args([
+            "--media-port-base",
+            "0",
+            "--probe-ports",
+            "0,0",
+            "--no-admin",
+        ])
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("PGPASSWORD", &pg.password)
+        .env_remove("VOXGATE_DIRECTORY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("directory {url} is unavailable")),
+        "{err}"
+    );
+    assert!(!err.contains(&pg.password), "{err}");
+}

@@ -110,6 +110,23 @@ pub fn check_command_line(spec: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A warning when the config file at `path` holds a directory URL with a password and
+/// group or others may read the file.
+pub fn exposed_password_warning(path: &Path, spec: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(Kind::Postgres { has_password: true }) = kind(spec, Path::new(".")) else {
+        return None;
+    };
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "warning: {} holds the directory's password and group or others may read it \
+             (mode {mode:04o}); chmod 600 it, or move the password to [store] password_file",
+            path.display()
+        )
+    })
+}
+
 /// Reads a password file: its first line, without the line end. Refused when group or others
 /// may read it, when it is empty, or longer than 1 KiB.
 pub fn read_password_file(path: &Path) -> Result<Vec<u8>, StoreError> {
@@ -294,6 +311,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn a_readable_config_file_with_a_password_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("voxgate.toml");
+        std::fs::write(&p, "").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let w = exposed_password_warning(&p, "postgres://u:pw@h/d").unwrap();
+        assert!(w.contains("mode 0644") && !w.contains(":pw@"), "{w}");
+        assert_eq!(exposed_password_warning(&p, "postgres://u@h/d"), None);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(exposed_password_warning(&p, "postgres://u:pw@h/d"), None);
     }
 
     #[test]
