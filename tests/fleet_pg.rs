@@ -489,3 +489,65 @@ fn a_gateway_does_not_start_without_its_directory_and_says_why() {
     );
     assert!(!err.contains(&pg.password), "{err}");
 }
+
+/// Look-up latency of the two backends, as a directory worker sees it (a log-in's `user` and a
+/// dial's `route_for`), 2,000 each on 1,000 subscribers and 100 routes. A measurement, not a
+/// gate: `cargo test --release --test fleet_pg lookup_latency -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement; run by hand"]
+fn lookup_latency() {
+    let Some(pg) = PgServer::start() else { return };
+    pg.create_db("bench");
+    let dir = tempfile::tempdir().unwrap();
+    let mut backends: Vec<(&str, Box<dyn Store>)> = vec![
+        (
+            "SQLite (file, WAL)",
+            Box::new(voxgate::store::SqliteStore::open(&dir.path().join("v.db")).unwrap()),
+        ),
+        (
+            "PostgreSQL (loopback TCP)",
+            Box::new(store_on(&pg, "bench").unwrap()),
+        ),
+    ];
+    for (name, s) in &mut backends {
+        let v = voxgate::control::auth::Verifier::with_salt("pw", b"0123456789abcdef", 4096);
+        for i in 0..1000 {
+            s.add_user(&voxgate::store::Subscriber {
+                user: format!("user{i}"),
+                number: format!("+1555{i:07}"),
+                verifier: v.clone(),
+            })
+            .unwrap();
+        }
+        for i in 0..100 {
+            s.add_route(&voxgate::store::Route {
+                prefix: format!("+49{i}"),
+                media_addr: "192.0.2.1:5004".parse().unwrap(),
+                description: String::new(),
+            })
+            .unwrap();
+        }
+        let lat = |f: &mut dyn FnMut(usize)| {
+            let mut v: Vec<Duration> = (0..2000)
+                .map(|i| {
+                    let t = Instant::now();
+                    f(i);
+                    t.elapsed()
+                })
+                .collect();
+            v.sort();
+            (v[v.len() / 2], v[v.len() * 99 / 100])
+        };
+        let (u50, u99) = lat(&mut |i| {
+            assert!(s.user(&format!("user{}", i % 1000)).unwrap().is_some());
+        });
+        let (r50, r99) = lat(&mut |i| {
+            assert!(
+                s.route_for(&format!("+49{}12345", i % 100))
+                    .unwrap()
+                    .is_some()
+            );
+        });
+        eprintln!("{name}: user() p50 {u50:?} p99 {u99:?}; route_for() p50 {r50:?} p99 {r99:?}");
+    }
+}
