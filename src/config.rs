@@ -27,6 +27,7 @@ pub struct Config {
     pub admin: AdminSection,
     pub limits: LimitsSection,
     pub cdr: CdrSection,
+    pub store: StoreSection,
 }
 
 /// Call detail records (see `metrics::cdr`).
@@ -237,6 +238,46 @@ impl LimitsSection {
     }
 }
 
+/// Where the directory (subscribers, routes) is (`[store]`); see `store::location`. `Debug`
+/// leaves out the directory URL, which may hold a password.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// `""`: SQLite `voxgate.db` in the data directory; `sqlite:PATH`; or
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (a fleet's shared directory).
+    /// `$VOXGATE_DIRECTORY` overrides it, `--directory` overrides both.
+    pub directory: String,
+    /// A file (mode 0600) whose first line is the PostgreSQL password, when the URL has none;
+    /// unset: `$PGPASSWORD`, if set.
+    pub password_file: Option<PathBuf>,
+    /// Bounds connecting to PostgreSQL, each statement, and unacknowledged writes.
+    pub timeout_ms: u64,
+    /// Directory worker threads, each with its own connection.
+    pub workers: usize,
+}
+
+impl std::fmt::Debug for StoreSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSection")
+            .field("directory", &"<not shown: may hold a password>")
+            .field("password_file", &self.password_file)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            directory: String::new(),
+            password_file: None,
+            timeout_ms: 5_000,
+            workers: 2,
+        }
+    }
+}
+
 impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
@@ -390,6 +431,16 @@ impl Config {
             path: path.to_owned(),
             message,
         })
+    }
+
+    /// The directory this configuration names, with its credentials (`store::location`).
+    pub fn directory(&self) -> Result<crate::store::Location, crate::store::StoreError> {
+        crate::store::Location::resolve(
+            &self.store.directory,
+            self.store.password_file.as_deref(),
+            Duration::from_millis(self.store.timeout_ms),
+            &self.data_dir(),
+        )
     }
 
     /// Parses TOML; the error names the key (toml reports the offending key and line).
@@ -647,6 +698,20 @@ impl Config {
             "media.tcp_sndbuf",
             "socket buffer sizes (tcp_sndbuf, udp_rcvbuf, udp_sndbuf) must fit an i32".into(),
         );
+        let st = &self.store;
+        if let Err(e) = crate::store::location::kind(&st.directory, Path::new(".")) {
+            check(false, "store.directory", e.to_string());
+        }
+        check(
+            (100..=60_000).contains(&st.timeout_ms),
+            "store.timeout_ms",
+            format!("{} is outside 100..=60000", st.timeout_ms),
+        );
+        check(
+            (1..=64).contains(&st.workers),
+            "store.workers",
+            format!("{} is outside 1..=64", st.workers),
+        );
         check(
             self.dumps.max_files >= 1,
             "dumps.max_files",
@@ -814,6 +879,7 @@ impl Config {
             v.push("dumps.dir".into());
         }
         v.extend(changed_keys("admin", &self.admin, &new.admin));
+        v.extend(changed_keys("store", &self.store, &new.store));
         v
     }
 }
@@ -953,6 +1019,36 @@ mod tests {
         assert!(
             e.contains("server.denied_peers: 1025 prefixes; at most 1024"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn store_keys_are_checked_and_need_a_restart() {
+        let c = Config::parse(
+            "[store]\ndirectory = \"mysql://u:Secret-pw@db/x\"\ntimeout_ms = 10\nworkers = 0\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        for key in ["store.directory", "store.timeout_ms", "store.workers"] {
+            assert!(e.contains(key), "{key} missing in:\n{e}");
+        }
+        assert!(!e.contains("Secret-pw"), "{e}");
+        assert!(!format!("{c:?}").contains("Secret-pw"));
+        let c = Config::parse("[store]\ndirectory = \"postgres://vox@db.example/dir\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            Config::default().restart_only_changes(&c),
+            vec!["store.directory"]
+        );
+        assert_eq!(
+            c.directory().unwrap().to_string(),
+            "postgres://vox@db.example:5432/dir"
+        );
+        let mut d = Config::default();
+        d.server.data_dir = Some("/srv/vox".into());
+        assert_eq!(
+            d.directory().unwrap().to_string(),
+            "sqlite:/srv/vox/voxgate.db"
         );
     }
 

@@ -122,6 +122,45 @@ struct ServeArgs {
     /// Do not start the HTTP admin listener.
     #[arg(long, conflicts_with = "admin_listen")]
     no_admin: bool,
+    #[command(flatten)]
+    directory: DirectoryArgs,
+}
+
+/// Where the directory is (`[store]` in the config file).
+#[derive(clap::Args)]
+struct DirectoryArgs {
+    /// The directory: sqlite:PATH or postgres://USER@HOST:PORT/DB, never with a password
+    /// (the config file, $VOXGATE_DIRECTORY, $PGPASSWORD or --directory-password-file hold
+    /// it) [default: $VOXGATE_DIRECTORY, else the config file's, else SQLite in the data
+    /// directory].
+    #[arg(long, value_name = "URL")]
+    directory: Option<String>,
+    /// A file (mode 0600) whose first line is the directory's PostgreSQL password.
+    #[arg(long, value_name = "FILE")]
+    directory_password_file: Option<PathBuf>,
+}
+
+impl DirectoryArgs {
+    /// Refuses a password on the command line.
+    fn check(&self) -> Result<(), String> {
+        match &self.directory {
+            Some(d) => voxgate::store::location::check_command_line(d).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    /// `$VOXGATE_DIRECTORY` over the file, the flags over both.
+    fn apply(&self, cfg: &mut Config) {
+        if let Some(d) = std::env::var_os(voxgate::store::location::DIRECTORY_ENV) {
+            cfg.store.directory = d.to_string_lossy().into_owned();
+        }
+        if let Some(d) = &self.directory {
+            cfg.store.directory = d.clone();
+        }
+        if let Some(f) = &self.directory_password_file {
+            cfg.store.password_file = Some(f.clone());
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -262,9 +301,11 @@ struct StoreArgs {
     /// The gateway's data directory (where its store is) [default: as `serve`].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Read data_dir and SCRAM iterations from this config file.
+    /// Read data_dir, [store] and SCRAM iterations from this config file.
     #[arg(long)]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    directory: DirectoryArgs,
 }
 
 #[derive(clap::Args)]
@@ -332,6 +373,17 @@ fn serve(a: ServeArgs) -> ExitCode {
         },
         None => Config::default(),
     };
+    if let Err(e) = a.directory.check() {
+        eprintln!("voxgate: {e}");
+        return ExitCode::from(2);
+    }
+    if let Some(w) = a
+        .config
+        .as_deref()
+        .and_then(|p| voxgate::store::location::exposed_password_warning(p, &cfg.store.directory))
+    {
+        eprintln!("voxgate: {w}");
+    }
     let config_path = a.config.clone();
     let check = a.check_config;
     apply_flags(&mut cfg, &a);
@@ -340,8 +392,16 @@ fn serve(a: ServeArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     if check {
+        // Reads the password file, if any (a check of its permissions); does not connect.
+        let directory = match cfg.directory() {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("voxgate: {e}");
+                return ExitCode::from(2);
+            }
+        };
         println!(
-            "configuration OK: control port {}, {} shard(s) on media ports from {}, probe ports {:?}, data in {}",
+            "configuration OK: control port {}, {} shard(s) on media ports from {}, probe ports {:?}, data in {}, directory {directory}",
             cfg.server.control_port,
             cfg.shard_count(),
             cfg.server.media_port_base,
@@ -375,6 +435,7 @@ fn parse_port_pair(s: &str) -> Result<[u16; 2], String> {
 }
 
 fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
+    a.directory.apply(cfg);
     let s = &mut cfg.server;
     if let Some(v) = &a.data_dir {
         s.data_dir = Some(v.clone());
@@ -443,7 +504,8 @@ fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
     }
 }
 
-fn open_store(s: &StoreArgs) -> Result<(voxgate::store::sqlite::SqliteStore, Config), String> {
+fn open_store(s: &StoreArgs) -> Result<(Box<dyn Store>, Config), String> {
+    s.directory.check()?;
     let mut cfg = match &s.config {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -451,7 +513,18 @@ fn open_store(s: &StoreArgs) -> Result<(voxgate::store::sqlite::SqliteStore, Con
     if let Some(d) = &s.data_dir {
         cfg.server.data_dir = Some(d.clone());
     }
-    let store = voxgate::server::open_store(&cfg.data_dir()).map_err(|e| e.to_string())?;
+    if let Some(w) = s
+        .config
+        .as_deref()
+        .and_then(|p| voxgate::store::location::exposed_password_warning(p, &cfg.store.directory))
+    {
+        eprintln!("voxgate: {w}");
+    }
+    s.directory.apply(&mut cfg);
+    let store = cfg
+        .directory()
+        .and_then(|location| location.open())
+        .map_err(|e| e.to_string())?;
     Ok((store, cfg))
 }
 
@@ -532,7 +605,7 @@ fn user(c: UserCmd) -> Result<(), String> {
             let (mut st, cfg) = open_store(&store)?;
             let csv =
                 std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            let n = voxgate::loadgen::import_users(&mut st, &csv, cfg.auth.scram_iterations)?;
+            let n = voxgate::loadgen::import_users(&mut *st, &csv, cfg.auth.scram_iterations)?;
             println!("imported {n} subscribers");
         }
         UserCmd::Passwd {

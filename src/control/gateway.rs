@@ -1227,8 +1227,10 @@ impl Gateway {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(conn, error = %e, "directory look-up failed during log-in");
+                // `unavailable`, like a gateway at capacity: the client may retry, here or at
+                // another gateway of the fleet; the reason is in the log line above.
                 let msg = "the directory is unavailable";
-                return self.refuse(now, conn, ErrorCode::Internal, msg, Lost::PeerLost);
+                return self.refuse(now, conn, ErrorCode::Unavailable, msg, Lost::PeerLost);
             }
         };
         // Defence in depth: the answer must be for the user asked about.

@@ -417,7 +417,7 @@ mod tests {
             id,
             result: Err(LookupError("disk on fire".into())),
         });
-        assert_eq!(refused(&w.take(conn)), Some(ErrorCode::Internal));
+        assert_eq!(refused(&w.take(conn)), Some(ErrorCode::Unavailable));
         // An answer of the wrong kind is an error too, never a log-in.
         let (conn, _) = w.hello("carol", peer());
         let (id, _) = w.held_lookups.pop().expect("log-in look-up");
@@ -425,7 +425,7 @@ mod tests {
             id,
             result: Ok(Answer::Dial(None)),
         });
-        assert_eq!(refused(&w.take(conn)), Some(ErrorCode::Internal));
+        assert_eq!(refused(&w.take(conn)), Some(ErrorCode::Unavailable));
     }
 
     #[test]

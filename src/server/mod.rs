@@ -327,13 +327,23 @@ async fn run(
 ) -> Result<(), ServeError> {
     cfg.validate()?;
     let data_dir = cfg.data_dir();
-    // Opened here once so that the schema is migrated (and a bad file reported) before
-    // anything listens; the look-up workers open their own connections.
-    drop(open_store(&data_dir)?);
-    let directory = directory.unwrap_or_else(|| {
-        let path = data_dir.join("voxgate.db");
-        Arc::new(move || Ok(Box::new(SqliteStore::open(&path)?) as Box<dyn crate::store::Store>))
-    });
+    std::fs::create_dir_all(&data_dir).map_err(|source| ServeError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let directory = match directory {
+        Some(factory) => factory,
+        None => {
+            // `[store] directory`: the SQLite file in the data directory, or PostgreSQL.
+            // Opened here once so that the schema is migrated (and a bad file or an
+            // unreachable server reported) before anything listens; the look-up workers
+            // open their own connections.
+            let location = cfg.directory()?;
+            location.check()?;
+            tracing::info!(directory = %location, "directory opened");
+            location.factory()
+        }
+    };
     let secret = load_secret(&data_dir)?;
     let (shard_events_tx, mut shard_events) = mpsc::channel(crate::shard::SHARD_EVENTS);
     let mut shard_cfg = cfg.shard_config();
@@ -433,7 +443,7 @@ async fn run(
     };
     let (events, mut rx) = mpsc::channel::<Event>(4096);
     let answers = events.clone();
-    let directory = lookup::Directory::spawn(&directory, lookup::WORKERS, move |id, result| {
+    let directory = lookup::Directory::spawn(&directory, cfg.store.workers, move |id, result| {
         let _ = answers.blocking_send(Event::Input(Input::LookupDone { id, result }));
     })?;
     let probe = [Arc::new(probe_a), Arc::new(probe_b)];

@@ -14,16 +14,22 @@
 //! [`Verifier`] (salt, iteration count, StoredKey, ServerKey), whose `Debug`
 //! redacts the keys.
 //!
-//! Backends: [`SqliteStore`] (embedded default). Fleet backends (Redis,
-//! PostgreSQL) implement the same [`Store`] trait.
+//! Backends: [`SqliteStore`] (embedded default) and [`PostgresStore`] (a directory shared by a
+//! fleet of gateways); [`Location`] says which one a configuration names. Both pass the same
+//! [`contract`] tests.
 
 use std::net::SocketAddr;
 
 use crate::directory::{self, Answer, Destination, MAX_INVITE_NUMBERS, Query};
 pub use crate::directory::{MAX_E164_DIGITS, MAX_LOCAL_DIGITS, Route, Subscriber, Verifier};
 
+pub mod contract;
+pub mod location;
+pub mod postgres;
 pub mod sqlite;
 
+pub use location::Location;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// Longest route description, in bytes.
@@ -77,6 +83,17 @@ pub enum StoreError {
         path: std::path::PathBuf,
         cause: String,
     },
+    /// The directory server cannot be used now (down, restarting, unreachable, or refusing
+    /// the credentials); `target` names it without the password. Look-ups answer
+    /// `unavailable` meanwhile, and the store connects again by itself.
+    #[error("directory {target} is unavailable: {cause}")]
+    Unavailable { target: String, cause: String },
+    /// An error the directory server reported for a statement.
+    #[error("directory {target}: {cause}")]
+    Postgres { target: String, cause: String },
+    /// Where the directory is, or its credentials, are misconfigured.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The directory. Every method validates its input first; lookups of names
