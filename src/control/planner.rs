@@ -130,19 +130,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::Transport;
-
-/// What one client's firewall lets through, as measured by the probes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Capabilities {
-    /// The client can send UDP out through its firewall.
-    pub send_udp: bool,
-    /// The client can receive UDP from outside.
-    pub recv_udp: bool,
-    /// The client is behind NAT (the observed source address differs from the
-    /// one it reports).
-    pub nat: bool,
-}
+use crate::wire::path::Transport;
+pub use crate::wire::path::{Capabilities, Path, Plan};
 
 impl Capabilities {
     /// Capabilities of a client with no NAT.
@@ -169,26 +158,6 @@ impl Capabilities {
             (true, true) => 3,
         }
     }
-}
-
-/// How media travels in one direction (from one client to the other).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Path {
-    /// UDP straight from sender to receiver; no gateway.
-    DirectUdp,
-    /// UDP to the gateway, UDP from the gateway: both ends allow UDP, but the
-    /// receiver is behind NAT.
-    UdpViaGateway,
-    /// The sender sends UDP to the gateway, which delivers over the receiver's
-    /// TCP connection (receiver cannot receive UDP).
-    UdpInTcpOut,
-    /// The sender sends over its TCP connection to the gateway, which delivers
-    /// UDP (sender cannot send UDP).
-    TcpInUdpOut,
-    /// TCP from the sender to the gateway and TCP from the gateway to the
-    /// receiver (sender cannot send UDP, receiver cannot receive it).
-    TcpBoth,
 }
 
 impl Path {
@@ -225,15 +194,6 @@ impl Path {
             Path::UdpInTcpOut | Path::TcpBoth => Transport::Tcp,
         }
     }
-}
-
-/// How media travels in both directions of one call (one leg pair).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Plan {
-    /// Caller → callee.
-    pub forward: Path,
-    /// Callee → caller.
-    pub backward: Path,
 }
 
 impl Plan {

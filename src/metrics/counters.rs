@@ -3,13 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Media transports, as seen from the gateway.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    Udp,
-    Tcp,
-}
+pub use crate::wire::path::Transport;
 
 /// Packets and bytes in one direction on one transport.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,8 +14,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::control::planner::{Capabilities, Path, Plan};
-pub use crate::metrics::Transport;
+pub use super::path::{Capabilities, Path, Plan, Transport};
 
 /// The protocol version this build speaks.
 pub const VERSION: u16 = 1;

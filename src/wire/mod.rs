@@ -4,5 +4,6 @@
 
 pub mod control;
 pub mod framing;
+pub mod path;
 pub mod rtp;
 pub mod stun;
