@@ -227,6 +227,7 @@ enum UserCmd {
     },
     /// Change a subscriber's class of service (which telephone numbers it may dial).
     Mod {
+        /// Log-in name.
         user: String,
         #[command(flatten)]
         cos: ClassOfService,
