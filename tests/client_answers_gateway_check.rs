@@ -121,8 +121,11 @@ async fn the_phone_answers_a_keyed_check_from_its_gateway_only() {
     // What the phone sends the gateway meanwhile: its own keep-alives and consent checks
     // (requests), never an answer to the wrongly keyed or misnamed checks.
     let end = tokio::time::Instant::now() + Duration::from_millis(400);
-    while let Some((m, _)) =
-        next_stun(&gw, end.saturating_duration_since(tokio::time::Instant::now())).await
+    while let Some((m, _)) = next_stun(
+        &gw,
+        end.saturating_duration_since(tokio::time::Instant::now()),
+    )
+    .await
     {
         let parsed = stun::Message::parse(&m).unwrap();
         assert!(
