@@ -121,8 +121,12 @@ use crate::net::canonical;
 use crate::shard::{Delivery, LegSpec, SessionId, SessionSpec};
 use crate::wire::control::{
     CallId, DirectCandidate, ErrorCode, HangupReason, MediaInstructions, PathOrder, PathOrders,
-    ServerMsg,
+    ServerMsg, bounded_detail,
 };
+
+/// The words of `hang_up{media_failed}` once every fallback was tried.
+const TCP_BOTH_FAILED: &str = "no audio arrived even over TCP through the gateway in both \
+    directions, after re-binding and falling back from every better path";
 
 /// Why a client's calls end when it goes away.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1530,11 +1534,14 @@ impl Gateway {
                         plan = ?old,
                         "media trouble: TCP through the gateway both ways also failed; ending the call"
                     );
-                    return self.end_pair(
+                    self.hangup_detail = Some((call, bounded_detail(TCP_BOTH_FAILED)));
+                    self.end_pair(
                         call,
                         Some(HangupReason::MediaFailed),
                         Some(HangupReason::MediaFailed),
                     );
+                    self.hangup_detail = None;
+                    return;
                 }
             }
         }
@@ -2020,13 +2027,16 @@ impl Gateway {
                      the member leaves"
                 );
                 self.release_leg(&leg.name);
-                return self.room_leave(
+                self.hangup_detail = Some((call, bounded_detail(TCP_BOTH_FAILED)));
+                self.room_leave(
                     now,
                     call,
                     conn,
                     Some(HangupReason::MediaFailed),
                     HangupReason::Normal,
                 );
+                self.hangup_detail = None;
+                return;
             }
         }
         if let Some(old_leg) = old_leg {
@@ -3193,14 +3203,19 @@ mod tests {
         w.send(b.conn, ClientMsg::MediaTrouble { call });
         w.probe(&a);
         w.probe(&b);
-        assert_eq!(
-            hangups(&w.take(a.conn)),
-            [(call, HangupReason::MediaFailed)]
-        );
-        assert_eq!(
-            hangups(&w.take(b.conn)),
-            [(call, HangupReason::MediaFailed)]
-        );
+        for c in [a.conn, b.conn] {
+            let msgs = w.take(c);
+            assert_eq!(hangups(&msgs), [(call, HangupReason::MediaFailed)]);
+            let detail = msgs.iter().find_map(|m| match m {
+                ServerMsg::HangUp { detail, .. } => detail.clone(),
+                _ => None,
+            });
+            assert_eq!(
+                detail.as_deref(),
+                Some(TCP_BOTH_FAILED),
+                "the reason says so"
+            );
+        }
         assert_eq!(removes(&w.take_shard()), [(0, call)]);
         assert_eq!(w.gw.stats().calls_failed, 1);
     }
