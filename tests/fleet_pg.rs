@@ -7,7 +7,9 @@
 //!   byte-exact audio;
 //! - PostgreSQL stopped during a call: log-ins are refused `unavailable` with the reason in
 //!   the log, the call goes on, and log-ins work again by themselves once it is back.
-//! - a password on the command line is refused and never echoed.
+//! - a password on the command line is refused and never echoed;
+//! - schema 1 migrated in place to the change log, route ports and classes of service; change
+//!   positions committed in order; `voxgate user del` on PostgreSQL ends a live session.
 
 mod common;
 

@@ -23,6 +23,8 @@
 //! Schema: versioned in the table `voxgate_schema`; [`MIGRATIONS`] are applied in order in
 //! one transaction under an advisory lock, so gateways starting at once migrate one after the
 //! other and the later ones find nothing to do. A database newer than this code is refused.
+//! The schema keeps what SQLite's does, version for version: the change log of subscribers
+//! (written by triggers, so every writer is seen), route ports and classes of service.
 //! TLS to the server is not supported yet: keep the server on a trusted network (or a
 //! loopback/unix socket).
 
