@@ -672,7 +672,27 @@ fn a_slow_writer_cannot_make_a_reader_miss_its_change() {
         })
         .unwrap();
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // Until the fast writer waits for a lock (or, were it not held back, has finished).
+    let mut watch = pg.client("dir");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = watch
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = 'dir' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 || fast.is_finished() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fast writer neither waits nor ends"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // Readers are not blocked, and see neither change yet.
     assert_eq!(s.changes_since(Some(start)).unwrap(), (start, vec![]));
     tx.commit().unwrap();
