@@ -255,7 +255,8 @@ fn postgres_down_refuses_log_ins_keeps_calls_and_comes_back_by_itself() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(probe(&gw, "dave", "dave-password").0, Some(0));
+    let (code, err) = probe(&gw, "dave", "dave-password");
+    assert_eq!(code, Some(0), "{err}");
 
     // A call through the gateway (alice has no UDP: relayed over TCP), 8 s long.
     let mark = gw.log_len();
@@ -438,7 +439,8 @@ fn two_gateways_share_one_directory_and_edits_count_at_once() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(probe(&a, "erin", "erin-password").0, Some(0));
+    let (code, err) = probe(&a, "erin", "erin-password");
+    assert_eq!(code, Some(0), "{err}");
     // A password changed anywhere: the old one is refused everywhere at once.
     let out = run_with_stdin(
         Command::new(BIN)
