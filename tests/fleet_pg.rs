@@ -7,7 +7,9 @@
 //!   byte-exact audio;
 //! - PostgreSQL stopped during a call: log-ins are refused `unavailable` with the reason in
 //!   the log, the call goes on, and log-ins work again by themselves once it is back.
-//! - a password on the command line is refused and never echoed.
+//! - a password on the command line is refused and never echoed;
+//! - schema 1 migrated in place to the change log, route ports and classes of service; change
+//!   positions committed in order; `voxgate user del` on PostgreSQL ends a live session.
 
 mod common;
 
@@ -253,7 +255,8 @@ fn postgres_down_refuses_log_ins_keeps_calls_and_comes_back_by_itself() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(probe(&gw, "dave", "dave-password").0, Some(0));
+    let (code, err) = probe(&gw, "dave", "dave-password");
+    assert_eq!(code, Some(0), "{err}");
 
     // A call through the gateway (alice has no UDP: relayed over TCP), 8 s long.
     let mark = gw.log_len();
@@ -436,7 +439,8 @@ fn two_gateways_share_one_directory_and_edits_count_at_once() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(probe(&a, "erin", "erin-password").0, Some(0));
+    let (code, err) = probe(&a, "erin", "erin-password");
+    assert_eq!(code, Some(0), "{err}");
     // A password changed anywhere: the old one is refused everywhere at once.
     let out = run_with_stdin(
         Command::new(BIN)
@@ -559,4 +563,182 @@ fn lookup_latency() {
         });
         eprintln!("{name}: user() p50 {u50:?} p99 {u99:?}; route_for() p50 {r50:?} p99 {r99:?}");
     }
+}
+
+/// A directory a schema-1 voxgate left (users and routes, no change log) is migrated in
+/// place: old rows read as any route and one port; the triggers log renames (old and new
+/// name) and keep the log short; the server refuses rows the code would call corrupt.
+#[test]
+fn a_schema_1_directory_is_migrated_in_place_and_logs_every_change() {
+    let Some(pg) = PgServer::start() else { return };
+    pg.create_db("old");
+    let mut c = pg.client("old");
+    c.batch_execute(&format!(
+        "CREATE TABLE voxgate_schema (
+             one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+             version bigint NOT NULL
+         );
+         INSERT INTO voxgate_schema (version) VALUES (1);
+         {}
+         INSERT INTO subscribers VALUES ('alice', '+4930111', '\\x00ff'::bytea, 4096,
+             decode(repeat('11', 32), 'hex'), decode(repeat('22', 32), 'hex'));
+         INSERT INTO routes VALUES ('+49', '192.0.2.2:5004', 'Germany');",
+        voxgate::store::postgres::MIGRATIONS[0]
+    ))
+    .unwrap();
+    let s = store_on(&pg, "old").unwrap();
+    assert_eq!(
+        s.schema_version().unwrap(),
+        voxgate::store::postgres::MIGRATIONS.len() as i64
+    );
+    let alice = s.user("alice").unwrap().expect("alice kept");
+    assert_eq!(alice.allow_prefixes, None);
+    assert_eq!(alice.verifier.salt, [0x00, 0xff]);
+    assert_eq!(alice.verifier.iterations, 4096);
+    let routes = s.list_routes().unwrap();
+    assert_eq!(routes.len(), 1);
+    assert_eq!((routes[0].prefix.as_str(), routes[0].ports), ("+49", 1));
+    // Existing rows are not changes: a gateway starting now ends nobody.
+    let (start, users) = s.changes_since(Some(0)).unwrap();
+    assert_eq!((start, users), (0, vec![]));
+
+    // A rename by hand logs both names, as on SQLite.
+    c.execute(
+        "UPDATE subscribers SET username = 'alicia' WHERE username = 'alice'",
+        &[],
+    )
+    .unwrap();
+    let (p1, users) = s.changes_since(Some(start)).unwrap();
+    assert_eq!(users, ["alice", "alicia"]);
+    // The log keeps the newest 10 000 rows, and positions go on from there.
+    c.batch_execute(
+        "DO $$ BEGIN
+             FOR i IN 1..10050 LOOP
+                 UPDATE subscribers SET iterations = 4096 + i WHERE username = 'alicia';
+             END LOOP;
+         END $$;",
+    )
+    .unwrap();
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM changes", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 10_000);
+    let (end, none) = s.changes_since(None).unwrap();
+    assert!(none.is_empty());
+    assert_eq!(end, p1 + 10_050);
+    let (p2, users) = s.changes_since(Some(p1)).unwrap();
+    assert_eq!(users, ["alicia"]);
+    assert!(p2 < end);
+    // Rows the code could not read are refused by the server.
+    for bad in [
+        "UPDATE routes SET ports = 0",
+        "UPDATE routes SET ports = 1025",
+        "INSERT INTO changes (username) VALUES (NULL)",
+    ] {
+        assert!(c.execute(bad, &[]).is_err(), "{bad}");
+    }
+}
+
+/// Change positions are committed in order: a writer whose transaction is still open holds
+/// back every later writer, so a reader that has seen position n never misses a smaller one
+/// committed afterwards.
+#[test]
+fn a_slow_writer_cannot_make_a_reader_miss_its_change() {
+    let Some(pg) = PgServer::start() else { return };
+    pg.create_db("dir");
+    let s = store_on(&pg, "dir").unwrap();
+    let (start, _) = s.changes_since(None).unwrap();
+    let mut slow = pg.client("dir");
+    let mut tx = slow.transaction().unwrap();
+    tx.execute(
+        "INSERT INTO subscribers (username, number, salt, iterations, stored_key, server_key)
+         VALUES ('slow', '+4930999', '\\x00'::bytea, 1,
+                 decode(repeat('11', 32), 'hex'), decode(repeat('22', 32), 'hex'))",
+        &[],
+    )
+    .unwrap();
+    // Another writer meanwhile (the CLI): it waits for the slow one instead of overtaking it.
+    let url = pg.url_with_password("dir");
+    let fast = std::thread::spawn(move || {
+        let loc = Location::resolve(&url, None, Duration::from_secs(5), ".".as_ref()).unwrap();
+        let Location::Postgres(t) = loc else {
+            panic!("not PostgreSQL")
+        };
+        let mut s = PostgresStore::connect(*t).unwrap();
+        s.add_user(&voxgate::store::Subscriber {
+            user: "fast".into(),
+            number: "+4930888".into(),
+            verifier: voxgate::directory::Verifier::with_salt("pw", b"salt", 1),
+            allow_prefixes: None,
+        })
+        .unwrap();
+    });
+    // Until the fast writer waits for a lock (or, were it not held back, has finished).
+    let mut watch = pg.client("dir");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = watch
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = 'dir' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 || fast.is_finished() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fast writer neither waits nor ends"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Readers are not blocked, and see neither change yet.
+    assert_eq!(s.changes_since(Some(start)).unwrap(), (start, vec![]));
+    tx.commit().unwrap();
+    fast.join().unwrap();
+    let (_, users) = s.changes_since(Some(start)).unwrap();
+    assert_eq!(users, ["slow", "fast"]);
+}
+
+/// `voxgate user del` on the fleet's directory, from another process, ends the user's live
+/// session at the gateway within seconds.
+#[test]
+fn deleting_a_user_on_postgres_ends_its_live_session_within_seconds() {
+    let Some(pg) = PgServer::start() else { return };
+    pg.create_db("dir");
+    let url = pg.url("dir");
+    let gw =
+        Gateway::start_with_directory(&["--directory", &url], &[("PGPASSWORD", &pg.password)], &[]);
+    let mark = gw.log_len();
+    let bob = spawn_phone(&gw, "bob", &["--answer", "--wait", "30"]);
+    gw.wait_online(mark, "bob");
+    let t = Instant::now();
+    let out = Command::new(BIN)
+        .args(["user", "del", "bob", "--directory", &url])
+        .env("PGPASSWORD", &pg.password)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(pg_users(&pg, "dir"), 2);
+    let r = common::finish(bob);
+    let took = t.elapsed();
+    eprintln!("bob's session ended {took:?} after `user del` on PostgreSQL");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_ne!(r.code, 0, "{}\n{}", r.json, r.stderr);
+    assert!(
+        r.stderr.contains("the account changed") && r.stderr.contains("deleted"),
+        "{}\n{}",
+        r.json,
+        r.stderr
+    );
+    // Alice, on the same gateway, is untouched, and bob cannot log in again.
+    assert_eq!(probe(&gw, "alice", &common::password("alice")).0, Some(0));
+    assert_eq!(probe(&gw, "bob", &common::password("bob")).0, Some(3));
 }

@@ -629,6 +629,9 @@ pub struct Gateway {
     pub(crate) directory_seq: Option<u64>,
     /// A change poll is asked or timed (false: the next `handle_timeout` asks again).
     pub(crate) directory_poll_armed: bool,
+    /// Log-ins in progress whose user changed in the directory meanwhile: checked against the
+    /// directory again as soon as they complete (their record may or may not predate the change).
+    pub(crate) recheck_after_login: HashSet<ConnId>,
     pub(crate) shards: Vec<ShardInfo>,
     /// Sessions installed (or being installed) per shard, by position in `shards`.
     pub(crate) shard_load: Vec<usize>,
@@ -690,6 +693,7 @@ impl Gateway {
             directory_seq: None,
             route_watch: HashMap::new(),
             directory_poll_armed: true,
+            recheck_after_login: HashSet::new(),
             limiter: RateLimiter::new(cfg.rate_limit),
             refusals: auth::RefusalLog::new(REFUSAL_LOG_INTERVAL),
             call_limits: super::limits::CallLimits::new(cfg.call_limits),
@@ -1036,6 +1040,7 @@ impl Gateway {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        self.recheck_after_login.remove(&conn);
         if self.conns.is_empty() {
             // Nobody left to revoke: the next connection polls the directory again.
             self.timers.cancel(Timer::DirectoryPoll);
@@ -1353,6 +1358,7 @@ impl Gateway {
             allow_prefixes,
         }));
         self.users.insert(user.clone(), conn);
+        let user_for_recheck = user.clone();
         self.limiter.succeeded(now, peer.ip(), &user);
         self.counters.logins += 1;
         tracing::info!(conn, %peer, %local, %user, "logged in");
@@ -1368,6 +1374,9 @@ impl Gateway {
                 observed: peer,
             },
         );
+        if self.recheck_after_login.remove(&conn) {
+            self.recheck_session(now, conn, user_for_recheck);
+        }
         self.arm_conn_timer(conn);
         self.start_probe(now, conn);
     }

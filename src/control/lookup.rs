@@ -241,13 +241,11 @@ impl Gateway {
         self.ask(Query::TypicalIterations, Pending::Iterations);
         for user in users {
             if let Some(&conn) = self.users.get(&user) {
-                let q = Query::Login { user: user.clone() };
-                if self.ask(q, Pending::Recheck { conn }).is_none() {
-                    // No room to ask: end the session rather than keep one that may be revoked.
-                    self.revoke(now, conn, "the account changed; log in again");
-                }
+                self.recheck_session(now, conn, user.clone());
             }
-            // Log-ins in progress for the user started from the old record: start over.
+            // Log-ins in progress for the user may have read the record before or after the
+            // change (a user added just before logging in, say): each is checked again as soon
+            // as it completes, like a session, and ended only if its record changed.
             let starting: Vec<ConnId> = self
                 .conns
                 .iter()
@@ -258,9 +256,18 @@ impl Gateway {
                 })
                 .map(|(&k, _)| k)
                 .collect();
-            for conn in starting {
-                self.revoke(now, conn, "the account changed during log-in; log in again");
-            }
+            self.recheck_after_login.extend(starting);
+        }
+    }
+
+    /// Looks a logged-in user up again, to compare with its session ([`Self::rechecked`]).
+    pub(crate) fn recheck_session(&mut self, now: Instant, conn: ConnId, user: String) {
+        if self
+            .ask(Query::Login { user }, Pending::Recheck { conn })
+            .is_none()
+        {
+            // No room to ask: end the session rather than keep one that may be revoked.
+            self.revoke(now, conn, "the account changed; log in again");
         }
     }
 
@@ -541,6 +548,50 @@ mod tests {
         }
     }
 
+    /// A user added just before logging in, while the gateway's change poll answers during
+    /// the log-in: the log-in's record is the new one, so it goes through and stays.
+    #[test]
+    fn a_user_added_just_before_logging_in_is_not_told_to_log_in_again() {
+        use crate::store::Store as _;
+        let mut w = World::new();
+        let _alice = w.login("alice", sim::OPEN);
+        w.advance_ms(1100);
+        w.store
+            .add_user(&crate::directory::Subscriber {
+                user: "zed".into(),
+                number: "+15550099".into(),
+                verifier: crate::directory::Verifier::with_salt(
+                    sim::PASSWORD,
+                    b"0123456789abcdef",
+                    1,
+                ),
+                allow_prefixes: None,
+            })
+            .unwrap();
+        w.hold_lookups = true;
+        let (conn, state) = w.hello("zed", sim::addr("198.51.100.99:50000"));
+        w.advance_ms(1100);
+        // zed's look-up, then the poll that reports zed as changed.
+        assert!(matches!(&w.held_lookups[0].1, Query::Login { user } if user == "zed"));
+        assert!(
+            w.held_lookups
+                .iter()
+                .any(|(_, q)| matches!(q, Query::Changes { .. }))
+        );
+        w.hold_lookups = false;
+        w.release_lookups();
+        let (proof, _) = w.prove(conn, state, sim::PASSWORD);
+        w.send(conn, proof);
+        let msgs = w.take(conn);
+        assert!(
+            matches!(msgs.first(), Some(ServerMsg::Welcome { .. })),
+            "{msgs:?}"
+        );
+        w.advance_ms(3000);
+        assert_eq!(revoked(&w.take(conn)), None);
+        assert!(!w.closed.contains(&conn));
+    }
+
     fn revoked(msgs: &[ServerMsg]) -> Option<String> {
         msgs.iter().find_map(|m| match m {
             ServerMsg::Refused {
@@ -607,6 +658,8 @@ mod tests {
         assert!(!w.closed.contains(&alice.conn));
     }
 
+    /// A password changed while a log-in with the old one is in progress: the log-in completes
+    /// (it read the old record) and is then ended at once, as a session would be.
     #[test]
     fn a_log_in_in_progress_starts_over_when_its_account_changes() {
         use crate::store::Store as _;
@@ -620,8 +673,18 @@ mod tests {
             )
             .unwrap();
         w.advance_ms(1100);
-        assert!(revoked(&w.take(conn)).is_some());
-        let _ = state;
+        assert_eq!(w.gw.recheck_after_login.len(), 1);
+        let (proof, _) = w.prove(conn, state, sim::PASSWORD);
+        w.send(conn, proof);
+        let msgs = w.take(conn);
+        assert!(
+            matches!(msgs.first(), Some(ServerMsg::Welcome { .. })),
+            "{msgs:?}"
+        );
+        let msg = revoked(&msgs).expect("bob revoked right after the welcome");
+        assert!(msg.contains("password was changed"), "{msg}");
+        assert!(w.closed.contains(&conn));
+        assert!(w.gw.recheck_after_login.is_empty());
         assert!(!w.closed.contains(&alice.conn));
         // Polling stops when nobody is connected, and starts again with the next connection.
         w.input(Input::Disconnected { conn: alice.conn });

@@ -21,6 +21,9 @@ pub const CASES: &[Case] = &[
     ("routes_longest_prefix", routes_longest_prefix),
     ("verifiers_round_trip", verifiers_round_trip),
     ("typical_iterations", typical_iterations),
+    ("classes_of_service", classes_of_service),
+    ("route_ports", route_ports),
+    ("change_log", change_log),
     ("answers_to_the_core", answers_to_the_core),
 ];
 
@@ -281,6 +284,132 @@ fn typical_iterations(s: &mut dyn Store) -> Result<(), StoreError> {
     assert_eq!(s.typical_iterations()?, Some(10_000));
     assert!(s.del_user("d")?);
     assert_eq!(s.typical_iterations()?, Some(4096));
+    Ok(())
+}
+
+fn classes_of_service(s: &mut dyn Store) -> Result<(), StoreError> {
+    // Stored with the user, in the order given; None (any route) and empty (none) differ.
+    let mut a = sub("alice", "+4930111");
+    a.allow_prefixes = Some(vec!["+4930".into(), "+1".into(), "4711".into()]);
+    s.add_user(&a)?;
+    s.add_user(&sub("bob", "+4930222"))?;
+    let mut c = sub("carol", "+4930333");
+    c.allow_prefixes = Some(vec![]);
+    s.add_user(&c)?;
+    assert_eq!(s.user("alice")?, Some(a.clone()));
+    assert_eq!(s.user_by_number("+4930111")?, Some(a.clone()));
+    assert_eq!(s.user("bob")?.map(|u| u.allow_prefixes), Some(None));
+    assert_eq!(s.user("carol")?, Some(c.clone()));
+    assert_eq!(s.list_users()?, [a.clone(), sub("bob", "+4930222"), c]);
+    // Replaced alone: the verifier and number stay.
+    let p = vec!["+".to_owned()];
+    assert!(s.set_allow_prefixes("bob", Some(&p))?);
+    let bob = s.user("bob")?.expect("bob exists");
+    assert_eq!(bob.allow_prefixes, Some(p));
+    assert_eq!(bob.verifier, verifier("bob"));
+    assert_eq!(bob.number, "+4930222");
+    assert!(s.set_allow_prefixes("bob", Some(&[]))?);
+    assert_eq!(s.user("bob")?.and_then(|u| u.allow_prefixes), Some(vec![]));
+    assert!(s.set_allow_prefixes("alice", None)?);
+    assert_eq!(s.user("alice")?.map(|u| u.allow_prefixes), Some(None));
+    assert!(!s.set_allow_prefixes("nobody", None)?);
+    assert_eq!(s.user("nobody")?, None);
+    // Bad classes are refused before they are stored: a comma would split a prefix.
+    assert!(matches!(
+        s.set_allow_prefixes("bob", Some(&["+49,1".to_owned()])),
+        Err(StoreError::InvalidPrefix { .. })
+    ));
+    assert!(matches!(
+        s.set_allow_prefixes("bob", Some(&vec!["+1".to_owned(); 65])),
+        Err(StoreError::InvalidPrefix { .. })
+    ));
+    let mut bad = sub("dave", "+4930444");
+    bad.allow_prefixes = Some(vec!["".into()]);
+    assert!(matches!(
+        s.add_user(&bad),
+        Err(StoreError::InvalidPrefix { .. })
+    ));
+    assert_eq!(s.user("dave")?, None);
+    assert_eq!(s.user("bob")?.and_then(|u| u.allow_prefixes), Some(vec![]));
+    Ok(())
+}
+
+fn route_ports(s: &mut dyn Store) -> Result<(), StoreError> {
+    let mut wide = rt("+49", "192.0.2.2:5004", "Germany, 30 lines");
+    wide.ports = 30;
+    let mut most = rt("+1", "192.0.2.3:64512", "the most");
+    most.ports = 1024;
+    s.add_route(&wide)?;
+    s.add_route(&most)?;
+    s.add_route(&rt("4711", "192.0.2.4:5004", "one"))?;
+    assert_eq!(
+        s.list_routes()?,
+        [
+            most.clone(),
+            wide.clone(),
+            rt("4711", "192.0.2.4:5004", "one")
+        ]
+    );
+    assert_eq!(s.route_for("+4930123")?, Some(wide));
+    assert_eq!(s.route_for("+15550001")?, Some(most));
+    // Out of range, or running past port 65535: refused, nothing stored.
+    for (ports, port) in [(0, 5004), (1025, 5004), (2, 65_535)] {
+        let mut bad = rt("+33", "192.0.2.5:5004", "bad");
+        bad.ports = ports;
+        bad.media_addr.set_port(port);
+        assert!(matches!(
+            s.add_route(&bad),
+            Err(StoreError::InvalidMediaAddr { .. })
+        ));
+    }
+    assert_eq!(s.route_for("+3312345")?, None);
+    Ok(())
+}
+
+fn change_log(s: &mut dyn Store) -> Result<(), StoreError> {
+    // None: the current position, and no users (a gateway starting up ends nobody).
+    let (start, none) = s.changes_since(None)?;
+    assert!(none.is_empty());
+    assert_eq!(s.changes_since(Some(start))?, (start, vec![]));
+    s.add_user(&sub("alice", "+4930111"))?;
+    s.add_user(&sub("bob", "+4930222"))?;
+    let (p1, users) = s.changes_since(Some(start))?;
+    assert_eq!(users, ["alice", "bob"]);
+    assert!(p1 > start);
+    assert_eq!(s.changes_since(None)?, (p1, vec![]));
+    assert_eq!(s.changes_since(Some(p1))?, (p1, vec![]));
+    // Each kind of write, each user once however often it changed.
+    assert!(s.set_verifier("bob", &verifier("new"))?);
+    assert!(s.set_verifier("bob", &verifier("newer"))?);
+    assert!(s.set_allow_prefixes("alice", Some(&["+49".to_owned()]))?);
+    let (p2, users) = s.changes_since(Some(p1))?;
+    assert_eq!(users, ["bob", "alice"]);
+    assert!(p2 > p1);
+    assert!(s.del_user("alice")?);
+    let (p3, users) = s.changes_since(Some(p2))?;
+    assert_eq!(users, ["alice"]);
+    assert!(p3 > p2);
+    // Writes that change nobody, and routes, are not subscribers' changes.
+    assert!(!s.del_user("alice")?);
+    assert!(!s.set_verifier("nobody", &verifier("x"))?);
+    assert!(!s.set_allow_prefixes("nobody", None)?);
+    s.add_route(&rt("+49", "192.0.2.2:5004", "Germany"))?;
+    assert!(s.add_user(&sub("bob", "+4930999")).is_err());
+    assert_eq!(s.changes_since(Some(p3))?, (p3, vec![]));
+    // An old position still sees everything after it.
+    let (p, users) = s.changes_since(Some(start))?;
+    assert_eq!(p, p3);
+    assert_eq!(users, ["alice", "bob"]);
+    // At most 1000 rows per call; the position says where to go on.
+    for i in 0..1100 {
+        assert!(s.set_verifier("bob", &verifier(&format!("p{i}")))?);
+    }
+    let (end, _) = s.changes_since(None)?;
+    let (p4, users) = s.changes_since(Some(p3))?;
+    assert_eq!(users, ["bob"]);
+    assert!(p3 < p4 && p4 < end, "{p3} < {p4} < {end}");
+    assert_eq!(s.changes_since(Some(p4))?, (end, vec!["bob".to_owned()]));
+    assert_eq!(s.changes_since(Some(end))?, (end, vec![]));
     Ok(())
 }
 

@@ -293,6 +293,21 @@ fn validate_subscriber(s: &Subscriber) -> Result<(), StoreError> {
     validate_verifier(&s.verifier)
 }
 
+/// A class of service as stored by both backends: comma-separated prefixes, NULL for any
+/// route, '' for none.
+fn allow_to_text(allow: Option<&[String]>) -> Option<String> {
+    allow.map(|p| p.join(","))
+}
+
+fn allow_from_text(text: Option<String>) -> Option<Vec<String>> {
+    text.map(|t| {
+        t.split(',')
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+}
+
 /// A class of service: at most 64 prefixes, each a valid route prefix.
 pub fn validate_allow_prefixes(allow: Option<&[String]>) -> Result<(), StoreError> {
     let Some(prefixes) = allow else {

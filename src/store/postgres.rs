@@ -23,6 +23,8 @@
 //! Schema: versioned in the table `voxgate_schema`; [`MIGRATIONS`] are applied in order in
 //! one transaction under an advisory lock, so gateways starting at once migrate one after the
 //! other and the later ones find nothing to do. A database newer than this code is refused.
+//! The schema keeps what SQLite's does, version for version: the change log of subscribers
+//! (written by triggers, so every writer is seen), route ports and classes of service.
 //! TLS to the server is not supported yet: keep the server on a trusted network (or a
 //! loopback/unix socket).
 
@@ -34,8 +36,9 @@ use postgres::types::ToSql;
 use postgres::{Client, NoTls, Row, Statement};
 
 use super::{
-    Route, Store, StoreError, Subscriber, validate_number, validate_prefix, validate_route,
-    validate_subscriber, validate_user, validate_verifier,
+    Route, Store, StoreError, Subscriber, allow_from_text, allow_to_text, validate_allow_prefixes,
+    validate_number, validate_prefix, validate_route, validate_subscriber, validate_user,
+    validate_verifier,
 };
 use crate::directory::Verifier;
 
@@ -57,7 +60,48 @@ pub const MIGRATIONS: &[&str] = &[
          media_addr  text NOT NULL,
          description text NOT NULL
      );"#,
+    // 2: a change log of subscribers, written by triggers (so every writer, the CLI in another
+    // process included, is seen), read by the running gateways to end or refresh sessions.
+    // Kept short: the newest 10 000 rows. A writer takes the log's table lock (until it
+    // commits) before it takes a sequence number, so numbers are committed in order: a reader
+    // that has seen number n never later finds a smaller one appear (which a plain sequence
+    // would allow, and a gateway would miss that change). Readers are not blocked.
+    r#"CREATE TABLE changes (
+         seq      bigserial PRIMARY KEY,
+         username text COLLATE "C" NOT NULL
+     );
+     CREATE FUNCTION voxgate_changes_prune() RETURNS trigger LANGUAGE plpgsql AS $$
+     BEGIN
+         DELETE FROM changes WHERE seq <= NEW.seq - 10000;
+         RETURN NULL;
+     END $$;
+     CREATE TRIGGER changes_prune AFTER INSERT ON changes
+         FOR EACH ROW EXECUTE FUNCTION voxgate_changes_prune();
+     CREATE FUNCTION voxgate_subscribers_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+     BEGIN
+         LOCK TABLE changes IN EXCLUSIVE MODE;
+         IF TG_OP = 'INSERT' THEN
+             INSERT INTO changes (username) VALUES (NEW.username);
+         ELSE
+             INSERT INTO changes (username) VALUES (OLD.username);
+             IF TG_OP = 'UPDATE' AND NEW.username <> OLD.username THEN
+                 INSERT INTO changes (username) VALUES (NEW.username);
+             END IF;
+         END IF;
+         RETURN NULL;
+     END $$;
+     CREATE TRIGGER subscribers_changed AFTER INSERT OR UPDATE OR DELETE ON subscribers
+         FOR EACH ROW EXECUTE FUNCTION voxgate_subscribers_changed();"#,
+    // 3: a route may carry several calls at once, each on its own port of the voice gateway.
+    "ALTER TABLE routes ADD COLUMN ports integer NOT NULL DEFAULT 1
+         CHECK (ports BETWEEN 1 AND 1024);",
+    // 4: class of service: the prefixes a user may dial on routes, comma-separated
+    // (NULL: any route; '': none).
+    "ALTER TABLE subscribers ADD COLUMN allow_prefixes text;",
 ];
+
+/// Most change-log rows one [`Store::changes_since`] call reads (as SQLite's).
+const CHANGES_PER_CALL: i64 = 1000;
 
 /// The advisory lock migrations run under (an arbitrary constant: "voxgate" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0076_6f78_6761_7465;
@@ -67,8 +111,9 @@ pub const RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest pause between attempts to connect.
 pub const RETRY_MAX: Duration = Duration::from_secs(2);
 
-const SUBSCRIBER_COLUMNS: &str = "username, number, salt, iterations, stored_key, server_key";
-const ROUTE_COLUMNS: &str = "prefix, media_addr, description";
+const SUBSCRIBER_COLUMNS: &str =
+    "username, number, salt, iterations, stored_key, server_key, allow_prefixes";
+const ROUTE_COLUMNS: &str = "prefix, media_addr, description, ports";
 
 /// Where the directory is, with the password, and how it is shown (without it).
 #[derive(Clone)]
@@ -166,6 +211,8 @@ struct Statements {
     user_by_number: Statement,
     route_for: Statement,
     typical_iterations: Statement,
+    changes_head: Statement,
+    changes_after: Statement,
 }
 
 struct Conn {
@@ -459,6 +506,9 @@ fn prepare(client: &mut Client) -> Result<Statements, PgOrStore> {
             "SELECT iterations FROM subscribers GROUP BY iterations
              ORDER BY count(*) DESC, iterations DESC LIMIT 1",
         )?,
+        changes_head: client.prepare("SELECT COALESCE(MAX(seq), 0) FROM changes")?,
+        changes_after: client
+            .prepare("SELECT seq, username FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2")?,
     })
 }
 
@@ -482,8 +532,7 @@ fn subscriber(row: &Row) -> Result<Subscriber, PgOrStore> {
             server_key,
         },
         user,
-        // Not kept on PostgreSQL yet (schema 1): any route.
-        allow_prefixes: None,
+        allow_prefixes: allow_from_text(row.try_get(6)?),
     })
 }
 
@@ -493,12 +542,18 @@ fn route(row: &Row) -> Result<Route, PgOrStore> {
     let media_addr = addr.parse().map_err(|_| StoreError::Corrupt {
         what: format!("route {prefix:?}: media address {addr:?}"),
     })?;
+    let ports: i32 = row.try_get(3)?;
+    let ports = u16::try_from(ports)
+        .ok()
+        .filter(|p| (1..=1024).contains(p))
+        .ok_or_else(|| StoreError::Corrupt {
+            what: format!("route {prefix:?}: {ports} ports"),
+        })?;
     Ok(Route {
         prefix,
         media_addr,
         description: row.try_get(2)?,
-        // Not kept on PostgreSQL yet (schema 1): one call at a time.
-        ports: 1,
+        ports,
     })
 }
 
@@ -507,13 +562,15 @@ impl Store for PostgresStore {
         validate_subscriber(s)?;
         let v = &s.verifier;
         let iterations = i64::from(v.iterations);
-        let params: [&(dyn ToSql + Sync); 6] = [
+        let allow = allow_to_text(s.allow_prefixes.as_deref());
+        let params: [&(dyn ToSql + Sync); 7] = [
             &s.user,
             &s.number,
             &v.salt,
             &iterations,
             &v.stored_key.as_slice(),
             &v.server_key.as_slice(),
+            &allow,
         ];
         self.with_conn(false, |c| {
             // Both unique columns at once; which one was taken is asked afterwards (a user
@@ -522,7 +579,7 @@ impl Store for PostgresStore {
                 let n = c.client.execute(
                     &format!(
                         "INSERT INTO subscribers ({SUBSCRIBER_COLUMNS})
-                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING"
                     ),
                     &params,
                 )?;
@@ -580,6 +637,22 @@ impl Store for PostgresStore {
         })
     }
 
+    fn set_allow_prefixes(
+        &mut self,
+        user: &str,
+        allow: Option<&[String]>,
+    ) -> Result<bool, StoreError> {
+        validate_user(user)?;
+        validate_allow_prefixes(allow)?;
+        let allow = allow_to_text(allow);
+        self.with_conn(false, |c| {
+            Ok(c.client.execute(
+                "UPDATE subscribers SET allow_prefixes = $2 WHERE username = $1",
+                &[&user, &allow],
+            )? > 0)
+        })
+    }
+
     fn user(&self, user: &str) -> Result<Option<Subscriber>, StoreError> {
         validate_user(user)?;
         self.with_conn(true, |c| {
@@ -616,13 +689,14 @@ impl Store for PostgresStore {
     fn add_route(&mut self, r: &Route) -> Result<(), StoreError> {
         validate_route(r)?;
         let addr = r.media_addr.to_string();
+        let ports = i32::from(r.ports);
         let n = self.with_conn(false, |c| {
             Ok(c.client.execute(
                 &format!(
-                    "INSERT INTO routes ({ROUTE_COLUMNS}) VALUES ($1, $2, $3)
+                    "INSERT INTO routes ({ROUTE_COLUMNS}) VALUES ($1, $2, $3, $4)
                      ON CONFLICT (prefix) DO NOTHING"
                 ),
-                &[&r.prefix, &addr, &r.description],
+                &[&r.prefix, &addr, &r.description, &ports],
             )?)
         })?;
         if n == 0 {
@@ -675,6 +749,29 @@ impl Store for PostgresStore {
                 .map(|r| r.try_get(0))
                 .transpose()?;
             Ok(n.and_then(|n| u32::try_from(n).ok()))
+        })
+    }
+
+    fn changes_since(&self, since: Option<u64>) -> Result<(u64, Vec<String>), StoreError> {
+        self.with_conn(true, |c| {
+            let Some(since) = since else {
+                let max: i64 = c.client.query_one(&c.stmts.changes_head, &[])?.try_get(0)?;
+                return Ok((u64::try_from(max).unwrap_or(0), Vec::new()));
+            };
+            let after = i64::try_from(since).unwrap_or(i64::MAX);
+            let rows = c
+                .client
+                .query(&c.stmts.changes_after, &[&after, &CHANGES_PER_CALL])?;
+            let (mut next, mut users) = (since, Vec::<String>::new());
+            for row in rows {
+                let seq: i64 = row.try_get(0)?;
+                let user: String = row.try_get(1)?;
+                next = next.max(u64::try_from(seq).unwrap_or(0));
+                if !users.contains(&user) {
+                    users.push(user);
+                }
+            }
+            Ok((next, users))
         })
     }
 }

@@ -18,8 +18,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, params_from_iter};
 
 use super::{
-    Route, Store, StoreError, Subscriber, validate_number, validate_prefix, validate_route,
-    validate_subscriber, validate_user, validate_verifier,
+    Route, Store, StoreError, Subscriber, allow_from_text, allow_to_text, validate_number,
+    validate_prefix, validate_route, validate_subscriber, validate_user, validate_verifier,
 };
 use crate::directory::Verifier;
 
@@ -180,20 +180,6 @@ fn subscriber_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SubscriberRo
         row.get(5)?,
         row.get(6)?,
     ))
-}
-
-/// A class of service as stored: comma-separated prefixes, NULL for any route.
-fn allow_to_text(allow: Option<&[String]>) -> Option<String> {
-    allow.map(|p| p.join(","))
-}
-
-fn allow_from_text(text: Option<String>) -> Option<Vec<String>> {
-    text.map(|t| {
-        t.split(',')
-            .filter(|p| !p.is_empty())
-            .map(str::to_owned)
-            .collect()
-    })
 }
 
 fn subscriber(row: SubscriberRow) -> Result<Subscriber, StoreError> {
