@@ -27,6 +27,7 @@ pub struct Config {
     pub admin: AdminSection,
     pub limits: LimitsSection,
     pub cdr: CdrSection,
+    pub web: WebSection,
 }
 
 /// Call detail records (see `metrics::cdr`).
@@ -168,6 +169,47 @@ impl Default for AdminSection {
         AdminSection {
             enabled: true,
             listen: "127.0.0.1:7480".parse().expect("constant address"),
+        }
+    }
+}
+
+/// Who may register through the web page (`[web] registration`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    /// Anyone who reaches the page.
+    Open,
+    /// Only with an invitation code (`voxgate invite add`).
+    Invite,
+    /// Nobody: the page says registration is closed.
+    Closed,
+}
+
+/// The web listener: registration page and admin REST API (`[web]`); see `server::web`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSection {
+    pub enabled: bool,
+    /// Plain HTTP: keep it on loopback (or behind a TLS-terminating proxy) until HTTPS lands.
+    pub listen: std::net::SocketAddr,
+    pub registration: Registration,
+    /// Numbers the page assigns on request: `"+1555010000-+1555019999"`; empty: none.
+    pub number_range: String,
+    /// Bearer tokens of the admin REST API (at least 16 characters each).
+    pub admin_tokens: Vec<String>,
+    /// A file with more tokens, one per line (`#` comments); read at start.
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl Default for WebSection {
+    fn default() -> Self {
+        WebSection {
+            enabled: false,
+            listen: "127.0.0.1:7481".parse().expect("constant address"),
+            registration: Registration::Closed,
+            number_range: String::new(),
+            admin_tokens: Vec::new(),
+            admin_token_file: None,
         }
     }
 }
@@ -394,6 +436,19 @@ impl Config {
             "server.max_connections",
             "must be at least 1".into(),
         );
+        if let Err(e) = crate::server::web::NumberRange::parse(&self.web.number_range) {
+            check(false, "web.number_range", e);
+        }
+        for (i, t) in self.web.admin_tokens.iter().enumerate() {
+            check(
+                t.len() >= crate::server::web::MIN_TOKEN_LEN,
+                &format!("web.admin_tokens[{i}]"),
+                format!(
+                    "shorter than {} characters",
+                    crate::server::web::MIN_TOKEN_LEN
+                ),
+            );
+        }
         let pr = &self.presence;
         check(
             (1_000..=300_000).contains(&pr.heartbeat_ms),
@@ -666,6 +721,7 @@ impl Config {
             v.push("dumps.dir".into());
         }
         v.extend(changed_keys("admin", &self.admin, &new.admin));
+        v.extend(changed_keys("web", &self.web, &new.web));
         v
     }
 }
