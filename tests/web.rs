@@ -445,6 +445,76 @@ fn closed_registration_is_refused() {
     assert_eq!(json_of(&body)["message"], "registration is closed");
 }
 
+#[test]
+fn invitation_codes_cannot_be_guessed_at_speed() {
+    let (gw, addr, _dir) = gateway_with_web("registration = \"invite\"");
+    let data = gw.dir.path().join("data");
+    let out = Command::new(BIN)
+        .args([
+            "invite",
+            "add",
+            "real-code",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN)
+        .args(["invite", "list", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "real-code\t1\n");
+    let req = |code: &str| {
+        json!({"user": "mallory", "number": "+15550666", "invite": code,
+               "verifier": {"salt": "c2FsdHNhbHQ=", "iterations": 4096,
+                            "stored_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                            "server_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}})
+    };
+    let limit = voxgate::server::web::limit::ATTEMPTS;
+    for i in 0..limit {
+        let (code, body) = http(
+            "POST",
+            &addr,
+            "/api/v1/register",
+            None,
+            Some(&req(&format!("guess-{i}"))),
+        );
+        assert_eq!(code, 403, "{body}");
+        assert_eq!(json_of(&body)["field"], "invite");
+    }
+    // The guesser is out of attempts: even the right code is refused now, and nothing is
+    // registered or used up.
+    let (code, body) = http(
+        "POST",
+        &addr,
+        "/api/v1/register",
+        None,
+        Some(&req("real-code")),
+    );
+    assert_eq!(code, 429, "{body}");
+    assert!(
+        json_of(&body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("too many registration attempts")
+    );
+    let (_, body) = http("GET", &addr, "/api/v1/subscribers", Some(TOKEN), None);
+    assert!(!body.contains("mallory"), "{body}");
+    let out = Command::new(BIN)
+        .args(["invite", "list", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "real-code\t1\n");
+    // The operator's API is not limited by the page's counter.
+    let (code, _) = http("GET", &addr, "/api/v1/routes", Some(TOKEN), None);
+    assert_eq!(code, 200);
+}
+
 // ---- The registration page in headless Chromium, over WebDriver. ----
 
 /// A chromedriver process and one browser session; both end when this drops.

@@ -158,6 +158,7 @@ async fn start_web(
             number_range,
             iterations: cfg.auth.scram_iterations,
             token_hashes: Arc::new(tokens),
+            attempts: Default::default(),
         },
     );
     Ok(addr)
