@@ -108,6 +108,8 @@ fn gateway_with_web(web: &str) -> (Gateway, String, tempfile::TempDir) {
     )
     .unwrap();
     let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    // The ready line reaches the kept log just after Gateway::start sees it.
+    gw.wait_log(0, "the ready line", |l| l.contains("voxgate is ready"));
     let log = gw.log_text();
     let ready = log
         .lines()
@@ -878,6 +880,60 @@ fn a_subscriber_registers_in_a_real_browser_and_logs_in() {
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     for p in [empty, errors, done] {
+        std::fs::copy(&p, shots.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn a_subscriber_logs_in_through_the_page_and_dials() {
+    let Some(b) = Browser::start() else { return };
+    let (gw, addr, _dir) = gateway_with_web("");
+    // Another site's page may not open a control connection in its visitor's name.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "GET /control HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://evil.example\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 403", "cross-origin upgrade refused");
+
+    b.go(&format!("http://{addr}/login"));
+    let login = b.screenshot("login");
+    // A wrong password: the gateway's refusal, next to the password field.
+    b.type_into("#user", "alice");
+    b.type_into("#password", "not-alices-password");
+    b.click("#login-button");
+    let shown = b.wait("the refusal", || {
+        let t = b.text("#password-error");
+        (!t.is_empty()).then_some(t)
+    });
+    assert!(shown.contains("wrong user or password"), "{shown}");
+    // The right one: logged in over the WebSocket with SCRAM computed in the page; the
+    // gateway checked the proof and the page checked the gateway's signature.
+    let mark = gw.log_len();
+    b.type_into("#password", &common::password("alice"));
+    b.click("#login-button");
+    let status = b.wait("the welcome", || {
+        let t = b.text("#status");
+        (!t.is_empty()).then_some(t)
+    });
+    assert_eq!(status, "Logged in as alice, number +15550001. Online.");
+    gw.wait_online(mark, "alice");
+    // Dial carol, who is offline: the gateway's answer is shown.
+    b.type_into("#number", "+15550003");
+    b.click("#call");
+    let ended = b.wait("the call's end", || {
+        let t = b.text("#call-status");
+        t.starts_with("Call ended").then_some(t)
+    });
+    assert_eq!(ended, "Call ended: offline");
+    let phone = b.screenshot("login-done");
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    for p in [login, phone] {
         std::fs::copy(&p, shots.join(p.file_name().unwrap())).unwrap();
     }
 }

@@ -131,6 +131,7 @@ async fn start_web(
     cfg: &Config,
     data_dir: &Path,
     store: lookup::StoreFactory,
+    bridge: web::control::Bridge,
 ) -> Result<SocketAddr, ServeError> {
     let w = &cfg.web;
     let tokens = web::load_tokens(w).map_err(|e| ServeError::Web(e.to_string()))?;
@@ -159,6 +160,7 @@ async fn start_web(
             iterations: cfg.auth.scram_iterations,
             token_hashes: Arc::new(tokens),
             attempts: Default::default(),
+            bridge: Some(bridge),
         },
     );
     Ok(addr)
@@ -438,8 +440,10 @@ async fn run(
             },
         );
     }
+    // WebSocket control connections of the web pages, handed to the control loop below.
+    let (bridge, mut bridged) = mpsc::channel::<(TcpStream, SocketAddr)>(64);
     if cfg.web.enabled {
-        bound.web = Some(start_web(&cfg, &data_dir, directory.clone()).await?);
+        bound.web = Some(start_web(&cfg, &data_dir, directory.clone(), bridge).await?);
     }
     let infos = shards
         .handles
@@ -481,6 +485,16 @@ async fn run(
         tokio::spawn(probe_reader(sock.clone(), port, events.clone()));
     }
     tokio::spawn(acceptor(control, events.clone()));
+    {
+        let events = events.clone();
+        tokio::spawn(async move {
+            while let Some((stream, peer)) = bridged.recv().await {
+                if events.send(Event::Accepted(stream, peer)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 
     let mut server = Server {
         cfg,

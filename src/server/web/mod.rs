@@ -18,6 +18,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod api;
+pub mod control;
 pub mod db;
 pub mod limit;
 
@@ -58,6 +59,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/register.js"),
     ("GET", "/scram.js"),
     ("GET", "/style.css"),
+    ("GET", "/login"),
+    ("GET", "/login.js"),
+    ("GET", "/control"),
     ("GET", "/api/v1/register"),
     ("POST", "/api/v1/register"),
     ("GET", "/api/v1/subscribers"),
@@ -72,6 +76,8 @@ const REGISTER_HTML: &str = include_str!("../../../web/register.html");
 const REGISTER_JS: &str = include_str!("../../../web/register.js");
 const SCRAM_JS: &str = include_str!("../../../web/scram.js");
 const STYLE_CSS: &str = include_str!("../../../web/style.css");
+const LOGIN_HTML: &str = include_str!("../../../web/login.html");
+const LOGIN_JS: &str = include_str!("../../../web/login.js");
 
 /// Numbers the page may assign: E.164 or local, both ends the same length and form.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,6 +163,8 @@ pub struct WebState {
     pub token_hashes: Arc<Vec<[u8; 32]>>,
     /// Registration attempts per source.
     pub attempts: Arc<std::sync::Mutex<limit::AttemptLimit>>,
+    /// Where WebSocket control connections go (`None`: `/control` is unavailable).
+    pub bridge: Option<control::Bridge>,
 }
 
 impl WebState {
@@ -228,6 +236,12 @@ pub fn router(state: WebState) -> Router {
             page("text/javascript; charset=utf-8", SCRAM_JS),
         )
         .route("/style.css", page("text/css; charset=utf-8", STYLE_CSS))
+        .route("/login", page("text/html; charset=utf-8", LOGIN_HTML))
+        .route(
+            "/login.js",
+            page("text/javascript; charset=utf-8", LOGIN_JS),
+        )
+        .route("/control", get(control::upgrade))
         .route("/api/v1/register", get(register_params).post(register))
         .route(
             "/api/v1/subscribers",
@@ -625,6 +639,7 @@ mod tests {
             iterations: 4096,
             token_hashes: Arc::new(load_tokens(&cfg).unwrap()),
             attempts: Default::default(),
+            bridge: None,
         };
         let with = |v: &str| {
             let mut h = HeaderMap::new();
