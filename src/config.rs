@@ -199,6 +199,8 @@ pub struct WebSection {
     pub admin_tokens: Vec<String>,
     /// A file with more tokens, one per line (`#` comments); read at start.
     pub admin_token_file: Option<PathBuf>,
+    /// Connections held at once (WebSocket control connections included).
+    pub max_connections: usize,
 }
 
 impl Default for WebSection {
@@ -210,6 +212,7 @@ impl Default for WebSection {
             number_range: String::new(),
             admin_tokens: Vec::new(),
             admin_token_file: None,
+            max_connections: 1024,
         }
     }
 }
@@ -449,6 +452,11 @@ impl Config {
                 ),
             );
         }
+        check(
+            self.web.max_connections > 0,
+            "web.max_connections",
+            "must be at least 1".into(),
+        );
         let pr = &self.presence;
         check(
             (1_000..=300_000).contains(&pr.heartbeat_ms),

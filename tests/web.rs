@@ -517,6 +517,36 @@ fn invitation_codes_cannot_be_guessed_at_speed() {
     assert_eq!(code, 200);
 }
 
+#[test]
+fn the_web_listener_holds_at_most_max_connections() {
+    let (_gw, addr, _dir) = gateway_with_web("max_connections = 2");
+    // Two idle connections (a slow client sends nothing) hold both places.
+    let idle1 = std::net::TcpStream::connect(&addr).unwrap();
+    let _idle2 = std::net::TcpStream::connect(&addr).unwrap();
+    let mut third = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        third,
+        "GET /style.css HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let mut buf = [0u8; 12];
+    let waited = third.read(&mut buf);
+    assert!(
+        matches!(&waited, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the third connection is not served while two are held: {waited:?}"
+    );
+    // One place frees: the waiting request is served.
+    drop(idle1);
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    third.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+}
+
 // ---- The registration page in headless Chromium, over WebDriver. ----
 
 /// A chromedriver process and one browser session; both end when this drops.

@@ -152,6 +152,7 @@ async fn start_web(
     }
     web::spawn(
         listener,
+        w.max_connections,
         web::WebState {
             store,
             web_db,

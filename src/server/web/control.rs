@@ -44,7 +44,7 @@ fn same_origin(headers: &HeaderMap) -> bool {
 
 pub async fn upgrade(
     State(state): State<WebState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(super::listener::Peer(peer)): ConnectInfo<super::listener::Peer>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {

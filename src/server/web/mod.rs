@@ -21,6 +21,7 @@ pub mod api;
 pub mod control;
 pub mod db;
 pub mod limit;
+pub mod listener;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -259,11 +260,13 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// Serves the pages and the API on `listener` until the runtime ends.
-pub fn spawn(listener: tokio::net::TcpListener, state: WebState) {
+/// Serves the pages and the API on `listener` until the runtime ends, with at most
+/// `max_connections` connections at once.
+pub fn spawn(listener: tokio::net::TcpListener, max_connections: usize, state: WebState) {
     let app = router(state);
+    let listener = listener::Limited::new(listener, max_connections);
     tokio::spawn(async move {
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
+        let app = app.into_make_service_with_connect_info::<listener::Peer>();
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("web listener stopped: {e}");
         }
@@ -433,7 +436,7 @@ struct RegisterRequest {
 /// `POST /api/v1/register`: registers a subscriber from the page.
 async fn register(
     State(state): State<WebState>,
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    axum::extract::ConnectInfo(listener::Peer(peer)): axum::extract::ConnectInfo<listener::Peer>,
     body: Bytes,
 ) -> Response {
     let unprocessable =
