@@ -201,6 +201,8 @@ pub struct WebSection {
     pub admin_token_file: Option<PathBuf>,
     /// Connections held at once (WebSocket control connections included).
     pub max_connections: usize,
+    /// A connection without a byte either way for this long is closed.
+    pub idle_timeout_s: u64,
 }
 
 impl Default for WebSection {
@@ -213,6 +215,7 @@ impl Default for WebSection {
             admin_tokens: Vec::new(),
             admin_token_file: None,
             max_connections: 1024,
+            idle_timeout_s: 60,
         }
     }
 }
@@ -455,6 +458,11 @@ impl Config {
         check(
             self.web.max_connections > 0,
             "web.max_connections",
+            "must be at least 1".into(),
+        );
+        check(
+            self.web.idle_timeout_s > 0,
+            "web.idle_timeout_s",
             "must be at least 1".into(),
         );
         let pr = &self.presence;

@@ -547,6 +547,34 @@ fn the_web_listener_holds_at_most_max_connections() {
     assert_eq!(&buf, b"HTTP/1.1 200");
 }
 
+#[test]
+fn idle_web_connections_are_closed() {
+    let (_gw, addr, _dir) = gateway_with_web("idle_timeout_s = 1");
+    // A client that connects and sends nothing (or half a request) is closed after the idle
+    // time-out, giving its place back.
+    let t0 = Instant::now();
+    let mut silent = std::net::TcpStream::connect(&addr).unwrap();
+    let mut half = std::net::TcpStream::connect(&addr).unwrap();
+    write!(half, "GET / HTTP/1.1\r\nHost: ").unwrap();
+    for s in [&mut silent, &mut half] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        let r = s.read_to_end(&mut rest);
+        assert!(
+            r.is_ok() || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "closed by the gateway, not by our read time-out: {r:?}"
+        );
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // A plain request is still served.
+    let (code, _) = http("GET", &addr, "/style.css", None, None);
+    assert_eq!(code, 200);
+}
+
 // ---- The registration page in headless Chromium, over WebDriver. ----
 
 /// A chromedriver process and one browser session; both end when this drops.

@@ -153,6 +153,7 @@ async fn start_web(
     web::spawn(
         listener,
         w.max_connections,
+        Duration::from_secs(w.idle_timeout_s),
         web::WebState {
             store,
             web_db,

@@ -261,10 +261,15 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 }
 
 /// Serves the pages and the API on `listener` until the runtime ends, with at most
-/// `max_connections` connections at once.
-pub fn spawn(listener: tokio::net::TcpListener, max_connections: usize, state: WebState) {
+/// `max_connections` connections at once, each closed after `idle` without traffic.
+pub fn spawn(
+    listener: tokio::net::TcpListener,
+    max_connections: usize,
+    idle: std::time::Duration,
+    state: WebState,
+) {
     let app = router(state);
-    let listener = listener::Limited::new(listener, max_connections);
+    let listener = listener::Limited::new(listener, max_connections, idle);
     tokio::spawn(async move {
         let app = app.into_make_service_with_connect_info::<listener::Peer>();
         if let Err(e) = axum::serve(listener, app).await {
