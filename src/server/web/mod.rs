@@ -54,7 +54,7 @@ pub const MIN_PASSWORD_CHARS: usize = 8;
 pub const MIN_PASSWORD_BITS: u32 = 40;
 
 /// Every route the listener serves: (method, path). The OpenAPI file (`docs/openapi.yaml`)
-/// documents exactly the `/api/` ones (a test checks both ways).
+/// documents exactly these (a test checks both ways, against the running server too).
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/"),
     ("GET", "/register.js"),
