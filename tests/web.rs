@@ -987,6 +987,20 @@ fn a_subscriber_logs_in_through_the_page_and_dials() {
         t.starts_with("Call ended").then_some(t)
     });
     assert_eq!(ended, "Call ended: offline");
+    // bob calls alice's number: the page is told (the gateway routed the call to the page's
+    // session) and, having no audio yet, rejects it; bob hears the rejection.
+    let bob = common::run_phone(&gw, "bob", &["--call", "+15550001"]);
+    let incoming = b.text("#call-status");
+    assert!(
+        incoming.contains("Incoming call from +15550002 (bob)"),
+        "{incoming}"
+    );
+    assert!(
+        format!("{} {}", bob.json, bob.stderr).contains("rejected"),
+        "bob's phone: {} {}",
+        bob.json,
+        bob.stderr
+    );
     let phone = b.screenshot("login-done");
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
     std::fs::create_dir_all(&shots).unwrap();
