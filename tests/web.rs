@@ -959,6 +959,33 @@ fn a_subscriber_logs_in_through_the_page_and_dials() {
 
     b.go(&format!("http://{addr}/login"));
     let login = b.screenshot("login");
+    // Bad input over the WebSocket gets what a TCP client gets: an oversized message closes
+    // the connection; a malformed one is answered with the reason, then closed.
+    let attack = |payload: &str| {
+        let script = format!(
+            "const done = arguments[0]; const got = []; \
+             const ws = new WebSocket(`ws://${{location.host}}/control`); \
+             ws.onopen = () => ws.send({payload}); \
+             ws.onmessage = (e) => got.push(e.data); \
+             ws.onclose = () => done('closed ' + got.join(' ')); \
+             setTimeout(() => done('still open'), 8000);"
+        );
+        b.cmd(
+            "POST",
+            "/execute/async",
+            Some(json!({"script": script, "args": []})),
+        )
+        .as_str()
+        .unwrap()
+        .to_owned()
+    };
+    let big = attack("'x'.repeat(9000)");
+    assert!(big.starts_with("closed"), "{big}");
+    let bad = attack("'{\"type\":\"hello\",\"version\":\"one\"}'");
+    assert!(
+        bad.starts_with("closed") && bad.contains("bad_message"),
+        "{bad}"
+    );
     // A wrong password: the gateway's refusal, next to the password field.
     b.type_into("#user", "alice");
     b.type_into("#password", "not-alices-password");
