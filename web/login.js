@@ -97,7 +97,7 @@ function onMessage(m) {
       setCall("Ringing…");
       break;
     case "incoming":
-      setCall(`Incoming call from ${m.from_number} (${m.from_user ?? "?"}): the page cannot answer with audio yet.`);
+      setCall(`Incoming call from ${m.from_number}: the page cannot answer with audio yet.`);
       send({ type: "reject", call: m.call });
       break;
     case "media":

@@ -62,6 +62,7 @@ pub async fn list_subscribers(State(state): State<WebState>, headers: HeaderMap)
                     "user": s.user,
                     "number": s.number,
                     "iterations": s.verifier.iterations,
+                    "allow_prefixes": s.allow_prefixes,
                     "display_name": p.display_name,
                     "email": p.email,
                 })
@@ -83,6 +84,9 @@ struct NewSubscriber {
     /// ... or the password, turned into a verifier here as `voxgate user add` does.
     #[serde(default)]
     password: Option<String>,
+    /// Class of service: the prefixes the user may dial on telephone routes (absent: any).
+    #[serde(default)]
+    allow_prefixes: Option<Vec<String>>,
 }
 
 pub async fn add_subscriber(
@@ -101,6 +105,13 @@ pub async fn add_subscriber(
     }
     if let Err(e) = crate::store::validate_number(&req.number) {
         return store_error(&e);
+    }
+    if let Err(e) = crate::store::validate_allow_prefixes(req.allow_prefixes.as_deref()) {
+        return field_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("allow_prefixes"),
+            &e.to_string(),
+        );
     }
     let verifier = match (&req.verifier, &req.password) {
         (Some(v), None) => match v.decode(state.iterations) {
@@ -143,6 +154,7 @@ pub async fn add_subscriber(
             user: req.user,
             number: req.number,
             verifier,
+            allow_prefixes: req.allow_prefixes,
         })
         .map_err(|e| store_error(&e))
     })
@@ -200,6 +212,7 @@ pub async fn list_routes(State(state): State<WebState>, headers: HeaderMap) -> R
                             "prefix": r.prefix,
                             "media_addr": r.media_addr.to_string(),
                             "description": r.description,
+                            "ports": r.ports,
                         })
                     })
                     .collect(),
@@ -215,6 +228,13 @@ struct NewRoute {
     media_addr: String,
     #[serde(default)]
     description: String,
+    /// Calls the route carries at once, each on its own port from `media_addr`'s (default 1).
+    #[serde(default = "one")]
+    ports: u16,
+}
+
+fn one() -> u16 {
+    1
 }
 
 pub async fn add_route(State(state): State<WebState>, headers: HeaderMap, body: Bytes) -> Response {
@@ -237,6 +257,7 @@ pub async fn add_route(State(state): State<WebState>, headers: HeaderMap, body: 
         prefix: req.prefix,
         media_addr,
         description: req.description,
+        ports: req.ports,
     };
     let prefix = route.prefix.clone();
     let r = with_store(&state, move |st| {

@@ -545,6 +545,7 @@ async fn register(
                 user: req.user.clone(),
                 number: number.clone(),
                 verifier,
+                allow_prefixes: None,
             })
             .map_err(|e| store_error(&e))?;
             Ok(number)
