@@ -321,15 +321,44 @@ fn the_admin_api_needs_a_token_and_validates_like_the_cli() {
     );
     assert_eq!(code, 400, "unknown fields refused: {body}");
 
-    // Added through the API: dave logs in with that password.
+    // A class of service the CLI would refuse is refused, naming the field.
     let (code, body) = http(
         "POST",
         &addr,
         "/api/v1/subscribers",
         Some(TOKEN),
-        Some(&json!({"user": "dave", "number": "+15550004", "password": "dave-password-1"})),
+        Some(
+            &json!({"user": "dave", "number": "+15550004", "password": "dave-password-1",
+                     "allow_prefixes": ["+49x"]}),
+        ),
+    );
+    assert_eq!(
+        (code, json_of(&body)["field"].as_str()),
+        (422, Some("allow_prefixes")),
+        "{body}"
+    );
+
+    // Added through the API, with a class of service: dave logs in with that password.
+    let (code, body) = http(
+        "POST",
+        &addr,
+        "/api/v1/subscribers",
+        Some(TOKEN),
+        Some(
+            &json!({"user": "dave", "number": "+15550004", "password": "dave-password-1",
+                     "allow_prefixes": ["+4930"]}),
+        ),
     );
     assert_eq!(code, 201, "{body}");
+    let (_, body) = http("GET", &addr, "/api/v1/subscribers", Some(TOKEN), None);
+    let listed = json_of(&body);
+    let dave = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["user"] == "dave")
+        .unwrap();
+    assert_eq!(dave["allow_prefixes"], json!(["+4930"]));
     let out = probe(&gw, "dave", "dave-password-1");
     assert!(
         out.status.success(),
