@@ -28,6 +28,7 @@ pub struct Config {
     pub limits: LimitsSection,
     pub cdr: CdrSection,
     pub store: StoreSection,
+    pub web: WebSection,
 }
 
 /// Call detail records (see `metrics::cdr`).
@@ -176,6 +177,53 @@ impl Default for AdminSection {
         AdminSection {
             enabled: true,
             listen: "127.0.0.1:7480".parse().expect("constant address"),
+        }
+    }
+}
+
+/// Who may register through the web page (`[web] registration`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    /// Anyone who reaches the page.
+    Open,
+    /// Only with an invitation code (`voxgate invite add`).
+    Invite,
+    /// Nobody: the page says registration is closed.
+    Closed,
+}
+
+/// The web listener: registration page and admin REST API (`[web]`); see `server::web`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSection {
+    pub enabled: bool,
+    /// Plain HTTP: keep it on loopback (or behind a TLS-terminating proxy) until HTTPS lands.
+    pub listen: std::net::SocketAddr,
+    pub registration: Registration,
+    /// Numbers the page assigns on request: `"+1555010000-+1555019999"`; empty: none.
+    pub number_range: String,
+    /// Bearer tokens of the admin REST API (at least 16 characters each).
+    pub admin_tokens: Vec<String>,
+    /// A file with more tokens, one per line (`#` comments); read at start.
+    pub admin_token_file: Option<PathBuf>,
+    /// Connections held at once (WebSocket control connections included).
+    pub max_connections: usize,
+    /// A connection without a byte either way for this long is closed.
+    pub idle_timeout_s: u64,
+}
+
+impl Default for WebSection {
+    fn default() -> Self {
+        WebSection {
+            enabled: false,
+            listen: "127.0.0.1:7481".parse().expect("constant address"),
+            registration: Registration::Closed,
+            number_range: String::new(),
+            admin_tokens: Vec::new(),
+            admin_token_file: None,
+            max_connections: 1024,
+            idle_timeout_s: 60,
         }
     }
 }
@@ -508,6 +556,29 @@ impl Config {
         check(
             s.max_connections > 0,
             "server.max_connections",
+            "must be at least 1".into(),
+        );
+        if let Err(e) = crate::server::web::NumberRange::parse(&self.web.number_range) {
+            check(false, "web.number_range", e);
+        }
+        for (i, t) in self.web.admin_tokens.iter().enumerate() {
+            check(
+                t.len() >= crate::server::web::MIN_TOKEN_LEN,
+                &format!("web.admin_tokens[{i}]"),
+                format!(
+                    "shorter than {} characters",
+                    crate::server::web::MIN_TOKEN_LEN
+                ),
+            );
+        }
+        check(
+            self.web.max_connections > 0,
+            "web.max_connections",
+            "must be at least 1".into(),
+        );
+        check(
+            self.web.idle_timeout_s > 0,
+            "web.idle_timeout_s",
             "must be at least 1".into(),
         );
         let pr = &self.presence;
@@ -880,6 +951,7 @@ impl Config {
         }
         v.extend(changed_keys("admin", &self.admin, &new.admin));
         v.extend(changed_keys("store", &self.store, &new.store));
+        v.extend(changed_keys("web", &self.web, &new.web));
         v
     }
 }

@@ -37,6 +37,9 @@ enum Cmd {
     /// Manage telephone routes (number prefix -> IP voice gateway media address).
     #[command(subcommand)]
     Route(RouteCmd),
+    /// Manage invitation codes of the web registration page (`[web] registration = "invite"`).
+    #[command(subcommand)]
+    Invite(InviteCmd),
     /// A softphone: log in, call or answer, play and record WAV, report what happened.
     Phone(voxgate::client::cli::PhoneArgs),
     /// Log in and print this client's firewall capabilities.
@@ -297,6 +300,30 @@ enum RouteCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum InviteCmd {
+    /// Add an invitation code good for USES registrations.
+    Add {
+        /// Letters, digits, '-' and '_', at most 64.
+        code: String,
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Remove an invitation code.
+    Del {
+        code: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List invitation codes with their uses left.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
 #[derive(clap::Args)]
 struct StoreArgs {
     /// The gateway's data directory (where its store is) [default: as `serve`].
@@ -335,6 +362,7 @@ fn main() -> ExitCode {
         Cmd::Cdr(a) => voxgate::metrics::cdr::run(&a),
         Cmd::User(c) => admin(|| user(c)),
         Cmd::Route(c) => admin(|| route(c)),
+        Cmd::Invite(c) => admin(|| invite(c)),
         Cmd::Phone(a) => {
             voxgate::logging::init("warn");
             voxgate::client::cli::run_phone(a)
@@ -621,6 +649,32 @@ fn user(c: UserCmd) -> Result<(), String> {
             let v = new_verifier(&user, password_stdin, &cfg)?;
             st.set_verifier(&user, &v).map_err(|e| e.to_string())?;
             println!("password of {user} changed");
+        }
+    }
+    Ok(())
+}
+
+fn invite(c: InviteCmd) -> Result<(), String> {
+    use voxgate::server::web::db::WebDb;
+    let open = |s: &StoreArgs| -> Result<WebDb, String> {
+        let (_, cfg) = open_store(s)?;
+        WebDb::open(&cfg.data_dir().join("web.db"))
+    };
+    match c {
+        InviteCmd::Add { code, uses, store } => {
+            open(&store)?.add_invite(&code, uses)?;
+            println!("added invitation code {code} for {uses} registration(s)");
+        }
+        InviteCmd::Del { code, store } => {
+            if !open(&store)?.del_invite(&code)? {
+                return Err(format!("no invitation code {code:?}"));
+            }
+            println!("removed invitation code {code}");
+        }
+        InviteCmd::List { store } => {
+            for (code, uses) in open(&store)?.list_invites()? {
+                println!("{code}\t{uses}");
+            }
         }
     }
     Ok(())

@@ -15,6 +15,7 @@ pub mod admin;
 mod conn_limits;
 pub mod lookup;
 mod notify;
+pub mod web;
 mod writer;
 
 use std::collections::HashMap;
@@ -93,6 +94,8 @@ pub enum ServeError {
     Cdr(#[from] crate::metrics::cdr::CdrError),
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("web listener: {0}")]
+    Web(String),
 }
 
 /// Command-line overrides, re-applied over the file on every reload (flags keep winning).
@@ -106,6 +109,8 @@ pub struct Bound {
     pub shards: Vec<(SocketAddr, SocketAddr)>,
     /// The HTTP admin listener (`/metrics`, `/health`), if enabled.
     pub admin: Option<SocketAddr>,
+    /// The web listener (registration page, admin REST API), if enabled.
+    pub web: Option<SocketAddr>,
 }
 
 /// The first call or connection id of this run: its start time and a random part
@@ -124,6 +129,48 @@ pub fn open_store(data_dir: &Path) -> Result<SqliteStore, ServeError> {
         source,
     })?;
     Ok(SqliteStore::open(&data_dir.join("voxgate.db"))?)
+}
+
+/// Binds and starts the web listener (`[web]`); see [`web`].
+async fn start_web(
+    cfg: &Config,
+    data_dir: &Path,
+    store: lookup::StoreFactory,
+    bridge: web::control::Bridge,
+) -> Result<SocketAddr, ServeError> {
+    let w = &cfg.web;
+    let tokens = web::load_tokens(w).map_err(|e| ServeError::Web(e.to_string()))?;
+    let number_range = web::NumberRange::parse(&w.number_range).map_err(ServeError::Web)?;
+    let web_db = data_dir.join("web.db");
+    // Created (and a bad file reported) before anything listens.
+    web::db::WebDb::open(&web_db).map_err(ServeError::Web)?;
+    let listener = web::bind(w.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: w.listen,
+            what: "web (registration page, admin API)",
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServeError::Runtime)?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the web listener speaks plain HTTP on a non-loopback address: put a TLS proxy in front");
+    }
+    web::spawn(
+        listener,
+        w.max_connections,
+        Duration::from_secs(w.idle_timeout_s),
+        web::WebState {
+            store,
+            web_db,
+            registration: w.registration,
+            number_range,
+            iterations: cfg.auth.scram_iterations,
+            token_hashes: Arc::new(tokens),
+            attempts: Default::default(),
+            bridge: Some(bridge),
+        },
+    );
+    Ok(addr)
 }
 
 /// The decoy secret for unknown users' challenges: random once, then kept in the data
@@ -277,6 +324,7 @@ pub fn serve(
             probe_b = %b.probe.1,
             shards = b.shards.len(),
             admin = %b.admin.map_or("off".to_string(), |a| a.to_string()),
+            web = %b.web.map_or("off".to_string(), |a| a.to_string()),
             "voxgate is ready"
         );
     }))
@@ -380,6 +428,7 @@ async fn run(
             .map(|h| (h.udp_addr, h.tcp_addr))
             .collect(),
         admin: None,
+        web: None,
     };
     let mut bound = bound;
     let ledger = Arc::new(std::sync::Mutex::new(crate::metrics::prom::Ledger::new(
@@ -407,6 +456,11 @@ async fn run(
                     .map_or(0.0, |d| d.as_secs_f64()),
             },
         );
+    }
+    // WebSocket control connections of the web pages, handed to the control loop below.
+    let (bridge, mut bridged) = mpsc::channel::<(TcpStream, SocketAddr)>(64);
+    if cfg.web.enabled {
+        bound.web = Some(start_web(&cfg, &data_dir, directory.clone(), bridge).await?);
     }
     let infos = shards
         .handles
@@ -452,6 +506,16 @@ async fn run(
         tokio::spawn(probe_reader(sock.clone(), port, events.clone()));
     }
     tokio::spawn(acceptor(control, events.clone()));
+    {
+        let events = events.clone();
+        tokio::spawn(async move {
+            while let Some((stream, peer)) = bridged.recv().await {
+                if events.send(Event::Accepted(stream, peer)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 
     let mut server = Server {
         cfg,

@@ -1,0 +1,1066 @@
+//! The web listener: the admin REST API (against the CLI's validation and texts, and the
+//! OpenAPI file), and the registration page in a real headless Chromium driven by WebDriver.
+//!
+//! The browser tests need Debian's `chromium` and `chromium-driver`; scripts/test-all installs
+//! them. Without them the browser test says so loudly, and fails under CI=true.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Gateway, free_port, need_tool, run_with_stdin};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// One HTTP/1.1 request (`Connection: close`): the status and the body.
+fn http(
+    method: &str,
+    addr: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    if let Some(t) = auth {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    s.write_all(req.as_bytes()).unwrap();
+    // Read the head, then exactly the body (chromedriver keeps connections open).
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed before the response head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse::<usize>().unwrap());
+    let chunked = head.contains("transfer-encoding: chunked");
+    loop {
+        let have = buf.len() - head_end;
+        let done = match length {
+            Some(l) => have >= l,
+            None if chunked => buf.ends_with(b"0\r\n\r\n"),
+            None => false,
+        };
+        if done {
+            break;
+        }
+        let n = s.read(&mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let rest = String::from_utf8_lossy(&buf[head_end..]).into_owned();
+    let body = if chunked { dechunk(&rest) } else { rest };
+    (code, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// A gateway with the web listener on an ephemeral loopback port; its address.
+fn gateway_with_web(web: &str) -> (Gateway, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("voxgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[web]\nenabled = true\nlisten = \"127.0.0.1:0\"\nadmin_tokens = [\"{TOKEN}\"]\n{web}\n"
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    // The ready line reaches the kept log just after Gateway::start sees it.
+    gw.wait_log(0, "the ready line", |l| l.contains("voxgate is ready"));
+    let log = gw.log_text();
+    let ready = log
+        .lines()
+        .find(|l| l.contains("voxgate is ready"))
+        .expect("ready line");
+    let addr = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("web="))
+        .filter(|a| *a != "off")
+        .unwrap_or_else(|| panic!("the ready line names the web listener: {ready}"))
+        .to_owned();
+    // The listener is the one this gateway started: its page and its API answer.
+    let (code, page) = http("GET", &addr, "/", None, None);
+    assert_eq!(code, 200);
+    assert!(page.contains("Register with voxgate"), "{page}");
+    (gw, addr, dir)
+}
+
+fn probe(gw: &Gateway, user: &str, pw: &str) -> std::process::Output {
+    run_with_stdin(
+        Command::new(BIN).args([
+            "probe",
+            "--server",
+            &gw.control,
+            "--user",
+            user,
+            "--password-stdin",
+        ]),
+        &format!("{pw}\n"),
+    )
+}
+
+/// What `voxgate user add` prints on stderr for this input (the CLI's text).
+fn cli_user_add_error(gw: &Gateway, user: &str, number: &str) -> String {
+    let out = run_with_stdin(
+        Command::new(BIN).args([
+            "user",
+            "add",
+            user,
+            "--number",
+            number,
+            "--password-stdin",
+            "--data-dir",
+            gw.dir.path().join("data").to_str().unwrap(),
+        ]),
+        "long-enough-password\n",
+    );
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// (method, path) of every operation in docs/openapi.yaml.
+fn openapi_operations() -> Vec<(String, String)> {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.yaml"))
+            .unwrap();
+    let mut ops = Vec::new();
+    let mut in_paths = false;
+    let mut path = None;
+    for line in text.lines() {
+        if !line.starts_with(' ') {
+            in_paths = line == "paths:";
+            continue;
+        }
+        if !in_paths {
+            continue;
+        }
+        if let Some(p) = line.strip_prefix("  /") {
+            path = Some(format!("/{}", p.trim_end_matches(':')));
+        } else if let Some(m) = line.strip_prefix("    ")
+            && !m.starts_with(' ')
+            && let Some(m) = m.strip_suffix(':')
+            && ["get", "post", "put", "delete", "patch"].contains(&m)
+        {
+            ops.push((
+                m.to_uppercase(),
+                path.clone().expect("a path before its methods"),
+            ));
+        }
+    }
+    ops.sort();
+    ops
+}
+
+#[test]
+fn the_openapi_file_documents_exactly_the_api_the_server_serves() {
+    let documented = openapi_operations();
+    let mut served: Vec<(String, String)> = voxgate::server::web::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    served.sort();
+    assert_eq!(
+        documented, served,
+        "docs/openapi.yaml and server::web::ROUTES differ"
+    );
+    // And the running server really serves each of them (and nothing else under /api/).
+    let (_gw, addr, _dir) = gateway_with_web("registration = \"open\"");
+    for (m, p) in &documented {
+        let p = p.replace("{user}", "nobody").replace("{prefix}", "%2B99");
+        let (code, body) = http(m, &addr, &p, None, Some(&json!({})));
+        assert!(code != 404 && code != 405, "{m} {p}: {code} {body}");
+    }
+    for (m, p) in [
+        ("PUT", "/api/v1/subscribers"),
+        ("GET", "/api/v1/users"),
+        ("GET", "/api/v2/routes"),
+    ] {
+        let (code, _) = http(m, &addr, p, Some(TOKEN), None);
+        assert!(code == 404 || code == 405, "{m} {p} is not served: {code}");
+    }
+}
+
+#[test]
+fn the_admin_api_needs_a_token_and_validates_like_the_cli() {
+    let (gw, addr, _dir) = gateway_with_web("");
+    // No token, a wrong one, a truncated one: 401, and nothing is listed.
+    for auth in [
+        None,
+        Some("wrong-token-0123456789abcdef"),
+        Some(&TOKEN[..TOKEN.len() - 1]),
+    ] {
+        let (code, body) = http("GET", &addr, "/api/v1/subscribers", auth, None);
+        assert_eq!(code, 401, "{auth:?}: {body}");
+        assert!(!body.contains("alice"), "{body}");
+        let (code, _) = http(
+            "POST",
+            &addr,
+            "/api/v1/subscribers",
+            auth,
+            Some(&json!({"user": "eve", "number": "+15550666", "password": "long-enough-pw"})),
+        );
+        assert_eq!(code, 401);
+    }
+    let (code, body) = http("GET", &addr, "/api/v1/subscribers", Some(TOKEN), None);
+    assert_eq!(code, 200, "{body}");
+    let users: Vec<String> = json_of(&body)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["user"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(users, ["alice", "bob", "carol"]);
+    assert!(
+        !body.contains("stored_key") && !body.contains("salt"),
+        "no secrets listed: {body}"
+    );
+
+    // The CLI's errors, the CLI's texts, the field at fault.
+    for (user, number, field) in [
+        ("alice", "+15559999", "user"),
+        ("dave", "+15550001", "number"),
+        ("da ve", "+15559999", "user"),
+        ("dave", "+0123", "number"),
+    ] {
+        let (code, body) = http(
+            "POST",
+            &addr,
+            "/api/v1/subscribers",
+            Some(TOKEN),
+            Some(&json!({"user": user, "number": number, "password": "long-enough-password"})),
+        );
+        let v = json_of(&body);
+        assert!(code == 409 || code == 422, "{user} {number}: {code} {body}");
+        assert_eq!(v["field"], field, "{body}");
+        let cli = cli_user_add_error(&gw, user, number);
+        assert!(
+            cli.contains(v["message"].as_str().unwrap()),
+            "the CLI says {cli:?}, the API {body}"
+        );
+    }
+    let (code, body) = http(
+        "POST",
+        &addr,
+        "/api/v1/subscribers",
+        Some(TOKEN),
+        Some(&json!({"user": "dave", "number": "+15550004", "password": "short"})),
+    );
+    assert_eq!(code, 422);
+    assert_eq!(
+        json_of(&body)["message"],
+        "the password must have at least 8 characters"
+    );
+    let (code, body) = http(
+        "POST",
+        &addr,
+        "/api/v1/subscribers",
+        Some(TOKEN),
+        Some(
+            &json!({"user": "dave", "number": "+15550004", "verifier": {"salt": "AAAA", "iterations": 1, "stored_key": "AAAA", "server_key": "AAAA"}}),
+        ),
+    );
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        json_of(&body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("iterations"),
+        "too few iterations refused: {body}"
+    );
+    let (code, body) = http(
+        "POST",
+        &addr,
+        "/api/v1/subscribers",
+        Some(TOKEN),
+        Some(
+            &json!({"user": "dave", "number": "+15550004", "password": "dave-password-1", "extra": 1}),
+        ),
+    );
+    assert_eq!(code, 400, "unknown fields refused: {body}");
+
+    // A class of service the CLI would refuse is refused, naming the field.
+    let (code, body) = http(
+        "POST",
+        &addr,
+        "/api/v1/subscribers",
+        Some(TOKEN),
+        Some(
+            &json!({"user": "dave", "number": "+15550004", "password": "dave-password-1",
+                     "allow_prefixes": ["+49x"]}),
+        ),
+    );
+    assert_eq!(
+        (code, json_of(&body)["field"].as_str()),
+        (422, Some("allow_prefixes")),
+        "{body}"
+    );
+
+    // Added through the API, with a class of service: dave logs in with that password.
+    let (code, body) = http(
+        "POST",
+        &addr,
+        "/api/v1/subscribers",
+        Some(TOKEN),
+        Some(
+            &json!({"user": "dave", "number": "+15550004", "password": "dave-password-1",
+                     "allow_prefixes": ["+4930"]}),
+        ),
+    );
+    assert_eq!(code, 201, "{body}");
+    let (_, body) = http("GET", &addr, "/api/v1/subscribers", Some(TOKEN), None);
+    let listed = json_of(&body);
+    let dave = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["user"] == "dave")
+        .unwrap();
+    assert_eq!(dave["allow_prefixes"], json!(["+4930"]));
+    let out = probe(&gw, "dave", "dave-password-1");
+    assert!(
+        out.status.success(),
+        "dave logs in: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, _) = http(
+        "DELETE",
+        &addr,
+        "/api/v1/subscribers/dave",
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(code, 204);
+    let (code, body) = http(
+        "DELETE",
+        &addr,
+        "/api/v1/subscribers/dave",
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(
+        (code, json_of(&body)["message"].as_str().unwrap()),
+        (404, "no user \"dave\"")
+    );
+    let out = probe(&gw, "dave", "dave-password-1");
+    assert!(!out.status.success(), "dave is gone");
+
+    // Routes.
+    let (code, body) = http(
+        "POST",
+        &addr,
+        "/api/v1/routes",
+        Some(TOKEN),
+        Some(
+            &json!({"prefix": "+4930", "media_addr": "192.0.2.10:20000", "description": "Berlin"}),
+        ),
+    );
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = http(
+        "POST",
+        &addr,
+        "/api/v1/routes",
+        Some(TOKEN),
+        Some(&json!({"prefix": "+4930", "media_addr": "192.0.2.11:20000"})),
+    );
+    assert_eq!(
+        (code, json_of(&body)["field"].as_str().unwrap()),
+        (409, "prefix"),
+        "{body}"
+    );
+    let (code, body) = http(
+        "POST",
+        &addr,
+        "/api/v1/routes",
+        Some(TOKEN),
+        Some(&json!({"prefix": "49x", "media_addr": "192.0.2.11:20000"})),
+    );
+    assert_eq!(
+        (code, json_of(&body)["field"].as_str().unwrap()),
+        (422, "prefix"),
+        "{body}"
+    );
+    let (code, body) = http(
+        "POST",
+        &addr,
+        "/api/v1/routes",
+        Some(TOKEN),
+        Some(&json!({"prefix": "+44", "media_addr": "nowhere"})),
+    );
+    assert_eq!(
+        (code, json_of(&body)["field"].as_str().unwrap()),
+        (422, "media_addr"),
+        "{body}"
+    );
+    let (code, body) = http("GET", &addr, "/api/v1/routes", Some(TOKEN), None);
+    assert_eq!(code, 200);
+    assert_eq!(
+        json_of(&body),
+        json!([{"prefix": "+4930", "media_addr": "192.0.2.10:20000", "description": "Berlin", "ports": 1}])
+    );
+    let (code, _) = http("DELETE", &addr, "/api/v1/routes/%2B4930", Some(TOKEN), None);
+    assert_eq!(code, 204);
+    let (_, body) = http("GET", &addr, "/api/v1/routes", Some(TOKEN), None);
+    assert_eq!(json_of(&body), json!([]));
+
+    // A body larger than the bound is refused before it is parsed.
+    let big = json!({"user": "x".repeat(20_000), "number": "+1", "password": "x"});
+    let (code, _) = http(
+        "POST",
+        &addr,
+        "/api/v1/subscribers",
+        Some(TOKEN),
+        Some(&big),
+    );
+    assert_eq!(code, 413);
+}
+
+#[test]
+fn closed_registration_is_refused() {
+    let (_gw, addr, _dir) = gateway_with_web("registration = \"closed\"");
+    let (code, body) = http("GET", &addr, "/api/v1/register", None, None);
+    assert_eq!(json_of(&body)["registration"], "closed", "{code} {body}");
+    let (code, body) = http(
+        "POST",
+        &addr,
+        "/api/v1/register",
+        None,
+        Some(
+            &json!({"user": "eve", "number": "+15550666", "verifier": {"salt": "AAAA", "iterations": 4096, "stored_key": "AAAA", "server_key": "AAAA"}}),
+        ),
+    );
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(json_of(&body)["message"], "registration is closed");
+}
+
+#[test]
+fn invitation_codes_cannot_be_guessed_at_speed() {
+    let (gw, addr, _dir) = gateway_with_web("registration = \"invite\"");
+    let data = gw.dir.path().join("data");
+    let out = Command::new(BIN)
+        .args([
+            "invite",
+            "add",
+            "real-code",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN)
+        .args(["invite", "list", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "real-code\t1\n");
+    let req = |code: &str| {
+        json!({"user": "mallory", "number": "+15550666", "invite": code,
+               "verifier": {"salt": "c2FsdHNhbHQ=", "iterations": 4096,
+                            "stored_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                            "server_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}})
+    };
+    let limit = voxgate::server::web::limit::ATTEMPTS;
+    for i in 0..limit {
+        let (code, body) = http(
+            "POST",
+            &addr,
+            "/api/v1/register",
+            None,
+            Some(&req(&format!("guess-{i}"))),
+        );
+        assert_eq!(code, 403, "{body}");
+        assert_eq!(json_of(&body)["field"], "invite");
+    }
+    // The guesser is out of attempts: even the right code is refused now, and nothing is
+    // registered or used up.
+    let (code, body) = http(
+        "POST",
+        &addr,
+        "/api/v1/register",
+        None,
+        Some(&req("real-code")),
+    );
+    assert_eq!(code, 429, "{body}");
+    assert!(
+        json_of(&body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("too many registration attempts")
+    );
+    let (_, body) = http("GET", &addr, "/api/v1/subscribers", Some(TOKEN), None);
+    assert!(!body.contains("mallory"), "{body}");
+    let out = Command::new(BIN)
+        .args(["invite", "list", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "real-code\t1\n");
+    // The operator's API is not limited by the page's counter.
+    let (code, _) = http("GET", &addr, "/api/v1/routes", Some(TOKEN), None);
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn the_web_listener_holds_at_most_max_connections() {
+    let (_gw, addr, _dir) = gateway_with_web("max_connections = 2");
+    // Two idle connections (a slow client sends nothing) hold both places.
+    let idle1 = std::net::TcpStream::connect(&addr).unwrap();
+    let _idle2 = std::net::TcpStream::connect(&addr).unwrap();
+    let mut third = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        third,
+        "GET /style.css HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let mut buf = [0u8; 12];
+    let waited = third.read(&mut buf);
+    assert!(
+        matches!(&waited, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the third connection is not served while two are held: {waited:?}"
+    );
+    // One place frees: the waiting request is served.
+    drop(idle1);
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    third.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+}
+
+#[test]
+fn idle_web_connections_are_closed() {
+    let (_gw, addr, _dir) = gateway_with_web("idle_timeout_s = 1");
+    // A client that connects and sends nothing (or half a request) is closed after the idle
+    // time-out, giving its place back.
+    let t0 = Instant::now();
+    let mut silent = std::net::TcpStream::connect(&addr).unwrap();
+    let mut half = std::net::TcpStream::connect(&addr).unwrap();
+    write!(half, "GET / HTTP/1.1\r\nHost: ").unwrap();
+    for s in [&mut silent, &mut half] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        let r = s.read_to_end(&mut rest);
+        assert!(
+            r.is_ok() || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "closed by the gateway, not by our read time-out: {r:?}"
+        );
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // A plain request is still served.
+    let (code, _) = http("GET", &addr, "/style.css", None, None);
+    assert_eq!(code, 200);
+}
+
+// ---- The registration page in headless Chromium, over WebDriver. ----
+
+/// A chromedriver process and one browser session; both end when this drops.
+struct Browser {
+    _driver: Driver,
+    addr: String,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn start() -> Option<Browser> {
+        let chromium = need_tool("chromium", "chromium")?;
+        let driver_bin = need_tool("chromedriver", "chromium-driver")?;
+        let port = free_port();
+        let driver = Command::new(driver_bin)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Driver)
+            .expect("start chromedriver");
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                let (code, body) = http("GET", &addr, "/status", None, None);
+                // The server on the port is chromedriver (it says so), not something else.
+                if code == 200 && json_of(&body)["value"]["ready"] == true {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not start on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let profile = tempfile::tempdir().unwrap();
+        let caps = json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
+            "binary": chromium,
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--disable-dev-shm-usage", "--window-size=900,1100",
+                     format!("--user-data-dir={}", profile.path().display())],
+        }}}});
+        let (code, body) = http("POST", &addr, "/session", None, Some(&caps));
+        assert_eq!(code, 200, "new session: {body}");
+        let session = json_of(&body)["value"]["sessionId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        Some(Browser {
+            _driver: driver,
+            addr,
+            session,
+            _profile: profile,
+        })
+    }
+
+    fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (code, text) = http(
+            method,
+            &self.addr,
+            &format!("/session/{}{path}", self.session),
+            None,
+            body.as_ref(),
+        );
+        assert_eq!(code, 200, "{method} {path}: {text}");
+        json_of(&text)["value"].clone()
+    }
+
+    fn go(&self, url: &str) {
+        self.cmd("POST", "/url", Some(json!({"url": url})));
+    }
+
+    fn js(&self, script: &str) -> Value {
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
+    }
+
+    fn element(&self, css: &str) -> String {
+        let v = self.cmd(
+            "POST",
+            "/element",
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        v.as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Clears the field and types `text` into it, as a user would.
+    fn type_into(&self, css: &str, text: &str) {
+        let e = self.element(css);
+        self.cmd("POST", &format!("/element/{e}/clear"), Some(json!({})));
+        if !text.is_empty() {
+            self.cmd(
+                "POST",
+                &format!("/element/{e}/value"),
+                Some(json!({"text": text})),
+            );
+        }
+    }
+
+    fn click(&self, css: &str) {
+        let e = self.element(css);
+        self.cmd("POST", &format!("/element/{e}/click"), Some(json!({})));
+    }
+
+    fn text(&self, css: &str) -> String {
+        let e = self.element(css);
+        self.cmd("GET", &format!("/element/{e}/text"), None)
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Waits until `f` gives `Some`.
+    fn wait<T>(&self, what: &str, f: impl Fn() -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn screenshot(&self, name: &str) -> PathBuf {
+        use base64::Engine;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(self.cmd("GET", "/screenshot", None).as_str().unwrap())
+            .unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/web-screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, png).unwrap();
+        eprintln!("screenshot: {}", path.display());
+        path
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = http(
+            "DELETE",
+            &self.addr,
+            &format!("/session/{}", self.session),
+            None,
+            None,
+        );
+        // Then `driver` drops and kills chromedriver.
+    }
+}
+
+/// Kills chromedriver when dropped (also when no session could be made).
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Fills the form and submits it; waits until the page shows an outcome.
+fn submit(b: &Browser, user: &str, number: Option<&str>, password: &str, invite: &str) {
+    b.js("document.getElementById('result').textContent = ''; for (const e of document.querySelectorAll('.error')) e.textContent = '';");
+    b.type_into("#display_name", "Dave Bowman");
+    b.type_into("#email", "dave@example.org");
+    b.type_into("#user", user);
+    let assigned = b
+        .js("return document.getElementById('assign').checked")
+        .as_bool()
+        .unwrap();
+    if assigned != number.is_none() {
+        b.click("#assign");
+    }
+    if let Some(n) = number {
+        b.type_into("#number", n);
+    }
+    b.type_into("#password", password);
+    b.type_into("#invite", invite);
+    b.click("#submit");
+    b.wait("an outcome on the page", || {
+        let shown = b.js("return [...document.querySelectorAll('.error, #result')].map(e => e.textContent).join('')");
+        (!shown.as_str().unwrap_or("").is_empty()).then_some(())
+    });
+}
+
+#[test]
+fn a_subscriber_registers_in_a_real_browser_and_logs_in() {
+    let Some(b) = Browser::start() else { return };
+    let (gw, addr, _dir) =
+        gateway_with_web("registration = \"invite\"\nnumber_range = \"+1555010000-+1555019999\"");
+    let data = gw.dir.path().join("data");
+    let out = Command::new(BIN)
+        .args([
+            "invite",
+            "add",
+            "welcome-2026",
+            "--uses",
+            "1",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    b.go(&format!("http://{addr}/"));
+    b.wait("the page to load its parameters", || {
+        (b.js("return document.body.dataset.ready || ''") == "1").then_some(())
+    });
+    assert!(b.text("#mode").contains("invitation code"));
+    let empty = b.screenshot("register");
+
+    // A weak password is refused in the page, next to the password field; nothing is sent.
+    submit(&b, "dave", None, "password1", "welcome-2026");
+    assert!(
+        b.text("#password-error").contains("well-known"),
+        "{}",
+        b.text("#password-error")
+    );
+    submit(&b, "dave", None, "aaaaaaaaaaaa", "welcome-2026");
+    assert!(
+        b.text("#password-error").contains("too easy to guess"),
+        "{}",
+        b.text("#password-error")
+    );
+    submit(&b, "dave", None, "Sh0rt!", "welcome-2026");
+    assert!(b.text("#password-error").contains("at least 8 characters"));
+    assert_eq!(b.text("#user-error"), "");
+
+    // A wrong invitation code: next to the code field.
+    submit(
+        &b,
+        "dave",
+        None,
+        "Open the pod bay doors, HAL 9000",
+        "not-a-code",
+    );
+    assert_eq!(
+        b.text("#invite-error"),
+        "unknown or used-up invitation code"
+    );
+    assert_eq!(b.text("#password-error"), "");
+
+    // A taken user id: the CLI's text, next to the user id field; the code's use is given back.
+    submit(
+        &b,
+        "alice",
+        None,
+        "Open the pod bay doors, HAL 9000",
+        "welcome-2026",
+    );
+    let cli = cli_user_add_error(&gw, "alice", "+15559999");
+    let shown = b.text("#user-error");
+    assert_eq!(shown, "user \"alice\" already exists");
+    assert!(cli.contains(&shown), "the CLI says {cli:?}");
+    // A taken number, typed in: next to the number field.
+    submit(
+        &b,
+        "dave",
+        Some("+15550002"),
+        "Open the pod bay doors, HAL 9000",
+        "welcome-2026",
+    );
+    assert!(
+        b.text("#number-error").contains("already registered"),
+        "{}",
+        b.text("#number-error")
+    );
+    let errors = b.screenshot("register-errors");
+
+    // Registered with an assigned number: the page says which. Every request the page makes
+    // is recorded: the password is in none of them, the verifier is.
+    b.js("window.sent = []; const f = window.fetch; \
+          window.fetch = (u, o) => { window.sent.push(String((o && o.body) || '')); return f(u, o); };");
+    submit(
+        &b,
+        "dave",
+        None,
+        "Open the pod bay doors, HAL 9000",
+        "welcome-2026",
+    );
+    assert_eq!(
+        b.text("#result"),
+        "Registered dave with number +1555010000."
+    );
+    let done = b.screenshot("register-done");
+    let sent = b.js("return window.sent.join('\\n')");
+    let sent = sent.as_str().unwrap();
+    assert!(
+        sent.contains("stored_key") && sent.contains("\"dave\""),
+        "{sent}"
+    );
+    assert!(
+        !sent.contains("pod bay"),
+        "the password left the page: {sent}"
+    );
+
+    // The verifier the page computed is right: dave logs in with voxgate probe.
+    let out = probe(&gw, "dave", "Open the pod bay doors, HAL 9000");
+    assert!(
+        out.status.success(),
+        "dave logs in: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = probe(&gw, "dave", "Open the pod bay doors, HAL 9001");
+    assert!(!out.status.success(), "a wrong password is refused");
+    // The personal information is kept; the single-use code is used up.
+    let (_, body) = http("GET", &addr, "/api/v1/subscribers", Some(TOKEN), None);
+    let dave = json_of(&body)
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["user"] == "dave")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (
+            dave["display_name"].as_str(),
+            dave["email"].as_str(),
+            dave["number"].as_str()
+        ),
+        (
+            Some("Dave Bowman"),
+            Some("dave@example.org"),
+            Some("+1555010000")
+        )
+    );
+    submit(
+        &b,
+        "frank",
+        None,
+        "Open the pod bay doors, HAL 9000",
+        "welcome-2026",
+    );
+    assert_eq!(
+        b.text("#invite-error"),
+        "unknown or used-up invitation code"
+    );
+
+    // The README shows these.
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    for p in [empty, errors, done] {
+        std::fs::copy(&p, shots.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn a_subscriber_logs_in_through_the_page_and_dials() {
+    let Some(b) = Browser::start() else { return };
+    let (gw, addr, _dir) = gateway_with_web("");
+    // Another site's page may not open a control connection in its visitor's name.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "GET /control HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://evil.example\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 403", "cross-origin upgrade refused");
+
+    b.go(&format!("http://{addr}/login"));
+    let login = b.screenshot("login");
+    // Bad input over the WebSocket gets what a TCP client gets: an oversized message closes
+    // the connection; a malformed one is answered with the reason, then closed.
+    let attack = |payload: &str| {
+        let script = format!(
+            "const done = arguments[0]; const got = []; \
+             const ws = new WebSocket(`ws://${{location.host}}/control`); \
+             ws.onopen = () => ws.send({payload}); \
+             ws.onmessage = (e) => got.push(e.data); \
+             ws.onclose = () => done('closed ' + got.join(' ')); \
+             setTimeout(() => done('still open'), 8000);"
+        );
+        b.cmd(
+            "POST",
+            "/execute/async",
+            Some(json!({"script": script, "args": []})),
+        )
+        .as_str()
+        .unwrap()
+        .to_owned()
+    };
+    let big = attack("'x'.repeat(9000)");
+    assert!(big.starts_with("closed"), "{big}");
+    let bad = attack("'{\"type\":\"hello\",\"version\":\"one\"}'");
+    assert!(
+        bad.starts_with("closed") && bad.contains("bad_message"),
+        "{bad}"
+    );
+    // A wrong password: the gateway's refusal, next to the password field.
+    b.type_into("#user", "alice");
+    b.type_into("#password", "not-alices-password");
+    b.click("#login-button");
+    let shown = b.wait("the refusal", || {
+        let t = b.text("#password-error");
+        (!t.is_empty()).then_some(t)
+    });
+    assert!(shown.contains("wrong user or password"), "{shown}");
+    // The right one: logged in over the WebSocket with SCRAM computed in the page; the
+    // gateway checked the proof and the page checked the gateway's signature.
+    let mark = gw.log_len();
+    b.type_into("#password", &common::password("alice"));
+    b.click("#login-button");
+    let status = b.wait("the welcome", || {
+        let t = b.text("#status");
+        (!t.is_empty()).then_some(t)
+    });
+    assert_eq!(status, "Logged in as alice, number +15550001. Online.");
+    gw.wait_online(mark, "alice");
+    // Dial carol, who is offline: the gateway's answer is shown.
+    b.type_into("#number", "+15550003");
+    b.click("#call");
+    let ended = b.wait("the call's end", || {
+        let t = b.text("#call-status");
+        t.starts_with("Call ended").then_some(t)
+    });
+    assert_eq!(ended, "Call ended: offline");
+    // bob calls alice's number: the page is told (the gateway routed the call to the page's
+    // session) and, having no audio yet, rejects it; bob hears the rejection.
+    let bob = common::run_phone(&gw, "bob", &["--call", "+15550001"]);
+    let incoming = b.text("#call-status");
+    assert!(
+        incoming.starts_with("Incoming call from +15550002:"),
+        "{incoming}"
+    );
+    assert!(
+        format!("{} {}", bob.json, bob.stderr).contains("rejected"),
+        "bob's phone: {} {}",
+        bob.json,
+        bob.stderr
+    );
+    let phone = b.screenshot("login-done");
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    for p in [login, phone] {
+        std::fs::copy(&p, shots.join(p.file_name().unwrap())).unwrap();
+    }
+}

@@ -1,0 +1,158 @@
+// The log-in and dial page (the seed's Fig. 3b): SCRAM-SHA-256 log-in computed in the page,
+// the control protocol (docs/PROTOCOL.md) over a WebSocket, heart-beats, and call signalling.
+import { b64, unb64, saltedPassword } from "/scram.js";
+
+const $ = (id) => document.getElementById(id);
+const enc = new TextEncoder();
+let ws = null;
+let beat = null;
+let seq = 0;
+let call = null;
+let tag = 0;
+
+async function hmac(key, data) {
+  const k = await crypto.subtle.importKey("raw", key, { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+  return new Uint8Array(await crypto.subtle.sign("HMAC", k, typeof data === "string" ? enc.encode(data) : data));
+}
+
+const saslname = (u) => u.replaceAll("=", "=3D").replaceAll(",", "=2C");
+
+function send(msg) {
+  ws.send(JSON.stringify(msg));
+}
+
+function show(field, text) {
+  $(`${field}-error`).textContent = text;
+}
+
+function clearErrors() {
+  for (const f of ["user", "password", "form"]) show(f, "");
+}
+
+function setCall(text) {
+  $("call-status").textContent = text;
+}
+
+// RFC 5802 client side; resolves with the welcome message.
+function login(user, password) {
+  return new Promise((resolve, reject) => {
+    const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/control`;
+    ws = new WebSocket(url);
+    const nonceBytes = crypto.getRandomValues(new Uint8Array(18));
+    const cnonce = b64(nonceBytes).replaceAll("+", "-").replaceAll("/", "_");
+    let auth = null;
+    let serverKey = null;
+    ws.onopen = () => send({ type: "hello", version: 1, user, nonce: cnonce, software: "voxgate web page" });
+    ws.onerror = () => reject(new Error("cannot reach the gateway"));
+    ws.onclose = () => {
+      clearInterval(beat);
+      if (!$("phone").hidden) {
+        $("status").textContent = "Disconnected.";
+      }
+      reject(new Error("the gateway closed the connection"));
+    };
+    ws.onmessage = async (ev) => {
+      const m = JSON.parse(ev.data);
+      try {
+        if (m.type === "challenge") {
+          if (!m.nonce.startsWith(cnonce)) throw new Error("the gateway's nonce does not extend ours");
+          const salted = await saltedPassword(password, unb64(m.salt), m.iterations);
+          const clientKey = await hmac(salted, "Client Key");
+          const storedKey = new Uint8Array(await crypto.subtle.digest("SHA-256", clientKey));
+          auth = `n=${saslname(user)},r=${cnonce},r=${m.nonce},s=${m.salt},i=${m.iterations},c=biws,r=${m.nonce}`;
+          const clientSig = await hmac(storedKey, auth);
+          const proof = clientKey.map((b, i) => b ^ clientSig[i]);
+          serverKey = await hmac(salted, "Server Key");
+          send({ type: "proof", channel_binding: "biws", nonce: m.nonce, proof: b64(proof) });
+        } else if (m.type === "welcome") {
+          const expected = b64(await hmac(serverKey, auth));
+          if (expected !== m.signature) {
+            ws.close();
+            throw new Error("the gateway could not prove it knows your verifier");
+          }
+          resolve(m);
+        } else if (m.type === "refused") {
+          reject(Object.assign(new Error(m.message), { code: m.code }));
+        } else {
+          onMessage(m);
+        }
+      } catch (e) {
+        reject(e);
+      }
+    };
+  });
+}
+
+function onMessage(m) {
+  switch (m.type) {
+    case "poll":
+      send({ type: "heartbeat", seq: ++seq });
+      break;
+    case "calling":
+      call = m.call;
+      $("hangup").disabled = false;
+      setCall(`Calling (call ${m.call})…`);
+      break;
+    case "ringing":
+      setCall("Ringing…");
+      break;
+    case "incoming":
+      setCall(`Incoming call from ${m.from_number}: the page cannot answer with audio yet.`);
+      send({ type: "reject", call: m.call });
+      break;
+    case "media":
+    case "media_ready":
+      setCall("Answered (no audio in the page yet).");
+      break;
+    case "hang_up":
+      if (m.call === call) {
+        call = null;
+        $("hangup").disabled = true;
+      }
+      setCall(`Call ended: ${m.reason}${m.detail ? ` (${m.detail})` : ""}`);
+      break;
+    case "error":
+      setCall(`Error: ${m.message}`);
+      break;
+    default:
+      break;
+  }
+}
+
+$("login").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  clearErrors();
+  const user = $("user").value;
+  const password = $("password").value;
+  if (!user) return show("user", "enter your user id");
+  if (!password) return show("password", "enter your password");
+  $("login-button").disabled = true;
+  try {
+    const w = await login(user, password);
+    $("login").hidden = true;
+    $("phone").hidden = false;
+    $("status").textContent = `Logged in as ${w.user}, number ${w.number}. Online.`;
+    beat = setInterval(() => send({ type: "heartbeat", seq: ++seq }), w.heartbeat_ms);
+  } catch (e) {
+    if (e.code === "auth_failed") show("password", e.message);
+    else show("form", e.message);
+  } finally {
+    $("login-button").disabled = false;
+  }
+});
+
+$("call").addEventListener("click", () => {
+  const number = $("number").value.trim();
+  if (!number) return setCall("enter a number");
+  send({ type: "dial", tag: ++tag, number });
+  setCall("Dialling…");
+});
+
+$("hangup").addEventListener("click", () => {
+  if (call !== null) send({ type: "hang_up", call });
+});
+
+$("logout").addEventListener("click", () => {
+  send({ type: "bye" });
+  ws.close();
+});
