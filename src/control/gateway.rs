@@ -259,6 +259,13 @@ pub enum Input {
     Disconnected {
         conn: ConnId,
     },
+    /// Right after `Connected`: the connection runs over TLS and its exporter value (RFC 9266
+    /// `tls-exporter`, 32 bytes) is `exporter`. The SCRAM log-in checks the channel binding
+    /// against it.
+    TlsChannel {
+        conn: ConnId,
+        exporter: Vec<u8>,
+    },
     /// The client kept sending faster than `per_s` messages per second for too long (the server
     /// throttled it meanwhile): refused with `rate_limited` and closed.
     Flooding {
@@ -464,6 +471,9 @@ pub(crate) struct Conn {
     pub local: SocketAddr,
     pub opened: Instant,
     pub phase: Phase,
+    /// The connection's TLS exporter value (RFC 9266), when it runs over TLS: a log-in bound
+    /// to TLS must carry it ([`Input::TlsChannel`]).
+    pub tls_exporter: Option<Vec<u8>>,
 }
 
 /// Timers; each entity has at most one of each kind.
@@ -673,6 +683,11 @@ impl Gateway {
                         },
                     );
                     self.drop_conn(now, conn, super::calls::Lost::PeerLost);
+                }
+            }
+            Input::TlsChannel { conn, exporter } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.tls_exporter = Some(exporter);
                 }
             }
             Input::Disconnected { conn } => {
@@ -906,6 +921,7 @@ impl Gateway {
                 local: canonical(local),
                 opened: now,
                 phase: Phase::AwaitingHello,
+                tls_exporter: None,
             },
         );
         self.arm_conn_timer(conn);
@@ -1178,6 +1194,7 @@ impl Gateway {
             return;
         };
         let (peer, local) = (c.peer, c.local);
+        let tls_exporter = c.tls_exporter.clone();
         let Phase::AwaitingProof { attempt, number } =
             std::mem::replace(&mut c.phase, Phase::AwaitingHello)
         else {
@@ -1186,20 +1203,32 @@ impl Gateway {
         let user = attempt.user().to_owned();
         // A proof that is not base64 is checked like a wrong one (same work, same answer).
         let proof = BASE64.decode(proof.as_bytes()).unwrap_or_default();
-        let verdict = attempt.verify(&auth::ClientProof {
-            channel_binding,
-            nonce,
-            proof,
-        });
+        let verdict = attempt.verify_bound(
+            &auth::ClientProof {
+                channel_binding,
+                nonce,
+                proof,
+            },
+            tls_exporter.as_deref(),
+        );
         let (signature, key, number) = match (verdict, number) {
             (Ok((sig, key)), Some(number)) => (sig, key, number),
             (verdict, _) => {
+                // A channel-binding failure says nothing about the password: say what it is.
+                let binding = matches!(
+                    verdict,
+                    Err(auth::AuthError::ChannelBindingMismatch
+                        | auth::AuthError::ChannelBindingUnavailable)
+                );
+                let msg = match &verdict {
+                    Err(e) if binding => e.to_string(),
+                    _ => "wrong user or password".to_owned(),
+                };
                 if let Err(e) = verdict {
                     tracing::info!(conn, %peer, %user, reason = %e, "log-in failed");
                 }
                 // The attempt was charged at `hello`; the charge stays.
                 self.counters.failed_logins += 1;
-                let msg = "wrong user or password";
                 return self.refuse(now, conn, ErrorCode::AuthFailed, msg, Lost::PeerLost);
             }
         };
