@@ -27,6 +27,34 @@ pub struct Config {
     pub admin: AdminSection,
     pub limits: LimitsSection,
     pub cdr: CdrSection,
+    pub tls: TlsSection,
+}
+
+/// TLS on the control channel (`[tls]`; see `server::tls`). With `cert` and `key` set, the
+/// gateway also listens for TLS control connections on `control_port`; `plain_control`
+/// decides whether the plaintext listener on `server.control_port` stays.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain (leaf first). Re-read on SIGHUP.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Re-read on SIGHUP.
+    pub key: Option<PathBuf>,
+    /// The TLS control listener's port; 0: any free port (tests).
+    pub control_port: u16,
+    /// Keep the plaintext control listener on `server.control_port` as well.
+    pub plain_control: bool,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert: None,
+            key: None,
+            control_port: 7443,
+            plain_control: true,
+        }
+    }
 }
 
 /// Call detail records (see `metrics::cdr`).
@@ -342,6 +370,16 @@ impl Config {
                 p.push(format!("{key}: {what}"));
             }
         };
+        check(
+            self.tls.cert.is_some() == self.tls.key.is_some(),
+            "tls.cert",
+            "tls.cert and tls.key go together: set both or neither".into(),
+        );
+        check(
+            self.tls.plain_control || self.tls.cert.is_some(),
+            "tls.plain_control",
+            "false needs tls.cert and tls.key (there would be no control listener)".into(),
+        );
         for (key, list) in [
             ("server.allowed_peers", &s.allowed_peers),
             ("server.denied_peers", &s.denied_peers),
@@ -666,6 +704,15 @@ impl Config {
             v.push("dumps.dir".into());
         }
         v.extend(changed_keys("admin", &self.admin, &new.admin));
+        if self.tls.control_port != new.tls.control_port {
+            v.push("tls.control_port".into());
+        }
+        if self.tls.plain_control != new.tls.plain_control {
+            v.push("tls.plain_control".into());
+        }
+        if self.tls.cert.is_some() != new.tls.cert.is_some() {
+            v.push("tls.cert (turning TLS on or off)".into());
+        }
         v
     }
 }

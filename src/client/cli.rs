@@ -86,7 +86,8 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     clap::ArgGroup::new("mode").required(true).args(["call", "answer", "conference"])
 ))]
 pub struct PhoneArgs {
-    /// The gateway's control address, HOST[:PORT] (default port 7400).
+    /// The gateway's control address, HOST[:PORT] (default port 7400), or
+    /// tls://HOST[:PORT] (TLS, default port 7443).
     #[arg(long, value_name = "HOST[:PORT]")]
     pub server: String,
     /// The user to log in as.
@@ -123,13 +124,37 @@ pub struct PhoneArgs {
     /// refuses to send and/or discards received UDP itself; it is not a real firewall).
     #[arg(long, value_enum, value_name = "CLASS", default_value_t = FirewallClass::Open)]
     pub firewall: FirewallClass,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS on the control connection (also `--server tls://HOST[:PORT]`, default port 7443).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Connect with TLS, verify the gateway's certificate, and bind the log-in to the TLS
+    /// session (a TLS-terminating man in the middle cannot relay it).
+    #[arg(long)]
+    pub tls: bool,
+    /// Trust only the CA certificates in this PEM file (implies --tls); default: the
+    /// system's roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn options(&self) -> Option<super::tls::TlsOptions> {
+        (self.tls || self.ca.is_some()).then(|| super::tls::TlsOptions {
+            ca: self.ca.clone(),
+        })
+    }
 }
 
 /// `voxgate probe`: log in and print this client's capabilities (send UDP, receive UDP, NAT,
 /// mapped address).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProbeArgs {
-    /// The gateway's control address, HOST[:PORT] (default port 7400).
+    /// The gateway's control address, HOST[:PORT] (default port 7400), or
+    /// tls://HOST[:PORT] (TLS, default port 7443).
     #[arg(long, value_name = "HOST[:PORT]")]
     pub server: String,
     /// The user to log in as.
@@ -147,6 +172,8 @@ pub struct ProbeArgs {
     /// How long to wait for the probe result.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "15")]
     pub wait: Duration,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Reads the password: one line of stdin, or a prompt on the terminal.
@@ -617,6 +644,7 @@ async fn phone_session(
     let firewall = args.firewall.firewall();
     let opts = PhoneOptions {
         firewall,
+        tls: args.tls.options(),
         ..PhoneOptions::default()
     };
     let (phone, mut events) = match Phone::connect(&args.server, &args.user, &password, opts).await
@@ -947,6 +975,7 @@ pub fn run_probe(args: ProbeArgs) -> ExitCode {
     let s = rt.block_on(async move {
         let opts = PhoneOptions {
             firewall: args.firewall.firewall(),
+            tls: args.tls.options(),
             ..PhoneOptions::default()
         };
         let (phone, _events) = match Phone::connect(&args.server, &args.user, &password, opts).await
@@ -1068,6 +1097,7 @@ mod tests {
             wait: None,
             json: true,
             firewall: FirewallClass::Open,
+            tls: TlsArgs::default(),
         }
     }
 
@@ -1581,6 +1611,7 @@ mod tests {
             wait: None,
             json: true,
             firewall: FirewallClass::Open,
+            tls: TlsArgs::default(),
         };
         let s = PhoneSummary::new(&a).fail(2, "x");
         assert_eq!(s.exit, 2);
@@ -1607,6 +1638,7 @@ mod tests {
             wait: None,
             json: false,
             firewall: FirewallClass::Open,
+            tls: TlsArgs::default(),
         };
         let mut s = PhoneSummary::new(&a).fail(1, "busy");
         s.number = Some("+1555".into());

@@ -18,6 +18,7 @@ pub mod g711;
 pub mod media;
 pub mod paths;
 pub mod session;
+pub mod tls;
 pub mod wav;
 
 use serde::Serialize;

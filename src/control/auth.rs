@@ -120,8 +120,8 @@ pub enum AuthError {
     ChannelBindingMismatch,
     /// The client bound the log-in to TLS, but the gateway sees no TLS on this connection.
     #[error(
-        "the log-in is bound to a TLS channel but this connection to the gateway is not TLS \
-         (a TLS-terminating proxy between client and gateway?)"
+        "the log-in's channel binding names a TLS session but this connection to the gateway \
+         is not TLS (a TLS-terminating proxy between client and gateway?)"
     )]
     ChannelBindingUnavailable,
     #[error("salt length {len} is outside {min}..={max} bytes")]
