@@ -17,6 +17,7 @@ mod fake_gateway;
 pub mod g711;
 pub mod media;
 pub mod paths;
+pub mod proxy;
 pub mod session;
 pub mod tls;
 pub mod wav;

@@ -159,6 +159,8 @@ pub struct PhoneOptions {
     pub software: Option<String>,
     /// Connect with TLS and bind the log-in to it (also implied by a `tls://` server).
     pub tls: Option<super::tls::TlsOptions>,
+    /// Tunnel the control connection through this HTTP proxy (CONNECT).
+    pub proxy: Option<super::proxy::ProxyConfig>,
 }
 
 impl Default for PhoneOptions {
@@ -170,6 +172,7 @@ impl Default for PhoneOptions {
             event_capacity: 256,
             software: Some(concat!("voxgate-phone/", env!("CARGO_PKG_VERSION")).into()),
             tls: None,
+            proxy: None,
         }
     }
 }
@@ -383,7 +386,21 @@ impl Phone {
             false => proto::DEFAULT_PORT,
         };
         let (host, port) = parse_server_default(server, default_port)?;
-        let stream = connect_tcp(server, &host, port, opts.timeout).await?;
+        let stream = match &opts.proxy {
+            None => connect_tcp(server, &host, port, opts.timeout).await?,
+            Some(p) => {
+                let target = match host.parse::<IpAddr>() {
+                    Ok(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+                    _ => format!("{host}:{port}"),
+                };
+                super::proxy::connect(p, &target, opts.timeout)
+                    .await
+                    .map_err(|reason| ClientError::Connect {
+                        server: server.to_owned(),
+                        source: std::io::Error::other(reason),
+                    })?
+            }
+        };
         let local = stream.local_addr()?;
         let peer = stream.peer_addr()?;
         let t = opts.timeout;
