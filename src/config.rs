@@ -46,6 +46,16 @@ pub struct TlsSection {
     pub plain_control: bool,
 }
 
+impl TlsSection {
+    /// Plain and TLS control on one port (told apart by the first byte).
+    pub fn shared_port(&self, server: &ServerSection) -> bool {
+        self.cert.is_some()
+            && self.plain_control
+            && self.control_port != 0
+            && self.control_port == server.control_port
+    }
+}
+
 impl Default for TlsSection {
     fn default() -> Self {
         TlsSection {

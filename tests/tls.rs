@@ -316,3 +316,47 @@ fn sighup_loads_a_new_certificate_without_dropping_a_tls_call() {
     assert_eq!(code, 0, "{said}");
     gw.stop();
 }
+
+#[test]
+fn plain_and_tls_control_can_share_one_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = pki(dir.path(), "real");
+    let port = common::free_port();
+    let cfg = dir.path().join("voxgate.toml");
+    std::fs::write(
+        &cfg,
+        tls_config(&real).replace("control_port = 0", &format!("control_port = {port}")),
+    )
+    .unwrap();
+    let p = port.to_string();
+    let mut gw = Gateway::start_on(
+        &[],
+        &[
+            "--listen",
+            "::",
+            "--control-port",
+            &p,
+            "--media-port-base",
+            "0",
+            "--probe-ports",
+            "0,0",
+        ],
+        "127.0.0.1",
+        &["--config", cfg.to_str().unwrap(), "--shutdown-grace-s", "5"],
+    );
+    assert_eq!(tls_port(&gw), port);
+    assert!(
+        gw.log_text()
+            .contains("plain and TLS control share this port")
+    );
+    // The same port answers TLS (log-in bound to it) and plain control.
+    let (code, said) = probe(
+        &format!("tls://127.0.0.1:{port}"),
+        "alice",
+        &["--ca", real.ca.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{said}");
+    let (code, said) = probe(&format!("127.0.0.1:{port}"), "bob", &[]);
+    assert_eq!(code, 0, "{said}");
+    gw.stop();
+}

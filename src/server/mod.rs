@@ -182,6 +182,11 @@ enum Event {
         conn: ConnId,
         result: Result<Box<tls::ServerStream>, String>,
     },
+    /// A connection on a shared port whose first byte is not a TLS handshake: plain control.
+    PlainOnShared {
+        conn: ConnId,
+        stream: TcpStream,
+    },
 }
 
 /// A running gateway's handle for tests and embedding: stop it with [`Running::stop`].
@@ -361,7 +366,11 @@ async fn run(
     let listen = cfg.server.listen;
     // `[tls]`: the TLS control listener, and whether the plaintext one stays.
     let (tls_listener, tls_state) = tls::listen(&cfg).await?;
-    let control = match tls_listener.is_none() || cfg.tls.plain_control {
+    // One port for both (`tls.control_port == server.control_port`): the TLS listener tells
+    // them apart by the first byte.
+    let control = match tls_listener.is_none()
+        || (cfg.tls.plain_control && !cfg.tls.shared_port(&cfg.server))
+    {
         true => Some(bind_tcp(SocketAddr::new(listen, cfg.server.control_port)).await?),
         false => None,
     };
@@ -835,6 +844,7 @@ impl Server {
             }
             Event::AcceptedTls(stream, peer) => self.on_tls_accepted(now, stream, peer),
             Event::TlsReady { conn, result } => self.on_tls_ready(now, conn, result),
+            Event::PlainOnShared { conn, stream } => self.on_plain_on_shared(now, conn, stream),
         }
     }
 

@@ -33,7 +33,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The TLS listener's state: the configuration new handshakes use.
 pub struct TlsState {
     config: Arc<ServerConfig>,
+    /// Plain control connections arrive on this listener too (first byte not 0x16).
+    shared: bool,
 }
+
+/// The first byte of a TLS record carrying a handshake (the ClientHello). A plain control
+/// connection starts with its `hello` frame's 2-byte length, whose first byte is 0x00..=0x03
+/// for any valid `hello` (far below 0x1600 bytes).
+const TLS_HANDSHAKE: u8 = 0x16;
 
 /// The crypto provider both ends use.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -82,7 +89,11 @@ pub(super) async fn listen(
         plain_control = cfg.tls.plain_control,
         "TLS control listener"
     );
-    Ok((Some(listener), Some(TlsState { config })))
+    let shared = cfg.tls.shared_port(&cfg.server);
+    if shared {
+        tracing::info!("plain and TLS control share this port (told apart by the first byte)");
+    }
+    Ok((Some(listener), Some(TlsState { config, shared })))
 }
 
 pub(super) async fn acceptor(listener: TcpListener, events: mpsc::Sender<Event>) {
@@ -129,14 +140,36 @@ impl Server {
         let _ = stream.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(state.config.clone());
         let events = self.events.clone();
+        let shared = state.shared;
         let handshake = tokio::spawn(async move {
-            let result =
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => Ok(Box::new(s)),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("the TLS handshake timed out".to_owned()),
-                };
-            let _ = events.send(Event::TlsReady { conn, result }).await;
+            // Ok(handshake result) or Err(the stream, for the plain path; None: it closed).
+            let work = async {
+                if shared {
+                    let mut first = [0u8; 1];
+                    match stream.peek(&mut first).await {
+                        Ok(1) if first[0] == TLS_HANDSHAKE => {}
+                        Ok(1) => return Err(Some(stream)),
+                        _ => return Err(None),
+                    }
+                }
+                Ok(acceptor.accept(stream).await.map_err(|e| e.to_string()))
+            };
+            let ev = match tokio::time::timeout(HANDSHAKE_TIMEOUT, work).await {
+                Ok(Ok(result)) => Event::TlsReady {
+                    conn,
+                    result: result.map(Box::new),
+                },
+                Ok(Err(Some(stream))) => Event::PlainOnShared { conn, stream },
+                Ok(Err(None)) => Event::TlsReady {
+                    conn,
+                    result: Err("closed before its first byte".to_owned()),
+                },
+                Err(_) => Event::TlsReady {
+                    conn,
+                    result: Err("the TLS handshake timed out".to_owned()),
+                },
+            };
+            let _ = events.send(ev).await;
         });
         self.io.insert(
             conn,
@@ -199,6 +232,36 @@ impl Server {
         );
         self.gateway
             .handle(now, Input::TlsChannel { conn, exporter });
+    }
+
+    /// A plain control connection on the shared port (already admitted): as on the plain
+    /// listener.
+    pub(super) fn on_plain_on_shared(&mut self, now: Instant, conn: ConnId, stream: TcpStream) {
+        let Some(io) = self.io.get_mut(&conn) else {
+            return;
+        };
+        let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
+            self.release(conn);
+            return;
+        };
+        let (rd, wr) = stream.into_split();
+        let rate = ReadRate {
+            rate: crate::control::limits::Rate {
+                burst: self.cfg.limits.message_burst,
+                per_s: self.cfg.limits.messages_per_s,
+            },
+            close_after: Duration::from_secs(self.cfg.limits.flood_close_s),
+        };
+        io.reader = tokio::spawn(conn_reader(conn, rd, self.events.clone(), rate)).abort_handle();
+        self.writers.insert(conn, wr);
+        self.gateway.handle(
+            now,
+            Input::Connected {
+                conn,
+                peer: canonical(peer),
+                local: canonical(local),
+            },
+        );
     }
 
     /// SIGHUP: read the certificate and key again; handshakes from now on use them, sessions
