@@ -838,4 +838,28 @@ mod tests {
         c.calls.ring_timeout_s = 5;
         assert!(a.restart_only_changes(&c).is_empty(), "live keys");
     }
+
+    #[test]
+    fn tls_keys_are_checked_together() {
+        let c = Config::parse("[tls]\ncert = \"/c.pem\"\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("tls.cert") && e.contains("set both or neither"),
+            "{e}"
+        );
+        let c = Config::parse("[tls]\nplain_control = false\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("tls.plain_control"), "{e}");
+        let c =
+            Config::parse("[tls]\ncert = \"/c\"\nkey = \"/k\"\nplain_control = false\n").unwrap();
+        c.validate().unwrap();
+        assert!(!c.tls.shared_port(&c.server));
+        let mut shared = c.clone();
+        shared.tls.plain_control = true;
+        shared.tls.control_port = shared.server.control_port;
+        assert!(shared.tls.shared_port(&shared.server));
+        let keys = c.restart_only_changes(&Config::default());
+        assert!(keys.iter().any(|k| k == "tls.plain_control"), "{keys:?}");
+        assert!(keys.iter().any(|k| k.starts_with("tls.cert")), "{keys:?}");
+    }
 }

@@ -360,3 +360,30 @@ fn plain_and_tls_control_can_share_one_port() {
     assert_eq!(code, 0, "{said}");
     gw.stop();
 }
+
+#[test]
+fn tls_only_gateways_answer_no_plain_control() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = pki(dir.path(), "real");
+    let cfg = dir.path().join("voxgate.toml");
+    std::fs::write(
+        &cfg,
+        format!("{}plain_control = false\n", tls_config(&real)),
+    )
+    .unwrap();
+    let mut gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    let port = tls_port(&gw);
+    // The only control listener is the TLS one.
+    assert!(gw.control.ends_with(&format!(":{port}")), "{}", gw.control);
+    let (code, said) = probe(
+        &format!("tls://127.0.0.1:{port}"),
+        "alice",
+        &["--ca", real.ca.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{said}");
+    // A plain client gets no log-in there.
+    let (code, said) = probe(&format!("127.0.0.1:{port}"), "bob", &[]);
+    assert_ne!(code, 0, "{said}");
+    assert!(!said.contains("\"result\":\"ok\""), "{said}");
+    gw.stop();
+}
