@@ -387,3 +387,52 @@ fn tls_only_gateways_answer_no_plain_control() {
     assert!(!said.contains("\"result\":\"ok\""), "{said}");
     gw.stop();
 }
+
+/// Connections on the TLS port are counted by the connection limits before their handshake:
+/// idle connections that never say ClientHello use up their source's slots (and no more), and
+/// give them back when they go.
+#[test]
+fn pending_handshakes_count_against_the_connection_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = pki(dir.path(), "real");
+    let cfg = dir.path().join("voxgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[limits]\nconnections_per_source = 2\n",
+            tls_config(&real)
+        ),
+    )
+    .unwrap();
+    let mut gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    let port = tls_port(&gw);
+    let server = format!("tls://127.0.0.1:{port}");
+    let ca = real.ca.to_str().unwrap().to_owned();
+    let idle: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let mark = gw.log_len();
+    let (code, said) = probe(&server, "alice", &["--ca", &ca]);
+    assert_ne!(
+        code, 0,
+        "a third connection from the source is refused: {said}"
+    );
+    gw.wait_log(mark, "the refusal", |l| {
+        l.contains("TLS control connections refused at accept")
+    });
+    drop(idle);
+    // The slots come back once the idle connections are gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (code, said) = probe(&server, "alice", &["--ca", &ca]);
+        if code == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slots not given back: {said}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    gw.stop();
+}
