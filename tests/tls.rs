@@ -53,6 +53,8 @@ fn tls_config(pki: &Pki) -> String {
 
 /// The TLS control listener's port, from the ready line.
 fn tls_port(gw: &Gateway) -> u16 {
+    // The ready line reaches the log right after the start-up saw it.
+    gw.wait_log(0, "the ready line", |l| l.contains("voxgate is ready"));
     let log = gw.log_text();
     let ready = log
         .lines()
@@ -434,5 +436,70 @@ fn pending_handshakes_count_against_the_connection_limits() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    gw.stop();
+}
+
+/// A plain CONNECT relay (no authentication) on loopback; returns its port and the targets it
+/// tunnelled to.
+fn connect_proxy() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    if c.read(&mut b).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split(' ').nth(1).unwrap_or("").to_owned();
+                let Ok(mut up) = std::net::TcpStream::connect(&target) else {
+                    return;
+                };
+                s.lock().unwrap().push(target);
+                c.write_all(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+                let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut up2, &mut c2));
+                let _ = std::io::copy(&mut c, &mut up);
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// TLS runs end to end inside an HTTP proxy's tunnel: the proxy sees only ciphertext, and the
+/// log-in's channel binding holds.
+#[test]
+fn tls_through_an_http_proxy_keeps_the_channel_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = pki(dir.path(), "real");
+    let cfg = dir.path().join("voxgate.toml");
+    std::fs::write(&cfg, tls_config(&real)).unwrap();
+    let mut gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    let port = tls_port(&gw);
+    let (proxy, seen) = connect_proxy();
+    let (code, said) = probe(
+        &format!("tls://127.0.0.1:{port}"),
+        "alice",
+        &[
+            "--ca",
+            real.ca.to_str().unwrap(),
+            "--proxy",
+            &format!("http://127.0.0.1:{proxy}"),
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains("\"send_udp\":false"), "{said}");
+    assert_eq!(*seen.lock().unwrap(), [format!("127.0.0.1:{port}")]);
     gw.stop();
 }
