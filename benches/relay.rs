@@ -45,7 +45,9 @@ fn per_packet(c: &mut Criterion) {
     let mut out = Outbox::default();
     let mut pkt = vec![0u8; 172];
     pkt[0] = 0x80;
-    pool.buf_mut(0)[..172].copy_from_slice(&pkt);
+    let r = pool.received(0);
+    pool.buf_mut(0).expect("ours alone")[..172].copy_from_slice(&pkt);
+    pool.release_received(r);
     let src = addr(2 * 5_123);
     let mut seq = 0u16;
     c.bench_function(
@@ -53,10 +55,10 @@ fn per_packet(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 seq = seq.wrapping_add(1);
-                pool.buf_mut(0)[2..4].copy_from_slice(&seq.to_be_bytes());
-                pool.received(0);
+                let r = pool.received(0);
+                pool.buf_mut(0).expect("ours alone")[2..4].copy_from_slice(&seq.to_be_bytes());
                 relay.on_udp(&mut pool, black_box(src), Seg::new(0, 0, 172), 1, &mut out);
-                pool.release(0);
+                pool.release_received(r);
                 for o in out.udp.drain(..) {
                     pool.release(o.segs[0].buf);
                 }
@@ -67,7 +69,7 @@ fn per_packet(c: &mut Criterion) {
     let stranger = addr(999_999);
     c.bench_function("relay drop of an unbound source", |b| {
         b.iter(|| {
-            pool.received(0);
+            let r = pool.received(0);
             relay.on_udp(
                 &mut pool,
                 black_box(stranger),
@@ -75,7 +77,7 @@ fn per_packet(c: &mut Criterion) {
                 1,
                 &mut out,
             );
-            pool.release(0);
+            pool.release_received(r);
         })
     });
 }

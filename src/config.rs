@@ -27,6 +27,7 @@ pub struct Config {
     pub admin: AdminSection,
     pub limits: LimitsSection,
     pub cdr: CdrSection,
+    pub store: StoreSection,
     pub tls: TlsSection,
 }
 
@@ -113,6 +114,10 @@ pub struct ServerSection {
     pub max_connections: usize,
     /// On SIGTERM, calls in progress get this long to finish.
     pub shutdown_grace_s: u64,
+    /// The public addresses clients are told behind 1:1 NAT (coturn's `external-ip`); unset:
+    /// the address each client's control connection arrived at.
+    pub advertised_ipv4: Option<std::net::Ipv4Addr>,
+    pub advertised_ipv6: Option<std::net::Ipv6Addr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -179,6 +184,9 @@ pub struct MediaSection {
     pub udp_sndbuf: usize,
     pub max_unbound_tcp: usize,
     pub unbound_tcp_timeout_ms: u64,
+    /// Media older than this is dropped, in ms (kernel receive time to handling, or waiting in
+    /// a TCP queue); 0: never.
+    pub stale_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -222,6 +230,90 @@ pub struct LimitsSection {
     pub message_burst: u32,
     /// A client throttled without a break for this long is refused (`rate_limited`) and closed.
     pub flood_close_s: u64,
+    /// Dials and conferences one subscriber may place at once, then per minute.
+    pub dials_burst: u32,
+    pub dials_per_min: u32,
+    /// Rings of one callee by one caller at once, then per minute (calls and invitations).
+    pub rings_per_pair_burst: u32,
+    pub rings_per_pair_per_min: u32,
+    /// Rings of one callee by all callers at once, then per minute.
+    pub rings_per_callee_burst: u32,
+    pub rings_per_callee_per_min: u32,
+    /// Room invitations one organizer may send at once, then per minute.
+    pub invites_burst: u32,
+    pub invites_per_min: u32,
+    /// Telephone route calls end after this many seconds (`hang_up{time_limit}`); 0 = never.
+    pub route_max_duration_s: u64,
+    /// A route call whose caller or voice gateway sent no media for this many seconds ends
+    /// (`hang_up{no_media}`); 0 = not checked.
+    pub route_inactivity_s: u64,
+    /// Sources (addresses or blocks) the per-source limits do not apply to: the log-in limiter
+    /// and `connections_per_source`. Loopback by default (local tools and load generators).
+    pub exempt_sources: Vec<String>,
+}
+
+impl LimitsSection {
+    /// The exempt blocks that parse (validation reports the others).
+    pub fn exempt(&self) -> Vec<crate::control::limits::Cidr> {
+        self.exempt_sources
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect()
+    }
+
+    /// The core's dial, ring and invitation limits.
+    pub fn call_limits(&self) -> crate::control::limits::CallLimitConfig {
+        let pace = |burst: u32, per_min: u32| crate::control::limits::Pace {
+            burst: burst.max(1),
+            every: Duration::from_secs(60) / per_min.max(1),
+        };
+        crate::control::limits::CallLimitConfig {
+            dials: pace(self.dials_burst, self.dials_per_min),
+            rings_per_pair: pace(self.rings_per_pair_burst, self.rings_per_pair_per_min),
+            rings_per_callee: pace(self.rings_per_callee_burst, self.rings_per_callee_per_min),
+            invites: pace(self.invites_burst, self.invites_per_min),
+        }
+    }
+}
+
+/// Where the directory (subscribers, routes) is (`[store]`); see `store::location`. `Debug`
+/// leaves out the directory URL, which may hold a password.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// `""`: SQLite `voxgate.db` in the data directory; `sqlite:PATH`; or
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (a fleet's shared directory).
+    /// `$VOXGATE_DIRECTORY` overrides it, `--directory` overrides both.
+    pub directory: String,
+    /// A file (mode 0600) whose first line is the PostgreSQL password, when the URL has none;
+    /// unset: `$PGPASSWORD`, if set.
+    pub password_file: Option<PathBuf>,
+    /// Bounds connecting to PostgreSQL, each statement, and unacknowledged writes.
+    pub timeout_ms: u64,
+    /// Directory worker threads, each with its own connection.
+    pub workers: usize,
+}
+
+impl std::fmt::Debug for StoreSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSection")
+            .field("directory", &"<not shown: may hold a password>")
+            .field("password_file", &self.password_file)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            directory: String::new(),
+            password_file: None,
+            timeout_ms: 5_000,
+            workers: 2,
+        }
+    }
 }
 
 impl Default for LimitsSection {
@@ -231,6 +323,17 @@ impl Default for LimitsSection {
             messages_per_s: 20,
             message_burst: 50,
             flood_close_s: 5,
+            dials_burst: 10,
+            dials_per_min: 10,
+            rings_per_pair_burst: 3,
+            rings_per_pair_per_min: 3,
+            rings_per_callee_burst: 20,
+            rings_per_callee_per_min: 20,
+            invites_burst: 30,
+            invites_per_min: 30,
+            route_max_duration_s: 4 * 3600,
+            route_inactivity_s: 60,
+            exempt_sources: vec!["127.0.0.0/8".into(), "::1".into()],
         }
     }
 }
@@ -252,6 +355,8 @@ impl Default for ServerSection {
             log_level: "info".into(),
             max_connections: 10_000,
             shutdown_grace_s: 30,
+            advertised_ipv4: None,
+            advertised_ipv6: None,
         }
     }
 }
@@ -322,6 +427,7 @@ impl Default for MediaSection {
             udp_sndbuf: s.udp_sndbuf,
             max_unbound_tcp: r.max_unbound_tcp,
             unbound_tcp_timeout_ms: r.unbound_tcp_timeout_ns / 1_000_000,
+            stale_ms: r.stale_ns / 1_000_000,
         }
     }
 }
@@ -363,6 +469,16 @@ impl Config {
             path: path.to_owned(),
             message,
         })
+    }
+
+    /// The directory this configuration names, with its credentials (`store::location`).
+    pub fn directory(&self) -> Result<crate::store::Location, crate::store::StoreError> {
+        crate::store::Location::resolve(
+            &self.store.directory,
+            self.store.password_file.as_deref(),
+            Duration::from_millis(self.store.timeout_ms),
+            &self.data_dir(),
+        )
     }
 
     /// Parses TOML; the error names the key (toml reports the offending key and line).
@@ -492,9 +608,13 @@ impl Config {
             format!("{} µs is longer than a 20 ms voice frame", m.coalesce_us),
         );
         check(
-            (512..=65_536).contains(&m.buf_size) && m.buf_size % 64 == 0,
+            (512..=crate::shard::pool::MAX_BUF_SIZE).contains(&m.buf_size) && m.buf_size % 64 == 0,
             "media.buf_size",
-            format!("{} must be a multiple of 64 in 512..=65536", m.buf_size),
+            format!(
+                "{} must be a multiple of 64 in 512..={} (packet segment lengths are 16-bit)",
+                m.buf_size,
+                crate::shard::pool::MAX_BUF_SIZE
+            ),
         );
         check(
             usize::from(m.max_frame) + 2 <= m.buf_size,
@@ -542,6 +662,20 @@ impl Config {
             "media.tcp_queue_frames",
             "must be smaller than media.udp_bufs (queued frames pin receive buffers)".into(),
         );
+        if let Some(a) = s.advertised_ipv4 {
+            check(
+                !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
+                "server.advertised_ipv4",
+                format!("{a} is not a unicast address clients can reach"),
+            );
+        }
+        if let Some(a) = s.advertised_ipv6 {
+            check(
+                !(a.is_unspecified() || a.is_multicast() || a.to_ipv4_mapped().is_some()),
+                "server.advertised_ipv6",
+                format!("{a} is not a unicast IPv6 address (set IPv4 in advertised_ipv4)"),
+            );
+        }
         let l = &self.limits;
         check(
             l.connections_per_source >= 1,
@@ -557,6 +691,74 @@ impl Config {
             (1..=100_000).contains(&l.message_burst),
             "limits.message_burst",
             format!("{} is outside 1..=100000", l.message_burst),
+        );
+        for (i, src) in l.exempt_sources.iter().enumerate() {
+            let r = src.parse::<crate::control::limits::Cidr>();
+            check(
+                r.is_ok(),
+                &format!("limits.exempt_sources[{i}]"),
+                r.err().unwrap_or_default(),
+            );
+        }
+        for (key, v) in [
+            ("limits.dials_burst", l.dials_burst),
+            ("limits.dials_per_min", l.dials_per_min),
+            ("limits.rings_per_pair_burst", l.rings_per_pair_burst),
+            ("limits.rings_per_pair_per_min", l.rings_per_pair_per_min),
+            ("limits.rings_per_callee_burst", l.rings_per_callee_burst),
+            (
+                "limits.rings_per_callee_per_min",
+                l.rings_per_callee_per_min,
+            ),
+            ("limits.invites_burst", l.invites_burst),
+            ("limits.invites_per_min", l.invites_per_min),
+        ] {
+            check(
+                (1..=60_000).contains(&v),
+                key,
+                format!("{v} is outside 1..=60000"),
+            );
+        }
+        check(
+            m.stale_ms <= 10_000,
+            "media.stale_ms",
+            format!("{} ms is outside 0..=10000", m.stale_ms),
+        );
+        check(
+            (1..=65_535).contains(&m.max_unbound_tcp),
+            "media.max_unbound_tcp",
+            format!("{} is outside 1..=65535", m.max_unbound_tcp),
+        );
+        check(
+            m.unbound_tcp_timeout_ms <= 600_000,
+            "media.unbound_tcp_timeout_ms",
+            format!("{} ms is outside 0..=600000", m.unbound_tcp_timeout_ms),
+        );
+        check(
+            (16..=1 << 20).contains(&m.send_slots),
+            "media.send_slots",
+            format!("{} is outside 16..=1048576", m.send_slots),
+        );
+        check(
+            m.tcp_sndbuf <= i32::MAX as usize
+                && m.udp_rcvbuf <= i32::MAX as usize
+                && m.udp_sndbuf <= i32::MAX as usize,
+            "media.tcp_sndbuf",
+            "socket buffer sizes (tcp_sndbuf, udp_rcvbuf, udp_sndbuf) must fit an i32".into(),
+        );
+        let st = &self.store;
+        if let Err(e) = crate::store::location::kind(&st.directory, Path::new(".")) {
+            check(false, "store.directory", e.to_string());
+        }
+        check(
+            (100..=60_000).contains(&st.timeout_ms),
+            "store.timeout_ms",
+            format!("{} is outside 100..=60000", st.timeout_ms),
+        );
+        check(
+            (1..=64).contains(&st.workers),
+            "store.workers",
+            format!("{} is outside 1..=64", st.workers),
         );
         check(
             self.dumps.max_files >= 1,
@@ -629,9 +831,12 @@ impl Config {
             relay: RelayConfig {
                 max_frame: m.max_frame,
                 tcp_queue_frames: m.tcp_queue_frames,
-                tcp_queued_total: (m.udp_bufs / 2).max(m.tcp_queue_frames),
+                // Queued frames pin receive buffers: at most half of what the rings hold.
+                tcp_queued_total: ((m.udp_bufs + m.tcp_bufs) / 2).max(m.tcp_queue_frames),
                 max_unbound_tcp: m.max_unbound_tcp,
                 unbound_tcp_timeout_ns: m.unbound_tcp_timeout_ms * 1_000_000,
+                stale_ns: m.stale_ms * 1_000_000,
+                allow_private_latch: self.server.allow_private_peers,
                 ..RelayConfig::default()
             },
             events: None,
@@ -674,6 +879,14 @@ impl Config {
             max_connections: self.server.max_connections,
             max_calls_per_user: self.calls.max_calls_per_user,
             max_room_size: self.calls.max_room_size,
+            call_limits: self.limits.call_limits(),
+            exempt_sources: self.limits.exempt(),
+            route_max_duration: Duration::from_secs(self.limits.route_max_duration_s),
+            route_inactivity: Duration::from_secs(self.limits.route_inactivity_s),
+            advertised: crate::control::advertise::Advertised {
+                ipv4: self.server.advertised_ipv4,
+                ipv6: self.server.advertised_ipv6,
+            },
             ..GatewayConfig::with_secret(secret)
         }
     }
@@ -723,6 +936,7 @@ impl Config {
         if self.tls.cert.is_some() != new.tls.cert.is_some() {
             v.push("tls.cert (turning TLS on or off)".into());
         }
+        v.extend(changed_keys("store", &self.store, &new.store));
         v
     }
 }
@@ -762,6 +976,27 @@ mod tests {
     }
 
     #[test]
+    fn values_the_types_cannot_hold_are_refused_by_name() {
+        for (text, key) in [
+            ("[media]\nbuf_size = 65536\n", "media.buf_size"),
+            ("[media]\nstale_ms = 60000\n", "media.stale_ms"),
+            ("[media]\nmax_unbound_tcp = 0\n", "media.max_unbound_tcp"),
+            ("[media]\nsend_slots = 8\n", "media.send_slots"),
+            ("[media]\ntcp_sndbuf = 4294967296\n", "media.tcp_sndbuf"),
+        ] {
+            let e = Config::parse(text)
+                .unwrap()
+                .validate()
+                .expect_err(text)
+                .to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        // The largest buffer the 16-bit segment lengths can describe is accepted.
+        let c = Config::parse("[media]\nbuf_size = 65472\nmax_frame = 1500\n").unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn unknown_and_mistyped_keys_are_named() {
         let e = Config::parse("[server]\ncontrol_prot = 7400\n").unwrap_err();
         assert!(e.contains("control_prot"), "{e}");
@@ -788,6 +1023,29 @@ mod tests {
         ] {
             assert!(e.contains(key), "{key} missing in:\n{e}");
         }
+    }
+
+    #[test]
+    fn advertised_addresses_parse_and_bad_ones_are_named() {
+        let c = Config::parse(
+            "[server]\nadvertised_ipv4 = \"203.0.113.5\"\nadvertised_ipv6 = \"2001:db8::5\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let g = c.gateway_config([1; 32], (1, 2));
+        assert_eq!(
+            g.advertised.for_local("10.0.0.1".parse().unwrap()),
+            "203.0.113.5".parse::<std::net::IpAddr>().unwrap()
+        );
+        let e = Config::parse("[server]\nadvertised_ipv4 = \"2001:db8::5\"\n").unwrap_err();
+        assert!(e.contains("advertised_ipv4"), "{e}");
+        let c = Config::parse(
+            "[server]\nadvertised_ipv4 = \"0.0.0.0\"\nadvertised_ipv6 = \"::ffff:1.2.3.4\"\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("server.advertised_ipv4: 0.0.0.0"), "{e}");
+        assert!(e.contains("server.advertised_ipv6: ::ffff:1.2.3.4"), "{e}");
     }
 
     #[test]
@@ -818,6 +1076,36 @@ mod tests {
         assert!(
             e.contains("server.denied_peers: 1025 prefixes; at most 1024"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn store_keys_are_checked_and_need_a_restart() {
+        let c = Config::parse(
+            "[store]\ndirectory = \"mysql://u:Secret-pw@db/x\"\ntimeout_ms = 10\nworkers = 0\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        for key in ["store.directory", "store.timeout_ms", "store.workers"] {
+            assert!(e.contains(key), "{key} missing in:\n{e}");
+        }
+        assert!(!e.contains("Secret-pw"), "{e}");
+        assert!(!format!("{c:?}").contains("Secret-pw"));
+        let c = Config::parse("[store]\ndirectory = \"postgres://vox@db.example/dir\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            Config::default().restart_only_changes(&c),
+            vec!["store.directory"]
+        );
+        assert_eq!(
+            c.directory().unwrap().to_string(),
+            "postgres://vox@db.example:5432/dir"
+        );
+        let mut d = Config::default();
+        d.server.data_dir = Some("/srv/vox".into());
+        assert_eq!(
+            d.directory().unwrap().to_string(),
+            "sqlite:/srv/vox/voxgate.db"
         );
     }
 
@@ -861,5 +1149,18 @@ mod tests {
         let keys = c.restart_only_changes(&Config::default());
         assert!(keys.iter().any(|k| k == "tls.plain_control"), "{keys:?}");
         assert!(keys.iter().any(|k| k.starts_with("tls.cert")), "{keys:?}");
+    }
+}
+
+#[cfg(test)]
+mod limits_tests {
+    use super::*;
+
+    #[test]
+    fn default_call_limits_match_the_core_defaults() {
+        assert_eq!(
+            Config::default().limits.call_limits(),
+            crate::control::limits::CallLimitConfig::default()
+        );
     }
 }

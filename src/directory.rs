@@ -120,6 +120,19 @@ impl Verifier {
     }
 }
 
+impl Verifier {
+    /// A digest of everything in the verifier: equal fingerprints, same verifier. Kept by a
+    /// session to notice a password change without holding the keys.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(&self.salt);
+        h.update(self.iterations.to_be_bytes());
+        h.update(self.stored_key);
+        h.update(self.server_key);
+        h.finalize().into()
+    }
+}
+
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Verifier")
@@ -153,6 +166,17 @@ pub struct Subscriber {
     /// digits (`4711`).
     pub number: String,
     pub verifier: Verifier,
+    /// Class of service: the number prefixes this user may dial on telephone routes (`None`:
+    /// any; an empty list: no telephone numbers). Calls to registered users are not affected.
+    pub allow_prefixes: Option<Vec<String>>,
+}
+
+/// Most prefixes in one user's class of service.
+pub const MAX_ALLOW_PREFIXES: usize = 64;
+
+/// Whether a class of service lets its user dial `number` on a telephone route.
+pub fn may_dial(allow: Option<&[String]>, number: &str) -> bool {
+    allow.is_none_or(|prefixes| prefixes.iter().any(|p| number.starts_with(p.as_str())))
 }
 
 /// Where calls to numbers starting with `prefix` go: the media address of an
@@ -164,6 +188,10 @@ pub struct Route {
     pub prefix: String,
     pub media_addr: SocketAddr,
     pub description: String,
+    /// Consecutive media ports from `media_addr`'s, one call each: the route carries this many
+    /// calls at once (1: one at a time). The relay tells the calls apart by the voice gateway's
+    /// address, so each call needs its own port there.
+    pub ports: u16,
 }
 
 /// What is wrong with `s` as a number (or, with `bare_plus`, as a route prefix): `None` when it
@@ -212,6 +240,10 @@ pub enum Query {
     /// The iteration count most stored verifiers have (the decoy challenge for unknown
     /// users advertises it, so that unknown users do not stand out).
     TypicalIterations,
+    /// Users whose record changed after change `since` (`None`: just the current position).
+    /// Asked about once a second, so that a deleted user, a new password or a new number ends
+    /// the live session even when another process (the CLI) made the change.
+    Changes { since: Option<u64> },
 }
 
 /// Who or what a number reaches.
@@ -230,6 +262,7 @@ pub enum Answer {
     Dial(Option<Destination>),
     Invite(Vec<Option<Destination>>),
     TypicalIterations(Option<u32>),
+    Changes { next: u64, users: Vec<String> },
 }
 
 /// Why a look-up could not be answered (the directory is down, slow or overloaded). The text

@@ -17,6 +17,7 @@ pub mod directory;
 pub mod loadgen;
 pub mod logging;
 pub mod metrics;
+pub mod net;
 pub mod server;
 pub mod shard;
 pub mod store;

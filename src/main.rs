@@ -112,9 +112,55 @@ struct ServeArgs {
     /// free port (named in the "ready" log line).
     #[arg(long, value_name = "ADDR:PORT")]
     admin_listen: Option<std::net::SocketAddr>,
+    /// The public IPv4 address to tell clients behind 1:1 NAT (media addresses); default:
+    /// the address each client's control connection arrived at.
+    #[arg(long, value_name = "IPV4")]
+    advertised_ipv4: Option<std::net::Ipv4Addr>,
+    /// The same for IPv6 clients.
+    #[arg(long, value_name = "IPV6")]
+    advertised_ipv6: Option<std::net::Ipv6Addr>,
     /// Do not start the HTTP admin listener.
     #[arg(long, conflicts_with = "admin_listen")]
     no_admin: bool,
+    #[command(flatten)]
+    directory: DirectoryArgs,
+}
+
+/// Where the directory is (`[store]` in the config file).
+#[derive(clap::Args)]
+struct DirectoryArgs {
+    /// The directory: sqlite:PATH or postgres://USER@HOST:PORT/DB, never with a password
+    /// (the config file, $VOXGATE_DIRECTORY, $PGPASSWORD or --directory-password-file hold
+    /// it) [default: $VOXGATE_DIRECTORY, else the config file's, else SQLite in the data
+    /// directory].
+    #[arg(long, value_name = "URL")]
+    directory: Option<String>,
+    /// A file (mode 0600) whose first line is the directory's PostgreSQL password.
+    #[arg(long, value_name = "FILE")]
+    directory_password_file: Option<PathBuf>,
+}
+
+impl DirectoryArgs {
+    /// Refuses a password on the command line.
+    fn check(&self) -> Result<(), String> {
+        match &self.directory {
+            Some(d) => voxgate::store::location::check_command_line(d).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    /// `$VOXGATE_DIRECTORY` over the file, the flags over both.
+    fn apply(&self, cfg: &mut Config) {
+        if let Some(d) = std::env::var_os(voxgate::store::location::DIRECTORY_ENV) {
+            cfg.store.directory = d.to_string_lossy().into_owned();
+        }
+        if let Some(d) = &self.directory {
+            cfg.store.directory = d.clone();
+        }
+        if let Some(f) = &self.directory_password_file {
+            cfg.store.password_file = Some(f.clone());
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -122,6 +168,44 @@ enum BackendArg {
     Auto,
     IoUring,
     Epoll,
+}
+
+/// Which telephone numbers (through routes) a subscriber may dial; calls to registered users
+/// are always allowed. Without any of these flags: any route (on `add`), unchanged (on `mod`).
+#[derive(clap::Args)]
+struct ClassOfService {
+    /// A number prefix the user may dial on telephone routes (repeat for several).
+    #[arg(long = "allow-prefix", value_name = "PREFIX")]
+    allow_prefix: Vec<String>,
+    /// The user may dial any telephone number.
+    #[arg(long, conflicts_with_all = ["allow_prefix", "no_routes"])]
+    any_route: bool,
+    /// The user may dial no telephone number.
+    #[arg(long, conflicts_with = "allow_prefix")]
+    no_routes: bool,
+}
+
+impl ClassOfService {
+    /// `None`: not given; `Some(None)`: any route; `Some(Some(list))`: these prefixes.
+    fn get(&self) -> Option<Option<Vec<String>>> {
+        if self.any_route {
+            Some(None)
+        } else if self.no_routes {
+            Some(Some(Vec::new()))
+        } else if !self.allow_prefix.is_empty() {
+            Some(Some(self.allow_prefix.clone()))
+        } else {
+            None
+        }
+    }
+}
+
+fn cos_text(allow: Option<&[String]>) -> String {
+    match allow {
+        None => "any route".into(),
+        Some([]) => "no routes".into(),
+        Some(p) => format!("routes {}", p.join(",")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -136,6 +220,16 @@ enum UserCmd {
         /// Read the password from the first line of standard input instead of prompting.
         #[arg(long)]
         password_stdin: bool,
+        #[command(flatten)]
+        cos: ClassOfService,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Change a subscriber's class of service (which telephone numbers it may dial).
+    Mod {
+        user: String,
+        #[command(flatten)]
+        cos: ClassOfService,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -181,6 +275,10 @@ enum RouteCmd {
         /// Free text shown by `route list`.
         #[arg(long, default_value = "")]
         description: String,
+        /// Calls the route carries at once, each on its own port: MEDIA_ADDR's port and the
+        /// next PORTS - 1 ones (the voice gateway must answer each call on its port).
+        #[arg(long, default_value_t = 1)]
+        ports: u16,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -203,9 +301,11 @@ struct StoreArgs {
     /// The gateway's data directory (where its store is) [default: as `serve`].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Read data_dir and SCRAM iterations from this config file.
+    /// Read data_dir, [store] and SCRAM iterations from this config file.
     #[arg(long)]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    directory: DirectoryArgs,
 }
 
 #[derive(clap::Args)]
@@ -273,6 +373,17 @@ fn serve(a: ServeArgs) -> ExitCode {
         },
         None => Config::default(),
     };
+    if let Err(e) = a.directory.check() {
+        eprintln!("voxgate: {e}");
+        return ExitCode::from(2);
+    }
+    if let Some(w) = a
+        .config
+        .as_deref()
+        .and_then(|p| voxgate::store::location::exposed_password_warning(p, &cfg.store.directory))
+    {
+        eprintln!("voxgate: {w}");
+    }
     let config_path = a.config.clone();
     let check = a.check_config;
     apply_flags(&mut cfg, &a);
@@ -281,8 +392,16 @@ fn serve(a: ServeArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     if check {
+        // Reads the password file, if any (a check of its permissions); does not connect.
+        let directory = match cfg.directory() {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("voxgate: {e}");
+                return ExitCode::from(2);
+            }
+        };
         println!(
-            "configuration OK: control port {}, {} shard(s) on media ports from {}, probe ports {:?}, data in {}",
+            "configuration OK: control port {}, {} shard(s) on media ports from {}, probe ports {:?}, data in {}, directory {directory}",
             cfg.server.control_port,
             cfg.shard_count(),
             cfg.server.media_port_base,
@@ -316,6 +435,7 @@ fn parse_port_pair(s: &str) -> Result<[u16; 2], String> {
 }
 
 fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
+    a.directory.apply(cfg);
     let s = &mut cfg.server;
     if let Some(v) = &a.data_dir {
         s.data_dir = Some(v.clone());
@@ -376,9 +496,16 @@ fn apply_flags(cfg: &mut Config, a: &ServeArgs) {
     if a.no_admin {
         cfg.admin.enabled = false;
     }
+    if let Some(v) = a.advertised_ipv4 {
+        cfg.server.advertised_ipv4 = Some(v);
+    }
+    if let Some(v) = a.advertised_ipv6 {
+        cfg.server.advertised_ipv6 = Some(v);
+    }
 }
 
-fn open_store(s: &StoreArgs) -> Result<(voxgate::store::sqlite::SqliteStore, Config), String> {
+fn open_store(s: &StoreArgs) -> Result<(Box<dyn Store>, Config), String> {
+    s.directory.check()?;
     let mut cfg = match &s.config {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -386,7 +513,18 @@ fn open_store(s: &StoreArgs) -> Result<(voxgate::store::sqlite::SqliteStore, Con
     if let Some(d) = &s.data_dir {
         cfg.server.data_dir = Some(d.clone());
     }
-    let store = voxgate::server::open_store(&cfg.data_dir()).map_err(|e| e.to_string())?;
+    if let Some(w) = s
+        .config
+        .as_deref()
+        .and_then(|p| voxgate::store::location::exposed_password_warning(p, &cfg.store.directory))
+    {
+        eprintln!("voxgate: {w}");
+    }
+    s.directory.apply(&mut cfg);
+    let store = cfg
+        .directory()
+        .and_then(|location| location.open())
+        .map_err(|e| e.to_string())?;
     Ok((store, cfg))
 }
 
@@ -408,8 +546,12 @@ fn user(c: UserCmd) -> Result<(), String> {
             user,
             number,
             password_stdin,
+            cos,
             store,
         } => {
+            let allow_prefixes = cos.get().flatten();
+            voxgate::store::validate_allow_prefixes(allow_prefixes.as_deref())
+                .map_err(|e| e.to_string())?;
             let (mut st, cfg) = open_store(&store)?;
             voxgate::store::validate_user(&user).map_err(|e| e.to_string())?;
             voxgate::store::validate_number(&number).map_err(|e| e.to_string())?;
@@ -418,9 +560,28 @@ fn user(c: UserCmd) -> Result<(), String> {
                 user: user.clone(),
                 number: number.clone(),
                 verifier,
+                allow_prefixes: allow_prefixes.clone(),
             })
             .map_err(|e| e.to_string())?;
-            println!("added {user} with number {number}");
+            println!(
+                "added {user} with number {number} ({})",
+                cos_text(allow_prefixes.as_deref())
+            );
+        }
+        UserCmd::Mod { user, cos, store } => {
+            let Some(allow) = cos.get() else {
+                return Err(
+                    "nothing to change: give --allow-prefix, --any-route or --no-routes".into(),
+                );
+            };
+            let (mut st, _) = open_store(&store)?;
+            if !st
+                .set_allow_prefixes(&user, allow.as_deref())
+                .map_err(|e| e.to_string())?
+            {
+                return Err(format!("no user {user:?}"));
+            }
+            println!("{user} may dial {}", cos_text(allow.as_deref()));
         }
         UserCmd::Del { user, store } => {
             let (mut st, _) = open_store(&store)?;
@@ -432,14 +593,19 @@ fn user(c: UserCmd) -> Result<(), String> {
         UserCmd::List { store } => {
             let (st, _) = open_store(&store)?;
             for s in st.list_users().map_err(|e| e.to_string())? {
-                println!("{}\t{}", s.user, s.number);
+                println!(
+                    "{}\t{}\t{}",
+                    s.user,
+                    s.number,
+                    cos_text(s.allow_prefixes.as_deref())
+                );
             }
         }
         UserCmd::Import { file, store } => {
             let (mut st, cfg) = open_store(&store)?;
             let csv =
                 std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            let n = voxgate::loadgen::import_users(&mut st, &csv, cfg.auth.scram_iterations)?;
+            let n = voxgate::loadgen::import_users(&mut *st, &csv, cfg.auth.scram_iterations)?;
             println!("imported {n} subscribers");
         }
         UserCmd::Passwd {
@@ -465,6 +631,7 @@ fn route(c: RouteCmd) -> Result<(), String> {
             prefix,
             media_addr,
             description,
+            ports,
             store,
         } => {
             let (mut st, _) = open_store(&store)?;
@@ -472,9 +639,10 @@ fn route(c: RouteCmd) -> Result<(), String> {
                 prefix: prefix.clone(),
                 media_addr,
                 description,
+                ports,
             })
             .map_err(|e| e.to_string())?;
-            println!("numbers starting {prefix} go to {media_addr}");
+            println!("numbers starting {prefix} go to {media_addr} ({ports} call(s) at once)");
         }
         RouteCmd::Del { prefix, store } => {
             let (mut st, _) = open_store(&store)?;
@@ -486,7 +654,10 @@ fn route(c: RouteCmd) -> Result<(), String> {
         RouteCmd::List { store } => {
             let (st, _) = open_store(&store)?;
             for r in st.list_routes().map_err(|e| e.to_string())? {
-                println!("{}\t{}\t{}", r.prefix, r.media_addr, r.description);
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    r.prefix, r.media_addr, r.ports, r.description
+                );
             }
         }
     }

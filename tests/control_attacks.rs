@@ -135,6 +135,20 @@ impl Ctl {
     }
 }
 
+/// A gateway with the per-source limits applied to loopback too (they exempt it by default),
+/// plus `extra` config lines under `[limits]`. The config file lives in the returned directory.
+fn start_gateway(extra_limits: &str) -> (Gateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("voxgate.toml");
+    std::fs::write(
+        &path,
+        format!("[limits]\nexempt_sources = []\n{extra_limits}\n"),
+    )
+    .expect("write config");
+    let gw = Gateway::start(&["--config", path.to_str().expect("utf-8 path")]);
+    (gw, dir)
+}
+
 /// Lets the test process hold a few thousand sockets.
 fn raise_nofile() {
     let mut lim = libc::rlimit {
@@ -165,7 +179,7 @@ fn refusal(m: &Option<ServerMsg>) -> Option<ErrorCode> {
 #[test]
 fn parallel_hellos_get_no_more_challenges_than_the_limit_and_the_user_logs_in_elsewhere() {
     raise_nofile();
-    let gw = Gateway::start(&[]);
+    let (gw, _cfg) = start_gateway("");
     // 200 connections from one source all send `hello` for alice before any proof.
     let mut conns: Vec<(Ctl, auth::ClientAwaitingChallenge)> = (0..200)
         .map(|_| {
@@ -189,6 +203,10 @@ fn parallel_hellos_get_no_more_challenges_than_the_limit_and_the_user_logs_in_el
             other => panic!("unexpected answer to hello: {other:?}"),
         }
     }
+    eprintln!(
+        "200 parallel hellos from one source: {} challenged, {limited} refused rate_limited",
+        challenged.len()
+    );
     // The default per-user-at-a-source bucket is 5: at most 5 proofs can ever be checked.
     assert!(
         challenged.len() <= 5,
@@ -226,7 +244,7 @@ fn parallel_hellos_get_no_more_challenges_than_the_limit_and_the_user_logs_in_el
 #[test]
 fn a_connection_flood_from_one_source_keeps_nobody_out_and_gives_back_its_descriptors() {
     raise_nofile();
-    let gw = Gateway::start(&[]);
+    let (gw, _cfg) = start_gateway("");
     let pid = gw.pid();
     // After the first histogram dump (1 s), whose files stay open.
     std::thread::sleep(Duration::from_millis(1500));
@@ -277,7 +295,7 @@ fn a_connection_flood_from_one_source_keeps_nobody_out_and_gives_back_its_descri
 
 #[test]
 fn a_client_flooding_messages_is_throttled_then_refused_and_heartbeats_keep_their_timing() {
-    let gw = Gateway::start(&[]);
+    let (gw, _cfg) = start_gateway("");
     let mut alice = Ctl::login("127.0.0.1", &gw.control, "alice").expect("alice");
     let mut bob = Ctl::login("127.0.0.2", &gw.control, "bob").expect("bob");
     let baseline: Vec<Duration> = (0..10).map(|i| bob.heartbeat_rtt(i)).collect();
@@ -407,6 +425,7 @@ fn a_slow_directory_delays_only_its_lookups_never_other_clients_heartbeats() {
                 user: user.into(),
                 number: number.into(),
                 verifier: auth::Verifier::new(&common::password(user), 4096, &mut rand::rng()),
+                allow_prefixes: None,
             })
             .expect("add user");
         }
@@ -469,4 +488,185 @@ fn a_slow_directory_delays_only_its_lookups_never_other_clients_heartbeats() {
         }
     }
     gw.stop().expect("stop");
+}
+
+#[test]
+fn a_dial_and_hang_up_loop_stops_ringing_the_callee() {
+    let (gw, _cfg) = start_gateway("");
+    let mut alice = Ctl::login("127.0.0.1", &gw.control, "alice").expect("alice");
+    let mut bob = Ctl::login("127.0.0.2", &gw.control, "bob").expect("bob");
+    let mut limited = 0;
+    for tag in 0..10 {
+        alice
+            .send(&ClientMsg::Dial {
+                tag,
+                number: "+15550002".into(),
+                media: None,
+            })
+            .expect("dial");
+        let call = match alice.recv_skipping(Duration::from_secs(10)) {
+            Some(ServerMsg::Calling { call, .. }) => call,
+            other => panic!("expected calling, got {other:?}"),
+        };
+        match alice.recv_skipping(Duration::from_secs(10)) {
+            Some(ServerMsg::Ringing { .. }) => {
+                alice.send(&ClientMsg::HangUp { call }).expect("hang up")
+            }
+            Some(ServerMsg::HangUp { reason, .. }) => {
+                assert_eq!(reason.as_str(), "rate_limited");
+                limited += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Bob's phone rang three times, not ten.
+    let mut rings = 0;
+    while let Some(m) = bob.recv_skipping(Duration::from_millis(500)) {
+        if matches!(m, ServerMsg::Incoming { .. }) {
+            rings += 1;
+        }
+    }
+    assert_eq!(rings, 3);
+    assert_eq!(limited, 7);
+}
+
+#[test]
+fn exempt_sources_are_not_capped_per_source() {
+    raise_nofile();
+    // Loopback is exempt by default: a local load generator may hold many connections and log
+    // in many subscribers at once.
+    let gw = Gateway::start(&[]);
+    let held: Vec<Ctl> = (0..300)
+        .map(|_| Ctl::connect_from("127.0.0.1", &gw.control).expect("connect"))
+        .collect();
+    let mut bob = Ctl::login("127.0.0.1", &gw.control, "bob").expect("bob");
+    bob.heartbeat_rtt(1);
+    for mut c in held.into_iter().take(20) {
+        assert!(c.recv(Duration::from_millis(100)).is_none(), "not refused");
+    }
+}
+
+#[test]
+fn deleting_a_user_with_the_cli_ends_its_live_session_within_seconds() {
+    let gw = Gateway::start(&[]);
+    let mut alice = Ctl::login("127.0.0.1", &gw.control, "alice").expect("alice");
+    let mut bob = Ctl::login("127.0.0.2", &gw.control, "bob").expect("bob");
+    let data = gw.dir.path().join("data");
+    let t = Instant::now();
+    common::run_ok(std::process::Command::new(common::BIN).args([
+        "user",
+        "del",
+        "alice",
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+    ]));
+    // The CLI is another process writing the SQLite file; the gateway notices on its own.
+    match alice.recv_skipping(Duration::from_secs(5)) {
+        Some(ServerMsg::Refused {
+            code: ErrorCode::Revoked,
+            message,
+        }) => assert!(message.contains("deleted"), "{message}"),
+        other => panic!("expected refused{{revoked}}, got {other:?}"),
+    }
+    let took = t.elapsed();
+    eprintln!("alice's session ended {took:?} after `user del`");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // The connection is closed, and alice cannot log in again.
+    assert!(alice.recv(Duration::from_secs(2)).is_none());
+    let again = Ctl::login("127.0.0.3", &gw.control, "alice");
+    assert!(again.is_err());
+    // Bob is untouched.
+    bob.heartbeat_rtt(1);
+}
+
+#[test]
+fn a_route_call_that_sends_no_media_ends_at_the_inactivity_timeout() {
+    // A voice gateway stand-in that never sends anything.
+    let voice = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let (gw, _cfg) = start_gateway("route_inactivity_s = 3");
+    let data = gw.dir.path().join("data");
+    common::run_ok(std::process::Command::new(common::BIN).args([
+        "route",
+        "add",
+        "+49",
+        &voice.local_addr().expect("addr").to_string(),
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+    ]));
+    let mut alice = Ctl::login("127.0.0.1", &gw.control, "alice").expect("alice");
+    let t = Instant::now();
+    alice
+        .send(&ClientMsg::Dial {
+            tag: 1,
+            number: "+4930123456".into(),
+            media: None,
+        })
+        .expect("dial");
+    let reason = loop {
+        match alice.recv_skipping(Duration::from_secs(15)) {
+            Some(ServerMsg::HangUp { reason, .. }) => break reason,
+            Some(_) => {}
+            None => panic!("the route call never ended"),
+        }
+    };
+    let took = t.elapsed();
+    eprintln!("route call without media ended after {took:?}");
+    assert_eq!(reason.as_str(), "no_media");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn a_user_without_routes_in_its_class_of_service_cannot_dial_telephone_numbers() {
+    let voice = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let gw = Gateway::start(&[]);
+    let data = gw.dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let addr = voice.local_addr().expect("addr").to_string();
+    common::run_ok(std::process::Command::new(common::BIN).args([
+        "route",
+        "add",
+        "+49",
+        &addr,
+        "--data-dir",
+        data,
+    ]));
+    let mut alice = Ctl::login("127.0.0.1", &gw.control, "alice").expect("alice");
+    // Set while alice is logged in: the gateway refreshes her session from the change log.
+    let out = common::run_ok(std::process::Command::new(common::BIN).args([
+        "user",
+        "mod",
+        "alice",
+        "--allow-prefix",
+        "+4930",
+        "--data-dir",
+        data,
+    ]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("routes +4930"));
+    std::thread::sleep(Duration::from_millis(1500));
+    alice
+        .send(&ClientMsg::Dial {
+            tag: 1,
+            number: "+4940123456".into(),
+            media: None,
+        })
+        .expect("dial");
+    let reason = loop {
+        match alice.recv_skipping(Duration::from_secs(10)) {
+            Some(ServerMsg::HangUp { reason, .. }) => break reason,
+            Some(ServerMsg::Refused { code, message }) => panic!("refused {code:?}: {message}"),
+            Some(_) => {}
+            None => panic!("no answer to the dial"),
+        }
+    };
+    assert_eq!(reason.as_str(), "not_permitted");
+    let list = common::run_ok(std::process::Command::new(common::BIN).args([
+        "user",
+        "list",
+        "--data-dir",
+        data,
+    ]));
+    assert!(String::from_utf8_lossy(&list.stdout).contains("alice\t+15550001\troutes +4930"));
 }

@@ -40,6 +40,12 @@ struct Lab {
 
 impl Lab {
     fn up() -> Option<Lab> {
+        Lab::up_with("x", &[])
+    }
+
+    /// A lab whose namespaces are named with `tag` (labs in one test process must differ),
+    /// built with `env` set for `lab.sh up` (e.g. `GW_NAT=1`).
+    fn up_with(tag: &str, env: &[(&str, &str)]) -> Option<Lab> {
         let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
@@ -63,10 +69,20 @@ impl Lab {
             return None;
         }
         let lab = Lab {
-            prefix: format!("vg{}x", std::process::id() % 100_000),
+            prefix: format!("vg{}{tag}", std::process::id() % 100_000),
             script: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/lab.sh"),
         };
-        lab.sh(&["up"]);
+        let out = Command::new(&lab.script)
+            .arg("up")
+            .env("LAB", &lab.prefix)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run lab.sh");
+        assert!(
+            out.status.success(),
+            "lab.sh up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Some(lab)
     }
 
@@ -388,6 +404,10 @@ fn call_case(lab: &Lab, gw: &Gateway, a: &Party, b: &Party) -> (PhoneResult, Pho
 }
 
 fn start_gateway(lab: &Lab) -> Gateway {
+    start_gateway_with(lab, &[])
+}
+
+fn start_gateway_with(lab: &Lab, extra: &[&str]) -> Gateway {
     Gateway::start_on(
         &strs(&lab.host("gw")),
         &[
@@ -403,7 +423,7 @@ fn start_gateway(lab: &Lab) -> Gateway {
             "0",
         ],
         GW_IP,
-        &[],
+        extra,
     )
 }
 
@@ -785,4 +805,83 @@ fn firewall_change_mid_call(lab: &Lab, gw: &Gateway) {
         }
         eprintln!("lab: firewall change mid-call: ended with media_failed on both sides: ok");
     }
+}
+
+/// The gateway behind a router doing 1:1 NAT (`GW_NAT=1`): clients reach it only at the public
+/// address 172.31.0.1, which the router DNATs to the gateway's private 192.168.77.2. With
+/// `--advertised-ipv4 172.31.0.1` every media address the gateway hands out is the public one,
+/// and calls work on every plan: audio byte-exact, the routers' counters show the media going
+/// to and from the public address. The same for IPv6 with `--advertised-ipv6`. (Without the flag the first call fails: "no valid answer
+/// to the UDP media binding from the gateway at 192.168.77.2:7401".)
+#[test]
+fn gateway_behind_1to1_nat() {
+    let Some(lab) = Lab::up_with("n", &[("GW_NAT", "1")]) else {
+        return;
+    };
+    let gw = start_gateway_with(
+        &lab,
+        &[
+            "--advertised-ipv4",
+            GW_IP,
+            "--advertised-ipv6",
+            "2001:db8:31::1",
+        ],
+    );
+    let party = |client, user, class, nat| Party {
+        client,
+        user,
+        class,
+        nat,
+    };
+    // UDP via the gateway (bob behind NAT) forward, direct back.
+    call_case(
+        &lab,
+        &gw,
+        &party(1, "alice", "open", "none"),
+        &party(2, "bob", "open", "masquerade"),
+    );
+    // The gateway saw its private address: without the advertised one it would hand it out.
+    assert!(
+        gw.log_text().contains("local=192.168.77.2:7400"),
+        "the gateway is behind the NAT:\n{}",
+        gw.log_text()
+    );
+    // UDP via the gateway both ways.
+    call_case(
+        &lab,
+        &gw,
+        &party(1, "alice", "open", "masquerade"),
+        &party(2, "bob", "open", "symmetric"),
+    );
+    // TCP in, UDP out.
+    call_case(
+        &lab,
+        &gw,
+        &party(1, "alice", "no-udp-out", "none"),
+        &party(2, "bob", "open", "masquerade"),
+    );
+    // UDP in, TCP out.
+    call_case(
+        &lab,
+        &gw,
+        &party(1, "alice", "open", "masquerade"),
+        &party(2, "bob", "no-udp-in", "none"),
+    );
+    // TCP both ways.
+    call_case(
+        &lab,
+        &gw,
+        &party(1, "alice", "no-udp", "none"),
+        &party(2, "bob", "no-udp", "masquerade"),
+    );
+    // IPv6 is NATed 1:1 too (2001:db8:31::1 to fd77::2): an IPv6-only client is told the
+    // public IPv6 address, an IPv4-only one the public IPv4 address, and the gateway bridges
+    // them. (Last: it takes the clients' other address family away.)
+    ipv6_only_calls_ipv4_only(&lab, &gw);
+    assert!(
+        gw.log_text().contains("local=[fd77::2]:7400"),
+        "the IPv6 client reached the gateway through the NAT:\n{}",
+        gw.log_text()
+    );
+    drop(gw);
 }

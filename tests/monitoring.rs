@@ -200,6 +200,15 @@ fn metrics_pass_promtool_and_count_a_call() {
         sum(&after, "voxgate_leg_loss_ratio_bucket", &[("le", "0")]),
         2.0
     );
+    // ... and both legs' estimated MOS is G.711's best (no loss, jitter well under 1 ms).
+    let best = voxgate::metrics::mos::mos(0.0, 0.0, 0.0);
+    assert_eq!(sum(&after, "voxgate_leg_mos_count", &[]), 2.0);
+    let mos_sum = sum(&after, "voxgate_leg_mos_sum", &[]);
+    assert!(
+        (mos_sum / 2.0 - best).abs() < 0.01,
+        "{mos_sum} vs 2 x {best}"
+    );
+    assert_eq!(sum(&after, "voxgate_leg_mos_bucket", &[("le", "4.3")]), 0.0);
     // Scrapes and the 1-s interval dumps both take the shards' latency histograms; neither
     // steals from the other: once the call is over, the dumps hold exactly what Prometheus
     // counted (the last scrape took everything there was; the dump on exit gets it too).

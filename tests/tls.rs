@@ -401,7 +401,7 @@ fn pending_handshakes_count_against_the_connection_limits() {
     std::fs::write(
         &cfg,
         format!(
-            "{}\n[limits]\nconnections_per_source = 2\n",
+            "{}\n[limits]\nconnections_per_source = 2\n# Loopback is exempt by default.\nexempt_sources = []\n",
             tls_config(&real)
         ),
     )

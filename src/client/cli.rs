@@ -578,6 +578,10 @@ fn hangup_text(r: HangupReason) -> &'static str {
         HangupReason::Error => "the gateway could not set up the call",
         HangupReason::PeerDenied => "the gateway refused a media address",
         HangupReason::BadMediaAddress => "a media address is missing or not unicast",
+        HangupReason::RateLimited => "too many calls in a short time; try again later",
+        HangupReason::TimeLimit => "the call reached the maximum call duration",
+        HangupReason::NoMedia => "no audio arrived for too long",
+        HangupReason::NotPermitted => "this account may not dial that number",
     }
 }
 

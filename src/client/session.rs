@@ -119,6 +119,7 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::Replaced => "replaced",
         ErrorCode::Timeout => "timeout",
         ErrorCode::Internal => "internal",
+        ErrorCode::Revoked => "revoked",
     }
 }
 
@@ -131,8 +132,9 @@ pub fn refused_text(code: ErrorCode, message: &str) -> String {
         }
         ErrorCode::AuthFailed => "log-in refused: wrong user or password".into(),
         ErrorCode::RateLimited => {
-            format!("log-in refused: too many failed log-ins, try again later ({message})")
+            format!("refused: too many attempts or messages, try again later ({message})")
         }
+        ErrorCode::Revoked => format!("session closed: the account changed ({message})"),
         ErrorCode::Version => format!(
             "log-in refused: the gateway does not speak protocol version {} ({message})",
             proto::VERSION
@@ -1323,7 +1325,7 @@ mod tests {
             .expect_err("refused");
         assert_eq!(
             e.to_string(),
-            "log-in refused: too many failed log-ins, try again later (retry after 30 s)"
+            "refused: too many attempts or messages, try again later (retry after 30 s)"
         );
         gw.await.expect("gateway");
         let (l, addr) = listener().await;

@@ -35,10 +35,10 @@
 //! A number that is not a registered user's but has a route (longest prefix) is answered at
 //! once (no ringing). The caller's side always goes through the gateway
 //! ([`super::media::route_plan`]); the route's leg delivers UDP to the IP voice gateway's media
-//! address and trusts it as its source. Because the relay binds that address to one leg, a
-//! route media address carries **one call at a time**: a second call to it gets
-//! `hang_up{busy}` (an IP voice gateway that gives each call its own media port needs a richer
-//! route model).
+//! address and trusts it as its source. Because the relay tells legs apart by that source
+//! address, one voice-gateway address carries one call at a time; a route has `ports`
+//! consecutive ports (from its media address's), each call takes the first free one, and a
+//! call to a route whose ports are all taken gets `hang_up{busy}`.
 //!
 //! # Conference rooms
 //!
@@ -117,7 +117,7 @@ use super::planner::{self, Capabilities, Family, Path, Plan};
 use super::probe::ProbeOutcome;
 use crate::directory::{self, Destination, LookupError, Query, Route};
 use crate::metrics::Transport;
-use crate::shard::relay::canonical;
+use crate::net::canonical;
 use crate::shard::{Delivery, LegSpec, SessionId, SessionSpec};
 use crate::wire::control::{
     CallId, DirectCandidate, ErrorCode, HangupReason, MediaInstructions, PathOrder, PathOrders,
@@ -409,7 +409,7 @@ impl Gateway {
             caps: r.capabilities,
             reported: r.reported,
             observed: c.peer.ip(),
-            gateway_ip: c.local.ip(),
+            gateway_ip: self.cfg.advertised.for_local(c.local.ip()),
             key: s.key.clone(),
         })
     }
@@ -613,6 +613,11 @@ impl Gateway {
                 &self.too_many_calls(ncalls),
             );
         }
+        if !self.call_limits.dial(&me, now) {
+            self.counters.calls_limited += 1;
+            tracing::debug!(conn, user = %me, "dial refused: too many dials per minute");
+            return self.refuse_dial(conn, id, HangupReason::RateLimited);
+        }
         if directory::number_problem(number, false).is_some() {
             return self.refuse_dial(conn, id, HangupReason::NotFound);
         }
@@ -620,6 +625,7 @@ impl Gateway {
             conn,
             call: id,
             media,
+            number: number.to_owned(),
         };
         let query = Query::Dial {
             number: number.to_owned(),
@@ -636,12 +642,20 @@ impl Gateway {
         conn: ConnId,
         id: CallId,
         media: Option<SocketAddr>,
+        number: &str,
         found: Result<Option<Destination>, LookupError>,
     ) {
         let Some(s) = self.session(conn) else {
             return;
         };
         let (me, ncalls) = (s.user.clone(), s.calls.len());
+        // Class of service: telephone routes only for the prefixes the user may dial.
+        if matches!(found, Ok(Some(Destination::Route(_))))
+            && !directory::may_dial(s.allow_prefixes.as_deref(), number)
+        {
+            tracing::info!(conn, user = %me, %number, "dial refused: not in the class of service");
+            return self.refuse_dial(conn, id, HangupReason::NotPermitted);
+        }
         if self.draining {
             return self.refuse_dial(conn, id, HangupReason::Shutdown);
         }
@@ -652,11 +666,23 @@ impl Gateway {
             Ok(d) => d,
             Err(reason) => return self.refuse_dial(conn, id, reason),
         };
+        // Ring-bombing: a callee is rung only so often, by this caller and by everybody.
+        if let Dest::User(callee) = &dest {
+            let callee_user = self.session(*callee).map(|s| s.user.clone());
+            if callee_user.is_some_and(|u| !self.call_limits.ring(&me, &u, now)) {
+                self.counters.calls_limited += 1;
+                tracing::debug!(conn, user = %me, "dial refused: callee rung too often");
+                return self.refuse_dial(conn, id, HangupReason::RateLimited);
+            }
+        }
         self.counters.calls_placed += 1;
         match dest {
             Dest::User(callee) => {
+                // The callee learns the caller's number, never its log-in name (half of a
+                // credential, and a name to guess passwords for): `from_user` carries the
+                // number too, as the display name the directory does not have.
                 let (from_number, from_user) = match self.session(conn) {
-                    Some(s) => (s.number.clone(), s.user.clone()),
+                    Some(s) => (s.number.clone(), s.number.clone()),
                     None => return,
                 };
                 self.record_callee(id, callee);
@@ -695,11 +721,17 @@ impl Gateway {
                 );
                 self.send(conn, ServerMsg::Ringing { call: id });
             }
-            Dest::Route(route) => {
-                let addr = canonical(route.media_addr);
-                if self.route_busy.contains_key(&addr) {
+            Dest::Route(mut route) => {
+                // One call per voice-gateway port: the first free one of the route's ports.
+                let base = canonical(route.media_addr);
+                let free = (0..route.ports.max(1))
+                    .filter_map(|i| base.port().checked_add(i))
+                    .map(|p| std::net::SocketAddr::new(base.ip(), p))
+                    .find(|a| !self.route_busy.contains_key(a));
+                let Some(addr) = free else {
                     return self.refuse_dial(conn, id, HangupReason::Busy);
-                }
+                };
+                route.media_addr = addr;
                 self.route_busy.insert(addr, id);
                 // A telephone route answers at once.
                 self.record_answered(id, now);
@@ -723,6 +755,7 @@ impl Gateway {
                 if let Some(s) = self.session_mut(conn) {
                     s.calls.insert(id);
                 }
+                self.watch_route_call(now, id);
                 self.try_plan(now, id);
             }
         }
@@ -1090,7 +1123,7 @@ impl Gateway {
     // -------------------------------------------------------- two-party calls
 
     /// Ends a two-party call; each side still logged in is told its reason (`None`: nothing).
-    fn end_pair(
+    pub(crate) fn end_pair(
         &mut self,
         call: CallId,
         to_caller: Option<HangupReason>,
@@ -1104,6 +1137,7 @@ impl Gateway {
         if let Some(reason) = to_callee.or(to_caller) {
             self.counters.tally.ended(reason);
         }
+        self.unwatch_route_call(call);
         if let Some(relay) = p.relay {
             self.drop_relay(call, relay);
         }
@@ -1598,6 +1632,10 @@ impl Gateway {
                 &self.too_many_calls(ncalls),
             );
         }
+        if !self.call_limits.dial(&me, now) {
+            self.counters.calls_limited += 1;
+            return self.refuse_dial(conn, id, HangupReason::RateLimited);
+        }
         // A message may hold thousands of numbers: bound the work before de-duplicating.
         let mut unique: Vec<&str> = Vec::new();
         if numbers.len() <= 4 * self.cfg.max_room_size {
@@ -1662,7 +1700,16 @@ impl Gateway {
             .zip(found.iter().chain(std::iter::repeat(&Ok(None))))
         {
             match self.resolve(&me, found) {
-                Ok(Dest::User(c)) if !invitees.contains(&c) => invitees.push(c),
+                Ok(Dest::User(c)) if !invitees.contains(&c) => {
+                    let callee = self.session(c).map(|s| s.user.clone()).unwrap_or_default();
+                    if self.call_limits.invite(&me, now) && self.call_limits.ring(&me, &callee, now)
+                    {
+                        invitees.push(c);
+                    } else {
+                        self.counters.calls_limited += 1;
+                        first_failure.get_or_insert(HangupReason::RateLimited);
+                    }
+                }
                 Ok(Dest::User(_)) => {}
                 Ok(Dest::Route(_)) => {
                     tracing::info!(conn, %number, "telephone numbers are not invited to rooms");
@@ -1725,7 +1772,7 @@ impl Gateway {
                 ServerMsg::Incoming {
                     call: id,
                     from_number: from_number.clone(),
-                    from_user: me.clone(),
+                    from_user: from_number.clone(),
                     conference: true,
                 },
             );
@@ -2103,6 +2150,36 @@ impl Gateway {
             self.detach(conn, call, Some(reason));
         }
     }
+
+    /// The shard could not add a room member's leg: the member is told (`hang_up{error}`) and
+    /// leaves the room, rather than believing it joined. If fewer than two remain, the room
+    /// ends with `hang_up{error}`.
+    pub(crate) fn on_leg_add_failed(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        leg: &str,
+        error: &str,
+    ) {
+        let Some(Call::Room(r)) = self.calls.get(&session) else {
+            return;
+        };
+        let Some((&conn, _)) = r
+            .members
+            .iter()
+            .find(|(_, m)| m.leg.as_deref() == Some(leg))
+        else {
+            return;
+        };
+        tracing::warn!(room = session, conn, %leg, %error, "room leg not added: member told");
+        self.room_leave(
+            now,
+            session,
+            conn,
+            Some(HangupReason::Error),
+            HangupReason::Error,
+        );
+    }
 }
 
 #[cfg(test)]
@@ -2245,7 +2322,7 @@ mod tests {
             [ServerMsg::Incoming {
                 call,
                 from_number: a.number.into(),
-                from_user: "alice".into(),
+                from_user: a.number.into(),
                 conference: false
             }]
         );
@@ -2454,6 +2531,32 @@ mod tests {
             assert_eq!(m.send.to, Some(addr(GW_UDP)));
         }
         assert_eq!(installs(&w.take_shard())[0].2.legs.len(), 2);
+    }
+
+    #[test]
+    fn behind_1to1_nat_clients_are_told_the_advertised_address() {
+        let mut w = World::with_config(GatewayConfig {
+            advertised: crate::control::advertise::Advertised {
+                ipv4: Some("198.51.100.9".parse().unwrap()),
+                ipv6: None,
+            },
+            ..sim::config()
+        });
+        let a = w.login("alice", sim::OPEN);
+        let b = w.login("bob", sim::NAT);
+        let call = w.dial(&a, b.number, Some(a.media()));
+        w.accept(&b, call, Some(b.media()));
+        let mb = media_of(&w.take(b.conn));
+        let public = Some(addr("198.51.100.9:7401"));
+        assert_eq!(mb[0].recv.from, public, "not the private {GW_UDP}");
+        assert_eq!(mb[0].gateway_udp, public);
+        // The operator's counts: one call, planned forward via the gateway, ended normally.
+        w.send(a.conn, ClientMsg::HangUp { call });
+        let t = w.gw.stats().tally;
+        assert_eq!(t.planned(true, Path::UdpViaGateway), 1);
+        assert_eq!(t.planned(false, Path::DirectUdp), 1);
+        assert_eq!(t.ended_with(HangupReason::Normal), 1);
+        assert_eq!(t.probes.iter().sum::<u64>(), 2, "two probes finished");
     }
 
     #[test]

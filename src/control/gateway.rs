@@ -41,7 +41,7 @@
 //! - Presence deadlines carry a jitter allowance ([`super::presence`]).
 //! - Probe verdicts, timeouts and the NAT reading: [`super::probe`].
 //! - Calls (busy rules, `calling` before any `hang_up`, new calls while draining get
-//!   `hang_up{shutdown}`, one call at a time per telephone route, no media address means TCP):
+//!   `hang_up{shutdown}`, one call per voice-gateway port of a telephone route, no media address means TCP):
 //!   [`super::calls`]. Private-address refusal: [`super::media`].
 //! - `Shutdown` sends `hang_up{shutdown}` for every call, then `refused{unavailable}` and a
 //!   close to every connection, and refuses every later connection.
@@ -49,7 +49,9 @@
 //! Nothing here panics on any input sequence, and every table is bounded: connections by
 //! [`GatewayConfig::max_connections`], probes by one per logged-in client, calls by
 //! [`GatewayConfig::max_calls_per_user`] per client, rooms by
-//! [`GatewayConfig::max_room_size`], failed log-in records by the rate limiter's table size.
+//! [`GatewayConfig::max_room_size`], log-in attempt records by the rate limiter's table size,
+//! directory look-ups by [`GatewayConfig::max_pending_lookups`], dial/ring/invitation buckets
+//! by [`super::limits::RateTable`]'s bound, route-call watches by the calls.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -67,7 +69,7 @@ use super::calls::Call;
 use super::presence::Presence;
 use super::probe::{Probe, ProbeOutcome};
 use crate::directory::{Answer, LookupError, Query};
-use crate::shard::relay::canonical;
+use crate::net::canonical;
 use crate::shard::{LegSpec, SessionId, SessionSpec};
 use crate::wire::control::{CallId, ClientMsg, ErrorCode, ServerMsg, VERSION};
 
@@ -149,9 +151,25 @@ pub struct GatewayConfig {
     pub max_calls_per_user: usize,
     /// Largest room, organizer included (2..=64). Default 16.
     pub max_room_size: usize,
+    /// The addresses clients are told per family (behind 1:1 NAT); default: the address each
+    /// control connection arrived at. See [`super::advertise`].
+    pub advertised: super::advertise::Advertised,
     /// Directory look-ups waiting for their answer, at most (beyond: `hello` is refused with
     /// `unavailable`, a dial ends with `hang_up{error}`). Default 10 000.
     pub max_pending_lookups: usize,
+    /// Dial, ring and invitation rates ([`super::limits::CallLimitConfig`]).
+    pub call_limits: super::limits::CallLimitConfig,
+    /// Telephone route calls end after this (`hang_up{time_limit}`); zero: never. Default 4 h.
+    pub route_max_duration: Duration,
+    /// A route call whose caller or voice gateway sent no media for this long ends
+    /// (`hang_up{no_media}`); zero: not checked. Default 60 s.
+    pub route_inactivity: Duration,
+    /// How often the directory is asked what changed (deleted users, new passwords or
+    /// numbers end live sessions). Default 1 s.
+    pub directory_poll: Duration,
+    /// Sources the log-in limiter does not count (a local load generator, a trusted proxy all
+    /// clients come through). Default: none (the server's config adds loopback).
+    pub exempt_sources: Vec<super::limits::Cidr>,
 }
 
 impl Default for GatewayConfig {
@@ -185,7 +203,13 @@ impl GatewayConfig {
             max_connections: 100_000,
             max_calls_per_user: 8,
             max_room_size: 16,
+            advertised: super::advertise::Advertised::default(),
             max_pending_lookups: 10_000,
+            call_limits: super::limits::CallLimitConfig::default(),
+            directory_poll: Duration::from_secs(1),
+            route_max_duration: Duration::from_secs(4 * 3600),
+            route_inactivity: Duration::from_secs(60),
+            exempt_sources: Vec::new(),
         }
     }
 
@@ -233,6 +257,7 @@ impl GatewayConfig {
         self.max_calls_per_user = self.max_calls_per_user.clamp(1, 64);
         self.max_room_size = self.max_room_size.clamp(2, 64);
         self.max_pending_lookups = self.max_pending_lookups.clamp(1, 1_000_000);
+        self.directory_poll = clamp(self.directory_poll, Duration::from_millis(100), DAY);
         self
     }
 }
@@ -265,6 +290,18 @@ pub enum Input {
     TlsChannel {
         conn: ConnId,
         exporter: Vec<u8>,
+    },
+    /// How long each leg of the sessions in [`Gateway::watched_sessions`] has received no media
+    /// (`None`: nothing yet), from the shards' snapshots.
+    MediaActivity {
+        legs: Vec<(SessionId, String, Option<Duration>)>,
+    },
+    /// The shard refused an [`Action::AddLeg`] (its session is gone, the leg table is full…):
+    /// the room member is told and leaves the room.
+    LegAddFailed {
+        session: SessionId,
+        leg: String,
+        error: String,
     },
     /// The client kept sending faster than `per_s` messages per second for too long (the server
     /// throttled it meanwhile): refused with `rate_limited` and closed.
@@ -388,6 +425,8 @@ pub struct GatewayStats {
     pub calls_failed: u64,
     /// Since start: probe verdicts, planned paths, end reasons.
     pub tally: super::tally::Tally,
+    /// Since start: dials, rings and invitations refused by the call limits.
+    pub calls_limited: u64,
 }
 
 /// A logged-in client.
@@ -405,6 +444,11 @@ pub(crate) struct Session {
     pub calls: CallSet,
     /// Its dials and conferences waiting for a directory answer (they count as calls).
     pub lookups: usize,
+    /// [`crate::directory::Verifier::fingerprint`] of the verifier it logged in with: a
+    /// password change ends the session.
+    pub verifier_tag: [u8; 32],
+    /// Its class of service: number prefixes it may dial on telephone routes (`None`: any).
+    pub allow_prefixes: Option<Vec<String>>,
 }
 
 /// The calls of one client: a handful at most (`max_calls_per_user`), so a sorted `Vec`
@@ -460,6 +504,10 @@ pub(crate) enum Phase {
         attempt: Box<ServerAwaitingProof>,
         /// The subscriber's number, when the user exists.
         number: Option<String>,
+        /// Its verifier's fingerprint, when the user exists.
+        verifier_tag: Option<[u8; 32]>,
+        /// Its class of service (`None`: any route, or no such user).
+        allow_prefixes: Option<Vec<String>>,
     },
     LoggedIn(Box<Session>),
 }
@@ -485,6 +533,10 @@ pub(crate) enum Timer {
     Probe(ConnId),
     /// Ring timeout of a call or room.
     Call(CallId),
+    /// Ask the directory what changed.
+    DirectoryPoll,
+    /// A route call's maximum duration.
+    CallLimit(CallId),
 }
 
 #[derive(Debug, Default)]
@@ -566,6 +618,9 @@ pub(crate) struct Counters {
     pub calls_placed: u64,
     pub calls_failed: u64,
     pub tally: super::tally::Tally,
+    pub calls_limited: u64,
+    /// Anonymous STUN Bindings on the probe ports left unanswered by the per-prefix limit.
+    pub probe_rate_limited: u64,
 }
 
 /// The control core. See the module docs.
@@ -578,11 +633,19 @@ pub struct Gateway {
     pub(crate) next_lookup: u64,
     /// The iteration count most stored verifiers have, once the directory said.
     pub(crate) typical_iterations: Option<u32>,
+    /// Route calls with their limits running, and when each was placed.
+    pub(crate) route_watch: HashMap<CallId, Instant>,
+    /// The directory's change-log position seen last (`None` until it answered once).
+    pub(crate) directory_seq: Option<u64>,
+    /// A change poll is asked or timed (false: the next `handle_timeout` asks again).
+    pub(crate) directory_poll_armed: bool,
     pub(crate) shards: Vec<ShardInfo>,
     /// Sessions installed (or being installed) per shard, by position in `shards`.
     pub(crate) shard_load: Vec<usize>,
     pub(crate) rng: StdRng,
     pub(crate) limiter: RateLimiter,
+    /// Dial, ring and invitation limits.
+    pub(crate) call_limits: super::limits::CallLimits,
     /// Rate-limit refusals, logged at a bounded rate.
     pub(crate) refusals: auth::RefusalLog,
     pub(crate) conns: HashMap<ConnId, Conn>,
@@ -590,6 +653,8 @@ pub struct Gateway {
     pub(crate) users: HashMap<String, ConnId>,
     /// Tokens of running probes.
     pub(crate) tokens: HashMap<String, ConnId>,
+    /// Answers to anonymous STUN Bindings on the probe ports, limited per source prefix.
+    pub(crate) probe_limiter: super::probe::ProbeLimiter,
     pub(crate) calls: HashMap<CallId, Call>,
     /// Installs waiting for [`Input::ShardInstalled`].
     pub(crate) ops: HashMap<u64, CallId>,
@@ -632,8 +697,12 @@ impl Gateway {
             pending_calls: HashMap::new(),
             next_lookup: 1,
             typical_iterations: None,
+            directory_seq: None,
+            route_watch: HashMap::new(),
+            directory_poll_armed: true,
             limiter: RateLimiter::new(cfg.rate_limit),
             refusals: auth::RefusalLog::new(REFUSAL_LOG_INTERVAL),
+            call_limits: super::limits::CallLimits::new(cfg.call_limits),
             shard_load: vec![0; shards.len()],
             cfg,
             shards,
@@ -641,6 +710,7 @@ impl Gateway {
             conns: HashMap::new(),
             users: HashMap::new(),
             tokens: HashMap::new(),
+            probe_limiter: super::probe::ProbeLimiter::default(),
             calls: HashMap::new(),
             ops: HashMap::new(),
             legs: HashSet::new(),
@@ -658,6 +728,10 @@ impl Gateway {
             last_now: None,
         };
         gw.ask(Query::TypicalIterations, super::lookup::Pending::Iterations);
+        gw.ask(
+            Query::Changes { since: None },
+            super::lookup::Pending::Changes,
+        );
         gw
     }
 
@@ -695,6 +769,12 @@ impl Gateway {
                     self.forget_conn(now, conn, super::calls::Lost::PeerLost);
                 }
             }
+            Input::LegAddFailed {
+                session,
+                leg,
+                error,
+            } => self.on_leg_add_failed(now, session, &leg, &error),
+            Input::MediaActivity { legs } => self.on_media_activity(now, &legs),
             Input::Flooding { conn, per_s } => {
                 if self.conns.contains_key(&conn) {
                     tracing::info!(conn, per_s, "client sends too many messages: closing");
@@ -732,11 +812,17 @@ impl Gateway {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = Some(now);
+        if !self.directory_poll_armed && !self.conns.is_empty() {
+            self.directory_poll_armed = true;
+            self.poll_directory();
+        }
         for t in self.timers.take_due(now) {
             match t {
                 Timer::Conn(conn) => self.on_conn_timer(now, conn),
                 Timer::Probe(conn) => self.advance_probe(now, conn),
                 Timer::Call(call) => self.on_call_timer(now, call),
+                Timer::DirectoryPoll => self.poll_directory(),
+                Timer::CallLimit(call) => self.on_call_limit(call),
             }
         }
     }
@@ -759,6 +845,7 @@ impl Gateway {
         if cfg.rate_limit != self.cfg.rate_limit {
             self.limiter = RateLimiter::new(cfg.rate_limit);
         }
+        self.call_limits.set_config(cfg.call_limits);
         self.cfg = cfg;
         self.apply_typical_iterations();
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
@@ -785,6 +872,7 @@ impl Gateway {
             calls_placed: self.counters.calls_placed,
             calls_failed: self.counters.calls_failed,
             tally: self.counters.tally.clone(),
+            calls_limited: self.counters.calls_limited,
             ..GatewayStats::default()
         };
         for call in self.calls.values() {
@@ -924,6 +1012,10 @@ impl Gateway {
                 tls_exporter: None,
             },
         );
+        if !self.directory_poll_armed {
+            self.directory_poll_armed = true;
+            self.poll_directory();
+        }
         self.arm_conn_timer(conn);
     }
 
@@ -960,6 +1052,11 @@ impl Gateway {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        if self.conns.is_empty() {
+            // Nobody left to revoke: the next connection polls the directory again.
+            self.timers.cancel(Timer::DirectoryPoll);
+            self.directory_poll_armed = false;
+        }
         self.timers.cancel(Timer::Conn(conn));
         self.timers.cancel(Timer::Probe(conn));
         if let Phase::LoggedIn(s) = c.phase {
@@ -1020,7 +1117,10 @@ impl Gateway {
                 numbers,
                 media,
             } => self.on_conference(now, conn, tag, &numbers, media),
-            ClientMsg::Accept { call, media } => self.on_accept(now, conn, call, media),
+            ClientMsg::Accept { call, media } => {
+                self.note_answer(now, conn, call);
+                self.on_accept(now, conn, call, media)
+            }
             ClientMsg::Reject { call } => self.on_reject(now, conn, call),
             ClientMsg::HangUp { call } if self.cancel_pending_call(conn, call) => {}
             ClientMsg::HangUp { call } => self.on_hang_up(now, conn, call),
@@ -1083,7 +1183,13 @@ impl Gateway {
             );
         }
         // Charged now, before the store or any key derivation: a pending attempt counts.
-        if let Err(limited) = self.limiter.begin(now, peer.ip(), &user) {
+        let exempt = super::limits::exempt(&self.cfg.exempt_sources, peer.ip());
+        let charged = if exempt {
+            Ok(())
+        } else {
+            self.limiter.begin(now, peer.ip(), &user)
+        };
+        if let Err(limited) = charged {
             self.counters.rate_limited += 1;
             if let Some(n) = self.refusals.note(now, limited.scope) {
                 tracing::info!(
@@ -1137,8 +1243,10 @@ impl Gateway {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(conn, error = %e, "directory look-up failed during log-in");
+                // `unavailable`, like a gateway at capacity: the client may retry, here or at
+                // another gateway of the fleet; the reason is in the log line above.
                 let msg = "the directory is unavailable";
-                return self.refuse(now, conn, ErrorCode::Internal, msg, Lost::PeerLost);
+                return self.refuse(now, conn, ErrorCode::Unavailable, msg, Lost::PeerLost);
             }
         };
         // Defence in depth: the answer must be for the user asked about.
@@ -1158,6 +1266,8 @@ impl Gateway {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.phase = Phase::AwaitingProof {
                         attempt: Box::new(attempt),
+                        verifier_tag: subscriber.as_ref().map(|s| s.verifier.fingerprint()),
+                        allow_prefixes: subscriber.as_ref().and_then(|s| s.allow_prefixes.clone()),
                         number: subscriber.map(|s| s.number),
                     };
                 }
@@ -1195,8 +1305,12 @@ impl Gateway {
         };
         let (peer, local) = (c.peer, c.local);
         let tls_exporter = c.tls_exporter.clone();
-        let Phase::AwaitingProof { attempt, number } =
-            std::mem::replace(&mut c.phase, Phase::AwaitingHello)
+        let Phase::AwaitingProof {
+            attempt,
+            number,
+            verifier_tag,
+            allow_prefixes,
+        } = std::mem::replace(&mut c.phase, Phase::AwaitingHello)
         else {
             return;
         };
@@ -1211,9 +1325,9 @@ impl Gateway {
             },
             tls_exporter.as_deref(),
         );
-        let (signature, key, number) = match (verdict, number) {
-            (Ok((sig, key)), Some(number)) => (sig, key, number),
-            (verdict, _) => {
+        let (signature, key, number, verifier_tag) = match (verdict, number, verifier_tag) {
+            (Ok((sig, key)), Some(number), Some(tag)) => (sig, key, number, tag),
+            (verdict, _, _) => {
                 // A channel-binding failure says nothing about the password: say what it is.
                 let binding = matches!(
                     verdict,
@@ -1264,6 +1378,8 @@ impl Gateway {
             result: None,
             calls: CallSet::default(),
             lookups: 0,
+            verifier_tag,
+            allow_prefixes,
         }));
         self.users.insert(user.clone(), conn);
         self.limiter.succeeded(now, peer.ip(), &user);
@@ -1392,5 +1508,7 @@ fn clip(s: &str) -> String {
     s
 }
 
+#[cfg(test)]
+mod abuse_tests;
 #[cfg(test)]
 mod tests;

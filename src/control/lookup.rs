@@ -24,7 +24,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::gateway::{Action, ConnId, Gateway};
+use super::gateway::{Action, ConnId, Gateway, Phase, Timer};
 use crate::directory::{Answer, LookupError, Query};
 use crate::wire::control::{CallId, HangupReason};
 
@@ -38,6 +38,7 @@ pub(crate) enum Pending {
         conn: ConnId,
         call: CallId,
         media: Option<SocketAddr>,
+        number: String,
     },
     /// A `conference` to these (distinct) numbers.
     Invite {
@@ -48,6 +49,10 @@ pub(crate) enum Pending {
     },
     /// The typical verifier iteration count.
     Iterations,
+    /// What changed in the directory since `Gateway::directory_seq`.
+    Changes,
+    /// A logged-in user's record, after it changed.
+    Recheck { conn: ConnId },
 }
 
 impl Gateway {
@@ -116,7 +121,12 @@ impl Gateway {
                 });
                 self.hello_answered(now, conn, r);
             }
-            Pending::Dial { conn, call, media } => {
+            Pending::Dial {
+                conn,
+                call,
+                media,
+                number,
+            } => {
                 if !self.call_lookup_done(conn, call) {
                     return;
                 }
@@ -124,7 +134,7 @@ impl Gateway {
                     Answer::Dial(d) => Ok(d),
                     other => Err(mismatch(&other)),
                 });
-                self.dial_resolved(now, conn, call, media, r);
+                self.dial_resolved(now, conn, call, media, &number, r);
             }
             Pending::Invite {
                 conn,
@@ -140,6 +150,14 @@ impl Gateway {
                     other => Err(mismatch(&other)),
                 });
                 self.conference_resolved(now, conn, call, media, &numbers, r);
+            }
+            Pending::Changes => self.directory_changed(now, result),
+            Pending::Recheck { conn } => {
+                let r = result.and_then(|a| match a {
+                    Answer::Login(s) => Ok(s),
+                    other => Err(mismatch(&other)),
+                });
+                self.rechecked(now, conn, r);
             }
             Pending::Iterations => match result {
                 Ok(Answer::TypicalIterations(n)) => {
@@ -173,6 +191,128 @@ impl Gateway {
                 false
             }
         }
+    }
+
+    /// Asks the directory what changed (the poll timer).
+    pub(crate) fn poll_directory(&mut self) {
+        let since = self.directory_seq;
+        if self
+            .ask(Query::Changes { since }, Pending::Changes)
+            .is_none()
+        {
+            // The table is full: try again at the next poll.
+            self.directory_poll_armed = false;
+        }
+    }
+
+    /// The directory's change log answered: users whose record changed are looked up again
+    /// (logged in) or made to start over (logging in). Then the next poll is armed.
+    fn directory_changed(&mut self, now: Instant, result: Result<Answer, LookupError>) {
+        // Polled while anybody is connected (an idle gateway has nobody to revoke; the first
+        // connection asks again).
+        if self.conns.is_empty() || self.shut {
+            self.directory_poll_armed = false;
+        } else {
+            self.directory_poll_armed = true;
+            let poll = now.checked_add(self.cfg.directory_poll).unwrap_or(now);
+            self.timers.set(Timer::DirectoryPoll, poll);
+        }
+        let users = match result {
+            Ok(Answer::Changes { next, users }) => {
+                let first = self.directory_seq.is_none();
+                self.directory_seq = Some(next);
+                if first {
+                    return;
+                }
+                users
+            }
+            Ok(other) => {
+                return tracing::error!(answer = ?other, "answer of the wrong kind");
+            }
+            Err(e) => return tracing::warn!(error = %e, "directory change log unreadable"),
+        };
+        if users.is_empty() {
+            return;
+        }
+        tracing::info!(
+            users = users.len(),
+            "directory changed: re-checking sessions"
+        );
+        self.ask(Query::TypicalIterations, Pending::Iterations);
+        for user in users {
+            if let Some(&conn) = self.users.get(&user) {
+                let q = Query::Login { user: user.clone() };
+                if self.ask(q, Pending::Recheck { conn }).is_none() {
+                    // No room to ask: end the session rather than keep one that may be revoked.
+                    self.revoke(now, conn, "the account changed; log in again");
+                }
+            }
+            // Log-ins in progress for the user started from the old record: start over.
+            let starting: Vec<ConnId> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| match &c.phase {
+                    Phase::AwaitingLookup { user: u, .. } => *u == user,
+                    Phase::AwaitingProof { attempt, .. } => attempt.user() == user,
+                    _ => false,
+                })
+                .map(|(&k, _)| k)
+                .collect();
+            for conn in starting {
+                self.revoke(now, conn, "the account changed during log-in; log in again");
+            }
+        }
+    }
+
+    /// A changed user's record, as it is now, against the session's.
+    fn rechecked(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        found: Result<Option<crate::directory::Subscriber>, LookupError>,
+    ) {
+        let Some(s) = self.session(conn) else {
+            return;
+        };
+        let why = match found {
+            Err(e) => {
+                tracing::warn!(conn, error = %e, "re-check of a changed user failed: next poll");
+                // Asked again at the next change; the session stays meanwhile.
+                return;
+            }
+            Ok(None) => "the account was deleted".to_owned(),
+            Ok(Some(sub)) if sub.user != s.user => "the account changed".to_owned(),
+            Ok(Some(sub)) if sub.verifier.fingerprint() != s.verifier_tag => {
+                "the password was changed; log in again".to_owned()
+            }
+            Ok(Some(sub)) if sub.number != s.number => {
+                format!("the number changed to {}; log in again", sub.number)
+            }
+            Ok(Some(sub)) => {
+                // Only the class of service changed: refreshed, the session goes on.
+                if sub.allow_prefixes != s.allow_prefixes {
+                    tracing::info!(conn, user = %s.user, "class of service refreshed");
+                    if let Some(s) = self.session_mut(conn) {
+                        s.allow_prefixes = sub.allow_prefixes;
+                    }
+                }
+                return;
+            }
+        };
+        tracing::info!(conn, user = %s.user, reason = %why, "session revoked");
+        self.revoke(now, conn, &why);
+    }
+
+    /// Ends a session (or a log-in) because its account changed: `refused{revoked}`, its calls
+    /// end with `hang_up{peer_lost}` to the others.
+    fn revoke(&mut self, now: Instant, conn: ConnId, why: &str) {
+        self.refuse(
+            now,
+            conn,
+            crate::wire::control::ErrorCode::Revoked,
+            why.to_owned(),
+            super::calls::Lost::PeerLost,
+        );
     }
 
     /// Decoy challenges advertise the count most stored verifiers have (item: a verifier keeps
@@ -218,8 +358,8 @@ mod tests {
         ));
         assert_eq!(
             w.gw.stats().lookups_pending,
-            2,
-            "log-in and iteration count"
+            3,
+            "log-in, iteration count, change log"
         );
         w.release_lookups();
         let (proof, _) = w.prove(conn, state, sim::PASSWORD);
@@ -277,7 +417,7 @@ mod tests {
             id,
             result: Err(LookupError("disk on fire".into())),
         });
-        assert_eq!(refused(&w.take(conn)), Some(ErrorCode::Internal));
+        assert_eq!(refused(&w.take(conn)), Some(ErrorCode::Unavailable));
         // An answer of the wrong kind is an error too, never a log-in.
         let (conn, _) = w.hello("carol", peer());
         let (id, _) = w.held_lookups.pop().expect("log-in look-up");
@@ -285,7 +425,7 @@ mod tests {
             id,
             result: Ok(Answer::Dial(None)),
         });
-        assert_eq!(refused(&w.take(conn)), Some(ErrorCode::Internal));
+        assert_eq!(refused(&w.take(conn)), Some(ErrorCode::Unavailable));
     }
 
     #[test]
@@ -399,5 +539,95 @@ mod tests {
                 }
             )));
         }
+    }
+
+    fn revoked(msgs: &[ServerMsg]) -> Option<String> {
+        msgs.iter().find_map(|m| match m {
+            ServerMsg::Refused {
+                code: ErrorCode::Revoked,
+                message,
+            } => Some(message.clone()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn directory_changes_end_the_affected_sessions_within_a_poll() {
+        use crate::store::Store as _;
+        let mut w = World::new();
+        let alice = w.login("alice", sim::OPEN);
+        let bob = w.login("bob", sim::OPEN);
+        let carol = w.login("carol", sim::OPEN);
+        let dave = w.login("dave", sim::OPEN);
+        let call = w.dial(&alice, bob.number, None);
+        w.accept(&bob, call, None);
+        for c in [&alice, &bob, &carol, &dave] {
+            w.take(c.conn);
+        }
+        // Another user added: nobody is touched.
+        let v = crate::directory::Verifier::with_salt("pw", b"0123456789abcdef", 1);
+        w.store
+            .add_user(&crate::directory::Subscriber {
+                user: "zed".into(),
+                number: "+15550099".into(),
+                verifier: v.clone(),
+                allow_prefixes: None,
+            })
+            .unwrap();
+        w.advance_ms(1100);
+        assert!(w.closed.is_empty());
+        // Bob deleted mid-call: his session ends, alice hears the call end.
+        assert!(w.store.del_user("bob").unwrap());
+        w.advance_ms(1100);
+        let msg = revoked(&w.take(bob.conn)).expect("bob revoked");
+        assert!(msg.contains("deleted"), "{msg}");
+        assert!(w.closed.contains(&bob.conn));
+        assert_eq!(
+            sim::hangups(&w.take(alice.conn)),
+            [(call, HangupReason::PeerLost)]
+        );
+        // Carol's password changed; dave's number reassigned (deleted and added again).
+        w.store.set_verifier("carol", &v).unwrap();
+        let dave_v = w.store.user("dave").unwrap().unwrap().verifier;
+        w.store.del_user("dave").unwrap();
+        w.store
+            .add_user(&crate::directory::Subscriber {
+                user: "dave".into(),
+                number: "+15550444".into(),
+                verifier: dave_v,
+                allow_prefixes: None,
+            })
+            .unwrap();
+        w.advance_ms(1100);
+        let msg = revoked(&w.take(carol.conn)).expect("carol revoked");
+        assert!(msg.contains("password"), "{msg}");
+        let msg = revoked(&w.take(dave.conn)).expect("dave revoked");
+        assert!(msg.contains("+15550444"), "{msg}");
+        // Alice is untouched.
+        assert!(!w.closed.contains(&alice.conn));
+    }
+
+    #[test]
+    fn a_log_in_in_progress_starts_over_when_its_account_changes() {
+        use crate::store::Store as _;
+        let mut w = World::new();
+        let alice = w.login("alice", sim::OPEN);
+        let (conn, state) = w.hello("bob", peer());
+        w.store
+            .set_verifier(
+                "bob",
+                &crate::directory::Verifier::with_salt("new", b"0123456789abcdef", 1),
+            )
+            .unwrap();
+        w.advance_ms(1100);
+        assert!(revoked(&w.take(conn)).is_some());
+        let _ = state;
+        assert!(!w.closed.contains(&alice.conn));
+        // Polling stops when nobody is connected, and starts again with the next connection.
+        w.input(Input::Disconnected { conn: alice.conn });
+        assert_eq!(w.gw.poll_timeout(), None);
+        let (c, _) = w.hello("carol", peer());
+        assert!(w.gw.poll_timeout().is_some());
+        let _ = c;
     }
 }

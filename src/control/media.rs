@@ -30,8 +30,8 @@ use std::net::{IpAddr, SocketAddr};
 use super::peer_policy::{Denial, PeerPolicy};
 use super::planner::{Capabilities, Path, Plan};
 use crate::metrics::Transport;
+use crate::net::canonical;
 use crate::shard::Delivery;
-use crate::shard::relay::canonical;
 use crate::wire::control::{MediaRecv, MediaSend};
 
 /// RTP clock rate of every leg (G.711).

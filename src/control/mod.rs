@@ -23,6 +23,7 @@
 //! per-client instructions and relay legs), and [`gateway`], which ties them together behind
 //! one `handle(now, input)` / `poll_action()` interface for `server/`.
 
+pub mod advertise;
 pub mod auth;
 pub mod calls;
 pub mod gateway;
@@ -38,6 +39,7 @@ pub mod records;
 #[cfg(test)]
 mod sim;
 pub mod tally;
+pub mod toll;
 
 /// The STUN short-term password for a media leg: derived from the client's session key (the
 /// seed's "additional password"), so the gateway never sends it and nobody without the session

@@ -43,21 +43,87 @@
 //!   then false anyway.
 //!
 //! Every STUN Binding request on either port is answered (XOR-MAPPED-ADDRESS, FINGERPRINT, and
-//! MESSAGE-INTEGRITY keyed by the token when it carried a valid running probe's token).
-//! Anything else is dropped without state or answer. Answers are at most 76 bytes, and
-//! requests at least 20: the amplification of a plain STUN server, no more.
+//! MESSAGE-INTEGRITY keyed by the token when it carried a valid running probe's token), and
+//! so is a classic RFC 3489 Binding request (no magic cookie: MAPPED-ADDRESS, the whole
+//! 16-byte transaction id echoed). Anything else is dropped without state or answer. Answers
+//! are at most 76 bytes, and requests at least 20: the amplification of a plain STUN server,
+//! no more; and answers without a running probe's token are limited per source prefix (a
+//! token bucket per IPv4 /24 or IPv6 /64, `ProbeLimiter`), so the ports cannot be used to
+//! reflect traffic at a victim network.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::gateway::{Action, ConnId, Gateway, Phase, ProbePort, Timer, later, millis, random_hex};
 use super::planner::Capabilities;
-use crate::shard::relay::canonical;
+use crate::net::canonical;
 use crate::wire::control::ServerMsg;
 use crate::wire::stun;
 
 /// Datagrams longer than this are not parsed.
 const MAX_PROBE_DATAGRAM: usize = 1500;
+
+/// Answers one source prefix may get at once, and how fast its allowance refills.
+const PROBE_BURST: f64 = 20.0;
+const PROBE_PER_SECOND: f64 = 10.0;
+/// Source prefixes tracked at most: a full table forgets prefixes whose bucket is full again
+/// (idle), and if none is, refuses new prefixes until one is (bounded memory under a spoofed
+/// flood from many prefixes; such a flood gets no answers rather than all of them).
+const PROBE_PREFIXES: usize = 4096;
+
+/// Token buckets per source prefix for answers to anonymous Bindings on the probe ports.
+#[derive(Debug, Default)]
+pub struct ProbeLimiter {
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+}
+
+impl ProbeLimiter {
+    /// Whether a datagram from `src` may be answered at `now` (and takes a token if so).
+    pub fn allow(&mut self, now: Instant, src: SocketAddr) -> bool {
+        let prefix = probe_prefix(src);
+        let refill = |tokens: f64, since: Instant| {
+            let dt = now.saturating_duration_since(since).as_secs_f64();
+            (tokens + dt * PROBE_PER_SECOND).min(PROBE_BURST)
+        };
+        if !self.buckets.contains_key(&prefix) && self.buckets.len() >= PROBE_PREFIXES {
+            self.buckets
+                .retain(|_, (t, at)| refill(*t, *at) < PROBE_BURST);
+            if self.buckets.len() >= PROBE_PREFIXES {
+                return false;
+            }
+        }
+        let (tokens, at) = self.buckets.entry(prefix).or_insert((PROBE_BURST, now));
+        let t = refill(*tokens, *at);
+        *at = now;
+        if t >= 1.0 {
+            *tokens = t - 1.0;
+            true
+        } else {
+            *tokens = t;
+            false
+        }
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+/// The prefix a source is limited by: its /24 (IPv4) or /64 (IPv6).
+fn probe_prefix(src: SocketAddr) -> IpAddr {
+    match canonical(src).ip() {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            IpAddr::V4([o[0], o[1], o[2], 0].into())
+        }
+        IpAddr::V6(a) => {
+            let mut o = a.octets();
+            o[8..].fill(0);
+            IpAddr::V6(o.into())
+        }
+    }
+}
 
 /// One running probe of one client.
 #[derive(Clone, Debug)]
@@ -389,7 +455,27 @@ impl Gateway {
         src: SocketAddr,
         data: &[u8],
     ) {
-        if data.len() > MAX_PROBE_DATAGRAM || !stun::looks_like_stun(data) {
+        if data.len() > MAX_PROBE_DATAGRAM {
+            return;
+        }
+        if stun::is_rfc3489_binding_request(data) {
+            // A classic client (RFC 3489: no magic cookie) gets MAPPED-ADDRESS, rate-limited.
+            let src = canonical(src);
+            if !self.probe_limiter.allow(now, src) {
+                self.counters.probe_rate_limited += 1;
+                return;
+            }
+            let mut buf = [0u8; 48];
+            if let Ok(n) = stun::write_rfc3489_binding_response(&mut buf, data, src) {
+                self.actions.push_back(Action::ProbeSend {
+                    port,
+                    dst: src,
+                    data: buf[..n].to_vec(),
+                });
+            }
+            return;
+        }
+        if !stun::looks_like_stun(data) {
             return;
         }
         let Ok(msg) = stun::Message::parse(data) else {
@@ -409,6 +495,12 @@ impl Gateway {
             .filter(|(t, _)| msg.check_integrity(t.as_bytes()).is_ok())
             .map(|(t, conn)| (t.to_owned(), conn));
         let key = probe.as_ref().map(|(t, _)| t.as_bytes());
+        // A running probe's own Bindings are always answered (they are bounded by the
+        // sessions); anonymous ones within the source prefix's allowance.
+        if probe.is_none() && !self.probe_limiter.allow(now, src) {
+            self.counters.probe_rate_limited += 1;
+            return;
+        }
         if let Some(data) = binding_response(msg.transaction_id(), src, key) {
             self.actions.push_back(Action::ProbeSend {
                 port,
@@ -791,8 +883,8 @@ mod tests {
         assert_ne!(token, old);
         // The old token gets a plain answer (no MESSAGE-INTEGRITY) and marks nothing.
         let mut buf = [0u8; 256];
-        let n =
-            crate::client::binding::request(&mut buf, &old, old.as_bytes(), &[3; 12]).unwrap_or(0);
+        let n = stun::write_binding_request(&mut buf, old.as_bytes(), old.as_bytes(), &[3; 12])
+            .unwrap_or(0);
         w.input(Input::ProbeDatagram {
             port: ProbePort::A,
             src: c.mapped(sim::PROBE_PORT),
@@ -810,6 +902,78 @@ mod tests {
                 .expect("running");
         assert_eq!(p.mapped, None);
         w.advance(Duration::from_secs(2));
+    }
+
+    #[test]
+    fn anonymous_bindings_are_rate_limited_per_source_prefix() {
+        let mut w = World::new();
+        let req = |id: u8| {
+            let mut buf = [0u8; 64];
+            let n = stun::Writer::new(&mut buf, stun::Class::Request, stun::BINDING, &[id; 12])
+                .map(|w| w.finish())
+                .unwrap_or(0);
+            buf[..n].to_vec()
+        };
+        let send = |w: &mut World, src: &str, k: usize| {
+            let mut answered = 0;
+            for i in 0..k {
+                w.input(Input::ProbeDatagram {
+                    port: ProbePort::A,
+                    src: a(src),
+                    data: req(i as u8),
+                });
+                answered += w.take_probe_out().len();
+            }
+            answered
+        };
+        assert_eq!(
+            send(&mut w, "198.51.100.7:1000", 100),
+            20,
+            "the burst, then nothing"
+        );
+        assert_eq!(
+            send(&mut w, "198.51.100.200:9", 5),
+            0,
+            "same /24: same bucket"
+        );
+        assert_eq!(
+            send(&mut w, "198.51.101.7:1000", 5),
+            5,
+            "another /24 is not affected"
+        );
+        w.advance(Duration::from_secs(1));
+        assert_eq!(send(&mut w, "198.51.100.7:1000", 100), 10, "10 a second");
+        assert_eq!(w.gw.counters.probe_rate_limited, 80 + 5 + 90);
+        // Classic RFC 3489 requests share the allowance and get MAPPED-ADDRESS.
+        w.advance(Duration::from_secs(5));
+        let mut classic = vec![0, 1, 0, 0];
+        classic.extend_from_slice(&[9; 16]);
+        w.input(Input::ProbeDatagram {
+            port: ProbePort::B,
+            src: a("198.51.100.7:1000"),
+            data: classic,
+        });
+        let out = w.take_probe_out();
+        assert_eq!(out.len(), 1);
+        assert_eq!(&out[0].2[4..20], &[9; 16]);
+        assert_eq!(
+            &out[0].2[20..32],
+            &[0, 1, 0, 8, 0, 1, 0x03, 0xe8, 198, 51, 100, 7]
+        );
+    }
+
+    #[test]
+    fn the_limiter_table_is_bounded() {
+        let mut l = ProbeLimiter::default();
+        let t0 = Instant::now();
+        for i in 0..(PROBE_PREFIXES as u32 + 100) {
+            let ip = std::net::Ipv4Addr::from(i << 8);
+            let _ = l.allow(t0, SocketAddr::new(ip.into(), 1));
+        }
+        assert!(l.tracked() <= PROBE_PREFIXES);
+        // Once idle prefixes refilled, new ones get room again.
+        assert!(l.allow(t0 + Duration::from_secs(5), a("203.0.113.1:1")));
+        assert!(l.tracked() <= PROBE_PREFIXES);
     }
 
     #[test]

@@ -20,8 +20,7 @@ use super::gateway::{
 };
 use super::planner::Capabilities;
 use super::probe::ProbeOutcome;
-use crate::client::binding;
-use crate::shard::relay::canonical;
+use crate::net::canonical;
 use crate::store::{Route, SqliteStore, Store, Subscriber};
 use crate::wire::control::{
     CallId, ClientMsg, HangupReason, MediaInstructions, ServerMsg, VERSION,
@@ -70,9 +69,21 @@ pub fn shards() -> Vec<ShardInfo> {
 }
 
 /// The config tests use: 1 SCRAM iteration (fast), otherwise the defaults.
+/// Call limits are generous (tests of other things dial in quick loops); the tests of the
+/// limits set their own.
 pub fn config() -> GatewayConfig {
+    let pace = super::limits::Pace {
+        burst: 1000,
+        every: Duration::from_millis(1),
+    };
     GatewayConfig {
         scram_iterations: 1,
+        call_limits: super::limits::CallLimitConfig {
+            dials: pace,
+            rings_per_pair: pace,
+            rings_per_callee: pace,
+            invites: pace,
+        },
         ..GatewayConfig::with_secret([7; 32])
     }
 }
@@ -219,6 +230,7 @@ impl World {
                     user: user.into(),
                     number: number.into(),
                     verifier: Verifier::new(PASSWORD, 1, &mut rng),
+                    allow_prefixes: None,
                 })
                 .expect("add user");
         }
@@ -227,6 +239,7 @@ impl World {
                 prefix: ROUTE_PREFIX.into(),
                 media_addr: addr(ROUTE_MEDIA),
                 description: "PSTN".into(),
+                ports: 1,
             })
             .expect("add route");
         let t0 = Instant::now();
@@ -545,7 +558,8 @@ impl World {
         }
         let mut buf = [0u8; 256];
         let txid = [9u8; 12];
-        let n = binding::request(&mut buf, token, token.as_bytes(), &txid).expect("fits");
+        let n = stun::write_binding_request(&mut buf, token.as_bytes(), token.as_bytes(), &txid)
+            .expect("fits");
         let src = c.mapped(PROBE_PORT);
         self.input(Input::ProbeDatagram {
             port: ProbePort::A,
@@ -563,8 +577,8 @@ impl World {
             .cloned()
             .expect("a Binding response");
         assert_eq!(
-            binding::check_response(&resp.2, token.as_bytes(), &txid),
-            Ok(src),
+            stun::check_binding_success(&resp.2, token.as_bytes(), &txid),
+            Some(src),
             "response carries MI keyed by the token and the mapped address"
         );
         // Indications may already have gone out: keep them.
@@ -708,6 +722,12 @@ pub fn check_invariants(gw: &Gateway) {
     let mut load = vec![0usize; gw.shard_load.len()];
     assert!(gw.conns.len() <= gw.cfg.max_connections);
     assert!(gw.lookups.len() <= gw.cfg.max_pending_lookups);
+    for call in gw.route_watch.keys() {
+        assert!(
+            matches!(gw.calls.get(call), Some(Call::Pair(p)) if matches!(p.callee, Far::Route(_))),
+            "route watch for call {call} that is not a route call"
+        );
+    }
     for (call, id) in &gw.pending_calls {
         use super::lookup::Pending;
         match gw.lookups.get(id) {

@@ -76,7 +76,9 @@ impl Tally {
     }
 
     pub fn ended(&mut self, reason: HangupReason) {
-        self.ended[reason_index(reason)] += 1;
+        if let Some(n) = self.ended.get_mut(reason_index(reason)) {
+            *n += 1;
+        }
     }
 
     /// Directions planned on `path` (`forward`: caller to callee).
@@ -86,7 +88,7 @@ impl Tally {
 
     /// Calls ended with `reason`.
     pub fn ended_with(&self, reason: HangupReason) -> u64 {
-        self.ended[reason_index(reason)]
+        self.ended.get(reason_index(reason)).copied().unwrap_or(0)
     }
 }
 
@@ -99,6 +101,13 @@ mod tests {
         for (i, r) in HANGUP_REASONS.iter().enumerate() {
             assert_eq!(reason_index(*r), i, "{r:?}");
         }
+        // The last variant closes the list: a reason added after it without a place in
+        // `HangupReason::ALL` fails here.
+        assert_eq!(
+            HangupReason::NotPermitted as usize + 1,
+            HANGUP_REASONS.len(),
+            "HangupReason::ALL must list every reason, in declaration order"
+        );
     }
 
     #[test]

@@ -65,6 +65,7 @@ enum BenchCmd {
     /// Pass/fail over the step results in DIR: voxgate's CPU per packet against the
     /// forwarder's, and loss at paced steps (see perf/README.md). Exits 1 on a failure.
     Gate {
+        /// Directory of the step results (`bench run --out`, `perf/results/<time>`).
         dir: PathBuf,
         /// Most CPU per relayed packet voxgate may spend, as a multiple of the forwarder's.
         #[arg(long, default_value_t = gate::Limits::default().max_cpu_ratio)]
@@ -278,6 +279,13 @@ pub fn run(args: BenchArgs) -> ExitCode {
             );
             for l in &v.lines {
                 println!("{l}");
+            }
+            if v.unjudged > 0 {
+                println!(
+                    "WARNING: {} check(s) failed on steps other processes disturbed and were not \
+                     judged: this run cannot tell a regression from a busy machine",
+                    v.unjudged
+                );
             }
             if v.passed() {
                 Ok(())
@@ -968,6 +976,7 @@ pub fn import_users(
             user: user.to_owned(),
             number: number.to_owned(),
             verifier,
+            allow_prefixes: None,
         };
         if store.user(user).map_err(|e| e.to_string())?.is_some() {
             store.del_user(user).map_err(|e| e.to_string())?;

@@ -120,11 +120,12 @@ fn label_order(label: &str) -> u8 {
     match label {
         "voxgate" => 0,
         "voxgate-nocoalesce" => 1,
-        "forwarder" => 2,
-        "coturn-udp" => 3,
-        "coturn-tcp" => 4,
-        "loopback" => 5,
-        _ => 6,
+        "voxgate-epoll" => 2,
+        "forwarder" => 3,
+        "coturn-udp" => 4,
+        "coturn-tcp" => 5,
+        "loopback" => 6,
+        _ => 7,
     }
 }
 
@@ -419,6 +420,25 @@ pub fn targets(all: &[StepResult]) -> Vec<String> {
                 "{}: {} within 1.5× of udp→udp CPU/pkt ({}, {} streams): {:.2}×",
                 verdict(x <= 1.5),
                 r.scenario,
+                r.step,
+                r.streams,
+                x
+            ));
+        }
+    }
+    // io_uring must earn its place: no more CPU per packet than the epoll fallback (same
+    // budget) at every step measured for both.
+    for r in all
+        .iter()
+        .filter(|r| r.label == "voxgate-epoll" && r.scenario == "udp-udp")
+    {
+        if let Some(x) = ratio(
+            cpu(get(all, "voxgate", "udp-udp", &r.step, r.streams)),
+            r.cpu_us_per_pkt,
+        ) {
+            out.push(format!(
+                "{}: io_uring CPU/pkt ≤ the epoll fallback's ({}, {} streams): {:.2}×",
+                verdict(x <= 1.0),
                 r.step,
                 r.streams,
                 x

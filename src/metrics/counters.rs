@@ -58,10 +58,34 @@ pub enum DropReason {
     NoReassemblyBuffer,
     /// Unbound TCP connections over the limit, or idle past the binding timeout.
     TcpConnLimit,
+    /// Media older than the stale age (kernel receive time to handling, or waiting in a TCP
+    /// queue): late voice is useless, so it is dropped rather than delivered late.
+    Stale,
+    /// Datagrams the kernel dropped because the UDP socket's receive buffer was full
+    /// (`SO_RXQ_OVFL`).
+    SocketOverflow,
+    /// A datagram toward a TCP leg larger than `max_frame` (the client would treat the frame as
+    /// fatal).
+    OversizeForTcp,
+    /// A leg's media source changed: the new source's Binding was answered with a keyed check
+    /// of the gateway's own, and media is not sent there until that check is answered. Counts
+    /// replayed Bindings (a transaction id already seen, from another address), and answers
+    /// held back by the anti-amplification limit.
+    LatchPending,
+    /// A leg's source is loopback, private or link-local and private peers are not allowed.
+    PrivateLatch,
+    /// A TCP media frame that is neither RTP/RTCP (version 2, at least 12 bytes) nor STUN: the
+    /// connection is closed.
+    NotMedia,
+    /// Accepting TCP media connections paused (counted once per pause): the process ran out of
+    /// descriptors or memory (EMFILE, ENFILE, ENOMEM, ENOBUFS).
+    AcceptBackoff,
+    /// A shard→control event (a leg bound) dropped because the bounded channel was full.
+    EventOverflow,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::Unbound,
         DropReason::BadAuth,
         DropReason::BadStun,
@@ -73,6 +97,14 @@ impl DropReason {
         DropReason::BadFrame,
         DropReason::NoReassemblyBuffer,
         DropReason::TcpConnLimit,
+        DropReason::Stale,
+        DropReason::SocketOverflow,
+        DropReason::OversizeForTcp,
+        DropReason::LatchPending,
+        DropReason::PrivateLatch,
+        DropReason::NotMedia,
+        DropReason::AcceptBackoff,
+        DropReason::EventOverflow,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -89,6 +121,14 @@ impl DropReason {
             DropReason::BadFrame => "bad_frame",
             DropReason::NoReassemblyBuffer => "no_reassembly_buffer",
             DropReason::TcpConnLimit => "tcp_conn_limit",
+            DropReason::Stale => "stale",
+            DropReason::SocketOverflow => "socket_overflow",
+            DropReason::OversizeForTcp => "oversize_for_tcp",
+            DropReason::LatchPending => "latch_pending",
+            DropReason::PrivateLatch => "private_latch",
+            DropReason::NotMedia => "not_media",
+            DropReason::AcceptBackoff => "accept_backoff",
+            DropReason::EventOverflow => "event_overflow",
         }
     }
 }

@@ -42,6 +42,8 @@ pub const JITTER_BUCKETS_S: [f64; 10] =
     [0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5];
 /// Upper bounds of the per-leg loss-fraction buckets (0 = nothing lost, 1 = everything).
 pub const LOSS_BUCKETS: [f64; 10] = [0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0];
+/// Upper bounds of the per-leg MOS buckets (1 bad .. 4.5, G.711's best E-model score is 4.41).
+pub const MOS_BUCKETS: [f64; 12] = [1.5, 2.0, 2.5, 3.0, 3.5, 3.8, 4.0, 4.1, 4.2, 4.3, 4.4, 4.5];
 
 /// A Prometheus histogram with fixed bucket bounds, filled one observation at a time.
 #[derive(Clone, Debug, PartialEq)]
@@ -120,6 +122,7 @@ pub struct Ledger {
     legs: HashMap<(u64, String), (bool, bool)>,
     pub jitter: Buckets,
     pub loss: Buckets,
+    pub mos: Buckets,
 }
 
 impl Ledger {
@@ -135,6 +138,7 @@ impl Ledger {
             legs: HashMap::new(),
             jitter: Buckets::new(&JITTER_BUCKETS_S),
             loss: Buckets::new(&LOSS_BUCKETS),
+            mos: Buckets::new(&MOS_BUCKETS),
         }
     }
 
@@ -179,18 +183,24 @@ impl Ledger {
         }
     }
 
-    /// A leg ended: forget it and observe its quality (only legs that received RTP).
+    /// A leg ended: forget it and observe its quality (only legs that received RTP). The MOS
+    /// estimate ([`super::mos`]) takes the leg's loss and jitter and no network delay: the
+    /// gateway does not see the delay from the sender to it.
     pub fn leg_ended(&mut self, session: u64, leg: &str, rtp: &RtpReport, clock_rate: u32) {
         self.legs.remove(&(session, leg.to_owned()));
         if rtp.expected == 0 {
             return;
         }
-        self.loss
-            .observe((rtp.lost as f64 / rtp.expected as f64).min(1.0));
-        if clock_rate > 0 {
-            self.jitter
-                .observe(f64::from(rtp.jitter) / f64::from(clock_rate));
-        }
+        let loss = (rtp.lost as f64 / rtp.expected as f64).min(1.0);
+        self.loss.observe(loss);
+        let jitter_s = if clock_rate > 0 {
+            let j = f64::from(rtp.jitter) / f64::from(clock_rate);
+            self.jitter.observe(j);
+            j
+        } else {
+            0.0
+        };
+        self.mos.observe(super::mos::mos(loss, jitter_s * 1e3, 0.0));
     }
 
     /// Legs bound now on (UDP, TCP); a leg bound on both counts in both.
@@ -514,6 +524,12 @@ pub fn render(s: &Scrape<'_>) -> String {
         "Fraction of RTP packets lost from each leg (0..1), observed when the leg ends.",
     );
     e.histogram("voxgate_leg_loss_ratio", &[], &s.ledger.loss);
+    e.family(
+        "voxgate_leg_mos",
+        "histogram",
+        "Estimated MOS (ITU-T G.107 E-model for G.711 without concealment, 1..4.5) of what each leg sent, from its loss and jitter, no network delay; observed when the leg ends.",
+    );
+    e.histogram("voxgate_leg_mos", &[], &s.ledger.mos);
 
     // The control core.
     let core_gauges: [(&str, &str, usize); 6] = [
@@ -703,6 +719,12 @@ mod tests {
         assert_eq!(l.loss.count(), 1);
         assert!((l.jitter.sum - 0.01).abs() < 1e-12);
         assert!((l.loss.sum - 0.02).abs() < 1e-12);
+        let want = crate::metrics::mos::mos(0.02, 10.0, 0.0);
+        assert!((l.mos.sum - want).abs() < 1e-9, "{} vs {want}", l.mos.sum);
+        assert!(
+            want < crate::metrics::mos::mos(0.0, 0.0, 0.0),
+            "loss costs MOS"
+        );
         // A leg that never received RTP counts no quality.
         l.leg_ended(1, "b", &RtpReport::default(), 8000);
         assert_eq!(l.legs_by_transport(), (0, 0));

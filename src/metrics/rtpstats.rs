@@ -93,14 +93,18 @@ impl RtpStats {
     }
 
     fn update_jitter(&mut self, rtp_ts: u32, arrival: u64) {
-        let transit = (arrival as i64).wrapping_sub(i64::from(rtp_ts));
+        // RFC 3550 A.8 works modulo 2^32: transit = arrival - timestamp, D = transit -
+        // last transit, all as wrapping 32-bit values, D read as signed. With 64-bit
+        // arithmetic a timestamp wrap (every ~6 days at 8 kHz, at once for a random start
+        // near 2^32) looked like a 2^32-unit jump.
+        let transit = (arrival as u32).wrapping_sub(rtp_ts) as i32;
         if self.has_transit {
-            let d = transit.wrapping_sub(self.transit).unsigned_abs();
+            let d = u64::from(transit.wrapping_sub(self.transit as i32).unsigned_abs());
             // J += (|D| - J/16) with J kept scaled by 16 (RFC 3550 A.8).
             let d = d.min(u64::from(u32::MAX));
             self.jitter_q4 = self.jitter_q4 + d - ((self.jitter_q4 + 8) >> 4);
         }
-        self.transit = transit;
+        self.transit = i64::from(transit);
         self.has_transit = true;
     }
 
@@ -124,6 +128,24 @@ impl RtpStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_does_not_jump_when_the_timestamp_wraps() {
+        let mut st = RtpStats::default();
+        // 20 ms packets at 8 kHz with 1 unit of alternating jitter, crossing 2^32.
+        let start = u32::MAX - 160 * 50;
+        let mut arrival = 1_000_000u64;
+        for i in 0..100u32 {
+            let ts = start.wrapping_add(i * 160);
+            arrival += 160 + u64::from(i % 2);
+            st.on_packet(1, i as u16, ts, arrival);
+        }
+        assert!(
+            st.report().jitter <= 2,
+            "jitter {} after the wrap",
+            st.report().jitter
+        );
+    }
     use proptest::prelude::*;
 
     fn feed(stats: &mut RtpStats, seqs: impl IntoIterator<Item = u16>) {

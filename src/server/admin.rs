@@ -149,3 +149,80 @@ async fn health(State(state): State<AdminState>) -> Response {
     }
     (StatusCode::OK, "ready\n").into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Admin state over `shards`, with a control loop that answers `stats`.
+    fn state(shards: Vec<ShardHandle>, stats: GatewayStats) -> AdminState {
+        let (tx, mut rx) = mpsc::channel::<oneshot::Sender<GatewayStats>>(4);
+        tokio::spawn(async move {
+            while let Some(reply) = rx.recv().await {
+                let _ = reply.send(stats.clone());
+            }
+        });
+        AdminState {
+            shards,
+            ledger: Arc::new(Mutex::new(Ledger::new(1))),
+            stats: tx,
+            start_time_unix_s: 0.0,
+        }
+    }
+
+    async fn body(r: Response) -> (StatusCode, String) {
+        let status = r.status();
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_stuck_shard_makes_health_503_and_metrics_say_it_is_down() {
+        let (stuck, _queue) = ShardHandle::stuck(0);
+        let s = state(vec![stuck], GatewayStats::default());
+        let t = std::time::Instant::now();
+        let (code, text) = body(health(State(s.clone())).await).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(text, "not ready: shard 0 did not answer within 500 ms\n");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "health answers in bounded time"
+        );
+        let (code, text) = body(metrics(State(s)).await).await;
+        assert_eq!(code, StatusCode::OK);
+        assert!(text.contains("voxgate_shard_up{shard=\"0\"} 0\n"), "{text}");
+        assert!(!text.contains("voxgate_shard_packets_total{shard=\"0\""));
+    }
+
+    #[tokio::test]
+    async fn draining_is_503_and_a_silent_control_loop_too() {
+        let s = state(
+            Vec::new(),
+            GatewayStats {
+                draining: true,
+                ..GatewayStats::default()
+            },
+        );
+        let (code, text) = body(health(State(s)).await).await;
+        assert_eq!(
+            (code, text.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+        );
+        // A control loop that never answers.
+        let (tx, _rx) = mpsc::channel::<oneshot::Sender<GatewayStats>>(4);
+        let s = AdminState {
+            shards: Vec::new(),
+            ledger: Arc::new(Mutex::new(Ledger::new(0))),
+            stats: tx,
+            start_time_unix_s: 0.0,
+        };
+        let (code, text) = body(health(State(s)).await).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(text.contains("control loop did not answer"), "{text}");
+        let ok = state(Vec::new(), GatewayStats::default());
+        assert_eq!(
+            body(health(State(ok)).await).await,
+            (StatusCode::OK, "ready\n".into())
+        );
+    }
+}

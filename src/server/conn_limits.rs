@@ -19,6 +19,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::control::auth::source_key;
+use crate::control::limits::Cidr;
 
 /// At most one log line per this interval about refused connections.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -44,11 +45,13 @@ pub struct ConnLimits {
     budget: usize,
     refused: [u64; 2],
     last_log: Option<Instant>,
+    /// Sources the per-source cap does not apply to (they still count in all).
+    exempt: Vec<Cidr>,
 }
 
 impl ConnLimits {
     /// `budget`: connections held in all, at most (see [`descriptor_budget`]).
-    pub fn new(max_per_source: u32, budget: usize) -> Self {
+    pub fn new(max_per_source: u32, budget: usize, exempt: Vec<Cidr>) -> Self {
         ConnLimits {
             per_source: HashMap::new(),
             max_per_source: max_per_source.max(1),
@@ -56,6 +59,7 @@ impl ConnLimits {
             budget: budget.max(1),
             refused: [0; 2],
             last_log: None,
+            exempt,
         }
     }
 
@@ -66,8 +70,9 @@ impl ConnLimits {
         if self.total >= self.budget {
             return Err(Refusal::Capacity);
         }
+        let exempt = crate::control::limits::exempt(&self.exempt, peer);
         let n = self.per_source.entry(key).or_insert(0);
-        if *n >= self.max_per_source {
+        if *n >= self.max_per_source && !exempt {
             return Err(Refusal::Source);
         }
         *n += 1;
@@ -100,8 +105,9 @@ impl ConnLimits {
         Some((s, c))
     }
 
-    pub fn set_max_per_source(&mut self, max: u32) {
+    pub fn set_max_per_source(&mut self, max: u32, exempt: Vec<Cidr>) {
         self.max_per_source = max.max(1);
+        self.exempt = exempt;
     }
 
     pub fn held(&self) -> usize {
@@ -155,7 +161,7 @@ mod tests {
 
     #[test]
     fn one_source_cannot_take_every_slot() {
-        let mut l = ConnLimits::new(3, 10);
+        let mut l = ConnLimits::new(3, 10, vec!["198.51.100.0/24".parse().unwrap()]);
         let keys: Vec<_> = (0..3).map(|_| l.admit(ip("192.0.2.1")).unwrap()).collect();
         assert_eq!(l.admit(ip("192.0.2.1")), Err(Refusal::Source));
         // The same /64 is one source; another /64 is not; v4-mapped is v4.
@@ -169,13 +175,13 @@ mod tests {
         // Released slots come back.
         l.release(keys[0]);
         assert!(l.admit(ip("192.0.2.1")).is_ok());
-        // The global budget holds too.
+        // An exempt source is not capped per source, but the global budget holds for it too.
         assert_eq!(l.held(), 8);
         l.admit(ip("198.51.100.1")).unwrap();
-        l.admit(ip("198.51.100.2")).unwrap();
-        assert_eq!(l.admit(ip("198.51.100.3")), Err(Refusal::Capacity));
+        l.admit(ip("198.51.100.1")).unwrap();
+        assert_eq!(l.admit(ip("198.51.100.1")), Err(Refusal::Capacity));
         // Releasing everything leaves no state behind.
-        let mut l = ConnLimits::new(2, 100);
+        let mut l = ConnLimits::new(2, 100, Vec::new());
         let a = l.admit(ip("192.0.2.9")).unwrap();
         let b = l.admit(ip("192.0.2.9")).unwrap();
         l.release(a);
@@ -187,7 +193,7 @@ mod tests {
     #[test]
     fn refusals_are_logged_at_a_bounded_rate() {
         let t0 = Instant::now();
-        let mut l = ConnLimits::new(1, 1);
+        let mut l = ConnLimits::new(1, 1, Vec::new());
         assert_eq!(l.note_refusal(t0, Refusal::Source), Some((1, 0)));
         let lines = (0..10_000u64)
             .filter(|i| {

@@ -120,6 +120,7 @@ mod tests {
             user: "alice".into(),
             number: "+15550001".into(),
             verifier: Verifier::with_salt("pw", b"0123456789abcdef", 7),
+            allow_prefixes: None,
         })
         .unwrap();
         Arc::new(move || Ok(Box::new(SqliteStore::open(&path)?) as Box<dyn Store>))

@@ -5,6 +5,11 @@
 //! signals and the histogram dumps, and it commands the shards over their channels. Every
 //! decision is the gateway core's: this module turns socket events into `Input`s, and
 //! `Action`s into socket writes and shard commands, in the order the core emits them.
+//!
+//! Before the core sees a connection, [`conn_limits`] decides whether it may exist at all
+//! (per-source caps, descriptor budget); each reader reads through a message token bucket; the
+//! core's directory look-ups run on [`lookup`]'s threads; route calls' media activity is read
+//! from the shards at a low rate for the core's inactivity check.
 
 pub mod admin;
 mod conn_limits;
@@ -29,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Config;
 use crate::control::gateway::{Action, ConnId, Gateway, Input, ProbePort, ShardInfo};
 use crate::metrics::dump::{DumpConfig, DumpWriter, ShardSample};
-use crate::shard::relay::canonical;
+use crate::net::canonical;
 use crate::shard::{Command, ShardHandle, Shards};
 use crate::store::sqlite::SqliteStore;
 use crate::wire::control::{self as proto, ClientMsg, ServerMsg};
@@ -342,15 +347,25 @@ async fn run(
 ) -> Result<(), ServeError> {
     cfg.validate()?;
     let data_dir = cfg.data_dir();
-    // Opened here once so that the schema is migrated (and a bad file reported) before
-    // anything listens; the look-up workers open their own connections.
-    drop(open_store(&data_dir)?);
-    let directory = directory.unwrap_or_else(|| {
-        let path = data_dir.join("voxgate.db");
-        Arc::new(move || Ok(Box::new(SqliteStore::open(&path)?) as Box<dyn crate::store::Store>))
-    });
+    std::fs::create_dir_all(&data_dir).map_err(|source| ServeError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let directory = match directory {
+        Some(factory) => factory,
+        None => {
+            // `[store] directory`: the SQLite file in the data directory, or PostgreSQL.
+            // Opened here once so that the schema is migrated (and a bad file or an
+            // unreachable server reported) before anything listens; the look-up workers
+            // open their own connections.
+            let location = cfg.directory()?;
+            location.check()?;
+            tracing::info!(directory = %location, "directory opened");
+            location.factory()
+        }
+    };
     let secret = load_secret(&data_dir)?;
-    let (shard_events_tx, mut shard_events) = mpsc::unbounded_channel();
+    let (shard_events_tx, mut shard_events) = mpsc::channel(crate::shard::SHARD_EVENTS);
     let mut shard_cfg = cfg.shard_config();
     shard_cfg.events = Some(shard_events_tx);
     let shards = Shards::spawn(&shard_cfg)?;
@@ -449,7 +464,11 @@ async fn run(
         nofile,
         "control connections: at most max_connections (half the free descriptors at most)"
     );
-    let limits = conn_limits::ConnLimits::new(cfg.limits.connections_per_source, budget);
+    let limits = conn_limits::ConnLimits::new(
+        cfg.limits.connections_per_source,
+        budget,
+        cfg.limits.exempt(),
+    );
     let dumps = open_dumps(&cfg)?;
     let cdr = match cfg.cdr_path() {
         Some(p) => {
@@ -461,7 +480,7 @@ async fn run(
     };
     let (events, mut rx) = mpsc::channel::<Event>(4096);
     let answers = events.clone();
-    let directory = lookup::Directory::spawn(&directory, lookup::WORKERS, move |id, result| {
+    let directory = lookup::Directory::spawn(&directory, cfg.store.workers, move |id, result| {
         let _ = answers.blocking_send(Event::Input(Input::LookupDone { id, result }));
     })?;
     let probe = [Arc::new(probe_a), Arc::new(probe_b)];
@@ -515,6 +534,7 @@ async fn run(
     let mut stop = stop;
     let mut watchdog = tokio::time::interval(notify::watchdog_interval());
     let mut dump_tick = dump_interval(&server.cfg);
+    let mut activity_tick = activity_interval(&server.gateway);
     let mut drain_deadline: Option<tokio::time::Instant> = None;
 
     loop {
@@ -542,7 +562,7 @@ async fn run(
                 crate::shard::ShardEvent::LegBound { session, leg, transport, source } => {
                     tracing::debug!(session, %leg, ?transport, %source, "leg bound");
                     server.ledger().leg_bound(session, &leg, transport);
-                    server.gateway.handle(Instant::now(), Input::LegBound { session, leg, transport });
+                    server.gateway.handle(Instant::now(), Input::LegBound { session, leg: leg.to_string(), transport });
                 }
                 crate::shard::ShardEvent::LegEnded { session, leg, rtp, clock_rate, .. } => {
                     server.ledger().leg_ended(session, &leg, &rtp, clock_rate);
@@ -555,6 +575,7 @@ async fn run(
                 server.gateway.handle_timeout(Instant::now());
             }
             _ = dump_tick.tick() => server.dump().await,
+            _ = activity_tick.tick() => server.media_activity().await,
             _ = watchdog.tick() => {
                 if server.shards_alive().await { notify::watchdog(); }
             }
@@ -564,6 +585,7 @@ async fn run(
             }
             _ = hup.recv() => {
                 if let Some(t) = server.reload() { dump_tick = t; }
+                activity_tick = activity_interval(&server.gateway);
             }
             _ = term.recv(), if drain_deadline.is_none() => {
                 drain_deadline = Some(server.start_drain());
@@ -602,6 +624,16 @@ async fn run(
         "voxgate stopped"
     );
     Ok(())
+}
+
+/// How often route calls' media activity is read (hourly, doing nothing, when it is off).
+fn activity_interval(gateway: &Gateway) -> tokio::time::Interval {
+    let period = gateway
+        .activity_interval()
+        .unwrap_or(Duration::from_secs(3600));
+    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
 }
 
 fn dump_interval(cfg: &Config) -> tokio::time::Interval {
@@ -691,7 +723,9 @@ async fn probe_reader(sock: Arc<UdpSocket>, port: ProbePort, events: mpsc::Sende
             continue;
         };
         // Only STUN is of interest; anything else costs nothing more.
-        if !crate::wire::stun::looks_like_stun(&buf[..n]) {
+        if !crate::wire::stun::looks_like_stun(&buf[..n])
+            && !crate::wire::stun::is_rfc3489_binding_request(&buf[..n])
+        {
             continue;
         }
         let input = Input::ProbeDatagram {
@@ -995,22 +1029,48 @@ impl Server {
                     session,
                     leg,
                 } => {
-                    if let Some(h) = self.shard(shard) {
-                        let (reply, rx) = oneshot::channel();
-                        let name = leg.name.clone();
-                        if h.send(Command::AddLeg {
-                            session,
-                            leg,
-                            reply,
-                        })
-                        .is_ok()
-                        {
-                            tokio::spawn(async move {
-                                if let Ok(Err(e)) = rx.await {
-                                    tracing::warn!(session, leg = %name, "room leg not added: {e}");
+                    // A failure is told to the core, which tells the member.
+                    let name = leg.name.clone();
+                    let sent = match self.shard(shard) {
+                        Some(h) => {
+                            let (reply, rx) = oneshot::channel();
+                            match h.send(Command::AddLeg {
+                                session,
+                                leg,
+                                reply,
+                            }) {
+                                Ok(()) => {
+                                    let events = self.events.clone();
+                                    let name = name.clone();
+                                    tokio::spawn(async move {
+                                        let error = match rx.await {
+                                            Ok(Ok(())) => return,
+                                            Ok(Err(e)) => e.to_string(),
+                                            Err(_) => "shard stopped".to_owned(),
+                                        };
+                                        let input = Input::LegAddFailed {
+                                            session,
+                                            leg: name,
+                                            error,
+                                        };
+                                        let _ = events.send(Event::Input(input)).await;
+                                    });
+                                    Ok(())
                                 }
-                            });
+                                Err(e) => Err(e.to_string()),
+                            }
                         }
+                        None => Err(format!("no shard {shard}")),
+                    };
+                    if let Err(error) = sent {
+                        self.gateway.handle(
+                            Instant::now(),
+                            Input::LegAddFailed {
+                                session,
+                                leg: name,
+                                error,
+                            },
+                        );
                     }
                 }
                 Action::RemoveLeg {
@@ -1090,6 +1150,45 @@ impl Server {
             }
         }
         true
+    }
+
+    /// Route calls' media activity, for the core's inactivity check (toll abuse): a snapshot
+    /// with per-leg numbers of each shard that holds a watched session, at a low rate and only
+    /// while there are such calls. The latency histogram each snapshot takes is kept for the
+    /// next dump.
+    async fn media_activity(&mut self) {
+        let watched = self.gateway.watched_sessions();
+        if watched.is_empty() {
+            return;
+        }
+        let mut shards: Vec<usize> = watched.iter().map(|&(s, _)| s).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut legs = Vec::new();
+        for index in shards {
+            let Some(h) = self.shard(index) else {
+                continue;
+            };
+            let snap = match tokio::time::timeout(Duration::from_secs(2), h.snapshot(true)).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    tracing::warn!(shard = index, "no activity snapshot from the shard");
+                    continue;
+                }
+            };
+            let now_ns = crate::shard::sockets::realtime_ns();
+            for l in snap.legs {
+                if watched.contains(&(index, l.session)) {
+                    let idle = (l.last_rx_ns != 0)
+                        .then(|| Duration::from_nanos(now_ns.saturating_sub(l.last_rx_ns)));
+                    legs.push((l.session, l.name, idle));
+                }
+            }
+            // The latency this snapshot took belongs to the next dump and to Prometheus.
+            self.ledger().take_latency(snap.shard, &snap.latency);
+        }
+        self.gateway
+            .handle(Instant::now(), Input::MediaActivity { legs });
     }
 
     async fn dump(&mut self) {
@@ -1276,7 +1375,7 @@ impl Server {
         }
         crate::logging::set_level(&new.server.log_level);
         self.limits
-            .set_max_per_source(new.limits.connections_per_source);
+            .set_max_per_source(new.limits.connections_per_source, new.limits.exempt());
         let secret = *self.gateway.config().auth.secret();
         let ports = self.gateway.config().probe_ports;
         self.gateway.set_config(new.gateway_config(secret, ports));

@@ -34,8 +34,10 @@ pub(crate) struct EpollShard {
     udp_fd: RawFd,
     tcp_fd: RawFd,
     ipv6: bool,
-    /// Free UDP/TCP-group buffers (the epoll loop has no rings).
+    /// Free UDP-group and TCP-group buffers (the epoll loop has no rings; the groups are kept
+    /// apart as in io_uring, so the per-group queue budgets protect TCP receives here too).
     free: Vec<BufId>,
+    free_tcp: Vec<BufId>,
     freed: Vec<BufId>,
     rx_msgs: Vec<libc::mmsghdr>,
     rx_iov: Vec<libc::iovec>,
@@ -49,6 +51,14 @@ pub(crate) struct EpollShard {
     tcp_iov: Box<[libc::iovec]>,
     tcp_sndbuf: i32,
     coalesce: Duration,
+    send_slots: usize,
+    /// No free buffer: the UDP socket (and these connections) are out of the epoll set
+    /// until buffers come back (level-triggered readiness would otherwise spin the loop).
+    udp_dry: bool,
+    tcp_dry: Vec<ConnId>,
+    /// Accept failed for lack of descriptors or memory: the listener rests until then.
+    accept_backoff_until: Option<u64>,
+    overflow: sockets::OverflowTracker,
     _udp: socket2::Socket,
     _tcp: socket2::Socket,
 }
@@ -70,7 +80,8 @@ impl EpollShard {
         let udp = sockets.udp.try_clone()?;
         let tcp = sockets.tcp.try_clone()?;
         let layout = *core.pool.layout();
-        let free = (0..(layout.udp + layout.tcp) as u32)
+        let free = (0..layout.udp as u32).rev().map(|i| i as BufId).collect();
+        let free_tcp = (layout.udp as u32..(layout.udp + layout.tcp) as u32)
             .rev()
             .map(|i| i as BufId)
             .collect();
@@ -80,6 +91,7 @@ impl EpollShard {
             tcp_fd: tcp.as_raw_fd(),
             ipv6: cfg.relay.ipv6,
             free,
+            free_tcp,
             freed: Vec::with_capacity(4096),
             // SAFETY (zeroed): plain C structs.
             rx_msgs: vec![unsafe { std::mem::zeroed() }; BATCH],
@@ -97,6 +109,11 @@ impl EpollShard {
                 .collect(),
             tcp_sndbuf: i32::try_from(cfg.tcp_sndbuf).unwrap_or(i32::MAX),
             coalesce: cfg.coalesce,
+            send_slots: cfg.send_slots.max(16),
+            udp_dry: false,
+            tcp_dry: Vec::new(),
+            accept_backoff_until: None,
+            overflow: sockets::OverflowTracker::default(),
             ep,
             core,
             _udp: udp,
@@ -139,6 +156,19 @@ impl EpollShard {
             let n = if n < 0 { 0 } else { n as usize };
             self.maybe_coalesce(n);
             let now = sockets::realtime_ns();
+            self.core.relay.begin_turn(now);
+            self.core.out.udp_budget = self.send_slots;
+            if let Some(t) = self.accept_backoff_until
+                && now >= t
+            {
+                self.accept_backoff_until = None;
+                let _ = self.ctl(
+                    libc::EPOLL_CTL_MOD,
+                    self.tcp_fd,
+                    libc::EPOLLIN as u32,
+                    token(K_LISTEN, None),
+                );
+            }
             let mut work = 0usize;
             for ev in &events[..n] {
                 let data = ev.u64;
@@ -216,6 +246,7 @@ impl EpollShard {
             let want = self.rx_bufs.len();
             if want == 0 {
                 self.core.relay.counters.buf_ring_exhausted += 1;
+                self.set_udp_dry(true);
                 return total;
             }
             for i in 0..want {
@@ -250,7 +281,7 @@ impl EpollShard {
                     self.free.push(bid);
                     continue;
                 }
-                self.core.pool.received(bid);
+                let held = self.core.pool.received(bid);
                 let m = &self.rx_msgs[i];
                 let len = m.msg_len as usize;
                 let truncated = m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
@@ -264,6 +295,10 @@ impl EpollShard {
                 let src = sockets::decode(name);
                 let ctrl_len = m.msg_hdr.msg_controllen.min(sockets::CONTROL_LEN);
                 let ts = sockets::rx_timestamp_ns(&self.rx_ctrl[i][..ctrl_len]).unwrap_or(now);
+                let lost = self.overflow.update(&self.rx_ctrl[i][..ctrl_len]);
+                if lost > 0 {
+                    self.core.relay.counters.drops[DropReason::SocketOverflow as usize] += lost;
+                }
                 match (src, truncated) {
                     (_, true) => self.core.relay.counters.drop(DropReason::Truncated),
                     (Some(src), false) => self.core.relay.on_udp(
@@ -275,7 +310,7 @@ impl EpollShard {
                     ),
                     (None, false) => {}
                 }
-                self.core.pool.release(bid);
+                self.core.pool.release_received(held);
             }
             total += got;
             self.recycle();
@@ -298,17 +333,32 @@ impl EpollShard {
                 )
             };
             if fd < 0 {
+                let e = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                if matches!(
+                    e,
+                    libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS
+                ) {
+                    // The listener stays readable: without a rest the loop would spin.
+                    self.core
+                        .relay
+                        .counters
+                        .drop(crate::metrics::DropReason::AcceptBackoff);
+                    self.accept_backoff_until = Some(now + 100_000_000);
+                    let _ = self.ctl(libc::EPOLL_CTL_MOD, self.tcp_fd, 0, token(K_LISTEN, None));
+                }
                 return;
             }
             // SAFETY: a fresh descriptor we own.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let _ = sockets::set_int_opt(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
-            let _ = sockets::set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_SNDBUF, self.tcp_sndbuf);
+            sockets::media_conn_options(&fd, self.tcp_sndbuf);
             let Some(peer) = sockets::peer_of(fd.as_raw_fd()) else {
                 continue;
             };
             let raw = fd.as_raw_fd();
-            if let Some(c) = self.core.relay.on_accept(fd, peer, now)
+            if let Some(c) =
+                self.core
+                    .relay
+                    .on_accept(&mut self.core.pool, fd, peer, now, &mut self.core.out)
                 && self
                     .ctl(
                         libc::EPOLL_CTL_ADD,
@@ -335,15 +385,19 @@ impl EpollShard {
             if self.core.relay.conn(c).is_none_or(|x| x.closing) {
                 return frames;
             }
-            let Some(bid) = self.take_free() else {
+            let Some(bid) = self.free_tcp.pop() else {
                 self.core.relay.counters.buf_ring_exhausted += 1;
+                // Out of the set until buffers come back (level-triggered: it would spin).
+                let _ = self.ctl(libc::EPOLL_CTL_MOD, fd, 0, token(K_CONN, Some(c)));
+                self.waiting_out.remove(&c);
+                self.tcp_dry.push(c);
                 return frames;
             };
             let size = self.core.pool.buf_size();
             // SAFETY: reading into a free pool buffer of `size` bytes.
             let r = unsafe { libc::read(fd, self.core.pool.addr(bid).cast(), size) };
             if r > 0 {
-                self.core.pool.received(bid);
+                let held = self.core.pool.received(bid);
                 let before = self.core.relay.counters.tcp_in.packets;
                 self.core.relay.on_tcp(
                     &mut self.core.pool,
@@ -353,12 +407,12 @@ impl EpollShard {
                     &mut self.core.out,
                 );
                 frames += (self.core.relay.counters.tcp_in.packets - before) as usize;
-                self.core.pool.release(bid);
+                self.core.pool.release_received(held);
                 if (r as usize) < size {
                     return frames;
                 }
             } else {
-                self.free.push(bid);
+                self.free_tcp.push(bid);
                 let err = io::Error::last_os_error();
                 if r < 0 && err.kind() == io::ErrorKind::WouldBlock {
                     return frames;
@@ -535,9 +589,35 @@ impl EpollShard {
         let mut freed = std::mem::take(&mut self.freed);
         self.core.pool.take_freed(&mut freed);
         for &id in &freed {
-            debug_assert_ne!(self.core.pool.group(id), Group::Spare);
+            match self.core.pool.group(id) {
+                Group::Udp => self.free.push(id),
+                Group::Tcp => self.free_tcp.push(id),
+                Group::Spare => debug_assert!(false, "spares are not handed to the loop"),
+            }
         }
-        self.free.append(&mut freed);
+        freed.clear();
         self.freed = freed;
+        if self.udp_dry && !self.free.is_empty() {
+            self.set_udp_dry(false);
+        }
+        if !self.free_tcp.is_empty() {
+            for c in std::mem::take(&mut self.tcp_dry) {
+                if let Some(fd) = self.core.relay.raw_fd(c) {
+                    let _ = self.ctl(
+                        libc::EPOLL_CTL_MOD,
+                        fd,
+                        (libc::EPOLLIN | libc::EPOLLOUT) as u32,
+                        token(K_CONN, Some(c)),
+                    );
+                    self.waiting_out.insert(c);
+                }
+            }
+        }
+    }
+
+    fn set_udp_dry(&mut self, dry: bool) {
+        self.udp_dry = dry;
+        let events = if dry { 0 } else { libc::EPOLLIN as u32 };
+        let _ = self.ctl(libc::EPOLL_CTL_MOD, self.udp_fd, events, token(K_UDP, None));
     }
 }

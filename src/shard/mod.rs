@@ -37,6 +37,10 @@ pub use relay::{
 };
 use waker::Waker;
 
+/// A good capacity for the shard→control event channel: far more bind changes than a
+/// shard's legs make in the time the control thread takes to read them.
+pub const SHARD_EVENTS: usize = 65_536;
+
 /// Which event loop a shard runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -83,8 +87,10 @@ pub struct ShardConfig {
     /// SO_SNDBUF of TCP media connections: small, because late voice is useless.
     pub tcp_sndbuf: usize,
     pub relay: RelayConfig,
-    /// Where shards report [`ShardEvent`]s (bindings); None: nobody listens.
-    pub events: Option<tokio::sync::mpsc::UnboundedSender<ShardEvent>>,
+    /// Where shards report [`ShardEvent`]s (bindings); None: nobody listens. Bounded
+    /// ([`SHARD_EVENTS`] is a good capacity): a shard never blocks on it; when it is full the
+    /// event is dropped and counted (`DropReason::EventOverflow`).
+    pub events: Option<tokio::sync::mpsc::Sender<ShardEvent>>,
 }
 
 impl Default for ShardConfig {
@@ -295,6 +301,24 @@ impl ShardHandle {
         self.send(Command::Snapshot { legs: true, reply })?;
         rx.blocking_recv().map_err(|_| ShardError::Gone(self.index))
     }
+
+    /// A handle whose shard never answers (a stuck shard, for tests of the control thread):
+    /// commands queue on the returned receiver and nobody replies while it is held.
+    #[cfg(test)]
+    pub(crate) fn stuck(index: usize) -> (ShardHandle, Receiver<Command>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let handle = ShardHandle {
+            index,
+            udp_addr: any,
+            tcp_addr: any,
+            backend: Backend::Epoll,
+            tx,
+            waker: Arc::new(Waker::new().expect("eventfd")),
+            sessions: Arc::new(AtomicUsize::new(0)),
+        };
+        (handle, rx)
+    }
 }
 
 /// All shards of a gateway. Dropping it shuts them down and joins their threads.
@@ -471,7 +495,7 @@ fn run_shard(ctx: ShardContext, sockets: sockets::ShardSockets, ready: Ready) {
     let backend = core.ctx.cfg.backend;
     let index = core.ctx.index;
     if backend != Backend::Epoll {
-        match uring::UringShard::prepare(&core) {
+        match uring::UringShard::prepare(&core, &sockets) {
             Ok(rings) => {
                 match uring::UringShard::new(core, rings, &sockets) {
                     Ok(mut u) => {
@@ -609,7 +633,11 @@ impl ShardCore {
         match &self.ctx.cfg.events {
             Some(tx) => {
                 for e in self.out.events.drain(..) {
-                    let _ = tx.send(e);
+                    if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = tx.try_send(e) {
+                        self.relay
+                            .counters
+                            .drop(crate::metrics::DropReason::EventOverflow);
+                    }
                 }
             }
             None => self.out.events.clear(),

@@ -13,6 +13,39 @@ use std::ptr::NonNull;
 
 pub type BufId = u16;
 
+/// The largest buffer a segment can describe: `Seg::off`/`Seg::len` are `u16`, so a full read
+/// of a 65536-byte buffer would be a length of 0. The largest multiple of 64 below 65536.
+pub const MAX_BUF_SIZE: usize = 65_472;
+
+/// A buffer the kernel handed back (a receive completion or a read): it starts with one
+/// reference, which is ours. The three states of a buffer are types or counts, never
+/// conventions: on a ring it is the kernel's (no handle, 0 references, `buf_mut` refuses it);
+/// received it is a `Received` (ours, 1 reference, writable); referenced by sends or queued
+/// frames it is in flight (more references, read-only until they are released). The handle
+/// must be consumed by [`Pool::release_received`], which gives our reference back; dropping it
+/// instead is a leak, caught by a debug assertion.
+#[must_use = "a received buffer goes back to its ring only through Pool::release_received"]
+#[derive(Debug)]
+pub struct Received {
+    id: BufId,
+}
+
+impl Received {
+    pub fn id(&self) -> BufId {
+        self.id
+    }
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        debug_assert!(
+            std::thread::panicking(),
+            "received buffer {} dropped without Pool::release_received",
+            self.id
+        );
+    }
+}
+
 /// A byte range inside one pool buffer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Seg {
@@ -58,7 +91,16 @@ pub struct Pool {
     base: NonNull<u8>,
     map_len: usize,
     layout: PoolLayout,
-    refs: Box<[u16]>,
+    /// References per buffer. `u32`: the admission budgets (send slots, queued frames, one
+    /// turn's outbox) bound the references one buffer can gather far below 2^32, so the count
+    /// cannot wrap at any configuration the types allow (a `u16` wrapped at `buf_size` 4096
+    /// with 64-leg rooms and handed a buffer back to the kernel while sends still read it).
+    refs: Box<[u32]>,
+    /// Long-lived references per buffer: frames waiting in TCP send queues. A receive buffer
+    /// pinned by a queue is off its ring for as long as the reader is slow, so each group's
+    /// pinned buffers are counted (`pinned`) and the relay keeps them at half the group.
+    pins: Box<[u32]>,
+    pinned: [usize; 3],
     /// Buffers whose last reference was released since the driver last drained this list.
     freed: Vec<BufId>,
     spare_free: Vec<BufId>,
@@ -83,9 +125,9 @@ pub enum PoolError {
 
 impl Pool {
     pub fn new(layout: PoolLayout) -> Result<Pool, PoolError> {
-        if layout.buf_size < 512 || layout.buf_size > 65_536 || layout.buf_size % 64 != 0 {
+        if layout.buf_size < 512 || layout.buf_size > MAX_BUF_SIZE || layout.buf_size % 64 != 0 {
             return Err(PoolError::Layout(
-                "buffer size must be a multiple of 64 in 512..=65536",
+                "buffer size must be a multiple of 64 in 512..=65472 (segment lengths are u16)",
             ));
         }
         let total = layout.total();
@@ -119,6 +161,8 @@ impl Pool {
             map_len: bytes,
             layout,
             refs: vec![0; total].into_boxed_slice(),
+            pins: vec![0; total].into_boxed_slice(),
+            pinned: [0; 3],
             freed: Vec::with_capacity(total),
             spare_free: (first_spare..total).rev().map(|i| i as BufId).collect(),
             in_use: 0,
@@ -161,9 +205,18 @@ impl Pool {
         unsafe { std::slice::from_raw_parts(self.addr(id), self.layout.buf_size) }
     }
 
-    pub fn buf_mut(&mut self, id: BufId) -> &mut [u8] {
-        // SAFETY: as `buf`; `&mut self` keeps this the only Rust view.
-        unsafe { std::slice::from_raw_parts_mut(self.addr(id), self.layout.buf_size) }
+    /// Write access to a buffer that nothing else references: exactly one reference, the
+    /// caller's. A buffer on a ring (0 references: the kernel may write it) or read by a send in
+    /// flight (2 or more) gives None, so a write can never race the kernel or change bytes a
+    /// send or another call's queue still points at.
+    pub fn buf_mut(&mut self, id: BufId) -> Option<&mut [u8]> {
+        if self.refs.get(usize::from(id)) != Some(&1) {
+            return None;
+        }
+        // SAFETY: inside the mapping (id < total, checked by the lookup above); the single
+        // reference is the caller's, so neither the kernel nor a pending send reads or writes
+        // these bytes, and `&mut self` keeps this the only Rust view.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.addr(id), self.layout.buf_size) })
     }
 
     pub fn seg(&self, s: Seg) -> &[u8] {
@@ -174,11 +227,23 @@ impl Pool {
     }
 
     /// The kernel handed us buffer `id` (a completion): it starts with one reference, owned by
-    /// whoever processes the completion.
-    pub fn received(&mut self, id: BufId) {
-        debug_assert_eq!(self.refs[usize::from(id)], 0, "buffer {id} received twice");
-        self.refs[usize::from(id)] = 1;
-        self.in_use += 1;
+    /// the returned handle.
+    pub fn received(&mut self, id: BufId) -> Received {
+        let r = &mut self.refs[usize::from(id)];
+        debug_assert_eq!(*r, 0, "buffer {id} received twice");
+        if *r == 0 {
+            self.in_use += 1;
+        }
+        *r += 1;
+        Received { id }
+    }
+
+    /// Gives back the reference a [`Received`] holds (the buffer returns to its ring once no
+    /// send or queue references it either).
+    pub fn release_received(&mut self, r: Received) {
+        let id = r.id;
+        std::mem::forget(r);
+        self.release(id);
     }
 
     /// Take a spare buffer (one reference), if any is free.
@@ -193,7 +258,10 @@ impl Pool {
     pub fn hold(&mut self, id: BufId) {
         let r = &mut self.refs[usize::from(id)];
         debug_assert!(*r > 0, "hold on free buffer {id}");
-        *r += 1;
+        debug_assert!(*r < u32::MAX, "reference count of buffer {id} would wrap");
+        // Saturating: never wraps to a small count (which would free a buffer still in use);
+        // a saturated buffer is leaked instead, which the budgets make impossible anyway.
+        *r = r.saturating_add(1);
     }
 
     #[inline]
@@ -211,6 +279,45 @@ impl Pool {
         }
     }
 
+    /// A queued frame holds `id` (besides its reference, taken with `hold`).
+    pub fn pin(&mut self, id: BufId) {
+        let g = self.group(id) as usize;
+        let p = &mut self.pins[usize::from(id)];
+        debug_assert!(self.refs[usize::from(id)] > 0, "pin of a free buffer {id}");
+        if *p == 0 {
+            self.pinned[g] += 1;
+        }
+        *p += 1;
+    }
+
+    pub fn unpin(&mut self, id: BufId) {
+        let g = self.group(id) as usize;
+        let p = &mut self.pins[usize::from(id)];
+        debug_assert!(*p > 0, "unpin of an unpinned buffer {id}");
+        if *p == 1 {
+            self.pinned[g] -= 1;
+        }
+        *p = p.saturating_sub(1);
+    }
+
+    pub fn is_pinned(&self, id: BufId) -> bool {
+        self.pins[usize::from(id)] > 0
+    }
+
+    /// Buffers of group `g` that queued frames hold.
+    pub fn pinned(&self, g: Group) -> usize {
+        self.pinned[g as usize]
+    }
+
+    /// Buffers in group `g`.
+    pub fn group_size(&self, g: Group) -> usize {
+        match g {
+            Group::Udp => self.layout.udp,
+            Group::Tcp => self.layout.tcp,
+            Group::Spare => self.layout.spare,
+        }
+    }
+
     /// Ring buffers freed since the last call, swapped into `into` (which must be empty): the
     /// driver gives them back to the kernel. Swapping keeps both vectors' capacity, so this
     /// allocates nothing.
@@ -219,7 +326,7 @@ impl Pool {
         std::mem::swap(&mut self.freed, into);
     }
 
-    pub fn refs(&self, id: BufId) -> u16 {
+    pub fn refs(&self, id: BufId) -> u32 {
         self.refs[usize::from(id)]
     }
 
@@ -264,9 +371,9 @@ mod tests {
     #[test]
     fn ring_buffers_are_reported_free_spares_go_back_to_the_spare_list() {
         let mut p = pool();
-        p.received(1);
+        let r = p.received(1);
         p.hold(1);
-        p.release(1);
+        p.release_received(r);
         let mut freed = Vec::new();
         p.take_freed(&mut freed);
         assert!(freed.is_empty(), "still referenced once");
@@ -282,6 +389,53 @@ mod tests {
         p.take_freed(&mut freed);
         assert!(freed.is_empty());
         assert_eq!(p.in_use(), 0);
+    }
+
+    #[test]
+    fn pins_count_distinct_buffers_per_group() {
+        let mut p = pool();
+        let r = p.received(4); // TCP group
+        p.hold(4);
+        p.pin(4);
+        p.hold(4);
+        p.pin(4);
+        assert_eq!(
+            p.pinned(Group::Tcp),
+            1,
+            "two frames in one buffer pin one buffer"
+        );
+        assert_eq!(p.pinned(Group::Udp), 0);
+        p.unpin(4);
+        p.release(4);
+        assert!(p.is_pinned(4));
+        p.unpin(4);
+        p.release(4);
+        assert_eq!(p.pinned(Group::Tcp), 0);
+        p.release_received(r);
+        assert_eq!(p.in_use(), 0);
+        assert_eq!(p.group_size(Group::Tcp), 2);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "dropped without Pool::release_received")]
+    fn a_received_buffer_must_be_given_back() {
+        let mut p = pool();
+        let r = p.received(0);
+        drop(r);
+    }
+
+    #[test]
+    fn buf_mut_refuses_buffers_the_kernel_or_a_send_may_touch() {
+        let mut p = pool();
+        assert!(p.buf_mut(0).is_none(), "on the ring: the kernel's");
+        let r = p.received(0);
+        assert!(p.buf_mut(0).is_some(), "received: ours");
+        p.hold(0);
+        assert!(p.buf_mut(0).is_none(), "a send reads it: in flight");
+        p.release(0);
+        p.release_received(r);
+        assert!(p.buf_mut(0).is_none());
     }
 
     #[test]

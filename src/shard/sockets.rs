@@ -5,6 +5,7 @@
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::OwnedFd;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -224,6 +225,67 @@ pub fn rx_timestamp_ns(control: &[u8]) -> Option<u64> {
     None
 }
 
+/// Finds the `SO_RXQ_OVFL` control message (`SOL_SOCKET`/`SO_RXQ_OVFL`, a `u32`): the number
+/// of datagrams the socket dropped for lack of receive-buffer space so far (it wraps).
+pub fn rx_overflow(control: &[u8]) -> Option<u32> {
+    let hdr = size_of::<libc::cmsghdr>();
+    let mut off = 0usize;
+    while off + hdr <= control.len() {
+        // SAFETY: bounds checked above; read_unaligned tolerates any alignment.
+        let c: libc::cmsghdr =
+            unsafe { std::ptr::read_unaligned(control.as_ptr().add(off).cast()) };
+        let len = c.cmsg_len as usize;
+        if len < hdr || off + len > control.len() {
+            return None;
+        }
+        if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SO_RXQ_OVFL {
+            let data = off + cmsg_align(hdr);
+            let bytes = control.get(data..data + 4)?;
+            return Some(u32::from_ne_bytes(bytes.try_into().ok()?));
+        }
+        off += cmsg_align(len);
+    }
+    None
+}
+
+/// Tracks the socket's cumulative overflow count and says how many drops are new.
+#[derive(Default)]
+pub struct OverflowTracker {
+    last: Option<u32>,
+}
+
+impl OverflowTracker {
+    /// New drops since the last control message that carried the counter.
+    pub fn update(&mut self, control: &[u8]) -> u64 {
+        let Some(now) = rx_overflow(control) else {
+            return 0;
+        };
+        let new = match self.last {
+            Some(prev) => now.wrapping_sub(prev),
+            None => now,
+        };
+        self.last = Some(now);
+        u64::from(new)
+    }
+}
+
+/// How long a TCP media connection may leave sent data unacknowledged before the kernel
+/// gives up on it (TCP_USER_TIMEOUT): a reader that stopped reading stops pinning buffers.
+pub const MEDIA_TCP_USER_TIMEOUT_MS: i32 = 5_000;
+
+/// Options of an accepted TCP media connection: no Nagle delay, a small send buffer (late
+/// voice is useless), and a user timeout.
+pub fn media_conn_options(fd: &OwnedFd, sndbuf: i32) {
+    let _ = set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+    let _ = set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, sndbuf);
+    let _ = set_int_opt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        MEDIA_TCP_USER_TIMEOUT_MS,
+    );
+}
+
 fn cmsg_align(n: usize) -> usize {
     let a = size_of::<usize>();
     (n + a - 1) & !(a - 1)
@@ -269,6 +331,55 @@ pub fn peer_of(fd: i32) -> Option<SocketAddr> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A control buffer with a timestamp and an SO_RXQ_OVFL counter, laid out as the kernel
+    /// does (cmsghdr, data, padding to the alignment).
+    fn control(ovfl: u32) -> Vec<u8> {
+        let hdr = size_of::<libc::cmsghdr>();
+        let mut v = Vec::new();
+        let mut push = |level: i32, ty: i32, data: &[u8]| {
+            let len = hdr + data.len();
+            // SAFETY: plain C struct.
+            let mut c: libc::cmsghdr = unsafe { std::mem::zeroed() };
+            c.cmsg_len = len as _;
+            c.cmsg_level = level;
+            c.cmsg_type = ty;
+            // SAFETY: reading the bytes of a plain C struct.
+            v.extend_from_slice(unsafe {
+                std::slice::from_raw_parts((&c as *const libc::cmsghdr).cast::<u8>(), hdr)
+            });
+            v.extend_from_slice(data);
+            v.resize(cmsg_align(v.len()), 0);
+        };
+        let ts = [7u8; 16];
+        push(libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS, &ts);
+        push(libc::SOL_SOCKET, libc::SO_RXQ_OVFL, &ovfl.to_ne_bytes());
+        v
+    }
+
+    #[test]
+    fn socket_overflow_counts_are_parsed_and_turned_into_new_drops() {
+        assert_eq!(rx_overflow(&control(5)), Some(5));
+        assert_eq!(rx_overflow(&control(5)[..20]), None, "truncated: nothing");
+        let mut t = OverflowTracker::default();
+        assert_eq!(t.update(&control(3)), 3);
+        assert_eq!(t.update(&control(3)), 0);
+        assert_eq!(t.update(&control(10)), 7);
+        assert_eq!(
+            t.update(&control(2)),
+            u64::from(2u32.wrapping_sub(10)),
+            "wraps"
+        );
+        assert_eq!(t.update(&[]), 0, "no counter in this message");
+    }
+
+    proptest! {
+        #[test]
+        fn control_parsing_never_panics(data in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = rx_overflow(&data);
+            let _ = rx_timestamp_ns(&data);
+        }
+    }
 
     fn bytes(raw: &RawAddr, len: libc::socklen_t) -> Vec<u8> {
         // SAFETY: reading initialized plain bytes of the union.

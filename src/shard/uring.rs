@@ -6,9 +6,14 @@
 //! - TCP: multishot accept on the listener; on each media connection a multishot receive with
 //!   buffer selection from a second ring (group 1).
 //! - Sends: `SendMsg` entries, as many as a batch produces, submitted together with the wait for
-//!   the next batch in one `io_uring_enter`.
+//!   the next batch in one `io_uring_enter`. All are non-blocking (`MSG_DONTWAIT`): a TCP
+//!   connection whose socket is full gets EAGAIN at once and waits for POLLOUT, so its queued
+//!   frames are never pinned by a send parked in the kernel (they stay subject to the age and
+//!   oldest-first drops), and one slow reader costs the shard nothing else.
 //! - The ring is `SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN`: completions run only when this
 //!   thread enters the kernel, which is when it wants them.
+//! - The UDP socket and the listener are registered files (`IORING_REGISTER_FILES`): receives,
+//!   sends and accepts name them by index, with no file-table lookup per operation.
 //! - Wake-up coalescing: with a budget `B`, the loop sends its batch, then sleeps until `B`
 //!   after it last woke (at most `BATCH / rate`), and then takes whatever has arrived
 //!   (`min_wait`); so a lightly loaded shard handles a millisecond's packets per wake-up instead
@@ -20,7 +25,7 @@
 
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
@@ -49,12 +54,21 @@ const MULTISHOT_RUN: usize = 32;
 /// TCP sends started per turn; each may gather up to `TCP_IOV` iovecs from a shared arena.
 const TCP_SENDS_PER_TURN: usize = 256;
 
+/// How long multishot accept rests after running out of descriptors or memory.
+const ACCEPT_BACKOFF_NS: u64 = 100_000_000;
+
+/// Registered-file indexes.
+const FIXED_UDP: u32 = 0;
+const FIXED_LISTENER: u32 = 1;
+
 const K_UDP_RECV: u64 = 1;
 const K_ACCEPT: u64 = 2;
 const K_WAKE: u64 = 3;
 const K_TCP_RECV: u64 = 4;
 const K_TCP_SEND: u64 = 5;
 const K_UDP_SEND: u64 = 6;
+/// A TCP connection whose non-blocking send found its socket full waits for POLLOUT.
+const K_TCP_POLL: u64 = 7;
 
 fn ud(kind: u64, generation: u32, idx: u32) -> u64 {
     (kind << 56) | (u64::from(generation & 0x00ff_ffff) << 32) | u64::from(idx)
@@ -157,8 +171,6 @@ pub(crate) struct UringShard {
     udp_ring: BufRing,
     tcp_ring: BufRing,
     core: ShardCore,
-    udp_fd: RawFd,
-    tcp_fd: RawFd,
     ipv6: bool,
     recv_msg: Box<libc::msghdr>,
     slots: Box<[SendSlot]>,
@@ -186,11 +198,18 @@ pub(crate) struct UringShard {
     skip_success: bool,
     /// Their slots, submitted this turn.
     udp_sent: Vec<u32>,
-    /// TCP sends in flight, and how many of them were already in flight before this turn.
+    /// TCP sends (or waits for POLLOUT) in flight.
     tcp_inflight: usize,
-    tcp_blocked: usize,
     /// A receive ring ran dry this turn.
     starved: bool,
+    /// The UDP ring ran dry: the multishot receive is re-armed only once buffers came back
+    /// (re-arming a dry ring fails at once, and the loop would spin).
+    udp_dry: bool,
+    /// TCP connections whose receive stopped on a dry ring; re-armed when TCP buffers return.
+    tcp_dry: Vec<ConnId>,
+    /// Multishot accept failed for lack of descriptors or memory: not re-armed before this.
+    accept_backoff_until: u64,
+    overflow: sockets::OverflowTracker,
     tcp_sndbuf: i32,
     coalesce: Duration,
     min_wait: bool,
@@ -202,8 +221,14 @@ pub(crate) struct UringShard {
 impl UringShard {
     /// Sets up the ring and its buffer rings for `core`; on failure the caller still owns
     /// `core` and can run the epoll loop instead.
-    pub fn prepare(core: &ShardCore) -> io::Result<Rings> {
+    pub fn prepare(core: &ShardCore, sockets: &ShardSockets) -> io::Result<Rings> {
         let (ring, udp_ring, tcp_ring, min_wait) = Self::setup(core)?;
+        // Registered files: the UDP socket and the listener are used by index
+        // (IOSQE_FIXED_FILE), so the hot path's receives and sends skip the per-operation
+        // file-table lookup and reference count. (The ring holds its own reference to the
+        // files; the loop's clones of the descriptors refer to the same sockets.)
+        ring.submitter()
+            .register_files(&[sockets.udp.as_raw_fd(), sockets.tcp.as_raw_fd()])?;
         Ok(Rings {
             ring,
             udp_ring,
@@ -281,8 +306,6 @@ impl UringShard {
             .map(|_| unsafe { std::mem::zeroed() })
             .collect();
         UringShard {
-            udp_fd: udp.as_raw_fd(),
-            tcp_fd: tcp.as_raw_fd(),
             ipv6,
             recv_msg,
             free_slots: (0..nslots as u32).rev().collect(),
@@ -307,8 +330,11 @@ impl UringShard {
             skip_success: ring.params().is_feature_skip_cqe_on_success(),
             udp_sent: Vec::with_capacity(nslots),
             tcp_inflight: 0,
-            tcp_blocked: 0,
             starved: false,
+            udp_dry: false,
+            tcp_dry: Vec::new(),
+            accept_backoff_until: 0,
+            overflow: sockets::OverflowTracker::default(),
             tcp_sndbuf: i32::try_from(cfg.tcp_sndbuf).unwrap_or(i32::MAX),
             coalesce: cfg.coalesce,
             min_wait,
@@ -321,36 +347,38 @@ impl UringShard {
         }
     }
 
-    fn push(&mut self, sqe: squeue::Entry) {
-        loop {
+    /// Queues a submission; false if it could not be queued (the caller then undoes what it
+    /// marked armed or in flight, so nothing waits forever for a completion that never comes).
+    #[must_use]
+    fn push(&mut self, sqe: squeue::Entry) -> bool {
+        for _ in 0..3 {
             // SAFETY: every entry we push references memory that outlives the operation
             // (buffers in the pool, msghdrs in boxes owned by self or a live connection).
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-                return;
+                return true;
             }
             // The submission queue is full: hand what is there to the kernel first.
             if let Err(e) = self.ring.submit() {
                 tracing::error!(shard = self.core.ctx.index, "io_uring submit: {e}");
-                return;
+                return false;
             }
         }
+        false
     }
 
     fn arm_udp_recv(&mut self) {
-        let e = opcode::RecvMsgMulti::new(types::Fd(self.udp_fd), &*self.recv_msg, UDP_BGID)
+        let e = opcode::RecvMsgMulti::new(types::Fixed(FIXED_UDP), &*self.recv_msg, UDP_BGID)
             .build()
             .user_data(ud(K_UDP_RECV, 0, 0));
-        self.push(e);
-        self.udp_recv_armed = true;
+        self.udp_recv_armed = self.push(e);
     }
 
     fn arm_accept(&mut self) {
-        let e = opcode::AcceptMulti::new(types::Fd(self.tcp_fd))
+        let e = opcode::AcceptMulti::new(types::Fixed(FIXED_LISTENER))
             .flags(libc::SOCK_CLOEXEC)
             .build()
             .user_data(ud(K_ACCEPT, 0, 0));
-        self.push(e);
-        self.accept_armed = true;
+        self.accept_armed = self.push(e);
     }
 
     fn arm_wake(&mut self) {
@@ -358,8 +386,7 @@ impl UringShard {
             .multi(true)
             .build()
             .user_data(ud(K_WAKE, 0, 0));
-        self.push(e);
-        self.wake_armed = true;
+        self.wake_armed = self.push(e);
     }
 
     fn arm_tcp_recv(&mut self, c: ConnId) {
@@ -369,9 +396,15 @@ impl UringShard {
         let e = opcode::RecvMulti::new(types::Fd(fd), TCP_BGID)
             .build()
             .user_data(ud(K_TCP_RECV, c.generation, c.idx));
-        self.push(e);
-        if let Some(conn) = self.core.relay.conn_mut(c) {
-            conn.recv_armed = true;
+        if self.push(e) {
+            if let Some(conn) = self.core.relay.conn_mut(c) {
+                conn.recv_armed = true;
+            }
+        } else {
+            // Not armed: the connection cannot be served; close it rather than forget it.
+            self.core
+                .relay
+                .close(&mut self.core.pool, c, &mut self.core.out);
         }
     }
 
@@ -382,9 +415,9 @@ impl UringShard {
         loop {
             let now = sockets::realtime_ns();
             self.starved = false;
+            self.core.relay.begin_turn(now);
+            self.core.out.udp_budget = self.free_slots.len();
             self.reap_completions(now);
-            // Sends still in flight now were submitted in an earlier turn: they are blocked.
-            self.tcp_blocked = self.tcp_inflight;
             if !self.core.turn(Backend::IoUring, now) {
                 break;
             }
@@ -417,7 +450,9 @@ impl UringShard {
         // A busy or starved shard never waits: completions left over from the last turn, a
         // receive ring that ran dry, or TCP sends stuck behind a full socket (their completion
         // is the event that matters) all mean "take what is there and go on".
-        let pressed = self.cq_backlog || self.starved || self.tcp_blocked > 0;
+        // A send parked behind one slow reader is that connection's affair: it does not turn
+        // coalescing off for the shard (its completion is taken at the end of the wait).
+        let pressed = self.cq_backlog || self.starved;
         let coalesce = budget_us > 0 && !pressed && self.core.rate * budget_us as f64 >= 2e6;
         let wait_us = if coalesce {
             // The sends go out first (in the kernel, synchronously: `MSG_DONTWAIT`), so that
@@ -495,6 +530,7 @@ impl UringShard {
                 K_WAKE if !cqueue::more(flags) => self.wake_armed = false,
                 K_TCP_RECV => self.on_tcp_recv(idx, generation, res, flags, now),
                 K_TCP_SEND => self.on_tcp_send(idx, generation, res),
+                K_TCP_POLL => self.on_tcp_writable(idx, generation),
                 K_UDP_SEND => self.on_udp_send(idx, res),
                 _ => {}
             }
@@ -503,7 +539,7 @@ impl UringShard {
         if !self.wake_armed {
             self.arm_wake();
         }
-        if !self.accept_armed {
+        if !self.accept_armed && now >= self.accept_backoff_until {
             self.arm_accept();
         }
     }
@@ -515,6 +551,7 @@ impl UringShard {
         if res < 0 {
             if -res == libc::ENOBUFS {
                 self.starved = true;
+                self.udp_dry = true;
                 self.core.relay.counters.buf_ring_exhausted += 1;
             } else {
                 tracing::debug!(
@@ -529,12 +566,17 @@ impl UringShard {
             return;
         };
         let pool = &mut self.core.pool;
-        pool.received(bid);
+        let held = pool.received(bid);
         let parsed = {
             let buf = pool.buf(bid);
             let data = &buf[..(res as usize).min(buf.len())];
             match types::RecvMsgOut::parse(data, &self.recv_msg) {
                 Ok(m) => {
+                    let lost = self.overflow.update(m.control_data());
+                    if lost > 0 {
+                        self.core.relay.counters.drops
+                            [crate::metrics::DropReason::SocketOverflow as usize] += lost;
+                    }
                     let src = sockets::decode(m.name_data());
                     let ts = sockets::rx_timestamp_ns(m.control_data()).unwrap_or(now);
                     let off = m.payload_data().as_ptr() as usize - buf.as_ptr() as usize;
@@ -568,7 +610,7 @@ impl UringShard {
             }
             _ => {}
         }
-        self.core.pool.release(bid);
+        self.core.pool.release_received(held);
     }
 
     fn on_accept(&mut self, res: i32, flags: u32, now: u64) {
@@ -576,16 +618,37 @@ impl UringShard {
             self.accept_armed = false;
         }
         if res < 0 {
+            if matches!(
+                -res,
+                libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS
+            ) {
+                // Out of descriptors or memory: re-arming at once would fail at once (a spin).
+                // Back off; the pending connections wait in the listen backlog.
+                self.core
+                    .relay
+                    .counters
+                    .drop(crate::metrics::DropReason::AcceptBackoff);
+                self.accept_backoff_until = now + ACCEPT_BACKOFF_NS;
+                if self.accept_armed {
+                    let cancel = opcode::AsyncCancel::new(ud(K_ACCEPT, 0, 0))
+                        .build()
+                        .user_data(0);
+                    let _ = self.push(cancel);
+                }
+            }
             return;
         }
         // SAFETY: a successful accept completion is a new descriptor that we now own.
         let fd = unsafe { OwnedFd::from_raw_fd(res) };
-        let _ = sockets::set_int_opt(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
-        let _ = sockets::set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_SNDBUF, self.tcp_sndbuf);
+        sockets::media_conn_options(&fd, self.tcp_sndbuf);
         let Some(peer) = sockets::peer_of(fd.as_raw_fd()) else {
             return;
         };
-        if let Some(c) = self.core.relay.on_accept(fd, peer, now) {
+        if let Some(c) =
+            self.core
+                .relay
+                .on_accept(&mut self.core.pool, fd, peer, now, &mut self.core.out)
+        {
             self.arm_tcp_recv(c);
         }
     }
@@ -595,8 +658,8 @@ impl UringShard {
         let Some(c) = self.core.relay.conn_id_at(idx, generation) else {
             // A late completion for a connection already reaped: only return its buffer.
             if let Some(b) = bid {
-                self.core.pool.received(b);
-                self.core.pool.release(b);
+                let r = self.core.pool.received(b);
+                self.core.pool.release_received(r);
             }
             return;
         };
@@ -606,12 +669,12 @@ impl UringShard {
         }
         if res > 0 {
             if let Some(b) = bid {
-                self.core.pool.received(b);
+                let held = self.core.pool.received(b);
                 let seg = Seg::new(b, 0, res as usize);
                 self.core
                     .relay
                     .on_tcp(&mut self.core.pool, c, seg, now, &mut self.core.out);
-                self.core.pool.release(b);
+                self.core.pool.release_received(held);
             }
             if !more {
                 self.tcp_rearm.push(c);
@@ -619,7 +682,7 @@ impl UringShard {
         } else if res == -libc::ENOBUFS {
             self.starved = true;
             self.core.relay.counters.buf_ring_exhausted += 1;
-            self.tcp_rearm.push(c);
+            self.tcp_dry.push(c);
         } else {
             // EOF or an error: the connection is over.
             self.core
@@ -633,9 +696,30 @@ impl UringShard {
         let Some(c) = self.core.relay.conn_id_at(idx, generation) else {
             return;
         };
+        if res == -libc::EAGAIN {
+            // The socket is full (a slow reader). Nothing was written; the frames are no
+            // longer in flight, so the age and oldest-first drops can reach them while the
+            // connection waits for POLLOUT (a send parked in the kernel would pin them until
+            // TCP_USER_TIMEOUT). `send_inflight` stays set: the poll is the operation now.
+            self.core.relay.tcp_sent(&mut self.core.pool, c, 0);
+            if let Some(fd) = self.core.relay.raw_fd(c) {
+                let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+                    .build()
+                    .user_data(ud(K_TCP_POLL, c.generation, c.idx));
+                if self.push(e) {
+                    return;
+                }
+            }
+        }
         if let Some(conn) = self.core.relay.conn_mut(c) {
             conn.send_inflight = false;
             self.tcp_inflight -= 1;
+        }
+        if res == -libc::EAGAIN {
+            // Could not wait for POLLOUT: try again next turn.
+            self.tcp_deferred.push(c);
+            self.try_reap(c);
+            return;
         }
         if res >= 0 {
             self.core
@@ -652,6 +736,21 @@ impl UringShard {
             self.core
                 .relay
                 .close(&mut self.core.pool, c, &mut self.core.out);
+        }
+        self.try_reap(c);
+    }
+
+    /// A connection that found its socket full can take more.
+    fn on_tcp_writable(&mut self, idx: u32, generation: u32) {
+        let Some(c) = self.core.relay.conn_id_at(idx, generation) else {
+            return;
+        };
+        if let Some(conn) = self.core.relay.conn_mut(c) {
+            conn.send_inflight = false;
+            self.tcp_inflight -= 1;
+        }
+        if self.core.relay.tcp_has_queued(c) {
+            self.core.out.tcp_dirty.push(c);
         }
         self.try_reap(c);
     }
@@ -766,23 +865,35 @@ impl UringShard {
         slot.msg.msg_control = std::ptr::null_mut();
         slot.msg.msg_controllen = 0;
         slot.msg.msg_flags = 0;
+        let (sent_before, nsegs) = (self.udp_sent.len(), n);
         let e = if self.skip_success {
             // Non-blocking, and no completion on success: the send finishes (or fails with
             // EAGAIN, which posts a completion) inside the io_uring_enter that submits it, so
             // the buffers are released right after that call (`release_sent`). Half the
             // completions of a relayed packet disappear.
             self.udp_sent.push(idx);
-            opcode::SendMsg::new(types::Fd(self.udp_fd), &slot.msg)
+            opcode::SendMsg::new(types::Fixed(FIXED_UDP), &slot.msg)
                 .flags(libc::MSG_DONTWAIT as u32)
                 .build()
                 .flags(squeue::Flags::SKIP_SUCCESS)
                 .user_data(ud(K_UDP_SEND, 0, idx))
         } else {
-            opcode::SendMsg::new(types::Fd(self.udp_fd), &slot.msg)
+            opcode::SendMsg::new(types::Fixed(FIXED_UDP), &slot.msg)
                 .build()
                 .user_data(ud(K_UDP_SEND, 0, idx))
         };
-        self.push(e);
+        if !self.push(e) {
+            self.udp_sent.truncate(sent_before);
+            let segs = self.slots[idx as usize].segs;
+            for s in &segs[..nsegs] {
+                self.core.pool.release(s.buf);
+            }
+            self.free_slots.push(idx);
+            self.core
+                .relay
+                .counters
+                .drop(crate::metrics::DropReason::SendError);
+        }
     }
 
     /// After a submit: the UDP sends it carried are done; give back their slots and buffers.
@@ -822,13 +933,21 @@ impl UringShard {
         *msg = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = n as _;
+        // Non-blocking: a full socket completes with EAGAIN at once (then POLLOUT is awaited
+        // without holding the frames in flight), instead of parking the send in the kernel.
         let e = opcode::SendMsg::new(types::Fd(fd), msg)
-            .flags(libc::MSG_NOSIGNAL as u32)
+            .flags((libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) as u32)
             .build()
             .user_data(ud(K_TCP_SEND, c.generation, c.idx));
         self.tcp_msgs_used += 1;
         self.tcp_iov_used += n;
-        self.push(e);
+        if !self.push(e) {
+            if let Some(conn) = self.core.relay.conn_mut(c) {
+                conn.send_inflight = false;
+            }
+            self.tcp_inflight -= 1;
+            self.tcp_deferred.push(c);
+        }
     }
 
     /// Give freed buffers back to their rings, and re-arm a UDP receive that stopped.
@@ -857,8 +976,13 @@ impl UringShard {
         }
         if tcp {
             self.tcp_ring.commit();
+            // Buffers came back: receives that stopped on the dry ring can run again.
+            self.tcp_rearm.append(&mut self.tcp_dry);
         }
-        if !self.udp_recv_armed {
+        if udp {
+            self.udp_dry = false;
+        }
+        if !self.udp_recv_armed && !self.udp_dry {
             self.arm_udp_recv();
         }
     }
@@ -880,7 +1004,7 @@ impl UringShard {
         let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
             .user_data(0);
-        self.push(cancel);
+        let _ = self.push(cancel);
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         while std::time::Instant::now() < deadline {
             let inflight = self.slots.len() - self.free_slots.len();
@@ -916,8 +1040,8 @@ impl UringShard {
                 K_UDP_RECV => {
                     self.udp_recv_armed &= cqueue::more(flags);
                     if let Some(b) = cqueue::buffer_select(flags) {
-                        self.core.pool.received(b);
-                        self.core.pool.release(b);
+                        let r = self.core.pool.received(b);
+                        self.core.pool.release_received(r);
                     }
                 }
                 K_ACCEPT => {
@@ -936,13 +1060,13 @@ impl UringShard {
                             conn.recv_armed = false;
                         }
                         if let Some(b) = cqueue::buffer_select(flags) {
-                            self.core.pool.received(b);
-                            self.core.pool.release(b);
+                            let r = self.core.pool.received(b);
+                            self.core.pool.release_received(r);
                         }
                         self.try_reap(c);
                     }
                 }
-                K_TCP_SEND => {
+                K_TCP_SEND | K_TCP_POLL => {
                     if let Some(c) = self.core.relay.conn_id_at(idx, generation) {
                         if let Some(conn) = self.core.relay.conn_mut(c) {
                             conn.send_inflight = false;

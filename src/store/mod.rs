@@ -14,16 +14,22 @@
 //! [`Verifier`] (salt, iteration count, StoredKey, ServerKey), whose `Debug`
 //! redacts the keys.
 //!
-//! Backends: [`SqliteStore`] (embedded default). Fleet backends (Redis,
-//! PostgreSQL) implement the same [`Store`] trait.
+//! Backends: [`SqliteStore`] (embedded default) and [`PostgresStore`] (a directory shared by a
+//! fleet of gateways); [`Location`] says which one a configuration names. Both pass the same
+//! [`contract`] tests.
 
 use std::net::SocketAddr;
 
 use crate::directory::{self, Answer, Destination, MAX_INVITE_NUMBERS, Query};
 pub use crate::directory::{MAX_E164_DIGITS, MAX_LOCAL_DIGITS, Route, Subscriber, Verifier};
 
+pub mod contract;
+pub mod location;
+pub mod postgres;
 pub mod sqlite;
 
+pub use location::Location;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// Longest route description, in bytes.
@@ -77,6 +83,17 @@ pub enum StoreError {
         path: std::path::PathBuf,
         cause: String,
     },
+    /// The directory server cannot be used now (down, restarting, unreachable, or refusing
+    /// the credentials); `target` names it without the password. Look-ups answer
+    /// `unavailable` meanwhile, and the store connects again by itself.
+    #[error("directory {target} is unavailable: {cause}")]
+    Unavailable { target: String, cause: String },
+    /// An error the directory server reported for a statement.
+    #[error("directory {target}: {cause}")]
+    Postgres { target: String, cause: String },
+    /// Where the directory is, or its credentials, are misconfigured.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The directory. Every method validates its input first; lookups of names
@@ -90,6 +107,18 @@ pub trait Store: Send {
     /// Replaces a subscriber's verifier (password change); `false` if there is
     /// no such user.
     fn set_verifier(&mut self, user: &str, verifier: &Verifier) -> Result<bool, StoreError>;
+    /// Replaces a subscriber's class of service (`None`: any route); `false` if there is no
+    /// such user. Backends without classes of service refuse.
+    fn set_allow_prefixes(
+        &mut self,
+        user: &str,
+        allow: Option<&[String]>,
+    ) -> Result<bool, StoreError> {
+        let _ = (user, allow);
+        Err(StoreError::Corrupt {
+            what: "this directory does not keep classes of service".into(),
+        })
+    }
     fn user(&self, user: &str) -> Result<Option<Subscriber>, StoreError>;
     fn user_by_number(&self, number: &str) -> Result<Option<Subscriber>, StoreError>;
     /// All subscribers, by user name.
@@ -103,6 +132,14 @@ pub trait Store: Send {
     fn list_routes(&self) -> Result<Vec<Route>, StoreError>;
     /// The route with the longest prefix of `number`, if any.
     fn route_for(&self, number: &str) -> Result<Option<Route>, StoreError>;
+    /// Users whose record changed (added, deleted, new password or number) after change
+    /// `since`, and the position to ask from next time; `since = None` gives the current
+    /// position and no users. Backends without a change log return `(0, [])` (the gateway then
+    /// notices no changes).
+    fn changes_since(&self, since: Option<u64>) -> Result<(u64, Vec<String>), StoreError> {
+        let _ = since;
+        Ok((0, Vec::new()))
+    }
     /// The iteration count most stored verifiers have (`None`: no users). Backends should
     /// answer this without reading every verifier.
     fn typical_iterations(&self) -> Result<Option<u32>, StoreError> {
@@ -136,6 +173,10 @@ pub fn answer(store: &dyn Store, query: &Query) -> Result<Answer, StoreError> {
                 .collect::<Result<_, _>>()?,
         ),
         Query::TypicalIterations => Answer::TypicalIterations(store.typical_iterations()?),
+        Query::Changes { since } => {
+            let (next, users) = store.changes_since(*since)?;
+            Answer::Changes { next, users }
+        }
     })
 }
 
@@ -220,6 +261,18 @@ fn validate_route(route: &Route) -> Result<(), StoreError> {
     if let Some(reason) = addr_problem {
         return Err(StoreError::InvalidMediaAddr { addr, reason });
     }
+    if !(1..=1024).contains(&route.ports) {
+        return Err(StoreError::InvalidMediaAddr {
+            addr,
+            reason: "a route has 1 to 1024 media ports",
+        });
+    }
+    if u32::from(addr.port()) + u32::from(route.ports) - 1 > 65_535 {
+        return Err(StoreError::InvalidMediaAddr {
+            addr,
+            reason: "the route's media ports run past 65535",
+        });
+    }
     if route.description.len() > MAX_DESCRIPTION_LEN {
         return Err(StoreError::InvalidDescription {
             reason: "longer than 200 bytes",
@@ -236,7 +289,22 @@ fn validate_route(route: &Route) -> Result<(), StoreError> {
 fn validate_subscriber(s: &Subscriber) -> Result<(), StoreError> {
     validate_user(&s.user)?;
     validate_number(&s.number)?;
+    validate_allow_prefixes(s.allow_prefixes.as_deref())?;
     validate_verifier(&s.verifier)
+}
+
+/// A class of service: at most 64 prefixes, each a valid route prefix.
+pub fn validate_allow_prefixes(allow: Option<&[String]>) -> Result<(), StoreError> {
+    let Some(prefixes) = allow else {
+        return Ok(());
+    };
+    if prefixes.len() > directory::MAX_ALLOW_PREFIXES {
+        return Err(StoreError::InvalidPrefix {
+            prefix: format!("{} prefixes", prefixes.len()),
+            reason: "a user may have at most 64 allowed prefixes",
+        });
+    }
+    prefixes.iter().try_for_each(|p| validate_prefix(p))
 }
 
 #[cfg(test)]
@@ -332,8 +400,17 @@ mod tests {
                 .parse()
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
             description: description.into(),
+            ports: 1,
         };
         assert!(validate_route(&route("192.0.2.1:5004", "Berlin PSTN")).is_ok());
+        let many = |port: &str, ports| Route {
+            ports,
+            ..route(port, "")
+        };
+        assert!(validate_route(&many("192.0.2.1:5004", 100)).is_ok());
+        assert!(validate_route(&many("192.0.2.1:5004", 0)).is_err());
+        assert!(validate_route(&many("192.0.2.1:5004", 1025)).is_err());
+        assert!(validate_route(&many("192.0.2.1:65535", 2)).is_err());
         for (bad, reason) in [
             ("192.0.2.1:0", "port 0"),
             ("0.0.0.0:5004", "unspecified address"),

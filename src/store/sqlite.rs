@@ -43,14 +43,49 @@ pub const MIGRATIONS: &[&str] = &[
          media_addr  TEXT NOT NULL,
          description TEXT NOT NULL
      ) STRICT;",
+    // 2: a change log of subscribers, written by triggers (so every writer, the CLI in another
+    // process included, is seen), read by the running gateway to end or refresh sessions.
+    // Kept short: the newest 10 000 rows.
+    "CREATE TABLE changes (
+         seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+         username TEXT NOT NULL
+     ) STRICT;
+     CREATE TRIGGER changes_prune AFTER INSERT ON changes BEGIN
+         DELETE FROM changes WHERE seq <= NEW.seq - 10000;
+     END;
+     CREATE TRIGGER subscribers_added AFTER INSERT ON subscribers BEGIN
+         INSERT INTO changes (username) VALUES (NEW.username);
+     END;
+     CREATE TRIGGER subscribers_changed AFTER UPDATE ON subscribers BEGIN
+         INSERT INTO changes (username) VALUES (OLD.username);
+         INSERT INTO changes (username) SELECT NEW.username WHERE NEW.username <> OLD.username;
+     END;
+     CREATE TRIGGER subscribers_removed AFTER DELETE ON subscribers BEGIN
+         INSERT INTO changes (username) VALUES (OLD.username);
+     END;",
+    // 3: a route may carry several calls at once, each on its own port of the voice gateway.
+    "ALTER TABLE routes ADD COLUMN ports INTEGER NOT NULL DEFAULT 1
+         CHECK (ports BETWEEN 1 AND 1024);",
+    // 4: class of service: the prefixes a user may dial on routes, comma-separated
+    // (NULL: any route; '': none).
+    "ALTER TABLE subscribers ADD COLUMN allow_prefixes TEXT;",
 ];
 
-const SUBSCRIBER_COLUMNS: &str = "username, number, salt, iterations, stored_key, server_key";
-const ROUTE_COLUMNS: &str = "prefix, media_addr, description";
+const SUBSCRIBER_COLUMNS: &str =
+    "username, number, salt, iterations, stored_key, server_key, allow_prefixes";
+const ROUTE_COLUMNS: &str = "prefix, media_addr, description, ports";
 
 /// A subscriber row as stored, before its types are checked.
-type SubscriberRow = (String, String, Vec<u8>, i64, Vec<u8>, Vec<u8>);
-type RouteRow = (String, String, String);
+type SubscriberRow = (
+    String,
+    String,
+    Vec<u8>,
+    i64,
+    Vec<u8>,
+    Vec<u8>,
+    Option<String>,
+);
+type RouteRow = (String, String, String, i64);
 
 /// The SQLite-backed [`Store`].
 #[derive(Debug)]
@@ -143,11 +178,26 @@ fn subscriber_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SubscriberRo
         row.get(3)?,
         row.get(4)?,
         row.get(5)?,
+        row.get(6)?,
     ))
 }
 
+/// A class of service as stored: comma-separated prefixes, NULL for any route.
+fn allow_to_text(allow: Option<&[String]>) -> Option<String> {
+    allow.map(|p| p.join(","))
+}
+
+fn allow_from_text(text: Option<String>) -> Option<Vec<String>> {
+    text.map(|t| {
+        t.split(',')
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+}
+
 fn subscriber(row: SubscriberRow) -> Result<Subscriber, StoreError> {
-    let (user, number, salt, iterations, stored_key, server_key) = row;
+    let (user, number, salt, iterations, stored_key, server_key, allow) = row;
     let corrupt = |what: &str| StoreError::Corrupt {
         what: format!("subscriber {user:?}: {what}"),
     };
@@ -163,21 +213,29 @@ fn subscriber(row: SubscriberRow) -> Result<Subscriber, StoreError> {
             stored_key,
             server_key,
         },
+        allow_prefixes: allow_from_text(allow),
     })
 }
 
 fn route_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RouteRow> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
 }
 
-fn route((prefix, media_addr, description): RouteRow) -> Result<Route, StoreError> {
+fn route((prefix, media_addr, description, ports): RouteRow) -> Result<Route, StoreError> {
     let media_addr = media_addr.parse().map_err(|_| StoreError::Corrupt {
         what: format!("route {prefix:?}: media address {media_addr:?}"),
     })?;
+    let ports = u16::try_from(ports)
+        .ok()
+        .filter(|p| (1..=1024).contains(p))
+        .ok_or_else(|| StoreError::Corrupt {
+            what: format!("route {prefix:?}: {ports} ports"),
+        })?;
     Ok(Route {
         prefix,
         media_addr,
         description,
+        ports,
     })
 }
 
@@ -273,7 +331,7 @@ impl SqliteStore {
         let v = &s.verifier;
         tx.execute(
             &format!(
-                "INSERT INTO subscribers ({SUBSCRIBER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                "INSERT INTO subscribers ({SUBSCRIBER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
             ),
             params![
                 s.user,
@@ -281,7 +339,8 @@ impl SqliteStore {
                 v.salt,
                 i64::from(v.iterations),
                 v.stored_key,
-                v.server_key
+                v.server_key,
+                allow_to_text(s.allow_prefixes.as_deref())
             ],
         )?;
         tx.commit()?;
@@ -313,6 +372,20 @@ impl SqliteStore {
         Ok(n > 0)
     }
 
+    fn db_set_allow_prefixes(
+        &mut self,
+        user: &str,
+        allow: Option<&[String]>,
+    ) -> Result<bool, StoreError> {
+        validate_user(user)?;
+        super::validate_allow_prefixes(allow)?;
+        let n = self.conn.execute(
+            "UPDATE subscribers SET allow_prefixes = ?2 WHERE username = ?1",
+            params![user, allow_to_text(allow)],
+        )?;
+        Ok(n > 0)
+    }
+
     fn db_user(&self, user: &str) -> Result<Option<Subscriber>, StoreError> {
         validate_user(user)?;
         self.query_subscriber("username", user)
@@ -335,10 +408,15 @@ impl SqliteStore {
         validate_route(r)?;
         let n = self.conn.execute(
             &format!(
-                "INSERT INTO routes ({ROUTE_COLUMNS}) VALUES (?1, ?2, ?3)
+                "INSERT INTO routes ({ROUTE_COLUMNS}) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (prefix) DO NOTHING"
             ),
-            params![r.prefix, r.media_addr.to_string(), r.description],
+            params![
+                r.prefix,
+                r.media_addr.to_string(),
+                r.description,
+                i64::from(r.ports)
+            ],
         )?;
         if n == 0 {
             return Err(StoreError::DuplicateRoute {
@@ -380,6 +458,31 @@ impl SqliteStore {
             .optional()?
             .map(route)
             .transpose()
+    }
+
+    fn db_changes_since(&self, since: Option<u64>) -> Result<(u64, Vec<String>), StoreError> {
+        let Some(since) = since else {
+            let max: i64 = self
+                .conn
+                .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM changes")?
+                .query_row([], |r| r.get(0))?;
+            return Ok((u64::try_from(max).unwrap_or(0), Vec::new()));
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, username FROM changes WHERE seq > ?1 ORDER BY seq LIMIT 1000",
+        )?;
+        let rows = stmt.query_map([i64::try_from(since).unwrap_or(i64::MAX)], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let (mut next, mut users) = (since, Vec::new());
+        for row in rows {
+            let (seq, user) = row?;
+            next = next.max(u64::try_from(seq).unwrap_or(0));
+            if !users.contains(&user) {
+                users.push(user);
+            }
+        }
+        Ok((next, users))
     }
 
     fn db_typical_iterations(&self) -> Result<Option<u32>, StoreError> {
@@ -450,6 +553,20 @@ impl Store for SqliteStore {
         let r = self.db_typical_iterations();
         self.named(r)
     }
+
+    fn set_allow_prefixes(
+        &mut self,
+        user: &str,
+        allow: Option<&[String]>,
+    ) -> Result<bool, StoreError> {
+        let r = self.db_set_allow_prefixes(user, allow);
+        self.named(r)
+    }
+
+    fn changes_since(&self, since: Option<u64>) -> Result<(u64, Vec<String>), StoreError> {
+        let r = self.db_changes_since(since);
+        self.named(r)
+    }
 }
 
 #[cfg(test)]
@@ -467,6 +584,7 @@ mod tests {
             user: user.into(),
             number: number.into(),
             verifier: verifier(user),
+            allow_prefixes: None,
         }
     }
 
@@ -480,6 +598,7 @@ mod tests {
             prefix: prefix.into(),
             media_addr: addr(media_addr),
             description: description.into(),
+            ports: 1,
         }
     }
 
@@ -496,7 +615,7 @@ mod tests {
     #[test]
     fn user_crud() -> Result<(), StoreError> {
         let mut s = mem();
-        assert_eq!(s.schema_version()?, 1);
+        assert_eq!(s.schema_version()?, 4);
         assert_eq!(s.user("alice")?, None);
         s.add_user(&sub("alice", "+4930111"))?;
         s.add_user(&sub("bob", "4711"))?;
@@ -618,7 +737,7 @@ mod tests {
         let s = SqliteStore::open(&path)?;
         assert_eq!(s.user("alice")?, Some(sub("alice", "+4930111")));
         assert_eq!(s.list_routes()?, [rt("+49", "192.0.2.2:5004", "Germany")]);
-        assert_eq!(s.schema_version()?, 1);
+        assert_eq!(s.schema_version()?, 4);
         Ok(())
     }
 
@@ -658,7 +777,7 @@ mod tests {
             other.conn.execute_batch(
                 "BEGIN IMMEDIATE;
                  UPDATE subscribers SET number = '+4930999' WHERE username = 'alice';
-                 INSERT INTO routes VALUES ('+1', '192.0.2.1:5004', 'half-written');",
+                 INSERT INTO routes (prefix, media_addr, description) VALUES ('+1', '192.0.2.1:5004', 'half-written');",
             )?;
         }
         assert_eq!(s.user("alice")?, Some(sub("alice", "+4930111")));
@@ -697,7 +816,7 @@ mod tests {
         for i in 0..2000 {
             s.conn
                 .execute(
-                    "INSERT INTO subscribers VALUES (?1, ?2, ?3, 1, ?4, ?4)",
+                    "INSERT INTO subscribers VALUES (?1, ?2, ?3, 1, ?4, ?4, NULL)",
                     params![
                         format!("user{i}"),
                         format!("{}", 100_000 + i),
@@ -764,7 +883,7 @@ mod tests {
         let (_dir, path) = file_db();
         drop(SqliteStore::open(&path)?);
         // Opening again does not re-run migrations.
-        assert_eq!(SqliteStore::open(&path)?.schema_version()?, 1);
+        assert_eq!(SqliteStore::open(&path)?.schema_version()?, 4);
         // A newer database is refused, not misread.
         {
             let conn = Connection::open(&path)?;
@@ -774,9 +893,63 @@ mod tests {
             SqliteStore::open(&path),
             Err(StoreError::SchemaTooNew {
                 found: 99,
-                supported: 1
+                supported: 4
             })
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn every_write_to_subscribers_is_in_the_change_log() -> Result<(), StoreError> {
+        let (_dir, path) = file_db();
+        let gw = SqliteStore::open(&path)?;
+        let (start, none) = gw.changes_since(None)?;
+        assert!(none.is_empty());
+        // Another connection (the CLI in another process) writes.
+        let mut cli = SqliteStore::open(&path)?;
+        cli.add_user(&sub("alice", "+15550001"))?;
+        cli.add_user(&sub("bob", "+15550002"))?;
+        let (next, users) = gw.changes_since(Some(start))?;
+        assert_eq!(users, ["alice", "bob"]);
+        assert_eq!(gw.changes_since(Some(next))?, (next, vec![]));
+        cli.set_verifier("bob", &verifier("new"))?;
+        cli.del_user("alice")?;
+        let (next2, users) = gw.changes_since(Some(next))?;
+        assert_eq!(users, ["bob", "alice"]);
+        assert!(next2 > next);
+        // The log stays short.
+        for i in 0..10_050 {
+            cli.set_verifier("bob", &verifier(&format!("p{i}")))?;
+        }
+        let n: i64 = gw
+            .conn
+            .query_row("SELECT count(*) FROM changes", [], |r| r.get(0))?;
+        assert!(n <= 10_000, "{n} rows");
+        Ok(())
+    }
+
+    #[test]
+    fn classes_of_service_round_trip_and_are_validated() -> Result<(), StoreError> {
+        let mut s = mem();
+        s.add_user(&sub("alice", "+15550001"))?;
+        assert_eq!(s.user("alice")?.and_then(|u| u.allow_prefixes), None);
+        let p = vec!["+4930".to_owned(), "+1".to_owned()];
+        assert!(s.set_allow_prefixes("alice", Some(&p))?);
+        assert_eq!(s.user("alice")?.and_then(|u| u.allow_prefixes), Some(p));
+        assert!(s.set_allow_prefixes("alice", Some(&[]))?);
+        assert_eq!(
+            s.user("alice")?.and_then(|u| u.allow_prefixes),
+            Some(vec![])
+        );
+        assert!(!s.set_allow_prefixes("nobody", None)?);
+        assert!(
+            s.set_allow_prefixes("alice", Some(&["+49,1".to_owned()]))
+                .is_err()
+        );
+        assert!(
+            s.set_allow_prefixes("alice", Some(&vec!["+1".to_owned(); 65]))
+                .is_err()
+        );
         Ok(())
     }
 
@@ -784,11 +957,11 @@ mod tests {
     fn corrupt_rows_are_reported_not_panicked_on() -> Result<(), StoreError> {
         let s = mem();
         s.conn.execute(
-            "INSERT INTO subscribers VALUES ('eve', '1', x'00', 4294967296, zeroblob(32), zeroblob(32))",
+            "INSERT INTO subscribers VALUES ('eve', '1', x'00', 4294967296, zeroblob(32), zeroblob(32), NULL)",
             [],
         )?;
         s.conn
-            .execute("INSERT INTO routes VALUES ('+1', 'not an address', '')", [])?;
+            .execute("INSERT INTO routes (prefix, media_addr, description) VALUES ('+1', 'not an address', '')", [])?;
         assert!(matches!(s.user("eve"), Err(StoreError::Corrupt { .. })));
         assert!(matches!(s.list_routes(), Err(StoreError::Corrupt { .. })));
         assert!(matches!(

@@ -172,6 +172,8 @@ pub enum ServerMsg {
     Incoming {
         call: CallId,
         from_number: String,
+        /// The caller as shown to the callee. The gateway sends the caller's number here too:
+        /// log-in names are never revealed to other subscribers.
         from_user: String,
         conference: bool,
     },
@@ -297,6 +299,8 @@ pub enum ErrorCode {
     /// Missed heart-beats: the gateway considers the client offline.
     Timeout,
     Internal,
+    /// The account was deleted, its password changed or its number reassigned while logged in.
+    Revoked,
 }
 
 /// Why a call ended. A reason this build does not know (a newer gateway's) decodes as
@@ -327,10 +331,18 @@ pub enum HangupReason {
     PeerDenied,
     /// A media address the call needs is missing or not a unicast address.
     BadMediaAddress,
+    /// Too many dials by this caller, rings of this callee, or room invitations per minute.
+    RateLimited,
+    /// The call reached the gateway's maximum call duration.
+    TimeLimit,
+    /// No media arrived from a party for longer than the inactivity time-out.
+    NoMedia,
+    /// The caller may not dial this number (its class of service).
+    NotPermitted,
 }
 
 impl HangupReason {
-    pub const ALL: [HangupReason; 12] = [
+    pub const ALL: [HangupReason; 16] = [
         HangupReason::Normal,
         HangupReason::Rejected,
         HangupReason::Busy,
@@ -343,6 +355,10 @@ impl HangupReason {
         HangupReason::Error,
         HangupReason::PeerDenied,
         HangupReason::BadMediaAddress,
+        HangupReason::RateLimited,
+        HangupReason::TimeLimit,
+        HangupReason::NoMedia,
+        HangupReason::NotPermitted,
     ];
 
     /// The reason named `s`; unknown names are `Error`.
@@ -367,6 +383,10 @@ impl HangupReason {
             HangupReason::Error => "error",
             HangupReason::PeerDenied => "peer_denied",
             HangupReason::BadMediaAddress => "bad_media_address",
+            HangupReason::RateLimited => "rate_limited",
+            HangupReason::TimeLimit => "time_limit",
+            HangupReason::NoMedia => "no_media",
+            HangupReason::NotPermitted => "not_permitted",
         }
     }
 }

@@ -766,12 +766,158 @@ impl<'b> Writer<'b> {
     }
 }
 
+/// A Binding request keyed with a short-term credential (RFC 8489 §9.1): USERNAME,
+/// MESSAGE-INTEGRITY with `key`, FINGERPRINT. Returns its length. Used by clients binding a leg
+/// and by the gateway when it checks a new source of a leg before moving media to it.
+pub fn write_binding_request(
+    buf: &mut [u8],
+    username: &[u8],
+    key: &[u8],
+    txid: &[u8; 12],
+) -> Result<usize, StunError> {
+    let mut w = Writer::new(buf, Class::Request, BINDING, txid)?;
+    w.attr(attr::USERNAME, username)?;
+    w.message_integrity(key)?;
+    w.fingerprint()?;
+    Ok(w.finish())
+}
+
+/// A Binding success response (RFC 8489 §7.3.1.1): XOR-MAPPED-ADDRESS `mapped`,
+/// MESSAGE-INTEGRITY with `key`, FINGERPRINT. Returns its length.
+pub fn write_binding_success(
+    buf: &mut [u8],
+    txid: &[u8; 12],
+    mapped: SocketAddr,
+    key: &[u8],
+) -> Result<usize, StunError> {
+    let mut w = Writer::new(buf, Class::Success, BINDING, txid)?;
+    w.xor_address(attr::XOR_MAPPED_ADDRESS, mapped)?;
+    w.message_integrity(key)?;
+    w.fingerprint()?;
+    Ok(w.finish())
+}
+
+/// Checks a Binding success response to the request `txid` keyed with `key` (transaction id,
+/// MESSAGE-INTEGRITY, FINGERPRINT); returns its XOR-MAPPED-ADDRESS.
+pub fn check_binding_success(msg: &[u8], key: &[u8], txid: &[u8; 12]) -> Option<SocketAddr> {
+    let m = Message::parse(msg).ok()?;
+    let ok = m.transaction_id() == txid
+        && m.method() == BINDING
+        && m.class() == Class::Success
+        && m.check_integrity(key).is_ok()
+        && m.check_fingerprint().is_ok();
+    if !ok {
+        return None;
+    }
+    m.xor_address(attr::XOR_MAPPED_ADDRESS).ok()?
+}
+
+/// A classic RFC 3489 Binding response (no magic cookie: the 16-byte transaction id of the
+/// request is echoed whole) with MAPPED-ADDRESS `mapped` (RFC 3489 §11.2.1). `request` is the
+/// request's 20-byte header. Returns its length.
+pub fn write_rfc3489_binding_response(
+    buf: &mut [u8],
+    request: &[u8],
+    mapped: SocketAddr,
+) -> Result<usize, StunError> {
+    let hdr = request
+        .first_chunk::<HEADER_LEN>()
+        .ok_or(StunError::Truncated)?;
+    let (family, ip): (u8, Vec<u8>) = match mapped.ip() {
+        IpAddr::V4(a) => (1, a.octets().to_vec()),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => (1, v4.octets().to_vec()),
+            // RFC 3489 knows only IPv4; an IPv6 client gets the RFC 8489 family.
+            None => (2, a.octets().to_vec()),
+        },
+    };
+    let value_len = 4 + ip.len();
+    let total = HEADER_LEN + 4 + value_len;
+    let out = buf.get_mut(..total).ok_or(StunError::BufferTooSmall)?;
+    out[0..2].copy_from_slice(&0x0101u16.to_be_bytes());
+    out[2..4].copy_from_slice(&((4 + value_len) as u16).to_be_bytes());
+    out[4..20].copy_from_slice(&hdr[4..20]);
+    out[20..22].copy_from_slice(&attr::MAPPED_ADDRESS.to_be_bytes());
+    out[22..24].copy_from_slice(&(value_len as u16).to_be_bytes());
+    out[24] = 0;
+    out[25] = family;
+    out[26..28].copy_from_slice(&mapped.port().to_be_bytes());
+    out[28..28 + ip.len()].copy_from_slice(&ip);
+    Ok(total)
+}
+
+/// Whether `b` is a classic RFC 3489 Binding request: type 0x0001, a length that is a multiple
+/// of 4 and matches the datagram, and no RFC 5389 magic cookie.
+pub fn is_rfc3489_binding_request(b: &[u8]) -> bool {
+    let Some(h) = b.first_chunk::<HEADER_LEN>() else {
+        return false;
+    };
+    let len = usize::from(u16::from_be_bytes([h[2], h[3]]));
+    u16::from_be_bytes([h[0], h[1]]) == BINDING
+        && len % 4 == 0
+        && HEADER_LEN + len == b.len()
+        && u32::from_be_bytes([h[4], h[5], h[6], h[7]]) != MAGIC_COOKIE
+}
+
 #[cfg(test)]
 mod tests {
     use super::attr::*;
     use super::*;
     use proptest::prelude::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn keyed_binding_request_and_success_round_trip() {
+        let mut b = [0u8; 256];
+        let n = write_binding_request(&mut b, b"leg-1", b"key", &[4; 12]).unwrap();
+        let m = Message::parse(&b[..n]).unwrap();
+        assert_eq!((m.class(), m.method()), (Class::Request, BINDING));
+        assert_eq!(m.username(), Some(&b"leg-1"[..]));
+        assert!(m.check_integrity(b"key").is_ok() && m.check_fingerprint().is_ok());
+        let to: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let n = write_binding_success(&mut b, &[4; 12], to, b"key").unwrap();
+        let m = Message::parse(&b[..n]).unwrap();
+        assert_eq!(m.xor_address(XOR_MAPPED_ADDRESS), Ok(Some(to)));
+        assert!(write_binding_success(&mut b[..30], &[4; 12], to, b"key").is_err());
+    }
+
+    #[test]
+    fn classic_rfc3489_binding_is_recognised_and_answered() {
+        let mut req = vec![0x00, 0x01, 0x00, 0x08];
+        req.extend_from_slice(&[0xab; 16]);
+        req.extend_from_slice(&[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 0]); // CHANGE-REQUEST
+        assert!(is_rfc3489_binding_request(&req));
+        assert!(!looks_like_stun(&req), "no magic cookie");
+        let mut b = [0u8; 64];
+        let n =
+            write_rfc3489_binding_response(&mut b, &req, "10.1.2.3:4660".parse().unwrap()).unwrap();
+        assert_eq!(
+            &b[..n],
+            &[
+                1, 1, 0, 12, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab, 0xab,
+                0xab, 0xab, 0xab, 0xab, 0xab, 0, 1, 0, 8, 0, 1, 0x12, 0x34, 10, 1, 2, 3
+            ][..]
+        );
+        // An RFC 5389 request (cookie) and a wrong length are not classic requests.
+        let mut cookie = [0u8; 20];
+        let m = Writer::new(&mut cookie, Class::Request, BINDING, &[1; 12])
+            .unwrap()
+            .finish();
+        assert!(!is_rfc3489_binding_request(&cookie[..m]));
+        assert!(!is_rfc3489_binding_request(&req[..24]));
+    }
+
+    proptest! {
+        #[test]
+        fn classic_answers_never_panic(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut b = [0u8; 64];
+            if is_rfc3489_binding_request(&data) {
+                let n = write_rfc3489_binding_response(&mut b, &data, "[2001:db8::1]:7".parse().unwrap()).unwrap();
+                prop_assert_eq!(&b[4..20], &data[4..20]);
+                prop_assert!(n <= 44);
+            }
+        }
+    }
 
     fn hex(s: &str) -> Vec<u8> {
         s.split_whitespace()

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use voxgate::client::{g711, wav};
 
+pub mod pg;
+pub mod redis;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_voxgate");
 
 pub fn password(user: &str) -> String {
@@ -99,9 +102,48 @@ impl Gateway {
         )
     }
 
+    /// [`Gateway::start`] with its directory elsewhere: `directory` (e.g. `--directory URL`)
+    /// and `env` (e.g. `PGPASSWORD`) are given to `voxgate user add` and `voxgate serve`.
+    pub fn start_with_directory(
+        directory: &[&str],
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Gateway {
+        Gateway::start_on_directory(
+            &[],
+            &[
+                "--listen",
+                "::",
+                "--control-port",
+                "0",
+                "--media-port-base",
+                "0",
+                "--probe-ports",
+                "0,0",
+                "--dump-interval",
+                "1",
+            ],
+            "127.0.0.1",
+            &[extra, &["--shutdown-grace-s", "5"]].concat(),
+            directory,
+            env,
+        )
+    }
+
     /// Starts `voxgate serve` through `host` (e.g. `ip netns exec NS`), with `net` giving its
     /// addresses and ports; clients reach it at `reach_ip`.
     pub fn start_on(host: &[&str], net: &[&str], reach_ip: &str, extra: &[&str]) -> Gateway {
+        Gateway::start_on_directory(host, net, reach_ip, extra, &[], &[])
+    }
+
+    fn start_on_directory(
+        host: &[&str],
+        net: &[&str],
+        reach_ip: &str,
+        extra: &[&str],
+        directory: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         for (user, number) in [
@@ -110,22 +152,26 @@ impl Gateway {
             ("carol", "+15550003"),
         ] {
             let out = run_with_stdin(
-                Command::new(BIN).args([
-                    "user",
-                    "add",
-                    user,
-                    "--number",
-                    number,
-                    "--password-stdin",
-                    "--data-dir",
-                    data.to_str().unwrap(),
-                ]),
+                Command::new(BIN)
+                    .args([
+                        "user",
+                        "add",
+                        user,
+                        "--number",
+                        number,
+                        "--password-stdin",
+                        "--data-dir",
+                        data.to_str().unwrap(),
+                    ])
+                    .args(directory)
+                    .envs(env.iter().copied()),
                 &format!("{}\n", password(user)),
             );
+            // A directory shared with another gateway (PostgreSQL) may have them already.
+            let err = String::from_utf8_lossy(&out.stderr);
             assert!(
-                out.status.success(),
-                "user add: {}",
-                String::from_utf8_lossy(&out.stderr)
+                out.status.success() || (!directory.is_empty() && err.contains("already exists")),
+                "user add: {err}"
             );
         }
         let mut child = command(host, BIN)
@@ -150,6 +196,8 @@ impl Gateway {
             )
             .args(net)
             .args(extra)
+            .args(directory)
+            .envs(env.iter().copied())
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -15,22 +15,69 @@
 #   lab.sh family N v4|v6          client N keeps only its IPv4 or only its IPv6 address
 #   lab.sh counters N              client N's router counters
 #   lab.sh reset N                 zero client N's router counters
-#   lab.sh exec HOST CMD...        run CMD on host gw | c1 | c2 | c3 | r1 | r2 | r3
+#   lab.sh exec HOST CMD...        run CMD on host gw | c1 | c2 | c3 | r1 | r2 | r3 (| gwr)
 #
 # Addresses: "Internet" 172.31.0.0/24 on a bridge; gateway 172.31.0.1; router N's WAN
 # 172.31.0.1N; client N 10.N.0.2 on router N's LAN 10.N.0.1/24. IPv6 (routed, no NAT):
 # "Internet" 2001:db8:31::/64, gateway 2001:db8:31::1, router N 2001:db8:31::1N, client N
 # 2001:db8:N::2 on 2001:db8:N::/64.
+#
+# GW_NAT=1 lab.sh up: the gateway sits behind its own router (host gwr) doing 1:1 NAT, as a
+# cloud instance does: gwr holds the public addresses 172.31.0.1 and 2001:db8:31::1 on the
+# "Internet", DNATs everything for them to the gateway's private 192.168.77.2 / fd77::2 (gwr's
+# LAN 192.168.77.1/24, fd77::1/64), and SNATs what the gateway sends back out. Clients reach
+# the gateway only at the public addresses; the gateway itself sees its private ones.
 set -euo pipefail
 LAB=${LAB:-vgl}
 GW_IP=172.31.0.1
 GW_IP6=2001:db8:31::1
+GW_PRIVATE=192.168.77.2
+GW_PRIVATE6=fd77::2
+GW_NAT=${GW_NAT:-0}
 MEDIA_PORTS=${MEDIA_PORTS:-7401-7408}
 PROBE_PORTS=${PROBE_PORTS:-7390-7391}
 CLIENTS=${CLIENTS:-3}
 
 ns() { echo "${LAB}$1"; }
 x() { ip netns exec "$(ns "$1")" "${@:2}"; }
+
+# The gateway behind a 1:1 NAT router (GW_NAT=1).
+gw_behind_nat() {
+    ip netns add "$(ns gwr)"
+    ip link add wan netns "$(ns gwr)" type veth peer name p-gwr netns "$(ns inet)"
+    ip link add lan netns "$(ns gwr)" type veth peer name gw0 netns "$(ns gw)"
+    x inet ip link set p-gwr master br0 up
+    x gwr ip link set lo up
+    x gwr ip addr add "$GW_IP/24" dev wan
+    x gwr ip -6 addr add "$GW_IP6/64" dev wan nodad
+    x gwr ip addr add "192.168.77.1/24" dev lan
+    x gwr ip -6 addr add "fd77::1/64" dev lan nodad
+    x gwr ip link set wan up
+    x gwr ip link set lan up
+    x gwr sysctl -qw net.ipv4.ip_forward=1
+    x gwr sysctl -qw net.ipv6.conf.all.forwarding=1
+    x gw ip link set lo up
+    x gw ip addr add "$GW_PRIVATE/24" dev gw0
+    x gw ip -6 addr add "$GW_PRIVATE6/64" dev gw0 nodad
+    x gw ip link set gw0 up
+    x gw ip route add default via 192.168.77.1
+    x gw ip -6 route add default via fd77::1
+    x gwr nft -f - <<NFT
+flush ruleset
+table inet gwnat {
+    chain prerouting {
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "wan" ip daddr $GW_IP dnat ip to $GW_PRIVATE
+        iifname "wan" ip6 daddr $GW_IP6 dnat ip6 to $GW_PRIVATE6
+    }
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan" ip saddr $GW_PRIVATE snat ip to $GW_IP
+        oifname "wan" ip6 saddr $GW_PRIVATE6 snat ip6 to $GW_IP6
+    }
+}
+NFT
+}
 
 down() {
     for n in $(ip netns list | awk '{print $1}' | grep "^${LAB}" || true); do
@@ -41,18 +88,24 @@ down() {
 
 up() {
     down
+    # Where the routes to the client LANs live: the gateway, or its NAT router.
+    if [ "$GW_NAT" = 1 ]; then GW_EDGE=gwr; else GW_EDGE=gw; fi
     ip netns add "$(ns inet)"
     x inet ip link add br0 type bridge
     x inet ip link set br0 up
     x inet ip link set lo up
     # The gateway host.
     ip netns add "$(ns gw)"
-    ip link add gw0 netns "$(ns gw)" type veth peer name p-gw netns "$(ns inet)"
-    x inet ip link set p-gw master br0 up
-    x gw ip link set lo up
-    x gw ip addr add "$GW_IP/24" dev gw0
-    x gw ip -6 addr add "$GW_IP6/64" dev gw0 nodad
-    x gw ip link set gw0 up
+    if [ "$GW_NAT" = 1 ]; then
+        gw_behind_nat
+    else
+        ip link add gw0 netns "$(ns gw)" type veth peer name p-gw netns "$(ns inet)"
+        x inet ip link set p-gw master br0 up
+        x gw ip link set lo up
+        x gw ip addr add "$GW_IP/24" dev gw0
+        x gw ip -6 addr add "$GW_IP6/64" dev gw0 nodad
+        x gw ip link set gw0 up
+    fi
     for n in $(seq 1 "$CLIENTS"); do
         ip netns add "$(ns "r$n")"
         ip netns add "$(ns "c$n")"
@@ -74,9 +127,9 @@ up() {
         x "c$n" ip route add default via "10.$n.0.1"
         x "c$n" ip -6 addr add "2001:db8:$n::2/64" dev eth0 nodad
         x "c$n" ip -6 route add default via "2001:db8:$n::1"
-        x gw ip -6 route add "2001:db8:$n::/64" via "2001:db8:31::1$n"
+        x "$GW_EDGE" ip -6 route add "2001:db8:$n::/64" via "2001:db8:31::1$n"
         # Client LANs are routed on the "Internet" (until NAT hides them).
-        x gw ip route add "10.$n.0.0/24" via "172.31.0.1$n"
+        x "$GW_EDGE" ip route add "10.$n.0.0/24" via "172.31.0.1$n"
         rules "$n" open none
     done
     for n in $(seq 1 "$CLIENTS"); do

@@ -1,8 +1,9 @@
-//! The shard's forwarding core, with no IO of its own: the session table, the authenticated
-//! bindings, TCP media connections (deframing and bounded send queues) and the per-packet
-//! decision "forward to these destinations / drop (reason)". Both event loops (io_uring and the
-//! epoll fallback) feed it the same events and carry out what it puts in the [`Outbox`], so the
-//! two share every rule.
+//! The shard's forwarding core, with no IO of its own. This file: the session table (sessions,
+//! legs, rooms) and the per-packet decision "forward to these destinations / drop (reason)",
+//! with its admission budget. `binding`: authenticated bindings and validated latching. `tcp`:
+//! TCP media connections (limits, deframing, bounded send queues). Both event loops (io_uring
+//! and the epoll fallback) feed it the same events and carry out what it puts in the
+//! [`Outbox`], so the two share every rule, and each rule lives in one place.
 //!
 //! Nothing here copies a payload, with one exception: a TCP frame that arrives spread over more
 //! than two receive buffers (or a first STUN frame split across two) is gathered into a spare
@@ -16,14 +17,22 @@
 //! - "Packets from unbound sources are dropped and counted, and never answered with anything
 //!   larger than what came in": an unauthenticated datagram gets no answer at all.
 
-use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
-use super::pool::{BufId, Pool, Seg};
+mod binding;
+mod tcp;
+
+use binding::Latch;
+pub use binding::is_private;
+use tcp::FrameQueue;
+pub use tcp::{Conn, ConnId};
+
+use super::pool::{Pool, Seg};
 use crate::metrics::rtpstats::{RtpReport, RtpStats};
 use crate::metrics::{Counters, DropReason, Flow};
 use crate::wire::{framing, rtp, stun};
@@ -35,6 +44,15 @@ type LegIdx = u32;
 pub const MAX_LEG_NAME: usize = 128;
 /// Iovecs gathered into one TCP `sendmsg` (a frame takes two or three: length prefix + parts).
 pub const TCP_IOV: usize = 128;
+/// Transaction ids of recent Bindings remembered per leg: a Binding replayed from another
+/// address is ignored.
+const SEEN_TXIDS: usize = 8;
+/// Default for [`Outbox::udp_budget`]: datagrams one turn may produce.
+pub const DEFAULT_UDP_BUDGET: usize = 4096;
+/// Frames one TCP receive buffer may have forwarded; the rest of that read is dropped
+/// (counted as `SendBacklog`). A softphone sends 50 frames a second: a read with more is a
+/// burst that would be stale anyway, or a flood.
+pub const FRAMES_PER_READ: u32 = 64;
 
 /// How the gateway delivers media *to* a leg's participant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +122,18 @@ pub struct RelayConfig {
     pub max_legs_per_session: usize,
     /// The UDP socket is dual-stack (IPv6 with v4-mapped addresses) rather than IPv4-only.
     pub ipv6: bool,
+    /// Unbound TCP connections one source IP (an IPv6 /64) may hold; a new one over the limit
+    /// closes that source's oldest.
+    pub max_unbound_tcp_per_source: usize,
+    /// An unbound connection that sends nothing for this long is closed (the hard deadline
+    /// from accept is `unbound_tcp_timeout_ns`).
+    pub unbound_tcp_idle_ns: u64,
+    /// Media older than this (kernel receive time to handling, or waiting in a TCP queue) is
+    /// dropped; 0: never.
+    pub stale_ns: u64,
+    /// Whether a leg may latch onto (or be validated at) a loopback, private or link-local
+    /// source: the gateway's `allow_private_peers`.
+    pub allow_private_latch: bool,
 }
 
 impl Default for RelayConfig {
@@ -117,6 +147,10 @@ impl Default for RelayConfig {
             max_sessions: 100_000,
             max_legs_per_session: 64,
             ipv6: true,
+            max_unbound_tcp_per_source: 8,
+            unbound_tcp_idle_ns: 1_000_000_000,
+            stale_ns: 300_000_000,
+            allow_private_latch: true,
         }
     }
 }
@@ -134,10 +168,11 @@ pub struct UdpOut {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ShardEvent {
     /// A leg proved its key and is bound: from now on media can be delivered to it over
-    /// `transport` (sent once per leg and transport).
+    /// `transport` (sent when a leg binds, and when its source moves).
     LegBound {
         session: SessionId,
-        leg: String,
+        /// Shared with the shard's leg table: no allocation per event.
+        leg: std::sync::Arc<str>,
         transport: crate::metrics::Transport,
         source: SocketAddr,
     },
@@ -156,9 +191,12 @@ pub enum ShardEvent {
 }
 
 /// What the event loop must do after feeding events to the relay.
-#[derive(Default)]
 pub struct Outbox {
     pub udp: Vec<UdpOut>,
+    /// Admission: the most datagrams `udp` may hold this turn (the loop sets it from its free
+    /// send slots). Forwarding checks it before it takes a buffer reference, so the work one
+    /// received buffer can cause is bounded before it is done.
+    pub udp_budget: usize,
     /// Connections with frames queued that may need a send started.
     pub tcp_dirty: Vec<ConnId>,
     /// Connections to shut down (the loop then reaps them once no operation is in flight).
@@ -167,7 +205,25 @@ pub struct Outbox {
     pub events: Vec<ShardEvent>,
 }
 
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            udp: Vec::new(),
+            udp_budget: DEFAULT_UDP_BUDGET,
+            tcp_dirty: Vec::new(),
+            close: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+}
+
 impl Outbox {
+    /// Whether one more datagram fits this turn's budget.
+    #[inline]
+    pub fn udp_room(&self) -> bool {
+        self.udp.len() < self.udp_budget
+    }
+
     pub fn is_empty(&self) -> bool {
         self.udp.is_empty()
             && self.tcp_dirty.is_empty()
@@ -176,114 +232,12 @@ impl Outbox {
     }
 }
 
-/// Identifies a TCP media connection; the generation makes late completions for a reused slot
-/// harmless.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConnId {
-    pub idx: u32,
-    pub generation: u32,
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-struct QFrame {
-    hdr: [u8; 2],
-    segs: [Seg; 2],
-    nsegs: u8,
-}
-
-impl QFrame {
-    fn len(&self) -> usize {
-        2 + self.segs[..usize::from(self.nsegs)]
-            .iter()
-            .map(|s| usize::from(s.len))
-            .sum::<usize>()
-    }
-}
-
-/// A fixed-capacity ring of frames; never reallocates, so iovecs pointing at `hdr` stay valid.
-struct FrameQueue {
-    slots: Box<[QFrame]>,
-    head: usize,
-    len: usize,
-    /// Bytes of the head frame already written to the socket.
-    head_sent: usize,
-}
-
-impl FrameQueue {
-    /// A queue of `cap` frames; an unbound connection's queue has room for one (its STUN
-    /// answer).
-    fn new(cap: usize) -> FrameQueue {
-        FrameQueue {
-            slots: vec![QFrame::default(); cap.max(1)].into_boxed_slice(),
-            head: 0,
-            len: 0,
-            head_sent: 0,
-        }
-    }
-    fn is_full(&self) -> bool {
-        self.len == self.slots.len()
-    }
-    fn push(&mut self, f: QFrame) {
-        debug_assert!(!self.is_full());
-        let i = (self.head + self.len) % self.slots.len();
-        self.slots[i] = f;
-        self.len += 1;
-    }
-    fn get(&self, i: usize) -> &QFrame {
-        &self.slots[(self.head + i) % self.slots.len()]
-    }
-    fn pop(&mut self) -> QFrame {
-        let f = self.slots[self.head];
-        self.head = (self.head + 1) % self.slots.len();
-        self.len -= 1;
-        self.head_sent = 0;
-        f
-    }
-}
-
-enum Partial {
-    None,
-    /// The first piece of a frame, still in its receive buffer (one reference held).
-    One(Seg),
-    /// A frame being gathered into a spare buffer (`got` bytes so far).
-    Copy {
-        buf: BufId,
-        got: u16,
-    },
-    /// The rest of a frame that could not be kept (no spare buffer): ignored.
-    Skip,
-}
-
-/// A TCP media connection. Queued frames (and their length prefixes, which live in the queue's
-/// fixed ring) may be read by the kernel while a send is in flight, so the connection is reaped
-/// only when no operation is in flight.
-pub struct Conn {
-    pub fd: OwnedFd,
-    pub peer: SocketAddr,
-    pub generation: u32,
-    leg: Option<LegIdx>,
-    accepted_ns: u64,
-    deframer: framing::Deframer,
-    partial: Partial,
-    queue: FrameQueue,
-    /// Driver state: a multishot receive is armed / a send is in flight / shutting down.
-    pub recv_armed: bool,
-    pub send_inflight: bool,
-    pub closing: bool,
-}
-
-impl Conn {
-    pub fn is_bound(&self) -> bool {
-        self.leg.is_some()
-    }
-    pub fn queued(&self) -> usize {
-        self.queue.len
-    }
-}
-
 struct Leg {
     session: SessionId,
     name: Rc<[u8]>,
+    /// The name as the control thread gets it in events: shared, so a bind change costs the
+    /// shard no allocation.
+    event_name: Arc<str>,
     key: Box<[u8]>,
     delivery: Delivery,
     peers: Vec<LegIdx>,
@@ -295,6 +249,10 @@ struct Leg {
     rtp: RtpStats,
     last_rx_ns: u64,
     backpressure_drops: u64,
+    /// A new source of this leg waiting for its answer to the gateway's keyed check.
+    latch: Option<Latch>,
+    seen_txids: [[u8; 12]; SEEN_TXIDS],
+    seen_next: usize,
 }
 
 /// What an operator (and the control thread) sees of one leg.
@@ -324,7 +282,13 @@ pub struct Relay {
     conn_generation: Vec<u32>,
     free_conns: Vec<u32>,
     unbound_conns: usize,
+    /// Unbound connections per source prefix (/32, or /64 for IPv6).
+    unbound_by_source: FxHashMap<IpAddr, u32>,
     tcp_queued: usize,
+    /// New sources waiting for validation: address -> leg.
+    pending_latch: FxHashMap<SocketAddr, LegIdx>,
+    /// The loop's clock at the start of this turn (the stale check's "now").
+    now_ns: u64,
     pub counters: Counters,
     pub latency: Histogram<u64>,
     batch_rx: Vec<u64>,
@@ -348,7 +312,10 @@ impl Relay {
             conn_generation: Vec::new(),
             free_conns: Vec::new(),
             unbound_conns: 0,
+            unbound_by_source: FxHashMap::default(),
             tcp_queued: 0,
+            pending_latch: FxHashMap::default(),
+            now_ns: 0,
             counters: Counters::default(),
             latency: new_latency_histogram(),
             batch_rx: Vec::with_capacity(1024),
@@ -369,6 +336,18 @@ impl Relay {
 
     pub fn tcp_queued_total(&self) -> usize {
         self.tcp_queued
+    }
+
+    /// The loop's clock at the start of a turn: media received (kernel timestamp) longer than
+    /// `stale_ns` before it is dropped.
+    #[inline]
+    pub fn begin_turn(&mut self, now_ns: u64) {
+        self.now_ns = now_ns;
+    }
+
+    /// Unbound TCP connections now counted against the limits.
+    pub fn unbound_count(&self) -> usize {
+        self.unbound_conns
     }
 
     // ---------------------------------------------------------------- sessions
@@ -437,6 +416,7 @@ impl Relay {
     fn create_leg(&mut self, session: SessionId, l: LegSpec) -> LegIdx {
         let leg = Leg {
             session,
+            event_name: Arc::from(l.name.as_str()),
             name: Rc::from(l.name.into_bytes()),
             key: l.key.into_boxed_slice(),
             delivery: match l.delivery {
@@ -452,6 +432,9 @@ impl Relay {
             rtp: RtpStats::default(),
             last_rx_ns: 0,
             backpressure_drops: 0,
+            latch: None,
+            seen_txids: [[0; 12]; SEEN_TXIDS],
+            seen_next: 0,
         };
         let idx = match self.free_legs.pop() {
             Some(i) => {
@@ -539,6 +522,11 @@ impl Relay {
             rtp: leg.rtp.report(),
             clock_rate: leg.clock_rate,
         });
+        if let Some(p) = &leg.latch
+            && self.pending_latch.get(&p.addr) == Some(&i)
+        {
+            self.pending_latch.remove(&p.addr);
+        }
         if let Some(src) = leg.udp_src
             && self.udp_bindings.get(&src) == Some(&i)
         {
@@ -633,110 +621,16 @@ impl Relay {
 
     // ---------------------------------------------------------------- UDP
 
-    /// A datagram arrived on the shard's UDP socket; `seg` is its payload in the pool, and the
-    /// caller holds one reference to the buffer (released by the caller after this returns).
-    pub fn on_udp(
-        &mut self,
-        pool: &mut Pool,
-        src: SocketAddr,
-        seg: Seg,
-        rx_ns: u64,
-        out: &mut Outbox,
-    ) {
-        let src = canonical(src);
-        let len = usize::from(seg.len);
-        self.counters.udp_in.add(len);
-        let bound = self.udp_bindings.get(&src).copied();
-        if stun::looks_like_stun(pool.seg(seg)) {
-            self.udp_stun(pool, src, seg, bound, out);
-            return;
-        }
-        match bound {
-            Some(leg) => self.forward(pool, leg, &[seg], rx_ns, out),
-            None => self.counters.drop(DropReason::Unbound),
-        }
-    }
-
-    fn udp_stun(
-        &mut self,
-        pool: &mut Pool,
-        src: SocketAddr,
-        seg: Seg,
-        bound: Option<LegIdx>,
-        out: &mut Outbox,
-    ) {
-        let Some((leg, txid)) = self.authenticate(pool.seg(seg), bound.is_some()) else {
-            return;
-        };
-        if self.leg(leg).udp_src != Some(src) {
-            self.bind_udp(leg, src);
-            let l = self.leg(leg);
-            out.events.push(ShardEvent::LegBound {
-                session: l.session,
-                leg: String::from_utf8_lossy(&l.name).into_owned(),
-                transport: crate::metrics::Transport::Udp,
-                source: src,
-            });
-        }
-        // Answer in place: the request's own buffer holds the response.
-        let key = &self.legs[leg as usize].as_ref().map(|l| &l.key);
-        let Some(key) = key else { return };
-        let start = usize::from(seg.off);
-        let n = match write_binding_success(&mut pool.buf_mut(seg.buf)[start..], &txid, src, key) {
-            Some(n) => n,
-            None => {
-                self.counters.drop(DropReason::BadStun);
-                return;
-            }
-        };
-        self.counters.bindings += 1;
-        pool.hold(seg.buf);
-        out.udp.push(UdpOut {
-            dst: src,
-            segs: [Seg::new(seg.buf, start, n), Seg::default()],
-            nsegs: 1,
-        });
-        self.counters.udp_out.add(n);
-    }
-
-    /// Checks a STUN message: a Binding request whose USERNAME names a leg on this shard and
-    /// whose MESSAGE-INTEGRITY verifies with that leg's key. Counts and returns None otherwise.
-    /// Binding indications (keep-alives) from bound sources are consumed quietly.
-    fn authenticate(&mut self, msg: &[u8], from_bound: bool) -> Option<(LegIdx, [u8; 12])> {
-        let m = match stun::Message::parse(msg) {
-            Ok(m) => m,
-            Err(_) => {
-                self.counters.drop(DropReason::BadStun);
-                return None;
-            }
-        };
-        if m.method() != stun::BINDING || m.class() != stun::Class::Request {
-            if !(from_bound && m.class() == stun::Class::Indication) {
-                self.counters.drop(DropReason::BadStun);
-            }
-            return None;
-        }
-        let leg = m.username().and_then(|u| self.leg_by_name.get(u).copied());
-        let Some(leg) = leg else {
-            self.counters.drop(DropReason::BadAuth);
-            return None;
-        };
-        if m.check_integrity(&self.leg(leg).key).is_err() || m.check_fingerprint().is_err() {
-            self.counters.drop(DropReason::BadAuth);
-            return None;
-        }
-        Some((leg, *m.transaction_id()))
-    }
-
-    // ---------------------------------------------------------------- forwarding
-
     /// Media from `from`: one buffer reference per destination, the payload never copied.
+    /// At most `budget` datagrams may be in the outbox (media from TCP gets half the turn's
+    /// budget, so a flood of small frames on one connection cannot crowd out UDP calls).
     fn forward(
         &mut self,
         pool: &mut Pool,
         from: LegIdx,
         segs: &[Seg],
         rx_ns: u64,
+        budget: usize,
         out: &mut Outbox,
     ) {
         let len: usize = segs.iter().map(|s| usize::from(s.len)).sum();
@@ -774,12 +668,19 @@ impl Relay {
                 Delivery::Tcp => {
                     if let Some(c) = tcp {
                         had_egress = true;
-                        delivered |= self.enqueue_frame(pool, peer, c, segs, out);
+                        delivered |= self.enqueue_frame(pool, peer, c, segs, rx_ns, out);
                     }
                     continue;
                 }
             };
             let Some(dst) = dst else { continue };
+            had_egress = true;
+            if out.udp.len() >= budget.min(out.udp_budget) {
+                // Admission: this turn's sends are spent. Checked before any reference is
+                // taken, so a flood of tiny frames costs a bounded amount of work and memory.
+                self.counters.drop(DropReason::SendBacklog);
+                continue;
+            }
             let mut o = UdpOut {
                 dst,
                 segs: [Seg::default(); 2],
@@ -801,49 +702,6 @@ impl Relay {
         }
     }
 
-    fn enqueue_frame(
-        &mut self,
-        pool: &mut Pool,
-        peer: LegIdx,
-        c: ConnId,
-        segs: &[Seg],
-        out: &mut Outbox,
-    ) -> bool {
-        let len: usize = segs.iter().map(|s| usize::from(s.len)).sum();
-        let total_full = self.tcp_queued >= self.cfg.tcp_queued_total;
-        let Some(conn) = self.conn_mut(c) else {
-            return false;
-        };
-        if conn.closing || conn.queue.is_full() || total_full {
-            self.counters.drop(DropReason::TcpBackpressure);
-            self.leg_mut(peer).backpressure_drops += 1;
-            return false;
-        }
-        let Ok(hdr) = framing::header(len) else {
-            return false;
-        };
-        let mut f = QFrame {
-            hdr,
-            segs: [Seg::default(); 2],
-            nsegs: segs.len() as u8,
-        };
-        for (slot, s) in f.segs.iter_mut().zip(segs) {
-            *slot = *s;
-        }
-        conn.queue.push(f);
-        let was_idle = conn.queue.len == 1;
-        for s in segs {
-            pool.hold(s.buf);
-        }
-        self.tcp_queued += 1;
-        self.counters.tcp_out.add(len);
-        self.leg_mut(peer).tx.add(len);
-        if was_idle {
-            out.tcp_dirty.push(c);
-        }
-        true
-    }
-
     /// Record relay latency for everything forwarded since the last call: `now_ns` is the time
     /// the sends are submitted.
     pub fn finish_batch(&mut self, now_ns: u64) {
@@ -858,487 +716,20 @@ impl Relay {
     }
 
     // ---------------------------------------------------------------- TCP
-
-    /// A TCP media connection was accepted. Returns None (and counts it) when the shard already
-    /// holds its limit of connections that have not yet bound; the caller closes `fd`.
-    pub fn on_accept(&mut self, fd: OwnedFd, peer: SocketAddr, now_ns: u64) -> Option<ConnId> {
-        if self.unbound_conns >= self.cfg.max_unbound_tcp {
-            self.counters.drop(DropReason::TcpConnLimit);
-            return None;
-        }
-        self.counters.tcp_accepted += 1;
-        self.unbound_conns += 1;
-        let idx = match self.free_conns.pop() {
-            Some(i) => i,
-            None => {
-                self.conns.push(None);
-                self.conn_generation.push(0);
-                (self.conns.len() - 1) as u32
-            }
-        };
-        let generation = self.conn_generation[idx as usize].wrapping_add(1) & 0x00ff_ffff;
-        self.conn_generation[idx as usize] = generation;
-        self.conns[idx as usize] = Some(Conn {
-            fd,
-            peer: canonical(peer),
-            generation,
-            leg: None,
-            accepted_ns: now_ns,
-            deframer: framing::Deframer::new(self.cfg.max_frame),
-            partial: Partial::None,
-            queue: FrameQueue::new(0),
-            recv_armed: false,
-            send_inflight: false,
-            closing: false,
-        });
-        Some(ConnId { idx, generation })
-    }
-
-    pub fn conn(&self, c: ConnId) -> Option<&Conn> {
-        self.conns
-            .get(c.idx as usize)?
-            .as_ref()
-            .filter(|x| x.generation == c.generation)
-    }
-
-    pub fn conn_mut(&mut self, c: ConnId) -> Option<&mut Conn> {
-        self.conns
-            .get_mut(c.idx as usize)?
-            .as_mut()
-            .filter(|x| x.generation == c.generation)
-    }
-
-    /// Look a connection up by slot alone (completions carry a truncated generation).
-    pub fn conn_id_at(&self, idx: u32, generation: u32) -> Option<ConnId> {
-        let c = self.conns.get(idx as usize)?.as_ref()?;
-        (c.generation == generation).then_some(ConnId { idx, generation })
-    }
-
-    /// Bytes arrived on a TCP connection: `seg` in the pool, one reference held by the caller.
-    pub fn on_tcp(&mut self, pool: &mut Pool, c: ConnId, seg: Seg, rx_ns: u64, out: &mut Outbox) {
-        self.counters.tcp_in.bytes += u64::from(seg.len);
-        let mut pos = 0usize;
-        loop {
-            let Some(conn) = self.conn_mut(c) else { return };
-            if conn.closing {
-                return;
-            }
-            let chunk = pool.seg(seg);
-            let piece = match conn.deframer.next_piece(chunk, &mut pos) {
-                Ok(Some(p)) => p,
-                Ok(None) => return,
-                Err(_) => {
-                    self.counters.drop(DropReason::BadFrame);
-                    self.close(pool, c, out);
-                    return;
-                }
-            };
-            let pseg = Seg::new(
-                seg.buf,
-                usize::from(seg.off) + piece.range.start,
-                piece.range.len(),
-            );
-            if piece.first && piece.last {
-                self.counters.tcp_in.packets += 1;
-                self.on_frame(pool, c, &[pseg], rx_ns, out);
-                continue;
-            }
-            let partial = std::mem::replace(&mut conn.partial, Partial::None);
-            match partial {
-                Partial::Skip => {
-                    if !piece.last {
-                        conn.partial = Partial::Skip;
-                    }
-                }
-                Partial::None => {
-                    // First piece of a frame that continues in the next read.
-                    pool.hold(pseg.buf);
-                    conn.partial = Partial::One(pseg);
-                }
-                Partial::One(first) if piece.last => {
-                    self.counters.tcp_in.packets += 1;
-                    self.on_frame(pool, c, &[first, pseg], rx_ns, out);
-                    pool.release(first.buf);
-                }
-                Partial::One(first) => {
-                    // A third piece is coming: gather the frame in a spare buffer.
-                    let next = match pool.take_spare() {
-                        Some(buf) => {
-                            self.counters.reassembly_copies += 1;
-                            let got = copy_into_at(pool, buf, 0, &[first, pseg]);
-                            Partial::Copy {
-                                buf,
-                                got: got as u16,
-                            }
-                        }
-                        None => {
-                            // The frame is dropped; the deframer keeps counting its bytes, so
-                            // the stream stays in sync.
-                            self.counters.drop(DropReason::NoReassemblyBuffer);
-                            Partial::Skip
-                        }
-                    };
-                    pool.release(first.buf);
-                    if let Some(conn) = self.conn_mut(c) {
-                        conn.partial = next;
-                    }
-                }
-                Partial::Copy { buf, got } => {
-                    let got = usize::from(got) + copy_into_at(pool, buf, usize::from(got), &[pseg]);
-                    if piece.last {
-                        self.counters.tcp_in.packets += 1;
-                        self.on_frame(pool, c, &[Seg::new(buf, 0, got)], rx_ns, out);
-                        pool.release(buf);
-                    } else if let Some(conn) = self.conn_mut(c) {
-                        conn.partial = Partial::Copy {
-                            buf,
-                            got: got as u16,
-                        };
-                    }
-                }
-            }
-        }
-    }
-
-    fn on_frame(&mut self, pool: &mut Pool, c: ConnId, segs: &[Seg], rx_ns: u64, out: &mut Outbox) {
-        let Some(conn) = self.conn(c) else { return };
-        let bound = conn.leg;
-        let first_byte = pool.seg(segs[0]).first().copied().unwrap_or(0);
-        // STUN (first byte 0..=3, RFC 7983) must be parsed from one piece of memory.
-        let is_stun_candidate = first_byte < 4;
-        if bound.is_none() || is_stun_candidate {
-            let (seg, spare) = match segs {
-                [one] => (*one, None),
-                _ => match pool.take_spare() {
-                    Some(buf) => {
-                        self.counters.reassembly_copies += 1;
-                        let n = copy_into_at(pool, buf, 0, segs);
-                        (Seg::new(buf, 0, n), Some(buf))
-                    }
-                    None => {
-                        self.counters.drop(DropReason::NoReassemblyBuffer);
-                        return;
-                    }
-                },
-            };
-            let is_stun = stun::looks_like_stun(pool.seg(seg));
-            if is_stun {
-                self.tcp_stun(pool, c, seg, bound, out);
-            } else if bound.is_none() {
-                // "On a TCP media connection, the first RFC 4571 frame is that same Binding
-                // request": anything else closes the connection.
-                self.counters.drop(DropReason::BadFrame);
-                self.close(pool, c, out);
-            } else if let Some(leg) = bound {
-                self.forward(pool, leg, &[seg], rx_ns, out);
-            }
-            if let Some(buf) = spare {
-                pool.release(buf);
-            }
-            return;
-        }
-        if let Some(leg) = bound {
-            self.forward(pool, leg, segs, rx_ns, out);
-        }
-    }
-
-    fn tcp_stun(
-        &mut self,
-        pool: &mut Pool,
-        c: ConnId,
-        seg: Seg,
-        bound: Option<LegIdx>,
-        out: &mut Outbox,
-    ) {
-        let Some((leg, txid)) = self.authenticate(pool.seg(seg), bound.is_some()) else {
-            if bound.is_none() {
-                self.close(pool, c, out);
-            }
-            return;
-        };
-        if bound.is_some_and(|b| b != leg) {
-            // A connection belongs to one leg for its whole life.
-            self.counters.drop(DropReason::BadAuth);
-            return;
-        }
-        let Some(peer) = self.conn(c).map(|x| x.peer) else {
-            return;
-        };
-        if bound.is_none() {
-            if let Some(old) = self.leg(leg).tcp
-                && old != c
-            {
-                if let Some(o) = self.conn_mut(old) {
-                    o.leg = None;
-                }
-                self.close(pool, old, out);
-            }
-            self.leg_mut(leg).tcp = Some(c);
-            self.unbound_conns = self.unbound_conns.saturating_sub(1);
-            let cap = self.cfg.tcp_queue_frames;
-            if let Some(conn) = self.conn_mut(c) {
-                conn.leg = Some(leg);
-                // Only bound connections carry media: their queue is allocated now.
-                conn.queue = FrameQueue::new(cap);
-            }
-            let l = self.leg(leg);
-            out.events.push(ShardEvent::LegBound {
-                session: l.session,
-                leg: String::from_utf8_lossy(&l.name).into_owned(),
-                transport: crate::metrics::Transport::Tcp,
-                source: peer,
-            });
-        }
-        // The response goes into a spare buffer: the request's buffer may hold the next frames.
-        let Some(buf) = pool.take_spare() else {
-            self.counters.drop(DropReason::NoReassemblyBuffer);
-            return;
-        };
-        let n = {
-            let key = &self.leg(leg).key;
-            write_binding_success(pool.buf_mut(buf), &txid, peer, key)
-        };
-        if let Some(n) = n {
-            self.counters.bindings += 1;
-            let resp = Seg::new(buf, 0, n);
-            self.push_control_frame(pool, c, resp, out);
-        }
-        pool.release(buf);
-    }
-
-    /// Queue a frame that is not media (a STUN response): not subject to the RTP drop policy
-    /// unless the queue is completely full.
-    fn push_control_frame(&mut self, pool: &mut Pool, c: ConnId, seg: Seg, out: &mut Outbox) {
-        let Ok(hdr) = framing::header(usize::from(seg.len)) else {
-            return;
-        };
-        let Some(conn) = self.conn_mut(c) else { return };
-        if conn.queue.is_full() {
-            self.counters.drop(DropReason::TcpBackpressure);
-            return;
-        }
-        conn.queue.push(QFrame {
-            hdr,
-            segs: [seg, Seg::default()],
-            nsegs: 1,
-        });
-        let was_idle = conn.queue.len == 1;
-        pool.hold(seg.buf);
-        self.tcp_queued += 1;
-        if was_idle {
-            out.tcp_dirty.push(c);
-        }
-    }
-
-    /// Describe queued frames as iovecs in `iov` (as many as fit). Returns the number of
-    /// iovecs used (0: nothing to send, or a send is already in flight). The iovecs point into
-    /// pool buffers and the queue's length prefixes, which stay put until `tcp_sent`.
-    pub fn prepare_tcp_send(&mut self, pool: &Pool, c: ConnId, iov: &mut [libc::iovec]) -> usize {
-        let Some(conn) = self.conn_mut(c) else {
-            return 0;
-        };
-        if conn.send_inflight || conn.queue.len == 0 || conn.closing {
-            return 0;
-        }
-        let mut n = 0usize;
-        let mut skip = conn.queue.head_sent;
-        'frames: for i in 0..conn.queue.len {
-            let f = conn.queue.get(i);
-            let parts = std::iter::once((f.hdr.as_ptr().cast_mut(), 2usize)).chain(
-                f.segs[..usize::from(f.nsegs)].iter().map(|s| {
-                    (
-                        pool.addr(s.buf).wrapping_add(usize::from(s.off)),
-                        usize::from(s.len),
-                    )
-                }),
-            );
-            for (ptr, len) in parts {
-                if skip >= len {
-                    skip -= len;
-                    continue;
-                }
-                let Some(slot) = iov.get_mut(n) else {
-                    break 'frames;
-                };
-                *slot = libc::iovec {
-                    iov_base: ptr.wrapping_add(skip).cast(),
-                    iov_len: len - skip,
-                };
-                skip = 0;
-                n += 1;
-            }
-        }
-        n
-    }
-
-    /// `sent` bytes of the prepared send were written: retire whole frames.
-    pub fn tcp_sent(&mut self, pool: &mut Pool, c: ConnId, mut sent: usize) {
-        let mut retired = 0;
-        if let Some(conn) = self.conn_mut(c) {
-            while conn.queue.len > 0 && sent > 0 {
-                let f = *conn.queue.get(0);
-                let left = f.len() - conn.queue.head_sent;
-                if sent >= left {
-                    sent -= left;
-                    let f = conn.queue.pop();
-                    for s in &f.segs[..usize::from(f.nsegs)] {
-                        pool.release(s.buf);
-                    }
-                    retired += 1;
-                } else {
-                    conn.queue.head_sent += sent;
-                    sent = 0;
-                }
-            }
-        }
-        self.tcp_queued -= retired;
-    }
-
-    pub fn tcp_has_queued(&self, c: ConnId) -> bool {
-        self.conn(c).is_some_and(|x| x.queue.len > 0 && !x.closing)
-    }
-
-    /// Start closing a connection: it no longer carries media; the loop shuts the socket down and
-    /// reaps it once nothing is in flight.
-    pub fn close(&mut self, pool: &mut Pool, c: ConnId, out: &mut Outbox) {
-        let Some(conn) = self.conn_mut(c) else { return };
-        if conn.closing {
-            return;
-        }
-        conn.closing = true;
-        let leg = conn.leg.take();
-        let partial = std::mem::replace(&mut conn.partial, Partial::None);
-        match partial {
-            Partial::None => {}
-            Partial::One(s) => pool.release(s.buf),
-            Partial::Copy { buf, .. } => pool.release(buf),
-            Partial::Skip => {}
-        }
-        match leg {
-            Some(l) => {
-                if let Some(leg) = self.legs[l as usize].as_mut()
-                    && leg.tcp == Some(c)
-                {
-                    leg.tcp = None;
-                }
-            }
-            None => self.unbound_conns = self.unbound_conns.saturating_sub(1),
-        }
-        out.close.push(c);
-    }
-
-    /// Frees a closed connection once no operation is in flight; returns the socket so the loop
-    /// can drop (close) it. Queued frames release their buffers here, never earlier, since an
-    /// in-flight send may still read them.
-    pub fn reap(&mut self, pool: &mut Pool, c: ConnId) -> Option<OwnedFd> {
-        let conn = self.conn(c)?;
-        if !conn.closing || conn.recv_armed || conn.send_inflight {
-            return None;
-        }
-        let mut conn = self.conns[c.idx as usize].take()?;
-        while conn.queue.len > 0 {
-            let f = conn.queue.pop();
-            for s in &f.segs[..usize::from(f.nsegs)] {
-                pool.release(s.buf);
-            }
-            self.tcp_queued -= 1;
-        }
-        self.free_conns.push(c.idx);
-        self.counters.tcp_closed += 1;
-        Some(conn.fd)
-    }
-
-    /// Time-based duties: unbound connections that have not bound in time are closed.
-    pub fn housekeeping(&mut self, pool: &mut Pool, now_ns: u64, out: &mut Outbox) {
-        let timeout = self.cfg.unbound_tcp_timeout_ns;
-        let stale: Vec<ConnId> = self
-            .conns
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| {
-                let c = c.as_ref()?;
-                (!c.closing && c.leg.is_none() && now_ns.saturating_sub(c.accepted_ns) > timeout)
-                    .then_some(ConnId {
-                        idx: i as u32,
-                        generation: c.generation,
-                    })
-            })
-            .collect();
-        for c in stale {
-            self.counters.drop(DropReason::TcpConnLimit);
-            self.close(pool, c, out);
-        }
-    }
-
-    /// All live connections (for shutdown).
-    pub fn conn_ids(&self) -> Vec<ConnId> {
-        self.conns
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| {
-                c.as_ref().map(|c| ConnId {
-                    idx: i as u32,
-                    generation: c.generation,
-                })
-            })
-            .collect()
-    }
-
-    pub fn raw_fd(&self, c: ConnId) -> Option<i32> {
-        self.conn(c).map(|x| x.fd.as_raw_fd())
-    }
 }
 
-/// Copy segments to `buf[at..]`, bounded by the buffer; returns bytes copied.
-fn copy_into_at(pool: &mut Pool, buf: BufId, mut at: usize, segs: &[Seg]) -> usize {
-    let start = at;
-    for s in segs {
-        let size = pool.buf_size();
-        let src_off = usize::from(s.off);
-        let n = usize::from(s.len).min(size.saturating_sub(at));
-        let src = pool.addr(s.buf).wrapping_add(src_off);
-        let dst = pool.addr(buf).wrapping_add(at);
-        // SAFETY: both ranges lie inside the pool mapping (bounded by buf_size above and by the
-        // segment having been cut from a received buffer); `buf` is a spare distinct from the
-        // receive buffers, so the ranges do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
-        at += n;
-    }
-    at - start
-}
-
-/// A Binding success response (RFC 8489 §7.3.1.1 + XOR-MAPPED-ADDRESS, MESSAGE-INTEGRITY with
-/// the leg key, FINGERPRINT). Returns its length, or None if it does not fit.
-fn write_binding_success(
-    buf: &mut [u8],
-    txid: &[u8; 12],
-    mapped: SocketAddr,
-    key: &[u8],
-) -> Option<usize> {
-    let mut w = stun::Writer::new(buf, stun::Class::Success, stun::BINDING, txid).ok()?;
-    w.xor_address(stun::attr::XOR_MAPPED_ADDRESS, mapped).ok()?;
-    w.message_integrity(key).ok()?;
-    w.fingerprint().ok()?;
-    Some(w.finish())
-}
-
-/// IPv4-mapped IPv6 addresses (from a dual-stack socket) as plain IPv4, so one client has one
-/// key in the binding table whatever socket family saw it.
-pub fn canonical(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => a,
-        },
-        v4 => v4,
-    }
-}
+/// The canonical form of an address lives in the neutral `net` module (the control core uses
+/// it too); re-exported here so existing paths keep compiling.
+pub use crate::net::canonical;
 
 #[cfg(test)]
 mod tests {
+    use super::tcp::QFrame;
     use super::*;
+    use crate::shard::pool::BufId;
     use crate::shard::pool::PoolLayout;
     use proptest::prelude::*;
+    use std::os::fd::OwnedFd;
 
     fn pool() -> Pool {
         Pool::new(PoolLayout {
@@ -1365,10 +756,11 @@ mod tests {
         }
     }
 
-    /// A received buffer holding `data` (one reference, as the loop holds it).
+    /// A received buffer holding `data` (one reference, as the loop holds it). The tests give
+    /// that reference back with `pool.release(id)` where the loops use `release_received`.
     fn recv(pool: &mut Pool, id: BufId, data: &[u8]) -> Seg {
-        pool.received(id);
-        pool.buf_mut(id)[..data.len()].copy_from_slice(data);
+        std::mem::forget(pool.received(id));
+        pool.buf_mut(id).unwrap()[..data.len()].copy_from_slice(data);
         Seg::new(id, 0, data.len())
     }
 
@@ -1393,17 +785,16 @@ mod tests {
             })
             .unwrap();
         let c = relay
-            .on_accept(fd(), "192.0.2.2:2000".parse().unwrap(), 0)
+            .on_accept(pool, fd(), "192.0.2.2:2000".parse().unwrap(), 0, out)
             .unwrap();
         // Bind by hand, as tcp_stun does after a valid Binding.
         let t = relay.leg_by_name[&b"t"[..]];
         relay.leg_mut(t).tcp = Some(c);
-        relay.unbound_conns -= 1;
+        relay.forget_unbound(c);
         let cap = relay.cfg.tcp_queue_frames;
         let conn = relay.conn_mut(c).unwrap();
         conn.leg = Some(t);
         conn.queue = FrameQueue::new(cap);
-        let _ = (pool, out);
         c
     }
 
@@ -1503,7 +894,15 @@ mod tests {
             ..RelayConfig::default()
         };
         let mut relay = Relay::new(cfg);
-        let mut pool = pool();
+        // Large enough that the per-connection share of the UDP group (an eighth of its queue
+        // budget) is above the queue's own limit.
+        let mut pool = Pool::new(PoolLayout {
+            buf_size: 2048,
+            udp: 256,
+            tcp: 64,
+            spare: 8,
+        })
+        .unwrap();
         let mut out = Outbox::default();
         let c = tcp_session(&mut relay, &mut pool, &mut out);
         for i in 0..10u16 {
@@ -1607,6 +1006,142 @@ mod tests {
         assert!(relay.leg_by_name.is_empty() && relay.udp_bindings.is_empty());
     }
 
+    #[test]
+    fn rebinding_a_tcp_leg_does_not_lift_the_unbound_limit() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        relay
+            .install(SessionSpec {
+                id: 1,
+                legs: vec![leg("t", Delivery::Tcp, None)],
+            })
+            .unwrap();
+        for i in 0..5u16 {
+            let c = relay
+                .on_accept(
+                    &mut pool,
+                    fd(),
+                    "192.0.2.2:2000".parse().unwrap(),
+                    0,
+                    &mut out,
+                )
+                .unwrap();
+            assert_eq!(relay.unbound_count(), 1);
+            let mut req = [0u8; 256];
+            let n = stun::write_binding_request(&mut req, b"t", b"k", &[i as u8; 12]).unwrap();
+            let mut frame = (n as u16).to_be_bytes().to_vec();
+            frame.extend_from_slice(&req[..n]);
+            let seg = recv(&mut pool, 64 + i, &frame);
+            relay.on_tcp(&mut pool, c, seg, 0, &mut out);
+            pool.release(64 + i);
+            assert_eq!(
+                relay.unbound_count(),
+                0,
+                "bound (and the previous connection closed) without a second decrement"
+            );
+        }
+        assert!(relay.unbound_by_source.is_empty());
+    }
+
+    #[test]
+    fn stale_datagrams_are_dropped_and_counted() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        relay
+            .install(SessionSpec {
+                id: 1,
+                legs: vec![
+                    leg("a", Delivery::UdpLatched, Some("192.0.2.1:1")),
+                    leg("b", Delivery::UdpLatched, Some("192.0.2.2:2")),
+                ],
+            })
+            .unwrap();
+        relay.begin_turn(1_000_000_000);
+        let seg = recv(&mut pool, 0, &[0x80; 172]);
+        relay.on_udp(
+            &mut pool,
+            "192.0.2.1:1".parse().unwrap(),
+            seg,
+            600_000_000,
+            &mut out,
+        );
+        assert!(out.udp.is_empty(), "received 400 ms ago: stale");
+        assert_eq!(relay.counters.dropped(DropReason::Stale), 1);
+        relay.on_udp(
+            &mut pool,
+            "192.0.2.1:1".parse().unwrap(),
+            seg,
+            900_000_000,
+            &mut out,
+        );
+        assert_eq!(out.udp.len(), 1, "100 ms old: forwarded");
+    }
+
+    #[test]
+    fn the_send_budget_is_checked_before_references_are_taken() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox {
+            udp_budget: 3,
+            ..Outbox::default()
+        };
+        let mut legs = vec![leg("src", Delivery::UdpLatched, Some("192.0.2.1:1"))];
+        for i in 0..10 {
+            legs.push(leg(
+                &format!("r{i}"),
+                Delivery::Udp(format!("192.0.2.9:{}", 100 + i).parse().unwrap()),
+                None,
+            ));
+        }
+        relay.install(SessionSpec { id: 1, legs }).unwrap();
+        let seg = recv(&mut pool, 0, &[0x80; 172]);
+        relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 0, &mut out);
+        assert_eq!(out.udp.len(), 3);
+        assert_eq!(
+            pool.refs(0),
+            4,
+            "one reference per admitted send, none more"
+        );
+        assert_eq!(relay.counters.dropped(DropReason::SendBacklog), 7);
+    }
+
+    #[test]
+    fn reference_counts_hold_at_the_legal_extremes() {
+        // buf_size 4096 with rooms of 64, and 16384 with rooms of 16: the most references
+        // one buffer can gather is bounded by the budgets, far below the count's range.
+        for (buf_size, room) in [(4096usize, 64usize), (16384, 16)] {
+            let mut p = Pool::new(PoolLayout {
+                buf_size,
+                udp: 4,
+                tcp: 4,
+                spare: 8,
+            })
+            .unwrap();
+            let r = p.received(0);
+            let frames = buf_size / 3; // 1-byte frames: 3 bytes each
+            let holds = frames * (room - 1);
+            for _ in 0..holds {
+                p.hold(0);
+            }
+            assert_eq!(
+                p.refs(0) as usize,
+                holds + 1,
+                "no wrap at {buf_size}/{room}"
+            );
+            for _ in 0..holds {
+                p.release(0);
+            }
+            assert!(p.buf_mut(0).is_some(), "held once again: ours alone");
+            p.release_received(r);
+            assert!(
+                p.buf_mut(0).is_none(),
+                "back to the kernel: not ours to write"
+            );
+        }
+    }
+
     proptest! {
         /// Arbitrary datagrams and TCP byte streams (in arbitrary pieces) never panic, and
         /// once every send completes no buffer stays pinned.
@@ -1620,7 +1155,7 @@ mod tests {
             let mut pool = pool();
             let mut out = Outbox::default();
             let c = tcp_session(&mut relay, &mut pool, &mut out);
-            let stranger = relay.on_accept(fd(), "192.0.2.3:3".parse().unwrap(), 0).unwrap();
+            let stranger = relay.on_accept(&mut pool, fd(), "192.0.2.3:3".parse().unwrap(), 0, &mut out).unwrap();
             // Like the kernel, hand out only buffers nobody references.
             let free = |pool: &Pool, range: std::ops::Range<u16>| range.clone().find(|&b| pool.refs(b) == 0).unwrap();
             for d in &datagrams {

@@ -1,0 +1,349 @@
+//! Socket-level fuzzing of a live shard with calls in progress (issue 11): random and mutated
+//! datagrams and TCP streams (valid RTP headers, valid STUN with wrong keys, replayed and
+//! bit-flipped Bindings, classic STUN, frames split across writes, oversize and garbage frames)
+//! while a UDP call and a UDP/TCP call run. Checks: the shard never stops (no panic), the
+//! process's RSS stays within 10 % of where it was after warm-up, and the calls in progress
+//! lose nothing.
+//!
+//! Bounded for CI: `VOXGATE_FUZZ_DATAGRAMS` datagrams per event loop (default 150,000; set
+//! 1000000 for the full run), plus one TCP connection per 200 datagrams.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use voxgate::client::binding;
+use voxgate::shard::{Backend, Delivery, LegSpec, SessionSpec, ShardConfig, ShardHandle, Shards};
+use voxgate::wire::stun;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn leg(name: &str, delivery: Delivery) -> LegSpec {
+    LegSpec {
+        name: name.into(),
+        key: key(name),
+        delivery,
+        trusted_source: None,
+        clock_rate: 8000,
+    }
+}
+
+fn key(name: &str) -> Vec<u8> {
+    format!("key-of-{name}").into_bytes()
+}
+
+fn gw_udp(h: &ShardHandle) -> SocketAddr {
+    SocketAddr::new("127.0.0.1".parse().unwrap(), h.udp_addr.port())
+}
+
+fn gw_tcp(h: &ShardHandle) -> SocketAddr {
+    SocketAddr::new("127.0.0.1".parse().unwrap(), h.tcp_addr.port())
+}
+
+fn request(leg: &str, k: &[u8]) -> Vec<u8> {
+    let mut buf = [0u8; 512];
+    let n = binding::request(&mut buf, leg, k, &binding::new_txid()).unwrap();
+    buf[..n].to_vec()
+}
+
+fn bind_udp(s: &UdpSocket, h: &ShardHandle, leg: &str) -> Vec<u8> {
+    let req = request(leg, &key(leg));
+    s.send_to(&req, gw_udp(h)).unwrap();
+    let mut b = [0u8; 512];
+    s.recv_from(&mut b).expect("bound");
+    req
+}
+
+fn frame(p: &[u8]) -> Vec<u8> {
+    let mut f = (p.len() as u16).to_be_bytes().to_vec();
+    f.extend_from_slice(p);
+    f
+}
+
+fn rtp(ssrc: u32, seq: u16, len: usize) -> Vec<u8> {
+    let mut p = vec![0x80, 0x00];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    p.extend_from_slice(&ssrc.to_be_bytes());
+    p.resize(len, 0xd5);
+    p
+}
+
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// One fuzz datagram: random, mutated RTP, STUN with a wrong key, a replayed or bit-flipped
+/// Binding, classic STUN, or truncated STUN.
+fn fuzz_datagram(rng: &mut StdRng, captured: &[u8]) -> Vec<u8> {
+    match rng.random_range(0..8) {
+        0 => {
+            let mut v = vec![0u8; rng.random_range(0..1600)];
+            rng.fill(&mut v[..]);
+            v
+        }
+        1 => {
+            let mut p = rtp(rng.random(), rng.random(), rng.random_range(12..400));
+            let i = rng.random_range(0..p.len());
+            p[i] ^= rng.random::<u8>() | 1;
+            p
+        }
+        2 => request(
+            ["a", "b", "u", "t", "nobody"][rng.random_range(0..5)],
+            b"wrong key",
+        ),
+        3 => captured.to_vec(),
+        4 => {
+            let mut c = captured.to_vec();
+            let i = rng.random_range(0..c.len());
+            c[i] ^= 1 << rng.random_range(0..8);
+            c
+        }
+        5 => {
+            let mut c = vec![0x00, 0x01, 0x00, 0x00];
+            c.extend((0..16).map(|_| rng.random::<u8>()));
+            c
+        }
+        6 => {
+            let c = captured;
+            c[..rng.random_range(0..c.len())].to_vec()
+        }
+        _ => {
+            // A success response to nothing (latch answers are only taken from a pending
+            // source with the right transaction id and key).
+            let mut b = [0u8; 128];
+            let n = stun::write_binding_success(
+                &mut b,
+                &rng.random(),
+                "127.0.0.1:9".parse().unwrap(),
+                &key("a"),
+            )
+            .unwrap();
+            b[..n].to_vec()
+        }
+    }
+}
+
+/// One fuzz TCP stream: frames with valid headers and random payloads, a Binding with a wrong
+/// key, garbage, oversize headers; written in random pieces.
+fn fuzz_stream(rng: &mut StdRng) -> Vec<u8> {
+    let mut s = Vec::new();
+    match rng.random_range(0..4) {
+        0 => s.extend(frame(&request("t", b"wrong"))),
+        1 => {
+            let mut g = vec![0u8; rng.random_range(1..3000)];
+            rng.fill(&mut g[..]);
+            s.extend(g);
+        }
+        2 => s.extend([0xff, 0xff, 1, 2, 3]),
+        _ => {}
+    }
+    for _ in 0..rng.random_range(0..20) {
+        let mut p = rtp(rng.random(), rng.random(), rng.random_range(12..300));
+        if rng.random_bool(0.3) {
+            p[0] = rng.random();
+        }
+        s.extend(frame(&p));
+    }
+    s
+}
+
+fn fuzz(backend: Backend, datagrams: usize) {
+    let cfg = ShardConfig {
+        listen: "::".parse().unwrap(),
+        media_port_base: 0,
+        shards: 1,
+        backend,
+        pin: false,
+        udp_bufs: 1024,
+        tcp_bufs: 256,
+        spare_bufs: 64,
+        ring_entries: 512,
+        send_slots: 1024,
+        ..ShardConfig::default()
+    };
+    let shards = Shards::spawn(&cfg).expect("shards start");
+    let h = shards.handles[0].clone();
+    h.install_blocking(SessionSpec {
+        id: 1,
+        legs: vec![
+            leg("a", Delivery::UdpLatched),
+            leg("b", Delivery::UdpLatched),
+        ],
+    })
+    .unwrap();
+    h.install_blocking(SessionSpec {
+        id: 2,
+        legs: vec![leg("u", Delivery::UdpLatched), leg("t", Delivery::Tcp)],
+    })
+    .unwrap();
+    let (a, b, u) = (
+        UdpSocket::bind("127.0.0.1:0").unwrap(),
+        UdpSocket::bind("127.0.0.1:0").unwrap(),
+        UdpSocket::bind("127.0.0.1:0").unwrap(),
+    );
+    for s in [&a, &b, &u] {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+    }
+    let captured = bind_udp(&a, &h, "a");
+    bind_udp(&b, &h, "b");
+    bind_udp(&u, &h, "u");
+    let mut t = TcpStream::connect(gw_tcp(&h)).unwrap();
+    t.set_read_timeout(Some(WAIT)).unwrap();
+    t.write_all(&frame(&request("t", &key("t")))).unwrap();
+    let mut hdr = [0u8; 2];
+    t.read_exact(&mut hdr).unwrap();
+    let mut resp = vec![0u8; usize::from(u16::from_be_bytes(hdr))];
+    t.read_exact(&mut resp).unwrap();
+
+    // The calls in progress: a→b over UDP, u→t UDP to TCP, 500 packets/s each.
+    let stop = Arc::new(AtomicBool::new(false));
+    let gw = gw_udp(&h);
+    let sender = {
+        let (a, u, stop) = (a.try_clone().unwrap(), u.try_clone().unwrap(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seq = 0u16;
+            let t0 = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                a.send_to(&rtp(0xaaaa, seq, 172), gw).unwrap();
+                u.send_to(&rtp(0x7777, seq, 172), gw).unwrap();
+                seq += 1;
+                let due = t0 + Duration::from_millis(2) * u32::from(seq);
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+            seq
+        })
+    };
+    let udp_rx = {
+        let b = b.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 2048];
+            b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            while let Ok((n, _)) = b.recv_from(&mut buf) {
+                assert_eq!(n, 172, "only the call's packets");
+                assert_eq!(
+                    &buf[8..12],
+                    &0xaaaau32.to_be_bytes(),
+                    "only the call's packets"
+                );
+                got.push(u16::from_be_bytes([buf[2], buf[3]]));
+            }
+            got
+        })
+    };
+    let tcp_rx = {
+        let mut t = t.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            t.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            loop {
+                let mut hdr = [0u8; 2];
+                if t.read_exact(&mut hdr).is_err() {
+                    break;
+                }
+                let mut p = vec![0u8; usize::from(u16::from_be_bytes(hdr))];
+                t.read_exact(&mut p).expect("whole frames");
+                assert_eq!(
+                    &p[8..12],
+                    &0x7777u32.to_be_bytes(),
+                    "only the call's packets"
+                );
+                got.push(u16::from_be_bytes([p[2], p[3]]));
+            }
+            got
+        })
+    };
+
+    let mut rng = StdRng::seed_from_u64(0x5eed ^ backend as u64);
+    let fuzzers: Vec<UdpSocket> = (0..8)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let mut rss_warm = 0;
+    let t0 = Instant::now();
+    for i in 0..datagrams {
+        let d = fuzz_datagram(&mut rng, &captured);
+        let _ = fuzzers[i % fuzzers.len()].send_to(&d, gw);
+        if i % 200 == 0 {
+            if let Ok(mut c) = TcpStream::connect(gw_tcp(&h)) {
+                let s = fuzz_stream(&mut rng);
+                let mut at = 0;
+                while at < s.len() {
+                    let n = rng.random_range(1..=(s.len() - at).min(700));
+                    if c.write_all(&s[at..at + n]).is_err() {
+                        break;
+                    }
+                    at += n;
+                }
+            }
+        }
+        if i % 1000 == 999 {
+            // Paced to about 20,000 datagrams a second: the calls must not lose packets to
+            // a full socket (the kernel's limit, with the default rmem_max, not the
+            // gateway's; a debug build at 40,000 a second with 5,000 TCP connections
+            // overflowed it, counted as socket_overflow).
+            let due = t0 + Duration::from_micros(50) * (i as u32 + 1);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+        }
+        if i == datagrams / 10 {
+            rss_warm = rss_bytes();
+        }
+    }
+    h.ping_blocking().expect("the shard survived the fuzzing");
+    let rss_end = rss_bytes();
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    let got_udp = udp_rx.join().unwrap();
+    let got_tcp = tcp_rx.join().unwrap();
+    let s = h.snapshot_blocking().unwrap();
+    for (what, got) in [("UDP", &got_udp), ("UDP→TCP", &got_tcp)] {
+        let missing: Vec<u16> = (0..sent).filter(|q| !got.contains(q)).collect();
+        let in_order = got.windows(2).all(|w| w[0] < w[1]);
+        assert!(
+            missing.is_empty() && in_order && got.len() == usize::from(sent),
+            "{backend}: the {what} call lost {} of {sent} packets (first {:?}), in order: \
+             {in_order}; drops {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)],
+            s.counters.drops
+        );
+    }
+    assert!(
+        rss_end <= rss_warm + rss_warm / 10,
+        "{backend}: RSS grew from {rss_warm} to {rss_end} bytes"
+    );
+    assert!(
+        s.counters.total_drops() > datagrams as u64 / 2,
+        "the fuzz traffic was seen and dropped: {:?}",
+        s.counters
+    );
+    eprintln!(
+        "{backend}: {datagrams} datagrams in {:?}, calls {sent} packets each, no loss; drops {:?}",
+        t0.elapsed(),
+        s.counters.drops
+    );
+}
+
+fn datagrams() -> usize {
+    std::env::var("VOXGATE_FUZZ_DATAGRAMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150_000)
+}
+
+#[test]
+fn fuzzing_a_live_shard_with_calls_in_progress() {
+    // One loop after the other: the RSS measure is the whole process's.
+    fuzz(Backend::IoUring, datagrams());
+    fuzz(Backend::Epoll, datagrams());
+}
