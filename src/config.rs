@@ -29,6 +29,44 @@ pub struct Config {
     pub cdr: CdrSection,
     pub store: StoreSection,
     pub web: WebSection,
+    pub tls: TlsSection,
+}
+
+/// TLS on the control channel (`[tls]`; see `server::tls`). With `cert` and `key` set, the
+/// gateway also listens for TLS control connections on `control_port`; `plain_control`
+/// decides whether the plaintext listener on `server.control_port` stays.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain (leaf first). Re-read on SIGHUP.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Re-read on SIGHUP.
+    pub key: Option<PathBuf>,
+    /// The TLS control listener's port; 0: any free port (tests).
+    pub control_port: u16,
+    /// Keep the plaintext control listener on `server.control_port` as well.
+    pub plain_control: bool,
+}
+
+impl TlsSection {
+    /// Plain and TLS control on one port (told apart by the first byte).
+    pub fn shared_port(&self, server: &ServerSection) -> bool {
+        self.cert.is_some()
+            && self.plain_control
+            && self.control_port != 0
+            && self.control_port == server.control_port
+    }
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert: None,
+            key: None,
+            control_port: 7443,
+            plain_control: true,
+        }
+    }
 }
 
 /// Call detail records (see `metrics::cdr`).
@@ -506,6 +544,16 @@ impl Config {
                 p.push(format!("{key}: {what}"));
             }
         };
+        check(
+            self.tls.cert.is_some() == self.tls.key.is_some(),
+            "tls.cert",
+            "tls.cert and tls.key go together: set both or neither".into(),
+        );
+        check(
+            self.tls.plain_control || self.tls.cert.is_some(),
+            "tls.plain_control",
+            "false needs tls.cert and tls.key (there would be no control listener)".into(),
+        );
         for (key, list) in [
             ("server.allowed_peers", &s.allowed_peers),
             ("server.denied_peers", &s.denied_peers),
@@ -950,6 +998,15 @@ impl Config {
             v.push("dumps.dir".into());
         }
         v.extend(changed_keys("admin", &self.admin, &new.admin));
+        if self.tls.control_port != new.tls.control_port {
+            v.push("tls.control_port".into());
+        }
+        if self.tls.plain_control != new.tls.plain_control {
+            v.push("tls.plain_control".into());
+        }
+        if self.tls.cert.is_some() != new.tls.cert.is_some() {
+            v.push("tls.cert (turning TLS on or off)".into());
+        }
         v.extend(changed_keys("store", &self.store, &new.store));
         v.extend(changed_keys("web", &self.web, &new.web));
         v
@@ -1140,6 +1197,30 @@ mod tests {
         c.server.denied_peers = vec!["10.0.0.0/8".parse().unwrap()];
         c.calls.ring_timeout_s = 5;
         assert!(a.restart_only_changes(&c).is_empty(), "live keys");
+    }
+
+    #[test]
+    fn tls_keys_are_checked_together() {
+        let c = Config::parse("[tls]\ncert = \"/c.pem\"\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("tls.cert") && e.contains("set both or neither"),
+            "{e}"
+        );
+        let c = Config::parse("[tls]\nplain_control = false\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("tls.plain_control"), "{e}");
+        let c =
+            Config::parse("[tls]\ncert = \"/c\"\nkey = \"/k\"\nplain_control = false\n").unwrap();
+        c.validate().unwrap();
+        assert!(!c.tls.shared_port(&c.server));
+        let mut shared = c.clone();
+        shared.tls.plain_control = true;
+        shared.tls.control_port = shared.server.control_port;
+        assert!(shared.tls.shared_port(&shared.server));
+        let keys = c.restart_only_changes(&Config::default());
+        assert!(keys.iter().any(|k| k == "tls.plain_control"), "{keys:?}");
+        assert!(keys.iter().any(|k| k.starts_with("tls.cert")), "{keys:?}");
     }
 }
 

@@ -86,7 +86,8 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     clap::ArgGroup::new("mode").required(true).args(["call", "answer", "conference"])
 ))]
 pub struct PhoneArgs {
-    /// The gateway's control address, HOST[:PORT] (default port 7400).
+    /// The gateway's control address, HOST[:PORT] (default port 7400), or
+    /// tls://HOST[:PORT] (TLS, default port 7443).
     #[arg(long, value_name = "HOST[:PORT]")]
     pub server: String,
     /// The user to log in as.
@@ -123,13 +124,88 @@ pub struct PhoneArgs {
     /// refuses to send and/or discards received UDP itself; it is not a real firewall).
     #[arg(long, value_enum, value_name = "CLASS", default_value_t = FirewallClass::Open)]
     pub firewall: FirewallClass,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+/// An HTTP proxy to tunnel through (CONNECT).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ProxyArgs {
+    /// Tunnel the control connection and the TCP media connections through this HTTP proxy:
+    /// http://[USER:PASS@]HOST[:PORT] (default port 8080). Default: the https_proxy /
+    /// HTTPS_PROXY environment variables (not for loopback or no_proxy hosts). A phone behind
+    /// a proxy sends and receives no UDP: its probe says so and its media goes over TCP.
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
+    /// The proxy's user name, sent when the proxy asks (407); its password comes from
+    /// --proxy-password-file or the VOXGATE_PROXY_PASSWORD environment variable.
+    #[arg(long, value_name = "USER")]
+    pub proxy_user: Option<String>,
+    /// A file whose first line is the proxy password.
+    #[arg(long, value_name = "FILE")]
+    pub proxy_password_file: Option<PathBuf>,
+}
+
+impl ProxyArgs {
+    /// The proxy to use for `server`, with credentials, or none.
+    pub fn resolve(&self, server: &str) -> Result<Option<super::proxy::ProxyConfig>, String> {
+        use super::proxy::ProxyConfig;
+        let (rest, _) = super::tls::strip_scheme(server);
+        let (host, _) = super::session::parse_server(rest).map_err(|e| e.to_string())?;
+        let mut proxy = match &self.proxy {
+            Some(url) => Some(ProxyConfig::parse(url)?),
+            None => ProxyConfig::from_env(&host)?,
+        };
+        if let Some(user) = &self.proxy_user {
+            let Some(p) = proxy.as_mut() else {
+                return Err("--proxy-user without a proxy (--proxy or https_proxy)".into());
+            };
+            let password = match &self.proxy_password_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .map_err(|e| format!("--proxy-password-file {}: {e}", f.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+                None => std::env::var("VOXGATE_PROXY_PASSWORD").map_err(|_| {
+                    "--proxy-user needs --proxy-password-file or VOXGATE_PROXY_PASSWORD".to_string()
+                })?,
+            };
+            p.credentials = Some((user.clone(), password));
+        }
+        Ok(proxy)
+    }
+}
+
+/// TLS on the control connection (also `--server tls://HOST[:PORT]`, default port 7443).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Connect with TLS, verify the gateway's certificate, and bind the log-in to the TLS
+    /// session (a TLS-terminating man in the middle cannot relay it).
+    #[arg(long)]
+    pub tls: bool,
+    /// Trust only the CA certificates in this PEM file (implies --tls); default: the
+    /// system's roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn options(&self) -> Option<super::tls::TlsOptions> {
+        (self.tls || self.ca.is_some()).then(|| super::tls::TlsOptions {
+            ca: self.ca.clone(),
+        })
+    }
 }
 
 /// `voxgate probe`: log in and print this client's capabilities (send UDP, receive UDP, NAT,
 /// mapped address).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProbeArgs {
-    /// The gateway's control address, HOST[:PORT] (default port 7400).
+    /// The gateway's control address, HOST[:PORT] (default port 7400), or
+    /// tls://HOST[:PORT] (TLS, default port 7443).
     #[arg(long, value_name = "HOST[:PORT]")]
     pub server: String,
     /// The user to log in as.
@@ -147,6 +223,10 @@ pub struct ProbeArgs {
     /// How long to wait for the probe result.
     #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "15")]
     pub wait: Duration,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
 }
 
 /// Reads the password: one line of stdin, or a prompt on the terminal.
@@ -618,9 +698,19 @@ async fn phone_session(
     recording: Option<wav::WavOut>,
     mut summary: PhoneSummary,
 ) -> PhoneSummary {
-    let firewall = args.firewall.firewall();
+    let proxy = match args.proxy.resolve(&args.server) {
+        Ok(p) => p,
+        Err(e) => return summary.fail(2, e),
+    };
+    // Behind a proxy there is no UDP at all: the probe must find it blocked both ways.
+    let firewall = match proxy {
+        Some(_) => FirewallClass::NoUdp.firewall(),
+        None => args.firewall.firewall(),
+    };
     let opts = PhoneOptions {
         firewall,
+        tls: args.tls.options(),
+        proxy: proxy.clone(),
         ..PhoneOptions::default()
     };
     let (phone, mut events) = match Phone::connect(&args.server, &args.user, &password, opts).await
@@ -695,6 +785,7 @@ async fn phone_session(
         record_samples,
         firewall,
         ready_timeout: Some(MEDIA_READY_TIMEOUT),
+        proxy: proxy.clone(),
         ..MediaOptions::default()
     };
     let mut media = match MediaCall::start(&instr, phone.session_key(), socket.clone(), media_opts)
@@ -949,8 +1040,21 @@ pub fn run_probe(args: ProbeArgs) -> ExitCode {
         }
     };
     let s = rt.block_on(async move {
+        let proxy = match args.proxy.resolve(&args.server) {
+            Ok(p) => p,
+            Err(e) => {
+                s.reason = Some(e);
+                s.exit = 2;
+                return s;
+            }
+        };
         let opts = PhoneOptions {
-            firewall: args.firewall.firewall(),
+            firewall: match proxy {
+                Some(_) => FirewallClass::NoUdp.firewall(),
+                None => args.firewall.firewall(),
+            },
+            tls: args.tls.options(),
+            proxy,
             ..PhoneOptions::default()
         };
         let (phone, _events) = match Phone::connect(&args.server, &args.user, &password, opts).await
@@ -1072,6 +1176,8 @@ mod tests {
             wait: None,
             json: true,
             firewall: FirewallClass::Open,
+            tls: TlsArgs::default(),
+            proxy: ProxyArgs::default(),
         }
     }
 
@@ -1585,6 +1691,8 @@ mod tests {
             wait: None,
             json: true,
             firewall: FirewallClass::Open,
+            tls: TlsArgs::default(),
+            proxy: ProxyArgs::default(),
         };
         let s = PhoneSummary::new(&a).fail(2, "x");
         assert_eq!(s.exit, 2);
@@ -1611,6 +1719,8 @@ mod tests {
             wait: None,
             json: false,
             firewall: FirewallClass::Open,
+            tls: TlsArgs::default(),
+            proxy: ProxyArgs::default(),
         };
         let mut s = PhoneSummary::new(&a).fail(1, "busy");
         s.number = Some("+1555".into());

@@ -544,6 +544,8 @@ pub struct MediaOptions {
     /// for callers that do not relay `media_ready` (or bind both ends themselves, as
     /// [`BoundMedia`] allows).
     pub ready_timeout: Option<Duration>,
+    /// Open TCP media connections through this HTTP proxy (CONNECT).
+    pub proxy: Option<super::proxy::ProxyConfig>,
 }
 
 impl Default for MediaOptions {
@@ -555,6 +557,7 @@ impl Default for MediaOptions {
             firewall: Firewall::OPEN,
             bind_timeout: Duration::from_secs(5),
             ready_timeout: None,
+            proxy: None,
         }
     }
 }
@@ -849,9 +852,18 @@ async fn bind_tcp(
     leg: &str,
     key: &[u8],
     wait: Duration,
+    proxy: Option<&super::proxy::ProxyConfig>,
 ) -> Result<(TcpStream, SocketAddr, framing::FrameBuffer), MediaError> {
     let fail = |reason: String| MediaError::TcpBind { gateway, reason };
-    let stream = match tokio::time::timeout(wait, TcpStream::connect(gateway)).await {
+    let connect = async {
+        match proxy {
+            None => TcpStream::connect(gateway).await,
+            Some(p) => super::proxy::connect(p, &super::proxy::target(gateway), wait)
+                .await
+                .map_err(std::io::Error::other),
+        }
+    };
+    let stream = match tokio::time::timeout(wait, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(MediaError::TcpConnect { gateway, source }),
         Err(_) => {
@@ -939,7 +951,7 @@ async fn establish(
     };
     let tcp = route
         .gateway_tcp
-        .map(|gw| bind_tcp(gw, leg, &leg_key, opts.bind_timeout));
+        .map(|gw| bind_tcp(gw, leg, &leg_key, opts.bind_timeout, opts.proxy.as_ref()));
     let mut early = Vec::new();
     // `udp_result`: Some(Some(mapped)) answered, Some(None) no answer in time, None: no UDP
     // binding, or one the engine goes on with.

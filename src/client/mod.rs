@@ -17,7 +17,9 @@ mod fake_gateway;
 pub mod g711;
 pub mod media;
 pub mod paths;
+pub mod proxy;
 pub mod session;
+pub mod tls;
 pub mod wav;
 
 use serde::Serialize;

@@ -29,8 +29,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -88,7 +88,14 @@ pub enum ClientError {
     Gateway { code: ErrorCode, message: String },
     #[error("control connection: {0}")]
     Io(#[from] std::io::Error),
+    /// TLS could not be set up, or the gateway's certificate is not trusted.
+    #[error("{0}")]
+    Tls(String),
 }
+
+/// The control connection's halves: plain TCP or TLS.
+type ConnReader = Box<dyn AsyncRead + Send + Unpin>;
+type ConnWriter = Box<dyn AsyncWrite + Send + Unpin>;
 
 impl ClientError {
     /// Whether the gateway refused the log-in (as opposed to a network problem).
@@ -119,6 +126,10 @@ pub fn code_name(code: ErrorCode) -> &'static str {
 /// What a `refused` means, in words.
 pub fn refused_text(code: ErrorCode, message: &str) -> String {
     match code {
+        // A channel-binding failure is not about the password: say what the gateway said.
+        ErrorCode::AuthFailed if message.contains("channel binding") => {
+            format!("log-in refused (auth_failed): {message}")
+        }
         ErrorCode::AuthFailed => "log-in refused: wrong user or password".into(),
         ErrorCode::RateLimited => {
             format!("refused: too many attempts or messages, try again later ({message})")
@@ -148,6 +159,10 @@ pub struct PhoneOptions {
     pub event_capacity: usize,
     /// Sent in `hello`.
     pub software: Option<String>,
+    /// Connect with TLS and bind the log-in to it (also implied by a `tls://` server).
+    pub tls: Option<super::tls::TlsOptions>,
+    /// Tunnel the control connection through this HTTP proxy (CONNECT).
+    pub proxy: Option<super::proxy::ProxyConfig>,
 }
 
 impl Default for PhoneOptions {
@@ -158,6 +173,8 @@ impl Default for PhoneOptions {
             timeout: ANSWER_TIMEOUT,
             event_capacity: 256,
             software: Some(concat!("voxgate-phone/", env!("CARGO_PKG_VERSION")).into()),
+            tls: None,
+            proxy: None,
         }
     }
 }
@@ -257,6 +274,11 @@ impl std::fmt::Debug for Phone {
 
 /// Splits `HOST[:PORT]` (also `[v6]:port`, a bare IPv6 address); the port defaults to 7400.
 pub fn parse_server(server: &str) -> Result<(String, u16), ClientError> {
+    parse_server_default(server, proto::DEFAULT_PORT)
+}
+
+/// [`parse_server`] with another default port.
+pub fn parse_server_default(server: &str, default: u16) -> Result<(String, u16), ClientError> {
     let bad = || ClientError::BadServer(server.to_owned());
     let s = server.trim();
     if s.is_empty() {
@@ -266,11 +288,11 @@ pub fn parse_server(server: &str) -> Result<(String, u16), ClientError> {
         return Ok((a.ip().to_string(), a.port()));
     }
     if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok((ip.to_string(), proto::DEFAULT_PORT));
+        return Ok((ip.to_string(), default));
     }
     if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
         let ip: IpAddr = inner.parse().map_err(|_| bad())?;
-        return Ok((ip.to_string(), proto::DEFAULT_PORT));
+        return Ok((ip.to_string(), default));
     }
     match s.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && !host.contains(':') => {
@@ -278,12 +300,12 @@ pub fn parse_server(server: &str) -> Result<(String, u16), ClientError> {
             Ok((host.to_owned(), port))
         }
         Some(_) => Err(bad()),
-        None => Ok((s.to_owned(), proto::DEFAULT_PORT)),
+        None => Ok((s.to_owned(), default)),
     }
 }
 
 /// Reads one message from the control connection (bounded by the protocol's limit).
-async fn read_msg(reader: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> Result<ServerMsg, ClientError> {
+async fn read_msg(reader: &mut ConnReader, buf: &mut Vec<u8>) -> Result<ServerMsg, ClientError> {
     loop {
         if let Some((body, used)) =
             proto::split_frame(buf).map_err(|e| ClientError::Protocol(e.to_string()))?
@@ -306,17 +328,23 @@ async fn read_msg(reader: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> Result<Serve
     }
 }
 
-async fn write_msg(writer: &mut OwnedWriteHalf, msg: &ClientMsg) -> Result<(), ClientError> {
+async fn write_msg(writer: &mut ConnWriter, msg: &ClientMsg) -> Result<(), ClientError> {
     let mut out = Vec::new();
     proto::encode(msg, &mut out).map_err(|e| ClientError::Protocol(e.to_string()))?;
     writer.write_all(&out).await?;
+    // TLS holds records until flushed (plain TCP: nothing to do).
+    writer.flush().await?;
     Ok(())
 }
 
-async fn connect_tcp(server: &str, timeout: Duration) -> Result<TcpStream, ClientError> {
-    let (host, port) = parse_server(server)?;
+async fn connect_tcp(
+    server: &str,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<TcpStream, ClientError> {
     let addrs: Vec<SocketAddr> =
-        tokio::time::timeout(timeout, tokio::net::lookup_host((host.as_str(), port)))
+        tokio::time::timeout(timeout, tokio::net::lookup_host((host, port)))
             .await
             .map_err(|_| ClientError::Timeout("the server name to resolve"))?
             .map_err(|source| ClientError::Resolve {
@@ -349,12 +377,54 @@ impl Phone {
         password: &str,
         opts: PhoneOptions,
     ) -> Result<(Phone, mpsc::Receiver<Event>), ClientError> {
-        let stream = connect_tcp(server, opts.timeout).await?;
+        let (server, tls_scheme) = super::tls::strip_scheme(server);
+        let tls = match (&opts.tls, tls_scheme) {
+            (Some(o), _) => Some(o.clone()),
+            (None, true) => Some(super::tls::TlsOptions::default()),
+            (None, false) => None,
+        };
+        let default_port = match tls_scheme {
+            true => super::tls::DEFAULT_TLS_PORT,
+            false => proto::DEFAULT_PORT,
+        };
+        let (host, port) = parse_server_default(server, default_port)?;
+        let stream = match &opts.proxy {
+            None => connect_tcp(server, &host, port, opts.timeout).await?,
+            Some(p) => {
+                let target = match host.parse::<IpAddr>() {
+                    Ok(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+                    _ => format!("{host}:{port}"),
+                };
+                super::proxy::connect(p, &target, opts.timeout)
+                    .await
+                    .map_err(|reason| ClientError::Connect {
+                        server: server.to_owned(),
+                        source: std::io::Error::other(reason),
+                    })?
+            }
+        };
         let local = stream.local_addr()?;
         let peer = stream.peer_addr()?;
-        let (mut reader, mut writer) = stream.into_split();
-        let mut rbuf = Vec::new();
         let t = opts.timeout;
+        // Over TLS the log-in is bound to the session (RFC 9266 tls-exporter): never downgraded.
+        let (mut reader, mut writer, exporter): (ConnReader, ConnWriter, Option<Vec<u8>>) =
+            match tls {
+                None => {
+                    let (r, w) = stream.into_split();
+                    (Box::new(r), Box::new(w), None)
+                }
+                Some(o) => {
+                    let config = super::tls::client_config(&o).map_err(ClientError::Tls)?;
+                    let s = tokio::time::timeout(t, super::tls::handshake(stream, &host, config))
+                        .await
+                        .map_err(|_| ClientError::Timeout("the TLS handshake"))?
+                        .map_err(ClientError::Tls)?;
+                    let x = super::tls::exporter(&s).map_err(ClientError::Tls)?;
+                    let (r, w) = tokio::io::split(s);
+                    (Box::new(r), Box::new(w), Some(x))
+                }
+            };
+        let mut rbuf = Vec::new();
 
         let (client, hello) = {
             let mut rng = rand::rng();
@@ -397,11 +467,12 @@ impl Phone {
         };
         // PBKDF2 with the gateway's iteration count: off the async thread.
         let password = password.to_owned();
-        let (client, proof) =
-            tokio::task::spawn_blocking(move || client.respond(&password, &challenge))
-                .await
-                .map_err(|e| ClientError::Protocol(format!("log-in computation failed: {e}")))?
-                .map_err(ClientError::Auth)?;
+        let (client, proof) = tokio::task::spawn_blocking(move || {
+            client.respond_bound(&password, &challenge, exporter.as_deref())
+        })
+        .await
+        .map_err(|e| ClientError::Protocol(format!("log-in computation failed: {e}")))?
+        .map_err(ClientError::Auth)?;
         write_msg(
             &mut writer,
             &ClientMsg::Proof {
@@ -654,8 +725,8 @@ fn msg_name(m: &ServerMsg) -> &'static str {
 
 /// The background task that owns the control connection.
 struct Session {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    reader: ConnReader,
+    writer: ConnWriter,
     rbuf: Vec<u8>,
     events: mpsc::Sender<Event>,
     caps: watch::Sender<Option<ProbeOutcome>>,

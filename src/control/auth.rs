@@ -28,8 +28,11 @@
 //! ```
 //!
 //! Deviations from RFC 5802, all deliberate:
-//! - No channel binding and no authzid: the GS2 header is always `n,,`
-//!   (`c=biws`). Run the control connection over TLS if the network is hostile.
+//! - Channel binding is `tls-exporter` (RFC 9266) or none: over TLS the client
+//!   sends the GS2 header `p=tls-exporter,,` and `c=` carries it followed by
+//!   the 32-byte exporter value ([`ClientAwaitingChallenge::respond_bound`],
+//!   [`ServerAwaitingProof::verify_bound`]); without TLS it is `n,,`
+//!   (`c=biws`). `y,,` is refused: a voxgate client never sends it. No authzid.
 //! - No SASLprep: the password is used as its UTF-8 bytes. Both ends are
 //!   voxgate, so they agree; for ASCII passwords this equals SASLprep.
 //! - User names must be printable without white space (see [`validate_user`]);
@@ -76,8 +79,16 @@ pub const DEFAULT_ITERATIONS: u32 = 4096;
 /// gateway can make a client do).
 pub const DEFAULT_MAX_ITERATIONS: u32 = 1_000_000;
 
-/// The only channel binding supported: base64 of the GS2 header `n,,`.
+/// Channel binding none: base64 of the GS2 header `n,,`.
 const CHANNEL_BINDING_NONE: &str = "biws";
+/// The GS2 header of a log-in bound to its TLS channel (RFC 9266).
+pub const GS2_TLS_EXPORTER: &str = "p=tls-exporter,,";
+/// RFC 9266 §2: the exporter label (no context: a zero-length context value).
+pub const TLS_EXPORTER_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
+/// RFC 9266 §2: the exporter output length.
+pub const TLS_EXPORTER_LEN: usize = 32;
+/// Longest `c=` value decoded (base64 of the GS2 header and 32 bytes is 68 characters).
+const MAX_CHANNEL_BINDING_LEN: usize = 256;
 /// Random bytes in a nonce part (base64: 24 characters, no padding).
 const NONCE_BYTES: usize = 18;
 const SESSION_KEY_LABEL: &[u8] = b"voxgate session key v1\0";
@@ -98,8 +109,21 @@ pub enum AuthError {
     },
     #[error("the server nonce does not extend this client's nonce")]
     NonceMismatch,
-    #[error("unsupported channel binding: only none (\"biws\") is supported")]
+    #[error("unsupported channel binding: only none (\"biws\") and tls-exporter are supported")]
     ChannelBinding,
+    /// The client bound the log-in to a TLS channel whose exporter differs from the
+    /// gateway's side of this connection: something terminates TLS in between.
+    #[error(
+        "the log-in's channel binding does not match this TLS connection \
+         (a TLS-terminating proxy between client and gateway?)"
+    )]
+    ChannelBindingMismatch,
+    /// The client bound the log-in to TLS, but the gateway sees no TLS on this connection.
+    #[error(
+        "the log-in's channel binding names a TLS session but this connection to the gateway \
+         is not TLS (a TLS-terminating proxy between client and gateway?)"
+    )]
+    ChannelBindingUnavailable,
     #[error("salt length {len} is outside {min}..={max} bytes")]
     SaltLength { len: usize, min: usize, max: usize },
     #[error("iteration count {got} is outside {min}..={max}")]
@@ -181,6 +205,8 @@ struct Exchange<'a> {
     nonce: &'a str,
     salt: &'a [u8],
     iterations: u32,
+    /// The `c=` value: base64 of the GS2 header and the channel-binding data.
+    channel_binding: &'a str,
 }
 
 impl Exchange<'_> {
@@ -192,7 +218,7 @@ impl Exchange<'_> {
             nonce = self.nonce,
             salt = BASE64.encode(self.salt),
             i = self.iterations,
-            cb = CHANNEL_BINDING_NONE,
+            cb = self.channel_binding,
         )
     }
 }
@@ -278,7 +304,8 @@ pub struct Challenge {
 /// (with the challenge it allows an offline guess of the password).
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClientProof {
-    /// Base64 of the GS2 header; always `"biws"` (`n,,`).
+    /// Base64 of the GS2 header (and channel-binding data): `"biws"` (`n,,`) or
+    /// base64 of `p=tls-exporter,,` and the exporter value.
     pub channel_binding: String,
     /// Must equal the challenge's `server_nonce`.
     pub nonce: String,
@@ -455,15 +482,26 @@ impl ServerAwaitingProof {
         self,
         client_final: &ClientProof,
     ) -> Result<(ServerSignature, SessionKey), AuthError> {
-        if client_final.channel_binding != CHANNEL_BINDING_NONE {
-            return Err(AuthError::ChannelBinding);
-        }
+        self.verify_bound(client_final, None)
+    }
+
+    /// [`Self::verify`] on a connection whose TLS session gave `tls_exporter` (RFC 9266:
+    /// label [`TLS_EXPORTER_LABEL`], no context, [`TLS_EXPORTER_LEN`] bytes; `None`: not
+    /// TLS). A proof bound with `p=tls-exporter` must carry exactly this value; one bound
+    /// without TLS (`n,,`) is accepted on either.
+    pub fn verify_bound(
+        self,
+        client_final: &ClientProof,
+        tls_exporter: Option<&[u8]>,
+    ) -> Result<(ServerSignature, SessionKey), AuthError> {
+        check_channel_binding(&client_final.channel_binding, tls_exporter)?;
         let auth_message = Exchange {
             user: &self.user,
             client_nonce: &self.client_nonce,
             nonce: &self.nonce,
             salt: &self.salt,
             iterations: self.iterations,
+            channel_binding: &client_final.channel_binding,
         }
         .auth_message();
         // RFC 5802 §3: ClientSignature := HMAC(StoredKey, AuthMessage);
@@ -489,6 +527,43 @@ impl ServerAwaitingProof {
             },
             session_key(&self.stored_key, &auth_message),
         ))
+    }
+}
+
+/// The `c=` value a client sends: `biws` without TLS, else base64 of
+/// [`GS2_TLS_EXPORTER`] followed by the exporter value.
+pub fn channel_binding_value(tls_exporter: Option<&[u8]>) -> String {
+    match tls_exporter {
+        None => CHANNEL_BINDING_NONE.to_owned(),
+        Some(data) => {
+            let mut bytes = GS2_TLS_EXPORTER.as_bytes().to_vec();
+            bytes.extend_from_slice(data);
+            BASE64.encode(bytes)
+        }
+    }
+}
+
+/// The gateway's check of a `c=` value against its side of the connection.
+fn check_channel_binding(c: &str, tls_exporter: Option<&[u8]>) -> Result<(), AuthError> {
+    if c == CHANNEL_BINDING_NONE {
+        return Ok(());
+    }
+    if c.len() > MAX_CHANNEL_BINDING_LEN {
+        return Err(AuthError::ChannelBinding);
+    }
+    let bytes = BASE64
+        .decode(c.as_bytes())
+        .map_err(|_| AuthError::ChannelBinding)?;
+    let Some(data) = bytes.strip_prefix(GS2_TLS_EXPORTER.as_bytes()) else {
+        return Err(AuthError::ChannelBinding);
+    };
+    let Some(ours) = tls_exporter else {
+        return Err(AuthError::ChannelBindingUnavailable);
+    };
+    if bool::from(data.ct_eq(ours)) {
+        Ok(())
+    } else {
+        Err(AuthError::ChannelBindingMismatch)
     }
 }
 
@@ -587,6 +662,21 @@ impl ClientAwaitingChallenge {
         password: &str,
         challenge: &Challenge,
     ) -> Result<(ClientAwaitingSignature, ClientProof), AuthError> {
+        self.respond_bound(password, challenge, None)
+    }
+
+    /// [`Self::respond`], bound to the TLS channel whose exporter value (RFC 9266) is
+    /// `tls_exporter` (`None`: not TLS, GS2 header `n,,`). A gateway on the other end of a
+    /// different TLS session (a TLS-terminating man in the middle) refuses the proof, and
+    /// the gateway's signature covers the binding: a welcome that verifies means the
+    /// gateway checked it (no downgrade).
+    pub fn respond_bound(
+        self,
+        password: &str,
+        challenge: &Challenge,
+        tls_exporter: Option<&[u8]>,
+    ) -> Result<(ClientAwaitingSignature, ClientProof), AuthError> {
+        let channel_binding = channel_binding_value(tls_exporter);
         let server_part = challenge
             .server_nonce
             .strip_prefix(&self.client_nonce)
@@ -618,6 +708,7 @@ impl ClientAwaitingChallenge {
             nonce: &challenge.server_nonce,
             salt: &challenge.salt,
             iterations: challenge.iterations,
+            channel_binding: &channel_binding,
         }
         .auth_message();
         let salted = salted_password(password, &challenge.salt, challenge.iterations);
@@ -625,7 +716,7 @@ impl ClientAwaitingChallenge {
         let stored_key = sha256(&client_key);
         let client_signature = hmac(&stored_key, &[auth_message.as_bytes()]);
         let proof = ClientProof {
-            channel_binding: CHANNEL_BINDING_NONE.to_owned(),
+            channel_binding,
             nonce: challenge.server_nonce.clone(),
             proof: xor(&client_key, &client_signature).to_vec(),
         };
@@ -1191,6 +1282,106 @@ mod tests {
         assert_eq!(client_key, server_key);
     }
 
+    /// The RFC 7677 exchange again, bound to a TLS channel whose exporter value is the bytes
+    /// 0x00..=0x1f (the worked vector of docs/PROTOCOL.md).
+    #[test]
+    fn tls_exporter_channel_binding_vector() {
+        let salt = BASE64
+            .decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+            .unwrap_or_default();
+        let verifier = Verifier::with_salt("pencil", &salt, 4096);
+        let exporter: Vec<u8> = (0u8..32).collect();
+        let start = || {
+            let (client, hello) = ClientFirst::with_nonce(
+                "user",
+                "rOprNGfwEbeRWgbNEkqO".into(),
+                ClientConfig::default(),
+            )
+            .expect("valid");
+            let (server, challenge) = ServerFirst::with_server_nonce(
+                &config(),
+                &hello,
+                Some(&verifier),
+                "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0".into(),
+            )
+            .expect("valid");
+            (client, server, challenge)
+        };
+        let (client, server, challenge) = start();
+        let (client, proof) = client
+            .respond_bound("pencil", &challenge, Some(&exporter))
+            .expect("valid");
+        assert_eq!(
+            proof.channel_binding,
+            "cD10bHMtZXhwb3J0ZXIsLAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f"
+        );
+        assert_eq!(
+            BASE64.encode(&proof.proof),
+            "QC6CS20quADQRb3mT99YUH+n3VJxUvzuK0K0E1Vrs2M="
+        );
+        let (signature, server_key) = server
+            .verify_bound(&proof, Some(&exporter))
+            .expect("bound proof verifies on the same channel");
+        assert_eq!(
+            BASE64.encode(&signature.signature),
+            "2GiAgapEppLVlUXbxUDksL3VgYHzuqiK5tR4mhJGgvs="
+        );
+        assert_eq!(client.verify_server(&signature).expect("ok"), server_key);
+
+        // The same proof on another TLS session (a man in the middle relays it): refused.
+        let (_, server, _) = start();
+        let mut other = exporter.clone();
+        other[31] ^= 1;
+        assert_eq!(
+            server.verify_bound(&proof, Some(&other)).err(),
+            Some(AuthError::ChannelBindingMismatch)
+        );
+        // ... and on a plain connection (the man in the middle talks plain TCP onwards).
+        let (_, server, _) = start();
+        assert_eq!(
+            server.verify_bound(&proof, None).err(),
+            Some(AuthError::ChannelBindingUnavailable)
+        );
+        // Rewriting c= to "biws" breaks the proof (the client signed the binding).
+        let (_, server, _) = start();
+        let stripped = ClientProof {
+            channel_binding: "biws".into(),
+            ..proof.clone()
+        };
+        assert_eq!(
+            server.verify_bound(&stripped, Some(&exporter)).err(),
+            Some(AuthError::Rejected)
+        );
+        // An unbound log-in (`n,,`) over TLS is accepted: only the client can insist.
+        let (client, server, challenge) = start();
+        let (_, plain) = client.respond("pencil", &challenge).expect("valid");
+        assert!(server.verify_bound(&plain, Some(&exporter)).is_ok());
+        // A signature for the unbound exchange does not verify for the bound one.
+        let (client, server, challenge) = start();
+        let (bound_client, _) = client
+            .respond_bound("pencil", &challenge, Some(&exporter))
+            .expect("valid");
+        let (unbound_sig, _) = server.verify(&plain).expect("ok");
+        assert_eq!(
+            bound_client.verify_server(&unbound_sig).err(),
+            Some(AuthError::ServerNotAuthenticated)
+        );
+        // Other GS2 headers and junk: unsupported.
+        for c in ["eSws", "cD10bHMtdW5pcXVlLCw=", "!!", &"A".repeat(300)] {
+            let (_, server, challenge) = start();
+            let p = ClientProof {
+                channel_binding: c.into(),
+                nonce: challenge.server_nonce,
+                proof: vec![0; 32],
+            };
+            assert_eq!(
+                server.verify_bound(&p, Some(&exporter)).err(),
+                Some(AuthError::ChannelBinding),
+                "{c}"
+            );
+        }
+    }
+
     #[test]
     fn success_gives_both_sides_the_same_session_key() {
         let mut rng = rng();
@@ -1466,6 +1657,7 @@ mod tests {
                 nonce: "nn",
                 salt: b"s",
                 iterations: 1,
+                channel_binding: "biws",
             }
             .auth_message()
         };
@@ -1568,6 +1760,21 @@ mod tests {
                 server_nonce
             };
             let _ = client.respond("pw", &Challenge { server_nonce, salt, iterations });
+        }
+
+        #[test]
+        fn channel_binding_check_never_panics(
+            c in ".{0,400}",
+            ours in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+        ) {
+            // Half the time the client's value for our own channel, so acceptance is tested.
+            let c = match &ours {
+                Some(o) if c.len() % 2 == 0 => channel_binding_value(Some(o)),
+                _ => c,
+            };
+            let accepted = check_channel_binding(&c, ours.as_deref()).is_ok();
+            let ours_value = ours.as_deref().map(|o| channel_binding_value(Some(o)));
+            prop_assert_eq!(accepted, c == "biws" || Some(&c) == ours_value.as_ref());
         }
 
         #[test]

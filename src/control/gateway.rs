@@ -284,6 +284,13 @@ pub enum Input {
     Disconnected {
         conn: ConnId,
     },
+    /// Right after `Connected`: the connection runs over TLS and its exporter value (RFC 9266
+    /// `tls-exporter`, 32 bytes) is `exporter`. The SCRAM log-in checks the channel binding
+    /// against it.
+    TlsChannel {
+        conn: ConnId,
+        exporter: Vec<u8>,
+    },
     /// How long each leg of the sessions in [`Gateway::watched_sessions`] has received no media
     /// (`None`: nothing yet), from the shards' snapshots.
     MediaActivity {
@@ -512,6 +519,9 @@ pub(crate) struct Conn {
     pub local: SocketAddr,
     pub opened: Instant,
     pub phase: Phase,
+    /// The connection's TLS exporter value (RFC 9266), when it runs over TLS: a log-in bound
+    /// to TLS must carry it ([`Input::TlsChannel`]).
+    pub tls_exporter: Option<Vec<u8>>,
 }
 
 /// Timers; each entity has at most one of each kind.
@@ -751,6 +761,11 @@ impl Gateway {
                         },
                     );
                     self.drop_conn(now, conn, super::calls::Lost::PeerLost);
+                }
+            }
+            Input::TlsChannel { conn, exporter } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.tls_exporter = Some(exporter);
                 }
             }
             Input::Disconnected { conn } => {
@@ -998,6 +1013,7 @@ impl Gateway {
                 local: canonical(local),
                 opened: now,
                 phase: Phase::AwaitingHello,
+                tls_exporter: None,
             },
         );
         if !self.directory_poll_armed {
@@ -1293,6 +1309,7 @@ impl Gateway {
             return;
         };
         let (peer, local) = (c.peer, c.local);
+        let tls_exporter = c.tls_exporter.clone();
         let Phase::AwaitingProof {
             attempt,
             number,
@@ -1305,20 +1322,32 @@ impl Gateway {
         let user = attempt.user().to_owned();
         // A proof that is not base64 is checked like a wrong one (same work, same answer).
         let proof = BASE64.decode(proof.as_bytes()).unwrap_or_default();
-        let verdict = attempt.verify(&auth::ClientProof {
-            channel_binding,
-            nonce,
-            proof,
-        });
+        let verdict = attempt.verify_bound(
+            &auth::ClientProof {
+                channel_binding,
+                nonce,
+                proof,
+            },
+            tls_exporter.as_deref(),
+        );
         let (signature, key, number, verifier_tag) = match (verdict, number, verifier_tag) {
             (Ok((sig, key)), Some(number), Some(tag)) => (sig, key, number, tag),
             (verdict, _, _) => {
+                // A channel-binding failure says nothing about the password: say what it is.
+                let binding = matches!(
+                    verdict,
+                    Err(auth::AuthError::ChannelBindingMismatch
+                        | auth::AuthError::ChannelBindingUnavailable)
+                );
+                let msg = match &verdict {
+                    Err(e) if binding => e.to_string(),
+                    _ => "wrong user or password".to_owned(),
+                };
                 if let Err(e) = verdict {
                     tracing::info!(conn, %peer, %user, reason = %e, "log-in failed");
                 }
                 // The attempt was charged at `hello`; the charge stays.
                 self.counters.failed_logins += 1;
-                let msg = "wrong user or password";
                 return self.refuse(now, conn, ErrorCode::AuthFailed, msg, Lost::PeerLost);
             }
         };

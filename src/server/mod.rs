@@ -15,7 +15,10 @@ pub mod admin;
 mod conn_limits;
 pub mod lookup;
 mod notify;
+mod tls;
 pub mod web;
+
+pub use tls::{provider as tls_provider, server_config as tls_server_config};
 mod writer;
 
 use std::collections::HashMap;
@@ -50,7 +53,7 @@ type DepartedLeg = (
     oneshot::Receiver<Vec<crate::shard::relay::LegSnapshot>>,
 );
 
-type FlushSpawner = Box<dyn FnMut(ConnId, tokio::net::tcp::OwnedWriteHalf, Vec<u8>) + Send>;
+type FlushSpawner = Box<dyn FnMut(ConnId, writer::ControlWrite, Vec<u8>) + Send>;
 
 /// What the control loop holds for one admitted connection besides its write half.
 struct ConnIo {
@@ -111,6 +114,8 @@ pub struct Bound {
     pub admin: Option<SocketAddr>,
     /// The web listener (registration page, admin REST API), if enabled.
     pub web: Option<SocketAddr>,
+    /// The TLS control listener (`[tls]`), if enabled.
+    pub control_tls: Option<SocketAddr>,
 }
 
 /// The first call or connection id of this run: its start time and a random part
@@ -222,6 +227,18 @@ enum Event {
     Flushed(writer::Flushed),
     /// A call detail record, its legs' numbers gathered: to be written.
     Cdr(Box<crate::metrics::cdr::Cdr>),
+    /// A connection on the TLS control listener, before its handshake.
+    AcceptedTls(TcpStream, SocketAddr),
+    /// The TLS handshake of an admitted connection ended.
+    TlsReady {
+        conn: ConnId,
+        result: Result<Box<tls::ServerStream>, String>,
+    },
+    /// A connection on a shared port whose first byte is not a TLS handshake: plain control.
+    PlainOnShared {
+        conn: ConnId,
+        stream: TcpStream,
+    },
 }
 
 /// A running gateway's handle for tests and embedding: stop it with [`Running::stop`].
@@ -325,6 +342,7 @@ pub fn serve(
             shards = b.shards.len(),
             admin = %b.admin.map_or("off".to_string(), |a| a.to_string()),
             web = %b.web.map_or("off".to_string(), |a| a.to_string()),
+            control_tls = %b.control_tls.map_or("off".to_string(), |a| a.to_string()),
             "voxgate is ready"
         );
     }))
@@ -363,6 +381,8 @@ struct Server {
     /// Room legs removed before their room ended: the shard's answers with their numbers,
     /// by session (= call id), for the room's record.
     departed: HashMap<u64, Vec<DepartedLeg>>,
+    /// The TLS control listener's certificate and key (`[tls]`), reloaded on SIGHUP.
+    tls: Option<tls::TlsState>,
 }
 
 async fn run(
@@ -407,7 +427,20 @@ async fn run(
         );
     }
     let listen = cfg.server.listen;
-    let control = bind_tcp(SocketAddr::new(listen, cfg.server.control_port)).await?;
+    // `[tls]`: the TLS control listener, and whether the plaintext one stays.
+    let (tls_listener, tls_state) = tls::listen(&cfg).await?;
+    // One port for both (`tls.control_port == server.control_port`): the TLS listener tells
+    // them apart by the first byte.
+    let control = match tls_listener.is_none()
+        || (cfg.tls.plain_control && !cfg.tls.shared_port(&cfg.server))
+    {
+        true => Some(bind_tcp(SocketAddr::new(listen, cfg.server.control_port)).await?),
+        false => None,
+    };
+    let control_tls = match &tls_listener {
+        Some(l) => Some(l.local_addr().map_err(ServeError::Runtime)?),
+        None => None,
+    };
     let probe_a = bind_udp(
         SocketAddr::new(listen, cfg.server.probe_ports[0]),
         "probe port A",
@@ -417,7 +450,11 @@ async fn run(
         "probe port B",
     )?;
     let bound = Bound {
-        control: control.local_addr().map_err(ServeError::Runtime)?,
+        control: match &control {
+            Some(l) => l.local_addr().map_err(ServeError::Runtime)?,
+            None => control_tls.expect("a TLS listener when the plain one is off"),
+        },
+        control_tls,
         probe: (
             probe_a.local_addr().map_err(ServeError::Runtime)?,
             probe_b.local_addr().map_err(ServeError::Runtime)?,
@@ -505,7 +542,12 @@ async fn run(
         let port = if i == 0 { ProbePort::A } else { ProbePort::B };
         tokio::spawn(probe_reader(sock.clone(), port, events.clone()));
     }
-    tokio::spawn(acceptor(control, events.clone()));
+    if let Some(control) = control {
+        tokio::spawn(acceptor(control, events.clone()));
+    }
+    if let Some(l) = tls_listener {
+        tokio::spawn(tls::acceptor(l, events.clone()));
+    }
     {
         let events = events.clone();
         tokio::spawn(async move {
@@ -540,6 +582,7 @@ async fn run(
         cdr,
         cdr_pending: 0,
         departed: HashMap::new(),
+        tls: tls_state,
     };
     on_ready(&bound);
     notify::ready();
@@ -763,7 +806,7 @@ async fn probe_reader(sock: Arc<UdpSocket>, port: ProbePort, events: mpsc::Sende
 
 async fn conn_reader(
     conn: ConnId,
-    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut rd: impl tokio::io::AsyncRead + Unpin,
     events: mpsc::Sender<Event>,
     rate: ReadRate,
 ) {
@@ -897,6 +940,9 @@ impl Server {
                 self.gateway
                     .handle(now, Input::ShardInstalled { op, result });
             }
+            Event::AcceptedTls(stream, peer) => self.on_tls_accepted(now, stream, peer),
+            Event::TlsReady { conn, result } => self.on_tls_ready(now, conn, result),
+            Event::PlainOnShared { conn, stream } => self.on_plain_on_shared(now, conn, stream),
         }
     }
 
@@ -1256,6 +1302,7 @@ impl Server {
     fn reload(&mut self) -> Option<tokio::time::Interval> {
         notify::reloading();
         let r = self.reload_inner();
+        self.reload_tls();
         self.reopen_cdr();
         notify::ready();
         r
@@ -1378,6 +1425,12 @@ impl Server {
         new.server.data_dir = self.cfg.server.data_dir.clone();
         new.server.backend = self.cfg.server.backend;
         new.server.pin_shards = self.cfg.server.pin_shards;
+        new.tls.control_port = self.cfg.tls.control_port;
+        new.tls.plain_control = self.cfg.tls.plain_control;
+        if new.tls.cert.is_some() != self.cfg.tls.cert.is_some() {
+            new.tls.cert = self.cfg.tls.cert.clone();
+            new.tls.key = self.cfg.tls.key.clone();
+        }
         new.media = self.cfg.media.clone();
         new.dumps.dir = self.cfg.dumps.dir.clone();
         if let Err(e) = new.validate() {

@@ -16,16 +16,49 @@ use tokio::net::tcp::OwnedWriteHalf;
 
 use crate::control::gateway::ConnId;
 
+/// A control connection's write side: a plain TCP write half, or the write half of a TLS
+/// stream. TLS has no non-blocking write from the control loop (a record must be sealed and
+/// flushed by a task), so every message to a TLS connection goes through a flush task.
+pub enum ControlWrite {
+    Plain(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<super::tls::ServerStream>),
+}
+
+impl From<OwnedWriteHalf> for ControlWrite {
+    fn from(w: OwnedWriteHalf) -> Self {
+        ControlWrite::Plain(w)
+    }
+}
+
+impl ControlWrite {
+    fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            ControlWrite::Plain(w) => w.try_write(bytes),
+            ControlWrite::Tls(_) => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            ControlWrite::Plain(w) => w.write_all(bytes).await,
+            ControlWrite::Tls(w) => {
+                w.write_all(bytes).await?;
+                w.flush().await
+            }
+        }
+    }
+}
+
 /// A flush task is done: the write half comes back, or `None` when writing failed (the reader
 /// sees the connection end and reports it).
 pub struct Flushed {
     pub conn: ConnId,
-    pub wr: Option<OwnedWriteHalf>,
+    pub wr: Option<ControlWrite>,
 }
 
 struct Writer {
     /// `None` while a flush task owns it.
-    wr: Option<OwnedWriteHalf>,
+    wr: Option<ControlWrite>,
     /// Bytes waiting behind the flush in progress.
     pending: Vec<u8>,
     /// Close once everything queued is out.
@@ -52,7 +85,7 @@ pub struct Writers<F> {
 
 impl<F> Writers<F>
 where
-    F: FnMut(ConnId, OwnedWriteHalf, Vec<u8>),
+    F: FnMut(ConnId, ControlWrite, Vec<u8>),
 {
     pub fn new(limit: usize, spawn: F) -> Writers<F> {
         Writers {
@@ -62,11 +95,11 @@ where
         }
     }
 
-    pub fn insert(&mut self, conn: ConnId, wr: OwnedWriteHalf) {
+    pub fn insert(&mut self, conn: ConnId, wr: impl Into<ControlWrite>) {
         self.conns.insert(
             conn,
             Writer {
-                wr: Some(wr),
+                wr: Some(wr.into()),
                 pending: Vec::new(),
                 closing: false,
             },
@@ -151,7 +184,7 @@ where
 }
 
 /// The flush task: write everything, then hand the write half back.
-pub async fn flush(conn: ConnId, mut wr: OwnedWriteHalf, bytes: Vec<u8>) -> Flushed {
+pub async fn flush(conn: ConnId, mut wr: ControlWrite, bytes: Vec<u8>) -> Flushed {
     let ok = wr.write_all(&bytes).await.is_ok();
     Flushed {
         conn,
@@ -166,8 +199,8 @@ mod tests {
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
 
-    type Spawned = Arc<Mutex<Vec<(ConnId, OwnedWriteHalf, Vec<u8>)>>>;
-    type TestWriters = Writers<Box<dyn FnMut(ConnId, OwnedWriteHalf, Vec<u8>)>>;
+    type Spawned = Arc<Mutex<Vec<(ConnId, ControlWrite, Vec<u8>)>>>;
+    type TestWriters = Writers<Box<dyn FnMut(ConnId, ControlWrite, Vec<u8>)>>;
 
     async fn pair() -> (OwnedWriteHalf, TcpStream, tokio::net::tcp::OwnedReadHalf) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

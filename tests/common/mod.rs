@@ -409,14 +409,19 @@ fn count_lines(dir: &Path) -> usize {
 
 /// `program` run through a host prefix such as `ip netns exec NS`.
 pub fn command(host: &[&str], program: &str) -> Command {
-    match host.split_first() {
+    let mut c = match host.split_first() {
         Some((first, rest)) => {
             let mut c = Command::new(first);
             c.args(rest).arg(program);
             c
         }
         None => Command::new(program),
+    };
+    // Phones honour https_proxy: tests name their proxies themselves.
+    for v in ["https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"] {
+        c.env_remove(v);
     }
+    c
 }
 
 pub struct PhoneResult {

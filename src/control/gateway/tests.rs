@@ -975,3 +975,63 @@ proptest! {
         prop_assert!(w.gw.legs.is_empty() && w.gw.ops.is_empty() && w.gw.route_busy.is_empty());
     }
 }
+
+/// A log-in bound to TLS (`p=tls-exporter`) succeeds on the connection whose exporter it carries,
+/// and is refused, with a reason that names the channel binding, on a connection with another
+/// exporter (a TLS-terminating man in the middle) or without TLS.
+#[test]
+fn tls_channel_binding_is_checked_against_the_connection() {
+    let client_side: Vec<u8> = vec![7; 32];
+    let login = |w: &mut World, gateway_side: Option<Vec<u8>>| {
+        let (conn, state) = w.hello("alice", peer("198.51.100.1"));
+        if let Some(exporter) = gateway_side {
+            w.input(Input::TlsChannel { conn, exporter });
+        }
+        let msgs = w.take(conn);
+        let Some(ServerMsg::Challenge {
+            nonce,
+            salt,
+            iterations,
+        }) = msgs.into_iter().next()
+        else {
+            panic!("expected a challenge");
+        };
+        let challenge = auth::Challenge {
+            server_nonce: nonce,
+            salt: BASE64.decode(salt).unwrap_or_default(),
+            iterations,
+        };
+        let (_, proof) = state
+            .respond_bound(sim::PASSWORD, &challenge, Some(&client_side))
+            .expect("valid challenge");
+        w.send(
+            conn,
+            ClientMsg::Proof {
+                channel_binding: proof.channel_binding,
+                nonce: proof.nonce,
+                proof: BASE64.encode(&proof.proof),
+            },
+        );
+        (conn, w.take(conn))
+    };
+    let mut w = World::new();
+    let (_, msgs) = login(&mut w, Some(client_side.clone()));
+    assert!(
+        matches!(msgs.first(), Some(ServerMsg::Welcome { .. })),
+        "{msgs:?}"
+    );
+    for (gateway_side, says) in [
+        (Some(vec![8; 32]), "does not match this TLS connection"),
+        (None, "this connection to the gateway is not TLS"),
+    ] {
+        let mut w = World::new();
+        let (conn, msgs) = login(&mut w, gateway_side);
+        let Some(ServerMsg::Refused { code, message }) = msgs.first() else {
+            panic!("{msgs:?}");
+        };
+        assert_eq!(*code, ErrorCode::AuthFailed);
+        assert!(message.contains(says), "{message}");
+        assert!(w.closed.contains(&conn));
+        assert_eq!(w.gw.stats().logged_in, 0);
+    }
+}

@@ -1,0 +1,150 @@
+//! TLS for the softphone's control connection: the gateway's certificate is verified against
+//! the system's roots or a CA file (`--ca`), and the session's RFC 9266 `tls-exporter` value
+//! binds the SCRAM log-in to this very TLS session (see `control::auth`).
+//!
+//! Server forms: `tls://HOST[:PORT]` (default port [`DEFAULT_TLS_PORT`]) or `--tls` with a
+//! plain `HOST[:PORT]`. The name checked in the certificate is HOST (a DNS name, or an IP
+//! address in the certificate's IP subject alternative names).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::net::TcpStream;
+
+use crate::control::auth::{TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN};
+
+/// The gateway's TLS control port by default (`[tls] control_port`).
+pub const DEFAULT_TLS_PORT: u16 = 7443;
+
+/// A TLS control connection on the phone's side.
+pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// How the phone verifies the gateway.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// Trust only the CAs in this PEM file; `None`: the system's roots.
+    pub ca: Option<PathBuf>,
+}
+
+/// Splits off a `tls://` prefix: `(rest, true)` when present.
+pub fn strip_scheme(server: &str) -> (&str, bool) {
+    match server.trim().strip_prefix("tls://") {
+        Some(rest) => (rest, true),
+        None => (server, false),
+    }
+}
+
+/// The client configuration: TLS 1.3 only (the `tls-exporter` binding needs it), roots from
+/// `opts.ca` or the system.
+pub fn client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &opts.ca {
+        Some(path) => {
+            let certs = load_certs(path)?;
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(
+                    "no trusted CA certificates found on this system; name one with --ca FILE"
+                        .into(),
+                );
+            }
+        }
+    }
+    let config = ClientConfig::builder_with_provider(crate::server::tls_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("CA file {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "CA file {}: no PEM certificate in it",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// Runs the TLS handshake over `tcp` for `host`; the error says what was wrong with the
+/// gateway's certificate.
+pub async fn handshake(
+    tcp: TcpStream,
+    host: &str,
+    config: Arc<ClientConfig>,
+) -> Result<ClientStream, String> {
+    let name = ServerName::try_from(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+    )
+    .map_err(|e| format!("{host:?} is not a name TLS can verify: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    connector.connect(name, tcp).await.map_err(|e| {
+        let inner = e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+            .cloned();
+        match inner {
+            Some(rustls::Error::InvalidCertificate(why)) => format!(
+                "the gateway's TLS certificate is not trusted ({why:?}): it is not signed by a \
+                 CA this phone trusts (--ca FILE names one), or it is not for {host}; refusing \
+                 to log in"
+            ),
+            _ => format!("TLS handshake with the gateway failed: {e}"),
+        }
+    })
+}
+
+/// The RFC 9266 `tls-exporter` value of an established session.
+pub fn exporter(stream: &ClientStream) -> Result<Vec<u8>, String> {
+    let mut out = vec![0u8; TLS_EXPORTER_LEN];
+    stream
+        .get_ref()
+        .1
+        .export_keying_material(&mut out[..], TLS_EXPORTER_LABEL, Some(b""))
+        .map_err(|e| format!("TLS exporter: {e}"))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scheme_and_missing_ca_files() {
+        assert_eq!(strip_scheme("tls://gw:7443"), ("gw:7443", true));
+        assert_eq!(strip_scheme("gw:7400"), ("gw:7400", false));
+        let e = client_config(&TlsOptions {
+            ca: Some("/nonexistent/ca.pem".into()),
+        })
+        .unwrap_err();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        let e = client_config(&TlsOptions {
+            ca: Some(empty.path().into()),
+        })
+        .unwrap_err();
+        assert!(e.contains("no PEM certificate"), "{e}");
+    }
+}
