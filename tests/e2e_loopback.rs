@@ -477,3 +477,78 @@ fn a_dial_announcing_a_third_partys_address_gets_it_only_a_few_checks() {
         );
     }
 }
+
+/// A receive-only attacker (its firewall passes UDP in, not out, so it can never prove an
+/// address with a keyed Binding) announces a victim's address as its media address. The
+/// gateway is told "can receive UDP" by the attacker's own probe answers, but it never delivers
+/// to an address nobody proved: the attacker is given TCP for what it receives, the callee gets
+/// no direct candidate (the attacker could not answer checks), and the victim gets nothing.
+#[test]
+fn a_receive_only_leg_announcing_a_victims_address_sends_the_victim_nothing() {
+    use voxgate::client::Firewall;
+    use voxgate::client::session::{Event, Phone, PhoneOptions};
+    use voxgate::metrics::Transport;
+    let gw = Gateway::start(&[]);
+    let mark = gw.log_len();
+    let callee = spawn_phone(&gw, "bob", &["--answer", "--duration", "5", "--wait", "20"]);
+    gw.wait_online(mark, "bob");
+    let victim = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let victim_addr = victim.local_addr().unwrap();
+    victim
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let listener = std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(8);
+        let mut got = 0usize;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < end {
+            if victim.recv_from(&mut buf).is_ok() {
+                got += 1;
+            }
+        }
+        got
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let media = rt.block_on(async {
+        let opts = PhoneOptions {
+            firewall: Firewall {
+                block_udp_out: true,
+                block_udp_in: false,
+                simulate_nat: false,
+            },
+            ..PhoneOptions::default()
+        };
+        let (phone, mut events) =
+            Phone::connect(&gw.control, "alice", &common::password("alice"), opts)
+                .await
+                .expect("alice logs in");
+        phone.wait_capabilities(Duration::from_secs(5)).await;
+        let call = phone
+            .dial("+15550002", victim_addr)
+            .await
+            .expect("dial accepted");
+        let mut media = Vec::new();
+        let end = tokio::time::Instant::now() + Duration::from_secs(6);
+        while let Ok(Some(ev)) = tokio::time::timeout_at(end, events.recv()).await {
+            if let Event::Media(m) = ev {
+                media.push(m);
+            }
+        }
+        let _ = phone.hang_up(call).await;
+        media
+    });
+    let got = listener.join().unwrap();
+    let _ = common::finish(callee);
+    let m = media
+        .first()
+        .expect("the call was set up (media instructions)");
+    assert_eq!(
+        m.recv.transport,
+        Transport::Tcp,
+        "an unproven receive-only client receives over TCP: {m:?}"
+    );
+    assert_eq!(got, 0, "datagrams at the victim's address");
+}
