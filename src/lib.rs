@@ -9,6 +9,8 @@
 //! - [`client`]: the softphone library used by `voxgate phone`, tests and the load generator.
 //! - [`metrics`]: counters, histograms and interval-log dumps.
 //! - [`loadgen`]: `voxgate bench`, the load generator and report of the perf harness.
+//! - Neutral vocabulary several layers share: [`directory`] (subscribers, routes, look-ups),
+//!   [`relay_spec`] (relay sessions and legs), [`net`] (address canonicalisation and ranges).
 
 pub mod client;
 pub mod config;
@@ -18,6 +20,7 @@ pub mod loadgen;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod relay_spec;
 pub mod server;
 pub mod shard;
 pub mod store;

@@ -118,7 +118,7 @@ use super::probe::ProbeOutcome;
 use crate::directory::{self, Destination, LookupError, Query, Route};
 use crate::metrics::Transport;
 use crate::net::canonical;
-use crate::shard::{Delivery, LegSpec, SessionId, SessionSpec};
+use crate::relay_spec::{Delivery, LegSpec, SessionId, SessionSpec};
 use crate::wire::control::{
     CallId, DirectCandidate, ErrorCode, HangupReason, MediaInstructions, PathOrder, PathOrders,
     ServerMsg, bounded_detail,

@@ -70,7 +70,7 @@ use super::presence::Presence;
 use super::probe::{Probe, ProbeOutcome};
 use crate::directory::{Answer, LookupError, Query};
 use crate::net::canonical;
-use crate::shard::{LegSpec, SessionId, SessionSpec};
+use crate::relay_spec::{LegSpec, SessionId, SessionSpec};
 use crate::wire::control::{CallId, ClientMsg, ErrorCode, ServerMsg, VERSION};
 
 /// At most one log line per this interval about log-ins the rate limiter refused.
@@ -1479,7 +1479,7 @@ impl Gateway {
     pub(crate) fn leg_spec(
         key: &SessionKey,
         name: &str,
-        delivery: crate::shard::Delivery,
+        delivery: crate::relay_spec::Delivery,
     ) -> LegSpec {
         LegSpec {
             name: name.to_owned(),

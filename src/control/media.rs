@@ -31,7 +31,7 @@ use super::peer_policy::{Denial, PeerPolicy};
 use super::planner::{Capabilities, Path, Plan};
 use crate::metrics::Transport;
 use crate::net::canonical;
-use crate::shard::Delivery;
+use crate::relay_spec::Delivery;
 use crate::wire::control::{MediaRecv, MediaSend};
 
 /// RTP clock rate of every leg (G.711).

@@ -16,7 +16,7 @@
 //!   ([`Path::UdpViaGateway`]) and is marked a *direct candidate*: the phones run keyed STUN
 //!   checks on exactly that 5-tuple and switch to direct only once they succeed;
 //! - the gateway delivers UDP to a receiver only at the source of that receiver's own keyed
-//!   Binding ([`crate::shard::Delivery::UdpLatched`]). A receiver that cannot send UDP (the
+//!   Binding ([`crate::relay_spec::Delivery::UdpLatched`]). A receiver that cannot send UDP (the
 //!   probe saw none of its UDP) can neither bind nor answer a check, so its receiving segment
 //!   is TCP: [`Path::TcpInUdpOut`] becomes [`Path::TcpBoth`], a UDP delivery towards it becomes
 //!   [`Path::UdpInTcpOut`]. The gateway never sends to a reported address.

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::planner::{Path, Plan};
 use crate::metrics::Transport;
-use crate::shard::SessionId;
+use crate::relay_spec::SessionId;
 use crate::wire::control::{CallId, HangupReason};
 
 /// Ids (call ids, connection ids) are below 2^53, so JSON and JavaScript clients hold them

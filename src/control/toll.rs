@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::calls::{Call, Far};
 use super::gateway::{Gateway, Timer, later};
-use crate::shard::SessionId;
+use crate::relay_spec::SessionId;
 use crate::wire::control::{CallId, HangupReason};
 
 impl Gateway {
