@@ -306,6 +306,7 @@ enum InviteCmd {
     Add {
         /// Letters, digits, '-' and '_', at most 64.
         code: String,
+        /// How many registrations the code is good for.
         #[arg(long, default_value_t = 1)]
         uses: u32,
         #[command(flatten)]
@@ -313,6 +314,7 @@ enum InviteCmd {
     },
     /// Remove an invitation code.
     Del {
+        /// The invitation code to remove.
         code: String,
         #[command(flatten)]
         store: StoreArgs,
