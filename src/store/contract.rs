@@ -38,11 +38,12 @@ pub fn run_all(backend: &str, new_store: &mut dyn FnMut() -> Box<dyn Store>) {
     }
 }
 
-fn verifier(password: &str) -> Verifier {
+/// Fixtures, shared with the backends' own tests.
+pub(crate) fn verifier(password: &str) -> Verifier {
     Verifier::with_salt(password, b"0123456789abcdef", 1)
 }
 
-fn sub(user: &str, number: &str) -> Subscriber {
+pub(crate) fn sub(user: &str, number: &str) -> Subscriber {
     Subscriber {
         user: user.into(),
         number: number.into(),
@@ -51,12 +52,12 @@ fn sub(user: &str, number: &str) -> Subscriber {
     }
 }
 
-fn addr(s: &str) -> SocketAddr {
+pub(crate) fn addr(s: &str) -> SocketAddr {
     s.parse()
         .unwrap_or_else(|_| SocketAddr::from(([192, 0, 2, 1], 9)))
 }
 
-fn rt(prefix: &str, media_addr: &str, description: &str) -> Route {
+pub(crate) fn rt(prefix: &str, media_addr: &str, description: &str) -> Route {
     Route {
         prefix: prefix.into(),
         media_addr: addr(media_addr),

@@ -557,36 +557,9 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::contract::{addr, rt, sub, verifier};
     use super::*;
-    use std::net::SocketAddr;
     use std::path::PathBuf;
-
-    fn verifier(password: &str) -> Verifier {
-        Verifier::with_salt(password, b"0123456789abcdef", 1)
-    }
-
-    fn sub(user: &str, number: &str) -> Subscriber {
-        Subscriber {
-            user: user.into(),
-            number: number.into(),
-            verifier: verifier(user),
-            allow_prefixes: None,
-        }
-    }
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse()
-            .unwrap_or_else(|_| SocketAddr::from(([192, 0, 2, 1], 9)))
-    }
-
-    fn rt(prefix: &str, media_addr: &str, description: &str) -> Route {
-        Route {
-            prefix: prefix.into(),
-            media_addr: addr(media_addr),
-            description: description.into(),
-            ports: 1,
-        }
-    }
 
     fn mem() -> SqliteStore {
         SqliteStore::open_in_memory().expect("in-memory database")

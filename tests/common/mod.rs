@@ -527,3 +527,18 @@ pub fn ulaw_round_trip_padded(samples: &[i16]) -> Vec<i16> {
     v.resize(samples.len().div_ceil(160) * 160, 0);
     v
 }
+
+/// Signals a server the test started and waits up to `grace` for it to exit, then kills it.
+pub fn stop_child(mut child: std::process::Child, signal: i32, grace: Duration) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let deadline = Instant::now() + grace;
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -258,20 +258,10 @@ impl PgServer {
 
     /// Fast shutdown (clients are disconnected); waits for the server to exit.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.take() else {
             return;
         };
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while child.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::stop_child(child, libc::SIGINT, Duration::from_secs(20));
     }
 
     /// Starts the stopped server again, on the same port and data.

@@ -193,20 +193,10 @@ impl RedisServer {
 
     /// Stops the server (SIGTERM) and waits for it.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.take() else {
             return;
         };
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while child.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::stop_child(child, libc::SIGTERM, Duration::from_secs(10));
     }
 
     /// Starts the stopped server again on the same port (its data is gone: no persistence).
