@@ -963,11 +963,7 @@ fn a_subscriber_registers_in_a_real_browser_and_logs_in() {
     );
 
     // The README shows these.
-    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
-    for p in [empty, errors, done] {
-        std::fs::copy(&p, shots.join(p.file_name().unwrap())).unwrap();
-    }
+    update_readme_screenshots(&[empty, errors, done]);
 }
 
 #[test]
@@ -1058,9 +1054,19 @@ fn a_subscriber_logs_in_through_the_page_and_dials() {
         bob.stderr
     );
     let phone = b.screenshot("login-done");
-    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
-    for p in [login, phone] {
-        std::fs::copy(&p, shots.join(p.file_name().unwrap())).unwrap();
+    update_readme_screenshots(&[login, phone]);
+}
+
+/// The README shows the pages' screenshots from `docs/screenshots/`. A test run keeps its own
+/// under `target/web-screenshots/`; only `VOXGATE_UPDATE_SCREENSHOTS=1` copies them into the
+/// source tree, so an ordinary run leaves the checkout clean.
+fn update_readme_screenshots(shots: &[PathBuf]) {
+    if std::env::var_os("VOXGATE_UPDATE_SCREENSHOTS").is_none_or(|v| v != "1") {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    for p in shots {
+        std::fs::copy(p, dir.join(p.file_name().unwrap())).unwrap();
     }
 }
