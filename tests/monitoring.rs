@@ -1,6 +1,6 @@
 //! The operator's view of a running gateway: the admin listener's Prometheus metrics (checked
 //! by `promtool check metrics` and scraped by a real Prometheus during a call), and `/health`
-//! (ready, then 503 while draining).
+//! (ready, then 503 while draining), and stale media dropped after a paused gateway.
 //!
 //! Needs the Debian package `prometheus` (promtool and the server); scripts/test-all installs
 //! it. Without it these tests say so loudly, and fail under CI=true.
@@ -378,4 +378,49 @@ fn health_is_ready_then_503_while_draining() {
     drop(callee);
     // Both phones gone: the call ends and the drain completes.
     gw.stop();
+}
+
+/// A gateway paused mid-call (a VM stall: SIGSTOP for 2 s) does not deliver the stalled audio
+/// late in a burst: datagrams that waited longer than `media.stale_ms` (300 ms) when the shard
+/// gets to them are dropped and counted as `stale`, and the call goes on.
+#[test]
+fn audio_held_up_by_a_paused_gateway_is_dropped_as_stale_not_delivered_late() {
+    let gw = Gateway::start(&[]);
+    let (caller, callee) = call_through_the_gateway(&gw, 8);
+    let stale = |gw: &Gateway| {
+        sum(
+            &metrics(gw),
+            "voxgate_shard_drops_total",
+            &[("reason", "stale")],
+        )
+    };
+    let before = stale(&gw);
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling the gateway this test started.
+    unsafe { libc::kill(gw.pid(), libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: as above.
+    unsafe { libc::kill(gw.pid(), libc::SIGCONT) };
+    // bob's 2 s of UDP (about 100 datagrams) waited in the socket: all but the last 300 ms of
+    // them are stale.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut dropped = stale(&gw) - before;
+    while dropped < 60.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        dropped = stale(&gw) - before;
+    }
+    let (caller, callee) = (finish(caller), finish(callee));
+    eprintln!("stale datagrams dropped after a 2 s pause: {dropped}");
+    assert!(
+        dropped >= 60.0,
+        "stale datagrams dropped after a 2 s pause: {dropped}"
+    );
+    assert!(dropped <= 200.0, "only what the pause held up: {dropped}");
+    for (who, r) in [("alice", &caller), ("bob", &callee)] {
+        assert_eq!(
+            r.json["result"], "completed",
+            "{who}: {} {}",
+            r.json, r.stderr
+        );
+    }
 }
