@@ -791,32 +791,28 @@ impl Relay {
         self.now_ns = self.now_ns.max(now_ns);
         let deadline = self.cfg.unbound_tcp_timeout_ns;
         let idle = self.cfg.unbound_tcp_idle_ns.min(deadline);
-        let mut expired = Vec::new();
-        let mut queued = Vec::new();
-        for (i, c) in self.conns.iter().enumerate() {
-            let Some(c) = c.as_ref() else { continue };
-            let id = ConnId {
-                idx: i as u32,
-                generation: c.generation,
+        // By index, acting at once: closing or evicting changes a slot, never the table's
+        // length, so nothing needs collecting first.
+        for i in 0..self.conns.len() {
+            let Some(c) = self.conns[i].as_ref() else {
+                continue;
             };
             if c.closing {
                 continue;
             }
+            let id = ConnId {
+                idx: i as u32,
+                generation: c.generation,
+            };
             if c.leg.is_none()
                 && (now_ns.saturating_sub(c.accepted_ns) > deadline
                     || now_ns.saturating_sub(c.progress_ns) > idle)
             {
-                expired.push(id);
+                self.counters.drop(DropReason::TcpConnLimit);
+                self.close(pool, id, out);
             } else if c.queue.len > 0 {
-                queued.push(id);
+                self.evict_stale(pool, id);
             }
-        }
-        for c in expired {
-            self.counters.drop(DropReason::TcpConnLimit);
-            self.close(pool, c, out);
-        }
-        for c in queued {
-            self.evict_stale(pool, c);
         }
     }
 
