@@ -41,6 +41,10 @@ use waker::Waker;
 /// shard's legs make in the time the control thread takes to read them.
 pub const SHARD_EVENTS: usize = 65_536;
 
+/// How long a shard waits for a fixed media port that is still held (a restarted gateway's
+/// previous io_uring instance closes its sockets in the kernel a moment after it exits).
+const BIND_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Which event loop a shard runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -365,6 +369,7 @@ impl Shards {
                     udp_sndbuf: cfg.udp_sndbuf,
                     backlog: 1024,
                 },
+                BIND_PATIENCE,
             )
             .map_err(|source| ShardError::Bind {
                 shard: i,

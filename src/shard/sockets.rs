@@ -29,7 +29,42 @@ pub struct SocketOptions {
 /// Binds the UDP socket and TCP listener of one shard on `ip:port` (port 0: any free port, the
 /// TCP listener then takes the UDP socket's port when it can). On the unspecified IPv6 address
 /// the sockets are dual-stack; if the host has IPv6 disabled they fall back to 0.0.0.0.
-pub fn bind_shard(ip: IpAddr, port: u16, opts: SocketOptions) -> io::Result<ShardSockets> {
+///
+/// A fixed port still held by sockets that are closing (the previous gateway's io_uring
+/// instance releases its files in the kernel a moment after the process exits, so a restart
+/// can find its own old listener there) is retried every 50 ms for up to `patience` before
+/// the error is returned; any other error is returned at once.
+pub fn bind_shard(
+    ip: IpAddr,
+    port: u16,
+    opts: SocketOptions,
+    patience: std::time::Duration,
+) -> io::Result<ShardSockets> {
+    let deadline = std::time::Instant::now() + patience;
+    let mut warned = false;
+    loop {
+        match bind_shard_once(ip, port, opts) {
+            Err(e)
+                if port != 0
+                    && e.raw_os_error() == Some(libc::EADDRINUSE)
+                    && std::time::Instant::now() < deadline =>
+            {
+                if !warned {
+                    tracing::warn!(
+                        "media port {ip}:{port} is in use ({e}); retrying for up to {} ms \
+                         (a previous gateway's sockets may still be closing)",
+                        patience.as_millis()
+                    );
+                    warned = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn bind_shard_once(ip: IpAddr, port: u16, opts: SocketOptions) -> io::Result<ShardSockets> {
     match bind_pair(ip, port, opts) {
         Err(e) if ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED) && is_v6_unavailable(&e) => {
             tracing::warn!("IPv6 is not available on this host ({e}); media sockets are IPv4-only");
@@ -355,6 +390,52 @@ mod tests {
         push(libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS, &ts);
         push(libc::SOL_SOCKET, libc::SO_RXQ_OVFL, &ovfl.to_ne_bytes());
         v
+    }
+
+    const OPTS: SocketOptions = SocketOptions {
+        udp_rcvbuf: 1 << 16,
+        udp_sndbuf: 1 << 16,
+        backlog: 16,
+    };
+
+    /// A listener on the port, as the previous gateway's closing ring leaves it.
+    fn squatter() -> (std::net::TcpListener, u16) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        (l, port)
+    }
+
+    #[test]
+    fn a_media_port_that_frees_up_within_the_patience_is_bound() {
+        let (l, port) = squatter();
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        assert_eq!(
+            bind_shard_once(ip, port, OPTS)
+                .err()
+                .and_then(|e| e.raw_os_error()),
+            Some(libc::EADDRINUSE),
+            "the squatter must hold the port for this test to mean anything"
+        );
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(l);
+        });
+        let s = bind_shard(ip, port, OPTS, std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(s.tcp_addr.port(), port);
+        assert_eq!(s.udp_addr.port(), port);
+        release.join().unwrap();
+    }
+
+    #[test]
+    fn a_media_port_held_past_the_patience_is_an_address_in_use_error() {
+        let (_l, port) = squatter();
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let t0 = std::time::Instant::now();
+        let e = bind_shard(ip, port, OPTS, std::time::Duration::from_millis(150))
+            .err()
+            .expect("the port stays taken");
+        assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE));
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(150));
     }
 
     #[test]
