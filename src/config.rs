@@ -907,11 +907,21 @@ impl Config {
                 max_unbound_tcp: m.max_unbound_tcp,
                 unbound_tcp_timeout_ns: m.unbound_tcp_timeout_ms * 1_000_000,
                 stale_ns: m.stale_ms * 1_000_000,
-                allow_private_latch: self.server.allow_private_peers,
+                peer_policy: self.peer_policy(),
                 ..RelayConfig::default()
             },
             events: None,
         }
+    }
+
+    /// The peer-address policy (`allow_private_peers`, `allowed_peers`, `denied_peers`): the
+    /// control core checks media destinations against it, the shards latching sources.
+    pub fn peer_policy(&self) -> crate::net::policy::PeerPolicy {
+        crate::net::policy::PeerPolicy::new(
+            self.server.allow_private_peers,
+            &self.server.allowed_peers,
+            &self.server.denied_peers,
+        )
     }
 
     /// The control core's settings; `secret` is the persisted decoy secret.

@@ -1,5 +1,8 @@
 //! Address vocabulary shared by the control core and the data plane (neither owns it): the
-//! canonical form of a socket address and the private-range test.
+//! canonical form of a socket address and the private-range test, and the peer-address policy
+//! ([`policy`]).
+
+pub mod policy;
 
 use std::net::{IpAddr, SocketAddr};
 

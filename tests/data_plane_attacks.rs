@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use voxgate::client::binding;
 use voxgate::metrics::DropReason;
+use voxgate::net::policy::PeerPolicy;
 use voxgate::shard::{
     Backend, Delivery, LegSpec, SessionSpec, ShardConfig, ShardHandle, ShardSnapshot, Shards,
 };
@@ -556,7 +557,7 @@ fn replayed_binding_does_not_move_the_leg(backend: Backend) {
 /// was answered and media went there.
 fn private_latch_is_refused(backend: Backend) {
     let mut cfg = config(backend);
-    cfg.relay.allow_private_latch = false;
+    cfg.relay.peer_policy = voxgate::net::policy::PeerPolicy::default();
     let shards = spawn_with(cfg);
     let h = &shards.handles[0];
     h.install_blocking(SessionSpec {
@@ -581,6 +582,123 @@ fn private_latch_is_refused(backend: Backend) {
     assert!(
         s.legs.iter().all(|l| l.udp_source.is_none()),
         "nothing bound"
+    );
+}
+
+fn policy(allow_private: bool, denied: &[&str]) -> PeerPolicy {
+    let denied: Vec<_> = denied.iter().map(|d| d.parse().unwrap()).collect();
+    PeerPolicy::new(allow_private, &[], &denied)
+}
+
+fn bound_at(h: &ShardHandle, name: &str) -> Option<SocketAddr> {
+    let s = h.snapshot_blocking().unwrap();
+    s.legs
+        .iter()
+        .find(|l| l.name == name)
+        .and_then(|l| l.udp_source)
+}
+
+/// The shard latches under the gateway's whole peer policy (`denied_peers` too), and a reload
+/// (the control thread's `SetPeerPolicy`, sent on SIGHUP) governs every later latch: a source
+/// in a denied prefix cannot take a leg even with the right key, and a validation that was
+/// under way when its prefix was denied does not complete. Before: the shard knew only
+/// `allow_private_peers`, read at start, so with loopback allowed every one of these latched.
+fn denied_prefix_cannot_latch_even_after_a_reload(backend: Backend) {
+    let mut cfg = config(backend);
+    cfg.relay.peer_policy = policy(true, &["127.0.0.2/32"]);
+    let shards = spawn_with(cfg);
+    let h = &shards.handles[0];
+    h.install_blocking(SessionSpec {
+        id: 1,
+        legs: vec![
+            leg("a", Delivery::UdpLatched),
+            leg("b", Delivery::UdpLatched),
+        ],
+    })
+    .unwrap();
+    // The right key from a denied source: no answer, nothing bound.
+    let denied = udp_client("127.0.0.2");
+    let (_, req) = binding_request("a");
+    denied.send_to(&req, gw_udp(h)).unwrap();
+    wait_until(h, "the denied latch counted", |s| {
+        s.counters.dropped(DropReason::DeniedLatch) == 1
+    });
+    assert!(
+        drain(&denied, Duration::from_millis(200)).is_empty(),
+        "a denied source gets no answer"
+    );
+    assert_eq!(bound_at(h, "a"), None, "nothing bound");
+    // The legitimate participants bind from allowed addresses; a's is one the reload denies.
+    let a = udp_client("127.0.0.3");
+    let b = udp_client("127.0.0.1");
+    bind_udp(&a, gw_udp(h), "a");
+    bind_udp(&b, gw_udp(h), "b");
+    // A bound leg cannot be moved into the denied prefix either (no check is even sent).
+    let (_, req) = binding_request("b");
+    denied.send_to(&req, gw_udp(h)).unwrap();
+    wait_until(h, "the denied move counted", |s| {
+        s.counters.dropped(DropReason::DeniedLatch) == 2
+    });
+    assert!(drain(&denied, Duration::from_millis(200)).is_empty());
+
+    // A NAT rebinding of b to 127.0.0.4 starts a validation ...
+    let moving = udp_client("127.0.0.4");
+    let (_, req) = binding_request("b");
+    moving.send_to(&req, gw_udp(h)).unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = moving.recv_from(&mut buf).expect("the gateway's check");
+    let check = *stun::Message::parse(&buf[..n]).unwrap().transaction_id();
+
+    // ... and the reload denies 127.0.0.3 and 127.0.0.4 and lifts the denial of 127.0.0.2.
+    h.set_peer_policy(policy(true, &["127.0.0.3/32", "127.0.0.4/32"]))
+        .unwrap();
+    // The right answer to the check arrives after the reload: the leg stays where it was.
+    let mut resp = [0u8; 256];
+    let n = stun::write_binding_success(&mut resp, &check, gw_udp(h), &key("b")).unwrap();
+    moving.send_to(&resp[..n], gw_udp(h)).unwrap();
+    wait_until(h, "the stale validation refused", |s| {
+        s.counters.dropped(DropReason::DeniedLatch) == 3
+    });
+    assert_eq!(
+        bound_at(h, "b"),
+        Some(b.local_addr().unwrap()),
+        "b did not move"
+    );
+
+    // A call set up after the reload: its leg cannot latch from the newly denied prefix,
+    // and the prefix the old policy denied binds now (the policy was replaced, not merged).
+    h.install_blocking(SessionSpec {
+        id: 2,
+        legs: vec![
+            leg("c", Delivery::UdpLatched),
+            leg("d", Delivery::UdpLatched),
+        ],
+    })
+    .unwrap();
+    let c = udp_client("127.0.0.3");
+    let (_, req) = binding_request("c");
+    c.send_to(&req, gw_udp(h)).unwrap();
+    wait_until(h, "the new denial applied", |s| {
+        s.counters.dropped(DropReason::DeniedLatch) == 4
+    });
+    assert!(drain(&c, Duration::from_millis(200)).is_empty());
+    assert_eq!(bound_at(h, "c"), None);
+    let d = udp_client("127.0.0.2");
+    bind_udp(&d, gw_udp(h), "d");
+
+    // The call in progress is untouched: a (bound at 127.0.0.3 before the reload) still
+    // exchanges media with b.
+    b.send_to(&rtp(2, 1, 172), gw_udp(h)).unwrap();
+    let (n, _) = a.recv_from(&mut buf).expect("media still reaches a");
+    assert_eq!(&buf[..n], &rtp(2, 1, 172)[..]);
+    a.send_to(&rtp(1, 1, 172), gw_udp(h)).unwrap();
+    let (n, _) = b.recv_from(&mut buf).expect("media from a still reaches b");
+    assert_eq!(&buf[..n], &rtp(1, 1, 172)[..]);
+    let s = h.snapshot_blocking().unwrap();
+    assert_eq!(
+        s.counters.dropped(DropReason::PrivateLatch),
+        0,
+        "loopback allowed"
     );
 }
 
@@ -633,5 +751,6 @@ both_backends!(
     stalled_readers_do_not_starve_the_shard,
     replayed_binding_does_not_move_the_leg,
     private_latch_is_refused,
+    denied_prefix_cannot_latch_even_after_a_reload,
     event_channel_is_bounded
 );

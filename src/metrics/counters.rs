@@ -66,7 +66,8 @@ pub enum DropReason {
     /// replayed Bindings (a transaction id already seen, from another address), and answers
     /// held back by the anti-amplification limit.
     LatchPending,
-    /// A leg's source is loopback, private or link-local and private peers are not allowed.
+    /// A leg's source is in a built-in denied range of the peer policy: loopback, private or
+    /// link-local with `allow_private_peers` off, or a special-purpose range.
     PrivateLatch,
     /// A TCP media frame that is neither RTP/RTCP (version 2, at least 12 bytes) nor STUN: the
     /// connection is closed.
@@ -76,10 +77,13 @@ pub enum DropReason {
     AcceptBackoff,
     /// A shard→control event (a leg bound) dropped because the bounded channel was full.
     EventOverflow,
+    /// A leg's new UDP source is in the operator's `denied_peers`: the leg does not latch there
+    /// (even with the right key).
+    DeniedLatch,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::Unbound,
         DropReason::BadAuth,
         DropReason::BadStun,
@@ -99,6 +103,7 @@ impl DropReason {
         DropReason::NotMedia,
         DropReason::AcceptBackoff,
         DropReason::EventOverflow,
+        DropReason::DeniedLatch,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -123,6 +128,7 @@ impl DropReason {
             DropReason::NotMedia => "not_media",
             DropReason::AcceptBackoff => "accept_backoff",
             DropReason::EventOverflow => "event_overflow",
+            DropReason::DeniedLatch => "denied_latch",
         }
     }
 }

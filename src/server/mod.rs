@@ -1443,6 +1443,15 @@ impl Server {
         let secret = *self.gateway.config().auth.secret();
         let ports = self.gateway.config().probe_ports;
         self.gateway.set_config(new.gateway_config(secret, ports));
+        // The shards latch UDP sources under the same policy (legs already bound stay).
+        let policy = new.peer_policy();
+        if policy != self.cfg.peer_policy() {
+            for h in &self.shards.handles {
+                if let Err(e) = h.set_peer_policy(policy.clone()) {
+                    tracing::error!("SIGHUP: peer policy not given to the shard: {e}");
+                }
+            }
+        }
         let new_interval =
             (new.dumps.interval_s != self.cfg.dumps.interval_s).then(|| dump_interval(&new));
         if let Some(w) = &self.dumps

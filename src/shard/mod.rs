@@ -156,6 +156,12 @@ pub enum Command {
         session: SessionId,
         reply: oneshot::Sender<Vec<LegSnapshot>>,
     },
+    /// The peer policy changed (SIGHUP): sources that latch from now on must pass the new one
+    /// ([`Relay::set_peer_policy`]). Commands run in order, so a session installed after this
+    /// command is under the new policy.
+    SetPeerPolicy {
+        policy: relay::PeerPolicy,
+    },
     /// Answer at once: the shard's loop is turning (the watchdog's question).
     Ping {
         reply: oneshot::Sender<()>,
@@ -230,6 +236,12 @@ impl ShardHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Install { spec, reply })?;
         Ok(rx.await.map_err(|_| ShardError::Gone(self.index))??)
+    }
+
+    /// Sends the shard a new peer policy ([`Command::SetPeerPolicy`]); it applies it before any
+    /// command sent after this one.
+    pub fn set_peer_policy(&self, policy: relay::PeerPolicy) -> Result<(), ShardError> {
+        self.send(Command::SetPeerPolicy { policy })
     }
 
     pub async fn remove(&self, session: SessionId) -> Result<bool, ShardError> {
@@ -621,6 +633,7 @@ impl ShardCore {
                 Command::Ping { reply } => {
                     let _ = reply.send(());
                 }
+                Command::SetPeerPolicy { policy } => self.relay.set_peer_policy(policy),
                 Command::SessionLegs { session, reply } => {
                     let _ = reply.send(self.relay.session_legs(session));
                 }

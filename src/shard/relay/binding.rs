@@ -2,7 +2,9 @@
 //! credential: USERNAME = leg name, MESSAGE-INTEGRITY keyed by the leg key) bind a leg's UDP
 //! source or TCP connection; a bound leg's new UDP source is validated with the gateway's own
 //! keyed Binding request before media moves (quinn-style path validation with
-//! anti-amplification), replayed Bindings are ignored, and the private-address policy applies.
+//! anti-amplification), replayed Bindings are ignored, and the peer policy
+//! ([`crate::net::policy`]: built-in special and private ranges, the operator's allowed and
+//! denied prefixes) decides which sources a leg may latch onto.
 
 use std::net::SocketAddr;
 
@@ -10,6 +12,7 @@ use super::{
     ConnId, DropReason, FrameQueue, LegIdx, Outbox, Relay, SEEN_TXIDS, ShardEvent, UdpOut,
     canonical, stun,
 };
+use crate::net::policy::Source;
 use crate::shard::pool::{Pool, Seg};
 
 /// A new media source of a leg, not yet validated (quinn-style path validation): the gateway
@@ -91,8 +94,7 @@ impl Relay {
             l.seen_next = (k + 1) % SEEN_TXIDS;
         }
         if current != Some(src) {
-            if !self.cfg.allow_private_latch && is_private(src.ip()) {
-                self.counters.drop(DropReason::PrivateLatch);
+            if !self.may_latch(src) {
                 return;
             }
             if current.is_some() {
@@ -261,8 +263,28 @@ impl Relay {
         }
         self.pending_latch.remove(&src);
         self.leg_mut(leg).latch = None;
+        // The policy may have changed (a reload) since the check was sent.
+        if !self.may_latch(src) {
+            return;
+        }
         self.bind_udp(leg, src);
         self.push_bound(leg, crate::metrics::Transport::Udp, src, out);
+    }
+
+    /// Whether a leg may latch onto `src` under the peer policy; counts a refusal
+    /// (`PrivateLatch` for the built-in ranges, `DeniedLatch` for the operator's `denied_peers`).
+    /// Asked only when a source binds or moves, never per packet.
+    pub(super) fn may_latch(&mut self, src: SocketAddr) -> bool {
+        match self.cfg.peer_policy.check(src.ip()) {
+            Ok(()) => true,
+            Err(d) => {
+                self.counters.drop(match d.source {
+                    Source::DeniedPeers => DropReason::DeniedLatch,
+                    Source::Private | Source::Special => DropReason::PrivateLatch,
+                });
+                false
+            }
+        }
     }
 
     /// Checks a STUN message: a Binding request whose USERNAME names a leg on this shard and

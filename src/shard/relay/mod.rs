@@ -37,6 +37,7 @@ use crate::metrics::rtpstats::{RtpReport, RtpStats};
 use crate::metrics::{Counters, DropReason, Flow};
 use crate::wire::{framing, rtp, stun};
 
+pub use crate::net::policy::PeerPolicy;
 pub use crate::relay_spec::{Delivery, LegSpec, SessionId, SessionSpec};
 type LegIdx = u32;
 
@@ -96,9 +97,12 @@ pub struct RelayConfig {
     /// Media older than this (kernel receive time to handling, or waiting in a TCP queue) is
     /// dropped; 0: never.
     pub stale_ns: u64,
-    /// Whether a leg may latch onto (or be validated at) a loopback, private or link-local
-    /// source: the gateway's `allow_private_peers`.
-    pub allow_private_latch: bool,
+    /// Which UDP sources a leg may latch onto (bind first, or move to after validation): the
+    /// gateway's peer policy (`allow_private_peers`, `allowed_peers`, `denied_peers`), the same
+    /// one the control core checks destinations against. Replaced live by
+    /// [`Relay::set_peer_policy`] (SIGHUP); consulted only when a source (re)latches, never per
+    /// packet.
+    pub peer_policy: PeerPolicy,
 }
 
 impl Default for RelayConfig {
@@ -115,7 +119,7 @@ impl Default for RelayConfig {
             max_unbound_tcp_per_source: 8,
             unbound_tcp_idle_ns: 1_000_000_000,
             stale_ns: 300_000_000,
-            allow_private_latch: true,
+            peer_policy: PeerPolicy::new(true, &[], &[]),
         }
     }
 }
@@ -308,6 +312,14 @@ impl Relay {
     #[inline]
     pub fn begin_turn(&mut self, now_ns: u64) {
         self.now_ns = now_ns;
+    }
+
+    /// A new peer policy (the control thread's reload): from now on every UDP source that
+    /// binds a leg, or a leg moves to (including validations already under way, checked again
+    /// when their answer comes), must pass it. Legs already bound stay where they are: calls in
+    /// progress are untouched by a reload.
+    pub fn set_peer_policy(&mut self, policy: PeerPolicy) {
+        self.cfg.peer_policy = policy;
     }
 
     /// Unbound TCP connections now counted against the limits.
