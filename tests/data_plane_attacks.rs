@@ -135,6 +135,10 @@ fn wait_until(h: &ShardHandle, what: &str, f: impl Fn(&ShardSnapshot) -> bool) -
     let deadline = Instant::now() + WAIT;
     loop {
         let s = h.snapshot_blocking().unwrap();
+        assert_eq!(
+            s.buffer_refusals, 0,
+            "every buffer state transition was allowed"
+        );
         if f(&s) {
             return s;
         }

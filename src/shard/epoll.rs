@@ -281,7 +281,9 @@ impl EpollShard {
                     self.free.push(bid);
                     continue;
                 }
-                let held = self.core.pool.received(bid);
+                let Some(held) = self.core.pool.received(bid) else {
+                    continue; // not ours to take: refused and counted by the pool
+                };
                 let m = &self.rx_msgs[i];
                 let len = m.msg_len as usize;
                 let truncated = m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
@@ -397,7 +399,14 @@ impl EpollShard {
             // SAFETY: reading into a free pool buffer of `size` bytes.
             let r = unsafe { libc::read(fd, self.core.pool.addr(bid).cast(), size) };
             if r > 0 {
-                let held = self.core.pool.received(bid);
+                let Some(held) = self.core.pool.received(bid) else {
+                    // Not the kernel's (refused and counted by the pool): its holder gives it
+                    // back; the bytes read are lost with the connection's sync, so it ends.
+                    self.core
+                        .relay
+                        .close(&mut self.core.pool, c, &mut self.core.out);
+                    return frames;
+                };
                 let before = self.core.relay.counters.tcp_in.packets;
                 self.core.relay.on_tcp(
                     &mut self.core.pool,

@@ -182,6 +182,10 @@ pub struct ShardSnapshot {
     pub tcp_queued: usize,
     pub buffers_in_use: usize,
     pub buffer_bytes: usize,
+    /// Buffer state transitions the pool refused (a second release, a hold on a buffer the
+    /// kernel owns, a completion for a buffer in use): 0 unless the shard has a bug, which then
+    /// costs packets instead of handing one call's buffer to another.
+    pub buffer_refusals: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -684,6 +688,7 @@ impl ShardCore {
             tcp_queued: self.relay.tcp_queued_total(),
             buffers_in_use: self.pool.in_use(),
             buffer_bytes: self.pool.mapped_bytes(),
+            buffer_refusals: self.pool.refused(),
         }
     }
 }

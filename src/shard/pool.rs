@@ -17,14 +17,25 @@ pub type BufId = u16;
 /// of a 65536-byte buffer would be a length of 0. The largest multiple of 64 below 65536.
 pub const MAX_BUF_SIZE: usize = 65_472;
 
-/// A buffer the kernel handed back (a receive completion or a read): it starts with one
-/// reference, which is ours. The three states of a buffer are types or counts, never
-/// conventions: on a ring it is the kernel's (no handle, 0 references, `buf_mut` refuses it);
-/// received it is a `Received` (ours, 1 reference, writable); referenced by sends or queued
-/// frames it is in flight (more references, read-only until they are released). The handle
-/// must be consumed by [`Pool::release_received`], which gives our reference back; dropping it
-/// instead is a leak, caught by a debug assertion.
-#[must_use = "a received buffer goes back to its ring only through Pool::release_received"]
+/// A buffer that is ours: the kernel handed it back (a receive completion or a read), or the
+/// pool gave us a spare. It carries one reference, ours. The three states of a buffer are
+/// types or checked counts, never conventions:
+///
+/// - **the kernel's** (on a ring, or not yet taken from the spare list): no handle, 0
+///   references. Nothing can read or write it: [`Pool::buf`] and [`Pool::seg`] show nothing,
+///   [`Pool::buf_mut`] refuses, [`Pool::hold`] refuses; [`Pool::received`] is the only way out,
+///   and it refuses a buffer that is not the kernel's (a completion naming a buffer we hold).
+/// - **ours**: a `Received`, exactly 1 reference, writable ([`Pool::buf_mut`]).
+/// - **in flight**: referenced by sends or queued frames (more references, each taken with a
+///   checked [`Pool::hold`] and given back with [`Pool::release`]); read-only until they are
+///   released. The buffer goes back to the kernel only when the last reference is released.
+///
+/// The handle must be consumed: by [`Pool::release_received`] (our reference given back), or
+/// by [`Received::into_ref`] (the reference travels on as a plain id in a queue, released with
+/// [`Pool::release`]). Dropping it instead is a leak, caught by a debug assertion. Counts are
+/// checked: a transition the state does not allow (a second release, a hold on the kernel's
+/// buffer, a count at its maximum) is refused and counted ([`Pool::refused`]), never wrapped.
+#[must_use = "a buffer of ours goes back only through Pool::release_received or into_ref"]
 #[derive(Debug)]
 pub struct Received {
     id: BufId,
@@ -33,6 +44,14 @@ pub struct Received {
 impl Received {
     pub fn id(&self) -> BufId {
         self.id
+    }
+
+    /// Hands our reference on as a plain id (a reassembly buffer kept by a connection): from
+    /// now on it is given back with [`Pool::release`].
+    pub fn into_ref(self) -> BufId {
+        let id = self.id;
+        std::mem::forget(self);
+        id
     }
 }
 
@@ -56,11 +75,13 @@ pub struct Seg {
 
 impl Seg {
     pub fn new(buf: BufId, off: usize, len: usize) -> Seg {
-        debug_assert!(off <= u16::MAX as usize && len <= u16::MAX as usize);
+        // Clamped, never wrapped: buffers are at most MAX_BUF_SIZE, and `Pool::seg` clips a
+        // segment to its buffer anyway.
+        let clamp = |v: usize| u16::try_from(v).unwrap_or(u16::MAX);
         Seg {
             buf,
-            off: off as u16,
-            len: len as u16,
+            off: clamp(off),
+            len: clamp(len),
         }
     }
 }
@@ -106,6 +127,11 @@ pub struct Pool {
     spare_free: Vec<BufId>,
     /// Buffers currently referenced by anything (received and not yet recycled).
     in_use: usize,
+    /// Transitions refused because the buffer's state did not allow them (see [`Received`]).
+    refused: u64,
+    /// Ring buffers that are the kernel's: on a ring, or handed to the driver by
+    /// [`Pool::take_freed`] to put there. Only these can come back in a completion.
+    kernel: Box<[bool]>,
 }
 
 // The region is owned by the pool and only touched from the shard's thread (and by the kernel
@@ -166,6 +192,8 @@ impl Pool {
             freed: Vec::with_capacity(total),
             spare_free: (first_spare..total).rev().map(|i| i as BufId).collect(),
             in_use: 0,
+            refused: 0,
+            kernel: (0..total).map(|i| i < first_spare).collect(),
         })
     }
 
@@ -188,28 +216,42 @@ impl Pool {
         }
     }
 
-    /// Address of buffer `id` (for buffer rings and iovecs).
+    /// Address of buffer `id` (for buffer rings and iovecs). A pointer, not access: computing
+    /// it is safe for any id (an id past the pool gives a pointer past the mapping, which the
+    /// pool never hands to the kernel); reading or writing through it is the caller's `unsafe`.
     pub fn addr(&self, id: BufId) -> *mut u8 {
-        debug_assert!(usize::from(id) < self.refs.len());
-        // SAFETY: id < total, so the offset is inside the mapping.
-        unsafe {
-            self.base
-                .as_ptr()
-                .add(usize::from(id) * self.layout.buf_size)
-        }
+        self.base
+            .as_ptr()
+            .wrapping_add(usize::from(id) * self.layout.buf_size)
     }
 
+    fn refs_of(&self, id: BufId) -> u32 {
+        self.refs.get(usize::from(id)).copied().unwrap_or(0)
+    }
+
+    /// The bytes of buffer `id` while it is ours or in flight; empty while it is the kernel's
+    /// (on a ring the kernel may be writing it) or when `id` is not a buffer of this pool.
     pub fn buf(&self, id: BufId) -> &[u8] {
-        // SAFETY: the buffer lies inside the mapping; the kernel writes into a buffer only while
-        // it is on a ring, and the shard reads it only after the kernel handed it back.
+        if self.refs_of(id) == 0 {
+            return &[];
+        }
+        // SAFETY: id < total (it has a reference count), so the buffer lies inside the mapping;
+        // a referenced buffer is off its ring, so the kernel does not write it, and writes
+        // through `buf_mut` need `&mut self`.
         unsafe { std::slice::from_raw_parts(self.addr(id), self.layout.buf_size) }
     }
 
-    /// Write access to a buffer that nothing else references: exactly one reference, the
-    /// caller's. A buffer on a ring (0 references: the kernel may write it) or read by a send in
-    /// flight (2 or more) gives None, so a write can never race the kernel or change bytes a
-    /// send or another call's queue still points at.
-    pub fn buf_mut(&mut self, id: BufId) -> Option<&mut [u8]> {
+    /// Write access to a buffer of ours that nothing else references: the handle proves it is
+    /// ours, and exactly one reference (the handle's) proves no send or queue reads it, so a
+    /// write can never race the kernel or change bytes another call's packet points at.
+    pub fn buf_mut(&mut self, r: &Received) -> Option<&mut [u8]> {
+        self.buf_mut_id(r.id)
+    }
+
+    /// [`Pool::buf_mut`] for the buffer a segment of a received packet lies in (the loop holds
+    /// its handle while the relay handles the packet): None unless exactly one reference holds
+    /// it.
+    pub fn buf_mut_id(&mut self, id: BufId) -> Option<&mut [u8]> {
         if self.refs.get(usize::from(id)) != Some(&1) {
             return None;
         }
@@ -219,6 +261,8 @@ impl Pool {
         Some(unsafe { std::slice::from_raw_parts_mut(self.addr(id), self.layout.buf_size) })
     }
 
+    /// The bytes a segment names, clipped to its buffer; empty while the buffer is the kernel's.
+    #[inline]
     pub fn seg(&self, s: Seg) -> &[u8] {
         let b = self.buf(s.buf);
         let start = usize::from(s.off).min(b.len());
@@ -227,51 +271,90 @@ impl Pool {
     }
 
     /// The kernel handed us buffer `id` (a completion): it starts with one reference, owned by
-    /// the returned handle.
-    pub fn received(&mut self, id: BufId) -> Received {
-        let r = &mut self.refs[usize::from(id)];
-        debug_assert_eq!(*r, 0, "buffer {id} received twice");
-        if *r == 0 {
-            self.in_use += 1;
+    /// the returned handle. None (counted in [`Pool::refused`]) when `id` is not a ring buffer
+    /// of this pool or is not the kernel's to hand back: ours or in flight, or released but not
+    /// yet handed to the driver by [`Pool::take_freed`] (so not on a ring).
+    pub fn received(&mut self, id: BufId) -> Option<Received> {
+        let i = usize::from(id);
+        let kernels = self.kernel.get(i).copied().unwrap_or(false);
+        match self.refs.get_mut(i) {
+            Some(r) if kernels && *r == 0 => {
+                *r = 1;
+                self.kernel[i] = false;
+                self.in_use += 1;
+                Some(Received { id })
+            }
+            _ => {
+                self.refused += 1;
+                None
+            }
         }
-        *r += 1;
-        Received { id }
     }
 
     /// Gives back the reference a [`Received`] holds (the buffer returns to its ring once no
     /// send or queue references it either).
     pub fn release_received(&mut self, r: Received) {
-        let id = r.id;
-        std::mem::forget(r);
+        let id = r.into_ref();
         self.release(id);
     }
 
-    /// Take a spare buffer (one reference), if any is free.
-    pub fn take_spare(&mut self) -> Option<BufId> {
+    /// Take a spare buffer (ours: one reference), if any is free.
+    pub fn take_spare(&mut self) -> Option<Received> {
         let id = self.spare_free.pop()?;
         self.refs[usize::from(id)] = 1;
         self.in_use += 1;
-        Some(id)
+        Some(Received { id })
     }
 
+    /// Takes one more reference to a buffer that is ours or in flight (a send or a queued
+    /// frame will read it). Refused (false, counted) for a buffer that is the kernel's or whose
+    /// count is at its maximum: the caller then does not send. The admission budgets keep the
+    /// count far below the maximum, so a refusal means a bug, and it costs one packet instead
+    /// of a buffer handed back to the kernel while sends still read it.
     #[inline]
-    pub fn hold(&mut self, id: BufId) {
-        let r = &mut self.refs[usize::from(id)];
-        debug_assert!(*r > 0, "hold on free buffer {id}");
-        debug_assert!(*r < u32::MAX, "reference count of buffer {id} would wrap");
-        // Saturating: never wraps to a small count (which would free a buffer still in use);
-        // a saturated buffer is leaked instead, which the budgets make impossible anyway.
-        *r = r.saturating_add(1);
+    #[must_use = "a refused reference means the buffer must not be sent from"]
+    pub fn hold(&mut self, id: BufId) -> bool {
+        match self.refs.get_mut(usize::from(id)) {
+            Some(r) if *r > 0 && *r < u32::MAX => {
+                *r += 1;
+                true
+            }
+            _ => {
+                self.refused += 1;
+                false
+            }
+        }
     }
 
+    /// [`Pool::hold`] on every segment's buffer, or on none (a packet in two parts is sent
+    /// whole or not at all).
+    #[must_use = "a refused reference means the buffers must not be sent from"]
+    pub fn hold_all(&mut self, segs: &[Seg]) -> bool {
+        for (i, s) in segs.iter().enumerate() {
+            if !self.hold(s.buf) {
+                for t in &segs[..i] {
+                    self.release(t.buf);
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Gives back one reference; the last one returns the buffer to the kernel (via
+    /// [`Pool::take_freed`]) or to the spare list. Releasing a buffer that has no reference
+    /// (the kernel's already) is refused and counted: it is never handed back twice.
     #[inline]
     pub fn release(&mut self, id: BufId) {
-        let r = &mut self.refs[usize::from(id)];
-        debug_assert!(*r > 0, "release of free buffer {id}");
-        *r = r.saturating_sub(1);
+        let spare = self.group(id) == Group::Spare;
+        let Some(r) = self.refs.get_mut(usize::from(id)).filter(|r| **r > 0) else {
+            self.refused += 1;
+            return;
+        };
+        *r -= 1;
         if *r == 0 {
             self.in_use -= 1;
-            if self.group(id) == Group::Spare {
+            if spare {
                 self.spare_free.push(id);
             } else {
                 self.freed.push(id);
@@ -279,29 +362,38 @@ impl Pool {
         }
     }
 
-    /// A queued frame holds `id` (besides its reference, taken with `hold`).
+    /// A queued frame holds `id` (besides its reference, taken with `hold`). Refused (counted)
+    /// for a buffer without references or a count at its maximum.
     pub fn pin(&mut self, id: BufId) {
         let g = self.group(id) as usize;
-        let p = &mut self.pins[usize::from(id)];
-        debug_assert!(self.refs[usize::from(id)] > 0, "pin of a free buffer {id}");
-        if *p == 0 {
-            self.pinned[g] += 1;
+        let i = usize::from(id);
+        match (self.refs.get(i), self.pins.get_mut(i)) {
+            (Some(&r), Some(p)) if r > 0 && *p < u32::MAX => {
+                if *p == 0 {
+                    self.pinned[g] += 1;
+                }
+                *p += 1;
+            }
+            _ => self.refused += 1,
         }
-        *p += 1;
     }
 
+    /// A queued frame let go of `id`. Refused (counted) for a buffer that is not pinned.
     pub fn unpin(&mut self, id: BufId) {
         let g = self.group(id) as usize;
-        let p = &mut self.pins[usize::from(id)];
-        debug_assert!(*p > 0, "unpin of an unpinned buffer {id}");
-        if *p == 1 {
-            self.pinned[g] -= 1;
+        match self.pins.get_mut(usize::from(id)) {
+            Some(p) if *p > 0 => {
+                *p -= 1;
+                if *p == 0 {
+                    self.pinned[g] -= 1;
+                }
+            }
+            _ => self.refused += 1,
         }
-        *p = p.saturating_sub(1);
     }
 
     pub fn is_pinned(&self, id: BufId) -> bool {
-        self.pins[usize::from(id)] > 0
+        self.pins.get(usize::from(id)).is_some_and(|&p| p > 0)
     }
 
     /// Buffers of group `g` that queued frames hold.
@@ -322,12 +414,23 @@ impl Pool {
     /// driver gives them back to the kernel. Swapping keeps both vectors' capacity, so this
     /// allocates nothing.
     pub fn take_freed(&mut self, into: &mut Vec<BufId>) {
-        debug_assert!(into.is_empty());
+        // Whatever the driver left in `into` is not ours to recycle a second time.
+        into.clear();
         std::mem::swap(&mut self.freed, into);
+        for &id in into.iter() {
+            self.kernel[usize::from(id)] = true;
+        }
     }
 
     pub fn refs(&self, id: BufId) -> u32 {
-        self.refs[usize::from(id)]
+        self.refs_of(id)
+    }
+
+    /// Transitions refused because the buffer's state did not allow them (a second release, a
+    /// hold on the kernel's buffer, a completion for a buffer we hold): 0 unless the shard has
+    /// a bug, which then costs packets instead of memory safety.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
     pub fn in_use(&self) -> usize {
@@ -357,6 +460,7 @@ impl Drop for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn pool() -> Pool {
         Pool::new(PoolLayout {
@@ -371,8 +475,8 @@ mod tests {
     #[test]
     fn ring_buffers_are_reported_free_spares_go_back_to_the_spare_list() {
         let mut p = pool();
-        let r = p.received(1);
-        p.hold(1);
+        let r = p.received(1).unwrap();
+        assert!(p.hold(1));
         p.release_received(r);
         let mut freed = Vec::new();
         p.take_freed(&mut freed);
@@ -382,22 +486,23 @@ mod tests {
         assert_eq!(freed, vec![1]);
         freed.clear();
         let s = p.take_spare().unwrap();
-        assert_eq!(p.group(s), Group::Spare);
+        assert_eq!(p.group(s.id()), Group::Spare);
         assert_eq!(p.spare_free(), 1);
-        p.release(s);
+        p.release_received(s);
         assert_eq!(p.spare_free(), 2);
         p.take_freed(&mut freed);
         assert!(freed.is_empty());
         assert_eq!(p.in_use(), 0);
+        assert_eq!(p.refused(), 0);
     }
 
     #[test]
     fn pins_count_distinct_buffers_per_group() {
         let mut p = pool();
-        let r = p.received(4); // TCP group
-        p.hold(4);
+        let r = p.received(4).unwrap(); // TCP group
+        assert!(p.hold(4));
         p.pin(4);
-        p.hold(4);
+        assert!(p.hold(4));
         p.pin(4);
         assert_eq!(
             p.pinned(Group::Tcp),
@@ -414,6 +519,7 @@ mod tests {
         p.release_received(r);
         assert_eq!(p.in_use(), 0);
         assert_eq!(p.group_size(Group::Tcp), 2);
+        assert_eq!(p.refused(), 0);
     }
 
     #[test]
@@ -421,29 +527,75 @@ mod tests {
     #[should_panic(expected = "dropped without Pool::release_received")]
     fn a_received_buffer_must_be_given_back() {
         let mut p = pool();
-        let r = p.received(0);
+        let r = p.received(0).unwrap();
         drop(r);
     }
 
     #[test]
     fn buf_mut_refuses_buffers_the_kernel_or_a_send_may_touch() {
         let mut p = pool();
-        assert!(p.buf_mut(0).is_none(), "on the ring: the kernel's");
-        let r = p.received(0);
-        assert!(p.buf_mut(0).is_some(), "received: ours");
-        p.hold(0);
-        assert!(p.buf_mut(0).is_none(), "a send reads it: in flight");
+        assert!(p.buf_mut_id(0).is_none(), "on the ring: the kernel's");
+        assert!(p.buf(0).is_empty(), "the kernel's: not even readable");
+        let r = p.received(0).unwrap();
+        assert!(p.buf_mut(&r).is_some(), "received: ours");
+        assert!(p.hold(0));
+        assert!(p.buf_mut(&r).is_none(), "a send reads it: in flight");
+        assert_eq!(p.buf(0).len(), 2048, "in flight: readable");
         p.release(0);
         p.release_received(r);
-        assert!(p.buf_mut(0).is_none());
+        assert!(p.buf_mut_id(0).is_none());
+        assert!(p.seg(Seg::new(0, 0, 10)).is_empty());
+    }
+
+    #[test]
+    fn transitions_the_state_does_not_allow_are_refused_not_wrapped() {
+        let mut p = pool();
+        // A hold or a pin on the kernel's buffer, a release of it: refused.
+        assert!(!p.hold(0));
+        p.release(0);
+        p.pin(0);
+        p.unpin(0);
+        assert_eq!(p.refused(), 4);
+        let mut freed = Vec::new();
+        p.take_freed(&mut freed);
+        assert!(freed.is_empty(), "never handed to the kernel twice");
+        assert_eq!(p.in_use(), 0);
+        // A completion for a buffer we hold, or a spare, or no buffer of this pool: refused.
+        let r = p.received(0).unwrap();
+        assert!(p.received(0).is_none());
+        assert!(p.received(6).is_none(), "spares never come from the kernel");
+        assert!(p.received(500).is_none());
+        assert!(!p.hold(500));
+        assert!(p.buf(500).is_empty());
+        assert!(!p.addr(500).is_null());
+        // A second release after the last one: refused, and the buffer is freed once.
+        p.release_received(r);
+        p.release(0);
+        p.take_freed(&mut freed);
+        assert_eq!(freed, vec![0]);
+        assert_eq!(p.in_use(), 0);
+        assert_eq!(p.refused(), 9);
+        // A count at its maximum refuses the next hold instead of wrapping to a small one.
+        let r = p.received(1).unwrap();
+        p.refs[1] = u32::MAX;
+        assert!(!p.hold(1));
+        assert_eq!(p.refs(1), u32::MAX);
+        p.refs[1] = 1;
+        // hold_all is all or nothing.
+        let segs = [Seg::new(1, 0, 1), Seg::new(500, 0, 1)];
+        assert!(!p.hold_all(&segs));
+        assert_eq!(p.refs(1), 1, "the first hold was given back");
+        p.release_received(r);
     }
 
     #[test]
     fn spares_run_out_without_panicking() {
         let mut p = pool();
-        assert!(p.take_spare().is_some());
-        assert!(p.take_spare().is_some());
+        let a = p.take_spare().unwrap();
+        let b = p.take_spare().unwrap();
         assert!(p.take_spare().is_none());
+        p.release_received(a);
+        p.release_received(b);
     }
 
     #[test]
@@ -459,8 +611,106 @@ mod tests {
 
     #[test]
     fn segments_never_read_past_their_buffer() {
-        let p = pool();
+        let mut p = pool();
+        let r = p.received(0).unwrap();
         assert_eq!(p.seg(Seg::new(0, 2040, 100)).len(), 8);
         assert_eq!(p.seg(Seg::new(0, 5000, 10)).len(), 0);
+        assert_eq!(
+            Seg::new(0, 70_000, 70_000).len,
+            u16::MAX,
+            "clamped, not wrapped"
+        );
+        p.release_received(r);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Receive(u16),
+        Spare,
+        Hold(u16),
+        Release(u16),
+        Pin(u16),
+        Unpin(u16),
+        GiveBack(usize),
+        Write(usize),
+        Recycle,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u16..10).prop_map(Op::Receive),
+            Just(Op::Spare),
+            (0u16..10).prop_map(Op::Hold),
+            (0u16..10).prop_map(Op::Release),
+            (0u16..10).prop_map(Op::Pin),
+            (0u16..10).prop_map(Op::Unpin),
+            any::<usize>().prop_map(Op::GiveBack),
+            any::<usize>().prop_map(Op::Write),
+            Just(Op::Recycle),
+        ]
+    }
+
+    proptest! {
+        /// Any order of operations, allowed or not: no panic, a buffer is with the kernel
+        /// (on a ring, or on the spare list) or referenced, never both and never twice; the
+        /// use count matches the references; a buffer is writable only with exactly one.
+        #[test]
+        fn any_sequence_keeps_every_buffer_in_exactly_one_state(ops in prop::collection::vec(op(), 0..200)) {
+            let mut p = pool();
+            let total = p.layout().total();
+            // The driver's view: ring buffers on a ring (all at start).
+            let mut on_ring: Vec<bool> = (0..total).map(|i| i < 6).collect();
+            // Not dropped on a failed assertion (a leaked handle would panic over the report).
+            let mut handles = std::mem::ManuallyDrop::new(Vec::<Received>::new());
+            let mut freed = Vec::new();
+            for o in ops {
+                match o {
+                    Op::Receive(id) => {
+                        let was = on_ring.get(usize::from(id)).copied().unwrap_or(false);
+                        match p.received(id) {
+                            Some(r) => {
+                                handles.push(r);
+                                prop_assert!(was, "received {} that is not on a ring", id);
+                                on_ring[usize::from(id)] = false;
+                            }
+                            None => prop_assert!(!was, "refused {} that is on a ring", id),
+                        }
+                    }
+                    Op::Spare => if let Some(r) = p.take_spare() { handles.push(r) },
+                    Op::Hold(id) => { let _ = p.hold(id); }
+                    Op::Release(id) => p.release(id),
+                    Op::Pin(id) => p.pin(id),
+                    Op::Unpin(id) => p.unpin(id),
+                    Op::GiveBack(i) => if !handles.is_empty() {
+                        let at = i % handles.len();
+                        let r = handles.swap_remove(at);
+                        p.release_received(r);
+                    },
+                    Op::Write(i) => if !handles.is_empty() {
+                        let r = &handles[i % handles.len()];
+                        let one = p.refs(r.id()) == 1;
+                        prop_assert_eq!(p.buf_mut(r).is_some(), one);
+                    },
+                    Op::Recycle => {
+                        p.take_freed(&mut freed);
+                        for &id in &freed {
+                            let i = usize::from(id);
+                            prop_assert!(!on_ring[i], "buffer {} handed to the kernel twice", id);
+                            prop_assert_eq!(p.refs(id), 0);
+                            on_ring[i] = true;
+                        }
+                        freed.clear();
+                    }
+                }
+                let referenced = (0..total).filter(|&i| p.refs(i as BufId) > 0).count();
+                prop_assert_eq!(p.in_use(), referenced);
+                for (i, &ring) in on_ring.iter().enumerate() {
+                    prop_assert!(!(ring && p.refs(i as BufId) > 0), "buffer {} on a ring and referenced", i);
+                }
+            }
+            for r in std::mem::ManuallyDrop::into_inner(handles) {
+                p.release_received(r);
+            }
+        }
     }
 }

@@ -566,7 +566,9 @@ impl UringShard {
             return;
         };
         let pool = &mut self.core.pool;
-        let held = pool.received(bid);
+        let Some(held) = pool.received(bid) else {
+            return; // not the kernel's to hand back: refused and counted by the pool
+        };
         let parsed = {
             let buf = pool.buf(bid);
             let data = &buf[..(res as usize).min(buf.len())];
@@ -658,8 +660,9 @@ impl UringShard {
         let Some(c) = self.core.relay.conn_id_at(idx, generation) else {
             // A late completion for a connection already reaped: only return its buffer.
             if let Some(b) = bid {
-                let r = self.core.pool.received(b);
-                self.core.pool.release_received(r);
+                if let Some(r) = self.core.pool.received(b) {
+                    self.core.pool.release_received(r);
+                }
             }
             return;
         };
@@ -668,8 +671,9 @@ impl UringShard {
             conn.recv_armed = false;
         }
         if res > 0 {
-            if let Some(b) = bid {
-                let held = self.core.pool.received(b);
+            if let Some(b) = bid
+                && let Some(held) = self.core.pool.received(b)
+            {
                 let seg = Seg::new(b, 0, res as usize);
                 self.core
                     .relay
@@ -1040,8 +1044,9 @@ impl UringShard {
                 K_UDP_RECV => {
                     self.udp_recv_armed &= cqueue::more(flags);
                     if let Some(b) = cqueue::buffer_select(flags) {
-                        let r = self.core.pool.received(b);
-                        self.core.pool.release_received(r);
+                        if let Some(r) = self.core.pool.received(b) {
+                            self.core.pool.release_received(r);
+                        }
                     }
                 }
                 K_ACCEPT => {
@@ -1060,8 +1065,9 @@ impl UringShard {
                             conn.recv_armed = false;
                         }
                         if let Some(b) = cqueue::buffer_select(flags) {
-                            let r = self.core.pool.received(b);
-                            self.core.pool.release_received(r);
+                            if let Some(r) = self.core.pool.received(b) {
+                                self.core.pool.release_received(r);
+                            }
                         }
                         self.try_reap(c);
                     }

@@ -127,7 +127,7 @@ impl Relay {
         let start = usize::from(seg.off);
         let key = &self.leg(leg).key;
         let n = pool
-            .buf_mut(seg.buf)
+            .buf_mut_id(seg.buf)
             .and_then(|b| b.get_mut(start..))
             .and_then(|b| stun::write_binding_success(b, txid, src, key).ok());
         let Some(n) = n else {
@@ -135,7 +135,10 @@ impl Relay {
             return 0;
         };
         self.counters.bindings += 1;
-        pool.hold(seg.buf);
+        if !pool.hold(seg.buf) {
+            self.counters.drop(DropReason::SendError);
+            return 0;
+        }
         out.udp.push(UdpOut {
             dst: src,
             segs: [Seg::new(seg.buf, start, n), Seg::default()],
@@ -209,19 +212,18 @@ impl Relay {
         // The check goes into a spare: the request's buffer will hold our answer.
         let mut spent = 0;
         if out.udp_room()
-            && let Some(buf) = pool.take_spare()
+            && let Some(spare) = pool.take_spare()
         {
             let n = {
                 let l = self.leg(leg);
-                pool.buf_mut(buf)
+                pool.buf_mut(&spare)
                     .and_then(|b| stun::write_binding_request(b, &l.name, &l.key, &check_txid).ok())
             };
             match n {
-                Some(n) if n <= budget => {
-                    pool.hold(buf);
+                Some(n) if n <= budget && pool.hold(spare.id()) => {
                     out.udp.push(UdpOut {
                         dst: src,
-                        segs: [Seg::new(buf, 0, n), Seg::default()],
+                        segs: [Seg::new(spare.id(), 0, n), Seg::default()],
                         nsegs: 1,
                     });
                     self.counters.udp_out.add(n);
@@ -229,7 +231,7 @@ impl Relay {
                 }
                 _ => self.counters.drop(DropReason::LatchPending),
             }
-            pool.release(buf);
+            pool.release_received(spare);
         }
         // The answer to the client's Binding, if the limit allows it too.
         let resp_len = 64 + if src.is_ipv6() { 12 } else { 0 };
@@ -367,20 +369,20 @@ impl Relay {
             });
         }
         // The response goes into a spare buffer: the request's buffer may hold the next frames.
-        let Some(buf) = pool.take_spare() else {
+        let Some(spare) = pool.take_spare() else {
             self.counters.drop(DropReason::NoReassemblyBuffer);
             return;
         };
         let n = {
             let key = &self.leg(leg).key;
-            pool.buf_mut(buf)
+            pool.buf_mut(&spare)
                 .and_then(|b| stun::write_binding_success(b, &txid, peer, key).ok())
         };
         if let Some(n) = n {
             self.counters.bindings += 1;
-            let resp = Seg::new(buf, 0, n);
+            let resp = Seg::new(spare.id(), 0, n);
             self.push_control_frame(pool, c, resp, out);
         }
-        pool.release(buf);
+        pool.release_received(spare);
     }
 }

@@ -663,9 +663,12 @@ impl Relay {
                 segs: [Seg::default(); 2],
                 nsegs: segs.len() as u8,
             };
+            if !pool.hold_all(segs) {
+                self.counters.drop(DropReason::SendError);
+                continue;
+            }
             for (slot, s) in o.segs.iter_mut().zip(segs) {
                 *slot = *s;
-                pool.hold(s.buf);
             }
             out.udp.push(o);
             self.counters.udp_out.add(len);
@@ -736,8 +739,10 @@ mod tests {
     /// A received buffer holding `data` (one reference, as the loop holds it). The tests give
     /// that reference back with `pool.release(id)` where the loops use `release_received`.
     fn recv(pool: &mut Pool, id: BufId, data: &[u8]) -> Seg {
-        std::mem::forget(pool.received(id));
-        pool.buf_mut(id).unwrap()[..data.len()].copy_from_slice(data);
+        // The driver puts every freed buffer back on its ring first (it is the kernel's again).
+        pool.take_freed(&mut Vec::new());
+        let id = pool.received(id).expect("the kernel's buffer").into_ref();
+        pool.buf_mut_id(id).unwrap()[..data.len()].copy_from_slice(data);
         Seg::new(id, 0, data.len())
     }
 
@@ -1096,11 +1101,11 @@ mod tests {
                 spare: 8,
             })
             .unwrap();
-            let r = p.received(0);
+            let r = p.received(0).unwrap();
             let frames = buf_size / 3; // 1-byte frames: 3 bytes each
             let holds = frames * (room - 1);
             for _ in 0..holds {
-                p.hold(0);
+                assert!(p.hold(0));
             }
             assert_eq!(
                 p.refs(0) as usize,
@@ -1110,10 +1115,10 @@ mod tests {
             for _ in 0..holds {
                 p.release(0);
             }
-            assert!(p.buf_mut(0).is_some(), "held once again: ours alone");
+            assert!(p.buf_mut(&r).is_some(), "held once again: ours alone");
             p.release_received(r);
             assert!(
-                p.buf_mut(0).is_none(),
+                p.buf_mut_id(0).is_none(),
                 "back to the kernel: not ours to write"
             );
         }

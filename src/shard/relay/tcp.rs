@@ -176,6 +176,7 @@ pub(super) fn take_spare(pool: &mut Pool, bound: bool) -> Option<BufId> {
         return None;
     }
     pool.take_spare()
+        .map(crate::shard::pool::Received::into_ref)
 }
 
 /// Buffers of a pool group that TCP queues may pin: half of them, so stalled readers can
@@ -269,10 +270,12 @@ impl Relay {
         for (slot, s) in f.segs.iter_mut().zip(segs) {
             *slot = *s;
         }
+        if !pool.hold_all(segs) {
+            return false; // refused and counted by the pool
+        }
         conn.queue.push(f);
         let was_idle = conn.queue.len == 1;
         for s in segs {
-            pool.hold(s.buf);
             pool.pin(s.buf);
         }
         conn.from_group[group as usize] += 1;
@@ -518,8 +521,11 @@ impl Relay {
                 }
                 Partial::None => {
                     // First piece of a frame that continues in the next read.
-                    pool.hold(pseg.buf);
-                    conn.partial = Partial::One(pseg);
+                    conn.partial = if pool.hold(pseg.buf) {
+                        Partial::One(pseg)
+                    } else {
+                        Partial::Skip
+                    };
                 }
                 Partial::One(first) if piece.last => {
                     self.counters.tcp_in.packets += 1;
@@ -650,6 +656,9 @@ impl Relay {
             self.counters.drop(DropReason::TcpBackpressure);
             return;
         }
+        if !pool.hold(seg.buf) {
+            return; // refused and counted by the pool
+        }
         conn.queue.push(QFrame {
             hdr,
             segs: [seg, Seg::default()],
@@ -658,7 +667,6 @@ impl Relay {
             group: None,
         });
         let was_idle = conn.queue.len == 1;
-        pool.hold(seg.buf);
         self.tcp_queued += 1;
         if was_idle {
             out.tcp_dirty.push(c);
