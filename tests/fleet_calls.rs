@@ -206,6 +206,8 @@ fn subscribers_on_different_gateways_call_each_other_byte_exact() {
 fn a_killed_gateways_subscribers_go_offline_within_the_ttl() {
     let Some(mut f) = fleet(2) else { return };
     let g2 = &f.gws[1];
+    // While gw2 runs, alice (gw1) reaches carol (gw2).
+    call_across(&f.gws[0], "alice", g2, "carol", "+15550003", "");
     let mark = g2.log_len();
     let carol = spawn_phone(g2, "carol", &["--answer", "--wait", "60"]);
     g2.wait_online(mark, "carol");
