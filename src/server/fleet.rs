@@ -45,7 +45,7 @@ const MAX_MESSAGE: usize = 64 * 1024;
 const QUEUE: usize = 8192;
 
 /// `[fleet]`: several gateways sharing presence in Redis. Off while `redis` is empty.
-#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FleetSection {
     /// `redis://USER@HOST:PORT/` (an ACL user); the password from the URL (config file only),
@@ -62,6 +62,19 @@ pub struct FleetSection {
     pub presence_ttl_ms: u64,
     /// Bounds connecting to Redis and each command.
     pub timeout_ms: u64,
+}
+
+impl Default for FleetSection {
+    fn default() -> Self {
+        FleetSection {
+            redis: String::new(),
+            password_file: None,
+            key_file: None,
+            node: String::new(),
+            presence_ttl_ms: 0,
+            timeout_ms: 2000,
+        }
+    }
 }
 
 impl std::fmt::Debug for FleetSection {
