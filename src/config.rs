@@ -30,6 +30,8 @@ pub struct Config {
     pub store: StoreSection,
     pub web: WebSection,
     pub tls: TlsSection,
+    /// `[fleet]`: presence and calls across gateways in Redis (`server::fleet`).
+    pub fleet: crate::server::fleet::FleetSection,
 }
 
 /// TLS on the control channel (`[tls]`; see `server::tls`). With `cert` and `key` set, the
@@ -841,6 +843,7 @@ impl Config {
             "dumps.intervals_per_file",
             "must be at least 1".into(),
         );
+        p.extend(self.fleet.problems());
         if p.is_empty() {
             Ok(())
         } else {

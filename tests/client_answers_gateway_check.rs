@@ -42,6 +42,7 @@ async fn the_phone_answers_a_keyed_check_from_its_gateway_only() {
     let leg = "call-9-a";
     let key = leg_key(&session, leg);
     let instr = MediaInstructions {
+        call_key: false,
         call: 9,
         plan: Some(Plan {
             forward: Path::UdpViaGateway,

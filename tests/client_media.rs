@@ -133,6 +133,7 @@ fn instructions(
     let recv_t = recv.receiver_transport();
     let peer = other.map(|o| o.addr);
     MediaInstructions {
+        call_key: false,
         call: 1,
         plan,
         caller,

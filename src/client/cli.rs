@@ -788,9 +788,12 @@ async fn phone_session(
         proxy: proxy.clone(),
         ..MediaOptions::default()
     };
-    let mut media = match MediaCall::start(&instr, phone.session_key(), socket.clone(), media_opts)
-        .await
-    {
+    // A call relayed by another gateway of the fleet: its keys come from the call key.
+    let call_key = instr
+        .call_key
+        .then(|| crate::control::fleet_call_key(phone.session_key(), instr.call));
+    let key = call_key.as_ref().unwrap_or(phone.session_key());
+    let mut media = match MediaCall::start(&instr, key, socket.clone(), media_opts).await {
         Ok(m) => m,
         Err(e) => {
             let _ = phone.hang_up(call).await;
@@ -1120,6 +1123,7 @@ mod tests {
 
     fn direct_to(call: CallId, caller: bool, peer: SocketAddr) -> MediaInstructions {
         MediaInstructions {
+            call_key: false,
             call,
             plan: Some(Plan {
                 forward: Path::DirectUdp,

@@ -2150,6 +2150,7 @@ mod tests {
         let gw_tcp: SocketAddr = "192.0.2.1:7401".parse().expect("addr");
         let peer: SocketAddr = "198.51.100.7:4000".parse().expect("addr");
         let base = MediaInstructions {
+            call_key: false,
             call: 1,
             plan: None,
             caller: true,
@@ -2242,6 +2243,7 @@ mod tests {
     fn direct(peer: SocketAddr) -> MediaInstructions {
         use crate::wire::control::{MediaRecv, MediaSend};
         MediaInstructions {
+            call_key: false,
             call: 4,
             plan: None,
             caller: true,

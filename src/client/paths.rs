@@ -873,6 +873,7 @@ mod tests {
             };
             let order = vec![Path::DirectUdp, Path::UdpViaGateway, Path::TcpBoth];
             MediaInstructions {
+                call_key: false,
                 call: 9,
                 plan: None,
                 caller,

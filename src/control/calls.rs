@@ -393,6 +393,7 @@ fn instructions(
         payload_type: media::PAYLOAD_TYPE,
         clock_rate: media::CLOCK_RATE,
         paths: None,
+        call_key: false,
     }
 }
 
@@ -419,7 +420,7 @@ impl Gateway {
     }
 
     fn is_busy(&self, conn: ConnId) -> bool {
-        self.session(conn).is_none_or(|s| !s.calls.is_empty())
+        self.session(conn).is_none_or(|s| !s.calls.is_empty()) || self.fleet_hosts(conn)
     }
 
     /// What the directory said a number reaches, as of now (online, busy).
@@ -496,13 +497,19 @@ impl Gateway {
 
     /// A dial or conference refused before it became a call: the caller is told, the record
     /// closes.
-    fn refuse_dial(&mut self, conn: ConnId, call: CallId, reason: HangupReason) {
+    pub(crate) fn refuse_dial(&mut self, conn: ConnId, call: CallId, reason: HangupReason) {
         self.hang_up_msg(conn, call, reason);
         self.close_record(call, Some(reason), Some(reason));
     }
 
     /// [`Self::refuse_dial`] with words for the caller.
-    fn refuse_dial_why(&mut self, conn: ConnId, call: CallId, reason: HangupReason, why: &str) {
+    pub(crate) fn refuse_dial_why(
+        &mut self,
+        conn: ConnId,
+        call: CallId,
+        reason: HangupReason,
+        why: &str,
+    ) {
         self.hangup_detail = Some((call, crate::wire::control::bounded_detail(why)));
         self.refuse_dial(conn, call, reason);
         self.hangup_detail = None;
@@ -665,6 +672,10 @@ impl Gateway {
         }
         if ncalls >= self.cfg.max_calls_per_user {
             return self.refuse_dial(conn, id, HangupReason::Error);
+        }
+        // A subscriber logged in on another gateway of the fleet (`super::fleet`).
+        if self.fleet_divert_dial(now, conn, id, media, number, &found) {
+            return;
         }
         let dest = match self.resolve(&me, &found) {
             Ok(d) => d,

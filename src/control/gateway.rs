@@ -332,6 +332,8 @@ pub enum Input {
         id: u64,
         result: Result<Answer, LookupError>,
     },
+    /// Redis answered, or another node of the fleet said something ([`super::fleet`]).
+    Fleet(super::fleet::FleetInput),
     /// SIGTERM: refuse new log-ins and calls; calls in progress continue.
     Drain,
     /// End every call (HangUp Shutdown) and close every connection.
@@ -392,6 +394,9 @@ pub enum Action {
         session: SessionId,
         legs: Vec<String>,
     },
+    /// Presence, location and messages to other nodes, in Redis ([`super::fleet`]); answered
+    /// (where an answer is due) with [`Input::Fleet`].
+    Fleet(super::fleet::FleetAction),
 }
 
 /// A snapshot of the core's tables and counters.
@@ -537,6 +542,8 @@ pub(crate) enum Timer {
     DirectoryPoll,
     /// A route call's maximum duration.
     CallLimit(CallId),
+    /// A dial to a subscriber on another node waits for that node's answer until then.
+    FleetRing(CallId),
 }
 
 #[derive(Debug, Default)]
@@ -681,6 +688,8 @@ pub struct Gateway {
     pub(crate) records: HashMap<CallId, super::records::CallRecord>,
     /// The `now` of the latest input: when a call that ends without a `now` at hand ended.
     pub(crate) last_now: Option<Instant>,
+    /// In a fleet: presence in Redis, calls across nodes ([`super::fleet`]).
+    pub(crate) fleet: Option<Box<super::fleet::Fleet>>,
 }
 
 impl Gateway {
@@ -730,6 +739,7 @@ impl Gateway {
             hangup_detail: None,
             records: HashMap::new(),
             last_now: None,
+            fleet: None,
         };
         gw.ask(Query::TypicalIterations, super::lookup::Pending::Iterations);
         gw.ask(
@@ -796,6 +806,7 @@ impl Gateway {
             }
             Input::ShardInstalled { op, result } => self.on_shard_installed(now, op, result),
             Input::LookupDone { id, result } => self.on_lookup_done(now, id, result),
+            Input::Fleet(f) => self.on_fleet(now, f),
             Input::LegBound {
                 session,
                 leg,
@@ -827,6 +838,7 @@ impl Gateway {
                 Timer::Call(call) => self.on_call_timer(now, call),
                 Timer::DirectoryPoll => self.poll_directory(),
                 Timer::CallLimit(call) => self.on_call_limit(call),
+                Timer::FleetRing(call) => self.on_fleet_ring_timer(call),
             }
         }
     }
@@ -836,7 +848,16 @@ impl Gateway {
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        loop {
+            let Some(a) = self.actions.pop_front() else {
+                // Nothing waits to be routed: virtual connections whose call ended can go.
+                self.fleet_sweep();
+                return self.actions.pop_front().and_then(|a| self.fleet_route(a));
+            };
+            if let Some(a) = self.fleet_route(a) {
+                return Some(a);
+            }
+        }
     }
 
     /// Live reload. Takes effect at once for limits, the peer policy (`allow_private_peers`,
@@ -1050,6 +1071,13 @@ impl Gateway {
 
     /// Forgets a connection: ends its calls, stops its probe and timers.
     pub(crate) fn forget_conn(&mut self, now: Instant, conn: ConnId, lost: super::calls::Lost) {
+        if self.fleet.is_some() {
+            let user = self
+                .session(conn)
+                .filter(|s| self.users.get(&s.user) == Some(&conn))
+                .map(|s| s.user.clone());
+            self.fleet_conn_gone(conn, user.as_deref());
+        }
         if self.session(conn).is_some() {
             self.party_lost(now, conn, lost);
         }
@@ -1081,6 +1109,9 @@ impl Gateway {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
+        if self.is_virtual(conn) {
+            return; // its presence is its own node's business
+        }
         let at = match &c.phase {
             Phase::LoggedIn(s) => s.presence.next_deadline(self.cfg.cadence()),
             _ => later(c.opened, self.cfg.login_timeout),
@@ -1103,6 +1134,16 @@ impl Gateway {
         };
         if !logged_in {
             return self.on_login_message(now, conn, msg);
+        }
+        if self.fleet.is_some() {
+            if self.fleet_from_phone(conn, &msg) {
+                return;
+            }
+            if let ClientMsg::HangUp { call } = msg
+                && self.fleet_cancel_dial(conn, call)
+            {
+                return;
+            }
         }
         match msg {
             ClientMsg::Hello { .. } | ClientMsg::Proof { .. } => {
@@ -1387,6 +1428,7 @@ impl Gateway {
             allow_prefixes,
         }));
         self.users.insert(user.clone(), conn);
+        self.fleet_online(&user);
         let user_for_recheck = user.clone();
         self.limiter.succeeded(now, peer.ip(), &user);
         self.counters.logins += 1;

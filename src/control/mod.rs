@@ -26,6 +26,7 @@
 pub mod advertise;
 pub mod auth;
 pub mod calls;
+pub mod fleet;
 pub mod gateway;
 pub mod limits;
 pub mod lookup;
@@ -53,6 +54,13 @@ pub fn leg_key(session: &auth::SessionKey, leg: &str) -> Vec<u8> {
             [hex[usize::from(b >> 4)], hex[usize::from(b & 15)]]
         })
         .collect()
+}
+
+/// The key of one call relayed by another gateway of the fleet (`media{call_key: true}`):
+/// the callee's phone derives that call's leg keys and opens its check keys with it instead of
+/// its session key, so the session key never leaves the gateway it logged in to.
+pub fn fleet_call_key(session: &auth::SessionKey, call: u64) -> auth::SessionKey {
+    session.derive("fleet call", &call.to_be_bytes())
 }
 
 #[cfg(test)]

@@ -246,6 +246,9 @@ impl Gateway {
     /// Starts a probe of a logged-in client, unless one is running (then its result answers
     /// this request too).
     pub(crate) fn start_probe(&mut self, now: Instant, conn: ConnId) {
+        if self.is_virtual(conn) {
+            return; // a callee on another node: planned from the result its node sent
+        }
         match self.session(conn) {
             Some(s) if s.probe.is_none() => {}
             _ => return,

@@ -13,6 +13,7 @@
 
 pub mod admin;
 mod conn_limits;
+pub mod fleet;
 pub mod lookup;
 mod notify;
 mod tls;
@@ -99,6 +100,8 @@ pub enum ServeError {
     Runtime(std::io::Error),
     #[error("web listener: {0}")]
     Web(String),
+    #[error(transparent)]
+    Fleet(#[from] fleet::FleetError),
 }
 
 /// Command-line overrides, re-applied over the file on every reload (flags keep winning).
@@ -383,6 +386,8 @@ struct Server {
     departed: HashMap<u64, Vec<DepartedLeg>>,
     /// The TLS control listener's certificate and key (`[tls]`), reloaded on SIGHUP.
     tls: Option<tls::TlsState>,
+    /// `[fleet]`: presence and calls across gateways in Redis.
+    fleet: Option<fleet::FleetIo>,
 }
 
 async fn run(
@@ -537,6 +542,18 @@ async fn run(
     let directory = lookup::Directory::spawn(&directory, cfg.store.workers, move |id, result| {
         let _ = answers.blocking_send(Event::Input(Input::LookupDone { id, result }));
     })?;
+    // `[fleet]`: Redis reachable and this node subscribed before anything listens.
+    let fleet = match cfg.fleet.enabled() {
+        true => {
+            let heartbeat = gateway.config().heartbeat;
+            let f =
+                fleet::FleetIo::start(&cfg.fleet, bound.control.port(), heartbeat, events.clone())
+                    .await?;
+            gateway.enable_fleet(f.node.clone());
+            Some(f)
+        }
+        false => None,
+    };
     let probe = [Arc::new(probe_a), Arc::new(probe_b)];
     for (i, sock) in probe.iter().enumerate() {
         let port = if i == 0 { ProbePort::A } else { ProbePort::B };
@@ -583,6 +600,7 @@ async fn run(
         cdr_pending: 0,
         departed: HashMap::new(),
         tls: tls_state,
+        fleet,
     };
     on_ready(&bound);
     notify::ready();
@@ -676,6 +694,9 @@ async fn run(
     }
     server.gateway.handle(Instant::now(), Input::Shutdown);
     server.execute().await;
+    if let Some(f) = server.fleet.take() {
+        f.finish().await;
+    }
     server.finish_cdrs(&mut rx).await;
     server.dump().await;
     notify::stopping();
@@ -1168,6 +1189,11 @@ impl Server {
                     }
                 }
                 Action::CallEnded(rec) => self.call_ended(*rec),
+                Action::Fleet(a) => {
+                    if let Some(f) = &self.fleet {
+                        f.act(a);
+                    }
+                }
                 Action::RetireLegs {
                     shard,
                     session,

@@ -226,6 +226,10 @@ pub struct MediaInstructions {
     /// direct candidate to check (two-party calls). Absent from gateways that predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paths: Option<Box<PathOrders>>,
+    /// This call is relayed by another gateway of the fleet: its leg keys and sealed check
+    /// keys come from the call key `fleet_call_key(session key, call)`, not the session key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub call_key: bool,
 }
 
 /// The fallback orders of this client's two directions.
@@ -735,6 +739,7 @@ mod tests {
     #[test]
     fn every_message_round_trips() {
         let media = MediaInstructions {
+            call_key: false,
             call: 9,
             plan: Some(Plan {
                 forward: Path::DirectUdp,

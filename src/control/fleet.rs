@@ -1,0 +1,841 @@
+//! Calls between subscribers on different gateways of a fleet, as actions and inputs of the
+//! sans-IO core: the core never talks to Redis; it emits [`Action::Fleet`] and is told what
+//! happened with [`Input::Fleet`] (`server::fleet` does the IO).
+//!
+//! # Presence and location
+//! After a log-in the core emits [`FleetAction::Online`]; when the client is gone,
+//! [`FleetAction::Offline`]. The server keeps `subscriber -> node` in Redis with a TTL it
+//! refreshes while the node runs (see `server::fleet`): a node that dies stops refreshing and
+//! its subscribers' presence expires by itself.
+//!
+//! # A call to a subscriber on another node
+//! ```text
+//!  caller ─dial─▶ node A (caller's)                    node B (callee's)        callee
+//!                 directory: user; not logged in here
+//!                 Locate{user} ─▶ Redis ─▶ Located{B}
+//!                 Ring ────────────── Redis ─────────▶ callee logged in, not busy:
+//!                                                     the call key = derive(session key, call)
+//!                 ◀──────────── RingOk{call key, probe result, addresses}
+//!                 a virtual connection stands for the callee; the call runs as a local one
+//!                 incoming/media/media_ready/hang_up ─▶ ToPhone ─▶ delivered ────▶
+//!                 ◀── FromPhone ◀── accept/reject/hang_up/media_trouble ◀────────
+//! ```
+//!
+//! **The relay lives on the caller's node** (A): that node authorised the dial (class of
+//! service, call limits), holds the call's record (CDR, toll) and already has the caller's
+//! session key; putting the relay there keeps every decision of the call in one core, with
+//! the callee standing in as a *virtual connection* whose messages travel through Redis. Both
+//! phones are told node A's media addresses.
+//!
+//! The callee's leg keys and check-key sealing come from a **call key**
+//! (`fleet_call_key(session key, call)`, see [`super::fleet_call_key`]) that node B derives
+//! and hands to node A, sealed with the fleet key (the whole message is sealed with
+//! ChaCha20-Poly1305 by the server). The callee's session key never leaves node B; a
+//! disclosed call key opens that one call only. The callee's phone is told to derive its keys
+//! from the call key by `media{call_key: true}` (docs/PROTOCOL.md).
+//!
+//! # Failures
+//! - Not in Redis (or Redis says this node while the user is not here): `hang_up{offline}`.
+//! - Redis unreachable: `hang_up{error}` with the reason in the detail.
+//! - The callee's node does not answer within the ring timeout, or is gone: `hang_up{offline}`.
+//! - A node that hosts a party of a call, or relays a call for a local callee, disappears from
+//!   Redis ([`FleetInput::NodeDown`]): the other side's call ends with `hang_up{peer_lost}`.
+//!
+//! Bounded: fleet dials waiting at once by `max_pending_lookups`; virtual connections by the
+//! calls they stand in for (each is removed once its call ended).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::auth::SessionKey;
+use super::gateway::{Action, ConnId, Gateway, Phase, Session, Timer, later};
+use super::planner::Capabilities;
+use super::presence::Presence;
+use super::probe::ProbeOutcome;
+use crate::directory::{Destination, LookupError};
+use crate::wire::control::{CallId, ClientMsg, HangupReason, ServerMsg};
+
+/// A gateway's name in the fleet.
+pub type NodeId = String;
+
+/// Virtual connection ids: above every id the server issues (those stay below 2^53).
+const VIRTUAL_BASE: ConnId = 1 << 62;
+
+/// What one node tells another through Redis (the server seals it whole).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum FleetMsg {
+    /// Caller's node → callee's node: is `user` here and free? `vconn` names the callee on
+    /// the caller's node.
+    Ring {
+        call: CallId,
+        vconn: ConnId,
+        user: String,
+    },
+    /// Callee's node → caller's node: yes, ringing may start.
+    RingOk {
+        call: CallId,
+        vconn: ConnId,
+        /// The call key (hex, 32 bytes).
+        key: String,
+        /// The callee's control address as its node sees it.
+        peer: SocketAddr,
+        number: String,
+        probe: RemoteProbe,
+    },
+    /// Callee's node → caller's node: no (offline, busy, draining).
+    RingFailed { call: CallId, reason: HangupReason },
+    /// Caller's node → callee's node: deliver this to the callee of `call`.
+    ToPhone { call: CallId, msg: ServerMsg },
+    /// Callee's node → caller's node: the callee sent this about the call.
+    FromPhone { vconn: ConnId, msg: ClientMsg },
+    /// Callee's node → caller's node: the callee's connection is gone.
+    PhoneGone { vconn: ConnId },
+    /// Caller's node → callee's node: forget `call` (it never rang, or it is over).
+    Release { call: CallId },
+}
+
+/// The callee's latest probe result, as its node has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteProbe {
+    pub send_udp: bool,
+    pub recv_udp: bool,
+    pub nat: bool,
+    pub mapped: Option<SocketAddr>,
+    pub translated: bool,
+    pub reported: bool,
+}
+
+impl RemoteProbe {
+    fn of(o: &ProbeOutcome) -> Self {
+        RemoteProbe {
+            send_udp: o.capabilities.send_udp,
+            recv_udp: o.capabilities.recv_udp,
+            nat: o.capabilities.nat,
+            mapped: o.mapped,
+            translated: o.translated,
+            reported: o.reported,
+        }
+    }
+
+    /// No probe result yet: TCP both ways through the gateway (works through any firewall
+    /// that lets the control connection through).
+    fn unknown() -> Self {
+        RemoteProbe {
+            send_udp: false,
+            recv_udp: false,
+            nat: false,
+            mapped: None,
+            translated: false,
+            reported: false,
+        }
+    }
+
+    fn outcome(&self) -> ProbeOutcome {
+        ProbeOutcome {
+            probe: 0,
+            capabilities: Capabilities {
+                send_udp: self.send_udp,
+                recv_udp: self.recv_udp,
+                nat: self.nat,
+            },
+            mapped: self.mapped,
+            translated: self.translated,
+            reported: self.reported,
+        }
+    }
+}
+
+/// What the server is to do in Redis.
+#[derive(Clone, Debug)]
+pub enum FleetAction {
+    /// `user` logged in here: `presence:{user} = node` (TTL, refreshed while the node runs).
+    Online { user: String },
+    /// `user` left here: its presence goes, unless another node holds it now.
+    Offline { user: String },
+    /// Where is `user`? Answer with [`FleetInput::Located`].
+    Locate { id: u64, user: String },
+    /// Publish `msg` to `node`.
+    Send { node: NodeId, msg: FleetMsg },
+}
+
+/// What the server learnt from Redis.
+#[derive(Debug)]
+pub enum FleetInput {
+    /// The answer to [`FleetAction::Locate`]: the node holding the user, if any.
+    Located {
+        id: u64,
+        node: Result<Option<NodeId>, String>,
+    },
+    /// A message another node sent to this one (the seal checked).
+    Message { from: NodeId, msg: FleetMsg },
+    /// `node` is gone from Redis (its liveness key expired, or nobody listens on its channel).
+    NodeDown { node: NodeId },
+}
+
+/// A dial waiting for Redis or for the callee's node.
+#[derive(Debug)]
+struct FleetDial {
+    conn: ConnId,
+    media: Option<SocketAddr>,
+    number: String,
+    found: Destination,
+    user: String,
+    vconn: ConnId,
+    /// The node rung, once located.
+    node: Option<NodeId>,
+}
+
+/// A callee on another node, standing in here as a virtual connection.
+#[derive(Debug)]
+struct Remote {
+    node: NodeId,
+    call: CallId,
+}
+
+/// A local callee of a call another node relays.
+#[derive(Debug)]
+struct Hosted {
+    conn: ConnId,
+    node: NodeId,
+    vconn: ConnId,
+}
+
+/// The fleet state of one core.
+#[derive(Debug)]
+pub(crate) struct Fleet {
+    node: NodeId,
+    next_vconn: ConnId,
+    next_locate: u64,
+    locates: HashMap<u64, CallId>,
+    dials: HashMap<CallId, FleetDial>,
+    remote: HashMap<ConnId, Remote>,
+    hosted: HashMap<CallId, Hosted>,
+}
+
+impl Fleet {
+    pub(crate) fn new(node: NodeId) -> Self {
+        Fleet {
+            node,
+            next_vconn: VIRTUAL_BASE,
+            next_locate: 1,
+            locates: HashMap::new(),
+            dials: HashMap::new(),
+            remote: HashMap::new(),
+            hosted: HashMap::new(),
+        }
+    }
+}
+
+fn hex32(b: &[u8; 32]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Gateway {
+    /// Joins a fleet as `node`: presence goes to Redis and calls to subscribers on other
+    /// nodes are signalled there. Before any input.
+    pub fn enable_fleet(&mut self, node: NodeId) {
+        self.fleet = Some(Box::new(Fleet::new(node)));
+    }
+
+    /// This node's name in the fleet, when it is in one.
+    pub fn fleet_node(&self) -> Option<&str> {
+        self.fleet.as_deref().map(|f| f.node.as_str())
+    }
+
+    /// Whether `conn` is a virtual connection (a callee on another node).
+    pub(crate) fn is_virtual(&self, conn: ConnId) -> bool {
+        self.fleet
+            .as_deref()
+            .is_some_and(|f| f.remote.contains_key(&conn))
+    }
+
+    /// Whether a local client takes part in a call another node relays.
+    pub(crate) fn fleet_hosts(&self, conn: ConnId) -> bool {
+        self.fleet
+            .as_deref()
+            .is_some_and(|f| f.hosted.values().any(|h| h.conn == conn))
+    }
+
+    fn fleet_act(&mut self, a: FleetAction) {
+        self.actions.push_back(Action::Fleet(a));
+    }
+
+    /// After a log-in.
+    pub(crate) fn fleet_online(&mut self, user: &str) {
+        if self.fleet.is_some() {
+            self.fleet_act(FleetAction::Online {
+                user: user.to_owned(),
+            });
+        }
+    }
+
+    /// A connection is being forgotten: its presence goes, its hosted calls are told.
+    pub(crate) fn fleet_conn_gone(&mut self, conn: ConnId, user: Option<&str>) {
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return;
+        };
+        if f.remote.contains_key(&conn) {
+            return;
+        }
+        let gone: Vec<CallId> = f
+            .hosted
+            .iter()
+            .filter(|(_, h)| h.conn == conn)
+            .map(|(c, _)| *c)
+            .collect();
+        let mut out = Vec::new();
+        for call in gone {
+            if let Some(h) = f.hosted.remove(&call) {
+                out.push(FleetAction::Send {
+                    node: h.node,
+                    msg: FleetMsg::PhoneGone { vconn: h.vconn },
+                });
+            }
+        }
+        if let Some(user) = user {
+            out.push(FleetAction::Offline {
+                user: user.to_owned(),
+            });
+        }
+        for a in out {
+            self.fleet_act(a);
+        }
+    }
+
+    /// A dial's directory answer names a user that is not logged in here: find it in the
+    /// fleet. `true` when the dial went that way.
+    pub(crate) fn fleet_divert_dial(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        call: CallId,
+        media: Option<SocketAddr>,
+        number: &str,
+        found: &Result<Option<Destination>, LookupError>,
+    ) -> bool {
+        let Ok(Some(dest @ Destination::User { user, .. })) = found else {
+            return false;
+        };
+        let me = self.session(conn).map(|s| s.user.clone());
+        if self.fleet.is_none() || self.users.contains_key(user) || me.as_deref() == Some(user) {
+            return false;
+        }
+        let max = self.cfg.max_pending_lookups;
+        let ring_timeout = self.cfg.ring_timeout;
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return false;
+        };
+        if f.dials.len() >= max {
+            tracing::warn!(pending = f.dials.len(), "too many fleet dials waiting");
+            self.refuse_dial(conn, call, HangupReason::Error);
+            return true;
+        }
+        let vconn = f.next_vconn;
+        f.next_vconn += 1;
+        let id = f.next_locate;
+        f.next_locate += 1;
+        f.locates.insert(id, call);
+        f.dials.insert(
+            call,
+            FleetDial {
+                conn,
+                media,
+                number: number.to_owned(),
+                found: dest.clone(),
+                user: user.clone(),
+                vconn,
+                node: None,
+            },
+        );
+        let user = user.clone();
+        self.timers
+            .set(Timer::FleetRing(call), later(now, ring_timeout));
+        self.fleet_act(FleetAction::Locate { id, user });
+        true
+    }
+
+    /// The caller hung up a dial that waits for the fleet: `true` if it was one.
+    pub(crate) fn fleet_cancel_dial(&mut self, conn: ConnId, call: CallId) -> bool {
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return false;
+        };
+        if f.dials.get(&call).is_none_or(|d| d.conn != conn) {
+            return false;
+        }
+        let d = f.dials.remove(&call);
+        self.timers.cancel(Timer::FleetRing(call));
+        if let Some(node) = d.and_then(|d| d.node) {
+            self.fleet_act(FleetAction::Send {
+                node,
+                msg: FleetMsg::Release { call },
+            });
+        }
+        self.close_record(call, None, Some(HangupReason::Normal));
+        true
+    }
+
+    fn fleet_dial_failed(&mut self, call: CallId, reason: HangupReason, why: Option<&str>) {
+        let Some(d) = self
+            .fleet
+            .as_deref_mut()
+            .and_then(|f| f.dials.remove(&call))
+        else {
+            return;
+        };
+        self.timers.cancel(Timer::FleetRing(call));
+        if let Some(node) = d.node {
+            self.fleet_act(FleetAction::Send {
+                node,
+                msg: FleetMsg::Release { call },
+            });
+        }
+        if self.session(d.conn).is_none() {
+            return self.close_record(call, None, Some(HangupReason::PeerLost));
+        }
+        match why {
+            Some(w) => self.refuse_dial_why(d.conn, call, reason, w),
+            None => self.refuse_dial(d.conn, call, reason),
+        }
+    }
+
+    /// The callee's node did not answer in time.
+    pub(crate) fn on_fleet_ring_timer(&mut self, call: CallId) {
+        tracing::info!(call, "the callee's gateway did not answer the ring");
+        self.fleet_dial_failed(
+            call,
+            HangupReason::Offline,
+            Some("the callee's gateway did not answer"),
+        );
+    }
+
+    pub(crate) fn on_fleet(&mut self, now: Instant, input: FleetInput) {
+        if self.fleet.is_none() {
+            return;
+        }
+        match input {
+            FleetInput::Located { id, node } => self.on_located(id, node),
+            FleetInput::Message { from, msg } => self.on_fleet_msg(now, from, msg),
+            FleetInput::NodeDown { node } => self.on_node_down(now, &node),
+        }
+    }
+
+    fn on_located(&mut self, id: u64, node: Result<Option<NodeId>, String>) {
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return;
+        };
+        let Some(call) = f.locates.remove(&id) else {
+            return;
+        };
+        let me = f.node.clone();
+        match node {
+            Err(e) => {
+                tracing::error!(call, error = %e, "presence look-up in Redis failed");
+                self.fleet_dial_failed(
+                    call,
+                    HangupReason::Error,
+                    Some("the fleet's presence service is unavailable"),
+                )
+            }
+            Ok(None) => self.fleet_dial_failed(call, HangupReason::Offline, None),
+            Ok(Some(n)) if n == me => self.fleet_dial_failed(call, HangupReason::Offline, None),
+            Ok(Some(n)) => {
+                let Some(d) = f.dials.get_mut(&call) else {
+                    return;
+                };
+                d.node = Some(n.clone());
+                let msg = FleetMsg::Ring {
+                    call,
+                    vconn: d.vconn,
+                    user: d.user.clone(),
+                };
+                tracing::debug!(call, node = %n, "ringing a subscriber on another gateway");
+                self.fleet_act(FleetAction::Send { node: n, msg });
+            }
+        }
+    }
+
+    fn on_fleet_msg(&mut self, now: Instant, from: NodeId, msg: FleetMsg) {
+        match msg {
+            FleetMsg::Ring { call, vconn, user } => self.on_ring(from, call, vconn, &user),
+            FleetMsg::RingOk {
+                call,
+                vconn,
+                key,
+                peer,
+                number,
+                probe,
+            } => self.on_ring_ok(now, &from, call, vconn, &key, peer, number, probe),
+            FleetMsg::RingFailed { call, reason } => {
+                let ours = self
+                    .fleet
+                    .as_deref()
+                    .and_then(|f| f.dials.get(&call))
+                    .is_some_and(|d| d.node.as_deref() == Some(from.as_str()));
+                if ours {
+                    if let Some(d) = self
+                        .fleet
+                        .as_deref_mut()
+                        .and_then(|f| f.dials.get_mut(&call))
+                    {
+                        d.node = None; // nothing to release there
+                    }
+                    self.fleet_dial_failed(call, reason, None);
+                }
+            }
+            FleetMsg::ToPhone { call, msg } => self.on_to_phone(&from, call, msg),
+            FleetMsg::FromPhone { vconn, msg } => {
+                if self.remote_of(vconn, &from) {
+                    self.handle(now, super::gateway::Input::Message { conn: vconn, msg });
+                }
+            }
+            FleetMsg::PhoneGone { vconn } => {
+                if self.remote_of(vconn, &from) {
+                    self.forget_conn(now, vconn, super::calls::Lost::PeerLost);
+                }
+            }
+            FleetMsg::Release { call } => {
+                if let Some(f) = self.fleet.as_deref_mut()
+                    && f.hosted.get(&call).is_some_and(|h| h.node == from)
+                {
+                    f.hosted.remove(&call);
+                }
+            }
+        }
+    }
+
+    fn remote_of(&self, vconn: ConnId, node: &str) -> bool {
+        self.fleet
+            .as_deref()
+            .and_then(|f| f.remote.get(&vconn))
+            .is_some_and(|r| r.node == node)
+    }
+
+    /// Callee's side: another node rings `user` here.
+    fn on_ring(&mut self, from: NodeId, call: CallId, vconn: ConnId, user: &str) {
+        let reply = |msg| FleetAction::Send {
+            node: from.clone(),
+            msg,
+        };
+        let conn = self
+            .users
+            .get(user)
+            .copied()
+            .filter(|c| !self.is_virtual(*c));
+        let refuse = |reason| reply(FleetMsg::RingFailed { call, reason });
+        let Some(conn) = conn else {
+            return self.fleet_act(refuse(HangupReason::Offline));
+        };
+        if self.draining {
+            return self.fleet_act(refuse(HangupReason::Shutdown));
+        }
+        if self.is_busy_fleet(conn) {
+            return self.fleet_act(refuse(HangupReason::Busy));
+        }
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let Phase::LoggedIn(s) = &c.phase else {
+            return;
+        };
+        let key = super::fleet_call_key(&s.key, call);
+        let probe = match (&s.probe, &s.result) {
+            (None, Some(r)) => RemoteProbe::of(r),
+            (_, Some(r)) => RemoteProbe::of(r),
+            _ => RemoteProbe::unknown(),
+        };
+        let ok = FleetMsg::RingOk {
+            call,
+            vconn,
+            key: hex32(key.as_bytes()),
+            peer: c.peer,
+            number: s.number.clone(),
+            probe,
+        };
+        if let Some(f) = self.fleet.as_deref_mut() {
+            f.hosted.insert(
+                call,
+                Hosted {
+                    conn,
+                    node: from.clone(),
+                    vconn,
+                },
+            );
+        }
+        tracing::info!(call, conn, node = %from, "a call relayed by another gateway rings here");
+        self.fleet_act(reply(ok));
+    }
+
+    fn is_busy_fleet(&self, conn: ConnId) -> bool {
+        self.session(conn)
+            .is_none_or(|s| !s.calls.is_empty() || s.lookups > 0)
+            || self.fleet_hosts(conn)
+    }
+
+    /// Caller's side: the callee's node said yes: the callee becomes a virtual connection
+    /// and the dial goes on as a local one.
+    #[allow(clippy::too_many_arguments)]
+    fn on_ring_ok(
+        &mut self,
+        now: Instant,
+        from: &str,
+        call: CallId,
+        vconn: ConnId,
+        key: &str,
+        peer: SocketAddr,
+        number: String,
+        probe: RemoteProbe,
+    ) {
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return;
+        };
+        let matches = f
+            .dials
+            .get(&call)
+            .is_some_and(|d| d.vconn == vconn && d.node.as_deref() == Some(from));
+        let release = FleetAction::Send {
+            node: from.to_owned(),
+            msg: FleetMsg::Release { call },
+        };
+        let Some(key) = unhex32(key).filter(|_| matches) else {
+            return self.fleet_act(release);
+        };
+        let Some(d) = f.dials.remove(&call) else {
+            return;
+        };
+        self.timers.cancel(Timer::FleetRing(call));
+        let Some(local) = self.conns.get(&d.conn).map(|c| c.local) else {
+            self.fleet_act(release);
+            return self.close_record(call, None, Some(HangupReason::PeerLost));
+        };
+        if self.users.contains_key(&d.user) {
+            // The callee logged in here meanwhile: ring it here.
+            self.fleet_act(release);
+        } else {
+            let session = Session {
+                user: d.user.clone(),
+                number,
+                key: SessionKey::from_bytes(key),
+                presence: Presence::new(now),
+                probe: None,
+                last_probe_id: 0,
+                result: Some(probe.outcome()),
+                calls: Default::default(),
+                lookups: 0,
+                verifier_tag: [0; 32],
+                allow_prefixes: None,
+            };
+            self.conns.insert(
+                vconn,
+                super::gateway::Conn {
+                    peer: crate::net::canonical(peer),
+                    local,
+                    opened: now,
+                    phase: Phase::LoggedIn(Box::new(session)),
+                    tls_exporter: None,
+                },
+            );
+            self.users.insert(d.user.clone(), vconn);
+            if let Some(f) = self.fleet.as_deref_mut() {
+                f.remote.insert(
+                    vconn,
+                    Remote {
+                        node: from.to_owned(),
+                        call,
+                    },
+                );
+            }
+        }
+        self.dial_resolved(now, d.conn, call, d.media, &d.number, Ok(Some(d.found)));
+    }
+
+    /// Callee's side: the relaying node sends the callee a message about `call`.
+    fn on_to_phone(&mut self, from: &str, call: CallId, msg: ServerMsg) {
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return;
+        };
+        let Some(h) = f.hosted.get(&call).filter(|h| h.node == from) else {
+            tracing::debug!(call, node = %from, "message for a call not hosted here: dropped");
+            return;
+        };
+        let conn = h.conn;
+        let msg = match msg {
+            ServerMsg::Media(mut m) => {
+                m.call_key = true;
+                ServerMsg::Media(m)
+            }
+            ServerMsg::HangUp { .. } => {
+                f.hosted.remove(&call);
+                msg
+            }
+            ServerMsg::Incoming { .. } | ServerMsg::MediaReady { .. } | ServerMsg::Error { .. } => {
+                msg
+            }
+            // Log-in, presence and probe traffic of the virtual connection stays there.
+            _ => return,
+        };
+        self.send(conn, msg);
+    }
+
+    /// Callee's side: a message of a local client about a call another node relays goes
+    /// there. `true` when it did.
+    pub(crate) fn fleet_from_phone(&mut self, conn: ConnId, msg: &ClientMsg) -> bool {
+        let call = match msg {
+            ClientMsg::Accept { call, .. }
+            | ClientMsg::Reject { call }
+            | ClientMsg::HangUp { call }
+            | ClientMsg::MediaTrouble { call } => *call,
+            _ => return false,
+        };
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return false;
+        };
+        let Some(h) = f.hosted.get(&call).filter(|h| h.conn == conn) else {
+            return false;
+        };
+        let (node, vconn) = (h.node.clone(), h.vconn);
+        if matches!(msg, ClientMsg::Reject { .. } | ClientMsg::HangUp { .. }) {
+            f.hosted.remove(&call);
+        }
+        self.fleet_act(FleetAction::Send {
+            node,
+            msg: FleetMsg::FromPhone {
+                vconn,
+                msg: msg.clone(),
+            },
+        });
+        true
+    }
+
+    fn on_node_down(&mut self, now: Instant, node: &str) {
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return;
+        };
+        tracing::warn!(
+            node,
+            "a fleet node is gone: ending the calls it took part in"
+        );
+        let vconns: Vec<ConnId> = f
+            .remote
+            .iter()
+            .filter(|(_, r)| r.node == node)
+            .map(|(c, _)| *c)
+            .collect();
+        let hosted: Vec<(CallId, ConnId)> = f
+            .hosted
+            .iter()
+            .filter(|(_, h)| h.node == node)
+            .map(|(c, h)| (*c, h.conn))
+            .collect();
+        let dials: Vec<CallId> = f
+            .dials
+            .iter()
+            .filter(|(_, d)| d.node.as_deref() == Some(node))
+            .map(|(c, _)| *c)
+            .collect();
+        for (call, _) in &hosted {
+            f.hosted.remove(call);
+        }
+        for call in dials {
+            if let Some(d) = self
+                .fleet
+                .as_deref_mut()
+                .and_then(|f| f.dials.get_mut(&call))
+            {
+                d.node = None;
+            }
+            self.fleet_dial_failed(
+                call,
+                HangupReason::Offline,
+                Some("the callee's gateway is gone"),
+            );
+        }
+        for vconn in vconns {
+            self.forget_conn(now, vconn, super::calls::Lost::PeerLost);
+        }
+        for (call, conn) in hosted {
+            self.send(
+                conn,
+                ServerMsg::HangUp {
+                    call,
+                    reason: HangupReason::PeerLost,
+                    detail: Some("the gateway relaying this call is gone".into()),
+                },
+            );
+        }
+    }
+
+    /// An action about to leave the core: messages for a virtual connection travel to the
+    /// callee's node; its closing is local. `None`: nothing for the server.
+    pub(crate) fn fleet_route(&mut self, a: Action) -> Option<Action> {
+        let Some(f) = self.fleet.as_deref() else {
+            return Some(a);
+        };
+        match a {
+            Action::Send { conn, msg } if f.remote.contains_key(&conn) => {
+                let r = &f.remote[&conn];
+                Some(Action::Fleet(FleetAction::Send {
+                    node: r.node.clone(),
+                    msg: FleetMsg::ToPhone { call: r.call, msg },
+                }))
+            }
+            Action::Close { conn } if f.remote.contains_key(&conn) => None,
+            a => Some(a),
+        }
+    }
+
+    /// Forgets virtual connections whose call is over (the queue of actions is empty, so
+    /// nothing for them waits to be routed). The callee's node is told to forget the call.
+    pub(crate) fn fleet_sweep(&mut self) {
+        let Some(f) = self.fleet.as_deref() else {
+            return;
+        };
+        if f.remote.is_empty() {
+            return;
+        }
+        let done: Vec<ConnId> = f
+            .remote
+            .keys()
+            .copied()
+            .filter(|c| match self.conns.get(c).map(|c| &c.phase) {
+                Some(Phase::LoggedIn(s)) => s.calls.is_empty(),
+                _ => true,
+            })
+            .collect();
+        for vconn in done {
+            let Some(r) = self
+                .fleet
+                .as_deref_mut()
+                .and_then(|f| f.remote.remove(&vconn))
+            else {
+                continue;
+            };
+            if let Some(c) = self.conns.remove(&vconn)
+                && let Phase::LoggedIn(s) = c.phase
+                && self.users.get(&s.user) == Some(&vconn)
+            {
+                self.users.remove(&s.user);
+            }
+            self.timers.cancel(Timer::Conn(vconn));
+            self.timers.cancel(Timer::Probe(vconn));
+            self.fleet_act(FleetAction::Send {
+                node: r.node,
+                msg: FleetMsg::Release { call: r.call },
+            });
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! A fleet on loopback: three gateways sharing one PostgreSQL directory and one Redis (both
+//! private servers the test starts, `common::pg` and `common::redis`).
+//! - subscribers logged in on different gateways call each other: the call is signalled
+//!   through Redis, relayed by the caller's gateway, audio byte-exact both ways (UDP and TCP);
+//! - presence is in Redis, sealed messages only: what crosses Redis has no call key in clear;
+//! - a gateway killed with -9: its subscribers' presence expires within the TTL and a call to
+//!   them gets `hang_up{offline}`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::pg::PgServer;
+use common::redis::{RedisServer, Reply, USER};
+use common::{Gateway, spawn_phone, test_clip, ulaw_round_trip_padded};
+use voxgate::client::wav;
+
+const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+fn private_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+struct Fleet {
+    _cfg: tempfile::TempDir,
+    pg: PgServer,
+    redis: RedisServer,
+    gws: Vec<Gateway>,
+}
+
+/// `n` gateways `gw1`…, heart-beat 1 s (presence TTL 3 s).
+fn fleet(n: usize) -> Option<Fleet> {
+    let pg = PgServer::start()?;
+    let redis = RedisServer::start()?;
+    pg.create_db("dir");
+    let cfg = tempfile::tempdir().unwrap();
+    let pw = private_file(cfg.path(), "redis.pass", &format!("{}\n", redis.password));
+    let key = private_file(cfg.path(), "fleet.key", &format!("{KEY}\n"));
+    let mut gws = Vec::new();
+    for i in 1..=n {
+        let conf = cfg.path().join(format!("gw{i}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "[fleet]\nredis = \"redis://{USER}@127.0.0.1:{port}/\"\npassword_file = \"{pw}\"\n\
+                 key_file = \"{key}\"\nnode = \"gw{i}\"\n",
+                port = redis.port,
+                pw = pw.display(),
+                key = key.display(),
+            ),
+        )
+        .unwrap();
+        let url = pg.url("dir");
+        gws.push(Gateway::start_with_directory(
+            &["--directory", &url],
+            &[("PGPASSWORD", &pg.password)],
+            &["--config", conf.to_str().unwrap(), "--heartbeat-ms", "1000"],
+        ));
+        let log = gws[i - 1].log_text();
+        assert!(
+            log.contains("fleet: joined") && log.contains(&format!("node=gw{i}")),
+            "{log}"
+        );
+    }
+    Some(Fleet {
+        _cfg: cfg,
+        pg,
+        redis,
+        gws,
+    })
+}
+
+/// The sum of `name`'s samples whose labels contain `label` in the gateway's `/metrics`.
+fn metric(gw: &Gateway, name: &str, label: &str) -> f64 {
+    let (code, body) = common::http_get(gw.admin.as_ref().unwrap(), "/metrics").unwrap();
+    assert_eq!(code, 200);
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn presence(redis: &RedisServer, user: &str) -> Option<String> {
+    match redis
+        .command(&["GET", &format!("voxgate:presence:{user}")])
+        .unwrap()
+    {
+        Reply::Bulk(Some(b)) => Some(String::from_utf8(b).unwrap()),
+        Reply::Bulk(None) => None,
+        other => panic!("GET: {other:?}"),
+    }
+}
+
+/// `caller` on `gc` calls `callee` (number `number`) on `ge`; audio must arrive byte-exact
+/// both ways. `firewall`: the caller's `--firewall`.
+fn call_across(gc: &Gateway, caller: &str, ge: &Gateway, callee: &str, number: &str, fw: &str) {
+    let dir = gc.dir.path();
+    let tag = format!("{caller}-{callee}-{fw}");
+    let a_in = test_clip(dir, "speech-8k.wav", &format!("{tag}-a-in.wav"), 1.6);
+    let b_in = test_clip(dir, "reply-8k.wav", &format!("{tag}-b-in.wav"), 1.2);
+    let (a_rec, b_rec) = (
+        dir.join(format!("{tag}-a-rec.wav")),
+        dir.join(format!("{tag}-b-rec.wav")),
+    );
+    let mark = ge.log_len();
+    let answerer = spawn_phone(
+        ge,
+        callee,
+        &[
+            "--answer",
+            "--play",
+            b_in.to_str().unwrap(),
+            "--record",
+            b_rec.to_str().unwrap(),
+            "--wait",
+            "20",
+        ],
+    );
+    ge.wait_online(mark, callee);
+    let mut args = vec![
+        "--call",
+        number,
+        "--play",
+        a_in.to_str().unwrap(),
+        "--record",
+        a_rec.to_str().unwrap(),
+    ];
+    if !fw.is_empty() {
+        args.extend(["--firewall", fw]);
+    }
+    let dialler = spawn_phone(gc, caller, &args);
+    let caller_r = common::finish(dialler);
+    let callee_r = common::finish(answerer);
+    for (who, r) in [("caller", &caller_r), ("callee", &callee_r)] {
+        assert_eq!(
+            r.code,
+            0,
+            "{who}: {}\n{}\ncaller's gateway:\n{}\ncallee's gateway:\n{}",
+            r.json,
+            r.stderr,
+            gc.log_text(),
+            ge.log_text()
+        );
+        assert_eq!(r.json["result"], "completed", "{who}: {}", r.json);
+        assert_eq!(r.json["received"]["lost"], 0, "{who}: {}", r.json);
+    }
+    for (sent, rec, who) in [
+        (&a_in, &b_rec, "callee hears caller"),
+        (&b_in, &a_rec, "caller hears callee"),
+    ] {
+        let want = ulaw_round_trip_padded(&wav::read(sent).unwrap());
+        let got = wav::read(rec).unwrap();
+        assert!(got.len() >= want.len(), "{who}: recording too short");
+        assert!(got[..want.len()] == want[..], "{who}: audio differs");
+    }
+}
+
+#[test]
+fn subscribers_on_different_gateways_call_each_other_byte_exact() {
+    let Some(f) = fleet(3) else { return };
+    let (g1, g2, g3) = (&f.gws[0], &f.gws[1], &f.gws[2]);
+    // alice on gw1 calls bob on gw2 (UDP where it can), then carol on gw3 calls alice on gw1
+    // with UDP blocked at the caller (TCP through the relaying gateway).
+    call_across(g1, "alice", g2, "bob", "+15550002", "");
+    // The relay was the caller's gateway's: gw2 (the callee's) relayed nothing.
+    let relayed = metric(g1, "voxgate_shard_packets_total", "direction=\"in\"");
+    assert!(relayed > 0.0, "{relayed}");
+    assert_eq!(
+        metric(g2, "voxgate_shard_packets_total", "direction=\"in\""),
+        0.0
+    );
+    assert_eq!(metric(g1, "voxgate_calls_placed_total", ""), 1.0);
+    assert_eq!(metric(g2, "voxgate_calls_placed_total", ""), 0.0);
+    let before = metric(g1, "voxgate_shard_packets_total", "direction=\"in\"");
+    call_across(g3, "carol", g1, "alice", "+15550001", "no-udp");
+    // UDP blocked at the caller: every packet of its TCP leg went through gw3.
+    let relayed = metric(g3, "voxgate_shard_packets_total", "direction=\"in\"");
+    assert!(relayed > 100.0, "{relayed}");
+    assert_eq!(
+        metric(g1, "voxgate_shard_packets_total", "direction=\"in\""),
+        before,
+        "the callee's gateway relayed the second call"
+    );
+    // Nothing in Redis holds a key in clear: only presence, liveness and sealed messages.
+    let Reply::Array(Some(keys)) = f.redis.command(&["KEYS", "*"]).unwrap() else {
+        panic!("KEYS")
+    };
+    for k in keys {
+        let Reply::Bulk(Some(k)) = k else { panic!() };
+        let k = String::from_utf8(k).unwrap();
+        assert!(
+            k.starts_with("voxgate:presence:") || k.starts_with("voxgate:node:"),
+            "{k}"
+        );
+    }
+    let _ = &f.pg;
+}
+
+#[test]
+fn a_killed_gateways_subscribers_go_offline_within_the_ttl() {
+    let Some(mut f) = fleet(2) else { return };
+    let g2 = &f.gws[1];
+    // While gw2 runs, alice (gw1) reaches carol (gw2).
+    call_across(&f.gws[0], "alice", g2, "carol", "+15550003", "");
+    let mark = g2.log_len();
+    let carol = spawn_phone(g2, "carol", &["--answer", "--wait", "60"]);
+    g2.wait_online(mark, "carol");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while presence(&f.redis, "carol").as_deref() != Some("gw2") {
+        assert!(
+            Instant::now() < deadline,
+            "carol's presence never reached Redis"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The TTL is refreshed: still there after twice the TTL.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(presence(&f.redis, "carol").as_deref(), Some("gw2"));
+    // kill -9: no log-out, no clean-up. The presence key expires by itself (TTL 3 s).
+    let killed = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(f.gws[1].pid(), libc::SIGKILL) };
+    while presence(&f.redis, "carol").is_some() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "carol's presence outlived the TTL"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gone_after = killed.elapsed();
+    eprintln!("presence expired {gone_after:?} after kill -9 (TTL 3 s)");
+    drop(carol);
+    // A call to her now gets a clear answer: offline.
+    let r = common::run_phone(&f.gws[0], "alice", &["--call", "+15550003"]);
+    assert_eq!(r.json["result"], "failed", "{}", r.json);
+    assert_eq!(r.json["hangup_reason"], "offline", "{}", r.json);
+    f.gws.truncate(1);
+}
