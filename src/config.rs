@@ -115,6 +115,9 @@ pub struct ServerSection {
     pub max_connections: usize,
     /// On SIGTERM, calls in progress get this long to finish.
     pub shutdown_grace_s: u64,
+    /// While draining, told to clients in `going_away`: other gateways' control addresses
+    /// (`HOST[:PORT]` or `tls://HOST[:PORT]`), best first. Empty: clients use their own lists.
+    pub drain_redirect: Vec<String>,
     /// The public addresses clients are told behind 1:1 NAT (coturn's `external-ip`); unset:
     /// the address each client's control connection arrived at.
     pub advertised_ipv4: Option<std::net::Ipv4Addr>,
@@ -403,6 +406,7 @@ impl Default for ServerSection {
             log_level: "info".into(),
             max_connections: 10_000,
             shutdown_grace_s: 30,
+            drain_redirect: Vec::new(),
             advertised_ipv4: None,
             advertised_ipv6: None,
         }
@@ -564,6 +568,22 @@ impl Config {
                 format!("{} prefixes; at most {MAX_PEER_PREFIXES}", list.len()),
             );
         }
+        check(
+            s.drain_redirect.len() <= crate::client::gateways::MAX_GATEWAYS
+                && s.drain_redirect.iter().all(|g| {
+                    matches!(
+                        crate::client::gateways::GatewayList::parse([g.as_str()])
+                            .map(|l| l.entries),
+                        Ok(e) if e.len() == 1
+                            && matches!(e[0], crate::client::gateways::Entry::Address(_))
+                    )
+                }),
+            "server.drain_redirect",
+            format!(
+                "at most {} control addresses, each HOST[:PORT] or tls://HOST[:PORT]",
+                crate::client::gateways::MAX_GATEWAYS
+            ),
+        );
         check(
             s.shards <= 1024,
             "server.shards",
@@ -958,6 +978,7 @@ impl Config {
                 ipv4: self.server.advertised_ipv4,
                 ipv6: self.server.advertised_ipv6,
             },
+            drain_redirect: self.server.drain_redirect.clone(),
             ..GatewayConfig::with_secret(secret)
         }
     }

@@ -234,6 +234,13 @@ pub enum Event {
         code: ErrorCode,
         message: String,
     },
+    /// The gateway is going away (`going_away`): log in elsewhere, preferably at one of
+    /// `gateways` (bounded: at most [`super::gateways::MAX_GATEWAYS`], each at most
+    /// [`super::gateways::MAX_ENTRY`] bytes). A `Disconnected` follows when it closes.
+    GoingAway {
+        message: String,
+        gateways: Vec<String>,
+    },
     /// The session is over (not sent after [`Phone::bye`]).
     Disconnected {
         reason: String,
@@ -720,6 +727,7 @@ fn msg_name(m: &ServerMsg) -> &'static str {
         ServerMsg::MediaReady { .. } => "media_ready",
         ServerMsg::HangUp { .. } => "hang_up",
         ServerMsg::Error { .. } => "error",
+        ServerMsg::GoingAway { .. } => "going_away",
     }
 }
 
@@ -1025,6 +1033,18 @@ impl Session {
             }
             ServerMsg::Refused { code, message } => {
                 return Some(End::Lost(refused_text(code, &message)));
+            }
+            ServerMsg::GoingAway { message, gateways } => {
+                tracing::info!("the gateway is going away: {message}");
+                let gateways = gateways
+                    .into_iter()
+                    .filter(|g| g.len() <= super::gateways::MAX_ENTRY)
+                    .take(super::gateways::MAX_GATEWAYS)
+                    .collect();
+                self.emit(Event::GoingAway {
+                    message: crate::wire::control::bounded_detail(&message),
+                    gateways,
+                });
             }
             ServerMsg::Challenge { .. } | ServerMsg::Welcome { .. } => {
                 tracing::warn!("ignoring an unexpected {} after log-in", msg_name(&m));
