@@ -35,7 +35,9 @@ use super::media::{
 };
 use super::session::{Event, Phone, PhoneOptions, ProbeOutcome};
 use super::wav;
-use crate::wire::control::{CallId, Capabilities, HangupReason, MediaInstructions, Plan};
+use crate::wire::control::{
+    CallId, Capabilities, ErrorCode, HangupReason, MediaInstructions, Plan,
+};
 
 /// How long to wait for the probe result after log-in before placing a call anyway.
 const PROBE_WAIT: Duration = Duration::from_secs(10);
@@ -817,6 +819,17 @@ fn session_gone(e: &super::session::ClientError) -> bool {
     matches!(e, ClientError::Closed | ClientError::Io(_))
 }
 
+/// Whether a session that ended this way is worth logging in elsewhere: the gateway is gone
+/// (closed, reset, silent) or unavailable (shutting down); not when it closed the session for
+/// this user (replaced by another log-in, the account changed, rate limits), which another
+/// gateway would repeat (two phones of one user would take the log-in from each other).
+fn gone(refused: Option<ErrorCode>) -> bool {
+    matches!(
+        refused,
+        None | Some(ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::Internal)
+    )
+}
+
 /// What stays the same across the segments of one call (one per gateway it ran on).
 struct CallProgress {
     /// Set when media first starts: `--duration` counts from there, across failovers.
@@ -1085,7 +1098,12 @@ async fn phone_session(
                             // The gateway keeps this call; it closes the session when it ends.
                             tracing::info!(call, "the gateway is going away after this call: {message}");
                         }
-                        Some(Event::Disconnected { reason }) => break SegmentEnd::Lost(reason, vec![]),
+                        Some(Event::Disconnected { reason, refused }) if gone(refused) => {
+                            break SegmentEnd::Lost(reason, vec![]);
+                        }
+                        Some(Event::Disconnected { reason, .. }) => {
+                            break SegmentEnd::Over(Err((1, format!("lost the gateway: {reason}"))));
+                        }
                         Some(_) => {}
                         None => break SegmentEnd::Lost("the control session ended".into(), vec![]),
                     },
@@ -1204,7 +1222,12 @@ async fn wait_incoming(
                 Some(Event::GoingAway { message, gateways }) => {
                     return Err(Waited::Lost(format!("the gateway is going away: {message}"), gateways));
                 }
-                Some(Event::Disconnected { reason }) => return Err(Waited::Lost(reason, vec![])),
+                Some(Event::Disconnected { reason, refused }) if gone(refused) => {
+                    return Err(Waited::Lost(reason, vec![]));
+                }
+                Some(Event::Disconnected { reason, .. }) => {
+                    return Err(Waited::Failed(format!("lost the gateway: {reason}")));
+                }
                 Some(_) => {}
                 None => return Err(Waited::Lost("the control session ended".into(), vec![])),
             },
@@ -1240,7 +1263,12 @@ async fn wait_media(
                     let _ = phone.reject(other).await;
                 }
                 Some(Event::ProbeResult(o)) => summary.probe(&o),
-                Some(Event::Disconnected { reason }) => return Waited::Lost(reason, vec![]),
+                Some(Event::Disconnected { reason, refused }) if gone(refused) => {
+                    return Waited::Lost(reason, vec![]);
+                }
+                Some(Event::Disconnected { reason, .. }) => {
+                    return Waited::Failed(format!("lost the gateway: {reason}"));
+                }
                 Some(_) => {}
                 None => return Waited::Lost("the control session ended".into(), vec![]),
             },
@@ -1744,6 +1772,108 @@ mod tests {
             summary.received
         );
         assert!(gw.await.expect("gateway").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_session_taken_by_another_log_in_is_not_taken_back() {
+        // Two gateways listed; the first closes the session with `replaced` (the same user
+        // logged in elsewhere). Logging in again anywhere would take it back: the phone must
+        // stop, and the second gateway must see no connection.
+        let (l, addr) = listener().await;
+        let (second, second_addr) = listener().await;
+        let gw = tokio::spawn(async move {
+            let mut g = fake(l, Vec::new()).await;
+            g.send(&ServerMsg::Refused {
+                code: ErrorCode::Replaced,
+                message: "logged in from another place".into(),
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        });
+        let mut args = phone_args(format!("{addr},{second_addr}"));
+        args.answer = true;
+        let summary = phone_session(
+            &args,
+            Mode::Answer,
+            "pw".into(),
+            None,
+            None,
+            PhoneSummary::new(&args),
+        )
+        .await;
+        gw.await.unwrap();
+        assert_eq!(summary.result, CallResult::Failed);
+        assert!(
+            summary
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("logged in elsewhere")),
+            "{summary:?}"
+        );
+        assert!(summary.failovers.is_empty(), "{summary:?}");
+        let tried = tokio::time::timeout(Duration::from_millis(200), second.accept()).await;
+        assert!(tried.is_err(), "the phone logged in again elsewhere");
+    }
+
+    #[tokio::test]
+    async fn a_closed_session_moves_to_the_next_gateway() {
+        // The first gateway drops the connection while the phone waits for a call; the second
+        // takes the log-in and rings it.
+        let (l, addr) = listener().await;
+        let (l2, addr2) = listener().await;
+        let (far, echo_task) = echo().await;
+        let first = tokio::spawn(async move {
+            let g = fake(l, Vec::new()).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(g);
+        });
+        let second = tokio::spawn(async move {
+            let incoming = ServerMsg::Incoming {
+                call: 5,
+                from_number: "+15550002".into(),
+                from_user: "+15550002".into(),
+                conference: false,
+            };
+            let mut g = fake(l2, vec![incoming]).await;
+            let ClientMsg::Accept { call: 5, .. } = g.recv_skip_heartbeats().await else {
+                panic!("expected accept")
+            };
+            g.send_all(&[
+                ServerMsg::Media(direct_to(5, false, far)),
+                ServerMsg::MediaReady { call: 5 },
+            ])
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            g.send(&ServerMsg::HangUp {
+                call: 5,
+                reason: HangupReason::Normal,
+                detail: None,
+            })
+            .await;
+            assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
+        });
+        let mut args = phone_args(addr.clone());
+        args.failover.gateway = vec![addr2.clone()];
+        args.answer = true;
+        let summary = phone_session(
+            &args,
+            Mode::Answer,
+            "pw".into(),
+            None,
+            None,
+            PhoneSummary::new(&args),
+        )
+        .await;
+        echo_task.abort();
+        first.await.unwrap();
+        second.await.unwrap();
+        assert_eq!(summary.result, CallResult::Completed, "{summary:?}");
+        assert_eq!(summary.gateway.as_deref(), Some(addr2.as_str()));
+        assert_eq!(summary.failovers.len(), 1, "{summary:?}");
+        assert_eq!(summary.failovers[0].from, addr);
+        assert_eq!(summary.failovers[0].to.as_deref(), Some(addr2.as_str()));
+        // No call was lost: nothing to bring back.
+        assert_eq!(summary.failovers[0].call_restored_at_ms, None);
     }
 
     #[tokio::test]

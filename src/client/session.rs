@@ -244,6 +244,9 @@ pub enum Event {
     /// The session is over (not sent after [`Phone::bye`]).
     Disconnected {
         reason: String,
+        /// The gateway closed it with `refused` and this code (`None`: the connection was
+        /// closed, reset or went silent).
+        refused: Option<ErrorCode>,
     },
 }
 
@@ -756,6 +759,8 @@ enum End {
     /// The application said bye (no `Disconnected` event).
     Bye(Option<oneshot::Sender<()>>),
     Lost(String),
+    /// The gateway said `refused` with this code.
+    Refused(ErrorCode, String),
 }
 
 impl Session {
@@ -834,7 +839,17 @@ impl Session {
             }
             End::Lost(reason) => {
                 tracing::warn!("control session ended: {reason}");
-                self.emit(Event::Disconnected { reason });
+                self.emit(Event::Disconnected {
+                    reason,
+                    refused: None,
+                });
+            }
+            End::Refused(code, reason) => {
+                tracing::warn!("control session ended: {reason}");
+                self.emit(Event::Disconnected {
+                    reason,
+                    refused: Some(code),
+                });
             }
         }
     }
@@ -1032,7 +1047,7 @@ impl Session {
                 }
             }
             ServerMsg::Refused { code, message } => {
-                return Some(End::Lost(refused_text(code, &message)));
+                return Some(End::Refused(code, refused_text(code, &message)));
             }
             ServerMsg::GoingAway { message, gateways } => {
                 tracing::info!("the gateway is going away: {message}");
