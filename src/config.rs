@@ -1119,6 +1119,33 @@ mod tests {
     }
 
     #[test]
+    fn drain_redirect_takes_control_addresses_only() {
+        let c = Config::parse(
+            "[server]\ndrain_redirect = [\"gw2.example.net:7400\", \"tls://gw3.example.net\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.gateway_config([1; 32], (1, 2)).drain_redirect,
+            ["gw2.example.net:7400", "tls://gw3.example.net"]
+        );
+        for bad in [
+            "\"\"",
+            "\"a b\"",
+            "\"_voxgate._tcp.example.net\"",
+            "\"h:notaport\"",
+        ] {
+            let text = format!("[server]\ndrain_redirect = [{bad}]\n");
+            let e = Config::parse(&text)
+                .unwrap()
+                .validate()
+                .expect_err(&text)
+                .to_string();
+            assert!(e.contains("server.drain_redirect"), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn advertised_addresses_parse_and_bad_ones_are_named() {
         let c = Config::parse(
             "[server]\nadvertised_ipv4 = \"203.0.113.5\"\nadvertised_ipv6 = \"2001:db8::5\"\n",
