@@ -7,6 +7,8 @@
 //!   and logs in to the other gateway, a new log-in meanwhile lands on the other gateway, and
 //!   the drained gateway exits once its call is over;
 //! - a gateway that stops answering (SIGSTOP: heart-beats unanswered) is left for the next;
+//! - PostgreSQL down while a phone's gateway dies: the other gateway refuses it `unavailable`
+//!   (the directory), and it gets in by itself once PostgreSQL is back;
 //! - a DNS SRV name (served by a DNS responder this test runs) orders the gateways by priority.
 //!
 //! Gateways listen on ports the kernel picks (port 0, named on their ready line); a dead
@@ -542,5 +544,65 @@ fn an_srv_name_lists_the_gateways_by_priority() {
     assert!(
         err.contains("_nothing._tcp.voxgate.test") && err.contains("resolve"),
         "{err}"
+    );
+}
+
+#[test]
+fn a_phone_that_lost_its_gateway_while_postgres_is_down_gets_in_when_it_returns() {
+    let Some(mut pg) = PgServer::start() else {
+        return;
+    };
+    pg.create_db("dir");
+    let url = pg.url("dir");
+    let env = [("PGPASSWORD", pg.password.as_str())];
+    let a = Gateway::start_with_directory(&["--directory", &url], &env, &[]);
+    let b = Gateway::start_with_directory(&["--directory", &url], &env, &[]);
+    let mark = a.log_len();
+    let carol = phone(&a, &[&a, &b], "carol", &["--answer", "--wait", "40"]);
+    a.wait_online(mark, "carol");
+
+    // The directory goes down, then carol's gateway dies: B cannot check her password.
+    pg.stop();
+    let mark_b = b.log_len();
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(a.pid(), libc::SIGKILL) }, 0);
+    b.wait_log(mark_b, "carol's log-in refused for the directory", |l| {
+        l.contains("directory look-up failed") && l.contains(&url)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !b.log_text()
+            .lines()
+            .any(|l| l.contains("logged in") && l.contains("user=carol")),
+        "carol logged in without a directory"
+    );
+
+    // It comes back: carol gets in by herself, and can be called.
+    pg.restart();
+    let back_ms = unix_ms();
+    let back = Instant::now();
+    b.wait_online(mark_b, "carol");
+    eprintln!(
+        "carol logged in on B {:?} after PostgreSQL was back",
+        back.elapsed()
+    );
+    let bob = phone(
+        &b,
+        &[&b],
+        "bob",
+        &["--call", "+15550003", "--duration", "1"],
+    );
+    let bob = finish(bob);
+    let carol = finish(carol);
+    completed("bob", &bob);
+    completed("carol", &carol);
+    let f = &carol.json["failovers"][0];
+    assert_eq!(f["to"], b.control.as_str(), "{}", carol.json);
+    assert!(f["logged_in_at_ms"].as_u64().unwrap() >= back_ms, "{f}");
+    // What she was told meanwhile, in words.
+    assert!(
+        carol.stderr.contains("the directory is unavailable"),
+        "{}",
+        carol.stderr
     );
 }
