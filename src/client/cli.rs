@@ -633,6 +633,28 @@ impl PhoneSummary {
                 (None, false) => {}
             }
         }
+        for f in &self.failovers {
+            let back = match (f.call_restored_at_ms, f.logged_in_at_ms) {
+                (Some(t), _) => format!(
+                    ", the call back {:.1} s after",
+                    t.saturating_sub(f.lost_at_ms) as f64 / 1000.0
+                ),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "  lost gateway {} ({}); {}{back}",
+                f.from,
+                f.reason,
+                match (&f.to, f.logged_in_at_ms) {
+                    (Some(to), Some(t)) => format!(
+                        "logged in to {to} {:.1} s later",
+                        t.saturating_sub(f.lost_at_ms) as f64 / 1000.0
+                    ),
+                    _ => "no other gateway took the log-in".into(),
+                }
+            );
+        }
         if let Some(p) = &self.recording {
             let _ = writeln!(s, "  recorded {}", p.display());
         }
@@ -2166,6 +2188,24 @@ mod tests {
         let j = serde_json::to_value(&s).expect("json");
         assert_eq!(j["reason"], "busy");
         assert_eq!(j["transports"]["send"], serde_json::Value::Null);
+        s.failovers.push(FailoverOut {
+            from: "gw1:7400".into(),
+            to: Some("gw2:7400".into()),
+            reason: "the gateway closed the control connection".into(),
+            lost_at_ms: 10_000,
+            logged_in_at_ms: Some(10_300),
+            call_restored_at_ms: Some(11_250),
+        });
+        let h = s.human();
+        assert!(
+            h.contains(
+                "lost gateway gw1:7400 (the gateway closed the control connection); logged in \
+                 to gw2:7400 0.3 s later, the call back 1.2 s after"
+            ),
+            "{h}"
+        );
+        let j = serde_json::to_value(&s).expect("json");
+        assert_eq!(j["failovers"][0]["call_restored_at_ms"], 11_250);
     }
 
     #[test]
