@@ -117,6 +117,9 @@ pub struct ServerSection {
     pub max_connections: usize,
     /// On SIGTERM, calls in progress get this long to finish.
     pub shutdown_grace_s: u64,
+    /// While draining, told to clients in `going_away`: other gateways' control addresses
+    /// (`HOST[:PORT]` or `tls://HOST[:PORT]`), best first. Empty: clients use their own lists.
+    pub drain_redirect: Vec<String>,
     /// The public addresses clients are told behind 1:1 NAT (coturn's `external-ip`); unset:
     /// the address each client's control connection arrived at.
     pub advertised_ipv4: Option<std::net::Ipv4Addr>,
@@ -405,6 +408,7 @@ impl Default for ServerSection {
             log_level: "info".into(),
             max_connections: 10_000,
             shutdown_grace_s: 30,
+            drain_redirect: Vec::new(),
             advertised_ipv4: None,
             advertised_ipv6: None,
         }
@@ -566,6 +570,22 @@ impl Config {
                 format!("{} prefixes; at most {MAX_PEER_PREFIXES}", list.len()),
             );
         }
+        check(
+            s.drain_redirect.len() <= crate::client::gateways::MAX_GATEWAYS
+                && s.drain_redirect.iter().all(|g| {
+                    matches!(
+                        crate::client::gateways::GatewayList::parse([g.as_str()])
+                            .map(|l| l.entries),
+                        Ok(e) if e.len() == 1
+                            && matches!(e[0], crate::client::gateways::Entry::Address(_))
+                    )
+                }),
+            "server.drain_redirect",
+            format!(
+                "at most {} control addresses, each HOST[:PORT] or tls://HOST[:PORT]",
+                crate::client::gateways::MAX_GATEWAYS
+            ),
+        );
         check(
             s.shards <= 1024,
             "server.shards",
@@ -971,6 +991,7 @@ impl Config {
                 ipv4: self.server.advertised_ipv4,
                 ipv6: self.server.advertised_ipv6,
             },
+            drain_redirect: self.server.drain_redirect.clone(),
             ..GatewayConfig::with_secret(secret)
         }
     }
@@ -1107,6 +1128,33 @@ mod tests {
             "auth.scram_iterations",
         ] {
             assert!(e.contains(key), "{key} missing in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn drain_redirect_takes_control_addresses_only() {
+        let c = Config::parse(
+            "[server]\ndrain_redirect = [\"gw2.example.net:7400\", \"tls://gw3.example.net\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.gateway_config([1; 32], (1, 2)).drain_redirect,
+            ["gw2.example.net:7400", "tls://gw3.example.net"]
+        );
+        for bad in [
+            "\"\"",
+            "\"a b\"",
+            "\"_voxgate._tcp.example.net\"",
+            "\"h:notaport\"",
+        ] {
+            let text = format!("[server]\ndrain_redirect = [{bad}]\n");
+            let e = Config::parse(&text)
+                .unwrap()
+                .validate()
+                .expect_err(&text)
+                .to_string();
+            assert!(e.contains("server.drain_redirect"), "{text}: {e}");
         }
     }
 

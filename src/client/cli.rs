@@ -28,12 +28,16 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::Firewall;
+use super::gateways::{Connected, Entry, GatewayList, Login, connect_any, unix_ms};
 use super::media::{
-    LatencyMs, MEDIA_READY_TIMEOUT, MediaCall, MediaOptions, MediaReport, TransportUsed,
+    LatencyMs, MEDIA_READY_TIMEOUT, MediaCall, MediaOptions, MediaReport, SAMPLES_PER_PACKET,
+    TransportUsed,
 };
 use super::session::{Event, Phone, PhoneOptions, ProbeOutcome};
 use super::wav;
-use crate::wire::control::{CallId, Capabilities, HangupReason, MediaInstructions, Plan};
+use crate::wire::control::{
+    CallId, Capabilities, ErrorCode, HangupReason, MediaInstructions, Plan,
+};
 
 /// How long to wait for the probe result after log-in before placing a call anyway.
 const PROBE_WAIT: Duration = Duration::from_secs(10);
@@ -87,9 +91,12 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 ))]
 pub struct PhoneArgs {
     /// The gateway's control address, HOST[:PORT] (default port 7400), or
-    /// tls://HOST[:PORT] (TLS, default port 7443).
-    #[arg(long, value_name = "HOST[:PORT]")]
-    pub server: String,
+    /// tls://HOST[:PORT] (TLS, default port 7443); a comma list or an SRV name too (see
+    /// --gateway).
+    #[arg(long, value_name = "HOST[:PORT]", required_unless_present = "gateway")]
+    pub server: Option<String>,
+    #[command(flatten)]
+    pub failover: FailoverArgs,
     /// The user to log in as.
     #[arg(long)]
     pub user: String,
@@ -128,6 +135,64 @@ pub struct PhoneArgs {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub proxy: ProxyArgs,
+}
+
+/// Several gateways: where to log in, and where to go when the gateway is gone.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FailoverArgs {
+    /// Another gateway to use (repeatable; each may be a comma list): HOST[:PORT],
+    /// tls://HOST[:PORT], or a DNS SRV name such as _voxgate._tcp.example.net (its targets, by
+    /// priority and weight). The phone logs in to the first that takes it (after --server's)
+    /// and, when its gateway is gone (connection refused, reset or closed, heart-beats
+    /// unanswered, `going_away`), to the next one; a call it was in is dialled again (caller)
+    /// or awaited again (callee).
+    #[arg(long, value_name = "HOST[:PORT]|SRV-NAME")]
+    pub gateway: Vec<String>,
+    /// The DNS server to resolve SRV names with, IP[:PORT] (default: /etc/resolv.conf's).
+    #[arg(long, value_name = "IP[:PORT]", value_parser = parse_resolver)]
+    pub resolver: Option<SocketAddr>,
+    /// After losing its gateway, how long the phone keeps trying the others.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "30")]
+    pub failover_timeout: Duration,
+}
+
+impl Default for FailoverArgs {
+    fn default() -> Self {
+        FailoverArgs {
+            gateway: Vec::new(),
+            resolver: None,
+            failover_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl FailoverArgs {
+    /// The list from `--server` (first) and every `--gateway`.
+    pub fn list(&self, server: Option<&str>) -> Result<GatewayList, String> {
+        GatewayList::parse(
+            server
+                .into_iter()
+                .chain(self.gateway.iter().map(String::as_str)),
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
+fn parse_resolver(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{s:?} is not IP[:PORT]"))
+}
+
+/// The entry a proxy decision is made for: the first gateway as written.
+fn first_entry(list: &GatewayList) -> &str {
+    match &list.entries[0] {
+        Entry::Address(a) => a,
+        Entry::Srv { name, .. } => name,
+    }
 }
 
 /// An HTTP proxy to tunnel through (CONNECT).
@@ -205,9 +270,12 @@ impl TlsArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProbeArgs {
     /// The gateway's control address, HOST[:PORT] (default port 7400), or
-    /// tls://HOST[:PORT] (TLS, default port 7443).
-    #[arg(long, value_name = "HOST[:PORT]")]
-    pub server: String,
+    /// tls://HOST[:PORT] (TLS, default port 7443); a comma list or an SRV name too (see
+    /// --gateway).
+    #[arg(long, value_name = "HOST[:PORT]", required_unless_present = "gateway")]
+    pub server: Option<String>,
+    #[command(flatten)]
+    pub failover: FailoverArgs,
     /// The user to log in as.
     #[arg(long)]
     pub user: String,
@@ -342,8 +410,27 @@ struct PhoneSummary {
     paths: Option<crate::client::paths::PathsReport>,
     recording: Option<PathBuf>,
     duration_s: f64,
+    /// The gateway the phone was logged in to last (its control address as listed).
+    gateway: Option<String>,
+    /// Each time the phone lost its gateway and logged in to another.
+    failovers: Vec<FailoverOut>,
+    /// Pieces of the call, one per gateway it ran on (the counts above add them up).
+    media_segments: u32,
     #[serde(skip)]
     exit: u8,
+}
+
+/// One failover, with wall-clock times (Unix ms) that other processes can compare.
+#[derive(Clone, Debug, Serialize)]
+struct FailoverOut {
+    from: String,
+    to: Option<String>,
+    reason: String,
+    lost_at_ms: u64,
+    logged_in_at_ms: Option<u64>,
+    /// When the call's media was up again through the new gateway (`null`: there was no call
+    /// to bring back, or it did not come back).
+    call_restored_at_ms: Option<u64>,
 }
 
 impl PhoneSummary {
@@ -378,6 +465,9 @@ impl PhoneSummary {
             paths: None,
             recording: None,
             duration_s: 0.0,
+            gateway: None,
+            failovers: Vec::new(),
+            media_segments: 0,
             exit: 1,
         }
     }
@@ -435,6 +525,30 @@ impl PhoneSummary {
         self.media_ready_timed_out = r.media_ready_timed_out;
         self.replans = r.replans;
         self.duration_s = round3(r.duration_s);
+    }
+
+    /// [`Self::media`] for one more segment of the call: counts add up, the rest is the
+    /// latest segment's.
+    fn add_media(&mut self, r: &MediaReport) {
+        let (sent, received, duration) =
+            (self.sent.clone(), self.received.clone(), self.duration_s);
+        self.media(r);
+        if self.media_segments > 0 {
+            self.sent.packets += sent.packets;
+            self.sent.audio_packets += sent.audio_packets;
+            self.sent.blocked += sent.blocked;
+            self.sent.dropped += sent.dropped;
+            self.received.packets += received.packets;
+            self.received.udp_packets += received.udp_packets;
+            self.received.tcp_packets += received.tcp_packets;
+            self.received.lost += received.lost;
+            self.received.duplicates += received.duplicates;
+            self.received.max_gap_ms = self.received.max_gap_ms.max(received.max_gap_ms);
+            self.received.first_packet_ms =
+                received.first_packet_ms.or(self.received.first_packet_ms);
+            self.duration_s = round3(self.duration_s + duration);
+        }
+        self.media_segments += 1;
     }
 
     fn human(&self) -> String {
@@ -518,6 +632,28 @@ impl PhoneSummary {
                 }
                 (None, false) => {}
             }
+        }
+        for f in &self.failovers {
+            let back = match (f.call_restored_at_ms, f.logged_in_at_ms) {
+                (Some(t), _) => format!(
+                    ", the call back {:.1} s after",
+                    t.saturating_sub(f.lost_at_ms) as f64 / 1000.0
+                ),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "  lost gateway {} ({}); {}{back}",
+                f.from,
+                f.reason,
+                match (&f.to, f.logged_in_at_ms) {
+                    (Some(to), Some(t)) => format!(
+                        "logged in to {to} {:.1} s later",
+                        t.saturating_sub(f.lost_at_ms) as f64 / 1000.0
+                    ),
+                    _ => "no other gateway took the log-in".into(),
+                }
+            );
         }
         if let Some(p) = &self.recording {
             let _ = writeln!(s, "  recorded {}", p.display());
@@ -687,7 +823,55 @@ pub fn run_phone(args: PhoneArgs) -> ExitCode {
 enum Waited {
     Media(MediaInstructions),
     Failed(String),
+    /// The control session to the gateway ended (or it is going away): fail over.
+    Lost(String, Vec<String>),
     Interrupted,
+}
+
+/// How long, after the phone lost its gateway during a call, the caller keeps dialling again
+/// (the callee may still be logging in elsewhere) and the callee waits for the call again.
+const REJOIN_WAIT: Duration = Duration::from_secs(15);
+/// Between two dials again while the callee is not back yet (`hang_up{offline}`).
+const REDIAL_PAUSE: Duration = Duration::from_millis(200);
+
+/// Whether a failed command means the control session is gone (fail over) rather than a
+/// refusal.
+fn session_gone(e: &super::session::ClientError) -> bool {
+    use super::session::ClientError;
+    matches!(e, ClientError::Closed | ClientError::Io(_))
+}
+
+/// Whether a session that ended this way is worth logging in elsewhere: the gateway is gone
+/// (closed, reset, silent) or unavailable (shutting down); not when it closed the session for
+/// this user (replaced by another log-in, the account changed, rate limits), which another
+/// gateway would repeat (two phones of one user would take the log-in from each other).
+fn gone(refused: Option<ErrorCode>) -> bool {
+    matches!(
+        refused,
+        None | Some(ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::Internal)
+    )
+}
+
+/// What stays the same across the segments of one call (one per gateway it ran on).
+struct CallProgress {
+    /// Set when media first starts: `--duration` counts from there, across failovers.
+    deadline: Option<Instant>,
+    /// Samples of `--play` sent: a call placed again goes on from there.
+    audio_sent: usize,
+    /// What was heard, segment after segment.
+    recorded: Vec<i16>,
+    /// Some media ran (there is a recording to write).
+    media_ran: bool,
+    /// The playback ended (the phone was only waiting for the tail).
+    playback_over: bool,
+}
+
+/// Why one segment of the call ended.
+enum SegmentEnd {
+    /// The call is over: `Ok(who ended it)` or `Err((exit, why it failed))`.
+    Over(Result<String, (u8, String)>),
+    /// The control session to the gateway ended: fail over, then re-establish the call.
+    Lost(String, Vec<String>),
 }
 
 async fn phone_session(
@@ -698,7 +882,11 @@ async fn phone_session(
     recording: Option<wav::WavOut>,
     mut summary: PhoneSummary,
 ) -> PhoneSummary {
-    let proxy = match args.proxy.resolve(&args.server) {
+    let list = match args.failover.list(args.server.as_deref()) {
+        Ok(l) => l,
+        Err(e) => return summary.fail(2, e),
+    };
+    let proxy = match args.proxy.resolve(first_entry(&list)) {
         Ok(p) => p,
         Err(e) => return summary.fail(2, e),
     };
@@ -713,64 +901,27 @@ async fn phone_session(
         proxy: proxy.clone(),
         ..PhoneOptions::default()
     };
-    let (phone, mut events) = match Phone::connect(&args.server, &args.user, &password, opts).await
-    {
-        Ok(x) => x,
+    // The password stays in memory for logging in again elsewhere.
+    let login = Login {
+        list: &list,
+        resolver: args.failover.resolver,
+        user: &args.user,
+        password: &password,
+        opts: &opts,
+    };
+    let mut link = match connect_any(&login, 0, &[], None).await {
+        Ok(c) => c,
         Err(e) => return summary.fail(3, e.to_string()),
     };
-    drop(password);
-    summary.number = Some(phone.welcome().number.clone());
-    if let Some(o) = phone.wait_capabilities(PROBE_WAIT).await {
+    summary.number = Some(link.phone.welcome().number.clone());
+    summary.gateway = Some(link.server.clone());
+    if let Some(o) = link.phone.wait_capabilities(PROBE_WAIT).await {
         summary.probe(&o);
     } else {
         tracing::warn!("no probe result within {PROBE_WAIT:?}; going on");
     }
     let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
-    let socket = match phone.media_socket().await {
-        Ok(s) => s,
-        Err(e) => {
-            return finish_without_call(phone, summary.fail(2, format!("media socket: {e}"))).await;
-        }
-    };
-    let media_addr = match phone.media_address(&socket) {
-        Ok(a) => a,
-        Err(e) => {
-            return finish_without_call(phone, summary.fail(2, format!("media socket: {e}"))).await;
-        }
-    };
-
-    // Place or take the call.
-    let call = match &mode {
-        Mode::Call(n) => phone.dial(n, media_addr).await,
-        Mode::Conference(ns) => phone.conference(ns, media_addr).await,
-        Mode::Answer => {
-            match wait_incoming(&mut events, &mut summary, args.wait, ctrl_c.as_mut()).await {
-                Ok(call) => phone.accept(call, media_addr).await.map(|()| call),
-                Err(reason) => return finish_without_call(phone, summary.fail(1, reason)).await,
-            }
-        }
-    };
-    let call = match call {
-        Ok(c) => c,
-        Err(e) => return finish_without_call(phone, summary.fail(1, e.to_string())).await,
-    };
-    summary.call = Some(call);
-
-    // Wait for the media instructions.
-    let instr = match wait_media(&phone, &mut events, &mut summary, call, ctrl_c.as_mut()).await {
-        Waited::Media(i) => i,
-        Waited::Failed(reason) => return finish_without_call(phone, summary.fail(1, reason)).await,
-        Waited::Interrupted => {
-            let _ = phone.hang_up(call).await;
-            return finish_without_call(
-                phone,
-                summary.fail(1, "interrupted before the call was up"),
-            )
-            .await;
-        }
-    };
-    summary.plan = instr.plan;
-    let record_samples = if recording.is_some() {
+    let record_total = if recording.is_some() {
         let secs = args
             .duration
             .map_or(wav::MAX_SAMPLES as f64 / 8000.0, |d| d.as_secs_f64() + 5.0);
@@ -778,112 +929,289 @@ async fn phone_session(
     } else {
         0
     };
-    // Bound, the phone receives at once but holds its audio until the gateway's media_ready
-    // (the other side is bound too), so that the start of the call is not clipped.
-    let media_opts = MediaOptions {
-        audio: audio.clone(),
-        record_samples,
-        firewall,
-        ready_timeout: Some(MEDIA_READY_TIMEOUT),
-        proxy: proxy.clone(),
-        ..MediaOptions::default()
-    };
-    // A call relayed by another gateway of the fleet: its keys come from the call key.
-    let call_key = instr
-        .call_key
-        .then(|| crate::control::fleet_call_key(phone.session_key(), instr.call));
-    let key = call_key.as_ref().unwrap_or(phone.session_key());
-    let mut media = match MediaCall::start(&instr, key, socket.clone(), media_opts).await {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = phone.hang_up(call).await;
-            return finish_without_call(phone, summary.fail(1, format!("media failed: {e}"))).await;
-        }
-    };
-    tracing::info!(call, "media is up");
-
-    // The call.
     let hang_up_after_playback =
         matches!(mode, Mode::Call(_) | Mode::Conference(_)) && audio.is_some();
-    let deadline = args.duration.map(|d| Instant::now() + d);
-    let mut playback_end: Option<Instant> = None;
-    let mut watchdog = tokio::time::interval(Duration::from_millis(250));
-    // When this phone last reported media trouble: it reports again (the gateway re-binds,
-    // then demotes) if the trouble lasts another 2 × MEDIA_SILENCE.
-    let mut last_trouble: Option<Instant> = None;
-    let outcome: Result<String, String> = loop {
-        let hang_up_at = match (deadline, playback_end) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        tokio::select! {
-            _ = media.playback_done(), if hang_up_after_playback && playback_end.is_none() => {
-                playback_end = Some(Instant::now() + TAIL);
-            }
-            _ = async {
-                match hang_up_at {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let _ = phone.hang_up(call).await;
-                break Ok("local".into());
-            }
-            _ = &mut ctrl_c => {
-                let _ = phone.hang_up(call).await;
-                break Ok("local (interrupted)".into());
-            }
-            ev = events.recv() => match ev {
-                Some(Event::HangUp { call: c, reason, detail }) if c == call => {
-                    summary.hangup_reason = Some(reason);
-                    break if reason == HangupReason::Normal {
-                        Ok("peer".into())
-                    } else {
-                        Err(hangup_message(reason, detail.as_deref()))
+    let mut progress = CallProgress {
+        deadline: None,
+        audio_sent: 0,
+        recorded: Vec::new(),
+        media_ran: false,
+        playback_over: false,
+    };
+    let wait_until = args.wait.map(|w| Instant::now() + w);
+    // After a failover during a call: until when the call may come back.
+    let mut rejoin: Option<Instant> = None;
+
+    let outcome: Result<String, (u8, String)> = 'call: loop {
+        let (lost, prefer) = 'segment: {
+            let phone = &link.phone;
+            let socket = match phone.media_socket().await {
+                Ok(s) => s,
+                Err(e) => break 'call Err((2, format!("media socket: {e}"))),
+            };
+            let media_addr = match phone.media_address(&socket) {
+                Ok(a) => a,
+                Err(e) => break 'call Err((2, format!("media socket: {e}"))),
+            };
+
+            // Place or take the call.
+            let call = match &mode {
+                Mode::Call(_) | Mode::Conference(_) => {
+                    let placed = match &mode {
+                        Mode::Call(n) => phone.dial(n, media_addr).await,
+                        Mode::Conference(ns) => phone.conference(ns, media_addr).await,
+                        Mode::Answer => unreachable!("matched above"),
                     };
+                    match placed {
+                        Ok(c) => c,
+                        Err(e) if session_gone(&e) => break 'segment (e.to_string(), vec![]),
+                        Err(e) => break 'call Err((1, e.to_string())),
+                    }
                 }
-                // It may have come while the phone was still binding: it waited in the queue.
-                Some(Event::MediaReady { call: c }) if c == call => media.media_ready().await,
-                Some(Event::Media(i)) if i.call == call => {
-                    tracing::info!(call, "the gateway re-planned the media");
-                    summary.plan = i.plan;
-                    if let Err(e) = media.replan(i).await {
+                Mode::Answer => {
+                    let until = rejoin.or(wait_until);
+                    match wait_incoming(&mut link.events, &mut summary, until, ctrl_c.as_mut())
+                        .await
+                    {
+                        Ok(call) => match phone.accept(call, media_addr).await {
+                            Ok(()) => call,
+                            Err(e) if session_gone(&e) => {
+                                break 'segment (e.to_string(), vec![]);
+                            }
+                            Err(e) => break 'call Err((1, e.to_string())),
+                        },
+                        Err(Waited::Lost(reason, prefer)) => break 'segment (reason, prefer),
+                        Err(Waited::Failed(reason)) => {
+                            let reason = match rejoin {
+                                Some(_) => format!(
+                                    "the call was lost with its gateway and did not come back \
+                                     within {REJOIN_WAIT:?} ({reason})"
+                                ),
+                                None => reason,
+                            };
+                            break 'call Err((1, reason));
+                        }
+                        Err(_) => break 'call Err((1, "interrupted".into())),
+                    }
+                }
+            };
+            summary.call = Some(call);
+
+            // Wait for the media instructions.
+            let instr = match wait_media(
+                phone,
+                &mut link.events,
+                &mut summary,
+                call,
+                ctrl_c.as_mut(),
+            )
+            .await
+            {
+                Waited::Media(i) => i,
+                Waited::Failed(reason) => {
+                    // Dialled again while the callee is still finding a gateway: again.
+                    if rejoin.is_some_and(|t| Instant::now() + REDIAL_PAUSE < t)
+                        && summary.hangup_reason == Some(HangupReason::Offline)
+                    {
+                        summary.hangup_reason = None;
+                        tokio::time::sleep(REDIAL_PAUSE).await;
+                        continue 'call;
+                    }
+                    break 'call Err((1, reason));
+                }
+                Waited::Lost(reason, prefer) => break 'segment (reason, prefer),
+                Waited::Interrupted => {
+                    let _ = phone.hang_up(call).await;
+                    break 'call Err((1, "interrupted before the call was up".into()));
+                }
+            };
+            summary.plan = instr.plan;
+            let audio_now = audio
+                .as_ref()
+                .map(|a| Arc::<[i16]>::from(&a[progress.audio_sent.min(a.len())..]));
+            // Bound, the phone receives at once but holds its audio until the gateway's
+            // media_ready (the other side is bound too), so that the start of the call is not
+            // clipped.
+            let media_opts = MediaOptions {
+                audio: audio_now,
+                record_samples: record_total.saturating_sub(progress.recorded.len()),
+                firewall,
+                ready_timeout: Some(MEDIA_READY_TIMEOUT),
+                proxy: proxy.clone(),
+                ..MediaOptions::default()
+            };
+            // A call relayed by another gateway of the fleet: its keys come from the call key.
+            let call_key = instr
+                .call_key
+                .then(|| crate::control::fleet_call_key(phone.session_key(), instr.call));
+            let key = call_key.as_ref().unwrap_or(phone.session_key());
+            let mut media = match MediaCall::start(&instr, key, socket.clone(), media_opts).await
+                {
+                    Ok(m) => m,
+                    Err(e) => {
                         let _ = phone.hang_up(call).await;
-                        break Err(format!("media failed after re-planning: {e}"));
+                        break 'call Err((1, format!("media failed: {e}")));
+                    }
+                };
+            tracing::info!(call, gateway = %link.server, "media is up");
+            progress.media_ran = true;
+            if rejoin.take().is_some()
+                && let Some(f) = summary.failovers.last_mut()
+            {
+                f.call_restored_at_ms = Some(unix_ms());
+                tracing::info!(call, gateway = %link.server, "the call is back after a failover");
+            }
+            let deadline = *progress
+                .deadline
+                .get_or_insert_with(|| Instant::now() + args.duration.unwrap_or(Duration::MAX / 4));
+            let deadline = args.duration.map(|_| deadline);
+
+            // The call.
+            let mut playback_end: Option<Instant> = None;
+            let mut watchdog = tokio::time::interval(Duration::from_millis(250));
+            // When this phone last reported media trouble: it reports again (the gateway
+            // re-binds, then demotes) if the trouble lasts another 2 × MEDIA_SILENCE.
+            let mut last_trouble: Option<Instant> = None;
+            let end: SegmentEnd = loop {
+                let hang_up_at = match (deadline, playback_end) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                tokio::select! {
+                    _ = media.playback_done(), if hang_up_after_playback && playback_end.is_none() => {
+                        playback_end = Some(Instant::now() + TAIL);
+                        progress.playback_over = true;
+                    }
+                    _ = async {
+                        match hang_up_at {
+                            Some(t) => tokio::time::sleep_until(t).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        let _ = phone.hang_up(call).await;
+                        break SegmentEnd::Over(Ok("local".into()));
+                    }
+                    _ = &mut ctrl_c => {
+                        let _ = phone.hang_up(call).await;
+                        break SegmentEnd::Over(Ok("local (interrupted)".into()));
+                    }
+                    ev = link.events.recv() => match ev {
+                        Some(Event::HangUp { call: c, reason, detail }) if c == call => {
+                            summary.hangup_reason = Some(reason);
+                            break SegmentEnd::Over(if reason == HangupReason::Normal {
+                                Ok("peer".into())
+                            } else {
+                                Err((1, hangup_message(reason, detail.as_deref())))
+                            });
+                        }
+                        // It may have come while the phone was still binding: it waited in the
+                        // queue.
+                        Some(Event::MediaReady { call: c }) if c == call => media.media_ready().await,
+                        Some(Event::Media(i)) if i.call == call => {
+                            tracing::info!(call, "the gateway re-planned the media");
+                            summary.plan = i.plan;
+                            if let Err(e) = media.replan(i).await {
+                                let _ = phone.hang_up(call).await;
+                                break SegmentEnd::Over(Err((1, format!("media failed after re-planning: {e}"))));
+                            }
+                        }
+                        Some(Event::Incoming { call: other, .. }) => {
+                            let _ = phone.reject(other).await;
+                        }
+                        Some(Event::ProbeResult(o)) => summary.probe(&o),
+                        Some(Event::GoingAway { message, .. }) => {
+                            // The gateway keeps this call; it closes the session when it ends.
+                            tracing::info!(call, "the gateway is going away after this call: {message}");
+                        }
+                        Some(Event::Disconnected { reason, refused }) if gone(refused) => {
+                            break SegmentEnd::Lost(reason, vec![]);
+                        }
+                        Some(Event::Disconnected { reason, .. }) => {
+                            break SegmentEnd::Over(Err((1, format!("lost the gateway: {reason}"))));
+                        }
+                        Some(_) => {}
+                        None => break SegmentEnd::Lost("the control session ended".into(), vec![]),
+                    },
+                    _ = watchdog.tick() => {
+                        let st = media.status();
+                        let now = Instant::now();
+                        let again = last_trouble.is_none_or(|t| now.duration_since(t) >= 2 * MEDIA_SILENCE);
+                        let silent = st.idle_for(now) >= MEDIA_SILENCE;
+                        if again && (silent || st.gateway_consent_lost) {
+                            if silent {
+                                tracing::warn!(call, "no media for {MEDIA_SILENCE:?}: telling the gateway");
+                            } else {
+                                tracing::warn!(call, "the UDP path to the gateway lost consent: telling the gateway");
+                            }
+                            let _ = phone.media_trouble(call).await;
+                            summary.media_trouble_sent = true;
+                            last_trouble = Some(now);
+                        }
                     }
                 }
-                Some(Event::Incoming { call: other, .. }) => {
-                    let _ = phone.reject(other).await;
+            };
+            let report = media.finish().await;
+            summary.add_media(&report);
+            progress.audio_sent += report.sent.audio_packets as usize * SAMPLES_PER_PACKET;
+            progress.recorded.extend_from_slice(&report.recording);
+            match end {
+                SegmentEnd::Over(r) => break 'call r,
+                // Lost while only the tail was left, or past the duration: the call is done.
+                SegmentEnd::Lost(..)
+                    if progress.playback_over || deadline.is_some_and(|d| Instant::now() >= d) =>
+                {
+                    break 'call Ok("local".into());
                 }
-                Some(Event::ProbeResult(o)) => summary.probe(&o),
-                Some(Event::Disconnected { reason }) => {
-                    break Err(format!("lost the gateway: {reason}"));
+                SegmentEnd::Lost(reason, prefer) => (reason, prefer),
+            }
+        };
+
+        // The gateway is gone (or going away): log in to another one.
+        let from = link.server.clone();
+        let lost_at_ms = unix_ms();
+        let in_call = summary.call.is_some() || !matches!(mode, Mode::Answer);
+        tracing::warn!(gateway = %from, "lost the gateway ({lost}): logging in to another");
+        let start = link.index + 1;
+        let next = connect_any(
+            &login,
+            start,
+            &prefer,
+            Some(Instant::now() + args.failover.failover_timeout),
+        )
+        .await;
+        let mut f = FailoverOut {
+            from,
+            to: None,
+            reason: lost.clone(),
+            lost_at_ms,
+            logged_in_at_ms: None,
+            call_restored_at_ms: None,
+        };
+        match next {
+            Ok(c) => {
+                f.to = Some(c.server.clone());
+                f.logged_in_at_ms = Some(unix_ms());
+                summary.failovers.push(f);
+                // The old session is over; dropping it logs out if it still can.
+                drop(std::mem::replace(&mut link, c));
+                summary.gateway = Some(link.server.clone());
+                if in_call {
+                    rejoin = Some(Instant::now() + REJOIN_WAIT);
                 }
-                Some(_) => {}
-                None => break Err("the control session ended".into()),
-            },
-            _ = watchdog.tick() => {
-                let st = media.status();
-                let now = Instant::now();
-                let again = last_trouble.is_none_or(|t| now.duration_since(t) >= 2 * MEDIA_SILENCE);
-                let silent = st.idle_for(now) >= MEDIA_SILENCE;
-                if again && (silent || st.gateway_consent_lost) {
-                    if silent {
-                        tracing::warn!(call, "no media for {MEDIA_SILENCE:?}: telling the gateway");
-                    } else {
-                        tracing::warn!(call, "the UDP path to the gateway lost consent: telling the gateway");
-                    }
-                    let _ = phone.media_trouble(call).await;
-                    summary.media_trouble_sent = true;
-                    last_trouble = Some(now);
-                }
+            }
+            Err(e) => {
+                summary.failovers.push(f);
+                break 'call Err((
+                    1,
+                    format!("lost the gateway: {lost}; no other gateway took the log-in: {e}"),
+                ));
             }
         }
     };
-    let report = media.finish().await;
-    summary.media(&report);
-    if let Some(w) = recording {
-        match w.finish(&report.recording) {
+    if let Some(w) = recording
+        && progress.media_ran
+    {
+        match w.finish(&progress.recorded) {
             Ok(()) => summary.recording = args.record.clone(),
             Err(e) => tracing::error!("{e}"),
         }
@@ -894,24 +1222,18 @@ async fn phone_session(
             summary.ended_by = Some(by);
             summary.exit = 0;
         }
-        Err(reason) => summary = summary.fail(1, reason),
+        Err((exit, reason)) => summary = summary.fail(exit, reason),
     }
-    let _ = phone.bye().await;
-    summary
-}
-
-async fn finish_without_call(phone: Phone, summary: PhoneSummary) -> PhoneSummary {
-    let _ = phone.bye().await;
+    let _ = link.phone.bye().await;
     summary
 }
 
 async fn wait_incoming(
     events: &mut mpsc::Receiver<Event>,
     summary: &mut PhoneSummary,
-    wait: Option<Duration>,
+    until: Option<Instant>,
     mut ctrl_c: std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<()>>>,
-) -> Result<CallId, String> {
-    let until = wait.map(|w| Instant::now() + w);
+) -> Result<CallId, Waited> {
     tracing::info!("waiting for a call");
     loop {
         tokio::select! {
@@ -922,17 +1244,25 @@ async fn wait_incoming(
                     return Ok(call);
                 }
                 Some(Event::ProbeResult(o)) => summary.probe(&o),
-                Some(Event::Disconnected { reason }) => return Err(format!("lost the gateway: {reason}")),
+                Some(Event::GoingAway { message, gateways }) => {
+                    return Err(Waited::Lost(format!("the gateway is going away: {message}"), gateways));
+                }
+                Some(Event::Disconnected { reason, refused }) if gone(refused) => {
+                    return Err(Waited::Lost(reason, vec![]));
+                }
+                Some(Event::Disconnected { reason, .. }) => {
+                    return Err(Waited::Failed(format!("lost the gateway: {reason}")));
+                }
                 Some(_) => {}
-                None => return Err("the control session ended".into()),
+                None => return Err(Waited::Lost("the control session ended".into(), vec![])),
             },
             _ = async {
                 match until {
                     Some(t) => tokio::time::sleep_until(t).await,
                     None => std::future::pending().await,
                 }
-            } => return Err("no incoming call".into()),
-            _ = &mut ctrl_c => return Err("interrupted while waiting for a call".into()),
+            } => return Err(Waited::Failed("no incoming call".into())),
+            _ = &mut ctrl_c => return Err(Waited::Failed("interrupted while waiting for a call".into())),
         }
     }
 }
@@ -958,11 +1288,14 @@ async fn wait_media(
                     let _ = phone.reject(other).await;
                 }
                 Some(Event::ProbeResult(o)) => summary.probe(&o),
-                Some(Event::Disconnected { reason }) => {
+                Some(Event::Disconnected { reason, refused }) if gone(refused) => {
+                    return Waited::Lost(reason, vec![]);
+                }
+                Some(Event::Disconnected { reason, .. }) => {
                     return Waited::Failed(format!("lost the gateway: {reason}"));
                 }
                 Some(_) => {}
-                None => return Waited::Failed("the control session ended".into()),
+                None => return Waited::Lost("the control session ended".into(), vec![]),
             },
             _ = tokio::time::sleep_until(limit) => {
                 let _ = phone.hang_up(call).await;
@@ -986,6 +1319,8 @@ struct ProbeSummary {
     translated: Option<bool>,
     /// The control connection's address as the gateway saw it.
     observed: Option<SocketAddr>,
+    /// The gateway that took the log-in (its control address as listed).
+    gateway: Option<String>,
     #[serde(skip)]
     exit: u8,
 }
@@ -1024,6 +1359,7 @@ pub fn run_probe(args: ProbeArgs) -> ExitCode {
         mapped: None,
         translated: None,
         observed: None,
+        gateway: None,
         exit: 1,
     };
     let password = match read_password(args.password_stdin, &args.user) {
@@ -1043,7 +1379,15 @@ pub fn run_probe(args: ProbeArgs) -> ExitCode {
         }
     };
     let s = rt.block_on(async move {
-        let proxy = match args.proxy.resolve(&args.server) {
+        let list = match args.failover.list(args.server.as_deref()) {
+            Ok(l) => l,
+            Err(e) => {
+                s.reason = Some(e);
+                s.exit = 2;
+                return s;
+            }
+        };
+        let proxy = match args.proxy.resolve(first_entry(&list)) {
             Ok(p) => p,
             Err(e) => {
                 s.reason = Some(e);
@@ -1060,8 +1404,14 @@ pub fn run_probe(args: ProbeArgs) -> ExitCode {
             proxy,
             ..PhoneOptions::default()
         };
-        let (phone, _events) = match Phone::connect(&args.server, &args.user, &password, opts).await
-        {
+        let login = Login {
+            list: &list,
+            resolver: args.failover.resolver,
+            user: &args.user,
+            password: &password,
+            opts: &opts,
+        };
+        let Connected { phone, server, .. } = match connect_any(&login, 0, &[], None).await {
             Ok(x) => x,
             Err(e) => {
                 s.reason = Some(e.to_string());
@@ -1069,6 +1419,7 @@ pub fn run_probe(args: ProbeArgs) -> ExitCode {
                 return s;
             }
         };
+        s.gateway = Some(server);
         s.number = Some(phone.welcome().number.clone());
         s.observed = Some(phone.welcome().observed);
         match phone.wait_capabilities(args.wait).await {
@@ -1168,7 +1519,8 @@ mod tests {
 
     fn phone_args(server: String) -> PhoneArgs {
         PhoneArgs {
-            server,
+            server: Some(server),
+            failover: FailoverArgs::default(),
             user: "alice".into(),
             password_stdin: true,
             call: None,
@@ -1449,6 +1801,108 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_session_taken_by_another_log_in_is_not_taken_back() {
+        // Two gateways listed; the first closes the session with `replaced` (the same user
+        // logged in elsewhere). Logging in again anywhere would take it back: the phone must
+        // stop, and the second gateway must see no connection.
+        let (l, addr) = listener().await;
+        let (second, second_addr) = listener().await;
+        let gw = tokio::spawn(async move {
+            let mut g = fake(l, Vec::new()).await;
+            g.send(&ServerMsg::Refused {
+                code: ErrorCode::Replaced,
+                message: "logged in from another place".into(),
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        });
+        let mut args = phone_args(format!("{addr},{second_addr}"));
+        args.answer = true;
+        let summary = phone_session(
+            &args,
+            Mode::Answer,
+            "pw".into(),
+            None,
+            None,
+            PhoneSummary::new(&args),
+        )
+        .await;
+        gw.await.unwrap();
+        assert_eq!(summary.result, CallResult::Failed);
+        assert!(
+            summary
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("logged in elsewhere")),
+            "{summary:?}"
+        );
+        assert!(summary.failovers.is_empty(), "{summary:?}");
+        let tried = tokio::time::timeout(Duration::from_millis(200), second.accept()).await;
+        assert!(tried.is_err(), "the phone logged in again elsewhere");
+    }
+
+    #[tokio::test]
+    async fn a_closed_session_moves_to_the_next_gateway() {
+        // The first gateway drops the connection while the phone waits for a call; the second
+        // takes the log-in and rings it.
+        let (l, addr) = listener().await;
+        let (l2, addr2) = listener().await;
+        let (far, echo_task) = echo().await;
+        let first = tokio::spawn(async move {
+            let g = fake(l, Vec::new()).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(g);
+        });
+        let second = tokio::spawn(async move {
+            let incoming = ServerMsg::Incoming {
+                call: 5,
+                from_number: "+15550002".into(),
+                from_user: "+15550002".into(),
+                conference: false,
+            };
+            let mut g = fake(l2, vec![incoming]).await;
+            let ClientMsg::Accept { call: 5, .. } = g.recv_skip_heartbeats().await else {
+                panic!("expected accept")
+            };
+            g.send_all(&[
+                ServerMsg::Media(direct_to(5, false, far)),
+                ServerMsg::MediaReady { call: 5 },
+            ])
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            g.send(&ServerMsg::HangUp {
+                call: 5,
+                reason: HangupReason::Normal,
+                detail: None,
+            })
+            .await;
+            assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
+        });
+        let mut args = phone_args(addr.clone());
+        args.failover.gateway = vec![addr2.clone()];
+        args.answer = true;
+        let summary = phone_session(
+            &args,
+            Mode::Answer,
+            "pw".into(),
+            None,
+            None,
+            PhoneSummary::new(&args),
+        )
+        .await;
+        echo_task.abort();
+        first.await.unwrap();
+        second.await.unwrap();
+        assert_eq!(summary.result, CallResult::Completed, "{summary:?}");
+        assert_eq!(summary.gateway.as_deref(), Some(addr2.as_str()));
+        assert_eq!(summary.failovers.len(), 1, "{summary:?}");
+        assert_eq!(summary.failovers[0].from, addr);
+        assert_eq!(summary.failovers[0].to.as_deref(), Some(addr2.as_str()));
+        // No call was lost: nothing to bring back.
+        assert_eq!(summary.failovers[0].call_restored_at_ms, None);
+    }
+
+    #[tokio::test]
     async fn a_busy_callee_fails_the_call_with_its_reason() {
         let (l, addr) = listener().await;
         let gw = tokio::spawn(async move {
@@ -1683,7 +2137,8 @@ mod tests {
     #[test]
     fn a_wrong_format_wav_fails_before_logging_in() {
         let a = PhoneArgs {
-            server: "127.0.0.1:1".into(),
+            server: Some("127.0.0.1:1".into()),
+            failover: FailoverArgs::default(),
             user: "alice".into(),
             password_stdin: true,
             call: Some("1".into()),
@@ -1711,7 +2166,8 @@ mod tests {
     #[test]
     fn summaries_read_well() {
         let a = PhoneArgs {
-            server: "gw".into(),
+            server: Some("gw".into()),
+            failover: FailoverArgs::default(),
             user: "alice".into(),
             password_stdin: true,
             call: Some("1".into()),
@@ -1736,6 +2192,24 @@ mod tests {
         let j = serde_json::to_value(&s).expect("json");
         assert_eq!(j["reason"], "busy");
         assert_eq!(j["transports"]["send"], serde_json::Value::Null);
+        s.failovers.push(FailoverOut {
+            from: "gw1:7400".into(),
+            to: Some("gw2:7400".into()),
+            reason: "the gateway closed the control connection".into(),
+            lost_at_ms: 10_000,
+            logged_in_at_ms: Some(10_300),
+            call_restored_at_ms: Some(11_250),
+        });
+        let h = s.human();
+        assert!(
+            h.contains(
+                "lost gateway gw1:7400 (the gateway closed the control connection); logged in \
+                 to gw2:7400 0.3 s later, the call back 1.2 s after"
+            ),
+            "{h}"
+        );
+        let j = serde_json::to_value(&s).expect("json");
+        assert_eq!(j["failovers"][0]["call_restored_at_ms"], 11_250);
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod cli;
 #[cfg(test)]
 mod fake_gateway;
 pub mod g711;
+pub mod gateways;
 pub mod media;
 pub mod paths;
 pub mod proxy;

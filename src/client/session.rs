@@ -234,9 +234,19 @@ pub enum Event {
         code: ErrorCode,
         message: String,
     },
+    /// The gateway is going away (`going_away`): log in elsewhere, preferably at one of
+    /// `gateways` (bounded: at most [`super::gateways::MAX_GATEWAYS`], each at most
+    /// [`super::gateways::MAX_ENTRY`] bytes). A `Disconnected` follows when it closes.
+    GoingAway {
+        message: String,
+        gateways: Vec<String>,
+    },
     /// The session is over (not sent after [`Phone::bye`]).
     Disconnected {
         reason: String,
+        /// The gateway closed it with `refused` and this code (`None`: the connection was
+        /// closed, reset or went silent).
+        refused: Option<ErrorCode>,
     },
 }
 
@@ -720,6 +730,7 @@ fn msg_name(m: &ServerMsg) -> &'static str {
         ServerMsg::MediaReady { .. } => "media_ready",
         ServerMsg::HangUp { .. } => "hang_up",
         ServerMsg::Error { .. } => "error",
+        ServerMsg::GoingAway { .. } => "going_away",
     }
 }
 
@@ -748,6 +759,8 @@ enum End {
     /// The application said bye (no `Disconnected` event).
     Bye(Option<oneshot::Sender<()>>),
     Lost(String),
+    /// The gateway said `refused` with this code.
+    Refused(ErrorCode, String),
 }
 
 impl Session {
@@ -826,7 +839,17 @@ impl Session {
             }
             End::Lost(reason) => {
                 tracing::warn!("control session ended: {reason}");
-                self.emit(Event::Disconnected { reason });
+                self.emit(Event::Disconnected {
+                    reason,
+                    refused: None,
+                });
+            }
+            End::Refused(code, reason) => {
+                tracing::warn!("control session ended: {reason}");
+                self.emit(Event::Disconnected {
+                    reason,
+                    refused: Some(code),
+                });
             }
         }
     }
@@ -1024,7 +1047,19 @@ impl Session {
                 }
             }
             ServerMsg::Refused { code, message } => {
-                return Some(End::Lost(refused_text(code, &message)));
+                return Some(End::Refused(code, refused_text(code, &message)));
+            }
+            ServerMsg::GoingAway { message, gateways } => {
+                tracing::info!("the gateway is going away: {message}");
+                let gateways = gateways
+                    .into_iter()
+                    .filter(|g| g.len() <= super::gateways::MAX_ENTRY)
+                    .take(super::gateways::MAX_GATEWAYS)
+                    .collect();
+                self.emit(Event::GoingAway {
+                    message: crate::wire::control::bounded_detail(&message),
+                    gateways,
+                });
             }
             ServerMsg::Challenge { .. } | ServerMsg::Welcome { .. } => {
                 tracing::warn!("ignoring an unexpected {} after log-in", msg_name(&m));

@@ -170,6 +170,9 @@ pub struct GatewayConfig {
     /// Sources the log-in limiter does not count (a local load generator, a trusted proxy all
     /// clients come through). Default: none (the server's config adds loopback).
     pub exempt_sources: Vec<super::limits::Cidr>,
+    /// While draining, told to clients in `going_away` (other gateways' control addresses,
+    /// best first). Default: none (clients use their own lists).
+    pub drain_redirect: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -210,6 +213,7 @@ impl GatewayConfig {
             route_max_duration: Duration::from_secs(4 * 3600),
             route_inactivity: Duration::from_secs(60),
             exempt_sources: Vec::new(),
+            drain_redirect: Vec::new(),
         }
     }
 
@@ -823,6 +827,9 @@ impl Gateway {
             }
             Input::Shutdown => self.shutdown(now),
         }
+        if self.draining && !self.shut {
+            self.move_idle_clients(now);
+        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -840,6 +847,9 @@ impl Gateway {
                 Timer::CallLimit(call) => self.on_call_limit(call),
                 Timer::FleetRing(call) => self.on_fleet_ring_timer(call),
             }
+        }
+        if self.draining && !self.shut {
+            self.move_idle_clients(now);
         }
     }
 
@@ -1492,6 +1502,33 @@ impl Gateway {
     }
 
     // ---------------------------------------------------------------- shutdown
+
+    /// While draining: every logged-in client with no call (and no dial waiting for the
+    /// directory) is sent `going_away` and closed, so that it logs in to another gateway; a
+    /// client in a call gets it when its last call ends. Scans the connections: while draining
+    /// only clients in calls remain after the first pass.
+    fn move_idle_clients(&mut self, now: Instant) {
+        let idle: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter_map(|(id, c)| match &c.phase {
+                Phase::LoggedIn(s) if s.calls.is_empty() && s.lookups == 0 => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for conn in idle {
+            tracing::debug!(conn, "draining: moving the client to another gateway");
+            self.send(
+                conn,
+                ServerMsg::GoingAway {
+                    message: "the gateway is draining for a restart; log in to another gateway"
+                        .into(),
+                    gateways: self.cfg.drain_redirect.clone(),
+                },
+            );
+            self.drop_conn(now, conn, super::calls::Lost::Normal);
+        }
+    }
 
     fn shutdown(&mut self, now: Instant) {
         tracing::info!(

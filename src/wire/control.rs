@@ -196,6 +196,15 @@ pub enum ServerMsg {
         code: ErrorCode,
         message: String,
     },
+    /// The gateway is going away (draining before a restart): log in to another gateway, one
+    /// of `gateways` when given (control addresses, best first), else one of the client's own
+    /// list. Sent when the client has no call on this gateway (at once, or when its last call
+    /// ends: calls in progress are never cut for it); the connection closes right after.
+    GoingAway {
+        message: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gateways: Vec<String>,
+    },
 }
 
 /// Where and how one client sends and receives media for one call.
@@ -460,6 +469,7 @@ impl MessageTypes for ServerMsg {
         "media_ready",
         "hang_up",
         "error",
+        "going_away",
     ];
 }
 
@@ -615,6 +625,22 @@ mod tests {
             })[2..],
             br#"{"type":"hang_up","call":3,"reason":"peer_denied","detail":"media address 10.0.0.1 is in a denied range"}"#
         );
+        assert_eq!(
+            &frame(&ServerMsg::GoingAway {
+                message: "draining".into(),
+                gateways: vec![],
+            })[2..],
+            br#"{"type":"going_away","message":"draining"}"#
+        );
+        let m: ServerMsg =
+            decode(br#"{"type":"going_away","message":"m","gateways":["a:1","b"]}"#).unwrap();
+        assert_eq!(
+            m,
+            ServerMsg::GoingAway {
+                message: "m".into(),
+                gateways: vec!["a:1".into(), "b".into()],
+            }
+        );
     }
 
     #[test]
@@ -706,7 +732,7 @@ mod tests {
         // The lists have one name per variant (the client's session names every server
         // message in an exhaustive match: `session::msg_name`).
         assert_eq!(ClientMsg::TYPES.len(), 13);
-        assert_eq!(ServerMsg::TYPES.len(), 15);
+        assert_eq!(ServerMsg::TYPES.len(), 16);
     }
 
     #[test]
@@ -780,6 +806,10 @@ mod tests {
             ServerMsg::Error {
                 code: ErrorCode::BadMessage,
                 message: "x".into(),
+            },
+            ServerMsg::GoingAway {
+                message: "draining".into(),
+                gateways: vec!["gw2.example:7400".into()],
             },
         ];
         for m in server {

@@ -124,7 +124,11 @@ impl Gateway {
                 "1",
             ],
             "127.0.0.1",
-            &[extra, &["--shutdown-grace-s", "5"]].concat(),
+            &if extra.contains(&"--shutdown-grace-s") {
+                extra.to_vec()
+            } else {
+                [extra, &["--shutdown-grace-s", "5"]].concat()
+            },
             directory,
             env,
         )

@@ -505,21 +505,58 @@ fn drain_refuses_new_logins_and_calls_but_keeps_calls() {
     // New log-in.
     let (conn, _) = w.hello("dave", peer("198.51.100.4"));
     assert_eq!(refused(&w.take(conn)), Some(ErrorCode::Unavailable));
-    // New call.
-    let call2 = w.dial(&c, "+15550004", Some(c.media()));
-    assert_eq!(
-        sim::hangups(&w.take(c.conn)),
-        [(call2, HangupReason::Shutdown)]
-    );
-    // The call in progress continues until hung up.
+    // The idle client is told to go elsewhere and closed; those in the call stay.
+    let going_away = |msgs: &[ServerMsg]| {
+        msgs.iter()
+            .filter(|m| matches!(m, ServerMsg::GoingAway { .. }))
+            .count()
+    };
+    assert_eq!(going_away(&w.take(c.conn)), 1);
+    assert!(w.closed.contains(&c.conn));
+    assert!(!w.closed.contains(&a.conn) && !w.closed.contains(&b.conn));
+    // New call (from a client still here for its call in progress).
+    let call2 = w.dial(&a, "+15550003", Some(a.media()));
+    let msgs = w.take(a.conn);
+    assert_eq!(sim::hangups(&msgs), [(call2, HangupReason::Shutdown)]);
+    assert_eq!(going_away(&msgs), 0, "a is still in a call");
+    // The call in progress continues until hung up; then both go.
     assert_eq!(w.gw.active_calls(), 1);
     w.send(a.conn, ClientMsg::Heartbeat { seq: 1 });
+    assert_eq!(going_away(&w.take(a.conn)), 0);
     w.send(a.conn, ClientMsg::HangUp { call });
-    assert_eq!(
-        sim::hangups(&w.take(b.conn)),
-        [(call, HangupReason::Normal)]
-    );
+    let msgs = w.take(b.conn);
+    assert_eq!(sim::hangups(&msgs), [(call, HangupReason::Normal)]);
+    // `going_away` comes after the `hang_up`, and names the configured gateways (none).
+    assert!(matches!(
+        msgs.last(),
+        Some(ServerMsg::GoingAway { gateways, .. }) if gateways.is_empty()
+    ));
+    assert_eq!(going_away(&w.take(a.conn)), 1);
+    assert!(w.closed.contains(&a.conn) && w.closed.contains(&b.conn));
     assert_eq!(w.gw.active_calls(), 0);
+    assert_eq!(w.gw.stats().connections, 0);
+}
+
+#[test]
+fn draining_names_the_configured_gateways() {
+    let mut w = World::with_config(GatewayConfig {
+        drain_redirect: vec!["gw2.example:7400".into(), "gw3.example:7400".into()],
+        ..GatewayConfig::default()
+    });
+    let a = w.login("alice", sim::OPEN);
+    w.take(a.conn);
+    w.input(Input::Drain);
+    let msgs = w.take(a.conn);
+    assert!(
+        matches!(
+            msgs.as_slice(),
+            [ServerMsg::GoingAway { gateways, message }]
+                if gateways == &["gw2.example:7400", "gw3.example:7400"]
+                    && message.contains("draining")
+        ),
+        "{msgs:?}"
+    );
+    assert!(w.closed.contains(&a.conn));
 }
 
 #[test]
