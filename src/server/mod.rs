@@ -13,6 +13,7 @@
 
 pub mod admin;
 mod conn_limits;
+pub mod demux;
 pub mod lookup;
 mod notify;
 mod tls;
