@@ -259,3 +259,59 @@ fn kernel_tls_media_or_a_clear_refusal_to_start() {
         }
     }
 }
+
+/// Connections on the shared port count against the control connection limits from accept
+/// until they are sorted (the first bytes and the TLS handshake are work those limits bound):
+/// idle connections that never say a byte use up their source's slots, a further connection
+/// from that source is closed at once, and the slots come back when the idle ones go. A media
+/// connection stops counting once it is handed to its shard.
+#[test]
+fn silent_connections_count_against_the_limits_until_sorted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = start(
+        "[single_port]\nport = 0\nmedia = \"plain\"\n\
+         [limits]\nconnections_per_source = 2\n# Loopback is exempt by default.\nexempt_sources = []\n",
+        dir.path(),
+    );
+    let port = single_port(&gw);
+    let idle: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let mark = gw.log_len();
+    let mut third = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    assert_closed(&mut third);
+    gw.wait_log(mark, "the refusal", |l| {
+        l.contains("shared-port connections refused at accept")
+    });
+    drop(idle);
+    // The slots come back: a log-in over the shared port works again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = common::run_with_stdin(
+            Command::new(BIN).args([
+                "probe",
+                "--server",
+                &format!("127.0.0.1:{port}"),
+                "--user",
+                "alice",
+                "--password-stdin",
+                "--wait",
+                "10",
+            ]),
+            &format!("{}\n", common::password("alice")),
+        );
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slots not given back: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    gw.stop();
+}
