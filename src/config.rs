@@ -32,6 +32,52 @@ pub struct Config {
     pub tls: TlsSection,
     /// `[fleet]`: presence and calls across gateways in Redis (`server::fleet`).
     pub fleet: crate::server::fleet::FleetSection,
+    pub single_port: SinglePortSection,
+}
+
+/// One port for everything (`[single_port]`; see `server::single_port`): control (plain and/or
+/// TLS, as `[tls]` allows) and TCP media on one TCP port such as 443, told apart by their
+/// first bytes; clients are told this port for TCP media.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SinglePortSection {
+    /// The port; `None` (default): no shared port. 0: any free port (tests).
+    pub port: Option<u16>,
+    /// TCP media on this port: `tls` (RFC 4571 inside TLS, ALPN `voxgate-media`; needs
+    /// `[tls]` cert and key) or `plain` (RFC 4571 as on the shards' ports). Only that kind is
+    /// accepted; clients are told which.
+    pub media: SharedMedia,
+    /// Who runs TLS on media connections once the handshake is done: `kernel` (kTLS: the
+    /// shard reads and writes plain bytes, zero-copy) or `userspace` (a relay task on the
+    /// control thread, one copy per packet each way). With `kernel` and no kTLS in the kernel
+    /// (the `tls` module), the gateway does not start: it never falls back silently.
+    pub tls_engine: TlsEngine,
+}
+
+impl Default for SinglePortSection {
+    fn default() -> Self {
+        SinglePortSection {
+            port: None,
+            media: SharedMedia::Tls,
+            tls_engine: TlsEngine::Kernel,
+        }
+    }
+}
+
+/// What TCP media looks like on the shared port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedMedia {
+    Tls,
+    Plain,
+}
+
+/// Where TLS on media connections runs after the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsEngine {
+    Kernel,
+    Userspace,
 }
 
 /// TLS on the control channel (`[tls]`; see `server::tls`). With `cert` and `key` set, the
@@ -560,6 +606,35 @@ impl Config {
             "tls.plain_control",
             "false needs tls.cert and tls.key (there would be no control listener)".into(),
         );
+        if let Some(port) = self.single_port.port.filter(|p| *p != 0) {
+            check(
+                self.single_port.media == SharedMedia::Plain || self.tls.cert.is_some(),
+                "single_port.media",
+                "\"tls\" needs tls.cert and tls.key; set media = \"plain\" for plaintext TCP media"
+                    .into(),
+            );
+            let s = &self.server;
+            let taken = [
+                ("server.control_port", s.control_port),
+                ("tls.control_port", self.tls.control_port),
+                ("server.probe_ports[0]", s.probe_ports[0]),
+                ("server.probe_ports[1]", s.probe_ports[1]),
+            ];
+            for (key, other) in taken {
+                check(
+                    other != port,
+                    "single_port.port",
+                    format!("{port} is also {key}"),
+                );
+            }
+            let media =
+                usize::from(s.media_port_base)..usize::from(s.media_port_base) + self.shard_count();
+            check(
+                s.media_port_base == 0 || !media.contains(&usize::from(port)),
+                "single_port.port",
+                format!("{port} collides with the media ports {media:?}"),
+            );
+        }
         for (key, list) in [
             ("server.allowed_peers", &s.allowed_peers),
             ("server.denied_peers", &s.denied_peers),
@@ -1043,6 +1118,11 @@ impl Config {
         }
         v.extend(changed_keys("store", &self.store, &new.store));
         v.extend(changed_keys("web", &self.web, &new.web));
+        v.extend(changed_keys(
+            "single_port",
+            &self.single_port,
+            &new.single_port,
+        ));
         v
     }
 }

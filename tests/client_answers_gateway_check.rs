@@ -62,6 +62,7 @@ async fn the_phone_answers_a_keyed_check_from_its_gateway_only() {
         leg: Some(leg.into()),
         gateway_udp: Some(gw_addr),
         gateway_tcp: None,
+        gateway_tcp_tls: false,
         payload_type: 0,
         clock_rate: 8000,
         paths: None,

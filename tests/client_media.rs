@@ -162,6 +162,7 @@ fn instructions(
         leg: (send.uses_gateway() || recv.uses_gateway()).then(|| me.leg.clone()),
         gateway_udp: Some(gw.udp),
         gateway_tcp: Some(gw.tcp),
+        gateway_tcp_tls: false,
         payload_type: 0,
         clock_rate: 8000,
         paths: None,

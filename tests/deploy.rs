@@ -332,3 +332,119 @@ fn stats_reads_real_dumps_and_draws_the_plot() {
     assert!(!String::from_utf8_lossy(&out.stderr).is_empty(), "says why");
     gw.stop();
 }
+
+/// The unit grants exactly one capability, CAP_NET_BIND_SERVICE, and that is what lets an
+/// unprivileged gateway serve its single port on 443: run as `nobody` with the unit's
+/// capability sets it starts there; without the ambient capability it cannot bind.
+#[test]
+fn unit_capability_lets_an_unprivileged_gateway_bind_443() {
+    let unit = std::fs::read_to_string(repo("systemd/voxgate.service")).unwrap();
+    let value = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_owned())
+            .collect()
+    };
+    assert_eq!(value("AmbientCapabilities="), ["CAP_NET_BIND_SERVICE"]);
+    assert_eq!(value("CapabilityBoundingSet="), ["CAP_NET_BIND_SERVICE"]);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let setpriv = Command::new("setpriv").arg("--version").output().is_ok();
+    if !root || !setpriv {
+        eprintln!(
+            "\n*** not root or no setpriv (util-linux): binding 443 without root NOT tested ***\n"
+        );
+        assert!(!ci(), "CI=true: this test runs as root with setpriv");
+        return;
+    }
+    if std::net::TcpListener::bind("127.0.0.1:443").is_err() {
+        eprintln!("\n*** 127.0.0.1:443 is taken on this machine: NOT tested ***\n");
+        assert!(!ci(), "CI=true: port 443 must be free for this test");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let cfg = dir.path().join("voxgate.toml");
+    std::fs::write(&cfg, "[single_port]\nport = 443\nmedia = \"plain\"\n").unwrap();
+    for p in [dir.path(), data.as_path(), cfg.as_path()] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let serve = |caps: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(caps)
+            .args([
+                "--",
+                BIN,
+                "serve",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1",
+                "--control-port",
+                "0",
+                "--media-port-base",
+                "0",
+                "--probe-ports",
+                "0,0",
+                "--shards",
+                "1",
+                "--no-pin",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--log-level",
+                "info",
+            ])
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().expect("setpriv voxgate serve")
+    };
+    // Without the capability: no port 443.
+    let out = serve(&[]).wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("443") && said.contains("ermission denied"),
+        "{said}"
+    );
+    // With the unit's capability sets: ready on 443, as nobody.
+    let mut child = serve(&[
+        "--inh-caps=+net_bind_service",
+        "--ambient-caps=+net_bind_service",
+        "--bounding-set=-all,+net_bind_service",
+    ]);
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) if l.contains("voxgate is ready") => break l,
+            Ok(_) => {}
+            Err(_) if std::time::Instant::now() < deadline => {
+                if let Ok(Some(s)) = child.try_wait() {
+                    panic!("voxgate exited: {s}");
+                }
+            }
+            Err(_) => panic!("no ready line"),
+        }
+    };
+    assert!(ready.contains("single_port=127.0.0.1:443"), "{ready}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(uid.split_whitespace().nth(2) == Some("65534"), "{uid}");
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+}

@@ -885,3 +885,207 @@ fn gateway_behind_1to1_nat() {
     );
     drop(gw);
 }
+
+/// A test CA and a certificate for the gateway's address 172.31.0.1 (PEM files in `dir`):
+/// (CA, certificate, key).
+fn gateway_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "voxgate lab CA");
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![GW_IP.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, leaf.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// The Squid-only class: client 1's router forwards nothing at all; its only way out is a real
+/// Squid on the router that allows CONNECT to port 443 only. The gateway serves everything on
+/// 443 (`[single_port]`, TLS control and TLS TCP media). A call from there to an open client
+/// (client 2) works both ways, audio byte-exact; the probe reports the proxied client as UDP
+/// blocked both ways and the plan gives it TCP through the gateway both ways (its peer on UDP);
+/// the router's counters show nothing but TCP to the proxy; and the proxy refuses a tunnel to
+/// the plain control port.
+#[test]
+fn squid_is_the_only_way_out() {
+    let Some(lab) = Lab::up_with("s", &[]) else {
+        return;
+    };
+    let squid = Command::new("squid")
+        .arg("-v")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !squid {
+        eprintln!("\n*** SQUID LAB NOT RUN: squid is not installed (apt-get install squid) ***\n");
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"),
+            "CI=true: squid must be installed (scripts/test-all installs it)"
+        );
+        return;
+    }
+    let pki_dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = gateway_pki(pki_dir.path());
+    let engine = match voxgate::server::ktls::available() {
+        Ok(()) => "kernel",
+        Err(e) => {
+            eprintln!("lab: no kernel TLS here ({e}): the gateway relays TLS media in userspace");
+            "userspace"
+        }
+    };
+    let cfg = pki_dir.path().join("voxgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 7443\n\
+             [single_port]\nport = 443\nmedia = \"tls\"\ntls_engine = \"{engine}\"\n",
+            cert.to_str().unwrap(),
+            key.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let gw = start_gateway_with(&lab, &["--config", cfg.to_str().unwrap()]);
+    lab.set(1, "proxy-only", "none");
+    lab.set(2, "open", "none");
+    lab.sh(&["squid", "1"]);
+    lab.sh(&["reset", "1"]);
+    let server = format!("tls://{GW_IP}:443");
+    let proxy = "http://10.1.0.1:3128";
+    let ca_arg = ca.to_str().unwrap();
+    let dir = gw.dir.path();
+    let a_in = test_clip(dir, "speech-8k.wav", "sq-a-in.wav", 1.2);
+    let b_in = test_clip(dir, "reply-8k.wav", "sq-b-in.wav", 1.2);
+    let a_rec = dir.join("sq-a-rec.wav");
+    let b_rec = dir.join("sq-b-rec.wav");
+    let mark = gw.log_len();
+    let callee = spawn_phone_at(
+        &strs(&lab.host("c2")),
+        &gw,
+        &server,
+        "bob",
+        &[
+            "--ca",
+            ca_arg,
+            "--answer",
+            "--play",
+            b_in.to_str().unwrap(),
+            "--record",
+            b_rec.to_str().unwrap(),
+            "--wait",
+            "30",
+        ],
+    );
+    gw.wait_online(mark, "bob");
+    let caller = spawn_phone_at(
+        &strs(&lab.host("c1")),
+        &gw,
+        &server,
+        "alice",
+        &[
+            "--ca",
+            ca_arg,
+            "--proxy",
+            proxy,
+            "--call",
+            "+15550002",
+            "--play",
+            a_in.to_str().unwrap(),
+            "--record",
+            a_rec.to_str().unwrap(),
+        ],
+    );
+    let ra = finish(caller);
+    let rb = finish(callee);
+    for (who, r) in [("alice", &ra), ("bob", &rb)] {
+        assert_eq!(r.code, 0, "squid: {who} failed: {}\n{}", r.json, r.stderr);
+        assert_eq!(r.json["received"]["lost"], 0, "squid: {who}: {}", r.json);
+    }
+    // The probe: the proxied client has no UDP either way; the open one has both.
+    let (ca_, cb) = (caps_of(&ra), caps_of(&rb));
+    assert!(!ca_.send_udp && !ca_.recv_udp, "alice's probe: {ca_:?}");
+    assert!(cb.send_udp && cb.recv_udp, "bob's probe: {cb:?}");
+    // TCP through the gateway both ways for alice; bob stays on UDP.
+    for r in [&ra, &rb] {
+        assert_eq!(r.json["plan"]["forward"], "tcp_in_udp_out", "{}", r.json);
+        assert_eq!(r.json["plan"]["backward"], "udp_in_tcp_out", "{}", r.json);
+    }
+    for (sent, rec, what) in [
+        (&a_in, &b_rec, "bob hears alice"),
+        (&b_in, &a_rec, "alice hears bob"),
+    ] {
+        let want = ulaw_round_trip_padded(&wav::read(sent).unwrap());
+        let got = wav::read(rec).unwrap();
+        assert!(
+            got.len() >= want.len() && got[..want.len()] == want[..],
+            "squid: {what}: the recording differs from what was sent"
+        );
+    }
+    // Alice's TCP media came through the single port over TLS.
+    let handed: Vec<String> = gw
+        .log_text()
+        .lines()
+        .skip(mark)
+        .filter(|l| l.contains("media connection handed to its shard"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        handed.iter().any(|l| l.contains("172.31.0.11")),
+        "alice's media came in from the proxy's address: {handed:?}"
+    );
+    // The router saw nothing but TCP to the proxy: nothing forwarded, no other traffic to it.
+    let c = lab.counters(1);
+    eprintln!("lab: squid: router 1 counters {c:?}");
+    assert!(
+        c["tcp_to_proxy"] >= USED,
+        "the call went through the proxy: {c:?}"
+    );
+    for name in [
+        "lan_forwarded",
+        "lan_to_router_other",
+        "udp_out_gw",
+        "udp_out_peer",
+        "tcp_out_gw",
+        "udp_in_gw",
+        "udp_in_peer",
+        "tcp_in_gw",
+    ] {
+        assert_eq!(c[name], 0, "{name}: {c:?}");
+    }
+    // The proxy's own log: tunnels to 443 only.
+    let log = std::fs::read_to_string(format!("/run/{}-squid-1/access.log", lab.prefix))
+        .unwrap_or_default();
+    assert!(log.contains(&format!("CONNECT {GW_IP}:443")), "{log}");
+    // And it refuses a tunnel to the plain control port.
+    let out = common::run_with_stdin(
+        Command::new("ip")
+            .args(["netns", "exec", &format!("{}c1", lab.prefix)])
+            .args([
+                common::BIN,
+                "probe",
+                "--server",
+                &format!("{GW_IP}:7400"),
+                "--user",
+                "alice",
+                "--password-stdin",
+                "--proxy",
+                proxy,
+            ]),
+        &format!("{}\n", common::password("alice")),
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("403"), "the proxy's refusal is named: {said}");
+    drop(gw);
+}

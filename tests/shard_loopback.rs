@@ -456,6 +456,97 @@ fn malformed_frame_closes_only_its_connection(backend: Backend) {
     assert_eq!(s.tcp_conns, 1, "only the good connection remains");
 }
 
+/// Binds an already-connected stream (ours is the client end) to `leg`.
+fn bind_stream<S: Read + Write>(t: &mut S, leg: &str) -> SocketAddr {
+    let txid = binding::new_txid();
+    let mut buf = [0u8; 512];
+    let n = binding::request(&mut buf, leg, &key(leg), &txid).unwrap();
+    let mut f = (n as u16).to_be_bytes().to_vec();
+    f.extend_from_slice(&buf[..n]);
+    t.write_all(&f).unwrap();
+    let mut h = [0u8; 2];
+    t.read_exact(&mut h).expect("binding answer header");
+    let mut p = vec![0u8; usize::from(u16::from_be_bytes(h))];
+    t.read_exact(&mut p).expect("binding answer");
+    binding::check_response(&p, &key(leg), &txid).expect("binding over the adopted connection")
+}
+
+/// Connections accepted elsewhere (the shared port) and handed to the shard: a TCP socket and
+/// one end of a socket pair (the userspace TLS relay's) both carry media like the shard's own,
+/// and they count against the same unbound-connection budget.
+fn adopted_connections_carry_media(backend: Backend) {
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+    let shards = spawn(backend);
+    let h = &shards.handles[0];
+    h.install_blocking(SessionSpec {
+        id: 11,
+        legs: vec![leg("a", Delivery::Tcp), leg("b", Delivery::Tcp)],
+    })
+    .unwrap();
+    // A TCP connection accepted by "another listener" (ours), handed over.
+    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut a = TcpStream::connect(elsewhere.local_addr().unwrap()).unwrap();
+    a.set_read_timeout(Some(WAIT)).unwrap();
+    let (accepted, peer) = elsewhere.accept().unwrap();
+    h.adopt_tcp(OwnedFd::from(accepted), peer).unwrap();
+    let mapped = bind_stream(&mut a, "a");
+    assert_eq!(mapped, a.local_addr().unwrap(), "the client's own address");
+    // A socket pair end, with the address the relay vouches for.
+    let (mut b, theirs) = UnixStream::pair().unwrap();
+    b.set_read_timeout(Some(WAIT)).unwrap();
+    let relay_peer: SocketAddr = "192.0.2.9:4444".parse().unwrap();
+    h.adopt_tcp(OwnedFd::from(theirs), relay_peer).unwrap();
+    assert_eq!(
+        bind_stream(&mut b, "b"),
+        relay_peer,
+        "the peer it was given"
+    );
+    let sent: Vec<Vec<u8>> = (0..64).map(|i| rtp(8, i, 172)).collect();
+    for p in &sent {
+        write_frame(&mut a, p);
+    }
+    let got: Vec<Vec<u8>> = sent
+        .iter()
+        .map(|_| {
+            let mut h = [0u8; 2];
+            b.read_exact(&mut h).unwrap();
+            let mut p = vec![0u8; usize::from(u16::from_be_bytes(h))];
+            b.read_exact(&mut p).unwrap();
+            p
+        })
+        .collect();
+    assert_eq!(got, sent, "adopted -> adopted: byte-exact, in order");
+    // The budget: unbound adopted connections from one source are held to the per-source
+    // limit (8 by default) like accepted ones: the ninth evicts the oldest, which sees EOF.
+    let before = h.snapshot_blocking().unwrap().counters.tcp_accepted;
+    let mut ours = Vec::new();
+    for i in 0..9u16 {
+        let (mine, theirs) = UnixStream::pair().unwrap();
+        mine.set_read_timeout(Some(WAIT)).unwrap();
+        let peer = SocketAddr::from(([198, 51, 100, 1], 5000 + i));
+        h.adopt_tcp(OwnedFd::from(theirs), peer).unwrap();
+        ours.push(mine);
+        if i == 0 {
+            // The first must be the oldest by the shard's clock.
+            wait_until(h, "the first adoption", |s| {
+                s.counters.tcp_accepted == before + 1
+            });
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        ours[0].read(&mut byte).expect("EOF, not a timeout"),
+        0,
+        "the oldest unbound connection of that source was closed"
+    );
+    wait_until(h, "nine adoptions", |s| {
+        s.counters.tcp_accepted == before + 9
+    });
+    assert_eq!(h.snapshot_blocking().unwrap().tcp_conns, 2 + 8);
+}
+
 macro_rules! both_backends {
     ($($name:ident),*) => {
         mod io_uring {
@@ -468,6 +559,7 @@ macro_rules! both_backends {
 }
 
 both_backends!(
+    adopted_connections_carry_media,
     udp_to_udp,
     udp_to_tcp_and_back,
     tcp_to_tcp,

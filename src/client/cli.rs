@@ -874,6 +874,14 @@ enum SegmentEnd {
     Lost(String, Vec<String>),
 }
 
+/// The name TLS media verifies the gateway by: the host of `--server`.
+fn media_tls_host(server: &str) -> String {
+    let (rest, _) = super::tls::strip_scheme(server);
+    super::session::parse_server_default(rest, 0)
+        .map(|(h, _)| h)
+        .unwrap_or_else(|_| rest.to_owned())
+}
+
 async fn phone_session(
     args: &PhoneArgs,
     mode: Mode,
@@ -1038,6 +1046,10 @@ async fn phone_session(
                 firewall,
                 ready_timeout: Some(MEDIA_READY_TIMEOUT),
                 proxy: proxy.clone(),
+                tls: Some(super::tls::MediaTls {
+                    opts: args.tls.options().unwrap_or_default(),
+                    host: media_tls_host(&link.server),
+                }),
                 ..MediaOptions::default()
             };
             // A call relayed by another gateway of the fleet: its keys come from the call key.
@@ -1494,6 +1506,7 @@ mod tests {
             leg: None,
             gateway_udp: None,
             gateway_tcp: None,
+            gateway_tcp_tls: false,
             payload_type: 0,
             clock_rate: 8000,
             paths: None,

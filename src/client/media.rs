@@ -546,6 +546,9 @@ pub struct MediaOptions {
     pub ready_timeout: Option<Duration>,
     /// Open TCP media connections through this HTTP proxy (CONNECT).
     pub proxy: Option<super::proxy::ProxyConfig>,
+    /// How to verify the gateway when it asks for TLS on TCP media (`gateway_tcp_tls`);
+    /// `None`: such instructions fail.
+    pub tls: Option<super::tls::MediaTls>,
 }
 
 impl Default for MediaOptions {
@@ -558,6 +561,7 @@ impl Default for MediaOptions {
             bind_timeout: Duration::from_secs(5),
             ready_timeout: None,
             proxy: None,
+            tls: None,
         }
     }
 }
@@ -585,6 +589,8 @@ struct Route {
     recv_tcp: bool,
     /// The gateway's TCP media address, when a direction is TCP.
     gateway_tcp: Option<SocketAddr>,
+    /// TCP media inside TLS.
+    tcp_tls: bool,
     /// The gateway's UDP media address, when a UDP direction goes via the gateway.
     gateway_udp: Option<SocketAddr>,
     /// The UDP binding must be answered (see the module docs).
@@ -657,6 +663,7 @@ impl Route {
             udp_source,
             recv_tcp,
             gateway_tcp,
+            tcp_tls: i.gateway_tcp_tls,
             gateway_udp,
             udp_bind_required: send_udp_via_gw && !recv_tcp,
             keepalive: recv_udp_via_gw && !send_udp_via_gw,
@@ -853,6 +860,7 @@ async fn bind_tcp(
     key: &[u8],
     wait: Duration,
     proxy: Option<&super::proxy::ProxyConfig>,
+    tls: Option<Option<&super::tls::MediaTls>>,
 ) -> Result<(TcpStream, SocketAddr, framing::FrameBuffer), MediaError> {
     let fail = |reason: String| MediaError::TcpBind { gateway, reason };
     let connect = async {
@@ -874,6 +882,22 @@ async fn bind_tcp(
         }
     };
     stream.set_nodelay(true)?;
+    // `Some(..)`: the gateway asked for TLS.
+    let stream = match tls {
+        None => stream,
+        Some(None) => {
+            return Err(fail(
+                "the gateway asks for TLS on TCP media, but this phone has no TLS settings".into(),
+            ));
+        }
+        Some(Some(t)) => {
+            match tokio::time::timeout(wait, super::tls::media_tunnel(stream, t)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(fail(e)),
+                Err(_) => return Err(fail("the TLS handshake timed out".into())),
+            }
+        }
+    };
     let txid = binding::new_txid();
     let mut frame = [0u8; 514];
     let n = binding::request(&mut frame[2..], leg, key, &txid)
@@ -949,9 +973,17 @@ async fn establish(
         }
         None => None,
     };
-    let tcp = route
-        .gateway_tcp
-        .map(|gw| bind_tcp(gw, leg, &leg_key, opts.bind_timeout, opts.proxy.as_ref()));
+    let tcp = route.gateway_tcp.map(|gw| {
+        let tls = route.tcp_tls.then_some(opts.tls.as_ref());
+        bind_tcp(
+            gw,
+            leg,
+            &leg_key,
+            opts.bind_timeout,
+            opts.proxy.as_ref(),
+            tls,
+        )
+    });
     let mut early = Vec::new();
     // `udp_result`: Some(Some(mapped)) answered, Some(None) no answer in time, None: no UDP
     // binding, or one the engine goes on with.
@@ -2167,6 +2199,7 @@ mod tests {
             leg: Some("l".into()),
             gateway_udp: Some(gw_udp),
             gateway_tcp: Some(gw_tcp),
+            gateway_tcp_tls: false,
             payload_type: 0,
             clock_rate: 8000,
             paths: None,
@@ -2191,6 +2224,7 @@ mod tests {
             leg: None,
             gateway_udp: None,
             gateway_tcp: None,
+            gateway_tcp_tls: false,
             ..base.clone()
         };
         let r = Route::from_instructions(&direct).expect("valid");
@@ -2231,6 +2265,7 @@ mod tests {
         assert!(matches!(
             Route::from_instructions(&MediaInstructions {
                 gateway_tcp: None,
+                gateway_tcp_tls: false,
                 ..base
             }),
             Err(MediaError::Instructions(_))
@@ -2260,6 +2295,7 @@ mod tests {
             leg: None,
             gateway_udp: None,
             gateway_tcp: None,
+            gateway_tcp_tls: false,
             payload_type: 0,
             clock_rate: 8000,
             paths: None,

@@ -890,6 +890,7 @@ mod tests {
                 leg: Some(format!("leg{caller}")),
                 gateway_udp: Some(gw),
                 gateway_tcp: None,
+                gateway_tcp_tls: false,
                 payload_type: 0,
                 clock_rate: 8000,
                 paths: Some(Box::new(PathOrders {

@@ -116,6 +116,46 @@ pub async fn handshake(
     })
 }
 
+/// TLS on TCP media legs (the gateway's `gateway_tcp_tls`): verified like the control
+/// channel, against `opts` for `host` (the name the phone dialled the gateway by).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MediaTls {
+    pub opts: TlsOptions,
+    pub host: String,
+}
+
+/// The ALPN name of a TLS media connection (`server::demux::ALPN_MEDIA`).
+pub const ALPN_MEDIA: &[u8] = b"voxgate-media";
+
+/// Runs TLS (ALPN `voxgate-media`) over a connected media stream and returns a local stream
+/// that carries the same bytes in the clear: the media engine reads and writes RFC 4571 frames
+/// on it as on a plain connection, and a task relays them through the TLS session. (The
+/// phone's side copies once more per packet; the gateway's shard does not.)
+pub async fn media_tunnel(tcp: TcpStream, tls: &MediaTls) -> Result<TcpStream, String> {
+    let mut cfg = (*client_config(&tls.opts)?).clone();
+    cfg.alpn_protocols = vec![ALPN_MEDIA.to_vec()];
+    let mut s = handshake(tcp, &tls.host, Arc::new(cfg)).await?;
+    if s.get_ref().1.alpn_protocol() != Some(ALPN_MEDIA) {
+        return Err("the gateway did not take TLS media (no ALPN voxgate-media)".into());
+    }
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("local media relay: {e}"))?;
+    let near = TcpStream::connect(l.local_addr().map_err(|e| e.to_string())?)
+        .await
+        .map_err(|e| format!("local media relay: {e}"))?;
+    let (mut far, from) = l.accept().await.map_err(|e| e.to_string())?;
+    if near.local_addr().ok() != Some(from) {
+        return Err("local media relay: a stranger connected first".into());
+    }
+    let _ = near.set_nodelay(true);
+    let _ = far.set_nodelay(true);
+    tokio::spawn(async move {
+        let _ = tokio::io::copy_bidirectional(&mut s, &mut far).await;
+    });
+    Ok(near)
+}
+
 /// The RFC 9266 `tls-exporter` value of an established session.
 pub fn exporter(stream: &ClientStream) -> Result<Vec<u8>, String> {
     let mut out = vec![0u8; TLS_EXPORTER_LEN];

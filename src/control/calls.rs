@@ -390,6 +390,7 @@ fn instructions(
         leg,
         gateway_udp: gw.map(|g| g.udp),
         gateway_tcp: gw.map(|g| g.tcp),
+        gateway_tcp_tls: false,
         payload_type: media::PAYLOAD_TYPE,
         clock_rate: media::CLOCK_RATE,
         paths: None,

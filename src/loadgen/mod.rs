@@ -141,6 +141,10 @@ struct RunArgs {
     /// voxgate's control address.
     #[arg(long, default_value = "127.0.0.1:7400")]
     server: String,
+    /// Trust only this CA (PEM) when the gateway puts TCP media under TLS (scenario
+    /// tcp-udp-tls); the name checked is the host of --server.
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// The forwarder's or coturn's address.
     #[arg(long)]
     target: Option<SocketAddr>,
@@ -367,6 +371,16 @@ fn build_rig(
                     *c = rss;
                 }
             });
+            let tls = (a.scenario == Scenario::TcpUdpTls).then(|| crate::client::tls::MediaTls {
+                opts: crate::client::tls::TlsOptions { ca: a.ca.clone() },
+                host: a
+                    .server
+                    .rsplit_once(':')
+                    .map_or(a.server.as_str(), |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned(),
+            });
             let c = setup::bring_up(
                 &a.server,
                 a.scenario,
@@ -375,6 +389,7 @@ fn build_rig(
                 directions,
                 a.user_base,
                 Some(hook),
+                tls,
             )
             .map_err(|e| e.to_string())?;
             plan.streams = c.streams.clone();
@@ -745,7 +760,7 @@ fn run_steps(a: &RunArgs) -> Result<(), String> {
         Some(n) => (2 * n, Directions::Both),
         None => (
             a.streams.max(1),
-            if a.scenario == Scenario::TcpUdp {
+            if matches!(a.scenario, Scenario::TcpUdp | Scenario::TcpUdpTls) {
                 Directions::Backward
             } else {
                 Directions::Forward

@@ -67,6 +67,9 @@ pub enum Scenario {
     TcpUdp,
     /// Both TCP only: TCP in, TCP out.
     TcpTcp,
+    /// As tcp-udp, with the TCP leg inside TLS (a gateway whose single port takes TLS media:
+    /// kernel TLS, or its userspace relay).
+    TcpUdpTls,
     /// A conference room: one speaker, N listeners, all UDP via the gateway.
     Room,
 }
@@ -78,6 +81,7 @@ impl Scenario {
             Scenario::UdpTcp => "udp-tcp",
             Scenario::TcpUdp => "tcp-udp",
             Scenario::TcpTcp => "tcp-tcp",
+            Scenario::TcpUdpTls => "tcp-udp-tls",
             Scenario::Room => "room",
         }
     }
@@ -94,7 +98,7 @@ impl Scenario {
         };
         match self {
             Scenario::UdpUdp | Scenario::Room => (nat, nat),
-            Scenario::UdpTcp | Scenario::TcpUdp => (nat, tcp_only),
+            Scenario::UdpTcp | Scenario::TcpUdp | Scenario::TcpUdpTls => (nat, tcp_only),
             Scenario::TcpTcp => (tcp_only, tcp_only),
         }
     }
@@ -200,6 +204,8 @@ struct Up {
 /// scenarios), so that memory can be read for log-ins and for calls apart.
 pub type AfterLogin = Box<dyn FnOnce() + Send>;
 
+// One argument per independent knob of the bench's call set-up; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn bring_up(
     server: &str,
     scenario: Scenario,
@@ -208,6 +214,7 @@ pub fn bring_up(
     directions: Directions,
     user_base: usize,
     after_login: Option<AfterLogin>,
+    tls: Option<crate::client::tls::MediaTls>,
 ) -> Result<Calls, SetupError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -234,7 +241,7 @@ pub fn bring_up(
                         .map(|u| vec![u])
                         .map_err(|what| SetupError::Call { call: 0, what })
                 } else {
-                    all_calls(&server, scenario, calls, user_base, after_login).await
+                    all_calls(&server, scenario, calls, user_base, after_login, &tls).await
                 };
                 let ups = match r {
                     Ok(u) => u,
@@ -328,6 +335,7 @@ async fn all_calls(
     calls: usize,
     user_base: usize,
     after_login: Option<AfterLogin>,
+    tls: &Option<crate::client::tls::MediaTls>,
 ) -> Result<Vec<Up>, SetupError> {
     let (fw_a, fw_b) = scenario.firewalls();
     let sem = Arc::new(Semaphore::new(CONCURRENT_CALLS));
@@ -364,9 +372,10 @@ async fn all_calls(
             break;
         };
         let sem = sem.clone();
+        let tls = tls.clone();
         set.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let r = tokio::time::timeout(CALL_TIMEOUT, one_call(a, b, user_base + 2 * c + 1))
+            let r = tokio::time::timeout(CALL_TIMEOUT, one_call(a, b, user_base + 2 * c + 1, &tls))
                 .await
                 .unwrap_or_else(|_| Err("timed out".into()));
             (c, r)
@@ -440,7 +449,12 @@ async fn wait_media(
 }
 
 /// Caller `a` dials callee `b` (subscriber `callee`), `b` accepts, both bind their legs.
-async fn one_call(a: LoggedIn, b: LoggedIn, callee: usize) -> Result<Up, String> {
+async fn one_call(
+    a: LoggedIn,
+    b: LoggedIn,
+    callee: usize,
+    tls: &Option<crate::client::tls::MediaTls>,
+) -> Result<Up, String> {
     let (a, mut ev_a) = a;
     let (b, mut ev_b) = b;
     let sock_a = UdpSocket::bind("127.0.0.1:0")
@@ -473,8 +487,8 @@ async fn one_call(a: LoggedIn, b: LoggedIn, callee: usize) -> Result<Up, String>
         .plan
         .map(|p| format!("forward {:?}, backward {:?}", p.forward, p.backward))
         .unwrap_or_default();
-    let leg_a = bind_leg(&a, sock_a, &m_a).await?;
-    let leg_b = bind_leg(&b, sock_b, &m_b).await?;
+    let leg_a = bind_leg(&a, sock_a, &m_a, tls).await?;
+    let leg_b = bind_leg(&b, sock_b, &m_b, tls).await?;
     Ok(Up {
         legs: vec![(leg_a, true), (leg_b, false)],
         phones: vec![(a, ev_a), (b, ev_b)],
@@ -516,10 +530,10 @@ async fn room(server: &str, listeners: usize, user_base: usize) -> Result<Up, St
         pending.push((c, sock));
     }
     let m_s = wait_media(&mut ev_s, Some(call)).await?;
-    legs.push((bind_leg(&s, sock_s, &m_s).await?, true));
+    legs.push((bind_leg(&s, sock_s, &m_s, &None).await?, true));
     for ((p, ev), (c, sock)) in ls.iter_mut().zip(pending) {
         let m = wait_media(ev, Some(c)).await?;
-        legs.push((bind_leg(p, sock, &m).await?, false));
+        legs.push((bind_leg(p, sock, &m, &None).await?, false));
     }
     let mut phones = vec![(s, ev_s)];
     phones.extend(ls);
@@ -531,7 +545,12 @@ async fn room(server: &str, listeners: usize, user_base: usize) -> Result<Up, St
 }
 
 /// Binds the leg of `m` from `sock` (UDP) and/or a new TCP connection, as the plan says.
-async fn bind_leg(p: &Phone, sock: UdpSocket, m: &MediaInstructions) -> Result<Leg, String> {
+async fn bind_leg(
+    p: &Phone,
+    sock: UdpSocket,
+    m: &MediaInstructions,
+    tls: &Option<crate::client::tls::MediaTls>,
+) -> Result<Leg, String> {
     let leg = m
         .leg
         .as_deref()
@@ -584,6 +603,29 @@ async fn bind_leg(p: &Phone, sock: UdpSocket, m: &MediaInstructions) -> Result<L
             .await
             .map_err(|e| format!("TCP {gw}: {e}"))?;
         s.set_nodelay(true).map_err(|e| e.to_string())?;
+        match (m.gateway_tcp_tls, tls) {
+            (true, Some(t)) => {
+                // The engine writes plain frames on a local stream; a task on this (phones')
+                // thread carries them through TLS (the load generator's cost, not the
+                // gateway's).
+                s = crate::client::tls::media_tunnel(s, t)
+                    .await
+                    .map_err(|e| format!("TLS media {gw}: {e}"))?;
+            }
+            (true, None) => {
+                return Err(
+                    "the gateway puts TCP media under TLS: use scenario tcp-udp-tls".into(),
+                );
+            }
+            (false, Some(_)) => {
+                return Err(
+                    "scenario tcp-udp-tls, but the gateway's TCP media is plain (it needs \
+                     [single_port] media = \"tls\")"
+                        .into(),
+                );
+            }
+            (false, None) => {}
+        }
         let txid = binding::new_txid();
         let mut req = [0u8; 512];
         let n = binding::request(&mut req[2..], leg, &key, &txid).map_err(|e| e.to_string())?;

@@ -14,8 +14,11 @@
 pub mod admin;
 mod conn_limits;
 pub mod fleet;
+pub mod demux;
+pub mod ktls;
 pub mod lookup;
 mod notify;
+pub mod single_port;
 mod tls;
 pub mod web;
 
@@ -119,6 +122,8 @@ pub struct Bound {
     pub web: Option<SocketAddr>,
     /// The TLS control listener (`[tls]`), if enabled.
     pub control_tls: Option<SocketAddr>,
+    /// The shared port (`[single_port]`): control and TCP media on one port, if enabled.
+    pub single_port: Option<SocketAddr>,
 }
 
 /// The first call or connection id of this run: its start time and a random part
@@ -242,6 +247,13 @@ enum Event {
         conn: ConnId,
         stream: TcpStream,
     },
+    /// A connection on the single port (`[single_port]`), before anything is known of it.
+    AcceptedShared(TcpStream, SocketAddr),
+    /// What a single-port connection turned out to be.
+    Sorted {
+        conn: ConnId,
+        sorted: single_port::Sorted,
+    },
 }
 
 /// A running gateway's handle for tests and embedding: stop it with [`Running::stop`].
@@ -346,6 +358,7 @@ pub fn serve(
             admin = %b.admin.map_or("off".to_string(), |a| a.to_string()),
             web = %b.web.map_or("off".to_string(), |a| a.to_string()),
             control_tls = %b.control_tls.map_or("off".to_string(), |a| a.to_string()),
+            single_port = %b.single_port.map_or("off".to_string(), |a| a.to_string()),
             "voxgate is ready"
         );
     }))
@@ -388,6 +401,10 @@ struct Server {
     tls: Option<tls::TlsState>,
     /// `[fleet]`: presence and calls across gateways in Redis.
     fleet: Option<fleet::FleetIo>,
+    /// What the single port accepts (`[single_port]`), if there is one.
+    shared: Option<single_port::SharedState>,
+    /// Which shard holds each live leg (the single port's media connections go there).
+    leg_shards: single_port::LegShards,
 }
 
 async fn run(
@@ -446,6 +463,8 @@ async fn run(
         Some(l) => Some(l.local_addr().map_err(ServeError::Runtime)?),
         None => None,
     };
+    // `[single_port]`: control and TCP media on one port.
+    let (shared_listener, shared_state) = single_port::listen(&cfg).await?;
     let probe_a = bind_udp(
         SocketAddr::new(listen, cfg.server.probe_ports[0]),
         "probe port A",
@@ -460,6 +479,10 @@ async fn run(
             None => control_tls.expect("a TLS listener when the plain one is off"),
         },
         control_tls,
+        single_port: match &shared_listener {
+            Some(l) => Some(l.local_addr().map_err(ServeError::Runtime)?),
+            None => None,
+        },
         probe: (
             probe_a.local_addr().map_err(ServeError::Runtime)?,
             probe_b.local_addr().map_err(ServeError::Runtime)?,
@@ -510,7 +533,9 @@ async fn run(
         .map(|h| ShardInfo {
             index: h.index,
             udp_port: h.udp_addr.port(),
-            tcp_port: h.tcp_addr.port(),
+            // With a single port, phones are told it for TCP media (it hands each connection
+            // to the shard holding its leg).
+            tcp_port: bound.single_port.map_or(h.tcp_addr.port(), |a| a.port()),
         })
         .collect();
     let gw_cfg = cfg.gateway_config(secret, (bound.probe.0.port(), bound.probe.1.port()));
@@ -565,6 +590,9 @@ async fn run(
     if let Some(l) = tls_listener {
         tokio::spawn(tls::acceptor(l, events.clone()));
     }
+    if let Some(l) = shared_listener {
+        tokio::spawn(single_port::acceptor(l, events.clone()));
+    }
     {
         let events = events.clone();
         tokio::spawn(async move {
@@ -601,6 +629,8 @@ async fn run(
         departed: HashMap::new(),
         tls: tls_state,
         fleet,
+        shared: shared_state,
+        leg_shards: single_port::LegShards::default(),
     };
     on_ready(&bound);
     notify::ready();
@@ -964,6 +994,8 @@ impl Server {
             Event::AcceptedTls(stream, peer) => self.on_tls_accepted(now, stream, peer),
             Event::TlsReady { conn, result } => self.on_tls_ready(now, conn, result),
             Event::PlainOnShared { conn, stream } => self.on_plain_on_shared(now, conn, stream),
+            Event::AcceptedShared(stream, peer) => self.on_shared_accepted(now, stream, peer),
+            Event::Sorted { conn, sorted } => self.on_sorted(now, conn, sorted),
         }
     }
 
@@ -1027,9 +1059,12 @@ impl Server {
     async fn execute(&mut self) {
         while let Some(action) = self.gateway.poll_action() {
             match action {
-                Action::Send { conn, msg } => {
+                Action::Send { conn, mut msg } => {
                     if !self.writers.contains(conn) {
                         continue;
+                    }
+                    if let ServerMsg::Media(m) = &mut msg {
+                        single_port::mark_tls_media(self.shared, m);
                     }
                     if let ServerMsg::Media(m) = &msg {
                         tracing::info!(
@@ -1077,6 +1112,9 @@ impl Server {
                 }
                 Action::InstallSession { op, shard, spec } => {
                     let session = spec.id;
+                    for l in &spec.legs {
+                        self.leg_shards.add(shard, session, &l.name);
+                    }
                     let result = match self.shard(shard) {
                         Some(h) => {
                             let (reply, rx) = oneshot::channel();
@@ -1102,6 +1140,7 @@ impl Server {
                         .handle(Instant::now(), Input::ShardInstalled { op, result });
                 }
                 Action::RemoveSession { shard, session } => {
+                    self.leg_shards.remove_session(session);
                     if let Some(h) = self.shard(shard) {
                         let _ = h.send(Command::Remove {
                             session,
@@ -1116,6 +1155,7 @@ impl Server {
                 } => {
                     // A failure is told to the core, which tells the member.
                     let name = leg.name.clone();
+                    self.leg_shards.add(shard, session, &name);
                     let sent = match self.shard(shard) {
                         Some(h) => {
                             let (reply, rx) = oneshot::channel();
@@ -1163,6 +1203,7 @@ impl Server {
                     session,
                     leg,
                 } => {
+                    self.leg_shards.remove_leg(session, &leg);
                     if let Some(h) = self.shard(shard) {
                         if self.cdr.is_some() {
                             // The leg's numbers for the room's record, asked before it goes.

@@ -28,11 +28,11 @@ use crate::control::gateway::{ConnId, Input};
 pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
 
 /// A handshake that has not finished by then is dropped (and its slot given back).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The TLS listener's state: the configuration new handshakes use.
 pub struct TlsState {
-    config: Arc<ServerConfig>,
+    pub(super) config: Arc<ServerConfig>,
     /// Plain control connections arrive on this listener too (first byte not 0x16).
     shared: bool,
 }
@@ -40,7 +40,7 @@ pub struct TlsState {
 /// The first byte of a TLS record carrying a handshake (the ClientHello). A plain control
 /// connection starts with its `hello` frame's 2-byte length, whose first byte is 0x00..=0x03
 /// for any valid `hello` (far below 0x1600 bytes).
-const TLS_HANDSHAKE: u8 = 0x16;
+pub(super) const TLS_HANDSHAKE: u8 = 0x16;
 
 /// The crypto provider both ends use.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -62,12 +62,21 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Strin
     }
     let key =
         PrivateKeyDer::from_pem_file(key).map_err(|e| format!("tls.key {}: {e}", key.display()))?;
-    let config = ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| format!("TLS: {e}"))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| format!("tls.cert/tls.key: {e}"))?;
+    // The shared port's ALPN names (a client that offers none is a control client); media
+    // connections go to kernel TLS after the handshake, so nothing may follow the handshake
+    // from our side (no session tickets) and the secrets must be extractable.
+    config.alpn_protocols = vec![
+        super::demux::ALPN_CONTROL.to_vec(),
+        super::demux::ALPN_MEDIA.to_vec(),
+    ];
+    config.send_tls13_tickets = 0;
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

@@ -198,6 +198,22 @@ impl EpollShard {
             if !self.core.turn(Backend::Epoll, now) {
                 break;
             }
+            for c in std::mem::take(&mut self.core.adopted) {
+                let added = self.core.relay.raw_fd(c).is_some_and(|raw| {
+                    self.ctl(
+                        libc::EPOLL_CTL_ADD,
+                        raw,
+                        libc::EPOLLIN as u32,
+                        token(K_CONN, Some(c)),
+                    )
+                    .is_ok()
+                });
+                if !added {
+                    self.core
+                        .relay
+                        .close(&mut self.core.pool, c, &mut self.core.out);
+                }
+            }
             self.flush();
             self.recycle();
         }

@@ -162,6 +162,15 @@ pub enum Command {
     SetPeerPolicy {
         policy: relay::PeerPolicy,
     },
+    /// A TCP media connection accepted elsewhere (the shared port, `server::single_port`):
+    /// the shard takes it into its connection table as if its own listener had accepted it,
+    /// unbound and under the same unbound-connection budgets. `fd` is a connected stream
+    /// socket (TCP, possibly with kernel TLS on it, or one end of a socket pair to a userspace
+    /// TLS relay); `peer` is the client's address, which the per-source budget counts.
+    AdoptTcp {
+        fd: std::os::fd::OwnedFd,
+        peer: SocketAddr,
+    },
     /// Answer at once: the shard's loop is turning (the watchdog's question).
     Ping {
         reply: oneshot::Sender<()>,
@@ -283,6 +292,11 @@ impl ShardHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Snapshot { legs, reply })?;
         rx.await.map_err(|_| ShardError::Gone(self.index))
+    }
+
+    /// Hands an accepted TCP media connection to this shard (see [`Command::AdoptTcp`]).
+    pub fn adopt_tcp(&self, fd: std::os::fd::OwnedFd, peer: SocketAddr) -> Result<(), ShardError> {
+        self.send(Command::AdoptTcp { fd, peer })
     }
 
     /// Whether the shard's loop answers (takes nothing from it).
@@ -512,6 +526,7 @@ fn run_shard(ctx: ShardContext, sockets: sockets::ShardSockets, ready: Ready) {
         rate: 0.0,
         last_wake_ns: sockets::realtime_ns(),
         next_housekeeping_ns: 0,
+        adopted: Vec::new(),
     };
     let backend = core.ctx.cfg.backend;
     let index = core.ctx.index;
@@ -568,6 +583,8 @@ pub(crate) struct ShardCore {
     pub rate: f64,
     last_wake_ns: u64,
     next_housekeeping_ns: u64,
+    /// Connections taken in by [`Command::AdoptTcp`] this turn: the loop arms their receives.
+    pub adopted: Vec<relay::ConnId>,
 }
 
 impl ShardCore {
@@ -641,10 +658,33 @@ impl ShardCore {
                 Command::SessionLegs { session, reply } => {
                     let _ = reply.send(self.relay.session_legs(session));
                 }
+                Command::AdoptTcp { fd, peer } => self.adopt_tcp(fd, peer),
                 Command::Shutdown => return false,
             }
         }
         true
+    }
+
+    /// Takes in a connection accepted elsewhere: as an accept by the shard's own listener
+    /// (the same budgets; over them it is closed and counted).
+    fn adopt_tcp(&mut self, fd: std::os::fd::OwnedFd, peer: SocketAddr) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+        }
+        let sndbuf = i32::try_from(self.ctx.cfg.tcp_sndbuf).unwrap_or(i32::MAX);
+        sockets::media_conn_options(&fd, sndbuf);
+        let now = sockets::realtime_ns();
+        if let Some(c) = self
+            .relay
+            .on_accept(&mut self.pool, fd, peer, now, &mut self.out)
+        {
+            self.adopted.push(c);
+        }
     }
 
     /// Hands the relay's notifications to the control thread (a non-blocking send).

@@ -421,6 +421,9 @@ impl UringShard {
             if !self.core.turn(Backend::IoUring, now) {
                 break;
             }
+            for c in std::mem::take(&mut self.core.adopted) {
+                self.arm_tcp_recv(c);
+            }
             self.flush();
             self.recycle_buffers();
             let submit_ns = sockets::realtime_ns();

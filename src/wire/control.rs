@@ -228,6 +228,10 @@ pub struct MediaInstructions {
     pub gateway_udp: Option<SocketAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway_tcp: Option<SocketAddr>,
+    /// TCP media to `gateway_tcp` runs inside TLS (ALPN `voxgate-media`), verified like the
+    /// control channel's. Absent: plain RFC 4571.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway_tcp_tls: bool,
     /// RTP payload type and clock rate (0 / 8000: G.711 µ-law).
     pub payload_type: u8,
     pub clock_rate: u32,
@@ -785,6 +789,7 @@ mod tests {
             leg: Some("l1".into()),
             gateway_udp: Some("[2001:db8::1]:7401".parse().unwrap()),
             gateway_tcp: Some("[2001:db8::1]:7401".parse().unwrap()),
+            gateway_tcp_tls: false,
             payload_type: 0,
             clock_rate: 8000,
             paths: None,

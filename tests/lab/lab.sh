@@ -9,6 +9,8 @@
 #   lab.sh fw N CLASS              client N's firewall: open | no-udp-out | no-udp-in | no-udp
 #                                  | portal (UDP only to/from the gateway's address)
 #                                  | port-restricted (UDP out only to the gateway's ports)
+#                                  | proxy-only (nothing forwarded at all: the only way out is
+#                                    the router's own Squid, `lab.sh squid N`)
 #   lab.sh nat N MODE              client N's NAT: none | masquerade | symmetric
 #   lab.sh natloss N               client N's NAT loses its UDP mappings and re-creates them
 #                                  with new (random) ports; TCP connections survive
@@ -16,6 +18,8 @@
 #   lab.sh counters N              client N's router counters
 #   lab.sh reset N                 zero client N's router counters
 #   lab.sh exec HOST CMD...        run CMD on host gw | c1 | c2 | c3 | r1 | r2 | r3 (| gwr)
+#   lab.sh squid N                 start a real Squid on router N (10.N.0.1:3128) that allows
+#                                  CONNECT to port 443 only (and nothing else) for client N
 #
 # Addresses: "Internet" 172.31.0.0/24 on a bridge; gateway 172.31.0.1; router N's WAN
 # 172.31.0.1N; client N 10.N.0.2 on router N's LAN 10.N.0.1/24. IPv6 (routed, no NAT):
@@ -84,6 +88,7 @@ down() {
         ip netns pids "$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
         ip netns del "$n" 2>/dev/null || true
     done
+    rm -rf "/run/${LAB}-squid-"* 2>/dev/null || true
 }
 
 up() {
@@ -155,6 +160,11 @@ rules() {
         # A corporate rule: outbound UDP only to a port range (the gateway's probe and media
         # ports), replies allowed back; other inbound UDP is not restricted.
         port-restricted) drops="iifname \"lan\" udp dport != { $PROBE_PORTS, $MEDIA_PORTS } drop" ;;
+        # A corporate network whose only way out is the proxy on the router: nothing is
+        # forwarded either way (what the client tries is counted, ICMP aside).
+        proxy-only) drops='iifname "lan" meta l4proto != { icmp, ipv6-icmp } counter name lan_forwarded
+        iifname "lan" drop
+        oifname "lan" drop' ;;
         *) echo "unknown firewall class $class" >&2; exit 2 ;;
     esac
     case "$nat" in
@@ -175,6 +185,14 @@ table inet lab {
     counter udp_in_gw {}
     counter udp_in_peer {}
     counter tcp_in_gw {}
+    counter lan_forwarded {}
+    counter tcp_to_proxy {}
+    counter lan_to_router_other {}
+    chain input {
+        type filter hook input priority filter; policy accept;
+        iifname "lan" tcp dport 3128 counter name tcp_to_proxy
+        iifname "lan" meta l4proto { tcp, udp } th dport != 3128 counter name lan_to_router_other
+    }
     chain forward {
         type filter hook forward priority filter; policy accept;
         $drops
@@ -205,6 +223,43 @@ NFT
     fi
 }
 
+# squid N: a real Squid on router N for client N's LAN, CONNECT to port 443 only.
+squid_up() {
+    local n=$1 dir="/run/${LAB}-squid-$1"
+    mkdir -p "$dir"
+    chmod 0777 "$dir"
+    cat > "$dir/squid.conf" <<CONF
+http_port 10.$n.0.1:3128
+acl lan src 10.$n.0.0/24
+acl SSL_ports port 443
+acl CONNECT method CONNECT
+http_access deny !CONNECT
+http_access deny CONNECT !SSL_ports
+http_access allow lan
+http_access deny all
+cache deny all
+cache_mem 8 MB
+pid_filename $dir/squid.pid
+cache_log $dir/cache.log
+access_log stdio:$dir/access.log
+coredump_dir $dir
+shutdown_lifetime 0 seconds
+dns_nameservers 127.0.0.1
+CONF
+    x "r$n" squid -N -f "$dir/squid.conf" > "$dir/out.log" 2>&1 &
+    # Ready once it says it accepts (a connection alone can race its start-up) and answers.
+    for _ in $(seq 100); do
+        if grep -q "Accepting HTTP Socket connections" "$dir/cache.log" 2>/dev/null \
+                && x "r$n" bash -c "exec 3<>/dev/tcp/10.$n.0.1/3128" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "squid on r$n did not start:" >&2
+    cat "$dir/out.log" "$dir/cache.log" >&2 2>/dev/null || true
+    exit 1
+}
+
 state() { cat "/run/${LAB}-r$1.state" 2>/dev/null || echo "open none"; }
 
 case "${1:-}" in
@@ -222,5 +277,6 @@ case "${1:-}" in
     counters) x "r$2" nft list counters table inet lab ;;
     reset) x "r$2" nft reset counters table inet lab >/dev/null ;;
     exec) shift; h=$1; shift; x "$h" "$@" ;;
+    squid) squid_up "$2" ;;
     *) sed -n '2,20p' "$0"; exit 2 ;;
 esac
