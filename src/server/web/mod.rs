@@ -62,6 +62,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/style.css"),
     ("GET", "/login"),
     ("GET", "/login.js"),
+    ("GET", "/phone.js"),
     ("GET", "/control"),
     ("GET", "/api/v1/register"),
     ("POST", "/api/v1/register"),
@@ -79,6 +80,7 @@ const SCRAM_JS: &str = include_str!("../../../web/scram.js");
 const STYLE_CSS: &str = include_str!("../../../web/style.css");
 const LOGIN_HTML: &str = include_str!("../../../web/login.html");
 const LOGIN_JS: &str = include_str!("../../../web/login.js");
+const PHONE_JS: &str = include_str!("../../../web/phone.js");
 
 /// Numbers the page may assign: E.164 or local, both ends the same length and form.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -241,6 +243,10 @@ pub fn router(state: WebState) -> Router {
         .route(
             "/login.js",
             page("text/javascript; charset=utf-8", LOGIN_JS),
+        )
+        .route(
+            "/phone.js",
+            page("text/javascript; charset=utf-8", PHONE_JS),
         )
         .route("/control", get(control::upgrade))
         .route("/api/v1/register", get(register_params).post(register))
