@@ -1179,7 +1179,20 @@ fn the_page_phone_talks_g711_over_a_websocket_leg_both_ways() {
         (n[0].as_u64()? >= 24_000 && n[1].as_u64()? >= 24_000).then_some(())
     });
     let media = b.js("return window.voxgateMedia");
-    // The page's leg is TCP both ways, through the gateway, on a WebSocket address.
+    // A page cannot use UDP at all (the gateway's probe found none: the page is, to the
+    // planner, behind a firewall that blocks all UDP), so its leg is TCP both ways, through
+    // the gateway, on a WebSocket address: the browser phone works wherever TCP does.
+    let caps = b.js("return window.voxgateCapabilities");
+    assert_eq!(caps["send_udp"], false, "{caps}");
+    assert_eq!(caps["recv_udp"], false, "{caps}");
+    assert_eq!(media["caller"], true, "{media}");
+    for dir in ["forward", "backward"] {
+        let p = media["plan"][dir].as_str().unwrap_or_default();
+        assert!(
+            ["tcp_both", "tcp_in_udp_out", "udp_in_tcp_out"].contains(&p),
+            "{dir}: {p}"
+        );
+    }
     assert_eq!(media["send"]["transport"], "tcp", "{media}");
     assert_eq!(media["recv"]["transport"], "tcp", "{media}");
     let ws = media["gateway_ws"].as_str().unwrap_or_default();

@@ -96,6 +96,10 @@ function onMessage(m) {
     case "poll":
       send({ type: "heartbeat", seq: ++seq });
       break;
+    case "probe_result":
+      // A page has no UDP: the probe finds none, and the gateway plans TCP both ways.
+      window.voxgateCapabilities = m.capabilities;
+      break;
     case "calling":
       call = m.call;
       $("hangup").disabled = false;
