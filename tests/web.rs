@@ -1255,6 +1255,78 @@ fn the_page_phone_talks_g711_over_a_websocket_leg_both_ways() {
     update_readme_screenshots(&[shot]);
 }
 
+/// `[web] https = true`: the pages, the API and the WebSocket control bridge over TLS with the
+/// `[tls]` certificate. Chromium trusts exactly this server's key (its SPKI hash), loads the
+/// log-in page over HTTPS and logs in over `wss://`; a plain HTTP request to the port gets no
+/// HTTP answer.
+#[test]
+fn the_web_listener_serves_https_with_the_tls_certificate() {
+    use base64::Engine;
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let spki = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(
+        rcgen::PublicKeyData::subject_public_key_info(&key),
+    ));
+    let Some(b) = Browser::start_with(&[format!("--ignore-certificate-errors-spki-list={spki}")])
+    else {
+        return;
+    };
+    let cfg = dir.path().join("voxgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[web]\nenabled = true\nlisten = \"127.0.0.1:0\"\nhttps = true\n\
+             [tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\n",
+            cert_path.to_str().unwrap(),
+            key_path.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    gw.wait_log(0, "the ready line", |l| l.contains("voxgate is ready"));
+    let log = gw.log_text();
+    let addr = log
+        .lines()
+        .find(|l| l.contains("voxgate is ready"))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("web=")))
+        .expect("the ready line names the web listener")
+        .to_owned();
+    // Plain HTTP on the HTTPS port: no HTTP answer (a TLS alert, or nothing).
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        !got.starts_with(b"HTTP/"),
+        "plain HTTP answered on the HTTPS port"
+    );
+    // The page over HTTPS, the control protocol over wss://, the gateway's certificate.
+    b.go(&format!("https://{addr}/login"));
+    assert_eq!(
+        b.js("return location.protocol + ' ' + document.title"),
+        "https: voxgate: log in"
+    );
+    let mark = gw.log_len();
+    b.type_into("#user", "alice");
+    b.type_into("#password", &common::password("alice"));
+    b.click("#login-button");
+    let status = b.wait("the welcome", || {
+        let t = b.text("#status");
+        (!t.is_empty()).then_some(t)
+    });
+    assert_eq!(status, "Logged in as alice, number +15550001. Online.");
+    gw.wait_online(mark, "alice");
+}
+
 /// The README shows the pages' screenshots from `docs/screenshots/`. A test run keeps its own
 /// under `target/web-screenshots/`; only `VOXGATE_UPDATE_SCREENSHOTS=1` copies them into the
 /// source tree, so an ordinary run leaves the checkout clean.
