@@ -300,6 +300,8 @@ pub struct WebSection {
     pub max_connections: usize,
     /// A connection without a byte either way for this long is closed.
     pub idle_timeout_s: u64,
+    /// Serve HTTPS (TLS 1.3) with the `[tls]` certificate and key instead of plain HTTP.
+    pub https: bool,
 }
 
 impl Default for WebSection {
@@ -313,6 +315,7 @@ impl Default for WebSection {
             admin_token_file: None,
             max_connections: 1024,
             idle_timeout_s: 60,
+            https: false,
         }
     }
 }

@@ -615,6 +615,11 @@ struct Browser {
 
 impl Browser {
     fn start() -> Option<Browser> {
+        Browser::start_with(&[])
+    }
+
+    /// A browser with extra command-line arguments (e.g. the fake audio capture).
+    fn start_with(extra: &[String]) -> Option<Browser> {
         let chromium = need_tool("chromium", "chromium")?;
         let driver_bin = need_tool("chromedriver", "chromium-driver")?;
         let port = free_port();
@@ -642,12 +647,25 @@ impl Browser {
             std::thread::sleep(Duration::from_millis(100));
         }
         let profile = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--window-size=900,1100",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.push(format!("--user-data-dir={}", profile.path().display()));
+        args.extend_from_slice(extra);
         let caps = json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
             "binary": chromium,
-            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--disable-dev-shm-usage", "--window-size=900,1100",
-                     format!("--user-data-dir={}", profile.path().display())],
+            "args": args,
         }}}});
         let (code, body) = http("POST", &addr, "/session", None, Some(&caps));
         assert_eq!(code, 200, "new session: {body}");
@@ -968,7 +986,13 @@ fn a_subscriber_registers_in_a_real_browser_and_logs_in() {
 
 #[test]
 fn a_subscriber_logs_in_through_the_page_and_dials() {
-    let Some(b) = Browser::start() else { return };
+    // A (fake) microphone: the page opens it before it dials.
+    let Some(b) = Browser::start_with(&[
+        "--use-fake-ui-for-media-stream".into(),
+        "--use-fake-device-for-media-stream".into(),
+    ]) else {
+        return;
+    };
     let (gw, addr, _dir) = gateway_with_web("");
     // Another site's page may not open a control connection in its visitor's name.
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
@@ -1039,14 +1063,16 @@ fn a_subscriber_logs_in_through_the_page_and_dials() {
         t.starts_with("Call ended").then_some(t)
     });
     assert_eq!(ended, "Call ended: offline");
-    // bob calls alice's number: the page is told (the gateway routed the call to the page's
-    // session) and, having no audio yet, rejects it; bob hears the rejection.
-    let bob = common::run_phone(&gw, "bob", &["--call", "+15550001"]);
-    let incoming = b.text("#call-status");
-    assert!(
-        incoming.starts_with("Incoming call from +15550002:"),
-        "{incoming}"
-    );
+    // bob calls alice's number: the page rings (the gateway routed the call to the page's
+    // session); alice rejects it and bob hears the rejection.
+    let bob = common::spawn_phone(&gw, "bob", &["--call", "+15550001"]);
+    let incoming = b.wait("the ring", || {
+        let t = b.text("#call-status");
+        t.starts_with("Incoming").then_some(t)
+    });
+    assert_eq!(incoming, "Incoming call from +15550002.");
+    b.click("#hangup");
+    let bob = common::finish(bob);
     assert!(
         format!("{} {}", bob.json, bob.stderr).contains("rejected"),
         "bob's phone: {} {}",
@@ -1055,6 +1081,250 @@ fn a_subscriber_logs_in_through_the_page_and_dials() {
     );
     let phone = b.screenshot("login-done");
     update_readme_screenshots(&[login, phone]);
+}
+
+/// Logs `user` in through the page.
+fn log_in(b: &Browser, addr: &str, user: &str) {
+    b.go(&format!("http://{addr}/login"));
+    b.type_into("#user", user);
+    b.type_into("#password", &common::password(user));
+    b.click("#login-button");
+    b.wait("the welcome", || {
+        b.text("#status").starts_with("Logged in").then_some(())
+    });
+}
+
+/// 16-bit samples from a test hook (a JavaScript array of numbers).
+fn pcm(v: &Value) -> Vec<i16> {
+    v.as_array()
+        .expect("an array of samples")
+        .iter()
+        .map(|x| x.as_i64().unwrap() as i16)
+        .collect()
+}
+
+/// Where `needle` occurs in `hay`, if anywhere.
+fn find(hay: &[i16], needle: &[i16]) -> Option<usize> {
+    (!needle.is_empty() && needle.len() <= hay.len())
+        .then(|| hay.windows(needle.len()).position(|w| w == needle))
+        .flatten()
+}
+
+/// The best normalised cross-correlation of `piece` against the looped `source`, over every
+/// whole-sample lag.
+fn best_correlation(piece: &[i16], source: &[i16]) -> f64 {
+    let p: Vec<f64> = piece.iter().map(|&x| f64::from(x)).collect();
+    let pe: f64 = p.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let n = source.len();
+    (0..n)
+        .map(|lag| {
+            let (mut dot, mut se) = (0.0, 0.0);
+            for (i, x) in p.iter().enumerate() {
+                let s = f64::from(source[(lag + i) % n]);
+                dot += x * s;
+                se += s * s;
+            }
+            dot / (pe * se.sqrt()).max(1.0)
+        })
+        .fold(f64::MIN, f64::max)
+}
+
+/// The browser phone, both ways, through the gateway's WebSocket media leg: Chromium's fake
+/// microphone plays `speech-8k.wav`; the page logs in as alice and calls bob's `voxgate phone
+/// --answer --record --play`. The gateway plans TCP both ways for the page (a browser cannot
+/// send or receive UDP: its probe finds none) and names a `ws://` media address.
+///
+/// - bob hears the page: his recording holds exactly the page's sent samples after one µ-law
+///   round trip (byte-exact across the page's encoder, the WebSocket leg, the relay and the
+///   phone), and those samples are the source audio: Chromium's fake capture runs at 48 kHz
+///   and the page's 8 kHz AudioContext resamples it, so sample values cannot be byte-exact
+///   there; they must correlate with the file at >= 0.9 (best whole-sample lag).
+/// - the page hears bob: the PCM the page decoded (`window.voxgateReceivedPcm`) holds bob's
+///   clip after one µ-law round trip, byte-exact.
+#[test]
+fn the_page_phone_talks_g711_over_a_websocket_leg_both_ways() {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/speech-8k.wav");
+    let Some(b) = Browser::start_with(&[
+        "--use-fake-ui-for-media-stream".into(),
+        "--use-fake-device-for-media-stream".into(),
+        format!("--use-file-for-fake-audio-capture={}", source.display()),
+        "--autoplay-policy=no-user-gesture-required".into(),
+    ]) else {
+        return;
+    };
+    let (gw, addr, dir) = gateway_with_web("");
+    let clip = common::test_clip(dir.path(), "speech-8k.wav", "bob-in.wav", 2.0);
+    let rec = dir.path().join("bob-rec.wav");
+    let mark = gw.log_len();
+    let bob = common::spawn_phone(
+        &gw,
+        "bob",
+        &[
+            "--answer",
+            "--record",
+            rec.to_str().unwrap(),
+            "--play",
+            clip.to_str().unwrap(),
+            "--duration",
+            "15",
+        ],
+    );
+    gw.wait_online(mark, "bob");
+    log_in(&b, &addr, "alice");
+    b.type_into("#number", "+15550002");
+    b.click("#call");
+    // 3 s of audio each way.
+    b.wait("audio both ways", || {
+        let n = b.js("return [window.voxgateSentPcm.length, window.voxgateReceivedPcm.length]");
+        (n[0].as_u64()? >= 24_000 && n[1].as_u64()? >= 24_000).then_some(())
+    });
+    let media = b.js("return window.voxgateMedia");
+    // A page cannot use UDP at all (the gateway's probe found none: the page is, to the
+    // planner, behind a firewall that blocks all UDP), so its leg is TCP both ways, through
+    // the gateway, on a WebSocket address: the browser phone works wherever TCP does.
+    let caps = b.js("return window.voxgateCapabilities");
+    assert_eq!(caps["send_udp"], false, "{caps}");
+    assert_eq!(caps["recv_udp"], false, "{caps}");
+    assert_eq!(media["caller"], true, "{media}");
+    for dir in ["forward", "backward"] {
+        let p = media["plan"][dir].as_str().unwrap_or_default();
+        assert!(
+            ["tcp_both", "tcp_in_udp_out", "udp_in_tcp_out"].contains(&p),
+            "{dir}: {p}"
+        );
+    }
+    assert_eq!(media["send"]["transport"], "tcp", "{media}");
+    assert_eq!(media["recv"]["transport"], "tcp", "{media}");
+    let ws = media["gateway_ws"].as_str().unwrap_or_default();
+    let tcp = media["gateway_tcp"].as_str().unwrap_or_default();
+    let port = tcp.rsplit(':').next().unwrap();
+    assert_eq!(ws, format!("ws://127.0.0.1:{port}/media"), "{media}");
+    assert_eq!(
+        b.text("#media-status"),
+        "Media bound (WebSocket through the gateway)."
+    );
+    let shot = b.screenshot("login-call");
+    b.click("#hangup");
+    let sent = pcm(&b.js("return window.voxgateSentPcm"));
+    let heard = pcm(&b.js("return window.voxgateReceivedPcm"));
+    let bob = common::finish(bob);
+    assert_eq!(bob.code, 0, "bob: {} {}", bob.json, bob.stderr);
+
+    // The page hears bob, byte-exact after one µ-law round trip.
+    let want = common::ulaw_round_trip_padded(&voxgate::client::wav::read(&clip).unwrap());
+    assert!(
+        find(&heard, &want).is_some(),
+        "the page's received PCM ({} samples) does not hold bob's clip ({} samples)",
+        heard.len(),
+        want.len()
+    );
+    // bob hears the page, byte-exact: his recording holds what the page encoded.
+    let recorded = voxgate::client::wav::read(&rec).unwrap();
+    let sent_rt: Vec<i16> = sent
+        .iter()
+        .map(|&s| voxgate::client::g711::ulaw_round_trip(s))
+        .collect();
+    let at = find(&recorded, &sent_rt[..8000])
+        .expect("bob's recording holds the page's first second of sent audio");
+    let n = (recorded.len() - at).min(sent_rt.len());
+    assert!(
+        n >= 16_000,
+        "at least 2 s of the page's audio recorded ({n})"
+    );
+    assert!(
+        recorded[at..at + n] == sent_rt[..n],
+        "bob's recording differs from what the page sent"
+    );
+    // And what the page sent is the file Chromium's fake microphone played.
+    let src = voxgate::client::wav::read(&source).unwrap();
+    let loudest = (0..sent.len().saturating_sub(4000))
+        .step_by(800)
+        .max_by_key(|&i| {
+            sent[i..i + 4000]
+                .iter()
+                .map(|&x| i64::from(x).pow(2))
+                .sum::<i64>()
+        })
+        .unwrap();
+    let r = best_correlation(&sent[loudest..loudest + 4000], &src);
+    eprintln!("correlation of the page's captured audio with the source file: {r:.4}");
+    assert!(
+        r >= 0.9,
+        "the page's audio is not the source file (r = {r:.3})"
+    );
+    update_readme_screenshots(&[shot]);
+}
+
+/// `[web] https = true`: the pages, the API and the WebSocket control bridge over TLS with the
+/// `[tls]` certificate. Chromium trusts exactly this server's key (its SPKI hash), loads the
+/// log-in page over HTTPS and logs in over `wss://`; a plain HTTP request to the port gets no
+/// HTTP answer.
+#[test]
+fn the_web_listener_serves_https_with_the_tls_certificate() {
+    use base64::Engine;
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let spki = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(
+        rcgen::PublicKeyData::subject_public_key_info(&key),
+    ));
+    let Some(b) = Browser::start_with(&[format!("--ignore-certificate-errors-spki-list={spki}")])
+    else {
+        return;
+    };
+    let cfg = dir.path().join("voxgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[web]\nenabled = true\nlisten = \"127.0.0.1:0\"\nhttps = true\n\
+             [tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\n",
+            cert_path.to_str().unwrap(),
+            key_path.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    gw.wait_log(0, "the ready line", |l| l.contains("voxgate is ready"));
+    let log = gw.log_text();
+    let addr = log
+        .lines()
+        .find(|l| l.contains("voxgate is ready"))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("web=")))
+        .expect("the ready line names the web listener")
+        .to_owned();
+    // Plain HTTP on the HTTPS port: no HTTP answer (a TLS alert, or nothing).
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        !got.starts_with(b"HTTP/"),
+        "plain HTTP answered on the HTTPS port"
+    );
+    // The page over HTTPS, the control protocol over wss://, the gateway's certificate.
+    b.go(&format!("https://{addr}/login"));
+    assert_eq!(
+        b.js("return location.protocol + ' ' + document.title"),
+        "https: voxgate: log in"
+    );
+    let mark = gw.log_len();
+    b.type_into("#user", "alice");
+    b.type_into("#password", &common::password("alice"));
+    b.click("#login-button");
+    let status = b.wait("the welcome", || {
+        let t = b.text("#status");
+        (!t.is_empty()).then_some(t)
+    });
+    assert_eq!(status, "Logged in as alice, number +15550001. Online.");
+    gw.wait_online(mark, "alice");
 }
 
 /// The README shows the pages' screenshots from `docs/screenshots/`. A test run keeps its own

@@ -1,6 +1,7 @@
 // The log-in and dial page (the seed's Fig. 3b): SCRAM-SHA-256 log-in computed in the page,
 // the control protocol (docs/PROTOCOL.md) over a WebSocket, heart-beats, and call signalling.
 import { b64, unb64, saltedPassword } from "/scram.js";
+import { Phone, sessionKey } from "/phone.js";
 
 const $ = (id) => document.getElementById(id);
 const enc = new TextEncoder();
@@ -9,6 +10,8 @@ let beat = null;
 let seq = 0;
 let call = null;
 let tag = 0;
+let incoming = null;
+let phone = null;
 
 async function hmac(key, data) {
   const k = await crypto.subtle.importKey("raw", key, { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
@@ -42,6 +45,7 @@ function login(user, password) {
     const cnonce = b64(nonceBytes).replaceAll("+", "-").replaceAll("/", "_");
     let auth = null;
     let serverKey = null;
+    let storedKey = null;
     ws.onopen = () => send({ type: "hello", version: 1, user, nonce: cnonce, software: "voxgate web page" });
     ws.onerror = () => reject(new Error("cannot reach the gateway"));
     ws.onclose = () => {
@@ -58,7 +62,7 @@ function login(user, password) {
           if (!m.nonce.startsWith(cnonce)) throw new Error("the gateway's nonce does not extend ours");
           const salted = await saltedPassword(password, unb64(m.salt), m.iterations);
           const clientKey = await hmac(salted, "Client Key");
-          const storedKey = new Uint8Array(await crypto.subtle.digest("SHA-256", clientKey));
+          storedKey = new Uint8Array(await crypto.subtle.digest("SHA-256", clientKey));
           auth = `n=${saslname(user)},r=${cnonce},r=${m.nonce},s=${m.salt},i=${m.iterations},c=biws,r=${m.nonce}`;
           const clientSig = await hmac(storedKey, auth);
           const proof = clientKey.map((b, i) => b ^ clientSig[i]);
@@ -70,6 +74,10 @@ function login(user, password) {
             ws.close();
             throw new Error("the gateway could not prove it knows your verifier");
           }
+          // The session key (never sent) keys the media leg's binding.
+          phone = new Phone(await sessionKey(storedKey, auth), (t) => {
+            $("media-status").textContent = t;
+          });
           resolve(m);
         } else if (m.type === "refused") {
           reject(Object.assign(new Error(m.message), { code: m.code }));
@@ -88,6 +96,10 @@ function onMessage(m) {
     case "poll":
       send({ type: "heartbeat", seq: ++seq });
       break;
+    case "probe_result":
+      // A page has no UDP: the probe finds none, and the gateway plans TCP both ways.
+      window.voxgateCapabilities = m.capabilities;
+      break;
     case "calling":
       call = m.call;
       $("hangup").disabled = false;
@@ -97,18 +109,34 @@ function onMessage(m) {
       setCall("Ringing…");
       break;
     case "incoming":
-      setCall(`Incoming call from ${m.from_number}: the page cannot answer with audio yet.`);
-      send({ type: "reject", call: m.call });
+      if (call !== null || incoming !== null) {
+        send({ type: "reject", call: m.call });
+        break;
+      }
+      incoming = m.call;
+      $("answer").disabled = false;
+      $("hangup").disabled = false;
+      setCall(`Incoming call from ${m.from_number}.`);
       break;
     case "media":
+      // The test hook shows the plan and addresses the gateway chose for this page.
+      window.voxgateMedia = m;
+      setCall("Connected.");
+      phone.media(m);
+      break;
     case "media_ready":
-      setCall("Answered (no audio in the page yet).");
+      phone.ready(m.call);
       break;
     case "hang_up":
+      if (m.call === incoming) {
+        incoming = null;
+        $("answer").disabled = true;
+      }
       if (m.call === call) {
         call = null;
-        $("hangup").disabled = true;
+        phone.stopMedia();
       }
+      $("hangup").disabled = call === null && incoming === null;
       setCall(`Call ended: ${m.reason}${m.detail ? ` (${m.detail})` : ""}`);
       break;
     case "error":
@@ -141,15 +169,46 @@ $("login").addEventListener("submit", async (ev) => {
   }
 });
 
-$("call").addEventListener("click", () => {
+// Opens the microphone (browsers allow audio only after a click); false when it cannot.
+async function audio() {
+  try {
+    await phone.prepare();
+    return true;
+  } catch (e) {
+    setCall(`No audio: ${e.message}`);
+    return false;
+  }
+}
+
+$("call").addEventListener("click", async () => {
   const number = $("number").value.trim();
   if (!number) return setCall("enter a number");
+  if (!(await audio())) return;
   send({ type: "dial", tag: ++tag, number });
   setCall("Dialling…");
 });
 
+$("answer").addEventListener("click", async () => {
+  if (incoming === null) return;
+  const c = incoming;
+  incoming = null;
+  $("answer").disabled = true;
+  if (!(await audio())) {
+    send({ type: "reject", call: c });
+    return;
+  }
+  call = c;
+  send({ type: "accept", call: c });
+  setCall("Answered.");
+});
+
 $("hangup").addEventListener("click", () => {
-  if (call !== null) send({ type: "hang_up", call });
+  if (incoming !== null) {
+    send({ type: "reject", call: incoming });
+    incoming = null;
+    $("answer").disabled = true;
+    setCall("Rejected.");
+  } else if (call !== null) send({ type: "hang_up", call });
 });
 
 $("logout").addEventListener("click", () => {

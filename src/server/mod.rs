@@ -165,24 +165,37 @@ async fn start_web(
             source,
         })?;
     let addr = listener.local_addr().map_err(ServeError::Runtime)?;
-    if !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "the web listener speaks plain HTTP on a non-loopback address: put a TLS proxy in front");
+    if !addr.ip().is_loopback() && !w.https {
+        tracing::warn!(%addr, "the web listener speaks plain HTTP on a non-loopback address: set web.https or put a TLS proxy in front");
     }
-    web::spawn(
-        listener,
-        w.max_connections,
-        Duration::from_secs(w.idle_timeout_s),
-        web::WebState {
-            store,
-            web_db,
-            registration: w.registration,
-            number_range,
-            iterations: cfg.auth.scram_iterations,
-            token_hashes: Arc::new(tokens),
-            attempts: Default::default(),
-            bridge: Some(bridge),
-        },
-    );
+    let https = match (w.https, &cfg.tls.cert, &cfg.tls.key) {
+        (false, ..) => None,
+        (true, Some(cert), Some(key)) => Some(web::https::for_http(
+            &*tls::server_config(cert, key).map_err(ServeError::Web)?,
+        )),
+        (true, ..) => {
+            return Err(ServeError::Web("web.https needs [tls] cert and key".into()));
+        }
+    };
+    let state = web::WebState {
+        store,
+        web_db,
+        registration: w.registration,
+        number_range,
+        iterations: cfg.auth.scram_iterations,
+        token_hashes: Arc::new(tokens),
+        attempts: Default::default(),
+        bridge: Some(bridge),
+    };
+    let idle = Duration::from_secs(w.idle_timeout_s);
+    match https {
+        Some(config) => {
+            tracing::info!(%addr, "the web listener speaks HTTPS (the [tls] certificate)");
+            web::spawn_https(listener, w.max_connections, idle, state, config)
+                .map_err(ServeError::Runtime)?;
+        }
+        None => web::spawn(listener, w.max_connections, idle, state),
+    }
     Ok(addr)
 }
 

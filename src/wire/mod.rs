@@ -7,3 +7,4 @@ pub mod framing;
 pub mod path;
 pub mod rtp;
 pub mod stun;
+pub mod ws;

@@ -7,9 +7,11 @@
 //! peer (so per-source limits, log-in rate limits and the message rate apply as on TCP). The
 //! core has one code path for both transports.
 //!
-//! Known limit: the connection's `local` address is the loopback pair's, so media instructions
-//! sent to a page name the gateway's loopback address; the page has no media leg yet (the
-//! WebSocket media leg on the shards is a later step).
+//! Media: the connection's `local` address is the loopback pair's, so `gateway_tcp` in media
+//! instructions names the gateway's loopback address. The bridge therefore adds `gateway_ws` to
+//! every `media` message it passes to the page: a `ws://` URL on the host the page itself used
+//! (its `Host` header) and the port of `gateway_tcp`, the shard's TCP media listener, which
+//! speaks WebSocket beside RFC 4571 (`shard::relay::ws`). The page binds its leg there.
 
 use std::net::SocketAddr;
 
@@ -48,6 +50,11 @@ pub async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(host_of)
+        .map(str::to_owned);
     let Some(bridge) = state.bridge.clone() else {
         return field_error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -65,7 +72,7 @@ pub async fn upgrade(
     ws.max_message_size(MAX_MESSAGE)
         .max_frame_size(MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
-            if let Err(e) = run(socket, peer, bridge).await {
+            if let Err(e) = run(socket, peer, bridge, host).await {
                 tracing::debug!(%peer, "web control connection: {e}");
             }
         })
@@ -85,7 +92,54 @@ async fn pair() -> std::io::Result<(TcpStream, TcpStream)> {
     }
 }
 
-async fn run(mut ws: WebSocket, peer: SocketAddr, bridge: Bridge) -> std::io::Result<()> {
+/// The host part of a `Host` header (`name`, `1.2.3.4`, `[v6]`), if it is made only of the
+/// characters a host name or address can have (it goes into a URL the page opens).
+fn host_of(h: &str) -> Option<&str> {
+    let host = if h.starts_with('[') {
+        &h[..=h.find(']')?]
+    } else {
+        h.split(':').next()?
+    };
+    let ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+    ok.then_some(host)
+}
+
+/// A `media` message for the page, with `gateway_ws` added (see the module docs); any other
+/// message unchanged.
+fn for_page(text: String, host: Option<&str>) -> String {
+    if !text.contains("\"media\"") {
+        return text;
+    }
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return text;
+    };
+    if v["type"] != "media" {
+        return text;
+    }
+    let Some(tcp) = v["gateway_tcp"]
+        .as_str()
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+    else {
+        return text;
+    };
+    let ip = match tcp.ip() {
+        std::net::IpAddr::V6(a) => format!("[{a}]"),
+        a => a.to_string(),
+    };
+    let host = host.map_or(ip, str::to_owned);
+    v["gateway_ws"] = format!("ws://{host}:{}/media", tcp.port()).into();
+    v.to_string()
+}
+
+async fn run(
+    mut ws: WebSocket,
+    peer: SocketAddr,
+    bridge: Bridge,
+    host: Option<String>,
+) -> std::io::Result<()> {
     let (theirs, ours) = pair().await?;
     ours.set_nodelay(true)?;
     bridge
@@ -106,7 +160,7 @@ async fn run(mut ws: WebSocket, peer: SocketAddr, bridge: Bridge) -> std::io::Re
             if rd.read_exact(&mut body).await.is_err() {
                 return;
             }
-            let text = String::from_utf8_lossy(&body).into_owned();
+            let text = for_page(String::from_utf8_lossy(&body).into_owned(), host.as_deref());
             if to_ws.send(text).await.is_err() {
                 return;
             }
@@ -153,6 +207,26 @@ async fn run(mut ws: WebSocket, peer: SocketAddr, bridge: Bridge) -> std::io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn media_messages_get_a_websocket_address() {
+        assert_eq!(host_of("127.0.0.1:7481"), Some("127.0.0.1"));
+        assert_eq!(host_of("[::1]:7481"), Some("[::1]"));
+        assert_eq!(host_of("gw.example.org"), Some("gw.example.org"));
+        assert_eq!(host_of("evil\"/x"), None);
+        let m = r#"{"type":"media","call":4,"caller":true,"gateway_tcp":"127.0.0.1:7402","payload_type":0}"#;
+        let v: serde_json::Value =
+            serde_json::from_str(&for_page(m.into(), Some("gw.example.org"))).unwrap();
+        assert_eq!(v["gateway_ws"], "ws://gw.example.org:7402/media");
+        assert_eq!(v["call"], 4);
+        let v: serde_json::Value = serde_json::from_str(&for_page(m.into(), None)).unwrap();
+        assert_eq!(v["gateway_ws"], "ws://127.0.0.1:7402/media");
+        // Without a TCP media address (no leg through the gateway), and other messages: as is.
+        let direct = r#"{"type":"media","call":4}"#;
+        assert_eq!(for_page(direct.into(), Some("h")), direct);
+        let other = r#"{"type":"incoming","from_user":"media"}"#;
+        assert_eq!(for_page(other.into(), Some("h")), other);
+    }
 
     #[test]
     fn origins() {

@@ -9,9 +9,8 @@
 //! applies the same validation (and returns the same error texts) as `voxgate user add`, as
 //! JSON `{field, message}`.
 //!
-//! Plain HTTP only for now: keep `[web] listen` on loopback or behind a TLS-terminating proxy.
-//! HTTPS hook: [`spawn`] takes a bound `TcpListener`; a TLS acceptor (rustls) wraps that
-//! listener's connections and serves the same [`router`].
+//! Plain HTTP ([`spawn`]) belongs on loopback or behind a TLS-terminating proxy; with
+//! `[web] https = true` the same [`router`] is served over TLS ([`spawn_https`], `https`).
 
 // Handlers return axum `Response`s as their error values (the answer to send): idiomatic, and
 // never on a hot path.
@@ -20,6 +19,7 @@
 pub mod api;
 pub mod control;
 pub mod db;
+pub mod https;
 pub mod limit;
 pub mod listener;
 
@@ -62,6 +62,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/style.css"),
     ("GET", "/login"),
     ("GET", "/login.js"),
+    ("GET", "/phone.js"),
     ("GET", "/control"),
     ("GET", "/api/v1/register"),
     ("POST", "/api/v1/register"),
@@ -79,6 +80,7 @@ const SCRAM_JS: &str = include_str!("../../../web/scram.js");
 const STYLE_CSS: &str = include_str!("../../../web/style.css");
 const LOGIN_HTML: &str = include_str!("../../../web/login.html");
 const LOGIN_JS: &str = include_str!("../../../web/login.js");
+const PHONE_JS: &str = include_str!("../../../web/phone.js");
 
 /// Numbers the page may assign: E.164 or local, both ends the same length and form.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -242,6 +244,10 @@ pub fn router(state: WebState) -> Router {
             "/login.js",
             page("text/javascript; charset=utf-8", LOGIN_JS),
         )
+        .route(
+            "/phone.js",
+            page("text/javascript; charset=utf-8", PHONE_JS),
+        )
         .route("/control", get(control::upgrade))
         .route("/api/v1/register", get(register_params).post(register))
         .route(
@@ -276,6 +282,28 @@ pub fn spawn(
             tracing::error!("web listener stopped: {e}");
         }
     });
+}
+
+/// [`spawn`] over TLS (`config`: see [`https::for_http`]).
+pub fn spawn_https(
+    listener: tokio::net::TcpListener,
+    max_connections: usize,
+    idle: std::time::Duration,
+    state: WebState,
+    config: Arc<rustls::ServerConfig>,
+) -> std::io::Result<()> {
+    let app = router(state);
+    let listener = https::TlsListener::new(
+        listener::Limited::new(listener, max_connections, idle),
+        config,
+    )?;
+    tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<listener::Peer>();
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("web listener stopped: {e}");
+        }
+    });
+    Ok(())
 }
 
 /// A JSON response.

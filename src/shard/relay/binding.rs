@@ -357,8 +357,11 @@ impl Relay {
             let cap = self.cfg.tcp_queue_frames;
             if let Some(conn) = self.conn_mut(c) {
                 conn.leg = Some(leg);
-                // Only bound connections carry media: their queue is allocated now.
-                conn.queue = FrameQueue::new(cap);
+                // Only bound connections carry media: their queue is allocated now (a
+                // WebSocket connection's was, at its upgrade: it may hold the 101 answer).
+                if conn.queue.slots.len() < cap {
+                    conn.queue = FrameQueue::new(cap);
+                }
             }
             let l = self.leg(leg);
             out.events.push(ShardEvent::LegBound {

@@ -26,6 +26,7 @@ use rustc_hash::FxHashMap;
 
 mod binding;
 mod tcp;
+mod ws;
 
 use binding::Latch;
 pub use binding::is_private;
@@ -747,7 +748,7 @@ mod tests {
     }
 
     fn frame_bytes(pool: &Pool, f: &QFrame) -> Vec<u8> {
-        let mut v = f.hdr.to_vec();
+        let mut v = f.hdr[..usize::from(f.hdr_len)].to_vec();
         for s in &f.segs[..usize::from(f.nsegs)] {
             v.extend_from_slice(pool.seg(*s));
         }

@@ -19,7 +19,10 @@ pub struct ConnId {
 
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct QFrame {
-    pub(super) hdr: [u8; 2],
+    /// The frame's header: an RFC 4571 length (2 bytes) or a WebSocket frame header (2 or 4),
+    /// `hdr_len` bytes of it used (0: raw bytes, the WebSocket handshake's answer).
+    pub(super) hdr: [u8; 4],
+    pub(super) hdr_len: u8,
     pub(super) segs: [Seg; 2],
     pub(super) nsegs: u8,
     /// When the frame's payload was received (its age decides the stale drop).
@@ -31,10 +34,11 @@ pub(super) struct QFrame {
 
 impl QFrame {
     pub(super) fn len(&self) -> usize {
-        2 + self.segs[..usize::from(self.nsegs)]
-            .iter()
-            .map(|s| usize::from(s.len))
-            .sum::<usize>()
+        usize::from(self.hdr_len)
+            + self.segs[..usize::from(self.nsegs)]
+                .iter()
+                .map(|s| usize::from(s.len))
+                .sum::<usize>()
     }
 }
 
@@ -134,6 +138,8 @@ pub struct Conn {
     /// a group's queue budget: stalled readers cannot take it all).
     pub(super) from_group: [u32; 3],
     pub(super) deframer: framing::Deframer,
+    /// RFC 4571 or WebSocket, decided by the first bytes (`ws`).
+    pub(super) framing: super::ws::Framing,
     pub(super) partial: Partial,
     pub(super) queue: FrameQueue,
     /// Driver state: a multishot receive is armed / a send is in flight / shutting down.
@@ -220,7 +226,7 @@ impl Relay {
             self.counters.drop(DropReason::OversizeForTcp);
             return false;
         }
-        let Ok(hdr) = framing::header(len) else {
+        let Some((hdr, hdr_len)) = self.frame_header(c, len) else {
             return false;
         };
         let group = pool.group(segs[0].buf);
@@ -262,6 +268,7 @@ impl Relay {
         };
         let mut f = QFrame {
             hdr,
+            hdr_len,
             segs: [Seg::default(); 2],
             nsegs: segs.len() as u8,
             rx_ns,
@@ -406,6 +413,7 @@ impl Relay {
             read_frames: 0,
             from_group: [0; 3],
             deframer: framing::Deframer::new(self.cfg.max_frame),
+            framing: super::ws::Framing::Undecided,
             partial: Partial::None,
             queue: FrameQueue::new(0),
             recv_armed: false,
@@ -492,16 +500,16 @@ impl Relay {
             if conn.closing {
                 return;
             }
-            let chunk = pool.seg(seg);
-            let piece = match conn.deframer.next_piece(chunk, &mut pos) {
+            let piece = match self.next_piece(pool, c, seg, &mut pos, out) {
                 Ok(Some(p)) => p,
                 Ok(None) => return,
-                Err(_) => {
+                Err(()) => {
                     self.counters.drop(DropReason::BadFrame);
                     self.close(pool, c, out);
                     return;
                 }
             };
+            let Some(conn) = self.conn_mut(c) else { return };
             let pseg = Seg::new(
                 seg.buf,
                 usize::from(seg.off) + piece.range.start,
@@ -648,9 +656,22 @@ impl Relay {
         seg: Seg,
         out: &mut Outbox,
     ) {
-        let Ok(hdr) = framing::header(usize::from(seg.len)) else {
+        let Some((hdr, hdr_len)) = self.frame_header(c, usize::from(seg.len)) else {
             return;
         };
+        self.push_raw_frame(pool, c, seg, hdr, hdr_len, out);
+    }
+
+    /// Queue a frame that is not media with the header given (`hdr_len` 0: raw bytes).
+    pub(super) fn push_raw_frame(
+        &mut self,
+        pool: &mut Pool,
+        c: ConnId,
+        seg: Seg,
+        hdr: [u8; 4],
+        hdr_len: u8,
+        out: &mut Outbox,
+    ) {
         let Some(conn) = self.conn_mut(c) else { return };
         if conn.queue.is_full() {
             self.counters.drop(DropReason::TcpBackpressure);
@@ -661,6 +682,7 @@ impl Relay {
         }
         conn.queue.push(QFrame {
             hdr,
+            hdr_len,
             segs: [seg, Seg::default()],
             nsegs: 1,
             rx_ns: 0,
@@ -688,7 +710,7 @@ impl Relay {
         let mut frames = 0usize;
         'frames: for i in 0..conn.queue.len {
             let f = conn.queue.get(i);
-            let parts = std::iter::once((f.hdr.as_ptr().cast_mut(), 2usize)).chain(
+            let parts = std::iter::once((f.hdr.as_ptr().cast_mut(), usize::from(f.hdr_len))).chain(
                 f.segs[..usize::from(f.nsegs)].iter().map(|s| {
                     (
                         pool.addr(s.buf).wrapping_add(usize::from(s.off)),
@@ -762,6 +784,7 @@ impl Relay {
             Partial::Copy { buf, .. } => pool.release(buf),
             Partial::Skip => {}
         }
+        super::ws::release(pool, &mut conn.framing);
         if let Some(l) = leg
             && let Some(leg) = self.legs[l as usize].as_mut()
             && leg.tcp == Some(c)
