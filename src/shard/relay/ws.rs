@@ -176,7 +176,7 @@ impl Relay {
         }
         // The spare holds one reference, ours: nothing else reads it.
         let n = pool
-            .buf_mut(buf)
+            .buf_mut_id(buf)
             .and_then(|b| ws::write_response(accept, b));
         if let Some(n) = n {
             self.push_raw_frame(pool, c, Seg::new(buf, 0, n), [0; 4], 0, out);
@@ -195,13 +195,13 @@ impl Relay {
             _ => &[],
         };
         let n = payload.len();
-        if let Some(b) = pool.buf_mut(buf) {
+        if let Some(b) = pool.buf_mut(&buf) {
             b[..n].copy_from_slice(payload);
             if let Ok((hdr, hl)) = ws::server_header(ws::OP_PONG, n) {
-                self.push_raw_frame(pool, c, Seg::new(buf, 0, n), hdr, hl, out);
+                self.push_raw_frame(pool, c, Seg::new(buf.id(), 0, n), hdr, hl, out);
             }
         }
-        pool.release(buf);
+        pool.release_received(buf);
     }
 }
 
@@ -231,7 +231,7 @@ mod tests {
 
     fn recv(pool: &mut Pool, id: BufId, data: &[u8]) -> Seg {
         std::mem::forget(pool.received(id));
-        pool.buf_mut(id).unwrap()[..data.len()].copy_from_slice(data);
+        pool.buf_mut_id(id).unwrap()[..data.len()].copy_from_slice(data);
         Seg::new(id, 0, data.len())
     }
 
