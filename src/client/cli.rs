@@ -1057,14 +1057,13 @@ async fn phone_session(
                 .call_key
                 .then(|| crate::control::fleet_call_key(phone.session_key(), instr.call));
             let key = call_key.as_ref().unwrap_or(phone.session_key());
-            let mut media = match MediaCall::start(&instr, key, socket.clone(), media_opts).await
-                {
-                    Ok(m) => m,
-                    Err(e) => {
-                        let _ = phone.hang_up(call).await;
-                        break 'call Err((1, format!("media failed: {e}")));
-                    }
-                };
+            let mut media = match MediaCall::start(&instr, key, socket.clone(), media_opts).await {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = phone.hang_up(call).await;
+                    break 'call Err((1, format!("media failed: {e}")));
+                }
+            };
             tracing::info!(call, gateway = %link.server, "media is up");
             progress.media_ran = true;
             if rejoin.take().is_some()

@@ -1512,7 +1512,12 @@ impl Gateway {
             .conns
             .iter()
             .filter_map(|(id, c)| match &c.phase {
-                Phase::LoggedIn(s) if s.calls.is_empty() && s.lookups == 0 => Some(*id),
+                // A remote callee's virtual connection (the fleet) is not a phone of ours.
+                Phase::LoggedIn(s)
+                    if s.calls.is_empty() && s.lookups == 0 && !self.is_virtual(*id) =>
+                {
+                    Some(*id)
+                }
                 _ => None,
             })
             .collect();

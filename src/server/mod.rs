@@ -13,8 +13,8 @@
 
 pub mod admin;
 mod conn_limits;
-pub mod fleet;
 pub mod demux;
+pub mod fleet;
 pub mod ktls;
 pub mod lookup;
 mod notify;
