@@ -99,10 +99,8 @@ impl Relay {
                         ws::parse_upgrade(&pool.buf(buf)[..got])
                     };
                     match parsed {
-                        Err(_) => {
-                            self.counters.drop(DropReason::BadFrame);
-                            return Err(());
-                        }
+                        // Counted (BadFrame) and closed by the caller.
+                        Err(_) => return Err(()),
                         Ok(None) => {
                             *pos += copied;
                             if let Some(conn) = self.conn_mut(c) {
