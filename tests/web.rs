@@ -1083,6 +1083,56 @@ fn a_subscriber_logs_in_through_the_page_and_dials() {
     update_readme_screenshots(&[login, phone]);
 }
 
+/// Contacts' presence in the page: alice adds bob and carol (kept in the browser); the page
+/// asks the gateway at every heart-beat (2 s here) and shows bob online while his phone is
+/// logged in, offline once it is gone; carol, never logged in, stays offline.
+#[test]
+fn the_page_shows_which_contacts_are_online() {
+    let Some(b) = Browser::start() else { return };
+    let (gw, addr, _dir) = gateway_with_web("[presence]\nheartbeat_ms = 2000\n");
+    log_in(&b, &addr, "alice");
+    let state = |n: &str| {
+        b.js(&format!(
+            "const li = document.querySelector('#contacts li[data-number=\"{n}\"]'); \
+             return li ? li.querySelector('.presence').textContent : 'missing'"
+        ))
+        .as_str()
+        .unwrap()
+        .to_owned()
+    };
+    for n in ["+15550002", "+15550003"] {
+        b.type_into("#contact", n);
+        b.click("#add-contact");
+    }
+    b.type_into("#contact", "not a number");
+    b.click("#add-contact");
+    assert_eq!(
+        b.text("#contact-error"),
+        "a number is digits, optionally after a +"
+    );
+    b.wait("both listed, offline", || {
+        (state("+15550002") == "offline" && state("+15550003") == "offline").then_some(())
+    });
+    let mark = gw.log_len();
+    let bob = common::spawn_phone(&gw, "bob", &["--answer", "--duration", "30"]);
+    gw.wait_online(mark, "bob");
+    b.wait("bob online", || {
+        (state("+15550002") == "online").then_some(())
+    });
+    assert_eq!(state("+15550003"), "offline");
+    let shot = b.screenshot("login-contacts");
+    drop(bob);
+    b.wait("bob offline again", || {
+        (state("+15550002") == "offline").then_some(())
+    });
+    // The list is kept in the browser: after a reload and a new log-in it is still there.
+    log_in(&b, &addr, "alice");
+    b.wait("the kept list", || {
+        (state("+15550002") == "offline" && state("+15550003") == "offline").then_some(())
+    });
+    update_readme_screenshots(&[shot]);
+}
+
 /// Logs `user` in through the page.
 fn log_in(b: &Browser, addr: &str, user: &str) {
     b.go(&format!("http://{addr}/login"));

@@ -720,6 +720,7 @@ fn msg_name(m: &ServerMsg) -> &'static str {
         ServerMsg::MediaReady { .. } => "media_ready",
         ServerMsg::HangUp { .. } => "hang_up",
         ServerMsg::Error { .. } => "error",
+        ServerMsg::Presence { .. } => "presence",
     }
 }
 
@@ -910,7 +911,8 @@ impl Session {
 
     async fn on_message(&mut self, m: ServerMsg) -> Option<End> {
         match m {
-            ServerMsg::HeartbeatAck { .. } => {}
+            // The softphone never asks for presence (the web page does).
+            ServerMsg::HeartbeatAck { .. } | ServerMsg::Presence { .. } => {}
             ServerMsg::Poll { .. } => {
                 // Answered with the phone's own next heart-beat number (the poll's number is
                 // the gateway's; a heart-beat of any number proves the phone is there).
