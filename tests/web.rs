@@ -1305,6 +1305,75 @@ fn the_page_phone_talks_g711_over_a_websocket_leg_both_ways() {
     update_readme_screenshots(&[shot]);
 }
 
+/// The page answers: bob's `voxgate phone --call` rings the page, alice clicks Answer, and
+/// what bob plays arrives in the page byte-exact after one µ-law round trip; bob records the
+/// page's (fake) microphone.
+#[test]
+fn the_page_answers_a_call_with_audio() {
+    let Some(b) = Browser::start_with(&[
+        "--use-fake-ui-for-media-stream".into(),
+        "--use-fake-device-for-media-stream".into(),
+        "--autoplay-policy=no-user-gesture-required".into(),
+    ]) else {
+        return;
+    };
+    let (gw, addr, dir) = gateway_with_web("");
+    log_in(&b, &addr, "alice");
+    let clip = common::test_clip(dir.path(), "speech-8k.wav", "bob-in.wav", 1.5);
+    let rec = dir.path().join("bob-rec.wav");
+    let bob = common::spawn_phone(
+        &gw,
+        "bob",
+        &[
+            "--call",
+            "+15550001",
+            "--play",
+            clip.to_str().unwrap(),
+            "--record",
+            rec.to_str().unwrap(),
+        ],
+    );
+    b.wait("the ring", || {
+        b.text("#call-status")
+            .starts_with("Incoming call from +15550002")
+            .then_some(())
+    });
+    b.click("#answer");
+    // bob hangs up when his clip is played; the page shows the end.
+    b.wait("the call's end", || {
+        b.text("#call-status")
+            .starts_with("Call ended")
+            .then_some(())
+    });
+    let bob = common::finish(bob);
+    assert_eq!(bob.code, 0, "bob: {} {}", bob.json, bob.stderr);
+    let media = b.js("return window.voxgateMedia");
+    assert_eq!(media["caller"], false, "{media}");
+    let heard = pcm(&b.js("return window.voxgateReceivedPcm"));
+    let want = common::ulaw_round_trip_padded(&voxgate::client::wav::read(&clip).unwrap());
+    assert!(
+        find(&heard, &want).is_some(),
+        "the page's received PCM ({} samples) does not hold bob's clip ({} samples)",
+        heard.len(),
+        want.len()
+    );
+    let sent = pcm(&b.js("return window.voxgateSentPcm"));
+    let recorded = voxgate::client::wav::read(&rec).unwrap();
+    let sent_rt: Vec<i16> = sent
+        .iter()
+        .map(|&s| voxgate::client::g711::ulaw_round_trip(s))
+        .collect();
+    assert!(
+        sent_rt.len() >= 4000,
+        "the page sent {} samples",
+        sent.len()
+    );
+    assert!(
+        find(&recorded, &sent_rt[..4000]).is_some(),
+        "bob's recording holds the page's first half second"
+    );
+}
+
 /// `[web] https = true`: the pages, the API and the WebSocket control bridge over TLS with the
 /// `[tls]` certificate. Chromium trusts exactly this server's key (its SPKI hash), loads the
 /// log-in page over HTTPS and logs in over `wss://`; a plain HTTP request to the port gets no
