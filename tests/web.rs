@@ -1406,6 +1406,17 @@ fn the_page_behind_a_firewall_that_blocks_all_udp_still_calls() {
     gw.wait_online(mark, "bob");
     // From here this thread, and chromedriver and Chromium, which it starts, live behind
     // router 1's no-udp firewall.
+    /// Puts this thread back into its own network namespace when dropped (before the lab is
+    /// torn down: `lab.sh down` kills every process in the lab's namespaces, and one started
+    /// from inside would be among them).
+    struct Home(std::fs::File);
+    impl Drop for Home {
+        fn drop(&mut self) {
+            // SAFETY: setns on this thread with a namespace file we hold open.
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&self.0), libc::CLONE_NEWNET) };
+        }
+    }
+    let _home = Home(std::fs::File::open("/proc/thread-self/ns/net").unwrap());
     let ns = std::fs::File::open(format!("/var/run/netns/{prefix}c1")).unwrap();
     // SAFETY: setns on this thread with a namespace file we hold open.
     let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
