@@ -1281,6 +1281,9 @@ fn the_page_phone_talks_g711_over_a_websocket_leg_both_ways() {
         n >= 16_000,
         "at least 2 s of the page's audio recorded ({n})"
     );
+    // The first 2 s, sample for sample (on a loaded machine the gateway may drop later packets
+    // as stale: late voice is useless).
+    let n = 16_000;
     assert!(
         recorded[at..at + n] == sent_rt[..n],
         "bob's recording differs from what the page sent"
