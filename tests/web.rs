@@ -1259,6 +1259,7 @@ fn the_page_phone_talks_g711_over_a_websocket_leg_both_ways() {
     let heard = pcm(&b.js("return window.voxgateReceivedPcm"));
     let bob = common::finish(bob);
     assert_eq!(bob.code, 0, "bob: {} {}", bob.json, bob.stderr);
+    eprintln!("bob (the phone) after the call with the page: {}", bob.json);
 
     // The page hears bob, byte-exact after one µ-law round trip.
     let want = common::ulaw_round_trip_padded(&voxgate::client::wav::read(&clip).unwrap());
