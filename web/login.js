@@ -12,6 +12,54 @@ let call = null;
 let tag = 0;
 let incoming = null;
 let phone = null;
+let me = null;
+let online = new Set();
+
+// Contacts: numbers kept in this browser (localStorage, per user); who of them is online comes
+// from the gateway (`presence_query`, asked at every heart-beat), i.e. from their heart-beats.
+const MAX_CONTACTS = 32;
+const contactsKey = () => `voxgate-contacts-${me}`;
+function contacts() {
+  try {
+    const v = JSON.parse(localStorage.getItem(contactsKey()) || "[]");
+    return Array.isArray(v) ? v.filter((n) => typeof n === "string").slice(0, MAX_CONTACTS) : [];
+  } catch {
+    return [];
+  }
+}
+
+function showContacts() {
+  const ul = $("contacts");
+  ul.replaceChildren();
+  for (const n of contacts()) {
+    const li = document.createElement("li");
+    li.dataset.number = n;
+    const state = online.has(n) ? "online" : "offline";
+    li.className = state;
+    const name = document.createElement("button");
+    name.textContent = n;
+    name.title = "put this number in the number field";
+    name.addEventListener("click", () => {
+      $("number").value = n;
+    });
+    const s = document.createElement("span");
+    s.className = "presence";
+    s.textContent = state;
+    const del = document.createElement("button");
+    del.textContent = "remove";
+    del.addEventListener("click", () => {
+      localStorage.setItem(contactsKey(), JSON.stringify(contacts().filter((x) => x !== n)));
+      showContacts();
+    });
+    li.append(name, " ", s, " ", del);
+    ul.append(li);
+  }
+}
+
+function askPresence() {
+  const numbers = contacts();
+  if (numbers.length > 0 && ws && ws.readyState === WebSocket.OPEN) send({ type: "presence_query", numbers });
+}
 
 async function hmac(key, data) {
   const k = await crypto.subtle.importKey("raw", key, { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
@@ -96,6 +144,10 @@ function onMessage(m) {
     case "poll":
       send({ type: "heartbeat", seq: ++seq });
       break;
+    case "presence":
+      online = new Set(m.online);
+      showContacts();
+      break;
     case "probe_result":
       // A page has no UDP: the probe finds none, and the gateway plans TCP both ways.
       window.voxgateCapabilities = m.capabilities;
@@ -160,7 +212,13 @@ $("login").addEventListener("submit", async (ev) => {
     $("login").hidden = true;
     $("phone").hidden = false;
     $("status").textContent = `Logged in as ${w.user}, number ${w.number}. Online.`;
-    beat = setInterval(() => send({ type: "heartbeat", seq: ++seq }), w.heartbeat_ms);
+    me = w.user;
+    showContacts();
+    askPresence();
+    beat = setInterval(() => {
+      send({ type: "heartbeat", seq: ++seq });
+      askPresence();
+    }, w.heartbeat_ms);
   } catch (e) {
     if (e.code === "auth_failed") show("password", e.message);
     else show("form", e.message);
@@ -209,6 +267,25 @@ $("hangup").addEventListener("click", () => {
     $("answer").disabled = true;
     setCall("Rejected.");
   } else if (call !== null) send({ type: "hang_up", call });
+});
+
+$("add-contact").addEventListener("click", () => {
+  const n = $("contact").value.trim();
+  $("contact-error").textContent = "";
+  if (!/^\+?[0-9]{1,20}$/.test(n)) {
+    $("contact-error").textContent = "a number is digits, optionally after a +";
+    return;
+  }
+  const list = contacts();
+  if (list.includes(n)) return;
+  if (list.length >= MAX_CONTACTS) {
+    $("contact-error").textContent = `at most ${MAX_CONTACTS} contacts`;
+    return;
+  }
+  localStorage.setItem(contactsKey(), JSON.stringify([...list, n]));
+  $("contact").value = "";
+  showContacts();
+  askPresence();
 });
 
 $("logout").addEventListener("click", () => {

@@ -731,6 +731,7 @@ fn msg_name(m: &ServerMsg) -> &'static str {
         ServerMsg::HangUp { .. } => "hang_up",
         ServerMsg::Error { .. } => "error",
         ServerMsg::GoingAway { .. } => "going_away",
+        ServerMsg::Presence { .. } => "presence",
     }
 }
 
@@ -933,7 +934,8 @@ impl Session {
 
     async fn on_message(&mut self, m: ServerMsg) -> Option<End> {
         match m {
-            ServerMsg::HeartbeatAck { .. } => {}
+            // The softphone never asks for presence (the web page does).
+            ServerMsg::HeartbeatAck { .. } | ServerMsg::Presence { .. } => {}
             ServerMsg::Poll { .. } => {
                 // Answered with the phone's own next heart-beat number (the poll's number is
                 // the gateway's; a heart-beat of any number proves the phone is there).

@@ -665,6 +665,8 @@ pub struct Gateway {
     pub(crate) conns: HashMap<ConnId, Conn>,
     /// Logged-in users and their connection.
     pub(crate) users: HashMap<String, ConnId>,
+    /// Logged-in users' numbers and their connection (`presence_query`).
+    pub(crate) online_numbers: HashMap<String, ConnId>,
     /// Tokens of running probes.
     pub(crate) tokens: HashMap<String, ConnId>,
     /// Answers to anonymous STUN Bindings on the probe ports, limited per source prefix.
@@ -726,6 +728,7 @@ impl Gateway {
             rng,
             conns: HashMap::new(),
             users: HashMap::new(),
+            online_numbers: HashMap::new(),
             tokens: HashMap::new(),
             probe_limiter: super::probe::ProbeLimiter::default(),
             calls: HashMap::new(),
@@ -1109,6 +1112,9 @@ impl Gateway {
             if self.users.get(&s.user) == Some(&conn) {
                 self.users.remove(&s.user);
             }
+            if self.online_numbers.get(&s.number) == Some(&conn) {
+                self.online_numbers.remove(&s.number);
+            }
             tracing::info!(conn, user = %s.user, "logged out");
         }
     }
@@ -1182,7 +1188,25 @@ impl Gateway {
             ClientMsg::HangUp { call } => self.on_hang_up(now, conn, call),
             ClientMsg::MediaTrouble { call } => self.on_media_trouble(now, conn, call),
             ClientMsg::Bye => self.drop_conn(now, conn, super::calls::Lost::Normal),
+            ClientMsg::PresenceQuery { numbers } => self.on_presence_query(conn, &numbers),
         }
+    }
+
+    /// `presence_query`: which of these numbers are logged in here now (heart-beats keep a
+    /// session; a silent one is dropped, see `presence`). At most
+    /// [`crate::wire::control::MAX_PRESENCE_NUMBERS`] numbers, checked before any look-up.
+    fn on_presence_query(&mut self, conn: ConnId, numbers: &[String]) {
+        let max = crate::wire::control::MAX_PRESENCE_NUMBERS;
+        if numbers.len() > max {
+            let msg = format!("a presence_query asks about at most {max} numbers");
+            return self.error(conn, ErrorCode::BadMessage, &msg);
+        }
+        let online = numbers
+            .iter()
+            .filter(|n| self.online_numbers.contains_key(n.as_str()))
+            .cloned()
+            .collect();
+        self.send(conn, ServerMsg::Presence { online });
     }
 
     // ------------------------------------------------------------------ log-in
@@ -1439,6 +1463,7 @@ impl Gateway {
         }));
         self.users.insert(user.clone(), conn);
         self.fleet_online(&user);
+        self.online_numbers.insert(number.clone(), conn);
         let user_for_recheck = user.clone();
         self.limiter.succeeded(now, peer.ip(), &user);
         self.counters.logins += 1;
@@ -1591,6 +1616,7 @@ fn client_msg_name(m: &ClientMsg) -> &'static str {
         ClientMsg::HangUp { .. } => "hang_up",
         ClientMsg::MediaTrouble { .. } => "media_trouble",
         ClientMsg::Bye => "bye",
+        ClientMsg::PresenceQuery { .. } => "presence_query",
     }
 }
 

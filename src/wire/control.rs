@@ -96,7 +96,15 @@ pub enum ClientMsg {
     },
     /// Log out.
     Bye,
+    /// Which of these numbers (the user's contacts, at most [`MAX_PRESENCE_NUMBERS`]) are
+    /// online now? Answered with `presence`.
+    PresenceQuery {
+        numbers: Vec<String>,
+    },
 }
+
+/// Most numbers one `presence_query` may ask about.
+pub const MAX_PRESENCE_NUMBERS: usize = 32;
 
 /// Messages the gateway sends.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -204,6 +212,11 @@ pub enum ServerMsg {
         message: String,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         gateways: Vec<String>,
+    },
+    /// The answer to `presence_query`: the numbers asked about that are online now (logged in
+    /// and heart-beating), in the order asked.
+    Presence {
+        online: Vec<String>,
     },
 }
 
@@ -453,6 +466,7 @@ impl MessageTypes for ClientMsg {
         "hang_up",
         "media_trouble",
         "bye",
+        "presence_query",
     ];
 }
 
@@ -474,6 +488,7 @@ impl MessageTypes for ServerMsg {
         "hang_up",
         "error",
         "going_away",
+        "presence",
     ];
 }
 
@@ -656,7 +671,7 @@ mod tests {
             e.to_string(),
             "unknown message type \"teleport\"; expected one of: hello, proof, heartbeat, \
              probe_local, probe_report, reprobe, dial, conference, accept, reject, hang_up, \
-             media_trouble, bye"
+             media_trouble, bye, presence_query"
         );
     }
 
@@ -694,7 +709,10 @@ mod tests {
         let long = format!(r#"{{"type":"{}"}}"#, "ab ".repeat(150));
         let t = text(long.as_bytes());
         assert!(t.contains("ab ab…\"; expected one of: hello"), "{t}");
-        assert!(t.ends_with(", media_trouble, bye") && t.len() < 250, "{t}");
+        assert!(
+            t.ends_with(", media_trouble, bye, presence_query") && t.len() < 270,
+            "{t}"
+        );
         let e = decode::<ServerMsg>(br#"{"type":"hang_up","call":1}"#)
             .unwrap_err()
             .to_string();
@@ -735,8 +753,8 @@ mod tests {
         }
         // The lists have one name per variant (the client's session names every server
         // message in an exhaustive match: `session::msg_name`).
-        assert_eq!(ClientMsg::TYPES.len(), 13);
-        assert_eq!(ServerMsg::TYPES.len(), 16);
+        assert_eq!(ClientMsg::TYPES.len(), 14);
+        assert_eq!(ServerMsg::TYPES.len(), 17);
     }
 
     #[test]

@@ -350,6 +350,51 @@ fn bye_logs_out_and_peers_hear_normal() {
 }
 
 #[test]
+fn presence_query_tells_who_is_online_by_heart_beats() {
+    let mut w = World::new();
+    let a = w.login("alice", sim::OPEN);
+    let b = w.login("bob", sim::OPEN);
+    let ask = |w: &mut World, numbers: &[&str]| {
+        w.send(
+            a.conn,
+            ClientMsg::PresenceQuery {
+                numbers: numbers.iter().map(|n| n.to_string()).collect(),
+            },
+        );
+        w.take(a.conn)
+    };
+    // bob online, carol never logged in, an unknown number: only bob.
+    assert_eq!(
+        ask(&mut w, &[b.number, "+15550003", "+19999999"]),
+        [ServerMsg::Presence {
+            online: vec![b.number.to_string()]
+        }]
+    );
+    // bob stops heart-beating: offline once his misses are up (alice keeps beating).
+    for _ in 0..40 {
+        w.advance(Duration::from_secs(1));
+        w.send(a.conn, ClientMsg::Heartbeat { seq: 1 });
+        w.take(a.conn);
+    }
+    assert!(w.closed.contains(&b.conn), "bob timed out");
+    assert_eq!(
+        ask(&mut w, &[b.number]),
+        [ServerMsg::Presence { online: vec![] }]
+    );
+    // Too many numbers: refused before any look-up, and the session goes on.
+    let many: Vec<String> = (0..33).map(|i| format!("+1555000{i:02}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert!(matches!(
+        ask(&mut w, &many).as_slice(),
+        [ServerMsg::Error {
+            code: ErrorCode::BadMessage,
+            ..
+        }]
+    ));
+    assert!(!w.closed.contains(&a.conn));
+}
+
+#[test]
 fn new_login_replaces_the_old_session() {
     let mut w = World::new();
     let a = w.login("alice", sim::OPEN);
@@ -750,6 +795,8 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
         call.clone().prop_map(|call| ClientMsg::HangUp { call }),
         call.prop_map(|call| ClientMsg::MediaTrouble { call }),
         Just(ClientMsg::Bye),
+        proptest::collection::vec("\\+1555000[0-9]{2}", 0..40)
+            .prop_map(|numbers| ClientMsg::PresenceQuery { numbers }),
     ]
 }
 

@@ -99,10 +99,8 @@ impl Relay {
                         ws::parse_upgrade(&pool.buf(buf)[..got])
                     };
                     match parsed {
-                        Err(_) => {
-                            self.counters.drop(DropReason::BadFrame);
-                            return Err(());
-                        }
+                        // Counted (BadFrame) and closed by the caller.
+                        Err(_) => return Err(()),
                         Ok(None) => {
                             *pos += copied;
                             if let Some(conn) = self.conn_mut(c) {
@@ -480,6 +478,39 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
             feed(&mut relay, &mut pool, c, &bad, 1000, &mut out);
             assert_eq!(out.close.last(), Some(&c));
         }
+    }
+
+    #[test]
+    fn half_done_handshakes_never_take_the_spares_bound_legs_need() {
+        // 8 spares; each half-done handshake holds one. Unbound connections may take one only
+        // while more than half are free: the fifth is refused (closed), and a bound leg can
+        // still gather a frame.
+        let mut relay = Relay::new(RelayConfig {
+            max_unbound_tcp_per_source: 100,
+            ..RelayConfig::default()
+        });
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        session(&mut relay);
+        let mut conns = Vec::new();
+        for i in 0..6u16 {
+            let peer = format!("192.0.2.{}:2000", 10 + i).parse().unwrap();
+            let c = relay.on_accept(&mut pool, fd(), peer, 0, &mut out).unwrap();
+            feed(&mut relay, &mut pool, c, &HANDSHAKE[..20], 1000, &mut out);
+            conns.push(c);
+        }
+        assert_eq!(pool.spare_free(), 4, "half the spares stay free");
+        assert_eq!(
+            out.close,
+            conns[4..].to_vec(),
+            "the fifth and sixth are refused"
+        );
+        assert_eq!(relay.counters.dropped(DropReason::NoReassemblyBuffer), 2);
+        for c in conns {
+            relay.close(&mut pool, c, &mut out);
+            relay.reap(&mut pool, c);
+        }
+        assert_eq!(pool.in_use(), 0);
     }
 
     proptest::proptest! {
