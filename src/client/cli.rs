@@ -6,6 +6,13 @@
 //! The password is read from one line of standard input (`--password-stdin`) or prompted for
 //! on the terminal; never taken from the command line and never logged.
 //!
+//! Several gateways (`--server A,B`, `--gateway`, SRV names: [`super::gateways`]): the phone
+//! logs in to the first that takes it; when its gateway is gone it logs in to the next and
+//! brings its call back (the caller dials the same number again, retrying while the callee is
+//! `offline`; the callee waits for the call again), for at most `--failover-timeout`. The
+//! password stays in memory for that. A session the gateway closed for this user (`replaced`,
+//! `revoked`, `rate_limited`) ends the phone instead.
+//!
 //! Output: without `--json`, a short human summary on stdout; with `--json`, exactly one JSON
 //! object on stdout. Logs go to stderr (whatever subscriber `main` installs). On failure a
 //! one-line reason goes to stderr as well.
