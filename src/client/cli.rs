@@ -6,6 +6,13 @@
 //! The password is read from one line of standard input (`--password-stdin`) or prompted for
 //! on the terminal; never taken from the command line and never logged.
 //!
+//! Several gateways (`--server A,B`, `--gateway`, SRV names: [`super::gateways`]): the phone
+//! logs in to the first that takes it; when its gateway is gone it logs in to the next and
+//! brings its call back (the caller dials the same number again, retrying while the callee is
+//! `offline`; the callee waits for the call again), for at most `--failover-timeout`. The
+//! password stays in memory for that. A session the gateway closed for this user (`replaced`,
+//! `revoked`, `rate_limited`) ends the phone instead.
+//!
 //! Output: without `--json`, a short human summary on stdout; with `--json`, exactly one JSON
 //! object on stdout. Logs go to stderr (whatever subscriber `main` installs). On failure a
 //! one-line reason goes to stderr as well.
@@ -1915,6 +1922,71 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn going_away_sends_the_phone_where_the_gateway_says_first() {
+        // The list is [first, second]; the draining first gateway names third: the phone goes
+        // there, not to second.
+        let (l, addr) = listener().await;
+        let (second, second_addr) = listener().await;
+        let (l3, addr3) = listener().await;
+        let (far, echo_task) = echo().await;
+        let to = addr3.clone();
+        let first = tokio::spawn(async move {
+            let mut g = fake(l, Vec::new()).await;
+            g.send(&ServerMsg::GoingAway {
+                message: "draining".into(),
+                gateways: vec![to],
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        });
+        let third = tokio::spawn(async move {
+            let incoming = ServerMsg::Incoming {
+                call: 7,
+                from_number: "+15550002".into(),
+                from_user: "+15550002".into(),
+                conference: false,
+            };
+            let mut g = fake(l3, vec![incoming]).await;
+            let ClientMsg::Accept { call: 7, .. } = g.recv_skip_heartbeats().await else {
+                panic!("expected accept")
+            };
+            g.send_all(&[
+                ServerMsg::Media(direct_to(7, false, far)),
+                ServerMsg::MediaReady { call: 7 },
+                ServerMsg::HangUp {
+                    call: 7,
+                    reason: HangupReason::Normal,
+                    detail: None,
+                },
+            ])
+            .await;
+            assert_eq!(g.recv_skip_heartbeats().await, ClientMsg::Bye);
+        });
+        let mut args = phone_args(format!("{addr},{second_addr}"));
+        args.answer = true;
+        let summary = phone_session(
+            &args,
+            Mode::Answer,
+            "pw".into(),
+            None,
+            None,
+            PhoneSummary::new(&args),
+        )
+        .await;
+        echo_task.abort();
+        first.await.unwrap();
+        third.await.unwrap();
+        assert_eq!(summary.result, CallResult::Completed, "{summary:?}");
+        assert_eq!(summary.gateway.as_deref(), Some(addr3.as_str()));
+        assert!(
+            summary.failovers[0].reason.contains("going away"),
+            "{summary:?}"
+        );
+        let tried = tokio::time::timeout(Duration::from_millis(100), second.accept()).await;
+        assert!(tried.is_err(), "the phone went to the second gateway first");
+    }
+
+    #[tokio::test]
     async fn a_busy_callee_fails_the_call_with_its_reason() {
         let (l, addr) = listener().await;
         let gw = tokio::spawn(async move {
@@ -2035,6 +2107,57 @@ mod tests {
         Cli::try_parse_from(std::iter::once("voxgate").chain(args.iter().copied()))
             .map(|c| c.cmd)
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn gateway_lists_parse_from_server_and_gateway_flags() {
+        let Ok(Cmd::Phone(a)) = parse(&[
+            "phone",
+            "--gateway",
+            "gw1:7400,gw2",
+            "--gateway",
+            "_voxgate._tcp.example.net",
+            "--resolver",
+            "192.0.2.53",
+            "--failover-timeout",
+            "5",
+            "--user",
+            "alice",
+            "--answer",
+        ]) else {
+            panic!("phone parses without --server")
+        };
+        assert_eq!(a.server, None);
+        assert_eq!(a.failover.resolver, Some("192.0.2.53:53".parse().unwrap()));
+        assert_eq!(a.failover.failover_timeout, Duration::from_secs(5));
+        let l = a.failover.list(a.server.as_deref()).unwrap();
+        assert_eq!(l.entries.len(), 3);
+        assert!(
+            matches!(&l.entries[2], Entry::Srv { name, tls: false } if name == "_voxgate._tcp.example.net")
+        );
+        let Ok(Cmd::Probe(p)) =
+            parse(&["probe", "--server", "a,b", "--gateway", "c", "--user", "x"])
+        else {
+            panic!("probe parses")
+        };
+        assert_eq!(
+            p.failover.list(p.server.as_deref()).unwrap().entries.len(),
+            3
+        );
+        // Some gateway is needed.
+        let e = parse(&["phone", "--user", "alice", "--answer"]).unwrap_err();
+        assert!(e.contains("--server"), "{e}");
+        let e = parse(&[
+            "probe",
+            "--server",
+            "gw",
+            "--resolver",
+            "nowhere",
+            "--user",
+            "x",
+        ])
+        .unwrap_err();
+        assert!(e.contains("IP[:PORT]"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - [`binding`]: the sans-IO STUN Binding that proves a leg key to the gateway.
 //! - [`g711`], [`wav`]: audio.
 //! - [`cli`]: `voxgate phone` and `voxgate probe`.
+//! - [`gateways`]: a phone's list of gateways (addresses, DNS SRV names) and logging in to
+//!   the next one when its gateway is gone.
 //!
 //! Everything that does IO here runs on tokio and on the client's own sockets; nothing is
 //! shared with the gateway's code paths.
