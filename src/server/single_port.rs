@@ -552,7 +552,10 @@ mod tests {
             // At once after the handshake, as a phone does.
             s.write_all(&sent).await.unwrap();
             s.flush().await.unwrap();
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            // What "the kernel" sends back.
+            let mut back = [0u8; 11];
+            s.read_exact(&mut back).await.unwrap();
+            back
         });
         let (mut stream, _) = l.accept().await.unwrap();
         let conn = handshake_exact(&mut stream, server_cfg).await.unwrap();
@@ -572,13 +575,14 @@ mod tests {
         assert_eq!(rec[0], 0x17, "an application data record, not consumed");
         let len = 5 + usize::from(u16::from_be_bytes([rec[3], rec[4]]));
         assert_eq!(n, len, "exactly one record after the handshake");
-        let (seq, traffic) = secrets.rx;
-        let (k, iv) = match traffic {
+        let key_iv = |t| match t {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv }
             | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
             | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv),
             _ => panic!("a cipher the kernel takes"),
         };
+        let (seq, traffic) = secrets.rx;
+        let (k, iv) = key_iv(traffic);
         assert_eq!(seq, 0, "the first record after the handshake");
         let mut payload = rec[5..len].to_vec();
         let msg = InboundOpaqueMessage::new(
@@ -594,7 +598,33 @@ mod tests {
         // (The decrypter strips TLS 1.3's inner content type into `typ`.)
         assert_eq!(plain.typ, ContentType::ApplicationData);
         assert_eq!(plain.payload, &first[..]);
-        client.abort();
+        // And the other way: a record sealed with the transmit secret at its sequence number
+        // (0: the gateway sent nothing after its handshake) is what the phone reads.
+        let (seq, traffic) = secrets.tx;
+        assert_eq!(
+            seq, 0,
+            "no session tickets or other records after the handshake"
+        );
+        let (k, iv) = key_iv(traffic);
+        let record = suite
+            .aead_alg
+            .encrypter(k, iv)
+            .encrypt(
+                rustls::crypto::cipher::OutboundPlainMessage {
+                    typ: ContentType::ApplicationData,
+                    version: ProtocolVersion::TLSv1_2,
+                    payload: b"from kernel"[..].into(),
+                },
+                seq,
+            )
+            .unwrap()
+            .encode();
+        stream.write_all(&record).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(5), client)
+            .await
+            .expect("the phone read the record")
+            .unwrap();
+        assert_eq!(&back, b"from kernel");
     }
 
     #[test]
