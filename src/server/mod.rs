@@ -967,6 +967,7 @@ impl Server {
                 self.write_cdr(&c);
             }
             Event::Installed { op, result } => {
+                self.leg_shards.installed(op, result.is_ok());
                 self.gateway
                     .handle(now, Input::ShardInstalled { op, result });
             }
@@ -1091,9 +1092,14 @@ impl Server {
                 }
                 Action::InstallSession { op, shard, spec } => {
                     let session = spec.id;
-                    for l in &spec.legs {
-                        self.leg_shards.add(shard, session, &l.name);
-                    }
+                    // Known to the shared port once the shard has it (media instructions go
+                    // out only then).
+                    self.leg_shards.pending(
+                        op,
+                        shard,
+                        session,
+                        spec.legs.iter().map(|l| l.name.clone()).collect(),
+                    );
                     let result = match self.shard(shard) {
                         Some(h) => {
                             let (reply, rx) = oneshot::channel();
@@ -1115,6 +1121,7 @@ impl Server {
                         None => Err(format!("no shard {shard}")),
                     };
                     tracing::error!(session, "cannot install a session: {result:?}");
+                    self.leg_shards.installed(op, false);
                     self.gateway
                         .handle(Instant::now(), Input::ShardInstalled { op, result });
                 }

@@ -63,9 +63,24 @@ pub struct MediaConn {
 pub struct LegShards {
     legs: HashMap<String, usize>,
     sessions: HashMap<SessionId, Vec<String>>,
+    /// Sessions being installed, by the install's op: their legs count once it succeeded (a
+    /// failed install is never removed by the core, so it must not leave legs behind).
+    installing: HashMap<u64, (usize, SessionId, Vec<String>)>,
 }
 
 impl LegShards {
+    pub fn pending(&mut self, op: u64, shard: usize, session: SessionId, legs: Vec<String>) {
+        self.installing.insert(op, (shard, session, legs));
+    }
+    pub fn installed(&mut self, op: u64, ok: bool) {
+        if let Some((shard, session, legs)) = self.installing.remove(&op)
+            && ok
+        {
+            for l in legs {
+                self.add(shard, session, &l);
+            }
+        }
+    }
     pub fn add(&mut self, shard: usize, session: SessionId, leg: &str) {
         self.legs.insert(leg.to_owned(), shard);
         self.sessions
@@ -80,6 +95,7 @@ impl LegShards {
         }
     }
     pub fn remove_session(&mut self, session: SessionId) {
+        self.installing.retain(|_, (_, s, _)| *s != session);
         for leg in self.sessions.remove(&session).unwrap_or_default() {
             self.legs.remove(&leg);
         }
@@ -509,6 +525,17 @@ mod tests {
         assert_eq!(m.shard_of("c"), Some(0));
         m.remove_session(11);
         assert!(m.legs.is_empty() && m.sessions.is_empty());
+        // Installs count only once they succeeded; a failed one leaves nothing behind.
+        m.pending(1, 0, 20, vec!["x".into()]);
+        m.pending(2, 1, 21, vec!["y".into()]);
+        assert_eq!(m.shard_of("x"), None);
+        m.installed(1, true);
+        m.installed(2, false);
+        assert_eq!((m.shard_of("x"), m.shard_of("y")), (Some(0), None));
+        m.pending(3, 0, 22, vec!["z".into()]);
+        m.remove_session(22);
+        m.remove_session(20);
+        assert!(m.legs.is_empty() && m.sessions.is_empty() && m.installing.is_empty());
     }
 
     /// What kernel TLS is given, checked without kernel TLS: after the exact handshake the
