@@ -960,6 +960,9 @@ impl Server {
                     self.writers.remove(conn);
                     self.release(conn);
                 }
+                if let Input::LegAddFailed { session, leg, .. } = &input {
+                    self.leg_shards.remove_leg(*session, leg);
+                }
                 self.gateway.handle(now, input);
             }
             Event::Cdr(c) => {
@@ -1174,6 +1177,7 @@ impl Server {
                         None => Err(format!("no shard {shard}")),
                     };
                     if let Err(error) = sent {
+                        self.leg_shards.remove_leg(session, &name);
                         self.gateway.handle(
                             Instant::now(),
                             Input::LegAddFailed {
