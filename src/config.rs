@@ -1379,4 +1379,50 @@ mod limits_tests {
             crate::control::limits::CallLimitConfig::default()
         );
     }
+
+    #[test]
+    fn single_port_settings_are_checked() {
+        // Off unless a port is named.
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.single_port.port, None);
+        // TLS media (the default) needs a certificate.
+        let c = Config::parse("[single_port]\nport = 443\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("single_port.media") && e.contains("tls.cert"),
+            "{e}"
+        );
+        let c = Config::parse("[single_port]\nport = 443\nmedia = \"plain\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.single_port.tls_engine, TlsEngine::Kernel);
+        // It may not take another listener's port.
+        let c = Config::parse(
+            "[server]\ncontrol_port = 443\n[single_port]\nport = 443\nmedia = \"plain\"\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("single_port.port") && e.contains("server.control_port"),
+            "{e}"
+        );
+        let c = Config::parse(
+            "[server]\nmedia_port_base = 440\nshards = 4\n[single_port]\nport = 443\nmedia = \"plain\"\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("collides with the media ports"), "{e}");
+        // Unknown values are refused by name.
+        let e = Config::parse("[single_port]\ntls_engine = \"magic\"\n").unwrap_err();
+        assert!(e.contains("tls_engine") || e.contains("magic"), "{e}");
+        // A change needs a restart, and is named.
+        let a = Config::parse("[single_port]\nport = 443\nmedia = \"plain\"\n").unwrap();
+        let b = Config::parse("[single_port]\nport = 8443\nmedia = \"plain\"\n").unwrap();
+        assert!(
+            a.restart_only_changes(&b)
+                .iter()
+                .any(|k| k.contains("single_port")),
+            "{:?}",
+            a.restart_only_changes(&b)
+        );
+    }
 }

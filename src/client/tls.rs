@@ -171,6 +171,99 @@ pub fn exporter(stream: &ClientStream) -> Result<Vec<u8>, String> {
 mod tests {
     use super::*;
 
+    /// A TLS server on loopback with a certificate for `localhost` signed by a fresh CA, which
+    /// selects `alpn` (none: it offers no ALPN). Returns its port and the CA file.
+    async fn media_server(
+        dir: &Path,
+        alpn: Option<&[u8]>,
+    ) -> (u16, PathBuf, tokio::task::JoinHandle<()>) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let ca_file = dir.join(format!("ca-{}.pem", rand::random::<u32>()));
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(crate::server::tls_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        cfg.alpn_protocols = alpn.map(|a| vec![a.to_vec()]).unwrap_or_default();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+            while let Ok((s, _)) = l.accept().await {
+                let Ok(mut s) = acceptor.accept(s).await else {
+                    continue;
+                };
+                // An echo of one message.
+                let mut b = [0u8; 64];
+                if let Ok(n) = s.read(&mut b).await {
+                    let _ = s.write_all(&b[..n]).await;
+                }
+            }
+        });
+        (port, ca_file, task)
+    }
+
+    #[tokio::test]
+    async fn media_tunnel_verifies_the_gateway_and_carries_bytes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (port, ca, task) = media_server(dir.path(), Some(ALPN_MEDIA)).await;
+        let tls = |ca: &Path| MediaTls {
+            opts: TlsOptions {
+                ca: Some(ca.to_owned()),
+            },
+            host: "localhost".into(),
+        };
+        let connect = || TcpStream::connect(("127.0.0.1", port));
+        // The right CA: plain bytes in, the same bytes back through TLS.
+        let mut s = media_tunnel(connect().await.unwrap(), &tls(&ca))
+            .await
+            .unwrap();
+        s.write_all(b"\x00\x04ping").await.unwrap();
+        let mut back = [0u8; 6];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"\x00\x04ping");
+        // Another CA: refused, and the error says why.
+        let (_, other_ca, other) = media_server(dir.path(), Some(ALPN_MEDIA)).await;
+        let e = media_tunnel(connect().await.unwrap(), &tls(&other_ca))
+            .await
+            .unwrap_err();
+        assert!(e.contains("certificate is not trusted"), "{e}");
+        // The right name is checked too.
+        let mut wrong_name = tls(&ca);
+        wrong_name.host = "gateway.example".into();
+        let e = media_tunnel(connect().await.unwrap(), &wrong_name)
+            .await
+            .unwrap_err();
+        assert!(e.contains("not trusted"), "{e}");
+        // A server that does not select voxgate-media is no media endpoint.
+        let (port2, ca2, plain) = media_server(dir.path(), None).await;
+        let e = media_tunnel(
+            TcpStream::connect(("127.0.0.1", port2)).await.unwrap(),
+            &tls(&ca2),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("voxgate-media"), "{e}");
+        for t in [task, other, plain] {
+            t.abort();
+        }
+    }
+
     #[test]
     fn scheme_and_missing_ca_files() {
         assert_eq!(strip_scheme("tls://gw:7443"), ("gw:7443", true));

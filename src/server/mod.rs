@@ -994,6 +994,9 @@ impl Server {
                     self.writers.remove(conn);
                     self.release(conn);
                 }
+                if let Input::LegAddFailed { session, leg, .. } = &input {
+                    self.leg_shards.remove_leg(*session, leg);
+                }
                 self.gateway.handle(now, input);
             }
             Event::Cdr(c) => {
@@ -1001,6 +1004,7 @@ impl Server {
                 self.write_cdr(&c);
             }
             Event::Installed { op, result } => {
+                self.leg_shards.installed(op, result.is_ok());
                 self.gateway
                     .handle(now, Input::ShardInstalled { op, result });
             }
@@ -1125,9 +1129,14 @@ impl Server {
                 }
                 Action::InstallSession { op, shard, spec } => {
                     let session = spec.id;
-                    for l in &spec.legs {
-                        self.leg_shards.add(shard, session, &l.name);
-                    }
+                    // Known to the shared port once the shard has it (media instructions go
+                    // out only then).
+                    self.leg_shards.pending(
+                        op,
+                        shard,
+                        session,
+                        spec.legs.iter().map(|l| l.name.clone()).collect(),
+                    );
                     let result = match self.shard(shard) {
                         Some(h) => {
                             let (reply, rx) = oneshot::channel();
@@ -1149,6 +1158,7 @@ impl Server {
                         None => Err(format!("no shard {shard}")),
                     };
                     tracing::error!(session, "cannot install a session: {result:?}");
+                    self.leg_shards.installed(op, false);
                     self.gateway
                         .handle(Instant::now(), Input::ShardInstalled { op, result });
                 }
@@ -1201,6 +1211,7 @@ impl Server {
                         None => Err(format!("no shard {shard}")),
                     };
                     if let Err(error) = sent {
+                        self.leg_shards.remove_leg(session, &name);
                         self.gateway.handle(
                             Instant::now(),
                             Input::LegAddFailed {

@@ -63,9 +63,24 @@ pub struct MediaConn {
 pub struct LegShards {
     legs: HashMap<String, usize>,
     sessions: HashMap<SessionId, Vec<String>>,
+    /// Sessions being installed, by the install's op: their legs count once it succeeded (a
+    /// failed install is never removed by the core, so it must not leave legs behind).
+    installing: HashMap<u64, (usize, SessionId, Vec<String>)>,
 }
 
 impl LegShards {
+    pub fn pending(&mut self, op: u64, shard: usize, session: SessionId, legs: Vec<String>) {
+        self.installing.insert(op, (shard, session, legs));
+    }
+    pub fn installed(&mut self, op: u64, ok: bool) {
+        if let Some((shard, session, legs)) = self.installing.remove(&op)
+            && ok
+        {
+            for l in legs {
+                self.add(shard, session, &l);
+            }
+        }
+    }
     pub fn add(&mut self, shard: usize, session: SessionId, leg: &str) {
         self.legs.insert(leg.to_owned(), shard);
         self.sessions
@@ -80,6 +95,7 @@ impl LegShards {
         }
     }
     pub fn remove_session(&mut self, session: SessionId) {
+        self.installing.retain(|_, (_, s, _)| *s != session);
         for leg in self.sessions.remove(&session).unwrap_or_default() {
             self.legs.remove(&leg);
         }
@@ -204,10 +220,13 @@ async fn peek_leg(s: &TcpStream) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// The TLS handshake of a media connection, reading exactly the handshake's records (nothing
-/// after the client's Finished is consumed: it belongs to kernel TLS), then kernel TLS on.
-async fn ktls_handshake(stream: &mut TcpStream, config: Arc<ServerConfig>) -> Result<(), String> {
-    use std::os::fd::AsRawFd;
+/// The TLS handshake of a media connection, reading exactly the handshake's records: nothing
+/// after the client's Finished is consumed (it belongs to kernel TLS, which takes the socket
+/// next), and nothing is sent after the server's last handshake record (no session tickets).
+async fn handshake_exact(
+    stream: &mut TcpStream,
+    config: Arc<ServerConfig>,
+) -> Result<rustls::ServerConnection, String> {
     let mut conn = rustls::ServerConnection::new(config).map_err(|e| e.to_string())?;
     let mut rec = vec![0u8; 5 + 16_384 + 256];
     let mut out = Vec::new();
@@ -218,7 +237,7 @@ async fn ktls_handshake(stream: &mut TcpStream, config: Arc<ServerConfig>) -> Re
             stream.write_all(&out).await.map_err(|e| e.to_string())?;
         }
         if !conn.is_handshaking() {
-            break;
+            return Ok(conn);
         }
         stream
             .read_exact(&mut rec[..5])
@@ -244,6 +263,12 @@ async fn ktls_handshake(stream: &mut TcpStream, config: Arc<ServerConfig>) -> Re
             return Err(format!("TLS handshake: {e}"));
         }
     }
+}
+
+/// A media connection's handshake, then kernel TLS on its socket with the session's secrets.
+async fn ktls_handshake(stream: &mut TcpStream, config: Arc<ServerConfig>) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let conn = handshake_exact(stream, config).await?;
     if conn.alpn_protocol() != Some(demux::ALPN_MEDIA) {
         return Err("the TLS media connection did not settle on ALPN voxgate-media".into());
     }
@@ -500,6 +525,133 @@ mod tests {
         assert_eq!(m.shard_of("c"), Some(0));
         m.remove_session(11);
         assert!(m.legs.is_empty() && m.sessions.is_empty());
+        // Installs count only once they succeeded; a failed one leaves nothing behind.
+        m.pending(1, 0, 20, vec!["x".into()]);
+        m.pending(2, 1, 21, vec!["y".into()]);
+        assert_eq!(m.shard_of("x"), None);
+        m.installed(1, true);
+        m.installed(2, false);
+        assert_eq!((m.shard_of("x"), m.shard_of("y")), (Some(0), None));
+        m.pending(3, 0, 22, vec!["z".into()]);
+        m.remove_session(22);
+        m.remove_session(20);
+        assert!(m.legs.is_empty() && m.sessions.is_empty() && m.installing.is_empty());
+    }
+
+    /// What kernel TLS is given, checked without kernel TLS: after the exact handshake the
+    /// client's first application record is still unread in the socket, and the receive
+    /// secret and sequence number rustls hands over decrypt it, exactly as the kernel would
+    /// (TLS 1.3 record protection: nonce = IV xor sequence number, the header as AAD).
+    #[tokio::test]
+    async fn the_exact_handshake_leaves_the_first_record_to_the_kernel() {
+        use rcgen::{CertificateParams, KeyPair};
+        use rustls::crypto::cipher::InboundOpaqueMessage;
+        use rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion};
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cp, kp) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cp, cert.pem()).unwrap();
+        std::fs::write(&kp, key.serialize_pem()).unwrap();
+        let server_cfg = super::super::tls::server_config(&cp, &kp).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let mut client_cfg =
+            rustls::ClientConfig::builder_with_provider(super::super::tls::provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        client_cfg.alpn_protocols = vec![demux::ALPN_MEDIA.to_vec()];
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let first = b"the first RFC 4571 frame".to_vec();
+        let sent = first.clone();
+        let client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut s = tokio_rustls::TlsConnector::from(Arc::new(client_cfg))
+                .connect("localhost".try_into().unwrap(), tcp)
+                .await
+                .unwrap();
+            // At once after the handshake, as a phone does.
+            s.write_all(&sent).await.unwrap();
+            s.flush().await.unwrap();
+            // What "the kernel" sends back.
+            let mut back = [0u8; 11];
+            s.read_exact(&mut back).await.unwrap();
+            back
+        });
+        let (mut stream, _) = l.accept().await.unwrap();
+        let conn = handshake_exact(&mut stream, server_cfg).await.unwrap();
+        assert_eq!(conn.alpn_protocol(), Some(demux::ALPN_MEDIA));
+        let Some(rustls::SupportedCipherSuite::Tls13(suite)) = conn.negotiated_cipher_suite()
+        else {
+            panic!("TLS 1.3 only");
+        };
+        let secrets = conn.dangerous_extract_secrets().unwrap();
+        // The client's record waits in the socket, whole.
+        let mut rec = vec![0u8; 1024];
+        let n = peek_until(&stream, &mut rec, |b| {
+            b.len() >= 5 && b.len() >= 5 + usize::from(u16::from_be_bytes([b[3], b[4]]))
+        })
+        .await
+        .unwrap();
+        assert_eq!(rec[0], 0x17, "an application data record, not consumed");
+        let len = 5 + usize::from(u16::from_be_bytes([rec[3], rec[4]]));
+        assert_eq!(n, len, "exactly one record after the handshake");
+        let key_iv = |t| match t {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+            | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv),
+            _ => panic!("a cipher the kernel takes"),
+        };
+        let (seq, traffic) = secrets.rx;
+        let (k, iv) = key_iv(traffic);
+        assert_eq!(seq, 0, "the first record after the handshake");
+        let mut payload = rec[5..len].to_vec();
+        let msg = InboundOpaqueMessage::new(
+            ContentType::ApplicationData,
+            ProtocolVersion::TLSv1_2,
+            &mut payload,
+        );
+        let plain = suite
+            .aead_alg
+            .decrypter(k, iv)
+            .decrypt(msg, seq)
+            .expect("the handed-over secret decrypts the kernel's first record");
+        // (The decrypter strips TLS 1.3's inner content type into `typ`.)
+        assert_eq!(plain.typ, ContentType::ApplicationData);
+        assert_eq!(plain.payload, &first[..]);
+        // And the other way: a record sealed with the transmit secret at its sequence number
+        // (0: the gateway sent nothing after its handshake) is what the phone reads.
+        let (seq, traffic) = secrets.tx;
+        assert_eq!(
+            seq, 0,
+            "no session tickets or other records after the handshake"
+        );
+        let (k, iv) = key_iv(traffic);
+        let record = suite
+            .aead_alg
+            .encrypter(k, iv)
+            .encrypt(
+                rustls::crypto::cipher::OutboundPlainMessage {
+                    typ: ContentType::ApplicationData,
+                    version: ProtocolVersion::TLSv1_2,
+                    payload: b"from kernel"[..].into(),
+                },
+                seq,
+            )
+            .unwrap()
+            .encode();
+        stream.write_all(&record).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(5), client)
+            .await
+            .expect("the phone read the record")
+            .unwrap();
+        assert_eq!(&back, b"from kernel");
     }
 
     #[test]
