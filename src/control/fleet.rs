@@ -271,6 +271,14 @@ impl Gateway {
             .is_some_and(|f| f.hosted.values().any(|h| h.conn == conn))
     }
 
+    /// Whether `call` is a dial waiting for Redis or for the callee's node.
+    #[cfg(test)]
+    pub(crate) fn fleet_dial_pending(&self, call: CallId) -> bool {
+        self.fleet
+            .as_deref()
+            .is_some_and(|f| f.dials.contains_key(&call))
+    }
+
     fn fleet_act(&mut self, a: FleetAction) {
         self.actions.push_back(Action::Fleet(a));
     }
@@ -839,3 +847,6 @@ impl Gateway {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
