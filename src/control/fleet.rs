@@ -371,6 +371,10 @@ impl Gateway {
             },
         );
         let user = user.clone();
+        // It counts against the caller's calls at once, like a directory look-up.
+        if let Some(s) = self.session_mut(conn) {
+            s.lookups += 1;
+        }
         self.timers
             .set(Timer::FleetRing(call), later(now, ring_timeout));
         self.fleet_act(FleetAction::Locate { id, user });
@@ -387,6 +391,7 @@ impl Gateway {
         }
         let d = f.dials.remove(&call);
         self.timers.cancel(Timer::FleetRing(call));
+        self.fleet_dial_done(conn);
         if let Some(node) = d.and_then(|d| d.node) {
             self.fleet_act(FleetAction::Send {
                 node,
@@ -406,6 +411,7 @@ impl Gateway {
             return;
         };
         self.timers.cancel(Timer::FleetRing(call));
+        self.fleet_dial_done(d.conn);
         if let Some(node) = d.node {
             self.fleet_act(FleetAction::Send {
                 node,
@@ -588,10 +594,16 @@ impl Gateway {
         self.fleet_act(reply(ok));
     }
 
+    /// Busy as for a local call: in any call, or in one another node relays.
     fn is_busy_fleet(&self, conn: ConnId) -> bool {
-        self.session(conn)
-            .is_none_or(|s| !s.calls.is_empty() || s.lookups > 0)
-            || self.fleet_hosts(conn)
+        self.session(conn).is_none_or(|s| !s.calls.is_empty()) || self.fleet_hosts(conn)
+    }
+
+    /// A fleet dial of `conn` is no longer waiting.
+    fn fleet_dial_done(&mut self, conn: ConnId) {
+        if let Some(s) = self.session_mut(conn) {
+            s.lookups = s.lookups.saturating_sub(1);
+        }
     }
 
     /// Caller's side: the callee's node said yes: the callee becomes a virtual connection
@@ -626,6 +638,7 @@ impl Gateway {
             return;
         };
         self.timers.cancel(Timer::FleetRing(call));
+        self.fleet_dial_done(d.conn);
         let Some(local) = self.conns.get(&d.conn).map(|c| c.local) else {
             self.fleet_act(release);
             return self.close_record(call, None, Some(HangupReason::PeerLost));

@@ -376,3 +376,33 @@ fn messages_from_the_wrong_node_are_ignored() {
     assert!(p.b.take(bob.conn).is_empty());
     assert!(p.b.gw.fleet_hosts(bob.conn));
 }
+
+#[test]
+fn dials_waiting_for_the_fleet_count_against_the_callers_calls() {
+    let mut p = pair();
+    let (alice, _bob) = p.logged_in();
+    let max = p.a.gw.cfg.max_calls_per_user;
+    // Redis never answers: every dial waits, and counts; one more is refused.
+    p.a.take(alice.conn);
+    for _ in 0..=max {
+        p.a.send(
+            alice.conn,
+            ClientMsg::Dial {
+                tag: 1,
+                number: "+15550002".into(),
+                media: None,
+            },
+        );
+    }
+    let waiting = p.a.gw.fleet.as_ref().unwrap().dials.len();
+    assert_eq!(waiting, max);
+    assert_eq!(p.a.gw.session(alice.conn).unwrap().lookups, max);
+    let refused = sim::hangups(&p.a.take(alice.conn));
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].1, HangupReason::Error);
+    // The caller hangs one up: it stops counting.
+    let call = *p.a.gw.fleet.as_ref().unwrap().dials.keys().next().unwrap();
+    p.a.send(alice.conn, ClientMsg::HangUp { call });
+    assert_eq!(p.a.gw.session(alice.conn).unwrap().lookups, waiting - 1);
+    assert!(!p.a.gw.fleet_dial_pending(call));
+}
