@@ -652,13 +652,14 @@ mod tests {
             },
             FleetMsg::RingFailed {
                 call: 1,
+                vconn: 2,
                 reason: HangupReason::Busy,
             },
             FleetMsg::FromPhone {
                 vconn: 2,
                 msg: ClientMsg::HangUp { call: 1 },
             },
-            FleetMsg::Release { call: 9 },
+            FleetMsg::Release { call: 9, vconn: 2 },
         ] {
             let text = serde_json::to_vec(&Envelope {
                 from: "a".into(),

@@ -366,6 +366,7 @@ fn messages_from_the_wrong_node_are_ignored() {
         from: "c".into(),
         msg: FleetMsg::ToPhone {
             call,
+            vconn: 1 << 62,
             msg: ServerMsg::HangUp {
                 call,
                 reason: HangupReason::Normal,
@@ -405,4 +406,65 @@ fn dials_waiting_for_the_fleet_count_against_the_callers_calls() {
     p.a.send(alice.conn, ClientMsg::HangUp { call });
     assert_eq!(p.a.gw.session(alice.conn).unwrap().lookups, waiting - 1);
     assert!(!p.a.gw.fleet_dial_pending(call));
+}
+
+#[test]
+fn a_conference_rings_members_on_other_nodes_and_relays_on_the_organizers() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let carol = p.a.login("carol", OPEN);
+    p.a.send(
+        alice.conn,
+        ClientMsg::Conference {
+            tag: 3,
+            numbers: vec![bob.number.into(), carol.number.into(), "+15550004".into()],
+            media: Some(alice.media()),
+        },
+    );
+    p.flow();
+    let msgs = p.a.take(alice.conn);
+    let room = msgs
+        .iter()
+        .find_map(|m| match m {
+            ServerMsg::Calling { call, .. } => Some(*call),
+            _ => None,
+        })
+        .expect("calling");
+    assert!(
+        msgs.iter().any(|m| matches!(m, ServerMsg::Ringing { .. })),
+        "{msgs:?}"
+    );
+    for (w, c) in [(&mut p.b, &bob), (&mut p.a, &carol)] {
+        let rung = w.take(c.conn);
+        assert!(
+            rung.iter().any(
+                |m| matches!(m, ServerMsg::Incoming { call, conference: true, .. } if *call == room)
+            ),
+            "{rung:?}"
+        );
+    }
+    p.b.accept(&bob, room, Some(bob.media()));
+    p.a.accept(&carol, room, Some(carol.media()));
+    p.flow();
+    // One session on a, with bob's leg keyed by the call key; b installs nothing.
+    assert!(installs(&p.b).is_empty());
+    let bm = sim::media_of(&p.b.take(bob.conn));
+    assert_eq!(bm.len(), 1, "bob's media");
+    assert!(bm[0].call_key);
+    let leg = bm[0].leg.clone().unwrap();
+    let key = crate::control::leg_key(&crate::control::fleet_call_key(&bob.key, room), &leg);
+    let has_leg = p.a.shard_cmds.iter().any(|a| match a {
+        Action::InstallSession { spec, .. } => {
+            spec.legs.iter().any(|l| l.name == leg && l.key == key)
+        }
+        Action::AddLeg { leg: l, .. } => l.name == leg && l.key == key,
+        _ => false,
+    });
+    assert!(has_leg, "{:?}", p.a.shard_cmds);
+    // bob leaves: the room goes on with alice and carol; b forgets it.
+    p.b.send(bob.conn, ClientMsg::HangUp { call: room });
+    p.flow();
+    assert!(p.b.gw.fleet.as_ref().unwrap().hosted.is_empty());
+    assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
+    assert_eq!(p.a.gw.calls.len(), 1, "the room goes on");
 }
