@@ -450,3 +450,75 @@ fn a_wrong_redis_password_stops_the_start_without_showing_it() {
     );
     assert!(!err.contains("not-the-Password-42"), "{err}");
 }
+
+#[test]
+fn a_conference_with_members_on_three_gateways() {
+    let Some(f) = fleet(3) else { return };
+    let (g1, g2, g3) = (&f.gws[0], &f.gws[1], &f.gws[2]);
+    let clip = test_clip(g1.dir.path(), "speech-8k.wav", "conf.wav", 1.0);
+    let mut members = Vec::new();
+    for (gw, user) in [(g2, "bob"), (g3, "carol")] {
+        let mark = gw.log_len();
+        members.push(spawn_phone(
+            gw,
+            user,
+            &[
+                "--answer",
+                "--play",
+                clip.to_str().unwrap(),
+                "--duration",
+                "3",
+                "--wait",
+                "20",
+            ],
+        ));
+        gw.wait_online(mark, user);
+    }
+    let alice = common::run_phone(
+        g1,
+        "alice",
+        &[
+            "--conference",
+            "+15550002,+15550003",
+            "--play",
+            clip.to_str().unwrap(),
+            "--duration",
+            "3",
+        ],
+    );
+    let results: Vec<common::PhoneResult> = members.into_iter().map(common::finish).collect();
+    assert_eq!(alice.code, 0, "{}\n{}", alice.json, alice.stderr);
+    for (who, r) in [
+        ("alice", &alice),
+        ("bob", &results[0]),
+        ("carol", &results[1]),
+    ] {
+        assert_eq!(
+            r.code,
+            0,
+            "{who}: {}\n{}\ngw1:\n{}\ngw2:\n{}",
+            r.json,
+            r.stderr,
+            g1.log_text(),
+            g2.log_text()
+        );
+        // Each hears both others (two sources), through gw1.
+        assert_eq!(r.json["result"], "completed", "{who}: {}", r.json);
+        let got = r.json["received"]["packets"].as_u64().unwrap();
+        eprintln!(
+            "{who} received {got} packets from {} sources",
+            r.json["received"]["ssrcs"]
+        );
+        assert!(got >= 100, "{who} received {got}: {}", r.json);
+        assert_eq!(
+            r.json["received"]["ssrcs"], 2,
+            "{who} hears both others: {}",
+            r.json
+        );
+    }
+    // The organizer's gateway relayed the room; the members' gateways relayed nothing.
+    let into = |g: &Gateway| metric(g, "voxgate_shard_packets_total", "direction=\"in\"");
+    assert!(into(g1) >= 100.0, "{}", into(g1));
+    assert_eq!(into(g2), 0.0);
+    assert_eq!(into(g3), 0.0);
+}

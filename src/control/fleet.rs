@@ -1121,8 +1121,10 @@ impl Gateway {
         }
         let done: Vec<ConnId> = f
             .remote
-            .keys()
-            .copied()
+            .iter()
+            // A conference still ringing its other remote members keeps its stand-ins.
+            .filter(|(_, r)| !f.rooms.contains_key(&r.call))
+            .map(|(c, _)| *c)
             .filter(|c| match self.conns.get(c).map(|c| &c.phase) {
                 Some(Phase::LoggedIn(s)) => s.calls.is_empty(),
                 _ => true,
