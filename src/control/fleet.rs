@@ -34,6 +34,13 @@
 //! disclosed call key opens that one call only. The callee's phone is told to derive its keys
 //! from the call key by `media{call_key: true}` (docs/PROTOCOL.md).
 //!
+//! # Conferences
+//! A `conference` whose numbers include subscribers on other nodes locates and rings each of
+//! them the same way first (one virtual connection each); once every one answered (or the
+//! ring timeout passed) the room opens as a local one, on the organizer's node, with the
+//! members found. Messages name the call *and* the virtual connection, so several members of
+//! one room may be on one node.
+//!
 //! # Failures
 //! - Not in Redis (or Redis says this node while the user is not here): `hang_up{offline}`.
 //! - Redis unreachable: `hang_up{error}` with the reason in the detail.
@@ -41,8 +48,9 @@
 //! - A node that hosts a party of a call, or relays a call for a local callee, disappears from
 //!   Redis ([`FleetInput::NodeDown`]): the other side's call ends with `hang_up{peer_lost}`.
 //!
-//! Bounded: fleet dials waiting at once by `max_pending_lookups`; virtual connections by the
-//! calls they stand in for (each is removed once its call ended).
+//! Bounded: fleet dials and conferences waiting at once by `max_pending_lookups` (and each
+//! counts against the caller's `max_calls_per_user`); virtual connections by the calls they
+//! stand in for (each is removed once its call ended, after its last message was routed).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
