@@ -1,6 +1,6 @@
 //! Calls between subscribers on different gateways of a fleet, as actions and inputs of the
 //! sans-IO core: the core never talks to Redis; it emits [`Action::Fleet`] and is told what
-//! happened with [`Input::Fleet`] (`server::fleet` does the IO).
+//! happened with [`Input::Fleet`](super::gateway::Input::Fleet) (`server::fleet` does the IO).
 //!
 //! # Presence and location
 //! After a log-in the core emits [`FleetAction::Online`]; when the client is gone,
