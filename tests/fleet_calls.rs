@@ -31,10 +31,16 @@ struct Fleet {
     pg: PgServer,
     redis: RedisServer,
     gws: Vec<Gateway>,
+    /// One fleet at a time (each is PostgreSQL, Redis and up to three gateways: on a 2-core
+    /// machine several at once only make each other time out). Dropped last.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// `n` gateways `gw1`…, heart-beat 1 s (presence TTL 3 s).
 fn fleet(n: usize) -> Option<Fleet> {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let pg = PgServer::start()?;
     let redis = RedisServer::start()?;
     pg.create_db("dir");
@@ -72,6 +78,7 @@ fn fleet(n: usize) -> Option<Fleet> {
         pg,
         redis,
         gws,
+        _serial: serial,
     })
 }
 
