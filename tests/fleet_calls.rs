@@ -31,10 +31,16 @@ struct Fleet {
     pg: PgServer,
     redis: RedisServer,
     gws: Vec<Gateway>,
+    /// One fleet at a time (each is PostgreSQL, Redis and up to three gateways: on a 2-core
+    /// machine several at once only make each other time out). Dropped last.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// `n` gateways `gw1`…, heart-beat 1 s (presence TTL 3 s).
 fn fleet(n: usize) -> Option<Fleet> {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let pg = PgServer::start()?;
     let redis = RedisServer::start()?;
     pg.create_db("dir");
@@ -72,6 +78,7 @@ fn fleet(n: usize) -> Option<Fleet> {
         pg,
         redis,
         gws,
+        _serial: serial,
     })
 }
 
@@ -241,4 +248,284 @@ fn a_killed_gateways_subscribers_go_offline_within_the_ttl() {
     assert_eq!(r.json["result"], "failed", "{}", r.json);
     assert_eq!(r.json["hangup_reason"], "offline", "{}", r.json);
     f.gws.truncate(1);
+}
+
+/// Publishes raw bytes on a Redis channel as the ACL user (the test's own RESP writer: the
+/// payload is binary).
+fn publish_bytes(redis: &RedisServer, channel: &str, payload: &[u8]) -> i64 {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(redis.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut req = Vec::new();
+    let mut arg = |a: &[u8]| {
+        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        req.extend_from_slice(a);
+        req.extend_from_slice(b"\r\n");
+    };
+    let mut cmd = b"*3\r\n".to_vec();
+    arg(b"AUTH");
+    arg(USER.as_bytes());
+    arg(redis.password.as_bytes());
+    cmd.extend_from_slice(&req);
+    req.clear();
+    let mut arg = |a: &[u8]| {
+        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        req.extend_from_slice(a);
+        req.extend_from_slice(b"\r\n");
+    };
+    arg(b"PUBLISH");
+    arg(channel.as_bytes());
+    arg(payload);
+    cmd.extend_from_slice(b"*3\r\n");
+    cmd.extend_from_slice(&req);
+    s.write_all(&cmd).unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "+OK\r\n", "AUTH");
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    line.trim_start_matches(':').trim().parse().unwrap()
+}
+
+#[test]
+fn only_messages_sealed_with_the_fleet_key_are_taken() {
+    let Some(f) = fleet(1) else { return };
+    let g1 = &f.gws[0];
+    let mark = g1.log_len();
+    let _bob = spawn_phone(g1, "bob", &["--answer", "--wait", "30"]);
+    g1.wait_online(mark, "bob");
+    // A forged ring for bob from a node that does not exist, as anybody holding the Redis
+    // ACL password could publish it.
+    let ring = br#"{"from":"evil","msg":{"t":"ring","call":4242,"vconn":7,"user":"bob"}}"#;
+    let ch = "voxgate:node:gw1";
+    let mark = g1.log_len();
+    assert_eq!(publish_bytes(&f.redis, ch, ring), 1, "gw1 listens");
+    let wrong = voxgate::server::fleet::Seal::new(&[9; 32]).seal(ch, ring);
+    assert_eq!(publish_bytes(&f.redis, ch, &wrong), 1);
+    let refusals = || {
+        g1.log_text()
+            .matches("not sealed with the fleet key")
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refusals() < 2 {
+        assert!(Instant::now() < deadline, "{}", g1.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!g1.log_text().contains("rings here"), "{}", g1.log_text());
+    // The same ring sealed with the fleet key is taken: the seal is what stopped it.
+    let mut key = [0u8; 32];
+    for (i, k) in key.iter_mut().enumerate() {
+        *k = u8::from_str_radix(&KEY[2 * i..2 * i + 2], 16).unwrap();
+    }
+    let right = voxgate::server::fleet::Seal::new(&key).seal(ch, ring);
+    // ... but not on another node's channel (the channel is bound into the seal).
+    assert_eq!(
+        publish_bytes(
+            &f.redis,
+            ch,
+            &voxgate::server::fleet::Seal::new(&key).seal("voxgate:node:gw2", ring)
+        ),
+        1
+    );
+    assert_eq!(publish_bytes(&f.redis, ch, &right), 1);
+    g1.wait_log(mark, "the sealed ring", |l| l.contains("rings here"));
+    assert_eq!(refusals(), 3, "{}", g1.log_text());
+}
+
+#[test]
+fn redis_down_fails_calls_across_gateways_clearly_and_service_resumes() {
+    let Some(mut f) = fleet(2) else { return };
+    let mark = f.gws[1].log_len();
+    let bob = spawn_phone(&f.gws[1], "bob", &["--answer", "--wait", "60"]);
+    f.gws[1].wait_online(mark, "bob");
+    f.redis.stop();
+    let r = common::run_phone(&f.gws[0], "alice", &["--call", "+15550002"]);
+    assert_eq!(r.json["result"], "failed", "{}", r.json);
+    assert_eq!(r.json["hangup_reason"], "error", "{}", r.json);
+    assert!(
+        r.json
+            .to_string()
+            .contains("presence service is unavailable"),
+        "{}",
+        r.json
+    );
+    assert!(
+        f.gws[0]
+            .log_text()
+            .contains("presence look-up in Redis failed"),
+        "the reason is in the log"
+    );
+    // Redis back (empty: no persistence): the gateways write presence again by themselves.
+    f.redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while presence(&f.redis, "bob").as_deref() != Some("gw2") {
+        assert!(
+            Instant::now() < deadline,
+            "bob's presence was not written again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(bob);
+    // And calls across gateways work again (gw2 subscribed again).
+    call_across(&f.gws[0], "alice", &f.gws[1], "bob", "+15550002", "");
+}
+
+#[test]
+fn a_callee_gateway_killed_mid_call_ends_the_call_with_peer_lost() {
+    let Some(mut f) = fleet(2) else { return };
+    let mark = f.gws[1].log_len();
+    let _carol = spawn_phone(&f.gws[1], "carol", &["--answer", "--wait", "60"]);
+    f.gws[1].wait_online(mark, "carol");
+    let alice = spawn_phone(
+        &f.gws[0],
+        "alice",
+        &["--call", "+15550003", "--duration", "30"],
+    );
+    let err = alice.stderr.clone().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&err)
+        .unwrap_or_default()
+        .contains("media is up")
+    {
+        assert!(Instant::now() < deadline, "the call did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(f.gws[1].pid(), libc::SIGKILL) };
+    let r = common::finish(alice);
+    let took = killed.elapsed();
+    eprintln!("the caller was told {took:?} after kill -9 of the callee's gateway");
+    assert_eq!(r.json["hangup_reason"], "peer_lost", "{}", r.json);
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    assert!(
+        f.gws[0].log_text().contains("a fleet node is gone"),
+        "{}",
+        f.gws[0].log_text()
+    );
+    f.gws.truncate(1);
+}
+
+#[test]
+fn a_wrong_redis_password_stops_the_start_without_showing_it() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pw = private_file(dir.path(), "redis.pass", "not-the-Password-42\n");
+    let key = private_file(dir.path(), "fleet.key", KEY);
+    let conf = dir.path().join("gw.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[fleet]\nredis = \"redis://{USER}@127.0.0.1:{}/\"\npassword_file = \"{}\"\nkey_file = \"{}\"\n",
+            redis.port,
+            pw.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["serve", "--config", conf.to_str().unwrap(), "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--listen",
+            "127.0.0.1",
+            "--control-port",
+            "0",
+            "--media-port-base",
+            "0",
+            "--probe-ports",
+            "0,0",
+            "--shards",
+            "1",
+            "--no-pin",
+            "--no-admin",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "fleet: Redis at redis://{USER}@127.0.0.1:{}/ is unavailable",
+            redis.port
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("not-the-Password-42"), "{err}");
+}
+
+#[test]
+fn a_conference_with_members_on_three_gateways() {
+    let Some(f) = fleet(3) else { return };
+    let (g1, g2, g3) = (&f.gws[0], &f.gws[1], &f.gws[2]);
+    let clip = test_clip(g1.dir.path(), "speech-8k.wav", "conf.wav", 1.0);
+    let mut members = Vec::new();
+    for (gw, user) in [(g2, "bob"), (g3, "carol")] {
+        let mark = gw.log_len();
+        members.push(spawn_phone(
+            gw,
+            user,
+            &[
+                "--answer",
+                "--play",
+                clip.to_str().unwrap(),
+                "--duration",
+                "3",
+                "--wait",
+                "20",
+            ],
+        ));
+        gw.wait_online(mark, user);
+    }
+    let alice = common::run_phone(
+        g1,
+        "alice",
+        &[
+            "--conference",
+            "+15550002,+15550003",
+            "--play",
+            clip.to_str().unwrap(),
+            "--duration",
+            "3",
+        ],
+    );
+    let results: Vec<common::PhoneResult> = members.into_iter().map(common::finish).collect();
+    assert_eq!(alice.code, 0, "{}\n{}", alice.json, alice.stderr);
+    for (who, r) in [
+        ("alice", &alice),
+        ("bob", &results[0]),
+        ("carol", &results[1]),
+    ] {
+        assert_eq!(
+            r.code,
+            0,
+            "{who}: {}\n{}\ngw1:\n{}\ngw2:\n{}",
+            r.json,
+            r.stderr,
+            g1.log_text(),
+            g2.log_text()
+        );
+        // Each hears both others (two sources), through gw1.
+        assert_eq!(r.json["result"], "completed", "{who}: {}", r.json);
+        let got = r.json["received"]["packets"].as_u64().unwrap();
+        eprintln!(
+            "{who} received {got} packets from {} sources",
+            r.json["received"]["ssrcs"]
+        );
+        assert!(got >= 100, "{who} received {got}: {}", r.json);
+        assert_eq!(
+            r.json["received"]["ssrcs"], 2,
+            "{who} hears both others: {}",
+            r.json
+        );
+    }
+    // The organizer's gateway relayed the room; the members' gateways relayed nothing.
+    let into = |g: &Gateway| metric(g, "voxgate_shard_packets_total", "direction=\"in\"");
+    assert!(into(g1) >= 100.0, "{}", into(g1));
+    assert_eq!(into(g2), 0.0);
+    assert_eq!(into(g3), 0.0);
 }

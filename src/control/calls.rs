@@ -1708,6 +1708,10 @@ impl Gateway {
         if ncalls >= self.cfg.max_calls_per_user {
             return self.refuse_dial(conn, id, HangupReason::Error);
         }
+        // Members logged in on other gateways of the fleet are rung there first.
+        if self.fleet_divert_conference(now, conn, id, media, numbers, &found) {
+            return;
+        }
         let found: Vec<Result<Option<Destination>, LookupError>> = match found {
             Ok(v) => v.into_iter().map(Ok).collect(),
             Err(e) => vec![Err(e)],

@@ -1,6 +1,6 @@
 //! Calls between subscribers on different gateways of a fleet, as actions and inputs of the
 //! sans-IO core: the core never talks to Redis; it emits [`Action::Fleet`] and is told what
-//! happened with [`Input::Fleet`] (`server::fleet` does the IO).
+//! happened with [`Input::Fleet`](super::gateway::Input::Fleet) (`server::fleet` does the IO).
 //!
 //! # Presence and location
 //! After a log-in the core emits [`FleetAction::Online`]; when the client is gone,
@@ -34,6 +34,13 @@
 //! disclosed call key opens that one call only. The callee's phone is told to derive its keys
 //! from the call key by `media{call_key: true}` (docs/PROTOCOL.md).
 //!
+//! # Conferences
+//! A `conference` whose numbers include subscribers on other nodes locates and rings each of
+//! them the same way first (one virtual connection each); once every one answered (or the
+//! ring timeout passed) the room opens as a local one, on the organizer's node, with the
+//! members found. Messages name the call *and* the virtual connection, so several members of
+//! one room may be on one node.
+//!
 //! # Failures
 //! - Not in Redis (or Redis says this node while the user is not here): `hang_up{offline}`.
 //! - Redis unreachable: `hang_up{error}` with the reason in the detail.
@@ -41,8 +48,9 @@
 //! - A node that hosts a party of a call, or relays a call for a local callee, disappears from
 //!   Redis ([`FleetInput::NodeDown`]): the other side's call ends with `hang_up{peer_lost}`.
 //!
-//! Bounded: fleet dials waiting at once by `max_pending_lookups`; virtual connections by the
-//! calls they stand in for (each is removed once its call ended).
+//! Bounded: fleet dials and conferences waiting at once by `max_pending_lookups` (and each
+//! counts against the caller's `max_calls_per_user`); virtual connections by the calls they
+//! stand in for (each is removed once its call ended, after its last message was routed).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -87,15 +95,23 @@ pub enum FleetMsg {
         probe: RemoteProbe,
     },
     /// Callee's node → caller's node: no (offline, busy, draining).
-    RingFailed { call: CallId, reason: HangupReason },
+    RingFailed {
+        call: CallId,
+        vconn: ConnId,
+        reason: HangupReason,
+    },
     /// Caller's node → callee's node: deliver this to the callee of `call`.
-    ToPhone { call: CallId, msg: ServerMsg },
+    ToPhone {
+        call: CallId,
+        vconn: ConnId,
+        msg: ServerMsg,
+    },
     /// Callee's node → caller's node: the callee sent this about the call.
     FromPhone { vconn: ConnId, msg: ClientMsg },
     /// Callee's node → caller's node: the callee's connection is gone.
     PhoneGone { vconn: ConnId },
     /// Caller's node → callee's node: forget `call` (it never rang, or it is over).
-    Release { call: CallId },
+    Release { call: CallId, vconn: ConnId },
 }
 
 /// The callee's latest probe result, as its node has it.
@@ -210,10 +226,27 @@ pub(crate) struct Fleet {
     node: NodeId,
     next_vconn: ConnId,
     next_locate: u64,
-    locates: HashMap<u64, CallId>,
+    /// Redis look-ups: id -> (call, virtual connection to be).
+    locates: HashMap<u64, (CallId, ConnId)>,
     dials: HashMap<CallId, FleetDial>,
+    /// Conferences waiting for their members on other nodes.
+    rooms: HashMap<CallId, FleetRoom>,
+    /// Conferences whose remote members were asked already (the second resolution).
+    asked: std::collections::HashSet<CallId>,
     remote: HashMap<ConnId, Remote>,
-    hosted: HashMap<CallId, Hosted>,
+    /// By (call, the caller's node's virtual connection for the callee).
+    hosted: HashMap<(CallId, ConnId), Hosted>,
+}
+
+/// A conference whose members on other nodes are being located and rung.
+#[derive(Debug)]
+struct FleetRoom {
+    conn: ConnId,
+    media: Option<SocketAddr>,
+    numbers: Vec<String>,
+    found: Vec<Option<Destination>>,
+    /// vconn -> (user, node rung)
+    waiting: HashMap<ConnId, (String, Option<NodeId>)>,
 }
 
 impl Fleet {
@@ -224,6 +257,8 @@ impl Fleet {
             next_locate: 1,
             locates: HashMap::new(),
             dials: HashMap::new(),
+            rooms: HashMap::new(),
+            asked: Default::default(),
             remote: HashMap::new(),
             hosted: HashMap::new(),
         }
@@ -271,6 +306,14 @@ impl Gateway {
             .is_some_and(|f| f.hosted.values().any(|h| h.conn == conn))
     }
 
+    /// Whether `call` is a dial waiting for Redis or for the callee's node.
+    #[cfg(test)]
+    pub(crate) fn fleet_dial_pending(&self, call: CallId) -> bool {
+        self.fleet
+            .as_deref()
+            .is_some_and(|f| f.dials.contains_key(&call) || f.rooms.contains_key(&call))
+    }
+
     fn fleet_act(&mut self, a: FleetAction) {
         self.actions.push_back(Action::Fleet(a));
     }
@@ -292,7 +335,7 @@ impl Gateway {
         if f.remote.contains_key(&conn) {
             return;
         }
-        let gone: Vec<CallId> = f
+        let gone: Vec<(CallId, ConnId)> = f
             .hosted
             .iter()
             .filter(|(_, h)| h.conn == conn)
@@ -349,7 +392,7 @@ impl Gateway {
         f.next_vconn += 1;
         let id = f.next_locate;
         f.next_locate += 1;
-        f.locates.insert(id, call);
+        f.locates.insert(id, (call, vconn));
         f.dials.insert(
             call,
             FleetDial {
@@ -363,6 +406,10 @@ impl Gateway {
             },
         );
         let user = user.clone();
+        // It counts against the caller's calls at once, like a directory look-up.
+        if let Some(s) = self.session_mut(conn) {
+            s.lookups += 1;
+        }
         self.timers
             .set(Timer::FleetRing(call), later(now, ring_timeout));
         self.fleet_act(FleetAction::Locate { id, user });
@@ -374,15 +421,34 @@ impl Gateway {
         let Some(f) = self.fleet.as_deref_mut() else {
             return false;
         };
+        if f.rooms.get(&call).is_some_and(|r| r.conn == conn) {
+            let Some(r) = f.rooms.remove(&call) else {
+                return false;
+            };
+            f.asked.remove(&call);
+            self.timers.cancel(Timer::FleetRing(call));
+            self.fleet_dial_done(conn);
+            for (vconn, (_, node)) in r.waiting {
+                if let Some(node) = node {
+                    self.fleet_act(FleetAction::Send {
+                        node,
+                        msg: FleetMsg::Release { call, vconn },
+                    });
+                }
+            }
+            self.close_record(call, None, Some(HangupReason::Normal));
+            return true;
+        }
         if f.dials.get(&call).is_none_or(|d| d.conn != conn) {
             return false;
         }
         let d = f.dials.remove(&call);
         self.timers.cancel(Timer::FleetRing(call));
-        if let Some(node) = d.and_then(|d| d.node) {
+        self.fleet_dial_done(conn);
+        if let Some((node, vconn)) = d.and_then(|d| Some((d.node?, d.vconn))) {
             self.fleet_act(FleetAction::Send {
                 node,
-                msg: FleetMsg::Release { call },
+                msg: FleetMsg::Release { call, vconn },
             });
         }
         self.close_record(call, None, Some(HangupReason::Normal));
@@ -398,10 +464,14 @@ impl Gateway {
             return;
         };
         self.timers.cancel(Timer::FleetRing(call));
+        self.fleet_dial_done(d.conn);
         if let Some(node) = d.node {
             self.fleet_act(FleetAction::Send {
                 node,
-                msg: FleetMsg::Release { call },
+                msg: FleetMsg::Release {
+                    call,
+                    vconn: d.vconn,
+                },
             });
         }
         if self.session(d.conn).is_none() {
@@ -414,7 +484,14 @@ impl Gateway {
     }
 
     /// The callee's node did not answer in time.
-    pub(crate) fn on_fleet_ring_timer(&mut self, call: CallId) {
+    pub(crate) fn on_fleet_ring_timer(&mut self, now: Instant, call: CallId) {
+        if self
+            .fleet
+            .as_deref()
+            .is_some_and(|f| f.rooms.contains_key(&call))
+        {
+            return self.fleet_room_finish(now, call);
+        }
         tracing::info!(call, "the callee's gateway did not answer the ring");
         self.fleet_dial_failed(
             call,
@@ -428,20 +505,44 @@ impl Gateway {
             return;
         }
         match input {
-            FleetInput::Located { id, node } => self.on_located(id, node),
+            FleetInput::Located { id, node } => self.on_located(now, id, node),
             FleetInput::Message { from, msg } => self.on_fleet_msg(now, from, msg),
             FleetInput::NodeDown { node } => self.on_node_down(now, &node),
         }
     }
 
-    fn on_located(&mut self, id: u64, node: Result<Option<NodeId>, String>) {
+    fn on_located(&mut self, now: Instant, id: u64, node: Result<Option<NodeId>, String>) {
         let Some(f) = self.fleet.as_deref_mut() else {
             return;
         };
-        let Some(call) = f.locates.remove(&id) else {
+        let Some((call, vconn)) = f.locates.remove(&id) else {
             return;
         };
         let me = f.node.clone();
+        if let Some(r) = f.rooms.get_mut(&call) {
+            let Some((user, rung)) = r.waiting.get_mut(&vconn) else {
+                return;
+            };
+            match node {
+                Ok(Some(n)) if n != me => {
+                    *rung = Some(n.clone());
+                    let msg = FleetMsg::Ring {
+                        call,
+                        vconn,
+                        user: user.clone(),
+                    };
+                    self.fleet_act(FleetAction::Send { node: n, msg });
+                }
+                other => {
+                    if let Err(e) = other {
+                        tracing::error!(call, error = %e, "presence look-up in Redis failed");
+                    }
+                    r.waiting.remove(&vconn);
+                    self.fleet_room_progress(now, call);
+                }
+            }
+            return;
+        }
         match node {
             Err(e) => {
                 tracing::error!(call, error = %e, "presence look-up in Redis failed");
@@ -480,7 +581,19 @@ impl Gateway {
                 number,
                 probe,
             } => self.on_ring_ok(now, &from, call, vconn, &key, peer, number, probe),
-            FleetMsg::RingFailed { call, reason } => {
+            FleetMsg::RingFailed { call, vconn, .. }
+                if self.fleet_room_member(call, vconn, &from) =>
+            {
+                if let Some(r) = self
+                    .fleet
+                    .as_deref_mut()
+                    .and_then(|f| f.rooms.get_mut(&call))
+                {
+                    r.waiting.remove(&vconn);
+                }
+                self.fleet_room_progress(now, call);
+            }
+            FleetMsg::RingFailed { call, reason, .. } => {
                 let ours = self
                     .fleet
                     .as_deref()
@@ -497,7 +610,7 @@ impl Gateway {
                     self.fleet_dial_failed(call, reason, None);
                 }
             }
-            FleetMsg::ToPhone { call, msg } => self.on_to_phone(&from, call, msg),
+            FleetMsg::ToPhone { call, vconn, msg } => self.on_to_phone(&from, call, vconn, msg),
             FleetMsg::FromPhone { vconn, msg } => {
                 if self.remote_of(vconn, &from) {
                     self.handle(now, super::gateway::Input::Message { conn: vconn, msg });
@@ -508,11 +621,11 @@ impl Gateway {
                     self.forget_conn(now, vconn, super::calls::Lost::PeerLost);
                 }
             }
-            FleetMsg::Release { call } => {
+            FleetMsg::Release { call, vconn } => {
                 if let Some(f) = self.fleet.as_deref_mut()
-                    && f.hosted.get(&call).is_some_and(|h| h.node == from)
+                    && f.hosted.get(&(call, vconn)).is_some_and(|h| h.node == from)
                 {
-                    f.hosted.remove(&call);
+                    f.hosted.remove(&(call, vconn));
                 }
             }
         }
@@ -536,7 +649,13 @@ impl Gateway {
             .get(user)
             .copied()
             .filter(|c| !self.is_virtual(*c));
-        let refuse = |reason| reply(FleetMsg::RingFailed { call, reason });
+        let refuse = |reason| {
+            reply(FleetMsg::RingFailed {
+                call,
+                vconn,
+                reason,
+            })
+        };
         let Some(conn) = conn else {
             return self.fleet_act(refuse(HangupReason::Offline));
         };
@@ -568,7 +687,7 @@ impl Gateway {
         };
         if let Some(f) = self.fleet.as_deref_mut() {
             f.hosted.insert(
-                call,
+                (call, vconn),
                 Hosted {
                     conn,
                     node: from.clone(),
@@ -580,14 +699,20 @@ impl Gateway {
         self.fleet_act(reply(ok));
     }
 
+    /// Busy as for a local call: in any call, or in one another node relays.
     fn is_busy_fleet(&self, conn: ConnId) -> bool {
-        self.session(conn)
-            .is_none_or(|s| !s.calls.is_empty() || s.lookups > 0)
-            || self.fleet_hosts(conn)
+        self.session(conn).is_none_or(|s| !s.calls.is_empty()) || self.fleet_hosts(conn)
+    }
+
+    /// A fleet dial of `conn` is no longer waiting.
+    fn fleet_dial_done(&mut self, conn: ConnId) {
+        if let Some(s) = self.session_mut(conn) {
+            s.lookups = s.lookups.saturating_sub(1);
+        }
     }
 
     /// Caller's side: the callee's node said yes: the callee becomes a virtual connection
-    /// and the dial goes on as a local one.
+    /// and the dial (or the conference) goes on as a local one.
     #[allow(clippy::too_many_arguments)]
     fn on_ring_ok(
         &mut self,
@@ -603,72 +728,250 @@ impl Gateway {
         let Some(f) = self.fleet.as_deref_mut() else {
             return;
         };
+        let release = FleetAction::Send {
+            node: from.to_owned(),
+            msg: FleetMsg::Release { call, vconn },
+        };
+        let key = unhex32(key);
+        // A conference member.
+        if let Some(r) = f.rooms.get_mut(&call) {
+            let waited = r
+                .waiting
+                .get(&vconn)
+                .is_some_and(|(_, n)| n.as_deref() == Some(from));
+            let (Some(key), true) = (key, waited) else {
+                return self.fleet_act(release);
+            };
+            let Some((user, _)) = r.waiting.remove(&vconn) else {
+                return;
+            };
+            let organizer = r.conn;
+            if !self.make_vconn(
+                now, organizer, from, call, vconn, user, key, peer, number, probe,
+            ) {
+                self.fleet_act(release);
+            }
+            return self.fleet_room_progress(now, call);
+        }
         let matches = f
             .dials
             .get(&call)
             .is_some_and(|d| d.vconn == vconn && d.node.as_deref() == Some(from));
-        let release = FleetAction::Send {
-            node: from.to_owned(),
-            msg: FleetMsg::Release { call },
-        };
-        let Some(key) = unhex32(key).filter(|_| matches) else {
+        let Some(key) = key.filter(|_| matches) else {
             return self.fleet_act(release);
         };
         let Some(d) = f.dials.remove(&call) else {
             return;
         };
         self.timers.cancel(Timer::FleetRing(call));
-        let Some(local) = self.conns.get(&d.conn).map(|c| c.local) else {
+        self.fleet_dial_done(d.conn);
+        if self.session(d.conn).is_none() {
             self.fleet_act(release);
             return self.close_record(call, None, Some(HangupReason::PeerLost));
-        };
-        if self.users.contains_key(&d.user) {
+        }
+        let user = d.user.clone();
+        if !self.make_vconn(
+            now, d.conn, from, call, vconn, user, key, peer, number, probe,
+        ) {
             // The callee logged in here meanwhile: ring it here.
             self.fleet_act(release);
-        } else {
-            let session = Session {
-                user: d.user.clone(),
-                number,
-                key: SessionKey::from_bytes(key),
-                presence: Presence::new(now),
-                probe: None,
-                last_probe_id: 0,
-                result: Some(probe.outcome()),
-                calls: Default::default(),
-                lookups: 0,
-                verifier_tag: [0; 32],
-                allow_prefixes: None,
-            };
-            self.conns.insert(
-                vconn,
-                super::gateway::Conn {
-                    peer: crate::net::canonical(peer),
-                    local,
-                    opened: now,
-                    phase: Phase::LoggedIn(Box::new(session)),
-                    tls_exporter: None,
-                },
-            );
-            self.users.insert(d.user.clone(), vconn);
-            if let Some(f) = self.fleet.as_deref_mut() {
-                f.remote.insert(
-                    vconn,
-                    Remote {
-                        node: from.to_owned(),
-                        call,
-                    },
-                );
-            }
         }
         self.dial_resolved(now, d.conn, call, d.media, &d.number, Ok(Some(d.found)));
     }
 
+    /// The stand-in for `user` on node `from`; `false` when the user is logged in here now
+    /// (or the caller is gone).
+    #[allow(clippy::too_many_arguments)]
+    fn make_vconn(
+        &mut self,
+        now: Instant,
+        caller: ConnId,
+        from: &str,
+        call: CallId,
+        vconn: ConnId,
+        user: String,
+        key: [u8; 32],
+        peer: SocketAddr,
+        number: String,
+        probe: RemoteProbe,
+    ) -> bool {
+        let Some(local) = self.conns.get(&caller).map(|c| c.local) else {
+            return false;
+        };
+        if self.users.contains_key(&user) {
+            return false;
+        }
+        let session = Session {
+            user: user.clone(),
+            number,
+            key: SessionKey::from_bytes(key),
+            presence: Presence::new(now),
+            probe: None,
+            last_probe_id: 0,
+            result: Some(probe.outcome()),
+            calls: Default::default(),
+            lookups: 0,
+            verifier_tag: [0; 32],
+            allow_prefixes: None,
+        };
+        self.conns.insert(
+            vconn,
+            super::gateway::Conn {
+                peer: crate::net::canonical(peer),
+                local,
+                opened: now,
+                phase: Phase::LoggedIn(Box::new(session)),
+                tls_exporter: None,
+            },
+        );
+        self.users.insert(user, vconn);
+        if let Some(f) = self.fleet.as_deref_mut() {
+            f.remote.insert(
+                vconn,
+                Remote {
+                    node: from.to_owned(),
+                    call,
+                },
+            );
+        }
+        true
+    }
+
+    /// A conference's directory answer names members not logged in here: locate and ring
+    /// them in the fleet first; the room opens once they answered. `true` when it went so.
+    pub(crate) fn fleet_divert_conference(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        call: CallId,
+        media: Option<SocketAddr>,
+        numbers: &[String],
+        found: &Result<Vec<Option<Destination>>, LookupError>,
+    ) -> bool {
+        let Ok(found) = found else { return false };
+        let me = self.session(conn).map(|s| s.user.clone());
+        let Some(f) = self.fleet.as_deref() else {
+            return false;
+        };
+        if f.asked.contains(&call) {
+            return false;
+        }
+        let mut remote: Vec<String> = Vec::new();
+        for d in found.iter().flatten() {
+            if let Destination::User { user, .. } = d
+                && !self.users.contains_key(user)
+                && me.as_deref() != Some(user)
+                && !remote.contains(user)
+            {
+                remote.push(user.clone());
+            }
+        }
+        if remote.is_empty() {
+            return false;
+        }
+        let max = self.cfg.max_pending_lookups;
+        let ring_timeout = self.cfg.ring_timeout;
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return false;
+        };
+        if f.rooms.len() + f.dials.len() >= max {
+            self.refuse_dial(conn, call, HangupReason::Error);
+            return true;
+        }
+        f.asked.insert(call);
+        let mut waiting = HashMap::new();
+        let mut asks = Vec::new();
+        for user in remote {
+            let vconn = f.next_vconn;
+            f.next_vconn += 1;
+            let id = f.next_locate;
+            f.next_locate += 1;
+            f.locates.insert(id, (call, vconn));
+            waiting.insert(vconn, (user.clone(), None));
+            asks.push(FleetAction::Locate { id, user });
+        }
+        f.rooms.insert(
+            call,
+            FleetRoom {
+                conn,
+                media,
+                numbers: numbers.to_vec(),
+                found: found.clone(),
+                waiting,
+            },
+        );
+        if let Some(s) = self.session_mut(conn) {
+            s.lookups += 1;
+        }
+        self.timers
+            .set(Timer::FleetRing(call), later(now, ring_timeout));
+        for a in asks {
+            self.fleet_act(a);
+        }
+        true
+    }
+
+    /// The node `from` rang for a waiting member of conference `call`.
+    fn fleet_room_member(&self, call: CallId, vconn: ConnId, from: &str) -> bool {
+        self.fleet
+            .as_deref()
+            .and_then(|f| f.rooms.get(&call))
+            .and_then(|r| r.waiting.get(&vconn))
+            .is_some_and(|(_, n)| n.as_deref() == Some(from))
+    }
+
+    /// Opens the room once no member is awaited any more.
+    fn fleet_room_progress(&mut self, now: Instant, call: CallId) {
+        let done = self
+            .fleet
+            .as_deref()
+            .and_then(|f| f.rooms.get(&call))
+            .is_some_and(|r| r.waiting.is_empty());
+        if done {
+            self.fleet_room_finish(now, call);
+        }
+    }
+
+    /// Opens the room with the members found (those still awaited are given up).
+    fn fleet_room_finish(&mut self, now: Instant, call: CallId) {
+        let Some(r) = self
+            .fleet
+            .as_deref_mut()
+            .and_then(|f| f.rooms.remove(&call))
+        else {
+            return;
+        };
+        self.timers.cancel(Timer::FleetRing(call));
+        self.fleet_dial_done(r.conn);
+        for (vconn, (_, node)) in &r.waiting {
+            if let Some(node) = node {
+                self.fleet_act(FleetAction::Send {
+                    node: node.clone(),
+                    msg: FleetMsg::Release {
+                        call,
+                        vconn: *vconn,
+                    },
+                });
+            }
+        }
+        if self.session(r.conn).is_none() {
+            if let Some(f) = self.fleet.as_deref_mut() {
+                f.asked.remove(&call);
+            }
+            return self.close_record(call, None, Some(HangupReason::PeerLost));
+        }
+        self.conference_resolved(now, r.conn, call, r.media, &r.numbers, Ok(r.found));
+        if let Some(f) = self.fleet.as_deref_mut() {
+            f.asked.remove(&call);
+        }
+    }
+
     /// Callee's side: the relaying node sends the callee a message about `call`.
-    fn on_to_phone(&mut self, from: &str, call: CallId, msg: ServerMsg) {
+    fn on_to_phone(&mut self, from: &str, call: CallId, vconn: ConnId, msg: ServerMsg) {
         let Some(f) = self.fleet.as_deref_mut() else {
             return;
         };
-        let Some(h) = f.hosted.get(&call).filter(|h| h.node == from) else {
+        let Some(h) = f.hosted.get(&(call, vconn)).filter(|h| h.node == from) else {
             tracing::debug!(call, node = %from, "message for a call not hosted here: dropped");
             return;
         };
@@ -679,7 +982,7 @@ impl Gateway {
                 ServerMsg::Media(m)
             }
             ServerMsg::HangUp { .. } => {
-                f.hosted.remove(&call);
+                f.hosted.remove(&(call, vconn));
                 msg
             }
             ServerMsg::Incoming { .. } | ServerMsg::MediaReady { .. } | ServerMsg::Error { .. } => {
@@ -704,12 +1007,12 @@ impl Gateway {
         let Some(f) = self.fleet.as_deref_mut() else {
             return false;
         };
-        let Some(h) = f.hosted.get(&call).filter(|h| h.conn == conn) else {
+        let Some((key, h)) = f.hosted.iter().find(|(k, h)| k.0 == call && h.conn == conn) else {
             return false;
         };
-        let (node, vconn) = (h.node.clone(), h.vconn);
+        let (key, node, vconn) = (*key, h.node.clone(), h.vconn);
         if matches!(msg, ClientMsg::Reject { .. } | ClientMsg::HangUp { .. }) {
-            f.hosted.remove(&call);
+            f.hosted.remove(&key);
         }
         self.fleet_act(FleetAction::Send {
             node,
@@ -735,11 +1038,21 @@ impl Gateway {
             .filter(|(_, r)| r.node == node)
             .map(|(c, _)| *c)
             .collect();
-        let hosted: Vec<(CallId, ConnId)> = f
+        let hosted: Vec<((CallId, ConnId), ConnId)> = f
             .hosted
             .iter()
             .filter(|(_, h)| h.node == node)
-            .map(|(c, h)| (*c, h.conn))
+            .map(|(k, h)| (*k, h.conn))
+            .collect();
+        // Conferences waiting for members there: those members are given up.
+        let rooms: Vec<CallId> = f
+            .rooms
+            .iter_mut()
+            .filter_map(|(call, r)| {
+                let before = r.waiting.len();
+                r.waiting.retain(|_, (_, n)| n.as_deref() != Some(node));
+                (r.waiting.len() != before).then_some(*call)
+            })
             .collect();
         let dials: Vec<CallId> = f
             .dials
@@ -767,7 +1080,10 @@ impl Gateway {
         for vconn in vconns {
             self.forget_conn(now, vconn, super::calls::Lost::PeerLost);
         }
-        for (call, conn) in hosted {
+        for call in rooms {
+            self.fleet_room_progress(now, call);
+        }
+        for ((call, _), conn) in hosted {
             self.send(
                 conn,
                 ServerMsg::HangUp {
@@ -790,7 +1106,11 @@ impl Gateway {
                 let r = &f.remote[&conn];
                 Some(Action::Fleet(FleetAction::Send {
                     node: r.node.clone(),
-                    msg: FleetMsg::ToPhone { call: r.call, msg },
+                    msg: FleetMsg::ToPhone {
+                        call: r.call,
+                        vconn: conn,
+                        msg,
+                    },
                 }))
             }
             Action::Close { conn } if f.remote.contains_key(&conn) => None,
@@ -809,8 +1129,10 @@ impl Gateway {
         }
         let done: Vec<ConnId> = f
             .remote
-            .keys()
-            .copied()
+            .iter()
+            // A conference still ringing its other remote members keeps its stand-ins.
+            .filter(|(_, r)| !f.rooms.contains_key(&r.call))
+            .map(|(c, _)| *c)
             .filter(|c| match self.conns.get(c).map(|c| &c.phase) {
                 Some(Phase::LoggedIn(s)) => s.calls.is_empty(),
                 _ => true,
@@ -834,8 +1156,14 @@ impl Gateway {
             self.timers.cancel(Timer::Probe(vconn));
             self.fleet_act(FleetAction::Send {
                 node: r.node,
-                msg: FleetMsg::Release { call: r.call },
+                msg: FleetMsg::Release {
+                    call: r.call,
+                    vconn,
+                },
             });
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

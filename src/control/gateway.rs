@@ -848,7 +848,7 @@ impl Gateway {
                 Timer::Call(call) => self.on_call_timer(now, call),
                 Timer::DirectoryPoll => self.poll_directory(),
                 Timer::CallLimit(call) => self.on_call_limit(call),
-                Timer::FleetRing(call) => self.on_fleet_ring_timer(call),
+                Timer::FleetRing(call) => self.on_fleet_ring_timer(now, call),
             }
         }
         if self.draining && !self.shut {

@@ -20,7 +20,8 @@
 //! Modules: [`auth`] (SCRAM-SHA-256 log-in, rate limiting), [`planner`] (Table 1),
 //! [`presence`] (heart-beats and polls), [`probe`] (firewall probing on ports A and B), [`calls`]
 //! (dialling, ringing, media set-up, rooms, re-planning), [`media`] (turning a plan into
-//! per-client instructions and relay legs), and [`gateway`], which ties them together behind
+//! per-client instructions and relay legs), [`fleet`] (presence in Redis and calls across the
+//! gateways of a fleet, as actions and inputs), and [`gateway`], which ties them together behind
 //! one `handle(now, input)` / `poll_action()` interface for `server/`.
 
 pub mod advertise;

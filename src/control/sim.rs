@@ -744,7 +744,9 @@ pub fn check_invariants(gw: &Gateway) {
     // Every open call record belongs to a call in progress (none leaks).
     for call in gw.records.keys() {
         assert!(
-            gw.calls.contains_key(call) || gw.pending_calls.contains_key(call),
+            gw.calls.contains_key(call)
+                || gw.pending_calls.contains_key(call)
+                || gw.fleet_dial_pending(*call),
             "record of call {call} left open"
         );
     }
@@ -756,7 +758,7 @@ pub fn check_invariants(gw: &Gateway) {
     }
     for (conn, c) in &gw.conns {
         assert!(
-            gw.timers.contains(Timer::Conn(*conn)),
+            gw.timers.contains(Timer::Conn(*conn)) || gw.is_virtual(*conn),
             "conn {conn} has no timer"
         );
         if let Phase::LoggedIn(s) = &c.phase {

@@ -1,0 +1,478 @@
+//! Two cores of a fleet on one virtual clock: each is a `sim::World`; a tiny in-memory stand-in
+//! for Redis carries their `Action::Fleet`s (presence map, message delivery) the way
+//! `server::fleet` does with the real one (tested against a real Redis in tests/fleet_calls.rs).
+
+use std::collections::HashMap;
+
+use super::super::sim::{self, Client, OPEN, World};
+use super::*;
+use crate::control::gateway::Input;
+use crate::relay_spec::SessionSpec;
+
+struct Pair {
+    a: World,
+    b: World,
+    /// user -> node
+    presence: HashMap<String, NodeId>,
+    /// Redis answers look-ups with this error while set.
+    redis_down: Option<String>,
+    /// Every message that crossed "Redis", in order.
+    wire: Vec<(NodeId, NodeId, FleetMsg)>,
+}
+
+fn pair() -> Pair {
+    let mut a = World::new();
+    let mut b = World::new();
+    a.gw.enable_fleet("a".into());
+    b.gw.enable_fleet("b".into());
+    Pair {
+        a,
+        b,
+        presence: HashMap::new(),
+        redis_down: None,
+        wire: Vec::new(),
+    }
+}
+
+impl Pair {
+    fn world(&mut self, node: &str) -> &mut World {
+        if node == "a" {
+            &mut self.a
+        } else {
+            &mut self.b
+        }
+    }
+
+    /// Carries the fleet actions of both cores until none is left.
+    fn flow(&mut self) {
+        loop {
+            let mut moved = false;
+            for node in ["a", "b"] {
+                let w = self.world(node);
+                w.pump();
+                let (fleet, rest): (Vec<Action>, Vec<Action>) = std::mem::take(&mut w.shard_cmds)
+                    .into_iter()
+                    .partition(|a| matches!(a, Action::Fleet(_)));
+                w.shard_cmds = rest;
+                for a in fleet {
+                    moved = true;
+                    let Action::Fleet(a) = a else { unreachable!() };
+                    match a {
+                        FleetAction::Online { user } => {
+                            self.presence.insert(user, node.into());
+                        }
+                        FleetAction::Offline { user } => {
+                            if self.presence.get(&user).map(String::as_str) == Some(node) {
+                                self.presence.remove(&user);
+                            }
+                        }
+                        FleetAction::Locate { id, user } => {
+                            let answer = match &self.redis_down {
+                                Some(e) => Err(e.clone()),
+                                None => Ok(self.presence.get(&user).cloned()),
+                            };
+                            self.world(node)
+                                .input(Input::Fleet(FleetInput::Located { id, node: answer }));
+                        }
+                        FleetAction::Send { node: to, msg } => {
+                            self.wire.push((node.into(), to.clone(), msg.clone()));
+                            let from = node.to_owned();
+                            self.world(&to)
+                                .input(Input::Fleet(FleetInput::Message { from, msg }));
+                        }
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// alice logs in at a, bob at b (probes through open firewalls).
+    fn logged_in(&mut self) -> (Client, Client) {
+        let alice = self.a.login("alice", OPEN);
+        let bob = self.b.login("bob", OPEN);
+        self.flow();
+        (alice, bob)
+    }
+
+    /// alice (a) dials bob (b); bob is rung and accepts. Returns the call id.
+    fn call_up(&mut self, alice: &Client, bob: &Client) -> CallId {
+        self.a.send(
+            alice.conn,
+            ClientMsg::Dial {
+                tag: 1,
+                number: bob.number.into(),
+                media: Some(alice.media()),
+            },
+        );
+        self.flow();
+        let msgs = self.a.take(alice.conn);
+        let call = msgs
+            .iter()
+            .find_map(|m| match m {
+                ServerMsg::Calling { call, .. } => Some(*call),
+                _ => None,
+            })
+            .expect("calling");
+        assert!(
+            msgs.iter().any(|m| matches!(m, ServerMsg::Ringing { .. })),
+            "{msgs:?}"
+        );
+        let rung = self.b.take(bob.conn);
+        assert!(
+            rung.iter().any(|m| matches!(
+                m,
+                ServerMsg::Incoming { call: c, from_number, .. } if *c == call && from_number == alice.number
+            )),
+            "{rung:?}"
+        );
+        self.b.accept(bob, call, Some(bob.media()));
+        self.flow();
+        call
+    }
+}
+
+fn installs(w: &World) -> Vec<SessionSpec> {
+    w.shard_cmds
+        .iter()
+        .filter_map(|a| match a {
+            Action::InstallSession { spec, .. } => Some(spec.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn presence_follows_log_in_and_log_out() {
+    let mut p = pair();
+    let (_alice, bob) = p.logged_in();
+    assert_eq!(p.presence.get("alice").map(String::as_str), Some("a"));
+    assert_eq!(p.presence.get("bob").map(String::as_str), Some("b"));
+    p.b.send(bob.conn, ClientMsg::Bye);
+    p.flow();
+    assert!(!p.presence.contains_key("bob"));
+}
+
+#[test]
+fn a_call_across_nodes_is_relayed_by_the_callers_node_with_the_call_key() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let call = p.call_up(&alice, &bob);
+    // One relay session, on a; b installs nothing.
+    let on_a = installs(&p.a);
+    assert_eq!(on_a.len(), 1, "{:?}", p.a.shard_cmds);
+    assert!(installs(&p.b).is_empty());
+    // Both are told a's media addresses; bob's media says call_key, alice's does not.
+    let am = sim::media_of(&p.a.take(alice.conn));
+    let bm = sim::media_of(&p.b.take(bob.conn));
+    assert_eq!((am.len(), bm.len()), (1, 1));
+    assert!(!am[0].call_key && bm[0].call_key);
+    let gw = sim::addr(sim::GW).ip();
+    for m in [&am[0], &bm[0]] {
+        if let Some(u) = m.gateway_udp {
+            assert_eq!(u.ip(), gw);
+        }
+    }
+    // bob's leg on a's relay is keyed by the call key bob's phone derives, not by anything
+    // a could know otherwise; and that key never crossed "Redis" in a form bob's session
+    // key could be recovered from (only the derived call key did).
+    let leg = bm[0].leg.clone().expect("bob has a leg");
+    let spec = on_a[0]
+        .legs
+        .iter()
+        .find(|l| l.name == leg)
+        .expect("bob's leg");
+    let call_key = crate::control::fleet_call_key(&bob.key, call);
+    assert_eq!(spec.key, crate::control::leg_key(&call_key, &leg));
+    assert_ne!(spec.key, crate::control::leg_key(&bob.key, &leg));
+    let session_hex = hex32(bob.key.as_bytes());
+    for (_, _, m) in &p.wire {
+        let text = serde_json::to_string(m).unwrap();
+        assert!(
+            !text.contains(&session_hex),
+            "bob's session key crossed: {text}"
+        );
+    }
+    // bob is busy for local calls at b meanwhile.
+    let carol = p.b.login("carol", OPEN);
+    let c2 = p.b.dial(&carol, bob.number, Some(carol.media()));
+    p.flow();
+    assert_eq!(
+        sim::hangups(&p.b.take(carol.conn)),
+        [(c2, HangupReason::Busy)]
+    );
+    // bob hangs up: alice is told, a forgets the stand-in, b forgets the call.
+    p.b.send(bob.conn, ClientMsg::HangUp { call });
+    p.flow();
+    assert_eq!(
+        sim::hangups(&p.a.take(alice.conn)),
+        [(call, HangupReason::Normal)]
+    );
+    assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
+    assert!(!p.a.gw.users.contains_key("bob"));
+    assert!(p.b.gw.fleet.as_ref().unwrap().hosted.is_empty());
+    assert!(p.a.gw.calls.is_empty());
+}
+
+#[test]
+fn the_callers_hang_up_reaches_the_callee_and_a_second_call_works() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let call = p.call_up(&alice, &bob);
+    p.b.take(bob.conn);
+    p.a.send(alice.conn, ClientMsg::HangUp { call });
+    p.flow();
+    assert_eq!(
+        sim::hangups(&p.b.take(bob.conn)),
+        [(call, HangupReason::Normal)]
+    );
+    assert!(p.b.gw.fleet.as_ref().unwrap().hosted.is_empty());
+    let again = p.call_up(&alice, &bob);
+    assert_ne!(again, call);
+    assert_eq!(p.a.gw.calls.len(), 1);
+}
+
+#[test]
+fn offline_busy_rejected_and_redis_down_are_told_clearly() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    // carol is registered but logged in nowhere.
+    let c = p.a.dial(&alice, "+15550003", None);
+    p.flow();
+    assert_eq!(
+        sim::hangups(&p.a.take(alice.conn)),
+        [(c, HangupReason::Offline)]
+    );
+    // Redis says b, but she is not there (stale): offline too.
+    p.presence.insert("carol".into(), "b".into());
+    let c = p.a.dial(&alice, "+15550003", None);
+    p.flow();
+    assert_eq!(
+        sim::hangups(&p.a.take(alice.conn)),
+        [(c, HangupReason::Offline)]
+    );
+    assert!(p.b.gw.fleet.as_ref().unwrap().hosted.is_empty());
+    // bob rejects.
+    let c = p.a.dial(&alice, bob.number, None);
+    p.flow();
+    p.b.send(bob.conn, ClientMsg::Reject { call: c });
+    p.flow();
+    assert_eq!(
+        sim::hangups(&p.a.take(alice.conn)),
+        [(c, HangupReason::Rejected)]
+    );
+    assert!(p.b.gw.fleet.as_ref().unwrap().hosted.is_empty());
+    assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
+    // Redis down: an error the caller can read.
+    p.redis_down = Some("connection refused".into());
+    let c = p.a.dial(&alice, bob.number, None);
+    p.flow();
+    let msgs = p.a.take(alice.conn);
+    assert_eq!(sim::hangups(&msgs), [(c, HangupReason::Error)]);
+    assert!(
+        msgs.iter().any(|m| matches!(m, ServerMsg::HangUp { detail: Some(d), .. } if d.contains("presence service is unavailable"))),
+        "{msgs:?}"
+    );
+}
+
+#[test]
+fn a_node_that_goes_away_ends_the_calls_on_the_other_side() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let call = p.call_up(&alice, &bob);
+    p.a.take(alice.conn);
+    p.b.take(bob.conn);
+    // b vanishes (kill -9): a learns it from Redis.
+    p.a.input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
+    p.a.pump();
+    assert_eq!(
+        sim::hangups(&p.a.take(alice.conn)),
+        [(call, HangupReason::PeerLost)]
+    );
+    assert!(p.a.gw.calls.is_empty());
+    assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
+    // The other way round: a vanishes, b's callee is told.
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let call = p.call_up(&alice, &bob);
+    p.b.take(bob.conn);
+    p.b.input(Input::Fleet(FleetInput::NodeDown { node: "a".into() }));
+    let msgs = p.b.take(bob.conn);
+    assert_eq!(sim::hangups(&msgs), [(call, HangupReason::PeerLost)]);
+    assert!(!p.b.gw.fleet_hosts(bob.conn));
+}
+
+#[test]
+fn a_silent_callee_node_times_the_dial_out() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    // a locates bob on b, but b never answers (its messages are lost).
+    p.a.send(
+        alice.conn,
+        ClientMsg::Dial {
+            tag: 1,
+            number: bob.number.into(),
+            media: None,
+        },
+    );
+    p.a.pump();
+    let locate =
+        p.a.shard_cmds
+            .drain(..)
+            .find_map(|a| match a {
+                Action::Fleet(FleetAction::Locate { id, .. }) => Some(id),
+                _ => None,
+            })
+            .expect("locate");
+    p.a.input(Input::Fleet(FleetInput::Located {
+        id: locate,
+        node: Ok(Some("b".into())),
+    }));
+    p.a.shard_cmds.clear();
+    p.a.take(alice.conn);
+    p.a.advance(p.a.gw.cfg.ring_timeout + std::time::Duration::from_millis(1));
+    let msgs = p.a.take(alice.conn);
+    assert_eq!(sim::hangups(&msgs).len(), 1, "{msgs:?}");
+    assert_eq!(sim::hangups(&msgs)[0].1, HangupReason::Offline);
+    assert!(p.a.gw.fleet.as_ref().unwrap().dials.is_empty());
+}
+
+#[test]
+fn messages_from_the_wrong_node_are_ignored() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let call = p.call_up(&alice, &bob);
+    p.a.take(alice.conn);
+    let vconn = *p.a.gw.fleet.as_ref().unwrap().remote.keys().next().unwrap();
+    // A third node claims to speak for bob: nothing happens.
+    p.a.input(Input::Fleet(FleetInput::Message {
+        from: "c".into(),
+        msg: FleetMsg::FromPhone {
+            vconn,
+            msg: ClientMsg::HangUp { call },
+        },
+    }));
+    p.a.input(Input::Fleet(FleetInput::Message {
+        from: "c".into(),
+        msg: FleetMsg::PhoneGone { vconn },
+    }));
+    assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
+    assert_eq!(p.a.gw.calls.len(), 1);
+    // And b ignores a ToPhone for its callee from another node.
+    p.b.take(bob.conn);
+    p.b.input(Input::Fleet(FleetInput::Message {
+        from: "c".into(),
+        msg: FleetMsg::ToPhone {
+            call,
+            vconn: 1 << 62,
+            msg: ServerMsg::HangUp {
+                call,
+                reason: HangupReason::Normal,
+                detail: None,
+            },
+        },
+    }));
+    assert!(p.b.take(bob.conn).is_empty());
+    assert!(p.b.gw.fleet_hosts(bob.conn));
+}
+
+#[test]
+fn dials_waiting_for_the_fleet_count_against_the_callers_calls() {
+    let mut p = pair();
+    let (alice, _bob) = p.logged_in();
+    let max = p.a.gw.cfg.max_calls_per_user;
+    // Redis never answers: every dial waits, and counts; one more is refused.
+    p.a.take(alice.conn);
+    for _ in 0..=max {
+        p.a.send(
+            alice.conn,
+            ClientMsg::Dial {
+                tag: 1,
+                number: "+15550002".into(),
+                media: None,
+            },
+        );
+    }
+    let waiting = p.a.gw.fleet.as_ref().unwrap().dials.len();
+    assert_eq!(waiting, max);
+    assert_eq!(p.a.gw.session(alice.conn).unwrap().lookups, max);
+    let refused = sim::hangups(&p.a.take(alice.conn));
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].1, HangupReason::Error);
+    // The caller hangs one up: it stops counting.
+    let call = *p.a.gw.fleet.as_ref().unwrap().dials.keys().next().unwrap();
+    p.a.send(alice.conn, ClientMsg::HangUp { call });
+    assert_eq!(p.a.gw.session(alice.conn).unwrap().lookups, waiting - 1);
+    assert!(!p.a.gw.fleet_dial_pending(call));
+}
+
+#[test]
+fn a_conference_rings_members_on_other_nodes_and_relays_on_the_organizers() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let carol = p.a.login("carol", OPEN);
+    // Two members on b: each is rung there, and the room waits for both answers.
+    let erin = p.b.login("erin", OPEN);
+    p.flow();
+    p.a.send(
+        alice.conn,
+        ClientMsg::Conference {
+            tag: 3,
+            numbers: vec![
+                bob.number.into(),
+                carol.number.into(),
+                "+15550004".into(),
+                erin.number.into(),
+            ],
+            media: Some(alice.media()),
+        },
+    );
+    p.flow();
+    let msgs = p.a.take(alice.conn);
+    let room = msgs
+        .iter()
+        .find_map(|m| match m {
+            ServerMsg::Calling { call, .. } => Some(*call),
+            _ => None,
+        })
+        .expect("calling");
+    assert!(
+        msgs.iter().any(|m| matches!(m, ServerMsg::Ringing { .. })),
+        "{msgs:?}"
+    );
+    for (node, c) in [("b", &bob), ("a", &carol), ("b", &erin)] {
+        let rung = p.world(node).take(c.conn);
+        assert!(
+            rung.iter().any(
+                |m| matches!(m, ServerMsg::Incoming { call, conference: true, .. } if *call == room)
+            ),
+            "{rung:?}"
+        );
+    }
+    p.b.accept(&bob, room, Some(bob.media()));
+    p.a.accept(&carol, room, Some(carol.media()));
+    p.flow();
+    // One session on a, with bob's leg keyed by the call key; b installs nothing.
+    assert!(installs(&p.b).is_empty());
+    let bm = sim::media_of(&p.b.take(bob.conn));
+    assert_eq!(bm.len(), 1, "bob's media");
+    assert!(bm[0].call_key);
+    let leg = bm[0].leg.clone().unwrap();
+    let key = crate::control::leg_key(&crate::control::fleet_call_key(&bob.key, room), &leg);
+    let has_leg = p.a.shard_cmds.iter().any(|a| match a {
+        Action::InstallSession { spec, .. } => {
+            spec.legs.iter().any(|l| l.name == leg && l.key == key)
+        }
+        Action::AddLeg { leg: l, .. } => l.name == leg && l.key == key,
+        _ => false,
+    });
+    assert!(has_leg, "{:?}", p.a.shard_cmds);
+    // bob leaves: the room goes on with alice and carol; b forgets it.
+    p.b.send(bob.conn, ClientMsg::HangUp { call: room });
+    p.flow();
+    assert_eq!(p.b.gw.fleet.as_ref().unwrap().hosted.len(), 1, "erin's");
+    assert_eq!(p.a.gw.fleet.as_ref().unwrap().remote.len(), 1, "erin's");
+    assert_eq!(p.a.gw.calls.len(), 1, "the room goes on");
+}
