@@ -48,7 +48,11 @@ fn fleet_bench_smoke() {
             })
             .collect::<String>()
     };
-    assert!(run.status.success(), "perf/fleet failed:\n{stderr}\n{}", logs());
+    assert!(
+        run.status.success(),
+        "perf/fleet failed:\n{stderr}\n{}",
+        logs()
+    );
     for (label, gateways, cross) in [("single", 1, 0), ("fleet", 2, 20)] {
         let r = result(out.path(), label);
         assert_eq!(r["gateways"], gateways, "{r}");

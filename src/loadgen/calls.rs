@@ -250,34 +250,36 @@ async fn measure(a: &CallsArgs) -> Result<CallsResult, String> {
         j.map_err(|e| e.to_string())?;
     }
     let seconds = t0.elapsed().as_secs_f64();
-    let mut s = shared.lock().unwrap();
-    let slots = std::mem::take(&mut s.slots);
-    s.latencies.sort();
-    let pct = |q: f64| -> f64 {
-        if s.latencies.is_empty() {
-            return 0.0;
-        }
-        let i = ((s.latencies.len() as f64 * q).ceil() as usize).clamp(1, s.latencies.len());
-        s.latencies[i - 1].as_secs_f64() * 1e3
+    let (r, slots) = {
+        let mut s = shared.lock().unwrap();
+        let slots = std::mem::take(&mut s.slots);
+        s.latencies.sort();
+        let pct = |q: f64| -> f64 {
+            if s.latencies.is_empty() {
+                return 0.0;
+            }
+            let i = ((s.latencies.len() as f64 * q).ceil() as usize).clamp(1, s.latencies.len());
+            s.latencies[i - 1].as_secs_f64() * 1e3
+        };
+        let r = CallsResult {
+            label: a.label.clone(),
+            gateways,
+            subscribers: a.subscribers,
+            logged_in: a.logged_in,
+            login_seconds,
+            calls_attempted: s.latencies.len() + s.failed,
+            calls_set_up: s.latencies.len(),
+            calls_failed: s.failed,
+            cross_gateway: s.cross,
+            seconds,
+            setups_per_second: s.latencies.len() as f64 / seconds.max(1e-9),
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            max_ms: pct(1.0),
+            errors: s.errors.clone(),
+        };
+        (r, slots)
     };
-    let r = CallsResult {
-        label: a.label.clone(),
-        gateways,
-        subscribers: a.subscribers,
-        logged_in: a.logged_in,
-        login_seconds,
-        calls_attempted: s.latencies.len() + s.failed,
-        calls_set_up: s.latencies.len(),
-        calls_failed: s.failed,
-        cross_gateway: s.cross,
-        seconds,
-        setups_per_second: s.latencies.len() as f64 / seconds.max(1e-9),
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        max_ms: pct(1.0),
-        errors: s.errors.clone(),
-    };
-    drop(s);
     for p in slots.into_iter().flatten() {
         let _ = tokio::time::timeout(Duration::from_millis(200), p.phone.bye()).await;
     }
@@ -346,22 +348,31 @@ async fn one_call(a: &mut Slot, b: &mut Slot) -> Result<Duration, String> {
             .accept(call_b, media_b)
             .await
             .map_err(|e| format!("accept: {e}"))?;
-        next(&mut a.events, "the caller's media", Some(call), |e| {
-            matches!(e, Event::Media(m) if m.call == call)
-        })
+        next(
+            &mut a.events,
+            "the caller's media",
+            Some(call),
+            |e| matches!(e, Event::Media(m) if m.call == call),
+        )
         .await?;
-        next(&mut b.events, "the callee's media", Some(call_b), |e| {
-            matches!(e, Event::Media(m) if m.call == call_b)
-        })
+        next(
+            &mut b.events,
+            "the callee's media",
+            Some(call_b),
+            |e| matches!(e, Event::Media(m) if m.call == call_b),
+        )
         .await?;
         Ok::<_, String>((t.elapsed(), call_b))
     }
     .await;
     let _ = a.phone.hang_up(call).await;
     let (took, call_b) = r?;
-    next(&mut b.events, "the end of the call", None, |e| {
-        matches!(e, Event::HangUp { call: c, .. } if *c == call_b)
-    })
+    next(
+        &mut b.events,
+        "the end of the call",
+        None,
+        |e| matches!(e, Event::HangUp { call: c, .. } if *c == call_b),
+    )
     .await?;
     Ok(took)
 }
