@@ -14,6 +14,7 @@
 //! [`engine`] (the send/receive loops), [`setup`] and [`turn`] (getting streams up),
 //! [`procfs`] (CPU and memory of the relay), [`report`] (results → `report.md`).
 
+pub mod calls;
 pub mod engine;
 pub mod gate;
 pub mod pacing;
@@ -46,6 +47,9 @@ pub struct BenchArgs {
 enum BenchCmd {
     /// Run load steps against one system and write one JSON (+ .hlog) per step.
     Run(Box<RunArgs>),
+    /// Call set-up rate and latency of one gateway or of a fleet (`--server` per gateway):
+    /// log-ins, then calls between random pairs (see perf/README.md, "Fleet").
+    Calls(Box<calls::CallsArgs>),
     /// Print the CSV (user,number,password) of N bench subscribers for `voxgate user import`.
     Users {
         /// How many subscribers.
@@ -258,6 +262,7 @@ pub struct StepResult {
 pub fn run(args: BenchArgs) -> ExitCode {
     let r = match args.cmd {
         BenchCmd::Run(a) => run_steps(&a),
+        BenchCmd::Calls(a) => calls::run(&a),
         BenchCmd::Users { count } => {
             print!("{}", setup::users_csv(count));
             Ok(())

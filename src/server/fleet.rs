@@ -329,6 +329,9 @@ impl FleetIo {
             ttl,
             online: HashSet::new(),
             peers: HashMap::new(),
+            missing: HashMap::new(),
+            // One and a half refresh intervals: the third consecutive check that misses it.
+            grace: heartbeat.min(ttl / 2).max(Duration::from_millis(100)) * 3 / 2,
             last_error: None,
         };
         let worker = tokio::spawn(worker.run(rx, heartbeat.min(ttl / 2)));
@@ -380,6 +383,13 @@ struct Worker {
     online: HashSet<String>,
     /// Nodes this one talks to, checked for liveness every tick.
     peers: HashMap<NodeId, ()>,
+    /// Peers whose liveness key was missing at the last checks: since when. A peer is declared
+    /// down only when its key stays missing for [`Worker::grace`]: after a Redis restart
+    /// (empty) every live node writes its key again within one of its refresh intervals, and
+    /// a single check between the restart and that refresh must not end its calls.
+    missing: HashMap<NodeId, tokio::time::Instant>,
+    /// How long a peer's key may be missing before the peer is declared down.
+    grace: Duration,
     /// The last Redis error logged (the same one is not logged again until it clears).
     last_error: Option<String>,
 }
@@ -482,6 +492,7 @@ impl Worker {
                     Ok(0) => {
                         tracing::warn!(node = %node, "fleet: nobody listens on that node's channel");
                         self.peers.remove(&node);
+                        self.missing.remove(&node);
                         self.input(FleetInput::NodeDown { node });
                     }
                     Ok(_) => {
@@ -529,8 +540,15 @@ impl Worker {
         }
         let alive: redis::RedisResult<Vec<bool>> = pipe.query_async(&mut self.conn).await;
         if let Ok(alive) = alive {
+            let now = tokio::time::Instant::now();
             for (p, alive) in peers.into_iter().zip(alive) {
-                if !alive {
+                if alive {
+                    self.missing.remove(&p);
+                    continue;
+                }
+                let since = *self.missing.entry(p.clone()).or_insert(now);
+                if now.duration_since(since) >= self.grace {
+                    self.missing.remove(&p);
                     self.peers.remove(&p);
                     self.input(FleetInput::NodeDown { node: p });
                 }
