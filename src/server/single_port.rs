@@ -15,6 +15,12 @@
 //!   gets the TCP socket itself (zero-copy); with `"userspace"` a relay task here holds the
 //!   TLS session and the shard gets one end of a socket pair (one copy per packet each way).
 //!
+//! - A WebSocket media leg (the browser phone's): plain `GET /media/<leg>` where the port takes
+//!   plain media, or a TLS connection offering ALPN `http/1.1` where it takes TLS media
+//!   (`wss://`, the same two engines). The leg comes from the request path
+//!   ([`demux::ws_request_leg`]), the request stays unread (peeked, or replayed into the socket
+//!   pair), and the shard answers the handshake as on its own port.
+//!
 //! This module must not decide anything about a leg: an unknown leg's connection is closed, and
 //! the shard checks the Binding's MESSAGE-INTEGRITY as for any connection.
 
