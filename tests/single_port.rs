@@ -214,6 +214,8 @@ fn kernel_tls_media_or_a_clear_refusal_to_start() {
             );
             assert_eq!(handed.len(), 2, "{handed:?}");
             assert!(handed.iter().all(|l| l.contains("ktls")), "{handed:?}");
+            // And the browser phone's wss:// leg on kernel TLS.
+            ws_leg_call(&gw, port, Some(&p.ca), "wss-ktls");
             gw.stop();
         }
         Err(why) => {
@@ -384,33 +386,26 @@ fn assert_tls_closed(t: &mut impl Read) {
     }
 }
 
-/// A `wss://` media leg (the browser phone's, over TLS on the one port firewalls allow): alice,
-/// behind a firewall with no UDP, logs in over TLS on the shared port and calls bob, an open
-/// `voxgate phone` (UDP through the gateway). Her media instructions name the shared port with
-/// TLS; a WebSocket client over TLS (ALPN http/1.1, path `/media/<leg>`) is handed to the shard
-/// holding her leg, gets the shard's 101, binds with the keyed STUN Binding and exchanges RTP
-/// with bob's UDP leg byte-exact both ways. A request for another path, one over the size
-/// limit, one for a leg nobody has, and plain ws:// on this TLS-media port are all closed
-/// unanswered.
-#[test]
-fn wss_media_leg_through_the_shared_port_userspace() {
+/// Anything a WebSocket leg runs over: TLS or plain TCP.
+trait Conn: Read + Write {}
+impl<T: Read + Write> Conn for T {}
+
+/// A WebSocket media leg (the browser phone's) through the shared port: alice, behind a
+/// firewall with no UDP, logs in on the shared port (over TLS when `ca` is given) and calls
+/// bob, an open `voxgate phone` (UDP through the gateway). Her media instructions name the
+/// shared port (with TLS when `ca` is given); a WebSocket client (over TLS with ALPN http/1.1,
+/// or plain), path `/media/<leg>`, is handed to the shard holding her leg (`how` in the log),
+/// gets the shard's 101, binds with the keyed STUN Binding and exchanges RTP with bob's UDP leg
+/// byte-exact both ways. Returns alice's leg.
+fn ws_leg_call(gw: &Gateway, port: u16, ca: Option<&Path>, how: &str) -> String {
     use voxgate::client::g711;
     use voxgate::client::session::{Event, Phone, PhoneOptions};
     use voxgate::client::tls::TlsOptions;
     use voxgate::wire::ws;
-    let dir = tempfile::tempdir().unwrap();
-    let p = pki(dir.path());
-    let mut gw = start(
-        &format!(
-            "[tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\nplain_control = false\n\
-             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"userspace\"\n",
-            p.cert.to_str().unwrap(),
-            p.key.to_str().unwrap()
-        ),
-        dir.path(),
-    );
-    let port = single_port(&gw);
-    let server = format!("tls://127.0.0.1:{port}");
+    let server = match ca {
+        Some(_) => format!("tls://127.0.0.1:{port}"),
+        None => format!("127.0.0.1:{port}"),
+    };
     let clip = test_clip(gw.dir.path(), "speech-8k.wav", "clip.wav", 2.0);
     let samples = wav::read(&clip).unwrap();
     let mut encoded = vec![0u8; samples.len()];
@@ -418,23 +413,20 @@ fn wss_media_leg_through_the_shared_port_userspace() {
     let b_rec = gw.dir.path().join("b-rec.wav");
 
     let mark = gw.log_len();
-    let callee = spawn_phone_at(
-        &[],
-        &gw,
-        &server,
-        "bob",
-        &[
-            "--ca",
-            p.ca.to_str().unwrap(),
-            "--answer",
-            "--play",
-            clip.to_str().unwrap(),
-            "--record",
-            b_rec.to_str().unwrap(),
-            "--wait",
-            "30",
-        ],
-    );
+    let mut bob_args = match ca {
+        Some(c) => vec!["--ca", c.to_str().unwrap()],
+        None => vec![],
+    };
+    bob_args.extend([
+        "--answer",
+        "--play",
+        clip.to_str().unwrap(),
+        "--record",
+        b_rec.to_str().unwrap(),
+        "--wait",
+        "30",
+    ]);
+    let callee = spawn_phone_at(&[], gw, &server, "bob", &bob_args);
     gw.wait_online(mark, "bob");
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -448,8 +440,8 @@ fn wss_media_leg_through_the_shared_port_userspace() {
             block_udp_in: true,
             simulate_nat: false,
         },
-        tls: Some(TlsOptions {
-            ca: Some(p.ca.clone()),
+        tls: ca.map(|c| TlsOptions {
+            ca: Some(c.to_path_buf()),
         }),
         ..PhoneOptions::default()
     };
@@ -483,14 +475,25 @@ fn wss_media_leg_through_the_shared_port_userspace() {
             _ => {}
         }
     };
-    assert!(m.gateway_tcp_tls, "TLS media on the shared port: {m:?}");
+    assert_eq!(
+        m.gateway_tcp_tls,
+        ca.is_some(),
+        "TLS media on the shared port: {m:?}"
+    );
     assert_eq!(m.gateway_tcp.map(|a| a.port()), Some(port), "{m:?}");
     let leg = m.leg.clone().expect("alice's leg goes through the gateway");
     let key = voxgate::control::leg_key(phone.session_key(), &leg);
 
     // The page's connection: wss://HOST:PORT/media/<leg>.
     let mark = gw.log_len();
-    let mut t = wss_connect(port, &p.ca);
+    let mut t: Box<dyn Conn> = match ca {
+        Some(ca) => Box::new(wss_connect(port, ca)),
+        None => {
+            let t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            Box::new(t)
+        }
+    };
     t.write_all(upgrade_request(&format!("/media/{leg}")).as_bytes())
         .unwrap();
     let mut head = Vec::new();
@@ -506,7 +509,9 @@ fn wss_media_leg_through_the_shared_port_userspace() {
         "{head}"
     );
     gw.wait_log(mark, "the hand-over", |l| {
-        l.contains("media connection handed to its shard") && l.contains("wss")
+        l.contains("media connection handed to its shard")
+            && l.split_whitespace()
+                .any(|w| w == format!("how={how}") || w == format!("how=\"{how}\""))
     });
     let mut inbuf = Vec::new();
     let txid = binding::new_txid();
@@ -585,6 +590,29 @@ fn wss_media_leg_through_the_shared_port_userspace() {
         rec.len()
     );
     drop(t);
+    drop(phone);
+    leg
+}
+
+/// `wss://` (the browser phone's media over TLS on the one port firewalls allow), userspace
+/// TLS. A request for another path, one over the size limit, one for a leg nobody has, and
+/// plain ws:// on this TLS-media port are all closed unanswered.
+#[test]
+fn wss_media_leg_through_the_shared_port_userspace() {
+    use voxgate::wire::ws;
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let mut gw = start(
+        &format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\nplain_control = false\n\
+             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"userspace\"\n",
+            p.cert.to_str().unwrap(),
+            p.key.to_str().unwrap()
+        ),
+        dir.path(),
+    );
+    let port = single_port(&gw);
+    let leg = ws_leg_call(&gw, port, Some(&p.ca), "wss");
 
     // Attacks: each closed unanswered, the port still serving afterwards.
     let mut wrong = wss_connect(port, &p.ca);
@@ -611,6 +639,20 @@ fn wss_media_leg_through_the_shared_port_userspace() {
         .write_all(upgrade_request(&format!("/media/{leg}")).as_bytes())
         .unwrap();
     assert_closed(&mut plain);
-    drop(phone);
+    gw.stop();
+}
+
+/// `ws://` through a shared port that takes plain media: the same call, the leg handed over as
+/// plain WebSocket media; a request for another path is closed unanswered.
+#[test]
+fn ws_media_leg_through_a_plain_shared_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = start("[single_port]\nport = 0\nmedia = \"plain\"\n", dir.path());
+    let port = single_port(&gw);
+    ws_leg_call(&gw, port, None, "ws");
+    let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    t.write_all(upgrade_request("/control").as_bytes()).unwrap();
+    assert_closed(&mut t);
     gw.stop();
 }
