@@ -158,7 +158,8 @@ fn plain_control_and_plain_tcp_media_share_one_port() {
         "{handed:?}"
     );
     stranger_media_is_closed(port);
-    // Neither TLS nor HTTP is served on a plain single port.
+    // TLS is not served on a plain single port, and HTTP only as a WebSocket media leg
+    // (`GET /media/<leg>`).
     let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     t.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
@@ -213,6 +214,8 @@ fn kernel_tls_media_or_a_clear_refusal_to_start() {
             );
             assert_eq!(handed.len(), 2, "{handed:?}");
             assert!(handed.iter().all(|l| l.contains("ktls")), "{handed:?}");
+            // And the browser phone's wss:// leg on kernel TLS.
+            ws_leg_call(&gw, port, Some(&p.ca), "wss-ktls");
             gw.stop();
         }
         Err(why) => {
@@ -313,5 +316,343 @@ fn silent_connections_count_against_the_limits_until_sorted() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    gw.stop();
+}
+
+/// A TLS connection to the shared port offering ALPN `http/1.1`, as a browser does for `wss://`.
+fn wss_connect(
+    port: u16,
+    ca: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
+            .unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// The opening request a browser sends for `path` (RFC 6455's sample key).
+fn upgrade_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// One server frame: (opcode, payload), `buf` keeping what follows it.
+fn ws_recv(t: &mut impl Read, buf: &mut Vec<u8>) -> (u8, Vec<u8>) {
+    use voxgate::wire::ws;
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some((op, range, used)) = ws::parse_server_frame(buf).expect("a valid server frame")
+        {
+            let payload = buf[range].to_vec();
+            buf.drain(..used);
+            return (op, payload);
+        }
+        let n = t.read(&mut chunk).expect("a server frame");
+        assert!(n > 0, "the connection closed");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The gateway closed the TLS connection without answering the request.
+fn assert_tls_closed(t: &mut impl Read) {
+    let mut got = [0u8; 64];
+    match t.read(&mut got) {
+        Ok(0) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+            ) => {}
+        other => panic!("expected the connection closed unanswered, got {other:?}"),
+    }
+}
+
+/// Anything a WebSocket leg runs over: TLS or plain TCP.
+trait Conn: Read + Write {}
+impl<T: Read + Write> Conn for T {}
+
+/// A WebSocket media leg (the browser phone's) through the shared port: alice, behind a
+/// firewall with no UDP, logs in on the shared port (over TLS when `ca` is given) and calls
+/// bob, an open `voxgate phone` (UDP through the gateway). Her media instructions name the
+/// shared port (with TLS when `ca` is given); a WebSocket client (over TLS with ALPN http/1.1,
+/// or plain), path `/media/<leg>`, is handed to the shard holding her leg (`how` in the log),
+/// gets the shard's 101, binds with the keyed STUN Binding and exchanges RTP with bob's UDP leg
+/// byte-exact both ways. Returns alice's leg.
+fn ws_leg_call(gw: &Gateway, port: u16, ca: Option<&Path>, how: &str) -> String {
+    use voxgate::client::g711;
+    use voxgate::client::session::{Event, Phone, PhoneOptions};
+    use voxgate::client::tls::TlsOptions;
+    use voxgate::wire::ws;
+    let server = match ca {
+        Some(_) => format!("tls://127.0.0.1:{port}"),
+        None => format!("127.0.0.1:{port}"),
+    };
+    let clip = test_clip(gw.dir.path(), "speech-8k.wav", "clip.wav", 2.0);
+    let samples = wav::read(&clip).unwrap();
+    let mut encoded = vec![0u8; samples.len()];
+    g711::encode_ulaw_into(&samples, &mut encoded);
+    let b_rec = gw.dir.path().join("b-rec.wav");
+
+    let mark = gw.log_len();
+    let mut bob_args = match ca {
+        Some(c) => vec!["--ca", c.to_str().unwrap()],
+        None => vec![],
+    };
+    bob_args.extend([
+        "--answer",
+        "--play",
+        clip.to_str().unwrap(),
+        "--record",
+        b_rec.to_str().unwrap(),
+        "--wait",
+        "30",
+    ]);
+    let callee = spawn_phone_at(&[], gw, &server, "bob", &bob_args);
+    gw.wait_online(mark, "bob");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let opts = PhoneOptions {
+        firewall: voxgate::client::Firewall {
+            block_udp_out: true,
+            block_udp_in: true,
+            simulate_nat: false,
+        },
+        tls: ca.map(|c| TlsOptions {
+            ca: Some(c.to_path_buf()),
+        }),
+        ..PhoneOptions::default()
+    };
+    let (phone, mut events) = rt
+        .block_on(Phone::connect(
+            &server,
+            "alice",
+            &common::password("alice"),
+            opts,
+        ))
+        .expect("alice logs in over TLS on the shared port");
+    let next = |events: &mut tokio::sync::mpsc::Receiver<Event>| {
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(20), events.recv())
+                .await
+                .expect("an event in time")
+                .expect("the phone is up")
+        })
+    };
+    let caps = rt.block_on(phone.wait_capabilities(Duration::from_secs(15)));
+    assert!(caps.is_some(), "alice's probe finished");
+    let call = rt.block_on(async {
+        let sock = phone.media_socket().await.unwrap();
+        let addr = phone.media_address(&sock).unwrap();
+        phone.dial("+15550002", addr).await.unwrap()
+    });
+    let m = loop {
+        match next(&mut events) {
+            Event::Media(m) => break m,
+            Event::HangUp { reason, detail, .. } => panic!("hung up: {reason:?} {detail:?}"),
+            _ => {}
+        }
+    };
+    assert_eq!(
+        m.gateway_tcp_tls,
+        ca.is_some(),
+        "TLS media on the shared port: {m:?}"
+    );
+    assert_eq!(m.gateway_tcp.map(|a| a.port()), Some(port), "{m:?}");
+    let leg = m.leg.clone().expect("alice's leg goes through the gateway");
+    let key = voxgate::control::leg_key(phone.session_key(), &leg);
+
+    // The page's connection: wss://HOST:PORT/media/<leg>.
+    let mark = gw.log_len();
+    let mut t: Box<dyn Conn> = match ca {
+        Some(ca) => Box::new(wss_connect(port, ca)),
+        None => {
+            let t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            Box::new(t)
+        }
+    };
+    t.write_all(upgrade_request(&format!("/media/{leg}")).as_bytes())
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        t.read_exact(&mut b).expect("the 101 answer");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+        "{head}"
+    );
+    gw.wait_log(mark, "the hand-over", |l| {
+        l.contains("media connection handed to its shard")
+            && l.split_whitespace()
+                .any(|w| w == format!("how={how}") || w == format!("how=\"{how}\""))
+    });
+    let mut inbuf = Vec::new();
+    let txid = binding::new_txid();
+    let mut req = [0u8; 512];
+    let n = binding::request(&mut req, &leg, &key, &txid).unwrap();
+    t.write_all(&ws::client_frame(ws::OP_BINARY, rand::random(), &req[..n]))
+        .unwrap();
+    let bound = loop {
+        let (op, msg) = ws_recv(&mut t, &mut inbuf);
+        assert_eq!(op, ws::OP_BINARY);
+        if let Ok(a) = binding::check_response(&msg, &key, &txid) {
+            break a;
+        }
+    };
+    assert!(bound.ip().is_loopback(), "{bound}");
+    loop {
+        match next(&mut events) {
+            Event::MediaReady { call: c } if c == call => break,
+            Event::HangUp { reason, detail, .. } => panic!("hung up: {reason:?} {detail:?}"),
+            _ => {}
+        }
+    }
+
+    // alice → bob: the clip, 20 ms per packet, as the page sends it.
+    let ssrc: u32 = rand::random();
+    for (i, frame) in encoded.chunks(160).enumerate() {
+        let mut pkt = vec![0x80, 0x00];
+        pkt.extend_from_slice(&(i as u16).to_be_bytes());
+        pkt.extend_from_slice(&((i * 160) as u32).to_be_bytes());
+        pkt.extend_from_slice(&ssrc.to_be_bytes());
+        pkt.extend_from_slice(frame);
+        if pkt.len() < 12 + 160 {
+            pkt.resize(12 + 160, 0xff);
+        }
+        t.write_all(&ws::client_frame(ws::OP_BINARY, rand::random(), &pkt))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // bob → alice: what arrived of his clip (he began before alice bound) is a run of it,
+    // byte-exact.
+    let mut got = Vec::new();
+    while got.len() < 40 * 160 {
+        let (op, pkt) = ws_recv(&mut t, &mut inbuf);
+        assert_eq!(op, ws::OP_BINARY);
+        if pkt.len() > 12 && pkt[0] >> 6 == 2 && pkt[1] & 0x7f == 0 {
+            let mut start = 12 + 4 * usize::from(pkt[0] & 0x0f);
+            if pkt[0] & 0x10 != 0 {
+                // A header extension (the phone's send time): 4 bytes, then its words.
+                let words = u16::from_be_bytes([pkt[start + 2], pkt[start + 3]]);
+                start += 4 + 4 * usize::from(words);
+            }
+            got.extend_from_slice(&pkt[start..]);
+        }
+    }
+    let padded = {
+        let mut e = encoded.clone();
+        e.resize(encoded.len().div_ceil(160) * 160 + 160, 0xff);
+        e
+    };
+    assert!(
+        padded.windows(got.len()).any(|w| w == got),
+        "bob's clip did not arrive byte-exact in the wss leg: {} bytes, first frame at {:?} of the clip, {:02x?}",
+        got.len(),
+        padded.windows(160).position(|w| w == &got[..160]),
+        &got[..32]
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    rt.block_on(phone.hang_up(call)).unwrap();
+    let rb = finish(callee);
+    assert_eq!(rb.code, 0, "{}\n{}", rb.json, rb.stderr);
+    let want = ulaw_round_trip_padded(&samples);
+    let rec = wav::read(&b_rec).unwrap();
+    assert!(
+        rec.len() >= want.len() && rec[..want.len()] == want[..],
+        "bob's recording differs from what the wss leg sent ({} samples recorded)",
+        rec.len()
+    );
+    drop(t);
+    drop(phone);
+    leg
+}
+
+/// `wss://` (the browser phone's media over TLS on the one port firewalls allow), userspace
+/// TLS. A request for another path, one over the size limit, one for a leg nobody has, and
+/// plain ws:// on this TLS-media port are all closed unanswered.
+#[test]
+fn wss_media_leg_through_the_shared_port_userspace() {
+    use voxgate::wire::ws;
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let mut gw = start(
+        &format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\nplain_control = false\n\
+             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"userspace\"\n",
+            p.cert.to_str().unwrap(),
+            p.key.to_str().unwrap()
+        ),
+        dir.path(),
+    );
+    let port = single_port(&gw);
+    let leg = ws_leg_call(&gw, port, Some(&p.ca), "wss");
+
+    // Attacks: each closed unanswered, the port still serving afterwards.
+    let mut wrong = wss_connect(port, &p.ca);
+    wrong
+        .write_all(upgrade_request("/media").as_bytes())
+        .unwrap();
+    assert_tls_closed(&mut wrong);
+    let mut stranger = wss_connect(port, &p.ca);
+    stranger
+        .write_all(upgrade_request("/media/0123456789abcdef0123456789abcdef").as_bytes())
+        .unwrap();
+    assert_tls_closed(&mut stranger);
+    let mut big = wss_connect(port, &p.ca);
+    let mut long = format!("GET /media/{leg} HTTP/1.1\r\nX-Pad: ").into_bytes();
+    long.resize(ws::MAX_HANDSHAKE + 100, b'a');
+    // The gateway may close while the rest is still being written.
+    let _ = big.write_all(&long);
+    assert_tls_closed(&mut big);
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    plain
+        .write_all(upgrade_request(&format!("/media/{leg}")).as_bytes())
+        .unwrap();
+    assert_closed(&mut plain);
+    gw.stop();
+}
+
+/// `ws://` through a shared port that takes plain media: the same call, the leg handed over as
+/// plain WebSocket media; a request for another path is closed unanswered.
+#[test]
+fn ws_media_leg_through_a_plain_shared_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = start("[single_port]\nport = 0\nmedia = \"plain\"\n", dir.path());
+    let port = single_port(&gw);
+    ws_leg_call(&gw, port, None, "ws");
+    let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    t.write_all(upgrade_request("/control").as_bytes()).unwrap();
+    assert_closed(&mut t);
     gw.stop();
 }

@@ -1248,7 +1248,8 @@ fn the_page_phone_talks_g711_over_a_websocket_leg_both_ways() {
     let ws = media["gateway_ws"].as_str().unwrap_or_default();
     let tcp = media["gateway_tcp"].as_str().unwrap_or_default();
     let port = tcp.rsplit(':').next().unwrap();
-    assert_eq!(ws, format!("ws://127.0.0.1:{port}/media"), "{media}");
+    let leg = media["leg"].as_str().unwrap_or_default();
+    assert_eq!(ws, format!("ws://127.0.0.1:{port}/media/{leg}"), "{media}");
     assert_eq!(
         b.text("#media-status"),
         "Media bound (WebSocket through the gateway)."
@@ -1613,6 +1614,144 @@ fn the_web_listener_serves_https_with_the_tls_certificate() {
     });
     assert_eq!(status, "Logged in as alice, number +15550001. Online.");
     gw.wait_online(mark, "alice");
+}
+
+/// A page served over HTTPS from a public name (`gw.test`, which Chromium resolves to loopback
+/// by its host rules, so that `ws://` from the page would be blocked as mixed content) carries
+/// its media over `wss://` through the single port (TLS media, userspace TLS): it calls bob, a
+/// `voxgate phone --answer`; the page is told `wss://gw.test:<single port>/media/<leg>`, the
+/// single port hands that connection to the leg's shard, and the audio crosses byte-exact both
+/// ways as in the plain browser audio test.
+#[test]
+fn an_https_page_carries_its_media_over_wss_through_the_single_port() {
+    use base64::Engine;
+    use sha2::Digest;
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/speech-8k.wav");
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["gw.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let spki = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(
+        rcgen::PublicKeyData::subject_public_key_info(&key),
+    ));
+    let Some(b) = Browser::start_with(&[
+        format!("--ignore-certificate-errors-spki-list={spki}"),
+        "--host-resolver-rules=MAP gw.test 127.0.0.1".into(),
+        "--use-fake-ui-for-media-stream".into(),
+        "--use-fake-device-for-media-stream".into(),
+        format!("--use-file-for-fake-audio-capture={}", source.display()),
+        "--autoplay-policy=no-user-gesture-required".into(),
+    ]) else {
+        return;
+    };
+    let cfg = dir.path().join("voxgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[web]\nenabled = true\nlisten = \"127.0.0.1:0\"\nhttps = true\n\
+             [tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\n\
+             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"userspace\"\n",
+            cert_path.to_str().unwrap(),
+            key_path.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    gw.wait_log(0, "the ready line", |l| l.contains("voxgate is ready"));
+    let log = gw.log_text();
+    let ready = log
+        .lines()
+        .find(|l| l.contains("voxgate is ready"))
+        .expect("ready line")
+        .to_owned();
+    let word = |k: &str| {
+        ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_else(|| panic!("{k} in {ready}"))
+            .to_owned()
+    };
+    let web_port = word("web=").rsplit(':').next().unwrap().to_owned();
+    let single_port = word("single_port=").rsplit(':').next().unwrap().to_owned();
+
+    let clip = common::test_clip(dir.path(), "speech-8k.wav", "bob-in.wav", 2.0);
+    let rec = dir.path().join("bob-rec.wav");
+    let mark = gw.log_len();
+    let bob = common::spawn_phone(
+        &gw,
+        "bob",
+        &[
+            "--answer",
+            "--record",
+            rec.to_str().unwrap(),
+            "--play",
+            clip.to_str().unwrap(),
+            "--duration",
+            "15",
+        ],
+    );
+    gw.wait_online(mark, "bob");
+    b.go(&format!("https://gw.test:{web_port}/login"));
+    assert_eq!(
+        b.js("return location.protocol + ' ' + location.hostname"),
+        "https: gw.test"
+    );
+    b.type_into("#user", "alice");
+    b.type_into("#password", &common::password("alice"));
+    b.click("#login-button");
+    b.wait("the welcome", || {
+        b.text("#status").starts_with("Logged in").then_some(())
+    });
+    let mark = gw.log_len();
+    b.type_into("#number", "+15550002");
+    b.click("#call");
+    b.wait("audio both ways", || {
+        let n = b.js("return [window.voxgateSentPcm.length, window.voxgateReceivedPcm.length]");
+        (n[0].as_u64()? >= 24_000 && n[1].as_u64()? >= 24_000).then_some(())
+    });
+    let media = b.js("return window.voxgateMedia");
+    let leg = media["leg"].as_str().unwrap_or_default();
+    assert_eq!(media["gateway_tcp_tls"], true, "{media}");
+    assert_eq!(
+        media["gateway_ws"].as_str().unwrap_or_default(),
+        format!("wss://gw.test:{single_port}/media/{leg}"),
+        "{media}"
+    );
+    assert_eq!(
+        b.text("#media-status"),
+        "Media bound (WebSocket through the gateway)."
+    );
+    gw.wait_log(mark, "the page's wss leg handed to its shard", |l| {
+        l.contains("media connection handed to its shard") && l.contains("wss")
+    });
+    b.click("#hangup");
+    let sent = pcm(&b.js("return window.voxgateSentPcm"));
+    let heard = pcm(&b.js("return window.voxgateReceivedPcm"));
+    let bob = common::finish(bob);
+    assert_eq!(bob.code, 0, "bob: {} {}", bob.json, bob.stderr);
+    // The page hears bob, byte-exact after one µ-law round trip.
+    let want = common::ulaw_round_trip_padded(&voxgate::client::wav::read(&clip).unwrap());
+    assert!(
+        find(&heard, &want).is_some(),
+        "the page's received PCM ({} samples) does not hold bob's clip ({} samples)",
+        heard.len(),
+        want.len()
+    );
+    // bob hears the page: his recording holds the page's first second, sample for sample.
+    let recorded = voxgate::client::wav::read(&rec).unwrap();
+    let sent_rt: Vec<i16> = sent
+        .iter()
+        .map(|&s| voxgate::client::g711::ulaw_round_trip(s))
+        .collect();
+    assert!(
+        find(&recorded, &sent_rt[..8000]).is_some(),
+        "bob's recording holds the page's first second of sent audio"
+    );
 }
 
 /// The README shows the pages' screenshots from `docs/screenshots/`. A test run keeps its own

@@ -9,7 +9,7 @@
 //! | `16 03 xx` (a TLS handshake record) | [`Kind::Tls`]; after the handshake its ALPN says control or media |
 //! | `LL LL 00 01` …: a 2-byte length (at least 20), then a STUN message type (first byte 0..=3) | [`Kind::Media`] (RFC 4571 framing, the leg's Binding request first) |
 //! | `LL LL 7b` (`{`): a 2-byte length, then a JSON object | [`Kind::Control`] |
-//! | `GET ` | [`Kind::Http`] (a WebSocket upgrade; served where the gateway supports it) |
+//! | `GET ` | [`Kind::Http`] (a WebSocket media leg, `GET /media/<leg>`: [`ws_request_leg`]) |
 //!
 //! Anything else is [`Kind::Unknown`], and the connection is closed. Three bytes decide every
 //! kind but HTTP, which needs four; [`classify`] says `None` while fewer have arrived.
@@ -113,6 +113,53 @@ pub fn first_frame_leg(b: &[u8]) -> Result<&str, LegError> {
     Ok(user)
 }
 
+/// The ALPN protocol name a browser offers for a `wss://` connection: on the shared port a TLS
+/// connection that offers it (and neither voxgate name) is a WebSocket media leg.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// The request path prefix of a WebSocket media leg on the shared port: `/media/<leg>`.
+pub const WS_MEDIA_PREFIX: &[u8] = b"GET /media/";
+
+/// Why a WebSocket request names no leg.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WsLegError {
+    #[error("the request head has not fully arrived")]
+    Incomplete,
+    #[error("request head longer than {} bytes", crate::wire::ws::MAX_HANDSHAKE)]
+    TooLarge,
+    #[error("the request line is not GET /media/<leg> HTTP/1.1")]
+    NotMediaPath,
+}
+
+/// The leg a WebSocket media connection's opening request names in its path
+/// (`GET /media/<leg> HTTP/1.1`): the shard that holds that leg gets the connection, request
+/// unread (the shard answers the handshake; the first binary frame's keyed Binding
+/// authenticates the leg as for any connection). The whole head must have arrived within
+/// [`crate::wire::ws::MAX_HANDSHAKE`] bytes, the shard's own limit.
+pub fn ws_request_leg(b: &[u8]) -> Result<&str, WsLegError> {
+    let max = crate::wire::ws::MAX_HANDSHAKE;
+    let window = &b[..b.len().min(max)];
+    if !window.windows(4).any(|w| w == b"\r\n\r\n") {
+        return Err(if b.len() >= max {
+            WsLegError::TooLarge
+        } else {
+            WsLegError::Incomplete
+        });
+    }
+    let line_end = window
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .ok_or(WsLegError::NotMediaPath)?;
+    let leg = window[..line_end]
+        .strip_prefix(WS_MEDIA_PREFIX)
+        .and_then(|r| r.strip_suffix(b" HTTP/1.1"))
+        .ok_or(WsLegError::NotMediaPath)?;
+    // Leg names are 32 hex digits; anything longer or stranger cannot be one.
+    if leg.is_empty() || leg.len() > 64 || !leg.iter().all(u8::is_ascii_alphanumeric) {
+        return Err(WsLegError::NotMediaPath);
+    }
+    std::str::from_utf8(leg).map_err(|_| WsLegError::NotMediaPath)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +190,36 @@ mod tests {
             first_frame_leg(&media),
             Ok("0123456789abcdef0123456789abcdef")
         );
+    }
+
+    #[test]
+    fn websocket_requests_name_their_leg_in_the_path() {
+        let req =
+            b"GET /media/0123456789abcdef0123456789abcdef HTTP/1.1\r\nHost: gw.example:443\r\n\
+                    Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        assert_eq!(ws_request_leg(req), Ok("0123456789abcdef0123456789abcdef"));
+        // Not yet all there: wait (the request line alone is not enough).
+        assert_eq!(ws_request_leg(&req[..60]), Err(WsLegError::Incomplete));
+        assert_eq!(ws_request_leg(b""), Err(WsLegError::Incomplete));
+        for bad in [
+            &b"GET /media HTTP/1.1\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /media/ HTTP/1.1\r\n\r\n",
+            b"GET /media/ab/../cd HTTP/1.1\r\n\r\n",
+            b"GET /media/abc HTTP/1.0\r\n\r\n",
+            b"POST /media/abc HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(
+                ws_request_leg(bad),
+                Err(WsLegError::NotMediaPath),
+                "{bad:?}"
+            );
+        }
+        let mut long = b"GET /media/ab HTTP/1.1\r\nX: ".to_vec();
+        long.resize(crate::wire::ws::MAX_HANDSHAKE + 100, b'a');
+        assert_eq!(ws_request_leg(&long), Err(WsLegError::TooLarge));
+        long.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(ws_request_leg(&long), Err(WsLegError::TooLarge));
     }
 
     #[test]
@@ -194,6 +271,26 @@ mod tests {
             let f = binding(&leg);
             prop_assert_eq!(classify(&f), Some(Kind::Media));
             prop_assert_eq!(first_frame_leg(&f), Ok(leg.as_str()));
+        }
+
+        #[test]
+        fn ws_request_leg_never_panics_and_waits_within_its_bound(
+            b in proptest::collection::vec(any::<u8>(), 0..3000)
+        ) {
+            match ws_request_leg(&b) {
+                Ok(leg) => prop_assert!(!leg.is_empty() && leg.len() <= 64),
+                Err(WsLegError::Incomplete) => {
+                    prop_assert!(b.len() < crate::wire::ws::MAX_HANDSHAKE)
+                }
+                Err(_) => {}
+            }
+        }
+
+        #[test]
+        fn any_leg_path_round_trips(leg in "[0-9a-f]{1,32}", host in "[a-z.]{1,40}") {
+            let req = format!("GET /media/{leg} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            prop_assert_eq!(classify(req.as_bytes()), Some(Kind::Http));
+            prop_assert_eq!(ws_request_leg(req.as_bytes()), Ok(leg.as_str()));
         }
     }
 }

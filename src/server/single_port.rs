@@ -15,6 +15,12 @@
 //!   gets the TCP socket itself (zero-copy); with `"userspace"` a relay task here holds the
 //!   TLS session and the shard gets one end of a socket pair (one copy per packet each way).
 //!
+//! - A WebSocket media leg (the browser phone's): plain `GET /media/<leg>` where the port takes
+//!   plain media, or a TLS connection offering ALPN `http/1.1` where it takes TLS media
+//!   (`wss://`, the same two engines). The leg comes from the request path
+//!   ([`demux::ws_request_leg`]), the request stays unread (peeked, or replayed into the socket
+//!   pair), and the shard answers the handshake as on its own port.
+//!
 //! This module must not decide anything about a leg: an unknown leg's connection is closed, and
 //! the shard checks the Binding's MESSAGE-INTEGRITY as for any connection.
 
@@ -184,9 +190,20 @@ async fn peek_until(
     }
 }
 
-/// The ALPN protocols a ClientHello offers decide: Some(true) media, Some(false) control;
-/// None: more bytes needed.
-fn hello_is_media(peeked: &[u8]) -> Result<Option<bool>, String> {
+/// What a TLS connection on the shared port carries, from its ClientHello's ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hello {
+    /// `voxgate-control`, or no ALPN at all.
+    Control,
+    /// `voxgate-media`: RFC 4571 frames.
+    Media,
+    /// `http/1.1` (what a browser offers for `wss://`), neither voxgate name: a WebSocket
+    /// media leg, `GET /media/<leg>`.
+    WebSocket,
+}
+
+/// The ALPN protocols a ClientHello offers decide; None: more bytes needed.
+fn hello_kind(peeked: &[u8]) -> Result<Option<Hello>, String> {
     let mut acceptor = rustls::server::Acceptor::default();
     let mut rd = peeked;
     while !rd.is_empty() {
@@ -196,11 +213,19 @@ fn hello_is_media(peeked: &[u8]) -> Result<Option<bool>, String> {
     }
     match acceptor.accept() {
         Ok(Some(accepted)) => {
-            let media = accepted
-                .client_hello()
-                .alpn()
-                .is_some_and(|mut a| a.any(|p| p == demux::ALPN_MEDIA));
-            Ok(Some(media))
+            let offers = |name: &[u8]| {
+                accepted
+                    .client_hello()
+                    .alpn()
+                    .is_some_and(|mut a| a.any(|p| p == name))
+            };
+            Ok(Some(if offers(demux::ALPN_MEDIA) {
+                Hello::Media
+            } else if !offers(demux::ALPN_CONTROL) && offers(demux::ALPN_HTTP1) {
+                Hello::WebSocket
+            } else {
+                Hello::Control
+            }))
         }
         Ok(None) => Ok(None),
         Err((e, _)) => Err(format!("ClientHello: {e}")),
@@ -216,6 +241,19 @@ async fn peek_leg(s: &TcpStream) -> Result<String, String> {
     })
     .await?;
     demux::first_frame_leg(&buf[..n])
+        .map(str::to_owned)
+        .map_err(|e| e.to_string())
+}
+
+/// Peeks the opening request of a WebSocket media connection (plain, or under kernel TLS): the
+/// leg its path names. The request stays unread: the shard answers it.
+async fn peek_ws_leg(s: &TcpStream) -> Result<String, String> {
+    let mut buf = [0u8; crate::wire::ws::MAX_HANDSHAKE];
+    let n = peek_until(s, &mut buf, |b| {
+        demux::ws_request_leg(b) != Err(demux::WsLegError::Incomplete)
+    })
+    .await?;
+    demux::ws_request_leg(&buf[..n])
         .map(str::to_owned)
         .map_err(|e| e.to_string())
 }
@@ -266,11 +304,18 @@ async fn handshake_exact(
 }
 
 /// A media connection's handshake, then kernel TLS on its socket with the session's secrets.
-async fn ktls_handshake(stream: &mut TcpStream, config: Arc<ServerConfig>) -> Result<(), String> {
+async fn ktls_handshake(
+    stream: &mut TcpStream,
+    config: Arc<ServerConfig>,
+    alpn: &[u8],
+) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     let conn = handshake_exact(stream, config).await?;
-    if conn.alpn_protocol() != Some(demux::ALPN_MEDIA) {
-        return Err("the TLS media connection did not settle on ALPN voxgate-media".into());
+    if conn.alpn_protocol() != Some(alpn) {
+        return Err(format!(
+            "the TLS media connection did not settle on ALPN {}",
+            String::from_utf8_lossy(alpn)
+        ));
     }
     let secrets = conn
         .dangerous_extract_secrets()
@@ -308,15 +353,55 @@ async fn userspace_media(
     let leg = demux::first_frame_leg(&first)
         .map_err(|e| e.to_string())?
         .to_owned();
+    Ok((relay(tls, &first).await?, leg))
+}
+
+/// A socket pair whose other end goes to the shard, and a task relaying between it and the
+/// TLS session; `first` (bytes already read from the session) goes to the shard first.
+async fn relay(
+    mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+    first: &[u8],
+) -> Result<OwnedFd, String> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
     ours.set_nonblocking(true).map_err(|e| e.to_string())?;
     let mut ours = tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
-    ours.write_all(&first).await.map_err(|e| e.to_string())?;
+    ours.write_all(first).await.map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         // Ends when either side closes (the shard closing its end included).
         let _ = tokio::io::copy_bidirectional(&mut tls, &mut ours).await;
     });
-    Ok((OwnedFd::from(theirs), leg))
+    Ok(OwnedFd::from(theirs))
+}
+
+/// A userspace TLS WebSocket media connection (`wss://`): the handshake, the opening request
+/// read (at most the shard's handshake limit) for the leg its path names, then the relay; the
+/// request goes to the shard, which answers it.
+async fn userspace_ws(
+    stream: TcpStream,
+    config: Arc<ServerConfig>,
+) -> Result<(OwnedFd, String), String> {
+    let mut tls = tokio_rustls::TlsAcceptor::from(config)
+        .accept(stream)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    if tls.get_ref().1.alpn_protocol() != Some(demux::ALPN_HTTP1) {
+        return Err("the TLS WebSocket connection did not settle on ALPN http/1.1".into());
+    }
+    let mut head = vec![0u8; crate::wire::ws::MAX_HANDSHAKE];
+    let mut n = 0;
+    let leg = loop {
+        match demux::ws_request_leg(&head[..n]) {
+            Ok(leg) => break leg.to_owned(),
+            Err(demux::WsLegError::Incomplete) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let got = tls.read(&mut head[n..]).await.map_err(|e| e.to_string())?;
+        if got == 0 {
+            return Err("closed before its request was whole".into());
+        }
+        n += got;
+    };
+    Ok((relay(tls, &head[..n]).await?, leg))
 }
 
 /// Everything between accept and the hand-over, for one connection.
@@ -337,28 +422,31 @@ async fn sort(
             Ok(leg) => media(stream, peer, leg, "plain"),
             Err(e) => Sorted::Refused(e),
         },
+        Kind::Http if state.media == SharedMedia::Plain => match peek_ws_leg(&stream).await {
+            Ok(leg) => media(stream, peer, leg, "ws"),
+            Err(e) => Sorted::Refused(e),
+        },
         Kind::Tls => {
             let Some(config) = tls else {
                 return Sorted::Refused("TLS, but no [tls] certificate is configured".into());
             };
             let mut hello = vec![0u8; MAX_CLIENT_HELLO];
-            let is_media = loop {
-                let n = match peek_until(&stream, &mut hello, |b| {
-                    !matches!(hello_is_media(b), Ok(None))
-                })
-                .await
-                {
-                    Ok(n) => n,
-                    Err(e) => return Sorted::Refused(e),
-                };
-                match hello_is_media(&hello[..n]) {
+            let hello_kind = loop {
+                let n =
+                    match peek_until(&stream, &mut hello, |b| !matches!(hello_kind(b), Ok(None)))
+                        .await
+                    {
+                        Ok(n) => n,
+                        Err(e) => return Sorted::Refused(e),
+                    };
+                match hello_kind(&hello[..n]) {
                     Ok(Some(m)) => break m,
                     Ok(None) if n < hello.len() => continue,
                     Ok(None) => return Sorted::Refused("ClientHello too large".into()),
                     Err(e) => return Sorted::Refused(e),
                 }
             };
-            if !is_media {
+            if hello_kind == Hello::Control {
                 return Sorted::TlsControl(
                     tokio_rustls::TlsAcceptor::from(config)
                         .accept(stream)
@@ -370,9 +458,18 @@ async fn sort(
             if state.media != SharedMedia::Tls {
                 return Sorted::Refused("TLS media, but this port takes plain media".into());
             }
-            match state.engine {
-                TlsEngine::Kernel => {
-                    if let Err(e) = ktls_handshake(&mut stream, config).await {
+            match (state.engine, hello_kind) {
+                (TlsEngine::Kernel, Hello::WebSocket) => {
+                    if let Err(e) = ktls_handshake(&mut stream, config, demux::ALPN_HTTP1).await {
+                        return Sorted::Refused(e);
+                    }
+                    match peek_ws_leg(&stream).await {
+                        Ok(leg) => media(stream, peer, leg, "wss-ktls"),
+                        Err(e) => Sorted::Refused(e),
+                    }
+                }
+                (TlsEngine::Kernel, _) => {
+                    if let Err(e) = ktls_handshake(&mut stream, config, demux::ALPN_MEDIA).await {
                         return Sorted::Refused(e);
                     }
                     match peek_leg(&stream).await {
@@ -380,7 +477,18 @@ async fn sort(
                         Err(e) => Sorted::Refused(e),
                     }
                 }
-                TlsEngine::Userspace => match userspace_media(stream, config).await {
+                (TlsEngine::Userspace, Hello::WebSocket) => {
+                    match userspace_ws(stream, config).await {
+                        Ok((fd, leg)) => Sorted::Media(MediaConn {
+                            fd,
+                            peer,
+                            leg,
+                            how: "wss",
+                        }),
+                        Err(e) => Sorted::Refused(e),
+                    }
+                }
+                (TlsEngine::Userspace, _) => match userspace_media(stream, config).await {
                     Ok((fd, leg)) => Sorted::Media(MediaConn {
                         fd,
                         peer,
@@ -393,7 +501,7 @@ async fn sort(
         }
         Kind::Control => Sorted::Refused("plain control is off on this port".into()),
         Kind::Media => Sorted::Refused("plain media is off on this port".into()),
-        Kind::Http => Sorted::Refused("HTTP is not served on this port".into()),
+        Kind::Http => Sorted::Refused("plain WebSocket media is off on this port".into()),
         Kind::Unknown => Sorted::Refused("unknown first bytes".into()),
     }
 }
@@ -672,13 +780,26 @@ mod tests {
             out
         };
         let media = hello(&[demux::ALPN_MEDIA]);
-        assert_eq!(hello_is_media(&media), Ok(Some(true)));
-        assert_eq!(hello_is_media(&media[..media.len() / 2]), Ok(None));
-        assert_eq!(hello_is_media(&hello(&[])), Ok(Some(false)));
+        assert_eq!(hello_kind(&media), Ok(Some(Hello::Media)));
+        assert_eq!(hello_kind(&media[..media.len() / 2]), Ok(None));
+        assert_eq!(hello_kind(&hello(&[])), Ok(Some(Hello::Control)));
         assert_eq!(
-            hello_is_media(&hello(&[demux::ALPN_CONTROL])),
-            Ok(Some(false))
+            hello_kind(&hello(&[demux::ALPN_CONTROL])),
+            Ok(Some(Hello::Control))
         );
-        assert!(hello_is_media(&[0x16, 3, 1, 0, 4, 9, 9, 9, 9]).is_err());
+        // What a browser offers for wss:// (and with h2 beside it).
+        assert_eq!(
+            hello_kind(&hello(&[demux::ALPN_HTTP1])),
+            Ok(Some(Hello::WebSocket))
+        );
+        assert_eq!(
+            hello_kind(&hello(&[b"h2", demux::ALPN_HTTP1])),
+            Ok(Some(Hello::WebSocket))
+        );
+        assert_eq!(
+            hello_kind(&hello(&[demux::ALPN_CONTROL, demux::ALPN_HTTP1])),
+            Ok(Some(Hello::Control))
+        );
+        assert!(hello_kind(&[0x16, 3, 1, 0, 4, 9, 9, 9, 9]).is_err());
     }
 }

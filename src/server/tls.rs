@@ -74,6 +74,8 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Strin
     config.alpn_protocols = vec![
         super::demux::ALPN_CONTROL.to_vec(),
         super::demux::ALPN_MEDIA.to_vec(),
+        // A browser's wss:// media leg (the shared port sorts it by its request path).
+        super::demux::ALPN_HTTP1.to_vec(),
     ];
     config.send_tls13_tickets = 0;
     config.enable_secret_extraction = true;

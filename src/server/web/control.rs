@@ -130,7 +130,20 @@ fn for_page(text: String, host: Option<&str>) -> String {
         a => a.to_string(),
     };
     let host = host.map_or(ip, str::to_owned);
-    v["gateway_ws"] = format!("ws://{host}:{}/media", tcp.port()).into();
+    // TLS media on the single port: wss:// there, with the leg in the path (the port hands
+    // the connection to the shard holding that leg before anything is answered).
+    let scheme = if v["gateway_tcp_tls"] == true {
+        "wss"
+    } else {
+        "ws"
+    };
+    let path = match v["leg"].as_str() {
+        Some(leg) if !leg.is_empty() && leg.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+            format!("/media/{leg}")
+        }
+        _ => "/media".to_owned(),
+    };
+    v["gateway_ws"] = format!("{scheme}://{host}:{}{path}", tcp.port()).into();
     v.to_string()
 }
 
@@ -221,6 +234,15 @@ mod tests {
         assert_eq!(v["call"], 4);
         let v: serde_json::Value = serde_json::from_str(&for_page(m.into(), None)).unwrap();
         assert_eq!(v["gateway_ws"], "ws://127.0.0.1:7402/media");
+        // With a leg: its name in the path; with TLS media on the single port: wss://.
+        let m = r#"{"type":"media","call":4,"caller":true,"leg":"00ff","gateway_tcp":"127.0.0.1:443","payload_type":0}"#;
+        let v: serde_json::Value =
+            serde_json::from_str(&for_page(m.into(), Some("gw.example.org"))).unwrap();
+        assert_eq!(v["gateway_ws"], "ws://gw.example.org:443/media/00ff");
+        let m = r#"{"type":"media","call":4,"caller":true,"leg":"00ff","gateway_tcp":"127.0.0.1:443","gateway_tcp_tls":true,"payload_type":0}"#;
+        let v: serde_json::Value =
+            serde_json::from_str(&for_page(m.into(), Some("gw.example.org"))).unwrap();
+        assert_eq!(v["gateway_ws"], "wss://gw.example.org:443/media/00ff");
         // Without a TCP media address (no leg through the gateway), and other messages: as is.
         let direct = r#"{"type":"media","call":4}"#;
         assert_eq!(for_page(direct.into(), Some("h")), direct);
