@@ -706,6 +706,40 @@ fn denied_prefix_cannot_latch_even_after_a_reload(backend: Backend) {
     );
 }
 
+/// Datagrams the kernel drops on a full socket buffer are visible: a flood into a minimal
+/// receive buffer overflows it, and every datagram sent is either handled by the shard or
+/// counted as `socket_overflow` (from `SO_RXQ_OVFL`), exactly. Before: the option was enabled
+/// but never read, so these losses were invisible.
+fn socket_overflow_drops_are_counted_exactly(backend: Backend) {
+    let mut cfg = config(backend);
+    cfg.udp_rcvbuf = 1; // the kernel's minimum: a few datagrams
+    let shards = spawn_with(cfg);
+    let h = &shards.handles[0];
+    let s = udp_client("127.0.0.1");
+    let pkt = rtp(1, 1, 40);
+    let mut sent = 0u64;
+    for _ in 0..20_000 {
+        if s.send_to(&pkt, gw_udp(h)).is_ok() {
+            sent += 1;
+        }
+    }
+    // The kernel reports drops with the next datagram it queues: one more, after the flood.
+    std::thread::sleep(Duration::from_millis(100));
+    s.send_to(&pkt, gw_udp(h)).unwrap();
+    sent += 1;
+    let snap = wait_until(h, "every datagram handled or counted as overflow", |x| {
+        x.counters.udp_in.packets + x.counters.dropped(DropReason::SocketOverflow) == sent
+    });
+    let overflow = snap.counters.dropped(DropReason::SocketOverflow);
+    assert!(overflow > 0, "the flood overflowed the socket: {snap:?}");
+    assert!(snap.counters.udp_in.packets > 0);
+    assert_eq!(
+        snap.counters.dropped(DropReason::Unbound),
+        snap.counters.udp_in.packets,
+        "the datagrams that got through were handled (dropped as unbound)"
+    );
+}
+
 /// The shard→control event channel is bounded: a control thread that does not keep up costs
 /// counted event drops, never shard memory. Before: an unbounded channel with a `String` per
 /// event.
@@ -756,5 +790,6 @@ both_backends!(
     replayed_binding_does_not_move_the_leg,
     private_latch_is_refused,
     denied_prefix_cannot_latch_even_after_a_reload,
+    socket_overflow_drops_are_counted_exactly,
     event_channel_is_bounded
 );

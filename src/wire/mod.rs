@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod framing;
+pub mod fuzz;
 pub mod path;
 pub mod rtp;
 pub mod stun;
