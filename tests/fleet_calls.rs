@@ -528,6 +528,7 @@ fn a_conference_with_members_on_three_gateways() {
     assert!(into(g1) >= 100.0, "{}", into(g1));
     assert_eq!(into(g2), 0.0);
     assert_eq!(into(g3), 0.0);
+}
 
 /// Checks a finished call's two phones: completed, nothing lost, audio byte-exact both ways.
 fn check_call(
