@@ -656,6 +656,9 @@ fn denied_prefix_cannot_latch_even_after_a_reload(backend: Backend) {
     // ... and the reload denies 127.0.0.3 and 127.0.0.4 and lifts the denial of 127.0.0.2.
     h.set_peer_policy(policy(true, &["127.0.0.3/32", "127.0.0.4/32"]))
         .unwrap();
+    // Commands run in order: once a snapshot is answered, the shard runs the new policy (the
+    // answer below must not overtake the command through the socket).
+    h.snapshot_blocking().unwrap();
     // The right answer to the check arrives after the reload: the leg stays where it was.
     let mut resp = [0u8; 256];
     let n = stun::write_binding_success(&mut resp, &check, gw_udp(h), &key("b")).unwrap();
