@@ -107,8 +107,22 @@ fn presence(redis: &RedisServer, user: &str) -> Option<String> {
 /// `caller` on `gc` calls `callee` (number `number`) on `ge`; audio must arrive byte-exact
 /// both ways. `firewall`: the caller's `--firewall`.
 fn call_across(gc: &Gateway, caller: &str, ge: &Gateway, callee: &str, number: &str, fw: &str) {
+    call_across_planned(gc, caller, ge, callee, number, (fw, ""), None);
+}
+
+/// [`call_across`] with both phones' `--firewall` (`""`: none) and, when given, the plan
+/// (forward, backward) both phones must report.
+fn call_across_planned(
+    gc: &Gateway,
+    caller: &str,
+    ge: &Gateway,
+    callee: &str,
+    number: &str,
+    (fw, fw_callee): (&str, &str),
+    plan: Option<(&str, &str)>,
+) {
     let dir = gc.dir.path();
-    let tag = format!("{caller}-{callee}-{fw}");
+    let tag = format!("{caller}-{callee}-{fw}-{fw_callee}");
     let a_in = test_clip(dir, "speech-8k.wav", &format!("{tag}-a-in.wav"), 1.6);
     let b_in = test_clip(dir, "reply-8k.wav", &format!("{tag}-b-in.wav"), 1.2);
     let (a_rec, b_rec) = (
@@ -127,7 +141,15 @@ fn call_across(gc: &Gateway, caller: &str, ge: &Gateway, callee: &str, number: &
             b_rec.to_str().unwrap(),
             "--wait",
             "20",
-        ],
+        ]
+        .into_iter()
+        .chain(
+            (!fw_callee.is_empty())
+                .then_some(["--firewall", fw_callee])
+                .into_iter()
+                .flatten(),
+        )
+        .collect::<Vec<_>>(),
     );
     ge.wait_online(mark, callee);
     let mut args = vec![
@@ -156,6 +178,18 @@ fn call_across(gc: &Gateway, caller: &str, ge: &Gateway, callee: &str, number: &
         );
         assert_eq!(r.json["result"], "completed", "{who}: {}", r.json);
         assert_eq!(r.json["received"]["lost"], 0, "{who}: {}", r.json);
+        if let Some(want) = plan {
+            assert_eq!(
+                (
+                    r.json["plan"]["forward"].as_str().unwrap_or("?"),
+                    r.json["plan"]["backward"].as_str().unwrap_or("?")
+                ),
+                want,
+                "{who} ({fw:?} on {} calls {fw_callee:?} on {}): the plan",
+                gc.control,
+                ge.control
+            );
+        }
     }
     for (sent, rec, who) in [
         (&a_in, &b_rec, "callee hears caller"),
@@ -706,4 +740,25 @@ fn a_redis_restart_keeps_calls_and_presence_comes_back() {
         back.elapsed(),
         dialled.elapsed()
     );
+}
+
+/// Every transport plan of Table 1 across two gateways (the caller's relays), forced by the
+/// phones' simulated firewalls as `e2e_loopback` does on one gateway: each plan both phones
+/// report is the planner's, and the audio is byte-exact both ways.
+#[test]
+fn every_plan_carries_audio_across_gateways() {
+    let Some(f) = fleet(2) else { return };
+    let (g1, g2) = (&f.gws[0], &f.gws[1]);
+    let direct = ("direct_udp", "direct_udp");
+    let (t, u) = ("tcp_in_udp_out", "udp_in_tcp_out");
+    for (fw, plan) in [
+        (("open", "open"), direct),
+        (("no-udp", "open"), (t, u)),
+        (("open", "no-udp"), (u, t)),
+        (("no-udp", "no-udp"), ("tcp_both", "tcp_both")),
+        (("no-udp-out", "no-udp-in"), ("tcp_both", "direct_udp")),
+        (("open", "no-udp-out"), ("direct_udp", "tcp_in_udp_out")),
+    ] {
+        call_across_planned(g1, "alice", g2, "bob", "+15550002", fw, Some(plan));
+    }
 }

@@ -236,6 +236,20 @@ pub(crate) struct Fleet {
     remote: HashMap<ConnId, Remote>,
     /// By (call, the caller's node's virtual connection for the callee).
     hosted: HashMap<(CallId, ConnId), Hosted>,
+    /// Rings for a subscriber here whose probe is still running: answered when it finishes
+    /// (or when the subscriber leaves), so that the caller's node plans with the callee's
+    /// real capabilities, as one gateway waits for a running probe before it plans.
+    deferred: Vec<DeferredRing>,
+}
+
+/// A ring answered once the callee's running probe is over.
+#[derive(Debug)]
+struct DeferredRing {
+    conn: ConnId,
+    from: NodeId,
+    call: CallId,
+    vconn: ConnId,
+    user: String,
 }
 
 /// A conference whose members on other nodes are being located and rung.
@@ -261,6 +275,7 @@ impl Fleet {
             asked: Default::default(),
             remote: HashMap::new(),
             hosted: HashMap::new(),
+            deferred: Vec::new(),
         }
     }
 }
@@ -631,6 +646,24 @@ impl Gateway {
         }
     }
 
+    /// `conn`'s probe is over, or `conn` is gone: the rings that waited for it are answered
+    /// now (with its probe result, or refused as offline).
+    pub(crate) fn fleet_probe_done(&mut self, conn: ConnId) {
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return;
+        };
+        if !f.deferred.iter().any(|d| d.conn == conn) {
+            return;
+        }
+        let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut f.deferred)
+            .into_iter()
+            .partition(|d| d.conn == conn);
+        f.deferred = rest;
+        for d in ready {
+            self.on_ring(d.from, d.call, d.vconn, &d.user);
+        }
+    }
+
     fn remote_of(&self, vconn: ConnId, node: &str) -> bool {
         self.fleet
             .as_deref()
@@ -671,6 +704,20 @@ impl Gateway {
         let Phase::LoggedIn(s) = &c.phase else {
             return;
         };
+        if s.probe.is_some() {
+            // Its probe is running: answer when it is over (`fleet_probe_done`), bounded by
+            // the probe's time-out, as a call on one gateway waits for it before planning.
+            if let Some(f) = self.fleet.as_deref_mut() {
+                f.deferred.push(DeferredRing {
+                    conn,
+                    from,
+                    call,
+                    vconn,
+                    user: user.to_owned(),
+                });
+            }
+            return;
+        }
         let key = super::fleet_call_key(&s.key, call);
         let probe = match (&s.probe, &s.result) {
             (None, Some(r)) => RemoteProbe::of(r),

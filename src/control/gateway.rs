@@ -1117,6 +1117,9 @@ impl Gateway {
             }
             tracing::info!(conn, user = %s.user, "logged out");
         }
+        // Rings that waited for its probe are answered now: it is gone (offline), or the
+        // subscriber is logged in again on another connection (rung there).
+        self.fleet_probe_done(conn);
     }
 
     /// Arms the connection's timer: its log-in deadline, or its next presence deadline (a

@@ -448,6 +448,7 @@ impl Gateway {
             },
         );
         self.on_probe_done(now, conn, out);
+        self.fleet_probe_done(conn);
     }
 
     /// A datagram on a probe port: answer STUN Binding requests, note probe Bindings.

@@ -476,3 +476,99 @@ fn a_conference_rings_members_on_other_nodes_and_relays_on_the_organizers() {
     assert_eq!(p.a.gw.fleet.as_ref().unwrap().remote.len(), 1, "erin's");
     assert_eq!(p.a.gw.calls.len(), 1, "the room goes on");
 }
+
+/// A ring for a subscriber whose probe is still running is answered once the probe is over,
+/// with its result: the caller's node plans with the callee's real capabilities (here: it
+/// receives UDP but cannot send it), as one gateway waits for a running probe before it plans.
+/// Before, the ring was answered at once with "unknown" (TCP both ways).
+#[test]
+fn a_ring_waits_for_the_callees_running_probe() {
+    let mut p = pair();
+    let alice = p.a.login("alice", OPEN);
+    let mut bob = p.b.login_only("bob");
+    bob.fw = sim::RECV_ONLY;
+    p.flow();
+    p.a.send(
+        alice.conn,
+        ClientMsg::Dial {
+            tag: 1,
+            number: bob.number.into(),
+            media: Some(alice.media()),
+        },
+    );
+    p.flow();
+    // b was rung but has not answered: bob's probe is running.
+    let rung = |p: &Pair| {
+        p.wire
+            .iter()
+            .filter(|(from, _, m)| from == "b" && matches!(m, FleetMsg::RingOk { .. }))
+            .count()
+    };
+    assert_eq!(rung(&p), 0, "{:?}", p.wire);
+    let out = p.b.probe(&bob);
+    assert!(out.capabilities.recv_udp && !out.capabilities.send_udp);
+    p.flow();
+    let probe = p
+        .wire
+        .iter()
+        .find_map(|(_, _, m)| match m {
+            FleetMsg::RingOk { probe, .. } => Some(*probe),
+            _ => None,
+        })
+        .expect("the ring is answered once the probe is over");
+    assert!(probe.recv_udp && !probe.send_udp, "{probe:?}");
+    let call = match p.b.take(bob.conn).iter().find_map(|m| match m {
+        ServerMsg::Incoming { call, .. } => Some(*call),
+        _ => None,
+    }) {
+        Some(c) => c,
+        None => panic!("bob is rung"),
+    };
+    p.b.accept(&bob, call, Some(bob.media()));
+    p.flow();
+    // The plan is Table 1's for these capabilities, as on one gateway.
+    let am = sim::media_of(&p.a.take(alice.conn));
+    assert_eq!(am.len(), 1);
+    let plan = am[0].plan.expect("plan");
+    assert_eq!(
+        plan,
+        crate::control::planner::plan(
+            crate::control::planner::Capabilities {
+                send_udp: true,
+                recv_udp: true,
+                nat: false
+            },
+            out.capabilities
+        )
+    );
+}
+
+/// A subscriber that leaves while a ring waits for its probe: the caller's node is told at
+/// once (offline), not left to its ring timer.
+#[test]
+fn a_ring_waiting_for_a_probe_is_refused_when_the_callee_leaves() {
+    let mut p = pair();
+    let alice = p.a.login("alice", OPEN);
+    let bob = p.b.login_only("bob");
+    p.flow();
+    let call = p.a.dial(&alice, bob.number, Some(alice.media()));
+    p.flow();
+    p.b.input(Input::Disconnected { conn: bob.conn });
+    p.flow();
+    assert!(
+        p.wire.iter().any(|(from, _, m)| from == "b"
+            && matches!(
+                m,
+                FleetMsg::RingFailed {
+                    reason: HangupReason::Offline,
+                    ..
+                }
+            )),
+        "{:?}",
+        p.wire
+    );
+    assert_eq!(
+        sim::hangups(&p.a.take(alice.conn)),
+        [(call, HangupReason::Offline)]
+    );
+}
