@@ -322,7 +322,7 @@ fn oversize_datagram_toward_tcp_leg(backend: Backend) {
 
 /// 300 connections that trickle a byte now and then. Before: the first 256 held every
 /// unbound slot for 5 s (the timeout counted from accept) and a real leg's connection was
-/// refused. Now a source holds at most 8 unbound slots (a newer connection closes its oldest)
+/// refused. Now a source holds at most 64 unbound slots (a newer connection closes its oldest)
 /// and the real leg binds at once.
 fn trickling_unbound_connections_do_not_lock_out_a_leg(backend: Backend) {
     let shards = spawn_with(config(backend));
@@ -355,8 +355,43 @@ fn trickling_unbound_connections_do_not_lock_out_a_leg(backend: Backend) {
     assert_eq!(read_frame(&mut t), rtp(3, 1, 172), "and carries media");
     let s = h.snapshot_blocking().unwrap();
     assert!(
-        s.counters.dropped(DropReason::TcpConnLimit) >= 300 - 8,
+        s.counters.dropped(DropReason::TcpConnLimit) >= 300 - 64,
         "old trickling connections were closed: {:?}",
+        s.counters
+    );
+}
+
+/// 20 phones behind one NAT set up TCP media at the same instant: every connection is open
+/// before the first Binding, and all bind. Before: the per-source limit was 8, so the ninth
+/// connection closed the first, still binding (`perf/run`'s 20-stream TCP steps failed on it).
+fn simultaneous_tcp_legs_from_one_address_all_bind(backend: Backend) {
+    let shards = spawn_with(config(backend));
+    let h = &shards.handles[0];
+    let names: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
+    h.install_blocking(SessionSpec {
+        id: 1,
+        legs: names.iter().map(|n| leg(n, Delivery::Tcp)).collect(),
+    })
+    .unwrap();
+    let mut conns: Vec<TcpStream> = names
+        .iter()
+        .map(|_| TcpStream::connect(gw_tcp(h)).expect("connect"))
+        .collect();
+    for (t, n) in conns.iter_mut().zip(&names) {
+        t.set_read_timeout(Some(WAIT)).unwrap();
+        let (txid, req) = binding_request(n);
+        write_frame(t, &req);
+        let mut hdr = [0u8; 2];
+        t.read_exact(&mut hdr).expect("a Binding answer, not EOF");
+        let mut resp = vec![0u8; usize::from(u16::from_be_bytes(hdr))];
+        t.read_exact(&mut resp).unwrap();
+        binding::check_response(&resp, &key(n), &txid).expect("keyed answer");
+    }
+    let s = h.snapshot_blocking().unwrap();
+    assert_eq!(
+        s.counters.dropped(DropReason::TcpConnLimit),
+        0,
+        "{:?}",
         s.counters
     );
 }
@@ -789,6 +824,7 @@ both_backends!(
     room_flood_of_tiny_frames_is_bounded,
     oversize_datagram_toward_tcp_leg,
     trickling_unbound_connections_do_not_lock_out_a_leg,
+    simultaneous_tcp_legs_from_one_address_all_bind,
     stalled_readers_do_not_starve_the_shard,
     replayed_binding_does_not_move_the_leg,
     private_latch_is_refused,

@@ -28,6 +28,9 @@ fn spawn(backend: Backend) -> Shards {
         send_slots: 512,
         ..ShardConfig::default()
     };
+    // The adoption test counts to the ninth connection of one source.
+    let mut cfg = cfg;
+    cfg.relay.max_unbound_tcp_per_source = 8;
     let shards = Shards::spawn(&cfg).expect("shards start");
     assert_eq!(
         shards.handles[0].backend, backend,
@@ -518,7 +521,7 @@ fn adopted_connections_carry_media(backend: Backend) {
         .collect();
     assert_eq!(got, sent, "adopted -> adopted: byte-exact, in order");
     // The budget: unbound adopted connections from one source are held to the per-source
-    // limit (8 by default) like accepted ones: the ninth evicts the oldest, which sees EOF.
+    // limit (8 here) like accepted ones: the ninth evicts the oldest, which sees EOF.
     let before = h.snapshot_blocking().unwrap().counters.tcp_accepted;
     let mut ours = Vec::new();
     for i in 0..9u16 {

@@ -117,7 +117,10 @@ impl Default for RelayConfig {
             max_sessions: 100_000,
             max_legs_per_session: 64,
             ipv6: true,
-            max_unbound_tcp_per_source: 8,
+            // A corporate NAT's phones setting up TCP media at the same instant share one
+            // source: 64 lets them all bind, and a trickler still holds no more than that
+            // (its newest connection closes its oldest).
+            max_unbound_tcp_per_source: 64,
             unbound_tcp_idle_ns: 1_000_000_000,
             stale_ns: 300_000_000,
             peer_policy: PeerPolicy::new(true, &[], &[]),
