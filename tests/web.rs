@@ -822,10 +822,18 @@ fn submit(b: &Browser, user: &str, number: Option<&str>, password: &str, invite:
     });
 }
 
+/// The first browser test, as one flow: a new subscriber registers through the page
+/// (Fig. 3a; the errors are shown next to their fields on the way), logs in through the log-in
+/// page (Fig. 3b) with the password typed at registration, and calls bob, a `voxgate phone
+/// --answer --record`, with Chromium's fake microphone playing `speech-8k.wav`: bob's
+/// recording is the source audio after one G.711 round trip, and the plan is exactly Table 1's
+/// for a page (no UDP) calling an open phone ([`page_calls_bob_with_audio`]).
 #[test]
-fn a_subscriber_registers_in_a_real_browser_and_logs_in() {
-    let Some(b) = Browser::start() else { return };
-    let (gw, addr, _dir) =
+fn a_subscriber_registers_in_a_real_browser_logs_in_and_calls() {
+    let Some(b) = Browser::start_with(&fake_microphone()) else {
+        return;
+    };
+    let (gw, addr, dir) =
         gateway_with_web("registration = \"invite\"\nnumber_range = \"+1555010000-+1555019999\"");
     let data = gw.dir.path().join("data");
     let out = Command::new(BIN)
@@ -980,6 +988,13 @@ fn a_subscriber_registers_in_a_real_browser_and_logs_in() {
         "unknown or used-up invitation code"
     );
 
+    // dave logs in through the log-in page and calls bob: his voice reaches bob's recording.
+    let mark = gw.log_len();
+    let welcome = log_in_with(&b, &addr, "dave", "Open the pod bay doors, HAL 9000");
+    assert_eq!(welcome, "Logged in as dave, number +1555010000. Online.");
+    gw.wait_online(mark, "dave");
+    page_calls_bob_with_audio(&b, &gw, dir.path(), "+1555010000", None);
+
     // The README shows these.
     update_readme_screenshots(&[empty, errors, done]);
 }
@@ -1133,15 +1148,21 @@ fn the_page_shows_which_contacts_are_online() {
     update_readme_screenshots(&[shot]);
 }
 
-/// Logs `user` in through the page.
+/// Logs `user` (provisioned with `common::password`) in through the page.
 fn log_in(b: &Browser, addr: &str, user: &str) {
+    log_in_with(b, addr, user, &common::password(user));
+}
+
+/// Logs `user` in through the page with `password`; the page's welcome.
+fn log_in_with(b: &Browser, addr: &str, user: &str, password: &str) -> String {
     b.go(&format!("http://{addr}/login"));
     b.type_into("#user", user);
-    b.type_into("#password", &common::password(user));
+    b.type_into("#password", password);
     b.click("#login-button");
     b.wait("the welcome", || {
-        b.text("#status").starts_with("Logged in").then_some(())
-    });
+        let t = b.text("#status");
+        t.starts_with("Logged in").then_some(t)
+    })
 }
 
 /// 16-bit samples from a test hook (a JavaScript array of numbers).
@@ -1179,35 +1200,85 @@ fn best_correlation(piece: &[i16], source: &[i16]) -> f64 {
         .fold(f64::MIN, f64::max)
 }
 
-/// The browser phone, both ways, through the gateway's WebSocket media leg: Chromium's fake
-/// microphone plays `speech-8k.wav`; the page logs in as alice and calls bob's `voxgate phone
-/// --answer --record --play`. The gateway plans TCP both ways for the page (a browser cannot
-/// send or receive UDP: its probe finds none) and names a `ws://` media address.
-///
-/// - bob hears the page: his recording holds exactly the page's sent samples after one µ-law
-///   round trip (byte-exact across the page's encoder, the WebSocket leg, the relay and the
-///   phone), and those samples are the source audio: Chromium's fake capture runs at 48 kHz
-///   and the page's 8 kHz AudioContext resamples it, so sample values cannot be byte-exact
-///   there; they must correlate with the file at >= 0.9 (best whole-sample lag).
-/// - the page hears bob: the PCM the page decoded (`window.voxgateReceivedPcm`) holds bob's
-///   clip after one µ-law round trip, byte-exact.
-#[test]
-fn the_page_phone_talks_g711_over_a_websocket_leg_both_ways() {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/speech-8k.wav");
-    let Some(b) = Browser::start_with(&[
+/// `tests/data/speech-8k.wav`: what Chromium's fake microphone plays in the call tests.
+fn speech_source() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/speech-8k.wav")
+}
+
+/// Chromium's arguments for a page phone: a fake microphone playing [`speech_source`], no
+/// permission prompt, audio that plays without a gesture.
+fn fake_microphone() -> Vec<String> {
+    vec![
         "--use-fake-ui-for-media-stream".into(),
         "--use-fake-device-for-media-stream".into(),
-        format!("--use-file-for-fake-audio-capture={}", source.display()),
+        format!(
+            "--use-file-for-fake-audio-capture={}",
+            speech_source().display()
+        ),
         "--autoplay-policy=no-user-gesture-required".into(),
-    ]) else {
-        return;
-    };
-    let (gw, addr, dir) = gateway_with_web("");
-    let clip = common::test_clip(dir.path(), "speech-8k.wav", "bob-in.wav", 2.0);
-    let rec = dir.path().join("bob-rec.wav");
+    ]
+}
+
+/// The plan for a page calling an open `voxgate phone`, (forward, backward). The page is, to
+/// the planner, behind a firewall that blocks UDP both ways (its probe finds no UDP): Table 1's
+/// case 12, `TCP both` calling `UDP both` (src/control/planner.rs). Forward, page to phone: the
+/// page cannot send UDP, the phone can receive it: TCP in, UDP out. Backward, phone to page:
+/// the phone can send UDP, the page cannot receive it: UDP in, TCP out.
+const PAGE_CALLS_OPEN_PHONE: (&str, &str) = ("tcp_in_udp_out", "udp_in_tcp_out");
+
+/// The lines of the gateway's call detail records once it has `n` (a record is written
+/// shortly after its call ends).
+fn cdr_lines(gw: &Gateway, n: usize) -> Vec<Value> {
+    let path = gw.dir.path().join("data/cdr.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<Value> = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(json_of)
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has {} records, want {n}",
+            path.display(),
+            lines.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The logged-in page (with [`fake_microphone`]) calls bob, a `voxgate phone --answer --record
+/// --play` on an open network, 3 s of audio each way, and hangs up; then checks:
+///
+/// - the plan, exactly, as all three parties state it: the page (`window.voxgateMedia`), bob's
+///   phone (`--json`) and the gateway's call detail record, per direction
+///   ([`PAGE_CALLS_OPEN_PHONE`]); the page's leg is TCP both ways, through the gateway, on a
+///   `ws://` media address;
+/// - bob hears the page: his recording holds exactly the page's sent samples after one µ-law
+///   round trip (byte-exact across the page's encoder, the WebSocket leg, the relay and the
+///   phone), and it is the source file: Chromium's fake capture runs at 48 kHz and the page's
+///   8 kHz AudioContext resamples it, so sample values cannot be byte-exact against the file;
+///   both what the page sent and bob's recording must correlate with it at >= 0.9 (best
+///   whole-sample lag);
+/// - the page hears bob: the PCM the page decoded (`window.voxgateReceivedPcm`) holds bob's
+///   clip after one µ-law round trip, byte-exact.
+///
+/// `shot`: a screenshot of the page in the call, by that name. `number`: the page's own.
+fn page_calls_bob_with_audio(
+    b: &Browser,
+    gw: &Gateway,
+    dir: &Path,
+    number: &str,
+    shot: Option<&str>,
+) -> Option<PathBuf> {
+    let clip = common::test_clip(dir, "speech-8k.wav", "bob-in.wav", 2.0);
+    let rec = dir.join("bob-rec.wav");
     let mark = gw.log_len();
     let bob = common::spawn_phone(
-        &gw,
+        gw,
         "bob",
         &[
             "--answer",
@@ -1220,7 +1291,7 @@ fn the_page_phone_talks_g711_over_a_websocket_leg_both_ways() {
         ],
     );
     gw.wait_online(mark, "bob");
-    log_in(&b, &addr, "alice");
+    let records_before = cdr_lines(gw, 0).len();
     b.type_into("#number", "+15550002");
     b.click("#call");
     // 3 s of audio each way.
@@ -1229,20 +1300,22 @@ fn the_page_phone_talks_g711_over_a_websocket_leg_both_ways() {
         (n[0].as_u64()? >= 24_000 && n[1].as_u64()? >= 24_000).then_some(())
     });
     let media = b.js("return window.voxgateMedia");
-    // A page cannot use UDP at all (the gateway's probe found none: the page is, to the
-    // planner, behind a firewall that blocks all UDP), so its leg is TCP both ways, through
-    // the gateway, on a WebSocket address: the browser phone works wherever TCP does.
+    // A page cannot use UDP at all: the gateway's probe found none.
     let caps = b.js("return window.voxgateCapabilities");
     assert_eq!(caps["send_udp"], false, "{caps}");
     assert_eq!(caps["recv_udp"], false, "{caps}");
     assert_eq!(media["caller"], true, "{media}");
-    for dir in ["forward", "backward"] {
-        let p = media["plan"][dir].as_str().unwrap_or_default();
-        assert!(
-            ["tcp_both", "tcp_in_udp_out", "udp_in_tcp_out"].contains(&p),
-            "{dir}: {p}"
-        );
-    }
+    let plan = |p: &Value| {
+        (
+            p["forward"].as_str().unwrap_or_default().to_owned(),
+            p["backward"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    let want_plan = (
+        PAGE_CALLS_OPEN_PHONE.0.to_owned(),
+        PAGE_CALLS_OPEN_PHONE.1.to_owned(),
+    );
+    assert_eq!(plan(&media["plan"]), want_plan, "the page's plan: {media}");
     assert_eq!(media["send"]["transport"], "tcp", "{media}");
     assert_eq!(media["recv"]["transport"], "tcp", "{media}");
     let ws = media["gateway_ws"].as_str().unwrap_or_default();
@@ -1254,13 +1327,48 @@ fn the_page_phone_talks_g711_over_a_websocket_leg_both_ways() {
         b.text("#media-status"),
         "Media bound (WebSocket through the gateway)."
     );
-    let shot = b.screenshot("login-call");
+    let shot = shot.map(|name| b.screenshot(name));
     b.click("#hangup");
     let sent = pcm(&b.js("return window.voxgateSentPcm"));
     let heard = pcm(&b.js("return window.voxgateReceivedPcm"));
     let bob = common::finish(bob);
     assert_eq!(bob.code, 0, "bob: {} {}", bob.json, bob.stderr);
     eprintln!("bob (the phone) after the call with the page: {}", bob.json);
+    // bob's phone and the gateway's record say the same plan; bob sends UDP and receives UDP.
+    assert_eq!(
+        plan(&bob.json["plan"]),
+        want_plan,
+        "bob's plan: {}",
+        bob.json
+    );
+    assert_eq!(bob.json["transports"]["send"]["transport"], "udp");
+    assert_eq!(bob.json["transports"]["recv"]["transport"], "udp");
+    let records = cdr_lines(gw, records_before + 1);
+    let r = &records[records_before];
+    assert_eq!(r["caller"]["number"], number, "{r}");
+    assert_eq!(r["callee"]["user"], "bob", "{r}");
+    assert_eq!(r["call"], media["call"], "{r}");
+    assert_eq!(
+        (
+            r["forward"]["path"].as_str().unwrap_or_default().to_owned(),
+            r["backward"]["path"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        ),
+        want_plan,
+        "the gateway's record: {r}"
+    );
+    assert_eq!(
+        (&r["forward"]["send"], &r["forward"]["recv"]),
+        (&json!("tcp"), &json!("udp")),
+        "{r}"
+    );
+    assert_eq!(
+        (&r["backward"]["send"], &r["backward"]["recv"]),
+        (&json!("udp"), &json!("tcp")),
+        "{r}"
+    );
 
     // The page hears bob, byte-exact after one µ-law round trip.
     let want = common::ulaw_round_trip_padded(&voxgate::client::wav::read(&clip).unwrap());
@@ -1290,24 +1398,52 @@ fn the_page_phone_talks_g711_over_a_websocket_leg_both_ways() {
         recorded[at..at + n] == sent_rt[..n],
         "bob's recording differs from what the page sent"
     );
-    // And what the page sent is the file Chromium's fake microphone played.
-    let src = voxgate::client::wav::read(&source).unwrap();
-    let loudest = (0..sent.len().saturating_sub(4000))
-        .step_by(800)
-        .max_by_key(|&i| {
-            sent[i..i + 4000]
-                .iter()
-                .map(|&x| i64::from(x).pow(2))
-                .sum::<i64>()
-        })
-        .unwrap();
-    let r = best_correlation(&sent[loudest..loudest + 4000], &src);
+    // And what the page sent, and so what bob recorded, is the file Chromium's fake microphone
+    // played: its loudest half second correlates with the file.
+    let src = voxgate::client::wav::read(&speech_source()).unwrap();
+    let loudest = |x: &[i16]| {
+        (0..x.len().saturating_sub(4000))
+            .step_by(800)
+            .max_by_key(|&i| {
+                x[i..i + 4000]
+                    .iter()
+                    .map(|&s| i64::from(s).pow(2))
+                    .sum::<i64>()
+            })
+            .unwrap()
+    };
+    let i = loudest(&sent);
+    let r = best_correlation(&sent[i..i + 4000], &src);
     eprintln!("correlation of the page's captured audio with the source file: {r:.4}");
     assert!(
         r >= 0.9,
         "the page's audio is not the source file (r = {r:.3})"
     );
-    update_readme_screenshots(&[shot]);
+    let heard_by_bob = &recorded[at..at + n];
+    let i = loudest(heard_by_bob);
+    let r = best_correlation(&heard_by_bob[i..i + 4000], &src);
+    eprintln!("correlation of bob's recording with the source file: {r:.4}");
+    assert!(
+        r >= 0.9,
+        "bob's recording is not the source file (r = {r:.3})"
+    );
+    shot
+}
+
+/// The browser phone, both ways, through the gateway's WebSocket media leg: Chromium's fake
+/// microphone plays `speech-8k.wav`; the page logs in as alice (provisioned by the CLI) and
+/// calls bob's `voxgate phone --answer --record --play`; [`page_calls_bob_with_audio`] checks
+/// the plan and the audio both ways. (The same call after registering through the page:
+/// `a_subscriber_registers_in_a_real_browser_logs_in_and_calls`.)
+#[test]
+fn the_page_phone_talks_g711_over_a_websocket_leg_both_ways() {
+    let Some(b) = Browser::start_with(&fake_microphone()) else {
+        return;
+    };
+    let (gw, addr, dir) = gateway_with_web("");
+    log_in(&b, &addr, "alice");
+    let shot = page_calls_bob_with_audio(&b, &gw, dir.path(), "+15550001", Some("login-call"));
+    update_readme_screenshots(&shot.into_iter().collect::<Vec<_>>());
 }
 
 /// The page behind a firewall that blocks all UDP (the lab's `no-udp` class, real nftables in

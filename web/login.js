@@ -149,7 +149,7 @@ function onMessage(m) {
       showContacts();
       break;
     case "probe_result":
-      // A page has no UDP: the probe finds none, and the gateway plans TCP both ways.
+      // A page has no UDP: the probe finds none, so its own segments are TCP both ways.
       window.voxgateCapabilities = m.capabilities;
       break;
     case "calling":
