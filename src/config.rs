@@ -300,7 +300,8 @@ pub struct WebSection {
     pub max_connections: usize,
     /// A connection without a byte either way for this long is closed.
     pub idle_timeout_s: u64,
-    /// Serve HTTPS (TLS 1.3) with the `[tls]` certificate and key instead of plain HTTP.
+    /// Serve HTTPS (TLS 1.3) with the `[tls]` certificate and key instead of plain HTTP
+    /// (reloaded on SIGHUP with the control listener's).
     pub https: bool,
 }
 

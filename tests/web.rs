@@ -26,9 +26,24 @@ fn http(
 ) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    http_on(&mut s, true, method, addr, path, auth, body)
+}
+
+/// One HTTP/1.1 request on an open connection (`close`: ask the server to close it after the
+/// answer; otherwise it stays open for the next): the status and the body.
+fn http_on(
+    s: &mut (impl Read + Write),
+    close: bool,
+    method: &str,
+    addr: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, String) {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let connection = if close { "close" } else { "keep-alive" };
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: {connection}\r\nContent-Length: {}\r\n",
         body.len()
     );
     if !body.is_empty() {
@@ -1680,50 +1695,94 @@ fn the_page_answers_a_call_with_audio() {
     );
 }
 
+/// A self-signed certificate for `name`, written as `<file>-cert.pem` and `<file>-key.pem`.
+struct SelfSigned {
+    cert: PathBuf,
+    key: PathBuf,
+    /// The certificate, DER (what a client is shown in the handshake).
+    der: Vec<u8>,
+    /// The base64 SHA-256 of its public key: Chromium's `--ignore-certificate-errors-spki-list`
+    /// trusts exactly that key.
+    spki: String,
+}
+
+fn self_signed(dir: &Path, file: &str, name: &str) -> SelfSigned {
+    use base64::Engine;
+    use sha2::Digest;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (
+        dir.join(format!("{file}-cert.pem")),
+        dir.join(format!("{file}-key.pem")),
+    );
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    SelfSigned {
+        cert: cert_path,
+        key: key_path,
+        der: cert.der().to_vec(),
+        spki: base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(
+            rcgen::PublicKeyData::subject_public_key_info(&key),
+        )),
+    }
+}
+
+/// A gateway whose web listener speaks HTTPS (`[web] https = true`) with `cert`/`key` in
+/// `[tls]`, and `extra` configuration; the gateway and a look-up of its ready line's words
+/// (`web=`, `single_port=`, ...).
+fn gateway_with_https(
+    dir: &Path,
+    cert: &Path,
+    key: &Path,
+    extra: &str,
+) -> (Gateway, impl Fn(&str) -> String) {
+    let cfg = dir.join("voxgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[web]\nenabled = true\nlisten = \"127.0.0.1:0\"\nhttps = true\n\
+             [tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\n{extra}",
+            cert.to_str().unwrap(),
+            key.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
+    gw.wait_log(0, "the ready line", |l| l.contains("voxgate is ready"));
+    let ready = gw
+        .log_text()
+        .lines()
+        .find(|l| l.contains("voxgate is ready"))
+        .expect("ready line")
+        .to_owned();
+    let word = move |k: &str| {
+        ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_else(|| panic!("{k} in {ready}"))
+            .to_owned()
+    };
+    (gw, word)
+}
+
 /// `[web] https = true`: the pages, the API and the WebSocket control bridge over TLS with the
 /// `[tls]` certificate. Chromium trusts exactly this server's key (its SPKI hash), loads the
 /// log-in page over HTTPS and logs in over `wss://`; a plain HTTP request to the port gets no
 /// HTTP answer.
 #[test]
 fn the_web_listener_serves_https_with_the_tls_certificate() {
-    use base64::Engine;
-    use sha2::Digest;
     let dir = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    let spki = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(
-        rcgen::PublicKeyData::subject_public_key_info(&key),
-    ));
-    let Some(b) = Browser::start_with(&[format!("--ignore-certificate-errors-spki-list={spki}")])
+    let c = self_signed(dir.path(), "web", "127.0.0.1");
+    let Some(b) =
+        Browser::start_with(&[format!("--ignore-certificate-errors-spki-list={}", c.spki)])
     else {
         return;
     };
-    let cfg = dir.path().join("voxgate.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[web]\nenabled = true\nlisten = \"127.0.0.1:0\"\nhttps = true\n\
-             [tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\n",
-            cert_path.to_str().unwrap(),
-            key_path.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
-    gw.wait_log(0, "the ready line", |l| l.contains("voxgate is ready"));
-    let log = gw.log_text();
-    let addr = log
-        .lines()
-        .find(|l| l.contains("voxgate is ready"))
-        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("web=")))
-        .expect("the ready line names the web listener")
-        .to_owned();
+    let (gw, word) = gateway_with_https(dir.path(), &c.cert, &c.key, "");
+    let addr = word("web=");
     // Plain HTTP on the HTTPS port: no HTTP answer (a TLS alert, or nothing).
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -1752,6 +1811,158 @@ fn the_web_listener_serves_https_with_the_tls_certificate() {
     gw.wait_online(mark, "alice");
 }
 
+type HttpsStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// A TLS connection to the web listener at `addr` (`127.0.0.1:port`), trusting `trusted`,
+/// offering ALPN `http/1.1` as a browser does; the handshake is done.
+fn https_connect(addr: &str, trusted: &[&SelfSigned]) -> HttpsStream {
+    try_https_connect(addr, trusted)
+        .unwrap_or_else(|e| panic!("TLS handshake with the web listener: {e}"))
+}
+
+/// [`https_connect`], or why the handshake failed.
+fn try_https_connect(addr: &str, trusted: &[&SelfSigned]) -> Result<HttpsStream, std::io::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in trusted {
+        roots.add(c.der.clone().into()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let ip: std::net::IpAddr = addr.rsplit_once(':').unwrap().0.parse().unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), ip.into()).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock)?;
+    }
+    Ok(s)
+}
+
+/// The certificate the server showed on this connection.
+fn shown_certificate(s: &HttpsStream) -> Vec<u8> {
+    s.conn.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+/// `[web] https = true` reloads its certificate and key on SIGHUP with the control listener's
+/// (the same reload): connections made after the signal are shown the new certificate; a
+/// connection made before keeps its session and is still served (a keep-alive request on it
+/// after the reload), and a page logged in over `wss://` before the reload keeps working on
+/// its WebSocket (it dials and gets the gateway's answer, still "Online."). A certificate file
+/// that does not load keeps the running one.
+#[test]
+fn sighup_reloads_the_web_listeners_certificate_without_dropping_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = self_signed(dir.path(), "first", "127.0.0.1");
+    let second = self_signed(dir.path(), "second", "127.0.0.1");
+    let live = (
+        dir.path().join("live-cert.pem"),
+        dir.path().join("live-key.pem"),
+    );
+    std::fs::copy(&first.cert, &live.0).unwrap();
+    std::fs::copy(&first.key, &live.1).unwrap();
+    // (A fake microphone: the page opens one before it dials.)
+    let mut args = fake_microphone();
+    args.push(format!(
+        "--ignore-certificate-errors-spki-list={},{}",
+        first.spki, second.spki
+    ));
+    let Some(b) = Browser::start_with(&args) else {
+        return;
+    };
+    let (gw, word) = gateway_with_https(dir.path(), &live.0, &live.1, "");
+    let addr = word("web=");
+
+    // Before the reload: the page logs in over wss://; a keep-alive connection is served with
+    // the first certificate.
+    b.go(&format!("https://{addr}/login"));
+    let mark = gw.log_len();
+    b.type_into("#user", "alice");
+    b.type_into("#password", &common::password("alice"));
+    b.click("#login-button");
+    b.wait("the welcome", || {
+        b.text("#status").starts_with("Logged in").then_some(())
+    });
+    gw.wait_online(mark, "alice");
+    let mut before = https_connect(&addr, &[&first, &second]);
+    assert!(
+        shown_certificate(&before) == first.der,
+        "the first certificate"
+    );
+    let (code, _) = http_on(&mut before, false, "GET", &addr, "/style.css", None, None);
+    assert_eq!(code, 200);
+
+    // The second certificate replaces the first in the files; SIGHUP.
+    std::fs::copy(&second.cert, &live.0).unwrap();
+    std::fs::copy(&second.key, &live.1).unwrap();
+    let mark = gw.log_len();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(gw.pid(), libc::SIGHUP) };
+    gw.wait_log(mark, "the certificate reload", |l| {
+        l.contains("TLS certificate reloaded")
+    });
+
+    // A new connection is shown the second certificate; one that trusts only the first is
+    // refused by its own check.
+    let mut after = https_connect(&addr, &[&first, &second]);
+    assert!(
+        shown_certificate(&after) == second.der,
+        "a connection after SIGHUP is shown the new certificate"
+    );
+    let (code, page) = http_on(&mut after, true, "GET", &addr, "/login", None, None);
+    assert_eq!(code, 200);
+    assert!(page.contains("<title>voxgate: log in</title>"), "{page}");
+    let refused = try_https_connect(&addr, &[&first]).map(|_| ());
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("invalid peer certificate")),
+        "the first certificate is no longer shown: {refused:?}"
+    );
+    // The connection from before is still open and served, on its old session.
+    let (code, _) = http_on(&mut before, true, "GET", &addr, "/login", None, None);
+    assert_eq!(
+        code, 200,
+        "the connection made before the reload is still served"
+    );
+    assert!(shown_certificate(&before) == first.der);
+    // The page from before: its WebSocket is the one it logged in on; it dials carol (offline)
+    // and shows the gateway's answer.
+    assert_eq!(
+        b.text("#status"),
+        "Logged in as alice, number +15550001. Online."
+    );
+    b.type_into("#number", "+15550003");
+    b.click("#call");
+    let ended = b.wait("the call's end", || {
+        let t = b.text("#call-status");
+        t.starts_with("Call ended").then_some(t)
+    });
+    assert_eq!(ended, "Call ended: offline");
+    assert_eq!(
+        b.text("#status"),
+        "Logged in as alice, number +15550001. Online."
+    );
+
+    // A certificate file that does not load keeps the running one.
+    std::fs::write(&live.0, "not a certificate").unwrap();
+    let mark = gw.log_len();
+    // SAFETY: as above.
+    unsafe { libc::kill(gw.pid(), libc::SIGHUP) };
+    gw.wait_log(mark, "the refusal", |l| {
+        l.contains("TLS certificate not reloaded")
+    });
+    let kept = https_connect(&addr, &[&first, &second]);
+    assert!(
+        shown_certificate(&kept) == second.der,
+        "the running certificate is kept"
+    );
+}
+
 /// A page served over HTTPS from a public name (`gw.test`, which Chromium resolves to loopback
 /// by its host rules, so that `ws://` from the page would be blocked as mixed content) carries
 /// its media over `wss://` through the single port (TLS media, userspace TLS): it calls bob, a
@@ -1760,58 +1971,22 @@ fn the_web_listener_serves_https_with_the_tls_certificate() {
 /// ways as in the plain browser audio test.
 #[test]
 fn an_https_page_carries_its_media_over_wss_through_the_single_port() {
-    use base64::Engine;
-    use sha2::Digest;
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/speech-8k.wav");
     let dir = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["gw.test".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    let spki = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(
-        rcgen::PublicKeyData::subject_public_key_info(&key),
-    ));
-    let Some(b) = Browser::start_with(&[
-        format!("--ignore-certificate-errors-spki-list={spki}"),
+    let c = self_signed(dir.path(), "web", "gw.test");
+    let mut args = vec![
+        format!("--ignore-certificate-errors-spki-list={}", c.spki),
         "--host-resolver-rules=MAP gw.test 127.0.0.1".into(),
-        "--use-fake-ui-for-media-stream".into(),
-        "--use-fake-device-for-media-stream".into(),
-        format!("--use-file-for-fake-audio-capture={}", source.display()),
-        "--autoplay-policy=no-user-gesture-required".into(),
-    ]) else {
+    ];
+    args.extend(fake_microphone());
+    let Some(b) = Browser::start_with(&args) else {
         return;
     };
-    let cfg = dir.path().join("voxgate.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[web]\nenabled = true\nlisten = \"127.0.0.1:0\"\nhttps = true\n\
-             [tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\n\
-             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"userspace\"\n",
-            cert_path.to_str().unwrap(),
-            key_path.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
-    gw.wait_log(0, "the ready line", |l| l.contains("voxgate is ready"));
-    let log = gw.log_text();
-    let ready = log
-        .lines()
-        .find(|l| l.contains("voxgate is ready"))
-        .expect("ready line")
-        .to_owned();
-    let word = |k: &str| {
-        ready
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .unwrap_or_else(|| panic!("{k} in {ready}"))
-            .to_owned()
-    };
+    let (gw, word) = gateway_with_https(
+        dir.path(),
+        &c.cert,
+        &c.key,
+        "[single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"userspace\"\n",
+    );
     let web_port = word("web=").rsplit(':').next().unwrap().to_owned();
     let single_port = word("single_port=").rsplit(':').next().unwrap().to_owned();
 

@@ -150,6 +150,7 @@ async fn start_web(
     data_dir: &Path,
     store: lookup::StoreFactory,
     bridge: web::control::Bridge,
+    tls: Option<&mut tls::TlsState>,
 ) -> Result<SocketAddr, ServeError> {
     let w = &cfg.web;
     let tokens = web::load_tokens(w).map_err(|e| ServeError::Web(e.to_string()))?;
@@ -168,12 +169,16 @@ async fn start_web(
     if !addr.ip().is_loopback() && !w.https {
         tracing::warn!(%addr, "the web listener speaks plain HTTP on a non-loopback address: set web.https or put a TLS proxy in front");
     }
-    let https = match (w.https, &cfg.tls.cert, &cfg.tls.key) {
-        (false, ..) => None,
-        (true, Some(cert), Some(key)) => Some(web::https::for_http(
-            &*tls::server_config(cert, key).map_err(ServeError::Web)?,
-        )),
-        (true, ..) => {
+    // The control listener's certificate (`[tls]`), and its reload on SIGHUP
+    // (`Server::reload_tls` sends each new configuration here).
+    let https = match (w.https, tls) {
+        (false, _) => None,
+        (true, Some(state)) => {
+            let (tx, rx) = tokio::sync::watch::channel(web::https::for_http(&state.config));
+            state.web = Some(tx);
+            Some(rx)
+        }
+        (true, None) => {
             return Err(ServeError::Web("web.https needs [tls] cert and key".into()));
         }
     };
@@ -463,7 +468,7 @@ async fn run(
     }
     let listen = cfg.server.listen;
     // `[tls]`: the TLS control listener, and whether the plaintext one stays.
-    let (tls_listener, tls_state) = tls::listen(&cfg).await?;
+    let (tls_listener, mut tls_state) = tls::listen(&cfg).await?;
     // One port for both (`tls.control_port == server.control_port`): the TLS listener tells
     // them apart by the first byte.
     let control = match tls_listener.is_none()
@@ -538,7 +543,16 @@ async fn run(
     // WebSocket control connections of the web pages, handed to the control loop below.
     let (bridge, mut bridged) = mpsc::channel::<(TcpStream, SocketAddr)>(64);
     if cfg.web.enabled {
-        bound.web = Some(start_web(&cfg, &data_dir, directory.clone(), bridge).await?);
+        bound.web = Some(
+            start_web(
+                &cfg,
+                &data_dir,
+                directory.clone(),
+                bridge,
+                tls_state.as_mut(),
+            )
+            .await?,
+        );
     }
     let infos = shards
         .handles

@@ -6,7 +6,8 @@
 //! time limit, and only then reaches the core: `Connected`, then `TlsChannel` with the
 //! session's RFC 9266 `tls-exporter` value, which the SCRAM log-in checks its channel
 //! binding against. A reload swaps the `ServerConfig` that later handshakes use; sessions
-//! already established keep theirs.
+//! already established keep theirs. The same reload serves the single port (it takes `config`
+//! per connection) and the web listener with `[web] https = true` (through a watch channel).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -35,6 +36,9 @@ pub struct TlsState {
     pub(super) config: Arc<ServerConfig>,
     /// Plain control connections arrive on this listener too (first byte not 0x16).
     shared: bool,
+    /// `[web] https = true`: the web listener's configuration (the same certificate, ALPN
+    /// `http/1.1`), replaced together with `config` on SIGHUP.
+    pub(super) web: Option<tokio::sync::watch::Sender<Arc<ServerConfig>>>,
 }
 
 /// The first byte of a TLS record carrying a handshake (the ClientHello). A plain control
@@ -104,7 +108,14 @@ pub(super) async fn listen(
     if shared {
         tracing::info!("plain and TLS control share this port (told apart by the first byte)");
     }
-    Ok((Some(listener), Some(TlsState { config, shared })))
+    Ok((
+        Some(listener),
+        Some(TlsState {
+            config,
+            shared,
+            web: None,
+        }),
+    ))
 }
 
 pub(super) async fn acceptor(listener: TcpListener, events: mpsc::Sender<Event>) {
@@ -285,8 +296,11 @@ impl Server {
         };
         match server_config(cert, key) {
             Ok(config) => {
+                if let Some(web) = &state.web {
+                    web.send_replace(super::web::https::for_http(&config));
+                }
                 state.config = config;
-                tracing::info!(cert = %cert.display(), "SIGHUP: TLS certificate reloaded; established connections keep theirs");
+                tracing::info!(cert = %cert.display(), web = state.web.is_some(), "SIGHUP: TLS certificate reloaded; established connections keep theirs");
             }
             Err(e) => {
                 tracing::error!("SIGHUP: TLS certificate not reloaded, keeping the old one: {e}")

@@ -6,6 +6,10 @@
 //! is work the cap bounds), handshakes in a task of its own under a time limit (a slow or silent
 //! client holds only its own place, never the accept loop), and reaches axum only once the
 //! handshake is done. The idle time-out of `listener::Conn` applies to the handshake too.
+//!
+//! The certificate is reloaded on SIGHUP with the control listener's (`Server::reload_tls`
+//! sends the new configuration through a watch channel): each handshake takes the latest, and
+//! connections already open keep the session they have.
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,7 +19,7 @@ use std::time::Duration;
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
 use rustls::ServerConfig;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -40,15 +44,19 @@ pub struct TlsListener {
 impl TlsListener {
     /// Accepts on `inner` (holding its connection cap) and handshakes each connection in a
     /// task of its own.
-    pub fn new(mut inner: Limited, config: Arc<ServerConfig>) -> io::Result<TlsListener> {
+    pub fn new(
+        mut inner: Limited,
+        config: watch::Receiver<Arc<ServerConfig>>,
+    ) -> io::Result<TlsListener> {
         use axum::serve::Listener;
         let local = inner.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
-        let acceptor = TlsAcceptor::from(config);
         tokio::spawn(async move {
             loop {
                 let (conn, peer) = inner.accept().await;
-                let (acceptor, done) = (acceptor.clone(), tx.clone());
+                // The configuration as of this connection (a SIGHUP may have replaced it).
+                let acceptor = TlsAcceptor::from(config.borrow().clone());
+                let done = tx.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
                         Ok(Ok(tls)) => {

@@ -284,13 +284,14 @@ pub fn spawn(
     });
 }
 
-/// [`spawn`] over TLS (`config`: see [`https::for_http`]).
+/// [`spawn`] over TLS (`config`: see [`https::for_http`]; each handshake takes the latest, so
+/// a certificate reloaded on SIGHUP serves new connections while open ones keep theirs).
 pub fn spawn_https(
     listener: tokio::net::TcpListener,
     max_connections: usize,
     idle: std::time::Duration,
     state: WebState,
-    config: Arc<rustls::ServerConfig>,
+    config: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
     let app = router(state);
     let listener = https::TlsListener::new(
