@@ -875,6 +875,16 @@ fn a_subscriber_registers_in_a_real_browser_logs_in_and_calls() {
     });
     assert!(b.text("#mode").contains("invitation code"));
     let empty = b.screenshot("register");
+    // Every request the page makes from here is recorded (method, then body).
+    b.js("window.sent = []; const f = window.fetch; \
+          window.fetch = (u, o) => { \
+            window.sent.push(((o && o.method) || 'GET') + ' ' + String((o && o.body) || '')); \
+            return f(u, o); };");
+    let posts = || {
+        b.js("return window.sent.filter(r => r.startsWith('POST')).length")
+            .as_u64()
+            .unwrap()
+    };
 
     // A weak password is refused in the page, next to the password field; nothing is sent.
     submit(&b, "dave", None, "password1", "welcome-2026");
@@ -892,6 +902,7 @@ fn a_subscriber_registers_in_a_real_browser_logs_in_and_calls() {
     submit(&b, "dave", None, "Sh0rt!", "welcome-2026");
     assert!(b.text("#password-error").contains("at least 8 characters"));
     assert_eq!(b.text("#user-error"), "");
+    assert_eq!(posts(), 0, "a refused password sent a registration");
 
     // A wrong invitation code: next to the code field.
     submit(
@@ -906,6 +917,7 @@ fn a_subscriber_registers_in_a_real_browser_logs_in_and_calls() {
         "unknown or used-up invitation code"
     );
     assert_eq!(b.text("#password-error"), "");
+    assert_eq!(posts(), 1, "the gateway refused this one");
 
     // A taken user id: the CLI's text, next to the user id field; the code's use is given back.
     submit(
@@ -934,10 +946,9 @@ fn a_subscriber_registers_in_a_real_browser_logs_in_and_calls() {
     );
     let errors = b.screenshot("register-errors");
 
-    // Registered with an assigned number: the page says which. Every request the page makes
-    // is recorded: the password is in none of them, the verifier is.
-    b.js("window.sent = []; const f = window.fetch; \
-          window.fetch = (u, o) => { window.sent.push(String((o && o.body) || '')); return f(u, o); };");
+    // Registered with an assigned number: the page says which. The password is in none of the
+    // page's requests, the verifier is.
+    b.js("window.sent = []");
     submit(
         &b,
         "dave",
@@ -1074,6 +1085,11 @@ fn a_subscriber_logs_in_through_the_page_and_dials() {
         (!t.is_empty()).then_some(t)
     });
     assert!(shown.contains("wrong user or password"), "{shown}");
+    // And the page is not logged in: no phone, the log-in form still there.
+    assert_eq!(
+        b.js("return [document.getElementById('phone').hidden, document.getElementById('login').hidden]"),
+        json!([true, false])
+    );
     // The right one: logged in over the WebSocket with SCRAM computed in the page; the
     // gateway checked the proof and the page checked the gateway's signature.
     let mark = gw.log_len();
@@ -1093,6 +1109,23 @@ fn a_subscriber_logs_in_through_the_page_and_dials() {
         t.starts_with("Call ended").then_some(t)
     });
     assert_eq!(ended, "Call ended: offline");
+    // The gateway's record of that call says the same.
+    let r = cdr_lines(&gw, 1)[0].clone();
+    assert_eq!(
+        (
+            &r["caller"]["number"],
+            &r["callee"]["number"],
+            &r["reason"],
+            &r["answered"]
+        ),
+        (
+            &json!("+15550001"),
+            &json!("+15550003"),
+            &json!("offline"),
+            &Value::Null
+        ),
+        "{r}"
+    );
     // bob calls alice's number: the page rings (the gateway routed the call to the page's
     // session); alice rejects it and bob hears the rejection.
     let bob = common::spawn_phone(&gw, "bob", &["--call", "+15550001"]);
@@ -1108,6 +1141,12 @@ fn a_subscriber_logs_in_through_the_page_and_dials() {
         "bob's phone: {} {}",
         bob.json,
         bob.stderr
+    );
+    let r = cdr_lines(&gw, 2)[1].clone();
+    assert_eq!(
+        (&r["caller"]["number"], &r["callee"]["user"], &r["reason"]),
+        (&json!("+15550002"), &json!("alice"), &json!("rejected")),
+        "{r}"
     );
     let phone = b.screenshot("login-done");
     update_readme_screenshots(&[login, phone]);
@@ -1143,6 +1182,17 @@ fn the_page_shows_which_contacts_are_online() {
     b.wait("both listed, offline", || {
         (state("+15550002") == "offline" && state("+15550003") == "offline").then_some(())
     });
+    // The refused entry is neither listed nor kept.
+    let listed = || {
+        b.js(
+            "return [[...document.querySelectorAll('#contacts li')].map(li => li.dataset.number), \
+                      JSON.parse(localStorage.getItem('voxgate-contacts-alice'))]",
+        )
+    };
+    assert_eq!(
+        listed(),
+        json!([["+15550002", "+15550003"], ["+15550002", "+15550003"]])
+    );
     let mark = gw.log_len();
     let bob = common::spawn_phone(&gw, "bob", &["--answer", "--duration", "30"]);
     gw.wait_online(mark, "bob");
@@ -1160,6 +1210,19 @@ fn the_page_shows_which_contacts_are_online() {
     b.wait("the kept list", || {
         (state("+15550002") == "offline" && state("+15550003") == "offline").then_some(())
     });
+    // A contact's number goes into the number field on a click; "remove" removes it, for good.
+    b.click("#contacts li[data-number=\"+15550003\"] button:first-of-type");
+    assert_eq!(
+        b.js("return document.getElementById('number').value"),
+        "+15550003"
+    );
+    b.click("#contacts li[data-number=\"+15550003\"] button:last-of-type");
+    assert_eq!(listed(), json!([["+15550002"], ["+15550002"]]));
+    log_in(&b, &addr, "alice");
+    b.wait("the kept list", || {
+        (state("+15550002") == "offline").then_some(())
+    });
+    assert_eq!(listed(), json!([["+15550002"], ["+15550002"]]));
     update_readme_screenshots(&[shot]);
 }
 
