@@ -1309,6 +1309,25 @@ fn fake_microphone() -> Vec<String> {
 /// the phone can send UDP, the page cannot receive it: UDP in, TCP out.
 const PAGE_CALLS_OPEN_PHONE: (&str, &str) = ("tcp_in_udp_out", "udp_in_tcp_out");
 
+/// A plan as the page and the phone state it (`{"forward": .., "backward": ..}`).
+fn plan(p: &Value) -> (String, String) {
+    (
+        p["forward"].as_str().unwrap_or_default().to_owned(),
+        p["backward"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// The plan in a call detail record: each direction's path.
+fn record_plan(r: &Value) -> (String, String) {
+    (
+        r["forward"]["path"].as_str().unwrap_or_default().to_owned(),
+        r["backward"]["path"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
 /// The lines of the gateway's call detail records once it has `n` (a record is written
 /// shortly after its call ends).
 fn cdr_lines(gw: &Gateway, n: usize) -> Vec<Value> {
@@ -1388,12 +1407,6 @@ fn page_calls_bob_with_audio(
     assert_eq!(caps["send_udp"], false, "{caps}");
     assert_eq!(caps["recv_udp"], false, "{caps}");
     assert_eq!(media["caller"], true, "{media}");
-    let plan = |p: &Value| {
-        (
-            p["forward"].as_str().unwrap_or_default().to_owned(),
-            p["backward"].as_str().unwrap_or_default().to_owned(),
-        )
-    };
     let want_plan = (
         PAGE_CALLS_OPEN_PHONE.0.to_owned(),
         PAGE_CALLS_OPEN_PHONE.1.to_owned(),
@@ -1431,17 +1444,7 @@ fn page_calls_bob_with_audio(
     assert_eq!(r["caller"]["number"], number, "{r}");
     assert_eq!(r["callee"]["user"], "bob", "{r}");
     assert_eq!(r["call"], media["call"], "{r}");
-    assert_eq!(
-        (
-            r["forward"]["path"].as_str().unwrap_or_default().to_owned(),
-            r["backward"]["path"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned()
-        ),
-        want_plan,
-        "the gateway's record: {r}"
-    );
+    assert_eq!(record_plan(r), want_plan, "the gateway's record: {r}");
     assert_eq!(
         (&r["forward"]["send"], &r["forward"]["recv"]),
         (&json!("tcp"), &json!("udp")),
@@ -1666,6 +1669,13 @@ fn the_page_behind_a_firewall_that_blocks_all_udp_still_calls() {
     let caps = b.js("return window.voxgateCapabilities");
     assert_eq!(caps["send_udp"], false, "{caps}");
     assert_eq!(caps["recv_udp"], false, "{caps}");
+    // Behind NAT or not, bob is open: Table 1's case 12 (NAT changes only direct directions).
+    let want_plan = (
+        PAGE_CALLS_OPEN_PHONE.0.to_owned(),
+        PAGE_CALLS_OPEN_PHONE.1.to_owned(),
+    );
+    let media = b.js("return window.voxgateMedia");
+    assert_eq!(plan(&media["plan"]), want_plan, "the page's plan: {media}");
     let heard = pcm(&b.js("return window.voxgateReceivedPcm"));
     let want = common::ulaw_round_trip_padded(&voxgate::client::wav::read(&clip).unwrap());
     assert!(
@@ -1673,6 +1683,8 @@ fn the_page_behind_a_firewall_that_blocks_all_udp_still_calls() {
         "the page behind no-udp did not hear bob's clip"
     );
     b.click("#hangup");
+    let r = cdr_lines(&gw, 1)[0].clone();
+    assert_eq!(record_plan(&r), want_plan, "the gateway's record: {r}");
     let counters = lab(&["counters", "1"]);
     let count = |name: &str| -> u64 {
         let at = counters.find(&format!("counter {name} ")).expect(name);
@@ -1738,6 +1750,21 @@ fn the_page_answers_a_call_with_audio() {
     assert_eq!(bob.code, 0, "bob: {} {}", bob.json, bob.stderr);
     let media = b.js("return window.voxgateMedia");
     assert_eq!(media["caller"], false, "{media}");
+    // bob (open) calls the page (no UDP): Table 1's case 12 mirrored, as the page, bob's phone
+    // and the gateway's record say.
+    let want_plan = (
+        PAGE_CALLS_OPEN_PHONE.1.to_owned(),
+        PAGE_CALLS_OPEN_PHONE.0.to_owned(),
+    );
+    assert_eq!(plan(&media["plan"]), want_plan, "the page's plan: {media}");
+    assert_eq!(
+        plan(&bob.json["plan"]),
+        want_plan,
+        "bob's plan: {}",
+        bob.json
+    );
+    let r = cdr_lines(&gw, 1)[0].clone();
+    assert_eq!(record_plan(&r), want_plan, "the gateway's record: {r}");
     let heard = pcm(&b.js("return window.voxgateReceivedPcm"));
     let want = common::ulaw_round_trip_padded(&voxgate::client::wav::read(&clip).unwrap());
     assert!(
@@ -2095,6 +2122,14 @@ fn an_https_page_carries_its_media_over_wss_through_the_single_port() {
     });
     let media = b.js("return window.voxgateMedia");
     let leg = media["leg"].as_str().unwrap_or_default();
+    assert_eq!(
+        plan(&media["plan"]),
+        (
+            PAGE_CALLS_OPEN_PHONE.0.to_owned(),
+            PAGE_CALLS_OPEN_PHONE.1.to_owned()
+        ),
+        "{media}"
+    );
     assert_eq!(media["gateway_tcp_tls"], true, "{media}");
     assert_eq!(
         media["gateway_ws"].as_str().unwrap_or_default(),
