@@ -90,8 +90,13 @@ pub struct RelayConfig {
     /// The UDP socket is dual-stack (IPv6 with v4-mapped addresses) rather than IPv4-only.
     pub ipv6: bool,
     /// Unbound TCP connections one source IP (an IPv6 /64) may hold; a new one over the limit
-    /// closes that source's oldest.
+    /// closes the one of that source that made the least progress (see
+    /// [`Relay::on_accept`]). `[media] max_unbound_tcp_per_source`.
     pub max_unbound_tcp_per_source: usize,
+    /// A connection accepted this recently that has sent nothing yet has not had its chance
+    /// to: eviction takes it last (and the newest of such first), so a flood of fresh
+    /// connections displaces itself, not a client whose Binding is on its way.
+    pub unbound_tcp_grace_ns: u64,
     /// An unbound connection that sends nothing for this long is closed (the hard deadline
     /// from accept is `unbound_tcp_timeout_ns`).
     pub unbound_tcp_idle_ns: u64,
@@ -119,8 +124,9 @@ impl Default for RelayConfig {
             ipv6: true,
             // A corporate NAT's phones setting up TCP media at the same instant share one
             // source: 64 lets them all bind, and a trickler still holds no more than that
-            // (its newest connection closes its oldest).
+            // (a newcomer closes the connection that made the least progress).
             max_unbound_tcp_per_source: 64,
+            unbound_tcp_grace_ns: 200_000_000,
             unbound_tcp_idle_ns: 1_000_000_000,
             stale_ns: 300_000_000,
             peer_policy: PeerPolicy::new(true, &[], &[]),
@@ -990,6 +996,65 @@ mod tests {
         assert!(relay.remove(&mut pool, 3, &mut out));
         assert_eq!(relay.session_count(), 0);
         assert!(relay.leg_by_name.is_empty() && relay.udp_bindings.is_empty());
+    }
+
+    #[test]
+    fn over_its_limit_a_source_loses_its_connection_that_made_the_least_progress() {
+        const MS: u64 = 1_000_000;
+        let mut relay = Relay::new(RelayConfig {
+            max_unbound_tcp_per_source: 4,
+            unbound_tcp_grace_ns: 100 * MS,
+            ..RelayConfig::default()
+        });
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        let src: SocketAddr = "192.0.2.2:2000".parse().unwrap();
+        let mut accept = |relay: &mut Relay, pool: &mut Pool, t: u64| {
+            relay.on_accept(pool, fd(), src, t, &mut out).unwrap()
+        };
+        // Two connections start a handshake (a frame header and the first bytes of a
+        // Binding), accepted before two that stay silent.
+        let busy: Vec<ConnId> = (0..2).map(|_| accept(&mut relay, &mut pool, 0)).collect();
+        let silent: Vec<ConnId> = (0..2)
+            .map(|_| accept(&mut relay, &mut pool, 20 * MS))
+            .collect();
+        let mut out2 = Outbox::default();
+        for (i, &c) in busy.iter().enumerate() {
+            let seg = recv(&mut pool, 64 + i as u16, &[0, 100, 0, 1, 0, 80]);
+            relay.on_tcp(&mut pool, c, seg, (10 + i as u64) * MS, &mut out2);
+            pool.release(64 + i as u16);
+        }
+        let closing = |relay: &Relay, c: ConnId| relay.conn(c).is_none_or(|x| x.closing);
+        // Past the grace, two newcomers close the silent two, not the older handshakes.
+        let fresh: Vec<ConnId> = (0..2)
+            .map(|i| accept(&mut relay, &mut pool, (500 + i) * MS))
+            .collect();
+        assert!(silent.iter().all(|&c| closing(&relay, c)));
+        assert!(busy.iter().all(|&c| !closing(&relay, c)));
+        // Within the newcomers' grace, the next one closes the handshake whose last bytes
+        // are oldest, not a newcomer that has had no chance to send yet.
+        let late = accept(&mut relay, &mut pool, 510 * MS);
+        assert!(closing(&relay, busy[0]) && !closing(&relay, busy[1]));
+        assert!(fresh.iter().all(|&c| !closing(&relay, c)));
+        // When only fresh connections are left to choose from, a flood of them displaces its
+        // own newest, not the earliest (whose Binding may be on its way).
+        let seg = recv(&mut pool, 66, &[0, 100, 0, 1, 0, 80]);
+        relay.on_tcp(&mut pool, busy[1], seg, 515 * MS, &mut out2);
+        pool.release(66);
+        let flood = accept(&mut relay, &mut pool, 520 * MS);
+        assert!(
+            closing(&relay, busy[1]),
+            "sent bytes: goes before the fresh ones"
+        );
+        let _ = accept(&mut relay, &mut pool, 521 * MS);
+        assert!(closing(&relay, flood), "the newest fresh connection");
+        assert!(!closing(&relay, fresh[0]) && !closing(&relay, fresh[1]) && !closing(&relay, late));
+        assert_eq!(
+            relay.unbound_count(),
+            4,
+            "the accounting follows every close"
+        );
+        assert_eq!(relay.counters.dropped(DropReason::TcpConnLimit), 5);
     }
 
     #[test]

@@ -130,6 +130,9 @@ pub struct Conn {
     pub(super) accepted_ns: u64,
     /// When the connection last delivered bytes (an unbound one that stops is closed).
     pub(super) progress_ns: u64,
+    /// Bytes received since accept (saturating): 0 is a silent connection, the first an
+    /// unbound one over its source's limit loses.
+    pub(super) rx_bytes: u32,
     /// Counted in `Relay::unbound_conns` (cleared exactly once: at bind or close).
     pub(super) counted_unbound: bool,
     /// Frames handled from the current receive buffer (`FRAMES_PER_READ`).
@@ -361,9 +364,11 @@ impl Relay {
     /// A TCP media connection was accepted. Returns None (and counts it) when the shard already
     /// holds its limit of connections that have not yet bound; the caller closes `fd`.
     ///
-    /// Over a limit (all unbound connections, or those of one source prefix) the oldest
-    /// unbound connection (of that source) is closed to make room, so connections that trickle
-    /// bytes to hold slots lose them to newcomers, and one source cannot hold them all.
+    /// Over a limit (all unbound connections, or the `max_unbound_tcp_per_source` of one source
+    /// prefix) the unbound connection (of that source) that made the least progress is closed
+    /// to make room ([`Relay::eviction_rank`]): silent ones first, then the one whose last
+    /// bytes are oldest; one that is sending its handshake is never closed for a silent one,
+    /// and one source cannot hold them all.
     pub fn on_accept(
         &mut self,
         pool: &mut Pool,
@@ -381,9 +386,9 @@ impl Relay {
             return None;
         }
         if mine >= per_source {
-            self.evict_oldest_unbound(pool, Some(prefix), out);
+            self.evict_least_progress(pool, Some(prefix), now_ns, out);
         } else if self.unbound_conns >= self.cfg.max_unbound_tcp {
-            self.evict_oldest_unbound(pool, None, out);
+            self.evict_least_progress(pool, None, now_ns, out);
         }
         if self.unbound_conns >= self.cfg.max_unbound_tcp {
             self.counters.drop(DropReason::TcpConnLimit);
@@ -409,6 +414,7 @@ impl Relay {
             leg: None,
             accepted_ns: now_ns,
             progress_ns: now_ns,
+            rx_bytes: 0,
             counted_unbound: true,
             read_frames: 0,
             from_group: [0; 3],
@@ -423,29 +429,53 @@ impl Relay {
         Some(ConnId { idx, generation })
     }
 
-    pub(super) fn evict_oldest_unbound(
+    /// Where an unbound connection stands in the eviction order (the smallest goes first):
+    ///
+    /// 0. silent (no byte since accept) past its grace (`unbound_tcp_grace_ns`): oldest
+    ///    accept first;
+    /// 1. it sent bytes: oldest last progress first (a trickler that paused loses to one
+    ///    sending its handshake now);
+    /// 2. silent but accepted within the grace, so it has not had its chance to send: newest
+    ///    first, so a flood of fresh connections displaces itself rather than a client whose
+    ///    Binding is still on its way.
+    pub(super) fn eviction_rank(&self, c: &Conn, now_ns: u64) -> (u8, u64) {
+        if c.rx_bytes > 0 {
+            (1, c.progress_ns)
+        } else if now_ns.saturating_sub(c.accepted_ns) > self.cfg.unbound_tcp_grace_ns {
+            (0, c.accepted_ns)
+        } else {
+            (2, u64::MAX - c.accepted_ns)
+        }
+    }
+
+    /// Closes the unbound connection (of `prefix`, or of any source) that made the least
+    /// progress ([`Relay::eviction_rank`]), if there is one.
+    pub(super) fn evict_least_progress(
         &mut self,
         pool: &mut Pool,
         prefix: Option<IpAddr>,
+        now_ns: u64,
         out: &mut Outbox,
     ) {
-        let oldest = self
+        let victim = self
             .conns
             .iter()
             .enumerate()
             .filter_map(|(i, c)| {
                 let c = c.as_ref()?;
                 let mine = prefix.is_none_or(|p| source_prefix(c.peer.ip()) == p);
-                (c.counted_unbound && mine).then_some((
-                    c.accepted_ns,
-                    ConnId {
-                        idx: i as u32,
-                        generation: c.generation,
-                    },
-                ))
+                (c.counted_unbound && mine).then(|| {
+                    (
+                        self.eviction_rank(c, now_ns),
+                        ConnId {
+                            idx: i as u32,
+                            generation: c.generation,
+                        },
+                    )
+                })
             })
-            .min_by_key(|(t, _)| *t);
-        if let Some((_, c)) = oldest {
+            .min_by_key(|(rank, _)| *rank);
+        if let Some((_, c)) = victim {
             self.counters.drop(DropReason::TcpConnLimit);
             self.close(pool, c, out);
         }
@@ -491,7 +521,8 @@ impl Relay {
     pub fn on_tcp(&mut self, pool: &mut Pool, c: ConnId, seg: Seg, rx_ns: u64, out: &mut Outbox) {
         self.counters.tcp_in.bytes += u64::from(seg.len);
         if let Some(conn) = self.conn_mut(c) {
-            conn.progress_ns = rx_ns;
+            conn.progress_ns = conn.progress_ns.max(rx_ns);
+            conn.rx_bytes = conn.rx_bytes.saturating_add(u32::from(seg.len));
             conn.read_frames = 0;
         }
         let mut pos = 0usize;
