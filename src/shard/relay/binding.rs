@@ -135,15 +135,11 @@ impl Relay {
             return 0;
         };
         self.counters.bindings += 1;
-        if !pool.hold(seg.buf) {
+        let Some(data) = pool.send_ref(&[Seg::new(seg.buf, start, n)]) else {
             self.counters.drop(DropReason::SendError);
             return 0;
-        }
-        out.udp.push(UdpOut {
-            dst: src,
-            segs: [Seg::new(seg.buf, start, n), Seg::default()],
-            nsegs: 1,
-        });
+        };
+        out.udp.push(UdpOut { dst: src, data });
         self.counters.udp_out.add(n);
         n
     }
@@ -220,15 +216,14 @@ impl Relay {
                     .and_then(|b| stun::write_binding_request(b, &l.name, &l.key, &check_txid).ok())
             };
             match n {
-                Some(n) if n <= budget && pool.hold(spare.id()) => {
-                    out.udp.push(UdpOut {
-                        dst: src,
-                        segs: [Seg::new(spare.id(), 0, n), Seg::default()],
-                        nsegs: 1,
-                    });
-                    self.counters.udp_out.add(n);
-                    spent = n;
-                }
+                Some(n) if n <= budget => match pool.send_ref(&[Seg::new(spare.id(), 0, n)]) {
+                    Some(data) => {
+                        out.udp.push(UdpOut { dst: src, data });
+                        self.counters.udp_out.add(n);
+                        spent = n;
+                    }
+                    None => self.counters.drop(DropReason::LatchPending),
+                },
                 _ => self.counters.drop(DropReason::LatchPending),
             }
             pool.release_received(spare);

@@ -33,7 +33,7 @@ pub use binding::is_private;
 use tcp::FrameQueue;
 pub use tcp::{Conn, ConnId};
 
-use super::pool::{Pool, Seg};
+use super::pool::{InFlight, Pool, Seg};
 use crate::metrics::rtpstats::{RtpReport, RtpStats};
 use crate::metrics::{Counters, DropReason, Flow};
 use crate::wire::{framing, rtp, stun};
@@ -135,12 +135,12 @@ impl Default for RelayConfig {
 }
 
 /// A datagram to send on the shard's UDP socket: up to two parts (a TCP frame may straddle two
-/// receive buffers), each holding one buffer reference until the send completes.
-#[derive(Clone, Copy, Debug)]
+/// receive buffers), whose buffer references its [`InFlight`] token holds until the send
+/// completes (the loop gives it back with `Pool::sent`).
+#[derive(Debug)]
 pub struct UdpOut {
     pub dst: SocketAddr,
-    pub segs: [Seg; 2],
-    pub nsegs: u8,
+    pub data: InFlight,
 }
 
 /// Something the control thread wants to know about a session.
@@ -668,19 +668,11 @@ impl Relay {
                 self.counters.drop(DropReason::SendBacklog);
                 continue;
             }
-            let mut o = UdpOut {
-                dst,
-                segs: [Seg::default(); 2],
-                nsegs: segs.len() as u8,
-            };
-            if !pool.hold_all(segs) {
+            let Some(data) = pool.send_ref(segs) else {
                 self.counters.drop(DropReason::SendError);
                 continue;
-            }
-            for (slot, s) in o.segs.iter_mut().zip(segs) {
-                *slot = *s;
-            }
-            out.udp.push(o);
+            };
+            out.udp.push(UdpOut { dst, data });
             self.counters.udp_out.add(len);
             self.leg_mut(peer).tx.add(len);
             delivered = true;
@@ -756,6 +748,13 @@ mod tests {
         Seg::new(id, 0, data.len())
     }
 
+    /// The loop's part: every send in the outbox completes and gives its references back.
+    fn complete_sends(pool: &mut Pool, out: &mut Outbox) {
+        for o in out.udp.drain(..) {
+            pool.sent(o.data);
+        }
+    }
+
     fn frame_bytes(pool: &Pool, f: &QFrame) -> Vec<u8> {
         let mut v = f.hdr[..usize::from(f.hdr_len)].to_vec();
         for s in &f.segs[..usize::from(f.nsegs)] {
@@ -812,7 +811,11 @@ mod tests {
         relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 5, &mut out);
         assert_eq!(out.udp.len(), 1);
         assert_eq!(out.udp[0].dst, "192.0.2.8:8".parse::<SocketAddr>().unwrap());
-        assert_eq!(out.udp[0].segs[0], seg, "the same bytes, where they landed");
+        assert_eq!(
+            out.udp[0].data.segs(),
+            [seg],
+            "the same bytes, where they landed"
+        );
         assert_eq!(pool.refs(0), 2, "the send holds a reference");
         pool.release(0);
         let seg = recv(&mut pool, 1, &[0x80; 172]);
@@ -822,6 +825,15 @@ mod tests {
         // b has no source yet: its packets cannot come in, and a's have somewhere to go.
         relay.finish_batch(10);
         assert_eq!(relay.latency.len(), 1);
+        complete_sends(&mut pool, &mut out);
+        pool.release(1);
+        assert_eq!(
+            pool.refs(0),
+            0,
+            "the completed send gave its reference back"
+        );
+        assert_eq!(pool.in_use(), 0);
+        assert_eq!(pool.refused(), 0);
     }
 
     #[test]
@@ -859,7 +871,8 @@ mod tests {
             .udp
             .iter()
             .map(|o| {
-                o.segs[..usize::from(o.nsegs)]
+                o.data
+                    .segs()
                     .iter()
                     .flat_map(|s| pool.seg(*s).to_vec())
                     .collect()
@@ -872,9 +885,7 @@ mod tests {
         );
         // Releasing the sends frees everything: nothing leaks.
         for o in out.udp.drain(..) {
-            for s in &o.segs[..usize::from(o.nsegs)] {
-                pool.release(s.buf);
-            }
+            pool.sent(o.data);
         }
         assert_eq!(pool.in_use(), 0);
     }
@@ -954,9 +965,7 @@ mod tests {
         assert_eq!(relay.counters.dropped(DropReason::BadFrame), 1);
         assert!(relay.reap(&mut pool, c).is_some());
         for o in out.udp.drain(..) {
-            for s in &o.segs[..usize::from(o.nsegs)] {
-                pool.release(s.buf);
-            }
+            pool.sent(o.data);
         }
         assert_eq!(pool.in_use(), 0);
     }
@@ -990,12 +999,15 @@ mod tests {
         relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 0, &mut out);
         assert_eq!(out.udp.len(), 2, "p1 reaches p2 and p3");
         assert!(relay.remove_leg(&mut pool, 3, "p2", &mut out));
-        out.udp.clear();
+        for o in out.udp.drain(..) {
+            pool.sent(o.data);
+        }
         relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 0, &mut out);
         assert_eq!(out.udp.len(), 1, "p2 left");
         assert!(relay.remove(&mut pool, 3, &mut out));
         assert_eq!(relay.session_count(), 0);
         assert!(relay.leg_by_name.is_empty() && relay.udp_bindings.is_empty());
+        complete_sends(&mut pool, &mut out);
     }
 
     #[test]
@@ -1128,6 +1140,7 @@ mod tests {
             &mut out,
         );
         assert_eq!(out.udp.len(), 1, "100 ms old: forwarded");
+        complete_sends(&mut pool, &mut out);
     }
 
     #[test]
@@ -1156,6 +1169,12 @@ mod tests {
             "one reference per admitted send, none more"
         );
         assert_eq!(relay.counters.dropped(DropReason::SendBacklog), 7);
+        complete_sends(&mut pool, &mut out);
+        assert_eq!(
+            pool.refs(0),
+            1,
+            "each completion gave back exactly its own reference"
+        );
     }
 
     #[test]
@@ -1217,7 +1236,7 @@ mod tests {
                 pool.release(id);
                 // Sends complete at once.
                 for o in out.udp.drain(..) {
-                    for s in &o.segs[..usize::from(o.nsegs)] { pool.release(s.buf); }
+                    pool.sent(o.data);
                 }
             }
             let mut at = 0;
@@ -1231,7 +1250,7 @@ mod tests {
                     pool.release(b);
                 }
                 for o in out.udp.drain(..) {
-                    for s in &o.segs[..usize::from(o.nsegs)] { pool.release(s.buf); }
+                    pool.sent(o.data);
                 }
                 at += n;
                 k += 1;

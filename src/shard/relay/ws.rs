@@ -360,21 +360,19 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
         let mut two = ws::client_frame(ws::OP_BINARY, [1, 2, 3, 4], &rtp);
         two.extend(ws::client_frame(ws::OP_BINARY, [4, 3, 2, 1], &rtp[..100]));
         feed(&mut relay, &mut pool, c, &two, 1000, &mut out);
-        let sent: Vec<Vec<u8>> = out
-            .udp
-            .drain(..)
-            .filter(|o| o.dst == "192.0.2.1:1000".parse().unwrap())
-            .map(|o| {
-                let v: Vec<u8> = o.segs[..usize::from(o.nsegs)]
-                    .iter()
-                    .flat_map(|s| pool.seg(*s).to_vec())
-                    .collect();
-                for s in &o.segs[..usize::from(o.nsegs)] {
-                    pool.release(s.buf);
-                }
-                v
-            })
-            .collect();
+        let mut sent: Vec<Vec<u8>> = Vec::new();
+        for o in out.udp.drain(..) {
+            if o.dst == "192.0.2.1:1000".parse().unwrap() {
+                sent.push(
+                    o.data
+                        .segs()
+                        .iter()
+                        .flat_map(|s| pool.seg(*s).to_vec())
+                        .collect(),
+                );
+            }
+            pool.sent(o.data);
+        }
         assert_eq!(sent, vec![rtp.clone(), rtp[..100].to_vec()]);
         // Ping: answered with a pong carrying its payload.
         feed(
@@ -537,7 +535,7 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
             }
             feed(&mut relay, &mut pool, c, &stream, cut, &mut out);
             for o in out.udp.drain(..) {
-                for s in &o.segs[..usize::from(o.nsegs)] { pool.release(s.buf); }
+                pool.sent(o.data);
             }
             relay.close(&mut pool, c, &mut out);
             proptest::prop_assert!(relay.reap(&mut pool, c).is_some());
