@@ -26,11 +26,11 @@ pub const MAX_BUF_SIZE: usize = 65_472;
 ///   [`Pool::buf_mut`] refuses, [`Pool::hold`] refuses; [`Pool::received`] is the only way out,
 ///   and it refuses a buffer that is not the kernel's (a completion naming a buffer we hold).
 /// - **ours**: a `Received`, exactly 1 reference, writable ([`Pool::buf_mut`]).
-/// - **in flight**: referenced by sends or queued frames; read-only until they are released.
-///   A UDP send holds an [`InFlight`] token, made only by [`Pool::send_ref`] and consumed only
-///   by [`Pool::sent`] at its completion; a queued TCP frame holds a plain reference (taken
-///   with a checked [`Pool::hold`], given back with [`Pool::release`]). The buffer goes back
-///   to the kernel only when the last reference is released.
+/// - **in flight**: referenced by sends; read-only until they are released. Every send (a UDP
+///   datagram, a frame queued for a TCP connection) holds an [`InFlight`] token, made only by
+///   [`Pool::send_ref`] and consumed only by [`Pool::sent`] when it completes or is dropped.
+///   (Plain [`Pool::hold`]/[`Pool::release`] remain for a connection's partial frame.) The
+///   buffer goes back to the kernel only when the last reference is released.
 ///
 /// The handle must be consumed: by [`Pool::release_received`] (our reference given back), or
 /// by [`Received::into_ref`] (the reference travels on as a plain id in a queue, released with

@@ -9,8 +9,7 @@
 use std::net::SocketAddr;
 
 use super::{
-    ConnId, DropReason, FrameQueue, LegIdx, Outbox, Relay, SEEN_TXIDS, ShardEvent, UdpOut,
-    canonical, stun,
+    ConnId, DropReason, LegIdx, Outbox, Relay, SEEN_TXIDS, ShardEvent, UdpOut, canonical, stun,
 };
 use crate::net::policy::Source;
 use crate::shard::pool::{Pool, Seg};
@@ -354,9 +353,7 @@ impl Relay {
                 conn.leg = Some(leg);
                 // Only bound connections carry media: their queue is allocated now (a
                 // WebSocket connection's was, at its upgrade: it may hold the 101 answer).
-                if conn.queue.slots.len() < cap {
-                    conn.queue = FrameQueue::new(cap);
-                }
+                conn.queue.grow(cap);
             }
             let l = self.leg(leg);
             out.events.push(ShardEvent::LegBound {

@@ -30,7 +30,6 @@ mod ws;
 
 use binding::Latch;
 pub use binding::is_private;
-use tcp::FrameQueue;
 pub use tcp::{Conn, ConnId};
 
 use super::pool::{InFlight, Pool, Seg};
@@ -757,7 +756,7 @@ mod tests {
 
     fn frame_bytes(pool: &Pool, f: &QFrame) -> Vec<u8> {
         let mut v = f.hdr[..usize::from(f.hdr_len)].to_vec();
-        for s in &f.segs[..usize::from(f.nsegs)] {
+        for s in f.segs() {
             v.extend_from_slice(pool.seg(*s));
         }
         v
@@ -785,7 +784,7 @@ mod tests {
         let cap = relay.cfg.tcp_queue_frames;
         let conn = relay.conn_mut(c).unwrap();
         conn.leg = Some(t);
-        conn.queue = FrameQueue::new(cap);
+        conn.queue.grow(cap);
         c
     }
 
@@ -930,7 +929,7 @@ mod tests {
         }; TCP_IOV];
         let n = relay.prepare_tcp_send(&pool, c, &mut iov);
         assert_eq!(n, 8);
-        let first = frame_bytes(&pool, relay.conn(c).unwrap().queue.get(0));
+        let first = frame_bytes(&pool, relay.conn(c).unwrap().queue.get(0).unwrap());
         assert_eq!(&first[..2], &172u16.to_be_bytes());
         relay.tcp_sent(&mut pool, c, 174 + 100);
         assert_eq!(

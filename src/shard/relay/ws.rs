@@ -11,7 +11,7 @@
 //! connection (a close frame is not echoed: the connection just ends). This module owns only the
 //! framing decision and the handshake; it does not change how a leg binds or forwards.
 
-use super::{ConnId, DropReason, FrameQueue, Outbox, Relay, framing};
+use super::{ConnId, DropReason, Outbox, Relay, framing};
 use crate::shard::pool::{BufId, Pool, Seg};
 use crate::wire::ws;
 
@@ -170,7 +170,7 @@ impl Relay {
             conn.framing = Framing::WebSocket(Box::new(ws::Deframer::new(max_frame)));
             // Room for the answer and the Binding's answer that may follow it before the first
             // send completes; the bound connection keeps this queue.
-            conn.queue = FrameQueue::new(cap.max(2));
+            conn.queue.grow(cap.max(2));
         }
         // The spare holds one reference, ours: nothing else reads it.
         let n = pool
@@ -258,9 +258,9 @@ mod tests {
         let conn = relay.conn(c).unwrap();
         let mut v = Vec::new();
         for i in 0..conn.queue.len {
-            let f = conn.queue.get(i);
+            let f = conn.queue.get(i).unwrap();
             v.extend_from_slice(&f.hdr[..usize::from(f.hdr_len)]);
-            for s in &f.segs[..usize::from(f.nsegs)] {
+            for s in f.segs() {
                 v.extend_from_slice(pool.seg(*s));
             }
         }
