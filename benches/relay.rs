@@ -63,7 +63,7 @@ fn per_packet(c: &mut Criterion) {
                 relay.on_udp(&mut pool, black_box(src), Seg::new(0, 0, 172), 1, &mut out);
                 pool.release_received(r);
                 for o in out.udp.drain(..) {
-                    pool.release(o.segs[0].buf);
+                    pool.sent(o.data);
                 }
                 pool.take_freed(&mut freed);
                 relay.finish_batch(2);

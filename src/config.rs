@@ -236,6 +236,9 @@ pub struct MediaSection {
     pub udp_sndbuf: usize,
     pub max_unbound_tcp: usize,
     pub unbound_tcp_timeout_ms: u64,
+    /// Unbound TCP media connections one source (IPv4 address, IPv6 /64) may hold; over it,
+    /// the one of that source that made the least progress is closed. 1..=`max_unbound_tcp`.
+    pub max_unbound_tcp_per_source: usize,
     /// Media older than this is dropped, in ms (kernel receive time to handling, or waiting in
     /// a TCP queue); 0: never.
     pub stale_ms: u64,
@@ -531,6 +534,7 @@ impl Default for MediaSection {
             udp_sndbuf: s.udp_sndbuf,
             max_unbound_tcp: r.max_unbound_tcp,
             unbound_tcp_timeout_ms: r.unbound_tcp_timeout_ns / 1_000_000,
+            max_unbound_tcp_per_source: r.max_unbound_tcp_per_source,
             stale_ms: r.stale_ns / 1_000_000,
         }
     }
@@ -902,6 +906,14 @@ impl Config {
             format!("{} is outside 1..=65535", m.max_unbound_tcp),
         );
         check(
+            (1..=m.max_unbound_tcp).contains(&m.max_unbound_tcp_per_source),
+            "media.max_unbound_tcp_per_source",
+            format!(
+                "{} is outside 1..={} (media.max_unbound_tcp)",
+                m.max_unbound_tcp_per_source, m.max_unbound_tcp
+            ),
+        );
+        check(
             m.unbound_tcp_timeout_ms <= 600_000,
             "media.unbound_tcp_timeout_ms",
             format!("{} ms is outside 0..=600000", m.unbound_tcp_timeout_ms),
@@ -1008,6 +1020,7 @@ impl Config {
                 tcp_queued_total: ((m.udp_bufs + m.tcp_bufs) / 2).max(m.tcp_queue_frames),
                 max_unbound_tcp: m.max_unbound_tcp,
                 unbound_tcp_timeout_ns: m.unbound_tcp_timeout_ms * 1_000_000,
+                max_unbound_tcp_per_source: m.max_unbound_tcp_per_source,
                 stale_ns: m.stale_ms * 1_000_000,
                 peer_policy: self.peer_policy(),
                 ..RelayConfig::default()
@@ -1171,6 +1184,14 @@ mod tests {
             ("[media]\nbuf_size = 65536\n", "media.buf_size"),
             ("[media]\nstale_ms = 60000\n", "media.stale_ms"),
             ("[media]\nmax_unbound_tcp = 0\n", "media.max_unbound_tcp"),
+            (
+                "[media]\nmax_unbound_tcp_per_source = 0\n",
+                "media.max_unbound_tcp_per_source",
+            ),
+            (
+                "[media]\nmax_unbound_tcp = 16\nmax_unbound_tcp_per_source = 17\n",
+                "media.max_unbound_tcp_per_source: 17 is outside 1..=16",
+            ),
             ("[media]\nsend_slots = 8\n", "media.send_slots"),
             ("[media]\ntcp_sndbuf = 4294967296\n", "media.tcp_sndbuf"),
         ] {
@@ -1181,6 +1202,18 @@ mod tests {
                 .to_string();
             assert!(e.contains(key), "{text}: {e}");
         }
+        // The per-source limit reaches the shards, and may equal the shard's limit.
+        let c = Config::parse("[media]\nmax_unbound_tcp = 16\nmax_unbound_tcp_per_source = 16\n")
+            .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.shard_config().relay.max_unbound_tcp_per_source, 16);
+        assert_eq!(
+            Config::default()
+                .shard_config()
+                .relay
+                .max_unbound_tcp_per_source,
+            64
+        );
         // The largest buffer the 16-bit segment lengths can describe is accepted.
         let c = Config::parse("[media]\nbuf_size = 65472\nmax_frame = 1500\n").unwrap();
         c.validate().unwrap();

@@ -322,8 +322,8 @@ fn oversize_datagram_toward_tcp_leg(backend: Backend) {
 
 /// 300 connections that trickle a byte now and then. Before: the first 256 held every
 /// unbound slot for 5 s (the timeout counted from accept) and a real leg's connection was
-/// refused. Now a source holds at most 64 unbound slots (a newer connection closes its oldest)
-/// and the real leg binds at once.
+/// refused. Now a source holds at most 64 unbound slots (a newer connection closes the one
+/// that made the least progress) and the real leg binds at once.
 fn trickling_unbound_connections_do_not_lock_out_a_leg(backend: Backend) {
     let shards = spawn_with(config(backend));
     let h = &shards.handles[0];
@@ -394,6 +394,149 @@ fn simultaneous_tcp_legs_from_one_address_all_bind(backend: Backend) {
         "{:?}",
         s.counters
     );
+}
+
+/// The per-source limit as the operator sets it (`[media] max_unbound_tcp_per_source`), read
+/// through the same configuration path `voxgate serve` uses.
+fn per_source_limit_from_config(backend: Backend, limit: usize) -> ShardConfig {
+    let text = format!("[media]\nmax_unbound_tcp_per_source = {limit}\n");
+    let c = voxgate::config::Config::parse(&text).unwrap();
+    c.validate().unwrap();
+    let mut cfg = config(backend);
+    cfg.relay.max_unbound_tcp_per_source = c.shard_config().relay.max_unbound_tcp_per_source;
+    assert_eq!(cfg.relay.max_unbound_tcp_per_source, limit);
+    // Slow test machines: no connection may time out on its own while the test runs.
+    cfg.relay.unbound_tcp_idle_ns = 30_000_000_000;
+    cfg.relay.unbound_tcp_timeout_ns = 30_000_000_000;
+    cfg
+}
+
+/// Whether the gateway closed `t` (EOF or reset) rather than keeping it open.
+fn closed_by_gateway(t: &mut TcpStream) -> bool {
+    t.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let closed = match t.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
+    t.set_read_timeout(Some(WAIT)).unwrap();
+    closed
+}
+
+/// A trickler holds its source's whole limit (8, from the config key) with connections that
+/// send a byte now and then, and opens 8 more right after a real leg from the same address
+/// connects, before that leg's Binding is in. Before: a newcomer closed the oldest accept, so
+/// the 8 newcomers closed the 7 older tricklers and then the real leg. Now they close the
+/// tricklers (they sent bytes long ago) and the real leg, which has had no chance to send yet,
+/// is the last one to go: it binds and carries media.
+fn a_trickler_at_its_limit_cannot_stop_a_prompt_leg_from_its_address(backend: Backend) {
+    let mut cfg = per_source_limit_from_config(backend, 8);
+    // Slow test machines: the leg stays "fresh" for the whole test.
+    cfg.relay.unbound_tcp_grace_ns = 30_000_000_000;
+    let shards = spawn_with(cfg);
+    let h = &shards.handles[0];
+    h.install_blocking(SessionSpec {
+        id: 1,
+        legs: vec![leg("u", Delivery::UdpLatched), leg("t", Delivery::Tcp)],
+    })
+    .unwrap();
+    let mut trickle = Vec::new();
+    for _ in 0..8 {
+        let mut c = TcpStream::connect(gw_tcp(h)).unwrap();
+        c.write_all(&[0x00]).unwrap();
+        trickle.push(c);
+    }
+    wait_until(h, "the trickler's bytes", |s| s.counters.tcp_in.bytes >= 8);
+    let mut t = TcpStream::connect(gw_tcp(h)).unwrap();
+    t.set_read_timeout(Some(WAIT)).unwrap();
+    wait_until(h, "the leg's accept", |s| s.counters.tcp_accepted >= 9);
+    for _ in 0..8 {
+        let mut c = TcpStream::connect(gw_tcp(h)).unwrap();
+        let _ = c.write_all(&[0x00]);
+        trickle.push(c);
+    }
+    let s = wait_until(h, "the second wave's accepts", |s| {
+        s.counters.tcp_accepted >= 17
+    });
+    assert!(
+        s.counters.dropped(DropReason::TcpConnLimit) >= 9,
+        "the source stayed at its limit of 8: {:?}",
+        s.counters
+    );
+    let (txid, req) = binding_request("t");
+    write_frame(&mut t, &req);
+    let resp = read_frame(&mut t);
+    binding::check_response(&resp, &key("t"), &txid).expect("the real leg binds");
+    let u = udp_client("127.0.0.1");
+    bind_udp(&u, gw_udp(h), "u");
+    u.send_to(&rtp(3, 1, 172), gw_udp(h)).unwrap();
+    assert_eq!(read_frame(&mut t), rtp(3, 1, 172), "and carries media");
+}
+
+/// Four connections from one address are half-way through their Binding when four silent ones
+/// arrive, then four more silent ones: the source's limit (8, from the config key) closes the
+/// silent ones, never one that is sending its handshake. Before: the oldest accepts (the four
+/// handshakes) were closed, and their Bindings went unanswered.
+fn silent_connections_are_evicted_before_progressing_ones(backend: Backend) {
+    let mut cfg = per_source_limit_from_config(backend, 8);
+    // No grace: a connection without a byte is silent at once (no sleeping in this test).
+    cfg.relay.unbound_tcp_grace_ns = 0;
+    let shards = spawn_with(cfg);
+    let h = &shards.handles[0];
+    let names: Vec<String> = (0..4).map(|i| format!("b{i}")).collect();
+    h.install_blocking(SessionSpec {
+        id: 1,
+        legs: names.iter().map(|n| leg(n, Delivery::Tcp)).collect(),
+    })
+    .unwrap();
+    let mut busy = Vec::new();
+    let mut half = 0;
+    for n in &names {
+        let mut t = TcpStream::connect(gw_tcp(h)).unwrap();
+        t.set_read_timeout(Some(WAIT)).unwrap();
+        t.set_nodelay(true).unwrap();
+        let (txid, req) = binding_request(n);
+        let mut frame = (req.len() as u16).to_be_bytes().to_vec();
+        frame.extend_from_slice(&req);
+        let cut = frame.len() / 2;
+        t.write_all(&frame[..cut]).unwrap();
+        half += cut as u64;
+        busy.push((t, txid, frame[cut..].to_vec(), n));
+    }
+    wait_until(h, "the handshakes' first halves", |s| {
+        s.counters.tcp_in.bytes >= half
+    });
+    let mut silent: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(gw_tcp(h)).unwrap())
+        .collect();
+    wait_until(h, "the silent ones' accepts", |s| {
+        s.counters.tcp_accepted >= 8
+    });
+    let newcomers: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(gw_tcp(h)).unwrap())
+        .collect();
+    let s = wait_until(h, "the newcomers' accepts", |s| {
+        s.counters.tcp_accepted >= 12
+    });
+    assert_eq!(
+        s.counters.dropped(DropReason::TcpConnLimit),
+        4,
+        "the source held its limit of 8"
+    );
+    for (i, c) in silent.iter_mut().enumerate() {
+        assert!(closed_by_gateway(c), "silent connection {i} was closed");
+    }
+    for (t, txid, rest, n) in &mut busy {
+        t.write_all(rest).unwrap();
+        let resp = read_frame(t);
+        binding::check_response(&resp, &key(n), txid).expect("the handshake completed");
+    }
+    drop(newcomers);
 }
 
 // ------------------------------------------------------------- 4. stalled readers
@@ -825,6 +968,8 @@ both_backends!(
     oversize_datagram_toward_tcp_leg,
     trickling_unbound_connections_do_not_lock_out_a_leg,
     simultaneous_tcp_legs_from_one_address_all_bind,
+    a_trickler_at_its_limit_cannot_stop_a_prompt_leg_from_its_address,
+    silent_connections_are_evicted_before_progressing_ones,
     stalled_readers_do_not_starve_the_shard,
     replayed_binding_does_not_move_the_leg,
     private_latch_is_refused,

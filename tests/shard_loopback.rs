@@ -28,9 +28,11 @@ fn spawn(backend: Backend) -> Shards {
         send_slots: 512,
         ..ShardConfig::default()
     };
-    // The adoption test counts to the ninth connection of one source.
+    // The adoption test counts to the ninth connection of one source; with no grace, its
+    // silent connections are evicted oldest first at once.
     let mut cfg = cfg;
     cfg.relay.max_unbound_tcp_per_source = 8;
+    cfg.relay.unbound_tcp_grace_ns = 0;
     let shards = Shards::spawn(&cfg).expect("shards start");
     assert_eq!(
         shards.handles[0].backend, backend,
@@ -521,7 +523,8 @@ fn adopted_connections_carry_media(backend: Backend) {
         .collect();
     assert_eq!(got, sent, "adopted -> adopted: byte-exact, in order");
     // The budget: unbound adopted connections from one source are held to the per-source
-    // limit (8 here) like accepted ones: the ninth evicts the oldest, which sees EOF.
+    // limit (8 here) like accepted ones: the ninth evicts the one that made the least
+    // progress, here (all silent, no grace) the oldest, which sees EOF.
     let before = h.snapshot_blocking().unwrap().counters.tcp_accepted;
     let mut ours = Vec::new();
     for i in 0..9u16 {

@@ -490,7 +490,7 @@ impl EpollShard {
                     iov_base: std::ptr::null_mut(),
                     iov_len: 0,
                 }; 2];
-                for (k, s) in o.segs[..usize::from(o.nsegs)].iter().enumerate() {
+                for (k, s) in o.data.segs().iter().enumerate() {
                     iov[k] = libc::iovec {
                         iov_base: self
                             .core
@@ -508,7 +508,7 @@ impl EpollShard {
                 // SAFETY: plain C struct; filled below once the vectors stop moving.
                 let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
                 m.msg_hdr.msg_namelen = len;
-                m.msg_hdr.msg_iovlen = usize::from(o.nsegs) as _;
+                m.msg_hdr.msg_iovlen = o.data.segs().len() as _;
                 self.tx_msgs.push(m);
             }
             for (k, m) in self.tx_msgs.iter_mut().enumerate() {
@@ -535,14 +535,12 @@ impl EpollShard {
                     sent += r as usize;
                 }
             }
-            for o in chunk {
-                for s in &o.segs[..usize::from(o.nsegs)] {
-                    self.core.pool.release(s.buf);
-                }
-            }
             start += chunk.len();
         }
-        outs.clear();
+        // Every datagram was sent or counted as failed: the sends' references go back.
+        for o in outs.drain(..) {
+            self.core.pool.sent(o.data);
+        }
     }
 
     fn write_conn(&mut self, c: ConnId) {

@@ -26,9 +26,11 @@ pub const MAX_BUF_SIZE: usize = 65_472;
 ///   [`Pool::buf_mut`] refuses, [`Pool::hold`] refuses; [`Pool::received`] is the only way out,
 ///   and it refuses a buffer that is not the kernel's (a completion naming a buffer we hold).
 /// - **ours**: a `Received`, exactly 1 reference, writable ([`Pool::buf_mut`]).
-/// - **in flight**: referenced by sends or queued frames (more references, each taken with a
-///   checked [`Pool::hold`] and given back with [`Pool::release`]); read-only until they are
-///   released. The buffer goes back to the kernel only when the last reference is released.
+/// - **in flight**: referenced by sends; read-only until they are released. Every send (a UDP
+///   datagram, a frame queued for a TCP connection) holds an [`InFlight`] token, made only by
+///   [`Pool::send_ref`] and consumed only by [`Pool::sent`] when it completes or is dropped.
+///   (Plain [`Pool::hold`]/[`Pool::release`] remain for a connection's partial frame.) The
+///   buffer goes back to the kernel only when the last reference is released.
 ///
 /// The handle must be consumed: by [`Pool::release_received`] (our reference given back), or
 /// by [`Received::into_ref`] (the reference travels on as a plain id in a queue, released with
@@ -61,6 +63,44 @@ impl Drop for Received {
             std::thread::panicking(),
             "received buffer {} dropped without Pool::release_received",
             self.id
+        );
+    }
+}
+
+/// The references one send holds: the segments it reads (one datagram, at most two buffers),
+/// each buffer referenced once on its behalf. The typed form of "in flight":
+///
+/// - only [`Pool::send_ref`] makes one, taking the references (or none: refused);
+/// - only [`Pool::sent`] consumes one, giving back exactly the references it holds, once: a
+///   completion releases the buffers of the send it completes, never a buffer it does not
+///   hold, and a second completion of the same send has no token left to give;
+/// - not `Clone`/`Copy`, so a reference cannot be duplicated; dropping one instead of giving
+///   it back is a leak, caught by a debug assertion.
+///
+/// A send is described from its token ([`InFlight::segs`]), so no send can be submitted
+/// without one. Its size is that of the segments it carries (no allocation, no extra field):
+/// the per-packet cost of the type is zero.
+#[must_use = "a send's references go back only through Pool::sent"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct InFlight {
+    segs: [Seg; 2],
+    nsegs: u8,
+}
+
+impl InFlight {
+    /// The bytes the send reads, in order.
+    #[inline]
+    pub fn segs(&self) -> &[Seg] {
+        &self.segs[..usize::from(self.nsegs)]
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        debug_assert!(
+            std::thread::panicking(),
+            "send of {:?} dropped without Pool::sent",
+            self.segs()
         );
     }
 }
@@ -339,6 +379,37 @@ impl Pool {
             }
         }
         true
+    }
+
+    /// A send will read `segs` (one or two segments): takes one reference on each segment's
+    /// buffer for it, all or none, and returns the token that holds them. None (counted in
+    /// [`Pool::refused`]) for a buffer that is the kernel's or whose count is at its maximum,
+    /// or for no segments or more than two: the caller then does not send.
+    #[inline]
+    pub fn send_ref(&mut self, segs: &[Seg]) -> Option<InFlight> {
+        if segs.is_empty() || segs.len() > 2 {
+            self.refused += 1;
+            return None;
+        }
+        if !self.hold_all(segs) {
+            return None;
+        }
+        let mut t = InFlight {
+            segs: [Seg::default(); 2],
+            nsegs: segs.len() as u8,
+        };
+        t.segs[..segs.len()].copy_from_slice(segs);
+        Some(t)
+    }
+
+    /// A send completed (or was never submitted): gives back the references its token holds.
+    #[inline]
+    pub fn sent(&mut self, t: InFlight) {
+        let (segs, n) = (t.segs, usize::from(t.nsegs));
+        std::mem::forget(t);
+        for s in &segs[..n] {
+            self.release(s.buf);
+        }
     }
 
     /// Gives back one reference; the last one returns the buffer to the kernel (via
@@ -634,6 +705,10 @@ mod tests {
         GiveBack(usize),
         Write(usize),
         Recycle,
+        /// A send of one or two segments (`send_ref`).
+        Send(u16, Option<u16>),
+        /// A send's completion (`sent`).
+        Complete(usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -647,13 +722,18 @@ mod tests {
             any::<usize>().prop_map(Op::GiveBack),
             any::<usize>().prop_map(Op::Write),
             Just(Op::Recycle),
+            (0u16..10, prop::option::of(0u16..10)).prop_map(|(a, b)| Op::Send(a, b)),
+            any::<usize>().prop_map(Op::Complete),
         ]
     }
 
     proptest! {
         /// Any order of operations, allowed or not: no panic, a buffer is with the kernel
-        /// (on a ring, or on the spare list) or referenced, never both and never twice; the
-        /// use count matches the references; a buffer is writable only with exactly one.
+        /// (on a ring, or on the spare list) or referenced, never both and never twice; every
+        /// reference is accounted for exactly (handles of ours, sends' in-flight tokens, plain
+        /// holds), so a completion gives back exactly what its send held and nothing of
+        /// anyone else's; the use count matches the references; a buffer is writable only
+        /// with exactly one.
         #[test]
         fn any_sequence_keeps_every_buffer_in_exactly_one_state(ops in prop::collection::vec(op(), 0..200)) {
             let mut p = pool();
@@ -662,6 +742,9 @@ mod tests {
             let mut on_ring: Vec<bool> = (0..total).map(|i| i < 6).collect();
             // Not dropped on a failed assertion (a leaked handle would panic over the report).
             let mut handles = std::mem::ManuallyDrop::new(Vec::<Received>::new());
+            let mut sends = std::mem::ManuallyDrop::new(Vec::<InFlight>::new());
+            // Plain references taken with `hold` and not yet given back, per buffer.
+            let mut held = vec![0u32; total];
             let mut freed = Vec::new();
             for o in ops {
                 match o {
@@ -677,8 +760,27 @@ mod tests {
                         }
                     }
                     Op::Spare => if let Some(r) = p.take_spare() { handles.push(r) },
-                    Op::Hold(id) => { let _ = p.hold(id); }
-                    Op::Release(id) => p.release(id),
+                    Op::Hold(id) => {
+                        let live = p.refs(id) > 0;
+                        prop_assert_eq!(p.hold(id), live);
+                        if live {
+                            held[usize::from(id)] += 1;
+                        }
+                    }
+                    Op::Release(id) => {
+                        let i = usize::from(id);
+                        if held.get(i).is_some_and(|&h| h > 0) {
+                            held[i] -= 1;
+                            p.release(id);
+                        } else if p.refs(id) == 0 {
+                            // Nothing to give back: refused, counted, nothing freed twice.
+                            let before = p.refused();
+                            p.release(id);
+                            prop_assert_eq!(p.refused(), before + 1);
+                        }
+                        // (A plain release of a reference a handle or a send holds is the
+                        // untyped API misused; the typed owners are what this test follows.)
+                    }
                     Op::Pin(id) => p.pin(id),
                     Op::Unpin(id) => p.unpin(id),
                     Op::GiveBack(i) => if !handles.is_empty() {
@@ -701,6 +803,47 @@ mod tests {
                         }
                         freed.clear();
                     }
+                    Op::Send(a, b) => {
+                        let segs: Vec<Seg> = std::iter::once(a)
+                            .chain(b)
+                            .map(|id| Seg::new(id, 0, 1))
+                            .collect();
+                        let before: Vec<u32> = (0..total).map(|i| p.refs(i as BufId)).collect();
+                        let live = segs.iter().all(|s| p.refs(s.buf) > 0);
+                        match p.send_ref(&segs) {
+                            Some(t) => {
+                                prop_assert!(live, "a send of the kernel's buffer {:?}", segs);
+                                prop_assert_eq!(t.segs(), &segs[..]);
+                                sends.push(t);
+                            }
+                            None => {
+                                prop_assert!(!live, "a send of buffers of ours refused");
+                                let after: Vec<u32> = (0..total).map(|i| p.refs(i as BufId)).collect();
+                                prop_assert_eq!(before, after, "a refused send took a reference");
+                            }
+                        }
+                    }
+                    Op::Complete(i) => if !sends.is_empty() {
+                        let at = i % sends.len();
+                        let t = sends.swap_remove(at);
+                        p.sent(t);
+                    },
+                }
+                // Every reference has exactly one owner the test can name.
+                for (id, &h) in held.iter().enumerate() {
+                    let b = id as BufId;
+                    let by_handles = handles.iter().filter(|r| r.id() == b).count() as u32;
+                    let by_sends = sends
+                        .iter()
+                        .flat_map(|t| t.segs())
+                        .filter(|s| s.buf == b)
+                        .count() as u32;
+                    prop_assert_eq!(
+                        p.refs(b),
+                        by_handles + by_sends + h,
+                        "buffer {}: references without an owner, or an owner without one",
+                        id
+                    );
                 }
                 let referenced = (0..total).filter(|&i| p.refs(i as BufId) > 0).count();
                 prop_assert_eq!(p.in_use(), referenced);
@@ -708,9 +851,68 @@ mod tests {
                     prop_assert!(!(ring && p.refs(i as BufId) > 0), "buffer {} on a ring and referenced", i);
                 }
             }
+            // Every owner gives back what it holds: nothing is left referenced.
+            for t in std::mem::ManuallyDrop::into_inner(sends) {
+                p.sent(t);
+            }
+            for (id, n) in held.iter().enumerate() {
+                for _ in 0..*n {
+                    p.release(id as BufId);
+                }
+            }
             for r in std::mem::ManuallyDrop::into_inner(handles) {
                 p.release_received(r);
             }
+            prop_assert_eq!(p.in_use(), 0);
         }
+    }
+
+    #[test]
+    fn a_send_holds_a_token_that_only_its_completion_gives_back() {
+        let mut p = pool();
+        let r = p.received(0).unwrap();
+        let s = p.take_spare().unwrap();
+        // No segments, more than two, or the kernel's buffer: no token, no reference.
+        assert!(p.send_ref(&[]).is_none());
+        assert!(p.send_ref(&[Seg::new(0, 0, 1); 3]).is_none());
+        assert!(
+            p.send_ref(&[Seg::new(0, 0, 1), Seg::new(1, 0, 1)])
+                .is_none()
+        );
+        assert_eq!(p.refs(0), 1, "all or none");
+        assert_eq!(p.refused(), 3);
+        // A datagram straddling two buffers: one token, one reference on each.
+        let t = p
+            .send_ref(&[Seg::new(0, 10, 5), Seg::new(s.id(), 0, 7)])
+            .unwrap();
+        assert_eq!(t.segs(), [Seg::new(0, 10, 5), Seg::new(s.id(), 0, 7)]);
+        assert_eq!((p.refs(0), p.refs(s.id())), (2, 2));
+        assert_eq!(
+            std::mem::size_of::<InFlight>(),
+            std::mem::size_of::<[Seg; 2]>() + 2,
+            "the token is the segments it describes, nothing more"
+        );
+        p.release_received(r);
+        p.release_received(s);
+        // The send is all that holds them now; its completion gives them back.
+        assert_eq!(p.in_use(), 2);
+        p.sent(t);
+        assert_eq!(p.in_use(), 0);
+        assert_eq!(p.spare_free(), 2);
+        let mut freed = Vec::new();
+        p.take_freed(&mut freed);
+        assert_eq!(freed, vec![0]);
+        assert_eq!(p.refused(), 3);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "dropped without Pool::sent")]
+    fn a_send_token_must_be_given_back() {
+        let mut p = pool();
+        let r = p.received(0).unwrap();
+        let t = p.send_ref(&[Seg::new(0, 0, 1)]).unwrap();
+        p.release_received(r);
+        drop(t);
     }
 }

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-use super::pool::{BufId, Group, Pool, Seg};
+use super::pool::{BufId, Group, InFlight, Pool, Seg};
 use super::relay::{ConnId, UdpOut};
 use super::sockets::{self, RawAddr, ShardSockets};
 use super::{Backend, ShardCore};
@@ -153,8 +153,6 @@ struct SendSlot {
     msg: libc::msghdr,
     iov: [libc::iovec; 2],
     addr: RawAddr,
-    segs: [Seg; 2],
-    nsegs: u8,
 }
 
 /// A ring set up for a shard, not yet running.
@@ -174,6 +172,10 @@ pub(crate) struct UringShard {
     ipv6: bool,
     recv_msg: Box<libc::msghdr>,
     slots: Box<[SendSlot]>,
+    /// The references of the send in each slot: taken from its `UdpOut` at submit, given
+    /// back (`Pool::sent`) by its completion. A completion for a slot without one releases
+    /// nothing.
+    sending: Box<[Option<InFlight>]>,
     free_slots: Vec<u32>,
     udp_recv_armed: bool,
     accept_armed: bool,
@@ -310,6 +312,7 @@ impl UringShard {
             recv_msg,
             free_slots: (0..nslots as u32).rev().collect(),
             slots,
+            sending: (0..nslots).map(|_| None).collect(),
             udp_recv_armed: false,
             accept_armed: false,
             wake_armed: false,
@@ -773,13 +776,12 @@ impl UringShard {
             }
             return;
         }
-        let Some(slot) = self.slots.get(idx as usize) else {
+        // Only a slot whose send holds a token is completed: a stray or repeated completion
+        // has nothing to give back.
+        let Some(t) = self.sending.get_mut(idx as usize).and_then(Option::take) else {
             return;
         };
-        let (segs, n) = (slot.segs, usize::from(slot.nsegs));
-        for s in &segs[..n] {
-            self.core.pool.release(s.buf);
-        }
+        self.core.pool.sent(t);
         self.free_slots.push(idx);
         if res < 0 {
             self.core
@@ -832,9 +834,7 @@ impl UringShard {
 
     fn submit_udp(&mut self, o: UdpOut) {
         let Some(idx) = self.free_slots.pop() else {
-            for s in &o.segs[..usize::from(o.nsegs)] {
-                self.core.pool.release(s.buf);
-            }
+            self.core.pool.sent(o.data);
             self.core
                 .relay
                 .counters
@@ -846,9 +846,7 @@ impl UringShard {
         let slot = &mut self.slots[idx as usize];
         let namelen = sockets::encode(o.dst, ipv6, &mut slot.addr);
         if namelen == 0 {
-            for s in &o.segs[..usize::from(o.nsegs)] {
-                self.core.pool.release(s.buf);
-            }
+            self.core.pool.sent(o.data);
             self.free_slots.push(idx);
             self.core
                 .relay
@@ -856,15 +854,13 @@ impl UringShard {
                 .drop(crate::metrics::DropReason::SendError);
             return;
         }
-        let n = usize::from(o.nsegs);
-        for (i, s) in o.segs[..n].iter().enumerate() {
+        let n = o.data.segs().len();
+        for (i, s) in o.data.segs().iter().enumerate() {
             slot.iov[i] = libc::iovec {
                 iov_base: pool.addr(s.buf).wrapping_add(usize::from(s.off)).cast(),
                 iov_len: usize::from(s.len),
             };
         }
-        slot.segs = o.segs;
-        slot.nsegs = o.nsegs;
         slot.msg.msg_name = (&mut slot.addr as *mut RawAddr).cast();
         slot.msg.msg_namelen = namelen;
         slot.msg.msg_iov = slot.iov.as_mut_ptr();
@@ -872,7 +868,7 @@ impl UringShard {
         slot.msg.msg_control = std::ptr::null_mut();
         slot.msg.msg_controllen = 0;
         slot.msg.msg_flags = 0;
-        let (sent_before, nsegs) = (self.udp_sent.len(), n);
+        let sent_before = self.udp_sent.len();
         let e = if self.skip_success {
             // Non-blocking, and no completion on success: the send finishes (or fails with
             // EAGAIN, which posts a completion) inside the io_uring_enter that submits it, so
@@ -889,12 +885,12 @@ impl UringShard {
                 .build()
                 .user_data(ud(K_UDP_SEND, 0, idx))
         };
-        if !self.push(e) {
+        if self.push(e) {
+            // Free slots hold no token: nothing is replaced.
+            self.sending[idx as usize] = Some(o.data);
+        } else {
             self.udp_sent.truncate(sent_before);
-            let segs = self.slots[idx as usize].segs;
-            for s in &segs[..nsegs] {
-                self.core.pool.release(s.buf);
-            }
+            self.core.pool.sent(o.data);
             self.free_slots.push(idx);
             self.core
                 .relay
@@ -907,10 +903,8 @@ impl UringShard {
     fn release_sent(&mut self) {
         for i in 0..self.udp_sent.len() {
             let idx = self.udp_sent[i];
-            let slot = &self.slots[idx as usize];
-            let (segs, n) = (slot.segs, usize::from(slot.nsegs));
-            for s in &segs[..n] {
-                self.core.pool.release(s.buf);
+            if let Some(t) = self.sending[idx as usize].take() {
+                self.core.pool.sent(t);
             }
             self.free_slots.push(idx);
         }
@@ -1028,6 +1022,11 @@ impl UringShard {
             let args = types::SubmitArgs::new().timespec(&ts);
             let _ = self.ring.submitter().submit_with_args(1, &args);
             self.reap_completions_for_shutdown();
+        }
+        // Sends still without a completion at the deadline: their tokens are given back to
+        // the pool (which is unmapped only after the ring is gone), not dropped.
+        for t in self.sending.iter_mut().filter_map(Option::take) {
+            self.core.pool.sent(t);
         }
     }
 

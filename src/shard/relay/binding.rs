@@ -9,8 +9,7 @@
 use std::net::SocketAddr;
 
 use super::{
-    ConnId, DropReason, FrameQueue, LegIdx, Outbox, Relay, SEEN_TXIDS, ShardEvent, UdpOut,
-    canonical, stun,
+    ConnId, DropReason, LegIdx, Outbox, Relay, SEEN_TXIDS, ShardEvent, UdpOut, canonical, stun,
 };
 use crate::net::policy::Source;
 use crate::shard::pool::{Pool, Seg};
@@ -135,15 +134,11 @@ impl Relay {
             return 0;
         };
         self.counters.bindings += 1;
-        if !pool.hold(seg.buf) {
+        let Some(data) = pool.send_ref(&[Seg::new(seg.buf, start, n)]) else {
             self.counters.drop(DropReason::SendError);
             return 0;
-        }
-        out.udp.push(UdpOut {
-            dst: src,
-            segs: [Seg::new(seg.buf, start, n), Seg::default()],
-            nsegs: 1,
-        });
+        };
+        out.udp.push(UdpOut { dst: src, data });
         self.counters.udp_out.add(n);
         n
     }
@@ -220,15 +215,14 @@ impl Relay {
                     .and_then(|b| stun::write_binding_request(b, &l.name, &l.key, &check_txid).ok())
             };
             match n {
-                Some(n) if n <= budget && pool.hold(spare.id()) => {
-                    out.udp.push(UdpOut {
-                        dst: src,
-                        segs: [Seg::new(spare.id(), 0, n), Seg::default()],
-                        nsegs: 1,
-                    });
-                    self.counters.udp_out.add(n);
-                    spent = n;
-                }
+                Some(n) if n <= budget => match pool.send_ref(&[Seg::new(spare.id(), 0, n)]) {
+                    Some(data) => {
+                        out.udp.push(UdpOut { dst: src, data });
+                        self.counters.udp_out.add(n);
+                        spent = n;
+                    }
+                    None => self.counters.drop(DropReason::LatchPending),
+                },
                 _ => self.counters.drop(DropReason::LatchPending),
             }
             pool.release_received(spare);
@@ -359,9 +353,7 @@ impl Relay {
                 conn.leg = Some(leg);
                 // Only bound connections carry media: their queue is allocated now (a
                 // WebSocket connection's was, at its upgrade: it may hold the 101 answer).
-                if conn.queue.slots.len() < cap {
-                    conn.queue = FrameQueue::new(cap);
-                }
+                conn.queue.grow(cap);
             }
             let l = self.leg(leg);
             out.events.push(ShardEvent::LegBound {

@@ -30,10 +30,9 @@ mod ws;
 
 use binding::Latch;
 pub use binding::is_private;
-use tcp::FrameQueue;
 pub use tcp::{Conn, ConnId};
 
-use super::pool::{Pool, Seg};
+use super::pool::{InFlight, Pool, Seg};
 use crate::metrics::rtpstats::{RtpReport, RtpStats};
 use crate::metrics::{Counters, DropReason, Flow};
 use crate::wire::{framing, rtp, stun};
@@ -90,8 +89,13 @@ pub struct RelayConfig {
     /// The UDP socket is dual-stack (IPv6 with v4-mapped addresses) rather than IPv4-only.
     pub ipv6: bool,
     /// Unbound TCP connections one source IP (an IPv6 /64) may hold; a new one over the limit
-    /// closes that source's oldest.
+    /// closes the one of that source that made the least progress (see
+    /// [`Relay::on_accept`]). `[media] max_unbound_tcp_per_source`.
     pub max_unbound_tcp_per_source: usize,
+    /// A connection accepted this recently that has sent nothing yet has not had its chance
+    /// to: eviction takes it last (and the newest of such first), so a flood of fresh
+    /// connections displaces itself, not a client whose Binding is on its way.
+    pub unbound_tcp_grace_ns: u64,
     /// An unbound connection that sends nothing for this long is closed (the hard deadline
     /// from accept is `unbound_tcp_timeout_ns`).
     pub unbound_tcp_idle_ns: u64,
@@ -119,8 +123,9 @@ impl Default for RelayConfig {
             ipv6: true,
             // A corporate NAT's phones setting up TCP media at the same instant share one
             // source: 64 lets them all bind, and a trickler still holds no more than that
-            // (its newest connection closes its oldest).
+            // (a newcomer closes the connection that made the least progress).
             max_unbound_tcp_per_source: 64,
+            unbound_tcp_grace_ns: 200_000_000,
             unbound_tcp_idle_ns: 1_000_000_000,
             stale_ns: 300_000_000,
             peer_policy: PeerPolicy::new(true, &[], &[]),
@@ -129,12 +134,12 @@ impl Default for RelayConfig {
 }
 
 /// A datagram to send on the shard's UDP socket: up to two parts (a TCP frame may straddle two
-/// receive buffers), each holding one buffer reference until the send completes.
-#[derive(Clone, Copy, Debug)]
+/// receive buffers), whose buffer references its [`InFlight`] token holds until the send
+/// completes (the loop gives it back with `Pool::sent`).
+#[derive(Debug)]
 pub struct UdpOut {
     pub dst: SocketAddr,
-    pub segs: [Seg; 2],
-    pub nsegs: u8,
+    pub data: InFlight,
 }
 
 /// Something the control thread wants to know about a session.
@@ -662,19 +667,11 @@ impl Relay {
                 self.counters.drop(DropReason::SendBacklog);
                 continue;
             }
-            let mut o = UdpOut {
-                dst,
-                segs: [Seg::default(); 2],
-                nsegs: segs.len() as u8,
-            };
-            if !pool.hold_all(segs) {
+            let Some(data) = pool.send_ref(segs) else {
                 self.counters.drop(DropReason::SendError);
                 continue;
-            }
-            for (slot, s) in o.segs.iter_mut().zip(segs) {
-                *slot = *s;
-            }
-            out.udp.push(o);
+            };
+            out.udp.push(UdpOut { dst, data });
             self.counters.udp_out.add(len);
             self.leg_mut(peer).tx.add(len);
             delivered = true;
@@ -750,9 +747,16 @@ mod tests {
         Seg::new(id, 0, data.len())
     }
 
+    /// The loop's part: every send in the outbox completes and gives its references back.
+    fn complete_sends(pool: &mut Pool, out: &mut Outbox) {
+        for o in out.udp.drain(..) {
+            pool.sent(o.data);
+        }
+    }
+
     fn frame_bytes(pool: &Pool, f: &QFrame) -> Vec<u8> {
         let mut v = f.hdr[..usize::from(f.hdr_len)].to_vec();
-        for s in &f.segs[..usize::from(f.nsegs)] {
+        for s in f.segs() {
             v.extend_from_slice(pool.seg(*s));
         }
         v
@@ -780,7 +784,7 @@ mod tests {
         let cap = relay.cfg.tcp_queue_frames;
         let conn = relay.conn_mut(c).unwrap();
         conn.leg = Some(t);
-        conn.queue = FrameQueue::new(cap);
+        conn.queue.grow(cap);
         c
     }
 
@@ -806,7 +810,11 @@ mod tests {
         relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 5, &mut out);
         assert_eq!(out.udp.len(), 1);
         assert_eq!(out.udp[0].dst, "192.0.2.8:8".parse::<SocketAddr>().unwrap());
-        assert_eq!(out.udp[0].segs[0], seg, "the same bytes, where they landed");
+        assert_eq!(
+            out.udp[0].data.segs(),
+            [seg],
+            "the same bytes, where they landed"
+        );
         assert_eq!(pool.refs(0), 2, "the send holds a reference");
         pool.release(0);
         let seg = recv(&mut pool, 1, &[0x80; 172]);
@@ -816,6 +824,15 @@ mod tests {
         // b has no source yet: its packets cannot come in, and a's have somewhere to go.
         relay.finish_batch(10);
         assert_eq!(relay.latency.len(), 1);
+        complete_sends(&mut pool, &mut out);
+        pool.release(1);
+        assert_eq!(
+            pool.refs(0),
+            0,
+            "the completed send gave its reference back"
+        );
+        assert_eq!(pool.in_use(), 0);
+        assert_eq!(pool.refused(), 0);
     }
 
     #[test]
@@ -853,7 +870,8 @@ mod tests {
             .udp
             .iter()
             .map(|o| {
-                o.segs[..usize::from(o.nsegs)]
+                o.data
+                    .segs()
                     .iter()
                     .flat_map(|s| pool.seg(*s).to_vec())
                     .collect()
@@ -866,9 +884,7 @@ mod tests {
         );
         // Releasing the sends frees everything: nothing leaks.
         for o in out.udp.drain(..) {
-            for s in &o.segs[..usize::from(o.nsegs)] {
-                pool.release(s.buf);
-            }
+            pool.sent(o.data);
         }
         assert_eq!(pool.in_use(), 0);
     }
@@ -913,7 +929,7 @@ mod tests {
         }; TCP_IOV];
         let n = relay.prepare_tcp_send(&pool, c, &mut iov);
         assert_eq!(n, 8);
-        let first = frame_bytes(&pool, relay.conn(c).unwrap().queue.get(0));
+        let first = frame_bytes(&pool, relay.conn(c).unwrap().queue.get(0).unwrap());
         assert_eq!(&first[..2], &172u16.to_be_bytes());
         relay.tcp_sent(&mut pool, c, 174 + 100);
         assert_eq!(
@@ -948,9 +964,7 @@ mod tests {
         assert_eq!(relay.counters.dropped(DropReason::BadFrame), 1);
         assert!(relay.reap(&mut pool, c).is_some());
         for o in out.udp.drain(..) {
-            for s in &o.segs[..usize::from(o.nsegs)] {
-                pool.release(s.buf);
-            }
+            pool.sent(o.data);
         }
         assert_eq!(pool.in_use(), 0);
     }
@@ -984,12 +998,74 @@ mod tests {
         relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 0, &mut out);
         assert_eq!(out.udp.len(), 2, "p1 reaches p2 and p3");
         assert!(relay.remove_leg(&mut pool, 3, "p2", &mut out));
-        out.udp.clear();
+        for o in out.udp.drain(..) {
+            pool.sent(o.data);
+        }
         relay.on_udp(&mut pool, "192.0.2.1:1".parse().unwrap(), seg, 0, &mut out);
         assert_eq!(out.udp.len(), 1, "p2 left");
         assert!(relay.remove(&mut pool, 3, &mut out));
         assert_eq!(relay.session_count(), 0);
         assert!(relay.leg_by_name.is_empty() && relay.udp_bindings.is_empty());
+        complete_sends(&mut pool, &mut out);
+    }
+
+    #[test]
+    fn over_its_limit_a_source_loses_its_connection_that_made_the_least_progress() {
+        const MS: u64 = 1_000_000;
+        let mut relay = Relay::new(RelayConfig {
+            max_unbound_tcp_per_source: 4,
+            unbound_tcp_grace_ns: 100 * MS,
+            ..RelayConfig::default()
+        });
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        let src: SocketAddr = "192.0.2.2:2000".parse().unwrap();
+        let mut accept = |relay: &mut Relay, pool: &mut Pool, t: u64| {
+            relay.on_accept(pool, fd(), src, t, &mut out).unwrap()
+        };
+        // Two connections start a handshake (a frame header and the first bytes of a
+        // Binding), accepted before two that stay silent.
+        let busy: Vec<ConnId> = (0..2).map(|_| accept(&mut relay, &mut pool, 0)).collect();
+        let silent: Vec<ConnId> = (0..2)
+            .map(|_| accept(&mut relay, &mut pool, 20 * MS))
+            .collect();
+        let mut out2 = Outbox::default();
+        for (i, &c) in busy.iter().enumerate() {
+            let seg = recv(&mut pool, 64 + i as u16, &[0, 100, 0, 1, 0, 80]);
+            relay.on_tcp(&mut pool, c, seg, (10 + i as u64) * MS, &mut out2);
+            pool.release(64 + i as u16);
+        }
+        let closing = |relay: &Relay, c: ConnId| relay.conn(c).is_none_or(|x| x.closing);
+        // Past the grace, two newcomers close the silent two, not the older handshakes.
+        let fresh: Vec<ConnId> = (0..2)
+            .map(|i| accept(&mut relay, &mut pool, (500 + i) * MS))
+            .collect();
+        assert!(silent.iter().all(|&c| closing(&relay, c)));
+        assert!(busy.iter().all(|&c| !closing(&relay, c)));
+        // Within the newcomers' grace, the next one closes the handshake whose last bytes
+        // are oldest, not a newcomer that has had no chance to send yet.
+        let late = accept(&mut relay, &mut pool, 510 * MS);
+        assert!(closing(&relay, busy[0]) && !closing(&relay, busy[1]));
+        assert!(fresh.iter().all(|&c| !closing(&relay, c)));
+        // When only fresh connections are left to choose from, a flood of them displaces its
+        // own newest, not the earliest (whose Binding may be on its way).
+        let seg = recv(&mut pool, 66, &[0, 100, 0, 1, 0, 80]);
+        relay.on_tcp(&mut pool, busy[1], seg, 515 * MS, &mut out2);
+        pool.release(66);
+        let flood = accept(&mut relay, &mut pool, 520 * MS);
+        assert!(
+            closing(&relay, busy[1]),
+            "sent bytes: goes before the fresh ones"
+        );
+        let _ = accept(&mut relay, &mut pool, 521 * MS);
+        assert!(closing(&relay, flood), "the newest fresh connection");
+        assert!(!closing(&relay, fresh[0]) && !closing(&relay, fresh[1]) && !closing(&relay, late));
+        assert_eq!(
+            relay.unbound_count(),
+            4,
+            "the accounting follows every close"
+        );
+        assert_eq!(relay.counters.dropped(DropReason::TcpConnLimit), 5);
     }
 
     #[test]
@@ -1063,6 +1139,7 @@ mod tests {
             &mut out,
         );
         assert_eq!(out.udp.len(), 1, "100 ms old: forwarded");
+        complete_sends(&mut pool, &mut out);
     }
 
     #[test]
@@ -1091,6 +1168,12 @@ mod tests {
             "one reference per admitted send, none more"
         );
         assert_eq!(relay.counters.dropped(DropReason::SendBacklog), 7);
+        complete_sends(&mut pool, &mut out);
+        assert_eq!(
+            pool.refs(0),
+            1,
+            "each completion gave back exactly its own reference"
+        );
     }
 
     #[test]
@@ -1152,7 +1235,7 @@ mod tests {
                 pool.release(id);
                 // Sends complete at once.
                 for o in out.udp.drain(..) {
-                    for s in &o.segs[..usize::from(o.nsegs)] { pool.release(s.buf); }
+                    pool.sent(o.data);
                 }
             }
             let mut at = 0;
@@ -1166,7 +1249,7 @@ mod tests {
                     pool.release(b);
                 }
                 for o in out.udp.drain(..) {
-                    for s in &o.segs[..usize::from(o.nsegs)] { pool.release(s.buf); }
+                    pool.sent(o.data);
                 }
                 at += n;
                 k += 1;

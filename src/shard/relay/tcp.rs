@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::{DropReason, FRAMES_PER_READ, LegIdx, Outbox, Relay, canonical, framing, stun};
-use crate::shard::pool::{BufId, Group, Pool, Seg};
+use crate::shard::pool::{BufId, Group, InFlight, Pool, Seg};
 
 /// Identifies a TCP media connection; the generation makes late completions for a reused slot
 /// harmless.
@@ -17,14 +17,17 @@ pub struct ConnId {
     pub generation: u32,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+/// A frame waiting in a connection's send queue. Its payload's buffer references are held by
+/// its [`InFlight`] token (a TCP send reads the frame), given back with `Pool::sent` when the
+/// frame is sent, dropped or reaped: never by anything else, never twice.
+#[derive(Debug)]
 pub(super) struct QFrame {
     /// The frame's header: an RFC 4571 length (2 bytes) or a WebSocket frame header (2 or 4),
     /// `hdr_len` bytes of it used (0: raw bytes, the WebSocket handshake's answer).
     pub(super) hdr: [u8; 4],
     pub(super) hdr_len: u8,
-    pub(super) segs: [Seg; 2],
-    pub(super) nsegs: u8,
+    /// The payload (one or two segments) and its references.
+    pub(super) data: InFlight,
     /// When the frame's payload was received (its age decides the stale drop).
     pub(super) rx_ns: u64,
     /// The pool group whose queue budget this frame is counted against (None: not counted,
@@ -33,9 +36,13 @@ pub(super) struct QFrame {
 }
 
 impl QFrame {
+    pub(super) fn segs(&self) -> &[Seg] {
+        self.data.segs()
+    }
     pub(super) fn len(&self) -> usize {
         usize::from(self.hdr_len)
-            + self.segs[..usize::from(self.nsegs)]
+            + self
+                .segs()
                 .iter()
                 .map(|s| usize::from(s.len))
                 .sum::<usize>()
@@ -44,7 +51,7 @@ impl QFrame {
 
 /// A fixed-capacity ring of frames; never reallocates, so iovecs pointing at `hdr` stay valid.
 pub(super) struct FrameQueue {
-    pub(super) slots: Box<[QFrame]>,
+    pub(super) slots: Box<[Option<QFrame>]>,
     pub(super) head: usize,
     pub(super) len: usize,
     /// Bytes of the head frame already written to the socket.
@@ -59,12 +66,28 @@ impl FrameQueue {
     /// answer).
     pub(super) fn new(cap: usize) -> FrameQueue {
         FrameQueue {
-            slots: vec![QFrame::default(); cap.max(1)].into_boxed_slice(),
+            slots: (0..cap.max(1)).map(|_| None).collect(),
             head: 0,
             len: 0,
             head_sent: 0,
             sending: 0,
         }
+    }
+    /// Room for `cap` frames, keeping the frames queued (in order) and what was sent of the
+    /// head. Only while no send is in flight (its iovecs point into the old ring).
+    pub(super) fn grow(&mut self, cap: usize) {
+        if cap <= self.slots.len() {
+            return;
+        }
+        let mut q = FrameQueue::new(cap);
+        q.head_sent = self.head_sent;
+        while let Some(f) = self.pop() {
+            // Cannot be full: it has more room than the frames it takes.
+            let pushed = q.push(f);
+            debug_assert!(pushed.is_ok());
+        }
+        q.head_sent = q.head_sent.min(q.get(0).map_or(0, QFrame::len));
+        *self = q;
     }
     /// The first frame that may be dropped: not in flight, not partly written.
     pub(super) fn first_droppable(&self, inflight: bool) -> usize {
@@ -72,12 +95,14 @@ impl FrameQueue {
         busy.max(usize::from(self.head_sent > 0))
     }
     /// Removes the frame at `i` (from the head), keeping the order of the rest.
-    pub(super) fn remove(&mut self, i: usize) -> QFrame {
-        debug_assert!(i < self.len);
+    pub(super) fn remove(&mut self, i: usize) -> Option<QFrame> {
+        if i >= self.len {
+            return None;
+        }
         let cap = self.slots.len();
-        let f = self.slots[(self.head + i) % cap];
+        let f = self.slots[(self.head + i) % cap].take();
         for k in i..self.len - 1 {
-            self.slots[(self.head + k) % cap] = self.slots[(self.head + k + 1) % cap];
+            self.slots[(self.head + k) % cap] = self.slots[(self.head + k + 1) % cap].take();
         }
         self.len -= 1;
         if i == 0 {
@@ -88,21 +113,42 @@ impl FrameQueue {
     pub(super) fn is_full(&self) -> bool {
         self.len == self.slots.len()
     }
-    pub(super) fn push(&mut self, f: QFrame) {
-        debug_assert!(!self.is_full());
+    /// Queues `f`; a full queue gives it back (the caller drops it and its references).
+    pub(super) fn push(&mut self, f: QFrame) -> Result<(), QFrame> {
+        if self.is_full() {
+            return Err(f);
+        }
         let i = (self.head + self.len) % self.slots.len();
-        self.slots[i] = f;
+        self.slots[i] = Some(f);
         self.len += 1;
+        Ok(())
     }
-    pub(super) fn get(&self, i: usize) -> &QFrame {
-        &self.slots[(self.head + i) % self.slots.len()]
+    pub(super) fn get(&self, i: usize) -> Option<&QFrame> {
+        if i >= self.len {
+            return None;
+        }
+        self.slots[(self.head + i) % self.slots.len()].as_ref()
     }
-    pub(super) fn pop(&mut self) -> QFrame {
-        let f = self.slots[self.head];
+    pub(super) fn pop(&mut self) -> Option<QFrame> {
+        if self.len == 0 {
+            return None;
+        }
+        let f = self.slots[self.head].take();
         self.head = (self.head + 1) % self.slots.len();
         self.len -= 1;
         self.head_sent = 0;
         f
+    }
+}
+
+impl Drop for FrameQueue {
+    fn drop(&mut self) {
+        // A connection is freed only after `Relay::reap` retired its frames; a queue dropped
+        // with frames is a shard stopping with a send still in flight, whose pool is being
+        // dropped too: the references are left behind with it, not handed to a ring.
+        for f in self.slots.iter_mut().filter_map(Option::take) {
+            std::mem::forget(f.data);
+        }
     }
 }
 
@@ -130,6 +176,9 @@ pub struct Conn {
     pub(super) accepted_ns: u64,
     /// When the connection last delivered bytes (an unbound one that stops is closed).
     pub(super) progress_ns: u64,
+    /// Bytes received since accept (saturating): 0 is a silent connection, the first an
+    /// unbound one over its source's limit loses.
+    pub(super) rx_bytes: u32,
     /// Counted in `Relay::unbound_conns` (cleared exactly once: at bind or close).
     pub(super) counted_unbound: bool,
     /// Frames handled from the current receive buffer (`FRAMES_PER_READ`).
@@ -266,21 +315,21 @@ impl Relay {
         let Some(conn) = self.conn_mut(c) else {
             return false;
         };
-        let mut f = QFrame {
+        let Some(data) = pool.send_ref(segs) else {
+            return false; // refused and counted by the pool
+        };
+        let f = QFrame {
             hdr,
             hdr_len,
-            segs: [Seg::default(); 2],
-            nsegs: segs.len() as u8,
+            data,
             rx_ns,
             group: Some(group),
         };
-        for (slot, s) in f.segs.iter_mut().zip(segs) {
-            *slot = *s;
+        if let Err(f) = conn.queue.push(f) {
+            // Not full: checked above, under the same borrow.
+            pool.sent(f.data);
+            return false;
         }
-        if !pool.hold_all(segs) {
-            return false; // refused and counted by the pool
-        }
-        conn.queue.push(f);
         let was_idle = conn.queue.len == 1;
         for s in segs {
             pool.pin(s.buf);
@@ -309,7 +358,7 @@ impl Relay {
             if i >= conn.queue.len {
                 return;
             }
-            let f = conn.queue.get(i);
+            let Some(f) = conn.queue.get(i) else { return };
             if f.group.is_none() || now <= f.rx_ns.saturating_add(stale) {
                 return;
             }
@@ -326,7 +375,7 @@ impl Relay {
         };
         let from = conn.queue.first_droppable(conn.send_inflight);
         let found = (from..conn.queue.len).find(|&i| {
-            let g = conn.queue.get(i).group;
+            let g = conn.queue.get(i).and_then(|f| f.group);
             g.is_some() && (group.is_none() || g == group)
         });
         match found {
@@ -340,30 +389,34 @@ impl Relay {
 
     pub(super) fn remove_frame(&mut self, pool: &mut Pool, c: ConnId, i: usize) {
         let Some(conn) = self.conn_mut(c) else { return };
-        let f = conn.queue.remove(i);
+        let Some(f) = conn.queue.remove(i) else {
+            return;
+        };
         if let Some(g) = f.group {
             conn.from_group[g as usize] -= 1;
         }
-        self.retire_frame(pool, &f);
+        self.retire_frame(pool, f);
     }
 
     /// A frame left its queue (sent, dropped or reaped): its buffers and budgets come back.
-    pub(super) fn retire_frame(&mut self, pool: &mut Pool, f: &QFrame) {
-        for s in &f.segs[..usize::from(f.nsegs)] {
-            if f.group.is_some() {
+    pub(super) fn retire_frame(&mut self, pool: &mut Pool, f: QFrame) {
+        if f.group.is_some() {
+            for s in f.segs() {
                 pool.unpin(s.buf);
             }
-            pool.release(s.buf);
         }
+        pool.sent(f.data);
         self.tcp_queued -= 1;
     }
 
     /// A TCP media connection was accepted. Returns None (and counts it) when the shard already
     /// holds its limit of connections that have not yet bound; the caller closes `fd`.
     ///
-    /// Over a limit (all unbound connections, or those of one source prefix) the oldest
-    /// unbound connection (of that source) is closed to make room, so connections that trickle
-    /// bytes to hold slots lose them to newcomers, and one source cannot hold them all.
+    /// Over a limit (all unbound connections, or the `max_unbound_tcp_per_source` of one source
+    /// prefix) the unbound connection (of that source) that made the least progress is closed
+    /// to make room ([`Relay::eviction_rank`]): silent ones first, then the one whose last
+    /// bytes are oldest; one that is sending its handshake is never closed for a silent one,
+    /// and one source cannot hold them all.
     pub fn on_accept(
         &mut self,
         pool: &mut Pool,
@@ -381,9 +434,9 @@ impl Relay {
             return None;
         }
         if mine >= per_source {
-            self.evict_oldest_unbound(pool, Some(prefix), out);
+            self.evict_least_progress(pool, Some(prefix), now_ns, out);
         } else if self.unbound_conns >= self.cfg.max_unbound_tcp {
-            self.evict_oldest_unbound(pool, None, out);
+            self.evict_least_progress(pool, None, now_ns, out);
         }
         if self.unbound_conns >= self.cfg.max_unbound_tcp {
             self.counters.drop(DropReason::TcpConnLimit);
@@ -409,6 +462,7 @@ impl Relay {
             leg: None,
             accepted_ns: now_ns,
             progress_ns: now_ns,
+            rx_bytes: 0,
             counted_unbound: true,
             read_frames: 0,
             from_group: [0; 3],
@@ -423,29 +477,53 @@ impl Relay {
         Some(ConnId { idx, generation })
     }
 
-    pub(super) fn evict_oldest_unbound(
+    /// Where an unbound connection stands in the eviction order (the smallest goes first):
+    ///
+    /// 0. silent (no byte since accept) past its grace (`unbound_tcp_grace_ns`): oldest
+    ///    accept first;
+    /// 1. it sent bytes: oldest last progress first (a trickler that paused loses to one
+    ///    sending its handshake now);
+    /// 2. silent but accepted within the grace, so it has not had its chance to send: newest
+    ///    first, so a flood of fresh connections displaces itself rather than a client whose
+    ///    Binding is still on its way.
+    pub(super) fn eviction_rank(&self, c: &Conn, now_ns: u64) -> (u8, u64) {
+        if c.rx_bytes > 0 {
+            (1, c.progress_ns)
+        } else if now_ns.saturating_sub(c.accepted_ns) > self.cfg.unbound_tcp_grace_ns {
+            (0, c.accepted_ns)
+        } else {
+            (2, u64::MAX - c.accepted_ns)
+        }
+    }
+
+    /// Closes the unbound connection (of `prefix`, or of any source) that made the least
+    /// progress ([`Relay::eviction_rank`]), if there is one.
+    pub(super) fn evict_least_progress(
         &mut self,
         pool: &mut Pool,
         prefix: Option<IpAddr>,
+        now_ns: u64,
         out: &mut Outbox,
     ) {
-        let oldest = self
+        let victim = self
             .conns
             .iter()
             .enumerate()
             .filter_map(|(i, c)| {
                 let c = c.as_ref()?;
                 let mine = prefix.is_none_or(|p| source_prefix(c.peer.ip()) == p);
-                (c.counted_unbound && mine).then_some((
-                    c.accepted_ns,
-                    ConnId {
-                        idx: i as u32,
-                        generation: c.generation,
-                    },
-                ))
+                (c.counted_unbound && mine).then(|| {
+                    (
+                        self.eviction_rank(c, now_ns),
+                        ConnId {
+                            idx: i as u32,
+                            generation: c.generation,
+                        },
+                    )
+                })
             })
-            .min_by_key(|(t, _)| *t);
-        if let Some((_, c)) = oldest {
+            .min_by_key(|(rank, _)| *rank);
+        if let Some((_, c)) = victim {
             self.counters.drop(DropReason::TcpConnLimit);
             self.close(pool, c, out);
         }
@@ -491,7 +569,8 @@ impl Relay {
     pub fn on_tcp(&mut self, pool: &mut Pool, c: ConnId, seg: Seg, rx_ns: u64, out: &mut Outbox) {
         self.counters.tcp_in.bytes += u64::from(seg.len);
         if let Some(conn) = self.conn_mut(c) {
-            conn.progress_ns = rx_ns;
+            conn.progress_ns = conn.progress_ns.max(rx_ns);
+            conn.rx_bytes = conn.rx_bytes.saturating_add(u32::from(seg.len));
             conn.read_frames = 0;
         }
         let mut pos = 0usize;
@@ -677,17 +756,20 @@ impl Relay {
             self.counters.drop(DropReason::TcpBackpressure);
             return;
         }
-        if !pool.hold(seg.buf) {
+        let Some(data) = pool.send_ref(&[seg]) else {
             return; // refused and counted by the pool
-        }
-        conn.queue.push(QFrame {
+        };
+        let f = QFrame {
             hdr,
             hdr_len,
-            segs: [seg, Seg::default()],
-            nsegs: 1,
+            data,
             rx_ns: 0,
             group: None,
-        });
+        };
+        if let Err(f) = conn.queue.push(f) {
+            pool.sent(f.data);
+            return;
+        }
         let was_idle = conn.queue.len == 1;
         self.tcp_queued += 1;
         if was_idle {
@@ -709,9 +791,11 @@ impl Relay {
         let mut skip = conn.queue.head_sent;
         let mut frames = 0usize;
         'frames: for i in 0..conn.queue.len {
-            let f = conn.queue.get(i);
+            let Some(f) = conn.queue.get(i) else {
+                break;
+            };
             let parts = std::iter::once((f.hdr.as_ptr().cast_mut(), usize::from(f.hdr_len))).chain(
-                f.segs[..usize::from(f.nsegs)].iter().map(|s| {
+                f.segs().iter().map(|s| {
                     (
                         pool.addr(s.buf).wrapping_add(usize::from(s.off)),
                         usize::from(s.len),
@@ -748,15 +832,17 @@ impl Relay {
             if conn.queue.len == 0 || sent == 0 {
                 return;
             }
-            let f = *conn.queue.get(0);
-            let left = f.len() - conn.queue.head_sent;
+            let Some(head_len) = conn.queue.get(0).map(QFrame::len) else {
+                return;
+            };
+            let left = head_len.saturating_sub(conn.queue.head_sent);
             if sent >= left {
                 sent -= left;
-                let f = conn.queue.pop();
+                let Some(f) = conn.queue.pop() else { return };
                 if let Some(g) = f.group {
                     conn.from_group[g as usize] -= 1;
                 }
-                self.retire_frame(pool, &f);
+                self.retire_frame(pool, f);
             } else {
                 conn.queue.head_sent += sent;
                 return;
@@ -804,9 +890,8 @@ impl Relay {
             return None;
         }
         let mut conn = self.conns[c.idx as usize].take()?;
-        while conn.queue.len > 0 {
-            let f = conn.queue.pop();
-            self.retire_frame(pool, &f);
+        while let Some(f) = conn.queue.pop() {
+            self.retire_frame(pool, f);
         }
         self.free_conns.push(c.idx);
         self.counters.tcp_closed += 1;

@@ -11,7 +11,7 @@
 //! connection (a close frame is not echoed: the connection just ends). This module owns only the
 //! framing decision and the handshake; it does not change how a leg binds or forwards.
 
-use super::{ConnId, DropReason, FrameQueue, Outbox, Relay, framing};
+use super::{ConnId, DropReason, Outbox, Relay, framing};
 use crate::shard::pool::{BufId, Pool, Seg};
 use crate::wire::ws;
 
@@ -170,7 +170,7 @@ impl Relay {
             conn.framing = Framing::WebSocket(Box::new(ws::Deframer::new(max_frame)));
             // Room for the answer and the Binding's answer that may follow it before the first
             // send completes; the bound connection keeps this queue.
-            conn.queue = FrameQueue::new(cap.max(2));
+            conn.queue.grow(cap.max(2));
         }
         // The spare holds one reference, ours: nothing else reads it.
         let n = pool
@@ -258,9 +258,9 @@ mod tests {
         let conn = relay.conn(c).unwrap();
         let mut v = Vec::new();
         for i in 0..conn.queue.len {
-            let f = conn.queue.get(i);
+            let f = conn.queue.get(i).unwrap();
             v.extend_from_slice(&f.hdr[..usize::from(f.hdr_len)]);
-            for s in &f.segs[..usize::from(f.nsegs)] {
+            for s in f.segs() {
                 v.extend_from_slice(pool.seg(*s));
             }
         }
@@ -360,21 +360,19 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
         let mut two = ws::client_frame(ws::OP_BINARY, [1, 2, 3, 4], &rtp);
         two.extend(ws::client_frame(ws::OP_BINARY, [4, 3, 2, 1], &rtp[..100]));
         feed(&mut relay, &mut pool, c, &two, 1000, &mut out);
-        let sent: Vec<Vec<u8>> = out
-            .udp
-            .drain(..)
-            .filter(|o| o.dst == "192.0.2.1:1000".parse().unwrap())
-            .map(|o| {
-                let v: Vec<u8> = o.segs[..usize::from(o.nsegs)]
-                    .iter()
-                    .flat_map(|s| pool.seg(*s).to_vec())
-                    .collect();
-                for s in &o.segs[..usize::from(o.nsegs)] {
-                    pool.release(s.buf);
-                }
-                v
-            })
-            .collect();
+        let mut sent: Vec<Vec<u8>> = Vec::new();
+        for o in out.udp.drain(..) {
+            if o.dst == "192.0.2.1:1000".parse().unwrap() {
+                sent.push(
+                    o.data
+                        .segs()
+                        .iter()
+                        .flat_map(|s| pool.seg(*s).to_vec())
+                        .collect(),
+                );
+            }
+            pool.sent(o.data);
+        }
         assert_eq!(sent, vec![rtp.clone(), rtp[..100].to_vec()]);
         // Ping: answered with a pong carrying its payload.
         feed(
@@ -537,7 +535,7 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
             }
             feed(&mut relay, &mut pool, c, &stream, cut, &mut out);
             for o in out.udp.drain(..) {
-                for s in &o.segs[..usize::from(o.nsegs)] { pool.release(s.buf); }
+                pool.sent(o.data);
             }
             relay.close(&mut pool, c, &mut out);
             proptest::prop_assert!(relay.reap(&mut pool, c).is_some());
