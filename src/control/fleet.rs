@@ -112,6 +112,22 @@ pub enum FleetMsg {
     PhoneGone { vconn: ConnId },
     /// Caller's node → callee's node: forget `call` (it never rang, or it is over).
     Release { call: CallId, vconn: ConnId },
+    /// A node where `user` logged in (again) → the relaying node: `user` asks to resume
+    /// `call` (its `resume` token named this node and `vconn`); route the callee's side here.
+    Resume {
+        call: CallId,
+        vconn: ConnId,
+        user: String,
+    },
+    /// Relaying node → the node that asked: the call's control messages go there now.
+    Resumed { call: CallId, vconn: ConnId },
+    /// Relaying node → the node that asked: no (the call is over, or not that user's).
+    ResumeFailed {
+        call: CallId,
+        vconn: ConnId,
+        reason: HangupReason,
+        detail: String,
+    },
 }
 
 /// The callee's latest probe result, as its node has it.
@@ -210,6 +226,10 @@ struct FleetDial {
 struct Remote {
     node: NodeId,
     call: CallId,
+    /// The party's gateway (or its control connection there) is gone during the established
+    /// call: the relay goes on, messages for it are dropped, and a `resume` through any node
+    /// re-routes it, until [`Timer::FleetOrphan`] ends the call.
+    orphaned: bool,
 }
 
 /// A local callee of a call another node relays.
@@ -633,7 +653,45 @@ impl Gateway {
             }
             FleetMsg::PhoneGone { vconn } => {
                 if self.remote_of(vconn, &from) {
-                    self.forget_conn(now, vconn, super::calls::Lost::PeerLost);
+                    self.fleet_orphan_or_forget(now, vconn);
+                }
+            }
+            FleetMsg::Resume { call, vconn, user } => {
+                self.on_fleet_resume(&from, call, vconn, &user)
+            }
+            FleetMsg::Resumed { call, vconn } => {
+                let conn = self
+                    .fleet
+                    .as_deref()
+                    .and_then(|f| f.hosted.get(&(call, vconn)))
+                    .filter(|h| h.node == from)
+                    .map(|h| h.conn);
+                if let Some(conn) = conn {
+                    tracing::info!(call, conn, node = %from, "the call is resumed here");
+                    self.send(conn, ServerMsg::Resumed { call });
+                }
+            }
+            FleetMsg::ResumeFailed {
+                call,
+                vconn,
+                reason,
+                detail,
+            } => {
+                let Some(f) = self.fleet.as_deref_mut() else {
+                    return;
+                };
+                if f.hosted.get(&(call, vconn)).is_some_and(|h| h.node == from)
+                    && let Some(h) = f.hosted.remove(&(call, vconn))
+                {
+                    tracing::info!(call, conn = h.conn, node = %from, %detail, "resume refused");
+                    self.send(
+                        h.conn,
+                        ServerMsg::HangUp {
+                            call,
+                            reason,
+                            detail: Some(crate::wire::control::bounded_detail(&detail)),
+                        },
+                    );
                 }
             }
             FleetMsg::Release { call, vconn } => {
@@ -668,7 +726,7 @@ impl Gateway {
         self.fleet
             .as_deref()
             .and_then(|f| f.remote.get(&vconn))
-            .is_some_and(|r| r.node == node)
+            .is_some_and(|r| r.node == node && !r.orphaned)
     }
 
     /// Callee's side: another node rings `user` here.
@@ -878,6 +936,7 @@ impl Gateway {
                 Remote {
                     node: from.to_owned(),
                     call,
+                    orphaned: false,
                 },
             );
         }
@@ -1032,9 +1091,10 @@ impl Gateway {
                 f.hosted.remove(&(call, vconn));
                 msg
             }
-            ServerMsg::Incoming { .. } | ServerMsg::MediaReady { .. } | ServerMsg::Error { .. } => {
-                msg
-            }
+            ServerMsg::Incoming { .. }
+            | ServerMsg::MediaReady { .. }
+            | ServerMsg::Error { .. }
+            | ServerMsg::ResumeToken { .. } => msg,
             // Log-in, presence and probe traffic of the virtual connection stays there.
             _ => return,
         };
@@ -1082,7 +1142,7 @@ impl Gateway {
         let vconns: Vec<ConnId> = f
             .remote
             .iter()
-            .filter(|(_, r)| r.node == node)
+            .filter(|(_, r)| r.node == node && !r.orphaned)
             .map(|(c, _)| *c)
             .collect();
         let hosted: Vec<((CallId, ConnId), ConnId)> = f
@@ -1125,7 +1185,7 @@ impl Gateway {
             );
         }
         for vconn in vconns {
-            self.forget_conn(now, vconn, super::calls::Lost::PeerLost);
+            self.fleet_orphan_or_forget(now, vconn);
         }
         for call in rooms {
             self.fleet_room_progress(now, call);
@@ -1151,10 +1211,30 @@ impl Gateway {
         match a {
             Action::Send { conn, msg } if f.remote.contains_key(&conn) => {
                 let r = &f.remote[&conn];
+                if r.orphaned {
+                    tracing::debug!(call = r.call, "a message for a party that is away: dropped");
+                    return None;
+                }
+                let (node, call) = (r.node.clone(), r.call);
+                if let ServerMsg::Media(m) = &msg {
+                    // Right after it: how to take the call back should its gateway go.
+                    let token = resume_token(&f.node, m.call, conn);
+                    self.actions.push_front(Action::Fleet(FleetAction::Send {
+                        node: node.clone(),
+                        msg: FleetMsg::ToPhone {
+                            call,
+                            vconn: conn,
+                            msg: ServerMsg::ResumeToken {
+                                call: m.call,
+                                token,
+                            },
+                        },
+                    }));
+                }
                 Some(Action::Fleet(FleetAction::Send {
-                    node: r.node.clone(),
+                    node,
                     msg: FleetMsg::ToPhone {
-                        call: r.call,
+                        call,
                         vconn: conn,
                         msg,
                     },
@@ -1201,6 +1281,10 @@ impl Gateway {
             }
             self.timers.cancel(Timer::Conn(vconn));
             self.timers.cancel(Timer::Probe(vconn));
+            self.timers.cancel(Timer::FleetOrphan(vconn));
+            if r.orphaned {
+                continue; // nobody hosts it
+            }
             self.fleet_act(FleetAction::Send {
                 node: r.node,
                 msg: FleetMsg::Release {
@@ -1208,6 +1292,207 @@ impl Gateway {
                     vconn,
                 },
             });
+        }
+    }
+}
+
+/// The `resume_token` of the party `vconn` of `call` relayed by `node`: `{call}.{vconn}.{node}`.
+/// It only says where the call is relayed: the relaying node accepts a `resume` only from
+/// the call's own party (its user name, authenticated by the node it comes through).
+fn resume_token(node: &str, call: CallId, vconn: ConnId) -> String {
+    format!("{call}.{vconn}.{node}")
+}
+
+/// `(call, vconn, node)` of a token; `None` when it is not one.
+fn parse_resume_token(token: &str) -> Option<(CallId, ConnId, &str)> {
+    if token.len() > crate::wire::control::MAX_RESUME_TOKEN {
+        return None;
+    }
+    let mut parts = token.splitn(3, '.');
+    let call = parts.next()?.parse().ok()?;
+    let vconn: ConnId = parts.next()?.parse().ok()?;
+    let node = parts.next()?;
+    let ok = vconn >= VIRTUAL_BASE
+        && !node.is_empty()
+        && node.len() <= 200
+        && !node
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '/');
+    ok.then_some((call, vconn, node))
+}
+
+impl Gateway {
+    /// A client asks to take back `call` with its `token` (its control connection to the
+    /// gateway hosting its side was lost). This node hosts its side from now on, once the
+    /// relaying node (the token's) agrees; a refusal is a `hang_up`.
+    pub(crate) fn on_resume(&mut self, conn: ConnId, call: CallId, token: &str) {
+        let refuse = |gw: &mut Gateway, reason, detail: &str| {
+            gw.send(
+                conn,
+                ServerMsg::HangUp {
+                    call,
+                    reason,
+                    detail: Some(detail.into()),
+                },
+            )
+        };
+        let Some(user) = self.session(conn).map(|s| s.user.clone()) else {
+            return;
+        };
+        let max = self.cfg.max_calls_per_user;
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return refuse(
+                self,
+                HangupReason::Error,
+                "this gateway is not in a fleet: the call cannot be resumed here",
+            );
+        };
+        let Some((c, vconn, node)) = parse_resume_token(token).filter(|t| t.0 == call) else {
+            return refuse(
+                self,
+                HangupReason::Error,
+                "the resume token is not this call's: the call cannot be resumed",
+            );
+        };
+        debug_assert_eq!(c, call);
+        let node = node.to_owned();
+        if f.hosted.get(&(call, vconn)).is_some_and(|h| h.conn == conn) {
+            return; // asked twice: the first answer comes
+        }
+        // Bounded like the calls this client may be in.
+        if f.hosted.values().filter(|h| h.conn == conn).count() >= max {
+            return refuse(
+                self,
+                HangupReason::Error,
+                "too many calls on this connection: the call cannot be resumed",
+            );
+        }
+        f.hosted.insert(
+            (call, vconn),
+            Hosted {
+                conn,
+                node: node.clone(),
+                vconn,
+            },
+        );
+        tracing::info!(call, conn, %user, node = %node, "asking the relaying gateway to resume a call");
+        self.fleet_act(FleetAction::Send {
+            node,
+            msg: FleetMsg::Resume { call, vconn, user },
+        });
+    }
+
+    /// Relaying node: `from` hosts `user` now, who asks to resume `call`.
+    fn on_fleet_resume(&mut self, from: &str, call: CallId, vconn: ConnId, user: &str) {
+        let party = self
+            .session(vconn)
+            .filter(|s| s.calls.iter().any(|c| *c == call))
+            .map(|s| s.user.clone());
+        let known = self
+            .fleet
+            .as_deref()
+            .and_then(|f| f.remote.get(&vconn))
+            .is_some_and(|r| r.call == call);
+        let refusal = match party {
+            _ if !known => Some((
+                HangupReason::PeerLost,
+                "the call is over (it was not resumed in time, or the other side left)",
+            )),
+            None => Some((HangupReason::PeerLost, "the call is over")),
+            Some(p) if p != user => Some((
+                HangupReason::NotPermitted,
+                "this call is not the resuming user's",
+            )),
+            Some(_) => None,
+        };
+        if let Some((reason, detail)) = refusal {
+            tracing::warn!(call, node = %from, user, %detail, "resume refused");
+            return self.fleet_act(FleetAction::Send {
+                node: from.to_owned(),
+                msg: FleetMsg::ResumeFailed {
+                    call,
+                    vconn,
+                    reason,
+                    detail: detail.into(),
+                },
+            });
+        }
+        let Some(r) = self
+            .fleet
+            .as_deref_mut()
+            .and_then(|f| f.remote.get_mut(&vconn))
+        else {
+            return;
+        };
+        let old = std::mem::replace(&mut r.node, from.to_owned());
+        let was_orphaned = std::mem::replace(&mut r.orphaned, false);
+        self.timers.cancel(Timer::FleetOrphan(vconn));
+        tracing::info!(call, user, from = %old, to = %from, was_orphaned, "a call's party resumed through another gateway");
+        if !was_orphaned && old != from {
+            // Its old node may not know yet that the party is gone (or may be gone itself:
+            // then it is reported down, which no longer concerns this call).
+            self.fleet_act(FleetAction::Send {
+                node: old,
+                msg: FleetMsg::Release { call, vconn },
+            });
+        }
+        self.fleet_act(FleetAction::Send {
+            node: from.to_owned(),
+            msg: FleetMsg::Resumed { call, vconn },
+        });
+    }
+
+    /// Whether every call of the stand-in `vconn` is established (media instructions out):
+    /// the calls worth keeping while its party finds another gateway.
+    fn fleet_established(&self, vconn: ConnId) -> bool {
+        let Some(s) = self.session(vconn) else {
+            return false;
+        };
+        !s.calls.is_empty()
+            && s.calls.iter().all(|c| match self.calls.get(c) {
+                Some(super::calls::Call::Pair(p)) => p.is_up(),
+                Some(super::calls::Call::Room(r)) => r.members.get(&vconn).is_some_and(|m| {
+                    matches!(
+                        m.state,
+                        super::calls::MemberState::Joined | super::calls::MemberState::Reprobing
+                    )
+                }),
+                None => false,
+            })
+    }
+
+    /// The party of `vconn` is gone with its gateway or its control connection: an
+    /// established call goes on for `fleet_resume_grace`, waiting for a `resume`; any other
+    /// ends now.
+    fn fleet_orphan_or_forget(&mut self, now: Instant, vconn: ConnId) {
+        let grace = self.cfg.fleet_resume_grace;
+        if grace.is_zero() || !self.fleet_established(vconn) {
+            return self.forget_conn(now, vconn, super::calls::Lost::PeerLost);
+        }
+        let Some(r) = self
+            .fleet
+            .as_deref_mut()
+            .and_then(|f| f.remote.get_mut(&vconn))
+        else {
+            return;
+        };
+        r.orphaned = true;
+        tracing::info!(call = r.call, node = %r.node, grace_ms = grace.as_millis() as u64,
+            "a call's party lost its gateway: the call waits for it to resume");
+        self.timers
+            .set(Timer::FleetOrphan(vconn), later(now, grace));
+    }
+
+    /// Nobody resumed the call of `vconn` in time: it ends as its party is lost.
+    pub(crate) fn on_fleet_orphan_timer(&mut self, now: Instant, vconn: ConnId) {
+        let orphaned = self
+            .fleet
+            .as_deref()
+            .and_then(|f| f.remote.get(&vconn))
+            .is_some_and(|r| r.orphaned);
+        if orphaned {
+            tracing::info!(vconn, "nobody resumed the call in time: it ends");
+            self.forget_conn(now, vconn, super::calls::Lost::PeerLost);
         }
     }
 }
