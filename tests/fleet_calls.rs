@@ -4,7 +4,10 @@
 //!   through Redis, relayed by the caller's gateway, audio byte-exact both ways (UDP and TCP);
 //! - presence is in Redis, sealed messages only: what crosses Redis has no call key in clear;
 //! - a gateway killed with -9: its subscribers' presence expires within the TTL and a call to
-//!   them gets `hang_up{offline}`.
+//!   them gets `hang_up{offline}`;
+//! - the callee's gateway killed with -9 mid-call: the callee's phone resumes the call through
+//!   a third gateway and no audio is lost; a callee that cannot resume loses the call once the
+//!   grace is over.
 
 mod common;
 

@@ -45,8 +45,26 @@
 //! - Not in Redis (or Redis says this node while the user is not here): `hang_up{offline}`.
 //! - Redis unreachable: `hang_up{error}` with the reason in the detail.
 //! - The callee's node does not answer within the ring timeout, or is gone: `hang_up{offline}`.
-//! - A node that hosts a party of a call, or relays a call for a local callee, disappears from
-//!   Redis ([`FleetInput::NodeDown`]): the other side's call ends with `hang_up{peer_lost}`.
+//! - A node that relays a call for a local callee disappears from Redis
+//!   ([`FleetInput::NodeDown`]): the callee is told `hang_up{peer_lost}`.
+//! - A node that hosts a party of a call relayed here disappears, or tells that the party's
+//!   connection is gone ([`FleetMsg::PhoneGone`]): an established call goes on (its relay and
+//!   media are here) and its stand-in waits, *orphaned*, for `fleet_resume_grace`; a call not
+//!   yet established ends with `hang_up{peer_lost}` at once, as does an orphaned one at the
+//!   end of the grace ([`Timer::FleetOrphan`]).
+//!
+//! # Resumption
+//! Each `media` for a remote party is followed by `resume_token{call, token}`, the token
+//! `CALL.VCONN.NODE` naming this node and the stand-in. The party, logged in again on any node
+//! C (this one included), sends `resume{call, token}`; C hosts the party's side at once and
+//! asks the token's node ([`FleetMsg::Resume`], with the user C authenticated); the relaying
+//! node accepts only when the stand-in is that call's and that user's, re-routes the stand-in
+//! to C (telling the old node to `Release` it when it was not known gone: a resume may
+//! overtake the node-down) and answers [`FleetMsg::Resumed`] (C sends `resumed`), else
+//! [`FleetMsg::ResumeFailed`] (C sends `hang_up` with its reason). When C is the relaying node
+//! itself, the messages go through its own channel, like any other node's. No new state is
+//! bounded separately: orphans are stand-ins of calls that exist, and a connection hosts at
+//! most `max_calls_per_user` resumed calls.
 //!
 //! Bounded: fleet dials and conferences waiting at once by `max_pending_lookups` (and each
 //! counts against the caller's `max_calls_per_user`); virtual connections by the calls they
