@@ -51,7 +51,7 @@
 //!   connection is gone ([`FleetMsg::PhoneGone`]): an established call goes on (its relay and
 //!   media are here) and its stand-in waits, *orphaned*, for `fleet_resume_grace`; a call not
 //!   yet established ends with `hang_up{peer_lost}` at once, as does an orphaned one at the
-//!   end of the grace ([`Timer::FleetOrphan`]).
+//!   end of the grace (the `FleetOrphan` timer).
 //!
 //! # Resumption
 //! Each `media` for a remote party is followed by `resume_token{call, token}`, the token
