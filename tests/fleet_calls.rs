@@ -532,6 +532,49 @@ fn a_callee_gateway_killed_mid_call_is_resumed_through_another_gateway() {
     );
 }
 
+/// One session per subscriber across the fleet: bob waits for calls on gw1; a log-in as bob
+/// on gw2 replaces that session (`refused{replaced}`, said in words), as on one gateway.
+#[test]
+fn a_log_in_on_another_gateway_replaces_the_older_session() {
+    let Some(f) = fleet(2) else { return };
+    let (g1, g2) = (&f.gws[0], &f.gws[1]);
+    let mark = g1.log_len();
+    let bob = spawn_phone(g1, "bob", &["--answer", "--wait", "30"]);
+    g1.wait_online(mark, "bob");
+    assert_eq!(presence(&f.redis, "bob").as_deref(), Some("gw1"));
+    let t = Instant::now();
+    let out = common::run_with_stdin(
+        common::command(&[], common::BIN).args([
+            "probe",
+            "--server",
+            &g2.control,
+            "--user",
+            "bob",
+            "--password-stdin",
+            "--json",
+        ]),
+        &format!("{}\n", common::password("bob")),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = common::finish(bob);
+    eprintln!(
+        "the older session ended {:?} after the second log-in began",
+        t.elapsed()
+    );
+    assert_ne!(r.code, 0, "{}", r.json);
+    let text = format!("{}{}", r.json, r.stderr);
+    assert!(
+        text.contains("logged in on another gateway"),
+        "{text}\ngw1:\n{}",
+        g1.log_text()
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
 #[test]
 fn a_callee_gateway_killed_mid_call_ends_the_call_with_peer_lost() {
     let Some(mut f) = fleet(2) else { return };

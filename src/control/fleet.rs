@@ -139,6 +139,9 @@ pub enum FleetMsg {
     },
     /// Relaying node → the node that asked: the call's control messages go there now.
     Resumed { call: CallId, vconn: ConnId },
+    /// A node where `user` just logged in → the node Redis named for `user` before: one
+    /// session per subscriber fleet-wide, the older one is replaced.
+    LoggedInElsewhere { user: String },
     /// Relaying node → the node that asked: no (the call is over, or not that user's).
     ResumeFailed {
         call: CallId,
@@ -224,6 +227,8 @@ pub enum FleetInput {
     Message { from: NodeId, msg: FleetMsg },
     /// `node` is gone from Redis (its liveness key expired, or nobody listens on its channel).
     NodeDown { node: NodeId },
+    /// Writing `user`'s presence at log-in ([`FleetAction::Online`]) replaced `node`'s.
+    WasOnline { user: String, node: NodeId },
 }
 
 /// A dial waiting for Redis or for the callee's node.
@@ -561,6 +566,17 @@ impl Gateway {
             FleetInput::Located { id, node } => self.on_located(now, id, node),
             FleetInput::Message { from, msg } => self.on_fleet_msg(now, from, msg),
             FleetInput::NodeDown { node } => self.on_node_down(now, &node),
+            FleetInput::WasOnline { user, node } => {
+                // One session per subscriber in the whole fleet: the other node's goes.
+                let here = self.users.get(&user).is_some_and(|c| !self.is_virtual(*c));
+                if node != self.fleet_node().unwrap_or_default() && here {
+                    tracing::info!(%user, %node, "logged in here: its session there is replaced");
+                    self.fleet_act(FleetAction::Send {
+                        node,
+                        msg: FleetMsg::LoggedInElsewhere { user },
+                    });
+                }
+            }
         }
     }
 
@@ -672,6 +688,20 @@ impl Gateway {
             FleetMsg::PhoneGone { vconn } => {
                 if self.remote_of(vconn, &from) {
                     self.fleet_orphan_or_forget(now, vconn);
+                }
+            }
+            FleetMsg::LoggedInElsewhere { user } => {
+                if let Some(&conn) = self.users.get(&user)
+                    && !self.is_virtual(conn)
+                {
+                    tracing::info!(conn, %user, node = %from, "the same user logged in on another gateway: its session here is replaced");
+                    self.refuse(
+                        now,
+                        conn,
+                        crate::wire::control::ErrorCode::Replaced,
+                        "the same user logged in on another gateway",
+                        super::calls::Lost::PeerLost,
+                    );
                 }
             }
             FleetMsg::Resume { call, vconn, user } => {

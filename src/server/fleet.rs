@@ -446,15 +446,25 @@ impl Worker {
         let ttl = self.ttl.as_millis() as u64;
         match a {
             FleetAction::Online { user } => {
-                let r: redis::RedisResult<()> = redis::cmd("SET")
+                // GET: the node that held the user before (its session there is replaced).
+                let r: redis::RedisResult<Option<String>> = redis::cmd("SET")
                     .arg(presence_key(&user))
                     .arg(&self.node)
                     .arg("PX")
                     .arg(ttl)
+                    .arg("GET")
                     .query_async(&mut self.conn)
                     .await;
                 match r {
-                    Ok(()) => self.ok(),
+                    Ok(before) => {
+                        self.ok();
+                        if let Some(node) = before.filter(|n| *n != self.node) {
+                            self.input(FleetInput::WasOnline {
+                                user: user.clone(),
+                                node,
+                            });
+                        }
+                    }
                     Err(e) => self.failed("presence write", &e),
                 }
                 self.online.insert(user);

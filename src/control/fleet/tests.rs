@@ -71,7 +71,15 @@ impl Pair {
                     let Action::Fleet(a) = a else { unreachable!() };
                     match a {
                         FleetAction::Online { user } => {
-                            self.presence.insert(user, node.into());
+                            // SET … GET: the node named before is told.
+                            if let Some(before) = self.presence.insert(user.clone(), node.into())
+                                && before != node
+                            {
+                                self.world(node).input(Input::Fleet(FleetInput::WasOnline {
+                                    user,
+                                    node: before,
+                                }));
+                            }
                         }
                         FleetAction::Offline { user } => {
                             if self.presence.get(&user).map(String::as_str) == Some(node) {
@@ -840,4 +848,54 @@ fn a_callee_that_lost_only_its_connection_resumes_on_the_same_or_the_relaying_no
         assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
         assert!(p.world(again).gw.fleet.as_ref().unwrap().hosted.is_empty());
     }
+}
+
+/// One session per subscriber fleet-wide: bob logs in at b while logged in at a; a's session
+/// is replaced (`refused{replaced}`), presence names b, and a call to bob rings at b.
+#[test]
+fn a_log_in_on_another_node_replaces_the_older_session() {
+    let mut p = pair();
+    let alice = p.a.login("alice", OPEN);
+    let bob_a = p.a.login("bob", OPEN);
+    p.flow();
+    p.a.take(bob_a.conn);
+    let bob_b = p.b.login("bob", OPEN);
+    p.flow();
+    let msgs = p.a.take(bob_a.conn);
+    assert!(
+        msgs.iter().any(|m| matches!(
+            m,
+            ServerMsg::Refused {
+                code: crate::wire::control::ErrorCode::Replaced,
+                ..
+            }
+        )),
+        "{msgs:?}"
+    );
+    assert!(!p.a.gw.users.contains_key("bob"));
+    assert_eq!(p.presence.get("bob").map(String::as_str), Some("b"));
+    assert!(
+        !p.b.take(bob_b.conn)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Refused { .. }))
+    );
+    // A call to bob rings the new session.
+    let call = p.a.dial(&alice, bob_b.number, Some(alice.media()));
+    p.flow();
+    assert!(
+        p.b.take(bob_b.conn)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Incoming { call: c, .. } if *c == call))
+    );
+    // Logging in again on the same node is the local replacement, no message to anyone.
+    let sent = p.wire.len();
+    let _again = p.b.login("carol", OPEN);
+    p.flow();
+    assert!(
+        p.wire[sent..]
+            .iter()
+            .all(|(_, _, m)| !matches!(m, FleetMsg::LoggedInElsewhere { .. })),
+        "{:?}",
+        &p.wire[sent..]
+    );
 }
