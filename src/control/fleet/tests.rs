@@ -899,3 +899,56 @@ fn a_log_in_on_another_node_replaces_the_older_session() {
         &p.wire[sent..]
     );
 }
+
+/// A room member on another node resumes too: bob (b) is in alice's room (a); b dies; bob
+/// resumes through c and stays in the room; his leaving through c reaches a.
+#[test]
+fn a_room_member_whose_node_died_resumes_through_another_node() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let carol = p.a.login("carol", OPEN);
+    p.flow();
+    p.a.send(
+        alice.conn,
+        ClientMsg::Conference {
+            tag: 3,
+            numbers: vec![bob.number.into(), carol.number.into()],
+            media: Some(alice.media()),
+        },
+    );
+    p.flow();
+    let room =
+        p.a.take(alice.conn)
+            .iter()
+            .find_map(|m| match m {
+                ServerMsg::Calling { call, .. } => Some(*call),
+                _ => None,
+            })
+            .expect("calling");
+    p.b.take(bob.conn);
+    p.b.accept(&bob, room, Some(bob.media()));
+    p.a.accept(&carol, room, Some(carol.media()));
+    p.flow();
+    let token = token_of(&p.b.take(bob.conn), room);
+    p.a.take(alice.conn);
+    p.dead.insert("b".into());
+    p.a.input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
+    p.flow();
+    assert!(vconn_of(&p).1, "bob's stand-in waits");
+    assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
+    let bob_c = p.c.login("bob", OPEN);
+    p.flow();
+    p.c.send(bob_c.conn, ClientMsg::Resume { call: room, token });
+    p.flow();
+    assert!(resumed(&p.c.take(bob_c.conn), room));
+    p.a.advance(p.a.gw.cfg.fleet_resume_grace * 2);
+    p.flow();
+    assert!(sim::hangups(&p.c.take(bob_c.conn)).is_empty());
+    // bob leaves through c: a takes him out of the room, which goes on with alice and carol.
+    p.c.send(bob_c.conn, ClientMsg::HangUp { call: room });
+    p.flow();
+    assert!(p.c.gw.fleet.as_ref().unwrap().hosted.is_empty());
+    assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
+    assert_eq!(p.a.gw.calls.len(), 1, "the room goes on");
+    assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
+}
