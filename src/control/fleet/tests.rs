@@ -952,3 +952,19 @@ fn a_room_member_whose_node_died_resumes_through_another_node() {
     assert_eq!(p.a.gw.calls.len(), 1, "the room goes on");
     assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
 }
+
+proptest::proptest! {
+    /// A `resume` token is client input: any text parses or is refused without panicking,
+    /// tokens the gateways write parse back to what they say, and nothing longer than the
+    /// limit is taken.
+    #[test]
+    fn resume_tokens_parse_or_are_refused(s in "\\PC{0,400}", call in proptest::prelude::any::<u64>(), k in 0u64..1 << 20, node in "[a-z0-9:.-]{1,40}") {
+        if let Some((_, v, n)) = parse_resume_token(&s) {
+            proptest::prop_assert!(s.len() <= crate::wire::control::MAX_RESUME_TOKEN);
+            proptest::prop_assert!(v >= VIRTUAL_BASE && !n.is_empty());
+        }
+        let vconn = VIRTUAL_BASE + k;
+        let t = resume_token(&node, call, vconn);
+        proptest::prop_assert_eq!(parse_resume_token(&t), Some((call, vconn, node.as_str())));
+    }
+}
