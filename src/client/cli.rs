@@ -879,6 +879,9 @@ enum SegmentEnd {
     Over(Result<String, (u8, String)>),
     /// The control session to the gateway ended: fail over, then re-establish the call.
     Lost(String, Vec<String>),
+    /// Logged in to another gateway, where the call could not be resumed: re-establish it
+    /// from there.
+    Moved(String),
 }
 
 /// The name TLS media verifies the gateway by: the host of `--server`.
@@ -1153,7 +1156,8 @@ async fn phone_session(
                             let token = resume_token.clone().unwrap_or_default();
                             match resume_call(&login, &mut link, call, &token, reason, args.failover.failover_timeout, &mut summary).await {
                                 Ok(()) => continue,
-                                Err(e) => break SegmentEnd::Over(Err((1, e))),
+                                Err(Resume::NoGateway(e)) => break SegmentEnd::Over(Err((1, e))),
+                                Err(Resume::Refused(e)) => break SegmentEnd::Moved(e),
                             }
                         }
                         Some(Event::Disconnected { reason, refused }) if gone(refused) => {
@@ -1168,7 +1172,8 @@ async fn phone_session(
                             let reason = "the control session ended".to_owned();
                             match resume_call(&login, &mut link, call, &token, reason, args.failover.failover_timeout, &mut summary).await {
                                 Ok(()) => continue,
-                                Err(e) => break SegmentEnd::Over(Err((1, e))),
+                                Err(Resume::NoGateway(e)) => break SegmentEnd::Over(Err((1, e))),
+                                Err(Resume::Refused(e)) => break SegmentEnd::Moved(e),
                             }
                         }
                         None => break SegmentEnd::Lost("the control session ended".into(), vec![]),
@@ -1204,6 +1209,14 @@ async fn phone_session(
                     break 'call Ok("local".into());
                 }
                 SegmentEnd::Lost(reason, prefer) => (reason, prefer),
+                // Logged in elsewhere, but the call could not be resumed (its relaying
+                // gateway is gone too): re-established as after any failover, from there.
+                SegmentEnd::Moved(why) => {
+                    tracing::warn!(call, "{why}: placing the call again / waiting for it");
+                    summary.hangup_reason = None;
+                    rejoin = Some(Instant::now() + REJOIN_WAIT);
+                    continue 'call;
+                }
             }
         };
 
@@ -1272,9 +1285,10 @@ async fn phone_session(
 /// How long a phone waits for `resumed` after its `resume`.
 const RESUME_WAIT: Duration = Duration::from_secs(3);
 
-/// The control session was lost during a call relayed by another gateway of the fleet: logs
-/// in to the next gateway of the list and resumes the call there (its media never stopped).
-/// `Err`: why the call is over (no gateway took the log-in, or the resume was refused).
+/// The control session was lost during a call of a fleet (which gave the call a resume
+/// token): logs in to the next gateway of the list and resumes the call there (its media never
+/// stopped). `Err`: no gateway took the log-in, or the resume was refused (then the call is
+/// placed again / waited for from the new gateway, as after any failover).
 async fn resume_call(
     login: &Login<'_>,
     link: &mut Connected,
@@ -1283,7 +1297,7 @@ async fn resume_call(
     lost: String,
     timeout: Duration,
     summary: &mut PhoneSummary,
-) -> Result<(), String> {
+) -> Result<(), Resume> {
     let from = link.server.clone();
     let lost_at_ms = unix_ms();
     tracing::warn!(call, gateway = %from, "lost the gateway ({lost}) during the call: resuming it elsewhere");
@@ -1300,9 +1314,9 @@ async fn resume_call(
         Ok(c) => c,
         Err(e) => {
             summary.failovers.push(f);
-            return Err(format!(
+            return Err(Resume::NoGateway(format!(
                 "lost the gateway: {lost}; no other gateway took the log-in: {e}"
-            ));
+            )));
         }
     };
     f.to = Some(c.server.clone());
@@ -1349,7 +1363,15 @@ async fn resume_call(
         tracing::info!(call, gateway = %link.server, "the call is back after a failover (resumed; media never stopped)");
     }
     summary.failovers.push(f);
-    outcome
+    outcome.map_err(Resume::Refused)
+}
+
+/// Why a call was not resumed.
+enum Resume {
+    /// No gateway took the log-in: the call is over.
+    NoGateway(String),
+    /// Logged in to another gateway, which did not resume the call.
+    Refused(String),
 }
 
 async fn wait_incoming(

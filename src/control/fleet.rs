@@ -1288,7 +1288,27 @@ impl Gateway {
                     },
                 }))
             }
-            Action::Close { conn } if f.remote.contains_key(&conn) => None,
+            // A local party kept for a resume: its connection is closed all the same.
+            Action::Close { conn } if f.remote.contains_key(&conn) && conn >= VIRTUAL_BASE => None,
+            Action::Send {
+                conn,
+                msg: ServerMsg::Media(m),
+            } if conn < VIRTUAL_BASE && !m.call_key => {
+                // A local party of a call relayed here may resume too, should only its
+                // connection be lost (`call_key`: relayed by another node, which sends its own).
+                let token = resume_token(&f.node, m.call, conn);
+                self.actions.push_front(Action::Send {
+                    conn,
+                    msg: ServerMsg::ResumeToken {
+                        call: m.call,
+                        token,
+                    },
+                });
+                Some(Action::Send {
+                    conn,
+                    msg: ServerMsg::Media(m),
+                })
+            }
             a => Some(a),
         }
     }
@@ -1360,7 +1380,7 @@ fn parse_resume_token(token: &str) -> Option<(CallId, ConnId, &str)> {
     let call = parts.next()?.parse().ok()?;
     let vconn: ConnId = parts.next()?.parse().ok()?;
     let node = parts.next()?;
-    let ok = vconn >= VIRTUAL_BASE
+    let ok = vconn > 0
         && !node.is_empty()
         && node.len() <= 200
         && !node
@@ -1529,6 +1549,66 @@ impl Gateway {
             "a call's party lost its gateway: the call waits for it to resume");
         self.timers
             .set(Timer::FleetOrphan(vconn), later(now, grace));
+    }
+
+    /// A local client's connection is lost (closed, reset, silent) during its one established
+    /// call: the call goes on, the client's session stays as a stand-in waiting for a
+    /// `resume` (through this node or any other) for `fleet_resume_grace`, as for a party
+    /// on another node. `false`: nothing kept (not in a fleet, no such call); forget it.
+    pub(crate) fn fleet_keep_local(&mut self, now: Instant, conn: ConnId) -> bool {
+        let grace = self.cfg.fleet_resume_grace;
+        if grace.is_zero()
+            || conn >= VIRTUAL_BASE
+            || self
+                .fleet
+                .as_deref()
+                .is_none_or(|f| f.remote.contains_key(&conn))
+            || self.fleet_hosts(conn)
+            || !self.fleet_established(conn)
+        {
+            return false;
+        }
+        let Some((call, user, number)) = self.session(conn).and_then(|s| {
+            let mut calls = s.calls.iter();
+            let call = *calls.next()?;
+            calls
+                .next()
+                .is_none()
+                .then(|| (call, s.user.clone(), s.number.clone()))
+        }) else {
+            return false;
+        };
+        let probe = self.session_mut(conn).and_then(|s| s.probe.take());
+        if let Some(p) = probe {
+            self.tokens.remove(&p.token);
+        }
+        self.timers.cancel(Timer::Conn(conn));
+        self.timers.cancel(Timer::Probe(conn));
+        self.timers.set(Timer::FleetOrphan(conn), later(now, grace));
+        if self.online_numbers.get(&number) == Some(&conn) {
+            self.online_numbers.remove(&number);
+        }
+        self.recheck_after_login.remove(&conn);
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return false;
+        };
+        let node = f.node.clone();
+        f.remote.insert(
+            conn,
+            Remote {
+                node,
+                call,
+                orphaned: true,
+            },
+        );
+        tracing::info!(conn, call, %user, grace_ms = grace.as_millis() as u64,
+            "a party's connection is lost during its call: the call waits for it to resume");
+        if self.users.get(&user) == Some(&conn) {
+            // Not reachable for new calls meanwhile.
+            self.fleet_act(FleetAction::Offline { user });
+        }
+        self.fleet_probe_done(conn);
+        true
     }
 
     /// Nobody resumed the call of `vconn` in time: it ends as its party is lost.

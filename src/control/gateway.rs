@@ -794,7 +794,7 @@ impl Gateway {
                 }
             }
             Input::Disconnected { conn } => {
-                if self.conns.contains_key(&conn) {
+                if self.conns.contains_key(&conn) && !self.fleet_keep_local(now, conn) {
                     self.forget_conn(now, conn, super::calls::Lost::PeerLost);
                 }
             }
@@ -1517,6 +1517,9 @@ impl Gateway {
                 Due::Poll(seq) => self.send(conn, ServerMsg::Poll { seq }),
                 Due::Offline => {
                     tracing::info!(conn, user = %s.user, "missed heart-beats: offline");
+                    if self.fleet_keep_local(now, conn) {
+                        return self.actions.push_back(Action::Close { conn });
+                    }
                     return self.refuse(
                         now,
                         conn,

@@ -961,10 +961,86 @@ proptest::proptest! {
     fn resume_tokens_parse_or_are_refused(s in "\\PC{0,400}", call in proptest::prelude::any::<u64>(), k in 0u64..1 << 20, node in "[a-z0-9:.-]{1,40}") {
         if let Some((_, v, n)) = parse_resume_token(&s) {
             proptest::prop_assert!(s.len() <= crate::wire::control::MAX_RESUME_TOKEN);
-            proptest::prop_assert!(v >= VIRTUAL_BASE && !n.is_empty());
+            proptest::prop_assert!(v > 0 && !n.is_empty());
         }
         let vconn = VIRTUAL_BASE + k;
         let t = resume_token(&node, call, vconn);
         proptest::prop_assert_eq!(parse_resume_token(&t), Some((call, vconn, node.as_str())));
     }
+}
+
+/// The caller (a party local to the relaying node) loses only its control connection (a
+/// reset; a is fine): the call goes on, and alice resumes it after logging in again, at a
+/// itself or at c. The same for a call between two subscribers of a (the one-gateway case of
+/// a fleet node).
+#[test]
+fn a_local_party_that_lost_its_connection_resumes_at_its_node_or_another() {
+    for again in ["a", "c"] {
+        let mut p = pair();
+        let (alice, bob) = p.logged_in();
+        let call = p.call_up(&alice, &bob);
+        let token = token_of(&p.a.take(alice.conn), call);
+        p.b.take(bob.conn);
+        p.a.shard_cmds.clear();
+        p.a.input(Input::Disconnected { conn: alice.conn });
+        p.flow();
+        assert!(sim::hangups(&p.b.take(bob.conn)).is_empty(), "{again}");
+        assert_eq!(p.a.gw.calls.len(), 1);
+        assert!(
+            !p.presence.contains_key("alice"),
+            "not reachable for new calls meanwhile"
+        );
+        let w = p.world(again);
+        let alice2 = w.login("alice", OPEN);
+        p.flow();
+        let w = p.world(again);
+        w.take(alice2.conn);
+        w.send(alice2.conn, ClientMsg::Resume { call, token });
+        p.flow();
+        assert!(resumed(&p.world(again).take(alice2.conn), call), "{again}");
+        assert!(
+            !p.a.shard_cmds
+                .iter()
+                .any(|a| matches!(a, Action::RemoveSession { .. })),
+            "{again}: the relay stays"
+        );
+        p.a.advance(p.a.gw.cfg.fleet_resume_grace * 2);
+        p.flow();
+        assert!(sim::hangups(&p.b.take(bob.conn)).is_empty(), "{again}");
+        // bob hangs up: alice hears it on her new connection.
+        p.b.send(bob.conn, ClientMsg::HangUp { call });
+        p.flow();
+        assert_eq!(
+            sim::hangups(&p.world(again).take(alice2.conn)),
+            [(call, HangupReason::Normal)],
+            "{again}"
+        );
+        assert!(p.a.gw.calls.is_empty());
+        assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
+        assert!(!p.a.gw.conns.contains_key(&alice.conn));
+    }
+    // Two subscribers of a; carol's connection is lost; she is not back in time: bob... the
+    // call ends with peer_lost once the grace is over, not before.
+    let mut p = pair();
+    let alice = p.a.login("alice", OPEN);
+    let carol = p.a.login("carol", OPEN);
+    p.flow();
+    let call = p.a.dial(&alice, carol.number, Some(alice.media()));
+    p.a.take(carol.conn);
+    p.a.accept(&carol, call, Some(carol.media()));
+    p.flow();
+    assert_eq!(sim::media_of(&p.a.take(alice.conn)).len(), 1);
+    let _ = token_of(&p.a.take(carol.conn), call);
+    p.a.input(Input::Disconnected { conn: carol.conn });
+    p.flow();
+    let grace = p.a.gw.cfg.fleet_resume_grace;
+    p.a.advance(grace - std::time::Duration::from_millis(1));
+    assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
+    p.a.advance(std::time::Duration::from_millis(2));
+    p.flow();
+    assert_eq!(
+        sim::hangups(&p.a.take(alice.conn)),
+        [(call, HangupReason::PeerLost)]
+    );
+    assert!(p.a.gw.calls.is_empty() && !p.a.gw.conns.contains_key(&carol.conn));
 }
