@@ -216,8 +216,8 @@ pub enum Event {
     },
     /// The call is up (or was re-planned): how to send and receive its media.
     Media(MediaInstructions),
-    /// How to take `call` back through another gateway should this session be lost during
-    /// it ([`Phone::resume`]); the call's relay is on another gateway than this one.
+    /// How to take `call` back through another gateway (or this one) should this session be
+    /// lost during it ([`Phone::resume`]); the call is relayed by a gateway of a fleet.
     ResumeToken {
         call: CallId,
         token: String,

@@ -54,8 +54,11 @@
 //!   end of the grace (the `FleetOrphan` timer).
 //!
 //! # Resumption
-//! Each `media` for a remote party is followed by `resume_token{call, token}`, the token
-//! `CALL.VCONN.NODE` naming this node and the stand-in. The party, logged in again on any node
+//! Each `media` for a party of a call relayed here is followed by `resume_token{call, token}`,
+//! the token `CALL.PARTY.NODE` naming this node and the party's stand-in (or, for a local
+//! party, its connection). A local party whose connection is lost during its one established
+//! call becomes an orphaned stand-in itself ([`Gateway::fleet_keep_local`]), and resumes the
+//! same way. The party, logged in again on any node
 //! C (this one included), sends `resume{call, token}`; C hosts the party's side at once and
 //! asks the token's node ([`FleetMsg::Resume`], with the user C authenticated); the relaying
 //! node accepts only when the stand-in is that call's and that user's, re-routes the stand-in

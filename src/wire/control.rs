@@ -228,10 +228,10 @@ pub enum ServerMsg {
     Presence {
         online: Vec<String>,
     },
-    /// The call is relayed by another gateway of the fleet than the one this client is logged
-    /// in to: should this client's control connection be lost during the call, it may log in
-    /// to any gateway of the fleet and send `resume{call, token}` there; its media goes on
-    /// meanwhile. Opaque to clients (at most [`MAX_RESUME_TOKEN`] bytes).
+    /// The call is relayed by a gateway of a fleet: should this client's control connection
+    /// be lost during the call, it may log in to any gateway of the fleet and send
+    /// `resume{call, token}` there; its media goes on meanwhile. Opaque to clients (at most
+    /// [`MAX_RESUME_TOKEN`] bytes).
     ResumeToken {
         call: CallId,
         token: String,
