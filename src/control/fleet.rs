@@ -57,7 +57,7 @@
 //! Each `media` for a party of a call relayed here is followed by `resume_token{call, token}`,
 //! the token `CALL.PARTY.NODE` naming this node and the party's stand-in (or, for a local
 //! party, its connection). A local party whose connection is lost during its one established
-//! call becomes an orphaned stand-in itself ([`Gateway::fleet_keep_local`]), and resumes the
+//! call becomes an orphaned stand-in itself (`Gateway::fleet_keep_local`), and resumes the
 //! same way. The party, logged in again on any node
 //! C (this one included), sends `resume{call, token}`; C hosts the party's side at once and
 //! asks the token's node ([`FleetMsg::Resume`], with the user C authenticated); the relaying
