@@ -698,13 +698,7 @@ impl Gateway {
                     && !self.is_virtual(conn)
                 {
                     tracing::info!(conn, %user, node = %from, "the same user logged in on another gateway: its session here is replaced");
-                    self.refuse(
-                        now,
-                        conn,
-                        crate::wire::control::ErrorCode::Replaced,
-                        "the same user logged in on another gateway",
-                        super::calls::Lost::PeerLost,
-                    );
+                    self.replace_session(now, conn, "the same user logged in on another gateway");
                 }
             }
             FleetMsg::Resume { call, vconn, user } => {
@@ -1263,6 +1257,10 @@ impl Gateway {
             Action::Send { conn, msg } if f.remote.contains_key(&conn) => {
                 let r = &f.remote[&conn];
                 if r.orphaned {
+                    if conn < VIRTUAL_BASE {
+                        // A local party's connection: the server drops it if it is closed.
+                        return Some(Action::Send { conn, msg });
+                    }
                     tracing::debug!(call = r.call, "a message for a party that is away: dropped");
                     return None;
                 }
@@ -1612,6 +1610,30 @@ impl Gateway {
         }
         self.fleet_probe_done(conn);
         true
+    }
+
+    /// `old`'s session is replaced by a newer log-in of its user (`refused{replaced}`). Its
+    /// one established call is kept for a resume all the same (in a fleet): the newer log-in
+    /// may be the same phone, whose old connection the gateway has not seen fail yet.
+    pub(crate) fn replace_session(&mut self, now: Instant, old: ConnId, why: &str) {
+        if self.fleet_keep_local(now, old) {
+            self.send(
+                old,
+                ServerMsg::Refused {
+                    code: crate::wire::control::ErrorCode::Replaced,
+                    message: why.into(),
+                },
+            );
+            self.actions.push_back(Action::Close { conn: old });
+            return;
+        }
+        self.refuse(
+            now,
+            old,
+            crate::wire::control::ErrorCode::Replaced,
+            why,
+            super::calls::Lost::PeerLost,
+        );
     }
 
     /// Nobody resumed the call of `vconn` in time: it ends as its party is lost.

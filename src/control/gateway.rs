@@ -1450,13 +1450,7 @@ impl Gateway {
             && !self.is_virtual(old)
         {
             tracing::info!(conn, old, %user, "log-in replaces an older session");
-            self.refuse(
-                now,
-                old,
-                ErrorCode::Replaced,
-                "the same user logged in elsewhere",
-                Lost::PeerLost,
-            );
+            self.replace_session(now, old, "the same user logged in elsewhere");
         }
         let session_id = self.next_session;
         self.next_session += 1;

@@ -975,24 +975,46 @@ proptest::proptest! {
 /// a fleet node).
 #[test]
 fn a_local_party_that_lost_its_connection_resumes_at_its_node_or_another() {
-    for again in ["a", "c"] {
+    // "a-half-open": a has not seen the old connection fail when alice logs in again there:
+    // the new log-in replaces the old session (refused{replaced}, closed), the call is kept.
+    for again in ["a", "c", "a-half-open"] {
+        let half_open = again == "a-half-open";
+        let again = if half_open { "a" } else { again };
         let mut p = pair();
         let (alice, bob) = p.logged_in();
         let call = p.call_up(&alice, &bob);
         let token = token_of(&p.a.take(alice.conn), call);
         p.b.take(bob.conn);
         p.a.shard_cmds.clear();
-        p.a.input(Input::Disconnected { conn: alice.conn });
+        if !half_open {
+            p.a.input(Input::Disconnected { conn: alice.conn });
+        }
         p.flow();
         assert!(sim::hangups(&p.b.take(bob.conn)).is_empty(), "{again}");
         assert_eq!(p.a.gw.calls.len(), 1);
-        assert!(
-            !p.presence.contains_key("alice"),
+        assert_eq!(
+            p.presence.contains_key("alice"),
+            half_open,
             "not reachable for new calls meanwhile"
         );
         let w = p.world(again);
         let alice2 = w.login("alice", OPEN);
         p.flow();
+        if half_open {
+            let old = p.a.take(alice.conn);
+            assert!(
+                old.iter().any(|m| matches!(
+                    m,
+                    ServerMsg::Refused {
+                        code: crate::wire::control::ErrorCode::Replaced,
+                        ..
+                    }
+                )),
+                "{old:?}"
+            );
+            assert!(sim::hangups(&old).is_empty(), "{old:?}");
+            assert!(sim::hangups(&p.b.take(bob.conn)).is_empty());
+        }
         let w = p.world(again);
         w.take(alice2.conn);
         w.send(alice2.conn, ClientMsg::Resume { call, token });
