@@ -7,7 +7,8 @@
 //!   them gets `hang_up{offline}`;
 //! - the callee's gateway killed with -9 mid-call: the callee's phone resumes the call through
 //!   a third gateway and no audio is lost; a callee that cannot resume loses the call once the
-//!   grace is over.
+//!   grace is over; a caller whose connection to its (relaying) gateway is cut resumes too;
+//! - one session per subscriber across the fleet.
 
 mod common;
 
@@ -530,6 +531,125 @@ fn a_callee_gateway_killed_mid_call_is_resumed_through_another_gateway() {
         "{}",
         g3.log_text()
     );
+}
+
+/// A TCP forwarder on loopback to `to`; `cut()` resets every connection it carries (a
+/// phone's control connection lost on the way while both ends live).
+struct Forwarder {
+    addr: String,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Forwarder {
+    fn start(to: &str) -> Forwarder {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (to, held) = (to.to_owned(), conns.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(a) = c else { return };
+                let Ok(b) = std::net::TcpStream::connect(&to) else {
+                    continue;
+                };
+                let mut g = held.lock().unwrap();
+                g.push(a.try_clone().unwrap());
+                g.push(b.try_clone().unwrap());
+                for (mut r, mut w) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut r, &mut w);
+                        let _ = w.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Forwarder { addr, conns }
+    }
+
+    fn cut(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The caller's control connection to its own gateway (which relays the call) is cut mid-call
+/// while both live: the caller logs in again (the next entry of its list: the same gateway,
+/// directly) and resumes; the call never stops, audio byte-exact both ways.
+#[test]
+fn a_caller_that_lost_only_its_connection_resumes_the_call() {
+    let Some(f) = fleet(2) else { return };
+    let (g1, g2) = (&f.gws[0], &f.gws[1]);
+    let dir = g1.dir.path();
+    let a_in = test_clip(dir, "speech-8k.wav", "cut-a-in.wav", 5.0);
+    let b_in = test_clip(dir, "reply-8k.wav", "cut-b-in.wav", 5.0);
+    let (a_rec, b_rec) = (dir.join("cut-a-rec.wav"), dir.join("cut-b-rec.wav"));
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let mark = g2.log_len();
+    let bob = spawn_phone(
+        g2,
+        "bob",
+        &[
+            "--answer",
+            "--play",
+            &s(&b_in),
+            "--record",
+            &s(&b_rec),
+            "--wait",
+            "30",
+        ],
+    );
+    g2.wait_online(mark, "bob");
+    let fwd = Forwarder::start(&g1.control);
+    let mark = g1.log_len();
+    let alice = common::spawn_phone_at(
+        &[],
+        g1,
+        &format!("{},{}", fwd.addr, g1.control),
+        "alice",
+        &[
+            "--call",
+            "+15550002",
+            "--play",
+            &s(&a_in),
+            "--record",
+            &s(&a_rec),
+        ],
+    );
+    g1.wait_log(mark, "alice's call on gw1", |l| {
+        l.contains("media instructions sent")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let cut_at = unix_ms();
+    fwd.cut();
+    let alice = common::finish(alice);
+    let bob = common::finish(bob);
+    for (who, r) in [("alice", &alice), ("bob", &bob)] {
+        assert_eq!(
+            r.code,
+            0,
+            "{who}: {}\n{}\ngw1:\n{}",
+            r.json,
+            r.stderr,
+            g1.log_text()
+        );
+        assert_eq!(r.json["media_segments"], 1, "{who}: {}", r.json);
+        assert_eq!(r.json["received"]["lost"], 0, "{who}: {}", r.json);
+    }
+    let fo = &alice.json["failovers"][0];
+    assert_eq!(fo["to"], g1.control.as_str(), "{}", alice.json);
+    let resumed = fo["call_restored_at_ms"].as_u64().expect("resumed") - cut_at;
+    eprintln!("the caller's connection cut: call resumed through gw1 after {resumed} ms");
+    assert!(resumed < 5000, "{resumed} ms");
+    for (sent, rec, who) in [
+        (&a_in, &b_rec, "bob hears alice"),
+        (&b_in, &a_rec, "alice hears bob"),
+    ] {
+        let want = ulaw_round_trip_padded(&wav::read(sent).unwrap());
+        let got = wav::read(rec).unwrap();
+        assert!(got.len() >= want.len(), "{who}: recording too short");
+        assert!(got[..want.len()] == want[..], "{who}: audio differs");
+    }
 }
 
 /// One session per subscriber across the fleet: bob waits for calls on gw1; a log-in as bob
