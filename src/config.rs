@@ -1084,6 +1084,7 @@ impl Config {
                 ipv6: self.server.advertised_ipv6,
             },
             drain_redirect: self.server.drain_redirect.clone(),
+            fleet_resume_grace: Duration::from_millis(self.fleet.resume_grace_ms),
             ..GatewayConfig::with_secret(secret)
         }
     }

@@ -879,6 +879,9 @@ enum SegmentEnd {
     Over(Result<String, (u8, String)>),
     /// The control session to the gateway ended: fail over, then re-establish the call.
     Lost(String, Vec<String>),
+    /// Logged in to another gateway, where the call could not be resumed: re-establish it
+    /// from there.
+    Moved(String),
 }
 
 /// The name TLS media verifies the gateway by: the host of `--server`.
@@ -1090,6 +1093,9 @@ async fn phone_session(
             // When this phone last reported media trouble: it reports again (the gateway
             // re-binds, then demotes) if the trouble lasts another 2 × MEDIA_SILENCE.
             let mut last_trouble: Option<Instant> = None;
+            // How to take the call back through another gateway (a call relayed by another
+            // gateway of the fleet than this phone's).
+            let mut resume_token: Option<String> = None;
             let end: SegmentEnd = loop {
                 let hang_up_at = match (deadline, playback_end) {
                     (Some(a), Some(b)) => Some(a.min(b)),
@@ -1106,11 +1112,11 @@ async fn phone_session(
                             None => std::future::pending().await,
                         }
                     } => {
-                        let _ = phone.hang_up(call).await;
+                        let _ = link.phone.hang_up(call).await;
                         break SegmentEnd::Over(Ok("local".into()));
                     }
                     _ = &mut ctrl_c => {
-                        let _ = phone.hang_up(call).await;
+                        let _ = link.phone.hang_up(call).await;
                         break SegmentEnd::Over(Ok("local (interrupted)".into()));
                     }
                     ev = link.events.recv() => match ev {
@@ -1129,17 +1135,30 @@ async fn phone_session(
                             tracing::info!(call, "the gateway re-planned the media");
                             summary.plan = i.plan;
                             if let Err(e) = media.replan(i).await {
-                                let _ = phone.hang_up(call).await;
+                                let _ = link.phone.hang_up(call).await;
                                 break SegmentEnd::Over(Err((1, format!("media failed after re-planning: {e}"))));
                             }
                         }
                         Some(Event::Incoming { call: other, .. }) => {
-                            let _ = phone.reject(other).await;
+                            let _ = link.phone.reject(other).await;
                         }
                         Some(Event::ProbeResult(o)) => summary.probe(&o),
                         Some(Event::GoingAway { message, .. }) => {
                             // The gateway keeps this call; it closes the session when it ends.
                             tracing::info!(call, "the gateway is going away after this call: {message}");
+                        }
+                        Some(Event::ResumeToken { call: c, token }) if c == call => {
+                            resume_token = Some(token);
+                        }
+                        Some(Event::Disconnected { reason, refused }) if gone(refused) && resume_token.is_some() => {
+                            // The call is relayed elsewhere: its media goes on while this
+                            // phone takes its control back through another gateway.
+                            let token = resume_token.clone().unwrap_or_default();
+                            match resume_call(&login, &mut link, call, &token, reason, args.failover.failover_timeout, &mut summary).await {
+                                Ok(()) => continue,
+                                Err(Resume::NoGateway(e)) => break SegmentEnd::Over(Err((1, e))),
+                                Err(Resume::Refused(e)) => break SegmentEnd::Moved(e),
+                            }
                         }
                         Some(Event::Disconnected { reason, refused }) if gone(refused) => {
                             break SegmentEnd::Lost(reason, vec![]);
@@ -1148,6 +1167,15 @@ async fn phone_session(
                             break SegmentEnd::Over(Err((1, format!("lost the gateway: {reason}"))));
                         }
                         Some(_) => {}
+                        None if resume_token.is_some() => {
+                            let token = resume_token.clone().unwrap_or_default();
+                            let reason = "the control session ended".to_owned();
+                            match resume_call(&login, &mut link, call, &token, reason, args.failover.failover_timeout, &mut summary).await {
+                                Ok(()) => continue,
+                                Err(Resume::NoGateway(e)) => break SegmentEnd::Over(Err((1, e))),
+                                Err(Resume::Refused(e)) => break SegmentEnd::Moved(e),
+                            }
+                        }
                         None => break SegmentEnd::Lost("the control session ended".into(), vec![]),
                     },
                     _ = watchdog.tick() => {
@@ -1161,7 +1189,7 @@ async fn phone_session(
                             } else {
                                 tracing::warn!(call, "the UDP path to the gateway lost consent: telling the gateway");
                             }
-                            let _ = phone.media_trouble(call).await;
+                            let _ = link.phone.media_trouble(call).await;
                             summary.media_trouble_sent = true;
                             last_trouble = Some(now);
                         }
@@ -1181,6 +1209,14 @@ async fn phone_session(
                     break 'call Ok("local".into());
                 }
                 SegmentEnd::Lost(reason, prefer) => (reason, prefer),
+                // Logged in elsewhere, but the call could not be resumed (its relaying
+                // gateway is gone too): re-established as after any failover, from there.
+                SegmentEnd::Moved(why) => {
+                    tracing::warn!(call, "{why}: placing the call again / waiting for it");
+                    summary.hangup_reason = None;
+                    rejoin = Some(Instant::now() + REJOIN_WAIT);
+                    continue 'call;
+                }
             }
         };
 
@@ -1244,6 +1280,98 @@ async fn phone_session(
     }
     let _ = link.phone.bye().await;
     summary
+}
+
+/// How long a phone waits for `resumed` after its `resume`.
+const RESUME_WAIT: Duration = Duration::from_secs(3);
+
+/// The control session was lost during a call of a fleet (which gave the call a resume
+/// token): logs in to the next gateway of the list and resumes the call there (its media never
+/// stopped). `Err`: no gateway took the log-in, or the resume was refused (then the call is
+/// placed again / waited for from the new gateway, as after any failover).
+async fn resume_call(
+    login: &Login<'_>,
+    link: &mut Connected,
+    call: CallId,
+    token: &str,
+    lost: String,
+    timeout: Duration,
+    summary: &mut PhoneSummary,
+) -> Result<(), Resume> {
+    let from = link.server.clone();
+    let lost_at_ms = unix_ms();
+    tracing::warn!(call, gateway = %from, "lost the gateway ({lost}) during the call: resuming it elsewhere");
+    let next = connect_any(login, link.index + 1, &[], Some(Instant::now() + timeout)).await;
+    let mut f = FailoverOut {
+        from,
+        to: None,
+        reason: lost.clone(),
+        lost_at_ms,
+        logged_in_at_ms: None,
+        call_restored_at_ms: None,
+    };
+    let c = match next {
+        Ok(c) => c,
+        Err(e) => {
+            summary.failovers.push(f);
+            return Err(Resume::NoGateway(format!(
+                "lost the gateway: {lost}; no other gateway took the log-in: {e}"
+            )));
+        }
+    };
+    f.to = Some(c.server.clone());
+    f.logged_in_at_ms = Some(unix_ms());
+    drop(std::mem::replace(link, c));
+    summary.gateway = Some(link.server.clone());
+    let outcome = async {
+        link.phone
+            .resume(call, token)
+            .await
+            .map_err(|e| format!("resume: {e}"))?;
+        let limit = tokio::time::sleep(RESUME_WAIT);
+        tokio::pin!(limit);
+        loop {
+            tokio::select! {
+                ev = link.events.recv() => match ev {
+                    Some(Event::Resumed { call: c }) if c == call => return Ok(()),
+                    Some(Event::HangUp { call: c, reason, detail }) if c == call => {
+                        summary.hangup_reason = Some(reason);
+                        return Err(format!(
+                            "the call could not be resumed: {}",
+                            hangup_message(reason, detail.as_deref())
+                        ));
+                    }
+                    Some(Event::Incoming { call: other, .. }) => {
+                        let _ = link.phone.reject(other).await;
+                    }
+                    Some(Event::ProbeResult(o)) => summary.probe(&o),
+                    Some(Event::Disconnected { reason, .. }) => {
+                        return Err(format!("lost the gateway while resuming the call: {reason}"));
+                    }
+                    Some(_) => {}
+                    None => return Err("lost the gateway while resuming the call".into()),
+                },
+                _ = &mut limit => {
+                    return Err(format!("the gateway did not resume the call within {RESUME_WAIT:?}"));
+                }
+            }
+        }
+    }
+    .await;
+    if outcome.is_ok() {
+        f.call_restored_at_ms = Some(unix_ms());
+        tracing::info!(call, gateway = %link.server, "the call is back after a failover (resumed; media never stopped)");
+    }
+    summary.failovers.push(f);
+    outcome.map_err(Resume::Refused)
+}
+
+/// Why a call was not resumed.
+enum Resume {
+    /// No gateway took the log-in: the call is over.
+    NoGateway(String),
+    /// Logged in to another gateway, which did not resume the call.
+    Refused(String),
 }
 
 async fn wait_incoming(

@@ -216,6 +216,16 @@ pub enum Event {
     },
     /// The call is up (or was re-planned): how to send and receive its media.
     Media(MediaInstructions),
+    /// How to take `call` back through another gateway (or this one) should this session be
+    /// lost during it ([`Phone::resume`]); the call is relayed by a gateway of a fleet.
+    ResumeToken {
+        call: CallId,
+        token: String,
+    },
+    /// The gateway took `call` back after [`Phone::resume`].
+    Resumed {
+        call: CallId,
+    },
     /// Every leg of the call the gateway delivers to is bound (for a room member: its own):
     /// audio sent now reaches the other side. It follows the `Media` it belongs to, and may
     /// come while the phone is still binding; relay it with
@@ -696,6 +706,17 @@ impl Phone {
         self.send(ClientMsg::Reprobe).await
     }
 
+    /// Asks this gateway to take back `call`, whose control connection was lost with another
+    /// gateway (`token`: the call's [`Event::ResumeToken`]). Answered with
+    /// [`Event::Resumed`], or [`Event::HangUp`] when it cannot be.
+    pub async fn resume(&self, call: CallId, token: &str) -> Result<(), ClientError> {
+        self.send(ClientMsg::Resume {
+            call,
+            token: token.to_owned(),
+        })
+        .await
+    }
+
     /// Tells the gateway that no media has arrived for a while.
     pub async fn media_trouble(&self, call: CallId) -> Result<(), ClientError> {
         self.send(ClientMsg::MediaTrouble { call }).await
@@ -732,6 +753,8 @@ fn msg_name(m: &ServerMsg) -> &'static str {
         ServerMsg::Error { .. } => "error",
         ServerMsg::GoingAway { .. } => "going_away",
         ServerMsg::Presence { .. } => "presence",
+        ServerMsg::ResumeToken { .. } => "resume_token",
+        ServerMsg::Resumed { .. } => "resumed",
     }
 }
 
@@ -1029,6 +1052,12 @@ impl Session {
                 conference,
             }),
             ServerMsg::Media(m) => self.emit(Event::Media(m)),
+            ServerMsg::ResumeToken { call, token } => {
+                if token.len() <= crate::wire::control::MAX_RESUME_TOKEN {
+                    self.emit(Event::ResumeToken { call, token });
+                }
+            }
+            ServerMsg::Resumed { call } => self.emit(Event::Resumed { call }),
             ServerMsg::MediaReady { call } => self.emit(Event::MediaReady { call }),
             ServerMsg::HangUp {
                 call,

@@ -45,8 +45,29 @@
 //! - Not in Redis (or Redis says this node while the user is not here): `hang_up{offline}`.
 //! - Redis unreachable: `hang_up{error}` with the reason in the detail.
 //! - The callee's node does not answer within the ring timeout, or is gone: `hang_up{offline}`.
-//! - A node that hosts a party of a call, or relays a call for a local callee, disappears from
-//!   Redis ([`FleetInput::NodeDown`]): the other side's call ends with `hang_up{peer_lost}`.
+//! - A node that relays a call for a local callee disappears from Redis
+//!   ([`FleetInput::NodeDown`]): the callee is told `hang_up{peer_lost}`.
+//! - A node that hosts a party of a call relayed here disappears, or tells that the party's
+//!   connection is gone ([`FleetMsg::PhoneGone`]): an established call goes on (its relay and
+//!   media are here) and its stand-in waits, *orphaned*, for `fleet_resume_grace`; a call not
+//!   yet established ends with `hang_up{peer_lost}` at once, as does an orphaned one at the
+//!   end of the grace (the `FleetOrphan` timer).
+//!
+//! # Resumption
+//! Each `media` for a party of a call relayed here is followed by `resume_token{call, token}`,
+//! the token `CALL.PARTY.NODE` naming this node and the party's stand-in (or, for a local
+//! party, its connection). A local party whose connection is lost during its one established
+//! call becomes an orphaned stand-in itself (`Gateway::fleet_keep_local`), and resumes the
+//! same way. The party, logged in again on any node
+//! C (this one included), sends `resume{call, token}`; C hosts the party's side at once and
+//! asks the token's node ([`FleetMsg::Resume`], with the user C authenticated); the relaying
+//! node accepts only when the stand-in is that call's and that user's, re-routes the stand-in
+//! to C (telling the old node to `Release` it when it was not known gone: a resume may
+//! overtake the node-down) and answers [`FleetMsg::Resumed`] (C sends `resumed`), else
+//! [`FleetMsg::ResumeFailed`] (C sends `hang_up` with its reason). When C is the relaying node
+//! itself, the messages go through its own channel, like any other node's. No new state is
+//! bounded separately: orphans are stand-ins of calls that exist, and a connection hosts at
+//! most `max_calls_per_user` resumed calls.
 //!
 //! Bounded: fleet dials and conferences waiting at once by `max_pending_lookups` (and each
 //! counts against the caller's `max_calls_per_user`); virtual connections by the calls they
@@ -112,6 +133,25 @@ pub enum FleetMsg {
     PhoneGone { vconn: ConnId },
     /// Caller's node → callee's node: forget `call` (it never rang, or it is over).
     Release { call: CallId, vconn: ConnId },
+    /// A node where `user` logged in (again) → the relaying node: `user` asks to resume
+    /// `call` (its `resume` token named this node and `vconn`); route the callee's side here.
+    Resume {
+        call: CallId,
+        vconn: ConnId,
+        user: String,
+    },
+    /// Relaying node → the node that asked: the call's control messages go there now.
+    Resumed { call: CallId, vconn: ConnId },
+    /// A node where `user` just logged in → the node Redis named for `user` before: one
+    /// session per subscriber fleet-wide, the older one is replaced.
+    LoggedInElsewhere { user: String },
+    /// Relaying node → the node that asked: no (the call is over, or not that user's).
+    ResumeFailed {
+        call: CallId,
+        vconn: ConnId,
+        reason: HangupReason,
+        detail: String,
+    },
 }
 
 /// The callee's latest probe result, as its node has it.
@@ -190,6 +230,8 @@ pub enum FleetInput {
     Message { from: NodeId, msg: FleetMsg },
     /// `node` is gone from Redis (its liveness key expired, or nobody listens on its channel).
     NodeDown { node: NodeId },
+    /// Writing `user`'s presence at log-in ([`FleetAction::Online`]) replaced `node`'s.
+    WasOnline { user: String, node: NodeId },
 }
 
 /// A dial waiting for Redis or for the callee's node.
@@ -210,6 +252,10 @@ struct FleetDial {
 struct Remote {
     node: NodeId,
     call: CallId,
+    /// The party's gateway (or its control connection there) is gone during the established
+    /// call: the relay goes on, messages for it are dropped, and a `resume` through any node
+    /// re-routes it, until [`Timer::FleetOrphan`] ends the call.
+    orphaned: bool,
 }
 
 /// A local callee of a call another node relays.
@@ -523,6 +569,17 @@ impl Gateway {
             FleetInput::Located { id, node } => self.on_located(now, id, node),
             FleetInput::Message { from, msg } => self.on_fleet_msg(now, from, msg),
             FleetInput::NodeDown { node } => self.on_node_down(now, &node),
+            FleetInput::WasOnline { user, node } => {
+                // One session per subscriber in the whole fleet: the other node's goes.
+                let here = self.users.get(&user).is_some_and(|c| !self.is_virtual(*c));
+                if node != self.fleet_node().unwrap_or_default() && here {
+                    tracing::info!(%user, %node, "logged in here: its session there is replaced");
+                    self.fleet_act(FleetAction::Send {
+                        node,
+                        msg: FleetMsg::LoggedInElsewhere { user },
+                    });
+                }
+            }
         }
     }
 
@@ -633,7 +690,53 @@ impl Gateway {
             }
             FleetMsg::PhoneGone { vconn } => {
                 if self.remote_of(vconn, &from) {
-                    self.forget_conn(now, vconn, super::calls::Lost::PeerLost);
+                    self.fleet_orphan_or_forget(now, vconn);
+                }
+            }
+            FleetMsg::LoggedInElsewhere { user } => {
+                if let Some(&conn) = self.users.get(&user)
+                    && !self.is_virtual(conn)
+                {
+                    tracing::info!(conn, %user, node = %from, "the same user logged in on another gateway: its session here is replaced");
+                    self.replace_session(now, conn, "the same user logged in on another gateway");
+                }
+            }
+            FleetMsg::Resume { call, vconn, user } => {
+                self.on_fleet_resume(&from, call, vconn, &user)
+            }
+            FleetMsg::Resumed { call, vconn } => {
+                let conn = self
+                    .fleet
+                    .as_deref()
+                    .and_then(|f| f.hosted.get(&(call, vconn)))
+                    .filter(|h| h.node == from)
+                    .map(|h| h.conn);
+                if let Some(conn) = conn {
+                    tracing::info!(call, conn, node = %from, "the call is resumed here");
+                    self.send(conn, ServerMsg::Resumed { call });
+                }
+            }
+            FleetMsg::ResumeFailed {
+                call,
+                vconn,
+                reason,
+                detail,
+            } => {
+                let Some(f) = self.fleet.as_deref_mut() else {
+                    return;
+                };
+                if f.hosted.get(&(call, vconn)).is_some_and(|h| h.node == from)
+                    && let Some(h) = f.hosted.remove(&(call, vconn))
+                {
+                    tracing::info!(call, conn = h.conn, node = %from, %detail, "resume refused");
+                    self.send(
+                        h.conn,
+                        ServerMsg::HangUp {
+                            call,
+                            reason,
+                            detail: Some(crate::wire::control::bounded_detail(&detail)),
+                        },
+                    );
                 }
             }
             FleetMsg::Release { call, vconn } => {
@@ -668,7 +771,7 @@ impl Gateway {
         self.fleet
             .as_deref()
             .and_then(|f| f.remote.get(&vconn))
-            .is_some_and(|r| r.node == node)
+            .is_some_and(|r| r.node == node && !r.orphaned)
     }
 
     /// Callee's side: another node rings `user` here.
@@ -878,6 +981,7 @@ impl Gateway {
                 Remote {
                     node: from.to_owned(),
                     call,
+                    orphaned: false,
                 },
             );
         }
@@ -1032,9 +1136,10 @@ impl Gateway {
                 f.hosted.remove(&(call, vconn));
                 msg
             }
-            ServerMsg::Incoming { .. } | ServerMsg::MediaReady { .. } | ServerMsg::Error { .. } => {
-                msg
-            }
+            ServerMsg::Incoming { .. }
+            | ServerMsg::MediaReady { .. }
+            | ServerMsg::Error { .. }
+            | ServerMsg::ResumeToken { .. } => msg,
             // Log-in, presence and probe traffic of the virtual connection stays there.
             _ => return,
         };
@@ -1082,7 +1187,7 @@ impl Gateway {
         let vconns: Vec<ConnId> = f
             .remote
             .iter()
-            .filter(|(_, r)| r.node == node)
+            .filter(|(_, r)| r.node == node && !r.orphaned)
             .map(|(c, _)| *c)
             .collect();
         let hosted: Vec<((CallId, ConnId), ConnId)> = f
@@ -1125,7 +1230,7 @@ impl Gateway {
             );
         }
         for vconn in vconns {
-            self.forget_conn(now, vconn, super::calls::Lost::PeerLost);
+            self.fleet_orphan_or_forget(now, vconn);
         }
         for call in rooms {
             self.fleet_room_progress(now, call);
@@ -1151,16 +1256,60 @@ impl Gateway {
         match a {
             Action::Send { conn, msg } if f.remote.contains_key(&conn) => {
                 let r = &f.remote[&conn];
+                if r.orphaned {
+                    if conn < VIRTUAL_BASE {
+                        // A local party's connection: the server drops it if it is closed.
+                        return Some(Action::Send { conn, msg });
+                    }
+                    tracing::debug!(call = r.call, "a message for a party that is away: dropped");
+                    return None;
+                }
+                let (node, call) = (r.node.clone(), r.call);
+                if let ServerMsg::Media(m) = &msg {
+                    // Right after it: how to take the call back should its gateway go.
+                    let token = resume_token(&f.node, m.call, conn);
+                    self.actions.push_front(Action::Fleet(FleetAction::Send {
+                        node: node.clone(),
+                        msg: FleetMsg::ToPhone {
+                            call,
+                            vconn: conn,
+                            msg: ServerMsg::ResumeToken {
+                                call: m.call,
+                                token,
+                            },
+                        },
+                    }));
+                }
                 Some(Action::Fleet(FleetAction::Send {
-                    node: r.node.clone(),
+                    node,
                     msg: FleetMsg::ToPhone {
-                        call: r.call,
+                        call,
                         vconn: conn,
                         msg,
                     },
                 }))
             }
-            Action::Close { conn } if f.remote.contains_key(&conn) => None,
+            // A local party kept for a resume: its connection is closed all the same.
+            Action::Close { conn } if f.remote.contains_key(&conn) && conn >= VIRTUAL_BASE => None,
+            Action::Send {
+                conn,
+                msg: ServerMsg::Media(m),
+            } if conn < VIRTUAL_BASE && !m.call_key => {
+                // A local party of a call relayed here may resume too, should only its
+                // connection be lost (`call_key`: relayed by another node, which sends its own).
+                let token = resume_token(&f.node, m.call, conn);
+                self.actions.push_front(Action::Send {
+                    conn,
+                    msg: ServerMsg::ResumeToken {
+                        call: m.call,
+                        token,
+                    },
+                });
+                Some(Action::Send {
+                    conn,
+                    msg: ServerMsg::Media(m),
+                })
+            }
             a => Some(a),
         }
     }
@@ -1201,6 +1350,10 @@ impl Gateway {
             }
             self.timers.cancel(Timer::Conn(vconn));
             self.timers.cancel(Timer::Probe(vconn));
+            self.timers.cancel(Timer::FleetOrphan(vconn));
+            if r.orphaned {
+                continue; // nobody hosts it
+            }
             self.fleet_act(FleetAction::Send {
                 node: r.node,
                 msg: FleetMsg::Release {
@@ -1208,6 +1361,291 @@ impl Gateway {
                     vconn,
                 },
             });
+        }
+    }
+}
+
+/// The `resume_token` of the party `vconn` of `call` relayed by `node`: `{call}.{vconn}.{node}`.
+/// It only says where the call is relayed: the relaying node accepts a `resume` only from
+/// the call's own party (its user name, authenticated by the node it comes through).
+fn resume_token(node: &str, call: CallId, vconn: ConnId) -> String {
+    format!("{call}.{vconn}.{node}")
+}
+
+/// `(call, vconn, node)` of a token; `None` when it is not one.
+fn parse_resume_token(token: &str) -> Option<(CallId, ConnId, &str)> {
+    if token.len() > crate::wire::control::MAX_RESUME_TOKEN {
+        return None;
+    }
+    let mut parts = token.splitn(3, '.');
+    let call = parts.next()?.parse().ok()?;
+    let vconn: ConnId = parts.next()?.parse().ok()?;
+    let node = parts.next()?;
+    let ok = vconn > 0
+        && !node.is_empty()
+        && node.len() <= 200
+        && !node
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '/');
+    ok.then_some((call, vconn, node))
+}
+
+impl Gateway {
+    /// A client asks to take back `call` with its `token` (its control connection to the
+    /// gateway hosting its side was lost). This node hosts its side from now on, once the
+    /// relaying node (the token's) agrees; a refusal is a `hang_up`.
+    pub(crate) fn on_resume(&mut self, conn: ConnId, call: CallId, token: &str) {
+        let refuse = |gw: &mut Gateway, reason, detail: &str| {
+            gw.send(
+                conn,
+                ServerMsg::HangUp {
+                    call,
+                    reason,
+                    detail: Some(detail.into()),
+                },
+            )
+        };
+        let Some(user) = self.session(conn).map(|s| s.user.clone()) else {
+            return;
+        };
+        let max = self.cfg.max_calls_per_user;
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return refuse(
+                self,
+                HangupReason::Error,
+                "this gateway is not in a fleet: the call cannot be resumed here",
+            );
+        };
+        let Some((c, vconn, node)) = parse_resume_token(token).filter(|t| t.0 == call) else {
+            return refuse(
+                self,
+                HangupReason::Error,
+                "the resume token is not this call's: the call cannot be resumed",
+            );
+        };
+        debug_assert_eq!(c, call);
+        let node = node.to_owned();
+        if f.hosted.get(&(call, vconn)).is_some_and(|h| h.conn == conn) {
+            return; // asked twice: the first answer comes
+        }
+        // Bounded like the calls this client may be in.
+        if f.hosted.values().filter(|h| h.conn == conn).count() >= max {
+            return refuse(
+                self,
+                HangupReason::Error,
+                "too many calls on this connection: the call cannot be resumed",
+            );
+        }
+        f.hosted.insert(
+            (call, vconn),
+            Hosted {
+                conn,
+                node: node.clone(),
+                vconn,
+            },
+        );
+        tracing::info!(call, conn, %user, node = %node, "asking the relaying gateway to resume a call");
+        self.fleet_act(FleetAction::Send {
+            node,
+            msg: FleetMsg::Resume { call, vconn, user },
+        });
+    }
+
+    /// Relaying node: `from` hosts `user` now, who asks to resume `call`.
+    fn on_fleet_resume(&mut self, from: &str, call: CallId, vconn: ConnId, user: &str) {
+        let party = self
+            .session(vconn)
+            .filter(|s| s.calls.iter().any(|c| *c == call))
+            .map(|s| s.user.clone());
+        let known = self
+            .fleet
+            .as_deref()
+            .and_then(|f| f.remote.get(&vconn))
+            .is_some_and(|r| r.call == call);
+        let refusal = match party {
+            _ if !known => Some((
+                HangupReason::PeerLost,
+                "the call is over (it was not resumed in time, or the other side left)",
+            )),
+            None => Some((HangupReason::PeerLost, "the call is over")),
+            Some(p) if p != user => Some((
+                HangupReason::NotPermitted,
+                "this call is not the resuming user's",
+            )),
+            Some(_) => None,
+        };
+        if let Some((reason, detail)) = refusal {
+            tracing::warn!(call, node = %from, user, %detail, "resume refused");
+            return self.fleet_act(FleetAction::Send {
+                node: from.to_owned(),
+                msg: FleetMsg::ResumeFailed {
+                    call,
+                    vconn,
+                    reason,
+                    detail: detail.into(),
+                },
+            });
+        }
+        let Some(r) = self
+            .fleet
+            .as_deref_mut()
+            .and_then(|f| f.remote.get_mut(&vconn))
+        else {
+            return;
+        };
+        let old = std::mem::replace(&mut r.node, from.to_owned());
+        let was_orphaned = std::mem::replace(&mut r.orphaned, false);
+        self.timers.cancel(Timer::FleetOrphan(vconn));
+        tracing::info!(call, user, from = %old, to = %from, was_orphaned, "a call's party resumed through another gateway");
+        if !was_orphaned && old != from {
+            // Its old node may not know yet that the party is gone (or may be gone itself:
+            // then it is reported down, which no longer concerns this call).
+            self.fleet_act(FleetAction::Send {
+                node: old,
+                msg: FleetMsg::Release { call, vconn },
+            });
+        }
+        self.fleet_act(FleetAction::Send {
+            node: from.to_owned(),
+            msg: FleetMsg::Resumed { call, vconn },
+        });
+    }
+
+    /// Whether every call of the stand-in `vconn` is established (media instructions out):
+    /// the calls worth keeping while its party finds another gateway.
+    fn fleet_established(&self, vconn: ConnId) -> bool {
+        let Some(s) = self.session(vconn) else {
+            return false;
+        };
+        !s.calls.is_empty()
+            && s.calls.iter().all(|c| match self.calls.get(c) {
+                Some(super::calls::Call::Pair(p)) => p.is_up(),
+                Some(super::calls::Call::Room(r)) => r.members.get(&vconn).is_some_and(|m| {
+                    matches!(
+                        m.state,
+                        super::calls::MemberState::Joined | super::calls::MemberState::Reprobing
+                    )
+                }),
+                None => false,
+            })
+    }
+
+    /// The party of `vconn` is gone with its gateway or its control connection: an
+    /// established call goes on for `fleet_resume_grace`, waiting for a `resume`; any other
+    /// ends now.
+    fn fleet_orphan_or_forget(&mut self, now: Instant, vconn: ConnId) {
+        let grace = self.cfg.fleet_resume_grace;
+        if grace.is_zero() || !self.fleet_established(vconn) {
+            return self.forget_conn(now, vconn, super::calls::Lost::PeerLost);
+        }
+        let Some(r) = self
+            .fleet
+            .as_deref_mut()
+            .and_then(|f| f.remote.get_mut(&vconn))
+        else {
+            return;
+        };
+        r.orphaned = true;
+        tracing::info!(call = r.call, node = %r.node, grace_ms = grace.as_millis() as u64,
+            "a call's party lost its gateway: the call waits for it to resume");
+        self.timers
+            .set(Timer::FleetOrphan(vconn), later(now, grace));
+    }
+
+    /// A local client's connection is lost (closed, reset, silent) during its one established
+    /// call: the call goes on, the client's session stays as a stand-in waiting for a
+    /// `resume` (through this node or any other) for `fleet_resume_grace`, as for a party
+    /// on another node. `false`: nothing kept (not in a fleet, no such call); forget it.
+    pub(crate) fn fleet_keep_local(&mut self, now: Instant, conn: ConnId) -> bool {
+        let grace = self.cfg.fleet_resume_grace;
+        if grace.is_zero()
+            || conn >= VIRTUAL_BASE
+            || self
+                .fleet
+                .as_deref()
+                .is_none_or(|f| f.remote.contains_key(&conn))
+            || self.fleet_hosts(conn)
+            || !self.fleet_established(conn)
+        {
+            return false;
+        }
+        let Some((call, user, number)) = self.session(conn).and_then(|s| {
+            let mut calls = s.calls.iter();
+            let call = *calls.next()?;
+            calls
+                .next()
+                .is_none()
+                .then(|| (call, s.user.clone(), s.number.clone()))
+        }) else {
+            return false;
+        };
+        let probe = self.session_mut(conn).and_then(|s| s.probe.take());
+        if let Some(p) = probe {
+            self.tokens.remove(&p.token);
+        }
+        self.timers.cancel(Timer::Conn(conn));
+        self.timers.cancel(Timer::Probe(conn));
+        self.timers.set(Timer::FleetOrphan(conn), later(now, grace));
+        if self.online_numbers.get(&number) == Some(&conn) {
+            self.online_numbers.remove(&number);
+        }
+        self.recheck_after_login.remove(&conn);
+        let Some(f) = self.fleet.as_deref_mut() else {
+            return false;
+        };
+        let node = f.node.clone();
+        f.remote.insert(
+            conn,
+            Remote {
+                node,
+                call,
+                orphaned: true,
+            },
+        );
+        tracing::info!(conn, call, %user, grace_ms = grace.as_millis() as u64,
+            "a party's connection is lost during its call: the call waits for it to resume");
+        if self.users.get(&user) == Some(&conn) {
+            // Not reachable for new calls meanwhile.
+            self.fleet_act(FleetAction::Offline { user });
+        }
+        self.fleet_probe_done(conn);
+        true
+    }
+
+    /// `old`'s session is replaced by a newer log-in of its user (`refused{replaced}`). Its
+    /// one established call is kept for a resume all the same (in a fleet): the newer log-in
+    /// may be the same phone, whose old connection the gateway has not seen fail yet.
+    pub(crate) fn replace_session(&mut self, now: Instant, old: ConnId, why: &str) {
+        if self.fleet_keep_local(now, old) {
+            self.send(
+                old,
+                ServerMsg::Refused {
+                    code: crate::wire::control::ErrorCode::Replaced,
+                    message: why.into(),
+                },
+            );
+            self.actions.push_back(Action::Close { conn: old });
+            return;
+        }
+        self.refuse(
+            now,
+            old,
+            crate::wire::control::ErrorCode::Replaced,
+            why,
+            super::calls::Lost::PeerLost,
+        );
+    }
+
+    /// Nobody resumed the call of `vconn` in time: it ends as its party is lost.
+    pub(crate) fn on_fleet_orphan_timer(&mut self, now: Instant, vconn: ConnId) {
+        let orphaned = self
+            .fleet
+            .as_deref()
+            .and_then(|f| f.remote.get(&vconn))
+            .is_some_and(|r| r.orphaned);
+        if orphaned {
+            tracing::info!(vconn, "nobody resumed the call in time: it ends");
+            self.forget_conn(now, vconn, super::calls::Lost::PeerLost);
         }
     }
 }

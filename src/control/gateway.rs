@@ -173,6 +173,10 @@ pub struct GatewayConfig {
     /// While draining, told to clients in `going_away` (other gateways' control addresses,
     /// best first). Default: none (clients use their own lists).
     pub drain_redirect: Vec<String>,
+    /// In a fleet: how long an established call waits for a party whose gateway (or control
+    /// connection) is gone to `resume` it elsewhere before it ends with `peer_lost`.
+    /// Default 10 s.
+    pub fleet_resume_grace: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -214,6 +218,7 @@ impl GatewayConfig {
             route_inactivity: Duration::from_secs(60),
             exempt_sources: Vec::new(),
             drain_redirect: Vec::new(),
+            fleet_resume_grace: Duration::from_secs(10),
         }
     }
 
@@ -251,6 +256,7 @@ impl GatewayConfig {
         self.heartbeat_slack = self.heartbeat_slack.min(self.heartbeat / 2);
         self.login_timeout = clamp(self.login_timeout, Duration::from_millis(100), DAY);
         self.ring_timeout = self.ring_timeout.min(DAY);
+        self.fleet_resume_grace = self.fleet_resume_grace.min(Duration::from_secs(600));
         self.probe_timeout = clamp(self.probe_timeout, Duration::from_millis(10), DAY);
         self.probe_bind_wait = self.probe_bind_wait.min(self.probe_timeout);
         self.probe_grace = self.probe_grace.min(self.probe_timeout);
@@ -548,6 +554,8 @@ pub(crate) enum Timer {
     CallLimit(CallId),
     /// A dial to a subscriber on another node waits for that node's answer until then.
     FleetRing(CallId),
+    /// A virtual connection whose party's gateway is gone waits for a `resume` until then.
+    FleetOrphan(ConnId),
 }
 
 #[derive(Debug, Default)]
@@ -786,7 +794,7 @@ impl Gateway {
                 }
             }
             Input::Disconnected { conn } => {
-                if self.conns.contains_key(&conn) {
+                if self.conns.contains_key(&conn) && !self.fleet_keep_local(now, conn) {
                     self.forget_conn(now, conn, super::calls::Lost::PeerLost);
                 }
             }
@@ -849,6 +857,7 @@ impl Gateway {
                 Timer::DirectoryPoll => self.poll_directory(),
                 Timer::CallLimit(call) => self.on_call_limit(call),
                 Timer::FleetRing(call) => self.on_fleet_ring_timer(now, call),
+                Timer::FleetOrphan(vconn) => self.on_fleet_orphan_timer(now, vconn),
             }
         }
         if self.draining && !self.shut {
@@ -1192,6 +1201,7 @@ impl Gateway {
             ClientMsg::MediaTrouble { call } => self.on_media_trouble(now, conn, call),
             ClientMsg::Bye => self.drop_conn(now, conn, super::calls::Lost::Normal),
             ClientMsg::PresenceQuery { numbers } => self.on_presence_query(conn, &numbers),
+            ClientMsg::Resume { call, token } => self.on_resume(conn, call, &token),
         }
     }
 
@@ -1433,18 +1443,14 @@ impl Gateway {
             let msg = "the gateway is draining; log in elsewhere";
             return self.refuse(now, conn, ErrorCode::Unavailable, msg, Lost::PeerLost);
         }
-        // One session per user: the new log-in replaces the old one.
+        // One session per user: the new log-in replaces the old one (a stand-in for the user
+        // in a call another node hosted stays: the user may `resume` that call here).
         if let Some(&old) = self.users.get(&user)
             && old != conn
+            && !self.is_virtual(old)
         {
             tracing::info!(conn, old, %user, "log-in replaces an older session");
-            self.refuse(
-                now,
-                old,
-                ErrorCode::Replaced,
-                "the same user logged in elsewhere",
-                Lost::PeerLost,
-            );
+            self.replace_session(now, old, "the same user logged in elsewhere");
         }
         let session_id = self.next_session;
         self.next_session += 1;
@@ -1505,6 +1511,9 @@ impl Gateway {
                 Due::Poll(seq) => self.send(conn, ServerMsg::Poll { seq }),
                 Due::Offline => {
                     tracing::info!(conn, user = %s.user, "missed heart-beats: offline");
+                    if self.fleet_keep_local(now, conn) {
+                        return self.actions.push_back(Action::Close { conn });
+                    }
                     return self.refuse(
                         now,
                         conn,
@@ -1620,6 +1629,7 @@ fn client_msg_name(m: &ClientMsg) -> &'static str {
         ClientMsg::MediaTrouble { .. } => "media_trouble",
         ClientMsg::Bye => "bye",
         ClientMsg::PresenceQuery { .. } => "presence_query",
+        ClientMsg::Resume { .. } => "resume",
     }
 }
 

@@ -62,6 +62,10 @@ pub struct FleetSection {
     pub presence_ttl_ms: u64,
     /// Bounds connecting to Redis and each command.
     pub timeout_ms: u64,
+    /// How long an established call this node relays waits for a party whose gateway (or
+    /// control connection) is gone to `resume` it on another gateway; then it ends with
+    /// `peer_lost`. At most 600000.
+    pub resume_grace_ms: u64,
 }
 
 impl Default for FleetSection {
@@ -73,6 +77,7 @@ impl Default for FleetSection {
             node: String::new(),
             presence_ttl_ms: 0,
             timeout_ms: 2000,
+            resume_grace_ms: 10_000,
         }
     }
 }
@@ -86,6 +91,7 @@ impl std::fmt::Debug for FleetSection {
             .field("node", &self.node)
             .field("presence_ttl_ms", &self.presence_ttl_ms)
             .field("timeout_ms", &self.timeout_ms)
+            .field("resume_grace_ms", &self.resume_grace_ms)
             .finish()
     }
 }
@@ -106,6 +112,9 @@ impl FleetSection {
         }
         if self.node.len() > 200 || self.node.chars().any(|c| c.is_whitespace() || c == '/') {
             p.push("fleet.node: at most 200 characters, no spaces or '/'".into());
+        }
+        if self.resume_grace_ms > 600_000 {
+            p.push("fleet.resume_grace_ms: at most 600000 (10 minutes)".into());
         }
         p
     }
@@ -437,15 +446,25 @@ impl Worker {
         let ttl = self.ttl.as_millis() as u64;
         match a {
             FleetAction::Online { user } => {
-                let r: redis::RedisResult<()> = redis::cmd("SET")
+                // GET: the node that held the user before (its session there is replaced).
+                let r: redis::RedisResult<Option<String>> = redis::cmd("SET")
                     .arg(presence_key(&user))
                     .arg(&self.node)
                     .arg("PX")
                     .arg(ttl)
+                    .arg("GET")
                     .query_async(&mut self.conn)
                     .await;
                 match r {
-                    Ok(()) => self.ok(),
+                    Ok(before) => {
+                        self.ok();
+                        if let Some(node) = before.filter(|n| *n != self.node) {
+                            self.input(FleetInput::WasOnline {
+                                user: user.clone(),
+                                node,
+                            });
+                        }
+                    }
                     Err(e) => self.failed("presence write", &e),
                 }
                 self.online.insert(user);
@@ -678,6 +697,18 @@ mod tests {
                 msg: ClientMsg::HangUp { call: 1 },
             },
             FleetMsg::Release { call: 9, vconn: 2 },
+            FleetMsg::Resume {
+                call: 9,
+                vconn: 2,
+                user: "bob".into(),
+            },
+            FleetMsg::Resumed { call: 9, vconn: 2 },
+            FleetMsg::ResumeFailed {
+                call: 9,
+                vconn: 2,
+                reason: HangupReason::NotPermitted,
+                detail: "not yours".into(),
+            },
         ] {
             let text = serde_json::to_vec(&Envelope {
                 from: "a".into(),

@@ -101,7 +101,17 @@ pub enum ClientMsg {
     PresenceQuery {
         numbers: Vec<String>,
     },
+    /// Take back a call this client is in after its control connection was lost (its
+    /// gateway died, or the connection was reset): `token` is the call's `resume_token`.
+    /// Answered with `resumed`, or `hang_up` when the call cannot be resumed (then it is over).
+    Resume {
+        call: CallId,
+        token: String,
+    },
 }
+
+/// Longest `resume` token a gateway takes, in bytes.
+pub const MAX_RESUME_TOKEN: usize = 300;
 
 /// Most numbers one `presence_query` may ask about.
 pub const MAX_PRESENCE_NUMBERS: usize = 32;
@@ -217,6 +227,18 @@ pub enum ServerMsg {
     /// and heart-beating), in the order asked.
     Presence {
         online: Vec<String>,
+    },
+    /// The call is relayed by a gateway of a fleet: should this client's control connection
+    /// be lost during the call, it may log in to any gateway of the fleet and send
+    /// `resume{call, token}` there; its media goes on meanwhile. Opaque to clients (at most
+    /// [`MAX_RESUME_TOKEN`] bytes).
+    ResumeToken {
+        call: CallId,
+        token: String,
+    },
+    /// The answer to `resume`: this connection carries the call's control messages now.
+    Resumed {
+        call: CallId,
     },
 }
 
@@ -467,6 +489,7 @@ impl MessageTypes for ClientMsg {
         "media_trouble",
         "bye",
         "presence_query",
+        "resume",
     ];
 }
 
@@ -489,6 +512,8 @@ impl MessageTypes for ServerMsg {
         "error",
         "going_away",
         "presence",
+        "resume_token",
+        "resumed",
     ];
 }
 
@@ -671,7 +696,7 @@ mod tests {
             e.to_string(),
             "unknown message type \"teleport\"; expected one of: hello, proof, heartbeat, \
              probe_local, probe_report, reprobe, dial, conference, accept, reject, hang_up, \
-             media_trouble, bye, presence_query"
+             media_trouble, bye, presence_query, resume"
         );
     }
 
@@ -710,7 +735,7 @@ mod tests {
         let t = text(long.as_bytes());
         assert!(t.contains("ab ab…\"; expected one of: hello"), "{t}");
         assert!(
-            t.ends_with(", media_trouble, bye, presence_query") && t.len() < 270,
+            t.ends_with(", media_trouble, bye, presence_query, resume") && t.len() < 280,
             "{t}"
         );
         let e = decode::<ServerMsg>(br#"{"type":"hang_up","call":1}"#)
@@ -753,8 +778,8 @@ mod tests {
         }
         // The lists have one name per variant (the client's session names every server
         // message in an exhaustive match: `session::msg_name`).
-        assert_eq!(ClientMsg::TYPES.len(), 14);
-        assert_eq!(ServerMsg::TYPES.len(), 17);
+        assert_eq!(ClientMsg::TYPES.len(), 15);
+        assert_eq!(ServerMsg::TYPES.len(), 19);
     }
 
     #[test]

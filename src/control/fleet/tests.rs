@@ -12,6 +12,11 @@ use crate::relay_spec::SessionSpec;
 struct Pair {
     a: World,
     b: World,
+    /// A third node (idle unless a test uses it).
+    c: World,
+    /// Nodes killed: their actions are lost, and a message to them reports them down to
+    /// the sender (as a publish nobody receives does).
+    dead: std::collections::HashSet<NodeId>,
     /// user -> node
     presence: HashMap<String, NodeId>,
     /// Redis answers look-ups with this error while set.
@@ -23,11 +28,15 @@ struct Pair {
 fn pair() -> Pair {
     let mut a = World::new();
     let mut b = World::new();
+    let mut c = World::new();
     a.gw.enable_fleet("a".into());
     b.gw.enable_fleet("b".into());
+    c.gw.enable_fleet("c".into());
     Pair {
         a,
         b,
+        c,
+        dead: Default::default(),
         presence: HashMap::new(),
         redis_down: None,
         wire: Vec::new(),
@@ -36,10 +45,10 @@ fn pair() -> Pair {
 
 impl Pair {
     fn world(&mut self, node: &str) -> &mut World {
-        if node == "a" {
-            &mut self.a
-        } else {
-            &mut self.b
+        match node {
+            "a" => &mut self.a,
+            "b" => &mut self.b,
+            _ => &mut self.c,
         }
     }
 
@@ -47,7 +56,10 @@ impl Pair {
     fn flow(&mut self) {
         loop {
             let mut moved = false;
-            for node in ["a", "b"] {
+            for node in ["a", "b", "c"] {
+                if self.dead.contains(node) {
+                    continue;
+                }
                 let w = self.world(node);
                 w.pump();
                 let (fleet, rest): (Vec<Action>, Vec<Action>) = std::mem::take(&mut w.shard_cmds)
@@ -59,7 +71,15 @@ impl Pair {
                     let Action::Fleet(a) = a else { unreachable!() };
                     match a {
                         FleetAction::Online { user } => {
-                            self.presence.insert(user, node.into());
+                            // SET … GET: the node named before is told.
+                            if let Some(before) = self.presence.insert(user.clone(), node.into())
+                                && before != node
+                            {
+                                self.world(node).input(Input::Fleet(FleetInput::WasOnline {
+                                    user,
+                                    node: before,
+                                }));
+                            }
                         }
                         FleetAction::Offline { user } => {
                             if self.presence.get(&user).map(String::as_str) == Some(node) {
@@ -73,6 +93,10 @@ impl Pair {
                             };
                             self.world(node)
                                 .input(Input::Fleet(FleetInput::Located { id, node: answer }));
+                        }
+                        FleetAction::Send { node: to, .. } if self.dead.contains(&to) => {
+                            self.world(node)
+                                .input(Input::Fleet(FleetInput::NodeDown { node: to }));
                         }
                         FleetAction::Send { node: to, msg } => {
                             self.wire.push((node.into(), to.clone(), msg.clone()));
@@ -284,9 +308,12 @@ fn a_node_that_goes_away_ends_the_calls_on_the_other_side() {
     let call = p.call_up(&alice, &bob);
     p.a.take(alice.conn);
     p.b.take(bob.conn);
-    // b vanishes (kill -9): a learns it from Redis.
+    // b vanishes (kill -9): a learns it from Redis. The call waits for bob to resume it
+    // elsewhere; nobody does: it ends once the grace is over.
     p.a.input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
     p.a.pump();
+    assert!(p.a.take(alice.conn).is_empty());
+    p.a.advance(p.a.gw.cfg.fleet_resume_grace + std::time::Duration::from_millis(1));
     assert_eq!(
         sim::hangups(&p.a.take(alice.conn)),
         [(call, HangupReason::PeerLost)]
@@ -571,4 +598,471 @@ fn a_ring_waiting_for_a_probe_is_refused_when_the_callee_leaves() {
         sim::hangups(&p.a.take(alice.conn)),
         [(call, HangupReason::Offline)]
     );
+}
+
+/// bob's `resume_token` for `call`, as b delivered it after bob's `media`.
+fn token_of(msgs: &[ServerMsg], call: CallId) -> String {
+    msgs.iter()
+        .find_map(|m| match m {
+            ServerMsg::ResumeToken { call: c, token } if *c == call => Some(token.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no resume token: {msgs:?}"))
+}
+
+fn resumed(msgs: &[ServerMsg], call: CallId) -> bool {
+    msgs.iter()
+        .any(|m| matches!(m, ServerMsg::Resumed { call: c } if *c == call))
+}
+
+fn vconn_of(p: &Pair) -> (ConnId, bool, NodeId) {
+    let f = p.a.gw.fleet.as_ref().unwrap();
+    let (v, r) = f.remote.iter().next().expect("a stand-in");
+    (*v, r.orphaned, r.node.clone())
+}
+
+/// The gap: b (hosting only bob's control connection) is killed; a notices; bob logs
+/// in at c and resumes: the call (relay on a, untouched) goes on, its messages now through c.
+#[test]
+fn a_callee_whose_node_died_resumes_the_call_through_another_node() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let call = p.call_up(&alice, &bob);
+    let token = token_of(&p.b.take(bob.conn), call);
+    p.a.take(alice.conn);
+    let relay = installs(&p.a);
+    assert_eq!(relay.len(), 1);
+    p.a.shard_cmds.clear();
+    // b dies; a learns it.
+    p.dead.insert("b".into());
+    p.a.input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
+    p.flow();
+    assert!(p.a.take(alice.conn).is_empty(), "alice's call goes on");
+    assert_eq!(p.a.gw.calls.len(), 1);
+    assert!(vconn_of(&p).1, "bob's stand-in waits for him");
+    // Within the grace, bob is back on c and resumes.
+    p.a.advance(p.a.gw.cfg.fleet_resume_grace / 2);
+    let bob_c = p.c.login("bob", OPEN);
+    p.flow();
+    p.c.take(bob_c.conn);
+    p.c.send(
+        bob_c.conn,
+        ClientMsg::Resume {
+            call,
+            token: token.clone(),
+        },
+    );
+    p.flow();
+    assert!(resumed(&p.c.take(bob_c.conn), call));
+    assert_eq!(vconn_of(&p), (vconn_of(&p).0, false, "c".into()));
+    // The relay was neither removed nor re-installed: media never stopped.
+    assert!(
+        !p.a.shard_cmds.iter().any(|a| matches!(
+            a,
+            Action::RemoveSession { .. } | Action::InstallSession { .. }
+        )),
+        "{:?}",
+        p.a.shard_cmds
+    );
+    // The grace passing changes nothing now.
+    p.a.advance(p.a.gw.cfg.fleet_resume_grace);
+    assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
+    // bob is busy at c for other calls meanwhile.
+    assert!(p.c.gw.fleet_hosts(bob_c.conn));
+    // Messages flow both ways through c: bob hangs up, alice is told; everything is forgotten.
+    p.c.send(bob_c.conn, ClientMsg::HangUp { call });
+    p.flow();
+    assert_eq!(
+        sim::hangups(&p.a.take(alice.conn)),
+        [(call, HangupReason::Normal)]
+    );
+    assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
+    assert!(p.c.gw.fleet.as_ref().unwrap().hosted.is_empty());
+    assert!(p.a.gw.calls.is_empty());
+}
+
+/// The phone is back faster than a notices b is gone: the stand-in simply moves to c, and the
+/// later node-down no longer concerns it. alice's hang-up reaches bob at c.
+#[test]
+fn a_resume_before_the_node_is_known_down_moves_the_call() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let call = p.call_up(&alice, &bob);
+    let token = token_of(&p.b.take(bob.conn), call);
+    p.a.take(alice.conn);
+    p.dead.insert("b".into());
+    let bob_c = p.c.login("bob", OPEN);
+    p.flow();
+    p.c.take(bob_c.conn);
+    p.c.send(bob_c.conn, ClientMsg::Resume { call, token });
+    p.flow();
+    assert!(resumed(&p.c.take(bob_c.conn), call));
+    let (_, orphaned, node) = vconn_of(&p);
+    assert!(!orphaned);
+    assert_eq!(node, "c");
+    // a told b to forget the call; b being dead, a learnt it is down (in the harness, as a
+    // publish nobody receives): that ends nothing.
+    p.a.input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
+    p.flow();
+    p.a.advance(p.a.gw.cfg.fleet_resume_grace * 2);
+    assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
+    assert_eq!(p.a.gw.calls.len(), 1);
+    p.a.send(alice.conn, ClientMsg::HangUp { call });
+    p.flow();
+    assert_eq!(
+        sim::hangups(&p.c.take(bob_c.conn)),
+        [(call, HangupReason::Normal)]
+    );
+    assert!(p.c.gw.fleet.as_ref().unwrap().hosted.is_empty());
+}
+
+/// Someone else holding bob's token cannot take his call: carol's resume at c is refused
+/// (`not_permitted`), the call stays bob's, and bob can still resume it.
+#[test]
+fn a_resume_by_another_user_is_refused() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let call = p.call_up(&alice, &bob);
+    let token = token_of(&p.b.take(bob.conn), call);
+    p.a.take(alice.conn);
+    p.dead.insert("b".into());
+    p.a.input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
+    p.flow();
+    let carol = p.c.login("carol", OPEN);
+    p.flow();
+    p.c.take(carol.conn);
+    p.c.send(
+        carol.conn,
+        ClientMsg::Resume {
+            call,
+            token: token.clone(),
+        },
+    );
+    p.flow();
+    let msgs = p.c.take(carol.conn);
+    assert_eq!(sim::hangups(&msgs), [(call, HangupReason::NotPermitted)]);
+    assert!(!resumed(&msgs, call));
+    assert!(!p.c.gw.fleet_hosts(carol.conn));
+    assert!(vconn_of(&p).1, "still waiting for bob");
+    assert!(p.a.take(alice.conn).is_empty());
+    // A token naming another call, and garbage, are refused at c without asking anyone.
+    let sent = p.wire.len();
+    for bad in [token.clone(), "x".into(), "1.2.c".into(), "9".repeat(400)] {
+        p.c.send(
+            carol.conn,
+            ClientMsg::Resume {
+                call: call + 1,
+                token: bad,
+            },
+        );
+    }
+    p.flow();
+    assert_eq!(p.wire.len(), sent);
+    let refused = sim::hangups(&p.c.take(carol.conn));
+    assert_eq!(refused, [(call + 1, HangupReason::Error); 4]);
+    // bob himself still can.
+    let bob_c = p.c.login("bob", OPEN);
+    p.flow();
+    p.c.send(bob_c.conn, ClientMsg::Resume { call, token });
+    p.flow();
+    assert!(resumed(&p.c.take(bob_c.conn), call));
+}
+
+/// Nobody resumes within the grace: the call ends with `peer_lost` as before, and a late
+/// resume is refused clearly.
+#[test]
+fn a_call_not_resumed_within_the_grace_ends() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let call = p.call_up(&alice, &bob);
+    let token = token_of(&p.b.take(bob.conn), call);
+    p.a.take(alice.conn);
+    p.dead.insert("b".into());
+    p.a.input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
+    p.flow();
+    let grace = p.a.gw.cfg.fleet_resume_grace;
+    p.a.advance(grace - std::time::Duration::from_millis(1));
+    assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
+    p.a.advance(std::time::Duration::from_millis(2));
+    p.flow();
+    assert_eq!(
+        sim::hangups(&p.a.take(alice.conn)),
+        [(call, HangupReason::PeerLost)]
+    );
+    assert!(p.a.gw.calls.is_empty());
+    assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
+    let bob_c = p.c.login("bob", OPEN);
+    p.flow();
+    p.c.take(bob_c.conn);
+    p.c.send(bob_c.conn, ClientMsg::Resume { call, token });
+    p.flow();
+    let msgs = p.c.take(bob_c.conn);
+    assert_eq!(sim::hangups(&msgs), [(call, HangupReason::PeerLost)]);
+    assert!(!p.c.gw.fleet_hosts(bob_c.conn));
+    // A call that was still ringing is not kept: it ends at once, as before.
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let call = p.a.dial(&alice, bob.number, Some(alice.media()));
+    p.flow();
+    p.a.take(alice.conn);
+    p.a.input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
+    assert_eq!(
+        sim::hangups(&p.a.take(alice.conn)),
+        [(call, HangupReason::PeerLost)]
+    );
+}
+
+/// Only bob's control connection to b is lost (a reset; b is fine): b tells a the phone is
+/// gone, a keeps the call, and bob resumes it after logging in again, at b itself or at a
+/// (the relaying node: then it hosts bob's side itself, through its own channel).
+#[test]
+fn a_callee_that_lost_only_its_connection_resumes_on_the_same_or_the_relaying_node() {
+    for again in ["b", "a"] {
+        let mut p = pair();
+        let (alice, bob) = p.logged_in();
+        let call = p.call_up(&alice, &bob);
+        let token = token_of(&p.b.take(bob.conn), call);
+        p.a.take(alice.conn);
+        p.b.input(Input::Disconnected { conn: bob.conn });
+        p.flow();
+        assert!(p.a.take(alice.conn).is_empty(), "{again}");
+        assert!(vconn_of(&p).1, "{again}");
+        let w = p.world(again);
+        let bob2 = w.login("bob", OPEN);
+        p.flow();
+        let w = p.world(again);
+        w.take(bob2.conn);
+        w.send(bob2.conn, ClientMsg::Resume { call, token });
+        p.flow();
+        assert!(resumed(&p.world(again).take(bob2.conn), call), "{again}");
+        assert_eq!(vconn_of(&p).2, again);
+        // alice hangs up: bob hears it on his new connection.
+        p.a.send(alice.conn, ClientMsg::HangUp { call });
+        p.flow();
+        assert_eq!(
+            sim::hangups(&p.world(again).take(bob2.conn)),
+            [(call, HangupReason::Normal)],
+            "{again}"
+        );
+        assert!(p.a.gw.calls.is_empty());
+        assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
+        assert!(p.world(again).gw.fleet.as_ref().unwrap().hosted.is_empty());
+    }
+}
+
+/// One session per subscriber fleet-wide: bob logs in at b while logged in at a; a's session
+/// is replaced (`refused{replaced}`), presence names b, and a call to bob rings at b.
+#[test]
+fn a_log_in_on_another_node_replaces_the_older_session() {
+    let mut p = pair();
+    let alice = p.a.login("alice", OPEN);
+    let bob_a = p.a.login("bob", OPEN);
+    p.flow();
+    p.a.take(bob_a.conn);
+    let bob_b = p.b.login("bob", OPEN);
+    p.flow();
+    let msgs = p.a.take(bob_a.conn);
+    assert!(
+        msgs.iter().any(|m| matches!(
+            m,
+            ServerMsg::Refused {
+                code: crate::wire::control::ErrorCode::Replaced,
+                ..
+            }
+        )),
+        "{msgs:?}"
+    );
+    assert!(!p.a.gw.users.contains_key("bob"));
+    assert_eq!(p.presence.get("bob").map(String::as_str), Some("b"));
+    assert!(
+        !p.b.take(bob_b.conn)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Refused { .. }))
+    );
+    // A call to bob rings the new session.
+    let call = p.a.dial(&alice, bob_b.number, Some(alice.media()));
+    p.flow();
+    assert!(
+        p.b.take(bob_b.conn)
+            .iter()
+            .any(|m| matches!(m, ServerMsg::Incoming { call: c, .. } if *c == call))
+    );
+    // Logging in again on the same node is the local replacement, no message to anyone.
+    let sent = p.wire.len();
+    let _again = p.b.login("carol", OPEN);
+    p.flow();
+    assert!(
+        p.wire[sent..]
+            .iter()
+            .all(|(_, _, m)| !matches!(m, FleetMsg::LoggedInElsewhere { .. })),
+        "{:?}",
+        &p.wire[sent..]
+    );
+}
+
+/// A room member on another node resumes too: bob (b) is in alice's room (a); b dies; bob
+/// resumes through c and stays in the room; his leaving through c reaches a.
+#[test]
+fn a_room_member_whose_node_died_resumes_through_another_node() {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let carol = p.a.login("carol", OPEN);
+    p.flow();
+    p.a.send(
+        alice.conn,
+        ClientMsg::Conference {
+            tag: 3,
+            numbers: vec![bob.number.into(), carol.number.into()],
+            media: Some(alice.media()),
+        },
+    );
+    p.flow();
+    let room =
+        p.a.take(alice.conn)
+            .iter()
+            .find_map(|m| match m {
+                ServerMsg::Calling { call, .. } => Some(*call),
+                _ => None,
+            })
+            .expect("calling");
+    p.b.take(bob.conn);
+    p.b.accept(&bob, room, Some(bob.media()));
+    p.a.accept(&carol, room, Some(carol.media()));
+    p.flow();
+    let token = token_of(&p.b.take(bob.conn), room);
+    p.a.take(alice.conn);
+    p.dead.insert("b".into());
+    p.a.input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
+    p.flow();
+    assert!(vconn_of(&p).1, "bob's stand-in waits");
+    assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
+    let bob_c = p.c.login("bob", OPEN);
+    p.flow();
+    p.c.send(bob_c.conn, ClientMsg::Resume { call: room, token });
+    p.flow();
+    assert!(resumed(&p.c.take(bob_c.conn), room));
+    p.a.advance(p.a.gw.cfg.fleet_resume_grace * 2);
+    p.flow();
+    assert!(sim::hangups(&p.c.take(bob_c.conn)).is_empty());
+    // bob leaves through c: a takes him out of the room, which goes on with alice and carol.
+    p.c.send(bob_c.conn, ClientMsg::HangUp { call: room });
+    p.flow();
+    assert!(p.c.gw.fleet.as_ref().unwrap().hosted.is_empty());
+    assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
+    assert_eq!(p.a.gw.calls.len(), 1, "the room goes on");
+    assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
+}
+
+proptest::proptest! {
+    /// A `resume` token is client input: any text parses or is refused without panicking,
+    /// tokens the gateways write parse back to what they say, and nothing longer than the
+    /// limit is taken.
+    #[test]
+    fn resume_tokens_parse_or_are_refused(s in "\\PC{0,400}", call in proptest::prelude::any::<u64>(), k in 0u64..1 << 20, node in "[a-z0-9:.-]{1,40}") {
+        if let Some((_, v, n)) = parse_resume_token(&s) {
+            proptest::prop_assert!(s.len() <= crate::wire::control::MAX_RESUME_TOKEN);
+            proptest::prop_assert!(v > 0 && !n.is_empty());
+        }
+        let vconn = VIRTUAL_BASE + k;
+        let t = resume_token(&node, call, vconn);
+        proptest::prop_assert_eq!(parse_resume_token(&t), Some((call, vconn, node.as_str())));
+    }
+}
+
+/// The caller (a party local to the relaying node) loses only its control connection (a
+/// reset; a is fine): the call goes on, and alice resumes it after logging in again, at a
+/// itself or at c. The same for a call between two subscribers of a (the one-gateway case of
+/// a fleet node).
+#[test]
+fn a_local_party_that_lost_its_connection_resumes_at_its_node_or_another() {
+    // "a-half-open": a has not seen the old connection fail when alice logs in again there:
+    // the new log-in replaces the old session (refused{replaced}, closed), the call is kept.
+    for again in ["a", "c", "a-half-open"] {
+        let half_open = again == "a-half-open";
+        let again = if half_open { "a" } else { again };
+        let mut p = pair();
+        let (alice, bob) = p.logged_in();
+        let call = p.call_up(&alice, &bob);
+        let token = token_of(&p.a.take(alice.conn), call);
+        p.b.take(bob.conn);
+        p.a.shard_cmds.clear();
+        if !half_open {
+            p.a.input(Input::Disconnected { conn: alice.conn });
+        }
+        p.flow();
+        assert!(sim::hangups(&p.b.take(bob.conn)).is_empty(), "{again}");
+        assert_eq!(p.a.gw.calls.len(), 1);
+        assert_eq!(
+            p.presence.contains_key("alice"),
+            half_open,
+            "not reachable for new calls meanwhile"
+        );
+        let w = p.world(again);
+        let alice2 = w.login("alice", OPEN);
+        p.flow();
+        if half_open {
+            let old = p.a.take(alice.conn);
+            assert!(
+                old.iter().any(|m| matches!(
+                    m,
+                    ServerMsg::Refused {
+                        code: crate::wire::control::ErrorCode::Replaced,
+                        ..
+                    }
+                )),
+                "{old:?}"
+            );
+            assert!(sim::hangups(&old).is_empty(), "{old:?}");
+            assert!(sim::hangups(&p.b.take(bob.conn)).is_empty());
+        }
+        let w = p.world(again);
+        w.take(alice2.conn);
+        w.send(alice2.conn, ClientMsg::Resume { call, token });
+        p.flow();
+        assert!(resumed(&p.world(again).take(alice2.conn), call), "{again}");
+        assert!(
+            !p.a.shard_cmds
+                .iter()
+                .any(|a| matches!(a, Action::RemoveSession { .. })),
+            "{again}: the relay stays"
+        );
+        p.a.advance(p.a.gw.cfg.fleet_resume_grace * 2);
+        p.flow();
+        assert!(sim::hangups(&p.b.take(bob.conn)).is_empty(), "{again}");
+        // bob hangs up: alice hears it on her new connection.
+        p.b.send(bob.conn, ClientMsg::HangUp { call });
+        p.flow();
+        assert_eq!(
+            sim::hangups(&p.world(again).take(alice2.conn)),
+            [(call, HangupReason::Normal)],
+            "{again}"
+        );
+        assert!(p.a.gw.calls.is_empty());
+        assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
+        assert!(!p.a.gw.conns.contains_key(&alice.conn));
+    }
+    // Two subscribers of a; carol's connection is lost; she is not back in time: bob... the
+    // call ends with peer_lost once the grace is over, not before.
+    let mut p = pair();
+    let alice = p.a.login("alice", OPEN);
+    let carol = p.a.login("carol", OPEN);
+    p.flow();
+    let call = p.a.dial(&alice, carol.number, Some(alice.media()));
+    p.a.take(carol.conn);
+    p.a.accept(&carol, call, Some(carol.media()));
+    p.flow();
+    assert_eq!(sim::media_of(&p.a.take(alice.conn)).len(), 1);
+    let _ = token_of(&p.a.take(carol.conn), call);
+    p.a.input(Input::Disconnected { conn: carol.conn });
+    p.flow();
+    let grace = p.a.gw.cfg.fleet_resume_grace;
+    p.a.advance(grace - std::time::Duration::from_millis(1));
+    assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
+    p.a.advance(std::time::Duration::from_millis(2));
+    p.flow();
+    assert_eq!(
+        sim::hangups(&p.a.take(alice.conn)),
+        [(call, HangupReason::PeerLost)]
+    );
+    assert!(p.a.gw.calls.is_empty() && !p.a.gw.conns.contains_key(&carol.conn));
 }
