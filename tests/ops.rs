@@ -323,7 +323,12 @@ fn calls_write_detail_records_that_rotate_on_sighup_and_voxgate_cdr_filters() {
 
 #[test]
 fn a_conference_record_lists_every_members_leg_even_after_it_left() {
-    let gw = Gateway::start(&[]);
+    // Late media is delivered late, not dropped (stale age 5 s, not 300 ms): a shard starved
+    // of CPU for a moment must not make two legs' counts alike.
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("late.toml");
+    std::fs::write(&cfg, "[media]\nstale_ms = 5000\n").unwrap();
+    let gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
     let cdr = gw.dir.path().join("data/cdr.jsonl");
     let clip = common::test_clip(gw.dir.path(), "speech-8k.wav", "conf.wav", 1.0);
     let mark = gw.log_len();
