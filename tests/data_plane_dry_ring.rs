@@ -3,42 +3,14 @@
 //! loops one after the other: nothing else runs while it measures.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use voxgate::shard::{Backend, ShardConfig, ShardHandle, ShardSnapshot, Shards};
+use voxgate::shard::{Backend, ShardConfig, Shards};
 
-const WAIT: Duration = Duration::from_secs(5);
+mod common;
 
-fn gw_tcp(h: &ShardHandle) -> SocketAddr {
-    SocketAddr::new("127.0.0.1".parse().unwrap(), h.tcp_addr.port())
-}
-
-fn wait_until(h: &ShardHandle, what: &str, f: impl Fn(&ShardSnapshot) -> bool) -> ShardSnapshot {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = h.snapshot_blocking().unwrap();
-        if f(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {:?}",
-            s.counters
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// CPU time (user + system) of this process so far: the shard is one of its threads.
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage fills a plain struct.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer to a live rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(u.ru_utime) + tv(u.ru_stime)
-}
+use common::shard::{cpu_time, gw_tcp, wait_until};
 
 #[test]
 fn a_dry_ring_does_not_spin_on_either_loop() {

@@ -11,55 +11,17 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use voxgate::client::binding;
 use voxgate::metrics::DropReason;
-use voxgate::shard::{
-    Backend, Delivery, LegSpec, SessionSpec, ShardConfig, ShardHandle, ShardSnapshot, Shards,
-};
+use voxgate::shard::{Backend, Delivery, SessionSpec, ShardConfig, ShardHandle, Shards};
+
+mod common;
+
+use common::shard::{cpu_time, key, leg, wait_until};
 
 const WAIT: Duration = Duration::from_secs(5);
 
 fn gw(h: &ShardHandle, port: u16) -> SocketAddr {
     let _ = h;
     SocketAddr::new("127.0.0.1".parse().unwrap(), port)
-}
-
-fn key(name: &str) -> Vec<u8> {
-    format!("key-of-{name}").into_bytes()
-}
-
-fn leg(name: &str, delivery: Delivery) -> LegSpec {
-    LegSpec {
-        name: name.into(),
-        key: key(name),
-        delivery,
-        trusted_source: None,
-        clock_rate: 8000,
-    }
-}
-
-fn wait_until(h: &ShardHandle, what: &str, f: impl Fn(&ShardSnapshot) -> bool) -> ShardSnapshot {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = h.snapshot_blocking().unwrap();
-        if f(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {:?}",
-            s.counters
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// CPU time (user + system) of this process so far: the shard is one of its threads.
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage fills a plain struct.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer to a live rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 fn nofile() -> libc::rlimit {

@@ -155,7 +155,23 @@ fn call_with(
 
 #[test]
 fn each_transport_plan_carries_audio_byte_exact() {
-    let mut gw = Gateway::start(&[]);
+    // The planner plans from both phones' probes, and a probe whose report has not come
+    // within the probe time-out counts "cannot receive UDP" (the safe side: TCP). The default
+    // 2 s covers a phone that has just started, logged in and probes at once only on an idle
+    // machine: on a loaded 2-core machine the report came later now and then, and the open
+    // phone was planned as if its firewall blocked UDP in. A probe ends on its report, so the
+    // long time-out only waits for a report that is on its way. Likewise the stale age: a
+    // shard that got no CPU for 300 ms (seen when real-time priority benchmarks shared the
+    // machine) dropped late voice, by design, and the byte-exact check failed; here late
+    // audio is delivered late (the stale policy has its own tests in shard::relay).
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("loaded.toml");
+    std::fs::write(
+        &cfg,
+        "[probe]\ntimeout_ms = 20000\n[media]\nstale_ms = 5000\n",
+    )
+    .unwrap();
+    let mut gw = Gateway::start(&["--config", cfg.to_str().unwrap()]);
     // Every path the planner can choose on loopback (UDP via the gateway needs NAT: the lab
     // covers it), each at least once in each direction.
     let direct = ("direct_udp", "direct_udp");
@@ -278,9 +294,13 @@ fn a_frozen_phone_is_dropped_by_presence_and_its_call_ends() {
     gw.wait_log(mark, "alice to go offline", |l| {
         l.contains("missed heart-beats")
     });
-    // 3 missed heart-beats of 1 s plus the jitter allowance, not much more.
+    // Offline 3 heart-beats of 1 s plus the slack (0.5 s: at most half the heart-beat) after
+    // alice was last heard, which was up to one heart-beat before the freeze: at least 2.5 s
+    // after it (3 s failed when the last beat came just before the SIGSTOP). At most 10 s: a
+    // loaded machine's gateway and phone may be seconds late, and the call would otherwise
+    // only end at the callee's --duration of 60 s.
     assert!(
-        took >= Duration::from_secs(3) && took < Duration::from_secs(6),
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(10),
         "took {took:?}"
     );
     drop(caller);
@@ -290,22 +310,29 @@ fn a_frozen_phone_is_dropped_by_presence_and_its_call_ends() {
 fn a_telephone_number_is_relayed_to_its_ip_voice_gateway() {
     // The "IP voice gateway": echoes every RTP packet back to where it came from (the shard),
     // as a telephone on the far side of it would if it repeated what it heard.
+    // It echoes until the test is done with it (before, it gave up after 4 s without a
+    // packet, counted from before the gateway started: on a loaded machine the gateway's
+    // start and the call's set-up took longer, and the call was echoed nothing).
     let pstn = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    pstn.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+    pstn.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let pstn_addr = pstn.local_addr().unwrap();
-    let echo = std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        let mut n_echoed = 0u32;
-        while let Ok((n, from)) = pstn.recv_from(&mut buf) {
-            if pstn.send_to(&buf[..n], from).is_ok() {
-                n_echoed += 1;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let echo = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            let mut n_echoed = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, from)) = pstn.recv_from(&mut buf)
+                    && pstn.send_to(&buf[..n], from).is_ok()
+                {
+                    n_echoed += 1;
+                }
             }
-            if n_echoed >= 400 {
-                break;
-            }
-        }
-        n_echoed
-    });
+            n_echoed
+        })
+    };
     let gw = Gateway::start(&[]);
     let data = gw.dir.path().join("data");
     common::run_ok(
@@ -350,6 +377,7 @@ fn a_telephone_number_is_relayed_to_its_ip_voice_gateway() {
         "echo differs"
     );
     drop(gw);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(
         echo.join().unwrap() >= 60,
         "the IP voice gateway got the call's RTP"
@@ -423,14 +451,43 @@ fn a_dial_announcing_a_third_partys_address_gets_it_only_a_few_checks() {
     victim
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
+    // Arrival times are the kernel's (SO_TIMESTAMPNS), not when this thread got to read: a
+    // loaded machine's reader can take two queued checks back to back.
+    nix::sys::socket::setsockopt(
+        &victim,
+        nix::sys::socket::sockopt::ReceiveTimestampns,
+        &true,
+    )
+    .unwrap();
     let listener = std::thread::spawn(move || {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+        use std::os::fd::AsRawFd;
         let end = Instant::now() + Duration::from_secs(9);
         let mut got = Vec::new();
         let mut buf = [0u8; 2048];
         while Instant::now() < end {
-            if let Ok((n, _)) = victim.recv_from(&mut buf) {
-                got.push((Instant::now(), buf[..n].to_vec()));
-            }
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+            let Ok(msg) = recvmsg::<SockaddrStorage>(
+                victim.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::empty(),
+            ) else {
+                continue;
+            };
+            let n = msg.bytes;
+            let at = msg
+                .cmsgs()
+                .ok()
+                .and_then(|mut c| {
+                    c.find_map(|c| match c {
+                        ControlMessageOwned::ScmTimestampns(t) => Some(Duration::from(t)),
+                        _ => None,
+                    })
+                })
+                .expect("a receive timestamp");
+            got.push((at, buf[..n].to_vec()));
         }
         got
     });
@@ -472,7 +529,7 @@ fn a_dial_announcing_a_third_partys_address_gets_it_only_a_few_checks() {
     }
     for w in got.windows(2) {
         assert!(
-            w[1].0.duration_since(w[0].0) >= Duration::from_millis(40),
+            w[1].0.saturating_sub(w[0].0) >= Duration::from_millis(40),
             "checks are rate-limited"
         );
     }

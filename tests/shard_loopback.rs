@@ -6,11 +6,15 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use voxgate::client::binding;
 use voxgate::metrics::DropReason;
-use voxgate::shard::{Backend, Delivery, LegSpec, SessionSpec, ShardConfig, ShardHandle, Shards};
+use voxgate::shard::{Backend, Delivery, SessionSpec, ShardConfig, ShardHandle, Shards};
+
+mod common;
+
+use common::shard::{gw_tcp, key, leg, wait_until};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -41,20 +45,6 @@ fn spawn(backend: Backend) -> Shards {
     shards
 }
 
-fn leg(name: &str, delivery: Delivery) -> LegSpec {
-    LegSpec {
-        name: name.into(),
-        key: format!("key-of-{name}").into_bytes(),
-        delivery,
-        trusted_source: None,
-        clock_rate: 8000,
-    }
-}
-
-fn key(name: &str) -> Vec<u8> {
-    format!("key-of-{name}").into_bytes()
-}
-
 fn udp_client(v6: bool) -> UdpSocket {
     let s = UdpSocket::bind(if v6 { "[::1]:0" } else { "127.0.0.1:0" }).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
@@ -64,10 +54,6 @@ fn udp_client(v6: bool) -> UdpSocket {
 fn gw_udp(h: &ShardHandle, v6: bool) -> SocketAddr {
     let ip = if v6 { "::1" } else { "127.0.0.1" };
     SocketAddr::new(ip.parse().unwrap(), h.udp_addr.port())
-}
-
-fn gw_tcp(h: &ShardHandle) -> SocketAddr {
-    SocketAddr::new("127.0.0.1".parse().unwrap(), h.tcp_addr.port())
 }
 
 /// STUN-binds a UDP socket to `leg`; returns the mapped address the gateway reports.
@@ -124,22 +110,6 @@ fn rtp(ssrc: u32, seq: u16, len: usize) -> Vec<u8> {
     p.extend_from_slice(&ssrc.to_be_bytes());
     p.extend((0..len - 12).map(|i| (i as u32 ^ ssrc ^ u32::from(seq)) as u8));
     p
-}
-
-fn wait_until(h: &ShardHandle, what: &str, f: impl Fn(&voxgate::shard::ShardSnapshot) -> bool) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = h.snapshot_blocking().unwrap();
-        if f(&s) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {:?}",
-            s.counters
-        );
-        std::thread::yield_now();
-    }
 }
 
 fn udp_to_udp(backend: Backend) {

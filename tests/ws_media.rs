@@ -7,14 +7,16 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use voxgate::client::binding;
 use voxgate::metrics::DropReason;
-use voxgate::shard::{
-    Backend, Delivery, LegSpec, SessionSpec, ShardConfig, ShardHandle, ShardSnapshot, Shards,
-};
+use voxgate::shard::{Backend, Delivery, SessionSpec, ShardConfig, ShardHandle, Shards};
 use voxgate::wire::ws;
+
+mod common;
+
+use common::shard::{key, leg, wait_until};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -37,20 +39,6 @@ fn spawn(backend: Backend) -> Shards {
     shards
 }
 
-fn key(name: &str) -> Vec<u8> {
-    format!("key-of-{name}").into_bytes()
-}
-
-fn leg(name: &str, delivery: Delivery) -> LegSpec {
-    LegSpec {
-        name: name.into(),
-        key: key(name),
-        delivery,
-        trusted_source: None,
-        clock_rate: 8000,
-    }
-}
-
 fn gw(h: &ShardHandle, tcp: bool) -> SocketAddr {
     let port = if tcp {
         h.tcp_addr.port()
@@ -58,17 +46,6 @@ fn gw(h: &ShardHandle, tcp: bool) -> SocketAddr {
         h.udp_addr.port()
     };
     SocketAddr::new("127.0.0.1".parse().unwrap(), port)
-}
-
-fn wait_until(h: &ShardHandle, what: &str, f: impl Fn(&ShardSnapshot) -> bool) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if f(&h.snapshot_blocking().unwrap()) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";

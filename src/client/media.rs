@@ -115,6 +115,10 @@ pub const MAX_SSRCS: usize = 64;
 pub const TCP_BACKLOG: usize = 64 * 1024;
 /// Datagrams that arrived while binding, kept for the receiver.
 const MAX_EARLY: usize = 128;
+/// Datagrams taken from the socket when the call ends, at most (a few seconds of a room).
+const MAX_TAKEN_AT_END: usize = 4096;
+/// Reads (of 4 KiB) from the TCP media connection when the call ends, at most.
+const MAX_TCP_READS_AT_END: usize = 64;
 
 // ---------------------------------------------------------------- errors
 
@@ -1567,7 +1571,10 @@ impl Engine {
                 _ = keepalive.tick(), if self.route.keepalive => Ev::Keepalive,
             };
             match ev {
-                Ev::Ctl(None) | Ev::Ctl(Some(Ctl::Finish)) => break,
+                Ev::Ctl(None) | Ev::Ctl(Some(Ctl::Finish)) => {
+                    self.take_arrived(&socket, &mut buf, &status);
+                    break;
+                }
                 Ev::Ctl(Some(Ctl::StopSending)) => self.sending = false,
                 Ev::Ctl(Some(Ctl::Ready)) => {
                     if self.release(false, &status) {
@@ -1857,36 +1864,75 @@ impl Engine {
         });
     }
 
+    /// The call is over: takes the media that already arrived and waits on the sockets (the
+    /// engine may be behind on a loaded machine, and `Finish` goes first), so that the report
+    /// and the recording hold everything the other side's last packets brought before the
+    /// end. Reads the sockets directly, not through the runtime's readiness (which the I/O
+    /// driver may not have updated yet), without waiting; at most one socket buffer's worth.
+    fn take_arrived(&mut self, socket: &UdpSocket, buf: &mut [u8], status: &watch::Sender<Status>) {
+        use std::mem::MaybeUninit;
+        let raw = socket2::SockRef::from(socket);
+        for _ in 0..MAX_TAKEN_AT_END {
+            // SAFETY: u8 and MaybeUninit<u8> have the same layout; recv_from only writes.
+            let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+            let Ok((n, from)) = raw.recv_from(uninit) else {
+                break;
+            };
+            let Some(from) = from.as_socket() else {
+                continue;
+            };
+            self.on_udp(&buf[..n], canonical(from), Instant::now(), status);
+        }
+        let reads = std::cell::Cell::new(0usize);
+        self.read_tcp(status, |t, chunk| {
+            use std::io::Read;
+            reads.set(reads.get() + 1);
+            if reads.get() > MAX_TCP_READS_AT_END {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            (&*socket2::SockRef::from(t)).read(chunk)
+        });
+    }
+
     fn on_tcp_ready(&mut self, ready: tokio::io::Ready, status: &watch::Sender<Status>) {
         if ready.is_writable() {
             self.flush_tcp();
         }
         if ready.is_readable() || ready.is_read_closed() {
-            let mut chunk = [0u8; 4096];
-            loop {
-                let Some(t) = &self.tcp else { return };
-                match t.try_read(&mut chunk) {
-                    Ok(0) => {
+            self.read_tcp(status, |t, chunk| t.try_read(chunk));
+        }
+    }
+
+    /// Reads the TCP media connection with `read` until it would block (or closes).
+    fn read_tcp(
+        &mut self,
+        status: &watch::Sender<Status>,
+        read: impl Fn(&TcpStream, &mut [u8]) -> std::io::Result<usize>,
+    ) {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let Some(t) = &self.tcp else { return };
+            match read(t, &mut chunk) {
+                Ok(0) => {
+                    self.drain_tcp_frames(status);
+                    self.tcp_lost("the gateway closed the TCP media connection", status);
+                    return;
+                }
+                Ok(n) => {
+                    if let Err(e) = self.tcp_in.push(&chunk[..n]) {
+                        // Drain, then retry once; a stream that still does not fit is broken.
                         self.drain_tcp_frames(status);
-                        self.tcp_lost("the gateway closed the TCP media connection", status);
-                        return;
-                    }
-                    Ok(n) => {
-                        if let Err(e) = self.tcp_in.push(&chunk[..n]) {
-                            // Drain, then retry once; a stream that still does not fit is broken.
-                            self.drain_tcp_frames(status);
-                            if self.tcp_in.push(&chunk[..n]).is_err() {
-                                self.tcp_lost(&e.to_string(), status);
-                                return;
-                            }
+                        if self.tcp_in.push(&chunk[..n]).is_err() {
+                            self.tcp_lost(&e.to_string(), status);
+                            return;
                         }
-                        self.drain_tcp_frames(status);
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                    Err(e) => {
-                        self.tcp_lost(&e.to_string(), status);
-                        return;
-                    }
+                    self.drain_tcp_frames(status);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    self.tcp_lost(&e.to_string(), status);
+                    return;
                 }
             }
         }
@@ -2396,6 +2442,40 @@ mod tests {
         assert!(r.media_ready_timed_out);
         let waited = r.media_ready_wait_ms.expect("held");
         assert!((3000.0..3010.0).contains(&waited), "{waited}");
+    }
+
+    /// The call ends (the peer or the gateway hung up) while media that already arrived waits
+    /// on the socket, unread (the engine was behind, and `Finish` is taken first): it is
+    /// counted and recorded all the same. Before, it was left on the socket, so a loaded
+    /// machine's phone reported fewer packets than the gateway had relayed to it.
+    #[tokio::test]
+    async fn finishing_takes_the_media_that_already_arrived() {
+        // A blocking socket: sending does not yield, so the engine cannot read in between.
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let me = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let me_addr = me.local_addr().expect("addr");
+        let opts = MediaOptions {
+            record_samples: 8000,
+            ..MediaOptions::default()
+        };
+        let instr = direct(peer.local_addr().expect("addr"));
+        let m = MediaCall::start(&instr, &SessionKey::from_bytes([3; 32]), me, opts)
+            .await
+            .expect("start");
+        // The engine runs and waits on its socket.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let audio = clip(160 * 30);
+        for f in Packetizer::new(audio.clone(), 100, 0).take(30) {
+            let mut pkt = [0u8; RTP_HEADER_LEN + SAMPLES_PER_PACKET];
+            let n = write_packet(&f, 0x1234, wall_clock_ns(), &mut pkt).expect("packet");
+            peer.send_to(&pkt[..n], me_addr).expect("send");
+        }
+        let r = m.finish().await;
+        assert_eq!(r.received.packets, 30, "{:?}", r.received);
+        assert_eq!(r.received.lost, 0);
+        let want: Vec<i16> = audio.iter().map(|&s| g711::ulaw_round_trip(s)).collect();
+        assert_eq!(r.recording.len(), want.len());
+        assert!(r.recording == want, "the recording holds all 30 frames");
     }
 
     /// Without `ready_timeout` the audio goes as soon as the media is bound (as before).

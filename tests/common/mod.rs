@@ -14,6 +14,7 @@ use voxgate::client::{g711, wav};
 
 pub mod pg;
 pub mod redis;
+pub mod shard;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_voxgate");
 
