@@ -235,7 +235,7 @@ impl Sealer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use rustls::crypto::cipher::{
@@ -279,7 +279,7 @@ mod tests {
 
     /// A real TLS 1.3 handshake in memory on suite `i`: the server's record keys (ours) and the
     /// client connection, rustls's own record layer, still live.
-    fn handshake(i: usize) -> (RecordKeys, rustls::ClientConnection) {
+    pub(crate) fn handshake(i: usize) -> (RecordKeys, rustls::ClientConnection) {
         #[derive(Debug)]
         struct AnyCert;
         impl rustls::client::danger::ServerCertVerifier for AnyCert {
@@ -362,7 +362,7 @@ mod tests {
     }
 
     /// What the client's rustls writes for `plain` (one record per write).
-    fn client_writes(client: &mut rustls::ClientConnection, plain: &[u8]) -> Vec<u8> {
+    pub(crate) fn client_writes(client: &mut rustls::ClientConnection, plain: &[u8]) -> Vec<u8> {
         use std::io::Write;
         client.writer().write_all(plain).unwrap();
         let mut out = Vec::new();
@@ -373,7 +373,10 @@ mod tests {
     }
 
     /// What the client's rustls reads from `records` (None: it refused them).
-    fn client_reads(client: &mut rustls::ClientConnection, records: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn client_reads(
+        client: &mut rustls::ClientConnection,
+        records: &[u8],
+    ) -> Option<Vec<u8>> {
         use std::io::Read;
         let mut rd = records;
         while !rd.is_empty() {

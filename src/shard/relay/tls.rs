@@ -445,3 +445,313 @@ impl Relay {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Delivery, FrameQueue, LegSpec, RelayConfig, SessionSpec};
+    use super::*;
+    use crate::shard::pool::PoolLayout;
+    use crate::wire::tls_records::tests::{client_reads, client_writes, handshake};
+
+    fn pool() -> Pool {
+        Pool::new(PoolLayout {
+            buf_size: 2048,
+            udp: 64,
+            tcp: 256,
+            spare: 8,
+        })
+        .unwrap()
+    }
+
+    fn leg(name: &str, delivery: Delivery, trusted: Option<&str>) -> LegSpec {
+        LegSpec {
+            name: name.into(),
+            key: b"k".to_vec(),
+            delivery,
+            trusted_source: trusted.map(|a| a.parse().unwrap()),
+            clock_rate: 8000,
+        }
+    }
+
+    fn recv(pool: &mut Pool, id: BufId, data: &[u8]) -> Seg {
+        pool.take_freed(&mut Vec::new());
+        let id = pool.received(id).expect("the kernel's buffer").into_ref();
+        pool.buf_mut_id(id).unwrap()[..data.len()].copy_from_slice(data);
+        Seg::new(id, 0, data.len())
+    }
+
+    /// A TCP leg `t` under shard TLS (suite `suite`), bound by hand, beside UDP leg `u`
+    /// (trusted source 192.0.2.1:1000, sending to 192.0.2.9:9); and the phone's rustls.
+    fn tls_session(
+        relay: &mut Relay,
+        pool: &mut Pool,
+        out: &mut Outbox,
+        suite: usize,
+    ) -> (ConnId, rustls::ClientConnection) {
+        relay
+            .install(SessionSpec {
+                id: 1,
+                legs: vec![
+                    leg(
+                        "u",
+                        Delivery::Udp("192.0.2.9:9".parse().unwrap()),
+                        Some("192.0.2.1:1000"),
+                    ),
+                    leg("t", Delivery::Tcp, None),
+                ],
+            })
+            .unwrap();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let c = relay
+            .on_accept(pool, a.into(), "192.0.2.2:2000".parse().unwrap(), 0, out)
+            .unwrap();
+        let (keys, client) = handshake(suite);
+        relay.set_tls(c, keys);
+        let t = relay.leg_by_name[&b"t"[..]];
+        relay.leg_mut(t).tcp = Some(c);
+        relay.forget_unbound(c);
+        let cap = relay.cfg.tcp_queue_frames;
+        let conn = relay.conn_mut(c).unwrap();
+        conn.leg = Some(t);
+        conn.queue = FrameQueue::new(cap);
+        (c, client)
+    }
+
+    fn rtp(i: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|j| {
+                if j == 0 {
+                    0x80
+                } else {
+                    i.wrapping_add(j as u8)
+                }
+            })
+            .collect()
+    }
+
+    fn rfc4571(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for f in frames {
+            v.extend_from_slice(&(f.len() as u16).to_be_bytes());
+            v.extend_from_slice(f);
+        }
+        v
+    }
+
+    /// Feeds `stream` in reads of the sizes in `cuts` (cycled), each in a fresh TCP buffer.
+    fn feed(
+        relay: &mut Relay,
+        pool: &mut Pool,
+        c: ConnId,
+        stream: &[u8],
+        cuts: &[usize],
+        out: &mut Outbox,
+    ) {
+        let (mut at, mut k) = (0usize, 0usize);
+        while at < stream.len() {
+            let n = cuts[k % cuts.len()].clamp(1, 2048).min(stream.len() - at);
+            let id = (64..320u16)
+                .find(|&b| pool.refs(b) == 0)
+                .expect("a free TCP buffer");
+            let seg = recv(pool, id, &stream[at..at + n]);
+            relay.on_tcp(pool, c, seg, 1, out);
+            pool.release(id);
+            at += n;
+            k += 1;
+        }
+    }
+
+    fn forwarded(pool: &mut Pool, out: &mut Outbox) -> Vec<Vec<u8>> {
+        let got = out
+            .udp
+            .iter()
+            .map(|o| {
+                o.segs[..usize::from(o.nsegs)]
+                    .iter()
+                    .flat_map(|s| pool.seg(*s).to_vec())
+                    .collect()
+            })
+            .collect();
+        for o in out.udp.drain(..) {
+            for s in &o.segs[..usize::from(o.nsegs)] {
+                pool.release(s.buf);
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn whole_records_are_opened_in_place_and_forwarded_from_there() {
+        for suite in 0..3 {
+            let mut relay = Relay::new(RelayConfig::default());
+            let mut pool = pool();
+            let mut out = Outbox::default();
+            let (c, mut client) = tls_session(&mut relay, &mut pool, &mut out, suite);
+            let frames: Vec<Vec<u8>> = (0..3).map(|i| rtp(i, 172)).collect();
+            // One record per frame, as a phone writes them; all in one read.
+            let stream: Vec<u8> = frames
+                .iter()
+                .flat_map(|f| client_writes(&mut client, &rfc4571(std::slice::from_ref(f))))
+                .collect();
+            let seg = recv(&mut pool, 64, &stream);
+            relay.on_tcp(&mut pool, c, seg, 1, &mut out);
+            pool.release(64);
+            assert!(
+                out.udp.iter().all(|o| o.nsegs == 1 && o.segs[0].buf == 64),
+                "every packet points into the buffer the records arrived in"
+            );
+            assert_eq!(forwarded(&mut pool, &mut out), frames);
+            assert_eq!(relay.counters.reassembly_copies, 0);
+            assert_eq!(pool.in_use(), 0);
+            assert!(!relay.conn(c).unwrap().closing);
+        }
+    }
+
+    #[test]
+    fn records_cut_at_every_boundary_forward_the_same_packets() {
+        let frames: Vec<Vec<u8>> = (0..4).map(|i| rtp(i, 100 + usize::from(i) * 60)).collect();
+        // Frames across records too: two records, cut inside the second frame.
+        let plain = rfc4571(&frames);
+        for cuts in [
+            vec![1usize],
+            vec![2, 7, 300],
+            vec![5],
+            vec![4, 1, 1, 1000],
+            vec![2048],
+        ] {
+            let mut relay = Relay::new(RelayConfig::default());
+            let mut pool = pool();
+            let mut out = Outbox::default();
+            let (c, mut client) = tls_session(&mut relay, &mut pool, &mut out, 1);
+            let mut stream = client_writes(&mut client, &plain[..250]);
+            stream.extend(client_writes(&mut client, &plain[250..]));
+            feed(&mut relay, &mut pool, c, &stream, &cuts, &mut out);
+            assert!(!relay.conn(c).unwrap().closing, "{cuts:?}");
+            assert_eq!(forwarded(&mut pool, &mut out), frames, "{cuts:?}");
+            // Byte by byte, at most one spare held at a time: memory stays bounded.
+            assert_eq!(pool.in_use(), 0, "{cuts:?}");
+        }
+    }
+
+    #[test]
+    fn a_record_larger_than_a_buffer_is_gathered_on_a_bound_connection() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        let (c, mut client) = tls_session(&mut relay, &mut pool, &mut out, 2);
+        let frames: Vec<Vec<u8>> = (0..30).map(|i| rtp(i, 172)).collect();
+        let stream = client_writes(&mut client, &rfc4571(&frames));
+        assert!(stream.len() > 5000, "one record of {} bytes", stream.len());
+        feed(&mut relay, &mut pool, c, &stream, &[1500], &mut out);
+        assert_eq!(forwarded(&mut pool, &mut out), frames);
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn a_bad_record_closes_the_connection_and_frees_its_buffers() {
+        type Spoil = fn(&mut Vec<u8>);
+        let cases: [(&str, Spoil); 5] = [
+            ("bit flip", |r| r[20] ^= 0x10),
+            ("tag flip", |r| {
+                let n = r.len();
+                r[n - 1] ^= 1
+            }),
+            ("oversize length", |r| {
+                r[3..5].copy_from_slice(&0x4101u16.to_be_bytes())
+            }),
+            ("not application data", |r| r[0] = 22),
+            ("garbage", |r| r.iter_mut().for_each(|b| *b = 0x41)),
+        ];
+        for (what, spoil) in cases {
+            let mut relay = Relay::new(RelayConfig::default());
+            let mut pool = pool();
+            let mut out = Outbox::default();
+            let (c, mut client) = tls_session(&mut relay, &mut pool, &mut out, 0);
+            let good = client_writes(&mut client, &rfc4571(&[rtp(1, 172)]));
+            let mut bad = client_writes(&mut client, &rfc4571(&[rtp(2, 172)]));
+            spoil(&mut bad);
+            let mut stream = good.clone();
+            stream.extend_from_slice(&bad);
+            // Cut inside the bad record: the spare it is gathered in comes back.
+            feed(
+                &mut relay,
+                &mut pool,
+                c,
+                &stream,
+                &[good.len() + 30, 2048],
+                &mut out,
+            );
+            assert_eq!(forwarded(&mut pool, &mut out), vec![rtp(1, 172)], "{what}");
+            assert!(relay.conn(c).unwrap().closing, "{what}: closed");
+            assert_eq!(out.close, vec![c], "{what}");
+            assert_eq!(relay.counters.dropped(DropReason::BadFrame), 1, "{what}");
+            assert_eq!(pool.in_use(), 0, "{what}");
+        }
+    }
+
+    #[test]
+    fn an_alert_or_a_key_update_closes_the_connection() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        let (c, mut client) = tls_session(&mut relay, &mut pool, &mut out, 0);
+        client.send_close_notify();
+        let mut alert = Vec::new();
+        client.write_tls(&mut alert).unwrap();
+        feed(&mut relay, &mut pool, c, &alert, &[2048], &mut out);
+        assert!(relay.conn(c).unwrap().closing);
+        let mut relay = Relay::new(RelayConfig::default());
+        let (c, mut client) = tls_session(&mut relay, &mut pool, &mut out, 1);
+        client.refresh_traffic_keys().unwrap();
+        let mut update = Vec::new();
+        client.write_tls(&mut update).unwrap();
+        feed(&mut relay, &mut pool, c, &update, &[2048], &mut out);
+        assert!(relay.conn(c).unwrap().closing);
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn frames_toward_a_tls_leg_leave_sealed_in_one_record() {
+        let mut relay = Relay::new(RelayConfig::default());
+        let mut pool = pool();
+        let mut out = Outbox::default();
+        let (c, mut client) = tls_session(&mut relay, &mut pool, &mut out, 0);
+        let frames: Vec<Vec<u8>> = (0..3).map(|i| rtp(i, 172)).collect();
+        for (i, f) in frames.iter().enumerate() {
+            let seg = recv(&mut pool, i as BufId, f);
+            relay.on_udp(
+                &mut pool,
+                "192.0.2.1:1000".parse().unwrap(),
+                seg,
+                0,
+                &mut out,
+            );
+            pool.release(i as BufId);
+        }
+        assert_eq!(relay.conn(c).unwrap().queued(), 3);
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 8];
+        assert_eq!(relay.prepare_tcp_send(&mut pool, c, &mut iov), 1);
+        // The payloads were copied into the record: their buffers are free already.
+        assert_eq!(relay.conn(c).unwrap().queued(), 0);
+        assert_eq!(pool.in_use(), 0);
+        assert!(relay.tcp_has_queued(c), "the record is still to write");
+        let rec = |iov: &libc::iovec| {
+            // SAFETY: the iovec points into the connection's send buffer.
+            unsafe { std::slice::from_raw_parts(iov.iov_base.cast::<u8>(), iov.iov_len) }.to_vec()
+        };
+        let whole = rec(&iov[0]);
+        assert_eq!(whole.len(), 5 + 3 * 174 + 1 + 16, "one record");
+        // Written in two goes: the rest is offered again, never a new record.
+        relay.tcp_sent(&mut pool, c, 100);
+        assert_eq!(relay.prepare_tcp_send(&mut pool, c, &mut iov), 1);
+        assert_eq!(rec(&iov[0]), whole[100..]);
+        relay.tcp_sent(&mut pool, c, whole.len() - 100);
+        assert!(!relay.tcp_has_queued(c));
+        assert_eq!(relay.prepare_tcp_send(&mut pool, c, &mut iov), 0);
+        // The phone's rustls reads the three frames.
+        assert_eq!(client_reads(&mut client, &whole), Some(rfc4571(&frames)));
+    }
+}
