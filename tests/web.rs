@@ -1618,7 +1618,7 @@ fn the_web_listener_serves_https_with_the_tls_certificate() {
 
 /// A page served over HTTPS from a public name (`gw.test`, which Chromium resolves to loopback
 /// by its host rules, so that `ws://` from the page would be blocked as mixed content) carries
-/// its media over `wss://` through the single port (TLS media, userspace TLS): it calls bob, a
+/// its media over `wss://` through the single port (TLS media, run by the shard): it calls bob, a
 /// `voxgate phone --answer`; the page is told `wss://gw.test:<single port>/media/<leg>`, the
 /// single port hands that connection to the leg's shard, and the audio crosses byte-exact both
 /// ways as in the plain browser audio test.
@@ -1655,7 +1655,7 @@ fn an_https_page_carries_its_media_over_wss_through_the_single_port() {
         format!(
             "[web]\nenabled = true\nlisten = \"127.0.0.1:0\"\nhttps = true\n\
              [tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\n\
-             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"userspace\"\n",
+             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"shard\"\n",
             cert_path.to_str().unwrap(),
             key_path.to_str().unwrap()
         ),
