@@ -13,7 +13,10 @@
 //!   finishes its handshake here: with `tls_engine = "kernel"` the handshake reads exactly
 //!   the handshake's records, then kernel TLS takes the socket ([`super::ktls`]) and the shard
 //!   gets the TCP socket itself (zero-copy); with `"userspace"` a relay task here holds the
-//!   TLS session and the shard gets one end of a socket pair (one copy per packet each way).
+//!   TLS session and the shard gets one end of a socket pair (one copy per packet each way);
+//!   with `"shard"` the same exact handshake, then the shard gets the TCP socket and the
+//!   session's record keys ([`crate::shard::Command::AdoptTls`]) and runs the records itself
+//!   (the leg is read from copies of the first records, opened here and left unread).
 //!
 //! - A WebSocket media leg (the browser phone's): plain `GET /media/<leg>` where the port takes
 //!   plain media, or a TLS connection offering ALPN `http/1.1` where it takes TLS media
