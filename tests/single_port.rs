@@ -961,3 +961,35 @@ fn tls_media_on_the_shard_engine_and_attacks_close_only_their_connection() {
     drop(phone);
     gw.stop();
 }
+
+/// The shard engine on the epoll fallback loop (the same record layer, sent and received with
+/// sendmsg/read instead of io_uring): a TLS-both-ways call, byte-exact.
+#[test]
+fn tls_media_on_the_shard_engine_over_the_epoll_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let mut gw = start(
+        &format!(
+            "[server]\nbackend = \"epoll\"\n\
+             [tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\nplain_control = false\n\
+             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"shard\"\n",
+            p.cert.to_str().unwrap(),
+            p.key.to_str().unwrap()
+        ),
+        dir.path(),
+    );
+    let port = single_port(&gw);
+    let handed = call_over(
+        &gw,
+        &format!("tls://127.0.0.1:{port}"),
+        &["--ca", p.ca.to_str().unwrap()],
+    );
+    assert_eq!(handed.len(), 2, "{handed:?}");
+    assert!(handed.iter().all(|l| l.contains("tls-shard")), "{handed:?}");
+    assert!(
+        gw.log_text().contains("epoll"),
+        "the shards ran on epoll: {}",
+        gw.log_text()
+    );
+    gw.stop();
+}
