@@ -49,8 +49,10 @@ pub struct SinglePortSection {
     pub media: SharedMedia,
     /// Who runs TLS on media connections once the handshake is done: `kernel` (kTLS: the
     /// shard reads and writes plain bytes, zero-copy) or `userspace` (a relay task on the
-    /// control thread, one copy per packet each way). With `kernel` and no kTLS in the kernel
-    /// (the `tls` module), the gateway does not start: it never falls back silently.
+    /// control thread, one copy per packet each way) or `shard` (the shard runs the TLS 1.3
+    /// record layer itself on the handshake's keys: received records opened in place in its
+    /// buffers, sent frames copied once into a record). With `kernel` and no kTLS in the
+    /// kernel (the `tls` module), the gateway does not start: it never falls back silently.
     pub tls_engine: TlsEngine,
 }
 
@@ -78,6 +80,7 @@ pub enum SharedMedia {
 pub enum TlsEngine {
     Kernel,
     Userspace,
+    Shard,
 }
 
 /// TLS on the control channel (`[tls]`; see `server::tls`). With `cert` and `key` set, the
@@ -1447,6 +1450,8 @@ mod limits_tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("collides with the media ports"), "{e}");
         // Unknown values are refused by name.
+        let c = Config::parse("[single_port]\ntls_engine = \"shard\"\n").unwrap();
+        assert_eq!(c.single_port.tls_engine, TlsEngine::Shard);
         let e = Config::parse("[single_port]\ntls_engine = \"magic\"\n").unwrap_err();
         assert!(e.contains("tls_engine") || e.contains("magic"), "{e}");
         // A change needs a restart, and is named.

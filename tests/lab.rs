@@ -941,8 +941,8 @@ fn squid_is_the_only_way_out() {
     let engine = match voxgate::server::ktls::available() {
         Ok(()) => "kernel",
         Err(e) => {
-            eprintln!("lab: no kernel TLS here ({e}): the gateway relays TLS media in userspace");
-            "userspace"
+            eprintln!("lab: no kernel TLS here ({e}): the shard runs the TLS records itself");
+            "shard"
         }
     };
     let cfg = pki_dir.path().join("voxgate.toml");

@@ -1,8 +1,9 @@
 //! One port for everything (`[single_port]`): control and TCP media share one TCP port, told
 //! apart by their first bytes, and media connections are handed to the shard that holds their
 //! leg. Calls whose both directions are TCP through the gateway carry audio byte-exact over
-//! that one port: plain RFC 4571, TLS media relayed in userspace, and TLS media on kernel TLS
-//! where the kernel has it (where it does not, the gateway refuses to start and says why).
+//! that one port: plain RFC 4571, TLS media relayed in userspace, TLS media whose records the
+//! shard runs itself, and TLS media on kernel TLS where the kernel has it (where it does not,
+//! the gateway refuses to start and says why).
 //! Everything runs on loopback; certificates are made here with rcgen.
 
 mod common;
@@ -594,25 +595,26 @@ fn ws_leg_call(gw: &Gateway, port: u16, ca: Option<&Path>, how: &str) -> String 
     leg
 }
 
-/// `wss://` (the browser phone's media over TLS on the one port firewalls allow), userspace
-/// TLS. A request for another path, one over the size limit, one for a leg nobody has, and
+/// `wss://` (the browser phone's media over TLS on the one port firewalls allow), TLS run by
+/// the shard (`tls_engine = "shard"`: the WebSocket framing rides on the shard's record
+/// layer). A request for another path, one over the size limit, one for a leg nobody has, and
 /// plain ws:// on this TLS-media port are all closed unanswered.
 #[test]
-fn wss_media_leg_through_the_shared_port_userspace() {
+fn wss_media_leg_through_the_shared_port_on_the_shard_engine() {
     use voxgate::wire::ws;
     let dir = tempfile::tempdir().unwrap();
     let p = pki(dir.path());
     let mut gw = start(
         &format!(
             "[tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\nplain_control = false\n\
-             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"userspace\"\n",
+             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"shard\"\n",
             p.cert.to_str().unwrap(),
             p.key.to_str().unwrap()
         ),
         dir.path(),
     );
     let port = single_port(&gw);
-    let leg = ws_leg_call(&gw, port, Some(&p.ca), "wss");
+    let leg = ws_leg_call(&gw, port, Some(&p.ca), "wss-shard");
 
     // Attacks: each closed unanswered, the port still serving afterwards.
     let mut wrong = wss_connect(port, &p.ca);
@@ -654,5 +656,340 @@ fn ws_media_leg_through_a_plain_shared_port() {
     t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     t.write_all(upgrade_request("/control").as_bytes()).unwrap();
     assert_closed(&mut t);
+    gw.stop();
+}
+
+/// A TLS connection to the shared port offering ALPN `voxgate-media`, as a phone's media leg.
+fn tls_media_connect(
+    port: u16,
+    ca: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let mut s = wss_connect(port, ca);
+    let mut cfg = (*wss_client_config(ca)).clone();
+    cfg.alpn_protocols = vec![b"voxgate-media".to_vec()];
+    s.conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
+            .unwrap();
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).expect("the TLS handshake");
+    }
+    s
+}
+
+fn wss_client_config(ca: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+/// The TLS records rustls makes of `plain` (one write), not yet sent.
+fn records(
+    s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    plain: &[u8],
+) -> Vec<u8> {
+    s.conn.writer().write_all(plain).unwrap();
+    let mut out = Vec::new();
+    while s.conn.wants_write() {
+        s.conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+fn rfc4571(pkt: &[u8]) -> Vec<u8> {
+    let mut f = (pkt.len() as u16).to_be_bytes().to_vec();
+    f.extend_from_slice(pkt);
+    f
+}
+
+/// Binds `leg` on a TLS media connection (its Binding request in the first record, sent
+/// `bytewise` one byte per TCP segment or whole) and waits for the shard's answer.
+fn bind_tls_leg(
+    port: u16,
+    ca: &Path,
+    leg: &str,
+    key: &[u8],
+    bytewise: bool,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let mut s = tls_media_connect(port, ca);
+    s.sock.set_nodelay(true).unwrap();
+    let txid = binding::new_txid();
+    let mut req = [0u8; 512];
+    let n = binding::request(&mut req, leg, key, &txid).unwrap();
+    let rec = records(&mut s, &rfc4571(&req[..n]));
+    if bytewise {
+        for b in &rec {
+            s.sock.write_all(std::slice::from_ref(b)).unwrap();
+            std::thread::sleep(Duration::from_micros(300));
+        }
+    } else {
+        s.sock.write_all(&rec).unwrap();
+    }
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).expect("the Binding's answer");
+    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut msg).unwrap();
+    binding::check_response(&msg, key, &txid).expect("a keyed answer from the shard");
+    s
+}
+
+/// TLS media on the shard's own record layer (`tls_engine = "shard"`), at the real port:
+/// - a call whose both directions are TCP over TLS through the port, byte-exact, handed over
+///   as `tls-shard` (the browser's `wss://` leg on this engine: the test above);
+/// - then, on a leg of a live call (alice in this process calls bob, an open phone): after a
+///   valid Binding, garbage, a bit-flipped record, an oversize record length and a close_notify
+///   alert each close their own connection (the shard's record layer refuses them), while a
+///   stranger's connections (no leg) with the same attacks are closed by the port, and the
+///   connection that finally carries alice's audio — its Binding and first packets sent one
+///   byte per TCP segment — delivers the clip to bob byte-exact.
+#[test]
+fn tls_media_on_the_shard_engine_and_attacks_close_only_their_connection() {
+    use voxgate::client::g711;
+    use voxgate::client::session::{Event, Phone, PhoneOptions};
+    use voxgate::client::tls::TlsOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let mut gw = start(
+        &format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\nplain_control = false\n\
+             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"shard\"\n",
+            p.cert.to_str().unwrap(),
+            p.key.to_str().unwrap()
+        ),
+        dir.path(),
+    );
+    let port = single_port(&gw);
+    let server = format!("tls://127.0.0.1:{port}");
+    let handed = call_over(&gw, &server, &["--ca", p.ca.to_str().unwrap()]);
+    assert_eq!(handed.len(), 2, "{handed:?}");
+    assert!(handed.iter().all(|l| l.contains("tls-shard")), "{handed:?}");
+    stranger_media_is_closed(port);
+
+    // A live call: alice (here, no UDP) calls bob (open, recording).
+    let clip = test_clip(gw.dir.path(), "speech-8k.wav", "clip2.wav", 1.5);
+    let samples = wav::read(&clip).unwrap();
+    let mut encoded = vec![0u8; samples.len()];
+    g711::encode_ulaw_into(&samples, &mut encoded);
+    let b_rec = gw.dir.path().join("b-rec2.wav");
+    let mark = gw.log_len();
+    let callee = spawn_phone_at(
+        &[],
+        &gw,
+        &server,
+        "bob",
+        &[
+            "--ca",
+            p.ca.to_str().unwrap(),
+            "--answer",
+            "--record",
+            b_rec.to_str().unwrap(),
+            "--wait",
+            "40",
+        ],
+    );
+    gw.wait_online(mark, "bob");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let opts = PhoneOptions {
+        firewall: voxgate::client::Firewall {
+            block_udp_out: true,
+            block_udp_in: true,
+            simulate_nat: false,
+        },
+        tls: Some(TlsOptions {
+            ca: Some(p.ca.clone()),
+        }),
+        ..PhoneOptions::default()
+    };
+    let (phone, mut events) = rt
+        .block_on(Phone::connect(
+            &server,
+            "alice",
+            &common::password("alice"),
+            opts,
+        ))
+        .expect("alice logs in");
+    let next = |events: &mut tokio::sync::mpsc::Receiver<Event>| {
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(20), events.recv())
+                .await
+                .expect("an event in time")
+                .expect("the phone is up")
+        })
+    };
+    assert!(
+        rt.block_on(phone.wait_capabilities(Duration::from_secs(15)))
+            .is_some()
+    );
+    let call = rt.block_on(async {
+        let sock = phone.media_socket().await.unwrap();
+        let addr = phone.media_address(&sock).unwrap();
+        phone.dial("+15550002", addr).await.unwrap()
+    });
+    let m = loop {
+        match next(&mut events) {
+            Event::Media(m) => break m,
+            Event::HangUp { reason, detail, .. } => panic!("hung up: {reason:?} {detail:?}"),
+            _ => {}
+        }
+    };
+    assert!(m.gateway_tcp_tls, "{m:?}");
+    let leg = m.leg.clone().expect("alice's leg goes through the gateway");
+    let key = voxgate::control::leg_key(phone.session_key(), &leg);
+
+    // Strangers (no leg): the same attacks, refused by the port before any shard sees them.
+    let ca = p.ca.clone();
+    let strangers = std::thread::spawn(move || {
+        for attack in 0..4 {
+            let mut s = tls_media_connect(port, &ca);
+            let bytes = match attack {
+                0 => b"\x17\x03\x03\x00\x20garbage, not a sealed record......".to_vec(),
+                1 => {
+                    let mut r = records(&mut s, &rfc4571(&[0u8; 40]));
+                    r[10] ^= 4;
+                    r
+                }
+                2 => vec![23, 3, 3, 0x41, 0x01, 0, 0, 0],
+                _ => {
+                    s.conn.send_close_notify();
+                    let mut r = Vec::new();
+                    s.conn.write_tls(&mut r).unwrap();
+                    r
+                }
+            };
+            let _ = s.sock.write_all(&bytes);
+            assert_closed(&mut s.sock);
+        }
+    });
+
+    // The leg's owner turned attacker: each attack after a valid Binding ends its connection
+    // in the shard.
+    let handed_over = |gw: &Gateway| gw.log_text().matches("media connection handed").count();
+    for attack in 0..4 {
+        let before = handed_over(&gw);
+        let mut s = bind_tls_leg(port, &p.ca, &leg, &key, false);
+        assert!(handed_over(&gw) > before, "handed to the shard");
+        let bytes = match attack {
+            0 => vec![
+                0x17, 3, 3, 0, 40, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55,
+                0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55,
+                0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55,
+                0x55, 0x55,
+            ],
+            1 => {
+                let mut r = records(&mut s, &rfc4571(&[0x80; 172]));
+                let n = r.len();
+                r[n - 3] ^= 0x20;
+                r
+            }
+            2 => vec![23, 3, 3, 0xff, 0xff, 1, 2, 3],
+            _ => {
+                s.conn.send_close_notify();
+                let mut r = Vec::new();
+                s.conn.write_tls(&mut r).unwrap();
+                r
+            }
+        };
+        let _ = s.sock.write_all(&bytes);
+        assert_closed(&mut s.sock);
+    }
+    strangers
+        .join()
+        .expect("the strangers' connections were closed");
+
+    // The connection that carries the call: bound one byte per segment, its first packets
+    // too; then the clip, 20 ms per packet.
+    let mut s = bind_tls_leg(port, &p.ca, &leg, &key, true);
+    // Media is ready once the leg bound (the first attack's Binding may have told it already).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut ready = false;
+    while !ready {
+        match events.try_recv() {
+            Ok(Event::MediaReady { call: c }) if c == call => ready = true,
+            Ok(Event::HangUp { reason, detail, .. }) => panic!("hung up: {reason:?} {detail:?}"),
+            Ok(_) => {}
+            Err(_) => {
+                assert!(std::time::Instant::now() < deadline, "media never ready");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    let ssrc: u32 = rand::random();
+    for (i, frame) in encoded.chunks(160).enumerate() {
+        let mut pkt = vec![0x80, 0x00];
+        pkt.extend_from_slice(&(i as u16).to_be_bytes());
+        pkt.extend_from_slice(&((i * 160) as u32).to_be_bytes());
+        pkt.extend_from_slice(&ssrc.to_be_bytes());
+        pkt.extend_from_slice(frame);
+        pkt.resize(12 + 160, 0xff);
+        let rec = records(&mut s, &rfc4571(&pkt));
+        if i < 3 {
+            for b in &rec {
+                s.sock.write_all(std::slice::from_ref(b)).unwrap();
+            }
+        } else {
+            s.sock.write_all(&rec).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    rt.block_on(phone.hang_up(call)).unwrap();
+    let rb = finish(callee);
+    assert_eq!(rb.code, 0, "{}\n{}", rb.json, rb.stderr);
+    let want = ulaw_round_trip_padded(&samples);
+    let rec = wav::read(&b_rec).unwrap();
+    assert!(
+        rec.len() >= want.len() && rec[..want.len()] == want[..],
+        "bob's recording differs from what alice's TLS leg sent ({} samples recorded)",
+        rec.len()
+    );
+    drop(s);
+    drop(phone);
+    gw.stop();
+}
+
+/// The shard engine on the epoll fallback loop (the same record layer, sent and received with
+/// sendmsg/read instead of io_uring): a TLS-both-ways call, byte-exact.
+#[test]
+fn tls_media_on_the_shard_engine_over_the_epoll_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let mut gw = start(
+        &format!(
+            "[server]\nbackend = \"epoll\"\n\
+             [tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\nplain_control = false\n\
+             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"shard\"\n",
+            p.cert.to_str().unwrap(),
+            p.key.to_str().unwrap()
+        ),
+        dir.path(),
+    );
+    let port = single_port(&gw);
+    let handed = call_over(
+        &gw,
+        &format!("tls://127.0.0.1:{port}"),
+        &["--ca", p.ca.to_str().unwrap()],
+    );
+    assert_eq!(handed.len(), 2, "{handed:?}");
+    assert!(handed.iter().all(|l| l.contains("tls-shard")), "{handed:?}");
+    assert!(
+        gw.log_text().contains("epoll"),
+        "the shards ran on epoll: {}",
+        gw.log_text()
+    );
     gw.stop();
 }

@@ -2060,7 +2060,7 @@ fn sighup_reloads_the_web_listeners_certificate_without_dropping_connections() {
 
 /// A page served over HTTPS from a public name (`gw.test`, which Chromium resolves to loopback
 /// by its host rules, so that `ws://` from the page would be blocked as mixed content) carries
-/// its media over `wss://` through the single port (TLS media, userspace TLS): it calls bob, a
+/// its media over `wss://` through the single port (TLS media, run by the shard): it calls bob, a
 /// `voxgate phone --answer`; the page is told `wss://gw.test:<single port>/media/<leg>`, the
 /// single port hands that connection to the leg's shard, and the audio crosses byte-exact both
 /// ways as in the plain browser audio test.
@@ -2080,7 +2080,7 @@ fn an_https_page_carries_its_media_over_wss_through_the_single_port() {
         dir.path(),
         &c.cert,
         &c.key,
-        "[single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"userspace\"\n",
+        "[single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"shard\"\n",
     );
     let web_port = word("web=").rsplit(':').next().unwrap().to_owned();
     let single_port = word("single_port=").rsplit(':').next().unwrap().to_owned();

@@ -376,7 +376,8 @@ fn build_rig(
                     *c = rss;
                 }
             });
-            let tls = (a.scenario == Scenario::TcpUdpTls).then(|| crate::client::tls::MediaTls {
+            let tls_media = matches!(a.scenario, Scenario::TcpUdpTls | Scenario::UdpTcpTls);
+            let tls = tls_media.then(|| crate::client::tls::MediaTls {
                 opts: crate::client::tls::TlsOptions { ca: a.ca.clone() },
                 host: a
                     .server

@@ -70,6 +70,8 @@ pub enum Scenario {
     /// As tcp-udp, with the TCP leg inside TLS (a gateway whose single port takes TLS media:
     /// kernel TLS, or its userspace relay).
     TcpUdpTls,
+    /// As udp-tcp, with the TCP leg inside TLS: the gateway seals what it sends to the TCP leg.
+    UdpTcpTls,
     /// A conference room: one speaker, N listeners, all UDP via the gateway.
     Room,
 }
@@ -82,6 +84,7 @@ impl Scenario {
             Scenario::TcpUdp => "tcp-udp",
             Scenario::TcpTcp => "tcp-tcp",
             Scenario::TcpUdpTls => "tcp-udp-tls",
+            Scenario::UdpTcpTls => "udp-tcp-tls",
             Scenario::Room => "room",
         }
     }
@@ -98,7 +101,9 @@ impl Scenario {
         };
         match self {
             Scenario::UdpUdp | Scenario::Room => (nat, nat),
-            Scenario::UdpTcp | Scenario::TcpUdp | Scenario::TcpUdpTls => (nat, tcp_only),
+            Scenario::UdpTcp | Scenario::TcpUdp | Scenario::TcpUdpTls | Scenario::UdpTcpTls => {
+                (nat, tcp_only)
+            }
             Scenario::TcpTcp => (tcp_only, tcp_only),
         }
     }
@@ -614,12 +619,13 @@ async fn bind_leg(
             }
             (true, None) => {
                 return Err(
-                    "the gateway puts TCP media under TLS: use scenario tcp-udp-tls".into(),
+                    "the gateway puts TCP media under TLS: use scenario tcp-udp-tls or udp-tcp-tls"
+                        .into(),
                 );
             }
             (false, Some(_)) => {
                 return Err(
-                    "scenario tcp-udp-tls, but the gateway's TCP media is plain (it needs \
+                    "a TLS scenario, but the gateway's TCP media is plain (it needs \
                      [single_port] media = \"tls\")"
                         .into(),
                 );

@@ -62,7 +62,7 @@ struct Chacha20Poly1305 {
 pub enum KtlsError {
     #[error(
         "kernel TLS is not available: the kernel has no \"tls\" upper layer protocol \
-         (load it with `modprobe tls`; or set single_port.tls_engine = \"userspace\"): {0}"
+         (load it with `modprobe tls`; or set single_port.tls_engine = \"userspace\", or \"shard\"): {0}"
     )]
     Unavailable(io::Error),
     #[error("kernel TLS: {what}: {source}")]

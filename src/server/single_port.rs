@@ -13,7 +13,10 @@
 //!   finishes its handshake here: with `tls_engine = "kernel"` the handshake reads exactly
 //!   the handshake's records, then kernel TLS takes the socket ([`super::ktls`]) and the shard
 //!   gets the TCP socket itself (zero-copy); with `"userspace"` a relay task here holds the
-//!   TLS session and the shard gets one end of a socket pair (one copy per packet each way).
+//!   TLS session and the shard gets one end of a socket pair (one copy per packet each way);
+//!   with `"shard"` the same exact handshake, then the shard gets the TCP socket and the
+//!   session's record keys ([`crate::shard::Command::AdoptTls`]) and runs the records itself
+//!   (the leg is read from copies of the first records, opened here and left unread).
 //!
 //! - A WebSocket media leg (the browser phone's): plain `GET /media/<leg>` where the port takes
 //!   plain media, or a TLS connection offering ALPN `http/1.1` where it takes TLS media
@@ -39,6 +42,7 @@ use super::demux::{self, Kind};
 use super::{ConnIo, Event, ServeError, Server, canonical};
 use crate::config::{Config, SharedMedia, TlsEngine};
 use crate::relay_spec::SessionId;
+use crate::wire::tls_records;
 
 /// The largest first media frame looked at: a leg's Binding request is about 80 bytes.
 const MAX_FIRST_FRAME: usize = 1024;
@@ -62,6 +66,8 @@ pub struct MediaConn {
     pub leg: String,
     /// `tls` / `ktls` / `plain`, for the log.
     pub how: &'static str,
+    /// TLS the shard runs (`tls_engine = "shard"`): the keys of the finished handshake.
+    pub keys: Option<Box<crate::wire::tls_records::RecordKeys>>,
 }
 
 /// Which shard holds each live leg (the shared port's media connections go there).
@@ -323,6 +329,81 @@ async fn ktls_handshake(
     super::ktls::enable(stream.as_raw_fd(), secrets).map_err(|e| e.to_string())
 }
 
+/// The most ciphertext looked at for a shard-engine connection's first frame or WebSocket
+/// request: two records of the largest size (a phone sends its first frame in one small one).
+const MAX_FIRST_RECORDS: usize = 2 * (tls_records::HEADER + tls_records::MAX_CIPHERTEXT);
+
+/// The plaintext of the whole records at the start of `b`, opened with a copy of `rx` (the
+/// shard opens them again from the same sequence number: nothing is consumed here).
+fn peek_open(b: &[u8], rx: &tls_records::Opener) -> Result<Vec<u8>, String> {
+    let mut rx = rx.clone();
+    let mut plain = Vec::new();
+    let mut at = 0;
+    while b.len() - at >= tls_records::HEADER {
+        let mut h = [0u8; tls_records::HEADER];
+        h.copy_from_slice(&b[at..at + tls_records::HEADER]);
+        let total = tls_records::HEADER + tls_records::body_len(&h).map_err(|e| e.to_string())?;
+        if b.len() - at < total {
+            break;
+        }
+        let mut rec = b[at..at + total].to_vec();
+        let n = rx.open_in_place(&mut rec).map_err(|e| e.to_string())?;
+        plain.extend_from_slice(&rec[tls_records::HEADER..tls_records::HEADER + n]);
+        at += total;
+    }
+    Ok(plain)
+}
+
+/// A media connection for the shard's TLS engine: the exact handshake (as for kernel TLS),
+/// its keys, and the leg its first frame (or WebSocket request, with `ws`) names, read by
+/// peeking the first records and opening copies of them.
+async fn shard_handshake(
+    stream: &mut TcpStream,
+    config: Arc<ServerConfig>,
+    ws: bool,
+) -> Result<(tls_records::RecordKeys, String), String> {
+    let alpn = if ws {
+        demux::ALPN_HTTP1
+    } else {
+        demux::ALPN_MEDIA
+    };
+    let conn = handshake_exact(stream, config).await?;
+    if conn.alpn_protocol() != Some(alpn) {
+        return Err(format!(
+            "the TLS media connection did not settle on ALPN {}",
+            String::from_utf8_lossy(alpn)
+        ));
+    }
+    let secrets = conn
+        .dangerous_extract_secrets()
+        .map_err(|e| format!("TLS secrets: {e}"))?;
+    let keys = tls_records::RecordKeys::new(secrets).map_err(|e| e.to_string())?;
+    let whole = |p: &[u8]| {
+        if ws {
+            demux::ws_request_leg(p) != Err(demux::WsLegError::Incomplete)
+        } else {
+            demux::first_frame_len(p).is_some_and(|len| p.len() >= len)
+        }
+    };
+    let mut buf = vec![0u8; MAX_FIRST_RECORDS];
+    let n = peek_until(stream, &mut buf, |b| match peek_open(b, &keys.rx) {
+        Ok(p) => whole(&p),
+        Err(_) => true,
+    })
+    .await?;
+    let plain = peek_open(&buf[..n], &keys.rx)?;
+    let leg = if ws {
+        demux::ws_request_leg(&plain)
+            .map(str::to_owned)
+            .map_err(|e| e.to_string())?
+    } else {
+        demux::first_frame_leg(&plain)
+            .map(str::to_owned)
+            .map_err(|e| e.to_string())?
+    };
+    Ok((keys, leg))
+}
+
 /// A userspace TLS media connection: the handshake, the first frame read for its leg, and a
 /// relay task between the TLS session and a socket pair whose other end goes to the shard.
 async fn userspace_media(
@@ -484,6 +565,7 @@ async fn sort(
                             peer,
                             leg,
                             how: "wss",
+                            keys: None,
                         }),
                         Err(e) => Sorted::Refused(e),
                     }
@@ -494,9 +576,24 @@ async fn sort(
                         peer,
                         leg,
                         how: "tls",
+                        keys: None,
                     }),
                     Err(e) => Sorted::Refused(e),
                 },
+                (TlsEngine::Shard, hello) => {
+                    let ws = hello == Hello::WebSocket;
+                    match shard_handshake(&mut stream, config, ws).await {
+                        Ok((keys, leg)) => match media(stream, peer, leg, "tls-shard") {
+                            Sorted::Media(m) => Sorted::Media(MediaConn {
+                                keys: Some(Box::new(keys)),
+                                how: if ws { "wss-shard" } else { "tls-shard" },
+                                ..m
+                            }),
+                            other => other,
+                        },
+                        Err(e) => Sorted::Refused(e),
+                    }
+                }
             }
         }
         Kind::Control => Sorted::Refused("plain control is off on this port".into()),
@@ -513,6 +610,7 @@ fn media(stream: TcpStream, peer: SocketAddr, leg: String, how: &'static str) ->
             peer,
             leg,
             how,
+            keys: None,
         }),
         Err(e) => Sorted::Refused(e.to_string()),
     }
@@ -604,7 +702,11 @@ impl Server {
                 match shard {
                     Some(h) => {
                         tracing::info!(conn, shard = h.index, how = m.how, peer = %m.peer, "shared port: media connection handed to its shard");
-                        if let Err(e) = h.adopt_tcp(m.fd, m.peer) {
+                        let handed = match m.keys {
+                            Some(keys) => h.adopt_tls(m.fd, m.peer, *keys),
+                            None => h.adopt_tcp(m.fd, m.peer),
+                        };
+                        if let Err(e) = handed {
                             tracing::warn!("shared port: {e}");
                         }
                     }

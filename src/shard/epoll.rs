@@ -548,7 +548,7 @@ impl EpollShard {
             let n = self
                 .core
                 .relay
-                .prepare_tcp_send(&self.core.pool, c, &mut self.tcp_iov);
+                .prepare_tcp_send(&mut self.core.pool, c, &mut self.tcp_iov);
             if n == 0 {
                 break;
             }

@@ -171,6 +171,14 @@ pub enum Command {
         fd: std::os::fd::OwnedFd,
         peer: SocketAddr,
     },
+    /// [`Command::AdoptTcp`] for a TCP socket whose TLS 1.3 handshake is finished and whose
+    /// records the shard runs itself (`tls_engine = "shard"`) with these keys; nothing has
+    /// been read from the socket after the handshake.
+    AdoptTls {
+        fd: std::os::fd::OwnedFd,
+        peer: SocketAddr,
+        keys: Box<crate::wire::tls_records::RecordKeys>,
+    },
     /// Answer at once: the shard's loop is turning (the watchdog's question).
     Ping {
         reply: oneshot::Sender<()>,
@@ -297,6 +305,21 @@ impl ShardHandle {
     /// Hands an accepted TCP media connection to this shard (see [`Command::AdoptTcp`]).
     pub fn adopt_tcp(&self, fd: std::os::fd::OwnedFd, peer: SocketAddr) -> Result<(), ShardError> {
         self.send(Command::AdoptTcp { fd, peer })
+    }
+
+    /// Hands a TLS media connection to this shard, which runs its records (see
+    /// [`Command::AdoptTls`]).
+    pub fn adopt_tls(
+        &self,
+        fd: std::os::fd::OwnedFd,
+        peer: SocketAddr,
+        keys: crate::wire::tls_records::RecordKeys,
+    ) -> Result<(), ShardError> {
+        self.send(Command::AdoptTls {
+            fd,
+            peer,
+            keys: Box::new(keys),
+        })
     }
 
     /// Whether the shard's loop answers (takes nothing from it).
@@ -658,7 +681,8 @@ impl ShardCore {
                 Command::SessionLegs { session, reply } => {
                     let _ = reply.send(self.relay.session_legs(session));
                 }
-                Command::AdoptTcp { fd, peer } => self.adopt_tcp(fd, peer),
+                Command::AdoptTcp { fd, peer } => self.adopt_tcp(fd, peer, None),
+                Command::AdoptTls { fd, peer, keys } => self.adopt_tcp(fd, peer, Some(*keys)),
                 Command::Shutdown => return false,
             }
         }
@@ -667,7 +691,12 @@ impl ShardCore {
 
     /// Takes in a connection accepted elsewhere: as an accept by the shard's own listener
     /// (the same budgets; over them it is closed and counted).
-    fn adopt_tcp(&mut self, fd: std::os::fd::OwnedFd, peer: SocketAddr) {
+    fn adopt_tcp(
+        &mut self,
+        fd: std::os::fd::OwnedFd,
+        peer: SocketAddr,
+        tls: Option<crate::wire::tls_records::RecordKeys>,
+    ) {
         use std::os::fd::AsRawFd;
         // SAFETY: fcntl on a descriptor we own.
         unsafe {
@@ -683,6 +712,9 @@ impl ShardCore {
             .relay
             .on_accept(&mut self.pool, fd, peer, now, &mut self.out)
         {
+            if let Some(keys) = tls {
+                self.relay.set_tls(c, keys);
+            }
             self.adopted.push(c);
         }
     }

@@ -919,7 +919,10 @@ impl UringShard {
         }
         let room = iov_free.min(super::relay::TCP_IOV);
         let iov = &mut self.tcp_iov[self.tcp_iov_used..self.tcp_iov_used + room];
-        let n = self.core.relay.prepare_tcp_send(&self.core.pool, c, iov);
+        let n = self
+            .core
+            .relay
+            .prepare_tcp_send(&mut self.core.pool, c, iov);
         if n == 0 {
             return;
         }

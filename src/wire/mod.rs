@@ -8,4 +8,5 @@ pub mod fuzz;
 pub mod path;
 pub mod rtp;
 pub mod stun;
+pub mod tls_records;
 pub mod ws;

@@ -26,6 +26,7 @@ use rustc_hash::FxHashMap;
 
 mod binding;
 mod tcp;
+mod tls;
 mod ws;
 
 use binding::Latch;
@@ -927,7 +928,7 @@ mod tests {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         }; TCP_IOV];
-        let n = relay.prepare_tcp_send(&pool, c, &mut iov);
+        let n = relay.prepare_tcp_send(&mut pool, c, &mut iov);
         assert_eq!(n, 8);
         let first = frame_bytes(&pool, relay.conn(c).unwrap().queue.get(0).unwrap());
         assert_eq!(&first[..2], &172u16.to_be_bytes());

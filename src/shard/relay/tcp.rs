@@ -191,6 +191,9 @@ pub struct Conn {
     pub(super) framing: super::ws::Framing,
     pub(super) partial: Partial,
     pub(super) queue: FrameQueue,
+    /// TLS run by the shard (`tls`): records opened before the framing sees the bytes, and
+    /// sealed after it; None: the bytes on the socket are the framing's.
+    pub(super) tls: Option<Box<super::tls::TlsConn>>,
     /// Driver state: a multishot receive is armed / a send is in flight / shutting down.
     pub recv_armed: bool,
     pub send_inflight: bool,
@@ -470,6 +473,7 @@ impl Relay {
             framing: super::ws::Framing::Undecided,
             partial: Partial::None,
             queue: FrameQueue::new(0),
+            tls: None,
             recv_armed: false,
             send_inflight: false,
             closing: false,
@@ -566,7 +570,23 @@ impl Relay {
     }
 
     /// Bytes arrived on a TCP connection: `seg` in the pool, one reference held by the caller.
+    /// Under TLS run by the shard they are records, opened first (`tls`).
     pub fn on_tcp(&mut self, pool: &mut Pool, c: ConnId, seg: Seg, rx_ns: u64, out: &mut Outbox) {
+        if self.conn(c).is_some_and(|x| x.tls.is_some()) {
+            return self.on_tls(pool, c, seg, rx_ns, out);
+        }
+        self.on_tcp_plain(pool, c, seg, rx_ns, out)
+    }
+
+    /// The connection's plain bytes (the socket's, or a TLS record's plaintext).
+    pub(super) fn on_tcp_plain(
+        &mut self,
+        pool: &mut Pool,
+        c: ConnId,
+        seg: Seg,
+        rx_ns: u64,
+        out: &mut Outbox,
+    ) {
         self.counters.tcp_in.bytes += u64::from(seg.len);
         if let Some(conn) = self.conn_mut(c) {
             conn.progress_ns = conn.progress_ns.max(rx_ns);
@@ -779,11 +799,20 @@ impl Relay {
 
     /// Describe queued frames as iovecs in `iov` (as many as fit). Returns the number of
     /// iovecs used (0: nothing to send, or a send is already in flight). The iovecs point into
-    /// pool buffers and the queue's length prefixes, which stay put until `tcp_sent`.
-    pub fn prepare_tcp_send(&mut self, pool: &Pool, c: ConnId, iov: &mut [libc::iovec]) -> usize {
+    /// pool buffers and the queue's length prefixes, which stay put until `tcp_sent`. Under
+    /// TLS run by the shard, one iovec: the record sealed from the queue (`tls`).
+    pub fn prepare_tcp_send(
+        &mut self,
+        pool: &mut Pool,
+        c: ConnId,
+        iov: &mut [libc::iovec],
+    ) -> usize {
         let Some(conn) = self.conn_mut(c) else {
             return 0;
         };
+        if conn.tls.is_some() {
+            return self.prepare_tls_send(pool, c, iov);
+        }
         if conn.send_inflight || conn.queue.len == 0 || conn.closing {
             return 0;
         }
@@ -826,6 +855,9 @@ impl Relay {
 
     /// `sent` bytes of the prepared send were written: retire whole frames.
     pub fn tcp_sent(&mut self, pool: &mut Pool, c: ConnId, mut sent: usize) {
+        if self.conn(c).is_some_and(|x| x.tls.is_some()) {
+            return self.tls_sent(c, sent);
+        }
         loop {
             let Some(conn) = self.conn_mut(c) else { return };
             conn.queue.sending = 0;
@@ -851,7 +883,9 @@ impl Relay {
     }
 
     pub fn tcp_has_queued(&self, c: ConnId) -> bool {
-        self.conn(c).is_some_and(|x| x.queue.len > 0 && !x.closing)
+        self.conn(c).is_some_and(|x| {
+            (x.queue.len > 0 || x.tls.as_ref().is_some_and(|t| t.pending())) && !x.closing
+        })
     }
 
     /// Start closing a connection: it no longer carries media; the loop shuts the socket down and
@@ -871,6 +905,9 @@ impl Relay {
             Partial::Skip => {}
         }
         super::ws::release(pool, &mut conn.framing);
+        if let Some(t) = conn.tls.as_deref_mut() {
+            t.release(pool);
+        }
         if let Some(l) = leg
             && let Some(leg) = self.legs[l as usize].as_mut()
             && leg.tcp == Some(c)
