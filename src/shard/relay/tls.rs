@@ -362,20 +362,16 @@ impl Relay {
                 let Some(t) = conn.tls.as_deref_mut() else {
                     return 0;
                 };
-                let f = *conn.queue.get(0);
+                let Some(f) = conn.queue.get(0) else {
+                    break;
+                };
                 let done = conn.queue.head_sent;
+                let flen = f.len();
+                let segs = f.segs();
                 let parts = [
                     &f.hdr[..usize::from(f.hdr_len)],
-                    if f.nsegs > 0 {
-                        pool.seg(f.segs[0])
-                    } else {
-                        &[]
-                    },
-                    if f.nsegs > 1 {
-                        pool.seg(f.segs[1])
-                    } else {
-                        &[]
-                    },
+                    segs.first().map_or(&[][..], |s| pool.seg(*s)),
+                    segs.get(1).map_or(&[][..], |s| pool.seg(*s)),
                 ];
                 let mut skip = done;
                 let mut took = 0usize;
@@ -395,12 +391,14 @@ impl Relay {
                 }
                 n += took;
                 // Whole (or shorter than it said: never sent twice).
-                if done + took >= f.len() || took < room {
-                    let f = conn.queue.pop();
+                if done + took >= flen || took < room {
+                    let Some(f) = conn.queue.pop() else {
+                        break;
+                    };
                     if let Some(g) = f.group {
                         conn.from_group[g as usize] -= 1;
                     }
-                    self.retire_frame(pool, &f);
+                    self.retire_frame(pool, f);
                 } else {
                     conn.queue.head_sent += took;
                     break;
@@ -448,7 +446,7 @@ impl Relay {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Delivery, FrameQueue, LegSpec, RelayConfig, SessionSpec};
+    use super::super::{Delivery, LegSpec, RelayConfig, SessionSpec};
     use super::*;
     use crate::shard::pool::PoolLayout;
     use crate::wire::tls_records::tests::{client_reads, client_writes, handshake};
@@ -513,7 +511,7 @@ mod tests {
         let cap = relay.cfg.tcp_queue_frames;
         let conn = relay.conn_mut(c).unwrap();
         conn.leg = Some(t);
-        conn.queue = FrameQueue::new(cap);
+        conn.queue.grow(cap);
         (c, client)
     }
 
@@ -566,16 +564,15 @@ mod tests {
             .udp
             .iter()
             .map(|o| {
-                o.segs[..usize::from(o.nsegs)]
+                o.data
+                    .segs()
                     .iter()
                     .flat_map(|s| pool.seg(*s).to_vec())
                     .collect()
             })
             .collect();
         for o in out.udp.drain(..) {
-            for s in &o.segs[..usize::from(o.nsegs)] {
-                pool.release(s.buf);
-            }
+            pool.sent(o.data);
         }
         got
     }
@@ -597,7 +594,9 @@ mod tests {
             relay.on_tcp(&mut pool, c, seg, 1, &mut out);
             pool.release(64);
             assert!(
-                out.udp.iter().all(|o| o.nsegs == 1 && o.segs[0].buf == 64),
+                out.udp
+                    .iter()
+                    .all(|o| o.data.segs().len() == 1 && o.data.segs()[0].buf == 64),
                 "every packet points into the buffer the records arrived in"
             );
             assert_eq!(forwarded(&mut pool, &mut out), frames);
