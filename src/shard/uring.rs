@@ -51,6 +51,8 @@ const BATCH: usize = 60;
 /// Datagrams a multishot receive takes per run of its deferred work (the kernel's
 /// `MULTISHOT_MAX_RETRY`).
 const MULTISHOT_RUN: usize = 32;
+/// UDP buffers published in the ring at least (see `UringShard::udp_spare`).
+const UDP_RING_LOW: usize = 64;
 /// TCP sends started per turn; each may gather up to `TCP_IOV` iovecs from a shared arena.
 const TCP_SENDS_PER_TURN: usize = 256;
 
@@ -245,6 +247,19 @@ pub(crate) struct UringShard {
     udp_dry: bool,
     /// TCP connections whose receive stopped on a dry ring; re-armed when TCP buffers return.
     tcp_dry: Vec<ConnId>,
+    /// Free UDP buffers not published in the ring, most recently used on top. The kernel takes
+    /// a ring's buffers in the order they were published, so a ring holding all of them (4,096
+    /// by default) hands out each buffer once per 4,096 datagrams: every receive wrote into a
+    /// cache-cold buffer. The ring holds only what a turn takes (`udp_in_ring` at least
+    /// `UDP_RING_LOW`, or twice the last turn's datagrams); the rest wait here, and the most
+    /// recently freed go back first, so a few dozen warm buffers carry the traffic (as the
+    /// epoll loop's free list does).
+    udp_spare: Vec<BufId>,
+    /// Buffers published in the UDP ring and not yet consumed (as far as the completions
+    /// taken show).
+    udp_in_ring: usize,
+    /// UDP receive buffers consumed since the last top-up.
+    udp_used: usize,
     /// Multishot accept failed for lack of descriptors or memory: not re-armed before this.
     accept_backoff_until: u64,
     overflow: sockets::OverflowTracker,
@@ -320,7 +335,7 @@ impl UringShard {
         let mut udp_ring = BufRing::new(&ring, cfg.udp_bufs, UDP_BGID)?;
         let mut tcp_ring = BufRing::new(&ring, cfg.tcp_bufs.max(1), TCP_BGID)?;
         let layout = *core.pool.layout();
-        for id in 0..layout.udp {
+        for id in 0..layout.udp.min(UDP_RING_LOW) {
             udp_ring.push(&core.pool, id as BufId);
         }
         for id in layout.udp..layout.udp + layout.tcp {
@@ -383,6 +398,12 @@ impl UringShard {
             starved: false,
             udp_dry: false,
             tcp_dry: Vec::new(),
+            udp_spare: (UDP_RING_LOW.min(core.pool.layout().udp)..core.pool.layout().udp)
+                .rev()
+                .map(|i| i as BufId)
+                .collect(),
+            udp_in_ring: UDP_RING_LOW.min(core.pool.layout().udp),
+            udp_used: 0,
             accept_backoff_until: 0,
             overflow: sockets::OverflowTracker::default(),
             tcp_sndbuf: i32::try_from(cfg.tcp_sndbuf).unwrap_or(i32::MAX),
@@ -739,11 +760,20 @@ impl UringShard {
         if !cqueue::more(flags) {
             self.udp_recv_armed = false;
         }
+        if cqueue::buffer_select(flags).is_some() {
+            self.udp_in_ring = self.udp_in_ring.saturating_sub(1);
+            self.udp_used += 1;
+        }
         if res < 0 {
             if -res == libc::ENOBUFS {
                 self.starved = true;
                 self.udp_dry = true;
-                self.core.relay.counters.buf_ring_exhausted += 1;
+                self.udp_in_ring = 0;
+                if self.udp_spare.is_empty() {
+                    // Every buffer is in use (the ring holding fewer, with free ones here, is
+                    // this loop's choice: the top-up below re-arms at once).
+                    self.core.relay.counters.buf_ring_exhausted += 1;
+                }
             } else {
                 tracing::debug!(
                     shard = self.core.ctx.index,
@@ -1178,10 +1208,7 @@ impl UringShard {
         self.core.pool.take_freed(&mut freed);
         for &id in &freed {
             match self.core.pool.group(id) {
-                Group::Udp => {
-                    self.udp_ring.push(&self.core.pool, id);
-                    udp = true;
-                }
+                Group::Udp => self.udp_spare.push(id),
                 Group::Tcp => {
                     self.tcp_ring.push(&self.core.pool, id);
                     tcp = true;
@@ -1191,6 +1218,17 @@ impl UringShard {
         }
         freed.clear();
         self.freed = freed;
+        // Top the ring up to what a turn takes, most recently used buffers first.
+        let target = UDP_RING_LOW.max(2 * self.udp_used);
+        self.udp_used = 0;
+        while self.udp_in_ring < target {
+            let Some(id) = self.udp_spare.pop() else {
+                break;
+            };
+            self.udp_ring.push(&self.core.pool, id);
+            self.udp_in_ring += 1;
+            udp = true;
+        }
         if udp {
             self.udp_ring.commit();
         }
