@@ -14,6 +14,13 @@
 //!   thread enters the kernel, which is when it wants them.
 //! - The UDP socket and the listener are registered files (`IORING_REGISTER_FILES`): receives,
 //!   sends and accepts name them by index, with no file-table lookup per operation.
+//! - The ring itself is registered with the shard's thread (`IORING_REGISTER_RING_FDS`): every
+//!   `io_uring_enter` names it by index. A coalescing turn enters the kernel once: its sends
+//!   and the wait until an absolute deadline (`IORING_ENTER_ABS_TIMER`) in one call.
+//! - A UDP datagram of one segment goes out as `IORING_OP_SEND` with the destination in the
+//!   entry (no `msghdr` to copy, no iovec to import); two segments as `SENDMSG`.
+//! - The UDP buffer ring holds only what a turn takes; the other free buffers wait in a list,
+//!   most recently used first, so receives land in warm buffers.
 //! - Wake-up coalescing: with a budget `B`, the loop sends its batch, then sleeps until `B`
 //!   after it last woke (at most `BATCH / rate`), and then takes whatever has arrived
 //!   (`min_wait`); so a lightly loaded shard handles a millisecond's packets per wake-up instead
