@@ -14,6 +14,13 @@
 //!   thread enters the kernel, which is when it wants them.
 //! - The UDP socket and the listener are registered files (`IORING_REGISTER_FILES`): receives,
 //!   sends and accepts name them by index, with no file-table lookup per operation.
+//! - The ring itself is registered with the shard's thread (`IORING_REGISTER_RING_FDS`): every
+//!   `io_uring_enter` names it by index. A coalescing turn enters the kernel once: its sends
+//!   and the wait until an absolute deadline (`IORING_ENTER_ABS_TIMER`) in one call.
+//! - A UDP datagram of one segment goes out as `IORING_OP_SEND` with the destination in the
+//!   entry (no `msghdr` to copy, no iovec to import); two segments as `SENDMSG`.
+//! - The UDP buffer ring holds only what a turn takes; the other free buffers wait in a list,
+//!   most recently used first, so receives land in warm buffers.
 //! - Wake-up coalescing: with a budget `B`, the loop sends its batch, then sleeps until `B`
 //!   after it last woke (at most `BATCH / rate`), and then takes whatever has arrived
 //!   (`min_wait`); so a lightly loaded shard handles a millisecond's packets per wake-up instead
@@ -51,6 +58,8 @@ const BATCH: usize = 60;
 /// Datagrams a multishot receive takes per run of its deferred work (the kernel's
 /// `MULTISHOT_MAX_RETRY`).
 const MULTISHOT_RUN: usize = 32;
+/// UDP buffers published in the ring at least (see `UringShard::udp_spare`).
+const UDP_RING_LOW: usize = 64;
 /// TCP sends started per turn; each may gather up to `TCP_IOV` iovecs from a shared arena.
 const TCP_SENDS_PER_TURN: usize = 256;
 
@@ -76,6 +85,44 @@ fn ud(kind: u64, generation: u32, idx: u32) -> u64 {
 
 fn ud_split(u: u64) -> (u64, u32, u32) {
     (u >> 56, ((u >> 32) & 0x00ff_ffff) as u32, u as u32)
+}
+
+/// `IORING_REGISTER_RING_FDS` (5.18).
+const IORING_REGISTER_RING_FDS: libc::c_long = 20;
+/// `IORING_UNREGISTER_RING_FDS`.
+const IORING_UNREGISTER_RING_FDS: libc::c_long = 21;
+
+/// `struct io_uring_rsrc_update`.
+#[repr(C)]
+struct RsrcUpdate {
+    offset: u32,
+    resv: u32,
+    data: u64,
+}
+
+/// `struct io_uring_getevents_arg` (`IORING_ENTER_EXT_ARG`).
+#[repr(C)]
+struct GeteventsArg {
+    sigmask: u64,
+    sigmask_sz: u32,
+    min_wait_usec: u32,
+    ts: u64,
+}
+
+/// `struct __kernel_timespec`.
+#[repr(C)]
+struct KernelTimespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+impl KernelTimespec {
+    fn from_ns(ns: u64) -> KernelTimespec {
+        KernelTimespec {
+            tv_sec: (ns / 1_000_000_000) as i64,
+            tv_nsec: (ns % 1_000_000_000) as i64,
+        }
+    }
 }
 
 /// A provided-buffer ring (IORING_REGISTER_PBUF_RING): entries in an mmap'd page-aligned area
@@ -209,12 +256,37 @@ pub(crate) struct UringShard {
     udp_dry: bool,
     /// TCP connections whose receive stopped on a dry ring; re-armed when TCP buffers return.
     tcp_dry: Vec<ConnId>,
+    /// Free UDP buffers not published in the ring, most recently used on top. The kernel takes
+    /// a ring's buffers in the order they were published, so a ring holding all of them (4,096
+    /// by default) hands out each buffer once per 4,096 datagrams: every receive wrote into a
+    /// cache-cold buffer. The ring holds only what a turn takes (`udp_in_ring` at least
+    /// `UDP_RING_LOW`, or twice the last turn's datagrams); the rest wait here, and the most
+    /// recently freed go back first, so a few dozen warm buffers carry the traffic (as the
+    /// epoll loop's free list does).
+    udp_spare: Vec<BufId>,
+    /// Buffers published in the UDP ring and not yet consumed (as far as the completions
+    /// taken show).
+    udp_in_ring: usize,
+    /// UDP receive buffers consumed since the last top-up.
+    udp_used: usize,
     /// Multishot accept failed for lack of descriptors or memory: not re-armed before this.
     accept_backoff_until: u64,
     overflow: sockets::OverflowTracker,
     tcp_sndbuf: i32,
     coalesce: Duration,
     min_wait: bool,
+    /// The ring's index among this thread's registered ring descriptors
+    /// (`IORING_REGISTER_RING_FDS`): every `io_uring_enter` names the ring by it
+    /// (`IORING_ENTER_REGISTERED_RING`), without a file-table lookup and reference count per
+    /// call. None where the kernel refused (before 5.18): the descriptor is used.
+    ring_index: Option<u32>,
+    /// Single-segment UDP sends are `IORING_OP_SEND` with the destination in the entry (6.0+),
+    /// not `SENDMSG`: the kernel copies no `msghdr` and imports no iovec per datagram. Turned
+    /// off for good if the kernel refuses it (EINVAL).
+    send_to: bool,
+    /// The kernel takes an absolute deadline for a wait (`IORING_ENTER_ABS_TIMER`, 6.12): a
+    /// coalescing turn then sends and sleeps in one enter (see `submit_and_wait`).
+    abs_timer: bool,
     // Keep the sockets open as long as the loop runs (the loop uses their raw fds).
     _udp: socket2::Socket,
     _tcp: socket2::Socket,
@@ -272,7 +344,7 @@ impl UringShard {
         let mut udp_ring = BufRing::new(&ring, cfg.udp_bufs, UDP_BGID)?;
         let mut tcp_ring = BufRing::new(&ring, cfg.tcp_bufs.max(1), TCP_BGID)?;
         let layout = *core.pool.layout();
-        for id in 0..layout.udp {
+        for id in 0..layout.udp.min(UDP_RING_LOW) {
             udp_ring.push(&core.pool, id as BufId);
         }
         for id in layout.udp..layout.udp + layout.tcp {
@@ -336,11 +408,21 @@ impl UringShard {
             starved: false,
             udp_dry: false,
             tcp_dry: Vec::new(),
+            udp_spare: (UDP_RING_LOW.min(core.pool.layout().udp)..core.pool.layout().udp)
+                .rev()
+                .map(|i| i as BufId)
+                .collect(),
+            udp_in_ring: UDP_RING_LOW.min(core.pool.layout().udp),
+            udp_used: 0,
             accept_backoff_until: 0,
             overflow: sockets::OverflowTracker::default(),
             tcp_sndbuf: i32::try_from(cfg.tcp_sndbuf).unwrap_or(i32::MAX),
             coalesce: cfg.coalesce,
             min_wait,
+            ring_index: None,
+            // Both came before min_wait (6.12), which marks a kernel new enough.
+            send_to: min_wait,
+            abs_timer: min_wait,
             ring,
             udp_ring,
             tcp_ring,
@@ -367,6 +449,101 @@ impl UringShard {
             }
         }
         false
+    }
+
+    /// Registers the ring's descriptor with this thread (`IORING_REGISTER_RING_FDS`), so that
+    /// `enter` names it by index. Called on the shard's thread, which is the only one that
+    /// enters this ring (`SINGLE_ISSUER`).
+    fn register_ring(&mut self) {
+        let mut up = RsrcUpdate {
+            offset: u32::MAX,
+            resv: 0,
+            data: self.ring.as_raw_fd() as u64,
+        };
+        // SAFETY: one live io_uring_rsrc_update; the kernel writes the index it chose into it.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                self.ring.as_raw_fd(),
+                IORING_REGISTER_RING_FDS,
+                &mut up as *mut RsrcUpdate,
+                1,
+            )
+        };
+        if r == 1 {
+            self.ring_index = Some(up.offset);
+        }
+    }
+
+    /// Gives the registered index back (before the ring is closed: the registration holds a
+    /// reference to the ring's file for as long as the thread lives).
+    fn unregister_ring(&mut self) {
+        let Some(i) = self.ring_index.take() else {
+            return;
+        };
+        let mut up = RsrcUpdate {
+            offset: i,
+            resv: 0,
+            data: 0,
+        };
+        // SAFETY: as in `register_ring`.
+        unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                self.ring.as_raw_fd(),
+                IORING_UNREGISTER_RING_FDS,
+                &mut up as *mut RsrcUpdate,
+                1,
+            )
+        };
+    }
+
+    /// `io_uring_enter` on this ring: the submission queue's entries are submitted, and with
+    /// `GETEVENTS` the deferred work runs and the call waits for `min_complete` completions
+    /// (bounded by `arg`'s timeout). By registered index where the kernel allowed it.
+    fn enter(
+        &self,
+        min_complete: u32,
+        flags: u32,
+        arg: Option<&GeteventsArg>,
+    ) -> io::Result<usize> {
+        // SAFETY: reading the submission queue's length only.
+        let to_submit = unsafe { self.ring.submission_shared() }.len() as u32;
+        let (fd, mut flags) = match self.ring_index {
+            Some(i) => (
+                i as libc::c_long,
+                flags | io_uring::EnterFlags::REGISTERED_RING.bits(),
+            ),
+            None => (self.ring.as_raw_fd() as libc::c_long, flags),
+        };
+        let (argp, argsz) = match arg {
+            Some(a) => {
+                flags |= io_uring::EnterFlags::EXT_ARG.bits();
+                (
+                    (a as *const GeteventsArg).cast::<libc::c_void>(),
+                    size_of::<GeteventsArg>(),
+                )
+            }
+            None => (std::ptr::null(), 0),
+        };
+        // SAFETY: every queued entry references memory that outlives its operation (see
+        // `push`); `arg`, and the timespec it points at, live across the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_enter,
+                fd,
+                to_submit,
+                min_complete,
+                flags,
+                argp,
+                argsz,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
     }
 
     fn arm_udp_recv(&mut self) {
@@ -412,6 +589,7 @@ impl UringShard {
     }
 
     pub fn run(&mut self) {
+        self.register_ring();
         self.arm_udp_recv();
         self.arm_accept();
         self.arm_wake();
@@ -443,6 +621,7 @@ impl UringShard {
             self.core.out.tcp_dirty.append(&mut self.tcp_deferred);
         }
         self.shutdown();
+        self.unregister_ring();
     }
 
     /// Send what this turn produced and wait for the next batch. `woke` is when this turn's
@@ -452,7 +631,6 @@ impl UringShard {
     /// whole run of datagrams as one piece of deferred work, so the kernel cannot count them.)
     fn submit_and_wait(&mut self, woke: u64) -> io::Result<()> {
         let budget_us = self.coalesce.as_micros() as u64;
-        let idle = types::Timespec::new().nsec(100_000_000);
         // A busy or starved shard never waits: completions left over from the last turn, a
         // receive ring that ran dry, or TCP sends stuck behind a full socket (their completion
         // is the event that matters) all mean "take what is there and go on".
@@ -460,21 +638,40 @@ impl UringShard {
         // coalescing off for the shard (its completion is taken at the end of the wait).
         let pressed = self.cq_backlog || self.starved;
         let coalesce = budget_us > 0 && !pressed && self.core.rate * budget_us as f64 >= 2e6;
+        let getevents = io_uring::EnterFlags::GETEVENTS.bits();
+        if coalesce && self.abs_timer {
+            // At high rates a batch of `BATCH` datagrams costs little more per packet than a
+            // whole budget's worth, and a bigger one would outrun the receive (see `BATCH`).
+            let batch_us = (BATCH as f64 * 1e6 / self.core.rate) as u64;
+            let target_us = budget_us.min(batch_us);
+            let spent_us = sockets::realtime_ns().saturating_sub(woke) / 1000;
+            // Datagrams that arrived since the wake-up: the kernel holds them as receive
+            // work. While they cannot make a full run (see `MULTISHOT_RUN`), one enter sends
+            // the batch and sleeps until `woke + target` (an absolute deadline on the ring's
+            // clock, so the sends' time counts against the budget as before); the wait runs
+            // that receive work first, and takes what arrived at its end. One enter per turn
+            // instead of two.
+            let arrived = self.core.rate * spent_us as f64 / 1e6;
+            if arrived < (MULTISHOT_RUN / 2) as f64 && spent_us < target_us {
+                let deadline =
+                    sockets::clock_ns(libc::CLOCK_MONOTONIC) + (target_us - spent_us) * 1000;
+                let ts = KernelTimespec::from_ns(deadline);
+                let arg = GeteventsArg {
+                    sigmask: 0,
+                    sigmask_sz: 0,
+                    min_wait_usec: 0,
+                    ts: &ts as *const KernelTimespec as u64,
+                };
+                let flags = getevents | io_uring::EnterFlags::ABS_TIMER.bits();
+                return Self::wait_result(self.enter(MAX_CQES as u32, flags, Some(&arg)));
+            }
+        }
         let wait_us = if coalesce {
             // The sends go out first (in the kernel, synchronously: `MSG_DONTWAIT`), so that
             // the time they take counts against the budget. The same enter runs the receive
             // work the kernel holds already (see `BATCH`): what it yields is taken at the end
             // of the wait rather than left in the socket for a run after it.
-            let pending = self.ring.submission().len() as u32;
-            // SAFETY: no argument is passed; `pending` entries are in the submission queue.
-            unsafe {
-                self.ring.submitter().enter::<libc::sigset_t>(
-                    pending,
-                    0,
-                    io_uring::EnterFlags::GETEVENTS.bits(),
-                    None,
-                )?;
-            }
+            self.enter(0, getevents, None)?;
             if self.ring.completion().len() >= MULTISHOT_RUN {
                 // That run was a full one: more is waiting in the socket. Go on now.
                 return Ok(());
@@ -492,22 +689,41 @@ impl UringShard {
         } else {
             0
         };
-        let want = if coalesce { MAX_CQES } else { 1 };
+        let want = if coalesce { MAX_CQES } else { 1 } as u32;
+        let idle = KernelTimespec::from_ns(100_000_000);
         let r = if coalesce && self.min_wait {
             // Wait `wait_us`, then return as soon as anything is there (or after `idle`).
-            let args = types::SubmitArgs::new()
-                .timespec(&idle)
-                .min_wait_usec(wait_us as u32);
-            self.ring.submitter().submit_with_args(want, &args)
+            let arg = GeteventsArg {
+                sigmask: 0,
+                sigmask_sz: 0,
+                min_wait_usec: wait_us as u32,
+                ts: &idle as *const KernelTimespec as u64,
+            };
+            self.enter(want, getevents, Some(&arg))
         } else if coalesce {
             // Kernels without min_wait: wait out the budget.
-            let ts = types::Timespec::new().nsec(wait_us as u32 * 1000);
-            let args = types::SubmitArgs::new().timespec(&ts);
-            self.ring.submitter().submit_with_args(want, &args)
+            let ts = KernelTimespec::from_ns(wait_us * 1000);
+            let arg = GeteventsArg {
+                sigmask: 0,
+                sigmask_sz: 0,
+                min_wait_usec: 0,
+                ts: &ts as *const KernelTimespec as u64,
+            };
+            self.enter(want, getevents, Some(&arg))
         } else {
-            let args = types::SubmitArgs::new().timespec(&idle);
-            self.ring.submitter().submit_with_args(1, &args)
+            let arg = GeteventsArg {
+                sigmask: 0,
+                sigmask_sz: 0,
+                min_wait_usec: 0,
+                ts: &idle as *const KernelTimespec as u64,
+            };
+            self.enter(1, getevents, Some(&arg))
         };
+        Self::wait_result(r)
+    }
+
+    /// A wait that timed out or was interrupted is a normal end of a wait.
+    fn wait_result(r: io::Result<usize>) -> io::Result<()> {
         match r {
             Ok(_) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => Ok(()),
@@ -554,11 +770,20 @@ impl UringShard {
         if !cqueue::more(flags) {
             self.udp_recv_armed = false;
         }
+        if cqueue::buffer_select(flags).is_some() {
+            self.udp_in_ring = self.udp_in_ring.saturating_sub(1);
+            self.udp_used += 1;
+        }
         if res < 0 {
             if -res == libc::ENOBUFS {
                 self.starved = true;
                 self.udp_dry = true;
-                self.core.relay.counters.buf_ring_exhausted += 1;
+                self.udp_in_ring = 0;
+                if self.udp_spare.is_empty() {
+                    // Every buffer is in use (the ring holding fewer, with free ones here, is
+                    // this loop's choice: the top-up below re-arms at once).
+                    self.core.relay.counters.buf_ring_exhausted += 1;
+                }
             } else {
                 tracing::debug!(
                     shard = self.core.ctx.index,
@@ -768,6 +993,15 @@ impl UringShard {
     fn on_udp_send(&mut self, idx: u32, res: i32) {
         if self.skip_success {
             // Only failures complete; the slot was released after its submit.
+            if res == -libc::EINVAL && self.send_to {
+                // A kernel that takes no destination on IORING_OP_SEND (before 6.0): every
+                // send from now on is a SENDMSG.
+                self.send_to = false;
+                tracing::warn!(
+                    shard = self.core.ctx.index,
+                    "io_uring refused a UDP send with a destination; using SENDMSG"
+                );
+            }
             if res < 0 {
                 self.core
                     .relay
@@ -875,11 +1109,27 @@ impl UringShard {
             // the buffers are released right after that call (`release_sent`). Half the
             // completions of a relayed packet disappear.
             self.udp_sent.push(idx);
-            opcode::SendMsg::new(types::Fixed(FIXED_UDP), &slot.msg)
-                .flags(libc::MSG_DONTWAIT as u32)
+            if n == 1 && self.send_to {
+                // One segment: `IORING_OP_SEND` with the destination in the entry, so the
+                // kernel neither copies a msghdr nor imports an iovec for it.
+                opcode::Send::new(
+                    types::Fixed(FIXED_UDP),
+                    slot.iov[0].iov_base as *const u8,
+                    slot.iov[0].iov_len as u32,
+                )
+                .dest_addr((&slot.addr as *const RawAddr).cast())
+                .dest_addr_len(namelen)
+                .flags(libc::MSG_DONTWAIT)
                 .build()
                 .flags(squeue::Flags::SKIP_SUCCESS)
                 .user_data(ud(K_UDP_SEND, 0, idx))
+            } else {
+                opcode::SendMsg::new(types::Fixed(FIXED_UDP), &slot.msg)
+                    .flags(libc::MSG_DONTWAIT as u32)
+                    .build()
+                    .flags(squeue::Flags::SKIP_SUCCESS)
+                    .user_data(ud(K_UDP_SEND, 0, idx))
+            }
         } else {
             opcode::SendMsg::new(types::Fixed(FIXED_UDP), &slot.msg)
                 .build()
@@ -962,10 +1212,7 @@ impl UringShard {
         self.core.pool.take_freed(&mut freed);
         for &id in &freed {
             match self.core.pool.group(id) {
-                Group::Udp => {
-                    self.udp_ring.push(&self.core.pool, id);
-                    udp = true;
-                }
+                Group::Udp => self.udp_spare.push(id),
                 Group::Tcp => {
                     self.tcp_ring.push(&self.core.pool, id);
                     tcp = true;
@@ -975,6 +1222,17 @@ impl UringShard {
         }
         freed.clear();
         self.freed = freed;
+        // Top the ring up to what a turn takes, most recently used buffers first.
+        let target = UDP_RING_LOW.max(2 * self.udp_used);
+        self.udp_used = 0;
+        while self.udp_in_ring < target {
+            let Some(id) = self.udp_spare.pop() else {
+                break;
+            };
+            self.udp_ring.push(&self.core.pool, id);
+            self.udp_in_ring += 1;
+            udp = true;
+        }
         if udp {
             self.udp_ring.commit();
         }
