@@ -744,6 +744,26 @@ fn records(
     out
 }
 
+/// The close_notify alert rustls makes, not yet sent.
+fn close_notify(
+    s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+) -> Vec<u8> {
+    s.conn.send_close_notify();
+    let mut r = Vec::new();
+    s.conn.write_tls(&mut r).unwrap();
+    r
+}
+
+/// Sends the raw `bytes` (an attack) under the TLS layer; the gateway must close the
+/// connection unanswered (it may close while the bytes are still being written).
+fn send_and_assert_closed(
+    s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    bytes: &[u8],
+) {
+    let _ = s.sock.write_all(bytes);
+    assert_closed(&mut s.sock);
+}
+
 fn rfc4571(pkt: &[u8]) -> Vec<u8> {
     let mut f = (pkt.len() as u16).to_be_bytes().to_vec();
     f.extend_from_slice(pkt);
@@ -840,15 +860,9 @@ fn tls_media_on_the_shard_engine_and_attacks_close_only_their_connection() {
                     r
                 }
                 2 => vec![23, 3, 3, 0x41, 0x01, 0, 0, 0],
-                _ => {
-                    s.conn.send_close_notify();
-                    let mut r = Vec::new();
-                    s.conn.write_tls(&mut r).unwrap();
-                    r
-                }
+                _ => close_notify(&mut s),
             };
-            let _ = s.sock.write_all(&bytes);
-            assert_closed(&mut s.sock);
+            send_and_assert_closed(&mut s, &bytes);
         }
     });
 
@@ -873,15 +887,9 @@ fn tls_media_on_the_shard_engine_and_attacks_close_only_their_connection() {
                 r
             }
             2 => vec![23, 3, 3, 0xff, 0xff, 1, 2, 3],
-            _ => {
-                s.conn.send_close_notify();
-                let mut r = Vec::new();
-                s.conn.write_tls(&mut r).unwrap();
-                r
-            }
+            _ => close_notify(&mut s),
         };
-        let _ = s.sock.write_all(&bytes);
-        assert_closed(&mut s.sock);
+        send_and_assert_closed(&mut s, &bytes);
     }
     strangers
         .join()
