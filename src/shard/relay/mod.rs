@@ -710,7 +710,7 @@ pub use crate::net::canonical;
 #[cfg(test)]
 mod tests {
     use super::tcp::QFrame;
-    use super::test_support::{bind_t_by_hand, fd, leg, recv};
+    use super::test_support::{bind_t_by_hand, fd, leg, recv, sent_bytes};
     use super::*;
     use crate::shard::pool::PoolLayout;
     use proptest::prelude::*;
@@ -832,17 +832,7 @@ mod tests {
             id += 1;
         }
         assert_eq!(relay.counters.tcp_in.packets, 3);
-        let got: Vec<Vec<u8>> = out
-            .udp
-            .iter()
-            .map(|o| {
-                o.data
-                    .segs()
-                    .iter()
-                    .flat_map(|s| pool.seg(*s).to_vec())
-                    .collect()
-            })
-            .collect();
+        let got: Vec<Vec<u8>> = out.udp.iter().map(|o| sent_bytes(&pool, &o.data)).collect();
         assert_eq!(got, frames);
         assert!(
             relay.counters.reassembly_copies >= 1,

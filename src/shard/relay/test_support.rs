@@ -4,7 +4,7 @@
 use std::os::fd::OwnedFd;
 
 use super::{ConnId, Delivery, LegSpec, Relay};
-use crate::shard::pool::{BufId, Pool, PoolLayout, Seg};
+use crate::shard::pool::{BufId, InFlight, Pool, PoolLayout, Seg};
 
 /// A pool of 2048-byte buffers: 64 for UDP, `tcp` for TCP, 8 spare.
 pub(super) fn pool(tcp: usize) -> Pool {
@@ -54,4 +54,12 @@ pub(super) fn bind_t_by_hand(relay: &mut Relay, c: ConnId) {
     let conn = relay.conn_mut(c).unwrap();
     conn.leg = Some(t);
     conn.queue.grow(cap);
+}
+
+/// The bytes a send carries, as the socket would see them.
+pub(super) fn sent_bytes(pool: &Pool, data: &InFlight) -> Vec<u8> {
+    data.segs()
+        .iter()
+        .flat_map(|s| pool.seg(*s).to_vec())
+        .collect()
 }

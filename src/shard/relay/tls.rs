@@ -446,7 +446,7 @@ impl Relay {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{bind_t_by_hand, fd, leg, recv};
+    use super::super::test_support::{bind_t_by_hand, fd, leg, recv, sent_bytes};
     use super::super::{Delivery, RelayConfig, SessionSpec};
     use super::*;
     use crate::wire::tls_records::tests::{client_reads, client_writes, handshake};
@@ -530,17 +530,7 @@ mod tests {
     }
 
     fn forwarded(pool: &mut Pool, out: &mut Outbox) -> Vec<Vec<u8>> {
-        let got = out
-            .udp
-            .iter()
-            .map(|o| {
-                o.data
-                    .segs()
-                    .iter()
-                    .flat_map(|s| pool.seg(*s).to_vec())
-                    .collect()
-            })
-            .collect();
+        let got = out.udp.iter().map(|o| sent_bytes(pool, &o.data)).collect();
         for o in out.udp.drain(..) {
             pool.sent(o.data);
         }

@@ -205,7 +205,7 @@ impl Relay {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{fd, recv};
+    use super::super::test_support::{fd, recv, sent_bytes};
     use super::super::{Delivery, LegSpec, RelayConfig, SessionSpec};
     use super::*;
     use crate::metrics::DropReason;
@@ -343,13 +343,7 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
         let mut sent: Vec<Vec<u8>> = Vec::new();
         for o in out.udp.drain(..) {
             if o.dst == "192.0.2.1:1000".parse().unwrap() {
-                sent.push(
-                    o.data
-                        .segs()
-                        .iter()
-                        .flat_map(|s| pool.seg(*s).to_vec())
-                        .collect(),
-                );
+                sent.push(sent_bytes(&pool, &o.data));
             }
             pool.sent(o.data);
         }
