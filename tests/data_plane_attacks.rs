@@ -2,15 +2,18 @@
 //! each test is an attack that worked against the gateway before the fix (the assertion that
 //! fails then is named in its comment), and checks that legitimate media keeps flowing.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
+use common::shard::{cpu_time, gw_tcp, key, leg};
 use voxgate::client::binding;
 use voxgate::metrics::DropReason;
 use voxgate::net::policy::PeerPolicy;
 use voxgate::shard::{
-    Backend, Delivery, LegSpec, SessionSpec, ShardConfig, ShardHandle, ShardSnapshot, Shards,
+    Backend, Delivery, SessionSpec, ShardConfig, ShardHandle, ShardSnapshot, Shards,
 };
 use voxgate::wire::stun;
 
@@ -39,18 +42,13 @@ fn spawn_with(cfg: ShardConfig) -> Shards {
     shards
 }
 
-fn leg(name: &str, delivery: Delivery) -> LegSpec {
-    LegSpec {
-        name: name.into(),
-        key: key(name),
-        delivery,
-        trusted_source: None,
-        clock_rate: 8000,
-    }
-}
-
-fn key(name: &str) -> Vec<u8> {
-    format!("key-of-{name}").into_bytes()
+/// Installs call 1: a UDP leg "u" and a TCP leg "t".
+fn install_u_and_t(h: &ShardHandle) {
+    h.install_blocking(SessionSpec {
+        id: 1,
+        legs: vec![leg("u", Delivery::UdpLatched), leg("t", Delivery::Tcp)],
+    })
+    .unwrap();
 }
 
 fn udp_client(ip: &str) -> UdpSocket {
@@ -61,10 +59,6 @@ fn udp_client(ip: &str) -> UdpSocket {
 
 fn gw_udp(h: &ShardHandle) -> SocketAddr {
     SocketAddr::new("127.0.0.1".parse().unwrap(), h.udp_addr.port())
-}
-
-fn gw_tcp(h: &ShardHandle) -> SocketAddr {
-    SocketAddr::new("127.0.0.1".parse().unwrap(), h.tcp_addr.port())
 }
 
 fn binding_request(leg: &str) -> ([u8; 12], Vec<u8>) {
@@ -131,40 +125,22 @@ fn ssrc_of(p: &[u8]) -> u32 {
     u32::from_be_bytes([p[8], p[9], p[10], p[11]])
 }
 
+/// [`common::shard::wait_until`], checking at every look that every buffer state transition
+/// was allowed.
 fn wait_until(h: &ShardHandle, what: &str, f: impl Fn(&ShardSnapshot) -> bool) -> ShardSnapshot {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = h.snapshot_blocking().unwrap();
+    common::shard::wait_until(h, what, |s| {
         assert_eq!(
             s.buffer_refusals, 0,
             "every buffer state transition was allowed"
         );
-        if f(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {:?}",
-            s.counters
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        f(s)
+    })
 }
 
 fn rss_bytes() -> u64 {
     let s = std::fs::read_to_string("/proc/self/statm").unwrap();
     let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
     pages * 4096
-}
-
-/// CPU time (user + system) of this process so far: the shard is one of its threads.
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage fills a plain struct.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer to a live rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 /// Reads datagrams until `quiet` passes without one.
@@ -302,11 +278,7 @@ fn oversize_datagram_toward_tcp_leg(backend: Backend) {
     cfg.relay.max_frame = 600;
     let shards = spawn_with(cfg);
     let h = &shards.handles[0];
-    h.install_blocking(SessionSpec {
-        id: 1,
-        legs: vec![leg("u", Delivery::UdpLatched), leg("t", Delivery::Tcp)],
-    })
-    .unwrap();
+    install_u_and_t(h);
     let u = udp_client("127.0.0.1");
     bind_udp(&u, gw_udp(h), "u");
     let mut t = bind_tcp(h, "t");
@@ -327,11 +299,7 @@ fn oversize_datagram_toward_tcp_leg(backend: Backend) {
 fn trickling_unbound_connections_do_not_lock_out_a_leg(backend: Backend) {
     let shards = spawn_with(config(backend));
     let h = &shards.handles[0];
-    h.install_blocking(SessionSpec {
-        id: 1,
-        legs: vec![leg("u", Delivery::UdpLatched), leg("t", Delivery::Tcp)],
-    })
-    .unwrap();
+    install_u_and_t(h);
     let mut trickle = Vec::new();
     for _ in 0..300 {
         if let Ok(mut c) = TcpStream::connect(gw_tcp(h)) {
@@ -440,11 +408,7 @@ fn a_trickler_at_its_limit_cannot_stop_a_prompt_leg_from_its_address(backend: Ba
     cfg.relay.unbound_tcp_grace_ns = 30_000_000_000;
     let shards = spawn_with(cfg);
     let h = &shards.handles[0];
-    h.install_blocking(SessionSpec {
-        id: 1,
-        legs: vec![leg("u", Delivery::UdpLatched), leg("t", Delivery::Tcp)],
-    })
-    .unwrap();
+    install_u_and_t(h);
     let mut trickle = Vec::new();
     for _ in 0..8 {
         let mut c = TcpStream::connect(gw_tcp(h)).unwrap();
@@ -592,11 +556,7 @@ fn stalled_readers_do_not_starve_the_shard(backend: Backend) {
         s.counters.dropped(DropReason::Stale) > 0
     });
     // A new TCP leg binds and exchanges media.
-    h.install_blocking(SessionSpec {
-        id: 1,
-        legs: vec![leg("u", Delivery::UdpLatched), leg("t", Delivery::Tcp)],
-    })
-    .unwrap();
+    install_u_and_t(h);
     let mut t = bind_tcp_from(h, "t").expect("a new TCP leg binds while readers are stalled");
     let u = udp_client("127.0.0.1");
     bind_udp(&u, gw_udp(h), "u");

@@ -441,7 +441,6 @@ fn a_bad_message_is_answered_in_protocol_terms() {
 /// sends it nothing at all.
 #[test]
 fn a_dial_announcing_a_third_partys_address_gets_it_only_a_few_checks() {
-    use voxgate::client::session::{Phone, PhoneOptions};
     let gw = Gateway::start(&[]);
     let mark = gw.log_len();
     let callee = spawn_phone(&gw, "bob", &["--answer", "--duration", "6", "--wait", "20"]);
@@ -491,20 +490,9 @@ fn a_dial_announcing_a_third_partys_address_gets_it_only_a_few_checks() {
         }
         got
     });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::phone_runtime();
     rt.block_on(async {
-        let (phone, mut events) = Phone::connect(
-            &gw.control,
-            "alice",
-            &common::password("alice"),
-            PhoneOptions::default(),
-        )
-        .await
-        .expect("alice logs in");
-        phone.wait_capabilities(Duration::from_secs(5)).await;
+        let (phone, mut events) = common::log_in(&gw, "alice").await;
         let call = phone
             .dial("+15550002", victim_addr)
             .await
@@ -565,10 +553,7 @@ fn a_receive_only_leg_announcing_a_victims_address_sends_the_victim_nothing() {
         }
         got
     });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::phone_runtime();
     let media = rt.block_on(async {
         let opts = PhoneOptions {
             firewall: Firewall {

@@ -121,6 +121,65 @@ fn presence(redis: &RedisServer, user: &str) -> Option<String> {
 
 /// `caller` on `gc` calls `callee` (number `number`) on `ge`; audio must arrive byte-exact
 /// both ways. `firewall`: the caller's `--firewall`.
+/// A call's audio files in a gateway's folder, named `{tag}-…`: what the caller plays
+/// (`a_in`, speech) and records (`a_rec`), what the callee plays (`b_in`, a reply) and records
+/// (`b_rec`).
+struct Clips {
+    a_in: PathBuf,
+    b_in: PathBuf,
+    a_rec: PathBuf,
+    b_rec: PathBuf,
+}
+
+impl Clips {
+    fn new(dir: &Path, tag: &str, a_secs: f64, b_secs: f64) -> Clips {
+        Clips {
+            a_in: test_clip(dir, "speech-8k.wav", &format!("{tag}-a-in.wav"), a_secs),
+            b_in: test_clip(dir, "reply-8k.wav", &format!("{tag}-b-in.wav"), b_secs),
+            a_rec: dir.join(format!("{tag}-a-rec.wav")),
+            b_rec: dir.join(format!("{tag}-b-rec.wav")),
+        }
+    }
+
+    /// The callee's phone arguments: answer, play `b_in`, record `b_rec`, wait `wait` s.
+    fn answering<'a>(&'a self, wait: &'a str) -> Vec<&'a str> {
+        vec![
+            "--answer",
+            "--play",
+            self.b_in.to_str().unwrap(),
+            "--record",
+            self.b_rec.to_str().unwrap(),
+            "--wait",
+            wait,
+        ]
+    }
+
+    /// The caller's phone arguments: call `number`, play `a_in`, record `a_rec`.
+    fn calling<'a>(&'a self, number: &'a str) -> Vec<&'a str> {
+        vec![
+            "--call",
+            number,
+            "--play",
+            self.a_in.to_str().unwrap(),
+            "--record",
+            self.a_rec.to_str().unwrap(),
+        ]
+    }
+
+    /// Each recording begins with what the other side played, byte-exact.
+    fn assert_heard(&self, (caller, callee): (&str, &str)) {
+        for (sent, rec, who) in [
+            (&self.a_in, &self.b_rec, format!("{callee} hears {caller}")),
+            (&self.b_in, &self.a_rec, format!("{caller} hears {callee}")),
+        ] {
+            let want = ulaw_round_trip_padded(&wav::read(sent).unwrap());
+            let got = wav::read(rec).unwrap();
+            assert!(got.len() >= want.len(), "{who}: recording too short");
+            assert!(got[..want.len()] == want[..], "{who}: audio differs");
+        }
+    }
+}
+
 fn call_across(gc: &Gateway, caller: &str, ge: &Gateway, callee: &str, number: &str, fw: &str) {
     call_across_planned(gc, caller, ge, callee, number, (fw, ""), None);
 }
@@ -136,45 +195,16 @@ fn call_across_planned(
     (fw, fw_callee): (&str, &str),
     plan: Option<(&str, &str)>,
 ) {
-    let dir = gc.dir.path();
     let tag = format!("{caller}-{callee}-{fw}-{fw_callee}");
-    let a_in = test_clip(dir, "speech-8k.wav", &format!("{tag}-a-in.wav"), 1.6);
-    let b_in = test_clip(dir, "reply-8k.wav", &format!("{tag}-b-in.wav"), 1.2);
-    let (a_rec, b_rec) = (
-        dir.join(format!("{tag}-a-rec.wav")),
-        dir.join(format!("{tag}-b-rec.wav")),
-    );
+    let clips = Clips::new(gc.dir.path(), &tag, 1.6, 1.2);
     let mark = ge.log_len();
-    let answerer = spawn_phone(
-        ge,
-        callee,
-        &[
-            "--answer",
-            "--play",
-            b_in.to_str().unwrap(),
-            "--record",
-            b_rec.to_str().unwrap(),
-            "--wait",
-            "20",
-        ]
-        .into_iter()
-        .chain(
-            (!fw_callee.is_empty())
-                .then_some(["--firewall", fw_callee])
-                .into_iter()
-                .flatten(),
-        )
-        .collect::<Vec<_>>(),
-    );
+    let mut answer = clips.answering("20");
+    if !fw_callee.is_empty() {
+        answer.extend(["--firewall", fw_callee]);
+    }
+    let answerer = spawn_phone(ge, callee, &answer);
     ge.wait_online(mark, callee);
-    let mut args = vec![
-        "--call",
-        number,
-        "--play",
-        a_in.to_str().unwrap(),
-        "--record",
-        a_rec.to_str().unwrap(),
-    ];
+    let mut args = clips.calling(number);
     if !fw.is_empty() {
         args.extend(["--firewall", fw]);
     }
@@ -206,15 +236,7 @@ fn call_across_planned(
             );
         }
     }
-    for (sent, rec, who) in [
-        (&a_in, &b_rec, "callee hears caller"),
-        (&b_in, &a_rec, "caller hears callee"),
-    ] {
-        let want = ulaw_round_trip_padded(&wav::read(sent).unwrap());
-        let got = wav::read(rec).unwrap();
-        assert!(got.len() >= want.len(), "{who}: recording too short");
-        assert!(got[..want.len()] == want[..], "{who}: audio differs");
-    }
+    clips.assert_heard(("caller", "callee"));
 }
 
 #[test]
@@ -430,41 +452,18 @@ fn redis_down_fails_calls_across_gateways_clearly_and_service_resumes() {
 fn a_callee_gateway_killed_mid_call_is_resumed_through_another_gateway() {
     let Some(f) = fleet(3) else { return };
     let (g1, g2, g3) = (&f.gws[0], &f.gws[1], &f.gws[2]);
-    let dir = g1.dir.path();
-    let a_in = test_clip(dir, "speech-8k.wav", "resume-a-in.wav", 6.0);
-    let b_in = test_clip(dir, "reply-8k.wav", "resume-b-in.wav", 6.0);
-    let (a_rec, b_rec) = (dir.join("resume-a-rec.wav"), dir.join("resume-b-rec.wav"));
-    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let clips = Clips::new(g1.dir.path(), "resume", 6.0, 6.0);
     let mark = g2.log_len();
     let bob = common::spawn_phone_at(
         &[],
         g2,
         &format!("{},{}", g2.control, g3.control),
         "bob",
-        &[
-            "--answer",
-            "--play",
-            &s(&b_in),
-            "--record",
-            &s(&b_rec),
-            "--wait",
-            "30",
-        ],
+        &clips.answering("30"),
     );
     g2.wait_online(mark, "bob");
     let mark = g1.log_len();
-    let alice = spawn_phone(
-        g1,
-        "alice",
-        &[
-            "--call",
-            "+15550002",
-            "--play",
-            &s(&a_in),
-            "--record",
-            &s(&a_rec),
-        ],
-    );
+    let alice = spawn_phone(g1, "alice", &clips.calling("+15550002"));
     g1.wait_log(mark, "alice's call on gw1", |l| {
         l.contains("media instructions sent")
     });
@@ -515,15 +514,7 @@ fn a_callee_gateway_killed_mid_call_is_resumed_through_another_gateway() {
     for (r, who) in [(&alice, "alice"), (&bob, "bob")] {
         assert_eq!(lost(r), 0, "{who}: {}", r.json);
     }
-    for (sent, rec, who) in [
-        (&a_in, &b_rec, "bob hears alice"),
-        (&b_in, &a_rec, "alice hears bob"),
-    ] {
-        let want = ulaw_round_trip_padded(&wav::read(sent).unwrap());
-        let got = wav::read(rec).unwrap();
-        assert!(got.len() >= want.len(), "{who}: recording too short");
-        assert!(got[..want.len()] == want[..], "{who}: audio differs");
-    }
+    clips.assert_heard(("alice", "bob"));
     // gw3 hosted bob's side until the end: alice's hang-up reached bob through it.
     assert_eq!(bob.json["ended_by"], "peer", "{}", bob.json);
     assert!(
@@ -580,25 +571,9 @@ impl Forwarder {
 fn a_caller_that_lost_only_its_connection_resumes_the_call() {
     let Some(f) = fleet(2) else { return };
     let (g1, g2) = (&f.gws[0], &f.gws[1]);
-    let dir = g1.dir.path();
-    let a_in = test_clip(dir, "speech-8k.wav", "cut-a-in.wav", 5.0);
-    let b_in = test_clip(dir, "reply-8k.wav", "cut-b-in.wav", 5.0);
-    let (a_rec, b_rec) = (dir.join("cut-a-rec.wav"), dir.join("cut-b-rec.wav"));
-    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let clips = Clips::new(g1.dir.path(), "cut", 5.0, 5.0);
     let mark = g2.log_len();
-    let bob = spawn_phone(
-        g2,
-        "bob",
-        &[
-            "--answer",
-            "--play",
-            &s(&b_in),
-            "--record",
-            &s(&b_rec),
-            "--wait",
-            "30",
-        ],
-    );
+    let bob = spawn_phone(g2, "bob", &clips.answering("30"));
     g2.wait_online(mark, "bob");
     let fwd = Forwarder::start(&g1.control);
     let mark = g1.log_len();
@@ -607,14 +582,7 @@ fn a_caller_that_lost_only_its_connection_resumes_the_call() {
         g1,
         &format!("{},{}", fwd.addr, g1.control),
         "alice",
-        &[
-            "--call",
-            "+15550002",
-            "--play",
-            &s(&a_in),
-            "--record",
-            &s(&a_rec),
-        ],
+        &clips.calling("+15550002"),
     );
     g1.wait_log(mark, "alice's call on gw1", |l| {
         l.contains("media instructions sent")
@@ -641,15 +609,7 @@ fn a_caller_that_lost_only_its_connection_resumes_the_call() {
     let resumed = fo["call_restored_at_ms"].as_u64().expect("resumed") - cut_at;
     eprintln!("the caller's connection cut: call resumed through gw1 after {resumed} ms");
     assert!(resumed < 5000, "{resumed} ms");
-    for (sent, rec, who) in [
-        (&a_in, &b_rec, "bob hears alice"),
-        (&b_in, &a_rec, "alice hears bob"),
-    ] {
-        let want = ulaw_round_trip_padded(&wav::read(sent).unwrap());
-        let got = wav::read(rec).unwrap();
-        assert!(got.len() >= want.len(), "{who}: recording too short");
-        assert!(got[..want.len()] == want[..], "{who}: audio differs");
-    }
+    clips.assert_heard(("alice", "bob"));
 }
 
 /// One session per subscriber across the fleet: bob waits for calls on gw1; a log-in as bob
@@ -862,8 +822,7 @@ fn a_conference_with_members_on_three_gateways() {
 /// Checks a finished call's two phones: completed, nothing lost, audio byte-exact both ways.
 fn check_call(
     (caller, callee): (common::PhoneResult, common::PhoneResult),
-    (a_in, b_rec): (&Path, &Path),
-    (b_in, a_rec): (&Path, &Path),
+    clips: &Clips,
     logs: &str,
 ) {
     for (who, r) in [("caller", &caller), ("callee", &callee)] {
@@ -871,15 +830,7 @@ fn check_call(
         assert_eq!(r.json["result"], "completed", "{who}: {}\n{logs}", r.json);
         assert_eq!(r.json["received"]["lost"], 0, "{who}: {}", r.json);
     }
-    for (sent, rec, who) in [
-        (a_in, b_rec, "callee hears caller"),
-        (b_in, a_rec, "caller hears callee"),
-    ] {
-        let want = ulaw_round_trip_padded(&wav::read(sent).unwrap());
-        let got = wav::read(rec).unwrap();
-        assert!(got.len() >= want.len(), "{who}: recording too short");
-        assert!(got[..want.len()] == want[..], "{who}: audio differs");
-    }
+    clips.assert_heard(("caller", "callee"));
 }
 
 /// A Redis restart (stop, outage, start empty) while a call across gateways is in progress:
@@ -915,55 +866,16 @@ fn a_redis_restart_keeps_calls_and_presence_comes_back() {
     let (g1, g2) = (&f.gws[0], &f.gws[1]);
     let dir = g1.dir.path().to_owned();
     // The call in progress: alice (gw1) → bob (gw2), 12 s of audio each way.
-    let a_in = test_clip(&dir, "speech-8k.wav", "r-a-in.wav", 12.0);
-    let b_in = test_clip(&dir, "reply-8k.wav", "r-b-in.wav", 12.0);
-    let (a_rec, b_rec) = (dir.join("r-a-rec.wav"), dir.join("r-b-rec.wav"));
+    let first = Clips::new(&dir, "r", 12.0, 12.0);
     let mark = g2.log_len();
-    let bob = spawn_phone(
-        g2,
-        "bob",
-        &[
-            "--answer",
-            "--play",
-            b_in.to_str().unwrap(),
-            "--record",
-            b_rec.to_str().unwrap(),
-            "--wait",
-            "30",
-        ],
-    );
+    let bob = spawn_phone(g2, "bob", &first.answering("30"));
     g2.wait_online(mark, "bob");
     // carol (gw2) logs in before the restart and answers a call after it.
-    let c_in = test_clip(&dir, "reply-8k.wav", "r-c-in.wav", 1.2);
-    let d_in = test_clip(&dir, "speech-8k.wav", "r-d-in.wav", 1.6);
-    let (c_rec, d_rec) = (dir.join("r-c-rec.wav"), dir.join("r-d-rec.wav"));
+    let second = Clips::new(&dir, "r2", 1.6, 1.2);
     let mark = g2.log_len();
-    let carol = spawn_phone(
-        g2,
-        "carol",
-        &[
-            "--answer",
-            "--play",
-            c_in.to_str().unwrap(),
-            "--record",
-            c_rec.to_str().unwrap(),
-            "--wait",
-            "60",
-        ],
-    );
+    let carol = spawn_phone(g2, "carol", &second.answering("60"));
     g2.wait_online(mark, "carol");
-    let alice = spawn_phone(
-        g1,
-        "alice",
-        &[
-            "--call",
-            "+15550002",
-            "--play",
-            a_in.to_str().unwrap(),
-            "--record",
-            a_rec.to_str().unwrap(),
-        ],
-    );
+    let alice = spawn_phone(g1, "alice", &first.calling("+15550002"));
     // Media flows through gw1 (the caller's gateway relays).
     let deadline = Instant::now() + Duration::from_secs(15);
     while metric(g1, "voxgate_shard_packets_total", "direction=\"in\"") < 50.0 {
@@ -1005,28 +917,15 @@ fn a_redis_restart_keeps_calls_and_presence_comes_back() {
     };
     check_call(
         (common::finish(alice), common::finish(bob)),
-        (&a_in, &b_rec),
-        (&b_in, &a_rec),
+        &first,
         &logs(),
     );
     // A new call across gateways reaches carol, logged in before the restart.
     let dialled = Instant::now();
-    let alice = spawn_phone(
-        &f.gws[0],
-        "alice",
-        &[
-            "--call",
-            "+15550003",
-            "--play",
-            d_in.to_str().unwrap(),
-            "--record",
-            d_rec.to_str().unwrap(),
-        ],
-    );
+    let alice = spawn_phone(&f.gws[0], "alice", &second.calling("+15550003"));
     check_call(
         (common::finish(alice), common::finish(carol)),
-        (&d_in, &c_rec),
-        (&c_in, &d_rec),
+        &second,
         &logs(),
     );
     eprintln!(

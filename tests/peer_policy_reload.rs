@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::Gateway;
 use voxgate::client::binding;
-use voxgate::client::session::{Event, Phone, PhoneOptions};
+use voxgate::client::session::{Event, Phone};
 
 /// The number the test dials: a telephone route to the voice gateway stand-in.
 const NUMBER: &str = "+4930123456";
@@ -140,20 +140,9 @@ fn sighup_denied_peers_stop_a_source_latching_a_udp_leg() {
     // Alice's media socket sits at 127.0.0.3: allowed now, denied after the reload.
     let soon_denied = UdpSocket::bind("127.0.0.3:0").unwrap();
     let allowed = UdpSocket::bind("127.0.0.2:0").unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::phone_runtime();
     rt.block_on(async {
-        let (phone, mut events) = Phone::connect(
-            &gw.control,
-            "alice",
-            &common::password("alice"),
-            PhoneOptions::default(),
-        )
-        .await
-        .expect("alice logs in");
-        phone.wait_capabilities(Duration::from_secs(5)).await;
+        let (phone, mut events) = common::log_in(&gw, "alice").await;
 
         // Before the reload: 127.0.0.3 binds the leg and its media reaches the far end.
         let c = call(&phone, &mut events).await;

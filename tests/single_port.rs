@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{BIN, Gateway, finish, spawn_phone_at, test_clip, ulaw_round_trip_padded};
+use common::{BIN, Gateway, Proc, finish, spawn_phone_at, test_clip, ulaw_round_trip_padded};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use voxgate::client::{binding, wav};
 
@@ -120,11 +120,40 @@ fn start(cfg: &str, dir: &Path) -> Gateway {
     Gateway::start(&["--config", path.to_str().unwrap()])
 }
 
+/// A gateway serving TLS control and TLS media on the shared port, its TLS run by `engine`;
+/// `before` (further sections) comes first.
+fn tls_port_cfg(p: &Pki, before: &str, engine: &str) -> String {
+    format!(
+        "{before}[tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\nplain_control = false\n\
+         [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"{engine}\"\n",
+        p.cert.to_str().unwrap(),
+        p.key.to_str().unwrap()
+    )
+}
+
+/// A TLS-both-ways call over the shared port (see [`call_over`]): both media connections were
+/// handed to their shard, each logged with `how`.
+fn tls_call_handed(gw: &Gateway, port: u16, p: &Pki, how: &str) {
+    let handed = call_over(
+        gw,
+        &format!("tls://127.0.0.1:{port}"),
+        &["--ca", p.ca.to_str().unwrap()],
+    );
+    assert_eq!(handed.len(), 2, "{handed:?}");
+    assert!(handed.iter().all(|l| l.contains(how)), "{handed:?}");
+}
+
+/// A plain TCP connection to the shared port, its reads timing out after 15 s.
+fn connect_plain(port: u16) -> std::net::TcpStream {
+    let t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    t
+}
+
 /// A plain RFC 4571 Binding request for a leg nobody has: the port must close the connection
 /// (plain media off, or no such leg) without answering.
 fn stranger_media_is_closed(port: u16) {
-    let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut t = connect_plain(port);
     let mut buf = [0u8; 512];
     let n = binding::request(&mut buf, "0123456789abcdef0123456789abcdef", b"k", &[1; 12]).unwrap();
     let mut f = (n as u16).to_be_bytes().to_vec();
@@ -161,8 +190,7 @@ fn plain_control_and_plain_tcp_media_share_one_port() {
     stranger_media_is_closed(port);
     // TLS is not served on a plain single port, and HTTP only as a WebSocket media leg
     // (`GET /media/<leg>`).
-    let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut t = connect_plain(port);
     t.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     assert_closed(&mut t);
     gw.stop();
@@ -172,23 +200,9 @@ fn plain_control_and_plain_tcp_media_share_one_port() {
 fn tls_control_and_tls_media_share_one_port_userspace() {
     let dir = tempfile::tempdir().unwrap();
     let p = pki(dir.path());
-    let mut gw = start(
-        &format!(
-            "[tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\nplain_control = false\n\
-             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"userspace\"\n",
-            p.cert.to_str().unwrap(),
-            p.key.to_str().unwrap()
-        ),
-        dir.path(),
-    );
+    let mut gw = start(&tls_port_cfg(&p, "", "userspace"), dir.path());
     let port = single_port(&gw);
-    let handed = call_over(
-        &gw,
-        &format!("tls://127.0.0.1:{port}"),
-        &["--ca", p.ca.to_str().unwrap()],
-    );
-    assert_eq!(handed.len(), 2, "{handed:?}");
-    assert!(handed.iter().all(|l| l.contains("tls")), "{handed:?}");
+    tls_call_handed(&gw, port, &p, "tls");
     // Plain media is not taken where TLS media is configured: nothing in the clear.
     stranger_media_is_closed(port);
     gw.stop();
@@ -208,13 +222,7 @@ fn kernel_tls_media_or_a_clear_refusal_to_start() {
         Ok(()) => {
             let mut gw = start(&cfg, dir.path());
             let port = single_port(&gw);
-            let handed = call_over(
-                &gw,
-                &format!("tls://127.0.0.1:{port}"),
-                &["--ca", p.ca.to_str().unwrap()],
-            );
-            assert_eq!(handed.len(), 2, "{handed:?}");
-            assert!(handed.iter().all(|l| l.contains("ktls")), "{handed:?}");
+            tls_call_handed(&gw, port, &p, "ktls");
             // And the browser phone's wss:// leg on kernel TLS.
             ws_leg_call(&gw, port, Some(&p.ca), "wss-ktls");
             gw.stop();
@@ -282,10 +290,7 @@ fn silent_connections_count_against_the_limits_until_sorted() {
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
     let mark = gw.log_len();
-    let mut third = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    third
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
+    let mut third = connect_plain(port);
     assert_closed(&mut third);
     gw.wait_log(mark, "the refusal", |l| {
         l.contains("shared-port connections refused at accept")
@@ -320,17 +325,23 @@ fn silent_connections_count_against_the_limits_until_sorted() {
     gw.stop();
 }
 
-/// A TLS connection to the shared port offering ALPN `http/1.1`, as a browser does for `wss://`.
-fn wss_connect(
-    port: u16,
-    ca: &Path,
-) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+/// The test CA in `ca`, as the only root a client trusts.
+fn ca_roots(ca: &Path) -> rustls::RootCertStore {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
+    roots
+}
+
+/// A TLS connection to the shared port offering ALPN `http/1.1`, as a browser does for `wss://`.
+fn wss_connect(
+    port: u16,
+    ca: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let roots = ca_roots(ca);
     let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -387,6 +398,119 @@ fn assert_tls_closed(t: &mut impl Read) {
     }
 }
 
+/// A test clip of `secs` seconds written as `out` in the gateway's folder: its path, its
+/// samples and their µ-law bytes.
+fn ulaw_clip(gw: &Gateway, out: &str, secs: f64) -> (PathBuf, Vec<i16>, Vec<u8>) {
+    use voxgate::client::g711;
+    let clip = test_clip(gw.dir.path(), "speech-8k.wav", out, secs);
+    let samples = wav::read(&clip).unwrap();
+    let mut encoded = vec![0u8; samples.len()];
+    g711::encode_ulaw_into(&samples, &mut encoded);
+    (clip, samples, encoded)
+}
+
+/// alice, in this process behind a firewall with no UDP, in a call to bob.
+struct Alice {
+    rt: tokio::runtime::Runtime,
+    phone: voxgate::client::session::Phone,
+    events: tokio::sync::mpsc::Receiver<voxgate::client::session::Event>,
+    call: voxgate::wire::control::CallId,
+    /// The media instructions the gateway gave her for the call.
+    m: voxgate::wire::control::MediaInstructions,
+}
+
+/// alice logs in over `server` (TLS trusting `ca` when given), waits for her probe and dials
+/// bob; returns once her media instructions came (a hang-up before them fails).
+fn alice_calls_bob(server: &str, ca: Option<&Path>) -> Alice {
+    use voxgate::client::session::{Event, Phone, PhoneOptions};
+    use voxgate::client::tls::TlsOptions;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let opts = PhoneOptions {
+        firewall: voxgate::client::Firewall {
+            block_udp_out: true,
+            block_udp_in: true,
+            simulate_nat: false,
+        },
+        tls: ca.map(|c| TlsOptions {
+            ca: Some(c.to_path_buf()),
+        }),
+        ..PhoneOptions::default()
+    };
+    let (phone, mut events) = rt
+        .block_on(Phone::connect(
+            server,
+            "alice",
+            &common::password("alice"),
+            opts,
+        ))
+        .expect("alice logs in on the shared port");
+    let caps = rt.block_on(phone.wait_capabilities(Duration::from_secs(15)));
+    assert!(caps.is_some(), "alice's probe finished");
+    let call = rt.block_on(async {
+        let sock = phone.media_socket().await.unwrap();
+        let addr = phone.media_address(&sock).unwrap();
+        phone.dial("+15550002", addr).await.unwrap()
+    });
+    let m = loop {
+        match next_event(&rt, &mut events) {
+            Event::Media(m) => break m,
+            Event::HangUp { reason, detail, .. } => panic!("hung up: {reason:?} {detail:?}"),
+            _ => {}
+        }
+    };
+    Alice {
+        rt,
+        phone,
+        events,
+        call,
+        m,
+    }
+}
+
+/// The phone's next event, within 20 s.
+fn next_event(
+    rt: &tokio::runtime::Runtime,
+    events: &mut tokio::sync::mpsc::Receiver<voxgate::client::session::Event>,
+) -> voxgate::client::session::Event {
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .expect("an event in time")
+            .expect("the phone is up")
+    })
+}
+
+/// RTP packet `i` of `ssrc` (PT 0, 8 kHz): `frame` padded to 160 bytes with µ-law silence.
+fn rtp_packet(i: usize, ssrc: u32, frame: &[u8]) -> Vec<u8> {
+    let mut pkt = vec![0x80, 0x00];
+    pkt.extend_from_slice(&(i as u16).to_be_bytes());
+    pkt.extend_from_slice(&((i * 160) as u32).to_be_bytes());
+    pkt.extend_from_slice(&ssrc.to_be_bytes());
+    pkt.extend_from_slice(frame);
+    pkt.resize(12 + 160, 0xff);
+    pkt
+}
+
+/// After 300 ms alice hangs up; bob's phone ends cleanly and his recording begins with
+/// `samples` (what `via` sent), byte-exact.
+fn hang_up_and_check_bob(alice: &Alice, callee: Proc, b_rec: &Path, samples: &[i16], via: &str) {
+    std::thread::sleep(Duration::from_millis(300));
+    alice.rt.block_on(alice.phone.hang_up(alice.call)).unwrap();
+    let rb = finish(callee);
+    assert_eq!(rb.code, 0, "{}\n{}", rb.json, rb.stderr);
+    let want = ulaw_round_trip_padded(samples);
+    let rec = wav::read(b_rec).unwrap();
+    assert!(
+        rec.len() >= want.len() && rec[..want.len()] == want[..],
+        "bob's recording differs from what {via} sent ({} samples recorded)",
+        rec.len()
+    );
+}
+
 /// Anything a WebSocket leg runs over: TLS or plain TCP.
 trait Conn: Read + Write {}
 impl<T: Read + Write> Conn for T {}
@@ -399,18 +523,13 @@ impl<T: Read + Write> Conn for T {}
 /// gets the shard's 101, binds with the keyed STUN Binding and exchanges RTP with bob's UDP leg
 /// byte-exact both ways. Returns alice's leg.
 fn ws_leg_call(gw: &Gateway, port: u16, ca: Option<&Path>, how: &str) -> String {
-    use voxgate::client::g711;
-    use voxgate::client::session::{Event, Phone, PhoneOptions};
-    use voxgate::client::tls::TlsOptions;
+    use voxgate::client::session::Event;
     use voxgate::wire::ws;
     let server = match ca {
         Some(_) => format!("tls://127.0.0.1:{port}"),
         None => format!("127.0.0.1:{port}"),
     };
-    let clip = test_clip(gw.dir.path(), "speech-8k.wav", "clip.wav", 2.0);
-    let samples = wav::read(&clip).unwrap();
-    let mut encoded = vec![0u8; samples.len()];
-    g711::encode_ulaw_into(&samples, &mut encoded);
+    let (clip, samples, encoded) = ulaw_clip(gw, "clip.wav", 2.0);
     let b_rec = gw.dir.path().join("b-rec.wav");
 
     let mark = gw.log_len();
@@ -430,52 +549,8 @@ fn ws_leg_call(gw: &Gateway, port: u16, ca: Option<&Path>, how: &str) -> String 
     let callee = spawn_phone_at(&[], gw, &server, "bob", &bob_args);
     gw.wait_online(mark, "bob");
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let opts = PhoneOptions {
-        firewall: voxgate::client::Firewall {
-            block_udp_out: true,
-            block_udp_in: true,
-            simulate_nat: false,
-        },
-        tls: ca.map(|c| TlsOptions {
-            ca: Some(c.to_path_buf()),
-        }),
-        ..PhoneOptions::default()
-    };
-    let (phone, mut events) = rt
-        .block_on(Phone::connect(
-            &server,
-            "alice",
-            &common::password("alice"),
-            opts,
-        ))
-        .expect("alice logs in over TLS on the shared port");
-    let next = |events: &mut tokio::sync::mpsc::Receiver<Event>| {
-        rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(20), events.recv())
-                .await
-                .expect("an event in time")
-                .expect("the phone is up")
-        })
-    };
-    let caps = rt.block_on(phone.wait_capabilities(Duration::from_secs(15)));
-    assert!(caps.is_some(), "alice's probe finished");
-    let call = rt.block_on(async {
-        let sock = phone.media_socket().await.unwrap();
-        let addr = phone.media_address(&sock).unwrap();
-        phone.dial("+15550002", addr).await.unwrap()
-    });
-    let m = loop {
-        match next(&mut events) {
-            Event::Media(m) => break m,
-            Event::HangUp { reason, detail, .. } => panic!("hung up: {reason:?} {detail:?}"),
-            _ => {}
-        }
-    };
+    let mut alice = alice_calls_bob(&server, ca);
+    let m = &alice.m;
     assert_eq!(
         m.gateway_tcp_tls,
         ca.is_some(),
@@ -483,17 +558,13 @@ fn ws_leg_call(gw: &Gateway, port: u16, ca: Option<&Path>, how: &str) -> String 
     );
     assert_eq!(m.gateway_tcp.map(|a| a.port()), Some(port), "{m:?}");
     let leg = m.leg.clone().expect("alice's leg goes through the gateway");
-    let key = voxgate::control::leg_key(phone.session_key(), &leg);
+    let key = voxgate::control::leg_key(alice.phone.session_key(), &leg);
 
     // The page's connection: wss://HOST:PORT/media/<leg>.
     let mark = gw.log_len();
     let mut t: Box<dyn Conn> = match ca {
         Some(ca) => Box::new(wss_connect(port, ca)),
-        None => {
-            let t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-            t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-            Box::new(t)
-        }
+        None => Box::new(connect_plain(port)),
     };
     t.write_all(upgrade_request(&format!("/media/{leg}")).as_bytes())
         .unwrap();
@@ -529,8 +600,8 @@ fn ws_leg_call(gw: &Gateway, port: u16, ca: Option<&Path>, how: &str) -> String 
     };
     assert!(bound.ip().is_loopback(), "{bound}");
     loop {
-        match next(&mut events) {
-            Event::MediaReady { call: c } if c == call => break,
+        match next_event(&alice.rt, &mut alice.events) {
+            Event::MediaReady { call: c } if c == alice.call => break,
             Event::HangUp { reason, detail, .. } => panic!("hung up: {reason:?} {detail:?}"),
             _ => {}
         }
@@ -539,14 +610,7 @@ fn ws_leg_call(gw: &Gateway, port: u16, ca: Option<&Path>, how: &str) -> String 
     // alice → bob: the clip, 20 ms per packet, as the page sends it.
     let ssrc: u32 = rand::random();
     for (i, frame) in encoded.chunks(160).enumerate() {
-        let mut pkt = vec![0x80, 0x00];
-        pkt.extend_from_slice(&(i as u16).to_be_bytes());
-        pkt.extend_from_slice(&((i * 160) as u32).to_be_bytes());
-        pkt.extend_from_slice(&ssrc.to_be_bytes());
-        pkt.extend_from_slice(frame);
-        if pkt.len() < 12 + 160 {
-            pkt.resize(12 + 160, 0xff);
-        }
+        let pkt = rtp_packet(i, ssrc, frame);
         t.write_all(&ws::client_frame(ws::OP_BINARY, rand::random(), &pkt))
             .unwrap();
         std::thread::sleep(Duration::from_millis(20));
@@ -579,19 +643,9 @@ fn ws_leg_call(gw: &Gateway, port: u16, ca: Option<&Path>, how: &str) -> String 
         padded.windows(160).position(|w| w == &got[..160]),
         &got[..32]
     );
-    std::thread::sleep(Duration::from_millis(300));
-    rt.block_on(phone.hang_up(call)).unwrap();
-    let rb = finish(callee);
-    assert_eq!(rb.code, 0, "{}\n{}", rb.json, rb.stderr);
-    let want = ulaw_round_trip_padded(&samples);
-    let rec = wav::read(&b_rec).unwrap();
-    assert!(
-        rec.len() >= want.len() && rec[..want.len()] == want[..],
-        "bob's recording differs from what the wss leg sent ({} samples recorded)",
-        rec.len()
-    );
+    hang_up_and_check_bob(&alice, callee, &b_rec, &samples, "the wss leg");
     drop(t);
-    drop(phone);
+    drop(alice);
     leg
 }
 
@@ -604,15 +658,7 @@ fn wss_media_leg_through_the_shared_port_on_the_shard_engine() {
     use voxgate::wire::ws;
     let dir = tempfile::tempdir().unwrap();
     let p = pki(dir.path());
-    let mut gw = start(
-        &format!(
-            "[tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\nplain_control = false\n\
-             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"shard\"\n",
-            p.cert.to_str().unwrap(),
-            p.key.to_str().unwrap()
-        ),
-        dir.path(),
-    );
+    let mut gw = start(&tls_port_cfg(&p, "", "shard"), dir.path());
     let port = single_port(&gw);
     let leg = ws_leg_call(&gw, port, Some(&p.ca), "wss-shard");
 
@@ -633,10 +679,7 @@ fn wss_media_leg_through_the_shared_port_on_the_shard_engine() {
     // The gateway may close while the rest is still being written.
     let _ = big.write_all(&long);
     assert_tls_closed(&mut big);
-    let mut plain = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    plain
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
+    let mut plain = connect_plain(port);
     plain
         .write_all(upgrade_request(&format!("/media/{leg}")).as_bytes())
         .unwrap();
@@ -652,8 +695,7 @@ fn ws_media_leg_through_a_plain_shared_port() {
     let mut gw = start("[single_port]\nport = 0\nmedia = \"plain\"\n", dir.path());
     let port = single_port(&gw);
     ws_leg_call(&gw, port, None, "ws");
-    let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut t = connect_plain(port);
     t.write_all(upgrade_request("/control").as_bytes()).unwrap();
     assert_closed(&mut t);
     gw.stop();
@@ -677,12 +719,7 @@ fn tls_media_connect(
 }
 
 fn wss_client_config(ca: &Path) -> std::sync::Arc<rustls::ClientConfig> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
+    let roots = ca_roots(ca);
     std::sync::Arc::new(
         rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -705,6 +742,26 @@ fn records(
         s.conn.write_tls(&mut out).unwrap();
     }
     out
+}
+
+/// The close_notify alert rustls makes, not yet sent.
+fn close_notify(
+    s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+) -> Vec<u8> {
+    s.conn.send_close_notify();
+    let mut r = Vec::new();
+    s.conn.write_tls(&mut r).unwrap();
+    r
+}
+
+/// Sends the raw `bytes` (an attack) under the TLS layer; the gateway must close the
+/// connection unanswered (it may close while the bytes are still being written).
+fn send_and_assert_closed(
+    s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    bytes: &[u8],
+) {
+    let _ = s.sock.write_all(bytes);
+    assert_closed(&mut s.sock);
 }
 
 fn rfc4571(pkt: &[u8]) -> Vec<u8> {
@@ -755,32 +812,17 @@ fn bind_tls_leg(
 ///   byte per TCP segment — delivers the clip to bob byte-exact.
 #[test]
 fn tls_media_on_the_shard_engine_and_attacks_close_only_their_connection() {
-    use voxgate::client::g711;
-    use voxgate::client::session::{Event, Phone, PhoneOptions};
-    use voxgate::client::tls::TlsOptions;
+    use voxgate::client::session::Event;
     let dir = tempfile::tempdir().unwrap();
     let p = pki(dir.path());
-    let mut gw = start(
-        &format!(
-            "[tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\nplain_control = false\n\
-             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"shard\"\n",
-            p.cert.to_str().unwrap(),
-            p.key.to_str().unwrap()
-        ),
-        dir.path(),
-    );
+    let mut gw = start(&tls_port_cfg(&p, "", "shard"), dir.path());
     let port = single_port(&gw);
     let server = format!("tls://127.0.0.1:{port}");
-    let handed = call_over(&gw, &server, &["--ca", p.ca.to_str().unwrap()]);
-    assert_eq!(handed.len(), 2, "{handed:?}");
-    assert!(handed.iter().all(|l| l.contains("tls-shard")), "{handed:?}");
+    tls_call_handed(&gw, port, &p, "tls-shard");
     stranger_media_is_closed(port);
 
     // A live call: alice (here, no UDP) calls bob (open, recording).
-    let clip = test_clip(gw.dir.path(), "speech-8k.wav", "clip2.wav", 1.5);
-    let samples = wav::read(&clip).unwrap();
-    let mut encoded = vec![0u8; samples.len()];
-    g711::encode_ulaw_into(&samples, &mut encoded);
+    let (_, samples, encoded) = ulaw_clip(&gw, "clip2.wav", 1.5);
     let b_rec = gw.dir.path().join("b-rec2.wav");
     let mark = gw.log_len();
     let callee = spawn_phone_at(
@@ -799,57 +841,11 @@ fn tls_media_on_the_shard_engine_and_attacks_close_only_their_connection() {
         ],
     );
     gw.wait_online(mark, "bob");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let opts = PhoneOptions {
-        firewall: voxgate::client::Firewall {
-            block_udp_out: true,
-            block_udp_in: true,
-            simulate_nat: false,
-        },
-        tls: Some(TlsOptions {
-            ca: Some(p.ca.clone()),
-        }),
-        ..PhoneOptions::default()
-    };
-    let (phone, mut events) = rt
-        .block_on(Phone::connect(
-            &server,
-            "alice",
-            &common::password("alice"),
-            opts,
-        ))
-        .expect("alice logs in");
-    let next = |events: &mut tokio::sync::mpsc::Receiver<Event>| {
-        rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(20), events.recv())
-                .await
-                .expect("an event in time")
-                .expect("the phone is up")
-        })
-    };
-    assert!(
-        rt.block_on(phone.wait_capabilities(Duration::from_secs(15)))
-            .is_some()
-    );
-    let call = rt.block_on(async {
-        let sock = phone.media_socket().await.unwrap();
-        let addr = phone.media_address(&sock).unwrap();
-        phone.dial("+15550002", addr).await.unwrap()
-    });
-    let m = loop {
-        match next(&mut events) {
-            Event::Media(m) => break m,
-            Event::HangUp { reason, detail, .. } => panic!("hung up: {reason:?} {detail:?}"),
-            _ => {}
-        }
-    };
+    let mut alice = alice_calls_bob(&server, Some(&p.ca));
+    let m = &alice.m;
     assert!(m.gateway_tcp_tls, "{m:?}");
     let leg = m.leg.clone().expect("alice's leg goes through the gateway");
-    let key = voxgate::control::leg_key(phone.session_key(), &leg);
+    let key = voxgate::control::leg_key(alice.phone.session_key(), &leg);
 
     // Strangers (no leg): the same attacks, refused by the port before any shard sees them.
     let ca = p.ca.clone();
@@ -864,15 +860,9 @@ fn tls_media_on_the_shard_engine_and_attacks_close_only_their_connection() {
                     r
                 }
                 2 => vec![23, 3, 3, 0x41, 0x01, 0, 0, 0],
-                _ => {
-                    s.conn.send_close_notify();
-                    let mut r = Vec::new();
-                    s.conn.write_tls(&mut r).unwrap();
-                    r
-                }
+                _ => close_notify(&mut s),
             };
-            let _ = s.sock.write_all(&bytes);
-            assert_closed(&mut s.sock);
+            send_and_assert_closed(&mut s, &bytes);
         }
     });
 
@@ -897,15 +887,9 @@ fn tls_media_on_the_shard_engine_and_attacks_close_only_their_connection() {
                 r
             }
             2 => vec![23, 3, 3, 0xff, 0xff, 1, 2, 3],
-            _ => {
-                s.conn.send_close_notify();
-                let mut r = Vec::new();
-                s.conn.write_tls(&mut r).unwrap();
-                r
-            }
+            _ => close_notify(&mut s),
         };
-        let _ = s.sock.write_all(&bytes);
-        assert_closed(&mut s.sock);
+        send_and_assert_closed(&mut s, &bytes);
     }
     strangers
         .join()
@@ -918,8 +902,8 @@ fn tls_media_on_the_shard_engine_and_attacks_close_only_their_connection() {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let mut ready = false;
     while !ready {
-        match events.try_recv() {
-            Ok(Event::MediaReady { call: c }) if c == call => ready = true,
+        match alice.events.try_recv() {
+            Ok(Event::MediaReady { call: c }) if c == alice.call => ready = true,
             Ok(Event::HangUp { reason, detail, .. }) => panic!("hung up: {reason:?} {detail:?}"),
             Ok(_) => {}
             Err(_) => {
@@ -930,12 +914,7 @@ fn tls_media_on_the_shard_engine_and_attacks_close_only_their_connection() {
     }
     let ssrc: u32 = rand::random();
     for (i, frame) in encoded.chunks(160).enumerate() {
-        let mut pkt = vec![0x80, 0x00];
-        pkt.extend_from_slice(&(i as u16).to_be_bytes());
-        pkt.extend_from_slice(&((i * 160) as u32).to_be_bytes());
-        pkt.extend_from_slice(&ssrc.to_be_bytes());
-        pkt.extend_from_slice(frame);
-        pkt.resize(12 + 160, 0xff);
+        let pkt = rtp_packet(i, ssrc, frame);
         let rec = records(&mut s, &rfc4571(&pkt));
         if i < 3 {
             for b in &rec {
@@ -946,19 +925,9 @@ fn tls_media_on_the_shard_engine_and_attacks_close_only_their_connection() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300));
-    rt.block_on(phone.hang_up(call)).unwrap();
-    let rb = finish(callee);
-    assert_eq!(rb.code, 0, "{}\n{}", rb.json, rb.stderr);
-    let want = ulaw_round_trip_padded(&samples);
-    let rec = wav::read(&b_rec).unwrap();
-    assert!(
-        rec.len() >= want.len() && rec[..want.len()] == want[..],
-        "bob's recording differs from what alice's TLS leg sent ({} samples recorded)",
-        rec.len()
-    );
+    hang_up_and_check_bob(&alice, callee, &b_rec, &samples, "alice's TLS leg");
     drop(s);
-    drop(phone);
+    drop(alice);
     gw.stop();
 }
 
@@ -969,23 +938,11 @@ fn tls_media_on_the_shard_engine_over_the_epoll_loop() {
     let dir = tempfile::tempdir().unwrap();
     let p = pki(dir.path());
     let mut gw = start(
-        &format!(
-            "[server]\nbackend = \"epoll\"\n\
-             [tls]\ncert = {:?}\nkey = {:?}\ncontrol_port = 0\nplain_control = false\n\
-             [single_port]\nport = 0\nmedia = \"tls\"\ntls_engine = \"shard\"\n",
-            p.cert.to_str().unwrap(),
-            p.key.to_str().unwrap()
-        ),
+        &tls_port_cfg(&p, "[server]\nbackend = \"epoll\"\n", "shard"),
         dir.path(),
     );
     let port = single_port(&gw);
-    let handed = call_over(
-        &gw,
-        &format!("tls://127.0.0.1:{port}"),
-        &["--ca", p.ca.to_str().unwrap()],
-    );
-    assert_eq!(handed.len(), 2, "{handed:?}");
-    assert!(handed.iter().all(|l| l.contains("tls-shard")), "{handed:?}");
+    tls_call_handed(&gw, port, &p, "tls-shard");
     assert!(
         gw.log_text().contains("epoll"),
         "the shards ran on epoll: {}",

@@ -22,6 +22,32 @@ pub fn password(user: &str) -> String {
     format!("{user}-password")
 }
 
+/// A single-threaded runtime for a phone the test drives itself (`voxgate::client::session`).
+pub fn phone_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `user` logs in on `gw`'s control port with default phone options and waits (5 s at the
+/// most) for its probe: its phone and the phone's events.
+pub async fn log_in(
+    gw: &Gateway,
+    user: &str,
+) -> (
+    voxgate::client::session::Phone,
+    tokio::sync::mpsc::Receiver<voxgate::client::session::Event>,
+) {
+    use voxgate::client::session::{Phone, PhoneOptions};
+    let (phone, events) =
+        Phone::connect(&gw.control, user, &password(user), PhoneOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("{user} logs in: {e:?}"));
+    phone.wait_capabilities(Duration::from_secs(5)).await;
+    (phone, events)
+}
+
 /// Runs `cmd` with `text` on its standard input and returns its output.
 pub fn run_with_stdin(cmd: &mut Command, text: &str) -> std::process::Output {
     let mut child = cmd

@@ -156,6 +156,85 @@ impl Pair {
         self.flow();
         call
     }
+
+    /// Node b dies and a learns it.
+    fn b_dies(&mut self) {
+        self.dead.insert("b".into());
+        self.a
+            .input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
+        self.flow();
+    }
+
+    /// `user` logs in (again) at `node`; what it is told on logging in is taken.
+    fn log_in_again(&mut self, node: &str, user: &'static str) -> Client {
+        let c = self.world(node).login(user, OPEN);
+        self.flow();
+        self.world(node).take(c.conn);
+        c
+    }
+
+    /// `who`, at `node`, resumes `call` with `token`: what it is told.
+    fn resume(&mut self, node: &str, who: &Client, call: CallId, token: String) -> Vec<ServerMsg> {
+        self.world(node)
+            .send(who.conn, ClientMsg::Resume { call, token });
+        self.flow();
+        self.world(node).take(who.conn)
+    }
+
+    /// `who`, at `node`, hangs up `call`: `to`, at `to_node`, is told it ended normally.
+    fn hang_up_reaches(
+        &mut self,
+        (node, who): (&str, &Client),
+        call: CallId,
+        (to_node, to): (&str, &Client),
+        what: &str,
+    ) {
+        self.world(node).send(who.conn, ClientMsg::HangUp { call });
+        self.flow();
+        assert_eq!(
+            sim::hangups(&self.world(to_node).take(to.conn)),
+            [(call, HangupReason::Normal)],
+            "{what}"
+        );
+    }
+}
+
+/// alice (a) calls bob (b), who answers: the pair, both, the call and bob's resume token;
+/// everything both phones were told so far is taken.
+fn call_with_bobs_token() -> (Pair, Client, Client, CallId, String) {
+    let mut p = pair();
+    let (alice, bob) = p.logged_in();
+    let call = p.call_up(&alice, &bob);
+    let token = token_of(&p.b.take(bob.conn), call);
+    p.a.take(alice.conn);
+    (p, alice, bob, call, token)
+}
+
+/// `call` ends for alice (at a) with `peer_lost` once the resume grace is over, not a
+/// millisecond before.
+fn peer_lost_after_the_grace(p: &mut Pair, alice: &Client, call: CallId) {
+    let grace = p.a.gw.cfg.fleet_resume_grace;
+    p.a.advance(grace - std::time::Duration::from_millis(1));
+    assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
+    p.a.advance(std::time::Duration::from_millis(2));
+    p.flow();
+    assert_eq!(
+        sim::hangups(&p.a.take(alice.conn)),
+        [(call, HangupReason::PeerLost)]
+    );
+}
+
+/// `msgs` hold the `refused{replaced}` that ends a session replaced by a newer log-in.
+fn replaced(msgs: &[ServerMsg]) -> bool {
+    msgs.iter().any(|m| {
+        matches!(
+            m,
+            ServerMsg::Refused {
+                code: crate::wire::control::ErrorCode::Replaced,
+                ..
+            }
+        )
+    })
 }
 
 fn installs(w: &World) -> Vec<SessionSpec> {
@@ -228,12 +307,7 @@ fn a_call_across_nodes_is_relayed_by_the_callers_node_with_the_call_key() {
         [(c2, HangupReason::Busy)]
     );
     // bob hangs up: alice is told, a forgets the stand-in, b forgets the call.
-    p.b.send(bob.conn, ClientMsg::HangUp { call });
-    p.flow();
-    assert_eq!(
-        sim::hangups(&p.a.take(alice.conn)),
-        [(call, HangupReason::Normal)]
-    );
+    p.hang_up_reaches(("b", &bob), call, ("a", &alice), "alice is told");
     assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
     assert!(!p.a.gw.users.contains_key("bob"));
     assert!(p.b.gw.fleet.as_ref().unwrap().hosted.is_empty());
@@ -246,12 +320,7 @@ fn the_callers_hang_up_reaches_the_callee_and_a_second_call_works() {
     let (alice, bob) = p.logged_in();
     let call = p.call_up(&alice, &bob);
     p.b.take(bob.conn);
-    p.a.send(alice.conn, ClientMsg::HangUp { call });
-    p.flow();
-    assert_eq!(
-        sim::hangups(&p.b.take(bob.conn)),
-        [(call, HangupReason::Normal)]
-    );
+    p.hang_up_reaches(("a", &alice), call, ("b", &bob), "bob is told");
     assert!(p.b.gw.fleet.as_ref().unwrap().hosted.is_empty());
     let again = p.call_up(&alice, &bob);
     assert_ne!(again, call);
@@ -625,35 +694,19 @@ fn vconn_of(p: &Pair) -> (ConnId, bool, NodeId) {
 /// in at c and resumes: the call (relay on a, untouched) goes on, its messages now through c.
 #[test]
 fn a_callee_whose_node_died_resumes_the_call_through_another_node() {
-    let mut p = pair();
-    let (alice, bob) = p.logged_in();
-    let call = p.call_up(&alice, &bob);
-    let token = token_of(&p.b.take(bob.conn), call);
-    p.a.take(alice.conn);
+    let (mut p, alice, _bob, call, token) = call_with_bobs_token();
     let relay = installs(&p.a);
     assert_eq!(relay.len(), 1);
     p.a.shard_cmds.clear();
     // b dies; a learns it.
-    p.dead.insert("b".into());
-    p.a.input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
-    p.flow();
+    p.b_dies();
     assert!(p.a.take(alice.conn).is_empty(), "alice's call goes on");
     assert_eq!(p.a.gw.calls.len(), 1);
     assert!(vconn_of(&p).1, "bob's stand-in waits for him");
     // Within the grace, bob is back on c and resumes.
     p.a.advance(p.a.gw.cfg.fleet_resume_grace / 2);
-    let bob_c = p.c.login("bob", OPEN);
-    p.flow();
-    p.c.take(bob_c.conn);
-    p.c.send(
-        bob_c.conn,
-        ClientMsg::Resume {
-            call,
-            token: token.clone(),
-        },
-    );
-    p.flow();
-    assert!(resumed(&p.c.take(bob_c.conn), call));
+    let bob_c = p.log_in_again("c", "bob");
+    assert!(resumed(&p.resume("c", &bob_c, call, token.clone()), call));
     assert_eq!(vconn_of(&p), (vconn_of(&p).0, false, "c".into()));
     // The relay was neither removed nor re-installed: media never stopped.
     assert!(
@@ -670,12 +723,7 @@ fn a_callee_whose_node_died_resumes_the_call_through_another_node() {
     // bob is busy at c for other calls meanwhile.
     assert!(p.c.gw.fleet_hosts(bob_c.conn));
     // Messages flow both ways through c: bob hangs up, alice is told; everything is forgotten.
-    p.c.send(bob_c.conn, ClientMsg::HangUp { call });
-    p.flow();
-    assert_eq!(
-        sim::hangups(&p.a.take(alice.conn)),
-        [(call, HangupReason::Normal)]
-    );
+    p.hang_up_reaches(("c", &bob_c), call, ("a", &alice), "alice is told");
     assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
     assert!(p.c.gw.fleet.as_ref().unwrap().hosted.is_empty());
     assert!(p.a.gw.calls.is_empty());
@@ -685,18 +733,10 @@ fn a_callee_whose_node_died_resumes_the_call_through_another_node() {
 /// later node-down no longer concerns it. alice's hang-up reaches bob at c.
 #[test]
 fn a_resume_before_the_node_is_known_down_moves_the_call() {
-    let mut p = pair();
-    let (alice, bob) = p.logged_in();
-    let call = p.call_up(&alice, &bob);
-    let token = token_of(&p.b.take(bob.conn), call);
-    p.a.take(alice.conn);
+    let (mut p, alice, _bob, call, token) = call_with_bobs_token();
     p.dead.insert("b".into());
-    let bob_c = p.c.login("bob", OPEN);
-    p.flow();
-    p.c.take(bob_c.conn);
-    p.c.send(bob_c.conn, ClientMsg::Resume { call, token });
-    p.flow();
-    assert!(resumed(&p.c.take(bob_c.conn), call));
+    let bob_c = p.log_in_again("c", "bob");
+    assert!(resumed(&p.resume("c", &bob_c, call, token), call));
     let (_, orphaned, node) = vconn_of(&p);
     assert!(!orphaned);
     assert_eq!(node, "c");
@@ -707,12 +747,7 @@ fn a_resume_before_the_node_is_known_down_moves_the_call() {
     p.a.advance(p.a.gw.cfg.fleet_resume_grace * 2);
     assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
     assert_eq!(p.a.gw.calls.len(), 1);
-    p.a.send(alice.conn, ClientMsg::HangUp { call });
-    p.flow();
-    assert_eq!(
-        sim::hangups(&p.c.take(bob_c.conn)),
-        [(call, HangupReason::Normal)]
-    );
+    p.hang_up_reaches(("a", &alice), call, ("c", &bob_c), "bob is told at c");
     assert!(p.c.gw.fleet.as_ref().unwrap().hosted.is_empty());
 }
 
@@ -720,26 +755,10 @@ fn a_resume_before_the_node_is_known_down_moves_the_call() {
 /// (`not_permitted`), the call stays bob's, and bob can still resume it.
 #[test]
 fn a_resume_by_another_user_is_refused() {
-    let mut p = pair();
-    let (alice, bob) = p.logged_in();
-    let call = p.call_up(&alice, &bob);
-    let token = token_of(&p.b.take(bob.conn), call);
-    p.a.take(alice.conn);
-    p.dead.insert("b".into());
-    p.a.input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
-    p.flow();
-    let carol = p.c.login("carol", OPEN);
-    p.flow();
-    p.c.take(carol.conn);
-    p.c.send(
-        carol.conn,
-        ClientMsg::Resume {
-            call,
-            token: token.clone(),
-        },
-    );
-    p.flow();
-    let msgs = p.c.take(carol.conn);
+    let (mut p, alice, _bob, call, token) = call_with_bobs_token();
+    p.b_dies();
+    let carol = p.log_in_again("c", "carol");
+    let msgs = p.resume("c", &carol, call, token.clone());
     assert_eq!(sim::hangups(&msgs), [(call, HangupReason::NotPermitted)]);
     assert!(!resumed(&msgs, call));
     assert!(!p.c.gw.fleet_hosts(carol.conn));
@@ -763,40 +782,20 @@ fn a_resume_by_another_user_is_refused() {
     // bob himself still can.
     let bob_c = p.c.login("bob", OPEN);
     p.flow();
-    p.c.send(bob_c.conn, ClientMsg::Resume { call, token });
-    p.flow();
-    assert!(resumed(&p.c.take(bob_c.conn), call));
+    assert!(resumed(&p.resume("c", &bob_c, call, token), call));
 }
 
 /// Nobody resumes within the grace: the call ends with `peer_lost` as before, and a late
 /// resume is refused clearly.
 #[test]
 fn a_call_not_resumed_within_the_grace_ends() {
-    let mut p = pair();
-    let (alice, bob) = p.logged_in();
-    let call = p.call_up(&alice, &bob);
-    let token = token_of(&p.b.take(bob.conn), call);
-    p.a.take(alice.conn);
-    p.dead.insert("b".into());
-    p.a.input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
-    p.flow();
-    let grace = p.a.gw.cfg.fleet_resume_grace;
-    p.a.advance(grace - std::time::Duration::from_millis(1));
-    assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
-    p.a.advance(std::time::Duration::from_millis(2));
-    p.flow();
-    assert_eq!(
-        sim::hangups(&p.a.take(alice.conn)),
-        [(call, HangupReason::PeerLost)]
-    );
+    let (mut p, alice, _bob, call, token) = call_with_bobs_token();
+    p.b_dies();
+    peer_lost_after_the_grace(&mut p, &alice, call);
     assert!(p.a.gw.calls.is_empty());
     assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
-    let bob_c = p.c.login("bob", OPEN);
-    p.flow();
-    p.c.take(bob_c.conn);
-    p.c.send(bob_c.conn, ClientMsg::Resume { call, token });
-    p.flow();
-    let msgs = p.c.take(bob_c.conn);
+    let bob_c = p.log_in_again("c", "bob");
+    let msgs = p.resume("c", &bob_c, call, token);
     assert_eq!(sim::hangups(&msgs), [(call, HangupReason::PeerLost)]);
     assert!(!p.c.gw.fleet_hosts(bob_c.conn));
     // A call that was still ringing is not kept: it ends at once, as before.
@@ -818,32 +817,19 @@ fn a_call_not_resumed_within_the_grace_ends() {
 #[test]
 fn a_callee_that_lost_only_its_connection_resumes_on_the_same_or_the_relaying_node() {
     for again in ["b", "a"] {
-        let mut p = pair();
-        let (alice, bob) = p.logged_in();
-        let call = p.call_up(&alice, &bob);
-        let token = token_of(&p.b.take(bob.conn), call);
-        p.a.take(alice.conn);
+        let (mut p, alice, bob, call, token) = call_with_bobs_token();
         p.b.input(Input::Disconnected { conn: bob.conn });
         p.flow();
         assert!(p.a.take(alice.conn).is_empty(), "{again}");
         assert!(vconn_of(&p).1, "{again}");
-        let w = p.world(again);
-        let bob2 = w.login("bob", OPEN);
-        p.flow();
-        let w = p.world(again);
-        w.take(bob2.conn);
-        w.send(bob2.conn, ClientMsg::Resume { call, token });
-        p.flow();
-        assert!(resumed(&p.world(again).take(bob2.conn), call), "{again}");
-        assert_eq!(vconn_of(&p).2, again);
-        // alice hangs up: bob hears it on his new connection.
-        p.a.send(alice.conn, ClientMsg::HangUp { call });
-        p.flow();
-        assert_eq!(
-            sim::hangups(&p.world(again).take(bob2.conn)),
-            [(call, HangupReason::Normal)],
+        let bob2 = p.log_in_again(again, "bob");
+        assert!(
+            resumed(&p.resume(again, &bob2, call, token), call),
             "{again}"
         );
+        assert_eq!(vconn_of(&p).2, again);
+        // alice hangs up: bob hears it on his new connection.
+        p.hang_up_reaches(("a", &alice), call, (again, &bob2), again);
         assert!(p.a.gw.calls.is_empty());
         assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
         assert!(p.world(again).gw.fleet.as_ref().unwrap().hosted.is_empty());
@@ -862,16 +848,7 @@ fn a_log_in_on_another_node_replaces_the_older_session() {
     let bob_b = p.b.login("bob", OPEN);
     p.flow();
     let msgs = p.a.take(bob_a.conn);
-    assert!(
-        msgs.iter().any(|m| matches!(
-            m,
-            ServerMsg::Refused {
-                code: crate::wire::control::ErrorCode::Replaced,
-                ..
-            }
-        )),
-        "{msgs:?}"
-    );
+    assert!(replaced(&msgs), "{msgs:?}");
     assert!(!p.a.gw.users.contains_key("bob"));
     assert_eq!(p.presence.get("bob").map(String::as_str), Some("b"));
     assert!(
@@ -931,16 +908,12 @@ fn a_room_member_whose_node_died_resumes_through_another_node() {
     p.flow();
     let token = token_of(&p.b.take(bob.conn), room);
     p.a.take(alice.conn);
-    p.dead.insert("b".into());
-    p.a.input(Input::Fleet(FleetInput::NodeDown { node: "b".into() }));
-    p.flow();
+    p.b_dies();
     assert!(vconn_of(&p).1, "bob's stand-in waits");
     assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
     let bob_c = p.c.login("bob", OPEN);
     p.flow();
-    p.c.send(bob_c.conn, ClientMsg::Resume { call: room, token });
-    p.flow();
-    assert!(resumed(&p.c.take(bob_c.conn), room));
+    assert!(resumed(&p.resume("c", &bob_c, room, token), room));
     p.a.advance(p.a.gw.cfg.fleet_resume_grace * 2);
     p.flow();
     assert!(sim::hangups(&p.c.take(bob_c.conn)).is_empty());
@@ -1002,24 +975,15 @@ fn a_local_party_that_lost_its_connection_resumes_at_its_node_or_another() {
         p.flow();
         if half_open {
             let old = p.a.take(alice.conn);
-            assert!(
-                old.iter().any(|m| matches!(
-                    m,
-                    ServerMsg::Refused {
-                        code: crate::wire::control::ErrorCode::Replaced,
-                        ..
-                    }
-                )),
-                "{old:?}"
-            );
+            assert!(replaced(&old), "{old:?}");
             assert!(sim::hangups(&old).is_empty(), "{old:?}");
             assert!(sim::hangups(&p.b.take(bob.conn)).is_empty());
         }
-        let w = p.world(again);
-        w.take(alice2.conn);
-        w.send(alice2.conn, ClientMsg::Resume { call, token });
-        p.flow();
-        assert!(resumed(&p.world(again).take(alice2.conn), call), "{again}");
+        p.world(again).take(alice2.conn);
+        assert!(
+            resumed(&p.resume(again, &alice2, call, token), call),
+            "{again}"
+        );
         assert!(
             !p.a.shard_cmds
                 .iter()
@@ -1030,13 +994,7 @@ fn a_local_party_that_lost_its_connection_resumes_at_its_node_or_another() {
         p.flow();
         assert!(sim::hangups(&p.b.take(bob.conn)).is_empty(), "{again}");
         // bob hangs up: alice hears it on her new connection.
-        p.b.send(bob.conn, ClientMsg::HangUp { call });
-        p.flow();
-        assert_eq!(
-            sim::hangups(&p.world(again).take(alice2.conn)),
-            [(call, HangupReason::Normal)],
-            "{again}"
-        );
+        p.hang_up_reaches(("b", &bob), call, (again, &alice2), again);
         assert!(p.a.gw.calls.is_empty());
         assert!(p.a.gw.fleet.as_ref().unwrap().remote.is_empty());
         assert!(!p.a.gw.conns.contains_key(&alice.conn));
@@ -1055,14 +1013,6 @@ fn a_local_party_that_lost_its_connection_resumes_at_its_node_or_another() {
     let _ = token_of(&p.a.take(carol.conn), call);
     p.a.input(Input::Disconnected { conn: carol.conn });
     p.flow();
-    let grace = p.a.gw.cfg.fleet_resume_grace;
-    p.a.advance(grace - std::time::Duration::from_millis(1));
-    assert!(sim::hangups(&p.a.take(alice.conn)).is_empty());
-    p.a.advance(std::time::Duration::from_millis(2));
-    p.flow();
-    assert_eq!(
-        sim::hangups(&p.a.take(alice.conn)),
-        [(call, HangupReason::PeerLost)]
-    );
+    peer_lost_after_the_grace(&mut p, &alice, call);
     assert!(p.a.gw.calls.is_empty() && !p.a.gw.conns.contains_key(&carol.conn));
 }

@@ -29,6 +29,9 @@ mod tcp;
 mod tls;
 mod ws;
 
+#[cfg(test)]
+mod test_support;
+
 use binding::Latch;
 pub use binding::is_private;
 pub use tcp::{Conn, ConnId};
@@ -707,45 +710,13 @@ pub use crate::net::canonical;
 #[cfg(test)]
 mod tests {
     use super::tcp::QFrame;
+    use super::test_support::{bind_t_by_hand, fd, leg, recv, sent_bytes};
     use super::*;
-    use crate::shard::pool::BufId;
     use crate::shard::pool::PoolLayout;
     use proptest::prelude::*;
-    use std::os::fd::OwnedFd;
 
     fn pool() -> Pool {
-        Pool::new(PoolLayout {
-            buf_size: 2048,
-            udp: 64,
-            tcp: 64,
-            spare: 8,
-        })
-        .unwrap()
-    }
-
-    fn fd() -> OwnedFd {
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        a.into()
-    }
-
-    fn leg(name: &str, delivery: Delivery, trusted: Option<&str>) -> LegSpec {
-        LegSpec {
-            name: name.into(),
-            key: b"k".to_vec(),
-            delivery,
-            trusted_source: trusted.map(|a| a.parse().unwrap()),
-            clock_rate: 8000,
-        }
-    }
-
-    /// A received buffer holding `data` (one reference, as the loop holds it). The tests give
-    /// that reference back with `pool.release(id)` where the loops use `release_received`.
-    fn recv(pool: &mut Pool, id: BufId, data: &[u8]) -> Seg {
-        // The driver puts every freed buffer back on its ring first (it is the kernel's again).
-        pool.take_freed(&mut Vec::new());
-        let id = pool.received(id).expect("the kernel's buffer").into_ref();
-        pool.buf_mut_id(id).unwrap()[..data.len()].copy_from_slice(data);
-        Seg::new(id, 0, data.len())
+        super::test_support::pool(64)
     }
 
     /// The loop's part: every send in the outbox completes and gives its references back.
@@ -779,13 +750,7 @@ mod tests {
             .on_accept(pool, fd(), "192.0.2.2:2000".parse().unwrap(), 0, out)
             .unwrap();
         // Bind by hand, as tcp_stun does after a valid Binding.
-        let t = relay.leg_by_name[&b"t"[..]];
-        relay.leg_mut(t).tcp = Some(c);
-        relay.forget_unbound(c);
-        let cap = relay.cfg.tcp_queue_frames;
-        let conn = relay.conn_mut(c).unwrap();
-        conn.leg = Some(t);
-        conn.queue.grow(cap);
+        bind_t_by_hand(relay, c);
         c
     }
 
@@ -867,17 +832,7 @@ mod tests {
             id += 1;
         }
         assert_eq!(relay.counters.tcp_in.packets, 3);
-        let got: Vec<Vec<u8>> = out
-            .udp
-            .iter()
-            .map(|o| {
-                o.data
-                    .segs()
-                    .iter()
-                    .flat_map(|s| pool.seg(*s).to_vec())
-                    .collect()
-            })
-            .collect();
+        let got: Vec<Vec<u8>> = out.udp.iter().map(|o| sent_bytes(&pool, &o.data)).collect();
         assert_eq!(got, frames);
         assert!(
             relay.counters.reassembly_copies >= 1,

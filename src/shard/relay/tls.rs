@@ -446,36 +446,13 @@ impl Relay {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Delivery, LegSpec, RelayConfig, SessionSpec};
+    use super::super::test_support::{bind_t_by_hand, fd, leg, recv, sent_bytes};
+    use super::super::{Delivery, RelayConfig, SessionSpec};
     use super::*;
-    use crate::shard::pool::PoolLayout;
     use crate::wire::tls_records::tests::{client_reads, client_writes, handshake};
 
     fn pool() -> Pool {
-        Pool::new(PoolLayout {
-            buf_size: 2048,
-            udp: 64,
-            tcp: 256,
-            spare: 8,
-        })
-        .unwrap()
-    }
-
-    fn leg(name: &str, delivery: Delivery, trusted: Option<&str>) -> LegSpec {
-        LegSpec {
-            name: name.into(),
-            key: b"k".to_vec(),
-            delivery,
-            trusted_source: trusted.map(|a| a.parse().unwrap()),
-            clock_rate: 8000,
-        }
-    }
-
-    fn recv(pool: &mut Pool, id: BufId, data: &[u8]) -> Seg {
-        pool.take_freed(&mut Vec::new());
-        let id = pool.received(id).expect("the kernel's buffer").into_ref();
-        pool.buf_mut_id(id).unwrap()[..data.len()].copy_from_slice(data);
-        Seg::new(id, 0, data.len())
+        super::super::test_support::pool(256)
     }
 
     /// A TCP leg `t` under shard TLS (suite `suite`), bound by hand, beside UDP leg `u`
@@ -499,19 +476,12 @@ mod tests {
                 ],
             })
             .unwrap();
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let c = relay
-            .on_accept(pool, a.into(), "192.0.2.2:2000".parse().unwrap(), 0, out)
+            .on_accept(pool, fd(), "192.0.2.2:2000".parse().unwrap(), 0, out)
             .unwrap();
         let (keys, client) = handshake(suite);
         relay.set_tls(c, keys);
-        let t = relay.leg_by_name[&b"t"[..]];
-        relay.leg_mut(t).tcp = Some(c);
-        relay.forget_unbound(c);
-        let cap = relay.cfg.tcp_queue_frames;
-        let conn = relay.conn_mut(c).unwrap();
-        conn.leg = Some(t);
-        conn.queue.grow(cap);
+        bind_t_by_hand(relay, c);
         (c, client)
     }
 
@@ -560,17 +530,7 @@ mod tests {
     }
 
     fn forwarded(pool: &mut Pool, out: &mut Outbox) -> Vec<Vec<u8>> {
-        let got = out
-            .udp
-            .iter()
-            .map(|o| {
-                o.data
-                    .segs()
-                    .iter()
-                    .flat_map(|s| pool.seg(*s).to_vec())
-                    .collect()
-            })
-            .collect();
+        let got = out.udp.iter().map(|o| sent_bytes(pool, &o.data)).collect();
         for o in out.udp.drain(..) {
             pool.sent(o.data);
         }

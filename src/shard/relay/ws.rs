@@ -205,34 +205,14 @@ impl Relay {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{fd, recv, sent_bytes};
     use super::super::{Delivery, LegSpec, RelayConfig, SessionSpec};
     use super::*;
     use crate::metrics::DropReason;
-    use crate::shard::pool::PoolLayout;
     use crate::wire::stun;
-    use std::os::fd::OwnedFd;
 
     fn pool() -> Pool {
-        Pool::new(PoolLayout {
-            buf_size: 2048,
-            udp: 64,
-            tcp: 64,
-            spare: 8,
-        })
-        .unwrap()
-    }
-
-    fn fd() -> OwnedFd {
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        a.into()
-    }
-
-    fn recv(pool: &mut Pool, id: BufId, data: &[u8]) -> Seg {
-        // The driver puts every freed buffer back on its ring first (it is the kernel's again).
-        pool.take_freed(&mut Vec::new());
-        let id = pool.received(id).expect("the kernel's buffer").into_ref();
-        pool.buf_mut_id(id).unwrap()[..data.len()].copy_from_slice(data);
-        Seg::new(id, 0, data.len())
+        super::super::test_support::pool(64)
     }
 
     /// Feeds `bytes` to connection `c` in reads of at most `cut` bytes.
@@ -363,13 +343,7 @@ Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSoc
         let mut sent: Vec<Vec<u8>> = Vec::new();
         for o in out.udp.drain(..) {
             if o.dst == "192.0.2.1:1000".parse().unwrap() {
-                sent.push(
-                    o.data
-                        .segs()
-                        .iter()
-                        .flat_map(|s| pool.seg(*s).to_vec())
-                        .collect(),
-                );
+                sent.push(sent_bytes(&pool, &o.data));
             }
             pool.sent(o.data);
         }
