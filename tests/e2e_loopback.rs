@@ -431,7 +431,7 @@ fn a_bad_message_is_answered_in_protocol_terms() {
         v["message"],
         "unknown message type \"teleport\"; expected one of: hello, proof, heartbeat, \
          probe_local, probe_report, reprobe, dial, conference, accept, reject, hang_up, \
-         media_trouble, bye, presence_query",
+         media_trouble, bye, presence_query, resume",
         "{v}"
     );
 }
