@@ -659,10 +659,11 @@ pub(crate) mod tests {
             let r = keys.rx.open_in_place(&mut rec);
             prop_assert!(r.is_err(), "flipped bit {} opened: {:?}", b, r);
             let mut rec = ours_seal(&mut keys.tx, &payload);
-            // rustls does not check the outer content type of a protected record (its
-            // additional data uses the fixed application_data type), so a flip in byte 0 is
-            // still read by it; every other bit is authenticated. Our opener refuses all (above).
-            let b = 8 + bit % ((rec.len() - 1) * 8);
+            // rustls does not check the outer content type nor the legacy version of a
+            // protected record (its additional data uses the fixed values), so a flip in bytes
+            // 0..3 is still read by it; the length and the rest are authenticated. Our opener
+            // refuses every flip (above).
+            let b = 24 + bit % ((rec.len() - 3) * 8);
             rec[b / 8] ^= 1 << (b % 8);
             // rustls refuses it, or (a longer length) waits for bytes that never come: either
             // way nothing of it is read.
