@@ -316,16 +316,7 @@ async fn ktls_handshake(
     alpn: &[u8],
 ) -> Result<(), String> {
     use std::os::fd::AsRawFd;
-    let conn = handshake_exact(stream, config).await?;
-    if conn.alpn_protocol() != Some(alpn) {
-        return Err(format!(
-            "the TLS media connection did not settle on ALPN {}",
-            String::from_utf8_lossy(alpn)
-        ));
-    }
-    let secrets = conn
-        .dangerous_extract_secrets()
-        .map_err(|e| format!("TLS secrets: {e}"))?;
+    let secrets = handshake_secrets(stream, config, alpn).await?;
     super::ktls::enable(stream.as_raw_fd(), secrets).map_err(|e| e.to_string())
 }
 
@@ -367,16 +358,7 @@ async fn shard_handshake(
     } else {
         demux::ALPN_MEDIA
     };
-    let conn = handshake_exact(stream, config).await?;
-    if conn.alpn_protocol() != Some(alpn) {
-        return Err(format!(
-            "the TLS media connection did not settle on ALPN {}",
-            String::from_utf8_lossy(alpn)
-        ));
-    }
-    let secrets = conn
-        .dangerous_extract_secrets()
-        .map_err(|e| format!("TLS secrets: {e}"))?;
+    let secrets = handshake_secrets(stream, config, alpn).await?;
     let keys = tls_records::RecordKeys::new(secrets).map_err(|e| e.to_string())?;
     let whole = |p: &[u8]| {
         if ws {
@@ -715,6 +697,25 @@ impl Server {
             }
         }
     }
+}
+
+/// The TLS handshake of a media connection, read exactly to its end (the first record stays
+/// in the socket), checked to have settled on `alpn`; its traffic secrets for whoever runs the
+/// record layer next (the kernel or the shard).
+async fn handshake_secrets(
+    stream: &mut TcpStream,
+    config: Arc<ServerConfig>,
+    alpn: &[u8],
+) -> Result<rustls::ExtractedSecrets, String> {
+    let conn = handshake_exact(stream, config).await?;
+    if conn.alpn_protocol() != Some(alpn) {
+        return Err(format!(
+            "the TLS media connection did not settle on ALPN {}",
+            String::from_utf8_lossy(alpn)
+        ));
+    }
+    conn.dangerous_extract_secrets()
+        .map_err(|e| format!("TLS secrets: {e}"))
 }
 
 #[cfg(test)]
