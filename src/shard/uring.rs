@@ -251,6 +251,11 @@ pub(crate) struct UringShard {
     tcp_inflight: usize,
     /// A receive ring ran dry this turn.
     starved: bool,
+    /// A TCP connection delivered bytes this turn. The one-enter wait (`submit_and_wait`)
+    /// estimates what arrived from the rate of completions, and one TCP completion can carry
+    /// a whole buffer of frames: a turn that read TCP takes the two-step wait, which goes on
+    /// at once when a full run of completions is already there.
+    tcp_read: bool,
     /// The UDP ring ran dry: the multishot receive is re-armed only once buffers came back
     /// (re-arming a dry ring fails at once, and the loop would spin).
     udp_dry: bool,
@@ -406,6 +411,7 @@ impl UringShard {
             udp_sent: Vec::with_capacity(nslots),
             tcp_inflight: 0,
             starved: false,
+            tcp_read: false,
             udp_dry: false,
             tcp_dry: Vec::new(),
             udp_spare: (UDP_RING_LOW.min(core.pool.layout().udp)..core.pool.layout().udp)
@@ -596,6 +602,7 @@ impl UringShard {
         loop {
             let now = sockets::realtime_ns();
             self.starved = false;
+            self.tcp_read = false;
             self.core.relay.begin_turn(now);
             self.core.out.udp_budget = self.free_slots.len();
             self.reap_completions(now);
@@ -639,7 +646,7 @@ impl UringShard {
         let pressed = self.cq_backlog || self.starved;
         let coalesce = budget_us > 0 && !pressed && self.core.rate * budget_us as f64 >= 2e6;
         let getevents = io_uring::EnterFlags::GETEVENTS.bits();
-        if coalesce && self.abs_timer {
+        if coalesce && self.abs_timer && !self.tcp_read {
             // At high rates a batch of `BATCH` datagrams costs little more per packet than a
             // whole budget's worth, and a bigger one would outrun the receive (see `BATCH`).
             let batch_us = (BATCH as f64 * 1e6 / self.core.rate) as u64;
@@ -902,6 +909,7 @@ impl UringShard {
             conn.recv_armed = false;
         }
         if res > 0 {
+            self.tcp_read = true;
             if let Some(b) = bid
                 && let Some(held) = self.core.pool.received(b)
             {
