@@ -764,6 +764,61 @@ fn send_and_assert_closed(
     assert_closed(&mut s.sock);
 }
 
+/// As `send_and_assert_closed`, on a connection bound to a live call's leg: the callee's
+/// media (silence) is forwarded to it until the attack lands, so bytes may come before the
+/// close. Every one of them must open, under this connection's TLS keys, to RFC 4571 frames of
+/// RTP (the leg's media); an answer to the attack (an alert, a STUN message, anything
+/// unsealed) fails.
+fn send_to_bound_leg_and_assert_closed(
+    s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    bytes: &[u8],
+) {
+    let _ = s.sock.write_all(bytes);
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "expected the connection closed, got {e:?} after {} bytes",
+                raw.len()
+            ),
+        }
+        assert!(raw.len() < 1 << 20, "the connection was not closed");
+    }
+    let mut rd = &raw[..];
+    let mut plain = Vec::new();
+    while !rd.is_empty() {
+        s.conn.read_tls(&mut rd).unwrap();
+        let st = s
+            .conn
+            .process_new_packets()
+            .expect("only the leg's sealed media came before the close");
+        let mut p = vec![0u8; st.plaintext_bytes_to_read()];
+        s.conn.reader().read_exact(&mut p).unwrap();
+        plain.extend_from_slice(&p);
+    }
+    // Whole frames of RTP; the close may cut the last one.
+    let mut f = &plain[..];
+    while f.len() >= 2 {
+        let n = usize::from(u16::from_be_bytes([f[0], f[1]]));
+        if f.len() < 2 + n {
+            break;
+        }
+        let pkt = &f[2..2 + n];
+        assert!(
+            n >= 12 && pkt[0] >> 6 == 2,
+            "not RTP before the close: {pkt:02x?}"
+        );
+        f = &f[2 + n..];
+    }
+}
+
 fn rfc4571(pkt: &[u8]) -> Vec<u8> {
     let mut f = (pkt.len() as u16).to_be_bytes().to_vec();
     f.extend_from_slice(pkt);
@@ -891,7 +946,7 @@ fn tls_media_on_the_shard_engine_and_attacks_close_only_their_connection() {
             2 => vec![23, 3, 3, 0xff, 0xff, 1, 2, 3],
             _ => close_notify(&mut s),
         };
-        send_and_assert_closed(&mut s, &bytes);
+        send_to_bound_leg_and_assert_closed(&mut s, &bytes);
     }
     strangers
         .join()
