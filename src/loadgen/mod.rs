@@ -77,6 +77,9 @@ enum BenchCmd {
         /// Most loss (a fraction) at a paced voxgate step.
         #[arg(long, default_value_t = gate::Limits::default().max_loss)]
         max_loss: f64,
+        /// Least flood throughput with the default budget, as a fraction of coalescing off.
+        #[arg(long, default_value_t = gate::Limits::default().min_flood_ratio)]
+        min_flood_ratio: f64,
     },
 }
 
@@ -278,12 +281,14 @@ pub fn run(args: BenchArgs) -> ExitCode {
             dir,
             max_cpu_ratio,
             max_loss,
+            min_flood_ratio,
         } => report::load(&dir).and_then(|all| {
             let v = gate::check(
                 &all,
                 gate::Limits {
                     max_cpu_ratio,
                     max_loss,
+                    min_flood_ratio,
                 },
             );
             for l in &v.lines {
