@@ -28,8 +28,8 @@ pub const MAX_BUF_SIZE: usize = 65_472;
 /// - **ours**: a `Received`, exactly 1 reference, writable ([`Pool::buf_mut`]).
 /// - **in flight**: referenced by sends; read-only until they are released. Every send (a UDP
 ///   datagram, a frame queued for a TCP connection) holds an [`InFlight`] token, made only by
-///   [`Pool::send_ref`] and consumed only by [`Pool::sent`] when it completes or is dropped.
-///   (Plain [`Pool::hold`]/[`Pool::release`] remain for a connection's partial frame.) The
+///   [`Pool::send_ref`] and consumed only by [`Pool::sent`] when it completes or is dropped;
+///   so does the first piece of a TCP frame kept until the rest arrives ([`Pool::keep`]). The
 ///   buffer goes back to the kernel only when the last reference is released.
 ///
 /// The handle must be consumed: by [`Pool::release_received`] (our reference given back), or
@@ -68,9 +68,11 @@ impl Drop for Received {
 }
 
 /// The references one send holds: the segments it reads (one datagram, at most two buffers),
-/// each buffer referenced once on its behalf. The typed form of "in flight":
+/// each buffer referenced once on its behalf. The typed form of "in flight" (and of a frame's
+/// first piece waiting in its receive buffer for the rest, which a later send will read):
 ///
-/// - only [`Pool::send_ref`] makes one, taking the references (or none: refused);
+/// - only [`Pool::send_ref`] (and [`Pool::keep`], for one segment) makes one, taking the
+///   references (or none: refused);
 /// - only [`Pool::sent`] consumes one, giving back exactly the references it holds, once: a
 ///   completion releases the buffers of the send it completes, never a buffer it does not
 ///   hold, and a second completion of the same send has no token left to give;
@@ -353,7 +355,7 @@ impl Pool {
     /// of a buffer handed back to the kernel while sends still read it.
     #[inline]
     #[must_use = "a refused reference means the buffer must not be sent from"]
-    pub fn hold(&mut self, id: BufId) -> bool {
+    fn hold(&mut self, id: BufId) -> bool {
         match self.refs.get_mut(usize::from(id)) {
             Some(r) if *r > 0 && *r < u32::MAX => {
                 *r += 1;
@@ -369,7 +371,7 @@ impl Pool {
     /// [`Pool::hold`] on every segment's buffer, or on none (a packet in two parts is sent
     /// whole or not at all).
     #[must_use = "a refused reference means the buffers must not be sent from"]
-    pub fn hold_all(&mut self, segs: &[Seg]) -> bool {
+    fn hold_all(&mut self, segs: &[Seg]) -> bool {
         for (i, s) in segs.iter().enumerate() {
             if !self.hold(s.buf) {
                 for t in &segs[..i] {
@@ -400,6 +402,14 @@ impl Pool {
         };
         t.segs[..segs.len()].copy_from_slice(segs);
         Some(t)
+    }
+
+    /// Keeps `seg` (the first piece of a frame whose rest is in a later read) readable until
+    /// the frame is whole: one reference, as for a send, given back with [`Pool::sent`]. None
+    /// (counted) for a buffer that is not ours.
+    #[inline]
+    pub fn keep(&mut self, seg: Seg) -> Option<InFlight> {
+        self.send_ref(std::slice::from_ref(&seg))
     }
 
     /// A send completed (or was never submitted): gives back the references its token holds.

@@ -1147,16 +1147,20 @@ mod tests {
             let r = p.received(0).unwrap();
             let frames = buf_size / 3; // 1-byte frames: 3 bytes each
             let holds = frames * (room - 1);
-            for _ in 0..holds {
-                assert!(p.hold(0));
-            }
+            let seg = [Seg::new(0, 0, 1)];
+            let sends: Vec<_> = (0..holds)
+                .map(|_| {
+                    p.send_ref(&seg)
+                        .expect("a reference below the count's range")
+                })
+                .collect();
             assert_eq!(
                 p.refs(0) as usize,
                 holds + 1,
                 "no wrap at {buf_size}/{room}"
             );
-            for _ in 0..holds {
-                p.release(0);
+            for t in sends {
+                p.sent(t);
             }
             assert!(p.buf_mut(&r).is_some(), "held once again: ours alone");
             p.release_received(r);

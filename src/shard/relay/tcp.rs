@@ -154,8 +154,8 @@ impl Drop for FrameQueue {
 
 pub(super) enum Partial {
     None,
-    /// The first piece of a frame, still in its receive buffer (one reference held).
-    One(Seg),
+    /// The first piece of a frame, still in its receive buffer: the token holds its reference.
+    One(InFlight),
     /// A frame being gathered into a spare buffer (`got` bytes so far).
     Copy {
         buf: BufId,
@@ -628,16 +628,12 @@ impl Relay {
                 }
                 Partial::None => {
                     // First piece of a frame that continues in the next read.
-                    conn.partial = if pool.hold(pseg.buf) {
-                        Partial::One(pseg)
-                    } else {
-                        Partial::Skip
-                    };
+                    conn.partial = pool.keep(pseg).map_or(Partial::Skip, Partial::One);
                 }
                 Partial::One(first) if piece.last => {
                     self.counters.tcp_in.packets += 1;
-                    self.on_frame(pool, c, &[first, pseg], rx_ns, out);
-                    pool.release(first.buf);
+                    self.on_frame(pool, c, &[first.segs()[0], pseg], rx_ns, out);
+                    pool.sent(first);
                 }
                 Partial::One(first) => {
                     // A third piece is coming: gather the frame in a spare buffer.
@@ -645,7 +641,7 @@ impl Relay {
                     let next = match take_spare(pool, bound) {
                         Some(buf) => {
                             self.counters.reassembly_copies += 1;
-                            let got = copy_into_at(pool, buf, 0, &[first, pseg]);
+                            let got = copy_into_at(pool, buf, 0, &[first.segs()[0], pseg]);
                             Partial::Copy {
                                 buf,
                                 got: got as u16,
@@ -658,7 +654,7 @@ impl Relay {
                             Partial::Skip
                         }
                     };
-                    pool.release(first.buf);
+                    pool.sent(first);
                     if let Some(conn) = self.conn_mut(c) {
                         conn.partial = next;
                     }
@@ -900,7 +896,7 @@ impl Relay {
         let partial = std::mem::replace(&mut conn.partial, Partial::None);
         match partial {
             Partial::None => {}
-            Partial::One(s) => pool.release(s.buf),
+            Partial::One(t) => pool.sent(t),
             Partial::Copy { buf, .. } => pool.release(buf),
             Partial::Skip => {}
         }
