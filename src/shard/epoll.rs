@@ -51,6 +51,8 @@ pub(crate) struct EpollShard {
     tcp_iov: Box<[libc::iovec]>,
     tcp_sndbuf: i32,
     coalesce: Duration,
+    /// When the current turn's wait ended (`realtime_ns`): the coalescing target counts from it.
+    woke: u64,
     send_slots: usize,
     /// No free buffer: the UDP socket (and these connections) are out of the epoll set
     /// until buffers come back (level-triggered readiness would otherwise spin the loop).
@@ -109,6 +111,7 @@ impl EpollShard {
                 .collect(),
             tcp_sndbuf: i32::try_from(cfg.tcp_sndbuf).unwrap_or(i32::MAX),
             coalesce: cfg.coalesce,
+            woke: 0,
             send_slots: cfg.send_slots.max(16),
             udp_dry: false,
             tcp_dry: Vec::new(),
@@ -156,6 +159,7 @@ impl EpollShard {
             let n = if n < 0 { 0 } else { n as usize };
             self.maybe_coalesce(n);
             let now = sockets::realtime_ns();
+            self.woke = now;
             self.core.relay.begin_turn(now);
             self.core.out.udp_budget = self.send_slots;
             if let Some(t) = self.accept_backoff_until
@@ -225,16 +229,22 @@ impl EpollShard {
         self.flush();
     }
 
-    /// Under light load, let a millisecond's packets gather before reading them, so that one
-    /// wake-up (and one recvmmsg/sendmmsg pair) serves many packets. A busy shard skips this.
+    /// Under light load, let packets gather before reading them, so that one wake-up (and one
+    /// recvmmsg/sendmmsg pair) serves many: until the coalescing target after the last turn's
+    /// wake-up (`ShardCore::coalesce_target_us`, the io_uring loop's rule), so the budget
+    /// bounds the wait a packet sees here too. A busy shard, whose work took the target,
+    /// skips this.
     fn maybe_coalesce(&mut self, ready: usize) {
-        let budget = self.coalesce;
-        if ready == 0 || budget.is_zero() {
+        if ready == 0 {
             return;
         }
-        let expected = self.core.rate * budget.as_secs_f64();
-        if expected >= 2.0 && expected < BATCH as f64 {
-            std::thread::sleep(budget);
+        let budget_us = self.coalesce.as_micros() as u64;
+        let Some(target_us) = self.core.coalesce_target_us(budget_us, BATCH) else {
+            return;
+        };
+        let spent_us = sockets::realtime_ns().saturating_sub(self.woke) / 1000;
+        if spent_us < target_us {
+            std::thread::sleep(Duration::from_micros(target_us - spent_us));
         }
     }
 

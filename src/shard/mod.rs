@@ -595,6 +595,23 @@ fn log_fallback_once(index: usize, e: &std::io::Error) {
     });
 }
 
+/// The wake-up coalescing rule, one for both loops: at `rate` packets per second, with a
+/// budget of `budget_us` and a batch of at most `batch` packets, how long after a turn's
+/// wake-up (its wait ended) the next wait may end. None: do not coalesce (no budget, or under
+/// two packets per budget expected). At high rates a batch of `batch` packets costs little more
+/// per packet than a whole budget's worth, and a bigger one would outrun the receive, so the
+/// target is the shorter of the budget and a batch's worth of arrivals. The target counts from
+/// the wake-up, not from the end of the turn's work: the budget bounds the wait any packet sees
+/// (README, "Wake-ups are the cost"), and a busy shard, whose work took the target, does not
+/// sleep.
+pub(crate) fn coalesce_target_us(rate: f64, budget_us: u64, batch: usize) -> Option<u64> {
+    if budget_us == 0 || rate * (budget_us as f64) < 2e6 {
+        return None;
+    }
+    let batch_us = (batch as f64 * 1e6 / rate) as u64;
+    Some(budget_us.min(batch_us))
+}
+
 /// State both event loops share: the forwarding core, its buffers and the command channel.
 pub(crate) struct ShardCore {
     pub relay: Relay,
@@ -621,6 +638,11 @@ impl ShardCore {
         let dt = now.saturating_sub(self.last_wake_ns).max(1_000) as f64;
         self.rate = 0.8 * self.rate + 0.2 * (work as f64 * 1e9 / dt);
         self.last_wake_ns = now;
+    }
+
+    /// [`coalesce_target_us`] at this shard's rate.
+    pub fn coalesce_target_us(&self, budget_us: u64, batch: usize) -> Option<u64> {
+        coalesce_target_us(self.rate, budget_us, batch)
     }
 
     /// Once per turn of either loop: commands, then time-based duties. False: stop.
@@ -761,6 +783,29 @@ impl ShardCore {
             buffers_in_use: self.pool.in_use(),
             buffer_bytes: self.pool.mapped_bytes(),
             buffer_refusals: self.pool.refused(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod coalesce_tests {
+    use super::coalesce_target_us;
+
+    #[test]
+    fn the_budget_bounds_the_wait_and_a_batch_bounds_it_at_high_rates() {
+        // Off: no budget, or fewer than two packets expected in one.
+        assert_eq!(coalesce_target_us(1e6, 0, 64), None);
+        assert_eq!(coalesce_target_us(1_999.0, 1_000, 64), None);
+        // Light load: the whole budget.
+        assert_eq!(coalesce_target_us(2_000.0, 1_000, 64), Some(1_000));
+        assert_eq!(coalesce_target_us(20_000.0, 1_000, 64), Some(1_000));
+        // Above `batch` per budget (64k/s here), a batch's worth of arrivals: the epoll loop
+        // once stopped coalescing there altogether and woke once per few packets.
+        assert_eq!(coalesce_target_us(75_000.0, 1_000, 64), Some(853));
+        assert_eq!(coalesce_target_us(150_000.0, 1_000, 60), Some(400));
+        // Never longer than the budget, at any rate.
+        for rate in [2e3, 1e4, 5e4, 1e5, 1e6, 1e7] {
+            assert!(coalesce_target_us(rate, 1_000, 64).is_some_and(|t| t <= 1_000));
         }
     }
 }

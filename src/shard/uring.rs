@@ -644,13 +644,15 @@ impl UringShard {
         // A send parked behind one slow reader is that connection's affair: it does not turn
         // coalescing off for the shard (its completion is taken at the end of the wait).
         let pressed = self.cq_backlog || self.starved;
-        let coalesce = budget_us > 0 && !pressed && self.core.rate * budget_us as f64 >= 2e6;
+        let target = if pressed {
+            None
+        } else {
+            self.core.coalesce_target_us(budget_us, BATCH)
+        };
+        let coalesce = target.is_some();
+        let target_us = target.unwrap_or(0);
         let getevents = io_uring::EnterFlags::GETEVENTS.bits();
         if coalesce && self.abs_timer && !self.tcp_read {
-            // At high rates a batch of `BATCH` datagrams costs little more per packet than a
-            // whole budget's worth, and a bigger one would outrun the receive (see `BATCH`).
-            let batch_us = (BATCH as f64 * 1e6 / self.core.rate) as u64;
-            let target_us = budget_us.min(batch_us);
             let spent_us = sockets::realtime_ns().saturating_sub(woke) / 1000;
             // Datagrams that arrived since the wake-up: the kernel holds them as receive
             // work. While they cannot make a full run (see `MULTISHOT_RUN`), one enter sends
@@ -684,10 +686,7 @@ impl UringShard {
                 return Ok(());
             }
             let spent_us = sockets::realtime_ns().saturating_sub(woke) / 1000;
-            // At high rates a batch of `BATCH` datagrams costs little more per packet than a
-            // whole budget's worth, and a bigger one would outrun the receive (see `BATCH`).
-            let batch_us = (BATCH as f64 * 1e6 / self.core.rate) as u64;
-            let wait_us = budget_us.min(batch_us).saturating_sub(spent_us);
+            let wait_us = target_us.saturating_sub(spent_us);
             if wait_us == 0 {
                 // The budget is spent, and the enter above took what had arrived: go on.
                 return Ok(());
