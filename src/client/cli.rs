@@ -440,6 +440,21 @@ struct FailoverOut {
     call_restored_at_ms: Option<u64>,
 }
 
+impl FailoverOut {
+    /// The gateway `from` was lost at `lost_at_ms` for `reason`; where to and when are filled
+    /// in as the phone gets there.
+    fn lost(from: String, reason: String, lost_at_ms: u64) -> Self {
+        FailoverOut {
+            from,
+            to: None,
+            reason,
+            lost_at_ms,
+            logged_in_at_ms: None,
+            call_restored_at_ms: None,
+        }
+    }
+}
+
 impl PhoneSummary {
     fn new(args: &PhoneArgs) -> Self {
         PhoneSummary {
@@ -1233,14 +1248,7 @@ async fn phone_session(
             Some(Instant::now() + args.failover.failover_timeout),
         )
         .await;
-        let mut f = FailoverOut {
-            from,
-            to: None,
-            reason: lost.clone(),
-            lost_at_ms,
-            logged_in_at_ms: None,
-            call_restored_at_ms: None,
-        };
+        let mut f = FailoverOut::lost(from, lost.clone(), lost_at_ms);
         match next {
             Ok(c) => {
                 f.to = Some(c.server.clone());
@@ -1302,14 +1310,7 @@ async fn resume_call(
     let lost_at_ms = unix_ms();
     tracing::warn!(call, gateway = %from, "lost the gateway ({lost}) during the call: resuming it elsewhere");
     let next = connect_any(login, link.index + 1, &[], Some(Instant::now() + timeout)).await;
-    let mut f = FailoverOut {
-        from,
-        to: None,
-        reason: lost.clone(),
-        lost_at_ms,
-        logged_in_at_ms: None,
-        call_restored_at_ms: None,
-    };
+    let mut f = FailoverOut::lost(from, lost.clone(), lost_at_ms);
     let c = match next {
         Ok(c) => c,
         Err(e) => {

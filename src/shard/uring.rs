@@ -644,15 +644,15 @@ impl UringShard {
         // A send parked behind one slow reader is that connection's affair: it does not turn
         // coalescing off for the shard (its completion is taken at the end of the wait).
         let pressed = self.cq_backlog || self.starved;
-        let target = if pressed {
-            None
-        } else {
-            self.core.coalesce_target_us(budget_us, BATCH)
-        };
+        let target = (!pressed)
+            .then(|| self.core.coalesce_target_us(budget_us, BATCH))
+            .flatten();
         let coalesce = target.is_some();
-        let target_us = target.unwrap_or(0);
         let getevents = io_uring::EnterFlags::GETEVENTS.bits();
-        if coalesce && self.abs_timer && !self.tcp_read {
+        if let Some(target_us) = target
+            && self.abs_timer
+            && !self.tcp_read
+        {
             let spent_us = sockets::realtime_ns().saturating_sub(woke) / 1000;
             // Datagrams that arrived since the wake-up: the kernel holds them as receive
             // work. While they cannot make a full run (see `MULTISHOT_RUN`), one enter sends
@@ -675,7 +675,7 @@ impl UringShard {
                 return Self::wait_result(self.enter(MAX_CQES as u32, flags, Some(&arg)));
             }
         }
-        let wait_us = if coalesce {
+        let wait_us = if let Some(target_us) = target {
             // The sends go out first (in the kernel, synchronously: `MSG_DONTWAIT`), so that
             // the time they take counts against the budget. The same enter runs the receive
             // work the kernel holds already (see `BATCH`): what it yields is taken at the end
