@@ -232,6 +232,9 @@ pub struct MediaSection {
     pub spare_bufs: usize,
     pub ring_entries: u32,
     pub send_slots: usize,
+    /// Connected UDP sockets per shard, one per leg media is sent to (io_uring loop only;
+    /// 0: every send goes out on the shard socket). 0..=65536.
+    pub leg_sockets: usize,
     pub max_frame: u16,
     pub tcp_queue_frames: usize,
     pub tcp_sndbuf: usize,
@@ -530,6 +533,7 @@ impl Default for MediaSection {
             spare_bufs: s.spare_bufs,
             ring_entries: s.ring_entries,
             send_slots: s.send_slots,
+            leg_sockets: s.leg_sockets,
             max_frame: r.max_frame,
             tcp_queue_frames: r.tcp_queue_frames,
             tcp_sndbuf: s.tcp_sndbuf,
@@ -927,6 +931,11 @@ impl Config {
             format!("{} is outside 16..=1048576", m.send_slots),
         );
         check(
+            m.leg_sockets <= 65536,
+            "media.leg_sockets",
+            format!("{} is outside 0..=65536", m.leg_sockets),
+        );
+        check(
             m.tcp_sndbuf <= i32::MAX as usize
                 && m.udp_rcvbuf <= i32::MAX as usize
                 && m.udp_sndbuf <= i32::MAX as usize,
@@ -1012,6 +1021,7 @@ impl Config {
             spare_bufs: m.spare_bufs,
             ring_entries: m.ring_entries,
             send_slots: m.send_slots,
+            leg_sockets: m.leg_sockets,
             coalesce: Duration::from_micros(m.coalesce_us),
             udp_rcvbuf: m.udp_rcvbuf,
             udp_sndbuf: m.udp_sndbuf,
@@ -1197,6 +1207,7 @@ mod tests {
                 "media.max_unbound_tcp_per_source: 17 is outside 1..=16",
             ),
             ("[media]\nsend_slots = 8\n", "media.send_slots"),
+            ("[media]\nleg_sockets = 65537\n", "media.leg_sockets"),
             ("[media]\ntcp_sndbuf = 4294967296\n", "media.tcp_sndbuf"),
         ] {
             let e = Config::parse(text)

@@ -225,6 +225,7 @@ pub struct ShardNumbers {
     pub tcp_conns: usize,
     pub tcp_queued: usize,
     pub buffers_in_use: usize,
+    pub leg_sockets: usize,
 }
 
 /// Everything one scrape shows.
@@ -459,7 +460,7 @@ pub fn render(s: &Scrape<'_>) -> String {
             e.sample(name, &[("shard", shard)], f(&n.counters) as f64);
         }
     }
-    let gauges: [(&str, &str, GaugeOf); 4] = [
+    let gauges: [(&str, &str, GaugeOf); 5] = [
         (
             "voxgate_shard_sessions",
             "Relay sessions (calls and rooms through the gateway) installed on a shard.",
@@ -479,6 +480,11 @@ pub fn render(s: &Scrape<'_>) -> String {
             "voxgate_shard_buffers_in_use",
             "Packet buffers a shard holds (receives in flight, queued frames).",
             |n| n.buffers_in_use,
+        ),
+        (
+            "voxgate_shard_leg_sockets",
+            "Connected UDP sockets a shard holds for the legs it sends media to.",
+            |n| n.leg_sockets,
         ),
     ];
     for (name, help, f) in gauges {

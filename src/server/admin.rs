@@ -91,6 +91,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
                     tcp_conns: s.tcp_conns,
                     tcp_queued: s.tcp_queued,
                     buffers_in_use: s.buffers_in_use,
+                    leg_sockets: s.leg_sockets,
                 });
             }
         });

@@ -15,6 +15,7 @@ pub mod relay;
 pub mod sockets;
 
 mod epoll;
+mod leg_sockets;
 mod uring;
 mod waker;
 
@@ -83,6 +84,9 @@ pub struct ShardConfig {
     pub ring_entries: u32,
     /// UDP sends that may be in flight per shard.
     pub send_slots: usize,
+    /// Connected UDP sockets per shard for the legs media is sent to (io_uring loop); 0: none,
+    /// every send goes out on the shard socket.
+    pub leg_sockets: usize,
     /// Wake-up coalescing budget: a lightly loaded shard gathers packets for up to this long
     /// before it wakes to forward them. Zero turns coalescing off.
     pub coalesce: Duration,
@@ -111,6 +115,7 @@ impl Default for ShardConfig {
             spare_bufs: 256,
             ring_entries: 4096,
             send_slots: 4096,
+            leg_sockets: 1024,
             coalesce: Duration::from_micros(1000),
             udp_rcvbuf: 4 << 20,
             udp_sndbuf: 4 << 20,
@@ -198,6 +203,8 @@ pub struct ShardSnapshot {
     /// Frames waiting in TCP send queues (each pins a receive buffer).
     pub tcp_queued: usize,
     pub buffers_in_use: usize,
+    /// Connected UDP sockets open for legs (`leg_sockets`).
+    pub leg_sockets: usize,
     pub buffer_bytes: usize,
     /// Buffer state transitions the pool refused (a second release, a hold on a buffer the
     /// kernel owns, a completion for a buffer in use): 0 unless the shard has a bug, which then
@@ -550,6 +557,7 @@ fn run_shard(ctx: ShardContext, sockets: sockets::ShardSockets, ready: Ready) {
         last_wake_ns: sockets::realtime_ns(),
         next_housekeeping_ns: 0,
         adopted: Vec::new(),
+        leg_sockets: 0,
     };
     let backend = core.ctx.cfg.backend;
     let index = core.ctx.index;
@@ -625,6 +633,8 @@ pub(crate) struct ShardCore {
     next_housekeeping_ns: u64,
     /// Connections taken in by [`Command::AdoptTcp`] this turn: the loop arms their receives.
     pub adopted: Vec<relay::ConnId>,
+    /// Connected leg sockets open (the io_uring loop keeps it up to date).
+    pub leg_sockets: usize,
 }
 
 impl ShardCore {
@@ -781,6 +791,7 @@ impl ShardCore {
             tcp_conns: self.relay.conn_count(),
             tcp_queued: self.relay.tcp_queued_total(),
             buffers_in_use: self.pool.in_use(),
+            leg_sockets: self.leg_sockets,
             buffer_bytes: self.pool.mapped_bytes(),
             buffer_refusals: self.pool.refused(),
         }

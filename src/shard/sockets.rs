@@ -84,21 +84,7 @@ fn is_v6_unavailable(e: &io::Error) -> bool {
 fn bind_pair(ip: IpAddr, port: u16, opts: SocketOptions) -> io::Result<ShardSockets> {
     let ipv6 = ip.is_ipv6();
     let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
-    let udp = Socket::new(
-        domain,
-        Type::DGRAM.nonblocking().cloexec(),
-        Some(Protocol::UDP),
-    )?;
-    if ipv6 {
-        udp.set_only_v6(false)?;
-    }
-    udp.set_reuse_address(true)?;
-    // Kernels cap these at net.core.{r,w}mem_max; the sysctl drop-in raises the caps.
-    let _ = udp.set_recv_buffer_size(opts.udp_rcvbuf);
-    let _ = udp.set_send_buffer_size(opts.udp_sndbuf);
-    set_int_opt(&udp, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)?;
-    // Count datagrams the kernel dropped because the socket buffer was full.
-    let _ = set_int_opt(&udp, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1);
+    let udp = media_udp_socket(ipv6, opts)?;
     udp.bind(&SockAddr::from(SocketAddr::new(ip, port)))?;
     let udp_addr = udp
         .local_addr()?
@@ -134,6 +120,58 @@ fn bind_pair(ip: IpAddr, port: u16, opts: SocketOptions) -> io::Result<ShardSock
         udp_addr,
         tcp_addr,
     })
+}
+
+/// An unbound media UDP socket: dual-stack on IPv6, shareable (`SO_REUSEADDR`: the shard's
+/// socket and its connected leg sockets share one address and port), with the configured
+/// buffers, kernel receive timestamps and the socket-overflow counter.
+fn media_udp_socket(ipv6: bool, opts: SocketOptions) -> io::Result<Socket> {
+    let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+    let udp = Socket::new(
+        domain,
+        Type::DGRAM.nonblocking().cloexec(),
+        Some(Protocol::UDP),
+    )?;
+    if ipv6 {
+        udp.set_only_v6(false)?;
+    }
+    udp.set_reuse_address(true)?;
+    // Kernels cap these at net.core.{r,w}mem_max; the sysctl drop-in raises the caps.
+    let _ = udp.set_recv_buffer_size(opts.udp_rcvbuf);
+    let _ = udp.set_send_buffer_size(opts.udp_sndbuf);
+    set_int_opt(&udp, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)?;
+    // Count datagrams the kernel dropped because the socket buffer was full.
+    let _ = set_int_opt(&udp, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1);
+    Ok(udp)
+}
+
+/// A media UDP socket on the shard's own address and port (`local`, the shard socket's bound
+/// address), connected to `peer`: it sends without naming a destination, on the route cached
+/// at connect, and the kernel hands it `peer`'s datagrams (an exact four-tuple match outranks
+/// the shard socket's wildcard one).
+pub fn connected_udp(
+    local: SocketAddr,
+    ipv6: bool,
+    opts: SocketOptions,
+    peer: SocketAddr,
+) -> io::Result<Socket> {
+    let s = media_udp_socket(ipv6, opts)?;
+    s.bind(&SockAddr::from(local))?;
+    connect_udp(&s, ipv6, peer)?;
+    Ok(s)
+}
+
+/// Connects (or re-connects) a UDP socket to `peer`, v4-mapped on a dual-stack socket.
+pub fn connect_udp(s: &Socket, ipv6: bool, peer: SocketAddr) -> io::Result<()> {
+    let peer = match (ipv6, peer) {
+        (true, SocketAddr::V4(a)) => SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
+        (false, SocketAddr::V6(a)) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), a.port()),
+            None => return Err(io::Error::from_raw_os_error(libc::EAFNOSUPPORT)),
+        },
+        (_, p) => p,
+    };
+    s.connect(&SockAddr::from(peer))
 }
 
 pub fn set_int_opt(s: &impl std::os::fd::AsRawFd, level: i32, name: i32, v: i32) -> io::Result<()> {

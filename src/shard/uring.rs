@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
+use super::leg_sockets::{LegSockets, Pick};
 use super::pool::{BufId, Group, InFlight, Pool, Seg};
 use super::relay::{ConnId, UdpOut};
 use super::sockets::{self, RawAddr, ShardSockets};
@@ -69,6 +70,8 @@ const ACCEPT_BACKOFF_NS: u64 = 100_000_000;
 /// Registered-file indexes.
 const FIXED_UDP: u32 = 0;
 const FIXED_LISTENER: u32 = 1;
+/// Leg sockets (`leg_sockets`) take the registered files from here on, one per slot.
+const FIRST_LEG_FILE: u32 = 2;
 
 const K_UDP_RECV: u64 = 1;
 const K_ACCEPT: u64 = 2;
@@ -78,6 +81,8 @@ const K_TCP_SEND: u64 = 5;
 const K_UDP_SEND: u64 = 6;
 /// A TCP connection whose non-blocking send found its socket full waits for POLLOUT.
 const K_TCP_POLL: u64 = 7;
+/// The multishot receive of a leg socket (index: its slot; generation: the socket's).
+const K_LEG_RECV: u64 = 8;
 
 fn ud(kind: u64, generation: u32, idx: u32) -> u64 {
     (kind << 56) | (u64::from(generation & 0x00ff_ffff) << 32) | u64::from(idx)
@@ -208,6 +213,8 @@ pub(crate) struct Rings {
     udp_ring: BufRing,
     tcp_ring: BufRing,
     min_wait: bool,
+    /// Registered-file slots for leg sockets (0: none, the kernel refused a sparse table).
+    leg_files: u32,
 }
 
 pub(crate) struct UringShard {
@@ -292,6 +299,10 @@ pub(crate) struct UringShard {
     /// The kernel takes an absolute deadline for a wait (`IORING_ENTER_ABS_TIMER`, 6.12): a
     /// coalescing turn then sends and sleeps in one enter (see `submit_and_wait`).
     abs_timer: bool,
+    /// Connected UDP sockets for the legs media is sent to (see `leg_sockets`).
+    legs: LegSockets,
+    /// When this turn began (the loop's clock for leg sockets' idle times).
+    turn_ns: u64,
     // Keep the sockets open as long as the loop runs (the loop uses their raw fds).
     _udp: socket2::Socket,
     _tcp: socket2::Socket,
@@ -306,27 +317,53 @@ impl UringShard {
         // (IOSQE_FIXED_FILE), so the hot path's receives and sends skip the per-operation
         // file-table lookup and reference count. (The ring holds its own reference to the
         // files; the loop's clones of the descriptors refer to the same sockets.)
-        ring.submitter()
-            .register_files(&[sockets.udp.as_raw_fd(), sockets.tcp.as_raw_fd()])?;
+        // Leg sockets take slots of a sparse table after these two (`FIRST_LEG_FILE`).
+        let fds = [sockets.udp.as_raw_fd(), sockets.tcp.as_raw_fd()];
+        let legs = u32::try_from(core.ctx.cfg.leg_sockets).unwrap_or(0);
+        let leg_files = if legs > 0
+            && ring
+                .submitter()
+                .register_files_sparse(FIRST_LEG_FILE + legs)
+                .is_ok()
+        {
+            ring.submitter().register_files_update(0, &fds)?;
+            legs
+        } else {
+            ring.submitter().register_files(&fds)?;
+            0
+        };
         Ok(Rings {
             ring,
             udp_ring,
             tcp_ring,
             min_wait,
+            leg_files,
         })
     }
 
     pub fn new(core: ShardCore, rings: Rings, sockets: &ShardSockets) -> io::Result<UringShard> {
         let udp = sockets.udp.try_clone()?;
         let tcp = sockets.tcp.try_clone()?;
+        let cfg = &core.ctx.cfg;
+        let opts = sockets::SocketOptions {
+            udp_rcvbuf: cfg.udp_rcvbuf,
+            udp_sndbuf: cfg.udp_sndbuf,
+            backlog: 0,
+        };
+        let legs = LegSockets::new(
+            sockets.udp_addr,
+            sockets.ipv6,
+            opts,
+            rings.leg_files as usize,
+        );
         Ok(Self::assemble(
             core,
             rings.ring,
             rings.udp_ring,
             rings.tcp_ring,
             rings.min_wait,
-            udp,
-            tcp,
+            legs,
+            (udp, tcp),
         ))
     }
 
@@ -366,8 +403,8 @@ impl UringShard {
         udp_ring: BufRing,
         tcp_ring: BufRing,
         min_wait: bool,
-        udp: socket2::Socket,
-        tcp: socket2::Socket,
+        legs: LegSockets,
+        (udp, tcp): (socket2::Socket, socket2::Socket),
     ) -> UringShard {
         let cfg = &core.ctx.cfg;
         let ipv6 = cfg.relay.ipv6;
@@ -429,6 +466,8 @@ impl UringShard {
             // Both came before min_wait (6.12), which marks a kernel new enough.
             send_to: min_wait,
             abs_timer: min_wait,
+            legs,
+            turn_ns: 0,
             ring,
             udp_ring,
             tcp_ring,
@@ -559,6 +598,75 @@ impl UringShard {
         self.udp_recv_armed = self.push(e);
     }
 
+    /// Arms the receive of the leg socket in `slot`; one that cannot be queued now is tried
+    /// again next turn.
+    fn arm_leg_recv(&mut self, slot: u32) {
+        let Some(generation) = self.legs.get(slot).map(|s| s.generation) else {
+            return;
+        };
+        let e = opcode::RecvMsgMulti::new(
+            types::Fixed(FIRST_LEG_FILE + slot),
+            &*self.recv_msg,
+            UDP_BGID,
+        )
+        .build()
+        .user_data(ud(K_LEG_RECV, generation, slot));
+        let armed = self.push(e);
+        if let Some(s) = self.legs.current(slot, generation) {
+            s.armed = armed;
+        }
+        if !armed {
+            self.legs.rearm.push(slot);
+        }
+    }
+
+    /// The registered file media for `leg` at `dst` goes out on: its leg socket's, or None
+    /// for the shard socket.
+    fn leg_file(&mut self, leg: u32, dst: std::net::SocketAddr) -> Option<u32> {
+        match self.legs.pick(leg, dst, self.turn_ns) {
+            Pick::Shard => None,
+            Pick::Leg(slot) => Some(FIRST_LEG_FILE + slot),
+            Pick::Opened(slot) => {
+                let fd = self.legs.get(slot)?.sock.as_raw_fd();
+                let registered = self
+                    .ring
+                    .submitter()
+                    .register_files_update(FIRST_LEG_FILE + slot, &[fd]);
+                if let Err(e) = registered {
+                    self.legs.failed(self.turn_ns, &e);
+                    self.legs.close(slot);
+                    return None;
+                }
+                self.arm_leg_recv(slot);
+                Some(FIRST_LEG_FILE + slot)
+            }
+        }
+    }
+
+    /// Lets go of closed leg sockets: their receives are cancelled and their registered files
+    /// emptied before their slots can be used again.
+    fn close_legs(&mut self) {
+        self.legs.sweep(self.turn_ns);
+        for c in self.legs.take_closing() {
+            let cancel = opcode::AsyncCancel::new(ud(K_LEG_RECV, c.generation, c.slot))
+                .build()
+                .user_data(0);
+            if !self.push(cancel) {
+                // Tried again next turn: the slot stays taken until the receive is gone.
+                self.legs.close_later(c);
+                continue;
+            }
+            // The ring keeps the file until the cancelled receive has completed.
+            let _ = self
+                .ring
+                .submitter()
+                .register_files_update(FIRST_LEG_FILE + c.slot, &[-1]);
+            drop(c.sock);
+            self.legs.release(c.slot);
+        }
+        self.core.leg_sockets = self.legs.open();
+    }
+
     fn arm_accept(&mut self) {
         let e = opcode::AcceptMulti::new(types::Fixed(FIXED_LISTENER))
             .flags(libc::SOCK_CLOEXEC)
@@ -601,6 +709,7 @@ impl UringShard {
         self.arm_wake();
         loop {
             let now = sockets::realtime_ns();
+            self.turn_ns = now;
             self.starved = false;
             self.tcp_read = false;
             self.core.relay.begin_turn(now);
@@ -613,6 +722,7 @@ impl UringShard {
                 self.arm_tcp_recv(c);
             }
             self.flush();
+            self.close_legs();
             self.recycle_buffers();
             let submit_ns = sockets::realtime_ns();
             self.core.relay.finish_batch(submit_ns);
@@ -753,7 +863,18 @@ impl UringShard {
         for &(user_data, res, flags) in &cqes {
             let (kind, generation, idx) = ud_split(user_data);
             match kind {
-                K_UDP_RECV => self.on_udp_recv(res, flags, now),
+                K_UDP_RECV => self.on_udp_recv(None, res, flags, now),
+                K_LEG_RECV => {
+                    if !cqueue::more(flags)
+                        && let Some(s) = self.legs.current(idx, generation)
+                    {
+                        s.armed = false;
+                        self.legs.rearm.push(idx);
+                    }
+                    // A datagram is handled the same whichever socket it reached (a closed
+                    // socket's last ones too).
+                    self.on_udp_recv(Some((idx, generation)), res, flags, now)
+                }
                 K_ACCEPT => self.on_accept(res, flags, now),
                 K_WAKE if !cqueue::more(flags) => self.wake_armed = false,
                 K_TCP_RECV => self.on_tcp_recv(idx, generation, res, flags, now),
@@ -772,8 +893,10 @@ impl UringShard {
         }
     }
 
-    fn on_udp_recv(&mut self, res: i32, flags: u32, now: u64) {
-        if !cqueue::more(flags) {
+    /// A completion of the shard socket's receive (`leg` None) or of a leg socket's (its slot
+    /// and generation).
+    fn on_udp_recv(&mut self, leg: Option<(u32, u32)>, res: i32, flags: u32, now: u64) {
+        if leg.is_none() && !cqueue::more(flags) {
             self.udp_recv_armed = false;
         }
         if cqueue::buffer_select(flags).is_some() {
@@ -811,7 +934,13 @@ impl UringShard {
             let data = &buf[..(res as usize).min(buf.len())];
             match types::RecvMsgOut::parse(data, &self.recv_msg) {
                 Ok(m) => {
-                    let lost = self.overflow.update(m.control_data());
+                    let tracker = match leg {
+                        None => Some(&mut self.overflow),
+                        Some((slot, generation)) => {
+                            self.legs.current(slot, generation).map(|s| &mut s.overflow)
+                        }
+                    };
+                    let lost = tracker.map_or(0, |t| t.update(m.control_data()));
                     if lost > 0 {
                         self.core.relay.counters.drops
                             [crate::metrics::DropReason::SocketOverflow as usize] += lost;
@@ -1074,6 +1203,12 @@ impl UringShard {
     }
 
     fn submit_udp(&mut self, o: UdpOut) {
+        // Media for a leg goes out on its connected socket (a one-segment, non-blocking send
+        // with no destination), if it has one.
+        let leg_file = match o.leg {
+            Some(leg) if self.skip_success && o.data.segs().len() == 1 => self.leg_file(leg, o.dst),
+            _ => None,
+        };
         let Some(idx) = self.free_slots.pop() else {
             self.core.pool.sent(o.data);
             self.core
@@ -1116,7 +1251,17 @@ impl UringShard {
             // the buffers are released right after that call (`release_sent`). Half the
             // completions of a relayed packet disappear.
             self.udp_sent.push(idx);
-            if n == 1 && self.send_to {
+            if let Some(file) = leg_file {
+                opcode::Send::new(
+                    types::Fixed(file),
+                    slot.iov[0].iov_base as *const u8,
+                    slot.iov[0].iov_len as u32,
+                )
+                .flags(libc::MSG_DONTWAIT)
+                .build()
+                .flags(squeue::Flags::SKIP_SUCCESS)
+                .user_data(ud(K_UDP_SEND, 0, idx))
+            } else if n == 1 && self.send_to {
                 // One segment: `IORING_OP_SEND` with the destination in the entry, so the
                 // kernel neither copies a msghdr nor imports an iovec for it.
                 opcode::Send::new(
@@ -1254,6 +1399,13 @@ impl UringShard {
         if !self.udp_recv_armed && !self.udp_dry {
             self.arm_udp_recv();
         }
+        if !self.udp_dry {
+            for slot in std::mem::take(&mut self.legs.rearm) {
+                if self.legs.get(slot).is_some_and(|s| !s.armed) {
+                    self.arm_leg_recv(slot);
+                }
+            }
+        }
     }
 
     fn shutdown(&mut self) {
@@ -1283,7 +1435,12 @@ impl UringShard {
                     .conn(c)
                     .is_some_and(|x| x.recv_armed || x.send_inflight)
             });
-            if inflight == 0 && !conns_busy && !self.udp_recv_armed && !self.accept_armed {
+            if inflight == 0
+                && !conns_busy
+                && !self.udp_recv_armed
+                && !self.accept_armed
+                && self.legs.armed() == 0
+            {
                 break;
             }
             let ts = types::Timespec::new().nsec(10_000_000);
@@ -1311,8 +1468,12 @@ impl UringShard {
         for (user_data, res, flags) in list {
             let (kind, generation, idx) = ud_split(user_data);
             match kind {
-                K_UDP_RECV => {
-                    self.udp_recv_armed &= cqueue::more(flags);
+                K_UDP_RECV | K_LEG_RECV => {
+                    if kind == K_UDP_RECV {
+                        self.udp_recv_armed &= cqueue::more(flags);
+                    } else if let Some(s) = self.legs.current(idx, generation) {
+                        s.armed &= cqueue::more(flags);
+                    }
                     if let Some(b) = cqueue::buffer_select(flags) {
                         if let Some(r) = self.core.pool.received(b) {
                             self.core.pool.release_received(r);

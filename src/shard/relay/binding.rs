@@ -138,7 +138,11 @@ impl Relay {
             self.counters.drop(DropReason::SendError);
             return 0;
         };
-        out.udp.push(UdpOut { dst: src, data });
+        out.udp.push(UdpOut {
+            dst: src,
+            data,
+            leg: None,
+        });
         self.counters.udp_out.add(n);
         n
     }
@@ -217,7 +221,11 @@ impl Relay {
             match n {
                 Some(n) if n <= budget => match pool.send_ref(&[Seg::new(spare.id(), 0, n)]) {
                     Some(data) => {
-                        out.udp.push(UdpOut { dst: src, data });
+                        out.udp.push(UdpOut {
+                            dst: src,
+                            data,
+                            leg: None,
+                        });
                         self.counters.udp_out.add(n);
                         spent = n;
                     }

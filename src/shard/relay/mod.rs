@@ -144,6 +144,9 @@ impl Default for RelayConfig {
 pub struct UdpOut {
     pub dst: SocketAddr,
     pub data: InFlight,
+    /// The leg it is media for (None: an answer to a request, which goes to its source).
+    /// A backend may keep a socket connected to each leg's address.
+    pub leg: Option<u32>,
 }
 
 /// Something the control thread wants to know about a session.
@@ -675,7 +678,11 @@ impl Relay {
                 self.counters.drop(DropReason::SendError);
                 continue;
             };
-            out.udp.push(UdpOut { dst, data });
+            out.udp.push(UdpOut {
+                dst,
+                data,
+                leg: Some(peer),
+            });
             self.counters.udp_out.add(len);
             self.leg_mut(peer).tx.add(len);
             delivered = true;
