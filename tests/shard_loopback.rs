@@ -523,6 +523,87 @@ fn adopted_connections_carry_media(backend: Backend) {
     assert_eq!(h.snapshot_blocking().unwrap().tcp_conns, 2 + 8);
 }
 
+/// Remote ports of the connected UDP sockets on `port` (from /proc/net/udp and udp6: state 01).
+fn connected_udp_peers(port: u16) -> Vec<u16> {
+    let mut peers = Vec::new();
+    for file in ["/proc/net/udp", "/proc/net/udp6"] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port_of = |a: &str| {
+                a.rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            };
+            if f.len() > 3 && port_of(f[1]) == Some(port) && f[3] == "01" {
+                peers.extend(port_of(f[2]));
+            }
+        }
+    }
+    peers
+}
+
+/// Media keeps flowing to and from a phone whose socket went away and came back on the same
+/// address (its gateway-side socket saw ICMP port-unreachable errors meanwhile), and the
+/// io_uring loop sends each leg's media from a socket connected to that leg.
+fn a_peer_that_vanishes_and_comes_back_gets_media_again(backend: Backend) {
+    let shards = spawn(backend);
+    let h = &shards.handles[0];
+    h.install_blocking(SessionSpec {
+        id: 1,
+        legs: vec![
+            leg("a", Delivery::UdpLatched),
+            leg("b", Delivery::UdpLatched),
+        ],
+    })
+    .unwrap();
+    let (a, b) = (udp_client(false), udp_client(false));
+    bind_udp(&a, gw_udp(h, false), "a");
+    bind_udp(&b, gw_udp(h, false), "b");
+    let gw = gw_udp(h, false);
+    let relay = |tx: &UdpSocket, rx: &UdpSocket, ssrc: u32, seqs: std::ops::Range<u16>| {
+        let mut buf = [0u8; 2048];
+        for i in seqs {
+            let p = rtp(ssrc, i, 172);
+            tx.send_to(&p, gw).unwrap();
+            let (n, from) = rx.recv_from(&mut buf).expect("relayed");
+            assert_eq!((&buf[..n], from.port()), (&p[..], gw.port()));
+        }
+    };
+    relay(&a, &b, 1, 0..10);
+    relay(&b, &a, 2, 0..10);
+    let (pa, pb) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    let connected = connected_udp_peers(gw.port());
+    let legs = h.snapshot_blocking().unwrap().leg_sockets;
+    if backend == Backend::IoUring {
+        assert_eq!(legs, 2, "a connected socket per leg");
+        assert!(
+            connected.contains(&pa.port()) && connected.contains(&pb.port()),
+            "sockets on the gateway's port connected to both phones: {connected:?}"
+        );
+    } else {
+        assert_eq!(
+            (legs, connected.len()),
+            (0, 0),
+            "epoll sends on the shard socket"
+        );
+    }
+    // b's phone goes away: what a sends toward it draws a port-unreachable error, which
+    // the gateway's socket for b reports on its next send or receive (here, with nothing
+    // more sent to b, the receive).
+    drop(b);
+    let before = h.snapshot_blocking().unwrap().counters.udp_in.packets;
+    a.send_to(&rtp(1, 10, 172), gw).unwrap();
+    wait_until(h, "a's media toward the vanished phone handled", |s| {
+        s.counters.udp_in.packets > before
+    });
+    // It comes back on the same address: both directions work again.
+    let b = UdpSocket::bind(pb).expect("b's address is free again");
+    b.set_read_timeout(Some(WAIT)).unwrap();
+    relay(&b, &a, 2, 10..20);
+    relay(&a, &b, 1, 11..20);
+}
+
 macro_rules! both_backends {
     ($($name:ident),*) => {
         mod io_uring {
@@ -535,6 +616,7 @@ macro_rules! both_backends {
 }
 
 both_backends!(
+    a_peer_that_vanishes_and_comes_back_gets_media_again,
     adopted_connections_carry_media,
     udp_to_udp,
     udp_to_tcp_and_back,
