@@ -19,6 +19,13 @@
 //!   loose because where TCP goes to the load generator its one core bounds delivery, and
 //!   which side reads faster moves the ratio (0.78–1.0 measured in perf/run, udp→tcp).
 //!
+//! - **io_uring against epoll**: at every udp→udp step measured with both loops (`voxgate`,
+//!   the default io_uring loop, and `voxgate-epoll`; same step and streams), the io_uring loop
+//!   may spend at most `max_epoll_ratio` (1.25) times the epoll fallback's CPU per packet. With
+//!   connected leg sockets the medians of 4 passes are 0.87–0.95× (perf/README.md); a single
+//!   pair on the shared VM ranges 0.72–1.12×, so this catches an io_uring loop that lost its
+//!   place (an enter per packet, a spinning wait), not a few per cent.
+//!
 //! A check that fails on a step other processes disturbed (more than
 //! [`super::DISTURBED`] of the relay's or the load generator's core, after the harness's
 //! retries) is reported as UNJUDGED, loudly, and does not fail the gate: it measured the other
@@ -33,6 +40,7 @@ pub struct Limits {
     pub max_cpu_ratio: f64,
     pub max_loss: f64,
     pub min_flood_ratio: f64,
+    pub max_epoll_ratio: f64,
 }
 
 impl Default for Limits {
@@ -41,6 +49,7 @@ impl Default for Limits {
             max_cpu_ratio: 1.5,
             max_loss: 0.01,
             min_flood_ratio: 0.7,
+            max_epoll_ratio: 1.25,
         }
     }
 }
@@ -173,6 +182,31 @@ pub fn check(all: &[StepResult], limits: Limits) -> Verdict {
             ),
         );
     }
+    for ur in all
+        .iter()
+        .filter(|r| r.label == "voxgate" && r.scenario == "udp-udp")
+    {
+        let Some(ep) = all.iter().find(|r| {
+            r.label == "voxgate-epoll"
+                && r.scenario == ur.scenario
+                && r.step == ur.step
+                && r.streams == ur.streams
+        }) else {
+            continue;
+        };
+        let (Some(a), Some(b)) = (ur.cpu_us_per_pkt, ep.cpu_us_per_pkt) else {
+            continue;
+        };
+        let ratio = if b > 0.0 { a / b } else { f64::INFINITY };
+        v.judge(
+            ratio <= limits.max_epoll_ratio,
+            disturbed(ur).or(disturbed(ep)),
+            format!(
+                "io_uring vs epoll, udp→udp {} ({} stream(s)): {a:.2} µs vs {b:.2} µs = {ratio:.2}× (limit {:.2}×)",
+                ur.step, ur.streams, limits.max_epoll_ratio,
+            ),
+        );
+    }
     v
 }
 
@@ -270,6 +304,40 @@ mod tests {
         let v = check(&all, Limits::default());
         assert!(v.passed(), "{:#?}", v.lines);
         assert!(!v.lines.iter().any(|l| l.contains("flood throughput")));
+    }
+
+    #[test]
+    fn an_io_uring_loop_that_costs_more_than_epoll_fails() {
+        let mut all = vec![
+            res("voxgate", "udp-udp", "smooth-20k", 4.6, 900.0),
+            res("forwarder", "udp-udp", "smooth-20k", 14.0, 40.0),
+            res("voxgate-epoll", "udp-udp", "smooth-20k", 5.4, 900.0),
+            res("voxgate", "udp-udp", "flood", 3.7, 0.0),
+            res("voxgate-epoll", "udp-udp", "flood", 4.0, 0.0),
+        ];
+        let v = check(&all, Limits::default());
+        assert!(v.passed(), "{:#?}", v.lines);
+        assert_eq!(
+            v.lines
+                .iter()
+                .filter(|l| l.starts_with("pass: io_uring vs epoll"))
+                .count(),
+            2,
+            "{:#?}",
+            v.lines
+        );
+        // An io_uring loop at 1.4x epoll's CPU at flood (say, an enter per packet) fails.
+        all[3].cpu_us_per_pkt = Some(4.0 * 1.4);
+        let v = check(&all, Limits::default());
+        assert_eq!(v.failures, 1, "{:#?}", v.lines);
+        let line = v.lines.iter().find(|l| l.starts_with("FAIL:")).unwrap();
+        assert!(
+            line.contains("io_uring vs epoll, udp→udp flood") && line.contains("= 1.40×"),
+            "{line}"
+        );
+        // Only the same step and stream count are paired.
+        all[4].streams = 20;
+        assert!(check(&all, Limits::default()).passed());
     }
 
     #[test]

@@ -80,6 +80,9 @@ enum BenchCmd {
         /// Least flood throughput with the default budget, as a fraction of coalescing off.
         #[arg(long, default_value_t = gate::Limits::default().min_flood_ratio)]
         min_flood_ratio: f64,
+        /// Most CPU per packet of the io_uring loop, as a multiple of the epoll fallback's.
+        #[arg(long, default_value_t = gate::Limits::default().max_epoll_ratio)]
+        max_epoll_ratio: f64,
     },
 }
 
@@ -282,6 +285,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
             max_cpu_ratio,
             max_loss,
             min_flood_ratio,
+            max_epoll_ratio,
         } => report::load(&dir).and_then(|all| {
             let v = gate::check(
                 &all,
@@ -289,6 +293,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
                     max_cpu_ratio,
                     max_loss,
                     min_flood_ratio,
+                    max_epoll_ratio,
                 },
             );
             for l in &v.lines {
