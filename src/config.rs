@@ -233,7 +233,8 @@ pub struct MediaSection {
     pub ring_entries: u32,
     pub send_slots: usize,
     /// Connected UDP sockets per shard, one per leg media is sent to (io_uring loop only;
-    /// 0: every send goes out on the shard socket). 0..=65536.
+    /// 0: every send goes out on the shard socket). 0..=65536; all shards together take at
+    /// most a quarter of the descriptor limit.
     pub leg_sockets: usize,
     pub max_frame: u16,
     pub tcp_queue_frames: usize,

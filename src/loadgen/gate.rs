@@ -21,10 +21,11 @@
 //!
 //! - **io_uring against epoll**: at every udp→udp step measured with both loops (`voxgate`,
 //!   the default io_uring loop, and `voxgate-epoll`; same step and streams), the io_uring loop
-//!   may spend at most `max_epoll_ratio` (1.25) times the epoll fallback's CPU per packet. With
+//!   may spend at most `max_epoll_ratio` (1.4) times the epoll fallback's CPU per packet. With
 //!   connected leg sockets the medians of 4 passes are 0.87–0.95× (perf/README.md); a single
-//!   pair on the shared VM ranges 0.72–1.12×, so this catches an io_uring loop that lost its
-//!   place (an enter per packet, a spinning wait), not a few per cent.
+//!   pair on the shared VM ranges 0.72–1.18× (1.13× in a CI run after the change), so this
+//!   catches an io_uring loop that lost its place (an enter per packet, a spinning wait), not
+//!   a few per cent.
 //!
 //! A check that fails on a step other processes disturbed (more than
 //! [`super::DISTURBED`] of the relay's or the load generator's core, after the harness's
@@ -49,7 +50,7 @@ impl Default for Limits {
             max_cpu_ratio: 1.5,
             max_loss: 0.01,
             min_flood_ratio: 0.7,
-            max_epoll_ratio: 1.25,
+            max_epoll_ratio: 1.4,
         }
     }
 }
@@ -326,13 +327,13 @@ mod tests {
             "{:#?}",
             v.lines
         );
-        // An io_uring loop at 1.4x epoll's CPU at flood (say, an enter per packet) fails.
-        all[3].cpu_us_per_pkt = Some(4.0 * 1.4);
+        // An io_uring loop at 1.5x epoll's CPU at flood (say, an enter per packet) fails.
+        all[3].cpu_us_per_pkt = Some(4.0 * 1.5);
         let v = check(&all, Limits::default());
         assert_eq!(v.failures, 1, "{:#?}", v.lines);
         let line = v.lines.iter().find(|l| l.starts_with("FAIL:")).unwrap();
         assert!(
-            line.contains("io_uring vs epoll, udp→udp flood") && line.contains("= 1.40×"),
+            line.contains("io_uring vs epoll, udp→udp flood") && line.contains("= 1.50×"),
             "{line}"
         );
         // Only the same step and stream count are paired.

@@ -41,6 +41,26 @@ const RETRY_NS: u64 = 1_000_000_000;
 const SWEEP_NS: u64 = 1_000_000_000;
 const NONE: u32 = u32::MAX;
 
+/// Leg sockets one shard may open: `want` (`media.leg_sockets`), but all `shards` together at
+/// most a quarter of the descriptor limit `nofile` (the control plane takes up to half of the
+/// descriptors free when it starts).
+pub fn cap(want: usize, shards: usize, nofile: u64) -> usize {
+    want.min(usize::try_from(nofile / 4).unwrap_or(usize::MAX) / shards.max(1))
+}
+
+/// The process's soft descriptor limit (`RLIMIT_NOFILE`).
+pub fn nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    lim.rlim_cur
+}
+
 pub struct LegSocket {
     pub sock: Socket,
     /// Where it is connected.
@@ -405,6 +425,15 @@ mod tests {
             legs.pick(1, p.local_addr().unwrap(), RETRY_NS),
             Pick::Opened(_)
         ));
+    }
+
+    #[test]
+    fn all_shards_together_take_at_most_a_quarter_of_the_descriptors() {
+        assert_eq!(cap(1024, 2, 1 << 20), 1024, "the configured number");
+        assert_eq!(cap(1024, 2, 1024), 128, "a default soft limit of 1,024");
+        assert_eq!(cap(1024, 64, 1024), 4);
+        assert_eq!(cap(1024, 2, 0), 0, "no limit known: none");
+        assert_eq!(cap(0, 2, 1 << 20), 0, "off");
     }
 
     #[test]

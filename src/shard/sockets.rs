@@ -83,7 +83,6 @@ fn is_v6_unavailable(e: &io::Error) -> bool {
 
 fn bind_pair(ip: IpAddr, port: u16, opts: SocketOptions) -> io::Result<ShardSockets> {
     let ipv6 = ip.is_ipv6();
-    let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
     let udp = media_udp_socket(ipv6, opts)?;
     udp.bind(&SockAddr::from(SocketAddr::new(ip, port)))?;
     let udp_addr = udp
@@ -91,15 +90,7 @@ fn bind_pair(ip: IpAddr, port: u16, opts: SocketOptions) -> io::Result<ShardSock
         .as_socket()
         .ok_or_else(|| io::Error::other("UDP socket has no IP address"))?;
 
-    let tcp = Socket::new(
-        domain,
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    if ipv6 {
-        tcp.set_only_v6(false)?;
-    }
-    tcp.set_reuse_address(true)?;
+    let tcp = shareable_socket(ipv6, Type::STREAM, Protocol::TCP)?;
     tcp.set_tcp_nodelay(true)?;
     let tcp_port = if port == 0 { udp_addr.port() } else { port };
     match tcp.bind(&SockAddr::from(SocketAddr::new(ip, tcp_port))) {
@@ -122,20 +113,22 @@ fn bind_pair(ip: IpAddr, port: u16, opts: SocketOptions) -> io::Result<ShardSock
     })
 }
 
+/// A non-blocking, close-on-exec socket with `SO_REUSEADDR`, dual-stack on IPv6.
+fn shareable_socket(ipv6: bool, ty: Type, proto: Protocol) -> io::Result<Socket> {
+    let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+    let s = Socket::new(domain, ty.nonblocking().cloexec(), Some(proto))?;
+    if ipv6 {
+        s.set_only_v6(false)?;
+    }
+    s.set_reuse_address(true)?;
+    Ok(s)
+}
+
 /// An unbound media UDP socket: dual-stack on IPv6, shareable (`SO_REUSEADDR`: the shard's
 /// socket and its connected leg sockets share one address and port), with the configured
 /// buffers, kernel receive timestamps and the socket-overflow counter.
 fn media_udp_socket(ipv6: bool, opts: SocketOptions) -> io::Result<Socket> {
-    let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
-    let udp = Socket::new(
-        domain,
-        Type::DGRAM.nonblocking().cloexec(),
-        Some(Protocol::UDP),
-    )?;
-    if ipv6 {
-        udp.set_only_v6(false)?;
-    }
-    udp.set_reuse_address(true)?;
+    let udp = shareable_socket(ipv6, Type::DGRAM, Protocol::UDP)?;
     // Kernels cap these at net.core.{r,w}mem_max; the sysctl drop-in raises the caps.
     let _ = udp.set_recv_buffer_size(opts.udp_rcvbuf);
     let _ = udp.set_send_buffer_size(opts.udp_sndbuf);

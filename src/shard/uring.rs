@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-use super::leg_sockets::{LegSockets, Pick};
+use super::leg_sockets::{self, LegSockets, Pick};
 use super::pool::{BufId, Group, InFlight, Pool, Seg};
 use super::relay::{ConnId, UdpOut};
 use super::sockets::{self, RawAddr, ShardSockets};
@@ -319,7 +319,9 @@ impl UringShard {
         // files; the loop's clones of the descriptors refer to the same sockets.)
         // Leg sockets take slots of a sparse table after these two (`FIRST_LEG_FILE`).
         let fds = [sockets.udp.as_raw_fd(), sockets.tcp.as_raw_fd()];
-        let legs = u32::try_from(core.ctx.cfg.leg_sockets).unwrap_or(0);
+        let cfg = &core.ctx.cfg;
+        let legs = leg_sockets::cap(cfg.leg_sockets, cfg.shards, leg_sockets::nofile_limit());
+        let legs = u32::try_from(legs).unwrap_or(0);
         let leg_files = if legs > 0
             && ring
                 .submitter()
