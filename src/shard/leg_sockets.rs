@@ -16,6 +16,9 @@
 //!
 //! - A leg's address moves (NAT re-mapping, re-latching): the next send to it connects its
 //!   socket again (one `connect`, no new socket).
+//! - A leg socket carries one peer: its receive buffer is a quarter of the shard socket's (at
+//!   least 256 KiB, 1 MiB by default), so a thousand of them cannot queue a thousand shard
+//!   sockets' worth of datagrams in the kernel.
 //! - At most `max` per shard (`media.leg_sockets`); beyond it, and for a second after a socket
 //!   could not be made (descriptors exhausted), sends go out on the shard socket as before.
 //! - A socket no media was sent on for `IDLE_NS` is closed (the leg has ended, or moved to
@@ -46,6 +49,11 @@ const NONE: u32 = u32::MAX;
 /// descriptors free when it starts).
 pub fn cap(want: usize, shards: usize, nofile: u64) -> usize {
     want.min(usize::try_from(nofile / 4).unwrap_or(usize::MAX) / shards.max(1))
+}
+
+/// A leg socket's receive buffer, for a shard socket's `shard_rcvbuf`.
+fn leg_rcvbuf(shard_rcvbuf: usize) -> usize {
+    (shard_rcvbuf / 4).max(256 << 10).min(shard_rcvbuf)
 }
 
 /// The process's soft descriptor limit (`RLIMIT_NOFILE`).
@@ -113,8 +121,13 @@ pub struct LegSockets {
 }
 
 impl LegSockets {
-    /// `local`: the shard socket's bound address; `max` 0 turns leg sockets off.
+    /// `local`: the shard socket's bound address, `opts` its options; `max` 0 turns leg
+    /// sockets off.
     pub fn new(local: SocketAddr, ipv6: bool, opts: SocketOptions, max: usize) -> LegSockets {
+        let opts = SocketOptions {
+            udp_rcvbuf: leg_rcvbuf(opts.udp_rcvbuf),
+            ..opts
+        };
         LegSockets {
             local,
             ipv6,
@@ -434,6 +447,27 @@ mod tests {
         assert_eq!(cap(1024, 64, 1024), 4);
         assert_eq!(cap(1024, 2, 0), 0, "no limit known: none");
         assert_eq!(cap(0, 2, 1 << 20), 0, "off");
+    }
+
+    #[test]
+    fn a_leg_socket_has_a_quarter_of_the_shard_sockets_receive_buffer() {
+        assert_eq!(leg_rcvbuf(4 << 20), 1 << 20, "the default");
+        assert_eq!(leg_rcvbuf(512 << 10), 256 << 10, "at least 256 KiB");
+        assert_eq!(
+            leg_rcvbuf(64 << 10),
+            64 << 10,
+            "never more than the shard socket's"
+        );
+        // And the socket gets it: no more (the kernel doubles what it is asked for, and caps
+        // it at net.core.rmem_max).
+        let (_shard, mut legs) = shard(1);
+        legs.opts.udp_rcvbuf = 256 << 10;
+        let p = peer();
+        let Pick::Opened(slot) = legs.pick(0, p.local_addr().unwrap(), 0) else {
+            panic!("no socket opened")
+        };
+        let got = legs.get(slot).unwrap().sock.recv_buffer_size().unwrap();
+        assert!(got > 0 && got <= 2 * (256 << 10), "{got}");
     }
 
     #[test]
