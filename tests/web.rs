@@ -649,9 +649,14 @@ impl Browser {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if std::net::TcpStream::connect(&addr).is_ok() {
-                let (code, body) = http("GET", &addr, "/status", None, None);
+                // A chromedriver still starting may accept and then reset the connection
+                // (seen in CI): that is "not ready yet", not a failure.
+                let status = std::panic::catch_unwind(|| http("GET", &addr, "/status", None, None));
                 // The server on the port is chromedriver (it says so), not something else.
-                if code == 200 && json_of(&body)["value"]["ready"] == true {
+                if let Ok((code, body)) = status
+                    && code == 200
+                    && json_of(&body)["value"]["ready"] == true
+                {
                     break;
                 }
             }
