@@ -1235,8 +1235,12 @@ impl UringShard {
         let ipv6 = self.ipv6;
         let pool = &self.core.pool;
         let slot = &mut self.slots[idx as usize];
-        let namelen = sockets::encode(o.dst, ipv6, &mut slot.addr);
-        if namelen == 0 {
+        // A leg socket is connected: its send names no destination, so none is encoded.
+        let namelen = match leg_file {
+            Some(_) => 0,
+            None => sockets::encode(o.dst, ipv6, &mut slot.addr),
+        };
+        if namelen == 0 && leg_file.is_none() {
             self.core.pool.sent(o.data);
             self.free_slots.push(idx);
             self.core
@@ -1266,30 +1270,25 @@ impl UringShard {
             // the buffers are released right after that call (`release_sent`). Half the
             // completions of a relayed packet disappear.
             self.udp_sent.push(idx);
-            if let Some(file) = leg_file {
-                opcode::Send::new(
-                    types::Fixed(file),
+            if leg_file.is_some() || (n == 1 && self.send_to) {
+                // One segment: `IORING_OP_SEND`, so the kernel neither copies a msghdr nor
+                // imports an iovec for it; on the shard socket with the destination in the
+                // entry, on a leg socket with none.
+                let send = opcode::Send::new(
+                    types::Fixed(leg_file.unwrap_or(FIXED_UDP)),
                     slot.iov[0].iov_base as *const u8,
                     slot.iov[0].iov_len as u32,
-                )
-                .flags(libc::MSG_DONTWAIT)
-                .build()
-                .flags(squeue::Flags::SKIP_SUCCESS)
-                .user_data(ud(K_UDP_SEND, 0, idx))
-            } else if n == 1 && self.send_to {
-                // One segment: `IORING_OP_SEND` with the destination in the entry, so the
-                // kernel neither copies a msghdr nor imports an iovec for it.
-                opcode::Send::new(
-                    types::Fixed(FIXED_UDP),
-                    slot.iov[0].iov_base as *const u8,
-                    slot.iov[0].iov_len as u32,
-                )
-                .dest_addr((&slot.addr as *const RawAddr).cast())
-                .dest_addr_len(namelen)
-                .flags(libc::MSG_DONTWAIT)
-                .build()
-                .flags(squeue::Flags::SKIP_SUCCESS)
-                .user_data(ud(K_UDP_SEND, 0, idx))
+                );
+                let send = match leg_file {
+                    Some(_) => send,
+                    None => send
+                        .dest_addr((&slot.addr as *const RawAddr).cast())
+                        .dest_addr_len(namelen),
+                };
+                send.flags(libc::MSG_DONTWAIT)
+                    .build()
+                    .flags(squeue::Flags::SKIP_SUCCESS)
+                    .user_data(ud(K_UDP_SEND, 0, idx))
             } else {
                 opcode::SendMsg::new(types::Fixed(FIXED_UDP), &slot.msg)
                     .flags(libc::MSG_DONTWAIT as u32)
